@@ -1,0 +1,99 @@
+"""Timing and reporting helpers shared by the benchmarks (GPU only).
+
+`bench` times with CUDA events, flushes the L2 before every repeat (a 256 MiB write), and
+returns the median in microseconds. `write_results` saves a markdown table and a CSV under
+benchmarks/results/ with the card, date and commit in the header, and prints the table.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_flush_buffer = None
+
+
+def flush_l2() -> None:
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    _flush_buffer.zero_()
+
+
+def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush: bool = True) -> float:
+    """Median device time of ``fn()`` in microseconds (L2 flushed before each repeat)."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        if flush:
+            flush_l2()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy ceiling in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.int8, device="cuda").random_(-128, 127)
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src), flush=False)
+    return 2 * src.numel() / (us * 1e-6) / 1e9
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def geomean(values: Sequence[float]) -> float:
+    values = [v for v in values if v > 0]
+    return statistics.geometric_mean(values) if values else float("nan")
+
+
+def markdown_table(rows: List[Dict[str, object]]) -> str:
+    columns = list(rows[0].keys())
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.0f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: List[Dict[str, object]], summary: str = "") -> str:
+    """Write ``results/<name>_<date>.md`` and ``.csv``; print the table; return the markdown."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    header = (f"# {name}\n\ncard: {card()} · torch {torch.__version__} · date {date} · "
+              f"commit {commit()}\n\n")
+    text = header + markdown_table(rows) + ("\n\n" + summary if summary else "") + "\n"
+    stem = os.path.join(RESULTS_DIR, f"{name}_{date}")
+    with open(stem + ".md", "w") as f:
+        f.write(text)
+    with open(stem + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        for ext in (".md", ".csv"):
+            with open(stem + ext) as src, open(os.path.join(out_dir, os.path.basename(stem) + ext), "w") as dst:
+                dst.write(src.read())
+    print(text)
+    return text

@@ -1,0 +1,321 @@
+"""FP8 GEMMs and quantisation for Hopper, with a pure-torch reference behind every op.
+
+Operand pairs are ``(values float8_e4m3fn, scales float32)``; "dequantise = value x scale".
+
+* activations: one scale per row per 128 channels, logical ``[M, K/128]``, stored MN-major
+  (``moe_fp8.gemm.layout``); the quantisation ops produce that layout directly.
+* weights: one scale per 128x128 block, ``[ceil(N/128), K/128]`` (``[E, ...]`` per expert).
+
+Contract shared by the ops: K (the reduction dim) is a multiple of 128, N a multiple of 16, any M.
+Every op validates its arguments first (``ValueError``/``TypeError`` naming the argument), then runs
+either the sm_90a kernel or the reference: ``backend="auto"`` picks the kernel for tensors on a
+compute-capability-9.0 GPU and the reference elsewhere; ``"kernel"``/``"reference"`` force one;
+the environment variable ``MOE_FP8_BACKEND`` replaces ``"auto"``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference as ref
+from . import validate as check
+from .layout import empty_act_scales, is_mn_major, kScaleBlock, to_mn_major
+from .reference import calc_diff
+
+__all__ = [
+    "per_token_group_quant_fp8", "per_block_quant_fp8", "silu_and_mul_quant_fp8",
+    "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
+    "k_grouped_fp8_gemm_tn_contiguous", "calc_diff", "precompile",
+]
+
+Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
+kBackends = ("auto", "kernel", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def _kernel_fn(family: str, name: str):
+    """The kernel host function ``moe_fp8.gemm.kernels.<family>.<name>``, or None if absent."""
+    try:
+        module = importlib.import_module(f"moe_fp8.gemm.kernels.{family}")
+    except ImportError as error:
+        _warn_missing_kernel(family, repr(error))
+        return None
+    return getattr(module, name, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_missing_kernel(family: str, why: str) -> None:
+    warnings.warn(f"moe_fp8: kernel family '{family}' unavailable ({why}); using the reference")
+
+
+def _pick(backend: str, device: torch.device, family: str, name: str):
+    """The kernel function to run, or None for the reference."""
+    if backend not in kBackends:
+        raise ValueError(f"backend must be one of {kBackends}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("MOE_FP8_BACKEND", "auto") or "auto"
+        if backend not in kBackends:
+            raise ValueError(f"MOE_FP8_BACKEND must be one of {kBackends}, got {backend!r}")
+    if backend == "reference":
+        return None
+    on_hopper = device.type == "cuda" and _is_hopper(device.index if device.index is not None
+                                                     else torch.cuda.current_device())
+    if backend == "kernel":
+        if not on_hopper:
+            raise ValueError(f"backend='kernel' needs tensors on an sm_90 GPU, got device {device}")
+        fn = _kernel_fn(family, name)
+        if fn is None:
+            raise NotImplementedError(f"no kernel for {family}.{name} in this build")
+        return fn
+    return _kernel_fn(family, name) if on_hopper else None
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+def _quant_outputs(out, shape, groups_shape, device, name="out"):
+    """Allocate (or check a caller-provided) ``(fp8 values, MN-major scales)`` pair."""
+    if out is None:
+        batch = shape[0] if len(shape) == 3 else None
+        return (torch.empty(shape, dtype=torch.float8_e4m3fn, device=device),
+                empty_act_scales(shape[-2], groups_shape[-1], batch, device=device))
+    q, s = check.fp8_pair(name, out, dims=(len(shape),))
+    check.shape(f"{name}[0]", q, shape)
+    check.shape(f"{name}[1]", s, groups_shape)
+    for part, t in ((f"{name}[0]", q), (f"{name}[1]", s)):
+        if t.device != device:
+            raise ValueError(f"{part} is on {t.device} but the input is on {device}")
+    if not is_mn_major(s):
+        raise ValueError(f"{name}[1] must be MN-major (see moe_fp8.gemm.layout.empty_act_scales)")
+    return q, s
+
+
+def _group_size(group_size) -> int:
+    if group_size != kScaleBlock:
+        raise ValueError(f"group_size must be {kScaleBlock} (the GEMMs' scale granularity), "
+                         f"got {group_size}")
+    return group_size
+
+
+def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *, pow2_scale: bool = False,
+                              out: Optional[Fp8Pair] = None, backend: str = "auto") -> Fp8Pair:
+    """Quantise activations per row per 128 channels.
+
+    ``x [M, K]`` or ``[E, M, K]`` (bf16/fp16/fp32, K % 128 == 0) -> ``(q, s)``: ``q`` fp8 of x's
+    shape, ``s`` fp32 ``[.., M, K/128]`` MN-major. ``pow2_scale`` rounds scales up to powers of two
+    (UE8M0-compatible). ``out`` optionally receives the result.
+    """
+    check.tensor("x", x, dtypes=check.kFloatInputs, dims=(2, 3))
+    _group_size(group_size)
+    check.multiple_of("x.shape[-1]", x.shape[-1], group_size)
+    check.finite("x", x)
+    groups = (*x.shape[:-1], x.shape[-1] // group_size)
+    q, s = _quant_outputs(out, tuple(x.shape), groups, x.device)
+    kernel = _pick(backend, x.device, "quant", "per_token_group_quant")
+    if kernel is not None:
+        kernel(x, q, s, group_size, pow2_scale)
+    else:
+        rq, rs = ref.per_token_group_quant(x, group_size, pow2_scale)
+        q.copy_(rq)
+        s.copy_(rs)
+    return q, s
+
+
+def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128, *, pow2_scale: bool = False,
+                        backend: str = "auto") -> Fp8Pair:
+    """Quantise weights per 128x128 block.
+
+    ``w [N, K]`` or ``[E, N, K]`` (K % 128 == 0) -> ``(q, s)``: ``q`` fp8 of w's shape, ``s`` fp32
+    ``[.., ceil(N/128), K/128]`` contiguous.
+    """
+    check.tensor("w", w, dtypes=check.kFloatInputs, dims=(2, 3))
+    _group_size(block_size)
+    check.multiple_of("w.shape[-1]", w.shape[-1], block_size)
+    check.finite("w", w)
+    n, k = w.shape[-2:]
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((*w.shape[:-2], -(-n // block_size), k // block_size), dtype=torch.float32,
+                    device=w.device)
+    kernel = _pick(backend, w.device, "quant", "per_block_quant")
+    if kernel is not None:
+        kernel(w, q, s, block_size, pow2_scale)
+    else:
+        rq, rs = ref.per_block_quant(w, block_size, pow2_scale)
+        q.copy_(rq)
+        s.copy_(rs)
+    return q, s
+
+
+def silu_and_mul_quant_fp8(h: torch.Tensor, *, masked_m: Optional[torch.Tensor] = None,
+                           group_size: int = 128, pow2_scale: bool = False,
+                           out: Optional[Fp8Pair] = None, backend: str = "auto") -> Fp8Pair:
+    """``silu(gate) * up`` quantised per row per 128 channels, gate = ``h[..., :I]``, up = ``h[..., I:]``.
+
+    ``h [M, 2I]`` (contiguous layout) or ``[E, M_max, 2I]`` (masked layout), bf16/fp16/fp32,
+    I % 128 == 0 -> ``(q [.., I] fp8, s [.., I/128] MN-major)``. With ``masked_m`` (int32 ``[E]``,
+    3-D input only) rows ``>= masked_m[e]`` are not written.
+    """
+    check.tensor("h", h, dtypes=check.kFloatInputs, dims=(2, 3))
+    _group_size(group_size)
+    check.multiple_of("h.shape[-1]", h.shape[-1], 2 * group_size)
+    if masked_m is not None:
+        if h.dim() != 3:
+            raise ValueError(f"masked_m needs h of shape [E, M_max, 2I], got {tuple(h.shape)}")
+        check.int32_vector("masked_m", masked_m, h.shape[0])
+        check.same_device(h=h, masked_m=masked_m)
+        check.masked_m_values(masked_m, h.shape[1])
+    check.finite("h", h)
+    inter = h.shape[-1] // 2
+    shape = (*h.shape[:-1], inter)
+    q, s = _quant_outputs(out, shape, (*h.shape[:-1], inter // group_size), h.device)
+    kernel = _pick(backend, h.device, "quant", "silu_and_mul_quant")
+    if kernel is not None:
+        kernel(h, q, s, masked_m, group_size, pow2_scale)
+        return q, s
+    rq, rs = ref.silu_and_mul_quant(h, group_size, pow2_scale)
+    if masked_m is None:
+        q.copy_(rq)
+        s.copy_(rs)
+    else:
+        rows = ref.masked_row_mask(h.shape[1], masked_m)
+        q[rows] = rq[rows]
+        s[rows] = rs[rows]
+    return q, s
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+def _gemm_operands(a, b, a_dims: int, b_dims: int):
+    """Validate ``a = (values [.., M, K], 1x128 scales)`` and ``b = (values [.., N, K], 128x128 scales)``."""
+    qa, sa = check.fp8_pair("a", a, dims=(a_dims,))
+    qb, sb = check.fp8_pair("b", b, dims=(b_dims,))
+    k = qa.shape[-1]
+    check.multiple_of("K (a[0].shape[-1])", k, kScaleBlock)
+    if qb.shape[-1] != k:
+        raise ValueError(f"b[0].shape[-1] must equal K = a[0].shape[-1] = {k}, got {qb.shape[-1]}")
+    n = qb.shape[-2]
+    check.multiple_of("N (b[0].shape[-2])", n, 16)
+    check.act_scales("a[1]", sa, qa.shape[:-1], k)
+    check.block_scales("b[1]", sb, qb.shape[:-2], n, k)
+    device = check.same_device(**{"a[0]": qa, "a[1]": sa, "b[0]": qb, "b[1]": sb})
+    return qa, sa, qb, sb.contiguous(), device
+
+
+def _gemm_out(out, shape, device):
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16, device=device)
+    return check.output("out", out, shape, torch.bfloat16, device)
+
+
+def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, out: Optional[torch.Tensor] = None, *,
+                backend: str = "auto", config=None) -> torch.Tensor:
+    """``out [M, N] bf16 = (a . sa)(b . sb)^T``.
+
+    ``a = (fp8 [M, K], fp32 [M, K/128])`` per-token scales; ``b = (fp8 [N, K], fp32
+    [ceil(N/128), K/128])`` per-block scales. ``config`` pins a kernel configuration (tests).
+    """
+    qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 2)
+    out = _gemm_out(out, (qa.shape[0], qb.shape[0]), device)
+    if qa.shape[0] == 0:
+        return out
+    kernel = _pick(backend, device, "fp8_gemm", "fp8_gemm_nt")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, out, config=config)
+        return out
+    return ref.fp8_gemm_nt(qa, sa, qb, sb, out)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Tensor,
+                                     out: Optional[torch.Tensor] = None, *,
+                                     backend: str = "auto", config=None) -> torch.Tensor:
+    """Grouped GEMM over the contiguous layout (prefill, training).
+
+    ``a = (fp8 [M_sum, K], fp32 [M_sum, K/128])``, ``b = (fp8 [E, N, K], fp32 [E, ceil(N/128), K/128])``,
+    ``m_indices`` int32 ``[M_sum]``: the expert of every row, -1 for padding; every 128-row block
+    belongs to one expert (M_sum % 128 == 0). ``out[r] = a[r] . b[m_indices[r]]^T`` bf16
+    ``[M_sum, N]``; padding rows are not written.
+    """
+    qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 3)
+    check.multiple_of("M_sum (a[0].shape[0])", qa.shape[0], kScaleBlock)
+    check.int32_vector("m_indices", m_indices, qa.shape[0])
+    check.same_device(**{"a[0]": qa, "m_indices": m_indices})
+    check.m_indices_values(m_indices, qb.shape[0])
+    out = _gemm_out(out, (qa.shape[0], qb.shape[1]), device)
+    if qa.shape[0] == 0:
+        return out
+    kernel = _pick(backend, device, "fp8_gemm", "m_grouped_contiguous")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, m_indices, out, config=config)
+        return out
+    return ref.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out)
+
+
+def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor, expected_m: int,
+                                 out: Optional[torch.Tensor] = None, *,
+                                 backend: str = "auto", config=None) -> torch.Tensor:
+    """Grouped GEMM over the masked layout (decode; CUDA-graph safe: no host sync).
+
+    ``a = (fp8 [E, M_max, K], fp32 [E, M_max, K/128])``, ``b = (fp8 [E, N, K], fp32
+    [E, ceil(N/128), K/128])``, ``masked_m`` int32 ``[E]`` on the device: rows used per expert;
+    ``expected_m`` host int, a hint of the typical ``masked_m`` for the tile choice.
+    ``out[e, :masked_m[e]] = a[e, :masked_m[e]] . b[e]^T`` bf16 ``[E, M_max, N]``; other rows not written.
+    """
+    qa, sa, qb, sb, device = _gemm_operands(a, b, 3, 3)
+    if qa.shape[0] != qb.shape[0]:
+        raise ValueError(f"a[0] has {qa.shape[0]} experts but b[0] has {qb.shape[0]}")
+    check.int32_vector("masked_m", masked_m, qa.shape[0])
+    check.same_device(**{"a[0]": qa, "masked_m": masked_m})
+    check.positive_int("expected_m", expected_m)
+    check.masked_m_values(masked_m, qa.shape[1])
+    out = _gemm_out(out, (qa.shape[0], qa.shape[1], qb.shape[1]), device)
+    kernel = _pick(backend, device, "fp8_gemm", "m_grouped_masked")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, masked_m, expected_m, out, config=config)
+        return out
+    return ref.m_grouped_masked(qa, sa, qb, sb, masked_m, out)
+
+
+def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tensor,
+                                     out: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Weight-gradient GEMM, grouped along the reduction (token) dimension; accumulates into ``out``.
+
+    ``a = (dY^T fp8 [N, T], fp32 [N, T/128])`` and ``b = (X^T fp8 [K, T], fp32 [K, T/128])``: both
+    token-contiguous with 1x128 scales along tokens; ``offsets`` int32 ``[E + 1]``: expert e owns
+    tokens ``offsets[e]:offsets[e+1]`` (multiples of 128). ``out`` fp32 ``[E, N, K]``:
+    ``out[e] += a[:, seg_e] . b[:, seg_e]^T``.
+    """
+    qa, sa = check.fp8_pair("a", a, dims=(2,))
+    qb, sb = check.fp8_pair("b", b, dims=(2,))
+    tokens = qa.shape[1]
+    check.multiple_of("T (a[0].shape[1])", tokens, kScaleBlock)
+    if qb.shape[1] != tokens:
+        raise ValueError(f"b[0].shape[1] must equal T = a[0].shape[1] = {tokens}, got {qb.shape[1]}")
+    check.act_scales("a[1]", sa, qa.shape[:1], tokens)
+    check.act_scales("b[1]", sb, qb.shape[:1], tokens)
+    device = check.same_device(**{"a[0]": qa, "a[1]": sa, "b[0]": qb, "b[1]": sb,
+                                  "offsets": offsets})
+    check.tensor("offsets", offsets, dtypes=(torch.int32,), dims=(1,))
+    if offsets.shape[0] < 2:
+        raise ValueError(f"offsets must hold E + 1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    num_experts = offsets.shape[0] - 1
+    check.output("out", out, (num_experts, qa.shape[0], qb.shape[0]), torch.float32, device)
+    check.offsets_values(offsets, tokens)
+    kernel = _pick(backend, device, "wgrad", "k_grouped_tn")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, to_mn_major(sb), offsets, out)
+        return out
+    return ref.k_grouped_tn(qa, sa, qb, sb, offsets, out)
+
+
+def precompile(*args, **kwargs):
+    """Compile kernels ahead of time (all bundled variants when called with no arguments)."""
+    from .precompile import precompile as _precompile
+    return _precompile(*args, **kwargs)

@@ -1,0 +1,216 @@
+"""CPU tests of the pure-torch references and the public ops on CPU (they run the references)."""
+import pytest
+import torch
+
+import moe_fp8.gemm as G
+from moe_fp8.gemm import layout, reference as ref
+from moe_fp8.shapes import DENSE_EDGE_SHAPES, UNEVEN_EXPERT_COUNTS
+
+FP8 = torch.float8_e4m3fn
+
+
+def randn(*shape, gen, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def float64_blockscaled(qa, sa, qb, sb_rows):
+    """Independent oracle: dequantise in float64, then one matmul."""
+    a = qa.double() * sa.double().repeat_interleave(128, dim=1)
+    b = qb.double() * sb_rows.double().repeat_interleave(128, dim=1)
+    return a @ b.t()
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("m,k", [(1, 128), (7, 384), (33, 1024)])
+def test_token_group_quant_round_trip(gen, m, k, pow2):
+    x = randn(m, k, gen=gen, scale=3.0)
+    q, s = G.per_token_group_quant_fp8(x, pow2_scale=pow2)
+    assert q.dtype == FP8 and s.shape == (m, k // 128) and layout.is_mn_major(s)
+    xf = x.float()
+    amax = xf.view(m, -1, 128).abs().amax(-1)
+    if pow2:
+        log2 = torch.log2(s)
+        assert torch.equal(log2, log2.round()), "scales must be powers of two"
+        assert (s >= amax / 448).all() and (s < 2 * amax / 448).all()
+    else:
+        assert torch.equal(s, amax / 448)
+        # the group's amax lands exactly on the fp8 maximum
+        assert torch.equal(q.float().view(m, -1, 128).abs().amax(-1), torch.full_like(amax, 448.0))
+    err = (ref.dequant_rows(q, s) - xf).abs()
+    scale_rows = s.repeat_interleave(128, dim=1)
+    # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4; subnormal step 2^-9 (x scale)
+    assert (err <= xf.abs() * 2 ** -4 + scale_rows * 2 ** -10).all()
+
+
+def test_token_group_quant_zero_and_extreme_rows(gen):
+    x = randn(4, 256, gen=gen)
+    x[1] = 0
+    x[2, :128] = 1e30
+    x[3, 5] = -3e38
+    q, s = G.per_token_group_quant_fp8(x.float())
+    floor_scale = torch.tensor(ref.kAmaxFloor, dtype=torch.float32) / 448
+    assert torch.equal(s[1], floor_scale.expand(2)) and (q[1].float() == 0).all()
+    assert s[2, 0] == x[2, 0].float() / 448  # x is bf16: compare with its rounded value
+    assert q[3, 5].float().item() == -448.0
+    assert torch.isfinite(q.float()).all()
+
+
+def test_token_group_quant_nan_is_visible(gen, monkeypatch):
+    x = randn(2, 256, gen=gen)
+    x[0, 3] = float("nan")
+    x[1, 200] = float("inf")
+    _, s = G.per_token_group_quant_fp8(x)
+    assert torch.isnan(s[0, 0]) and torch.isinf(s[1, 1]), "non-finite input must not give a finite scale"
+    assert torch.isfinite(s[0, 1]) and torch.isfinite(s[1, 0])
+    monkeypatch.setenv("MOE_FP8_CHECKS", "1")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        G.per_token_group_quant_fp8(x)
+
+
+def test_token_group_quant_batched(gen):
+    x = randn(3, 5, 256, gen=gen)
+    q, s = G.per_token_group_quant_fp8(x)
+    assert s.shape == (3, 5, 2) and layout.is_mn_major(s)
+    for e in range(3):
+        qe, se = G.per_token_group_quant_fp8(x[e])
+        assert torch.equal(q[e].view(torch.uint8), qe.view(torch.uint8)) and torch.equal(s[e], se)
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (200, 384), (3, 130, 256)])
+def test_block_quant(gen, shape):
+    w = randn(*shape, gen=gen, scale=0.05)
+    q, s = G.per_block_quant_fp8(w)
+    n, k = shape[-2:]
+    assert s.shape == (*shape[:-2], -(-n // 128), k // 128)
+    wf = w.float()
+    padded = torch.nn.functional.pad(wf, (0, 0, 0, -n % 128))
+    blocks = padded.unflatten(-1, (k // 128, 128)).unflatten(-3, (-1, 128))
+    assert torch.equal(s, blocks.abs().amax(dim=(-3, -1)) / 448)
+    err = (ref.dequant_blocks(q, s) - wf).abs()
+    s_full = s.repeat_interleave(128, -2)[..., :n, :].repeat_interleave(128, -1)
+    assert (err <= wf.abs() * 2 ** -4 + s_full * 2 ** -10).all()
+
+
+def test_ceil_pow2_exact():
+    values = torch.tensor([1.0, 0.75, 2.0 ** -20, 3.0, 448.0, 1e-10 / 448])
+    expected = torch.tensor([1.0, 1.0, 2.0 ** -20, 4.0, 512.0, 2.0 ** -42])
+    assert torch.equal(ref.ceil_pow2(values), expected)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_silu_and_mul_quant(gen, masked):
+    inter = 256
+    h = randn(3, 9, 2 * inter, gen=gen, scale=2.0)
+    masked_m = torch.tensor([0, 9, 4], dtype=torch.int32) if masked else None
+    poison = (torch.full((3, 9, inter), float("nan")).to(FP8), layout.empty_act_scales(9, 2, 3).fill_(-1))
+    q, s = G.silu_and_mul_quant_fp8(h, masked_m=masked_m, out=poison)
+    expected = torch.nn.functional.silu(h[..., :inter].float()) * h[..., inter:].float()
+    rq, rs = ref.per_token_group_quant(expected)
+    rows = ref.masked_row_mask(9, masked_m) if masked else torch.ones(3, 9, dtype=torch.bool)
+    assert torch.equal(q[rows].view(torch.uint8), rq[rows].view(torch.uint8))
+    assert torch.equal(s[rows], rs[rows])
+    assert torch.isnan(q[~rows].float()).all() and (s[~rows] == -1).all(), "masked rows were written"
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+@pytest.mark.parametrize("m,n,k", DENSE_EDGE_SHAPES)
+def test_dense_gemm_matches_float64_and_unquantised(gen, m, n, k):
+    x, w = randn(m, k, gen=gen), randn(n, k, gen=gen, scale=0.1)
+    a, b = G.per_token_group_quant_fp8(x), G.per_block_quant_fp8(w)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+    G.fp8_gemm_nt(a, b, out=out)
+    assert not torch.isnan(out).any()
+    exact = float64_blockscaled(a[0], a[1], b[0], ref._expand_block_scales(b[1], n))
+    # the only rounding left is fp32 accumulation and the final bf16 cast
+    assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()
+    assert G.calc_diff(out, x.float() @ w.float().t()) < 1e-3
+
+
+def test_dense_gemm_m0():
+    a = G.per_token_group_quant_fp8(torch.randn(0, 128))
+    b = G.per_block_quant_fp8(torch.randn(16, 128))
+    assert G.fp8_gemm_nt(a, b).shape == (0, 16)
+
+
+def test_grouped_contiguous(gen):
+    counts = UNEVEN_EXPERT_COUNTS
+    num_experts, n, k = len(counts), 144, 256
+    m_indices = layout.build_m_indices(counts)
+    x = randn(m_indices.numel(), k, gen=gen)
+    w = randn(num_experts, n, k, gen=gen, scale=0.1)
+    a, b = G.per_token_group_quant_fp8(x), G.per_block_quant_fp8(w)
+    out = torch.full((m_indices.numel(), n), float("nan"), dtype=torch.bfloat16)
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out)
+    valid = m_indices >= 0
+    assert torch.isnan(out[~valid].float()).all(), "padding rows must stay untouched"
+    assert not torch.isnan(out[valid].float()).any()
+    for e in range(num_experts):
+        rows = m_indices == e
+        if rows.any():
+            dense = G.fp8_gemm_nt((a[0][rows], a[1][rows]), (b[0][e], b[1][e]))
+            assert torch.equal(out[rows], dense)
+            assert G.calc_diff(out[rows], x[rows].float() @ w[e].float().t()) < 1e-3
+
+
+def test_grouped_masked(gen):
+    num_experts, m_max, n, k = 4, 37, 160, 384  # M_max deliberately not a multiple of 64
+    masked_m = torch.tensor([0, 37, 1, 20], dtype=torch.int32)
+    x = randn(num_experts, m_max, k, gen=gen)
+    w = randn(num_experts, n, k, gen=gen, scale=0.1)
+    a, b = G.per_token_group_quant_fp8(x), G.per_block_quant_fp8(w)
+    out = torch.full((num_experts, m_max, n), float("nan"), dtype=torch.bfloat16)
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m=16, out=out)
+    rows = ref.masked_row_mask(m_max, masked_m)
+    assert torch.isnan(out[~rows].float()).all() and not torch.isnan(out[rows].float()).any()
+    for e, m in enumerate(masked_m.tolist()):
+        if m:
+            assert G.calc_diff(out[e, :m], x[e, :m].float() @ w[e].float().t()) < 1e-3
+
+
+def test_k_grouped_weight_gradient(gen):
+    counts = [128, 0, 384, 256]
+    offsets = layout.segment_offsets(counts)
+    tokens, n, k = int(offsets[-1]), 144, 256
+    dy, x = randn(tokens, n, gen=gen), randn(tokens, k, gen=gen)
+    a = G.per_token_group_quant_fp8(dy.t().contiguous())  # 1x128 along tokens
+    b = G.per_token_group_quant_fp8(x.t().contiguous())
+    start = torch.randn(len(counts), n, k, generator=gen)
+    out = start.clone()
+    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out)
+    for e in range(len(counts)):
+        t0, t1 = int(offsets[e]), int(offsets[e + 1])
+        grad = out[e] - start[e]
+        if t1 == t0:
+            assert torch.equal(out[e], start[e]), "an empty expert must leave its gradient unchanged"
+            continue
+        exact = float64_blockscaled(a[0][:, t0:t1], a[1][:, t0 // 128:t1 // 128],
+                                    b[0][:, t0:t1], b[1][:, t0 // 128:t1 // 128])
+        assert G.calc_diff(grad, exact) < 1e-6
+        assert G.calc_diff(grad, dy[t0:t1].float().t() @ x[t0:t1].float()) < 1e-3
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_calc_diff_properties(gen):
+    x = torch.randn(100, generator=gen)
+    assert G.calc_diff(x, x) == pytest.approx(0.0, abs=1e-12)
+    assert G.calc_diff(x, -x) == pytest.approx(2.0)
+    assert G.calc_diff(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+def test_layout_helpers_exact():
+    m_indices = layout.build_m_indices([2, 0, 129])
+    expected = [0, 0] + [-1] * 126 + [2] * 129 + [-1] * 127
+    assert m_indices.dtype == torch.int32 and m_indices.tolist() == expected
+    assert layout.segment_offsets([2, 0, 129]).tolist() == [0, 128, 128, 384]
+    s = layout.empty_act_scales(6, 3)
+    assert s.shape == (6, 3) and s.stride() == (1, 8) and layout.is_mn_major(s)
+    sb = layout.empty_act_scales(5, 2, batch=3)
+    assert sb.shape == (3, 5, 2) and sb.stride() == (16, 1, 8) and layout.is_mn_major(sb)
+    dense = torch.arange(12.0).view(6, 2)
+    assert not layout.is_mn_major(dense)
+    converted = layout.to_mn_major(dense)
+    assert layout.is_mn_major(converted) and torch.equal(converted, dense)
