@@ -1,0 +1,82 @@
+"""``DecodeRunner``: the masked-layout decode step captured once in a CUDA graph, replayed per batch.
+
+Capacity: ``M_max = dispatcher.max_tokens_per_expert(max_tokens)`` rows per expert; one token
+picks an expert at most once, so no expert can receive more than ``max_tokens`` rows from one
+rank: nothing overflows. Static state: the input ``x [max_tokens, H]``, ``num_valid`` (a device
+scalar; tokens beyond it are routed to the skip sentinel), the layout buffers, the experts'
+workspace and the output ``[max_tokens, H]``. A replay launches kernels only: no host sync,
+no allocation, no compilation (kernels are compiled by the warm-up before the capture).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..gemm.validate import debug_mode
+from .experts import MaskedWorkspace
+from .layouts import MaskedBuffers
+
+kWarmupSteps = 2  # eager steps on a side stream before capture (JIT compile, allocator warm-up)
+
+
+class DecodeRunner:
+    def __init__(self, moe, max_tokens: int, *, use_graph: Optional[bool] = None):
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        self.moe, self.max_tokens = moe, max_tokens
+        device, cfg, dispatcher = moe.device, moe.cfg, moe.dispatcher
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        if self.use_graph and device.type != "cuda":
+            raise ValueError("use_graph=True needs the layer on a CUDA device")
+        if self.use_graph and debug_mode():
+            raise RuntimeError("MOE_FP8_CHECKS=1 reads tensors back to the host, which a CUDA graph "
+                               "cannot capture; unset it to build a decode runner")
+        self.m_max = dispatcher.max_tokens_per_expert(max_tokens)
+        self.x = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
+        self.num_valid = torch.zeros((), dtype=torch.int64, device=device)
+        self.buffers = MaskedBuffers.allocate(dispatcher.num_experts_local, self.m_max,
+                                              cfg.hidden_size, device)
+        self.workspace = MaskedWorkspace.allocate(dispatcher.num_experts_local, self.m_max,
+                                                  cfg.hidden_size, cfg.moe_intermediate_size,
+                                                  device, moe.dtype)
+        self.out = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
+        self.graph = self._capture() if self.use_graph else None
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        self.moe.forward_masked(self.x, max_tokens_per_expert=self.m_max, num_valid_tokens=self.num_valid,
+                                buffers=self.buffers, workspace=self.workspace, out=self.out)
+
+    def _capture(self) -> "torch.cuda.CUDAGraph":
+        self.num_valid.fill_(self.max_tokens)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(kWarmupSteps):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        return graph
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [n, H]`` (n <= max_tokens) -> ``[n, H]``: a view of the static output buffer,
+        overwritten by the next call (clone it to keep it)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.x.shape[1]:
+            raise ValueError(f"x must be [n, {self.x.shape[1]}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        n = x.shape[0]
+        if n > self.max_tokens:
+            raise ValueError(f"batch of {n} tokens exceeds this runner's max_tokens={self.max_tokens}; "
+                             "build a larger one with MoE.decode_runner(max_tokens)")
+        if x.device != self.x.device:
+            raise ValueError(f"x is on {x.device} but the runner's buffers are on {self.x.device}")
+        self.x[:n].copy_(x)
+        self.num_valid.fill_(n)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.out[:n]

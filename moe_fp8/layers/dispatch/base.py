@@ -1,0 +1,89 @@
+"""The dispatcher interface: move routed tokens to their experts' rank as an FP8 layout, and
+bring the experts' outputs back, weighted and summed per token.
+
+Sharding vocabulary (names say what they hold):
+
+* ``num_experts_global`` (E): experts of the model; router ids are global, ``0 .. E - 1``.
+* ``num_experts_local`` (E_loc): experts held by this rank, the global ids
+  ``expert_offset .. expert_offset + E_loc - 1`` (contiguous blocks: rank r holds
+  ``r * E_loc ..``). The layouts' expert axis is local (``0 .. E_loc - 1``).
+* ``x_local`` ``[T_local, H]`` bf16: this rank's tokens (every rank routes its own tokens);
+  ``topk_idx`` int64 ``[T_local, k]`` global expert ids, ``topk_weights`` fp32 ``[T_local, k]``.
+* The layouts (``moe_fp8.layers.layouts``) hold rows *received* by this rank for its local
+  experts, from every rank; the combine returns ``[T_local, H]`` for this rank's own tokens.
+
+Two paths, each a (dispatch, combine) pair that shares an opaque ``handle``:
+
+* contiguous (prefill, training): ``dispatch_contiguous(x_local, topk_idx, topk_weights)
+  -> (ContiguousLayout, handle)``; the experts produce ``y_rows [M_sum, H]`` bf16 row for row;
+  ``combine_contiguous(y_rows, handle, add=None) -> [T_local, H]``. ``M_sum`` depends on the
+  routing, so sizing it may sync with the host once (say where in the backend's docstring).
+* masked (decode, CUDA graphs): ``dispatch_masked(x_local, topk_idx, topk_weights,
+  max_tokens_per_expert=M_max, num_valid_tokens=None, out=None) -> (MaskedLayout, handle)``;
+  ``y_rows [E_loc, M_max, H]``; ``combine_masked(y_rows, handle, add=None, out=None)``. Every
+  shape is fixed by ``(T_local, M_max)``; no host sync, no allocation that depends on values, so
+  the pair can be captured in a CUDA graph. ``num_valid_tokens`` (int or device int tensor [])
+  marks rows of a static ``x_local`` beyond the live batch: their pairs are skipped.
+  ``out`` (MaskedBuffers) receives the layout in place (static buffers of a graph).
+
+Contract shared by all backends:
+
+* ``x_local`` may be given pre-quantised as ``(fp8 [T, H], fp32 [T, H/128] MN-major)`` (the layer
+  quantises once and reuses it for the shared experts); otherwise the dispatcher quantises it.
+  Quantisation is per token per 128 channels (``moe_fp8.gemm.per_token_group_quant_fp8``) so it
+  commutes with the permutation: the layout's rows are bit-identical whichever side quantises.
+* The weighted sum is ``out[t] = add[t] + sum_j topk_weights[t, j] * y(t, j)`` accumulated in fp32
+  and rounded to bf16 once; ``add`` is the shared experts' output (or None).
+* Rows the GEMMs never write (padding, masked-out) are never read into a result.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Optional, Tuple, Union
+
+import torch
+
+from ..layouts import ContiguousLayout, MaskedLayout
+
+TokensIn = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]  # bf16 [T, H] or fp8 pair
+
+
+class Dispatcher(abc.ABC):
+    """One expert-parallel group's token exchange (the local backend: a group of one)."""
+
+    num_experts_global: int
+    num_experts_local: int
+    expert_offset: int  # global id of local expert 0
+    hidden_size: int
+    top_k: int
+
+    @abc.abstractmethod
+    def dispatch_contiguous(self, x_local: TokensIn, topk_idx: torch.Tensor,
+                            topk_weights: torch.Tensor) -> Tuple[ContiguousLayout, Any]:
+        """Tokens -> contiguous layout of the rows for this rank's experts (+ handle)."""
+
+    @abc.abstractmethod
+    def combine_contiguous(self, y_rows: torch.Tensor, handle: Any, *,
+                           add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``y_rows [M_sum, H]`` bf16 -> ``[T_local, H]`` bf16 (weighted sum over each token's k)."""
+
+    @abc.abstractmethod
+    def dispatch_masked(self, x_local: TokensIn, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        *, max_tokens_per_expert: int, num_valid_tokens=None,
+                        out=None) -> Tuple[MaskedLayout, Any]:
+        """Tokens -> masked layout ``[E_loc, M_max, H]`` (+ handle). CUDA-graph safe."""
+
+    @abc.abstractmethod
+    def combine_masked(self, y_rows: torch.Tensor, handle: Any, *, add: Optional[torch.Tensor] = None,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``y_rows [E_loc, M_max, H]`` bf16 -> ``[T_local, H]`` bf16. CUDA-graph safe."""
+
+    def max_tokens_per_expert(self, max_tokens_local: int) -> int:
+        """``M_max`` that can never overflow when each rank sends at most ``max_tokens_local``
+        tokens (a token picks an expert at most once). EP backends multiply by the group size."""
+        return max_tokens_local
+
+    def expected_m(self, num_tokens_local: int) -> int:
+        """The masked GEMM's tile hint: mean rows per local expert for a batch this size."""
+        pairs = num_tokens_local * self.top_k * self.num_experts_local // self.num_experts_global
+        return max(1, -(-pairs // self.num_experts_local))

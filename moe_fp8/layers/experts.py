@@ -1,0 +1,168 @@
+"""The routed experts (grouped FP8 GEMMs over either layout) and the shared experts (dense FP8).
+
+One expert: ``y = W2 · (silu(W_gate · x) * (W_up · x))``. Weights live in FP8 with 128x128 block
+scales (``weight_scale_inv`` in DeepSeek's checkpoints); gate and up are fused into one
+``W13 = [gate; up]`` ``[2I, H]`` so GEMM1 is one grouped GEMM and the SiLU-and-mul reads one row.
+
+    GEMM1  a [rows, H] fp8 · W13[e]^T   -> h [rows, 2I] bf16
+    ACT    silu(h[:, :I]) * h[:, I:]    -> fp8 [rows, I] + 1x128 scales (one fused op)
+    GEMM2  act · W2[e]^T                -> y [rows, H] bf16
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import gemm as G
+from ..gemm.layout import empty_act_scales
+from .layouts import ContiguousLayout, MaskedLayout
+
+FP8 = torch.float8_e4m3fn
+kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek-V3)
+kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
+
+
+def _blocks(n: int) -> int:
+    return -(-n // 128)
+
+
+def quantize_stack(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [E, N, K]`` (any float dtype) -> (fp8 ``[E, N, K]``, fp32 ``[E, ceil(N/128), K/128]``),
+    a few experts at a time so the temporary stays small."""
+    experts, n, k = w.shape
+    q = torch.empty(w.shape, dtype=FP8, device=w.device)
+    s = torch.empty(experts, _blocks(n), k // 128, dtype=torch.float32, device=w.device)
+    step = max(1, kQuantChunkElems // max(1, n * k))
+    for e0 in range(0, experts, step):
+        part = w[e0:e0 + step].contiguous()
+        q[e0:e0 + step], s[e0:e0 + step] = G.per_block_quant_fp8(part, 128, pow2_scale=pow2_scale)
+    return q, s
+
+
+@dataclass
+class MaskedWorkspace:
+    """Intermediates of the masked path, allocated once (zeros: unused rows stay finite)."""
+    h: torch.Tensor  # bf16 [E_loc, M_max, 2I]: GEMM1 output
+    act: tuple  # (fp8 [E_loc, M_max, I], fp32 [E_loc, M_max, I/128] MN-major): SiLU-mul output
+    y: torch.Tensor  # bf16 [E_loc, M_max, H]: GEMM2 output
+
+    @classmethod
+    def allocate(cls, experts: int, m_max: int, hidden: int, inter: int, device, dtype=torch.bfloat16):
+        act_s = empty_act_scales(m_max, inter // 128, experts, device=device)
+        act_s.fill_(1.0)
+        return cls(torch.zeros(experts, m_max, 2 * inter, dtype=dtype, device=device),
+                   (torch.zeros(experts, m_max, inter, dtype=FP8, device=device), act_s),
+                   torch.zeros(experts, m_max, hidden, dtype=dtype, device=device))
+
+
+class RoutedExperts(nn.Module):
+    """``num_experts_local`` experts held by this rank, as FP8 buffers."""
+
+    def __init__(self, num_experts_local: int, hidden: int, inter: int, device=None,
+                 dtype=torch.bfloat16, pow2_scale: bool = False):
+        super().__init__()
+        self.num_experts_local, self.hidden, self.inter = num_experts_local, hidden, inter
+        self.dtype, self.pow2_scale = dtype, pow2_scale
+        e = num_experts_local
+        self.register_buffer("w13", torch.empty(e, 2 * inter, hidden, dtype=FP8, device=device))
+        self.register_buffer("w13_scale", torch.ones(e, _blocks(2 * inter), hidden // 128,
+                                                     dtype=torch.float32, device=device))
+        self.register_buffer("w2", torch.empty(e, hidden, inter, dtype=FP8, device=device))
+        self.register_buffer("w2_scale", torch.ones(e, _blocks(hidden), inter // 128,
+                                                    dtype=torch.float32, device=device))
+
+    @torch.no_grad()
+    def random_init(self, generator: Optional[torch.Generator] = None, std: float = kInitStd) -> None:
+        """Random bf16 weights, quantised, a chunk of experts at a time."""
+        step = max(1, kQuantChunkElems // (2 * self.inter * self.hidden))
+        for e0 in range(0, self.num_experts_local, step):
+            e1 = min(e0 + step, self.num_experts_local)
+            w13 = torch.randn(e1 - e0, 2 * self.inter, self.hidden, generator=generator,
+                              device=self.w13.device) * std
+            w2 = torch.randn(e1 - e0, self.hidden, self.inter, generator=generator,
+                             device=self.w2.device) * std
+            self.load_fp8(*quantize_stack(w13), *quantize_stack(w2), experts=slice(e0, e1))
+
+    @torch.no_grad()
+    def load_fp8(self, w13, w13_scale, w2, w2_scale, experts: slice = slice(None)) -> None:
+        """Copy quantised weights in: ``w13 [e, 2I, H]`` fp8 + ``[e, 2I/128, H/128]``, ``w2 [e, H, I]``
+        fp8 + ``[e, ceil(H/128), I/128]`` for the local experts ``experts``."""
+        for name, value in (("w13", w13), ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):
+            target = getattr(self, name)[experts]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{name} must have shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value)
+
+    @torch.no_grad()
+    def load_dense(self, w13: torch.Tensor, w2: torch.Tensor, experts: slice = slice(None)) -> None:
+        """Quantise unquantised weights ``w13 [e, 2I, H]`` (gate rows then up rows), ``w2 [e, H, I]``."""
+        self.load_fp8(*quantize_stack(w13), *quantize_stack(w2), experts=experts)
+
+    def forward_contiguous(self, layout: ContiguousLayout) -> torch.Tensor:
+        """-> ``y_rows [M_sum, H]`` bf16; padding rows are not written (arbitrary values)."""
+        rows = layout.num_rows
+        # NOTE: zeros, not empty: the SiLU-mul op reads the padding rows GEMM1 skips, and garbage
+        # there could be NaN (MOE_FP8_CHECKS=1 rejects it). A fused act that reads m_indices drops this.
+        h = torch.zeros(rows, 2 * self.inter, dtype=self.dtype, device=layout.a.device)
+        G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (self.w13, self.w13_scale),
+                                           layout.m_indices, out=h)
+        act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)
+        return G.m_grouped_fp8_gemm_nt_contiguous(act, (self.w2, self.w2_scale), layout.m_indices)
+
+    def forward_masked(self, layout: MaskedLayout,
+                       workspace: Optional[MaskedWorkspace] = None) -> torch.Tensor:
+        """-> ``y [E_loc, M_max, H]`` bf16; rows >= masked_m[e] keep the workspace's old values."""
+        if workspace is None:
+            workspace = MaskedWorkspace.allocate(self.num_experts_local, layout.max_tokens_per_expert,
+                                                 self.hidden, self.inter, layout.a.device, self.dtype)
+        G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
+                                       layout.masked_m, layout.expected_m, out=workspace.h)
+        G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m, pow2_scale=self.pow2_scale,
+                                 out=workspace.act)
+        return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
+                                              layout.expected_m, out=workspace.y)
+
+
+class SharedExperts(nn.Module):
+    """The always-on experts, fused into one FP8 MLP of width ``n_shared * I``."""
+
+    def __init__(self, hidden: int, inter: int, device=None, dtype=torch.bfloat16,
+                 pow2_scale: bool = False):
+        super().__init__()
+        self.hidden, self.inter, self.dtype, self.pow2_scale = hidden, inter, dtype, pow2_scale
+        self.register_buffer("w13", torch.empty(2 * inter, hidden, dtype=FP8, device=device))
+        self.register_buffer("w13_scale", torch.ones(_blocks(2 * inter), hidden // 128,
+                                                     dtype=torch.float32, device=device))
+        self.register_buffer("w2", torch.empty(hidden, inter, dtype=FP8, device=device))
+        self.register_buffer("w2_scale", torch.ones(_blocks(hidden), inter // 128,
+                                                    dtype=torch.float32, device=device))
+
+    @torch.no_grad()
+    def random_init(self, generator: Optional[torch.Generator] = None, std: float = kInitStd) -> None:
+        device = self.w13.device
+        self.load_dense(torch.randn(2 * self.inter, self.hidden, generator=generator, device=device) * std,
+                        torch.randn(self.hidden, self.inter, generator=generator, device=device) * std)
+
+    @torch.no_grad()
+    def load_fp8(self, w13, w13_scale, w2, w2_scale) -> None:
+        for name, value in (("w13", w13), ("w13_scale", w13_scale), ("w2", w2), ("w2_scale", w2_scale)):
+            target = getattr(self, name)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"shared {name} must have shape {tuple(target.shape)}, "
+                                 f"got {tuple(value.shape)}")
+            target.copy_(value)
+
+    @torch.no_grad()
+    def load_dense(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        q13, s13 = G.per_block_quant_fp8(w13.contiguous(), 128)
+        q2, s2 = G.per_block_quant_fp8(w2.contiguous(), 128)
+        self.load_fp8(q13, s13, q2, s2)
+
+    def forward(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """Quantised tokens ``(fp8 [T, H], fp32 [T, H/128])`` -> ``[T, H]`` bf16."""
+        h = G.fp8_gemm_nt((xq, xs), (self.w13, self.w13_scale))  # [T, 2I]
+        act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)  # [T, I]
+        return G.fp8_gemm_nt(act, (self.w2, self.w2_scale))  # [T, H]

@@ -1,0 +1,147 @@
+"""``MoE``: the DeepSeek-V3 MoE layer with FP8 experts.
+
+    x [T, H] ──gate──> topk_idx, topk_weights                (fp32 router, replicated)
+      └─quantise once (1x128)──┬─ dispatch ─> layout ─> experts (grouped FP8 GEMMs) ─┐
+                               └─ shared experts (dense FP8 GEMMs) ── add ───── combine ─> y [T, H]
+
+``forward`` runs the contiguous layout (prefill, any batch); ``decode_runner(max_tokens)`` the
+masked layout in one CUDA graph (decode). Both give the same result to bf16 rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .dispatch import Dispatcher, make_dispatcher
+from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
+from .layouts import MaskedBuffers
+from .permute import quantize_tokens
+from .router import Router, tokens_per_expert
+
+
+class MoE(nn.Module):
+    """One MoE layer. ``ep_group=None``: this device holds all ``cfg.num_experts`` experts.
+
+    Parameters mirror the checkpoint names: ``gate`` (router), ``experts`` (FP8 ``w13``/``w2`` with
+    128x128 scales, local experts only), ``shared_experts``. Weights start random (``seed``)
+    unless loaded with ``load_safetensors`` / built with ``from_hf``.
+    """
+
+    def __init__(self, cfg: MoEConfig, ep_group=None, device=None, dtype: torch.dtype = torch.bfloat16,
+                 *, dispatcher: Optional[Dispatcher] = None, seed: Optional[int] = 0):
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.cfg, self.dtype = cfg, dtype
+        self.dispatcher = dispatcher if dispatcher is not None else make_dispatcher(cfg, ep_group)
+        self.gate = Router(cfg, device=device)
+        self.experts = RoutedExperts(self.dispatcher.num_experts_local, cfg.hidden_size,
+                                     cfg.moe_intermediate_size, device, dtype, cfg.pow2_scale)
+        self.shared_experts = None
+        if cfg.n_shared_experts:
+            self.shared_experts = SharedExperts(cfg.hidden_size, cfg.shared_intermediate_size,
+                                                device, dtype, cfg.pow2_scale)
+        # int64 [E_global]: pairs per expert in the last forward (for Router.update_bias)
+        self.register_buffer("last_tokens_per_expert",
+                             torch.zeros(cfg.num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+        if seed is not None:
+            self.random_init(seed)
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def random_init(self, seed: int = 0) -> None:
+        device = self.gate.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.gate.weight.normal_(std=0.02, generator=generator)
+        self.gate.e_score_correction_bias.zero_()
+        self.experts.random_init(generator)
+        if self.shared_experts is not None:
+            self.shared_experts.random_init(generator)
+
+    @property
+    def num_experts_local(self) -> int:
+        return self.dispatcher.num_experts_local
+
+    @property
+    def expert_offset(self) -> int:
+        return self.dispatcher.expert_offset
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate.weight.device
+
+    def load_safetensors(self, files, prefix: str = "") -> "MoE":
+        """Load weights from safetensors ``files`` (paths, or a directory), keys ``prefix + name``:
+        DeepSeek-V3 FP8 per-expert names, transformers v5 fused names, or bf16 (quantised here).
+        See ``moe_fp8.layers.checkpoint``."""
+        from .checkpoint import load_moe_weights, SafetensorsSource
+        with SafetensorsSource(files) as source:
+            load_moe_weights(self, source, prefix)
+        return self
+
+    @classmethod
+    def from_hf(cls, module, *, device=None, dtype: torch.dtype = torch.bfloat16, **cfg_changes) -> "MoE":
+        """Build from one transformers ``DeepseekV3MoE`` (weights copied and quantised)."""
+        from .checkpoint import moe_from_hf
+        return moe_from_hf(cls, module, device=device, dtype=dtype, **cfg_changes)
+
+    # ------------------------------------------------------------------ forward
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., H]`` -> ``[T, H]`` contiguous, in x's own float dtype (the router reads it in
+        fp32 and the quantiser accepts bf16/fp16/fp32, so no rounding to bf16 happens first)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x must be [..., {self.cfg.hidden_size}], got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {self.device}")
+        return x.reshape(-1, x.shape[-1]).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., H]`` -> ``[..., H]`` (x's dtype), contiguous layout."""
+        x2 = self._tokens(x)
+        routing = self.gate(x2)
+        self.last_tokens_per_expert.copy_(tokens_per_expert(routing.topk_idx, self.cfg.num_experts))
+        xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
+                                                             routing.topk_weights)
+        y_rows = self.experts.forward_contiguous(layout)  # [M_sum, H]
+        shared = self.shared_experts(xq, xs) if self.shared_experts is not None else None
+        y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
+        return y.view(x.shape).to(x.dtype)
+
+    def forward_masked(self, x: torch.Tensor, *, max_tokens_per_expert: Optional[int] = None,
+                       num_valid_tokens=None, buffers: Optional[MaskedBuffers] = None,
+                       workspace: Optional[MaskedWorkspace] = None,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]`` through the masked layout (the decode step). With the static
+        arguments (what ``decode_runner`` passes) it neither syncs nor allocates by value."""
+        x2 = self._tokens(x)
+        m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
+        routing = self.gate(x2)
+        xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        layout, handle = self.dispatcher.dispatch_masked(
+            (xq, xs), routing.topk_idx, routing.topk_weights, max_tokens_per_expert=m_max,
+            num_valid_tokens=num_valid_tokens, out=buffers)
+        y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
+        shared = self.shared_experts(xq, xs) if self.shared_experts is not None else None
+        return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)
+
+    def decode_runner(self, max_tokens: int, *, use_graph: Optional[bool] = None):
+        """A callable ``run(x [n, H]) -> [n, H]`` for any ``n <= max_tokens``: one CUDA-graph
+        replay on a GPU (eager on CPU). See ``moe_fp8.layers.decode.DecodeRunner``."""
+        from .decode import DecodeRunner
+        return DecodeRunner(self, max_tokens, use_graph=use_graph)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"hidden={c.hidden_size}, inter={c.moe_intermediate_size}, experts={c.num_experts} "
+                f"(local {self.num_experts_local} from {self.expert_offset}), top_k={c.top_k}, "
+                f"groups={c.n_group}/{c.topk_group}, shared={c.n_shared_experts}")

@@ -1,0 +1,95 @@
+"""The DeepSeek-V3 gate: sigmoid scores, group-limited top-k, aux-loss-free bias.
+
+For one token with logits ``l [E]`` (fp32):
+
+    s      = sigmoid(l)                              routing weights come from these
+    c      = s + e_score_correction_bias             selection only ("aux-loss-free" balancing)
+    g[j]   = sum of the 2 largest c in group j       n_group groups of E / n_group experts
+    keep the topk_group best groups; c of the other groups := -inf (or 0.0, config option)
+    idx    = top_k(c)                                the chosen experts (unordered)
+    w      = s[idx] / (sum s[idx] + 1e-20) * routed_scaling_factor   (normalised if norm_topk_prob)
+
+Everything runs in fp32 as transformers' ``DeepseekV3TopkRouter`` does, so the expert indices are
+identical to it for the same inputs. No host sync anywhere (CUDA-graph safe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+
+
+@dataclass
+class Routing:
+    topk_idx: torch.Tensor  # int64 [T, k]: global expert ids of each token, unordered
+    topk_weights: torch.Tensor  # fp32 [T, k]: combine weights (normalised, scaled)
+    logits: torch.Tensor  # fp32 [T, E]: router logits (before the sigmoid)
+
+
+def group_limited_topk(scores: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    """Expert selection: ``scores`` fp32 ``[T, E]`` (sigmoid), ``bias`` fp32 ``[E]`` -> int64 ``[T, k]``."""
+    tokens = scores.shape[0]
+    choice = scores + bias  # [T, E]
+    grouped = choice.view(tokens, cfg.n_group, cfg.experts_per_group)  # [T, G, E/G]
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+    kept_groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)  # [T, G]
+    fill = float("-inf") if cfg.group_mask_fill == "neg_inf" else 0.0
+    choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(tokens, -1)  # [T, E]
+    return choice.topk(cfg.top_k, dim=-1, sorted=False).indices
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` fp32 ``[T, E]`` -> ``(topk_idx int64 [T, k], topk_weights fp32 [T, k])``."""
+    scores = logits.sigmoid()
+    topk_idx = group_limited_topk(scores, bias, cfg)
+    weights = scores.gather(1, topk_idx)  # [T, k] from the unbiased scores
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_idx, weights * cfg.routed_scaling_factor
+
+
+def tokens_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[num_experts]``: how many (token, slot) pairs chose each expert (no host sync)."""
+    flat = topk_idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=topk_idx.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+
+
+class Router(nn.Module):
+    """The gate of one MoE layer (replicated on every rank; experts are global ids)."""
+
+    def __init__(self, cfg: MoEConfig, device=None):
+        super().__init__()
+        self.cfg = cfg
+        # fp32 like the checkpoint's mlp.gate.weight; [E_global, H]
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size,
+                                               dtype=torch.float32, device=device))
+        # fp32 [E_global]: e_score_correction_bias, selection only
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(cfg.num_experts, dtype=torch.float32, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """``x [T, H]`` (any float dtype) -> Routing."""
+        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
+        topk_idx, topk_weights = route(logits, self.e_score_correction_bias, self.cfg)
+        return Routing(topk_idx, topk_weights, logits)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor, rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): after a step, lower the bias of experts
+        that got more than the mean load and raise it for those below, by ``rate``.
+
+        ``tokens_per_expert`` ``[E_global]`` counts summed over the step (all-reduce it across
+        data/expert-parallel ranks first so every replica applies the same update).
+        """
+        if tokens_per_expert.shape != self.e_score_correction_bias.shape:
+            raise ValueError(f"tokens_per_expert must have shape {tuple(self.e_score_correction_bias.shape)}, "
+                             f"got {tuple(tokens_per_expert.shape)}")
+        load = tokens_per_expert.to(torch.float32)
+        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
