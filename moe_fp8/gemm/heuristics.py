@@ -1,0 +1,150 @@
+"""Kernel configuration for the FP8 GEMM family (dense, grouped contiguous, grouped masked).
+
+One place decides block sizes, pipeline depth and grid size, from the problem shape and the
+device's SM count. Tests pin a ``GemmConfig`` to exercise every variant; everything else asks
+``dense_config`` / ``contiguous_config`` / ``masked_config``.
+
+Choice rule (measured where noted in benchmarks/NOTES.md):
+* ``block_m``: 64 (one math warpgroup) when the rows per group fit in 64, else 128 (two).
+* ``block_n``: among the widths the kernel supports (multiples of 16 whose tiles touch at most two
+  128-column scale blocks, e.g. 112, 144, 160 beside powers of two), the one with the fewest
+  waves of tiles over the SMs, then the fullest last wave, then the widest tile (more reuse of
+  each A byte). Non-powers of two let e.g. N = 7168 split into 132-ish tiles.
+* ``stages``: as many shared-memory ring slots as fit in the 227 KiB a block may use.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Tuple
+
+kMaxSmemBytes = 232448  # sm_90 opt-in dynamic shared memory per block (227 KiB)
+kBlockK = 128           # one K block = one scale group; a 128-byte row of e4m3
+kMaxStages = 10
+kMinStages = 2
+kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
+kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
+
+
+def _fits_two_scale_blocks(block_n: int) -> bool:
+    """Mirror of fits_two_scale_blocks in fp8_gemm.cuh: every tile spans <= 2 scale blocks."""
+    return all((i * block_n) % 128 + block_n <= 256 for i in range(128))
+
+
+# Widths the kernel instantiates (ptx.cuh has a wgmma for each). 256 is left out: with 2 x 128
+# accumulator registers per thread it spills.
+kBlockNs: Tuple[int, ...] = tuple(n for n in range(16, 193, 16) if _fits_two_scale_blocks(n))
+kBlockMs: Tuple[int, ...] = (64, 128)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Compile-time shape of one kernel instance plus its grid.
+
+    block_m: rows per tile (64: one math warpgroup, 128: two).
+    block_n: columns per tile (an entry of ``kBlockNs``).
+    stages:  shared-memory ring depth (A, B and sa slots), 0 = as many as fit.
+    group_n: n blocks per rasterisation band of the persistent scheduler.
+    num_sms: persistent grid size upper bound, 0 = the device's SM count.
+    """
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 0
+    group_n: int = kDefaultGroupN
+    num_sms: int = 0
+
+    def __post_init__(self):
+        if self.block_m not in kBlockMs:
+            raise ValueError(f"GemmConfig.block_m must be one of {kBlockMs}, got {self.block_m}")
+        if self.block_n not in kBlockNs:
+            raise ValueError(f"GemmConfig.block_n must be one of {kBlockNs}, got {self.block_n}")
+        if self.stages != 0 and not kMinStages <= self.stages <= kMaxStages:
+            raise ValueError(f"GemmConfig.stages must be 0 or in [{kMinStages}, {kMaxStages}]")
+        if self.group_n < 1:
+            raise ValueError(f"GemmConfig.group_n must be >= 1, got {self.group_n}")
+
+    @property
+    def num_threads(self) -> int:
+        return (self.block_m // 64 + 1) * 128
+
+    def resolved(self, k: int) -> "GemmConfig":
+        """This config with ``stages`` filled in for reduction size ``k``."""
+        if self.stages:
+            if smem_bytes(self.block_m, self.block_n, self.stages, k) > kMaxSmemBytes:
+                raise ValueError(f"{self} needs more than {kMaxSmemBytes} bytes of shared memory "
+                                 f"at K = {k}")
+            return self
+        return GemmConfig(self.block_m, self.block_n, max_stages(self.block_m, self.block_n, k),
+                          self.group_n, self.num_sms)
+
+
+def smem_bytes(block_m: int, block_n: int, stages: int, k: int) -> int:
+    """Dynamic shared memory of one CTA; mirrors SmemLayout in fp8_gemm.cuh."""
+    num_math_wg = block_m // 64
+    num_k_blocks = k // kBlockK
+    ring = stages * (block_m * kBlockK + block_n * kBlockK + block_m * 4)
+    d_tile = block_m * block_n * 2
+    sb = num_math_wg * 2 * num_k_blocks * 4
+    end = (ring + d_tile + sb + 7) // 8 * 8 + 2 * stages * 8
+    return end + 1024  # alignment slack for the 1024-byte-aligned base
+
+
+def max_stages(block_m: int, block_n: int, k: int) -> int:
+    for stages in range(kMaxStages, kMinStages - 1, -1):
+        if smem_bytes(block_m, block_n, stages, k) <= kMaxSmemBytes:
+            return stages
+    raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
+                     f"{kMinStages} stages at K = {k}")
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
+    """The width with the least wave-quantised cost, ties to the wider tile.
+
+    Every wave of tiles costs as much as its slowest tile; a tile costs its MMA work
+    (block_m * block_n) plus its operand loads ((block_m + block_n) * K, weighted by
+    kLoadWeight, i.e. a 128 x 128 tile is counted half load-bound), so narrow tiles win only
+    where they fill otherwise idle SMs.
+    """
+    best_key, best = None, kBlockNs[0]
+    for block_n in kBlockNs:
+        if block_n > max(16, _ceil_div(n, 16) * 16):
+            break  # wider than the problem: only padding
+        tiles = m_blocks * _ceil_div(n, block_n)
+        waves = _ceil_div(tiles, sms)
+        cost = waves * (block_m * block_n + kLoadWeight * (block_m + block_n))
+        key = (cost, -block_n)
+        if best_key is None or key < best_key:
+            best_key, best = key, block_n
+    return best
+
+
+def _config(rows: int, m_blocks_of, n: int, k: int, sms: int) -> GemmConfig:
+    block_m = 64 if rows <= 64 else 128
+    block_n = _pick_block_n(m_blocks_of(block_m), n, sms, block_m)
+    return GemmConfig(block_m, block_n).resolved(k)
+
+
+def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """Config for ``[m, k] x [n, k]^T`` on a device with ``sms`` SMs."""
+    return _config(m, lambda bm: _ceil_div(m, bm), n, k, sms)
+
+
+def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
+    """Config for the contiguous grouped layout (segments of 128 rows; block_m 128 always fits)."""
+    return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms)
+
+
+def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert)."""
+    expected_m = max(1, expected_m)
+    return _config(expected_m, lambda bm: num_experts * _ceil_div(expected_m, bm), n, k, sms)

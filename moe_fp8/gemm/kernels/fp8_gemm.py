@@ -1,0 +1,158 @@
+"""Host side of the FP8 GEMM family (``include/fp8_gemm.cuh``): dense, grouped contiguous, masked.
+
+Per call: pick a ``GemmConfig`` (``moe_fp8.gemm.heuristics``, or the caller's pinned one) ->
+build the four TMA descriptors -> fetch the compiled instance from the JIT -> launch on torch's
+current stream. Inputs arrive validated by ``moe_fp8.gemm`` (public ops) with outputs allocated:
+
+    a   fp8 e4m3 [M, K] (grouped masked: [E, M_max, K]), K-major
+    sa  fp32 [M, K/128] MN-major (stride (1, align(M, 4))); masked: [E, M_max, K/128]
+    b   fp8 e4m3 [N, K] (grouped: [E, N, K]), K-major
+    sb  fp32 [ceil(N/128), K/128] (grouped: [E, ceil(N/128), K/128]), contiguous
+    out bf16 [M, N] (masked: [E, M_max, N]), contiguous
+
+No host synchronisation and no device allocation happen here, so every op can be captured in a
+CUDA graph once its kernel is compiled and loaded (``precompile`` or one eager call first).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import heuristics as H
+from .. import jit
+
+kHeader = "fp8_gemm.cuh"
+kLayoutDense, kLayoutContiguous, kLayoutMasked = 0, 1, 2
+
+
+def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
+    """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
+    c = config
+    return jit.KernelSource(
+        kHeader,
+        f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
+        f"{layout}>")
+
+
+def _k_major(t: torch.Tensor) -> torch.Tensor:
+    # NOTE: TMA needs unit stride along K and 16-byte row strides; the public ops pass
+    # contiguous operands, anything else takes this (slow, allocating) copy.
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _sa_view(sa: torch.Tensor) -> torch.Tensor:
+    """MN-major scales as a 2-D ``[outer = (E *) K/128, inner = M]`` view with unit inner stride."""
+    if sa.dim() == 2:
+        return sa.t()
+    e, m, g = sa.shape
+    return sa.permute(0, 2, 1).reshape(e * g, m)  # a view: stride(0) == g * stride(2)
+
+
+def _m_pad(m: int) -> int:
+    return (max(m, 1) + 3) // 4 * 4
+
+
+def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
+            sb: torch.Tensor, d2: torch.Tensor, layout_arg: Optional[torch.Tensor], m: int,
+            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int) -> None:
+    """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
+    ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
+    c = config.resolved(k)
+    kernel = jit.get_kernel(kernel_source(n, k, c, layout))
+    device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
+    sms = c.num_sms or H.num_sms(device)
+    grid = max(1, min(sms, max_tiles))
+    tma_a = jit.make_tma_2d(a2, 128, c.block_m, 128)
+    tma_b = jit.make_tma_2d(b2, 128, c.block_n, 128)
+    tma_sa = jit.make_tma_2d(sa2, c.block_m, 1, 0, inner_dim=sa_rows, outer_dim=sa2.shape[0],
+                             outer_stride=sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
+    # Output: one 16-column x 64-row box per math warpgroup and chunk, 32-byte swizzle
+    # (epilogue.cuh explains the layout).
+    tma_d = jit.make_tma_2d(d2, 16, 64, 32)
+    args: List[object] = [tma_a, tma_b, tma_sa, tma_d, jit.i32(m), jit.i32(num_experts),
+                          layout_arg if layout_arg is not None else sb, sb, d2]
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), H.smem_bytes(c.block_m, c.block_n,
+                                                                     c.stages, k), args)
+
+
+def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                out: torch.Tensor, config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+    """``out [M, N] = (a . sa)(b . sb)^T`` (bf16); see the module docstring for layouts."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0:
+        return out
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    config = config or H.dense_config(m, n, k, H.num_sms(dev))
+    tiles = H._ceil_div(m, config.block_m) * H._ceil_div(n, config.block_n)
+    _launch(kLayoutDense, _k_major(a), _sa_view(sa), m, _k_major(b), sb.contiguous(), out, None,
+            m, 1, n, k, config, tiles)
+    return out
+
+
+def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                         m_indices: torch.Tensor, out: torch.Tensor,
+                         config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+    """``out[r] = a[r] . b[m_indices[r]]^T`` for rows with ``m_indices[r] >= 0``; padding rows
+    (-1, whole 128-row segments) are neither computed nor written."""
+    m_sum, k = a.shape
+    num_experts, n, _ = b.shape
+    if m_sum == 0:
+        return out
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    config = config or H.contiguous_config(m_sum, n, k, H.num_sms(dev))
+    tiles = H._ceil_div(m_sum, config.block_m) * H._ceil_div(n, config.block_n)
+    _launch(kLayoutContiguous, _k_major(a), _sa_view(sa), m_sum,
+            _k_major(b).view(num_experts * n, k), sb.contiguous(), out, m_indices.contiguous(),
+            m_sum, num_experts, n, k, config, tiles)
+    return out
+
+
+def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                     masked_m: torch.Tensor, expected_m: int, out: torch.Tensor,
+                     config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+    """``out[e, :masked_m[e]] = a[e, :masked_m[e]] . b[e]^T``; rows >= masked_m[e] untouched.
+
+    ``masked_m`` stays on the device (read by the kernel's scheduler): no host sync, graph-safe.
+    ``expected_m`` (host int) only steers the tile choice.
+    """
+    num_experts, m_max, k = a.shape
+    n = b.shape[1]
+    if num_experts == 0 or m_max == 0:
+        return out
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    config = config or H.masked_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
+    tiles = num_experts * H._ceil_div(m_max, config.block_m) * H._ceil_div(n, config.block_n)
+    _launch(kLayoutMasked, _k_major(a).view(num_experts * m_max, k), _sa_view(sa), m_max,
+            _k_major(b).view(num_experts * n, k), sb.contiguous(), out.view(num_experts * m_max, n),
+            masked_m.contiguous(), m_max, num_experts, n, k, config, tiles)
+    return out
+
+
+# ----------------------------------------------------------------------------- bundled variants
+
+kH100Sms = 132
+# DeepSeek-V3 shapes of TARGETS.md: dense (M, N, K), grouped (N, K) with typical row counts.
+kDenseShapes = [(m, n, k) for m in (64, 128, 4096)
+                for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384),
+                             (4096, 7168), (7168, 2048))]
+kGroupedNK = [(4096, 7168), (7168, 2048)]
+
+
+def bundled_sources() -> List["jit.KernelSource"]:
+    """The instances the heuristics pick for the TARGETS.md shapes on a 132-SM H100."""
+    sources = []
+    for m, n, k in kDenseShapes:
+        sources.append(kernel_source(n, k, H.dense_config(m, n, k, kH100Sms), kLayoutDense))
+    for n, k in kGroupedNK:
+        for m_sum in (4096, 32768):
+            sources.append(kernel_source(n, k, H.contiguous_config(m_sum, n, k, kH100Sms),
+                                         kLayoutContiguous))
+        for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
+            config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
+            sources.append(kernel_source(n, k, config, kLayoutMasked))
+    return list(dict.fromkeys(sources))  # unique, in order
+
+
+jit.register_bundled(bundled_sources)

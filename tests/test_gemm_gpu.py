@@ -1,0 +1,243 @@
+"""GPU tests of the FP8 GEMM kernels (dense, grouped contiguous, grouped masked).
+
+Every test draws fresh random data (rows of very different magnitudes, so a wrong scale shows),
+poisons the output with NaN first, and checks
+* accuracy: calc_diff < 1e-3 against the unquantised fp32 product,
+* agreement with the FP8 reference (the same block-by-block scale math) to rounding,
+* coverage: every element that must be written is finite; padding / masked rows keep the poison,
+  and nothing past the output tensor is written.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_fp8.gemm as G
+from moe_fp8.gemm import reference as ref
+from moe_fp8.gemm.heuristics import GemmConfig, kBlockNs
+from moe_fp8.gemm.layout import build_m_indices, empty_act_scales
+
+pytestmark = pytest.mark.gpu
+
+# TARGETS.md, dense table: (M, N, K)
+kDenseTargets = [(m, n, k) for m in (64, 128, 4096)
+                 for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384),
+                              (4096, 7168), (7168, 2048))]
+kDenseOdd = [(1, 2112, 7168), (77, 7168 + 16, 2048), (200, 576, 384), (333, 1552, 1024),
+             (1, 16, 128), (129, 2112, 1536), (1000, 4096 + 48, 512)]
+kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112),
+           GemmConfig(64, 192), GemmConfig(128, 32), GemmConfig(128, 80), GemmConfig(128, 112),
+           GemmConfig(128, 128, stages=2), GemmConfig(128, 144), GemmConfig(128, 160),
+           GemmConfig(128, 192, group_n=3), GemmConfig(128, 128, num_sms=7)]
+
+
+def _cuda_gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _rows(shape, gen) -> torch.Tensor:
+    """Random bf16 whose rows span ~4 decades of magnitude (exercises the per-row scales)."""
+    x = torch.randn(shape, device="cuda", generator=gen)
+    mag = torch.exp(torch.randn((*shape[:-1], 1), device="cuda", generator=gen) * 2)
+    return (x * mag).to(torch.bfloat16)
+
+
+def _quant_act(x: torch.Tensor):
+    q, s = ref.per_token_group_quant(x)
+    s_mn = empty_act_scales(x.shape[-2], s.shape[-1], x.shape[0] if x.dim() == 3 else None,
+                            device=x.device)
+    s_mn.copy_(s)
+    return q, s_mn
+
+
+def _quant_weight(w: torch.Tensor):
+    return ref.per_block_quant(w)
+
+
+def _poisoned(shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+
+
+def _check(out: torch.Tensor, want_fp32: torch.Tensor, ref_bf16: torch.Tensor, what: str):
+    assert torch.isfinite(out).all(), f"{what}: unwritten (NaN) or non-finite outputs"
+    diff = G.calc_diff(out, want_fp32)
+    assert diff < 1e-3, f"{what}: calc_diff vs unquantised = {diff:.2e}"
+    # Same math as the reference up to summation order inside a K block and bf16 rounding.
+    agree = G.calc_diff(out, ref_bf16)
+    assert agree < 1e-5, f"{what}: calc_diff vs FP8 reference = {agree:.2e}"
+    tol = 2e-3 * ref_bf16.float().abs().amax(dim=-1, keepdim=True) + 1e-30
+    err = (out.float() - ref_bf16.float()).abs()
+    assert (err <= 2 ** -7 * ref_bf16.float().abs() + tol).all(), \
+        f"{what}: max |out - ref| = {err.max().item():.3e}"
+
+
+def _dense_case(m, n, k, seed, config=None):
+    gen = _cuda_gen(seed)
+    x, w = _rows((m, k), gen), _rows((n, k), gen)
+    a, b = _quant_act(x), _quant_weight(w)
+    # The output lives inside a larger poisoned buffer: nothing past it may be written.
+    buf = _poisoned((m * n + 4096,))
+    out = buf[: m * n].view(m, n)
+    G.fp8_gemm_nt(a, b, out=out, backend="kernel", config=config)
+    torch.cuda.synchronize()
+    assert torch.isnan(buf[m * n:]).all(), "wrote past the end of out"
+    want = x.float() @ w.float().t()
+    reference = G.fp8_gemm_nt(a, b, backend="reference")
+    _check(out, want, reference, f"dense {m}x{n}x{k} {config}")
+
+
+@pytest.mark.parametrize("m,n,k", kDenseTargets)
+def test_dense_targets(m, n, k):
+    _dense_case(m, n, k, seed=m * 7 + n * 3 + k)
+
+
+@pytest.mark.parametrize("m,n,k", kDenseOdd)
+def test_dense_odd_shapes(m, n, k):
+    _dense_case(m, n, k, seed=m + n + k)
+
+
+@pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}")
+def test_dense_pinned_configs(config):
+    _dense_case(333, 2112 + 16, 1536, seed=config.block_n, config=config)
+
+
+def test_block_n_set_is_covered():
+    assert set(c.block_n for c in kPinned) | {16, 48, 64, 96} >= set(kBlockNs)
+
+
+def test_dense_repeatable():
+    """A race shows as results that move between identical runs."""
+    gen = _cuda_gen(5)
+    a, b = _quant_act(_rows((4096, 2048), gen)), _quant_weight(_rows((7168, 2048), gen))
+    first = G.fp8_gemm_nt(a, b, backend="kernel")
+    for _ in range(3):
+        assert torch.equal(G.fp8_gemm_nt(a, b, backend="kernel"), first)
+
+
+# ----------------------------------------------------------------------------- contiguous
+
+def _contiguous_case(counts, n, k, seed, config=None):
+    gen = _cuda_gen(seed)
+    num_experts = len(counts)
+    m_indices = build_m_indices(counts, device="cuda")
+    m_sum = m_indices.shape[0]
+    x, w = _rows((m_sum, k), gen), _rows((num_experts, n, k), gen)
+    a, b = _quant_act(x), _quant_weight(w)
+    out = _poisoned((m_sum, n))
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend="kernel", config=config)
+    torch.cuda.synchronize()
+    valid = m_indices >= 0
+    assert torch.isnan(out[~valid]).all(), "padding rows were written"
+    want = torch.zeros(m_sum, n, device="cuda")
+    for e in range(num_experts):
+        rows = m_indices == e
+        want[rows] = x[rows].float() @ w[e].float().t()
+    reference = G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, backend="reference")
+    _check(out[valid], want[valid], reference[valid], f"contiguous {counts[:4]}.. n={n} k={k}")
+
+
+@pytest.mark.parametrize("g,m,n,k", [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048),
+                                     (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)])
+def test_contiguous_targets(g, m, n, k):
+    _contiguous_case([m] * g, n, k, seed=g + n)
+
+
+@pytest.mark.parametrize("n,k", [(4096, 7168), (7168, 2048)])
+def test_contiguous_uneven_32_experts(n, k):
+    gen = torch.Generator().manual_seed(n)
+    counts = torch.randint(0, 300, (32,), generator=gen)
+    counts[torch.randperm(32, generator=gen)[:5]] = 0  # empty experts
+    counts[3] = 1
+    _contiguous_case(counts.tolist(), n, k, seed=k)
+
+
+@pytest.mark.parametrize("config", [GemmConfig(64, 112), GemmConfig(128, 160),
+                                    GemmConfig(128, 48, stages=3)], ids=str)
+def test_contiguous_pinned(config):
+    _contiguous_case([0, 130, 5, 0, 257, 64], 2112, 1536, seed=3, config=config)
+
+
+# ----------------------------------------------------------------------------- masked
+
+def _masked_inputs(num_experts, m_max, n, k, seed):
+    gen = _cuda_gen(seed)
+    x, w = _rows((num_experts, m_max, k), gen), _rows((num_experts, n, k), gen)
+    return x, w, _quant_act(x), _quant_weight(w)
+
+
+def _masked_check(out, x, w, a, b, masked_m, what):
+    rows = ref.masked_row_mask(out.shape[1], masked_m)
+    assert torch.isnan(out[~rows]).all(), f"{what}: rows >= masked_m were written"
+    if rows.any():
+        want = torch.einsum("emk,enk->emn", x.float(), w.float())
+        reference = G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, out.shape[1],
+                                                   backend="reference")
+        _check(out[rows], want[rows], reference[rows], what)
+
+
+@pytest.mark.parametrize("g,m_max,n,k", [(1, 1024, 4096, 7168), (1, 1024, 7168, 2048),
+                                         (2, 512, 4096, 7168), (2, 512, 7168, 2048),
+                                         (4, 256, 4096, 7168), (4, 256, 7168, 2048)])
+def test_masked_targets(g, m_max, n, k):
+    x, w, a, b = _masked_inputs(g, m_max, n, k, seed=g * m_max)
+    masked_m = torch.full((g,), m_max, dtype=torch.int32, device="cuda")
+    masked_m[0] = m_max - 37  # one partial tile
+    out = _poisoned((g, m_max, n))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, m_max, out=out, backend="kernel")
+    torch.cuda.synchronize()
+    _masked_check(out, x, w, a, b, masked_m, f"masked {g}x{m_max} n={n} k={k}")
+
+
+@pytest.mark.parametrize("m_max,expected_m,config", [
+    (200, 30, None), (200, 150, None), (77, 8, None), (200, 64, GemmConfig(64, 48)),
+    (200, 64, GemmConfig(128, 144))], ids=str)
+def test_masked_uneven(m_max, expected_m, config):
+    num_experts = 12
+    x, w, a, b = _masked_inputs(num_experts, m_max, 2048, 1024, seed=m_max + expected_m)
+    gen = torch.Generator().manual_seed(m_max)
+    counts = torch.randint(0, m_max + 1, (num_experts,), generator=gen)
+    counts[0], counts[1], counts[2], counts[3] = 0, m_max, 1, 64
+    masked_m = counts.to(torch.int32).cuda()
+    out = _poisoned((num_experts, m_max, 2048))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend="kernel",
+                                   config=config)
+    torch.cuda.synchronize()
+    _masked_check(out, x, w, a, b, masked_m, f"masked m_max={m_max} {config}")
+
+
+def test_masked_all_empty():
+    x, w, a, b = _masked_inputs(4, 64, 256, 256, seed=9)
+    masked_m = torch.zeros(4, dtype=torch.int32, device="cuda")
+    out = _poisoned((4, 64, 256))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 1, out=out, backend="kernel")
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()
+
+
+def test_masked_graph_replays():
+    """Captured once, replayed with new masked_m and new activations: each replay is right."""
+    num_experts, m_max, n, k = 8, 96, 4096, 2048
+    x, w, a, b = _masked_inputs(num_experts, m_max, n, k, seed=11)
+    qa, sa = a
+    masked_m = torch.full((num_experts,), 16, dtype=torch.int32, device="cuda")
+    out = _poisoned((num_experts, m_max, n))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 16, out=out, backend="kernel")  # load first
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 16, out=out, backend="kernel")
+    torch.cuda.current_stream().wait_stream(stream)
+    gen = torch.Generator().manual_seed(2)
+    for replay in range(3):
+        counts = torch.randint(0, m_max + 1, (num_experts,), generator=gen)
+        counts[replay] = 0
+        masked_m.copy_(counts.to(torch.int32))
+        x_new = _rows((num_experts, m_max, k), _cuda_gen(100 + replay))
+        q_new, s_new = _quant_act(x_new)
+        qa.copy_(q_new)
+        sa.copy_(s_new)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _masked_check(out, x_new, w, a, b, masked_m, f"graph replay {replay}")
