@@ -1,0 +1,55 @@
+"""Environment switches and paths of the JIT (every variable starts with ``MOE_FP8_``)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+kIncludeDir = Path(__file__).resolve().parent.parent / "include"  # moe_fp8/gemm/include
+kCompilerPaths = ("nvrtc", "nvrtc-ptxas", "nvcc")  # fastest first
+
+
+def cuda_home() -> Path:
+    """``MOE_FP8_CUDA_HOME``, else ``CUDA_HOME``, else ``/usr/local/cuda``."""
+    for name in ("MOE_FP8_CUDA_HOME", "CUDA_HOME"):
+        value = os.environ.get(name)
+        if value:
+            return Path(value)
+    return Path("/usr/local/cuda")
+
+
+def include_dirs() -> list[Path]:
+    return [kIncludeDir, cuda_home() / "include"]
+
+
+def cache_root() -> Path:
+    """``MOE_FP8_CACHE_DIR``, else ``$XDG_CACHE_HOME/moe_fp8`` (``~/.cache/moe_fp8``)."""
+    value = os.environ.get("MOE_FP8_CACHE_DIR")
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "moe_fp8"
+
+
+def forced_compiler() -> str | None:
+    """``MOE_FP8_COMPILER`` (one of ``kCompilerPaths``) or None."""
+    value = os.environ.get("MOE_FP8_COMPILER", "").strip()
+    if not value:
+        return None
+    if value not in kCompilerPaths:
+        raise ValueError(f"MOE_FP8_COMPILER must be one of {kCompilerPaths}, got {value!r}")
+    return value
+
+
+def verbose() -> bool:
+    return os.environ.get("MOE_FP8_JIT_VERBOSE", "0") not in ("", "0")
+
+
+def lineinfo() -> bool:
+    """``MOE_FP8_JIT_LINEINFO=1`` adds ``-lineinfo`` (source lines in ncu / sanitizer reports)."""
+    return os.environ.get("MOE_FP8_JIT_LINEINFO", "0") not in ("", "0")
+
+
+def log(message: str) -> None:
+    if verbose():
+        print(f"[moe_fp8.jit] {message}", file=sys.stderr, flush=True)

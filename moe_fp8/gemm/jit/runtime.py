@@ -1,0 +1,118 @@
+"""Load compiled kernels into the current CUDA context and launch them on torch's current stream."""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+from . import driver
+from .compile import CompiledKernel, compile_kernel
+from .source import KernelSource
+
+# Typed scalar kernel arguments: jit.i32(7), jit.f32(0.5), ... (plain ctypes values).
+i32, u32, i64, u64, f32 = (ctypes.c_int32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64,
+                           ctypes.c_float)
+_kScalarTypes = (ctypes.c_int32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_float)
+kInvalidContext = 201  # CUDA_ERROR_INVALID_CONTEXT: this thread has no current context yet
+
+
+def _dim3(value, what: str) -> tuple:
+    dims = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(dims) <= 3 or any(not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"{what} must be 1 to 3 positive ints, got {value!r}")
+    return dims + (1,) * (3 - len(dims))
+
+
+class Kernel:
+    """A loaded kernel. ``launch`` is safe inside ``torch.cuda.graph`` capture."""
+
+    def __init__(self, compiled: CompiledKernel, device_index: int):
+        self.compiled = compiled
+        self.device_index = device_index
+        driver.ensure_context(device_index)
+        self._module, self._function = driver.load_function(compiled.cubin, compiled.symbol)
+        self._smem_limit = 48 * 1024  # the default dynamic limit needs no attribute
+        self._cluster_attrs = {}
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.compiled.source.instance}, device={self.device_index})"
+
+    def _cluster_attribute(self, cluster: tuple):
+        attribute = self._cluster_attrs.get(cluster)
+        if attribute is None:
+            attribute = driver.LaunchAttribute(id=driver.kLaunchAttrClusterDimension)
+            attribute.value[0], attribute.value[1], attribute.value[2] = cluster
+            self._cluster_attrs[cluster] = attribute
+        return attribute
+
+    def launch(self, grid, block, smem_bytes: int, args, cluster=(1, 1, 1)) -> None:
+        """Launch on ``torch.cuda.current_stream()``.
+
+        args: ``torch.Tensor`` (its data pointer), ``None`` (a null pointer), ``jit.TensorMap``
+        (the 128-byte CUtensorMap, by value) or typed scalars ``jit.i32/u32/i64/u64/f32``.
+        """
+        import torch
+
+        grid, block, cluster = _dim3(grid, "grid"), _dim3(block, "block"), _dim3(cluster, "cluster")
+        if smem_bytes > self._smem_limit:
+            driver.set_function_attribute(self._function, driver.kFuncAttrMaxDynamicSmem,
+                                          smem_bytes)
+            self._smem_limit = smem_bytes
+        pointers = (ctypes.c_void_p * max(len(args), 1))()
+        keep_alive = []
+        for index, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor):
+                value = ctypes.c_uint64(arg.data_ptr())
+            elif arg is None:
+                value = ctypes.c_uint64(0)
+            elif isinstance(arg, _kScalarTypes):
+                value = arg
+            elif hasattr(arg, "address"):  # jit.TensorMap
+                pointers[index] = arg.address
+                continue
+            else:
+                raise TypeError(f"kernel argument {index} of {self.compiled.source.instance}: "
+                                f"{type(arg).__name__} is not a Tensor, TensorMap or typed scalar "
+                                "(wrap Python numbers: jit.i32(v), jit.f32(v), ...)")
+            keep_alive.append(value)
+            pointers[index] = ctypes.addressof(value)
+        stream = torch.cuda.current_stream(self.device_index).cuda_stream
+        config = driver.LaunchConfig(*grid, *block, smem_bytes, stream)
+        if cluster != (1, 1, 1):
+            config.attrs = ctypes.pointer(self._cluster_attribute(cluster))
+            config.numAttrs = 1
+        code = driver.lib().cuLaunchKernelEx(ctypes.byref(config), self._function, pointers, None)
+        if code == kInvalidContext:  # a thread on which torch never made the context current
+            driver.ensure_context(self.device_index)
+            code = driver.lib().cuLaunchKernelEx(ctypes.byref(config), self._function, pointers,
+                                                 None)
+        driver.check(code, f"launching {self.compiled.source.instance} grid={grid} "
+                           f"block={block} smem={smem_bytes}")
+
+
+_kernels: dict = {}
+_lock = threading.Lock()
+
+
+def get_kernel(src: KernelSource, device_index: int | None = None) -> Kernel:
+    """Compile (disk-cached) and load ``src`` for the current device; memoised per process.
+
+    Raises RuntimeError when the kernel is not loaded yet and the current stream is capturing a
+    CUDA graph (compiling or loading modules there would break or stall the capture).
+    """
+    import torch
+
+    if device_index is None:
+        device_index = torch.cuda.current_device()
+    kernel = _kernels.get((src, device_index))
+    if kernel is not None:
+        return kernel
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"moe_fp8: kernel {src.instance} is not loaded yet and a CUDA graph is being captured; "
+            "run the op once before capturing (or call moe_fp8.gemm.precompile / jit.get_kernel)")
+    with _lock:
+        kernel = _kernels.get((src, device_index))
+        if kernel is None:
+            kernel = Kernel(compile_kernel(src), device_index)
+            _kernels[(src, device_index)] = kernel
+    return kernel
