@@ -14,17 +14,13 @@ the environment variable ``MOE_FP8_BACKEND`` replaces ``"auto"``.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import os
-import warnings
 from typing import Optional, Tuple
 
 import torch
 
-from . import reference as ref
 from . import validate as check
-from .layout import empty_act_scales, is_mn_major, kScaleBlock, to_mn_major
+from .backend import check_backend, run
+from .layout import empty_act_scales, is_mn_major, kScaleBlock
 from .reference import calc_diff
 
 __all__ = [
@@ -34,49 +30,6 @@ __all__ = [
 ]
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
-kBackends = ("auto", "kernel", "reference")
-
-
-@functools.lru_cache(maxsize=None)
-def _is_hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
-def _kernel_fn(family: str, name: str):
-    """The kernel host function ``moe_fp8.gemm.kernels.<family>.<name>``, or None if absent."""
-    try:
-        module = importlib.import_module(f"moe_fp8.gemm.kernels.{family}")
-    except ImportError as error:
-        _warn_missing_kernel(family, repr(error))
-        return None
-    return getattr(module, name, None)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_missing_kernel(family: str, why: str) -> None:
-    warnings.warn(f"moe_fp8: kernel family '{family}' unavailable ({why}); using the reference")
-
-
-def _pick(backend: str, device: torch.device, family: str, name: str):
-    """The kernel function to run, or None for the reference."""
-    if backend not in kBackends:
-        raise ValueError(f"backend must be one of {kBackends}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get("MOE_FP8_BACKEND", "auto") or "auto"
-        if backend not in kBackends:
-            raise ValueError(f"MOE_FP8_BACKEND must be one of {kBackends}, got {backend!r}")
-    if backend == "reference":
-        return None
-    on_hopper = device.type == "cuda" and _is_hopper(device.index if device.index is not None
-                                                     else torch.cuda.current_device())
-    if backend == "kernel":
-        if not on_hopper:
-            raise ValueError(f"backend='kernel' needs tensors on an sm_90 GPU, got device {device}")
-        fn = _kernel_fn(family, name)
-        if fn is None:
-            raise NotImplementedError(f"no kernel for {family}.{name} in this build")
-        return fn
-    return _kernel_fn(family, name) if on_hopper else None
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -119,13 +72,7 @@ def per_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *, pow2_sc
     check.finite("x", x)
     groups = (*x.shape[:-1], x.shape[-1] // group_size)
     q, s = _quant_outputs(out, tuple(x.shape), groups, x.device)
-    kernel = _pick(backend, x.device, "quant", "per_token_group_quant")
-    if kernel is not None:
-        kernel(x, q, s, group_size, pow2_scale)
-    else:
-        rq, rs = ref.per_token_group_quant(x, group_size, pow2_scale)
-        q.copy_(rq)
-        s.copy_(rs)
+    run("per_token_group_quant", x, q, s, group_size, pow2_scale, check_backend(backend))
     return q, s
 
 
@@ -144,13 +91,7 @@ def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128, *, pow2_scale: b
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((*w.shape[:-2], -(-n // block_size), k // block_size), dtype=torch.float32,
                     device=w.device)
-    kernel = _pick(backend, w.device, "quant", "per_block_quant")
-    if kernel is not None:
-        kernel(w, q, s, block_size, pow2_scale)
-    else:
-        rq, rs = ref.per_block_quant(w, block_size, pow2_scale)
-        q.copy_(rq)
-        s.copy_(rs)
+    run("per_block_quant", w, q, s, block_size, pow2_scale, check_backend(backend))
     return q, s
 
 
@@ -176,18 +117,7 @@ def silu_and_mul_quant_fp8(h: torch.Tensor, *, masked_m: Optional[torch.Tensor] 
     inter = h.shape[-1] // 2
     shape = (*h.shape[:-1], inter)
     q, s = _quant_outputs(out, shape, (*h.shape[:-1], inter // group_size), h.device)
-    kernel = _pick(backend, h.device, "quant", "silu_and_mul_quant")
-    if kernel is not None:
-        kernel(h, q, s, masked_m, group_size, pow2_scale)
-        return q, s
-    rq, rs = ref.silu_and_mul_quant(h, group_size, pow2_scale)
-    if masked_m is None:
-        q.copy_(rq)
-        s.copy_(rs)
-    else:
-        rows = ref.masked_row_mask(h.shape[1], masked_m)
-        q[rows] = rq[rows]
-        s[rows] = rs[rows]
+    run("silu_and_mul_quant", h, q, s, masked_m, group_size, pow2_scale, check_backend(backend))
     return q, s
 
 
@@ -226,11 +156,8 @@ def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, out: Optional[torch.Tensor] = None, *,
     out = _gemm_out(out, (qa.shape[0], qb.shape[0]), device)
     if qa.shape[0] == 0:
         return out
-    kernel = _pick(backend, device, "fp8_gemm", "fp8_gemm_nt")
-    if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, sb, out, config=config)
-        return out
-    return ref.fp8_gemm_nt(qa, sa, qb, sb, out)
+    run("fp8_gemm_nt", qa, sa, qb, sb, out, check_backend(backend), config=config)
+    return out
 
 
 def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Tensor,
@@ -251,11 +178,9 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Te
     out = _gemm_out(out, (qa.shape[0], qb.shape[1]), device)
     if qa.shape[0] == 0:
         return out
-    kernel = _pick(backend, device, "fp8_gemm", "m_grouped_contiguous")
-    if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, sb, m_indices, out, config=config)
-        return out
-    return ref.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out)
+    run("m_grouped_contiguous", qa, sa, qb, sb, m_indices, out, check_backend(backend),
+        config=config)
+    return out
 
 
 def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor, expected_m: int,
@@ -276,11 +201,9 @@ def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor,
     check.positive_int("expected_m", expected_m)
     check.masked_m_values(masked_m, qa.shape[1])
     out = _gemm_out(out, (qa.shape[0], qa.shape[1], qb.shape[1]), device)
-    kernel = _pick(backend, device, "fp8_gemm", "m_grouped_masked")
-    if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, sb, masked_m, expected_m, out, config=config)
-        return out
-    return ref.m_grouped_masked(qa, sa, qb, sb, masked_m, out)
+    run("m_grouped_masked", qa, sa, qb, sb, masked_m, expected_m, out, check_backend(backend),
+        config=config)
+    return out
 
 
 def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tensor,
@@ -308,11 +231,8 @@ def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tens
     num_experts = offsets.shape[0] - 1
     check.output("out", out, (num_experts, qa.shape[0], qb.shape[0]), torch.float32, device)
     check.offsets_values(offsets, tokens)
-    kernel = _pick(backend, device, "wgrad", "k_grouped_tn")
-    if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, to_mn_major(sb), offsets, out)
-        return out
-    return ref.k_grouped_tn(qa, sa, qb, sb, offsets, out)
+    run("k_grouped_tn", qa, sa, qb, sb, offsets, out, check_backend(backend))
+    return out
 
 
 def precompile(*args, **kwargs):

@@ -1,0 +1,192 @@
+"""Backend choice (kernel or reference) and the ops' bodies, registered as torch custom ops.
+
+Each body takes validated inputs and pre-allocated outputs, writes the outputs and returns
+nothing. Eagerly the public ops call the bodies directly (no dispatcher overhead on the launch
+path); under ``torch.compile`` they call the registered ``torch.ops.moe_fp8.*`` ops instead, whose
+fake implementations only declare the mutation, so the layer traces without graph breaks.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+from .layout import to_mn_major
+
+kBackends = ("auto", "kernel", "reference")
+# a GEMM configuration pinned by the caller (tests), read by the GEMM bodies
+_pinned_config: contextvars.ContextVar = contextvars.ContextVar("moe_fp8_gemm_config", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_missing_kernel(family: str, why: str) -> None:
+    warnings.warn(f"moe_fp8: kernel family '{family}' unavailable ({why}); using the reference")
+
+
+def _kernel_fn(family: str, name: str):
+    """The kernel host function ``moe_fp8.gemm.kernels.<family>.<name>``, or None if absent."""
+    try:
+        module = importlib.import_module(f"moe_fp8.gemm.kernels.{family}")
+    except ImportError as error:
+        _warn_missing_kernel(family, repr(error))
+        return None
+    return getattr(module, name, None)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in kBackends:
+        raise ValueError(f"backend must be one of {kBackends}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("MOE_FP8_BACKEND", "auto") or "auto"
+        if backend not in kBackends:
+            raise ValueError(f"MOE_FP8_BACKEND must be one of {kBackends}, got {backend!r}")
+    return backend
+
+
+def pick(backend: str, device: torch.device, family: str, name: str):
+    """The kernel function to run for ``backend`` on ``device``, or None for the reference."""
+    backend = check_backend(backend)
+    if backend == "reference":
+        return None
+    on_hopper = device.type == "cuda" and _is_hopper(
+        device.index if device.index is not None else torch.cuda.current_device())
+    if backend == "kernel":
+        if not on_hopper:
+            raise ValueError(f"backend='kernel' needs tensors on an sm_90 GPU, got device {device}")
+        fn = _kernel_fn(family, name)
+        if fn is None:
+            raise NotImplementedError(f"no kernel for {family}.{name} in this build")
+        return fn
+    return _kernel_fn(family, name) if on_hopper else None
+
+
+# ----------------------------------------------------------------------------- op bodies
+
+def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int,
+                          pow2_scale: bool, backend: str) -> None:
+    kernel = pick(backend, x.device, "quant", "per_token_group_quant")
+    if kernel is not None:
+        kernel(x, q, s, group_size, pow2_scale)
+        return
+    rq, rs = ref.per_token_group_quant(x, group_size, pow2_scale)
+    q.copy_(rq)
+    s.copy_(rs)
+
+
+def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int,
+                    pow2_scale: bool, backend: str) -> None:
+    kernel = pick(backend, w.device, "quant", "per_block_quant")
+    if kernel is not None:
+        kernel(w, q, s, block_size, pow2_scale)
+        return
+    rq, rs = ref.per_block_quant(w, block_size, pow2_scale)
+    q.copy_(rq)
+    s.copy_(rs)
+
+
+def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                       masked_m: Optional[torch.Tensor], group_size: int, pow2_scale: bool,
+                       backend: str) -> None:
+    kernel = pick(backend, h.device, "quant", "silu_and_mul_quant")
+    if kernel is not None:
+        kernel(h, q, s, masked_m, group_size, pow2_scale)
+        return
+    rq, rs = ref.silu_and_mul_quant(h, group_size, pow2_scale)
+    if masked_m is None:
+        q.copy_(rq)
+        s.copy_(rs)
+    else:
+        rows = ref.masked_row_mask(h.shape[1], masked_m)
+        q[rows] = rq[rows]
+        s[rows] = rs[rows]
+
+
+def fp8_gemm_nt(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                out: torch.Tensor, backend: str) -> None:
+    kernel = pick(backend, qa.device, "fp8_gemm", "fp8_gemm_nt")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, out, config=_pinned_config.get())
+    else:
+        ref.fp8_gemm_nt(qa, sa, qb, sb, out)
+
+
+def m_grouped_contiguous(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                         m_indices: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+    kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_contiguous")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, m_indices, out, config=_pinned_config.get())
+    else:
+        ref.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out)
+
+
+def m_grouped_masked(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                     masked_m: torch.Tensor, expected_m: int, out: torch.Tensor,
+                     backend: str) -> None:
+    kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_masked")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, masked_m, expected_m, out, config=_pinned_config.get())
+    else:
+        ref.m_grouped_masked(qa, sa, qb, sb, masked_m, out)
+
+
+def k_grouped_tn(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
+                 offsets: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+    kernel = pick(backend, qa.device, "wgrad", "k_grouped_tn")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, to_mn_major(sb), offsets, out)
+    else:
+        ref.k_grouped_tn(qa, sa, qb, sb, offsets, out)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+_MUTATED = {
+    "per_token_group_quant": ("q", "s"),
+    "per_block_quant": ("q", "s"),
+    "silu_and_mul_quant": ("q", "s"),
+    "fp8_gemm_nt": ("out",),
+    "m_grouped_contiguous": ("out",),
+    "m_grouped_masked": ("out",),
+    "k_grouped_tn": ("out",),
+}
+
+
+def _register():
+    ops = {}
+    for name, mutated in _MUTATED.items():
+        op = torch.library.custom_op(f"moe_fp8::{name}", mutates_args=mutated)(globals()[name])
+        op.register_fake(lambda *args, **kwargs: None)
+        ops[name] = op
+    return ops
+
+
+_OPS = _register()
+
+
+def run(name: str, *args, config=None) -> None:
+    """Run op ``name``: eagerly the body itself, under torch.compile the registered custom op.
+
+    ``config`` pins a GEMM kernel configuration (tests); it travels in a context variable
+    because the custom-op schema has no place for it.
+    """
+    if torch.compiler.is_compiling():
+        if config is not None:
+            raise ValueError("config cannot be pinned under torch.compile")
+        _OPS[name](*args)
+        return
+    token = _pinned_config.set(config)
+    try:
+        globals()[name](*args)
+    finally:
+        _pinned_config.reset(token)
