@@ -1,0 +1,126 @@
+"""Dense FP8 GEMM: ours vs cuBLAS blockwise (1x128 activations, 128x128 weights), same process.
+
+Every shape of TARGETS.md's dense table; median device time with the L2 flushed before each
+repeat; TFLOPS = 2MNK / t; GB/s counts A, B, their scales and D once. Also checks that both
+products agree (calc_diff). ``--sweep`` additionally times pinned configurations on a few shapes
+(the data behind heuristics.py). Results: benchmarks/results/gemm_<date>.{md,csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench, card, geomean, write_results  # noqa: E402
+
+import moe_fp8.gemm as G  # noqa: E402
+from moe_fp8.gemm import reference as ref  # noqa: E402
+from moe_fp8.gemm.heuristics import GemmConfig, dense_config, num_sms  # noqa: E402
+from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
+from moe_fp8.gemm.layout import empty_act_scales  # noqa: E402
+
+# (M, N, K): cuBLAS blockwise, DeepGEMM Apr 2025, target (TARGETS.md, H100 / H800 record + 5 %)
+kShapes = {
+    (64, 2112, 7168): (75, 155, 220), (64, 24576, 1536): (184, 231, 300),
+    (64, 32768, 512): (137, 184, 230), (64, 7168, 16384): (248, 285, 350),
+    (64, 4096, 7168): (131, 206, 300), (64, 7168, 2048): (132, 195, 310),
+    (128, 2112, 7168): (148, 283, 370), (128, 24576, 1536): (378, 433, 560),
+    (128, 32768, 512): (269, 330, 375), (128, 7168, 16384): (483, 529, 680),
+    (128, 4096, 7168): (259, 370, 560), (128, 7168, 2048): (254, 341, 535),
+    (4096, 2112, 7168): (1053, 1109, 1180), (4096, 24576, 1536): (1035, 1191, 1270),
+    (4096, 32768, 512): (801, 761, 850), (4096, 7168, 16384): (1110, 1461, 1550),
+    (4096, 4096, 7168): (1166, 1385, 1450), (4096, 7168, 2048): (1109, 1147, 1230),
+}
+
+kSweep = {
+    (64, 2112, 7168): [GemmConfig(64, n) for n in (16, 32, 48, 64)],
+    (128, 4096, 7168): [GemmConfig(128, 32), GemmConfig(128, 64), GemmConfig(64, 32),
+                        GemmConfig(64, 64)],
+    (128, 7168, 16384): [GemmConfig(128, 64), GemmConfig(64, 64), GemmConfig(128, 112)],
+    (4096, 7168, 2048): [GemmConfig(128, n) for n in (112, 128, 144, 160, 192)],
+    (4096, 4096, 7168): [GemmConfig(128, n) for n in (112, 128, 144, 160, 192)],
+    (4096, 24576, 1536): [GemmConfig(128, n) for n in (128, 160, 192)],
+    (4096, 32768, 512): [GemmConfig(128, n) for n in (128, 160, 192)],
+    (4096, 7168, 16384): [GemmConfig(128, n) for n in (128, 160, 192)],
+}
+
+
+def make_inputs(m, n, k, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", generator=gen).to(torch.bfloat16)
+    qa, s = ref.per_token_group_quant(x)
+    sa = empty_act_scales(m, k // 128, device="cuda")
+    sa.copy_(s)
+    qb, sb = ref.per_block_quant(w)
+    return qa, sa, qb, sb
+
+
+def cublas_blockwise():
+    """A callable (qa, sa, qb, sb) -> bf16 through cuBLAS blockwise scaling, or None."""
+    F = torch.nn.functional
+    if not hasattr(F, "scaled_mm"):
+        return None
+    scaling, swizzle = F.ScalingType, F.SwizzleType
+
+    def run(qa, sa, qb, sb):
+        # sa: [M, K/128] M-major; sb: [K/128, ceil(N/128)] K-major (DEVICE_FACTS.md)
+        return F.scaled_mm(qa, qb.t(), sa, scaling.BlockWise1x128, sb.t(),
+                           scaling.BlockWise128x128, swizzle_a=swizzle.NO_SWIZZLE,
+                           swizzle_b=swizzle.NO_SWIZZLE, output_dtype=torch.bfloat16)
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also time pinned configs")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    peer = cublas_blockwise()
+    sms = num_sms(torch.cuda.current_device())
+    rows, ratios, sweep_rows = [], [], []
+    for (m, n, k), (cublas_ref, deepgemm_ref, target) in kShapes.items():
+        qa, sa, qb, sb = make_inputs(m, n, k)
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        config = dense_config(m, n, k, sms)
+        ours = bench(lambda: K.fp8_gemm_nt(qa, sa, qb, sb, out, config), repeats=args.repeats)
+        flops = 2 * m * n * k
+        nbytes = m * k + n * k + 2 * m * n + 4 * (m + n) * k // 128
+        row = {"M": m, "N": n, "K": k, "config": f"{config.block_m}x{config.block_n}s{config.stages}",
+               "us": ours, "TFLOPS": flops / ours / 1e6, "GB/s": nbytes / ours / 1e3}
+        if peer is not None:
+            try:
+                theirs_out = peer(qa, sa, qb, sb)
+                theirs = bench(lambda: peer(qa, sa, qb, sb), repeats=args.repeats)
+                row.update({"cuBLAS_us": theirs, "cuBLAS_TFLOPS": flops / theirs / 1e6,
+                            "ratio": theirs / ours,
+                            "diff_vs_cuBLAS": G.calc_diff(out, theirs_out)})
+                ratios.append(theirs / ours)
+            except Exception as error:  # peer unavailable on this build: keep our numbers
+                row.update({"cuBLAS_us": float("nan"), "cuBLAS_TFLOPS": float("nan"),
+                            "ratio": float("nan"), "diff_vs_cuBLAS": repr(error)[:40]})
+        row.update({"target_TFLOPS": target, "vs_target": row["TFLOPS"] / target,
+                    "DeepGEMM_H100": deepgemm_ref})
+        rows.append(row)
+        if args.sweep and (m, n, k) in kSweep:
+            for pinned in kSweep[(m, n, k)]:
+                us = bench(lambda: K.fp8_gemm_nt(qa, sa, qb, sb, out, pinned), repeats=args.repeats)
+                sweep_rows.append({"M": m, "N": n, "K": k,
+                                   "config": f"{pinned.block_m}x{pinned.block_n}",
+                                   "us": us, "TFLOPS": flops / us / 1e6})
+        del qa, sa, qb, sb, out
+        torch.cuda.empty_cache()
+    summary = (f"{card()}, {sms} SMs. Geometric mean ratio (cuBLAS time / ours): "
+               f"{geomean(ratios):.3f} over {len(ratios)} shapes; shapes at/above target: "
+               f"{sum(r['vs_target'] >= 1 for r in rows)}/{len(rows)}.")
+    if sweep_rows:
+        write_results("gemm_sweep", sweep_rows)
+    write_results("gemm", rows, summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Grouped FP8 GEMMs: contiguous (prefill) and masked (decode) layouts, peers in the same process.
+
+Contiguous: ours vs cuBLAS blockwise one call per expert, torch._scaled_grouped_mm (row-wise FP8)
+and torch._grouped_mm (bf16), on TARGETS.md's shapes and on uneven 32-expert MoE splits.
+Masked: ours on TARGETS.md's shapes and on decode sizes (32 experts x 1..64 tokens), against the
+weight-streaming floor (bytes of the touched experts' weights / measured copy bandwidth).
+Results: benchmarks/results/grouped_contiguous_<date>, grouped_masked_<date> (.md, .csv).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gemm import cublas_blockwise  # noqa: E402
+from common import bench, copy_bandwidth_gbs, geomean, write_results  # noqa: E402
+
+from moe_fp8.gemm import reference as ref  # noqa: E402
+from moe_fp8.gemm.heuristics import contiguous_config, masked_config, num_sms  # noqa: E402
+from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
+from moe_fp8.gemm.layout import build_m_indices, empty_act_scales, segment_offsets  # noqa: E402
+
+# (G, M per expert, N, K): target TFLOPS (TARGETS.md)
+kContiguous = {(4, 8192, 4096, 7168): 1420, (4, 8192, 7168, 2048): 1280,
+               (8, 4096, 4096, 7168): 1420, (8, 4096, 7168, 2048): 1280}
+# (G, M_max, N, K): target TFLOPS
+kMasked = {(1, 1024, 4096, 7168): 1320, (1, 1024, 7168, 2048): 970,
+           (2, 512, 4096, 7168): 1230, (2, 512, 7168, 2048): 960,
+           (4, 256, 4096, 7168): 1130, (4, 256, 7168, 2048): 1000}
+
+
+def _rand(shape, gen):
+    return torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+
+
+def _act(x):
+    q, s = ref.per_token_group_quant(x)
+    s_mn = empty_act_scales(x.shape[-2], s.shape[-1], x.shape[0] if x.dim() == 3 else None,
+                            device="cuda")
+    s_mn.copy_(s)
+    return q, s_mn
+
+
+def contiguous_rows(counts, n, k, repeats, label):
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    num_experts = len(counts)
+    m_indices = build_m_indices(counts, device="cuda")
+    m_sum = m_indices.shape[0]
+    x, w = _rand((m_sum, k), gen), _rand((num_experts, n, k), gen)
+    qa, sa = _act(x)
+    qb, sb = ref.per_block_quant(w)
+    out = torch.empty(m_sum, n, dtype=torch.bfloat16, device="cuda")
+    config = contiguous_config(m_sum, n, k, num_sms(torch.cuda.current_device()))
+    flops = 2 * sum(counts) * n * k
+    ours = bench(lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, config),
+                 repeats=repeats)
+    row = {"case": label, "E": num_experts, "M_sum": m_sum, "N": n, "K": k,
+           "config": f"{config.block_m}x{config.block_n}", "us": ours,
+           "TFLOPS": flops / ours / 1e6}
+    # Peers, on the same tokens (padded segments: cuBLAS gets each expert's real rows).
+    offs = segment_offsets(counts).cuda()
+    starts = offs[:-1].tolist()
+    peers = {}
+    blockwise = cublas_blockwise()
+    if blockwise is not None:
+        # cuBLAS wants M-major scales with stride (1, M) exactly
+        slices = [(qa[s:s + c], torch.empty(k // 128, c, device="cuda").t().copy_(sa[s:s + c]),
+                   qb[e], sb[e]) for e, (s, c) in enumerate(zip(starts, counts)) if c > 0]
+        peers["cuBLAS_per_expert"] = lambda: [blockwise(*args) for args in slices]
+    ends = offs[1:].to(torch.int32)
+    if hasattr(torch, "_scaled_grouped_mm"):
+        row_scale_a = torch.rand(m_sum, device="cuda") + 0.5
+        row_scale_b = torch.rand(num_experts, n, device="cuda") + 0.5
+        peers["scaled_grouped_mm_rowwise"] = lambda: torch._scaled_grouped_mm(
+            qa, qb.transpose(-2, -1), row_scale_a, row_scale_b, offs=ends,
+            out_dtype=torch.bfloat16)
+    if hasattr(torch, "_grouped_mm"):
+        peers["grouped_mm_bf16"] = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
+    best = 0.0
+    for name, fn in peers.items():
+        try:
+            us = bench(fn, repeats=repeats)
+            row[f"{name}_TFLOPS"] = flops / us / 1e6
+            best = max(best, flops / us / 1e6)
+        except Exception as error:
+            row[f"{name}_TFLOPS"] = float("nan")
+            print(f"peer {name} failed: {error!r}"[:200])
+    row["vs_best_peer"] = row["TFLOPS"] / best if best else float("nan")
+    return row
+
+
+def masked_row(num_experts, m_max, counts, n, k, bandwidth, repeats, label):
+    gen = torch.Generator(device="cuda").manual_seed(m_max + n)
+    x, w = _rand((num_experts, m_max, k), gen), _rand((num_experts, n, k), gen)
+    qa, sa = _act(x)
+    qb, sb = ref.per_block_quant(w)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    expected_m = max(1, int(sum(counts) / max(1, sum(c > 0 for c in counts))))
+    out = torch.empty(num_experts, m_max, n, dtype=torch.bfloat16, device="cuda")
+    config = masked_config(num_experts, expected_m, n, k, num_sms(torch.cuda.current_device()))
+    us = bench(lambda: K.m_grouped_masked(qa, sa, qb, sb, masked_m, expected_m, out, config),
+               repeats=repeats)
+    touched = sum(c > 0 for c in counts)
+    weight_bytes = touched * (n * k + 4 * (n // 128 + 1) * (k // 128))
+    floor_us = weight_bytes / (bandwidth * 1e3)
+    flops = 2 * sum(counts) * n * k
+    nbytes = weight_bytes + sum(counts) * (k + 2 * n)
+    return {"case": label, "E": num_experts, "M_max": m_max, "N": n, "K": k,
+            "expected_m": expected_m, "config": f"{config.block_m}x{config.block_n}", "us": us,
+            "TFLOPS": flops / us / 1e6, "GB/s": nbytes / us / 1e3, "floor_us": floor_us,
+            "vs_floor": us / floor_us}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    rows = []
+    for (g, m, n, k), target in kContiguous.items():
+        row = contiguous_rows([m] * g, n, k, args.repeats, "record shape")
+        row["target_TFLOPS"] = target
+        rows.append(row)
+        torch.cuda.empty_cache()
+    gen = torch.Generator().manual_seed(0)
+    for mean in (128, 512):
+        counts = (torch.rand(32, generator=gen) * 2 * mean).long()
+        counts[torch.randperm(32, generator=gen)[:3]] = 0  # empty experts
+        for n, k in ((4096, 7168), (7168, 2048)):
+            row = contiguous_rows(counts.tolist(), n, k, args.repeats, f"32 experts ~{mean} tok")
+            row["target_TFLOPS"] = float("nan")
+            rows.append(row)
+            torch.cuda.empty_cache()
+    ratio = geomean([r["vs_best_peer"] for r in rows])
+    write_results("grouped_contiguous", rows, f"geomean vs best peer: {ratio:.3f}")
+
+    bandwidth = copy_bandwidth_gbs()
+    mrows = []
+    for (g, m_max, n, k), target in kMasked.items():
+        row = masked_row(g, m_max, [m_max] * g, n, k, bandwidth, args.repeats, "record shape")
+        row["target_TFLOPS"] = target
+        mrows.append(row)
+    for tokens in (1, 8, 32, 64):
+        for n, k in ((4096, 7168), (7168, 2048)):
+            counts = [tokens] * 32
+            counts[5] = 0
+            row = masked_row(32, 128, counts, n, k, bandwidth, args.repeats, f"decode 32x{tokens}")
+            row["target_TFLOPS"] = float("nan")
+            mrows.append(row)
+    write_results("grouped_masked", mrows, f"copy bandwidth {bandwidth:.0f} GB/s; floor = touched "
+                  "experts' weight bytes / copy bandwidth; decode target vs_floor <= 1.15")
+
+
+if __name__ == "__main__":
+    main()
