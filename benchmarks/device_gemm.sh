@@ -13,11 +13,12 @@ step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   printf '%-14s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-90)" | tee -a "$summary"
+  tar czf "$REAL_OUT/gemm_logs.tgz" -C "$OUT" . 2>/dev/null  # kept current in case the call is cut off
   return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
-step precompile 150 python3 - <<'PY'
+step precompile 90 python3 - <<'PY'
 # Compile, 16 processes at once, every instance the tests and benchmarks will ask for.
 import sys, time, concurrent.futures as cf
 sys.path[:0] = ["tests", "benchmarks"]
@@ -44,7 +45,7 @@ print("\n".join(f"{i} regs={r} spill={sp}" for i, r, sp in res))
 print(f"compiled {len(res)} instances in {time.time() - t:.1f}s; with spills: {len(bad)}")
 PY
 
-step smoke 120 python3 - <<'PY'
+step smoke 60 python3 - <<'PY'
 import torch, moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import empty_act_scales
@@ -62,7 +63,7 @@ print("smoke done")
 PY
 smoke_rc=$?
 
-step sass 60 bash -c 'python3 - <<PY
+step sass 30 bash -c 'python3 - <<PY
 from moe_fp8.gemm import jit, heuristics as H
 from moe_fp8.gemm.kernels import fp8_gemm as F
 print(jit.compile_kernel(F.kernel_source(7168, 2048, H.dense_config(4096, 7168, 2048, 132), 0)).cubin_path)
@@ -73,10 +74,10 @@ cuobjdump --dump-sass "$cubin" > "$OUT/sass_dense.txt" 2>&1
 echo "QGMMA=$(grep -c QGMMA "$OUT/sass_dense.txt") LDL/STL=$(grep -cE 'LDL|STL' "$OUT/sass_dense.txt") FFMA=$(grep -c FFMA "$OUT/sass_dense.txt")" | tee -a "$summary"
 
 if [ $smoke_rc -eq 0 ]; then
-  step tests 240 python3 -m pytest -q tests/test_gemm_gpu.py -p no:cacheprovider -x -q
+  step tests 180 python3 -m pytest -q tests/test_gemm_gpu.py -p no:cacheprovider -x -q
   if [ "${1:-}" != "quick" ]; then
-    step bench-gemm 150 python3 benchmarks/bench_gemm.py --sweep --repeats 20
-    step bench-grouped 120 python3 benchmarks/bench_grouped.py --repeats 15
+    step bench-gemm 120 python3 benchmarks/bench_gemm.py --sweep --repeats 20
+    step bench-grouped 90 python3 benchmarks/bench_grouped.py --repeats 15
   fi
   cat > /tmp/san.py <<'PY'
 import torch, moe_fp8.gemm as G
@@ -91,8 +92,8 @@ G.m_grouped_fp8_gemm_nt_contiguous(act(torch.randn(mi.shape[0], 384, device="cud
 G.m_grouped_fp8_gemm_nt_masked(act(torch.randn(3, 100, 384, device="cuda").bfloat16()), ref.per_block_quant(w), torch.tensor([100, 0, 37], dtype=torch.int32, device="cuda"), 50, backend="kernel")
 torch.cuda.synchronize(); print("sanitizer workload done")
 PY
-  step memcheck 90 compute-sanitizer --tool memcheck --kernel-name regex:fp8_gemm python3 /tmp/san.py
-  step racecheck 90 compute-sanitizer --tool racecheck --kernel-name regex:fp8_gemm python3 /tmp/san.py
+  step memcheck 50 compute-sanitizer --tool memcheck --kernel-name regex:fp8_gemm python3 /tmp/san.py
+  step racecheck 50 compute-sanitizer --tool racecheck --kernel-name regex:fp8_gemm python3 /tmp/san.py
 fi
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 grep -E "ERROR SUMMARY|hazard" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null | tail -n 4
