@@ -1,0 +1,414 @@
+"""Training path of the routed experts: FP8 forward and backward over the contiguous layout.
+
+One call, ``experts_forward_fp8(x_rows, m_indices, w13, w2, weight_cache)``, is a
+``torch.autograd.Function`` that trains the experts the way DeepSeek-V3 did (fine-grained FP8,
+fp32 master weights, bf16 activation gradients). Rows are the contiguous layout's rows
+(``moe_fp8.gemm.layout``): ``m_indices[r]`` is row r's local expert, -1 for padding; every
+expert's segment is padded to a multiple of 128 rows and segments come in expert order.
+
+Forward (per row r of expert e = m_indices[r]; "q(.)" = FP8 quantisation, its scale granularity after):
+
+    xq     = q(x_rows)                     1x128 (per row per 128 channels of H)
+    h      = xq . q(W13[e])^T              GEMM1, 128x128 weight blocks   -> bf16 [M_sum, 2I]  (saved)
+    act    = q(silu(h[:, :I]) * h[:, I:])  fused SiLU-mul + 1x128 quant  -> fp8 [M_sum, I]
+    y      = act . q(W2[e])^T              GEMM2                          -> bf16 [M_sum, H]
+
+Backward (dY = dL/dy, padding rows zeroed; W^T copies are the forward's FP8 blocks transposed):
+
+    dA     = q(dY) . q(W2[e]^T)^T          dgrad of GEMM2 (dY . W2[e])    -> [M_sum, I]
+    dH     = SiLU-mul backward(dA, h)      (torch for now)                -> fp32 [M_sum, 2I]
+    dX     = q(dH) . q(W13[e]^T)^T         dgrad of GEMM1 (dH . W13[e])   -> [M_sum, H]
+    dW2[e] = q_t(dY)^T . q_t(act')         k-grouped over e's tokens      -> fp32 [E, H, I]
+    dW13[e]= q_t(dH)^T . q_t(x')           k-grouped                      -> fp32 [E, 2I, H]
+
+``q_t`` quantises 1x128 *along tokens* (the transposed, token-contiguous tensor, one scale per
+channel per 128 tokens); ``act'`` is recomputed from the saved h in fp32 (DeepSeek-V3 caches the
+SwiGLU input, not its output), ``x'`` is the saved FP8 x dequantised and re-quantised along tokens
+(DeepSeek-V3 §3.5.1: "read out, dequantized, transposed, re-quantized into 128x1 tiles").
+
+Saved for backward: xq (fp8 [M_sum, H] + 1x128 scales), h (bf16 [M_sum, 2I]), m_indices, and the
+FP8 weight copies (owned by the cache). The FP8 weight copies and their transposes live in a
+``Fp8WeightCache`` keyed on the parameters' ``_version``: made once per optimizer step.
+
+``reference=True`` runs the same structure (same saved tensors, same backward formulas, same
+offsets, same padding handling) with every quantise+GEMM replaced by an exact matmul in the
+inputs' dtype, so float64 inputs pass ``torch.autograd.gradcheck``; sizes then need no 128-alignment.
+
+The router's weight gets its gradient through the top-k weights of the combine (plain torch
+autograd outside this function); the correction bias is updated from token counts by
+``Router.update_bias`` (moe_fp8/layers/router.py, DeepSeek-V3's aux-loss-free rule).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import gemm as G
+from ..gemm import validate as check
+from ..gemm.reference import dequant_rows
+
+Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
+FP8 = torch.float8_e4m3fn
+kBlock = 128  # scale granularity (1x128 activations, 128x128 weights) and segment alignment
+kMasterDtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+__all__ = ["experts_forward_fp8", "experts_forward_torch", "expert_offsets", "Fp8WeightCache",
+           "Fp8ExpertWeights"]
+
+
+# ----------------------------------------------------------------------------- layout helpers
+
+def expert_offsets(m_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Token offsets of the experts' segments: int32 ``[E + 1]``, expert e owns rows ``[o[e], o[e+1])``.
+
+    ``m_indices`` int32 ``[M_sum]`` with experts in non-decreasing order along rows (-1 padding
+    anywhere). A padding row belongs to the segment before it (leading padding to expert 0), so
+    for the 128-aligned layout every offset is a multiple of 128. No host sync.
+    """
+    owner = torch.cummax(m_indices.long(), dim=0).values.clamp_min(0)  # [M_sum] int64
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=m_indices.device)
+    counts.scatter_add_(0, owner, torch.ones_like(owner))  # [E] rows per segment (padding included)
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+
+
+def _check_sorted(m_indices: torch.Tensor) -> None:
+    """Segments must come in expert order (the k-grouped GEMM takes one offset range per expert).
+    Reads values: always on CPU, on GPU only with MOE_FP8_CHECKS=1 (no host sync on the hot path)."""
+    if not check.value_checks_enabled(m_indices) or m_indices.numel() == 0:
+        return
+    ids = m_indices[m_indices >= 0].cpu()
+    if bool((ids[1:] < ids[:-1]).any()):
+        raise ValueError("m_indices must list the experts' segments in non-decreasing expert order "
+                         "(the weight-gradient GEMM reads one token range per expert)")
+
+
+def _transpose_fp8_blocks(pair: Fp8Pair) -> Fp8Pair:
+    """128x128-block-quantised ``[E, N, K]`` -> the same blocks transposed, ``[E, K, N]``.
+
+    Bit-identical to ``per_block_quant_fp8(w.transpose(1, 2))`` when N and K are multiples of 128
+    (the same 128x128 blocks, hence the same amax and scale).
+    """
+    q, s = pair
+    # FUSED KERNEL GOES HERE: per-block quantisation writing both the copy and its transpose in
+    # one pass over the master weight (issue 7, "fused transpose + 128x128 quantisation").
+    return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- weight cache
+
+@dataclass
+class Fp8ExpertWeights:
+    """FP8 copies of one expert stack, made from the master weights at one version.
+
+    ``w13``: (fp8 ``[E, 2I, H]``, fp32 ``[E, 2I/128, H/128]``) 128x128 blocks (forward, GEMM1).
+    ``w2``:  (fp8 ``[E, H, I]``,  fp32 ``[E, H/128, I/128]``)  (forward, GEMM2).
+    ``w13_t()``: (fp8 ``[E, H, 2I]``, fp32 ``[E, H/128, 2I/128]``) for dX = dH . W13[e];
+    ``w2_t()``:  (fp8 ``[E, I, H]``,  fp32 ``[E, I/128, H/128]``) for dA = dY . W2[e]; both made on
+    first use (backward only) and kept with the copy.
+    """
+    w13: Fp8Pair
+    w2: Fp8Pair
+    _w13_t: Optional[Fp8Pair] = field(default=None, repr=False)
+    _w2_t: Optional[Fp8Pair] = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, w13: torch.Tensor, w2: torch.Tensor, pow2_scale: bool = False) -> "Fp8ExpertWeights":
+        with torch.no_grad():
+            return cls(G.per_block_quant_fp8(w13.detach().contiguous(), kBlock, pow2_scale=pow2_scale),
+                       G.per_block_quant_fp8(w2.detach().contiguous(), kBlock, pow2_scale=pow2_scale))
+
+    def w13_t(self) -> Fp8Pair:
+        if self._w13_t is None:
+            self._w13_t = _transpose_fp8_blocks(self.w13)
+        return self._w13_t
+
+    def w2_t(self) -> Fp8Pair:
+        if self._w2_t is None:
+            self._w2_t = _transpose_fp8_blocks(self.w2)
+        return self._w2_t
+
+
+def _version_key(w: torch.Tensor):
+    return (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device)
+
+
+class Fp8WeightCache:
+    """FP8 copies (and transposed copies) of one layer's master expert weights.
+
+    ``get(w13, w2)`` returns the cached ``Fp8ExpertWeights`` while both parameters are the same
+    tensors at the same ``_version`` (every in-place update — ``optimizer.step()``, ``copy_``
+    under ``no_grad`` — bumps it), and rebuilds them otherwise: one quantisation per optimizer
+    step however many micro-batches run. Holds one entry; one cache per layer. ``builds`` counts
+    rebuilds (tests, logging). Entries are never mutated once handed out, so a backward that
+    runs after the weights changed still sees the copies its forward used.
+    """
+
+    def __init__(self) -> None:
+        self._refs = None  # (weakref w13, weakref w2)
+        self._key = None
+        self._entry: Optional[Fp8ExpertWeights] = None
+        self.builds = 0
+
+    def get(self, w13: torch.Tensor, w2: torch.Tensor, pow2_scale: bool = False) -> Fp8ExpertWeights:
+        key = (_version_key(w13), _version_key(w2), pow2_scale)
+        same = (self._refs is not None and self._refs[0]() is w13 and self._refs[1]() is w2
+                and self._key == key)
+        if not same:
+            self._entry = Fp8ExpertWeights.build(w13, w2, pow2_scale)
+            self._refs = (weakref.ref(w13), weakref.ref(w2))
+            self._key = key
+            self.builds += 1
+        return self._entry
+
+    def clear(self) -> None:
+        self._refs = self._key = self._entry = None
+
+
+# ----------------------------------------------------------------------------- the two maths
+
+class _Fp8Math:
+    """Quantise + FP8 GEMM through the public ops (kernels on Hopper, references elsewhere)."""
+    exact = False
+
+    def __init__(self, weights: Fp8ExpertWeights, pow2_scale: bool):
+        self.weights, self.pow2_scale = weights, pow2_scale
+
+    def rows(self, t: torch.Tensor):
+        """``t [R, K]`` -> operand quantised 1x128 along K: (fp8 [R, K], fp32 [R, K/128] MN-major)."""
+        return G.per_token_group_quant_fp8(t.contiguous(), kBlock, pow2_scale=self.pow2_scale)
+
+    def rows_value(self, operand) -> torch.Tensor:
+        """The saved operand back as fp32 ``[R, K]`` (what the GEMM saw)."""
+        return dequant_rows(*operand)
+
+    def silu_mul(self, h: torch.Tensor):
+        """``h [M_sum, 2I]`` -> q(silu(gate) * up) fp8 [M_sum, I] + 1x128 scales, one fused op."""
+        return G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)
+
+    def weight(self, name: str) -> Fp8Pair:
+        w = self.weights
+        return {"w13": w.w13, "w2": w.w2, "w13_t": w.w13_t(), "w2_t": w.w2_t()}[name]
+
+    def grouped(self, a, name: str, m_indices: torch.Tensor) -> torch.Tensor:
+        """``a [M_sum, K]`` operand . weight[e]^T -> bf16 ``[M_sum, N]``; padding rows stay 0."""
+        b = self.weight(name)
+        out = torch.zeros(m_indices.shape[0], b[0].shape[1], dtype=torch.bfloat16, device=b[0].device)
+        return G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out)
+
+    def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, offsets: torch.Tensor,
+              num_experts: int) -> torch.Tensor:
+        """``out[e] = a_rows[seg_e]^T . b_rows[seg_e]``: fp32 ``[E, N, K]`` from ``a_rows [T, N]``,
+        ``b_rows [T, K]`` (padding rows already zero), both quantised 1x128 along tokens."""
+        # FUSED KERNEL GOES HERE: transpose + 1x128 quantisation along tokens in one pass
+        # (issue 7); today a transposed copy then the row quantiser.
+        a_t = self.rows(a_rows.t())  # fp8 [N, T] + [N, T/128]: one scale per channel per 128 tokens
+        b_t = self.rows(b_rows.t())  # fp8 [K, T] + [K, T/128]
+        out = torch.zeros(num_experts, a_rows.shape[1], b_rows.shape[1], dtype=torch.float32,
+                          device=a_rows.device)
+        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out)
+
+
+class _ExactMath:
+    """The same steps without quantisation, in the inputs' dtype (reference mode, gradcheck)."""
+    exact = True
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        self.w = {"w13": w13, "w2": w2, "w13_t": w13.transpose(1, 2), "w2_t": w2.transpose(1, 2)}
+
+    def rows(self, t):
+        return t
+
+    def rows_value(self, operand):
+        return operand
+
+    def silu_mul(self, h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def grouped(self, a, name, m_indices):
+        b = self.w[name]  # [E, N, K]
+        out = a.new_zeros(a.shape[0], b.shape[1])
+        for e in torch.unique(m_indices).tolist():
+            if e >= 0:
+                rows = (m_indices == e).nonzero().squeeze(1)
+                out[rows] = a[rows] @ b[e].t()
+        return out
+
+    def wgrad(self, a_rows, b_rows, offsets, num_experts):
+        out = a_rows.new_zeros(num_experts, a_rows.shape[1], b_rows.shape[1])
+        bounds = offsets.tolist()
+        for e in range(num_experts):
+            t0, t1 = bounds[e], bounds[e + 1]
+            out[e] = a_rows[t0:t1].t() @ b_rows[t0:t1]
+        return out
+
+
+def _silu_mul_backward(d_act: torch.Tensor, h: torch.Tensor, need_act: bool):
+    """``d_act [M, I]``, ``h [M, 2I]`` -> (dH ``[M, 2I]``, act ``[M, I]`` or None), in fp32
+    (float64 stays float64).
+
+    act = silu(g) * u;  d_u = d_act * silu(g);  d_g = d_act * u * sig(g) * (1 + g * (1 - sig(g))).
+    """
+    # FUSED KERNEL GOES HERE: SiLU-and-mul backward reading dA and h once, writing dH quantised
+    # 1x128 along channels (for dX) and along tokens (for dW13), and act along tokens (for dW2).
+    compute = torch.promote_types(h.dtype, torch.float32)
+    gate, up = h.to(compute).chunk(2, dim=-1)  # [M, I] each
+    d_act = d_act.to(compute)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    d_gate = d_act * up * sig * (1 + gate * (1 - sig))
+    d_up = d_act * silu
+    return torch.cat([d_gate, d_up], dim=-1), (silu * up if need_act else None)
+
+
+# ----------------------------------------------------------------------------- autograd.Function
+
+class _ExpertsFunction(torch.autograd.Function):
+    """Inputs: x_rows [M_sum, H], m_indices int32 [M_sum], w13 [E, 2I, H], w2 [E, H, I], cache,
+    reference, pow2_scale, x_fp8 (None or the rows pre-quantised). Output y_rows [M_sum, H]
+    (bf16; x's dtype in reference mode)."""
+
+    @staticmethod
+    def forward(ctx, x_rows, m_indices, w13, w2, cache, reference, pow2_scale, x_fp8):
+        if reference:
+            math = _ExactMath(w13.detach(), w2.detach())
+        else:
+            weights = (cache or Fp8WeightCache()).get(w13, w2, pow2_scale)
+            math = _Fp8Math(weights, pow2_scale)
+        # fp8 [M_sum, H] + 1x128 scales (exact: x itself); the dispatcher's payload when given
+        x_op = tuple(x_fp8) if x_fp8 is not None else math.rows(x_rows.detach())
+        h = math.grouped(x_op, "w13", m_indices)  # [M_sum, 2I] bf16, padding rows 0
+        act = math.silu_mul(h)  # fp8 [M_sum, I] + 1x128 scales
+        y = math.grouped(act, "w2", m_indices)  # [M_sum, H] bf16, padding rows 0
+        ctx.math = math
+        ctx.num_experts = w13.shape[0]
+        ctx.x_dtype, ctx.w13_dtype, ctx.w2_dtype = x_rows.dtype, w13.dtype, w2.dtype
+        x_saved = (x_op,) if reference else tuple(x_op)  # (values, scales) in fp8 mode
+        ctx.num_x_saved = len(x_saved)
+        ctx.save_for_backward(*x_saved, h, m_indices)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        *x_saved, h, m_indices = ctx.saved_tensors
+        x_op = x_saved[0] if ctx.num_x_saved == 1 else tuple(x_saved)
+        math = ctx.math
+        need_x, need_w13, need_w2 = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dx = dw13 = dw2 = None
+        pad = (m_indices < 0).unsqueeze(1)  # [M_sum, 1]: padding rows take and give no gradient
+        dy = dy.masked_fill(pad, 0)  # [M_sum, H]
+        num_experts = ctx.num_experts
+        offsets = None
+        if need_w13 or need_w2:
+            offsets = expert_offsets(m_indices, num_experts)  # int32 [E + 1]
+
+        d_act = math.grouped(math.rows(dy), "w2_t", m_indices)  # [M_sum, I] = dY . W2[e]
+        dh, act = _silu_mul_backward(d_act, h, need_w2)  # fp32 [M_sum, 2I], fp32 [M_sum, I]
+        if need_w2:
+            dw2 = math.wgrad(dy, act, offsets, num_experts).to(ctx.w2_dtype)  # [E, H, I]
+        if need_x:
+            dx = math.grouped(math.rows(dh), "w13_t", m_indices).to(ctx.x_dtype)  # [M_sum, H]
+        if need_w13:
+            x_val = math.rows_value(x_op).masked_fill(pad, 0)  # [M_sum, H]; zero pads keep scales tight
+            dw13 = math.wgrad(dh, x_val, offsets, num_experts).to(ctx.w13_dtype)  # [E, 2I, H]
+        return dx, None, dw13, dw2, None, None, None, None
+
+
+def _validate(x_rows, m_indices, w13, w2, reference: bool) -> None:
+    align = 1 if reference else kBlock
+    dtypes = kMasterDtypes if reference else check.kFloatInputs
+    check.tensor("x_rows", x_rows, dtypes=dtypes, dims=(2,), contiguous=False)
+    check.tensor("w13", w13, dtypes=kMasterDtypes, dims=(3,), contiguous=False)
+    check.tensor("w2", w2, dtypes=kMasterDtypes, dims=(3,), contiguous=False)
+    rows, hidden = x_rows.shape
+    experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    check.int32_vector("m_indices", m_indices, rows)
+    check.multiple_of("M_sum (x_rows.shape[0])", rows, align)
+    check.multiple_of("H (x_rows.shape[1])", hidden, align)
+    check.multiple_of("2I (w13.shape[1])", two_inter, 2 * align)
+    check.shape("w13", w13, (experts, two_inter, hidden))
+    check.shape("w2", w2, (experts, hidden, inter))
+    check.same_device(x_rows=x_rows, m_indices=m_indices, w13=w13, w2=w2)
+    if check.value_checks_enabled(m_indices) and m_indices.numel():
+        bad = (m_indices < -1) | (m_indices >= experts)
+        if bool(bad.any()):
+            raise ValueError(f"m_indices must hold -1 or 0..{experts - 1} (w13 has {experts} experts)")
+    _check_sorted(m_indices)
+
+
+def experts_forward_fp8(x_rows: torch.Tensor, m_indices: torch.Tensor, w13: torch.Tensor,
+                        w2: torch.Tensor, weight_cache: Optional[Fp8WeightCache] = None, *,
+                        x_fp8: Optional[Fp8Pair] = None, reference: bool = False,
+                        pow2_scale: bool = False) -> torch.Tensor:
+    """The routed experts over the contiguous layout, differentiable, FP8 forward and backward.
+
+    Args:
+        x_rows: bf16 ``[M_sum, H]`` (fp16/fp32 accepted): the permuted tokens (row r goes to
+            expert ``m_indices[r]``); padding rows may hold anything.
+        m_indices: int32 ``[M_sum]``: local expert of each row, -1 for padding; segments of
+            128-row multiples in non-decreasing expert order (``contiguous_index`` builds these).
+        w13: master weights ``[E, 2I, H]`` (rows ``[gate; up]``), bf16 or fp32, usually a Parameter.
+        w2: master weights ``[E, H, I]``.
+        weight_cache: an ``Fp8WeightCache`` owned by the layer: FP8 copies (128x128 blocks) made
+            once per parameter version. ``None`` quantises the weights on every call.
+        x_fp8: optionally x_rows already quantised 1x128 (fp8 ``[M_sum, H]``, fp32 ``[M_sum, H/128]``),
+            e.g. the dispatcher's payload ``(layout.a, layout.sa)``: skips quantising x_rows
+            (bit-identical when it is ``q(x_rows)``); x_rows still receives the gradient.
+        reference: run the same structure without quantisation in the inputs' dtype (tests,
+            ``gradcheck`` in float64); sizes need not be multiples of 128 then.
+        pow2_scale: power-of-two scales for every quantisation (UE8M0, DeepSeek-V3.1 style).
+
+    Returns:
+        ``y_rows [M_sum, H]`` bf16 (x's dtype in reference mode); padding rows are 0.
+        Gradients: x_rows (bf16, padding rows 0), w13 and w2 (in the masters' dtype, from fp32
+        accumulation); m_indices none.
+    """
+    _validate(x_rows, m_indices, w13, w2, reference)
+    if weight_cache is not None and not isinstance(weight_cache, Fp8WeightCache):
+        raise TypeError(f"weight_cache must be an Fp8WeightCache or None, got {type(weight_cache).__name__}")
+    if x_fp8 is not None:
+        if reference:
+            raise ValueError("x_fp8 has no meaning with reference=True (nothing is quantised)")
+        xq, xs = check.fp8_pair("x_fp8", x_fp8, dims=(2,))
+        check.shape("x_fp8[0]", xq, x_rows.shape)
+        check.act_scales("x_fp8[1]", xs, x_rows.shape[:1], x_rows.shape[1])
+        check.same_device(x_rows=x_rows, **{"x_fp8[0]": xq, "x_fp8[1]": xs})
+    return _ExpertsFunction.apply(x_rows, m_indices, w13, w2, weight_cache, bool(reference),
+                                  bool(pow2_scale), x_fp8)
+
+
+# ----------------------------------------------------------------------------- unquantised peer
+
+def experts_forward_torch(x_rows: torch.Tensor, m_indices: torch.Tensor, w13: torch.Tensor,
+                          w2: torch.Tensor, *, grouped_mm: Optional[bool] = None) -> torch.Tensor:
+    """The same experts unquantised, in x's dtype, with plain torch autograd (the bf16 peer and
+    the tests' oracle). ``[M_sum, H]`` -> ``[M_sum, H]``, padding rows 0 and without gradient.
+
+    ``grouped_mm`` uses ``torch._grouped_mm`` (bf16 on sm_90; default: when x is on CUDA), else
+    one matmul per expert segment (reads the offsets on the host).
+    """
+    num_experts = w13.shape[0]
+    pad = (m_indices < 0).unsqueeze(1)  # [M_sum, 1]
+    x = x_rows.masked_fill(pad, 0)  # zero padding rows: they add nothing to any weight gradient
+    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    offsets = expert_offsets(m_indices, num_experts)  # int32 [E + 1]
+    if grouped_mm is None:
+        grouped_mm = x.is_cuda
+    if grouped_mm:
+        ends = offsets[1:]  # int32 [E]: segment ends, what _grouped_mm reads
+        h = torch._grouped_mm(x, w13.transpose(-2, -1), offs=ends)  # [M_sum, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=ends)  # [M_sum, H]
+    bounds = offsets.tolist()
+    parts = []
+    for e in range(num_experts):
+        xe = x[bounds[e]:bounds[e + 1]]  # [m_e, H]
+        gate, up = (xe @ w13[e].t()).chunk(2, dim=-1)  # [m_e, I] each
+        parts.append((F.silu(gate) * up) @ w2[e].t())  # [m_e, H]
+    y = torch.cat(parts) if parts else x[:0]
+    return y.masked_fill(pad, 0)
