@@ -25,6 +25,10 @@ class PrecompileError(RuntimeError):
 
 
 def _progress(done: int, total: int, name: str) -> None:
+    """A one-line bar on a terminal; one line per kernel in logs (CI)."""
+    if not sys.stderr.isatty():
+        print(f"[{done}/{total}] {name}", file=sys.stderr, flush=True)
+        return
     width = 24
     filled = width * done // max(total, 1)
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:70]:70s}")

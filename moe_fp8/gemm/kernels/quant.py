@@ -1,0 +1,117 @@
+"""Host side of include/quant.cuh: FP8 quantisation kernels (inputs validated by the public ops).
+
+All three write fp8 values and fp32 scales into caller-allocated tensors:
+
+* ``per_token_group_quant(x, q, s, group_size, pow2_scale)``: x ``[M, K]`` or ``[E, M, K]``
+  bf16/fp32 contiguous; q same shape fp8; s ``[.., M, K/group_size]`` fp32 in any strided layout
+  (the GEMMs read MN-major, ``layout.empty_act_scales``), written through its strides.
+* ``per_block_quant(w, q, s, block_size, pow2_scale)``: w ``[N, K]`` or ``[E, N, K]`` bf16/fp32;
+  s ``[.., ceil(N/block), K/block]`` contiguous.
+* ``silu_and_mul_quant(h, q, s, masked_m, group_size, pow2_scale)``: h ``[M, 2I]`` or
+  ``[E, M_max, 2I]`` bf16 (gate | up); q ``[.., I]``; s ``[.., I/group_size]`` strided;
+  masked_m int32 ``[E]`` on the device or None. Rows ``>= masked_m[e]`` are left untouched; the
+  grid does not depend on masked_m, so the launch can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..jit import KernelSource, get_kernel, i32, i64, register_bundled
+
+kHeader = "quant.cuh"
+kThreads = 256  # quant.cuh kThreads
+kValuesPerThread = 16  # quant.cuh kValuesPerThread
+kUnroll = 2  # quant.cuh kUnroll
+kGroupSizes = (16, 32, 64, 128, 256, 512)  # kGroupSize / 16 lanes: a power of two within a warp
+kBlockSizes = (64, 128)
+_kTypeNames = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
+
+
+def _units_per_cta(group_size: int) -> int:
+    return kThreads // (group_size // kValuesPerThread) * kUnroll  # quant.cuh units_per_cta
+
+
+def _bool(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+@functools.lru_cache(maxsize=None)
+def per_token_source(dtype: torch.dtype, group_size: int, pow2_scale: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::per_token_group_quant_kernel<"
+                                 f"{_kTypeNames[dtype]}, {group_size}, {_bool(pow2_scale)}>")
+
+
+@functools.lru_cache(maxsize=None)
+def per_block_source(dtype: torch.dtype, block_size: int, pow2_scale: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::per_block_quant_kernel<"
+                                 f"{_kTypeNames[dtype]}, {block_size}, {_bool(pow2_scale)}>")
+
+
+@functools.lru_cache(maxsize=None)
+def silu_source(group_size: int, pow2_scale: bool, masked: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::silu_and_mul_quant_kernel<"
+                                 f"{group_size}, {_bool(pow2_scale)}, {_bool(masked)}>")
+
+
+@register_bundled
+def bundled_sources() -> list[KernelSource]:
+    """The variants the public ops use: group/block 128, bf16/fp32 inputs, both scale kinds."""
+    sources = []
+    for pow2 in (False, True):
+        for dtype in _kTypeNames:
+            sources += [per_token_source(dtype, 128, pow2), per_block_source(dtype, 128, pow2)]
+        sources += [silu_source(128, pow2, masked) for masked in (False, True)]
+    return sources
+
+
+def _check_group(group_size: int, sizes: tuple, what: str) -> None:
+    if group_size not in sizes:
+        raise ValueError(f"{what} must be one of {sizes}, got {group_size}")
+
+
+def _scale_layout(s: torch.Tensor, rows_per_batch: int, groups_per_row: int) -> list:
+    """quant.cuh ScaleLayout {rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup} as kernel args."""
+    s_batch = s.stride(0) if s.dim() == 3 else 0
+    return [i32(rows_per_batch), i32(groups_per_row), i64(s_batch), i64(s.stride(-2)),
+            i64(s.stride(-1))]
+
+
+def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                          group_size: int = 128, pow2_scale: bool = False) -> None:
+    _check_group(group_size, kGroupSizes, "group_size")
+    k = x.shape[-1]
+    num_units = x.numel() // group_size
+    if num_units == 0:
+        return
+    kernel = get_kernel(per_token_source(x.dtype, group_size, bool(pow2_scale)))
+    grid = -(-num_units // _units_per_cta(group_size))
+    kernel.launch(grid, kThreads, 0, [x, q, s, i64(num_units),
+                                      *_scale_layout(s, x.shape[-2], k // group_size)])
+
+
+def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
+                    pow2_scale: bool = False) -> None:
+    _check_group(block_size, kBlockSizes, "block_size")
+    n, k = w.shape[-2], w.shape[-1]
+    experts = w.shape[0] if w.dim() == 3 else 1
+    if w.numel() == 0:
+        return
+    kernel = get_kernel(per_block_source(w.dtype, block_size, bool(pow2_scale)))
+    grid = (k // block_size, -(-n // block_size), experts)
+    kernel.launch(grid, kThreads, 0, [w, q, s, i32(n), i32(k)])
+
+
+def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                       masked_m: torch.Tensor | None = None, group_size: int = 128,
+                       pow2_scale: bool = False) -> None:
+    _check_group(group_size, kGroupSizes, "group_size")
+    intermediate = h.shape[-1] // 2
+    num_units = h.numel() // 2 // group_size
+    if num_units == 0:
+        return
+    kernel = get_kernel(silu_source(group_size, bool(pow2_scale), masked_m is not None))
+    grid = -(-num_units // _units_per_cta(group_size))
+    kernel.launch(grid, kThreads, 0, [h, q, s, masked_m, i64(num_units),
+                                      *_scale_layout(s, h.shape[-2], intermediate // group_size)])
