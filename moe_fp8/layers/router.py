@@ -39,7 +39,7 @@ def group_limited_topk(scores: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig)
     kept_groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)  # [T, G]
     fill = float("-inf") if cfg.group_mask_fill == "neg_inf" else 0.0
-    choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(tokens, -1)  # [T, E]
+    choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(tokens, cfg.num_experts)  # [T, E]
     return choice.topk(cfg.top_k, dim=-1, sorted=False).indices
 
 
