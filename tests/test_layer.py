@@ -14,7 +14,7 @@ from moe_fp8.layers.dispatch import LocalDispatcher
 from moe_fp8.layers.layouts import local_expert_ids, masked_index
 from moe_fp8.layers.reference import dequantized_weights, reference_moe
 
-from layer_helpers import hf_moe, installed_transformers_fill, sorted_idx
+from test_layer_helpers import hf_moe, installed_transformers_fill, sorted_idx
 
 kLayerVsFp32 = 4e-3  # calc_diff bound, FP8 layer vs the fp32 transformers layer (measured ~2.0e-3)
 kTokenVsFp32 = 8e-3  # per token (measured worst ~3.4e-3)

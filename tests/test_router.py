@@ -7,7 +7,7 @@ from moe_fp8.layers import MoEConfig, Router, route, tokens_per_expert
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config  # noqa: E402
 
-from layer_helpers import hf_config, installed_transformers_fill  # noqa: E402
+from test_layer_helpers import hf_config, installed_transformers_fill  # noqa: E402
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf  # noqa: E402
 
 
