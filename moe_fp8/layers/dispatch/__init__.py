@@ -16,8 +16,8 @@ __all__ = ["Dispatcher", "LocalDispatcher", "LocalHandle", "make_dispatcher"]
 def make_dispatcher(cfg, ep_group=None) -> Dispatcher:
     """The dispatcher for ``cfg`` on ``ep_group`` (None: this GPU holds every expert).
 
-    With a process group it builds ``moe_fp8.layers.dispatch.torch_dist.TorchDistDispatcher(cfg,
-    ep_group)`` (expected to hold experts ``rank * E_loc .. (rank + 1) * E_loc - 1``).
+    With a process group it defers to ``moe_fp8.layers.dispatch.torch_dist.make_dispatcher``
+    (torch.distributed all-to-all, or DeepEP; experts placed in contiguous blocks per rank).
     """
     if ep_group is None:
         return LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k,
@@ -27,4 +27,4 @@ def make_dispatcher(cfg, ep_group=None) -> Dispatcher:
     except ImportError as error:
         raise NotImplementedError("expert parallelism needs moe_fp8.layers.dispatch.torch_dist, "
                                   f"which is not in this build ({error})") from error
-    return module.TorchDistDispatcher(cfg, ep_group)
+    return module.make_dispatcher(cfg, ep_group)
