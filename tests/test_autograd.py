@@ -80,7 +80,7 @@ def test_gradients_within_twice_forward_error(gen, counts, master):
 
 
 def test_pow2_scales_within_budget(gen):
-    x, m_indices, w13, w2, dy = make_problem([200, 56], 256, 256, gen)
+    x, m_indices, w13, w2, dy = make_problem([100, 56], 128, 256, gen)
     errors = {k: rel_err(*v) for k, v in fp8_and_reference(x, m_indices, w13, w2, dy,
                                                              pow2_scale=True).items()}
     assert errors["y"] < 0.1
@@ -126,8 +126,8 @@ def test_padding_rows_give_and_take_no_gradient(gen):
 
 def test_reference_mode_passes_gradcheck():
     gen = torch.Generator().manual_seed(7)
-    # tiny, unaligned: 3 experts (expert 1 empty), padding rows inside and at the end
-    m_indices = torch.tensor([0, 0, -1, 2, 2, 2, -1, -1], dtype=torch.int32)
+    # tiny, unaligned: 3 experts (expert 1 empty), padding rows first, inside and at the end
+    m_indices = torch.tensor([-1, 0, 0, -1, 2, 2, 2, -1], dtype=torch.int32)
     x = torch.randn(8, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w13 = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(3, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -156,7 +156,7 @@ def test_reference_mode_equals_plain_autograd(gen):
 # ----------------------------------------------------------------------------- weight cache
 
 def test_weight_cache_reused_until_a_parameter_changes(gen):
-    x, m_indices, w13, w2, dy = make_problem([100, 200], 256, 128, gen)
+    x, m_indices, w13, w2, dy = make_problem([100, 20], 128, 128, gen)
     w13p, w2p = torch.nn.Parameter(w13.detach()), torch.nn.Parameter(w2.detach())
     cache = Fp8WeightCache()
     opt = torch.optim.SGD([w13p, w2p], lr=0.1)
@@ -256,7 +256,7 @@ def test_router_weight_gets_gradient_through_the_combine(gen):
 
 
 def test_pre_quantised_rows_give_identical_results(gen):
-    x, m_indices, w13, w2, dy = make_problem([70, 140], 256, 128, gen)
+    x, m_indices, w13, w2, dy = make_problem([70, 140], 128, 128, gen)
     experts_forward_fp8(x, m_indices, w13, w2).backward(dy)
     grads = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
     x2 = x.detach().clone().requires_grad_()

@@ -22,9 +22,10 @@ Backward (dY = dL/dy, padding rows zeroed; W^T copies are the forward's FP8 bloc
     dW13[e]= q_t(dH)^T . q_t(x')           k-grouped                      -> fp32 [E, 2I, H]
 
 ``q_t`` quantises 1x128 *along tokens* (the transposed, token-contiguous tensor, one scale per
-channel per 128 tokens); ``act'`` is recomputed from the saved h in fp32 (DeepSeek-V3 caches the
-SwiGLU input, not its output), ``x'`` is the saved FP8 x dequantised and re-quantised along tokens
-(DeepSeek-V3 §3.5.1: "read out, dequantized, transposed, re-quantized into 128x1 tiles").
+channel per 128 tokens); ``act'`` is recomputed from the saved h in fp32 (the DeepSeek-V3 report
+caches the SwiGLU input and recomputes its output in backward), ``x'`` is the saved FP8 x
+dequantised, transposed and re-quantised along tokens (the report's hardware suggestions describe
+exactly this round trip for the backward pass).
 
 Saved for backward: xq (fp8 [M_sum, H] + 1x128 scales), h (bf16 [M_sum, 2I]), m_indices, and the
 FP8 weight copies (owned by the cache). The FP8 weight copies and their transposes live in a
