@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemm import cublas_blockwise  # noqa: E402
+from bench_gemm import bench_graph, cublas_blockwise  # noqa: E402
 from common import bench, copy_bandwidth_gbs, geomean, write_results  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
@@ -55,8 +55,8 @@ def contiguous_rows(counts, n, k, repeats, label):
     out = torch.empty(m_sum, n, dtype=torch.bfloat16, device="cuda")
     config = contiguous_config(m_sum, n, k, num_sms(torch.cuda.current_device()))
     flops = 2 * sum(counts) * n * k
-    ours = bench(lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, config),
-                 repeats=repeats)
+    ours = bench_graph(lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, config),
+                       repeats)
     row = {"case": label, "E": num_experts, "M_sum": m_sum, "N": n, "K": k,
            "config": f"{config.block_m}x{config.block_n}", "us": ours,
            "TFLOPS": flops / ours / 1e6}
@@ -66,9 +66,11 @@ def contiguous_rows(counts, n, k, repeats, label):
     peers = {}
     blockwise = cublas_blockwise()
     if blockwise is not None:
-        # cuBLAS wants M-major scales with stride (1, M) exactly
+        # cuBLAS wants M-major scales with stride (1, M) exactly and (seen: NOT_SUPPORTED
+        # otherwise) M a multiple of 16: it gets each expert's rows rounded up to 16.
+        rounded = [(c + 15) // 16 * 16 for c in counts]
         slices = [(qa[s:s + c], torch.empty(k // 128, c, device="cuda").t().copy_(sa[s:s + c]),
-                   qb[e], sb[e]) for e, (s, c) in enumerate(zip(starts, counts)) if c > 0]
+                   qb[e], sb[e]) for e, (s, c) in enumerate(zip(starts, rounded)) if c > 0]
         peers["cuBLAS_per_expert"] = lambda: [blockwise(*args) for args in slices]
     ends = offs[1:].to(torch.int32)
     if hasattr(torch, "_scaled_grouped_mm"):
@@ -82,7 +84,7 @@ def contiguous_rows(counts, n, k, repeats, label):
     best = 0.0
     for name, fn in peers.items():
         try:
-            us = bench(fn, repeats=repeats)
+            us = bench_graph(fn, repeats)
             row[f"{name}_TFLOPS"] = flops / us / 1e6
             best = max(best, flops / us / 1e6)
         except Exception as error:
@@ -101,8 +103,8 @@ def masked_row(num_experts, m_max, counts, n, k, bandwidth, repeats, label):
     expected_m = max(1, int(sum(counts) / max(1, sum(c > 0 for c in counts))))
     out = torch.empty(num_experts, m_max, n, dtype=torch.bfloat16, device="cuda")
     config = masked_config(num_experts, expected_m, n, k, num_sms(torch.cuda.current_device()))
-    us = bench(lambda: K.m_grouped_masked(qa, sa, qb, sb, masked_m, expected_m, out, config),
-               repeats=repeats)
+    us = bench_graph(lambda: K.m_grouped_masked(qa, sa, qb, sb, masked_m, expected_m, out, config),
+                     repeats)
     touched = sum(c > 0 for c in counts)
     weight_bytes = touched * (n * k + 4 * (n // 128 + 1) * (k // 128))
     floor_us = weight_bytes / (bandwidth * 1e3)

@@ -66,15 +66,15 @@ smoke_rc=$?
 step sass 30 bash -c 'python3 - <<PY
 from moe_fp8.gemm import jit, heuristics as H
 from moe_fp8.gemm.kernels import fp8_gemm as F
-print(jit.compile_kernel(F.kernel_source(7168, 2048, H.dense_config(4096, 7168, 2048, 132), 0)).cubin_path)
+print(jit.compile_kernel(F.kernel_source(7168, 2048, H.GemmConfig(128, 128).resolved(2048), 0)).cubin_path)
 PY
 ' 
 cubin=$(tail -n 1 "$OUT/sass.log")
 cuobjdump --dump-sass "$cubin" > "$OUT/sass_dense.txt" 2>&1
-echo "QGMMA=$(grep -c QGMMA "$OUT/sass_dense.txt") LDL/STL=$(grep -cE 'LDL|STL' "$OUT/sass_dense.txt") FFMA=$(grep -c FFMA "$OUT/sass_dense.txt")" | tee -a "$summary"
+echo "128x128 dense SASS: QGMMA=$(grep -c QGMMA "$OUT/sass_dense.txt") LDL/STL=$(grep -cE 'LDL|STL' "$OUT/sass_dense.txt") FFMA=$(grep -c FFMA "$OUT/sass_dense.txt") DEPBAR=$(grep -c 'WARPGROUP.DEPBAR' "$OUT/sass_dense.txt")" | tee -a "$summary"
 
 if [ $smoke_rc -eq 0 ]; then
-  step tests 180 python3 -m pytest -q tests/test_gemm_gpu.py -p no:cacheprovider -x -q
+  step tests 200 python3 -m pytest -q tests/test_gemm_gpu.py -p no:cacheprovider -q
   if [ "${1:-}" != "quick" ]; then
     step bench-gemm 120 python3 benchmarks/bench_gemm.py --sweep --repeats 20
     step bench-grouped 90 python3 benchmarks/bench_grouped.py --repeats 15
@@ -92,8 +92,8 @@ G.m_grouped_fp8_gemm_nt_contiguous(act(torch.randn(mi.shape[0], 384, device="cud
 G.m_grouped_fp8_gemm_nt_masked(act(torch.randn(3, 100, 384, device="cuda").bfloat16()), ref.per_block_quant(w), torch.tensor([100, 0, 37], dtype=torch.int32, device="cuda"), 50, backend="kernel")
 torch.cuda.synchronize(); print("sanitizer workload done")
 PY
-  step memcheck 50 compute-sanitizer --tool memcheck --kernel-name regex:fp8_gemm python3 /tmp/san.py
-  step racecheck 50 compute-sanitizer --tool racecheck --kernel-name regex:fp8_gemm python3 /tmp/san.py
+  step memcheck 50 compute-sanitizer --tool memcheck --kernel-name kns=fp8_gemm python3 /tmp/san.py
+  step racecheck 50 compute-sanitizer --tool racecheck --kernel-name kns=fp8_gemm python3 /tmp/san.py
 fi
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 grep -E "ERROR SUMMARY|hazard" "$OUT/memcheck.log" "$OUT/racecheck.log" 2>/dev/null | tail -n 4

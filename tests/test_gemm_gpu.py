@@ -28,7 +28,8 @@ kDenseOdd = [(1, 2112, 7168), (77, 7168 + 16, 2048), (200, 576, 384), (333, 1552
 kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112),
            GemmConfig(64, 192), GemmConfig(128, 32), GemmConfig(128, 80), GemmConfig(128, 112),
            GemmConfig(128, 128, stages=2), GemmConfig(128, 144), GemmConfig(128, 160),
-           GemmConfig(128, 192, group_n=3), GemmConfig(128, 128, num_sms=7)]
+           GemmConfig(128, 192, group_n=3), GemmConfig(128, 128, num_sms=7),
+           GemmConfig(128, 64, double_buffer=False), GemmConfig(64, 32, double_buffer=False)]
 
 
 def _cuda_gen(seed: int) -> torch.Generator:
@@ -40,6 +41,16 @@ def _rows(shape, gen) -> torch.Tensor:
     x = torch.randn(shape, device="cuda", generator=gen)
     mag = torch.exp(torch.randn((*shape[:-1], 1), device="cuda", generator=gen) * 2)
     return (x * mag).to(torch.bfloat16)
+
+
+def _weights(shape, gen) -> torch.Tensor:
+    """Random bf16 weights, one magnitude per 128-row block (rows sharing a 128x128 scale block
+    but spanning decades would lose their small rows to quantisation, whatever the kernel)."""
+    n = shape[-2]
+    x = torch.randn(shape, device="cuda", generator=gen)
+    blocks = (n + 127) // 128
+    mag = torch.exp(torch.randn((*shape[:-2], blocks, 1), device="cuda", generator=gen))
+    return (x * mag.repeat_interleave(128, dim=-2)[..., :n, :]).to(torch.bfloat16)
 
 
 def _quant_act(x: torch.Tensor):
@@ -73,7 +84,7 @@ def _check(out: torch.Tensor, want_fp32: torch.Tensor, ref_bf16: torch.Tensor, w
 
 def _dense_case(m, n, k, seed, config=None):
     gen = _cuda_gen(seed)
-    x, w = _rows((m, k), gen), _rows((n, k), gen)
+    x, w = _rows((m, k), gen), _weights((n, k), gen)
     a, b = _quant_act(x), _quant_weight(w)
     # The output lives inside a larger poisoned buffer: nothing past it may be written.
     buf = _poisoned((m * n + 4096,))
@@ -96,7 +107,7 @@ def test_dense_odd_shapes(m, n, k):
     _dense_case(m, n, k, seed=m + n + k)
 
 
-@pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}")
+@pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}d{int(c.double_buffer)}")
 def test_dense_pinned_configs(config):
     _dense_case(333, 2112 + 16, 1536, seed=config.block_n, config=config)
 
@@ -108,7 +119,7 @@ def test_block_n_set_is_covered():
 def test_dense_repeatable():
     """A race shows as results that move between identical runs."""
     gen = _cuda_gen(5)
-    a, b = _quant_act(_rows((4096, 2048), gen)), _quant_weight(_rows((7168, 2048), gen))
+    a, b = _quant_act(_rows((4096, 2048), gen)), _quant_weight(_weights((7168, 2048), gen))
     first = G.fp8_gemm_nt(a, b, backend="kernel")
     for _ in range(3):
         assert torch.equal(G.fp8_gemm_nt(a, b, backend="kernel"), first)
@@ -121,7 +132,7 @@ def _contiguous_case(counts, n, k, seed, config=None):
     num_experts = len(counts)
     m_indices = build_m_indices(counts, device="cuda")
     m_sum = m_indices.shape[0]
-    x, w = _rows((m_sum, k), gen), _rows((num_experts, n, k), gen)
+    x, w = _rows((m_sum, k), gen), _weights((num_experts, n, k), gen)
     a, b = _quant_act(x), _quant_weight(w)
     out = _poisoned((m_sum, n))
     G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend="kernel", config=config)
@@ -161,7 +172,7 @@ def test_contiguous_pinned(config):
 
 def _masked_inputs(num_experts, m_max, n, k, seed):
     gen = _cuda_gen(seed)
-    x, w = _rows((num_experts, m_max, k), gen), _rows((num_experts, n, k), gen)
+    x, w = _rows((num_experts, m_max, k), gen), _weights((num_experts, n, k), gen)
     return x, w, _quant_act(x), _quant_weight(w)
 
 

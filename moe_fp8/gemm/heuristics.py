@@ -46,12 +46,15 @@ class GemmConfig:
     stages:  shared-memory ring depth (A, B and sa slots), 0 = as many as fit.
     group_n: n blocks per rasterisation band of the persistent scheduler.
     num_sms: persistent grid size upper bound, 0 = the device's SM count.
+    double_buffer: queue K block kb+1 on the tensor cores before promoting kb (two partial
+             register sets; the kernel uses it where they fit, block_n <= 128).
     """
     block_m: int = 128
     block_n: int = 128
     stages: int = 0
     group_n: int = kDefaultGroupN
     num_sms: int = 0
+    double_buffer: bool = True
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -75,7 +78,7 @@ class GemmConfig:
                                  f"at K = {k}")
             return self
         return GemmConfig(self.block_m, self.block_n, max_stages(self.block_m, self.block_n, k),
-                          self.group_n, self.num_sms)
+                          self.group_n, self.num_sms, self.double_buffer)
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int) -> int:
@@ -134,16 +137,19 @@ def _config(rows: int, m_blocks_of, n: int, k: int, sms: int) -> GemmConfig:
     return GemmConfig(block_m, block_n).resolved(k)
 
 
+@functools.lru_cache(maxsize=4096)
 def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for ``[m, k] x [n, k]^T`` on a device with ``sms`` SMs."""
     return _config(m, lambda bm: _ceil_div(m, bm), n, k, sms)
 
 
+@functools.lru_cache(maxsize=4096)
 def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the contiguous grouped layout (segments of 128 rows; block_m 128 always fits)."""
     return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms)
 
 
+@functools.lru_cache(maxsize=4096)
 def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert)."""
     expected_m = max(1, expected_m)

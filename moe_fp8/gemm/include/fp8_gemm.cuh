@@ -25,8 +25,8 @@
 
 namespace moe_fp8 {
 
-constexpr int kProducerRegs = 40;  // the producer thread needs only addresses and counters
-constexpr int kMathRegs = 232;     // 128 * 40 + 256 * 232 <= 64K registers per SM
+constexpr int kProducerRegs = 48;  // addresses and counters (40 spilled for N = 2128)
+constexpr int kMathRegs = 232;     // 128 * 48 + 256 * 232 = 64K registers per SM
 
 // True when every tile start n0 = i * kBlockN (a multiple of 16) sees its columns within two
 // 128-column scale blocks: (n0 mod 128) + kBlockN <= 256 for all i.
@@ -56,7 +56,8 @@ struct SmemLayout {
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "128B-swizzle atoms are 1024 bytes");
 };
 
-template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout>
+template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
+          int kDoubleBufferOpt = 1>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                     const __grid_constant__ ptx::TmaDesc tma_b,
@@ -76,6 +77,9 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
   constexpr bool kMayStraddle = 128 % kBlockN != 0;
+  // Two partial-product register sets beside the accumulator fit the 232-register budget up
+  // to kBlockN = 128 (3 x 64 + ~30 registers).
+  constexpr bool kDoubleBuffer = kDoubleBufferOpt != 0 && 3 * kAcc <= 192;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // NOTE: the 128B swizzle pattern is a function of address bits [7,10), so every A/B slot must
@@ -140,12 +144,12 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     unsigned char* s_d_wg = s_d + warpgroup * Epi::kBytes;
     // Rows of this thread inside the tile: lane/4 and lane/4 + 8 of the warp's 16-row slab.
     const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
-    float r_acc[kAcc], r_part[kAcc];
+    float r_acc[kAcc], r_p0[kAcc], r_p1[kDoubleBuffer ? kAcc : 1];
 
     Scheduler scheduler(params);
     Tile tile;
-    int stage = 0;
-    u32 phase = 0;
+    int stage_in = 0, stage_out = 0;  // next slot to compute on / to release
+    u32 phase_in = 0, phase_out = 0;
     while (scheduler.next(tile)) {
       // Weight scales of the tile's column block (and the next one if the tile crosses into
       // it) for every K block, staged once per tile. The previous tile's readers are past its
@@ -161,40 +165,72 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) r_acc[i] = 0.f;
 
-      for (int kb = 0; kb < kNumKBlocks; ++kb) {
-        ptx::mbar_wait(&full[stage], phase);
+      // Partial product of the next K block on the tensor cores, into fresh registers `p`.
+      auto issue = [&](float(&p)[kAcc]) {
+        ptx::mbar_wait(&full[stage_in], phase_in);
         const u64 desc_a =
-            ptx::make_desc_k128_sw128(s_a + stage * Layout::kABytes + warpgroup * 64 * 128);
-        const u64 desc_b = ptx::make_desc_k128_sw128(s_b + stage * Layout::kBBytes);
-        ptx::fence_regs(r_part);
+            ptx::make_desc_k128_sw128(s_a + stage_in * Layout::kABytes + warpgroup * 64 * 128);
+        const u64 desc_b = ptx::make_desc_k128_sw128(s_b + stage_in * Layout::kBBytes);
+        ptx::fence_regs(p);
         ptx::wgmma_fence();
 #pragma unroll
         for (int k = 0; k < 4; ++k)
-          Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, r_part, k > 0);
+          Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
         ptx::wgmma_commit();
-        // Scales are read while the tensor cores work.
-        const float* s_sa_stage = s_sa + stage * kBlockM;
+        if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
+      };
+      // Once the wgmma group of K block kb has retired (caller waited): release its slot and
+      // promote, acc += p * sa[row] * sb[col block], one FFMA per element on CUDA cores.
+      auto retire = [&](float(&p)[kAcc], int kb) {
+        ptx::fence_regs(p);
+        const float* s_sa_stage = s_sa + stage_out * kBlockM;
         const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
         const float sb_0 = s_sb_wg[kb];
         const float sb_1 = kMayStraddle ? s_sb_wg[kNumKBlocks + kb] : 0.f;
-        ptx::wgmma_wait<0>();
-        ptx::fence_regs(r_part);
-        // This warp is done with slot `stage` (wgmma reads retired, sa in registers).
-        __syncwarp();
-        if (lane == 0) ptx::mbar_arrive(&empty[stage]);
-        if (++stage == kStages) stage = 0, phase ^= 1;
-
-        // Promotion on CUDA cores: one FFMA per accumulator element.
+        __syncwarp();  // every lane has read its sa before lane 0 frees the slot
+        if (lane == 0) ptx::mbar_arrive(&empty[stage_out]);
+        if (++stage_out == kStages) stage_out = 0, phase_out ^= 1;
         const float s00 = sa_lo * sb_0, s10 = sa_hi * sb_0;
         const float s01 = sa_lo * sb_1, s11 = sa_hi * sb_1;
+        const int cols_0 = kMayStraddle ? ptx::opaque(first_cols) : kBlockN;
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
-          const bool first = !kMayStraddle || j * 8 < first_cols;
+          const bool first = !kMayStraddle || j * 8 < cols_0;
           const float scale_lo = first ? s00 : s01, scale_hi = first ? s10 : s11;
-          r_acc[4 * j + 0] += r_part[4 * j + 0] * scale_lo;
-          r_acc[4 * j + 1] += r_part[4 * j + 1] * scale_lo;
-          r_acc[4 * j + 2] += r_part[4 * j + 2] * scale_hi;
-          r_acc[4 * j + 3] += r_part[4 * j + 3] * scale_hi;
+          r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
+          r_acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
+          r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
+          r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
+        }
+      };
+
+      if constexpr (kDoubleBuffer) {
+        // K block kb+1 is queued on the tensor cores before kb is promoted, so the FFMAs of
+        // the promotion overlap the next MMAs instead of leaving the tensor cores idle.
+        issue(r_p0);
+        for (int kb = 0; kb < kNumKBlocks; kb += 2) {
+          if (kb + 1 < kNumKBlocks) {
+            issue(r_p1);
+            ptx::wgmma_wait<1>();
+          } else {
+            ptx::wgmma_wait<0>();
+          }
+          retire(r_p0, kb);
+          if (kb + 1 < kNumKBlocks) {
+            if (kb + 2 < kNumKBlocks) {
+              issue(r_p0);
+              ptx::wgmma_wait<1>();
+            } else {
+              ptx::wgmma_wait<0>();
+            }
+            retire(r_p1, kb + 1);
+          }
+        }
+      } else {
+        for (int kb = 0; kb < kNumKBlocks; ++kb) {
+          issue(r_p0);
+          ptx::wgmma_wait<0>();
+          retire(r_p0, kb);
         }
       }
 

@@ -191,6 +191,14 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
+// The same value, opaque to the optimiser: keeps loop-invariant comparisons against it from being
+// hoisted into many long-lived predicate registers (which spilled at kBlockN = 112).
+__device__ __forceinline__ int opaque(int x) {
+  int r;
+  asm volatile("mov.b32 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
+
 // Keeps the compiler from moving accesses of accumulator registers across wgmma fences/waits.
 template <int kCount>
 __device__ __forceinline__ void fence_regs(float (&r)[kCount]) {

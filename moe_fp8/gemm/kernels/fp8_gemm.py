@@ -15,7 +15,8 @@ CUDA graph once its kernel is compiled and loaded (``precompile`` or one eager c
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from collections import OrderedDict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -32,7 +33,39 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
-        f"{layout}>")
+        f"{layout}, {int(c.double_buffer)}>")
+
+
+# NOTE: the launch path is per call Python; these caches keep it to dictionary lookups plus one
+# cuLaunchKernelEx (the first version built 4 TMA descriptors per call: ~50 us of host time,
+# which showed up as a ~50 us floor in the first benchmark).
+_kernels: Dict[tuple, object] = {}
+_tma_cache: "OrderedDict[tuple, object]" = OrderedDict()
+kTmaCacheSize = 512
+
+
+def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
+    key = (n, k, config, layout, device)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = jit.get_kernel(kernel_source(n, k, config, layout), device)
+    return kernel
+
+
+def _tma(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, inner_dim=None,
+         outer_dim=None, outer_stride=None):
+    """make_tma_2d, memoised on everything the descriptor encodes (address, shape, strides, box):
+    a reused address with the same geometry gives the same descriptor, so reuse is safe."""
+    key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
+           box_inner, box_outer, swizzle, inner_dim, outer_dim, outer_stride)
+    tmap = _tma_cache.get(key)
+    if tmap is None:
+        tmap = jit.make_tma_2d(tensor, box_inner, box_outer, swizzle, inner_dim=inner_dim,
+                               outer_dim=outer_dim, outer_stride=outer_stride)
+        _tma_cache[key] = tmap
+        if len(_tma_cache) > kTmaCacheSize:
+            _tma_cache.popitem(last=False)
+    return tmap
 
 
 def _k_major(t: torch.Tensor) -> torch.Tensor:
@@ -59,21 +92,21 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
     ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
     c = config.resolved(k)
-    kernel = jit.get_kernel(kernel_source(n, k, c, layout))
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
+    kernel = _get_kernel(n, k, c, layout, device)
     sms = c.num_sms or H.num_sms(device)
     grid = max(1, min(sms, max_tiles))
-    tma_a = jit.make_tma_2d(a2, 128, c.block_m, 128)
-    tma_b = jit.make_tma_2d(b2, 128, c.block_n, 128)
-    tma_sa = jit.make_tma_2d(sa2, c.block_m, 1, 0, inner_dim=sa_rows, outer_dim=sa2.shape[0],
-                             outer_stride=sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
+    tma_a = _tma(a2, 128, c.block_m, 128)
+    tma_b = _tma(b2, 128, c.block_n, 128)
+    tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
+                  sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
     # Output: one 16-column x 64-row box per math warpgroup and chunk, 32-byte swizzle
     # (epilogue.cuh explains the layout).
-    tma_d = jit.make_tma_2d(d2, 16, 64, 32)
+    tma_d = _tma(d2, 16, 64, 32)
     args: List[object] = [tma_a, tma_b, tma_sa, tma_d, jit.i32(m), jit.i32(num_experts),
                           layout_arg if layout_arg is not None else sb, sb, d2]
-    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), H.smem_bytes(c.block_m, c.block_n,
-                                                                     c.stages, k), args)
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1),
+                  H.smem_bytes(c.block_m, c.block_n, c.stages, k), args)
 
 
 def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
