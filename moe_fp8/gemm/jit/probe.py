@@ -75,19 +75,28 @@ def probe_path(path: str) -> dict:
         identity = compilers.identity(path)
     except (compilers.CompilerUnavailable, OSError, subprocess.CalledProcessError) as error:
         return {"status": "unavailable", "identity": "", "detail": str(error), "seconds": None}
-    command = [sys.executable, "-c",
-               f"from moe_fp8.gemm.jit.probe import _child_main; _child_main({path!r})"]
+    result = run_child(f"from moe_fp8.gemm.jit.probe import _child_main; _child_main({path!r})")
+    result["identity"] = identity
+    return result
+
+
+def run_child(code: str) -> dict:
+    """Run ``python -c code`` with this package importable; classify how it ended."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=_child_env(),
-                              timeout=kProbeTimeoutSeconds)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=_child_env(), timeout=kProbeTimeoutSeconds)
     except subprocess.TimeoutExpired:
-        return {"status": "error", "identity": identity, "detail": "timed out", "seconds": None}
+        return {"status": "error", "detail": "timed out", "seconds": None}
     if done.returncode == 0:
-        seconds = float(done.stdout.strip().splitlines()[-1])
-        return {"status": "ok", "identity": identity, "detail": "", "seconds": seconds}
+        lines = done.stdout.strip().splitlines() or ["-"]
+        try:
+            seconds = float(lines[-1])
+        except ValueError:
+            seconds = None
+        return {"status": "ok", "detail": "", "seconds": seconds}
     status = "crash" if done.returncode < 0 else "error"  # negative: killed by a signal
     detail = f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-2000:]}"
-    return {"status": status, "identity": identity, "detail": detail, "seconds": None}
+    return {"status": status, "detail": detail, "seconds": None}
 
 
 def _stat(path: Path) -> list:
