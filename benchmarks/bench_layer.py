@@ -1,0 +1,294 @@
+"""The MoE layer on one GPU holding 32 experts (DeepSeek-V3 shapes: H 7168, I 2048, top-8 over
+8 groups of 4 with 4 groups kept, one shared expert), vs peers with the SAME routing, same run.
+
+Prefill (contiguous layout), T = 4096 .. 32768 tokens (x 8 routed rows each):
+* ``ours``       MoE.forward: router, FP8 quantise + permute, grouped FP8 GEMMs (1x128 / 128x128
+                 scales), fused SiLU-mul-quant, weighted un-permute, shared expert (dense FP8).
+* ``bf16``       the same data flow in bf16 on ``torch._grouped_mm`` (+ F.linear shared expert).
+* ``fp8_row``    row-wise FP8 on ``torch._scaled_grouped_mm`` / ``torch._scaled_mm`` (one scale per
+                 token row and per weight output channel), torch quantisation passes.
+  Peers get the same 128-row-padded segments (their offsets = our segment ends) and the same
+  combine, so only the expert math differs; their router is not timed (routing precomputed),
+  ours is: ``ours`` is the whole layer.
+* ``gemm_share`` = time of our 4 GEMMs alone (grouped 1+2, shared 1+2) on the same layout / layer time.
+* TFLOPS count real rows only: 6·H·I per (token, expert) incl. the shared expert.
+
+Decode (masked layout, ``decode_runner(max_tokens=n)`` replayed as one CUDA graph), n = 1 .. 256:
+time vs the weight-streaming floor = bytes of the touched experts' FP8 weights + scales (+ the
+shared expert) / the measured device copy bandwidth.
+
+    python benchmarks/bench_layer.py [--quick] [--repeats N]
+
+Results: benchmarks/results/layer_prefill_<date>.md/.csv and layer_decode_<date>.md/.csv (card,
+date, commit in the header); the tables print last. Timings: CUDA events, medians, L2 flushed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench, copy_bandwidth_gbs, geomean, markdown_table, write_results  # noqa: E402
+
+import moe_fp8.gemm as G  # noqa: E402
+from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
+from moe_fp8.layers.layouts import contiguous_index, local_expert_ids  # noqa: E402
+from moe_fp8.layers.permute import (combine_index_contiguous, quantize_tokens,  # noqa: E402
+                                    unpermute_combine)
+from moe_fp8.layers.reference import dequantized_weights  # noqa: E402
+
+kPrefillTokens = (4096, 8192, 16384, 32768)
+kDecodeTokens = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+kTargets = "prefill >= 1.6x bf16 and >= 1.2x fp8_row; GEMMs >= 80% of layer time; decode <= 1.2x floor"
+
+
+def layer_flops(cfg: MoEConfig, tokens: int) -> float:
+    return 6.0 * cfg.hidden_size * cfg.moe_intermediate_size * tokens * (cfg.top_k + cfg.n_shared_experts)
+
+
+# ----------------------------------------------------------------------------- peers
+
+class PeerWeights:
+    """bf16 and row-wise FP8 copies of the layer's (dequantised) weights."""
+
+    def __init__(self, moe: MoE):
+        w = dequantized_weights(moe)
+        self.w13 = w["w13"].bfloat16()  # [E, 2I, H]
+        self.w2 = w["w2"].bfloat16()  # [E, H, I]
+        self.s13, self.s2 = w["shared_w13"].bfloat16(), w["shared_w2"].bfloat16()
+        self.q13, self.r13 = rowwise_quant(self.w13)  # fp8 [E, 2I, H], fp32 [E, 2I]
+        self.q2, self.r2 = rowwise_quant(self.w2)
+        self.qs13, self.rs13 = rowwise_quant(self.s13)
+        self.qs2, self.rs2 = rowwise_quant(self.s2)
+
+
+def rowwise_quant(x: torch.Tensor):
+    """One fp32 scale per row (last dim reduced): fp8 like x, scales x.shape[:-1]."""
+    scale = x.float().abs().amax(dim=-1).clamp_min(1e-10) / 448.0
+    return (x.float() / scale.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def peer_routing(moe: MoE, x: torch.Tensor):
+    """Routing + the padded contiguous index both peers use (host sync for M_sum, like ours)."""
+    routing = moe.gate(x)
+    local = local_expert_ids(routing.topk_idx, 0, moe.num_experts_local)
+    index = contiguous_index(local, moe.num_experts_local)
+    segment = (index.tokens_per_expert + 127) // 128 * 128
+    ends = torch.cumsum(segment, 0).to(torch.int32)  # [E] segment ends (offs of the grouped mms)
+    valid = index.row_pair >= 0
+    row_token = torch.where(valid, index.row_pair // moe.cfg.top_k, 0)
+    return routing, index, ends, row_token, combine_index_contiguous(index, routing.topk_weights)
+
+
+def bf16_layer(x, pw: PeerWeights, ends, row_token, combine):
+    rows = x.index_select(0, row_token)  # [M_sum, H]
+    h = torch._grouped_mm(rows, pw.w13.transpose(-2, -1), offs=ends)  # [M_sum, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, pw.w2.transpose(-2, -1), offs=ends)  # [M_sum, H]
+    sg, su = F.linear(x, pw.s13).chunk(2, dim=-1)
+    shared = F.linear(F.silu(sg) * su, pw.s2)
+    return unpermute_combine(y, combine, add=shared)
+
+
+def _scaled_mm_rowwise(qa, sa, qb, sb):
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa.unsqueeze(1), scale_b=sb.unsqueeze(0),
+                            out_dtype=torch.bfloat16)
+
+
+def fp8_row_layer(x, pw: PeerWeights, ends, row_token, combine):
+    qx, sx = rowwise_quant(x)  # [T, H], [T]
+    rows, srows = qx.index_select(0, row_token), sx.index_select(0, row_token)
+    h = torch._scaled_grouped_mm(rows, pw.q13.transpose(-2, -1), srows, pw.r13, offs=ends,
+                                 out_dtype=torch.bfloat16)
+    gate, up = h.chunk(2, dim=-1)
+    qa, sa = rowwise_quant(F.silu(gate) * up)
+    y = torch._scaled_grouped_mm(qa, pw.q2.transpose(-2, -1), sa, pw.r2, offs=ends,
+                                 out_dtype=torch.bfloat16)
+    sg, su = _scaled_mm_rowwise(qx, sx, pw.qs13, pw.rs13).chunk(2, dim=-1)
+    qs, ss = rowwise_quant(F.silu(sg) * su)
+    shared = _scaled_mm_rowwise(qs, ss, pw.qs2, pw.rs2)
+    return unpermute_combine(y, combine, add=shared)
+
+
+# ----------------------------------------------------------------------------- ours, GEMMs only
+
+def gemm_only(moe: MoE, x: torch.Tensor):
+    """A closure running just our 4 GEMMs on a prebuilt layout (inputs precomputed)."""
+    routing = moe.gate(x)
+    xq, xs = quantize_tokens(x)
+    layout, _ = moe.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx, routing.topk_weights)
+    ex, sh = moe.experts, moe.shared_experts
+    h = torch.zeros(layout.num_rows, 2 * ex.inter, dtype=torch.bfloat16, device=x.device)
+    act = G.silu_and_mul_quant_fp8(G.m_grouped_fp8_gemm_nt_contiguous(
+        (layout.a, layout.sa), (ex.w13, ex.w13_scale), layout.m_indices))
+    y = torch.empty(layout.num_rows, ex.hidden, dtype=torch.bfloat16, device=x.device)
+    hs = G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale))
+    act_s = G.silu_and_mul_quant_fp8(hs)
+    ys = torch.empty(x.shape[0], ex.hidden, dtype=torch.bfloat16, device=x.device)
+
+    def run():
+        G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (ex.w13, ex.w13_scale),
+                                           layout.m_indices, out=h)
+        G.m_grouped_fp8_gemm_nt_contiguous(act, (ex.w2, ex.w2_scale), layout.m_indices, out=y)
+        G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale), out=hs)
+        G.fp8_gemm_nt(act_s, (sh.w2, sh.w2_scale), out=ys)
+    return run
+
+
+# ----------------------------------------------------------------------------- tables
+
+@torch.no_grad()
+def prefill_rows(moe, pw, token_counts, repeats):
+    rows = []
+    cfg = moe.cfg
+    for tokens in token_counts:
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        x = torch.randn(tokens, cfg.hidden_size, generator=gen, device="cuda").bfloat16()
+        flops = layer_flops(cfg, tokens)
+        row = {"tokens": tokens, "routed_rows": tokens * cfg.top_k}
+        ours_us = bench(lambda: moe(x), repeats=repeats, warmup=2)
+        row["ours_us"], row["ours_TFLOPS"] = ours_us, flops / ours_us / 1e6
+        try:
+            row["gemm_share"] = bench(gemm_only(moe, x), repeats=repeats, warmup=2) / ours_us
+        except Exception as error:  # noqa: BLE001 - keep the table going
+            row["gemm_share"] = float("nan")
+            print(f"gemm-only timing failed at T={tokens}: {error!r}"[:300])
+        routing, _, ends, row_token, combine = peer_routing(moe, x)
+        y_ours = moe(x)
+        for name, layer in (("bf16", bf16_layer), ("fp8_row", fp8_row_layer)):
+            try:
+                y_peer = layer(x, pw, ends, row_token, combine)
+                us = bench(lambda: layer(x, pw, ends, row_token, combine), repeats=repeats, warmup=2)
+                row[f"{name}_us"], row[f"speedup_vs_{name}"] = us, us / ours_us
+                row[f"diff_vs_{name}"] = G.calc_diff(y_ours, y_peer)
+            except Exception as error:  # noqa: BLE001
+                row[f"{name}_us"] = row[f"speedup_vs_{name}"] = row[f"diff_vs_{name}"] = float("nan")
+                print(f"peer {name} failed at T={tokens}: {error!r}"[:300])
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del x, y_ours
+        torch.cuda.empty_cache()
+    return rows
+
+
+def expert_bytes(moe: MoE) -> tuple:
+    ex, sh = moe.experts, moe.shared_experts
+    per_expert = (ex.w13[0].numel() + ex.w2[0].numel() + 4 * (ex.w13_scale[0].numel() + ex.w2_scale[0].numel()))
+    shared = 0 if sh is None else sh.w13.numel() + sh.w2.numel() + 4 * (sh.w13_scale.numel() + sh.w2_scale.numel())
+    return per_expert, shared
+
+
+@torch.no_grad()
+def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs):
+    rows = []
+    cfg = moe.cfg
+    per_expert, shared = expert_bytes(moe)
+    for n in token_counts:
+        gen = torch.Generator(device="cuda").manual_seed(1000 + n)
+        x = torch.randn(n, cfg.hidden_size, generator=gen, device="cuda").bfloat16()
+        run = moe.decode_runner(max_tokens=n)
+        y = run(x).clone()
+        touched = int(torch.unique(moe.gate(x).topk_idx).numel())
+        floor_us = (touched * per_expert + shared) / (bandwidth_gbs * 1e3)
+        us = bench(lambda: run(x), repeats=repeats, warmup=3)
+        row = {"tokens": n, "experts_touched": touched, "graph_us": us, "floor_us": floor_us,
+               "vs_floor": us / floor_us, "diff_vs_prefill": G.calc_diff(y, moe(x))}
+        try:
+            _, _, ends, row_token, combine = peer_routing(moe, x)
+            row["bf16_eager_us"] = bench(lambda: bf16_layer(x, pw, ends, row_token, combine),
+                                         repeats=repeats, warmup=2)
+        except Exception as error:  # noqa: BLE001
+            row["bf16_eager_us"] = float("nan")
+            print(f"bf16 decode peer failed at n={n}: {error!r}"[:300])
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del run
+        torch.cuda.empty_cache()
+    # one static-size row: a 1-token batch on a 256-token runner (what a server's graph pays)
+    run = moe.decode_runner(max_tokens=max(token_counts))
+    x = torch.randn(1, cfg.hidden_size, device="cuda").bfloat16()
+    us = bench(lambda: run(x), repeats=repeats, warmup=3)
+    touched = int(torch.unique(moe.gate(x).topk_idx).numel())
+    floor_us = (touched * per_expert + shared) / (bandwidth_gbs * 1e3)
+    rows.append({"tokens": f"1 (runner {max(token_counts)})", "experts_touched": touched, "graph_us": us,
+                 "floor_us": floor_us, "vs_floor": us / floor_us, "diff_vs_prefill": float("nan"),
+                 "bf16_eager_us": float("nan")})
+    return rows
+
+
+def backend_report() -> str:
+    try:
+        from moe_fp8.gemm.backend import pick
+    except ImportError:
+        return "unknown"
+    device = torch.device("cuda")
+    parts = []
+    for label, family, name in (("quant", "quant", "per_token_group_quant"),
+                                ("silu", "quant", "silu_and_mul_quant"),
+                                ("gemm", "fp8_gemm", "m_grouped_contiguous"),
+                                ("masked", "fp8_gemm", "m_grouped_masked"),
+                                ("dense", "fp8_gemm", "fp8_gemm_nt")):
+        try:
+            found = pick("auto", device, family, name) is not None
+        except Exception:  # noqa: BLE001
+            found = False
+        parts.append(f"{label}={'kernel' if found else 'REFERENCE'}")
+    return " ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T = 4096, 16384; n = 1, 32, 128")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_layer.py needs a CUDA GPU")
+    backends = backend_report()
+    print(f"backends: {backends}")
+    if "REFERENCE" in backends:
+        print("WARNING: some ops run the pure-torch reference on this GPU: timings are not kernel timings")
+    cfg = MoEConfig.deepseek_v3(num_experts=32)
+    moe = MoE(cfg, device="cuda", seed=0)
+    pw = PeerWeights(moe)
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    prefill_tokens = (4096, 16384) if args.quick else kPrefillTokens
+    decode_tokens = (1, 32, 128) if args.quick else kDecodeTokens
+
+    prefill, decode = [], []
+    try:
+        prefill = prefill_rows(moe, pw, prefill_tokens, args.repeats)
+    except Exception:  # noqa: BLE001 - still run decode and print what we have
+        traceback.print_exc()
+    try:
+        decode = decode_rows(moe, pw, decode_tokens, max(args.repeats, 20), bandwidth)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+
+    summary = [f"backends: {backends}", f"copy bandwidth: {bandwidth:.0f} GB/s", f"targets: {kTargets}"]
+    if prefill:
+        summary.append("prefill geomean speed-up vs bf16 _grouped_mm: "
+                       f"{geomean([r['speedup_vs_bf16'] for r in prefill]):.2f}x, vs row-wise FP8: "
+                       f"{geomean([r['speedup_vs_fp8_row'] for r in prefill]):.2f}x; GEMM share "
+                       f"{min(r['gemm_share'] for r in prefill):.0%}..{max(r['gemm_share'] for r in prefill):.0%}")
+    if decode:
+        summary.append(f"decode vs floor: geomean {geomean([r['vs_floor'] for r in decode]):.2f}x")
+    if prefill:
+        write_results("layer_prefill", prefill, "\n\n".join(summary))
+    if decode:
+        write_results("layer_decode", decode, "\n\n".join(summary))
+    # the tables last, for the log's tail
+    for title, rows in (("prefill", prefill), ("decode", decode)):
+        if rows:
+            print(f"\n## {title}\n{markdown_table(rows)}")
+    print("\n" + "\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
