@@ -17,6 +17,8 @@ from .. import gemm as G
 from ..gemm.layout import empty_act_scales
 from .layouts import CombineIndex, ContiguousIndex, MaskedIndex
 
+kOneShotCombineElems = 1 << 24  # T*k*H up to this: one [T, k, H] fp32 gather (64 MiB), else k passes
+
 
 def quantize_tokens(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, H]`` bf16 -> ``(fp8 [T, H], fp32 [T, H/128] MN-major)``: 1x128 per-token scales."""
@@ -85,12 +87,18 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
     (shared experts' output) optional; ``out [T, H]`` optional (decode's static buffer).
     """
     tokens, top_k = index.slot_row.shape
-    acc = add.to(torch.float32, copy=True) if add is not None else torch.zeros(tokens, y_rows.shape[1],
+    hidden = y_rows.shape[1]
+    acc = add.to(torch.float32, copy=True) if add is not None else torch.zeros(tokens, hidden,
                                                         dtype=torch.float32, device=y_rows.device)
     if tokens and y_rows.shape[0]:
-        for slot in range(top_k):  # k is small (8): one [T, H] gather-FMA per slot
-            rows = torch.index_select(y_rows, 0, index.slot_row[:, slot])  # [T, H]
-            acc.addcmul_(rows.float(), index.slot_weight[:, slot, None])
+        if tokens * top_k * hidden <= kOneShotCombineElems:
+            # small batches (decode): one gather + one batched FMA, few kernels in the graph
+            rows = torch.index_select(y_rows, 0, index.slot_row.view(-1)).view(tokens, top_k, hidden)
+            acc.unsqueeze(1).baddbmm_(index.slot_weight.unsqueeze(1), rows.float())
+        else:
+            for slot in range(top_k):  # large batches: k gather-FMAs of [T, H], no [T, k, H] copy
+                rows = torch.index_select(y_rows, 0, index.slot_row[:, slot])  # [T, H]
+                acc.addcmul_(rows.float(), index.slot_weight[:, slot, None])
     if out is None:
         return acc.to(y_rows.dtype)
     return out.copy_(acc)
