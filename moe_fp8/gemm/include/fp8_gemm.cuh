@@ -25,8 +25,8 @@
 
 namespace moe_fp8 {
 
-constexpr int kProducerRegs = 48;  // addresses and counters (40 spilled for N = 2128)
-constexpr int kMathRegs = 232;     // 128 * 48 + 256 * 232 = 64K registers per SM
+constexpr int kProducerRegs = 56;  // scheduler state and addresses (40 spilled for N = 2128)
+constexpr int kMathRegs = 224;     // 128 * 56 + 256 * 224 = 384 * 168, the launch allocation
 
 // True when every tile start n0 = i * kBlockN (a multiple of 16) sees its columns within two
 // 128-column scale blocks: (n0 mod 128) + kBlockN <= 256 for all i.
@@ -66,6 +66,9 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
                     const int* g_layout, const float* g_sb, void* g_d) {
   static_assert(kK % 128 == 0 && kN % 16 == 0, "K % 128 and N % 16 must be 0");
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
+  // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
+  // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
+  static_assert(128 * kProducerRegs + 256 * kMathRegs <= 384 * 168, "register budget");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
                 "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
   using Layout = SmemLayout<kK, kBlockM, kBlockN, kStages>;
@@ -77,9 +80,9 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
   constexpr bool kMayStraddle = 128 % kBlockN != 0;
-  // Two partial-product register sets beside the accumulator fit the 232-register budget up
-  // to kBlockN = 128 (3 x 64 + ~30 registers).
-  constexpr bool kDoubleBuffer = kDoubleBufferOpt != 0 && 3 * kAcc <= 192;
+  // Two partial-product register sets beside the accumulator fit the register budget up to
+  // kBlockN = 128 (3 x 64 + ~30 registers); the pipelined loop needs an even K-block count.
+  constexpr bool kDoubleBuffer = kDoubleBufferOpt != 0 && 3 * kAcc <= 192 && kNumKBlocks % 2 == 0;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // NOTE: the 128B swizzle pattern is a function of address bits [7,10), so every A/B slot must
@@ -207,24 +210,17 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
       if constexpr (kDoubleBuffer) {
         // K block kb+1 is queued on the tensor cores before kb is promoted, so the FFMAs of
         // the promotion overlap the next MMAs instead of leaving the tensor cores idle.
+        // NOTE: each group is retired (wait 0) before the next is issued, and the loop body
+        // is branch-free (kNumKBlocks even): with "issue kb+1, wait 1, promote kb" ptxas
+        // could not prove the two register sets apart and serialised every wgmma (C7514).
         issue(r_p0);
         for (int kb = 0; kb < kNumKBlocks; kb += 2) {
-          if (kb + 1 < kNumKBlocks) {
-            issue(r_p1);
-            ptx::wgmma_wait<1>();
-          } else {
-            ptx::wgmma_wait<0>();
-          }
+          ptx::wgmma_wait<0>();
+          issue(r_p1);
           retire(r_p0, kb);
-          if (kb + 1 < kNumKBlocks) {
-            if (kb + 2 < kNumKBlocks) {
-              issue(r_p0);
-              ptx::wgmma_wait<1>();
-            } else {
-              ptx::wgmma_wait<0>();
-            }
-            retire(r_p1, kb + 1);
-          }
+          ptx::wgmma_wait<0>();
+          if (kb + 2 < kNumKBlocks) issue(r_p0);
+          retire(r_p1, kb + 1);
         }
       } else {
         for (int kb = 0; kb < kNumKBlocks; ++kb) {
