@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import gemm as G
 from ..gemm.layout import empty_act_scales
+from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
 
 FP8 = torch.float8_e4m3fn
@@ -104,9 +105,11 @@ class RoutedExperts(nn.Module):
     def forward_contiguous(self, layout: ContiguousLayout) -> torch.Tensor:
         """-> ``y_rows [M_sum, H]`` bf16; padding rows are not written (arbitrary values)."""
         rows = layout.num_rows
-        # NOTE: zeros, not empty: the SiLU-mul op reads the padding rows GEMM1 skips, and garbage
-        # there could be NaN (MOE_FP8_CHECKS=1 rejects it). A fused act that reads m_indices drops this.
-        h = torch.zeros(rows, 2 * self.inter, dtype=self.dtype, device=layout.a.device)
+        # NOTE: GEMM1 skips padding rows, so they hold garbage that the SiLU-mul op quantises too;
+        # harmless (GEMM rows are independent and GEMM2 skips them again) except that the debug
+        # mode's finiteness check would reject it: zero them only then (a memset of M_sum x 2I).
+        alloc = torch.zeros if debug_mode() else torch.empty
+        h = alloc(rows, 2 * self.inter, dtype=self.dtype, device=layout.a.device)
         G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (self.w13, self.w13_scale),
                                            layout.m_indices, out=h)
         act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)
