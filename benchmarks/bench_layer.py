@@ -172,7 +172,7 @@ def prefill_rows(moe, pw, token_counts, repeats):
                 print(f"peer {name} failed at T={tokens}: {error!r}"[:300])
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        del x, y_ours
+        x = y_ours = y_peer = None  # free before the next size
         torch.cuda.empty_cache()
     return rows
 

@@ -72,7 +72,7 @@ def test_graph_decode_replays_with_different_batches(moe):
 
 @torch.no_grad()
 def test_router_matches_transformers_at_deepseek_v3_shapes():
-    transformers = pytest.importorskip("transformers")  # noqa: F841
+    pytest.importorskip("transformers")
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
     from test_layer_helpers import installed_transformers_fill

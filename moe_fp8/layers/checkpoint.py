@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -172,7 +172,7 @@ def load_moe_weights(moe, source, prefix: str = "") -> None:
     """Fill ``moe`` (router, local experts, shared experts) from ``source`` under ``prefix``."""
     cfg: MoEConfig = moe.cfg
     r = _Reader(source, prefix, moe.device)
-    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    e, h = cfg.num_experts, cfg.hidden_size
     moe.gate.weight.copy_(r.tensor("gate.weight", (e, h), kDenseDtypes))
     moe.gate.e_score_correction_bias.copy_(r.tensor("gate.e_score_correction_bias", (e,), kDenseDtypes))
     local = slice(moe.expert_offset, moe.expert_offset + moe.num_experts_local)
@@ -189,8 +189,7 @@ def load_moe_weights(moe, source, prefix: str = "") -> None:
 
 
 def _load_fused_experts(moe, r: _Reader, local: slice) -> None:
-    cfg = moe.cfg
-    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    h, i = moe.cfg.hidden_size, moe.cfg.moe_intermediate_size
     for j in range(local.start, local.stop):  # one expert at a time: bounded temporary memory
         rows = slice(j, j + 1)
         w13, s13 = _quantized(*r.weight("experts.gate_up_proj", (1, 2 * i, h), rows))
