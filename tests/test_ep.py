@@ -1,0 +1,399 @@
+"""Expert parallelism on CPU: gloo process groups of 2 and 4 ranks, spawned by this file.
+
+Process start-up dominates on a small machine, so each world size runs ONE spawned job that
+executes every case on every rank (collectives keep the ranks in step; a barrier after each case)
+and reports per-case tracebacks; the pytest functions below each report one (case, world size).
+Every job has a timeout (``kJobTimeoutS``) and gloo a collective timeout, so a hang fails.
+
+Oracles: (1) the single-process layer (``MoE`` with the local dispatcher) with the same weights
+on the concatenation of every rank's tokens; (2) fake experts with a closed form
+(``y = dequant(row) * (global expert + 1)``) for the dispatcher alone; (3) the local dispatcher's
+layout over the concatenated tokens, which EP must reproduce bit for bit (rows arrive ordered by
+(source rank, token), which is the concatenation's order).
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_fp8.layers.placement import ExpertPlacement
+
+kJobTimeoutS = 150  # one spawned job (all cases of one world size)
+kCollectiveTimeoutS = 45  # gloo: a rank stuck in a collective raises instead of hanging
+kPoison = 1.0e4  # fake-expert rows the GEMMs would not write: any read with weight != 0 shows
+kWorlds = (2, 4)
+
+
+# ============================================================================ spawning
+
+def run_spawned(worker, world: int, *args, timeout_s: float = kJobTimeoutS):
+    """Run ``worker(rank, world, store_path, result_dir, *args)`` in ``world`` spawned processes.
+
+    Returns ``(results, job_error)``: ``results[r]`` is rank r's JSON (``result_dir/rank{r}.json``,
+    ``{}`` if it wrote none) and ``job_error`` a message if a process failed or the job timed
+    out (the processes this call started are then terminated), else None. Never raises: one
+    failing case must not make every later test re-run the job.
+    """
+    job_error = None
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        ctx = mp.start_processes(worker, args=(world, store, tmp, *args), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    job_error = f"job with {world} ranks exceeded {timeout_s} s"
+                    break
+        except Exception as error:  # a rank raised or exited non-zero
+            job_error = f"{type(error).__name__}: {error}"
+        finally:
+            for process in ctx.processes:
+                if process.is_alive():
+                    process.terminate()
+        results = []
+        for rank in range(world):
+            path = os.path.join(tmp, f"rank{rank}.json")
+            results.append(json.load(open(path)) if os.path.exists(path) else {})
+        return results, job_error
+
+
+def init_group(backend: str, rank: int, world: int, store: str) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=kCollectiveTimeoutS))
+
+
+# ============================================================================ shared helpers
+
+def tiny_cfg():
+    from moe_fp8.layers import MoEConfig
+    return MoEConfig.tiny()  # H 256, I 128, 16 experts, top-4, 4 groups / top-2
+
+
+def build_pair(cfg, group, device="cpu", seed: int = 0, skew: bool = False):
+    """(single-process reference layer, this rank's EP layer) with the same weights."""
+    from moe_fp8.layers import MoE
+    ref = MoE(cfg, device=device, seed=seed)
+    ep = MoE(cfg, ep_group=group, device=device, seed=None)
+    if skew:  # every token picks experts of groups 0 and 1 (0 .. E/2 - 1): the rest are empty
+        ref.gate.e_score_correction_bias[:cfg.num_experts // 2] += 10.0
+    ep.gate.load_state_dict(ref.gate.state_dict())
+    if ref.shared_experts is not None:
+        ep.shared_experts.load_state_dict(ref.shared_experts.state_dict())
+    local = ExpertPlacement.from_group(cfg.num_experts, group).local_slice
+    ep.experts.load_fp8(ref.experts.w13[local], ref.experts.w13_scale[local],
+                        ref.experts.w2[local], ref.experts.w2_scale[local])
+    return ref, ep
+
+
+def shard_rows(x_all: torch.Tensor, counts, rank: int) -> torch.Tensor:
+    start = sum(counts[:rank])
+    return x_all[start:start + counts[rank]]
+
+
+def dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.float() * s.float().repeat_interleave(128, dim=-1)
+
+
+def random_routing(tokens: int, cfg, gen: torch.Generator, *, invalid_every: int = 0):
+    """Distinct experts per token (random), fp32 weights; every ``invalid_every``-th slot -1."""
+    scores = torch.rand(tokens, cfg.num_experts, generator=gen)
+    topk_idx = scores.topk(cfg.top_k, dim=1).indices  # [T, k] int64, distinct per row
+    if invalid_every:
+        topk_idx.view(-1)[::invalid_every] = -1
+    return topk_idx, torch.rand(tokens, cfg.top_k, generator=gen) + 0.1
+
+
+def oracle(xq, xs, topk_idx, topk_weights, add=None):
+    """``out[t] = add[t] + sum_j w[t, j] * bf16(dequant(x_t) * (g + 1))`` for valid ids g."""
+    deq = dequant(xq, xs)  # [T, H]
+    acc = add.float().clone() if add is not None else torch.zeros_like(deq)
+    for j in range(topk_idx.shape[1]):
+        g = topk_idx[:, j]
+        y = (deq * (g.clamp(min=0) + 1).float()[:, None]).bfloat16().float()
+        acc += torch.where((g >= 0)[:, None], y * topk_weights[:, j, None], 0.0)
+    return acc
+
+
+def fake_experts_contiguous(layout, expert_offset: int) -> torch.Tensor:
+    scale = (layout.m_indices.long() + expert_offset + 1).float()
+    y = (dequant(layout.a, layout.sa) * scale[:, None]).bfloat16()
+    y[layout.m_indices < 0] = kPoison
+    return y
+
+
+def fake_experts_masked(layout, expert_offset: int) -> torch.Tensor:
+    experts, m_max = layout.a.shape[:2]
+    scale = torch.arange(experts, dtype=torch.float32) + expert_offset + 1
+    y = (dequant(layout.a, layout.sa) * scale[:, None, None]).bfloat16()
+    unused = torch.arange(m_max)[None, :] >= layout.masked_m.long()[:, None]  # [E_loc, M_max]
+    y[unused] = kPoison
+    return y
+
+
+def assert_bf16_close(actual, expected, what: str, ulps: float = 2.0):
+    """Within ``ulps`` bf16 ulps of the largest |expected| per row (sum-order/rounding only)."""
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)
+    err = ((actual - expected).abs() / scale).max().item() if actual.numel() else 0.0
+    assert err <= ulps * 2.0 ** -8, f"{what}: max error {err:.3g} of the row max (> {ulps} bf16 ulps)"
+
+
+# ============================================================================ cases (run on every rank)
+
+def case_layer_prefill(rank, world, group):
+    """EP layer == single-process layer; uneven batches, T = 1 on one rank (4 ranks)."""
+    cfg = tiny_cfg()
+    ref, ep = build_pair(cfg, group)
+    counts = [37, 11, 64, 1][:world]
+    x_all = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    y = ep(shard_rows(x_all, counts, rank))
+    assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), "prefill")
+
+
+def case_layer_prefill_skewed(rank, world, group):
+    """Half the experts (all of the upper ranks') receive nothing; T = 0 on rank 1."""
+    cfg = tiny_cfg()
+    ref, ep = build_pair(cfg, group, skew=True)
+    counts = [29, 0, 1, 7][:world]
+    x_all = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
+    y = ep(shard_rows(x_all, counts, rank))
+    assert y.shape == (counts[rank], cfg.hidden_size)
+    assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), "prefill skewed")
+
+
+def case_layer_decode(rank, world, group):
+    """The masked path (decode runner, eager on CPU): two steps of different batch sizes."""
+    cfg = tiny_cfg()
+    ref, ep = build_pair(cfg, group)
+    runner = ep.decode_runner(8)
+    assert runner.m_max == world * 8  # capacity: one row per (source rank, token)
+    gen = torch.Generator().manual_seed(3)
+    for counts in ([8, 1, 5, 3][:world], [2, 8, 0, 7][:world]):
+        x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
+        y = runner(shard_rows(x_all, counts, rank))
+        assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), f"decode {counts}")
+
+
+def case_layer_decode_skewed(rank, world, group):
+    cfg = tiny_cfg()
+    ref, ep = build_pair(cfg, group, skew=True)
+    runner = ep.decode_runner(6)
+    counts = [6, 1, 0, 4][:world]
+    x_all = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(4)).bfloat16()
+    y = runner(shard_rows(x_all, counts, rank))
+    assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), "decode skewed")
+
+
+def _dispatcher(cfg, group, **kwargs):
+    from moe_fp8.layers.dispatch.torch_dist import TorchDistDispatcher
+    return TorchDistDispatcher(cfg, group, **kwargs)
+
+
+def _oracle_inputs(cfg, counts, rank, seed, invalid_every=0):
+    from moe_fp8.layers.permute import quantize_tokens
+    gen = torch.Generator().manual_seed(seed)
+    x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
+    idx_all, w_all = random_routing(sum(counts), cfg, gen, invalid_every=invalid_every)
+    add_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
+    xq, xs = quantize_tokens(shard_rows(x_all, counts, rank))
+    return (xq, xs), shard_rows(idx_all, counts, rank), shard_rows(w_all, counts, rank), \
+        shard_rows(add_all, counts, rank)
+
+
+def case_dispatch_contiguous_oracle(rank, world, group):
+    """Dispatcher alone, fake experts: -1 ids, T = 0 on rank 1, both combine dtypes, add."""
+    cfg = tiny_cfg()
+    counts = [13, 0, 40, 1][:world]
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=5, invalid_every=7)
+    expected = oracle(xq, xs, idx, w, add)
+    for combine_dtype, ulps in ((torch.float32, 1.0), (None, 4.0)):
+        disp = _dispatcher(cfg, group, combine_dtype=combine_dtype)
+        layout, handle = disp.dispatch_contiguous((xq, xs), idx, w)
+        assert layout.num_rows % 128 == 0
+        blocks = layout.m_indices.view(-1, 128)  # one expert per 128-row block (+ -1 padding)
+        assert ((blocks == blocks[:, :1]) | (blocks == -1)).all() and (blocks[:, 0] >= 0).all()
+        y = disp.combine_contiguous(fake_experts_contiguous(layout, disp.expert_offset), handle, add=add)
+        assert y.dtype == torch.bfloat16 and y.shape == (counts[rank], cfg.hidden_size)
+        assert_bf16_close(y, expected, f"contiguous combine_dtype={combine_dtype}", ulps)
+
+
+def case_dispatch_masked_oracle(rank, world, group):
+    """Masked pair: num_valid_tokens as a device scalar, static out buffers reused, overflow count."""
+    from moe_fp8.layers.layouts import MaskedBuffers
+    cfg = tiny_cfg()
+    tokens = 9
+    disp = _dispatcher(cfg, group)
+    m_max = disp.max_tokens_per_expert(tokens)
+    buffers = MaskedBuffers.allocate(disp.num_experts_local, m_max, cfg.hidden_size, "cpu")
+    out = torch.full((tokens, cfg.hidden_size), float("nan"), dtype=torch.bfloat16)
+    for step, valid in enumerate(([9, 1, 4, 0], [0, 9, 2, 5])):
+        (xq, xs), idx, w, add = _oracle_inputs(cfg, [tokens] * world, rank, seed=6 + step, invalid_every=5)
+        num_valid = torch.tensor(valid[rank])
+        layout, handle = disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=m_max,
+                                              num_valid_tokens=num_valid, out=buffers)
+        assert layout.a.data_ptr() == buffers.a.data_ptr() and int(layout.num_overflow) == 0
+        y = disp.combine_masked(fake_experts_masked(layout, disp.expert_offset), handle, add=add, out=out)
+        assert y.data_ptr() == out.data_ptr()
+        live = valid[rank]
+        assert_bf16_close(y[:live], oracle(xq, xs, idx, w, add)[:live], f"masked step {step}", 4.0)
+        assert_bf16_close(y[live:], add[live:], f"masked step {step} (invalid tokens: add only)", 0.0)
+    # too small an M_max: pairs beyond it are dropped and counted (never silently)
+    (xq, xs), idx, w, _ = _oracle_inputs(cfg, [tokens] * world, rank, seed=9)
+    layout, _ = disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=1)
+    assert int(layout.num_overflow) == _expected_overflow(disp, group, idx, 1) > 0
+
+
+def _expected_overflow(disp, group, idx_local, m_max):
+    """Pairs for this rank's experts from every rank, minus at most m_max per expert."""
+    gathered = [torch.empty_like(idx_local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, idx_local, group=group)
+    ids = torch.cat(gathered).reshape(-1)
+    local = ids - disp.expert_offset
+    counts = torch.bincount(local[(local >= 0) & (local < disp.num_experts_local)],
+                            minlength=disp.num_experts_local)
+    return int((counts - m_max).clamp(min=0).sum())
+
+
+def case_layout_matches_local(rank, world, group):
+    """EP layouts == the local dispatcher's for this rank's experts over all ranks' tokens."""
+    from moe_fp8.layers.dispatch.local import LocalDispatcher
+    cfg = tiny_cfg()
+    counts = [21, 3, 0, 50][:world]
+    disp = _dispatcher(cfg, group)
+    local = LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k,
+                            num_experts_local=disp.num_experts_local, expert_offset=disp.expert_offset)
+    all_inputs = [_oracle_inputs(cfg, counts, r, seed=10) for r in range(world)]
+    (xq, xs), idx, w, _ = all_inputs[rank]
+    cat = lambda i: torch.cat([inp[i] for inp in all_inputs])  # noqa: E731
+    xq_all = torch.cat([inp[0][0] for inp in all_inputs])
+    xs_all = torch.cat([inp[0][1] for inp in all_inputs])
+    ep_layout, _ = disp.dispatch_contiguous((xq, xs), idx, w)
+    ref_layout, _ = local.dispatch_contiguous((xq_all, xs_all), cat(1), cat(2))
+    assert ep_layout.num_rows == ref_layout.num_rows
+    assert torch.equal(ep_layout.m_indices, ref_layout.m_indices)
+    assert torch.equal(ep_layout.tokens_per_expert, ref_layout.tokens_per_expert)
+    real = ref_layout.m_indices >= 0
+    assert torch.equal(ep_layout.a.view(torch.uint8)[real], ref_layout.a.view(torch.uint8)[real])
+    assert torch.equal(ep_layout.sa[real], ref_layout.sa[real])
+    # masked: static T = 8 everywhere, a different number of live tokens per rank
+    tokens, valid = 8, [8, 2, 0, 5][:world]
+    all_inputs = [_oracle_inputs(cfg, [tokens] * world, r, seed=11) for r in range(world)]
+    live = lambda i: torch.cat([inp[i][:valid[r]] for r, inp in enumerate(all_inputs)])  # noqa: E731
+    m_max = disp.max_tokens_per_expert(tokens)
+    (xq, xs), idx, w, _ = all_inputs[rank]
+    ep_masked, _ = disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=m_max,
+                                        num_valid_tokens=valid[rank])
+    xq_live = torch.cat([inp[0][0][:valid[r]] for r, inp in enumerate(all_inputs)])
+    xs_live = torch.cat([inp[0][1][:valid[r]] for r, inp in enumerate(all_inputs)])
+    ref_masked, _ = local.dispatch_masked((xq_live, xs_live), live(1), live(2), max_tokens_per_expert=m_max)
+    assert torch.equal(ep_masked.masked_m, ref_masked.masked_m)
+    for e, m in enumerate(ref_masked.masked_m.tolist()):
+        assert torch.equal(ep_masked.a[e, :m].view(torch.uint8), ref_masked.a[e, :m].view(torch.uint8))
+        assert torch.equal(ep_masked.sa[e, :m], ref_masked.sa[e, :m])
+
+
+def case_errors(rank, world, group):
+    """Bad arguments raise before any collective (rank-local, so no rank can hang)."""
+    from moe_fp8.layers.dispatch.torch_dist import make_dispatcher
+    cfg = tiny_cfg()
+    disp = _dispatcher(cfg, group)
+    x = torch.randn(4, cfg.hidden_size).bfloat16()
+    idx, w = random_routing(4, cfg, torch.Generator().manual_seed(0))
+    checks = [
+        (ValueError, lambda: disp.dispatch_contiguous(x[:, :128], idx, w)),
+        (ValueError, lambda: disp.dispatch_contiguous(x, idx[:, :2], w)),
+        (TypeError, lambda: disp.dispatch_contiguous(x, idx.float(), w)),
+        (ValueError, lambda: disp.dispatch_masked(x, idx, w, max_tokens_per_expert=0)),
+        (TypeError, lambda: disp.dispatch_masked((x, x), idx, w, max_tokens_per_expert=8)),
+        (ValueError, lambda: make_dispatcher(cfg, group, backend="mpi")),
+        (TypeError, lambda: _dispatcher(cfg, group, combine_dtype=torch.int8)),
+    ]
+    for error, call in checks:
+        with pytest.raises(error):
+            call()
+
+
+CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+# ============================================================================ the spawned job
+
+def _worker(rank, world, store, result_dir):
+    """Runs every case; after a failing case it stops (exit 1): the ranks may be out of step."""
+    torch.set_num_threads(1)
+    init_group("gloo", rank, world, store)
+    group = dist.group.WORLD
+    results = {}
+    for name, case in CASES.items():
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                case(rank, world, group)
+            results[name] = {"error": None}
+        except Exception:  # reported by the pytest function of this case
+            results[name] = {"error": traceback.format_exc()}
+        results[name]["seconds"] = round(time.perf_counter() - start, 2)
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        if results[name]["error"]:
+            os._exit(1)  # peers may be blocked in a collective: the parent terminates them
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=None)
+def _job(world: int):
+    return run_spawned(_worker, world)
+
+
+@pytest.mark.parametrize("world", kWorlds)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ep_gloo(case, world):
+    results, job_error = _job(world)
+    errors = [f"rank {r}:\n{res[case]['error']}" for r, res in enumerate(results)
+              if case in res and res[case]["error"]]
+    assert not errors, "\n".join(errors)
+    missing = [r for r, res in enumerate(results) if case not in res]
+    assert not missing, f"case not run on ranks {missing}: the job stopped early ({job_error})"
+
+
+# ============================================================================ no process group needed
+
+def test_placement_blocks():
+    p = ExpertPlacement(num_experts_global=16, ep_size=4, ep_rank=2)
+    assert (p.num_experts_local, p.expert_offset, p.local_slice) == (4, 8, slice(8, 12))
+    ids = torch.tensor([[0, 7, 8, 11], [12, 15, -1, 16]])
+    assert p.expert_rank(ids).tolist() == [[0, 1, 2, 2], [3, 3, 4, 4]]
+    assert p.to_local(ids).tolist() == [[4, 4, 0, 3], [4, 4, 4, 4]]
+    assert list(p.experts_of(3)) == [12, 13, 14, 15]
+    assert p.shard(torch.arange(16)).tolist() == [8, 9, 10, 11]
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_experts_global=10, ep_size=4, ep_rank=0),
+                                    dict(num_experts_global=16, ep_size=4, ep_rank=4),
+                                    dict(num_experts_global=16, ep_size=0, ep_rank=0)])
+def test_placement_errors(kwargs):
+    with pytest.raises(ValueError):
+        ExpertPlacement(**kwargs)
+
+
+def test_meta_roundtrip():
+    from moe_fp8.layers.dispatch.torch_dist import decode_meta, encode_meta
+    idx = torch.tensor([[3, 1], [0, 2], [5, 4]])
+    w = torch.tensor([[0.5, -1.25], [3.0, 1e-8], [2.0, 7.0]])
+    ids, weights = decode_meta(encode_meta(idx, w, num_valid_tokens=torch.tensor(2)))
+    assert ids.tolist() == [[3, 1], [0, 2], [-1, -1]]
+    assert torch.equal(weights, w)
