@@ -38,7 +38,7 @@ def permute_contiguous(xq: torch.Tensor, xs: torch.Tensor, index: ContiguousInde
     if num_rows == 0:
         return xq[:0], empty_act_scales(0, groups, device=xq.device), row_token, row_slot
     source = row_token.clamp(min=0)  # [M_sum]
-    a = torch.index_select(xq, 0, source)  # [M_sum, H] fp8
+    a = torch.index_select(xq.view(torch.uint8), 0, source).view(xq.dtype)  # [M_sum, H] fp8 bytes
     # M_sum % 128 == 0, so the MN-major storage [H/128, M_sum] has no row padding
     sa_storage = torch.empty(groups, num_rows, dtype=torch.float32, device=xq.device)
     torch.index_select(xs.t(), 1, source, out=sa_storage)  # xs.t(): [H/128, T] view
