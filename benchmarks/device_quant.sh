@@ -2,7 +2,7 @@
 # JIT + quantisation kernels, one device call: compile-path probe (times), JIT and quant GPU
 # tests, compute-sanitizer memcheck on the quant kernels (small shapes), bandwidth benchmark.
 # Logs under $OUT (tarred, plus the benchmark's md/csv); a short summary prints last.
-# Usage (repo root, GPU machine): MOE_FP8_COMMIT=<sha> bash benchmarks/device_quant.sh
+# Usage (repo root, GPU machine): MOE_FP8_COMMIT=<sha> bash benchmarks/device_quant.sh [noprobe]
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 REAL_OUT="${OUT:-/tmp/moe_fp8_quant_out}"; mkdir -p "$REAL_OUT"
@@ -19,7 +19,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
 # 1. every compile path on the probe (wgmma) kernel, then a small and a real kernel per path
-step probe 120 python3 -m moe_fp8.gemm.jit.probe
+[ "${1:-}" != noprobe ] && step probe 120 python3 -m moe_fp8.gemm.jit.probe
 cat > /tmp/paths.py <<'PY'
 # one compile path, one kernel, fresh cache: prints the compile time and the ptxas report
 import os, sys, tempfile, torch
@@ -35,7 +35,7 @@ else:
 c = jit.compile_kernel(src)
 print(f"{sys.argv[1]:12s} {which:6s} {c.compile_seconds:6.3f} s  {c.report}  {src.instance}")
 PY
-step paths 120 bash -c 'for p in nvrtc nvrtc-ptxas nvcc; do for k in quant gemm; do
+[ "${1:-}" != noprobe ] && step paths 120 bash -c 'for p in nvrtc nvrtc-ptxas nvcc; do for k in quant gemm; do
   [ "$p/$k" = nvrtc/gemm ] && continue  # wgmma: in-process cubin crashes on CUDA 13.0
   python3 /tmp/paths.py $p $k 2>&1 | tail -n 1; done; done'
 
@@ -68,8 +68,8 @@ cp benchmarks/results/bench_quant_*.md benchmarks/results/bench_quant_*.csv "$RE
 
 grep -E "passed|failed" "$OUT/tests.log" | tail -n 2
 grep -E "^\[jit\]" "$OUT/tests.log"
-grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
-cat "$OUT/probe.log" "$OUT/paths.log"
+grep -aE "ERROR SUMMARY" "$OUT/memcheck.log"
+cat "$OUT/probe.log" "$OUT/paths.log" 2>/dev/null
 grep -E "^\|" "$OUT/bench.log" | cut -c1-170; grep -E "ceiling" "$OUT/bench.log"
 cat "$summary"
 tar czf "$REAL_OUT/quant_logs.tgz" -C "$OUT" .; cp "$summary" "$REAL_OUT/"

@@ -228,6 +228,15 @@ def test_nvrtc_ptxas_path_when_available(header, fresh_cache, monkeypatch):
     assert compiled.symbol == "_ZN8jit_test10add_kernelILi3EEEvPfPKfif"
 
 
+@needs_nvcc
+def test_parameter_sizes_read_from_the_cubin(header, fresh_cache, use_nvcc):
+    compiled = jit.compile_kernel(add_source(header))
+    assert elf.kernel_param_sizes(compiled.cubin, compiled.symbol) == [8, 8, 4, 4]
+    echo = jit.compile_kernel(jit.KernelSource(header, "jit_test::echo_desc_kernel<0>"))
+    assert elf.kernel_param_sizes(echo.cubin, echo.symbol) == [128, 8]
+    assert elf.kernel_param_sizes(compiled.cubin, "no_such_symbol") is None
+
+
 def test_truncated_cubin_is_rejected_by_the_elf_reader(tmp_path):
     with pytest.raises(elf.CubinError):
         elf.kernel_symbols(b"\x7fELF" + b"\0" * 10)
@@ -277,7 +286,7 @@ def test_launch_scalars_and_graph_replay(header):
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         with torch.cuda.graph(graph, stream=stream):
-            kernel.launch(8, 128, 0, [out, x, jit.i32(1000), jit.f32(3.0)])
+            kernel.launch(8, 128, 0, [out, x, jit.i32(1000), jit.f32(4.0)])  # exact: no FMA doubt
         with pytest.raises(RuntimeError, match="graph is being captured"):
             with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
                 jit.get_kernel(add_source(header, 6))  # not loaded yet: refuse
@@ -285,9 +294,13 @@ def test_launch_scalars_and_graph_replay(header):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out, x * 3 + 5, rtol=0, atol=0)
+        torch.testing.assert_close(out, x * 4 + 5, rtol=0, atol=0)
     with pytest.raises(TypeError, match="typed scalar"):
         kernel.launch(1, 128, 0, [out, x, 1000, jit.f32(2.0)])
+    with pytest.raises(TypeError, match="4 parameters"):
+        kernel.launch(1, 128, 0, [out, x, jit.i32(1000)])
+    with pytest.raises(TypeError, match="8 bytes"):
+        kernel.launch(1, 128, 0, [out, x, jit.i64(1000), jit.f32(2.0)])
 
 
 @pytest.mark.gpu

@@ -122,6 +122,8 @@ __device__ __forceinline__ float group_amax(const float (&rV)[16]) {
 }
 
 // Where unit u's scale goes: s[e, m, g] = gS[e * sBatch + m * sRow + g * sGroup].
+// NOTE: kernels take these as separate scalar parameters (the JIT passes one pointer per
+// parameter) and build the struct inside.
 struct ScaleLayout {
   int rowsPerBatch;   // M (M_max for batched inputs)
   int groupsPerRow;   // K / kGroupSize
@@ -141,12 +143,14 @@ struct ScaleLayout {
 template <typename T, int kGroupSize, bool kPow2>
 __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
-    long long numUnits, ScaleLayout layout) {
+    long long numUnits, int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow,
+    long long sGroup) {
   static_assert(kGroupSize % kValuesPerThread == 0 && kGroupSize / kValuesPerThread <= 32 &&
                 ((kGroupSize / kValuesPerThread) & (kGroupSize / kValuesPerThread - 1)) == 0,
                 "a unit must be a power-of-two number of lanes within one warp");
   constexpr int kLanes = kGroupSize / kValuesPerThread;
   constexpr int kUnitsPerPass = kThreads / kLanes;
+  const ScaleLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
   const int lane = threadIdx.x % kLanes;
   const long long firstUnit = static_cast<long long>(blockIdx.x) * units_per_cta<kGroupSize>() +
                               threadIdx.x / kLanes;
@@ -234,9 +238,13 @@ template <int kGroupSize, bool kPow2, bool kMasked>
 __global__ void __launch_bounds__(kThreads) silu_and_mul_quant_kernel(
     const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
     float* __restrict__ gS, const int* __restrict__ gMaskedM, long long numUnits,
-    ScaleLayout layout) {
+    int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow, long long sGroup) {
+  static_assert(kGroupSize % kValuesPerThread == 0 && kGroupSize / kValuesPerThread <= 32 &&
+                ((kGroupSize / kValuesPerThread) & (kGroupSize / kValuesPerThread - 1)) == 0,
+                "a unit must be a power-of-two number of lanes within one warp");
   constexpr int kLanes = kGroupSize / kValuesPerThread;
   constexpr int kUnitsPerPass = kThreads / kLanes;
+  const ScaleLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
   const int lane = threadIdx.x % kLanes;
   const int intermediate = layout.groupsPerRow * kGroupSize;  // I
   const long long firstUnit = static_cast<long long>(blockIdx.x) * units_per_cta<kGroupSize>() +

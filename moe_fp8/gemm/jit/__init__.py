@@ -27,8 +27,10 @@ API
     sets the cluster-dimension attribute when ``cluster != (1, 1, 1)``. ``args`` items:
     ``torch.Tensor`` (passes ``data_ptr()``), ``None`` (null pointer), ``TensorMap`` (the
     128-byte CUtensorMap by value, for ``const __grid_constant__`` params) or typed scalars
-    ``i32(v)``, ``u32(v)``, ``i64(v)``, ``u64(v)``, ``f32(v)``. Nothing is checked against the
-    kernel's signature: the host file owns that contract.
+    ``i32(v)``, ``u32(v)``, ``i64(v)``, ``u64(v)``, ``f32(v)``, or a ``ctypes.Structure`` for a
+    by-value struct parameter (one pointer per *parameter*: never splat a struct's fields).
+    The argument count and each argument's byte size are checked against the parameter list
+    read from the cubin (``Kernel.param_sizes``); a mismatch raises ``TypeError``.
 
 ``make_tma_2d(tensor, box_inner, box_outer, swizzle_bytes=128, *, inner_dim=None, outer_dim=None, outer_stride=None) -> TensorMap``
 ``make_tma_3d(tensor, box_inner, box_middle, box_outer=1, swizzle_bytes=128, *, dims=None, strides=None) -> TensorMap``

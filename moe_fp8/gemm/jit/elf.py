@@ -62,3 +62,45 @@ def single_kernel_symbol(image: bytes, what: str = "the cubin") -> str:
             f"{what} holds {len(names)} kernel entry points {names}; a JIT translation unit must "
             "instantiate exactly one (keep headers free of non-template __global__ functions)")
     return names[0]
+
+
+kFormatSizedValue = 4  # EIFMT_SVAL: u16 size + payload; EIFMT_NVAL/BVAL/HVAL records are 4 bytes
+kAttrKernelParamInfo = 0x17  # EIATTR_KPARAM_INFO: index u32, ordinal u16, offset u16, flags u32
+
+
+def kernel_param_sizes(image: bytes, symbol: str) -> list[int] | None:
+    """Byte size of each parameter of ``symbol`` (in order), from its ``.nv.info`` section.
+
+    None when the section cannot be read; the launcher then skips its argument check.
+    """
+    try:
+        headers = _section_headers(image)
+        shstrndx, = struct.unpack_from("<H", image, 0x3E)
+        names_offset = headers[shstrndx][1]
+        shoff, = struct.unpack_from("<Q", image, 0x28)
+        shentsize, = struct.unpack_from("<H", image, 0x3A)
+        wanted = f".nv.info.{symbol}"
+        for index, (_kind, offset, size, _link, _entsize) in enumerate(headers):
+            name_index, = struct.unpack_from("<I", image, shoff + index * shentsize)
+            if _c_string(image, names_offset + name_index) == wanted:
+                return _param_sizes(image[offset:offset + size])
+    except (CubinError, struct.error, ValueError, IndexError):
+        return None
+    return None
+
+
+def _param_sizes(info: bytes) -> list[int] | None:
+    params, pos = {}, 0
+    while pos + 4 <= len(info):
+        form, attribute = info[pos], info[pos + 1]
+        if form != kFormatSizedValue:
+            pos += 4
+            continue
+        length, = struct.unpack_from("<H", info, pos + 2)
+        if attribute == kAttrKernelParamInfo and length >= 12:
+            _, ordinal, _, flags = struct.unpack_from("<IHHI", info, pos + 4)
+            params[ordinal] = (flags >> 18) & 0x3FFF
+        pos += 4 + length
+    if sorted(params) != list(range(len(params))):
+        return None
+    return [params[i] for i in range(len(params))]

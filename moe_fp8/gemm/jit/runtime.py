@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 import threading
 
-from . import driver
+from . import driver, elf
 from .compile import CompiledKernel, compile_kernel
 from .source import KernelSource
 
@@ -30,6 +30,9 @@ class Kernel:
         self.device_index = device_index
         driver.ensure_context(device_index)
         self._module, self._function = driver.load_function(compiled.cubin, compiled.symbol)
+        # parameter sizes from the cubin: a wrong argument count or width is a TypeError, not a
+        # silently misread parameter (None: unreadable metadata, no check)
+        self.param_sizes = elf.kernel_param_sizes(compiled.cubin, compiled.symbol)
         self._smem_limit = 48 * 1024  # the default dynamic limit needs no attribute
         self._cluster_attrs = {}
 
@@ -44,11 +47,18 @@ class Kernel:
             self._cluster_attrs[cluster] = attribute
         return attribute
 
+    def _bad_size(self, index: int, arg, size: int):
+        raise TypeError(f"kernel argument {index} of {self.compiled.source.instance} is "
+                        f"{type(arg).__name__} ({size} bytes) but the parameter has "
+                        f"{self.param_sizes[index]} bytes (parameter sizes {self.param_sizes})")
+
     def launch(self, grid, block, smem_bytes: int, args, cluster=(1, 1, 1)) -> None:
         """Launch on ``torch.cuda.current_stream()``.
 
         args: ``torch.Tensor`` (its data pointer), ``None`` (a null pointer), ``jit.TensorMap``
-        (the 128-byte CUtensorMap, by value) or typed scalars ``jit.i32/u32/i64/u64/f32``.
+        (the 128-byte CUtensorMap, by value), typed scalars ``jit.i32/u32/i64/u64/f32``, or a
+        ``ctypes.Structure`` (a by-value struct parameter; its layout must match the C++ one).
+        Count and byte size of each argument are checked against the kernel's parameters.
         """
         import torch
 
@@ -57,6 +67,10 @@ class Kernel:
             driver.set_function_attribute(self._function, driver.kFuncAttrMaxDynamicSmem,
                                           smem_bytes)
             self._smem_limit = smem_bytes
+        sizes = self.param_sizes
+        if sizes is not None and len(args) != len(sizes):
+            raise TypeError(f"{self.compiled.source.instance} takes {len(sizes)} parameters "
+                            f"(bytes {sizes}), got {len(args)} arguments")
         pointers = (ctypes.c_void_p * max(len(args), 1))()
         keep_alive = []
         for index, arg in enumerate(args):
@@ -64,15 +78,19 @@ class Kernel:
                 value = ctypes.c_uint64(arg.data_ptr())
             elif arg is None:
                 value = ctypes.c_uint64(0)
-            elif isinstance(arg, _kScalarTypes):
+            elif isinstance(arg, (_kScalarTypes, ctypes.Structure)):
                 value = arg
             elif hasattr(arg, "address"):  # jit.TensorMap
+                if sizes is not None and sizes[index] != driver.kTensorMapBytes:
+                    self._bad_size(index, arg, driver.kTensorMapBytes)
                 pointers[index] = arg.address
                 continue
             else:
                 raise TypeError(f"kernel argument {index} of {self.compiled.source.instance}: "
                                 f"{type(arg).__name__} is not a Tensor, TensorMap or typed scalar "
                                 "(wrap Python numbers: jit.i32(v), jit.f32(v), ...)")
+            if sizes is not None and sizes[index] != ctypes.sizeof(value):
+                self._bad_size(index, arg, ctypes.sizeof(value))
             keep_alive.append(value)
             pointers[index] = ctypes.addressof(value)
         stream = torch.cuda.current_stream(self.device_index).cuda_stream

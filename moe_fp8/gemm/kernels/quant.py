@@ -71,8 +71,16 @@ def _check_group(group_size: int, sizes: tuple, what: str) -> None:
         raise ValueError(f"{what} must be one of {sizes}, got {group_size}")
 
 
+def _check_aligned(**tensors) -> None:
+    """16-byte vector accesses need 16-byte aligned bases (a storage offset can break it)."""
+    for name, tensor in tensors.items():
+        if tensor.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address, got "
+                             f"{tensor.data_ptr():#x} (a sliced view?)")
+
+
 def _scale_layout(s: torch.Tensor, rows_per_batch: int, groups_per_row: int) -> list:
-    """quant.cuh ScaleLayout {rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup} as kernel args."""
+    """The kernels' rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup scalar parameters."""
     s_batch = s.stride(0) if s.dim() == 3 else 0
     return [i32(rows_per_batch), i32(groups_per_row), i64(s_batch), i64(s.stride(-2)),
             i64(s.stride(-1))]
@@ -85,6 +93,7 @@ def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     num_units = x.numel() // group_size
     if num_units == 0:
         return
+    _check_aligned(x=x, q=q)
     kernel = get_kernel(per_token_source(x.dtype, group_size, bool(pow2_scale)))
     grid = -(-num_units // _units_per_cta(group_size))
     kernel.launch(grid, kThreads, 0, [x, q, s, i64(num_units),
@@ -98,6 +107,7 @@ def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_siz
     experts = w.shape[0] if w.dim() == 3 else 1
     if w.numel() == 0:
         return
+    _check_aligned(w=w, q=q)
     kernel = get_kernel(per_block_source(w.dtype, block_size, bool(pow2_scale)))
     grid = (k // block_size, -(-n // block_size), experts)
     kernel.launch(grid, kThreads, 0, [w, q, s, i32(n), i32(k)])
@@ -111,6 +121,7 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     num_units = h.numel() // 2 // group_size
     if num_units == 0:
         return
+    _check_aligned(h=h, q=q)
     kernel = get_kernel(silu_source(group_size, bool(pow2_scale), masked_m is not None))
     grid = -(-num_units // _units_per_cta(group_size))
     kernel.launch(grid, kThreads, 0, [h, q, s, masked_m, i64(num_units),
