@@ -38,17 +38,18 @@ kShapes = {
 kSweep = {
     (64, 2112, 7168): [GemmConfig(64, n) for n in (16, 32, 48, 64)]
     + [GemmConfig(64, 16, double_buffer=False)],
+    (64, 24576, 1536): [GemmConfig(64, n) for n in (64, 128, 192)],
+    (4096, 2112, 7168): [GemmConfig(128, n) for n in (128, 144, 160, 192)] + [GemmConfig(64, 128)],
     (128, 4096, 7168): [GemmConfig(128, 32), GemmConfig(128, 64), GemmConfig(64, 32),
                         GemmConfig(64, 64)],
     (128, 7168, 16384): [GemmConfig(128, 64), GemmConfig(64, 64), GemmConfig(128, 112)],
-    (4096, 7168, 2048): [GemmConfig(128, n) for n in (112, 128, 144, 160, 192)]
+    (4096, 7168, 2048): [GemmConfig(128, n) for n in (128, 192)]
     + [GemmConfig(128, 128, double_buffer=False)],
-    (4096, 4096, 7168): [GemmConfig(128, n) for n in (96, 112, 128, 144, 160, 192)]
-    + [GemmConfig(128, 128, double_buffer=False), GemmConfig(128, 128, group_n=8),
-       GemmConfig(128, 128, group_n=32)],
-    (4096, 24576, 1536): [GemmConfig(128, n) for n in (128, 160, 192)],
-    (4096, 32768, 512): [GemmConfig(128, n) for n in (128, 160, 192)],
-    (4096, 7168, 16384): [GemmConfig(128, n) for n in (128, 160, 192)],
+    (4096, 4096, 7168): [GemmConfig(128, n) for n in (64, 128)]
+    + [GemmConfig(128, 128, double_buffer=False), GemmConfig(128, 128, group_n=4),
+       GemmConfig(128, 128, group_n=32), GemmConfig(128, 128, stages=3)],
+    (4096, 32768, 512): [GemmConfig(128, n) for n in (128, 192)],
+    (4096, 7168, 16384): [GemmConfig(128, 128), GemmConfig(128, 128, double_buffer=False)],
 }
 
 

@@ -83,13 +83,15 @@ if [ $smoke_rc -eq 0 ]; then
 import torch, moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import empty_act_scales, build_m_indices
+def wq(w):
+    q, s = ref.per_block_quant(w); return q.contiguous(), s
 def act(x):
     q, s = ref.per_token_group_quant(x); sm = empty_act_scales(x.shape[-2], s.shape[-1], x.shape[0] if x.dim() == 3 else None, device="cuda"); sm.copy_(s); return q, sm
 x = torch.randn(200, 384, device="cuda").bfloat16(); w = torch.randn(3, 272, 384, device="cuda").bfloat16()
-G.fp8_gemm_nt(act(x), ref.per_block_quant(w[0]), backend="kernel")
+G.fp8_gemm_nt(act(x), wq(w[0]), backend="kernel")
 mi = build_m_indices([70, 0, 100], device="cuda")
-G.m_grouped_fp8_gemm_nt_contiguous(act(torch.randn(mi.shape[0], 384, device="cuda").bfloat16()), ref.per_block_quant(w), mi, backend="kernel")
-G.m_grouped_fp8_gemm_nt_masked(act(torch.randn(3, 100, 384, device="cuda").bfloat16()), ref.per_block_quant(w), torch.tensor([100, 0, 37], dtype=torch.int32, device="cuda"), 50, backend="kernel")
+G.m_grouped_fp8_gemm_nt_contiguous(act(torch.randn(mi.shape[0], 384, device="cuda").bfloat16()), wq(w), mi, backend="kernel")
+G.m_grouped_fp8_gemm_nt_masked(act(torch.randn(3, 100, 384, device="cuda").bfloat16()), wq(w), torch.tensor([100, 0, 37], dtype=torch.int32, device="cuda"), 50, backend="kernel")
 torch.cuda.synchronize(); print("sanitizer workload done")
 PY
   step memcheck 50 compute-sanitizer --tool memcheck --kernel-name kns=fp8_gemm python3 /tmp/san.py

@@ -24,6 +24,7 @@ kMaxStages = 10
 kMinStages = 2
 kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
 kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
+kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -116,7 +117,10 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
     Every wave of tiles costs as much as its slowest tile; a tile costs its MMA work
     (block_m * block_n) plus its operand loads ((block_m + block_n) * K, weighted by
     kLoadWeight, i.e. a 128 x 128 tile is counted half load-bound), so narrow tiles win only
-    where they fill otherwise idle SMs.
+    where they fill otherwise idle SMs. Widths that do not divide 128 pay kOddWidthPenalty:
+    measured on H100 (2026-11-25, M = 4096, N = 4096, K = 7168) 112/144/160/192 ran 1.2-1.4x
+    slower per unit of work than 128 (two weight scales per K block, no double buffering
+    above 128, fewer stages).
     """
     best_key, best = None, kBlockNs[0]
     for block_n in kBlockNs:
@@ -125,6 +129,8 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
         tiles = m_blocks * _ceil_div(n, block_n)
         waves = _ceil_div(tiles, sms)
         cost = waves * (block_m * block_n + kLoadWeight * (block_m + block_n))
+        if 128 % block_n:
+            cost *= kOddWidthPenalty
         key = (cost, -block_n)
         if best_key is None or key < best_key:
             best_key, best = key, block_n
