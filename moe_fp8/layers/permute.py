@@ -17,7 +17,7 @@ from .. import gemm as G
 from ..gemm.layout import empty_act_scales
 from .layouts import CombineIndex, ContiguousIndex, MaskedIndex
 
-kOneShotCombineElems = 1 << 24  # T*k*H up to this: one [T, k, H] fp32 gather (64 MiB), else k passes
+kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
 
 
 def quantize_tokens(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,25 +80,40 @@ def combine_index_masked(index: MaskedIndex, topk_weights: torch.Tensor, m_max: 
 
 def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optional[torch.Tensor] = None,
                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out[t] = add[t] + sum_j slot_weight[t, j] * y_rows[slot_row[t, j]]`` in fp32, rounded once.
+    """``out[t] = add[t] + sum_j slot_weight[t, j] * y_rows[slot_row[t, j]]``, rounded once.
 
-    ``y_rows [R, H]`` bf16: the experts' output rows flattened (R = M_sum or E_loc * M_max); every
-    row a skipped pair points at (row 0, weight 0) must hold finite values. ``add [T, H]``
-    (shared experts' output) optional; ``out [T, H]`` optional (decode's static buffer).
+    ``y_rows [R, H]``: the experts' output rows flattened (R = M_sum or E_loc * M_max); every row
+    a skipped pair points at (row 0, weight 0) must hold finite values. ``add [T, H]`` (shared
+    experts' output) optional; ``out [T, H]`` optional (decode's static buffer, or an fp32 buffer).
+
+    Per chunk of tokens: one gather of the k rows of each token ``[n, k, H]`` and one batched
+    ``add + w @ rows`` (``baddbmm``: fp32 accumulation inside, one rounding of the result). The
+    products run in ``y_rows``' dtype, so the weights are rounded to bf16 first (relative 2^-9,
+    the same size as the output's own rounding); with an fp32 ``out`` everything runs in fp32.
     """
     tokens, top_k = index.slot_row.shape
     hidden = y_rows.shape[1]
-    acc = add.to(torch.float32, copy=True) if add is not None else torch.zeros(tokens, hidden,
-                                                        dtype=torch.float32, device=y_rows.device)
-    if tokens and y_rows.shape[0]:
-        if tokens * top_k * hidden <= kOneShotCombineElems:
-            # small batches (decode): one gather + one batched FMA, few kernels in the graph
-            rows = torch.index_select(y_rows, 0, index.slot_row.view(-1)).view(tokens, top_k, hidden)
-            acc.unsqueeze(1).baddbmm_(index.slot_weight.unsqueeze(1), rows.float())
+    dtype = out.dtype if out is not None else y_rows.dtype
+    compute = y_rows.dtype if dtype == y_rows.dtype else torch.float32
+    result = out if out is not None and out.dtype == compute else \
+        torch.empty(tokens, hidden, dtype=compute, device=y_rows.device)
+    if y_rows.shape[0] == 0 or top_k == 0:  # nothing routed here: only the shared part
+        if add is not None:
+            result.copy_(add)
         else:
-            for slot in range(top_k):  # large batches: k gather-FMAs of [T, H], no [T, k, H] copy
-                rows = torch.index_select(y_rows, 0, index.slot_row[:, slot])  # [T, H]
-                acc.addcmul_(rows.float(), index.slot_weight[:, slot, None])
-    if out is None:
-        return acc.to(y_rows.dtype)
-    return out.copy_(acc)
+            result.zero_()
+        tokens = 0
+    chunk = max(1, kCombineChunkElems // max(1, top_k * hidden))
+    for t0 in range(0, tokens, chunk):
+        t1 = min(t0 + chunk, tokens)
+        rows = torch.index_select(y_rows, 0, index.slot_row[t0:t1].reshape(-1))  # [n * k, H]
+        rows = rows.view(t1 - t0, top_k, hidden).to(compute)  # [n, k, H]
+        weights = index.slot_weight[t0:t1].unsqueeze(1).to(compute)  # [n, 1, k]
+        target = result[t0:t1].unsqueeze(1)  # [n, 1, H] view of the output
+        if add is None:
+            torch.bmm(weights, rows, out=target)
+        else:
+            torch.baddbmm(add[t0:t1].unsqueeze(1).to(compute), weights, rows, out=target)
+    if out is None or result is out:
+        return result
+    return out.copy_(result)
