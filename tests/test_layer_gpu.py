@@ -1,11 +1,12 @@
 """The MoE layer on a Hopper GPU with the kernels: DeepSeek-V3 shapes, CUDA-graph decode.
 
-Run: ``PYTHONPATH=$PWD python3 -m pytest -q -m gpu tests/test_layer_gpu.py``. Bounds:
-kernels vs the references on the same layer: calc_diff < 2e-4 (same math; the tensor cores'
-accumulation order can move a bf16 GEMM output by one ulp, which can flip an fp8 rounding of the
-re-quantised activation: still 10x below the FP8 error itself); vs the unquantised layer (fp32, dequantised weights): < 4e-3 (CPU measurement ~1e-3; the
-FP8 activation error); vs transformers' fp32 DeepseekV3MoE with the original weights: < 4e-3
-(CPU measurement ~2.0e-3).
+Run: ``PYTHONPATH=$PWD python3 -m pytest -q -m gpu tests/test_layer_gpu.py``. Bounds (calc_diff):
+
+* kernels vs the references on the same layer, and graph decode vs prefill: < 2e-4. Same math;
+  the tensor cores' accumulation order can move a bf16 GEMM output by one ulp, which can flip
+  one fp8 rounding of the re-quantised activation: still 10x below the FP8 error itself.
+* vs the unquantised layer (fp32 math, dequantised weights): < 4e-3 (CPU: ~1e-3).
+* vs transformers' fp32 DeepseekV3MoE with the original weights: < 4e-3 (CPU: ~2.0e-3).
 """
 import pytest
 import torch
