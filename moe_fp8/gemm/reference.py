@@ -33,7 +33,9 @@ def ceil_pow2(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
-    scale = amax.clamp_min(kAmaxFloor) / kFp8Max
+    # NOTE: divide by a tensor: torch turns division by a Python scalar on CUDA into a multiply
+    # by its reciprocal (last-bit differences); the kernels do an IEEE division.
+    scale = amax.clamp_min(kAmaxFloor) / torch.full_like(amax, kFp8Max)
     scale = torch.where(torch.isnan(amax), amax, scale)  # clamp_min would hide a NaN
     return ceil_pow2(scale) if pow2_scale else scale
 
