@@ -72,8 +72,6 @@ def _poisoned(shape) -> torch.Tensor:
 
 def _check(out: torch.Tensor, want_fp32: torch.Tensor, ref_bf16: torch.Tensor, what: str):
     assert torch.isfinite(out).all(), f"{what}: unwritten (NaN) or non-finite outputs"
-    diff = G.calc_diff(out, want_fp32)
-    assert diff < 1e-3, f"{what}: calc_diff vs unquantised = {diff:.2e}"
     # Same math as the reference up to summation order inside a K block and bf16 rounding.
     agree = G.calc_diff(out, ref_bf16)
     assert agree < 1e-5, f"{what}: calc_diff vs FP8 reference = {agree:.2e}"
@@ -81,6 +79,12 @@ def _check(out: torch.Tensor, want_fp32: torch.Tensor, ref_bf16: torch.Tensor, w
     err = (out.float() - ref_bf16.float()).abs()
     assert (err <= 2 ** -7 * ref_bf16.float().abs() + tol).all(), \
         f"{what}: max |out - ref| = {err.max().item():.3e}"
+    # FP8 quantisation alone costs ~7e-4 on average; over a handful of outputs that average is
+    # noisy (seen on H100: 2.3e-3 for a 1 x 16 output, which matched the reference), so tiny
+    # outputs get a looser bound.
+    limit = 1e-3 if out.numel() >= 4096 else 5e-3
+    diff = G.calc_diff(out, want_fp32)
+    assert diff < limit, f"{what}: calc_diff vs unquantised = {diff:.2e}"
 
 
 def _dense_case(m, n, k, seed, config=None):
