@@ -68,10 +68,11 @@ def run_spawned(worker, world: int, *args, timeout_s: float = kJobTimeoutS):
         return results, job_error
 
 
-def init_group(backend: str, rank: int, world: int, store: str) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+def init_group(backend: str, rank: int, world: int, store: str, device_id=None) -> None:
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # DEVICE_FACTS: keep NVLink SHARP off on the lent machines
+    kwargs = {"device_id": device_id} if device_id is not None else {}
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=kCollectiveTimeoutS))
+                            timeout=datetime.timedelta(seconds=kCollectiveTimeoutS), **kwargs)
 
 
 # ============================================================================ shared helpers
@@ -135,9 +136,10 @@ def fake_experts_contiguous(layout, expert_offset: int) -> torch.Tensor:
 
 def fake_experts_masked(layout, expert_offset: int) -> torch.Tensor:
     experts, m_max = layout.a.shape[:2]
-    scale = torch.arange(experts, dtype=torch.float32) + expert_offset + 1
+    device = layout.a.device
+    scale = torch.arange(experts, dtype=torch.float32, device=device) + expert_offset + 1
     y = (dequant(layout.a, layout.sa) * scale[:, None, None]).bfloat16()
-    unused = torch.arange(m_max)[None, :] >= layout.masked_m.long()[:, None]  # [E_loc, M_max]
+    unused = torch.arange(m_max, device=device)[None, :] >= layout.masked_m.long()[:, None]  # [E_loc, M_max]
     y[unused] = kPoison
     return y
 
@@ -331,26 +333,35 @@ CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.start
 
 # ============================================================================ the spawned job
 
-def _worker(rank, world, store, result_dir):
-    """Runs every case; after a failing case it stops (exit 1): the ranks may be out of step."""
-    torch.set_num_threads(1)
-    init_group("gloo", rank, world, store)
-    group = dist.group.WORLD
+def run_cases(cases, rank: int, result_dir: str, group, *args) -> None:
+    """Run ``case(rank, world, group, *args)`` for every case; write ``rank{r}.json`` after each.
+    A case may return a dict of figures (kept as "info"). After a failing case the process
+    exits (code 1): its peers may be blocked in a collective, and the parent terminates them."""
+    world = dist.get_world_size(group)
     results = {}
-    for name, case in CASES.items():
+    for name, case in cases.items():
         start = time.perf_counter()
+        info = None
         try:
             with torch.no_grad():
-                case(rank, world, group)
+                info = case(rank, world, group, *args)
             results[name] = {"error": None}
         except Exception:  # reported by the pytest function of this case
             results[name] = {"error": traceback.format_exc()}
         results[name]["seconds"] = round(time.perf_counter() - start, 2)
+        if isinstance(info, dict):
+            results[name]["info"] = info
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         if results[name]["error"]:
-            os._exit(1)  # peers may be blocked in a collective: the parent terminates them
-        dist.barrier()
+            os._exit(1)
+        dist.barrier(group=group)
+
+
+def _worker(rank, world, store, result_dir):
+    torch.set_num_threads(1)
+    init_group("gloo", rank, world, store)
+    run_cases(CASES, rank, result_dir, dist.group.WORLD)
     dist.destroy_process_group()
 
 
@@ -362,7 +373,11 @@ def _job(world: int):
 @pytest.mark.parametrize("world", kWorlds)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ep_gloo(case, world):
-    results, job_error = _job(world)
+    check_case(_job(world), case)
+
+
+def check_case(job, case: str) -> None:
+    results, job_error = job
     errors = [f"rank {r}:\n{res[case]['error']}" for r, res in enumerate(results)
               if case in res and res[case]["error"]]
     assert not errors, "\n".join(errors)
