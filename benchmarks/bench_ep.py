@@ -1,0 +1,219 @@
+"""Expert-parallel exchange and layer latency on the GPUs of one host, beside NCCL's raw
+all-to-all on the same machine in the same run.
+
+    python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_ep.py [--quick]
+    python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_ep.py --cpu   # smoke test (gloo)
+
+DeepSeek-V3 shapes (H 7168, I 2048, 256 experts, top-8; random distinct experts per token).
+Rows (median of the repeats on each rank, then the slowest rank; ranks start each repeat together
+after a barrier; L2 flushed before each repeat):
+
+* ``a2a_raw``        ``all_to_all_single`` of B bytes per rank (uint8, equal splits): the peer, at the
+                     same B as the row it follows.
+* ``dispatch``       ``TorchDistDispatcher.dispatch_contiguous`` on pre-quantised tokens (the layer
+                     quantises once for the shared expert too): counts exchange + the host sync +
+                     fp8/scales/metadata all-to-alls + the contiguous layout. B = rows sent x
+                     (H + 4H/128 + 8k) bytes, rows to the rank itself included.
+* ``dispatch_wire``  only the three all-to-alls of that dispatch (same splits): transport vs local work.
+* ``combine``        ``combine_contiguous``: weighted local reduce, reverse all-to-all (bf16), source
+                     sum. B = rows x 2H.
+* ``layer_prefill``  ``MoE.forward`` with T tokens per rank (256 experts, E/R per rank).
+* ``layer_decode``   one replay of ``decode_runner(128)`` (a CUDA graph: dispatch, experts, combine);
+                     16 experts (the issue's target, 8 per rank at R = 2) and 256 experts. B = the
+                     fixed dispatch + combine packets; its peer is a raw all-to-all of the same bytes.
+
+GB/s = B / time (algorithmic, per rank); ratio = ours / a2a_raw at the same B.
+Target (issue 6): dispatch and combine >= 80 % of raw all-to-all at prefill sizes.
+Results: benchmarks/results/ep_<R>gpu_<date>.md/.csv (rank 0; card, date, commit in the header).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import flush_l2, write_results  # noqa: E402
+
+from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
+from moe_fp8.layers.dispatch.torch_dist import TorchDistDispatcher  # noqa: E402
+from moe_fp8.layers.permute import quantize_tokens  # noqa: E402
+
+kPrefillTokens = (4096, 8192, 16384)
+kDecodeTokens = 128
+kTarget = "dispatch and combine >= 80% of raw all-to-all GB/s at prefill sizes"
+
+
+class Clock:
+    """Per-rank median of ``fn()`` in µs, then the max over ranks."""
+
+    def __init__(self, device, group, repeats: int, warmup: int = 3):
+        self.device, self.group, self.repeats, self.warmup = device, group, repeats, warmup
+
+    def __call__(self, fn) -> float:
+        cuda = self.device.type == "cuda"
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if cuda:
+                flush_l2()
+            dist.barrier(group=self.group)
+            if cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+        slowest = torch.tensor([statistics.median(times)], device=self.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=self.group)
+        return float(slowest.item())
+
+
+def raw_a2a(nbytes: int, world: int, device, group):
+    """A closure running one equal-split uint8 all_to_all_single of ~nbytes per rank (the largest
+    ``nbytes`` of any rank: every rank must post the same sizes)."""
+    agreed = torch.tensor([nbytes], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    per_rank = max(1, int(agreed.item()) // world)
+    send = torch.randint(0, 255, (world * per_rank,), dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    return lambda: dist.all_to_all_single(recv, send, group=group), world * per_rank
+
+
+def routing(tokens: int, cfg: MoEConfig, device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cfg.hidden_size, generator=gen).bfloat16().to(device)
+    topk_idx = torch.rand(tokens, cfg.num_experts, generator=gen).topk(cfg.top_k, dim=1).indices
+    return x, topk_idx.to(device), torch.rand(tokens, cfg.top_k, generator=gen).to(device)
+
+
+def row(op, tokens, nbytes, us, peer_gbs=None):
+    gbs = nbytes / (us * 1e-6) / 1e9 if nbytes else float("nan")
+    return {"op": op, "tokens/rank": tokens, "MB/rank": round(nbytes / 1e6, 2), "us": round(us, 1),
+            "GB/s": round(gbs, 1), "a2a_raw GB/s": round(peer_gbs, 1) if peer_gbs else "",
+            "ratio": round(gbs / peer_gbs, 2) if peer_gbs else ""}
+
+
+def bench_exchange(cfg, tokens, clock, device, group, world, rank):
+    """dispatch / its wire / combine rows at T tokens per rank, each with its raw peer."""
+    disp = TorchDistDispatcher(cfg, group)
+    x, topk_idx, topk_w = routing(tokens, cfg, device, seed=rank)
+    xq, xs = quantize_tokens(x)
+    layout, handle = disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)
+    rows_sent = sum(handle.send_splits)
+    dispatch_bytes = rows_sent * disp.row_format.nbytes
+    combine_bytes = rows_sent * 2 * cfg.hidden_size
+    out = []
+    for op, fn, nbytes in (("dispatch", lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w), dispatch_bytes),
+                           ("dispatch_wire", _wire(disp, xq, xs, handle, device), dispatch_bytes),
+                           ("combine", _combine(disp, layout, handle), combine_bytes)):
+        peer_fn, peer_bytes = raw_a2a(nbytes, world, device, group)
+        peer_us = clock(peer_fn)
+        us = clock(fn)
+        out.append(row("a2a_raw", tokens, peer_bytes, peer_us))
+        out.append(row(op, tokens, nbytes, us, peer_bytes / (peer_us * 1e-6) / 1e9))
+    return out
+
+
+def _wire(disp, xq, xs, handle, device):
+    """The dispatch's three all-to-alls alone, with its splits (no routing tables, no layout)."""
+    send_token = handle.send_token
+    send = (xq.view(torch.uint8)[send_token], xs[send_token].contiguous(),
+            torch.zeros(len(send_token), 2 * disp.top_k, dtype=torch.int32, device=device))
+    rows = sum(handle.recv_splits)
+    recv = tuple(torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=device) for t in send)
+
+    def fn():
+        for r, s in zip(recv, send):
+            dist.all_to_all_single(r, s, handle.recv_splits, handle.send_splits, group=disp.group)
+    return fn
+
+
+def _combine(disp, layout, handle):
+    y_rows = torch.randn(layout.num_rows, disp.hidden_size, device=layout.a.device).bfloat16()
+    return lambda: disp.combine_contiguous(y_rows, handle)
+
+
+def bench_layers(cfg_full, prefill_sizes, clock, device, group, world, decode_tokens):
+    out = []
+    moe = MoE(cfg_full, ep_group=group, device=device, seed=0)
+    for tokens in prefill_sizes:
+        x, _, _ = routing(tokens, cfg_full, device, seed=1)
+        out.append(row("layer_prefill", tokens, 0, clock(lambda: moe(x))))
+    del moe
+    gc.collect()
+    for experts in (16, cfg_full.num_experts):
+        cfg = cfg_full.replace(num_experts=experts)
+        moe = MoE(cfg, ep_group=group, device=device, seed=0)
+        runner = moe.decode_runner(decode_tokens)
+        runner(routing(decode_tokens, cfg, device, seed=2)[0])
+        fmt = moe.dispatcher.row_format
+        nbytes = world * decode_tokens * (fmt.nbytes + 2 * cfg.hidden_size)  # dispatch + combine packets
+        step = runner.graph.replay if runner.graph is not None else (lambda: runner._step())
+        peer_fn, peer_bytes = raw_a2a(nbytes, world, device, group)
+        peer_us = clock(peer_fn)
+        out.append(row("a2a_raw", decode_tokens, peer_bytes, peer_us))
+        out.append(row(f"layer_decode E={experts}{' graph' if runner.graph is not None else ''}",
+                       decode_tokens, nbytes, clock(step), peer_bytes / (peer_us * 1e-6) / 1e9))
+        del runner, moe  # graphs go before the process group (DEVICE_FACTS)
+        gc.collect()
+    return out
+
+
+@torch.no_grad()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one prefill size")
+    p.add_argument("--cpu", action="store_true", help="smoke test on gloo with a tiny layer (nothing saved)")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    if args.cpu:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        cfg = MoEConfig.tiny(num_experts=32, n_group=4, topk_group=4)
+        prefill, decode, repeats = (64,), 8, 3
+    else:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+        cfg = MoEConfig.deepseek_v3()
+        prefill, decode, repeats = (kPrefillTokens[:1] if args.quick else kPrefillTokens), kDecodeTokens, args.repeats
+    group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    clock = Clock(device, group, repeats)
+    rows = []
+    for tokens in prefill:
+        rows += bench_exchange(cfg, tokens, clock, device, group, world, rank)
+    rows += bench_layers(cfg, prefill[:2], clock, device, group, world, decode)
+    if rank == 0:
+        ours = [r["ratio"] for r in rows if r["op"] in ("dispatch", "combine")]
+        summary = (f"EP = {world} ranks; {kTarget}: worst ratio {min(ours):.2f}. "
+                   "GB/s = bytes per rank / time (slowest rank's median).")
+        if args.cpu:
+            from common import markdown_table
+            print(markdown_table(rows) + "\n\n" + summary)
+        else:
+            write_results(f"ep_{world}gpu", rows, summary)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
