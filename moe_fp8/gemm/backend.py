@@ -185,8 +185,11 @@ def run(name: str, *args, config=None) -> None:
             raise ValueError("config cannot be pinned under torch.compile")
         _OPS[name](*args)
         return
+    # NOTE: the ops are not differentiable (training composes them in layers/autograd.py);
+    # no_grad keeps a requires-grad input from attaching history to the outputs it fills.
     token = _pinned_config.set(config)
     try:
-        globals()[name](*args)
+        with torch.no_grad():
+            globals()[name](*args)
     finally:
         _pinned_config.reset(token)

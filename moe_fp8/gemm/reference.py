@@ -154,7 +154,7 @@ def k_grouped_tn(a, sa, b, sb, offsets: torch.Tensor, out: torch.Tensor) -> torc
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """``1 - 2 sum(xy) / sum(x^2 + y^2)`` in float64: 0 for equal tensors, 2 for ``y = -x``."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denominator = (x * x + y * y).sum()
     if denominator == 0:
         return 0.0

@@ -102,6 +102,12 @@ class RoutedExperts(nn.Module):
         """Quantise unquantised weights ``w13 [e, 2I, H]`` (gate rows then up rows), ``w2 [e, H, I]``."""
         self.load_fp8(*quantize_stack(w13), *quantize_stack(w2), experts=experts)
 
+    @torch.no_grad()
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FP8 weights dequantised to fp32: ``(w13 [E, 2I, H], w2 [E, H, I])``."""
+        from ..gemm.reference import dequant_blocks
+        return dequant_blocks(self.w13, self.w13_scale), dequant_blocks(self.w2, self.w2_scale)
+
     def forward_contiguous(self, layout: ContiguousLayout) -> torch.Tensor:
         """-> ``y_rows [M_sum, H]`` bf16; padding rows are not written (arbitrary values)."""
         rows = layout.num_rows

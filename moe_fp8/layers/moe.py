@@ -104,6 +104,48 @@ class MoE(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer is on {self.device}")
         return x.reshape(-1, x.shape[-1]).contiguous()
 
+    # ------------------------------------------------------------------ training
+    def enable_fp8_training(self, master_dtype: torch.dtype = torch.float32) -> "MoE":
+        """Train the routed experts in FP8 (DeepSeek-V3 style): master Parameters
+        ``experts.w13_master [E_loc, 2I, H]`` / ``experts.w2_master [E_loc, H, I]`` start from the
+        dequantised FP8 weights; ``forward`` then runs ``experts_forward_fp8`` (FP8 forward and
+        backward, copies cached per parameter version). The router weight trains through the
+        combine; the shared experts stay frozen FP8. Call ``sync_fp8_weights`` after optimizer
+        steps before using ``decode_runner`` (it reads the FP8 buffers)."""
+        from .autograd import Fp8WeightCache
+        if master_dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"master_dtype must be torch.float32 or torch.bfloat16, got {master_dtype}")
+        w13, w2 = self.experts.dequantized()
+        self.experts.w13_master = nn.Parameter(w13.to(master_dtype))
+        self.experts.w2_master = nn.Parameter(w2.to(master_dtype))
+        self.experts.fp8_cache = Fp8WeightCache()
+        return self
+
+    @property
+    def fp8_training(self) -> bool:
+        return hasattr(self.experts, "w13_master")
+
+    @torch.no_grad()
+    def sync_fp8_weights(self) -> None:
+        """Re-quantise the master weights into the FP8 buffers the inference paths read."""
+        from .experts import quantize_stack
+        if not self.fp8_training:
+            raise RuntimeError("sync_fp8_weights needs enable_fp8_training() first")
+        self.experts.load_fp8(*quantize_stack(self.experts.w13_master, self.cfg.pow2_scale),
+                              *quantize_stack(self.experts.w2_master, self.cfg.pow2_scale))
+
+    def _routed_rows(self, x2: torch.Tensor, layout) -> torch.Tensor:
+        """The routed experts over the contiguous layout -> ``y_rows [M_sum, H]``."""
+        if not self.fp8_training:
+            return self.experts.forward_contiguous(layout)
+        from .autograd import experts_forward_fp8
+        # differentiable gather of the bf16 rows: their gradient sums back per token
+        x_rows = x2.index_select(0, layout.row_token.clamp(min=0))
+        return experts_forward_fp8(x_rows, layout.m_indices, self.experts.w13_master,
+                                   self.experts.w2_master, self.experts.fp8_cache,
+                                   x_fp8=(layout.a, layout.sa), pow2_scale=self.cfg.pow2_scale)
+
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., H]`` -> ``[..., H]`` (x's dtype), contiguous layout."""
         x2 = self._tokens(x)
@@ -112,7 +154,7 @@ class MoE(nn.Module):
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
                                                              routing.topk_weights)
-        y_rows = self.experts.forward_contiguous(layout)  # [M_sum, H]
+        y_rows = self._routed_rows(x2, layout)  # [M_sum, H]
         shared = self.shared_experts(xq, xs) if self.shared_experts is not None else None
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)

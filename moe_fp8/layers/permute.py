@@ -93,6 +93,9 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
     """
     tokens, top_k = index.slot_row.shape
     hidden = y_rows.shape[1]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (y_rows, index.slot_weight, add)):
+        return _unpermute_combine_differentiable(y_rows, index, add, out)
     dtype = out.dtype if out is not None else y_rows.dtype
     compute = y_rows.dtype if dtype == y_rows.dtype else torch.float32
     result = out if out is not None and out.dtype == compute else \
@@ -117,3 +120,15 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
     if out is None or result is out:
         return result
     return out.copy_(result)
+
+
+def _unpermute_combine_differentiable(y_rows, index: CombineIndex, add, out):
+    """Training: the same sum without ``out=`` kernels, so autograd reaches the experts' rows,
+    the top-k weights (the router's gradient) and ``add``. fp32 accumulation, one rounding."""
+    tokens, top_k = index.slot_row.shape
+    rows = y_rows.index_select(0, index.slot_row.reshape(-1)).view(tokens, top_k, -1).float()
+    y = torch.bmm(index.slot_weight.float().unsqueeze(1), rows).squeeze(1)  # [T, H]
+    if add is not None:
+        y = y + add.float()
+    dtype = out.dtype if out is not None else y_rows.dtype
+    return y.to(dtype) if out is None else out.copy_(y)
