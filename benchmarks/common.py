@@ -55,6 +55,9 @@ def card() -> str:
 
 
 def commit() -> str:
+    """The commit under test: MOE_FP8_COMMIT (the device machine gets no .git), else git."""
+    if os.environ.get("MOE_FP8_COMMIT"):
+        return os.environ["MOE_FP8_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
