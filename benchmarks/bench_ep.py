@@ -29,6 +29,7 @@ Results: benchmarks/results/ep_<R>gpu_<date>.md/.csv (rank 0; card, date, commit
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -153,25 +154,28 @@ def bench_layers(cfg_full, prefill_sizes, clock, device, group, world, decode_to
     moe = MoE(cfg_full, ep_group=group, device=device, seed=0)
     for tokens in prefill_sizes:
         x, _, _ = routing(tokens, cfg_full, device, seed=1)
-        out.append(row("layer_prefill", tokens, 0, clock(lambda: moe(x))))
+        out.append(row("layer_prefill", tokens, 0, clock(functools.partial(moe, x))))
     del moe
     gc.collect()
     for experts in (16, cfg_full.num_experts):
-        cfg = cfg_full.replace(num_experts=experts)
-        moe = MoE(cfg, ep_group=group, device=device, seed=0)
-        runner = moe.decode_runner(decode_tokens)
-        runner(routing(decode_tokens, cfg, device, seed=2)[0])
-        fmt = moe.dispatcher.row_format
-        nbytes = world * decode_tokens * (fmt.nbytes + 2 * cfg.hidden_size)  # dispatch + combine packets
-        step = runner.graph.replay if runner.graph is not None else (lambda: runner._step())
-        peer_fn, peer_bytes = raw_a2a(nbytes, world, device, group)
-        peer_us = clock(peer_fn)
-        out.append(row("a2a_raw", decode_tokens, peer_bytes, peer_us))
-        out.append(row(f"layer_decode E={experts}{' graph' if runner.graph is not None else ''}",
-                       decode_tokens, nbytes, clock(step), peer_bytes / (peer_us * 1e-6) / 1e9))
-        del runner, moe  # graphs go before the process group (DEVICE_FACTS)
-        gc.collect()
+        out += _decode_rows(cfg_full.replace(num_experts=experts), clock, device, group, world, decode_tokens)
+        gc.collect()  # the graph died with _decode_rows' frame: before the process group goes
     return out
+
+
+def _decode_rows(cfg, clock, device, group, world, decode_tokens):
+    moe = MoE(cfg, ep_group=group, device=device, seed=0)
+    runner = moe.decode_runner(decode_tokens)
+    runner(routing(decode_tokens, cfg, device, seed=2)[0])
+    fmt = moe.dispatcher.row_format
+    nbytes = world * decode_tokens * (fmt.nbytes + 2 * cfg.hidden_size)  # dispatch + combine packets
+    step = runner.graph.replay if runner.graph is not None else runner._step
+    peer_fn, peer_bytes = raw_a2a(nbytes, world, device, group)
+    peer_us = clock(peer_fn)
+    graph = " graph" if runner.graph is not None else ""
+    return [row("a2a_raw", decode_tokens, peer_bytes, peer_us),
+            row(f"layer_decode E={cfg.num_experts}{graph}", decode_tokens, nbytes, clock(step),
+                peer_bytes / (peer_us * 1e-6) / 1e9)]
 
 
 @torch.no_grad()

@@ -94,6 +94,20 @@ def build_layers(cfg, group, device, args):
     return (full if args.check else None), ep
 
 
+def run_decode(ep, full, decode, world, rank, device, group, repeats, seed) -> dict:
+    """One graph per rank (NCCL inside), replayed with a new batch each step; the graph is freed
+    when this returns."""
+    runner = ep.decode_runner(decode)
+    xd_all = shared_tokens(world * decode, ep.cfg.hidden_size, seed + 2, device)
+    xd = xd_all[rank * decode:(rank + 1) * decode]
+    yd = runner(xd).clone()
+    out = {"decode_tokens": decode, "decode_graph": runner.graph is not None,
+           "decode_us": round(timed(lambda: runner(xd), device, group, repeats * 3) * 1e3, 1)}
+    if full is not None:
+        out["decode_diff"] = calc_diff(yd, full(xd))
+    return out
+
+
 @torch.no_grad()
 def main() -> None:
     args = parse_args()
@@ -132,18 +146,9 @@ def main() -> None:
     if full is not None:
         row["prefill_diff"] = calc_diff(y, full(x))  # tokens are independent: this rank's rows
 
-    # decode: one graph per rank (NCCL inside), replayed with a new batch each step
-    runner = ep.decode_runner(decode)
-    xd_all = shared_tokens(world * decode, cfg.hidden_size, args.seed + 2, device)
-    xd = xd_all[rank * decode:(rank + 1) * decode]
-    yd = runner(xd).clone()
-    row["decode_tokens"] = decode
-    row["decode_graph"] = runner.graph is not None
-    row["decode_us"] = round(timed(lambda: runner(xd), device, group, repeats * 3) * 1e3, 1)
-    if full is not None:
-        row["decode_diff"] = calc_diff(yd, full(xd))
-    del runner, full  # free the graph before the group goes (DEVICE_FACTS: teardown hung otherwise)
-    gc.collect()
+    row.update(run_decode(ep, full, decode, world, rank, device, group, repeats, args.seed))
+    del full
+    gc.collect()  # the decode graph is gone with run_decode's frame (DEVICE_FACTS: teardown hung otherwise)
 
     print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) and "diff" in k else f"{k}={v}"
                    for k, v in row.items()), flush=True)

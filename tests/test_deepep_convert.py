@@ -22,8 +22,8 @@ from moe_fp8.layers.dispatch.deepep import (DeepEPDispatcher, contiguous_from_no
 from moe_fp8.layers.dispatch.local import LocalDispatcher
 from moe_fp8.layers.permute import quantize_tokens
 from moe_fp8.layers.placement import ExpertPlacement
-from test_ep import (assert_bf16_close, build_pair, dequant, fake_experts_contiguous,
-                     fake_experts_masked, oracle, random_routing, shard_rows, tiny_cfg)
+from test_ep import (assert_bf16_close, fake_experts_contiguous, fake_experts_masked, oracle,
+                     random_routing, shard_rows, tiny_cfg)
 
 kGarbage = 1.0e4  # what the fake leaves where DeepEP's values are unspecified
 kThreadTimeoutS = 60

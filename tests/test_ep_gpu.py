@@ -227,7 +227,7 @@ def test_ep_nccl(case):
 def _main_torchrun() -> int:
     """Entry point under torchrun: env:// rendezvous, same cases, a line per case and rank."""
     import json
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
     device = _device(int(os.environ.get("LOCAL_RANK", rank)))
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     dist.init_process_group("gloo" if kOnCpu else "nccl", **({} if kOnCpu else {"device_id": device}))

@@ -39,8 +39,9 @@ from .base import Dispatcher, TokensIn
 
 
 def deep_ep_available() -> bool:
+    import importlib
     try:
-        import deep_ep  # noqa: F401
+        importlib.import_module("deep_ep")  # its import loads deep_ep_cpp: a real check
     except ImportError:
         return False
     return True
