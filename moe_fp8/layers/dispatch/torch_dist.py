@@ -339,7 +339,7 @@ class TorchDistDispatcher(Dispatcher):
 def make_dispatcher(cfg, ep_group=None, backend: str = "auto", **kwargs) -> Dispatcher:
     """The dispatcher of ``cfg`` over ``ep_group``.
 
-    ``ep_group=None`` and no initialised process group: the local (one-GPU) dispatcher.
+    ``ep_group=None``: the local (one-GPU) dispatcher, as in ``moe_fp8.layers.dispatch``.
     ``backend``: ``"torch"`` (this module), ``"deepep"`` (``deepep.DeepEPDispatcher``; needs
     ``deep_ep``), ``"auto"``: env ``MOE_FP8_EP_BACKEND`` if set, else ``"torch"``. DeepEP is
     opt-in because its buffers must be sized for the largest batch (normal mode: NVLink peers;
@@ -351,7 +351,7 @@ def make_dispatcher(cfg, ep_group=None, backend: str = "auto", **kwargs) -> Disp
         backend = os.environ.get("MOE_FP8_EP_BACKEND", "torch") or "torch"
         if backend not in kBackends[1:]:
             raise ValueError(f"MOE_FP8_EP_BACKEND must be 'torch' or 'deepep', got {backend!r}")
-    if ep_group is None and not dist.is_initialized():
+    if ep_group is None:
         from .local import LocalDispatcher
         return LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k, pow2_scale=cfg.pow2_scale)
     if backend == "deepep":
