@@ -5,7 +5,9 @@
 # Step limits add up to < 420 s; a failing step leaves its log and the rest still run.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT="${OUT:-/tmp/moe_fp8_out}"; mkdir -p "$OUT"
+FINAL="${OUT:-/tmp/moe_fp8_out}"
+# at most 8 files come back: everything goes to a raw folder that is tarred at the end
+export OUT="$FINAL/raw"; mkdir -p "$OUT"
 export MOE_FP8_CACHE_DIR="${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}"
 summary="$OUT/summary.txt"; : > "$summary"
 RUN2="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
@@ -26,6 +28,8 @@ step bench-layer 70 python3 benchmarks/bench_layer.py --quick --repeats 5
 step bench-ep 45 $RUN2 benchmarks/bench_ep.py --quick --repeats 5
 step bench-train 40 python3 benchmarks/bench_train.py --quick --repeats 3
 cp benchmarks/results/*_"$(date +%F)"* "$OUT/" 2>/dev/null
-tar czf "$OUT/logs.tgz" -C "$OUT" --exclude=logs.tgz . 2>/dev/null
-grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | cut -c1-160 | tail -n 24
+grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | cut -c1-160 | tail -n 24 > "$FINAL/tables.txt"
+cp "$summary" "$FINAL/summary.txt"
+tar czf "$FINAL/logs.tgz" -C "$OUT" . && rm -rf "$OUT"
+summary="$FINAL/summary.txt"; OUT="$FINAL"
 cat "$summary"
