@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# JIT + quantisation kernels, one device call: compile-path probe (times), JIT and quant GPU
-# tests, compute-sanitizer memcheck on the quant kernels (small shapes), bandwidth benchmark.
+# Quantisation kernels, one device call: compile every quant variant once (shared JIT cache),
+# then the quant GPU tests and a compute-sanitizer memcheck of every quant kernel side by side
+# (both only check correctness, so they may share the card), then the bandwidth benchmark alone.
+# If an untracked .quant_v1/quant.cuh is present (carried), it becomes include/quant_v1.cuh on the
+# device only, and bench_quant times those kernels beside the current ones (same process).
+# Optional first argument "probe": also time the JIT's compile paths (python -m moe_fp8.gemm.jit.probe).
 # Logs under $OUT (tarred, plus the benchmark's md/csv); a short summary prints last.
-# Usage (repo root, GPU machine): MOE_FP8_COMMIT=<sha> bash benchmarks/device_quant.sh [noprobe]
+# Usage (repo root, GPU machine): MOE_FP8_COMMIT=<sha> bash benchmarks/device_quant.sh [probe]
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 REAL_OUT="${OUT:-/tmp/moe_fp8_quant_out}"; mkdir -p "$REAL_OUT"
@@ -12,37 +16,29 @@ summary="$OUT/summary.txt"; : > "$summary"
 step() {  # step NAME TIMEOUT_S CMD...
   local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-100)" | tee -a "$summary"
+  printf '%-9s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log" | cut -c1-110)" | tee -a "$summary"
   tar czf "$REAL_OUT/quant_logs.tgz" -C "$OUT" . 2>/dev/null  # current even if the call is cut off
   return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+[ -f .quant_v1/quant.cuh ] && cp .quant_v1/quant.cuh moe_fp8/gemm/include/quant_v1.cuh
 
-# 1. every compile path on the probe (wgmma) kernel, then a small and a real kernel per path
-[ "${1:-}" != noprobe ] && step probe 120 python3 -m moe_fp8.gemm.jit.probe
-cat > /tmp/paths.py <<'PY'
-# one compile path, one kernel, fresh cache: prints the compile time and the ptxas report
-import os, sys, tempfile, torch
-os.environ["MOE_FP8_COMPILER"], which = sys.argv[1], sys.argv[2]
-os.environ["MOE_FP8_CACHE_DIR"] = tempfile.mkdtemp()
-from moe_fp8.gemm import jit
-if which == "quant":
-    from moe_fp8.gemm.kernels import quant
-    src = quant.per_token_source(torch.bfloat16, 128, False)
-else:
-    from moe_fp8.gemm.kernels import fp8_gemm
-    src = fp8_gemm.bundled_sources()[0]
-c = jit.compile_kernel(src)
-print(f"{sys.argv[1]:12s} {which:6s} {c.compile_seconds:6.3f} s  {c.report}  {src.instance}")
+# 0. compile (parallel): every bundled quant variant + the v1 kernels the benchmark times
+step compile 60 python3 - <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+from moe_fp8.gemm.precompile import precompile
+from moe_fp8.gemm.kernels import quant
+import bench_quant
+sources = quant.bundled_sources() + (list(bench_quant.v1_sources().values()) if bench_quant.have_v1() else [])
+done = precompile(sources, verbose=False)
+print(f"{len(done)} kernels, max registers {max(c.registers for c in done)}, "
+      f"local memory in {sum(c.report.uses_local_memory for c in done)}")
 PY
-[ "${1:-}" != noprobe ] && step paths 120 bash -c 'for p in nvrtc nvrtc-ptxas nvcc; do for k in quant gemm; do
-  [ "$p/$k" = nvrtc/gemm ] && continue  # wgmma: in-process cubin crashes on CUDA 13.0
-  python3 /tmp/paths.py $p $k 2>&1 | tail -n 1; done; done'
+[ "${1:-}" = probe ] && step probe 120 python3 -m moe_fp8.gemm.jit.probe
 
-# 2. tests: the JIT's GPU tests (its CPU tests run in CI) and the quant GPU tests
-step tests 150 python3 -m pytest -q -p no:cacheprovider -s -m gpu tests/test_jit.py tests/test_quant_gpu.py
-
-# 3. memcheck, small shapes, every quant kernel
+# 1. memcheck workload: small shapes reaching every kernel and path (grid-stride wrap, 3-D
+#    batches, masked prefix tiles and clamping, inf/NaN groups, SiLU divisors >= 2^126)
 cat > /tmp/san_quant.py <<'PY'
 import torch
 from moe_fp8.gemm.kernels import quant as Q
@@ -51,25 +47,33 @@ F8 = torch.float8_e4m3fn
 for dt in (torch.bfloat16, torch.float32):
     x = torch.randn(3, 37, 384, device="cuda").to(dt)
     Q.per_token_group_quant(x, torch.empty_like(x, dtype=F8), empty_act_scales(37, 3, 3, device="cuda"), 128, False)
+    x = torch.randn(2048, 1152, device="cuda").to(dt)  # 147k chunks: more than one machine of threads
+    x[5, 7] = float("inf")
+    Q.per_token_group_quant(x, torch.empty_like(x, dtype=F8), empty_act_scales(2048, 9, device="cuda"), 128, True)
     w = torch.randn(2, 200, 256, device="cuda").to(dt)
     Q.per_block_quant(w, torch.empty_like(w, dtype=F8), torch.empty(2, 2, 2, device="cuda"), 128, True)
 h = torch.randn(5, 2 * 256, device="cuda").bfloat16()
+h[1, :256] = -88.0; h[2, 3] = float("nan")
 Q.silu_and_mul_quant(h, torch.empty(5, 256, dtype=F8, device="cuda"), empty_act_scales(5, 2, device="cuda"), None, 128, False)
 h = torch.randn(3, 9, 2 * 256, device="cuda").bfloat16()
 mm = torch.tensor([0, 9, 4], dtype=torch.int32, device="cuda")
 Q.silu_and_mul_quant(h, torch.empty(3, 9, 256, dtype=F8, device="cuda"), empty_act_scales(9, 2, 3, device="cuda"), mm, 128, False)
+h = torch.randn(600, 2, 2 * 128, device="cuda").bfloat16()
+mm = torch.randint(-1, 4, (600,), dtype=torch.int32, device="cuda")
+Q.silu_and_mul_quant(h, torch.empty(600, 2, 128, dtype=F8, device="cuda"), empty_act_scales(2, 1, 600, device="cuda"), mm, 128, True)
 torch.cuda.synchronize(); print("sanitizer workload done")
 PY
-step memcheck 90 compute-sanitizer --tool memcheck --kernel-name kns=quant python3 /tmp/san_quant.py
 
-# 4. bandwidth
-step bench 150 python3 benchmarks/bench_quant.py --repeats 30
+# 2. tests and memcheck side by side, then the benchmark alone
+step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py &
+step memcheck 150 compute-sanitizer --tool memcheck --kernel-name kns=quant python3 /tmp/san_quant.py &
+wait
+step bench 120 python3 benchmarks/bench_quant.py --repeats 30
 cp benchmarks/results/bench_quant_*.md benchmarks/results/bench_quant_*.csv "$REAL_OUT/" 2>/dev/null
 
-grep -E "passed|failed" "$OUT/tests.log" | tail -n 2
-grep -E "^\[jit\]" "$OUT/tests.log"
-grep -aE "ERROR SUMMARY" "$OUT/memcheck.log"
-cat "$OUT/probe.log" "$OUT/paths.log" 2>/dev/null
-grep -E "^\|" "$OUT/bench.log" | cut -c1-170; grep -E "ceiling" "$OUT/bench.log"
+grep -E "passed|failed|Error|error" "$OUT/tests.log" | tail -n 8
+grep -aE "ERROR SUMMARY|Invalid|out of bounds" "$OUT/memcheck.log" | head -n 5
+cat "$OUT/gpu.txt"
+grep -E "^\|" "$OUT/bench.log" | cut -c1-190; grep -E "ceiling" "$OUT/bench.log"
 cat "$summary"
 tar czf "$REAL_OUT/quant_logs.tgz" -C "$OUT" .; cp "$summary" "$REAL_OUT/"

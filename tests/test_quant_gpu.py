@@ -41,6 +41,25 @@ def poisoned_fp8(shape):
     return torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda").view(FP8)
 
 
+def fp8_nan(q):
+    """e4m3fn has two NaN codes (0x7F, 0xFF): compare NaN-ness, not the sign bit of a NaN."""
+    return (q.view(torch.uint8).cpu() & 0x7F) == 0x7F
+
+
+def assert_bits_equal_nan(actual_q, expected_q, actual_s, expected_s):
+    """assert_bits_equal for inputs with inf/NaN: NaN positions must agree, all else bit for bit."""
+    a_s, e_s = actual_s.cpu(), expected_s.cpu()
+    assert torch.equal(a_s.isnan(), e_s.isnan()), "NaN scales differ"
+    keep = ~e_s.isnan()
+    assert torch.equal(a_s[keep], e_s[keep]), \
+        f"scales differ at {((a_s != e_s) & keep).nonzero()[:5].tolist()}"
+    a_nan, e_nan = fp8_nan(actual_q), fp8_nan(expected_q)
+    assert torch.equal(a_nan, e_nan), f"{int((a_nan != e_nan).sum())} fp8 NaN positions differ"
+    a_q, e_q = actual_q.view(torch.uint8).cpu(), expected_q.view(torch.uint8).cpu()
+    diff = (a_q != e_q) & ~e_nan
+    assert not diff.any(), f"{int(diff.sum())} fp8 bytes differ, e.g. {diff.nonzero()[:5].tolist()}"
+
+
 def assert_bits_equal(actual_q, expected_q, actual_s, expected_s):
     assert torch.equal(actual_s.cpu(), expected_s.cpu()), \
         f"scales differ at {(actual_s.cpu() != expected_s.cpu()).nonzero()[:5].tolist()}"
@@ -50,7 +69,8 @@ def assert_bits_equal(actual_q, expected_q, actual_s, expected_s):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("shape", [(1, 128), (7, 384), (129, 7168), (1000, 2048), (3, 17, 256)])
+@pytest.mark.parametrize("shape", [(1, 128), (7, 384), (129, 7168), (1000, 2048), (3, 17, 256),
+                                   (4096, 1024), (5, 3001, 512)])
 def test_per_token_group_quant(shape, dtype, pow2):
     x = make_input(shape, dtype, seed=hash((shape, pow2)) % 1000)
     m, k = shape[-2], shape[-1]
@@ -61,6 +81,58 @@ def test_per_token_group_quant(shape, dtype, pow2):
     quant().per_token_group_quant(x, q, s, 128, pow2)
     expected_q, expected_s = ref.per_token_group_quant(x.cpu(), 128, pow2)
     assert_bits_equal(q, expected_q, s, expected_s)
+
+
+def e4m3_midpoints():
+    """Midpoints between adjacent positive finite e4m3 values below 440 (exact in fp32)."""
+    values = torch.arange(0, 127, dtype=torch.uint8).view(FP8).float()
+    values = values[values < 440]
+    return (values[1:] + values[:-1]) / 2
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_per_token_division_midpoints_zeros_subnormals(pow2):
+    """x / scale within a few ulps of an fp8 rounding midpoint (ties to even), -0, subnormals."""
+    gen = torch.Generator().manual_seed(21)
+    rows, groups = 512, 8
+    amax = torch.pow(10.0, torch.empty(rows, groups, 1).uniform_(-6, 6, generator=gen))
+    scale = amax / torch.full_like(amax, 448.0)  # IEEE, as the kernels form it
+    mids = e4m3_midpoints()
+    picks = mids[torch.randint(len(mids), (rows, groups, 128), generator=gen)]
+    x = picks * scale  # fp32-rounded: the quotient lands within ~1 ulp of the midpoint
+    for _ in range(2):  # then nudge by -2..+2 ulps
+        step = torch.randint(-1, 2, x.shape, generator=gen)
+        x = torch.where(step > 0, torch.nextafter(x, torch.full_like(x, float("inf"))), x)
+        x = torch.where(step < 0, torch.nextafter(x, torch.zeros_like(x)), x)
+    x = x * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
+    x[..., 0] = amax[..., 0]  # fixes the group's amax
+    x[:, :, 1] = -0.0
+    x[:, :, 2] = 1e-40  # fp32 subnormal
+    x[:, :, 3] = -3e-45
+    x = x.reshape(rows, groups * 128).cuda()
+    q = poisoned_fp8(x.shape)
+    s = empty_act_scales(rows, groups, device="cuda")
+    quant().per_token_group_quant(x, q, s, 128, pow2)
+    expected_q, expected_s = ref.per_token_group_quant(x.cpu(), 128, pow2)
+    assert_bits_equal(q, expected_q, s, expected_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_per_token_inf_nan(dtype, pow2):
+    """inf/NaN groups: scale inf or NaN, values x / inf and x / NaN as IEEE division gives them."""
+    x = make_input((6, 512), dtype, seed=4).cpu()
+    x[0, 5] = float("inf")
+    x[1, 300] = -float("inf")
+    x[2, 7] = float("nan")
+    x[3, 0:128:2] = float("inf")
+    x[3, 1:128:2] = -float("inf")
+    x = x.cuda()
+    q = poisoned_fp8(x.shape)
+    s = empty_act_scales(6, 4, device="cuda")
+    quant().per_token_group_quant(x, q, s, 128, pow2)
+    expected_q, expected_s = ref.per_token_group_quant(x.cpu(), 128, pow2)
+    assert_bits_equal_nan(q, expected_q, s, expected_s)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -106,6 +178,45 @@ def test_silu_and_mul_quant_contiguous(shape, pow2):
     assert_bits_equal(q, expected_q, s, expected_s)
 
 
+def make_h_special(m, i, seed):
+    """SiLU inputs at the edges of the fast division: d = 1 + exp(-g) near and above 2^126
+    (g in [-89, -80], multiplied by a huge up so the tiny silu matters), tiny and subnormal g,
+    signed zeros, and (row 6 on) +-inf / NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    gate = torch.randn(m, i, generator=gen) * 4
+    up = torch.randn(m, i, generator=gen) * 4
+    gate[0] = -torch.linspace(80, 89, i)  # crosses d = 2^126 at g ~ -87.34 and d = inf at -88.72
+    up[0] = 3e36
+    gate[1] = -torch.linspace(80, 87.3, i)  # fast path up to d just below 2^126
+    up[1] = -2e36
+    gate[2] = torch.pow(10.0, -torch.linspace(30, 38, i)) * torch.sign(torch.randn(i, generator=gen))
+    up[2] = 1e30
+    gate[3, ::4] = 9e-41  # bf16 subnormals
+    up[3] = 1e36
+    gate[4, ::2] = -0.0
+    gate[5] = -0.0
+    up[5, ::3] = -0.0
+    if m > 8:
+        gate[6, 3] = float("inf")
+        gate[7, 200] = -float("inf")
+        gate[8, 0] = float("nan")
+        up[8, 300] = float("inf")
+    return torch.cat([gate, up], dim=-1).to(torch.bfloat16).cuda()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_silu_and_mul_quant_special_values(pow2):
+    m, i = 12, 512
+    h = make_h_special(m, i, seed=9)
+    q = poisoned_fp8((m, i))
+    s = empty_act_scales(m, i // 128, device="cuda")
+    quant().silu_and_mul_quant(h, q, s, None, 128, pow2)
+    expected_q, expected_s = silu_reference(h, pow2)
+    assert_bits_equal_nan(q, expected_q, s, expected_s)
+    # the finite rows must match bit for bit without NaN leniency
+    assert_bits_equal(q[:6], expected_q[:6], s[:6], expected_s[:6])
+
+
 def check_masked(h, q, s, q_before, s_before, masked_m, pow2):
     expected_q, expected_s = silu_reference(h, pow2)
     for e, rows in enumerate(masked_m.tolist()):
@@ -126,6 +237,38 @@ def test_silu_and_mul_quant_masked(pow2):
     q_before, s_before = q.clone(), s.clone()
     quant().silu_and_mul_quant(h, q, s, masked_m, 128, pow2)
     check_masked(h, q, s, q_before, s_before, masked_m, pow2)
+
+
+def test_silu_and_mul_quant_masked_many_experts_and_clamping():
+    """600 experts (prefix sums over 5 tiles of 128: 4 preloaded + the loop), counts outside
+    [0, M_max] clamped (the kernel must never address past the tensors)."""
+    experts, m_max, i = 600, 3, 256
+    h = make_h((experts, m_max, 2 * i), seed=13)
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.randint(0, m_max + 1, (experts,), generator=gen)
+    counts[7], counts[500], counts[599] = m_max + 9, -4, 2**30
+    masked_m = counts.to(torch.int32).cuda()
+    q = poisoned_fp8((experts, m_max, i))
+    s = empty_act_scales(m_max, i // 128, experts, device="cuda")
+    s.fill_(float("nan"))
+    q_before, s_before = q.clone(), s.clone()
+    quant().silu_and_mul_quant(h, q, s, masked_m, 128, False)
+    check_masked(h, q, s, q_before, s_before, masked_m.clamp(0, m_max), False)
+
+
+def test_silu_and_mul_quant_masked_full_load():
+    """Every row valid and more chunks than one machine of threads: the grid-stride loop wraps
+    across experts several times."""
+    experts, m_max, i = 8, 2048, 1024
+    h = make_h((experts, m_max, 2 * i), seed=17)
+    masked_m = torch.tensor([m_max, 0, 1, m_max, m_max - 1, 5, m_max, 100], dtype=torch.int32,
+                            device="cuda")
+    q = poisoned_fp8((experts, m_max, i))
+    s = empty_act_scales(m_max, i // 128, experts, device="cuda")
+    s.fill_(float("nan"))
+    q_before, s_before = q.clone(), s.clone()
+    quant().silu_and_mul_quant(h, q, s, masked_m, 128, True)
+    check_masked(h, q, s, q_before, s_before, masked_m, True)
 
 
 def test_silu_and_mul_quant_masked_graph_replay():

@@ -1,5 +1,5 @@
-// quant.cuh — FP8 (e4m3) quantisation kernels: per token per group, per 128x128 block, and the
-// fused SiLU(gate) * up + per-token-group quantisation (contiguous and masked layouts).
+// quant.cuh — FP8 (e4m3) quantisation kernels (v2): per token per group, per 128x128 block, and
+// the fused SiLU(gate) * up + per-token-group quantisation (contiguous and masked layouts).
 //
 // Math (bit-exact with moe_fp8/gemm/reference.py, per group of values x):
 //   amax  = max |x|                                   (fp32, NaN propagates)
@@ -8,11 +8,19 @@
 //   q     = e4m3(clamp(x / scale, -448, 448))         (IEEE division, round to nearest even)
 // NOTE: "clamp then cast" equals one `cvt.rn.satfinite.e4m3x2.f32` (saturating, NaN kept).
 //
-// Work decomposition: a "unit" is one (row, group) pair. Each thread owns 16 consecutive values
-// of a unit (16-byte fp8 stores; 16- or 32-byte bf16/fp32 loads), so kGroupSize / 16 adjacent
-// lanes share a unit and reduce its amax with xor-shuffles. Units are numbered row-major, which
-// makes unit u's values the u-th kGroupSize-run of the contiguous input: no division is needed
-// to address them. Every CTA handles kUnroll passes, all loads issued before any math.
+// Division: every quotient is the correctly rounded IEEE one, as in v1, but the reciprocal of a
+// group's scale is formed once (`Divisor`) instead of once per value inside each `div.rn.f32`.
+// v1's SASS spent ~11 issue slots per division (MUFU.RCP, 5 FFMA, FCHK, a branch around the
+// slow-path call) and two divisions + expf per SiLU value, ~38 slots per value in all: at M=16384
+// I=2048 that is ~40 us of issue against a 56 us byte floor, which is why v1 reached only 82 %.
+//
+// Work decomposition: a "chunk" is 16 consecutive values of one row inside one group (16-byte
+// fp8 store; 16/32-byte loads), one chunk per thread per step. kGroupSize / 16 adjacent lanes
+// hold one group and reduce its amax with xor-shuffles. The per-token and SiLU kernels run a
+// grid-stride loop over the row-major chunk list on a grid of at most kStreamBlocksPerSm CTAs
+// per SM and load the next chunk before computing the current one: v1 loaded, then computed,
+// in lock-step waves, so memory sat idle during the arithmetic (M=4096 silu: 24.5 us = 14 us of
+// bytes + 10 us of math, 57 % of copy).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,15 +29,19 @@
 namespace moe_fp8 {
 namespace quant {
 
-constexpr int kThreads = 256;
 constexpr int kValuesPerThread = 16;  // one 16-byte fp8 store
-constexpr int kUnroll = 2;            // units per thread in flight
 constexpr float kFp8Max = 448.0f;
 constexpr float kAmaxFloor = 1e-10f;
+constexpr float kFloatMax = 3.40282347e38f;
 
-// Units one CTA covers (the host computes the grid with the same formula).
-template <int kGroupSize>
-__host__ __device__ constexpr int units_per_cta() { return kThreads / (kGroupSize / kValuesPerThread) * kUnroll; }
+// Streaming kernels (per-token, SiLU): 128-thread CTAs spread a small problem (decode, M=128)
+// over more SMs than v1's 256-thread CTAs; 8 of them per SM (64 registers a thread, enforced by
+// __launch_bounds__) keep 1024 threads x 64 bytes = 64 KB in flight per SM, about twice what
+// 3 TB/s at ~1.5 us loaded latency needs (~34 KB per SM).
+constexpr int kStreamThreads = 128;
+constexpr int kStreamBlocksPerSm = 8;
+constexpr int kBlockThreads = 256;  // per-block kernel: one 128x128 block per CTA
+constexpr int kPreloadTiles = 4;    // masked_m values loaded before the first scan step
 
 // ---- small helpers -----------------------------------------------------------------------------
 
@@ -48,6 +60,36 @@ __device__ __forceinline__ uint4 ld_stream(const void* gPtr) {
   return r;
 }
 
+// MUFU.RCP: |error| < 1 ulp; refined below.
+__device__ __forceinline__ float rcp_approx(float d) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  return r;
+}
+
+// Correctly rounded x / d for a finite d in [2^-126, 2^126) (the reciprocal must be normal).
+// It is the instruction sequence of the div.rn.f32 fast path with the reciprocal (one Newton
+// step on MUFU.RCP) hoisted: q0 = x*r, then one Markstein correction with the exact residual.
+// The residual is negated (d*q0 - x) so that x = -0 gives -0 (x - d*q0 would give +0, and the
+// sign of a zero survives into the fp8 byte). Where div.rn would leave its fast path:
+// |x| < 2^-100 (the residual may round) gives |x/d| < 2^-56 for every d this file divides by
+// (scales >= 2^-43; 448; SiLU divisors are exactly 2 for tiny x), i.e. fp8 zero of the right
+// sign either way; inf/NaN operands are never passed (callers handle them without dividing).
+// An exact-rational emulation with the MUFU seed off by -1/0/+1 ulp matched RN(x/d) on 36k
+// cases, fp8 rounding midpoints included, except |x| < 2^-100 as stated.
+struct Divisor {
+  float d, r;
+  __device__ __forceinline__ explicit Divisor(float divisor) : d(divisor) {
+    const float r0 = rcp_approx(divisor);
+    r = __fmaf_rn(r0, __fmaf_rn(-divisor, r0, 1.0f), r0);
+  }
+  __device__ __forceinline__ float divide(float x) const {
+    const float q0 = __fmul_rn(x, r);
+    const float negResidual = __fmaf_rn(d, q0, -x);  // exact
+    return __fmaf_rn(-negResidual, r, q0);
+  }
+};
+
 // Smallest power of two >= s for positive normal s; NaN/inf returned as they are.
 __device__ __forceinline__ float ceil_pow2(float s) {
   unsigned bits = __float_as_uint(s);
@@ -59,7 +101,9 @@ __device__ __forceinline__ float ceil_pow2(float s) {
 
 template <bool kPow2>
 __device__ __forceinline__ float scale_from_amax(float amax) {
-  float scale = __fdiv_rn(max_nan(amax, kAmaxFloor), kFp8Max);
+  const float floored = max_nan(amax, kAmaxFloor);  // >= 1e-10: in Divisor's range when finite
+  // inf / 448 = inf and NaN stay as they are (Divisor would turn inf into NaN)
+  const float scale = floored <= kFloatMax ? Divisor(kFp8Max).divide(floored) : floored;
   return kPow2 ? ceil_pow2(scale) : scale;
 }
 
@@ -94,100 +138,193 @@ __device__ __forceinline__ void load_values(const T* gPtr, bool valid,
 
 // q = satfinite_e4m3(v / scale) for 16 values, packed into one 16-byte vector.
 __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) {
+  float rQ[16];
+  if (__builtin_expect(scale <= kFloatMax, 1)) {  // finite (scale > 0 always; NaN fails)
+    const Divisor divisor(scale);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) rQ[i] = divisor.divide(rV[i]);
+  } else {
+    // inf/NaN scale (inf/NaN inputs): x / inf = x * 0 (+-0 for finite x, NaN for +-inf) and
+    // x / NaN = x * NaN = NaN, exactly; no division (and no slow-path call) is needed
+    const float factor = scale == __int_as_float(0x7F800000) ? 0.0f : scale;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) rQ[i] = __fmul_rn(rV[i], factor);
+  }
   uint4 out;
   unsigned* words = reinterpret_cast<unsigned*>(&out);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    unsigned lo = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fdiv_rn(rV[4 * i], scale), __fdiv_rn(rV[4 * i + 1], scale)),
-        __NV_SATFINITE, __NV_E4M3);
-    unsigned hi = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fdiv_rn(rV[4 * i + 2], scale), __fdiv_rn(rV[4 * i + 3], scale)),
-        __NV_SATFINITE, __NV_E4M3);
+    unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
+                                           __NV_SATFINITE, __NV_E4M3);
+    unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
+                                           __NV_SATFINITE, __NV_E4M3);
     words[i] = lo | (hi << 16);
   }
   return out;
 }
 
-// amax over the kLanes lanes that share a unit (they are aligned within the warp).
+// The lanes of this thread's group (kLanes aligned lanes of one warp). Shuffles name only them:
+// at the end of a grid-stride loop other groups of the warp may have left already.
 template <int kLanes>
-__device__ __forceinline__ float group_amax(const float (&rV)[16]) {
+__device__ __forceinline__ unsigned group_mask() {
+  if constexpr (kLanes == 32) {
+    return 0xFFFFFFFFu;
+  } else {
+    return ((1u << kLanes) - 1u) << ((threadIdx.x % 32) & ~(kLanes - 1));
+  }
+}
+
+// amax over the kLanes lanes that share a group.
+template <int kLanes>
+__device__ __forceinline__ float group_amax(const float (&rV)[16], unsigned mask) {
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 16; ++i) amax = max_nan(amax, fabsf(rV[i]));
 #pragma unroll
   for (int offset = kLanes / 2; offset > 0; offset /= 2)
-    amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+    amax = max_nan(amax, __shfl_xor_sync(mask, amax, offset));
   return amax;
 }
 
-// Where unit u's scale goes: s[e, m, g] = gS[e * sBatch + m * sRow + g * sGroup].
-// NOTE: kernels take these as separate scalar parameters (the JIT passes one pointer per
-// parameter) and build the struct inside.
-struct ScaleLayout {
-  int rowsPerBatch;   // M (M_max for batched inputs)
-  int groupsPerRow;   // K / kGroupSize
-  long long sBatch, sRow, sGroup;  // element strides of the scale tensor
-  __device__ long long offset(long long unit, int& row_in_batch, int& batch) const {
-    long long row = unit / groupsPerRow;
-    int group = static_cast<int>(unit - row * groupsPerRow);
-    batch = static_cast<int>(row / rowsPerBatch);
-    row_in_batch = static_cast<int>(row - static_cast<long long>(batch) * rowsPerBatch);
-    return batch * sBatch + row_in_batch * sRow + group * sGroup;
+template <int kGroupSize>
+__device__ __forceinline__ constexpr int lanes_per_group() {
+  static_assert(kGroupSize % kValuesPerThread == 0 && kGroupSize / kValuesPerThread <= 32 &&
+                ((kGroupSize / kValuesPerThread) & (kGroupSize / kValuesPerThread - 1)) == 0,
+                "a group must be a power-of-two number of lanes within one warp");
+  return kGroupSize / kValuesPerThread;
+}
+
+// Position in the row-major chunk list; a grid-stride step adds (rowStep, colStep) with a carry
+// (no division per step).
+struct ChunkCursor {
+  int row, col;
+  __device__ __forceinline__ ChunkCursor(int index, int chunksPerRow)
+      : row(index / chunksPerRow), col(index - index / chunksPerRow * chunksPerRow) {}
+  __device__ __forceinline__ void advance(int rowStep, int colStep, int chunksPerRow) {
+    col += colStep;
+    row += rowStep;
+    if (col >= chunksPerRow) {
+      col -= chunksPerRow;
+      ++row;
+    }
   }
 };
 
-// ---- kernels -----------------------------------------------------------------------------------
-
-// x [rows, K] (rows = E * M, contiguous) -> q [rows, K] fp8 + scales in `layout`.
-template <typename T, int kGroupSize, bool kPow2>
-__global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(
-    const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
-    long long numUnits, int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow,
-    long long sGroup) {
-  static_assert(kGroupSize % kValuesPerThread == 0 && kGroupSize / kValuesPerThread <= 32 &&
-                ((kGroupSize / kValuesPerThread) & (kGroupSize / kValuesPerThread - 1)) == 0,
-                "a unit must be a power-of-two number of lanes within one warp");
-  constexpr int kLanes = kGroupSize / kValuesPerThread;
-  constexpr int kUnitsPerPass = kThreads / kLanes;
-  const ScaleLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
-  const int lane = threadIdx.x % kLanes;
-  const long long firstUnit = static_cast<long long>(blockIdx.x) * units_per_cta<kGroupSize>() +
-                              threadIdx.x / kLanes;
-
-  uint4 rRaw[kUnroll][Raw<T>::kVectors];
-#pragma unroll
-  for (int p = 0; p < kUnroll; ++p) {
-    long long unit = firstUnit + p * kUnitsPerPass;
-    load_values(gX + unit * kGroupSize + lane * kValuesPerThread, unit < numUnits, rRaw[p]);
+// Scale offset of (batch e, row m, group g): s[e, m, g] = gS[e * sBatch + m * sRow + g * sGroup].
+struct ScaleLayout {
+  long long sBatch, sRow, sGroup;
+  __device__ __forceinline__ long long offset(int e, int m, int g) const {
+    return e * sBatch + m * sRow + g * sGroup;
   }
-#pragma unroll
-  for (int p = 0; p < kUnroll; ++p) {
-    long long unit = firstUnit + p * kUnitsPerPass;
-    float rV[16];
-    Raw<T>::to_float(rRaw[p], rV);
-    float scale = scale_from_amax<kPow2>(group_amax<kLanes>(rV));  // all lanes shuffle
-    if (unit >= numUnits) continue;
-    *reinterpret_cast<uint4*>(gQ + unit * kGroupSize + lane * kValuesPerThread) =
-        quantize16(rV, scale);
-    int m, e;
-    long long sOffset = layout.offset(unit, m, e);
-    if (lane == 0) gS[sOffset] = scale;
-  }
+};
+
+// Row `row` of a [batches * rowsPerBatch] stack -> (batch, row in batch); 2-D inputs (one batch)
+// skip the integer division.
+__device__ __forceinline__ void split_row(int row, int rowsPerBatch, int& e, int& m) {
+  e = row >= rowsPerBatch ? row / rowsPerBatch : 0;
+  m = row - e * rowsPerBatch;
 }
+
+// ---- shared-memory staging of the next chunk ---------------------------------------------------
+// A thread's next chunk is copied global -> shared with cp.async while it computes the current
+// one. v2 first prefetched into registers, but at the 64-register cap ptxas sank those loads
+// below the SiLU arithmetic (seen in the SASS), which undid the prefetch; bytes in flight in
+// shared memory cost no registers and cannot be reordered by the compiler. Layout
+// [slot][vector][thread] of 16-byte vectors: a warp's accesses to one vector are 512 contiguous
+// bytes (no bank conflicts), and each thread reads back only what it copied itself (no barrier).
+constexpr int kStages = 2;  // chunk j in slot j % 2: one chunk in flight per thread during math
+
+__device__ __forceinline__ void cp_async16(uint4* sDst, const void* gSrc) {
+  const unsigned sAddr = static_cast<unsigned>(__cvta_generic_to_shared(sDst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sAddr), "l"(gSrc) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// kVectors 16-byte vectors per chunk: the first kVectors / kParts from gPart0, the rest from
+// gPart1 (SiLU: gate and up halves of a row).
+template <int kVectors, int kParts>
+struct StagingRing {
+  uint4 (*sSlots)[kVectors][kStreamThreads];
+  __device__ __forceinline__ void issue(int slot, const void* gPart0, const void* gPart1) const {
+    constexpr int kPerPart = kVectors / kParts;
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) {
+      const void* gPart = (kParts == 2 && v >= kPerPart) ? gPart1 : gPart0;
+      cp_async16(&sSlots[slot][v][threadIdx.x], static_cast<const uint4*>(gPart) + v % kPerPart);
+    }
+  }
+  __device__ __forceinline__ void read(int slot, uint4 (&rRaw)[kVectors]) const {
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) rRaw[v] = sSlots[slot][v][threadIdx.x];
+  }
+};
+
+// ---- per token per group ------------------------------------------------------------------------
+
+// x [rows, K] (rows = E * M, contiguous) -> q [rows, K] fp8 + scales through the strides.
+template <typename T, int kGroupSize, bool kPow2>
+__global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) per_token_group_quant_kernel(
+    const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
+    int numRows, int chunksPerRow, int rowsPerBatch, long long sBatch, long long sRow,
+    long long sGroup) {
+  constexpr int kLanes = lanes_per_group<kGroupSize>();
+  constexpr int kVectors = Raw<T>::kVectors;
+  __shared__ uint4 sSlots[kStages][kVectors][kStreamThreads];
+  const StagingRing<kVectors, 1> ring{sSlots};
+  const unsigned mask = group_mask<kLanes>();
+  const ScaleLayout layout{sBatch, sRow, sGroup};
+  const long long rowLength = static_cast<long long>(chunksPerRow) * kValuesPerThread;  // K
+  const int numThreads = gridDim.x * kStreamThreads;
+  const int rowStep = numThreads / chunksPerRow, colStep = numThreads - rowStep * chunksPerRow;
+  ChunkCursor at(blockIdx.x * kStreamThreads + threadIdx.x, chunksPerRow);
+  auto x_ptr = [&](const ChunkCursor& c) { return gX + c.row * rowLength + c.col * kValuesPerThread; };
+
+  if (at.row < numRows) ring.issue(0, x_ptr(at), nullptr);
+  cp_async_commit();
+  for (int slot = 0; at.row < numRows; slot ^= 1) {
+    ChunkCursor next = at;
+    next.advance(rowStep, colStep, chunksPerRow);
+    if (next.row < numRows) ring.issue(slot ^ 1, x_ptr(next), nullptr);
+    cp_async_commit();  // (possibly empty) group per step keeps the wait count uniform
+    cp_async_wait<1>();  // this step's chunk has landed
+    uint4 rRaw[kVectors];
+    ring.read(slot, rRaw);
+
+    float rV[16];
+    Raw<T>::to_float(rRaw, rV);
+    const float scale = scale_from_amax<kPow2>(group_amax<kLanes>(rV, mask));
+    *reinterpret_cast<uint4*>(gQ + at.row * rowLength + at.col * kValuesPerThread) =
+        quantize16(rV, scale);
+    if (at.col % kLanes == 0) {
+      int e, m;
+      split_row(at.row, rowsPerBatch, e, m);
+      gS[layout.offset(e, m, at.col / kLanes)] = scale;
+    }
+    at = next;
+  }
+  cp_async_wait<0>();
+}
+
+// ---- per 128x128 block --------------------------------------------------------------------------
 
 // w [E, N, K] -> q [E, N, K] fp8 + s [E, ceil(N/kBlock), K/kBlock] (contiguous); one CTA per block.
 // Rows past N (a partial last block) are skipped and do not count towards amax.
 template <typename T, int kBlock, bool kPow2>
-__global__ void __launch_bounds__(kThreads) per_block_quant_kernel(
+__global__ void __launch_bounds__(kBlockThreads) per_block_quant_kernel(
     const T* __restrict__ gW, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
     int N, int K) {
   constexpr int kLanesPerRow = kBlock / kValuesPerThread;
-  constexpr int kRowsPerPass = kThreads / kLanesPerRow;
+  constexpr int kRowsPerPass = kBlockThreads / kLanesPerRow;
   constexpr int kPasses = kBlock / kRowsPerPass;
-  static_assert(kBlock % kValuesPerThread == 0 && kThreads % kLanesPerRow == 0 &&
+  static_assert(kBlock % kValuesPerThread == 0 && kBlockThreads % kLanesPerRow == 0 &&
                 kBlock % kRowsPerPass == 0, "unsupported block size");
-  __shared__ float sWarpAmax[kThreads / 32];
+  __shared__ float sWarpAmax[kBlockThreads / 32];
 
   const int kb = blockIdx.x, nb = blockIdx.y, e = blockIdx.z;
   const int col = kb * kBlock + (threadIdx.x % kLanesPerRow) * kValuesPerThread;
@@ -214,7 +351,7 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_kernel(
   if (threadIdx.x % 32 == 0) sWarpAmax[threadIdx.x / 32] = amax;
   __syncthreads();
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) amax = max_nan(amax, sWarpAmax[w]);
+  for (int w = 0; w < kBlockThreads / 32; ++w) amax = max_nan(amax, sWarpAmax[w]);
   const float scale = scale_from_amax<kPow2>(amax);
   if (threadIdx.x == 0) {
     const int nBlocks = (N + kBlock - 1) / kBlock, kBlocks = K / kBlock;
@@ -231,58 +368,204 @@ __global__ void __launch_bounds__(kThreads) per_block_quant_kernel(
   }
 }
 
-// h [rows, 2I] bf16 (gate | up, rows = E * M_max) -> q [rows, I] fp8 + 1 x kGroupSize scales.
-// y = silu(gate) * up with silu(g) = g / (1 + exp(-g)) in fp32, exactly as torch computes it.
-// kMasked: rows m >= gMaskedM[e] are neither read nor written (fixed grid: graph-capturable).
-template <int kGroupSize, bool kPow2, bool kMasked>
-__global__ void __launch_bounds__(kThreads) silu_and_mul_quant_kernel(
-    const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
-    float* __restrict__ gS, const int* __restrict__ gMaskedM, long long numUnits,
-    int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow, long long sGroup) {
-  static_assert(kGroupSize % kValuesPerThread == 0 && kGroupSize / kValuesPerThread <= 32 &&
-                ((kGroupSize / kValuesPerThread) & (kGroupSize / kValuesPerThread - 1)) == 0,
-                "a unit must be a power-of-two number of lanes within one warp");
-  constexpr int kLanes = kGroupSize / kValuesPerThread;
-  constexpr int kUnitsPerPass = kThreads / kLanes;
-  const ScaleLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
-  const int lane = threadIdx.x % kLanes;
-  const int intermediate = layout.groupsPerRow * kGroupSize;  // I
-  const long long firstUnit = static_cast<long long>(blockIdx.x) * units_per_cta<kGroupSize>() +
-                              threadIdx.x / kLanes;
+// ---- fused SiLU-and-mul + quantisation ----------------------------------------------------------
 
-  uint4 rGate[kUnroll][2], rUp[kUnroll][2];
-  bool valid[kUnroll];
-  long long sOffset[kUnroll];
+// y = silu(g) * u = (g / (1 + exp(-g))) * u in fp32, exactly as torch forms it. The division by
+// d = 1 + exp(-g) uses the hoisted-reciprocal form per value (no FCHK, no branch); it is exact
+// while d < 2^126 and g is finite. Returns false when some d is out of range (g < ~-87.3 or NaN);
+// g = +inf yields NaN here and is caught by the caller's non-finite amax test.
+__device__ __forceinline__ bool silu_mul16(const uint4 (&rGate)[2], const uint4 (&rUp)[2],
+                                           float (&rY)[16]) {
+  float rG[16];
+  Raw<__nv_bfloat16>::to_float(rGate, rG);
+  Raw<__nv_bfloat16>::to_float(rUp, rY);
+  bool inRange = true;
 #pragma unroll
-  for (int p = 0; p < kUnroll; ++p) {
-    long long unit = firstUnit + p * kUnitsPerPass;
-    int m = 0, e = 0;
-    sOffset[p] = unit < numUnits ? layout.offset(unit, m, e) : 0;
-    valid[p] = unit < numUnits && (!kMasked || m < __ldg(gMaskedM + e));
-    long long row = unit / layout.groupsPerRow;
-    int col = static_cast<int>(unit - row * layout.groupsPerRow) * kGroupSize +
-              lane * kValuesPerThread;
-    const __nv_bfloat16* gRow = gH + row * 2 * intermediate;
-    load_values(gRow + col, valid[p], rGate[p]);
-    load_values(gRow + intermediate + col, valid[p], rUp[p]);
+  for (int i = 0; i < 16; ++i) {
+    const float d = 1.0f + expf(-rG[i]);  // NOTE: keep this form: nvcc fuses the +1 as torch's does
+    inRange &= d < 0x1p126f;
+    rY[i] = __fmul_rn(Divisor(d).divide(rG[i]), rY[i]);  // _rn: a separate rounding, as in torch
   }
+  return inRange;
+}
+
+// Every case of g / d, for the rare groups silu_mul16 refuses (no div.rn slow-path calls):
+//   g = +inf: d = 1, g / d = +inf;   d = inf (g < -88.7 or -inf) or NaN: g * 0 = -0 or NaN;
+//   d in [2^126, FLT_MAX] (g in [-88.8, -87.3]): numerator and divisor scaled by 2^-8 (exact),
+//   which brings the reciprocal back into the normal range.
+// It reloads its inputs (L2 hits): keeping the raw registers alive for it past silu_mul16 cost
+// 64-register spills.
+__device__ __forceinline__ void silu_mul16_special(const __nv_bfloat16* gGate, int intermediate,
+                                                float (&rY)[16]) {
+  uint4 rGate[2], rUp[2];
+  load_values(gGate, true, rGate);
+  load_values(gGate + intermediate, true, rUp);
+  float rG[16];
+  Raw<__nv_bfloat16>::to_float(rGate, rG);
+  Raw<__nv_bfloat16>::to_float(rUp, rY);
 #pragma unroll
-  for (int p = 0; p < kUnroll; ++p) {
-    float rGateF[16], rY[16];
-    Raw<__nv_bfloat16>::to_float(rGate[p], rGateF);
-    Raw<__nv_bfloat16>::to_float(rUp[p], rY);
+  for (int i = 0; i < 16; ++i) {
+    const float g = rG[i], d = 1.0f + expf(-g);
+    const float rescale = d >= 0x1p126f ? 0x1p-8f : 1.0f;
+    float silu = Divisor(__fmul_rn(d, rescale)).divide(__fmul_rn(g, rescale));
+    if (!(d <= kFloatMax)) silu = __fmul_rn(g, 0.0f);
+    if (g == __int_as_float(0x7F800000)) silu = g;
+    rY[i] = __fmul_rn(silu, rY[i]);
+  }
+}
+
+// Adds one tile of clamped masked_m counts to the running exclusive prefix sPrefix[1..].
+template <int kThreads>
+__device__ __forceinline__ int scan_tile(int count, int e, int numBatches, int carry,
+                                         int* sPrefix, int* sWarpTotals) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      float silu = __fdiv_rn(rGateF[i], 1.0f + expf(-rGateF[i]));
-      rY[i] = __fmul_rn(silu, rY[i]);  // NOTE: _rn keeps it a separate rounding, as in torch
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int below = __shfl_up_sync(0xFFFFFFFFu, count, offset);
+    if (lane >= offset) count += below;
+  }
+  if (lane == 31) sWarpTotals[warp] = count;
+  __syncthreads();
+  int before = carry, total = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const int warpTotal = sWarpTotals[w];
+    before += w < warp ? warpTotal : 0;
+    total += warpTotal;
+  }
+  if (e < numBatches) sPrefix[e + 1] = before + count;
+  __syncthreads();  // sWarpTotals is rewritten by the next tile
+  return carry + total;
+}
+
+// sPrefix[e] = sum over j < e of clamp(masked_m[j], 0, rowsPerBatch), e = 0..numBatches; returns
+// the number of valid rows. Every CTA computes it (E ints from L2; a fixed grid needs no
+// separate pass). The first kPreloadTiles tiles are loaded together: one latency, not one per tile.
+// NOTE: the clamp keeps a masked_m > M_max from addressing past the tensors.
+template <int kThreads>
+__device__ int masked_prefix(const int* __restrict__ gMaskedM, int numBatches, int rowsPerBatch,
+                             int* sPrefix) {
+  __shared__ int sWarpTotals[kThreads / 32];
+  int rCount[kPreloadTiles];
+#pragma unroll
+  for (int t = 0; t < kPreloadTiles; ++t) {
+    const int e = t * kThreads + threadIdx.x;
+    rCount[t] = e < numBatches ? min(max(__ldg(gMaskedM + e), 0), rowsPerBatch) : 0;
+  }
+  int carry = 0;
+#pragma unroll
+  for (int t = 0; t < kPreloadTiles; ++t) {
+    if (t * kThreads >= numBatches) break;  // uniform over the CTA
+    carry = scan_tile<kThreads>(rCount[t], t * kThreads + threadIdx.x, numBatches, carry,
+                                sPrefix, sWarpTotals);
+  }
+  for (int base = kPreloadTiles * kThreads; base < numBatches; base += kThreads) {
+    const int e = base + threadIdx.x;
+    const int count = e < numBatches ? min(max(__ldg(gMaskedM + e), 0), rowsPerBatch) : 0;
+    carry = scan_tile<kThreads>(count, e, numBatches, carry, sPrefix, sWarpTotals);
+  }
+  if (threadIdx.x == 0) sPrefix[0] = 0;
+  __syncthreads();
+  return carry;
+}
+
+// Batch e with sPrefix[e] <= v < sPrefix[e + 1], searching from `low` (v only grows per thread).
+__device__ __forceinline__ int find_batch(const int* sPrefix, int low, int numBatches, int v) {
+  int high = numBatches;  // invariant: sPrefix[low] <= v < sPrefix[high]
+  while (high - low > 1) {
+    const int mid = (low + high) / 2;
+    if (sPrefix[mid] <= v) low = mid; else high = mid;
+  }
+  return low;
+}
+
+// h [rows, 2I] bf16 (gate | up, rows = E * M_max) -> q [rows, I] fp8 + 1 x kGroupSize scales.
+// Contiguous: every row. kMasked: only rows m < masked_m[e]: the chunk list is the valid rows of
+// all experts back to back (prefix sums in shared memory, dynamic size 4 * (E + 1) bytes), so the
+// work is proportional to the valid rows while the grid stays fixed (graph-capturable, no host
+// sync). v1 ran the full E * M_max grid and did the arithmetic (slow-path divisions of zeros)
+// for every masked-out row: 47 us for 1135 of 8192 rows.
+template <int kGroupSize, bool kPow2, bool kMasked>
+__global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) silu_and_mul_quant_kernel(
+    const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
+    float* __restrict__ gS, const int* __restrict__ gMaskedM, int numRows, int chunksPerRow,
+    int rowsPerBatch, int numBatches, long long sBatch, long long sRow, long long sGroup) {
+  constexpr int kLanes = lanes_per_group<kGroupSize>();
+  extern __shared__ int sPrefix[];
+  __shared__ uint4 sSlots[kStages][4][kStreamThreads];  // 16 KB: gate (2 vectors) | up (2)
+  const StagingRing<4, 2> ring{sSlots};
+  const unsigned mask = group_mask<kLanes>();
+  const ScaleLayout layout{sBatch, sRow, sGroup};
+  const int intermediate = chunksPerRow * kValuesPerThread;  // I
+  int validRows = numRows;
+  if constexpr (kMasked) validRows = masked_prefix<kStreamThreads>(gMaskedM, numBatches,
+                                                                   rowsPerBatch, sPrefix);
+  const int numThreads = gridDim.x * kStreamThreads;
+  const int rowStep = numThreads / chunksPerRow, colStep = numThreads - rowStep * chunksPerRow;
+  ChunkCursor at(blockIdx.x * kStreamThreads + threadIdx.x, chunksPerRow);
+
+  // chunk position -> batch e and physical row (masked: valid-row index -> e * M_max + m)
+  auto physical_row = [&](int row, int& e) -> int {
+    if constexpr (kMasked) {
+      e = find_batch(sPrefix, e, numBatches, row);
+      return e * rowsPerBatch + (row - sPrefix[e]);
+    } else {
+      return row;
     }
-    float scale = scale_from_amax<kPow2>(group_amax<kLanes>(rY));  // all lanes shuffle
-    if (!valid[p]) continue;
-    long long unit = firstUnit + p * kUnitsPerPass;
-    *reinterpret_cast<uint4*>(gQ + unit * kGroupSize + lane * kValuesPerThread) =
-        quantize16(rY, scale);
-    if (lane == 0) gS[sOffset[p]] = scale;
+  };
+  auto gate_ptr = [&](int physRow, int col) {
+    return gH + static_cast<long long>(physRow) * 2 * intermediate + col * kValuesPerThread;
+  };
+
+  int batch = 0;  // batch of `at` (masked); the thread's rows only grow, so searches start here
+  int physRow = at.row < validRows ? physical_row(at.row, batch) : 0;
+  if (at.row < validRows) {
+    const __nv_bfloat16* gGate = gate_ptr(physRow, at.col);
+    ring.issue(0, gGate, gGate + intermediate);
   }
+  cp_async_commit();
+  for (int slot = 0; at.row < validRows; slot ^= 1) {
+    ChunkCursor next = at;
+    next.advance(rowStep, colStep, chunksPerRow);
+    int nextBatch = batch;
+    const int nextPhysRow = next.row < validRows ? physical_row(next.row, nextBatch) : 0;
+    if (next.row < validRows) {
+      const __nv_bfloat16* gGate = gate_ptr(nextPhysRow, next.col);
+      ring.issue(slot ^ 1, gGate, gGate + intermediate);
+    }
+    cp_async_commit();  // (possibly empty) group per step keeps the wait count uniform
+    cp_async_wait<1>();  // this step's chunk has landed
+    uint4 rRaw[4];
+    ring.read(slot, rRaw);
+    const uint4 rGate[2] = {rRaw[0], rRaw[1]}, rUp[2] = {rRaw[2], rRaw[3]};
+
+    float rY[16];
+    const bool inRange = silu_mul16(rGate, rUp, rY);
+    float amax = group_amax<kLanes>(rY, mask);
+    // group-uniform: some divisor out of range, or inf/NaN somewhere -> redo the group with
+    // every special case handled
+    if (__builtin_expect(__any_sync(mask, !inRange) || !(amax <= kFloatMax), 0)) {
+      silu_mul16_special(gate_ptr(physRow, at.col), intermediate, rY);
+      amax = group_amax<kLanes>(rY, mask);
+    }
+    const float scale = scale_from_amax<kPow2>(amax);
+    *reinterpret_cast<uint4*>(gQ + static_cast<long long>(physRow) * intermediate +
+                              at.col * kValuesPerThread) = quantize16(rY, scale);
+    if (at.col % kLanes == 0) {
+      int e, m;
+      if constexpr (kMasked) {
+        e = batch;
+        m = physRow - batch * rowsPerBatch;
+      } else {
+        split_row(physRow, rowsPerBatch, e, m);
+      }
+      gS[layout.offset(e, m, at.col / kLanes)] = scale;
+    }
+    at = next;
+    batch = nextBatch;
+    physRow = nextPhysRow;
+  }
+  cp_async_wait<0>();
 }
 
 }  // namespace quant

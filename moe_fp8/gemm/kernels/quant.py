@@ -9,8 +9,15 @@ All three write fp8 values and fp32 scales into caller-allocated tensors:
   s ``[.., ceil(N/block), K/block]`` contiguous.
 * ``silu_and_mul_quant(h, q, s, masked_m, group_size, pow2_scale)``: h ``[M, 2I]`` or
   ``[E, M_max, 2I]`` bf16 (gate | up); q ``[.., I]``; s ``[.., I/group_size]`` strided;
-  masked_m int32 ``[E]`` on the device or None. Rows ``>= masked_m[e]`` are left untouched; the
-  grid does not depend on masked_m, so the launch can be captured in a CUDA graph.
+  masked_m int32 ``[E]`` on the device or None. Rows ``>= masked_m[e]`` are left untouched (counts
+  are clamped to ``[0, M_max]``); the grid does not depend on masked_m, so the launch can be
+  captured in a CUDA graph, and the work done is proportional to the valid rows.
+
+Launch shapes (v2): the per-token and SiLU kernels loop over 16-value chunks on at most one
+resident grid (SMs x kStreamBlocksPerSm CTAs of 128 threads): small inputs get one chunk per
+thread on as many SMs as possible, large ones a grid-stride loop with the next chunk in flight.
+The masked SiLU kernel always launches the full resident grid (its row count is on the device).
+The SM count is read once per device (cached), so launches do no host sync.
 """
 from __future__ import annotations
 
@@ -21,16 +28,29 @@ import torch
 from ..jit import KernelSource, get_kernel, i32, i64, register_bundled
 
 kHeader = "quant.cuh"
-kThreads = 256  # quant.cuh kThreads
+kStreamThreads = 128  # quant.cuh kStreamThreads (per-token and SiLU kernels)
+kStreamBlocksPerSm = 8  # quant.cuh kStreamBlocksPerSm: resident CTAs per SM (launch bounds)
+kBlockThreads = 256  # quant.cuh kBlockThreads (per-block kernel)
 kValuesPerThread = 16  # quant.cuh kValuesPerThread
-kUnroll = 2  # quant.cuh kUnroll
 kGroupSizes = (16, 32, 64, 128, 256, 512)  # kGroupSize / 16 lanes: a power of two within a warp
 kBlockSizes = (64, 128)
 _kTypeNames = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 
 
-def _units_per_cta(group_size: int) -> int:
-    return kThreads // (group_size // kValuesPerThread) * kUnroll  # quant.cuh units_per_cta
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _persistent_ctas(device: torch.device) -> int:
+    """CTAs of a grid that fills every SM once (the streaming kernels loop over the rest)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * kStreamBlocksPerSm
+
+
+def _stream_grid(num_chunks: int, device: torch.device) -> int:
+    """One 16-value chunk per thread up to a full machine; beyond it the threads loop."""
+    return max(1, min(-(-num_chunks // kStreamThreads), _persistent_ctas(device)))
 
 
 def _bool(flag: bool) -> str:
@@ -79,25 +99,24 @@ def _check_aligned(**tensors) -> None:
                              f"{tensor.data_ptr():#x} (a sliced view?)")
 
 
-def _scale_layout(s: torch.Tensor, rows_per_batch: int, groups_per_row: int) -> list:
-    """The kernels' rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup scalar parameters."""
+def _scale_strides(s: torch.Tensor) -> list:
+    """The kernels' sBatch, sRow, sGroup scalar parameters (element strides of the scales)."""
     s_batch = s.stride(0) if s.dim() == 3 else 0
-    return [i32(rows_per_batch), i32(groups_per_row), i64(s_batch), i64(s.stride(-2)),
-            i64(s.stride(-1))]
+    return [i64(s_batch), i64(s.stride(-2)), i64(s.stride(-1))]
 
 
 def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                           group_size: int = 128, pow2_scale: bool = False) -> None:
     _check_group(group_size, kGroupSizes, "group_size")
     k = x.shape[-1]
-    num_units = x.numel() // group_size
-    if num_units == 0:
+    if x.numel() == 0:
         return
     _check_aligned(x=x, q=q)
     kernel = get_kernel(per_token_source(x.dtype, group_size, bool(pow2_scale)))
-    grid = -(-num_units // _units_per_cta(group_size))
-    kernel.launch(grid, kThreads, 0, [x, q, s, i64(num_units),
-                                      *_scale_layout(s, x.shape[-2], k // group_size)])
+    rows, chunks_per_row = x.numel() // k, k // kValuesPerThread
+    grid = _stream_grid(rows * chunks_per_row, x.device)
+    kernel.launch(grid, kStreamThreads, 0, [x, q, s, i32(rows), i32(chunks_per_row),
+                                            i32(x.shape[-2]), *_scale_strides(s)])
 
 
 def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
@@ -110,7 +129,7 @@ def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_siz
     _check_aligned(w=w, q=q)
     kernel = get_kernel(per_block_source(w.dtype, block_size, bool(pow2_scale)))
     grid = (k // block_size, -(-n // block_size), experts)
-    kernel.launch(grid, kThreads, 0, [w, q, s, i32(n), i32(k)])
+    kernel.launch(grid, kBlockThreads, 0, [w, q, s, i32(n), i32(k)])
 
 
 def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
@@ -118,11 +137,18 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                        pow2_scale: bool = False) -> None:
     _check_group(group_size, kGroupSizes, "group_size")
     intermediate = h.shape[-1] // 2
-    num_units = h.numel() // 2 // group_size
-    if num_units == 0:
+    if h.numel() == 0:
         return
     _check_aligned(h=h, q=q)
     kernel = get_kernel(silu_source(group_size, bool(pow2_scale), masked_m is not None))
-    grid = -(-num_units // _units_per_cta(group_size))
-    kernel.launch(grid, kThreads, 0, [h, q, s, masked_m, i64(num_units),
-                                      *_scale_layout(s, h.shape[-2], intermediate // group_size)])
+    rows, chunks_per_row = h.numel() // h.shape[-1], intermediate // kValuesPerThread
+    batches = h.shape[0] if h.dim() == 3 else 1
+    if masked_m is None:
+        grid, smem = _stream_grid(rows * chunks_per_row, h.device), 0
+    else:
+        # NOTE: the valid-row count lives on the device: size the grid for a full machine (the
+        # loop covers any count) and give each CTA room for the experts' prefix sums.
+        grid, smem = _persistent_ctas(h.device), 4 * (batches + 1)
+    kernel.launch(grid, kStreamThreads, smem,
+                  [h, q, s, masked_m, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
+                   i32(batches), *_scale_strides(s)])
