@@ -3,7 +3,10 @@
 Every shape of TARGETS.md's dense table; median device time with the L2 flushed before each
 repeat; TFLOPS = 2MNK / t; GB/s counts A, B, their scales and D once. Also checks that both
 products agree (calc_diff). ``--sweep`` additionally times pinned configurations on a few shapes
-(the data behind heuristics.py). Results: benchmarks/results/gemm_<date>.{md,csv}.
+(the data behind heuristics.py). ``--baseline DIR`` also times an earlier kernel version whose
+headers were copied to DIR (``git show <commit>:moe_fp8/gemm/include/<file>``; the v2 kernel
+signature) on the M = 4096 shapes, in the same process, so a version change is measured against
+run-to-run spread. Results: benchmarks/results/gemm_<date>.{md,csv}.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench, card, geomean, write_results  # noqa: E402
 
 import moe_fp8.gemm as G  # noqa: E402
+from moe_fp8.gemm import jit  # noqa: E402
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.heuristics import GemmConfig, dense_config, num_sms  # noqa: E402
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
@@ -35,22 +39,44 @@ kShapes = {
     (4096, 4096, 7168): (1166, 1385, 1450), (4096, 7168, 2048): (1109, 1147, 1230),
 }
 
+def _mc(**kw):  # the 128 x 128 tile with and without the 2-CTA B multicast
+    return [GemmConfig(128, 128, cluster_m=1, **kw), GemmConfig(128, 128, cluster_m=2, **kw)]
+
+
 kSweep = {
-    (64, 2112, 7168): [GemmConfig(64, n) for n in (16, 32, 48, 64)]
-    + [GemmConfig(64, 16, double_buffer=False)],
-    (64, 24576, 1536): [GemmConfig(64, n) for n in (64, 128, 192)],
-    (4096, 2112, 7168): [GemmConfig(128, n) for n in (128, 144, 160, 192)] + [GemmConfig(64, 128)],
-    (128, 4096, 7168): [GemmConfig(128, 32), GemmConfig(128, 64), GemmConfig(64, 32),
-                        GemmConfig(64, 64)],
-    (128, 7168, 16384): [GemmConfig(128, 64), GemmConfig(64, 64), GemmConfig(128, 112)],
-    (4096, 7168, 2048): [GemmConfig(128, n) for n in (128, 192)]
-    + [GemmConfig(128, 128, double_buffer=False)],
-    (4096, 4096, 7168): [GemmConfig(128, n) for n in (64, 128)]
-    + [GemmConfig(128, 128, double_buffer=False), GemmConfig(128, 128, group_n=4),
-       GemmConfig(128, 128, group_n=32), GemmConfig(128, 128, stages=3)],
-    (4096, 32768, 512): [GemmConfig(128, n) for n in (128, 192)],
-    (4096, 7168, 16384): [GemmConfig(128, 128), GemmConfig(128, 128, double_buffer=False)],
+    (64, 2112, 7168): [GemmConfig(64, n) for n in (16, 32)],
+    (128, 4096, 7168): [GemmConfig(128, 32), GemmConfig(64, 64)],
+    (4096, 2112, 7168): _mc() + [GemmConfig(128, n, cluster_m=2) for n in (144, 192)],
+    (4096, 24576, 1536): _mc() + _mc(group_n=8),
+    (4096, 32768, 512): _mc() + [GemmConfig(128, 192, cluster_m=2)],
+    (4096, 7168, 16384): _mc() + _mc(double_buffer=False),
+    (4096, 4096, 7168): _mc() + _mc(group_n=8) + _mc(group_n=32) + _mc(stages=4)
+    + [GemmConfig(128, 128, cluster_m=2, double_buffer=False)],
+    (4096, 7168, 2048): _mc() + _mc(stages=4),
 }
+
+
+def _v2_smem(block_m, block_n, stages, k):
+    """Shared memory of the v2 kernel (its SmemLayout): ring, bf16 tile, per-warpgroup sb."""
+    ring = stages * (block_m * 128 + block_n * 128 + block_m * 4)
+    end = (ring + block_m * block_n * 2 + block_m // 64 * 2 * (k // 128) * 4 + 7) // 8 * 8
+    return end + 2 * stages * 8 + 1024
+
+
+def baseline_v2(header_dir, m, n, k, qa, sa, qb, sb, out):
+    """A launcher of the v2 kernel (headers copied to ``header_dir``) on the dense layout, with
+    v2's choice for these shapes (128 x 128, the deepest ring that fits, no multicast)."""
+    stages = max(s for s in range(2, 11) if _v2_smem(128, 128, s, k) <= 232448)
+    src = jit.KernelSource(os.path.join(os.path.abspath(header_dir), "fp8_gemm.cuh"),
+                           f"moe_fp8::fp8_gemm_kernel<{n}, {k}, 128, 128, {stages}, 16, 0, 1>")
+    kernel = jit.get_kernel(src)
+    sa2 = sa.t()
+    args = [K._tma(qa, 128, 128, 128), K._tma(qb, 128, 128, 128),
+            K._tma(sa2, 128, 1, 0, m, sa2.shape[0], sa2.stride(0)), K._tma(out, 16, 64, 32),
+            jit.i32(m), jit.i32(1), sb, sb, out]
+    grid = min(num_sms(torch.cuda.current_device()), -(-m // 128) * -(-n // 128))
+    smem = _v2_smem(128, 128, stages, k)
+    return lambda: kernel.launch((grid, 1, 1), (384, 1, 1), smem, args)
 
 
 def bench_graph(fn, repeats: int) -> float:
@@ -101,6 +127,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time pinned configs")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--baseline", default="", help="dir with the v2 headers (see docstring)")
     args = parser.parse_args()
     peer = cublas_blockwise()
     sms = num_sms(torch.cuda.current_device())
@@ -113,7 +140,8 @@ def main():
         eager = bench(lambda: K.fp8_gemm_nt(qa, sa, qb, sb, out, config), repeats=args.repeats)
         flops = 2 * m * n * k
         nbytes = m * k + n * k + 2 * m * n + 4 * (m + n) * k // 128
-        row = {"M": m, "N": n, "K": k, "config": f"{config.block_m}x{config.block_n}s{config.stages}",
+        row = {"M": m, "N": n, "K": k,
+               "config": f"{config.block_m}x{config.block_n}s{config.stages}c{config.cluster_m}",
                "us": ours, "TFLOPS": flops / ours / 1e6, "GB/s": nbytes / ours / 1e3,
                "eager_us": eager}
         if peer is not None:
@@ -127,16 +155,29 @@ def main():
             except Exception as error:  # peer unavailable on this build: keep our numbers
                 row.update({"cuBLAS_us": float("nan"), "cuBLAS_TFLOPS": float("nan"),
                             "ratio": float("nan"), "diff_vs_cuBLAS": repr(error)[:40]})
+        if args.baseline and m >= 1024:
+            v2_out = torch.empty_like(out)
+            v2 = baseline_v2(args.baseline, m, n, k, qa, sa, qb, sb, v2_out)
+            us_v2 = bench_graph(v2, args.repeats)
+            row.update({"v2_TFLOPS": flops / us_v2 / 1e6, "v3_over_v2": us_v2 / ours,
+                        "diff_vs_v2": G.calc_diff(out, v2_out)})
+        elif args.baseline:
+            row.update({"v2_TFLOPS": float("nan"), "v3_over_v2": float("nan"),
+                        "diff_vs_v2": float("nan")})
         row.update({"target_TFLOPS": target, "vs_target": row["TFLOPS"] / target,
                     "DeepGEMM_H100": deepgemm_ref})
         rows.append(row)
         if args.sweep and (m, n, k) in kSweep:
+            ref_out = out.clone()
             for pinned in kSweep[(m, n, k)]:
                 us = bench_graph(lambda: K.fp8_gemm_nt(qa, sa, qb, sb, out, pinned), args.repeats)
+                r = pinned.resolved(k)
                 sweep_rows.append({"M": m, "N": n, "K": k,
-                                   "config": f"{pinned.block_m}x{pinned.block_n}"
-                                             f"{'' if pinned.double_buffer else ' single'}",
-                                   "us": us, "TFLOPS": flops / us / 1e6})
+                                   "config": f"{r.block_m}x{r.block_n}s{r.stages}g{r.group_n}"
+                                             f"c{r.cluster_m}"
+                                             f"{'' if r.double_buffer else ' single'}",
+                                   "us": us, "TFLOPS": flops / us / 1e6,
+                                   "diff_vs_heuristic": G.calc_diff(out, ref_out)})
         del qa, sa, qb, sb, out
         torch.cuda.empty_cache()
     summary = (f"{card()}, {sms} SMs. Geometric mean ratio (cuBLAS time / ours): "

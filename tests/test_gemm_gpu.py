@@ -29,7 +29,10 @@ kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112)
            GemmConfig(64, 192), GemmConfig(128, 32), GemmConfig(128, 80), GemmConfig(128, 112),
            GemmConfig(128, 128, stages=2), GemmConfig(128, 144), GemmConfig(128, 160),
            GemmConfig(128, 192, group_n=3), GemmConfig(128, 128, num_sms=7),
-           GemmConfig(128, 64, double_buffer=False), GemmConfig(64, 32, double_buffer=False)]
+           GemmConfig(128, 64, double_buffer=False), GemmConfig(64, 32, double_buffer=False),
+           GemmConfig(128, 128, cluster_m=2), GemmConfig(128, 112, cluster_m=2, group_n=2),
+           GemmConfig(128, 128, cluster_m=2, num_sms=7), GemmConfig(128, 64, cluster_m=2,
+                                                                  double_buffer=False)]
 
 
 def _cuda_gen(seed: int) -> torch.Generator:
@@ -112,9 +115,32 @@ def test_dense_odd_shapes(m, n, k):
     _dense_case(m, n, k, seed=m + n + k)
 
 
-@pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}d{int(c.double_buffer)}")
+def _config_id(c: GemmConfig) -> str:
+    return (f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}d{int(c.double_buffer)}"
+            f"c{c.cluster_m}")
+
+
+@pytest.mark.parametrize("config", kPinned, ids=_config_id)
 def test_dense_pinned_configs(config):
+    # M = 333: three 128-row blocks, so a multicast cluster's second pair has a phantom half.
     _dense_case(333, 2112 + 16, 1536, seed=config.block_n, config=config)
+
+
+@pytest.mark.parametrize("m,k", [(256, 384), (640, 7168 + 128)], ids=str)
+def test_dense_multicast_odd_k_blocks(m, k):
+    """Odd K-block counts (the double-buffered loop's tail) with and without multicast."""
+    for cluster_m in (1, 2):
+        _dense_case(m, 1024, k, seed=m + cluster_m,
+                    config=GemmConfig(128, 128, cluster_m=cluster_m))
+
+
+def test_multicast_needs_dense_layout():
+    gen = _cuda_gen(1)
+    a, b = _quant_act(_rows((256, 256), gen)), _quant_weight(_weights((2, 128, 256), gen))
+    m_indices = build_m_indices([128, 128], device="cuda")
+    with pytest.raises(ValueError, match="cluster_m"):
+        G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, backend="kernel",
+                                           config=GemmConfig(128, 128, cluster_m=2))
 
 
 def test_block_n_set_is_covered():

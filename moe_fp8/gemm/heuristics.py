@@ -11,9 +11,16 @@ Choice rule (measured where noted in benchmarks/NOTES.md):
   waves of tiles over the SMs, then the fullest last wave, then the widest tile (more reuse of
   each A byte). Non-powers of two let e.g. N = 7168 split into 132-ish tiles.
 * ``stages``: as many shared-memory ring slots as fit in the 227 KiB a block may use.
+* ``cluster_m``: 2 (two vertically adjacent tiles per 2-CTA cluster, B multicast, half the B
+  bytes each CTA pulls from L2) for the dense layout once there are at least two row blocks
+  of 128; see ``kMulticastMinMBlocks``.
+
+The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 128 tiles and the stages that
+fit beside its fp32 staging tile.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Tuple
@@ -25,6 +32,7 @@ kMinStages = 2
 kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
 kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
 kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
+kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -49,6 +57,8 @@ class GemmConfig:
     num_sms: persistent grid size upper bound, 0 = the device's SM count.
     double_buffer: queue K block kb+1 on the tensor cores before promoting kb (two partial
              register sets; the kernel uses it where they fit, block_n <= 128).
+    cluster_m: 1, or 2: two vertically adjacent tiles per 2-CTA cluster share B, each CTA loads
+             half of it and multicasts it (dense layout and k-grouped only).
     """
     block_m: int = 128
     block_n: int = 128
@@ -56,6 +66,7 @@ class GemmConfig:
     group_n: int = kDefaultGroupN
     num_sms: int = 0
     double_buffer: bool = True
+    cluster_m: int = 1
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -66,36 +77,40 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.stages must be 0 or in [{kMinStages}, {kMaxStages}]")
         if self.group_n < 1:
             raise ValueError(f"GemmConfig.group_n must be >= 1, got {self.group_n}")
+        if self.cluster_m not in (1, 2):
+            raise ValueError(f"GemmConfig.cluster_m must be 1 or 2, got {self.cluster_m}")
 
     @property
     def num_threads(self) -> int:
         return (self.block_m // 64 + 1) * 128
 
-    def resolved(self, k: int) -> "GemmConfig":
-        """This config with ``stages`` filled in for reduction size ``k``."""
+    def resolved(self, k: int, wgrad: bool = False) -> "GemmConfig":
+        """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for
+        the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused)."""
         if self.stages:
-            if smem_bytes(self.block_m, self.block_n, self.stages, k) > kMaxSmemBytes:
+            if smem_bytes(self.block_m, self.block_n, self.stages, k, wgrad) > kMaxSmemBytes:
                 raise ValueError(f"{self} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return self
-        return GemmConfig(self.block_m, self.block_n, max_stages(self.block_m, self.block_n, k),
-                          self.group_n, self.num_sms, self.double_buffer)
+        return dataclasses.replace(
+            self, stages=max_stages(self.block_m, self.block_n, k, wgrad))
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, k: int) -> int:
-    """Dynamic shared memory of one CTA; mirrors SmemLayout in fp8_gemm.cuh."""
-    num_math_wg = block_m // 64
-    num_k_blocks = k // kBlockK
-    ring = stages * (block_m * kBlockK + block_n * kBlockK + block_m * 4)
-    d_tile = block_m * block_n * 2
-    sb = num_math_wg * 2 * num_k_blocks * 4
-    end = (ring + d_tile + sb + 7) // 8 * 8 + 2 * stages * 8
+def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False) -> int:
+    """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
+
+    NT kernels: ring of A, B, sa slots; bf16 output tile; weight scales of the tile, double
+    buffered ([2][2][K/128]). wgrad: ring of A, B, sa, sb slots; fp32 output tile."""
+    stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
+    d_tile = block_m * block_n * (4 if wgrad else 2)
+    tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK) * 4
+    end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
-def max_stages(block_m: int, block_n: int, k: int) -> int:
+def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False) -> int:
     for stages in range(kMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -109,6 +124,14 @@ def num_sms(device_index: int) -> int:
 
 def _ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def grid_size(config: GemmConfig, max_tiles: int, sms: int) -> int:
+    """Persistent grid: one CTA per SM (``config.num_sms`` caps it), no more than the tiles
+    (counted in multicast pairs), a whole number of clusters."""
+    sms = config.num_sms or sms
+    clusters = max(1, min(sms // config.cluster_m, _ceil_div(max_tiles, config.cluster_m)))
+    return clusters * config.cluster_m
 
 
 def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
@@ -146,7 +169,10 @@ def _config(rows: int, m_blocks_of, n: int, k: int, sms: int) -> GemmConfig:
 @functools.lru_cache(maxsize=4096)
 def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for ``[m, k] x [n, k]^T`` on a device with ``sms`` SMs."""
-    return _config(m, lambda bm: _ceil_div(m, bm), n, k, sms)
+    config = _config(m, lambda bm: _ceil_div(m, bm), n, k, sms)
+    if config.block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks:
+        config = dataclasses.replace(config, cluster_m=2)
+    return config
 
 
 @functools.lru_cache(maxsize=4096)
@@ -160,3 +186,11 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -
     """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert)."""
     expected_m = max(1, expected_m)
     return _config(expected_m, lambda bm: num_experts * _ceil_div(expected_m, bm), n, k, sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def wgrad_config(m: int, n: int, sms: int) -> GemmConfig:
+    """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32)."""
+    block_m = 64 if m <= 64 else 128
+    cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
+    return GemmConfig(block_m, 128, cluster_m=cluster_m).resolved(0, wgrad=True)

@@ -1,5 +1,10 @@
-// Epilogue of the FP8 GEMM family: fp32 accumulators -> bf16 -> shared memory -> global.
+// Epilogues of the FP8 GEMM family (one per output kind, chosen by the kernel's policy):
+//   Epilogue        fp32 accumulators -> bf16 -> shared memory -> TMA store (or predicated rows)
+//   EpilogueAddF32  fp32 accumulators -> shared memory -> TMA reduce-add into fp32 D (D += tile)
+// Both are called by all 128 threads of a math warpgroup with its 64-row share of the tile and
+// keep at most one bulk group in flight per warpgroup (waited for before the buffer is rewritten).
 //
+// Epilogue (bf16):
 // Each math warpgroup owns 64 rows of the tile and stages them in its own shared buffer
 //   s_d: [kBlockN / 16 chunks][64 rows][32 bytes]   (16 bf16 columns per chunk)
 // in the TMA 32-byte swizzle (16-byte half h of row r sits at h ^ ((r >> 2) & 1)), which keeps
@@ -11,10 +16,11 @@
 #pragma once
 
 #include "ptx.cuh"
+#include "scheduler.cuh"
 
 namespace moe_fp8 {
 
-template <int kN, int kBlockN>
+template <int kN, int kBlockN, int kLayout>
 struct Epilogue {
   static constexpr int kRows = 64;                  // rows per math warpgroup
   static constexpr int kChunks = kBlockN / 16;      // 16-column chunks
@@ -68,6 +74,83 @@ struct Epilogue {
       if (g_row_expert != nullptr && __ldg(g_row_expert + row0 + row) < 0) continue;
       const uint4 v = *reinterpret_cast<const uint4*>(s_d + swizzled(piece >> 1, row, piece & 1));
       *reinterpret_cast<uint4*>(g_d + (row0 + row) * kN + n0 + piece * 8) = v;
+    }
+  }
+
+  // The whole epilogue of one warpgroup: rows [64 * warpgroup, +64) of the tile.
+  __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
+                                                    unsigned char* s_d, const ptx::TmaDesc* tma_d,
+                                                    const Tile& tile, const GemmParams& params,
+                                                    int warpgroup, int tid, int bar_id) {
+    const int warp = tid / 32, lane = tid % 32;
+    // The previous tile's TMA store must have finished reading s_d before it is rewritten.
+    if (tid == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier(bar_id, 128);
+    to_smem(r_acc, ptx::smem_addr(s_d), warp, lane);
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier(bar_id, 128);
+    const int rows = tile.rows_valid - warpgroup * 64;  // rows of this warpgroup to write
+    const int row0 = tile.m_row + warpgroup * 64;
+    if (rows <= 0) return;
+    // Whole 64-row slabs leave through TMA; a slab cut by masked_m, or ending in
+    // contiguous-layout padding rows (m_indices == -1 only ever ends a 128-row segment),
+    // takes the per-row predicated path so those rows are never written.
+    bool whole = true;
+    if constexpr (kLayout == kLayoutMasked) whole = rows >= 64;
+    if constexpr (kLayout == kLayoutContiguous) whole = __ldg(params.g_layout + row0 + 63) >= 0;
+    if (whole) {
+      if (tid == 0) tma_store(tma_d, s_d, tile.n0, row0);
+    } else {
+      predicated_store(reinterpret_cast<const char*>(s_d), static_cast<unsigned short*>(params.g_d),
+                       kLayout == kLayoutContiguous ? params.g_layout : nullptr, tile.n0, row0,
+                       min(rows, 64), tid);
+    }
+  }
+};
+
+// fp32 accumulate epilogue (k-grouped weight gradients): D[e][rows, cols] += tile.
+// Each warpgroup stages its 64 rows as kBlockN / 32 chunks of [64 rows][32 fp32] = 128-byte rows
+// in the TMA 128-byte swizzle (16-byte unit u of row r at u ^ (r % 8)); a warp's 8-byte stores
+// (8 rows x 4 column pairs) then spread over all 32 banks: 2 wavefronts for 256 bytes, the
+// minimum (unswizzled 512-byte rows would put all 8 rows in the same banks: 8-way conflicts).
+// One TMA reduce-add per chunk adds it into D at L2, so tiles of one expert that share outputs
+// need no ordering and D is read and written once per tile, asynchronously.
+template <int kN, int kBlockN>
+struct EpilogueAddF32 {
+  static constexpr int kChunks = kBlockN / 32;
+  static constexpr int kChunkBytes = 64 * 128;
+  static constexpr int kBytes = kChunks * kChunkBytes;  // per warpgroup
+  static_assert(kBlockN % 32 == 0, "128-byte chunks of 32 fp32 columns");
+
+  __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
+                                                    unsigned char* s_d, const ptx::TmaDesc* tma_d,
+                                                    const Tile& tile, const GemmParams& params,
+                                                    int warpgroup, int tid, int bar_id) {
+    const int warp = tid / 32, lane = tid % 32;
+    if (tid == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier(bar_id, 128);
+    const u32 s_base = ptx::smem_addr(s_d);
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      const int byte = (j % 4) * 32 + (lane % 4) * 8;  // inside the chunk's 128-byte row
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp * 16 + h * 8 + lane / 4;
+        const u32 addr = s_base + (j / 4) * kChunkBytes + row * 128 +
+                         (((byte >> 4) ^ (row % 8)) << 4) + (byte & 15);
+        ptx::st_shared_v2(addr, r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
+      }
+    }
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier(bar_id, 128);
+    if (tid == 0 && tile.rows_valid > warpgroup * 64) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        if (tile.n0 + c * 32 < kN)
+          ptx::tma_reduce_add_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
+                                 tile.m_row + warpgroup * 64, tile.expert);
+      }
+      ptx::tma_store_commit();
     }
   }
 };

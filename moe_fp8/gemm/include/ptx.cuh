@@ -1,5 +1,5 @@
-// Inline-PTX wrappers for sm_90a: mbarrier, TMA (cp.async.bulk.tensor), wgmma (FP8, QGMMA in
-// SASS), stmatrix, setmaxnreg, named barriers, elect.sync.
+// Inline-PTX wrappers for sm_90a: mbarrier, TMA (cp.async.bulk.tensor, multicast, reduce-add),
+// clusters, wgmma (FP8, QGMMA in SASS), stmatrix, setmaxnreg, named barriers, elect.sync.
 //
 // Header-only and free of toolkit includes so that it compiles under NVRTC as well as nvcc
 // (NVRTC cannot include <cuda.h>; a tensor map is passed as an opaque 128-byte struct).
@@ -97,6 +97,23 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
   } while (!done);
 }
 
+// The same wait for threads with nothing else to do (TMA producer, scale loader): the hint lets
+// the hardware suspend the thread until the phase completes (or ~0.1 ms pass) instead of
+// re-polling, which took issue slots from the math warps sharing its SM sub-partition.
+__device__ __forceinline__ void mbar_wait_idle(u64* bar, u32 parity) {
+  const u32 addr = smem_addr(bar);
+  u32 done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity), "n"(100000)
+        : "memory");
+  } while (!done);
+}
+
 // ------------------------------------------------------------------ TMA
 
 __device__ __forceinline__ void prefetch_tma_desc(const TmaDesc* desc) {
@@ -162,6 +179,46 @@ __device__ __forceinline__ void tma_store_wait_read() {
 // Wait until all committed stores have completed (before the CTA exits).
 __device__ __forceinline__ void tma_store_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+// Shared -> global element-wise fp32 add (performed at L2, atomic per element), tracked by bulk
+// groups like a store: out[e, rows, cols] += tile. Clipped at the tensor's bounds.
+__device__ __forceinline__ void tma_reduce_add_3d(const TmaDesc* desc, const void* s_src, int c0,
+                                                  int c1, int c2) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4}], [%1];\n" ::"l"(reinterpret_cast<u64>(desc)),
+      "r"(smem_addr(s_src)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2(u32 s_addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(s_addr), "f"(x), "f"(y) : "memory");
+}
+
+// ------------------------------------------------------------------ clusters
+
+__device__ __forceinline__ u32 cluster_ctarank() {
+  u32 rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+
+// Every thread of every CTA of the cluster; release/acquire at cluster scope. Also orders
+// mbarrier initialisation before any peer multicasts into (or arrives on) this CTA's barriers.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// Arrive on the barrier at the same shared-memory offset as `bar` in CTA `cta` of the cluster
+// (`cta` may be this CTA).
+__device__ __forceinline__ void mbar_arrive_cluster(u64* bar, u32 cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(cta)
+      : "memory");
 }
 
 // ------------------------------------------------------------------ wgmma (FP8)

@@ -1,42 +1,54 @@
 // Persistent tile scheduler for the FP8 GEMM family.
 //
-// Every CTA walks the linear tile indices blockIdx.x, blockIdx.x + gridDim.x, ... and a small
-// layout policy turns each index into one output tile and the coordinates of its operands in
-// the 2-D TMA views. The mainloop and the epilogue never see which layout they serve:
+// Every CTA walks linear tile indices (its cluster's index, + the number of clusters, ...) and a
+// small layout policy turns each index into one output tile and the coordinates of its operands
+// in the 2-D TMA views. The mainloop and the epilogues never see which layout they serve:
 //
 //   dense       A [M, K],         B [N, K],       D [M, N]
 //   contiguous  A [M_sum, K],     B [E*N, K],     D [M_sum, N]    m_indices [M_sum] (-1: padding)
 //   masked      A [E*M_max, K],   B [E*N, K],     D [E*M_max, N]  masked_m [E]
+//   k-grouped   A [M, T],         B [N, T],       D [E, M, N] fp32 (+=)   offsets [E+1] (tokens)
+//               (weight gradient: the reduction runs over expert e's token blocks only)
 //
 // Activation scales are viewed as 2-D [outer = (E*)K/128, inner = M (or M_max)] (MN-major),
-// weight scales as [E*ceil(N/128), K/128].
+// weight scales as [E*ceil(N/128), K/128]; k-grouped: both scales [T/128, M] and [T/128, N].
+//
+// Clusters of kClusterM CTAs (dense, k-grouped) take kClusterM vertically adjacent tiles that
+// share one column block, so B can be multicast: a linear index names a tile pair, the CTA's
+// rank in the cluster picks the row block. A pair past the last row block computes on zero-filled
+// operands and writes nothing (rows_valid <= 0), so both CTAs always see the same tile count.
 #pragma once
 
 #include "ptx.cuh"
 
 namespace moe_fp8 {
 
-enum GemmLayout : int { kLayoutDense = 0, kLayoutContiguous = 1, kLayoutMasked = 2 };
+enum GemmLayout : int {
+  kLayoutDense = 0, kLayoutContiguous = 1, kLayoutMasked = 2, kLayoutKGrouped = 3
+};
 
 // Runtime arguments shared by the producer and the math warpgroups (by value, in param space).
 struct GemmParams {
-  int m;               // dense: M; contiguous: M_sum; masked: M_max
+  int m;               // dense: M; contiguous: M_sum; masked: M_max; k-grouped: rows of D[e]
   int num_experts;     // grouped layouts; 1 for dense
-  const int* g_layout; // contiguous: m_indices [M_sum]; masked: masked_m [E]; dense: unused
-  const float* g_sb;   // weight scales [E * ceil(N/128), K/128] fp32
+  const int* g_layout; // contiguous: m_indices [M_sum]; masked: masked_m [E]; k-grouped: offsets
+  const float* g_sb;   // weight scales [E * ceil(N/128), K/128] fp32 (k-grouped: unused)
   void* g_d;           // bf16 output, for the predicated (partially masked) store path
 };
 
 // One output tile of kBlockM x kBlockN and where its operands live.
 struct Tile {
-  int m_row;       // first row of the tile in the 2-D views of A and D
-  int sa_m;        // first row in the scale view's inner (M) dimension
-  int sa_k;        // the scale view's outer coordinate of K block 0
-  int n0;          // first output column
-  int b_row;       // first row of the tile's B in the [E*N, K] view
-  int sb_row;      // row of the sb view holding column block n0 / 128
-  int sb_rows_end; // one past the last sb row of this expert (guards the straddling block)
-  int rows_valid;  // rows of the tile that may be written, counted from m_row
+  int m_row;        // first row of the tile in the 2-D views of A (and D, except k-grouped)
+  int sa_m;         // first row in the scale view's inner (M) dimension
+  int sa_k;         // the scale views' outer coordinate of the tile's first K block
+  int k_block0;     // first K block: A and B are read at K = (k_block0 + kb) * 128
+  int num_k_blocks; // K blocks of this tile (k-grouped: the expert's token blocks)
+  int n0;           // first output column
+  int b_row;        // first row of the tile's B in the [E*N, K] view
+  int sb_row;       // row of the sb view holding column block n0 / 128
+  int sb_rows_end;  // one past the last sb row of this expert (guards the straddling block)
+  int rows_valid;   // rows of the tile that may be written, counted from m_row
+  int expert;       // k-grouped: D's expert coordinate
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -57,19 +69,23 @@ __device__ __forceinline__ void raster(int idx, int num_m, int& mb, int& nb) {
 
 enum class TileStatus { kDone, kSkip, kReady };
 
-template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN>
+template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1>
 struct TileScheduler {
+  static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
+                "multicast pairs need both row blocks to use the same B");
   static constexpr int kNumNBlocks = ceil_div(kN, kBlockN);
-  static constexpr int kNumKBlocks = kK / 128;
+  static constexpr int kNumKBlocks = kK / 128;  // 0 for k-grouped (per expert, at run time)
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
 
   const GemmParams& params;
+  const int rank;  // this CTA's rank in its cluster: the row block inside the pair
   int next_idx;
   // masked layout: the expert holding next_idx and the first linear index of that expert
   int expert = 0;
   int expert_base = 0;
 
-  __device__ explicit TileScheduler(const GemmParams& p) : params(p), next_idx(blockIdx.x) {}
+  __device__ TileScheduler(const GemmParams& p, int cta_rank)
+      : params(p), rank(cta_rank), next_idx(blockIdx.x / kClusterM) {}
 
   __device__ __forceinline__ void fill_n(Tile& t, int nb, int e) const {
     t.n0 = nb * kBlockN;
@@ -83,6 +99,9 @@ struct TileScheduler {
   }
 
   __device__ TileStatus get(int idx, Tile& t) {
+    t.k_block0 = 0;
+    t.num_k_blocks = kNumKBlocks;
+    t.expert = 0;
     if constexpr (kLayout == kLayoutMasked) {
       // Experts hold ceil(masked_m / kBlockM) * kNumNBlocks tiles each, enumerated densely so
       // that empty experts cost nothing and every CTA gets an even share of the real work.
@@ -102,11 +121,32 @@ struct TileScheduler {
       t.rows_valid = rows - mb * kBlockM;
       fill_n(t, nb, expert);
       return TileStatus::kReady;
+    } else if constexpr (kLayout == kLayoutKGrouped) {
+      // Every expert owns the same grid of output tiles; an expert without tokens adds nothing,
+      // so its tiles are skipped (its D[e] is not touched).
+      const int pairs_m = ceil_div(ceil_div(params.m, kBlockM), kClusterM);
+      const int tiles = pairs_m * kNumNBlocks;
+      const int e = idx / tiles;
+      if (e >= params.num_experts) return TileStatus::kDone;
+      const int k_begin = __ldg(params.g_layout + e) / 128;
+      const int k_end = __ldg(params.g_layout + e + 1) / 128;
+      if (k_end <= k_begin) return TileStatus::kSkip;
+      int pmb, nb;
+      raster<kNumNBlocks, kGroupN>(idx - e * tiles, pairs_m, pmb, nb);
+      t.m_row = (pmb * kClusterM + rank) * kBlockM;
+      t.sa_m = t.m_row;
+      t.sa_k = t.k_block0 = k_begin;
+      t.num_k_blocks = k_end - k_begin;
+      t.rows_valid = params.m - t.m_row;
+      t.expert = e;
+      fill_n(t, nb, 0);
+      return TileStatus::kReady;
     } else {
-      const int num_m = ceil_div(params.m, kBlockM);
-      if (idx >= num_m * kNumNBlocks) return TileStatus::kDone;
-      int mb, nb;
-      raster<kNumNBlocks, kGroupN>(idx, num_m, mb, nb);
+      const int pairs_m = ceil_div(ceil_div(params.m, kBlockM), kClusterM);
+      if (idx >= pairs_m * kNumNBlocks) return TileStatus::kDone;
+      int pmb, nb;
+      raster<kNumNBlocks, kGroupN>(idx, pairs_m, pmb, nb);
+      const int mb = pmb * kClusterM + rank;
       int e = 0;
       if constexpr (kLayout == kLayoutContiguous) {
         // m_indices is constant within every 128-row segment (kBlockM divides 128): one read
@@ -117,7 +157,7 @@ struct TileScheduler {
       t.m_row = mb * kBlockM;
       t.sa_m = t.m_row;
       t.sa_k = 0;
-      t.rows_valid = params.m - t.m_row;  // TMA clips the tail; kept for uniformity
+      t.rows_valid = params.m - t.m_row;  // TMA clips the tail; <= 0 for a pair's phantom half
       fill_n(t, nb, e);
       return TileStatus::kReady;
     }
@@ -127,7 +167,7 @@ struct TileScheduler {
   __device__ bool next(Tile& t) {
     while (true) {
       const TileStatus status = get(next_idx, t);
-      next_idx += gridDim.x;
+      next_idx += gridDim.x / kClusterM;
       if (status == TileStatus::kReady) return true;
       if (status == TileStatus::kDone) return false;
     }

@@ -15,6 +15,7 @@ CUDA graph once its kernel is compiled and loaded (``precompile`` or one eager c
 """
 from __future__ import annotations
 
+import ctypes
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -22,6 +23,7 @@ import torch
 
 from .. import heuristics as H
 from .. import jit
+from ..jit import driver
 
 kHeader = "fp8_gemm.cuh"
 kLayoutDense, kLayoutContiguous, kLayoutMasked = 0, 1, 2
@@ -33,7 +35,7 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
-        f"{layout}, {int(c.double_buffer)}>")
+        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}>")
 
 
 # NOTE: the launch path is per call Python; these caches keep it to dictionary lookups plus one
@@ -50,6 +52,44 @@ def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
     if kernel is None:
         kernel = _kernels[key] = jit.get_kernel(kernel_source(n, k, config, layout), device)
     return kernel
+
+
+_active_clusters: Dict[tuple, int] = {}
+
+
+def max_active_clusters(kernel, cluster_m: int, threads: int, smem_bytes: int) -> int:
+    """Clusters of ``cluster_m`` CTAs that can be resident at once (cuOccupancyMaxActiveClusters),
+    memoised per kernel and launch shape. A persistent grid needs no more: clusters beyond it
+    start only when earlier ones have finished all their tiles (a 2x slower kernel)."""
+    key = (kernel.compiled.key, kernel.device_index, cluster_m, threads, smem_bytes)
+    count = _active_clusters.get(key)
+    if count is None:
+        query = driver.lib().lib.cuOccupancyMaxActiveClusters
+        query.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
+                          ctypes.POINTER(driver.LaunchConfig)]
+        query.restype = ctypes.c_int
+        driver.set_function_attribute(kernel._function, driver.kFuncAttrMaxDynamicSmem,
+                                      smem_bytes)
+        attribute = driver.LaunchAttribute(id=driver.kLaunchAttrClusterDimension)
+        attribute.value[0], attribute.value[1], attribute.value[2] = cluster_m, 1, 1
+        config = driver.LaunchConfig(cluster_m, 1, 1, threads, 1, 1, smem_bytes, None)
+        config.attrs = ctypes.pointer(attribute)
+        config.numAttrs = 1
+        result = ctypes.c_int()
+        driver.check(query(ctypes.byref(result), kernel._function, ctypes.byref(config)),
+                     "cuOccupancyMaxActiveClusters")
+        count = _active_clusters[key] = max(1, result.value)
+    return count
+
+
+def persistent_grid(kernel, config: H.GemmConfig, max_tiles: int, smem_bytes: int,
+                    device: int) -> int:
+    """CTAs of the persistent grid: ``heuristics.grid_size``, capped at the resident clusters."""
+    sms = H.num_sms(device)
+    if config.cluster_m > 1:
+        resident = max_active_clusters(kernel, config.cluster_m, config.num_threads, smem_bytes)
+        sms = min(sms, resident * config.cluster_m)
+    return H.grid_size(config, max_tiles, sms)
 
 
 def _tma(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, inner_dim=None,
@@ -92,12 +132,15 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
     ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
     c = config.resolved(k)
+    if c.cluster_m != 1 and layout != kLayoutDense:
+        raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense layout (the two "
+                         "row blocks of a multicast pair must share B)")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
-    sms = c.num_sms or H.num_sms(device)
-    grid = max(1, min(sms, max_tiles))
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
+    grid = persistent_grid(kernel, c, max_tiles, smem, device)
     tma_a = _tma(a2, 128, c.block_m, 128)
-    tma_b = _tma(b2, 128, c.block_n, 128)
+    tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)  # each CTA of a cluster loads a share
     tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
                   sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
     # Output: one 16-column x 64-row box per math warpgroup and chunk, 32-byte swizzle
@@ -105,8 +148,7 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     tma_d = _tma(d2, 16, 64, 32)
     args: List[object] = [tma_a, tma_b, tma_sa, tma_d, jit.i32(m), jit.i32(num_experts),
                           layout_arg if layout_arg is not None else sb, sb, d2]
-    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1),
-                  H.smem_bytes(c.block_m, c.block_n, c.stages, k), args)
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_m, 1, 1))
 
 
 def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,

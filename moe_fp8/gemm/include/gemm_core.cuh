@@ -1,0 +1,309 @@
+// The mainloop shared by every FP8 GEMM of the family (fp8_gemm.cuh: dense / grouped NT with
+// bf16 output; wgrad.cuh: k-grouped weight gradients with fp32 accumulate). A kernel is a small
+// policy struct plus a call of gemm_body<Policy>:
+//
+//   kBlockM, kBlockN, kStages   tile and shared-memory ring depth
+//   kClusterM                   1, or 2: a 2-CTA cluster of vertically adjacent tiles in which
+//                               each CTA loads half of the shared B tile and multicasts it
+//   kTileKBlocks                K blocks per tile when fixed at compile time (NT), else 0
+//   kColumnScales               false: B scales per 128x128 block (NT), staged once per tile by a
+//                               scale warp; true: one B scale per output column per K block
+//                               (k-grouped, both operands 1x128 along tokens), a TMA per stage
+//   kDoubleBuffer               queue K block kb+1 on the tensor cores before promoting kb
+//   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
+//
+// Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
+//   producer warp 0   one elected thread issues TMA loads of A, B and the scales into a
+//                     kStages-deep ring; `full[s]` completes when the bytes of slot s have landed
+//                     (multicast halves from the peer CTA included), `empty[s]` when every math
+//                     warp of the cluster has finished reading it.
+//   producer warp 1   (block scales) loads the next tile's weight scales into one of two
+//                     buffers while the math warpgroups run the current tile.
+//   math              warpgroup w owns rows [64w, 64w + 64). Per 128-wide K block: 4 wgmma
+//                     m64nNk32 into fresh registers (FP8 tensor-core accumulation is never
+//                     trusted across K blocks), then on CUDA cores acc += partial * sa * sb.
+#pragma once
+
+#include "epilogue.cuh"
+#include "ptx.cuh"
+#include "scheduler.cuh"
+
+namespace moe_fp8 {
+
+constexpr int kProducerRegs = 56;  // scheduler state and addresses (40 spilled for N = 2128)
+constexpr int kMathRegs = 224;     // 128 * 56 + 256 * 224 = 384 * 168, the launch allocation
+
+// Byte offsets of the dynamic shared-memory regions (the host mirrors this in heuristics.py).
+template <class P>
+struct CoreSmem {
+  static constexpr int kABytes = P::kBlockM * 128;  // one K block of A: kBlockM rows x 128 bytes
+  static constexpr int kBBytes = P::kBlockN * 128;
+  static constexpr int kSaBytes = P::kBlockM * 4;
+  static constexpr int kSbBytes = P::kColumnScales ? P::kBlockN * 4 : 0;
+  static constexpr int kTileSbFloats = P::kColumnScales ? 0 : 2 * P::kTileKBlocks;
+  static constexpr int kA = 0;                                   // [kStages][kBlockM][128] e4m3
+  static constexpr int kB = kA + P::kStages * kABytes;           // [kStages][kBlockN][128] e4m3
+  static constexpr int kD = kB + P::kStages * kBBytes;           // [kNumMathWG][Epilogue::kBytes]
+  static constexpr int kSa = kD + P::kBlockM / 64 * P::Epilogue::kBytes;  // [kStages][kBlockM]
+  static constexpr int kSb = kSa + P::kStages * kSaBytes;        // [kStages][kBlockN] fp32
+  static constexpr int kTileSb = kSb + P::kStages * kSbBytes;    // [2][2][kTileKBlocks] fp32
+  static constexpr int kBar = (kTileSb + 2 * kTileSbFloats * 4 + 7) / 8 * 8;
+  static constexpr int kEnd = kBar + (2 * P::kStages + 4) * 8;  // full, empty, tile-scale x 4
+  static constexpr int kTotal = kEnd + 1024;                     // slack to 1024-align the base
+  static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes + kSbBytes;
+  static_assert(kABytes % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
+                "128B-swizzle atoms are 1024 bytes (also for each multicast half of B)");
+};
+
+template <class P>
+__device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::TmaDesc* tma_b,
+                                          const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
+                                          const ptx::TmaDesc* tma_d, const GemmParams& params) {
+  constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
+  constexpr int kClusterM = P::kClusterM, kTileKBlocks = P::kTileKBlocks;
+  constexpr bool kColumnScales = P::kColumnScales;
+  using Layout = CoreSmem<P>;
+  using Mma = ptx::WgmmaFp8<kBlockN>;
+  using Scheduler = typename P::Scheduler;
+  constexpr int kNumMathWG = kBlockM / 64;
+  constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
+  // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
+  constexpr bool kMayStraddle = !kColumnScales && 128 % kBlockN != 0;
+  // Two partial-product register sets beside the accumulator fit the register budget up to
+  // kBlockN = 128 (3 x 64 + ~30 registers).
+  constexpr bool kDoubleBuffer = P::kDoubleBuffer && 3 * kAcc <= 192;
+  static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
+  static_assert(kClusterM == 1 || kClusterM == 2, "clusters of 1 or 2 CTAs");
+  static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
+  // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
+  // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
+  static_assert(128 * kProducerRegs + 256 * kMathRegs <= 384 * 168, "register budget");
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // NOTE: the 128B swizzle pattern is a function of address bits [7,10), so every A/B slot must
+  // start 1024-byte aligned; the dynamic base is only guaranteed 16-byte aligned. The aligned
+  // offset is the same in every CTA, as multicast needs.
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<u64>(smem_raw) + 1023) & ~u64(1023));
+  unsigned char* s_a = smem + Layout::kA;
+  unsigned char* s_b = smem + Layout::kB;
+  float* s_sa = reinterpret_cast<float*>(smem + Layout::kSa);
+  float* s_sb = reinterpret_cast<float*>(smem + Layout::kSb);
+  float* s_tile_sb = reinterpret_cast<float*>(smem + Layout::kTileSb);
+  u64* full = reinterpret_cast<u64*>(smem + Layout::kBar);
+  u64* empty = full + kStages;
+  u64* sb_full = empty + kStages;  // [2] tile scales staged
+  u64* sb_empty = sb_full + 2;     // [2] tile scales consumed
+
+  const int warpgroup = threadIdx.x / 128;
+  const int tid = threadIdx.x % 128;  // thread index inside the warpgroup
+  const int rank = kClusterM > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
+
+  if (threadIdx.x == kNumMathWG * 128) {
+    if (ptx::dynamic_smem_bytes() < Layout::kTotal) __trap();  // host/device layout mismatch
+    ptx::prefetch_tma_desc(tma_a);
+    ptx::prefetch_tma_desc(tma_b);
+    ptx::prefetch_tma_desc(tma_sa);
+    if constexpr (kColumnScales) ptx::prefetch_tma_desc(tma_sb);
+    ptx::prefetch_tma_desc(tma_d);
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbar_init(&full[s], 1);                            // the producer's arrive_expect_tx
+      ptx::mbar_init(&empty[s], kClusterM * kNumMathWG * 4);  // every math warp of the cluster
+    }
+    for (int b = 0; b < 2; ++b) {
+      ptx::mbar_init(&sb_full[b], 32);              // every lane of the scale warp
+      ptx::mbar_init(&sb_empty[b], kNumMathWG * 4);  // every math warp of this CTA
+    }
+    ptx::fence_barrier_init();
+  }
+  if constexpr (kClusterM > 1) ptx::cluster_sync(); else __syncthreads();
+
+  if (warpgroup == kNumMathWG) {
+    // ------------------------------------------------------------------ producer warpgroup
+    if constexpr (kNumMathWG == 2) ptx::setmaxnreg_dec<kProducerRegs>();
+    const int warp = tid / 32, lane = tid % 32;
+    if (warp == 0 && ptx::elect_one()) {
+      Scheduler scheduler(params, rank);
+      Tile tile;
+      int stage = 0;
+      u32 phase = 0;
+      while (scheduler.next(tile)) {
+        const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
+        for (int kb = 0; kb < num_kb; ++kb) {
+          ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
+          // The full B tile is expected even when half of it comes from the peer's multicast.
+          ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);
+          const int k = (tile.k_block0 + kb) * 128;
+          ptx::tma_load_2d(s_a + stage * Layout::kABytes, tma_a, &full[stage], k, tile.m_row);
+          if constexpr (kClusterM == 1) {
+            ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
+          } else {
+            constexpr int kHalfRows = kBlockN / kClusterM;
+            ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * kHalfRows * 128,
+                                       tma_b, &full[stage], k, tile.b_row + rank * kHalfRows,
+                                       (1 << kClusterM) - 1);
+          }
+          ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
+                           tile.sa_k + kb);
+          if constexpr (kColumnScales)
+            ptx::tma_load_2d(s_sb + stage * kBlockN, tma_sb, &full[stage], tile.n0,
+                             tile.sa_k + kb);
+          if (++stage == kStages) stage = 0, phase ^= 1;
+        }
+      }
+    } else if (!kColumnScales && warp == 1) {
+      // NOTE: staging these in the math warpgroups (v2) exposed one global-load round trip per
+      // tile with the tensor cores idle (~0.5-1 us, 5-10 % of a K = 2048 tile).
+      Scheduler scheduler(params, rank);
+      Tile tile;
+      int buf = 0;
+      u32 phase = 0;
+      while (scheduler.next(tile)) {
+        if (lane == 0) ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
+        __syncwarp();
+        const float* g_sb = params.g_sb + long(tile.sb_row) * kTileKBlocks;
+        const bool has_next_block = kMayStraddle && tile.sb_row + 1 < tile.sb_rows_end;
+        float* s_dst = s_tile_sb + buf * 2 * kTileKBlocks;
+        for (int i = lane; i < 2 * kTileKBlocks; i += 32)
+          s_dst[i] = (i < kTileKBlocks || has_next_block) ? __ldg(g_sb + i) : 0.f;
+        ptx::mbar_arrive(&sb_full[buf]);
+        if (++buf == 2) buf = 0, phase ^= 1;
+      }
+    }
+    if constexpr (kClusterM > 1) {
+      // A peer may still multicast into this CTA or arrive on its barriers until it is done.
+      __syncwarp();
+      ptx::cluster_sync();
+    }
+  } else {
+    // ------------------------------------------------------------------ math warpgroups
+    // NOTE: with one math warpgroup the launch bound already grants 255 registers.
+    if constexpr (kNumMathWG == 2) ptx::setmaxnreg_inc<kMathRegs>();
+    const int warp = tid / 32, lane = tid % 32;
+    const int bar_id = 1 + warpgroup;  // named barrier private to this warpgroup
+    unsigned char* s_d_wg = smem + Layout::kD + warpgroup * P::Epilogue::kBytes;
+    // Rows of this thread inside the tile: lane/4 and lane/4 + 8 of the warp's 16-row slab.
+    const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
+    float r_acc[kAcc], r_p0[kAcc], r_p1[kDoubleBuffer ? kAcc : 1];
+
+    Scheduler scheduler(params, rank);
+    Tile tile;
+    int stage_in = 0, stage_out = 0;  // next slot to compute on / to release
+    u32 phase_in = 0, phase_out = 0;
+    int sb_buf = 0;
+    u32 sb_phase = 0;
+    while (scheduler.next(tile)) {
+      const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
+      const float* s_sb_tile = s_tile_sb + sb_buf * 2 * kTileKBlocks;
+      if constexpr (!kColumnScales) ptx::mbar_wait(&sb_full[sb_buf], sb_phase);
+      // Columns [0, first_cols) of the tile use block n0/128, the rest block n0/128 + 1.
+      const int first_cols = kMayStraddle ? min(kBlockN, 128 - tile.n0 % 128) : kBlockN;
+
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) r_acc[i] = 0.f;
+
+      // Partial product of the next K block on the tensor cores, into fresh registers `p`.
+      auto issue = [&](float(&p)[kAcc]) {
+        ptx::mbar_wait(&full[stage_in], phase_in);
+        const u64 desc_a =
+            ptx::make_desc_k128_sw128(s_a + stage_in * Layout::kABytes + warpgroup * 64 * 128);
+        const u64 desc_b = ptx::make_desc_k128_sw128(s_b + stage_in * Layout::kBBytes);
+        ptx::fence_regs(p);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
+        ptx::wgmma_commit();
+        if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
+      };
+      // Lane r < kClusterM of every warp frees the slot in CTA r (its multicast peer included).
+      auto release = [&]() {
+        __syncwarp();  // every lane has read its scales before the slot is handed back
+        if constexpr (kClusterM == 1) {
+          if (lane == 0) ptx::mbar_arrive(&empty[stage_out]);
+        } else {
+          if (lane < kClusterM) ptx::mbar_arrive_cluster(&empty[stage_out], lane);
+        }
+        if (++stage_out == kStages) stage_out = 0, phase_out ^= 1;
+      };
+      // Once the wgmma group of K block kb has retired (caller waited): release its slot and
+      // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
+      auto retire = [&](float(&p)[kAcc], int kb) {
+        ptx::fence_regs(p);
+        const float* s_sa_stage = s_sa + stage_out * kBlockM;
+        const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
+        if constexpr (kColumnScales) {
+          // Thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load of sb per j.
+          const float* s_sb_stage = s_sb + stage_out * kBlockN + 2 * (lane % 4);
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const float2 sb = *reinterpret_cast<const float2*>(s_sb_stage + 8 * j);
+            r_acc[4 * j + 0] += p[4 * j + 0] * (sa_lo * sb.x);
+            r_acc[4 * j + 1] += p[4 * j + 1] * (sa_lo * sb.y);
+            r_acc[4 * j + 2] += p[4 * j + 2] * (sa_hi * sb.x);
+            r_acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);
+          }
+          release();
+        } else {
+          const float sb_0 = s_sb_tile[kb];
+          const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
+          release();
+          const float s00 = sa_lo * sb_0, s10 = sa_hi * sb_0;
+          const float s01 = sa_lo * sb_1, s11 = sa_hi * sb_1;
+          const int cols_0 = kMayStraddle ? ptx::opaque(first_cols) : kBlockN;
+#pragma unroll
+          for (int j = 0; j < kBlockN / 8; ++j) {
+            const bool first = !kMayStraddle || j * 8 < cols_0;
+            const float scale_lo = first ? s00 : s01, scale_hi = first ? s10 : s11;
+            r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
+            r_acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
+            r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
+            r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
+          }
+        }
+      };
+
+      if constexpr (kDoubleBuffer) {
+        // K block kb+1 is queued on the tensor cores before kb is promoted, so the FFMAs of
+        // the promotion overlap the next MMAs instead of leaving the tensor cores idle.
+        // NOTE: each group is retired (wait 0) before the next is issued: with "issue kb+1,
+        // wait 1, promote kb" ptxas could not prove the two register sets apart and serialised
+        // every wgmma (C7514).
+        // The guards of an odd count are left out where K is even at compile time (ptxas kept
+        // them as branches next to the wgmma issue).
+        constexpr bool kEvenK = kTileKBlocks > 0 && kTileKBlocks % 2 == 0;
+        issue(r_p0);
+        for (int kb = 0; kb < num_kb; kb += 2) {
+          ptx::wgmma_wait<0>();
+          if (kEvenK || kb + 1 < num_kb) issue(r_p1);
+          retire(r_p0, kb);
+          if (kEvenK || kb + 1 < num_kb) {
+            ptx::wgmma_wait<0>();
+            if (kb + 2 < num_kb) issue(r_p0);
+            retire(r_p1, kb + 1);
+          }
+        }
+      } else {
+        for (int kb = 0; kb < num_kb; ++kb) {
+          issue(r_p0);
+          ptx::wgmma_wait<0>();
+          retire(r_p0, kb);
+        }
+      }
+      // NOTE: every group has retired here; saying so keeps ptxas from inserting its own wait
+      // where the next tile first touches the partials (inside a divergent path: C7518, every
+      // wgmma serialised).
+      ptx::wgmma_wait<0>();
+      if constexpr (!kColumnScales) {
+        __syncwarp();
+        if (lane == 0) ptx::mbar_arrive(&sb_empty[sb_buf]);
+        if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
+      }
+      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
+    }
+    if (tid == 0) ptx::tma_store_wait_all();
+    if constexpr (kClusterM > 1) ptx::cluster_sync();
+  }
+}
+
+}  // namespace moe_fp8

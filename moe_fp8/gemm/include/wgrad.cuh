@@ -1,0 +1,55 @@
+// k-grouped FP8 GEMM for MoE weight gradients (sm_90a), on the shared mainloop (gemm_core.cuh).
+//
+//   D[e][m, n] (fp32) += sum over token blocks tb of expert e:
+//                        sa[m, tb] * sb[n, tb] * (A[m, tb] . B[n, tb])
+//   A [M, T] e4m3, token-contiguous (dY^T); sa [M, T/128] fp32 MN-major (1 x 128 along tokens)
+//   B [N, T] e4m3, token-contiguous (X^T);  sb [N, T/128] fp32 MN-major (1 x 128 along tokens)
+//   offsets [E + 1] int32 on the device: expert e owns tokens [offsets[e], offsets[e+1]),
+//   every boundary a multiple of 128; D [E, M, N] fp32, accumulated in place.
+//
+// Policy against the NT kernels: the K extent of a tile is its expert's token range (read by the
+// scheduler from offsets, no host sync); B's scale varies per output column, so each ring stage
+// also carries kBlockN column scales and the promotion multiplies by sa[row] * sb[col]; the
+// epilogue adds the tile into D with TMA reduce-add (experts without tokens are not touched).
+//
+// Constraints: T % 128 == 0 (every segment too); N % 4 == 0 (16-byte rows of D);
+// kBlockN % 32 == 0.
+#pragma once
+
+#include "epilogue.cuh"
+#include "gemm_core.cuh"
+#include "ptx.cuh"
+#include "scheduler.cuh"
+
+namespace moe_fp8 {
+
+template <int kN, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kDoubleBufferOpt,
+          int kClusterM_>
+struct KGroupedPolicy {
+  static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr int kClusterM = kClusterM_;
+  static constexpr int kTileKBlocks = 0;
+  static constexpr bool kColumnScales = true;
+  static constexpr bool kDoubleBuffer = kDoubleBufferOpt != 0;
+  using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM>;
+  using Epilogue = EpilogueAddF32<kN, kBlockN>;
+};
+
+template <int kN, int kBlockM, int kBlockN, int kStages, int kGroupN, int kDoubleBufferOpt = 1,
+          int kClusterM = 1>
+__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
+    k_grouped_wgrad_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
+                           const __grid_constant__ ptx::TmaDesc tma_b,
+                           const __grid_constant__ ptx::TmaDesc tma_sa,
+                           const __grid_constant__ ptx::TmaDesc tma_sb,
+                           const __grid_constant__ ptx::TmaDesc tma_d, int m, int num_experts,
+                           const int* g_offsets) {
+  static_assert(kN % 4 == 0 && kBlockN % 32 == 0 && kBlockN <= 256,
+                "16-byte rows of D, 32-column chunks of the epilogue");
+  using Policy = KGroupedPolicy<kN, kBlockM, kBlockN, kStages, kGroupN, kDoubleBufferOpt,
+                                kClusterM>;
+  const GemmParams params{m, num_experts, g_offsets, nullptr, nullptr};
+  gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, &tma_sb, &tma_d, params);
+}
+
+}  // namespace moe_fp8
