@@ -3,19 +3,17 @@ the device copy ceiling, same process, medians with the L2 flushed (benchmarks/c
 
 GB/s counts every input byte read once and every output byte (fp8 values + fp32 scales)
 written once; masked shapes count only the rows below masked_m. "x floor" = time over the byte
-floor (bytes / copy ceiling). The summary also gives the launch floor: the same timing of a
-4-byte torch memset, i.e. what an almost empty kernel costs by this method.
-
-A/B in the same process: when moe_fp8/gemm/include/quant_v1.cuh exists (benchmarks/device_quant.sh
-puts the previous kernel version there, from an untracked .quant_v1/quant.cuh), the v1 kernels
-run beside v2 on the same tensors ("v1 us", "v2/v1" columns), and their outputs are compared
-byte for byte with v2's ("same": both are bit-exact with the reference, so they must agree).
-Writes results/bench_quant_<date>.{md,csv} and prints the table last.
+floor (bytes / copy ceiling). "us" is the variant the op dispatches; per-token and contiguous
+SiLU rows also time every kernel variant ("stream", "oneshot" = v1's kernel, "oneshot-hoisted")
+on the same tensors, and "same" checks that all of them wrote identical bytes. The summary gives
+the launch floor (a 4-byte torch memset timed the same way) and the resident CTAs per SM of the
+stream kernels. Writes results/bench_quant_<date>.{md,csv} and prints the table last.
 Usage (GPU): PYTHONPATH=$PWD python benchmarks/bench_quant.py [--repeats N]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -29,59 +27,9 @@ from moe_fp8.gemm import jit, reference as ref  # noqa: E402
 from moe_fp8.gemm.kernels import quant  # noqa: E402
 from moe_fp8.gemm.layout import empty_act_scales  # noqa: E402
 
-kV1Header = os.path.join(os.path.dirname(os.path.abspath(quant.__file__)), os.pardir, "include",
-                         "quant_v1.cuh")
-
 FP8 = torch.float8_e4m3fn
 _git_commit = common.commit
 common.commit = lambda: os.environ.get("MOE_FP8_COMMIT") or _git_commit()  # no .git on the device
-
-
-def have_v1() -> bool:
-    return os.path.exists(kV1Header)
-
-
-def v1_sources():
-    """The v1 kernels the cases below time (group/block 128, no pow2)."""
-    header = "quant_v1.cuh"
-    return {"per_token_bf16": jit.KernelSource(
-                header, "moe_fp8::quant::per_token_group_quant_kernel<__nv_bfloat16, 128, false>"),
-            "per_token_fp32": jit.KernelSource(
-                header, "moe_fp8::quant::per_token_group_quant_kernel<float, 128, false>"),
-            "per_block": jit.KernelSource(
-                header, "moe_fp8::quant::per_block_quant_kernel<__nv_bfloat16, 128, false>"),
-            "silu": jit.KernelSource(header, "moe_fp8::quant::silu_and_mul_quant_kernel<128, false, false>"),
-            "silu_masked": jit.KernelSource(
-                header, "moe_fp8::quant::silu_and_mul_quant_kernel<128, false, true>")}
-
-
-def _v1_layout(s, rows_per_batch, groups_per_row):
-    s_batch = s.stride(0) if s.dim() == 3 else 0
-    return [jit.i32(rows_per_batch), jit.i32(groups_per_row), jit.i64(s_batch),
-            jit.i64(s.stride(-2)), jit.i64(s.stride(-1))]
-
-
-def v1_per_token(x, q, s):
-    """v1 launch: 256 threads, 2 units of 128 values per 8 lanes -> 64 units per CTA."""
-    units = x.numel() // 128
-    kernel = jit.get_kernel(v1_sources()["per_token_bf16" if x.dtype == torch.bfloat16
-                                         else "per_token_fp32"])
-    kernel.launch(-(-units // 64), 256, 0, [x, q, s, jit.i64(units),
-                                            *_v1_layout(s, x.shape[-2], x.shape[-1] // 128)])
-
-
-def v1_per_block(w, q, s):
-    n, k = w.shape[-2], w.shape[-1]
-    kernel = jit.get_kernel(v1_sources()["per_block"])
-    kernel.launch((k // 128, -(-n // 128), w.shape[0] if w.dim() == 3 else 1), 256, 0,
-                  [w, q, s, jit.i32(n), jit.i32(k)])
-
-
-def v1_silu(h, q, s, masked_m):
-    units = h.numel() // 2 // 128
-    kernel = jit.get_kernel(v1_sources()["silu" if masked_m is None else "silu_masked"])
-    kernel.launch(-(-units // 64), 256, 0, [h, q, s, masked_m, jit.i64(units),
-                                            *_v1_layout(s, h.shape[-2], h.shape[-1] // 2 // 128)])
 
 
 def torch_per_token(x):
@@ -93,15 +41,18 @@ def torch_silu(h):
     return ref.per_token_group_quant(F.silu(gate) * up, 128, False)
 
 
-# Each case: (name, shape, bytes, v2 fn, torch fn, v1 fn or None, outputs to compare v1 with)
+# Each case: (name, shape, bytes, {label: fn} with the dispatched op first, torch fn, outputs)
 def case_per_token(m, k, dtype=torch.bfloat16):
     x = torch.randn(m, k, device="cuda").to(dtype)
     q = torch.empty(m, k, dtype=FP8, device="cuda")
     s = empty_act_scales(m, k // 128, device="cuda")
     nbytes = x.numel() * x.element_size() + q.numel() + m * (k // 128) * 4
-    return (f"per_token_group_quant {str(dtype)[6:]}", f"M={m} K={k}", nbytes,
-            lambda: quant.per_token_group_quant(x, q, s, 128, False), lambda: torch_per_token(x),
-            lambda: v1_per_token(x, q, s), (q, s))
+    fns = {"us": lambda: quant.per_token_group_quant(x, q, s, 128, False)}
+    for v in quant.kVariants:
+        fns[f"{v} us"] = functools.partial(quant.per_token_group_quant, x, q, s, 128, False,
+                                           variant=v)
+    return (f"per_token_group_quant {str(dtype)[6:]}", f"M={m} K={k}", nbytes, fns,
+            lambda: torch_per_token(x), (q, s))
 
 
 def case_per_block(e, n, k):
@@ -110,8 +61,8 @@ def case_per_block(e, n, k):
     s = torch.empty(e, -(-n // 128), k // 128, device="cuda")
     nbytes = w.numel() * 2 + q.numel() + s.numel() * 4
     return ("per_block_quant bf16", f"E={e} N={n} K={k}", nbytes,
-            lambda: quant.per_block_quant(w, q, s, 128, False),
-            lambda: ref.per_block_quant(w, 128, False), lambda: v1_per_block(w, q, s), (q, s))
+            {"us": lambda: quant.per_block_quant(w, q, s, 128, False)},
+            lambda: ref.per_block_quant(w, 128, False), (q, s))
 
 
 def case_silu(m, inter):
@@ -119,9 +70,11 @@ def case_silu(m, inter):
     q = torch.empty(m, inter, dtype=FP8, device="cuda")
     s = empty_act_scales(m, inter // 128, device="cuda")
     nbytes = h.numel() * 2 + q.numel() + s.numel() * 4
-    return ("silu_and_mul_quant", f"M={m} I={inter}", nbytes,
-            lambda: quant.silu_and_mul_quant(h, q, s, None, 128, False), lambda: torch_silu(h),
-            lambda: v1_silu(h, q, s, None), (q, s))
+    fns = {"us": lambda: quant.silu_and_mul_quant(h, q, s, None, 128, False)}
+    for v in quant.kVariants:
+        fns[f"{v} us"] = functools.partial(quant.silu_and_mul_quant, h, q, s, None, 128, False,
+                                           variant=v)
+    return ("silu_and_mul_quant", f"M={m} I={inter}", nbytes, fns, lambda: torch_silu(h), (q, s))
 
 
 def case_silu_masked(e, m_max, inter, mean_m):
@@ -129,14 +82,13 @@ def case_silu_masked(e, m_max, inter, mean_m):
     gen = torch.Generator().manual_seed(0)
     counts = torch.randint(0, 2 * mean_m + 1, (e,), generator=gen).clamp(max=m_max)
     masked_m = counts.to(torch.int32).cuda()
-    q = torch.zeros(e, m_max, inter, dtype=FP8, device="cuda")  # rows past masked_m stay 0
+    q = torch.zeros(e, m_max, inter, dtype=FP8, device="cuda")
     s = empty_act_scales(m_max, inter // 128, e, device="cuda").zero_()
     rows = int(counts.sum())
     nbytes = rows * (2 * inter * 2 + inter + inter // 128 * 4)
     return ("silu_and_mul_quant masked", f"E={e} M_max={m_max} I={inter} rows={rows}", nbytes,
-            lambda: quant.silu_and_mul_quant(h, q, s, masked_m, 128, False),
-            lambda: torch_silu(h),  # torch has no masked form: it does every row
-            lambda: v1_silu(h, q, s, masked_m), (q, s))
+            {"us": lambda: quant.silu_and_mul_quant(h, q, s, masked_m, 128, False)},
+            lambda: torch_silu(h), (q, s))  # torch has no masked form: it does every row
 
 
 def cases():
@@ -188,21 +140,26 @@ def main() -> None:
     args = parser.parse_args()
     ceiling = common.copy_bandwidth_gbs()
     floor_us = launch_floor_us(args.repeats)
-    with_v1 = have_v1()
     rows = []
-    for name, shape, nbytes, kernel_fn, torch_fn, v1_fn, outputs in cases():
-        kernel_us = common.bench(kernel_fn, repeats=args.repeats)
+    for name, shape, nbytes, fns, torch_fn, outputs in cases():
+        times, same = {}, True
+        reference = None
+        for label, fn in fns.items():
+            times[label] = common.bench(fn, repeats=args.repeats)
+            written = snapshot(outputs)
+            if reference is None:
+                reference = written
+            same = same and all(torch.equal(a, b) for a, b in zip(reference, written))
         torch_us = common.bench(torch_fn, repeats=max(args.repeats // 3, 5))
+        kernel_us = times.pop("us")
         gbs = nbytes / (kernel_us * 1e-6) / 1e9
         row = {"kernel": name, "shape": shape, "MB": nbytes / 1e6, "us": kernel_us, "GB/s": gbs,
                "% of copy": 100 * gbs / ceiling,
                "x floor": kernel_us / (nbytes / (ceiling * 1e9) * 1e6)}
-        if with_v1:
-            v2_out = snapshot(outputs)
-            v1_us = common.bench(v1_fn, repeats=args.repeats)
-            same = all(torch.equal(a, b) for a, b in zip(v2_out, snapshot(outputs)))
-            row.update({"v1 us": v1_us, "v2/v1": kernel_us / v1_us, "same": "yes" if same else "NO"})
-        row.update({"torch us": torch_us, "speedup vs torch": torch_us / kernel_us})
+        row.update({label: times.get(label, "") for label in
+                    (f"{v} us" for v in quant.kVariants)})
+        row.update({"same": "yes" if same else "NO", "torch us": torch_us,
+                    "speedup vs torch": torch_us / kernel_us})
         rows.append(row)
     occupancy = ", ".join(
         f"{name} {resident_ctas(src, quant.kStreamThreads, smem)}" for name, src, smem in (
@@ -211,8 +168,9 @@ def main() -> None:
             ("silu masked E=32", quant.silu_source(128, False, True), 4 * 33)))
     summary = (f"copy ceiling (device-to-device copy of 2 GiB, read + write): {ceiling:.0f} GB/s. "
                f"Launch floor (4-byte memset, same method): {floor_us:.2f} us. "
-               f"Resident CTAs per SM (of {quant.kStreamBlocksPerSm}): {occupancy}. "
-               f"Target: >= 85 % of copy at M=16384; masked decode within ~2x of its byte floor.")
+               f"Resident CTAs per SM of the stream kernels (of {quant.kStreamBlocksPerSm}): "
+               f"{occupancy}. Target: >= 85 % of copy at M=16384; masked decode within ~2x of "
+               f"its byte floor.")
     common.write_results("bench_quant", rows, summary)
 
 

@@ -2,8 +2,7 @@
 # Quantisation kernels, one device call: compile every quant variant once (shared JIT cache),
 # then the quant GPU tests and a compute-sanitizer memcheck of every quant kernel side by side
 # (both only check correctness, so they may share the card), then the bandwidth benchmark alone.
-# If an untracked .quant_v1/quant.cuh is present (carried), it becomes include/quant_v1.cuh on the
-# device only, and bench_quant times those kernels beside the current ones (same process).
+# bench_quant times every per-token/SiLU kernel variant beside the dispatched one (same process).
 # Optional first argument "probe": also time the JIT's compile paths (python -m moe_fp8.gemm.jit.probe).
 # Logs under $OUT (tarred, plus the benchmark's md/csv); a short summary prints last.
 # Usage (repo root, GPU machine): MOE_FP8_COMMIT=<sha> bash benchmarks/device_quant.sh [probe]
@@ -21,17 +20,17 @@ step() {  # step NAME TIMEOUT_S CMD...
   return $rc
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-[ -f .quant_v1/quant.cuh ] && cp .quant_v1/quant.cuh moe_fp8/gemm/include/quant_v1.cuh
 
-# 0. compile (parallel): every bundled quant variant + the v1 kernels the benchmark times
+# 0. compile (parallel): every bundled quant variant + the not-dispatched variants tests/bench use
 step compile 60 python3 - <<'PY'
-import sys
-sys.path.insert(0, "benchmarks")
 from moe_fp8.gemm.precompile import precompile
-from moe_fp8.gemm.kernels import quant
-import bench_quant
-sources = quant.bundled_sources() + (list(bench_quant.v1_sources().values()) if bench_quant.have_v1() else [])
-done = precompile(sources, verbose=False)
+from moe_fp8.gemm.kernels import quant as Q
+import torch
+sources = Q.bundled_sources() + Q.bundled_oneshot_sources()
+for pow2 in (False, True):
+    sources += [Q.per_token_oneshot_source(dt, 128, pow2, h) for dt in (torch.bfloat16, torch.float32) for h in (False, True)]
+    sources += [Q.silu_oneshot_source(128, pow2, h) for h in (False, True)]
+done = precompile(list(dict.fromkeys(sources)), verbose=False)
 print(f"{len(done)} kernels, max registers {max(c.registers for c in done)}, "
       f"local memory in {sum(c.report.uses_local_memory for c in done)}")
 PY
@@ -49,12 +48,14 @@ for dt in (torch.bfloat16, torch.float32):
     Q.per_token_group_quant(x, torch.empty_like(x, dtype=F8), empty_act_scales(37, 3, 3, device="cuda"), 128, False)
     x = torch.randn(2048, 1152, device="cuda").to(dt)  # 147k chunks: more than one machine of threads
     x[5, 7] = float("inf")
-    Q.per_token_group_quant(x, torch.empty_like(x, dtype=F8), empty_act_scales(2048, 9, device="cuda"), 128, True)
+    for v in ("stream", "oneshot", "oneshot-hoisted"):
+        Q.per_token_group_quant(x, torch.empty_like(x, dtype=F8), empty_act_scales(2048, 9, device="cuda"), 128, True, variant=v)
     w = torch.randn(2, 200, 256, device="cuda").to(dt)
     Q.per_block_quant(w, torch.empty_like(w, dtype=F8), torch.empty(2, 2, 2, device="cuda"), 128, True)
 h = torch.randn(5, 2 * 256, device="cuda").bfloat16()
 h[1, :256] = -88.0; h[2, 3] = float("nan")
-Q.silu_and_mul_quant(h, torch.empty(5, 256, dtype=F8, device="cuda"), empty_act_scales(5, 2, device="cuda"), None, 128, False)
+for v in ("stream", "oneshot", "oneshot-hoisted"):
+    Q.silu_and_mul_quant(h, torch.empty(5, 256, dtype=F8, device="cuda"), empty_act_scales(5, 2, device="cuda"), None, 128, False, variant=v)
 h = torch.randn(3, 9, 2 * 256, device="cuda").bfloat16()
 mm = torch.tensor([0, 9, 4], dtype=torch.int32, device="cuda")
 Q.silu_and_mul_quant(h, torch.empty(3, 9, 256, dtype=F8, device="cuda"), empty_act_scales(9, 2, 3, device="cuda"), mm, 128, False)

@@ -23,6 +23,9 @@ def quant():
     return module
 
 
+VARIANTS = ("stream", "oneshot", "oneshot-hoisted")  # kernels.quant.kVariants
+
+
 def make_input(shape, dtype, seed):
     """Random rows of varied magnitude, plus an all-zero row, extremes and tiny values."""
     gen = torch.Generator().manual_seed(seed)
@@ -83,6 +86,23 @@ def test_per_token_group_quant(shape, dtype, pow2):
     assert_bits_equal(q, expected_q, s, expected_s)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(7, 384), (3, 17, 256), (4096, 1024), (5, 3001, 512)])
+def test_per_token_group_quant_variants(shape, dtype, pow2, variant):
+    """Each kernel variant forced (the stream kernel loops on the two larger shapes)."""
+    x = make_input(shape, dtype, seed=hash((shape, variant)) % 1000)
+    m, k = shape[-2], shape[-1]
+    batch = shape[0] if len(shape) == 3 else None
+    q = poisoned_fp8(shape)
+    s = empty_act_scales(m, k // 128, batch, device="cuda")
+    s.fill_(float("nan"))
+    quant().per_token_group_quant(x, q, s, 128, pow2, variant=variant)
+    expected_q, expected_s = ref.per_token_group_quant(x.cpu(), 128, pow2)
+    assert_bits_equal(q, expected_q, s, expected_s)
+
+
 def e4m3_midpoints():
     """Midpoints between adjacent positive finite e4m3 values below 440 (exact in fp32)."""
     values = torch.arange(0, 127, dtype=torch.uint8).view(FP8).float()
@@ -90,8 +110,9 @@ def e4m3_midpoints():
     return (values[1:] + values[:-1]) / 2
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("pow2", [False, True])
-def test_per_token_division_midpoints_zeros_subnormals(pow2):
+def test_per_token_division_midpoints_zeros_subnormals(pow2, variant):
     """x / scale within a few ulps of an fp8 rounding midpoint (ties to even), -0, subnormals."""
     gen = torch.Generator().manual_seed(21)
     rows, groups = 512, 8
@@ -112,14 +133,15 @@ def test_per_token_division_midpoints_zeros_subnormals(pow2):
     x = x.reshape(rows, groups * 128).cuda()
     q = poisoned_fp8(x.shape)
     s = empty_act_scales(rows, groups, device="cuda")
-    quant().per_token_group_quant(x, q, s, 128, pow2)
+    quant().per_token_group_quant(x, q, s, 128, pow2, variant=variant)
     expected_q, expected_s = ref.per_token_group_quant(x.cpu(), 128, pow2)
     assert_bits_equal(q, expected_q, s, expected_s)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_per_token_inf_nan(dtype, pow2):
+def test_per_token_inf_nan(dtype, pow2, variant):
     """inf/NaN groups: scale inf or NaN, values x / inf and x / NaN as IEEE division gives them."""
     x = make_input((6, 512), dtype, seed=4).cpu()
     x[0, 5] = float("inf")
@@ -130,7 +152,7 @@ def test_per_token_inf_nan(dtype, pow2):
     x = x.cuda()
     q = poisoned_fp8(x.shape)
     s = empty_act_scales(6, 4, device="cuda")
-    quant().per_token_group_quant(x, q, s, 128, pow2)
+    quant().per_token_group_quant(x, q, s, 128, pow2, variant=variant)
     expected_q, expected_s = ref.per_token_group_quant(x.cpu(), 128, pow2)
     assert_bits_equal_nan(q, expected_q, s, expected_s)
 
@@ -178,6 +200,21 @@ def test_silu_and_mul_quant_contiguous(shape, pow2):
     assert_bits_equal(q, expected_q, s, expected_s)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(5, 512), (2048, 4096), (3, 700, 1024)])
+def test_silu_and_mul_quant_contiguous_variants(shape, pow2, variant):
+    """Each kernel variant forced (the stream kernel loops on the two larger shapes)."""
+    h = make_h(shape, seed=shape[-2] + 1)
+    i = shape[-1] // 2
+    q = poisoned_fp8((*shape[:-1], i))
+    s = empty_act_scales(shape[-2], i // 128, shape[0] if len(shape) == 3 else None, device="cuda")
+    s.fill_(float("nan"))
+    quant().silu_and_mul_quant(h, q, s, None, 128, pow2, variant=variant)
+    expected_q, expected_s = silu_reference(h, pow2)
+    assert_bits_equal(q, expected_q, s, expected_s)
+
+
 def make_h_special(m, i, seed):
     """SiLU inputs at the edges of the fast division: d = 1 + exp(-g) near and above 2^126
     (g in [-89, -80], multiplied by a huge up so the tiny silu matters), tiny and subnormal g,
@@ -204,13 +241,14 @@ def make_h_special(m, i, seed):
     return torch.cat([gate, up], dim=-1).to(torch.bfloat16).cuda()
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("pow2", [False, True])
-def test_silu_and_mul_quant_special_values(pow2):
+def test_silu_and_mul_quant_special_values(pow2, variant):
     m, i = 12, 512
     h = make_h_special(m, i, seed=9)
     q = poisoned_fp8((m, i))
     s = empty_act_scales(m, i // 128, device="cuda")
-    quant().silu_and_mul_quant(h, q, s, None, 128, pow2)
+    quant().silu_and_mul_quant(h, q, s, None, 128, pow2, variant=variant)
     expected_q, expected_s = silu_reference(h, pow2)
     assert_bits_equal_nan(q, expected_q, s, expected_s)
     # the finite rows must match bit for bit without NaN leniency

@@ -12,15 +12,18 @@
 // group's scale is formed once (`Divisor`) instead of once per value inside each `div.rn.f32`.
 // v1's SASS spent ~11 issue slots per division (MUFU.RCP, 5 FFMA, FCHK, a branch around the
 // slow-path call) and two divisions + expf per SiLU value, ~38 slots per value in all: at M=16384
-// I=2048 that is ~40 us of issue against a 56 us byte floor, which is why v1 reached only 82 %.
+// I=2048 that is ~40 us of issue against a 56 us byte floor (v1: 82 % of copy). The hoisted
+// form costs 3 slots per quantised value; in per_block_quant it alone took 86 -> 94 % of copy.
 //
-// Work decomposition: a "chunk" is 16 consecutive values of one row inside one group (16-byte
-// fp8 store; 16/32-byte loads), one chunk per thread per step. kGroupSize / 16 adjacent lanes
-// hold one group and reduce its amax with xor-shuffles. The per-token and SiLU kernels run a
-// grid-stride loop over the row-major chunk list on a grid of at most kStreamBlocksPerSm CTAs
-// per SM and load the next chunk before computing the current one: v1 loaded, then computed,
-// in lock-step waves, so memory sat idle during the arithmetic (M=4096 silu: 24.5 us = 14 us of
-// bytes + 10 us of math, 57 % of copy).
+// Work decomposition: 16 consecutive values of one row inside one group per thread (16-byte fp8
+// store; 16/32-byte loads); kGroupSize / 16 adjacent lanes hold one group and reduce its amax
+// with xor-shuffles. Two structures, chosen by the host (kernels/quant.py) from measurements:
+// * stream kernels (per-token, SiLU, masked SiLU): a grid-stride loop over the row-major chunk
+//   list on at most one resident grid, the next chunk staged by cp.async. Best where a thread
+//   has at most one chunk (decode) and for masked SiLU (work proportional to the valid rows);
+// * one-shot kernels (v1's structure: all loads of a CTA up front, many CTAs) for large
+//   contiguous inputs, where the looping stream kernels measured 30-45 % slower than v1.
+// per_block_quant_kernel keeps v1's structure with the hoisted division (86 -> 94 % of copy).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -163,6 +166,30 @@ __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) 
   return out;
 }
 
+// v1's forms, one div.rn.f32 per value: the one-shot kernels keep them by default (measured
+// there; the hoisted form is a candidate for them, see the one-shot kernels).
+template <bool kPow2>
+__device__ __forceinline__ float scale_from_amax_ieee(float amax) {
+  const float scale = __fdiv_rn(max_nan(amax, kAmaxFloor), kFp8Max);
+  return kPow2 ? ceil_pow2(scale) : scale;
+}
+
+__device__ __forceinline__ uint4 quantize16_ieee(const float (&rV)[16], float scale) {
+  uint4 out;
+  unsigned* words = reinterpret_cast<unsigned*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    unsigned lo = __nv_cvt_float2_to_fp8x2(
+        make_float2(__fdiv_rn(rV[4 * i], scale), __fdiv_rn(rV[4 * i + 1], scale)),
+        __NV_SATFINITE, __NV_E4M3);
+    unsigned hi = __nv_cvt_float2_to_fp8x2(
+        make_float2(__fdiv_rn(rV[4 * i + 2], scale), __fdiv_rn(rV[4 * i + 3], scale)),
+        __NV_SATFINITE, __NV_E4M3);
+    words[i] = lo | (hi << 16);
+  }
+  return out;
+}
+
 // The lanes of this thread's group (kLanes aligned lanes of one warp). Shuffles name only them:
 // at the end of a grid-stride loop other groups of the warp may have left already.
 template <int kLanes>
@@ -229,7 +256,8 @@ __device__ __forceinline__ void split_row(int row, int rowsPerBatch, int& e, int
 // A thread's next chunk is copied global -> shared with cp.async while it computes the current
 // one. v2 first prefetched into registers, but at the 64-register cap ptxas sank those loads
 // below the SiLU arithmetic (seen in the SASS), which undid the prefetch; bytes in flight in
-// shared memory cost no registers and cannot be reordered by the compiler. Layout
+// shared memory cost no registers and cannot be reordered by the compiler (they did not make the
+// loop fast at large sizes either: see the one-shot kernels). Layout
 // [slot][vector][thread] of 16-byte vectors: a warp's accesses to one vector are 512 contiguous
 // bytes (no bank conflicts), and each thread reads back only what it copied itself (no barrier).
 constexpr int kStages = 2;  // chunk j in slot j % 2: one chunk in flight per thread during math
@@ -566,6 +594,124 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) silu_and_m
     physRow = nextPhysRow;
   }
   cp_async_wait<0>();
+}
+
+// ---- one-shot kernels (v1 structure) for large contiguous inputs ------------------------------
+// Measured on an H100 SXM (2026-11-25, commit 2982c47): the streaming kernels above win where a
+// thread has at most one chunk (M=128: per-token 7.3 -> 6.2 us, SiLU 8.4 -> 5.9 us; masked 1135
+// rows 47 -> 13 us) but plateau at ~1.9 TB/s once they loop (per-token M=16384: 183 us vs v1's
+// 131; SiLU: 99 vs 68), for a reason not yet pinned down (not occupancy: 8 CTAs/SM resident).
+// So large inputs keep v1's structure: 256-thread CTAs, kOneShotUnroll (row, group) units per
+// thread, every load issued before any math, one CTA per 64 units. kHoisted selects the math:
+// false = v1's div.rn per value (the measured default), true = the Divisor form, which took the
+// same structure in per_block_quant_kernel from 86 % to 94 % of copy (a candidate here).
+constexpr int kOneShotThreads = 256;
+constexpr int kOneShotUnroll = 2;
+
+// Where unit u (row-major (row, group) number) lives, and its scale offset.
+struct UnitLayout {
+  int rowsPerBatch;   // M (M_max for batched inputs)
+  int groupsPerRow;   // K / kGroupSize
+  long long sBatch, sRow, sGroup;  // element strides of the scale tensor
+  __device__ __forceinline__ long long scale_offset(long long unit) const {
+    const long long row = unit / groupsPerRow;
+    const int group = static_cast<int>(unit - row * groupsPerRow);
+    const int batch = static_cast<int>(row / rowsPerBatch);
+    const int rowInBatch = static_cast<int>(row - static_cast<long long>(batch) * rowsPerBatch);
+    return batch * sBatch + rowInBatch * sRow + group * sGroup;
+  }
+};
+
+template <typename T, int kGroupSize, bool kPow2, bool kHoisted>
+__global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot_kernel(
+    const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
+    long long numUnits, int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow,
+    long long sGroup) {
+  constexpr int kLanes = lanes_per_group<kGroupSize>();
+  constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
+  const UnitLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
+  const int lane = threadIdx.x % kLanes;
+  const long long firstUnit = static_cast<long long>(blockIdx.x) * kUnitsPerPass * kOneShotUnroll +
+                              threadIdx.x / kLanes;
+
+  uint4 rRaw[kOneShotUnroll][Raw<T>::kVectors];
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    const long long unit = firstUnit + p * kUnitsPerPass;
+    load_values(gX + unit * kGroupSize + lane * kValuesPerThread, unit < numUnits, rRaw[p]);
+  }
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    const long long unit = firstUnit + p * kUnitsPerPass;
+    float rV[16];
+    Raw<T>::to_float(rRaw[p], rV);
+    const float amax = group_amax<kLanes>(rV, 0xFFFFFFFFu);  // every lane shuffles
+    const float scale = kHoisted ? scale_from_amax<kPow2>(amax) : scale_from_amax_ieee<kPow2>(amax);
+    if (unit >= numUnits) continue;
+    *reinterpret_cast<uint4*>(gQ + unit * kGroupSize + lane * kValuesPerThread) =
+        kHoisted ? quantize16(rV, scale) : quantize16_ieee(rV, scale);
+    if (lane == 0) gS[layout.scale_offset(unit)] = scale;
+  }
+}
+
+// h [rows, 2I] bf16 contiguous (no mask) -> q [rows, I] + scales; v1's SiLU kernel.
+template <int kGroupSize, bool kPow2, bool kHoisted>
+__global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_kernel(
+    const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
+    float* __restrict__ gS, long long numUnits, int rowsPerBatch, int groupsPerRow,
+    long long sBatch, long long sRow, long long sGroup) {
+  constexpr int kLanes = lanes_per_group<kGroupSize>();
+  constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
+  const UnitLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
+  const int lane = threadIdx.x % kLanes;
+  const int intermediate = groupsPerRow * kGroupSize;  // I
+  const long long firstUnit = static_cast<long long>(blockIdx.x) * kUnitsPerPass * kOneShotUnroll +
+                              threadIdx.x / kLanes;
+  auto gate_ptr = [&](long long unit) {
+    const long long row = unit / groupsPerRow;
+    const int col = static_cast<int>(unit - row * groupsPerRow) * kGroupSize + lane * kValuesPerThread;
+    return gH + row * 2 * intermediate + col;
+  };
+
+  uint4 rGate[kOneShotUnroll][2], rUp[kOneShotUnroll][2];
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    const long long unit = firstUnit + p * kUnitsPerPass;
+    const bool valid = unit < numUnits;
+    const __nv_bfloat16* gGate = gate_ptr(valid ? unit : 0);
+    load_values(gGate, valid, rGate[p]);
+    load_values(gGate + intermediate, valid, rUp[p]);
+  }
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    const long long unit = firstUnit + p * kUnitsPerPass;
+    const bool valid = unit < numUnits;
+    float rY[16], scale;
+    if constexpr (kHoisted) {
+      const bool inRange = silu_mul16(rGate[p], rUp[p], rY);
+      float amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);
+      // warp-uniform; invalid units (zeros) never need it, and must not reload
+      if (__builtin_expect(__any_sync(0xFFFFFFFFu, !inRange || !(amax <= kFloatMax)), 0)) {
+        if (valid) silu_mul16_special(gate_ptr(unit), intermediate, rY);
+        amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);
+      }
+      scale = scale_from_amax<kPow2>(amax);
+    } else {
+      float rG[16];
+      Raw<__nv_bfloat16>::to_float(rGate[p], rG);
+      Raw<__nv_bfloat16>::to_float(rUp[p], rY);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float silu = __fdiv_rn(rG[i], 1.0f + expf(-rG[i]));
+        rY[i] = __fmul_rn(silu, rY[i]);  // NOTE: _rn keeps it a separate rounding, as in torch
+      }
+      scale = scale_from_amax_ieee<kPow2>(group_amax<kLanes>(rY, 0xFFFFFFFFu));
+    }
+    if (!valid) continue;
+    *reinterpret_cast<uint4*>(gQ + unit * kGroupSize + lane * kValuesPerThread) =
+        kHoisted ? quantize16(rY, scale) : quantize16_ieee(rY, scale);
+    if (lane == 0) gS[layout.scale_offset(unit)] = scale;
+  }
 }
 
 }  // namespace quant

@@ -13,11 +13,18 @@ All three write fp8 values and fp32 scales into caller-allocated tensors:
   are clamped to ``[0, M_max]``); the grid does not depend on masked_m, so the launch can be
   captured in a CUDA graph, and the work done is proportional to the valid rows.
 
-Launch shapes (v2): the per-token and SiLU kernels loop over 16-value chunks on at most one
-resident grid (SMs x kStreamBlocksPerSm CTAs of 128 threads): small inputs get one chunk per
-thread on as many SMs as possible, large ones a grid-stride loop with the next chunk in flight.
-The masked SiLU kernel always launches the full resident grid (its row count is on the device).
-The SM count is read once per device (cached), so launches do no host sync.
+Kernel choice (v2, by what was measured on an H100, 2026-11-25; include/quant.cuh says more):
+* "stream" (per-token and SiLU): 16-value chunks on at most one resident grid (SMs x
+  kStreamBlocksPerSm CTAs of 128 threads, the next chunk staged by cp.async). Used while every
+  thread has at most one chunk (decode sizes: M=128 was 15-30 % faster than v1) and always for
+  masked SiLU (its valid-row count is on the device: the full resident grid, work proportional
+  to the valid rows; 1135 of 8192 rows 47 -> 13 us).
+* "oneshot" (v1's structure and math) for larger contiguous inputs, where the looping stream
+  kernels measured 30-45 % slower than v1. "oneshot-hoisted" is the same structure with the
+  hoisted-reciprocal division (bit-exact too; +8 points of copy bandwidth in per_block_quant):
+  tested and benchmarked, not dispatched until measured (flip kOneShotHoisted).
+``variant=`` forces one (tests, benchmarks). The SM count is read once per device (cached), so
+launches do no host sync.
 """
 from __future__ import annotations
 
@@ -31,6 +38,10 @@ kHeader = "quant.cuh"
 kStreamThreads = 128  # quant.cuh kStreamThreads (per-token and SiLU kernels)
 kStreamBlocksPerSm = 8  # quant.cuh kStreamBlocksPerSm: resident CTAs per SM (launch bounds)
 kBlockThreads = 256  # quant.cuh kBlockThreads (per-block kernel)
+kOneShotThreads = 256  # quant.cuh kOneShotThreads
+kOneShotUnroll = 2  # quant.cuh kOneShotUnroll
+kOneShotHoisted = False  # dispatch the hoisted-division one-shot kernels (not yet measured)
+kVariants = ("stream", "oneshot", "oneshot-hoisted")
 kValuesPerThread = 16  # quant.cuh kValuesPerThread
 kGroupSizes = (16, 32, 64, 128, 256, 512)  # kGroupSize / 16 lanes: a power of two within a warp
 kBlockSizes = (64, 128)
@@ -53,6 +64,26 @@ def _stream_grid(num_chunks: int, device: torch.device) -> int:
     return max(1, min(-(-num_chunks // kStreamThreads), _persistent_ctas(device)))
 
 
+def _streams(num_chunks: int, device: torch.device) -> bool:
+    """At most one chunk per thread of one resident grid: the regime the stream kernels won."""
+    return num_chunks <= _persistent_ctas(device) * kStreamThreads
+
+
+def _pick_variant(variant, num_chunks: int, device: torch.device) -> str:
+    if variant is None:
+        if _streams(num_chunks, device):
+            return "stream"
+        return "oneshot-hoisted" if kOneShotHoisted else "oneshot"
+    if variant not in kVariants:
+        raise ValueError(f"variant must be one of {kVariants} or None, got {variant!r}")
+    return variant
+
+
+def _oneshot_grid(num_units: int, group_size: int) -> int:
+    """v1's launch: kOneShotUnroll units of group_size values per group of lanes, 256 threads."""
+    return -(-num_units // (kOneShotThreads // (group_size // kValuesPerThread) * kOneShotUnroll))
+
+
 def _bool(flag: bool) -> str:
     return "true" if flag else "false"
 
@@ -73,6 +104,32 @@ def per_block_source(dtype: torch.dtype, block_size: int, pow2_scale: bool) -> K
 def silu_source(group_size: int, pow2_scale: bool, masked: bool) -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::quant::silu_and_mul_quant_kernel<"
                                  f"{group_size}, {_bool(pow2_scale)}, {_bool(masked)}>")
+
+
+@functools.lru_cache(maxsize=None)
+def per_token_oneshot_source(dtype: torch.dtype, group_size: int, pow2_scale: bool,
+                             hoisted: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::per_token_group_quant_oneshot_kernel<"
+                                 f"{_kTypeNames[dtype]}, {group_size}, {_bool(pow2_scale)}, "
+                                 f"{_bool(hoisted)}>")
+
+
+@functools.lru_cache(maxsize=None)
+def silu_oneshot_source(group_size: int, pow2_scale: bool, hoisted: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::silu_and_mul_quant_oneshot_kernel<"
+                                 f"{group_size}, {_bool(pow2_scale)}, {_bool(hoisted)}>")
+
+
+@register_bundled
+def bundled_oneshot_sources() -> list[KernelSource]:
+    """The one-shot kernels the public ops dispatch for large inputs (group 128, both scale
+    kinds). NOTE: a separate registration keeps bundled_sources() the 12 it always was."""
+    sources = []
+    for pow2 in (False, True):
+        sources += [per_token_oneshot_source(dtype, 128, pow2, kOneShotHoisted)
+                    for dtype in _kTypeNames]
+        sources.append(silu_oneshot_source(128, pow2, kOneShotHoisted))
+    return sources
 
 
 @register_bundled
@@ -105,18 +162,32 @@ def _scale_strides(s: torch.Tensor) -> list:
     return [i64(s_batch), i64(s.stride(-2)), i64(s.stride(-1))]
 
 
+def _unit_layout(s: torch.Tensor, rows_per_batch: int, groups_per_row: int) -> list:
+    """The one-shot kernels' rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup parameters."""
+    return [i32(rows_per_batch), i32(groups_per_row), *_scale_strides(s)]
+
+
 def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                          group_size: int = 128, pow2_scale: bool = False) -> None:
+                          group_size: int = 128, pow2_scale: bool = False, *,
+                          variant: str | None = None) -> None:
     _check_group(group_size, kGroupSizes, "group_size")
     k = x.shape[-1]
     if x.numel() == 0:
         return
     _check_aligned(x=x, q=q)
-    kernel = get_kernel(per_token_source(x.dtype, group_size, bool(pow2_scale)))
     rows, chunks_per_row = x.numel() // k, k // kValuesPerThread
-    grid = _stream_grid(rows * chunks_per_row, x.device)
-    kernel.launch(grid, kStreamThreads, 0, [x, q, s, i32(rows), i32(chunks_per_row),
-                                            i32(x.shape[-2]), *_scale_strides(s)])
+    variant = _pick_variant(variant, rows * chunks_per_row, x.device)
+    if variant == "stream":
+        kernel = get_kernel(per_token_source(x.dtype, group_size, bool(pow2_scale)))
+        grid = _stream_grid(rows * chunks_per_row, x.device)
+        kernel.launch(grid, kStreamThreads, 0, [x, q, s, i32(rows), i32(chunks_per_row),
+                                                i32(x.shape[-2]), *_scale_strides(s)])
+        return
+    kernel = get_kernel(per_token_oneshot_source(x.dtype, group_size, bool(pow2_scale),
+                                                 variant == "oneshot-hoisted"))
+    units = x.numel() // group_size
+    kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
+                  [x, q, s, i64(units), *_unit_layout(s, x.shape[-2], k // group_size)])
 
 
 def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
@@ -134,21 +205,33 @@ def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_siz
 
 def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                        masked_m: torch.Tensor | None = None, group_size: int = 128,
-                       pow2_scale: bool = False) -> None:
+                       pow2_scale: bool = False, *, variant: str | None = None) -> None:
     _check_group(group_size, kGroupSizes, "group_size")
     intermediate = h.shape[-1] // 2
     if h.numel() == 0:
         return
     _check_aligned(h=h, q=q)
-    kernel = get_kernel(silu_source(group_size, bool(pow2_scale), masked_m is not None))
     rows, chunks_per_row = h.numel() // h.shape[-1], intermediate // kValuesPerThread
     batches = h.shape[0] if h.dim() == 3 else 1
-    if masked_m is None:
-        grid, smem = _stream_grid(rows * chunks_per_row, h.device), 0
-    else:
+    if masked_m is not None:
+        if variant not in (None, "stream"):
+            raise ValueError(f"masked silu_and_mul_quant has only the 'stream' variant, got {variant!r}")
         # NOTE: the valid-row count lives on the device: size the grid for a full machine (the
         # loop covers any count) and give each CTA room for the experts' prefix sums.
-        grid, smem = _persistent_ctas(h.device), 4 * (batches + 1)
-    kernel.launch(grid, kStreamThreads, smem,
-                  [h, q, s, masked_m, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
-                   i32(batches), *_scale_strides(s)])
+        kernel = get_kernel(silu_source(group_size, bool(pow2_scale), True))
+        kernel.launch(_persistent_ctas(h.device), kStreamThreads, 4 * (batches + 1),
+                      [h, q, s, masked_m, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
+                       i32(batches), *_scale_strides(s)])
+        return
+    variant = _pick_variant(variant, rows * chunks_per_row, h.device)
+    if variant == "stream":
+        kernel = get_kernel(silu_source(group_size, bool(pow2_scale), False))
+        kernel.launch(_stream_grid(rows * chunks_per_row, h.device), kStreamThreads, 0,
+                      [h, q, s, None, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
+                       i32(batches), *_scale_strides(s)])
+        return
+    kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale),
+                                            variant == "oneshot-hoisted"))
+    units = rows * (intermediate // group_size)
+    kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
+                  [h, q, s, i64(units), *_unit_layout(s, h.shape[-2], intermediate // group_size)])
