@@ -163,7 +163,7 @@ def test_layout_metadata(gen):
     assert int(valid.sum()) == tokens * cfg.top_k
     assert torch.equal(topk_idx[layout.row_token[valid], layout.row_slot[valid]].int(),
                        layout.m_indices[valid])
-    xq, _ = d._quantized(x)
+    xq, _ = d.tokens_in(x)
     assert torch.equal(layout.a[valid].view(torch.uint8), xq[layout.row_token[valid]].view(torch.uint8))
     # every pair's combine row holds that pair
     rows = handle.combine.slot_row

@@ -46,7 +46,11 @@ class SafetensorsSource:
         self._stack = contextlib.ExitStack()
         self._where: Dict[str, object] = {}
         for path in paths:
-            handle = self._stack.enter_context(safe_open(path, framework="pt"))
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as error:  # safetensors' own errors name no file
+                self._stack.close()
+                raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
             for key in handle.keys():
                 self._where[key] = handle
 

@@ -6,6 +6,7 @@ by the dispatcher (``num_experts_local = num_experts // ep_size``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 kGroupFills = ("neg_inf", "zero")
@@ -29,6 +30,15 @@ class MoEConfig:
     pow2_scale: bool = False  # power-of-two activation scales (UE8M0, DeepSeek-V3.1 style)
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "moe_intermediate_size", "num_experts", "top_k", "n_group",
+                     "topk_group", "n_shared_experts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MoEConfig.{name} must be an int, got {value!r}")
+        scaling = self.routed_scaling_factor
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) \
+                or not math.isfinite(scaling) or scaling <= 0:
+            raise ValueError(f"MoEConfig.routed_scaling_factor must be a finite number > 0, got {scaling!r}")
         for name in ("hidden_size", "moe_intermediate_size"):
             value = getattr(self, name)
             if value <= 0 or value % 128:

@@ -67,6 +67,8 @@ class DecodeRunner:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.x.shape[1]:
             raise ValueError(f"x must be [n, {self.x.shape[1]}], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"x must be bf16, fp16 or fp32, got {x.dtype}")
         n = x.shape[0]
         if n > self.max_tokens:
             raise ValueError(f"batch of {n} tokens exceeds this runner's max_tokens={self.max_tokens}; "

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..gemm.validate import value_checks_enabled
 from .config import MoEConfig
 from .dispatch import Dispatcher, make_dispatcher
 from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
@@ -172,6 +173,9 @@ class MoE(nn.Module):
         layout, handle = self.dispatcher.dispatch_masked(
             (xq, xs), routing.topk_idx, routing.topk_weights, max_tokens_per_expert=m_max,
             num_valid_tokens=num_valid_tokens, out=buffers)
+        if value_checks_enabled(layout.num_overflow) and int(layout.num_overflow):
+            raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "
+                             f"max_tokens_per_expert={m_max}: raise it (T tokens need at most T)")
         y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
         shared = self.shared_experts(xq, xs) if self.shared_experts is not None else None
         return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)

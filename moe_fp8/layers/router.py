@@ -45,6 +45,8 @@ def group_limited_topk(scores: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig)
 
 def route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits`` fp32 ``[T, E]`` -> ``(topk_idx int64 [T, k], topk_weights fp32 [T, k])``."""
+    if logits.dim() != 2 or logits.shape[-1] != cfg.num_experts:
+        raise ValueError(f"logits must be [T, {cfg.num_experts}] (num_experts), got {tuple(logits.shape)}")
     scores = logits.sigmoid()
     topk_idx = group_limited_topk(scores, bias, cfg)
     weights = scores.gather(1, topk_idx)  # [T, k] from the unbiased scores
@@ -76,6 +78,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """``x [T, H]`` (any float dtype) -> Routing."""
+        if x.dim() != 2 or x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x must be [T, {self.cfg.hidden_size}] (hidden_size), got {tuple(x.shape)}")
         logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
         topk_idx, topk_weights = route(logits, self.e_score_correction_bias, self.cfg)
         return Routing(topk_idx, topk_weights, logits)

@@ -35,6 +35,8 @@ Contract shared by all backends:
 * The weighted sum is ``out[t] = add[t] + sum_j topk_weights[t, j] * y(t, j)`` accumulated in fp32
   and rounded to bf16 once; ``add`` is the shared experts' output (or None).
 * Rows the GEMMs never write (padding, masked-out) are never read into a result.
+* ``topk_idx`` holds global ids ``0 .. E - 1`` or ``-1`` for "no expert" (a masked slot, as
+  DeepEP marks them); anything else raises (checked on CPU tensors, on GPU with MOE_FP8_CHECKS=1).
 """
 from __future__ import annotations
 
@@ -56,6 +58,50 @@ class Dispatcher(abc.ABC):
     expert_offset: int  # global id of local expert 0
     hidden_size: int
     top_k: int
+    pow2_scale: bool = False
+
+    # ------------------------------------------------------------------ shared checks
+    def tokens_in(self, x_local: TokensIn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x_local`` (bf16 ``[T, H]`` or an fp8 pair) -> the quantised pair ``(fp8 [T, H], fp32 [T, H/128])``."""
+        if isinstance(x_local, (tuple, list)):
+            if len(x_local) != 2 or not all(isinstance(t, torch.Tensor) for t in x_local):
+                raise TypeError("x_local pair must be (fp8 tensor, fp32 scale tensor)")
+            xq, xs = x_local
+            if xq.dtype != torch.float8_e4m3fn or xs.dtype != torch.float32:
+                raise TypeError(f"x_local pair must be (float8_e4m3fn, float32), got ({xq.dtype}, {xs.dtype})")
+        elif isinstance(x_local, torch.Tensor):
+            xq, xs = x_local, None
+        else:
+            raise TypeError(f"x_local must be a tensor or an (fp8, scales) pair, got {type(x_local).__name__}")
+        if xq.dim() != 2 or xq.shape[1] != self.hidden_size:
+            raise ValueError(f"x_local must be [T, {self.hidden_size}] (hidden_size), got {tuple(xq.shape)}")
+        if xs is None:
+            from ..permute import quantize_tokens
+            return quantize_tokens(xq, self.pow2_scale)
+        if tuple(xs.shape) != (xq.shape[0], self.hidden_size // 128):
+            raise ValueError(f"x_local scales must be [T, {self.hidden_size // 128}], got {tuple(xs.shape)}")
+        return xq, xs
+
+    def check_routing(self, num_tokens: int, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """Shapes and dtypes always; id range on CPU tensors (and on GPU with MOE_FP8_CHECKS=1)."""
+        expected = (num_tokens, self.top_k)
+        if tuple(topk_idx.shape) != expected or tuple(topk_weights.shape) != expected:
+            raise ValueError(f"topk_idx and topk_weights must be {list(expected)} ([T, top_k]), got "
+                             f"{tuple(topk_idx.shape)} and {tuple(topk_weights.shape)}")
+        if topk_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"topk_idx must be int32/int64, got {topk_idx.dtype}")
+        from ...gemm.validate import value_checks_enabled
+        if value_checks_enabled(topk_idx) and topk_idx.numel():
+            low, high = int(topk_idx.min()), int(topk_idx.max())
+            if low < -1 or high >= self.num_experts_global:
+                raise ValueError(f"topk_idx must hold expert ids in [0, {self.num_experts_global}) or -1, "
+                                 f"got values in [{low}, {high}]")
+
+    @staticmethod
+    def check_max_tokens_per_expert(m_max) -> int:
+        if isinstance(m_max, bool) or not isinstance(m_max, int) or m_max <= 0:
+            raise ValueError(f"max_tokens_per_expert must be a positive int, got {m_max!r}")
+        return m_max
 
     @abc.abstractmethod
     def dispatch_contiguous(self, x_local: TokensIn, topk_idx: torch.Tensor,

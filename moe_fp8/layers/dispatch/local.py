@@ -17,7 +17,7 @@ import torch
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index, upper_bound_rows)
 from ..permute import (combine_index_contiguous, combine_index_masked, permute_contiguous,
-                       permute_masked, quantize_tokens, unpermute_combine)
+                       permute_masked, unpermute_combine)
 from .base import Dispatcher, TokensIn
 
 
@@ -25,6 +25,11 @@ from .base import Dispatcher, TokensIn
 class LocalHandle:
     combine: CombineIndex  # where each (token, slot) result lives and its weight
     num_tokens: int  # T_local
+    y_rows_shape: tuple  # the experts' output the combine expects: (M_sum, H) or (E_loc, M_max, H)
+
+    def check(self, y_rows: torch.Tensor) -> None:
+        if tuple(y_rows.shape) != self.y_rows_shape:
+            raise ValueError(f"y_rows must be {list(self.y_rows_shape)}, got {tuple(y_rows.shape)}")
 
 
 class LocalDispatcher(Dispatcher):
@@ -33,8 +38,13 @@ class LocalDispatcher(Dispatcher):
                  pow2_scale: bool = False, contiguous_rows: str = "exact"):
         if contiguous_rows not in ("exact", "upper_bound"):
             raise ValueError(f"contiguous_rows must be 'exact' or 'upper_bound', got {contiguous_rows!r}")
+        if num_experts_local is None:
+            num_experts_local = num_experts_global
+        if isinstance(num_experts_local, bool) or not isinstance(num_experts_local, int) \
+                or num_experts_local <= 0:
+            raise ValueError(f"num_experts_local must be a positive int, got {num_experts_local!r}")
         self.num_experts_global = num_experts_global
-        self.num_experts_local = num_experts_local or num_experts_global
+        self.num_experts_local = num_experts_local
         self.expert_offset = expert_offset
         if not 0 <= expert_offset <= num_experts_global - self.num_experts_local:
             raise ValueError(f"expert_offset {expert_offset} + num_experts_local "
@@ -44,26 +54,10 @@ class LocalDispatcher(Dispatcher):
         self.pow2_scale = pow2_scale
         self.contiguous_rows = contiguous_rows
 
-    # ------------------------------------------------------------------ helpers
-    def _quantized(self, x_local: TokensIn):
-        if isinstance(x_local, (tuple, list)):
-            return x_local
-        if x_local.dim() != 2 or x_local.shape[1] != self.hidden_size:
-            raise ValueError(f"x_local must be [T, {self.hidden_size}], got {tuple(x_local.shape)}")
-        return quantize_tokens(x_local, self.pow2_scale)
-
-    def _check_routing(self, xq, topk_idx, topk_weights) -> None:
-        expected = (xq.shape[0], self.top_k)
-        if tuple(topk_idx.shape) != expected or tuple(topk_weights.shape) != expected:
-            raise ValueError(f"topk_idx and topk_weights must be {list(expected)} ([T, top_k]), got "
-                             f"{tuple(topk_idx.shape)} and {tuple(topk_weights.shape)}")
-        if topk_idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"topk_idx must be int32/int64, got {topk_idx.dtype}")
-
     # ------------------------------------------------------------------ contiguous
     def dispatch_contiguous(self, x_local, topk_idx, topk_weights):
-        xq, xs = self._quantized(x_local)
-        self._check_routing(xq, topk_idx, topk_weights)
+        xq, xs = self.tokens_in(x_local)
+        self.check_routing(xq.shape[0], topk_idx, topk_weights)
         local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local)
         rows = None
         if self.contiguous_rows == "upper_bound":
@@ -72,17 +66,20 @@ class LocalDispatcher(Dispatcher):
         a, sa, row_token, row_slot = permute_contiguous(xq, xs, index, self.top_k)
         layout = ContiguousLayout(a, sa, index.m_indices, row_token, row_slot,
                                   index.tokens_per_expert, index.num_rows)
-        return layout, LocalHandle(combine_index_contiguous(index, topk_weights), xq.shape[0])
+        handle = LocalHandle(combine_index_contiguous(index, topk_weights), xq.shape[0],
+                             (index.num_rows, self.hidden_size))
+        return layout, handle
 
     def combine_contiguous(self, y_rows, handle: LocalHandle, *, add=None):
+        handle.check(y_rows)
         return unpermute_combine(y_rows, handle.combine, add=add)
 
     # ------------------------------------------------------------------ masked
     def dispatch_masked(self, x_local, topk_idx, topk_weights, *, max_tokens_per_expert: int,
                         num_valid_tokens=None, out: Optional[MaskedBuffers] = None):
-        xq, xs = self._quantized(x_local)
-        self._check_routing(xq, topk_idx, topk_weights)
-        m_max = max_tokens_per_expert
+        xq, xs = self.tokens_in(x_local)
+        self.check_routing(xq.shape[0], topk_idx, topk_weights)
+        m_max = self.check_max_tokens_per_expert(max_tokens_per_expert)
         if out is None:
             out = MaskedBuffers.allocate(self.num_experts_local, m_max, self.hidden_size, xq.device)
         elif tuple(out.a.shape) != (self.num_experts_local + 1, m_max, self.hidden_size):
@@ -95,8 +92,10 @@ class LocalDispatcher(Dispatcher):
         experts = self.num_experts_local
         layout = MaskedLayout(out.a[:experts], out.sa[:experts], index.masked_m,
                               self.expected_m(xq.shape[0]), row_token, row_slot, index.num_overflow)
-        handle = LocalHandle(combine_index_masked(index, topk_weights, m_max), xq.shape[0])
+        handle = LocalHandle(combine_index_masked(index, topk_weights, m_max), xq.shape[0],
+                             (self.num_experts_local, m_max, self.hidden_size))
         return layout, handle
 
     def combine_masked(self, y_rows, handle: LocalHandle, *, add=None, out=None):
+        handle.check(y_rows)
         return unpermute_combine(y_rows.flatten(0, 1), handle.combine, add=add, out=out)
