@@ -39,20 +39,20 @@ kShapes = {
     (4096, 4096, 7168): (1166, 1385, 1450), (4096, 7168, 2048): (1109, 1147, 1230),
 }
 
-def _mc(**kw):  # the 128 x 128 tile with and without the 2-CTA B multicast
-    return [GemmConfig(128, 128, cluster_m=1, **kw), GemmConfig(128, 128, cluster_m=2, **kw)]
+def _mc(**kw):  # the 128 x 128 tile: multicast off / on x promotion overlap (0, 1, 2)
+    return [GemmConfig(128, 128, cluster_m=c, double_buffer=d, **kw)
+            for c, d in ((1, 1), (1, 2), (2, 1), (2, 2), (2, 0))]
 
 
 kSweep = {
     (64, 2112, 7168): [GemmConfig(64, n) for n in (16, 32)],
     (128, 4096, 7168): [GemmConfig(128, 32), GemmConfig(64, 64)],
     (4096, 2112, 7168): _mc() + [GemmConfig(128, n, cluster_m=2) for n in (144, 192)],
-    (4096, 24576, 1536): _mc() + _mc(group_n=8),
+    (4096, 24576, 1536): _mc(),
     (4096, 32768, 512): _mc() + [GemmConfig(128, 192, cluster_m=2)],
-    (4096, 7168, 16384): _mc() + _mc(double_buffer=False),
-    (4096, 4096, 7168): _mc() + _mc(group_n=8) + _mc(group_n=32) + _mc(stages=4)
-    + [GemmConfig(128, 128, cluster_m=2, double_buffer=False)],
-    (4096, 7168, 2048): _mc() + _mc(stages=4),
+    (4096, 7168, 16384): _mc(),
+    (4096, 4096, 7168): _mc() + [GemmConfig(128, 128, cluster_m=2, group_n=g) for g in (8, 32)],
+    (4096, 7168, 2048): _mc() + [GemmConfig(128, 128, cluster_m=2, stages=4)],
 }
 
 
@@ -174,8 +174,7 @@ def main():
                 r = pinned.resolved(k)
                 sweep_rows.append({"M": m, "N": n, "K": k,
                                    "config": f"{r.block_m}x{r.block_n}s{r.stages}g{r.group_n}"
-                                             f"c{r.cluster_m}"
-                                             f"{'' if r.double_buffer else ' single'}",
+                                             f"c{r.cluster_m}d{int(r.double_buffer)}",
                                    "us": us, "TFLOPS": flops / us / 1e6,
                                    "diff_vs_heuristic": G.calc_diff(out, ref_out)})
         del qa, sa, qb, sb, out

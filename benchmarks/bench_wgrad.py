@@ -33,9 +33,8 @@ kCases = [("record shape, 4 experts", 7168, 2048, [4096] * 4),
           ("GEMM1 weight, 4 experts", 4096, 7168, [4096] * 4),
           ("32 experts ~512 tok (uneven, 3 empty)", 7168, 2048, None),
           ("32 experts ~512 tok (uneven, 3 empty)", 4096, 7168, None)]
-kSweep = [GemmConfig(128, 128, cluster_m=1), GemmConfig(128, 128, cluster_m=2),
-          GemmConfig(128, 128, cluster_m=2, double_buffer=False),
-          GemmConfig(128, 128, cluster_m=2, group_n=8)]
+kSweep = [GemmConfig(128, 128, cluster_m=c, double_buffer=d)
+          for c, d in ((1, 1), (1, 2), (2, 1), (2, 2), (2, 0))]
 
 
 def _quant_tokens(x: torch.Tensor):

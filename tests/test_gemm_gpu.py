@@ -30,9 +30,10 @@ kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112)
            GemmConfig(128, 128, stages=2), GemmConfig(128, 144), GemmConfig(128, 160),
            GemmConfig(128, 192, group_n=3), GemmConfig(128, 128, num_sms=7),
            GemmConfig(128, 64, double_buffer=False), GemmConfig(64, 32, double_buffer=False),
-           GemmConfig(128, 128, cluster_m=2), GemmConfig(128, 112, cluster_m=2, group_n=2),
+           GemmConfig(128, 128, cluster_m=2), GemmConfig(128, 144, cluster_m=2, group_n=2),
            GemmConfig(128, 128, cluster_m=2, num_sms=7), GemmConfig(128, 64, cluster_m=2,
-                                                                  double_buffer=False)]
+                                                                  double_buffer=False),
+           GemmConfig(128, 128, double_buffer=2), GemmConfig(64, 80, double_buffer=2)]
 
 
 def _cuda_gen(seed: int) -> torch.Generator:
@@ -129,9 +130,9 @@ def test_dense_pinned_configs(config):
 @pytest.mark.parametrize("m,k", [(256, 384), (640, 7168 + 128)], ids=str)
 def test_dense_multicast_odd_k_blocks(m, k):
     """Odd K-block counts (the double-buffered loop's tail) with and without multicast."""
-    for cluster_m in (1, 2):
+    for cluster_m, overlap in ((1, 1), (2, 1), (1, 2)):
         _dense_case(m, 1024, k, seed=m + cluster_m,
-                    config=GemmConfig(128, 128, cluster_m=cluster_m))
+                    config=GemmConfig(128, 128, cluster_m=cluster_m, double_buffer=overlap))
 
 
 def test_multicast_needs_dense_layout():

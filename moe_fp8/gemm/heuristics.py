@@ -56,7 +56,8 @@ class GemmConfig:
     group_n: n blocks per rasterisation band of the persistent scheduler.
     num_sms: persistent grid size upper bound, 0 = the device's SM count.
     double_buffer: queue K block kb+1 on the tensor cores before promoting kb (two partial
-             register sets; the kernel uses it where they fit, block_n <= 128).
+             register sets; the kernel uses it where they fit, block_n <= 128). True/1: for
+             every K block; 2: for every other one; False/0: never.
     cluster_m: 1, or 2: two vertically adjacent tiles per 2-CTA cluster share B, each CTA loads
              half of it and multicasts it (dense layout and k-grouped only).
     """

@@ -35,7 +35,7 @@ struct NtPolicy {
   static constexpr int kClusterM = kClusterM_;
   static constexpr int kTileKBlocks = kK / 128;
   static constexpr bool kColumnScales = false;
-  static constexpr bool kDoubleBuffer = kDoubleBufferOpt != 0;
+  static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;
 };

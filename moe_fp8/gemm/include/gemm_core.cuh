@@ -10,6 +10,7 @@
 //                               scale warp; true: one B scale per output column per K block
 //                               (k-grouped, both operands 1x128 along tokens), a TMA per stage
 //   kDoubleBuffer               queue K block kb+1 on the tensor cores before promoting kb
+//                               (0: never, 1: always, 2: every other K block)
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -71,7 +72,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr bool kMayStraddle = !kColumnScales && 128 % kBlockN != 0;
   // Two partial-product register sets beside the accumulator fit the register budget up to
   // kBlockN = 128 (3 x 64 + ~30 registers).
-  constexpr bool kDoubleBuffer = P::kDoubleBuffer && 3 * kAcc <= 192;
+  constexpr bool kDoubleBuffer = P::kDoubleBuffer != 0 && 3 * kAcc <= 192;
+  // kDoubleBuffer == 2: only every other promotion overlaps the next group (the schedule ptxas
+  // gave v2 by inserting a wait, which measured faster than v3's full overlap: being tested).
+  constexpr bool kHalfOverlap = P::kDoubleBuffer == 2;
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
   static_assert(kClusterM == 1 || kClusterM == 2, "clusters of 1 or 2 CTAs");
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
@@ -95,7 +99,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   u64* sb_full = empty + kStages;  // [2] tile scales staged
   u64* sb_empty = sb_full + 2;     // [2] tile scales consumed
 
-  const int warpgroup = threadIdx.x / 128;
+  // NOTE: broadcast from lane 0 so the compiler knows it is warp-uniform: the wgmma
+  // descriptors derived from it then stay in uniform registers (no per-issue R2UR moves).
+  const int warpgroup = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
   const int tid = threadIdx.x % 128;  // thread index inside the warpgroup
   const int rank = kClusterM > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
 
@@ -186,6 +192,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
     float r_acc[kAcc], r_p0[kAcc], r_p1[kDoubleBuffer ? kAcc : 1];
 
+    // NOTE: descriptors of slot 0, advanced by whole slots (the start-address field is addr >> 4
+    // and every slot ends below 256 KB, so the add never carries out of it). Rebuilding them from
+    // the address per K block cost ~30 vector-pipe instructions + R2UR on the path between a
+    // group's retirement and the next issue (SASS, 2026-11-25).
+    const u64 desc_a0 = ptx::make_desc_k128_sw128(s_a + warpgroup * 64 * 128);
+    const u64 desc_b0 = ptx::make_desc_k128_sw128(s_b);
     Scheduler scheduler(params, rank);
     Tile tile;
     int stage_in = 0, stage_out = 0;  // next slot to compute on / to release
@@ -204,10 +216,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
 
       // Partial product of the next K block on the tensor cores, into fresh registers `p`.
       auto issue = [&](float(&p)[kAcc]) {
+        const u64 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
+        const u64 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4));
         ptx::mbar_wait(&full[stage_in], phase_in);
-        const u64 desc_a =
-            ptx::make_desc_k128_sw128(s_a + stage_in * Layout::kABytes + warpgroup * 64 * 128);
-        const u64 desc_b = ptx::make_desc_k128_sw128(s_b + stage_in * Layout::kBBytes);
         ptx::fence_regs(p);
         ptx::wgmma_fence();
 #pragma unroll
@@ -279,7 +290,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           retire(r_p0, kb);
           if (kEvenK || kb + 1 < num_kb) {
             ptx::wgmma_wait<0>();
-            if (kb + 2 < num_kb) issue(r_p0);
+            if (kb + 2 < num_kb) {
+              issue(r_p0);
+              if constexpr (kHalfOverlap) ptx::wgmma_wait<0>();
+            }
             retire(r_p1, kb + 1);
           }
         }

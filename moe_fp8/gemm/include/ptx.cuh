@@ -211,12 +211,15 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // Arrive on the barrier at the same shared-memory offset as `bar` in CTA `cta` of the cluster
-// (`cta` may be this CTA).
+// (`cta` may be this CTA). Default (release.cta) semantics: it only hands a consumed ring slot
+// back (the slot's readers were wgmma, already retired).
+// NOTE: ".release.cluster" compiled to MEMBAR.ALL.GPU + ERRBAR before every arrive (SASS); once
+// per K block per warp that made the 2-CTA multicast kernel 2x slower (H100, 2026-11-25).
 __device__ __forceinline__ void mbar_arrive_cluster(u64* bar, u32 cta) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
       "r"(cta)
       : "memory");
 }

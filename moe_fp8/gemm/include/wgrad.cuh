@@ -30,7 +30,7 @@ struct KGroupedPolicy {
   static constexpr int kClusterM = kClusterM_;
   static constexpr int kTileKBlocks = 0;
   static constexpr bool kColumnScales = true;
-  static constexpr bool kDoubleBuffer = kDoubleBufferOpt != 0;
+  static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM>;
   using Epilogue = EpilogueAddF32<kN, kBlockN>;
 };
