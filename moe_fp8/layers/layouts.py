@@ -13,9 +13,17 @@ The index builders below are sort-based: one stable sort of the pairs by expert,
 row of every pair is ``segment_start[expert] + rank within the expert``. No Python loop over
 experts; the masked builder never syncs with the host (CUDA-graph safe); the contiguous builder
 syncs once, to size ``M_sum``, unless the caller passes ``num_rows``.
+
+Fused kernels (``MOE_FP8_FUSED_PERMUTE=1``, tensors on an sm_90 GPU): both builders then run the
+counting-sort kernels of ``moe_fp8/gemm/include/permute.cuh`` instead of ~35 (contiguous) / ~12
+(masked) torch ops, with identical results (integers; the sort is stable in both). OFF by default
+until a device run has measured and verified them (tests/test_permute_gpu.py,
+benchmarks/bench_permute.py); unset or any other value keeps the torch code below.
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +31,32 @@ import torch
 from ..gemm.layout import align, empty_act_scales, kSegmentAlign
 
 FP8 = torch.float8_e4m3fn
+
+
+kFusedEnv = "MOE_FP8_FUSED_PERMUTE"
+kMaskedIndexMaxPairs = 1 << 16  # the masked index kernel is one CTA: beyond this, torch is faster
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def fused_enabled(t: torch.Tensor) -> bool:
+    """True when the fused permute/index/combine kernels should run for tensors like ``t``:
+    ``MOE_FP8_FUSED_PERMUTE=1``, ``t`` on an sm_90 GPU, and not inside ``torch.compile`` tracing
+    (the kernels are launched by pointer, which fake tensors do not have)."""
+    if os.environ.get(kFusedEnv, "0") != "1" or not t.is_cuda:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _is_sm90(index)
+
+
+def _permute_kernels():
+    from ..gemm.kernels import permute as kernels
+    return kernels
 
 
 def _expect(name: str, t: torch.Tensor, dtype: torch.dtype, dims: int) -> None:
@@ -143,14 +177,22 @@ def contiguous_index(local_ids: torch.Tensor, num_experts_local: int,
     ``align(T * k + E_loc * 127, 128)``, to avoid it; the extra rows are padding.
     """
     pairs = local_ids.reshape(-1)  # [P]
+    if num_rows is not None and num_rows % kSegmentAlign:
+        raise ValueError(f"num_rows must be a multiple of {kSegmentAlign}, got {num_rows}")
+    if pairs.numel() and fused_enabled(pairs):
+        kernels = _permute_kernels()
+        ids = pairs.long().contiguous()
+        if kernels.supports_index(ids, num_experts_local):
+            m_indices, row_pair, pair_row, pair_kept, tokens_per_expert, num_rows = \
+                kernels.contiguous_index(ids, num_experts_local, num_rows)
+            return ContiguousIndex(m_indices, row_pair, pair_row, pair_kept, tokens_per_expert,
+                                   num_rows)
     order, sorted_expert, rank, counts = _sorted_pairs(pairs, num_experts_local + 1)
     tokens_per_expert = counts[:num_experts_local]
     segment = (tokens_per_expert + kSegmentAlign - 1) // kSegmentAlign * kSegmentAlign  # [E_loc]
     segment_start = torch.cumsum(segment, 0) - segment  # [E_loc]
     if num_rows is None:
         num_rows = int(segment.sum())  # host sync: sizes M_sum
-    elif num_rows % kSegmentAlign:
-        raise ValueError(f"num_rows must be a multiple of {kSegmentAlign}, got {num_rows}")
     kept_sorted = sorted_expert < num_experts_local
     segment_start = torch.cat([segment_start, segment_start.new_full((1,), num_rows)])
     row_sorted = torch.where(kept_sorted, segment_start[sorted_expert] + rank,
@@ -183,6 +225,11 @@ def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int) ->
     ``num_overflow`` (cannot happen when ``m_max >= T``: a token picks an expert at most once).
     """
     pairs = local_ids.reshape(-1)  # [P]
+    if pairs.numel() <= kMaskedIndexMaxPairs and fused_enabled(pairs):
+        kernels = _permute_kernels()
+        ids = pairs.long().contiguous()
+        if kernels.supports_index(ids, num_experts_local):
+            return MaskedIndex(*kernels.masked_index(ids, num_experts_local, m_max))
     order, sorted_expert, rank, counts = _sorted_pairs(pairs, num_experts_local + 1)
     pair_expert = torch.empty_like(pairs)
     pair_expert[order] = sorted_expert

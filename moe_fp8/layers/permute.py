@@ -1,11 +1,24 @@
 """Token permutation with FP8 quantisation fused in, and the weighted un-permute (combine).
 
-NOTE: these are the torch versions, written as the kernels will be: the permute is one
-quantisation of the T source tokens plus one gather (contiguous) / scatter (masked) of fp8 rows
-and their scales (quantising per token before the copy gives bit-identical rows to quantising
-after it, at 1/k of the work, and never writes a bf16 copy of the permuted tokens); the combine
-is one gather-and-weighted-sum per token. FUSED KERNEL GOES HERE: both are memory-bound passes
-that a single kernel each can do at copy bandwidth (reading x once / y_rows once).
+The permute is one quantisation of the T source tokens plus one gather (contiguous) / scatter
+(masked) of fp8 rows and their scales (quantising per token before the copy gives bit-identical
+rows to quantising after it, at 1/k of the work, and never writes a bf16 copy of the permuted
+tokens); the combine is one gather-and-weighted-sum per token.
+
+Two implementations behind the same functions:
+
+* torch (default, every device): index_select / index_put / baddbmm, as below.
+* fused kernels (``moe_fp8/gemm/include/permute.cuh``), used only when the tensors are on an
+  sm_90 GPU AND ``MOE_FP8_FUSED_PERMUTE=1`` is set — **off by default until a device run has
+  measured and verified them** (tests/test_permute_gpu.py, benchmarks/bench_permute.py). The
+  permute kernel copies 16-byte vectors of fp8 rows and writes the scales straight into the
+  destination's (MN-major) layout, plus row_token/row_slot, in one launch; the combine kernel
+  reads each expert row once and writes each output row once (the torch path writes and re-reads
+  a ``[n, k, H]`` gathered copy). Results: permute bit-identical to torch (copies); combine
+  bit-identical to ``fp32: acc = 0; acc += bf16(w_j) * y_j for j = 0..k-1; acc += add;
+  bf16(acc)`` — the math of the torch branch's ``baddbmm``, whose cuBLAS kernel may sum the k
+  exact products in another order (then the two differ by one bf16 ulp on rare elements).
+  The differentiable branch (training) always runs torch.
 """
 from __future__ import annotations
 
@@ -15,9 +28,14 @@ import torch
 
 from .. import gemm as G
 from ..gemm.layout import empty_act_scales
-from .layouts import CombineIndex, ContiguousIndex, MaskedIndex
+from .layouts import CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
+
+
+def _kernels():
+    from ..gemm.kernels import permute as kernels
+    return kernels
 
 
 def quantize_tokens(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +48,19 @@ def permute_contiguous(xq: torch.Tensor, xs: torch.Tensor, index: ContiguousInde
 
     Padding rows copy token 0 (finite values; the GEMM does not read them for output).
     Also returns ``row_token``/``row_slot`` int64 ``[M_sum]`` (-1 on padding rows).
+    Fused (module docstring): one kernel, same values.
     """
     num_rows, groups = index.num_rows, xs.shape[1]
+    if num_rows > 0 and fused_enabled(xq):
+        kernels = _kernels()
+        row_pair = index.row_pair
+        if kernels.supports_permute(xq, xs) and row_pair.dtype == torch.int64 and \
+                row_pair.is_contiguous():
+            a = torch.empty(num_rows, xq.shape[1], dtype=xq.dtype, device=xq.device)
+            sa = torch.empty(groups, num_rows, dtype=torch.float32, device=xq.device).t()
+            row_meta = torch.empty(2, num_rows, dtype=torch.int64, device=xq.device)
+            kernels.permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_meta[0], row_meta[1])
+            return a, sa, row_meta[0], row_meta[1]
     valid = index.row_pair >= 0
     row_token = torch.where(valid, index.row_pair // top_k, -1)  # [M_sum]
     row_slot = torch.where(valid, index.row_pair % top_k, -1)  # [M_sum]
@@ -51,8 +80,20 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
     ``sa_buf [E_loc + 1, M_max, H/128]`` (last expert = trash for skipped pairs).
 
     Returns ``row_token``/``row_slot`` int64 ``[E_loc, M_max]`` (-1 on unused rows). No host sync.
+    Fused (module docstring): one fill + one kernel, same values outside the trash bucket.
     """
     num_pairs = index.pair_expert.numel()
+    if fused_enabled(xq):
+        kernels = _kernels()
+        if kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and sa_buf.dim() == 3 and \
+                index.pair_expert.dtype == torch.int64 and index.pair_rank.dtype == torch.int64 \
+                and index.pair_expert.is_contiguous() and index.pair_rank.is_contiguous():
+            experts_plus_trash, m_max = a_buf.shape[:2]
+            rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
+                              device=xq.device)
+            kernels.permute_masked(xq, xs, index.pair_expert, index.pair_rank, top_k, a_buf,
+                                   sa_buf, rows[0], rows[1])
+            return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]
     where = (index.pair_expert, index.pair_rank)
     a_buf.view(torch.uint8).index_put_(where, xq.view(torch.uint8)[pair_token])
@@ -98,6 +139,13 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
         return _unpermute_combine_differentiable(y_rows, index, add, out)
     dtype = out.dtype if out is not None else y_rows.dtype
     compute = y_rows.dtype if dtype == y_rows.dtype else torch.float32
+    if y_rows.shape[0] > 0 and top_k > 0 and tokens > 0 and fused_enabled(y_rows):
+        kernels = _kernels()
+        if kernels.supports_combine(y_rows, index.slot_row, index.slot_weight, add, out):
+            result = out if out is not None else \
+                torch.empty(tokens, hidden, dtype=y_rows.dtype, device=y_rows.device)
+            kernels.combine(y_rows, index.slot_row, index.slot_weight, add, result)
+            return result
     result = out if out is not None and out.dtype == compute else \
         torch.empty(tokens, hidden, dtype=compute, device=y_rows.device)
     if y_rows.shape[0] == 0 or top_k == 0:  # nothing routed here: only the shared part
