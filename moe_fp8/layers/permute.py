@@ -85,14 +85,14 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
     num_pairs = index.pair_expert.numel()
     if fused_enabled(xq):
         kernels = _kernels()
-        if kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and sa_buf.dim() == 3 and \
-                index.pair_expert.dtype == torch.int64 and index.pair_rank.dtype == torch.int64 \
-                and index.pair_expert.is_contiguous() and index.pair_rank.is_contiguous():
+        pair_meta = (index.pair_expert, index.pair_rank)
+        if kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and \
+                kernels.aligned16(a_buf) and sa_buf.dim() == 3 and \
+                all(t.dtype == torch.int64 and t.is_contiguous() for t in pair_meta):
             experts_plus_trash, m_max = a_buf.shape[:2]
             rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
                               device=xq.device)
-            kernels.permute_masked(xq, xs, index.pair_expert, index.pair_rank, top_k, a_buf,
-                                   sa_buf, rows[0], rows[1])
+            kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1])
             return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]
     where = (index.pair_expert, index.pair_rank)
