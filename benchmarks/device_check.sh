@@ -1,28 +1,50 @@
 #!/usr/bin/env bash
-# One device call: environment facts, every `gpu` test, then the benchmark tables.
-# Usage on the GPU machine (repo root):  bash benchmarks/device_check.sh [quick]
-# Logs and results go under $OUT (the device tool brings them back); a summary prints last.
+# One device call for the whole package: precompile, the GPU tests (the least-proven first), the
+# demo, then the layer / permute / training / EP benchmarks. Run it on nvidia-h100-x2 so the EP
+# steps run (they skip on one GPU), from a snapshot of HEAD (the device gets the working tree):
+#   git archive HEAD | tar -x -C .snap   # .snap/ is ignored; carry it, then in the call:
+#   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_check.sh [full]
+# `full` adds the GEMM/wgrad tests and tables, the fuzzer and compute-sanitizer.
+# Each step has a time cap; a failing step leaves its log and the rest still run. At most 8
+# files come back: the logs and result files travel in one tarball.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT="${OUT:-/tmp/moe_fp8_out}"; mkdir -p "$OUT"
+FINAL="${OUT:-/tmp/moe_fp8_out}"
+export OUT="$FINAL/raw"; mkdir -p "$OUT"
 export MOE_FP8_CACHE_DIR="${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}"
 summary="$OUT/summary.txt"; : > "$summary"
+num_gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+PYTEST="python3 -m pytest -q -p no:cacheprovider"
 
-step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  printf '%-28s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$summary"
+step() {  # step NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, one summary line
+  local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  printf '%-16s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" \
+    "$(grep -aE 'passed|failed|Error|error' "$OUT/$name.log" | tail -n 1 | cut -c1-110)" | tee -a "$summary"
 }
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-step precompile 300 python3 -m moe_fp8.gemm.precompile
-step gpu-tests 400 python3 -m pytest -q -m gpu tests -x --timeout=300 -p no:cacheprovider
-if [ "${1:-}" != "quick" ]; then
-  for b in quant gemm grouped layer; do
-    [ -f "benchmarks/bench_$b.py" ] && step "bench-$b" 300 python3 "benchmarks/bench_$b.py"
-  done
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+step precompile 60 python3 -m moe_fp8.gemm.precompile
+step test-quant 60 $PYTEST -m gpu tests/test_quant_gpu.py
+step test-permute 40 $PYTEST -m gpu tests/test_permute_gpu.py
+step test-layer 90 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_autograd.py tests/test_errors_layer.py tests/test_nan_policy.py
+[ "$num_gpus" -ge 2 ] && step test-ep 70 $PYTEST tests/test_ep_gpu.py
+step demo 30 python3 examples/deepseek_v3_moe.py
+step bench-layer 45 python3 benchmarks/bench_layer.py --quick --repeats 5
+step profile-layer 45 python3 benchmarks/profile_layer.py --tokens 4096 --repeats 3
+step bench-permute 30 python3 benchmarks/bench_permute.py --quick
+step bench-train 45 python3 benchmarks/bench_train.py --quick --repeats 3
+[ "$num_gpus" -ge 2 ] && step bench-ep 45 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
+  benchmarks/bench_ep.py --quick --repeats 5
+if [ "${1:-}" = full ]; then
+  step test-gemm 150 $PYTEST -m gpu tests/test_gemm_gpu.py tests/test_wgrad_gpu.py
+  step bench-gemm 120 python3 benchmarks/bench_gemm.py
+  step bench-grouped 120 python3 benchmarks/bench_grouped.py
+  step fuzz 240 python3 tests/fuzz_gpu.py
+  step sanitize 300 bash benchmarks/device_sanitize.sh
 fi
-tail -n 3 "$OUT/gpu-tests.log"
-cat "$summary"
+cp benchmarks/results/*_"$(date +%F)"* "$OUT/" 2>/dev/null
+grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | cut -c1-160 | tail -n 24 > "$FINAL/tables.txt"
+cp "$summary" "$FINAL/summary.txt"
+tar czf "$FINAL/logs.tgz" -C "$OUT" . && rm -rf "$OUT"
+cat "$FINAL/summary.txt"
