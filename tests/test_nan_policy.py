@@ -138,6 +138,13 @@ def test_per_block_quant_policy(device, dtype, pow2):
     check_groups(q, s, eq, es, block_view, exact_nonfinite=device == "cpu")
 
 
+def silu_reference(h: torch.Tensor, pow2: bool = False):
+    """silu(gate) * up in fp32 on h's device (the kernels match torch's device silu bit for bit;
+    CPU and GPU exp differ in the last bit), quantised by the CPU reference."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return ref.per_token_group_quant((torch.nn.functional.silu(gate) * up).cpu(), 128, pow2)
+
+
 def poisoned_gate_up(device, batch=None):
     """h [M, 2I] bf16 (or [E, M, 2I]), I = 256 (2 groups per row) with non-finite inputs."""
     shape = (8, 512) if batch is None else (batch, 8, 512)
@@ -158,7 +165,7 @@ def poisoned_gate_up(device, batch=None):
 def test_silu_and_mul_quant_policy(device, pow2):
     h = poisoned_gate_up(device)
     q, s = G.silu_and_mul_quant_fp8(h, pow2_scale=pow2)
-    eq, es = ref.silu_and_mul_quant(h.cpu(), 128, pow2)
+    eq, es = silu_reference(h, pow2)
     q, s = q.cpu(), s.cpu()
     bad = ~torch.isfinite(s)
     expected_bad = torch.zeros(8, 2, dtype=torch.bool)
@@ -184,7 +191,7 @@ def test_masked_silu_ignores_poison_beyond_masked_m(device):
     assert torch.isfinite(s[0, :2]).all() and torch.isfinite(s[2]).all()
     assert (s[0, 2:] == -7.0).all() and (s[1] == -7.0).all()
     assert (q[0, 2:].view(torch.uint8) == 0x3C).all() and (q[1].view(torch.uint8) == 0x3C).all()
-    eq, es = ref.silu_and_mul_quant(h[2:].cpu(), 128, False)
+    eq, es = silu_reference(h[2:])
     assert torch.equal(s[2], es[0]) and torch.equal(q[2].view(torch.uint8), eq[0].view(torch.uint8))
 
 
@@ -211,14 +218,21 @@ def test_debug_mode_raises(op, name, value, device, monkeypatch):
 
 # ----------------------------------------------------------------------------- through the GEMMs
 
+def same_values(x: torch.Tensor, y: torch.Tensor, exact: bool) -> bool:
+    """Bit-equal on the CPU; on the GPU within 1e-7 (calc_diff): the clean and poisoned runs
+    launch the same kernel, but a reduce-add epilogue need not sum in the same order."""
+    return torch.equal(x, y) if exact else G.calc_diff(x, y) < 1e-7
+
+
 def assert_rows_poisoned(out, bad_rows, clean_out):
     """Rows in ``bad_rows`` entirely non-finite, every other row finite and equal to ``clean_out``."""
+    exact = out.device.type == "cpu"
     out, clean_out = out.float().cpu(), clean_out.float().cpu()
     mask = torch.zeros(out.shape[0], dtype=torch.bool)
     mask[list(bad_rows)] = True
     assert not torch.isfinite(out[mask]).any(), "a poisoned row has a finite output"
     assert torch.isfinite(out[~mask]).all(), "poison leaked into another row"
-    assert torch.equal(out[~mask], clean_out[~mask])
+    assert same_values(out[~mask], clean_out[~mask], exact)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -247,7 +261,8 @@ def test_dense_gemm_propagates_weight_poison(device):
     out = G.fp8_gemm_nt(a, G.per_block_quant_fp8(w)).float().cpu()
     assert not torch.isfinite(out[:, 128:256]).any()
     keep = torch.cat([out[:, :128], out[:, 256:]], 1)
-    assert torch.isfinite(keep).all() and torch.equal(keep, torch.cat([clean[:, :128], clean[:, 256:]], 1))
+    assert torch.isfinite(keep).all()
+    assert same_values(keep, torch.cat([clean[:, :128], clean[:, 256:]], 1), device == "cpu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -300,7 +315,7 @@ def test_wgrad_propagates_token_poison_to_its_expert_only(device):
     assert not torch.isfinite(out[2, 17]).any()
     keep = torch.ones(3, n, dtype=torch.bool)
     keep[2, 17] = False
-    assert torch.isfinite(out[keep]).all() and torch.equal(out[keep], clean[keep])
+    assert torch.isfinite(out[keep]).all() and same_values(out[keep], clean[keep], device == "cpu")
     assert (out[1] == 0).all()
 
 

@@ -1,0 +1,714 @@
+"""Fuzzing the FP8 kernels against their references on random shapes within the contract.
+
+Ops (each gets ``--count`` random cases, default 500):
+
+    gemm_dense       a [M, K] x b [N, K]                          calc_diff vs unquantised + FP8 reference
+    gemm_contiguous  a [M_sum, K] x b [E, N, K], m_indices        (empty experts, 128-boundary counts)
+    gemm_masked      a [E, M_max, K] x b [E, N, K], masked_m      (masked_m 0 and = M_max)
+    gemm_kgrouped    out[e] += a[:, seg_e] . b[:, seg_e]^T (fp32)  (empty segments)
+    quant_token      per-token-group quant, 2-D / 3-D, bf16 / fp32, pow2 or not   bit-exact
+    quant_block      per-block quant, any N, 2-D / 3-D, bf16 / fp32, pow2 or not  bit-exact
+    silu_contiguous  SiLU-and-mul quant [M, 2I] / [E, M, 2I]                      bit-exact
+    silu_masked      SiLU-and-mul quant [E, M_max, 2I] with masked_m              bit-exact
+
+Random M (1, odd, up to 2048), N % 16 == 0, K % 128 == 0. K and N are compile-time kernel
+arguments, so every op draws a small pool of (N, K) per run (fresh each seed; always including
+N = 16, K = 128) and all kernels the run needs are compiled in parallel first. Every GEMM output is
+poisoned with NaN inside a larger buffer: written elements must be finite, unwritten ones (padding,
+rows >= masked_m, the tail past the output) must keep the poison. Bounds: calc_diff vs the FP8
+reference < 1e-5 (wgrad < 1e-6; same math up to summation order and bf16 rounding) and vs the
+unquantised fp32 product < 1e-3 (outputs under 4096 elements: 5e-3, FP8 noise over few values;
+wgrad per expert: 1e-3 at >= 65536 elements, else 1.5e-3 / 5e-3) — the bounds tests/test_gemm_gpu.py
+and tests/test_wgrad_gpu.py use.
+
+    python3 tests/fuzz_gpu.py --count 500              # the full run: CSV under benchmarks/results/
+    python3 tests/fuzz_gpu.py --once all               # one fixed small call per op (sanitizer driver)
+    python3 tests/fuzz_gpu.py --once guards            # out-of-contract values, checks off (memcheck)
+    python3 tests/fuzz_gpu.py --cpu --count 3          # the harness itself on the CPU references
+    python3 -m pytest -q -m gpu tests/fuzz_gpu.py      # 25 cases per op (marker gpu)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+kRepo = Path(__file__).resolve().parents[1]
+if str(kRepo) not in sys.path:
+    sys.path.insert(0, str(kRepo))
+
+import moe_fp8.gemm as G  # noqa: E402
+from moe_fp8.gemm import reference as ref  # noqa: E402
+from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+# run order: the fast (quant) ops first, so their unused time share rolls over to the GEMMs
+kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
+        "gemm_dense", "gemm_contiguous", "gemm_masked", "gemm_kgrouped")
+kPoolSize = 5  # (N, K) pairs per op and run: bounds the number of kernels to compile
+kTail = 4096  # poisoned elements after every GEMM output
+
+
+class CaseFailure(AssertionError):
+    pass
+
+
+def expect(condition, message: str) -> None:
+    if not condition:
+        raise CaseFailure(message)
+
+
+@dataclass
+class Context:
+    device: str = "cuda"
+    backend: str = "kernel"  # "reference" for the CPU dry run of the harness
+
+    def gen(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data
+
+def act_data(shape, gen, spread=0.5, device="cuda"):
+    """Random fp32 with one magnitude per row (e^(spread * randn)): a wrong scale shows in the
+    FP8-reference check. NOTE: wider spreads let a few rows carry all of calc_diff's energy, and
+    FP8 noise alone then crossed 1e-3 (spread 2: 1.2e-3 at 570 x 16 x 128, CPU reference)."""
+    x = torch.randn(shape, device=device, generator=gen)
+    mag = torch.exp(torch.randn((*shape[:-1], 1), device=device, generator=gen) * spread)
+    return x * mag
+
+
+def weight_data(shape, gen, device="cuda"):
+    """One magnitude per 128-row block (rows sharing a 128x128 scale must be alike)."""
+    n = shape[-2]
+    x = torch.randn(shape, device=device, generator=gen)
+    mag = torch.exp(torch.randn((*shape[:-2], -(-n // 128), 1), device=device, generator=gen) * 0.5)
+    return x * mag.repeat_interleave(128, dim=-2)[..., :n, :]
+
+
+def quant_act(x: torch.Tensor):
+    """Reference 1x128 quantisation into the MN-major layout the kernels read."""
+    q, s = ref.per_token_group_quant(x)
+    s_mn = empty_act_scales(x.shape[-2], s.shape[-1], x.shape[0] if x.dim() == 3 else None,
+                            device=x.device)
+    s_mn.copy_(s)
+    return q, s_mn
+
+
+def quant_weight(w: torch.Tensor):
+    q, s = ref.per_block_quant(w)
+    return q.contiguous(), s
+
+
+def poisoned(shape, ctx: Context, dtype=torch.bfloat16):
+    """A NaN-filled view of ``shape`` at the front of a buffer with kTail more NaNs after it."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    buf = torch.full((numel + kTail,), float("nan"), dtype=dtype, device=ctx.device)
+    return buf, buf[:numel].view(shape)
+
+
+def unquantised_limit(numel: int) -> float:
+    return 1e-3 if numel >= 4096 else 5e-3
+
+
+def wgrad_limit(numel: int) -> float:
+    return 1e-3 if numel >= 65536 else (1.5e-3 if numel >= 4096 else 5e-3)
+
+
+def check_gemm_rows(out, buf, numel, reference, want, what, stats):
+    """``out``/``reference``/``want`` restricted to written rows; ``buf`` tail must stay NaN."""
+    expect(bool(torch.isnan(buf[numel:]).all()), f"{what}: wrote past the end of out")
+    if out.numel() == 0:
+        return
+    expect(bool(torch.isfinite(out).all()), f"{what}: unwritten (NaN) or non-finite outputs")
+    agree = G.calc_diff(out, reference)
+    stats["ref"] = max(stats.get("ref", 0.0), agree)
+    expect(agree < 1e-5, f"{what}: calc_diff vs FP8 reference {agree:.2e}")
+    diff = G.calc_diff(out, want)
+    stats["unq"] = max(stats.get("unq", 0.0), diff)
+    expect(diff < unquantised_limit(out.numel()), f"{what}: calc_diff vs unquantised {diff:.2e}")
+
+
+# ----------------------------------------------------------------------------- GEMM cases
+
+def run_gemm_dense(c: dict, ctx: Context, stats: dict) -> None:
+    m, n, k = c["m"], c["n"], c["k"]
+    gen = ctx.gen(c["seed"])
+    x, w = act_data((m, k), gen, device=ctx.device), weight_data((n, k), gen, device=ctx.device)
+    a, b = quant_act(x.bfloat16().float()), quant_weight(w.bfloat16().float())
+    buf, out = poisoned((m, n), ctx)
+    G.fp8_gemm_nt(a, b, out=out, backend=ctx.backend)
+    reference = G.fp8_gemm_nt(a, b, backend="reference")
+    want = x.bfloat16().float() @ w.bfloat16().float().t()
+    check_gemm_rows(out, buf, m * n, reference, want, f"dense m={m} n={n} k={k}", stats)
+
+
+def run_gemm_contiguous(c: dict, ctx: Context, stats: dict) -> None:
+    counts, n, k = c["counts"], c["n"], c["k"]
+    gen = ctx.gen(c["seed"])
+    m_indices = build_m_indices(counts, device=ctx.device)
+    m_sum, experts = m_indices.shape[0], len(counts)
+    x = act_data((m_sum, k), gen, device=ctx.device).bfloat16().float()
+    w = weight_data((experts, n, k), gen, device=ctx.device).bfloat16().float()
+    a, b = quant_act(x), quant_weight(w)
+    buf, out = poisoned((m_sum, n), ctx)
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend=ctx.backend)
+    what = f"contiguous counts={counts} n={n} k={k}"
+    real = m_indices >= 0
+    expect(bool(torch.isnan(out[~real]).all()), f"{what}: padding rows were written")
+    reference = torch.full_like(out, float("nan"))
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=reference, backend="reference")
+    want = torch.zeros(m_sum, n, device=ctx.device)
+    for e in range(experts):
+        rows = m_indices == e
+        if bool(rows.any()):
+            want[rows] = x[rows] @ w[e].t()
+    check_gemm_rows(out[real], buf, m_sum * n, reference[real], want[real], what, stats)
+
+
+def run_gemm_masked(c: dict, ctx: Context, stats: dict) -> None:
+    masked, m_max, n, k, expected_m = c["masked_m"], c["m_max"], c["n"], c["k"], c["expected_m"]
+    experts = len(masked)
+    gen = ctx.gen(c["seed"])
+    x = act_data((experts, m_max, k), gen, device=ctx.device).bfloat16().float()
+    w = weight_data((experts, n, k), gen, device=ctx.device).bfloat16().float()
+    a, b = quant_act(x), quant_weight(w)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=ctx.device)
+    buf, out = poisoned((experts, m_max, n), ctx)
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend=ctx.backend)
+    what = f"masked masked_m={masked} m_max={m_max} n={n} k={k} expected_m={expected_m}"
+    valid = ref.masked_row_mask(m_max, masked_m)  # [E, M_max]
+    expect(bool(torch.isnan(out[~valid]).all()), f"{what}: rows >= masked_m were written")
+    reference = torch.full_like(out, float("nan"))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=reference, backend="reference")
+    want = torch.bmm(x, w.transpose(1, 2))
+    check_gemm_rows(out[valid], buf, experts * m_max * n, reference[valid], want[valid], what, stats)
+
+
+def run_gemm_kgrouped(c: dict, ctx: Context, stats: dict) -> None:
+    m, n, counts = c["m"], c["n"], c["counts"]
+    gen = ctx.gen(c["seed"])
+    tokens, experts = sum(counts), len(counts)
+    xa = act_data((m, tokens), gen, device=ctx.device).bfloat16().float()
+    xb = act_data((n, tokens), gen, device=ctx.device).bfloat16().float()
+    a, b = quant_act(xa), quant_act(xb)
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    offsets = torch.tensor(bounds, dtype=torch.int32, device=ctx.device)
+    before = torch.randn(experts, m, n, device=ctx.device, generator=gen)
+    buf = torch.full((experts * m * n + kTail,), float("nan"), device=ctx.device)
+    out = buf[:experts * m * n].view(experts, m, n)
+    out.copy_(before)
+    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out, backend=ctx.backend)
+    what = f"kgrouped m={m} n={n} counts={counts}"
+    expect(bool(torch.isnan(buf[experts * m * n:]).all()), f"{what}: wrote past the end of out")
+    expect(bool(torch.isfinite(out).all()), f"{what}: non-finite outputs")
+    reference = before.clone()
+    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, reference, backend="reference")
+    for e, count in enumerate(counts):
+        if count == 0:
+            expect(torch.equal(out[e], before[e]), f"{what}: expert {e} has no tokens but changed")
+            continue
+        seg = slice(bounds[e], bounds[e + 1])
+        added, ref_added = out[e] - before[e], reference[e] - before[e]
+        agree = G.calc_diff(added, ref_added)
+        stats["ref"] = max(stats.get("ref", 0.0), agree)
+        expect(agree < 1e-6, f"{what}: expert {e}: calc_diff vs FP8 reference {agree:.2e}")
+        diff = G.calc_diff(added, xa[:, seg] @ xb[:, seg].t())
+        stats["unq"] = max(stats.get("unq", 0.0), diff)
+        expect(diff < wgrad_limit(added.numel()), f"{what}: expert {e}: calc_diff vs unquantised {diff:.2e}")
+
+
+# ----------------------------------------------------------------------------- quant cases
+
+def bits_equal(q, s, expected_q, expected_s, what: str) -> None:
+    """fp8 values and fp32 scales bit for bit (scales compared as logical [.., G] values)."""
+    qb, eqb = q.cpu().view(torch.uint8), expected_q.cpu().view(torch.uint8)
+    if not torch.equal(qb, eqb):
+        bad = (qb != eqb).nonzero()
+        raise CaseFailure(f"{what}: {bad.shape[0]} fp8 values differ, first at {bad[0].tolist()}")
+    sb = s.cpu().contiguous().view(torch.int32)
+    esb = expected_s.cpu().contiguous().view(torch.int32)
+    if not torch.equal(sb, esb):
+        bad = (sb != esb).nonzero()
+        raise CaseFailure(f"{what}: {bad.shape[0]} scales differ, first at {bad[0].tolist()}")
+
+
+def quant_input(shape, gen, dtype, device, zero_rows=True):
+    """Random rows of varied magnitude; a few all-zero 128-groups (the floored scale)."""
+    x = act_data(shape, gen, device=device)
+    if zero_rows and shape[-2] > 2:
+        flat = x.view(-1, shape[-1])
+        flat[1, :128] = 0.0
+    return x.to(dtype)
+
+
+def run_quant_token(c: dict, ctx: Context, stats: dict) -> None:
+    shape, dtype, pow2 = tuple(c["shape"]), c["dtype"], c["pow2"]
+    x = quant_input(shape, ctx.gen(c["seed"]), dtype, ctx.device)
+    batch = shape[0] if len(shape) == 3 else None
+    q = torch.full(shape, 0x7F, dtype=torch.uint8, device=ctx.device).view(FP8)  # NaN poison
+    s = empty_act_scales(shape[-2], shape[-1] // 128, batch, device=ctx.device)
+    s.fill_(float("nan"))
+    G.per_token_group_quant_fp8(x, pow2_scale=pow2, out=(q, s), backend=ctx.backend)
+    eq, es = ref.per_token_group_quant(x.cpu(), 128, pow2)
+    bits_equal(q, s, eq, es, f"quant_token {shape} {dtype} pow2={pow2}")
+
+
+def run_quant_block(c: dict, ctx: Context, stats: dict) -> None:
+    shape, dtype, pow2 = tuple(c["shape"]), c["dtype"], c["pow2"]
+    w = quant_input(shape, ctx.gen(c["seed"]), dtype, ctx.device, zero_rows=False)
+    q, s = G.per_block_quant_fp8(w, pow2_scale=pow2, backend=ctx.backend)
+    eq, es = ref.per_block_quant(w.cpu(), 128, pow2)
+    bits_equal(q, s, eq, es, f"quant_block {shape} {dtype} pow2={pow2}")
+
+
+def silu_reference(h: torch.Tensor, pow2: bool):
+    """silu(gate) * up in fp32 on h's device (as the kernels' tests do), quantised on the CPU."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return ref.per_token_group_quant((F.silu(gate) * up).cpu(), 128, pow2)
+
+
+def run_silu(c: dict, ctx: Context, stats: dict) -> None:
+    shape, pow2, masked = tuple(c["shape"]), c["pow2"], c.get("masked_m")
+    gen = ctx.gen(c["seed"])
+    h = (torch.randn(shape, device=ctx.device, generator=gen) * 4).bfloat16()
+    if shape[-2] > 2:
+        flat = h.view(-1, shape[-1])
+        flat[0, : shape[-1] // 2] = 0.0  # gate 0: a zero product
+        flat[1, ::2] = -120.0  # exp(-g) overflows: silu(g) = -0
+    inter = shape[-1] // 2
+    out_shape = (*shape[:-1], inter)
+    batch = shape[0] if len(shape) == 3 else None
+    q = torch.full(out_shape, 0x7F, dtype=torch.uint8, device=ctx.device).view(FP8)
+    s = empty_act_scales(shape[-2], inter // 128, batch, device=ctx.device)
+    s.fill_(float("nan"))
+    q_before = q.clone()
+    masked_m = None if masked is None else torch.tensor(masked, dtype=torch.int32, device=ctx.device)
+    G.silu_and_mul_quant_fp8(h, masked_m=masked_m, pow2_scale=pow2, out=(q, s), backend=ctx.backend)
+    eq, es = silu_reference(h, pow2)
+    what = f"silu {shape} masked_m={masked} pow2={pow2}"
+    if masked is None:
+        bits_equal(q, s, eq, es, what)
+        return
+    for e, rows in enumerate(masked):
+        bits_equal(q[e, :rows], s[e, :rows], eq[e, :rows], es[e, :rows], f"{what} expert {e}")
+        expect(torch.equal(q[e, rows:].view(torch.uint8), q_before[e, rows:].view(torch.uint8)),
+               f"{what}: expert {e}: rows >= masked_m written (values)")
+        expect(bool(torch.isnan(s[e, rows:]).all()), f"{what}: expert {e}: rows >= masked_m written (scales)")
+
+
+kRunners: Dict[str, Callable] = {
+    "gemm_dense": run_gemm_dense, "gemm_contiguous": run_gemm_contiguous,
+    "gemm_masked": run_gemm_masked, "gemm_kgrouped": run_gemm_kgrouped,
+    "quant_token": run_quant_token, "quant_block": run_quant_block,
+    "silu_contiguous": run_silu, "silu_masked": run_silu,
+}
+
+
+# ----------------------------------------------------------------------------- shapes
+
+class Sampler:
+    """Random cases within the contract; (N, K) from a per-op pool drawn once per run."""
+
+    def __init__(self, seed: int, scale: float = 1.0):
+        self.rng = random.Random(seed)
+        self.scale = scale  # < 1 shrinks the largest sizes (CPU dry run)
+        self.pools = {op: self._pool() for op in ("gemm_dense", "gemm_contiguous", "gemm_masked")}
+        self.n_pool = [16] + [16 * self.rng.randint(2, 64) for _ in range(kPoolSize - 1)]
+
+    def _cap(self, value: int) -> int:
+        return max(1, int(value * self.scale))
+
+    def _pool(self):
+        pairs = [(16, 128)]
+        while len(pairs) < kPoolSize:
+            n = 16 * self.rng.randint(1, self._cap(2304) // 16 or 1)
+            k = 128 * self.rng.randint(1, max(1, self._cap(3072) // 128))
+            pairs.append((n, k))
+        return pairs
+
+    def rows(self, cap: int = 2048) -> int:
+        """1 (15 %), odd around one or two 64-row tiles (30 %), else anything up to cap."""
+        r, cap = self.rng.random(), self._cap(cap)
+        if r < 0.15:
+            return 1
+        if r < 0.45:
+            return min(cap, self.rng.randrange(1, 193, 2))
+        return self.rng.randint(1, cap)
+
+    def width(self, cap: int) -> int:
+        return 128 * self.rng.randint(1, max(1, self._cap(cap) // 128))
+
+    def counts(self, experts: int, cap: int = 400) -> List[int]:
+        """Tokens per expert: 25 % empty, 10 % exactly 128 (a segment boundary), else 1..cap."""
+        out = []
+        for _ in range(experts):
+            r = self.rng.random()
+            out.append(0 if r < 0.25 else 128 if r < 0.35 else self.rng.randint(1, self._cap(cap)))
+        return out
+
+    def masked_m(self, experts: int, m_max: int) -> List[int]:
+        """20 % zero, 20 % full (= M_max), else random; sometimes every expert empty."""
+        if self.rng.random() < 0.03:
+            return [0] * experts
+        out = []
+        for _ in range(experts):
+            r = self.rng.random()
+            out.append(0 if r < 0.2 else m_max if r < 0.4 else self.rng.randint(0, m_max))
+        return out
+
+    def case(self, op: str, seed: int) -> dict:
+        rng = self.rng
+        c = {"seed": seed}
+        if op == "gemm_dense":
+            c["n"], c["k"] = rng.choice(self.pools[op])
+            c["m"] = self.rows()
+        elif op == "gemm_contiguous":
+            c["n"], c["k"] = rng.choice(self.pools[op])
+            c["counts"] = self.counts(rng.randint(1, 12))
+        elif op == "gemm_masked":
+            c["n"], c["k"] = rng.choice(self.pools[op])
+            c["m_max"] = self.rows(384)
+            c["masked_m"] = self.masked_m(rng.randint(1, 12), c["m_max"])
+            c["expected_m"] = rng.randint(1, c["m_max"])
+        elif op == "gemm_kgrouped":
+            c["n"] = rng.choice(self.n_pool)
+            c["m"] = self.rows(1024)
+            c["counts"] = [128 * rng.choice((0, 0, 1, 1, 2, 3, 4)) for _ in range(rng.randint(1, 8))]
+        elif op in ("quant_token", "quant_block"):
+            k = self.width(4096 if op == "quant_token" else 2048)
+            rows = self.rows() if op == "quant_token" else rng.randint(1, self._cap(700))
+            c["shape"] = [rows, k] if rng.random() < 0.7 else [rng.randint(1, 4), min(rows, self._cap(512)), k]
+            c["dtype"] = rng.choice((torch.bfloat16, torch.float32))
+            c["pow2"] = rng.random() < 0.5
+        elif op == "silu_contiguous":
+            inter = self.width(2048)
+            rows = self.rows()
+            c["shape"] = [rows, 2 * inter] if rng.random() < 0.8 else [rng.randint(1, 4), min(rows, self._cap(512)), 2 * inter]
+            c["pow2"] = rng.random() < 0.5
+        elif op == "silu_masked":
+            inter, m_max = self.width(1024), self.rows(384)
+            experts = rng.randint(1, 12)
+            c["shape"] = [experts, m_max, 2 * inter]
+            c["masked_m"] = self.masked_m(experts, m_max)
+            c["pow2"] = rng.random() < 0.5
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        return c
+
+
+# ----------------------------------------------------------------------------- precompile
+
+def kernel_sources(op: str, c: dict) -> list:
+    """The JIT sources a case will load, as the kernel host files pick them (best effort)."""
+    from moe_fp8.gemm import heuristics as H
+    from moe_fp8.gemm.kernels import fp8_gemm, wgrad
+    sms = H.num_sms(torch.cuda.current_device())
+    if op == "gemm_dense":
+        return [fp8_gemm.kernel_source(c["n"], c["k"], H.dense_config(c["m"], c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutDense)]
+    if op == "gemm_contiguous":
+        m_sum = int(build_m_indices(c["counts"]).shape[0])
+        if m_sum == 0:
+            return []
+        return [fp8_gemm.kernel_source(c["n"], c["k"], H.contiguous_config(m_sum, c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutContiguous)]
+    if op == "gemm_masked":
+        config = H.masked_config(len(c["masked_m"]), min(c["expected_m"], c["m_max"]), c["n"], c["k"], sms)
+        return [fp8_gemm.kernel_source(c["n"], c["k"], config.resolved(c["k"]), fp8_gemm.kLayoutMasked)]
+    if op == "gemm_kgrouped":
+        if sum(c["counts"]) == 0:
+            return []
+        return [wgrad.kernel_source(c["n"], H.wgrad_config(c["m"], c["n"], sms))]
+    return []
+
+
+def precompile_for(cases: Dict[str, List[dict]], log) -> None:
+    """Compile every kernel the run needs, in parallel (a cold cache would otherwise compile
+    them one by one inside the timed loop). Failures only cost time: the ops compile lazily."""
+    start = time.perf_counter()
+    try:
+        from moe_fp8.gemm.kernels import quant
+        sources = list(quant.bundled_sources())
+        for op, op_cases in cases.items():
+            for c in op_cases:
+                sources += kernel_sources(op, c)
+        sources = list(dict.fromkeys(sources))
+        G.precompile(sources, verbose=False, workers=min(16, os.cpu_count() or 1))
+        log(f"precompiled {len(sources)} kernels in {time.perf_counter() - start:.1f} s")
+    except Exception as error:  # noqa: BLE001 - best effort
+        log(f"precompile skipped ({type(error).__name__}: {str(error)[:300]}); compiling lazily")
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class OpResult:
+    op: str
+    cases: int = 0
+    passed: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+    failures: List[str] = field(default_factory=list)
+
+
+def is_fatal(error: BaseException) -> bool:
+    """A CUDA error that poisons the context: every later case would fail too."""
+    text = f"{type(error).__name__} {error}".lower()
+    return any(s in text for s in ("illegal", "device-side assert", "unspecified launch",
+                                   "misaligned address", "cuda error", "acceleratorerror"))
+
+
+def run_cases(op: str, cases: List[dict], ctx: Context, deadline: float, log) -> OpResult:
+    result = OpResult(op)
+    start = time.perf_counter()
+    for c in cases:
+        if time.perf_counter() > deadline:
+            log(f"{op}: time budget reached after {result.cases} cases")
+            break
+        result.cases += 1
+        try:
+            kRunners[op](c, ctx, result.stats)
+            if ctx.device == "cuda":
+                torch.cuda.synchronize()
+            result.passed += 1
+        except Exception as error:  # noqa: BLE001 - every failure is counted and reported
+            result.failed += 1
+            detail = f"{op} {format_case(c)}: {type(error).__name__}: {str(error)[:400]}"
+            if not isinstance(error, CaseFailure):
+                detail += "\n" + "".join(traceback.format_exception(error)[-3:])
+            result.failures.append(detail)
+            if is_fatal(error):
+                log(f"{op}: fatal CUDA error, stopping the run: {detail}")
+                raise SystemExit(4) from error
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def format_case(c: dict) -> str:
+    return "{" + ", ".join(f"{k}={str(v).replace('torch.', '')}" for k, v in c.items()) + "}"
+
+
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def commit() -> str:
+    if os.environ.get("MOE_FP8_COMMIT"):
+        return os.environ["MOE_FP8_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=kRepo,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def fuzz(count: int, seed: int, ops, ctx: Context, time_budget: float, log=print,
+         csv_path: Path | None = None, scale: float = 1.0) -> List[OpResult]:
+    """``time_budget`` seconds for everything from here on, compiling included."""
+    deadline = time.perf_counter() + time_budget
+    sampler = Sampler(seed, scale)
+    cases = {op: [sampler.case(op, seed * 100003 + i) for i in range(count)] for op in ops}
+    if ctx.device == "cuda":
+        precompile_for(cases, log)
+    results = []
+    for op in ops:
+        # spread the budget: an op may not eat the time of the ops after it
+        share = (deadline - time.perf_counter()) / (len(ops) - len(results))
+        results.append(run_cases(op, cases[op], ctx, time.perf_counter() + share, log))
+        r = results[-1]
+        log(f"{op:16s} {r.passed:4d}/{r.cases:<4d} passed  {r.seconds:6.1f} s  "
+            f"max calc_diff vs ref {r.stats.get('ref', 0):.1e}, vs unquantised {r.stats.get('unq', 0):.1e}")
+        for line in r.failures[:5]:
+            log(f"  FAIL {line}")
+    if csv_path is not None:
+        write_csv(csv_path, results, seed)
+        failures = [f for r in results for f in r.failures]
+        if failures:
+            csv_path.with_name(csv_path.stem + "_failures.txt").write_text("\n".join(failures) + "\n")
+    return results
+
+
+def write_csv(path: Path, results: List[OpResult], seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    date, gpu, sha = datetime.date.today().isoformat(), card(), commit()
+    new = not path.exists()
+    with path.open("a", newline="") as file:
+        writer = csv.writer(file)
+        if new:
+            writer.writerow(["date", "card", "commit", "seed", "op", "cases", "passed", "failed",
+                             "max_calc_diff_vs_reference", "max_calc_diff_vs_unquantised", "seconds"])
+        for r in results:
+            exact = r.op.startswith(("quant", "silu"))
+            writer.writerow([date, gpu, sha, seed, r.op, r.cases, r.passed, r.failed,
+                             "bit-exact" if exact else f"{r.stats.get('ref', 0):.2e}",
+                             "-" if exact else f"{r.stats.get('unq', 0):.2e}", f"{r.seconds:.1f}"])
+
+
+# ----------------------------------------------------------------------------- --once (sanitizer driver)
+
+def once_cases() -> Dict[str, List[dict]]:
+    """Small fixed shapes reaching every kernel and path (edge rows, empty experts, 3-D, pow2)."""
+    bf, f32 = torch.bfloat16, torch.float32
+    return {
+        "quant_token": [dict(shape=[37, 384], dtype=bf, pow2=False, seed=1), dict(shape=[3, 37, 384], dtype=f32, pow2=True, seed=2),
+                        dict(shape=[1, 128], dtype=bf, pow2=False, seed=3), dict(shape=[2048, 1152], dtype=bf, pow2=True, seed=4)],
+        "quant_block": [dict(shape=[200, 256], dtype=bf, pow2=False, seed=5), dict(shape=[2, 130, 384], dtype=f32, pow2=True, seed=6),
+                        dict(shape=[1, 128], dtype=bf, pow2=True, seed=7)],
+        "silu_contiguous": [dict(shape=[5, 512], pow2=False, seed=8), dict(shape=[333, 1024], pow2=True, seed=9),
+                            dict(shape=[2, 40, 512], pow2=False, seed=10)],
+        "silu_masked": [dict(shape=[3, 9, 512], masked_m=[0, 9, 4], pow2=False, seed=11),
+                        dict(shape=[6, 37, 1024], masked_m=[37, 0, 1, 20, 36, 5], pow2=True, seed=12)],
+        "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
+                       dict(m=256, n=1024, k=7168, seed=16)],
+        "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18)],
+        "gemm_masked": [dict(masked_m=[0, 37, 1, 20], m_max=37, n=272, k=256, expected_m=8, seed=19),
+                        dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20)],
+        "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22)],
+    }
+
+
+def run_guards(ctx: Context, log) -> None:
+    """Out-of-contract *values* that only debug mode (MOE_FP8_CHECKS=1) rejects on the GPU: the
+    kernels must still stay inside their tensors (memcheck judges; results are not checked)."""
+    gen = ctx.gen(99)
+    k, n, experts, m_max = 256, 144, 3, 16
+    a = quant_act(act_data((experts, m_max, k), gen, device=ctx.device))
+    b = quant_weight(weight_data((experts, n, k), gen, device=ctx.device))
+    masked_m = torch.tensor([m_max + 50, 2 ** 30, -4], dtype=torch.int32, device=ctx.device)
+    log("guards: masked GEMM with masked_m > M_max and < 0")
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 8, backend=ctx.backend)
+    log("guards: SiLU-mul masked with masked_m > M_max and < 0")
+    h = torch.randn(experts, m_max, 512, device=ctx.device, generator=gen).bfloat16()
+    G.silu_and_mul_quant_fp8(h, masked_m=masked_m, backend=ctx.backend)
+    log("guards: contiguous GEMM with m_indices naming a missing expert and padding mid-block")
+    a2 = quant_act(act_data((256, k), gen, device=ctx.device))
+    m_indices = torch.full((256,), experts, dtype=torch.int32, device=ctx.device)  # expert 3 of 3
+    m_indices[128:192] = -1
+    m_indices[192:] = 0  # real rows after padding inside one block
+    G.m_grouped_fp8_gemm_nt_contiguous(a2, b, m_indices, backend=ctx.backend)
+    m_indices.fill_(-7)
+    G.m_grouped_fp8_gemm_nt_contiguous(a2, b, m_indices, backend=ctx.backend)
+    log("guards: k-grouped GEMM with offsets past the tokens, decreasing and unaligned")
+    xa, xb = quant_act(act_data((144, 256), gen, device=ctx.device)), quant_act(act_data((160, 256), gen, device=ctx.device))
+    out = torch.zeros(3, 144, 160, device=ctx.device)
+    for bounds in ([0, 128, 512, 1024], [0, 256, 128, 256], [0, 100, 200, 256], [-128, 0, 128, 256]):
+        G.k_grouped_fp8_gemm_tn_contiguous(xa, xb, torch.tensor(bounds, dtype=torch.int32, device=ctx.device),
+                                           out, backend=ctx.backend)
+    if ctx.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(family: str, ctx: Context, log) -> int:
+    """``family``: an op name, "all" or "guards". Prints a begin/end marker per family (the
+    sanitizer script attributes findings by them). Returns the number of failed checks."""
+    if family == "guards":
+        log("FAMILY guards begin", flush=True)
+        run_guards(ctx, log)
+        log("FAMILY guards end", flush=True)
+        return 0
+    table = once_cases()
+    families = list(table) if family == "all" else [family]
+    failed = 0
+    for name in families:
+        log(f"FAMILY {name} begin", flush=True)
+        op = name
+        result = run_cases(op, table[name], ctx, float("inf"), log)
+        if ctx.device == "cuda":
+            torch.cuda.synchronize()
+        failed += result.failed
+        for line in result.failures:
+            log(f"  FAIL {line}")
+        log(f"FAMILY {name} end {result.passed}/{result.cases} checks passed", flush=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------- pytest
+
+def _pytest_mark(fn):
+    try:
+        import pytest
+    except ImportError:
+        return fn
+    return pytest.mark.gpu(fn)
+
+
+@_pytest_mark
+def test_fuzz_every_op_briefly():
+    seed = int(time.time()) % 100000
+    results = fuzz(25, seed=seed, ops=kOps, ctx=Context(), time_budget=150)
+    failures = [f for r in results for f in r.failures]
+    assert not failures, f"seed {seed}:\n" + "\n".join(failures[:10])
+
+
+def test_fuzz_harness_on_the_cpu_references():
+    """The harness itself (shapes, checks, CSV) on the CPU references: catches rot without a GPU."""
+    results = fuzz(2, seed=7, ops=kOps, ctx=Context("cpu", "reference"), time_budget=60, log=lambda *a, **k: None,
+                   scale=0.25)
+    assert all(r.cases == 2 and r.failed == 0 for r in results), [f for r in results for f in r.failures]
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=500, help="random cases per op (default 500)")
+    parser.add_argument("--seed", type=int, default=None, help="default: from the clock (printed)")
+    parser.add_argument("--ops", default=",".join(kOps), help=f"comma-separated subset of {kOps}")
+    parser.add_argument("--time-budget", type=float, default=200.0,
+                        help="seconds for compiling and all cases; ops left unfinished fail the run (default 200)")
+    parser.add_argument("--csv", default=None, help="default: benchmarks/results/fuzz_<date>.csv")
+    parser.add_argument("--once", default=None, help="one fixed small call per op: an op, 'all' or 'guards'")
+    parser.add_argument("--cpu", action="store_true", help="dry run of the harness on the CPU references")
+    args = parser.parse_args(argv)
+    ctx = Context("cpu", "reference") if args.cpu else Context()
+    if not args.cpu and not torch.cuda.is_available():
+        print("no CUDA device (use --cpu for a dry run of the harness)", file=sys.stderr)
+        return 2
+    log = lambda *a, **k: print(*a, **k)  # noqa: E731
+    if args.once:
+        failed = run_once(args.once, ctx, log)
+        print(f"once {args.once}: {'ok' if failed == 0 else f'{failed} FAILED'}")
+        return 0 if failed == 0 else 1
+    seed = args.seed if args.seed is not None else int(time.time()) % 1000000
+    ops = [op for op in args.ops.split(",") if op]
+    unknown = set(ops) - set(kOps)
+    if unknown:
+        parser.error(f"unknown ops {sorted(unknown)}; choose from {kOps}")
+    csv_path = Path(args.csv) if args.csv else kRepo / "benchmarks" / "results" / f"fuzz_{datetime.date.today().isoformat()}.csv"
+    if args.cpu and not args.csv:
+        csv_path = None
+    print(f"fuzz: seed {seed}, {args.count} cases per op, card {card()}, commit {commit()}")
+    start = time.perf_counter()
+    results = fuzz(args.count, seed, ops, ctx, args.time_budget, log, csv_path, scale=0.25 if args.cpu else 1.0)
+    total = sum(r.cases for r in results)
+    failed = sum(r.failed for r in results)
+    print("\n| op | cases | passed | failed | max calc_diff vs ref | vs unquantised | s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        exact = r.op.startswith(("quant", "silu"))
+        print(f"| {r.op} | {r.cases} | {r.passed} | {r.failed} | "
+              f"{'bit-exact' if exact else format(r.stats.get('ref', 0), '.1e')} | "
+              f"{'-' if exact else format(r.stats.get('unq', 0), '.1e')} | {r.seconds:.1f} |")
+    short = [r.op for r in results if r.cases < args.count]
+    print(f"fuzz: {total - failed}/{total} passed in {time.perf_counter() - start:.0f} s, seed {seed}"
+          + (f"; stopped early (time budget) in {short}" if short else "")
+          + (f"; CSV {csv_path}" if csv_path else ""))
+    return 0 if failed == 0 and not short else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
