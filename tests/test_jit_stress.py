@@ -251,15 +251,8 @@ def test_cache_dir_deleted_during_a_compile(tmp_path, header, monkeypatch):
     assert cache.load(compiled.key)[0] == compiled.cubin
 
 
-kStoreRaceBug = ("cache.atomic_write: the cache dir removed between mkstemp and os.replace makes "
-                 "os.replace raise FileNotFoundError out of compile_kernel (found by the loop test "
-                 "below); fix: in atomic_write, on FileNotFoundError recreate path.parent and write "
-                 "again (or let _compile_and_store warn and return the in-memory cubin)")
-
-
-@pytest.mark.xfail(strict=True, reason=kStoreRaceBug)
 def test_cache_dir_deleted_between_temp_write_and_rename(tmp_path, header, monkeypatch):
-    """Minimal deterministic repro of the crash the loop test finds."""
+    """The cache vanishing mid-write costs the cache entry, never the compile (warns, returns the cubin)."""
     cache_dir = tmp_path / "cache"
     monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("MOE_FP8_COMPILER", fast_compiler())
@@ -276,7 +269,6 @@ def test_cache_dir_deleted_between_temp_write_and_rename(tmp_path, header, monke
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=kStoreRaceBug + " (a race: not every run hits it)")
 def test_cache_dir_deleted_in_a_loop_while_three_processes_compile(tmp_path, header, slow):
     cache_dir = tmp_path / "cache"
     children, go = start_children(tmp_path, 3, header, cache_dir, fast_compiler(), seconds=5.0)

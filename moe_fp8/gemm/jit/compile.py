@@ -5,8 +5,10 @@ import dataclasses
 import hashlib
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from . import cache, compilers, elf, env
 from .report import ResourceReport, parse_ptxas_log
@@ -17,11 +19,12 @@ kKeyVersion = "moe_fp8-jit-1"  # bump when the entry format or the TU generator 
 
 @dataclass(frozen=True)
 class CompiledKernel:
-    """A compiled kernel (no GPU involved). ``cubin_path`` stays valid while the cache entry does."""
+    """A compiled kernel (no GPU involved). ``cubin_path`` stays valid while the cache entry does
+    (None when it could not be stored)."""
     source: KernelSource
     key: str
     cubin: bytes
-    cubin_path: Path
+    cubin_path: Optional[Path]
     symbol: str  # mangled name of the single __global__ entry point
     report: ResourceReport
     compile_seconds: float  # of the original compile (also reported on cache hits)
@@ -99,7 +102,13 @@ def _compile_and_store(src: KernelSource, key: str, path: str) -> CompiledKernel
     report = parse_ptxas_log(log, symbol)
     meta = {"symbol": symbol, "report": dataclasses.asdict(report), "compile_seconds": seconds,
             "compiler": path, "instance": src.instance, "header": src.header, "log": log}
-    cubin_path = cache.store(key, cubin, meta)
+    try:
+        cubin_path = cache.store(key, cubin, meta)
+    except OSError as error:  # e.g. the cache dir removed mid-write by another process
+        # NOTE: the cache only saves time; the compiled cubin in memory is as good
+        warnings.warn(f"moe_fp8: could not store {src.name} in the kernel cache ({error}); "
+                      "using it uncached")
+        cubin_path = None
     env.log(f"compiled {src.name} via {path} in {seconds:.3f} s: {report}")
     return _from_entry(src, key, cubin, meta, cubin_path, hit=False)
 
