@@ -2,7 +2,8 @@
 
 ``precompile()`` builds every bundled variant (what the kernel host files register) for sm_90a;
 no GPU is needed. ``python -m moe_fp8.gemm.precompile`` does the same and exits non-zero on any
-compile error or any kernel that uses local memory (register spills or a stack frame) — the CI step.
+compile error, any kernel that uses local memory (register spills or a stack frame), or one whose
+wgmma ptxas serialised (C7514/C7518) — the CI step.
 A second run is all cache hits.
 """
 from __future__ import annotations
@@ -63,6 +64,8 @@ def precompile(configs: Optional[Iterable[KernelSource]] = None, *, verbose: boo
     compiled = [r for r in results if r is not None]
     spilling = [c for c in compiled if c.report.uses_local_memory]
     failures += [f"{c.source.instance}: uses local memory ({c.report})" for c in spilling]
+    failures += [f"{c.source.instance}: ptxas serialised its wgmma ({c.report})"
+                 for c in compiled if c.report.wgmma_serialized]
     if verbose:
         hits = sum(c.cache_hit for c in compiled)
         for c in compiled:

@@ -9,6 +9,8 @@ _kProperties = re.compile(r"Function properties for (\S+)")
 _kFrame = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _kRegisters = re.compile(r"Used (\d+) registers")
 _kSmem = re.compile(r"(\d+) bytes smem")
+# ptxas prints these as "info", not warnings: wgmma issued one at a time (a large silent slowdown)
+_kWgmmaSerialized = re.compile(r"\((C7514|C7518)\)|wgmma\.mma_async instructions are serialized")
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class ResourceReport:
     spill_stores: int = -1
     spill_loads: int = -1
     static_smem: int = 0
+    wgmma_serialized: bool = False  # ptxas C7514/C7518: the wgmma pipeline was serialised
 
     @property
     def uses_local_memory(self) -> bool:
@@ -27,13 +30,14 @@ class ResourceReport:
     def __str__(self) -> str:
         return (f"{self.registers} registers, {self.stack_bytes} B stack, "
                 f"{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, "
-                f"{self.static_smem} B static smem")
+                f"{self.static_smem} B static smem"
+                + (", WGMMA SERIALIZED" if self.wgmma_serialized else ""))
 
 
 def parse_ptxas_log(log: str, symbol: str) -> ResourceReport:
     """The report lines that belong to ``symbol`` (ptxas prints one block per entry function)."""
     current = None
-    fields = {}
+    fields = {"wgmma_serialized": bool(_kWgmmaSerialized.search(log))}  # one kernel per TU
     for line in log.splitlines():
         match = _kEntry.search(line) or _kProperties.search(line)
         if match:
