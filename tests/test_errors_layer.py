@@ -341,9 +341,6 @@ def test_catalogue_size():
     assert len(OP_CASES) + len(layer_ok) >= 40
 
 
-@pytest.mark.xfail(strict=True, reason="an empty batch with grad enabled (training, or an EP rank "
-                   "with no tokens) crashes in _unpermute_combine_differentiable's "
-                   ".view(tokens, top_k, -1); fix: .view(tokens, top_k, y_rows.shape[1])")
 def test_empty_batch_with_grad():
     e = cpu_env()
     y = e.moe(e.x(0))

@@ -174,7 +174,7 @@ def _unpermute_combine_differentiable(y_rows, index: CombineIndex, add, out):
     """Training: the same sum without ``out=`` kernels, so autograd reaches the experts' rows,
     the top-k weights (the router's gradient) and ``add``. fp32 accumulation, one rounding."""
     tokens, top_k = index.slot_row.shape
-    rows = y_rows.index_select(0, index.slot_row.reshape(-1)).view(tokens, top_k, -1).float()
+    rows = y_rows.index_select(0, index.slot_row.reshape(-1)).view(tokens, top_k, y_rows.shape[1]).float()
     y = torch.bmm(index.slot_weight.float().unsqueeze(1), rows).squeeze(1)  # [T, H]
     if add is not None:
         y = y + add.float()
