@@ -451,7 +451,8 @@ def precompile_for(cases: Dict[str, List[dict]], log) -> None:
         G.precompile(sources, verbose=False, workers=min(16, os.cpu_count() or 1))
         log(f"precompiled {len(sources)} kernels in {time.perf_counter() - start:.1f} s")
     except Exception as error:  # noqa: BLE001 - best effort
-        log(f"precompile skipped ({type(error).__name__}: {str(error)[:300]}); compiling lazily")
+        log(f"precompile incomplete ({type(error).__name__}: {str(error)[:300]}); "
+            "the rest compiles lazily")
 
 
 # ----------------------------------------------------------------------------- the run

@@ -207,7 +207,8 @@ def test_entry_truncated_in_place_while_other_processes_read(tmp_path, header, m
             time.sleep(0.01)
     outputs = finish(children)
     records = [r for out in outputs for r in out]
-    assert damages > 20 and len(records) > 4
+    # each reader finished at least one pass over both kernels, against repeated damage
+    assert damages > 20 and len(records) >= 2 * len(kInstances), (damages, len(records))
     wrong = [r for r in records if r["sha"] != expected[r["instance"]]]
     assert not wrong, f"a reader got a wrong cubin: {wrong[:3]}"
     # the cache heals: one more call gives a valid entry with the right bytes
