@@ -2,7 +2,7 @@
 all-to-all on the same machine in the same run.
 
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_ep.py [--quick]
-    python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_ep.py --cpu   # smoke test (gloo)
+    python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_ep.py --cpu   # CPU proxy + smoke test (gloo)
 
 DeepSeek-V3 shapes (H 7168, I 2048, 256 experts, top-8; random distinct experts per token).
 Rows (median of the repeats on each rank, then the slowest rank; ranks start each repeat together
@@ -11,20 +11,31 @@ after a barrier; L2 flushed before each repeat):
 * ``a2a_raw``        ``all_to_all_single`` of B bytes per rank (uint8, equal splits): the peer, at the
                      same B as the row it follows.
 * ``dispatch``       ``TorchDistDispatcher.dispatch_contiguous`` on pre-quantised tokens (the layer
-                     quantises once for the shared expert too): counts exchange + the host sync +
-                     fp8/scales/metadata all-to-alls + the contiguous layout. B = rows sent x
-                     (H + 4H/128 + 8k) bytes, rows to the rank itself included.
-* ``dispatch_wire``  only the three all-to-alls of that dispatch (same splits): transport vs local work.
+                     quantises once for the shared expert too): counts exchange + the one host
+                     sync + ONE packed all-to-all (fp8 | scales | ids, layout rows, weights) + the
+                     contiguous layout. B = rows sent x (H + 4H/128 + 12k) bytes, rows to the rank
+                     itself included.
+* ``dispatch_wire``  only the packed all-to-all of that dispatch (same splits): transport vs local work.
 * ``combine``        ``combine_contiguous``: weighted local reduce, reverse all-to-all (bf16), source
                      sum. B = rows x 2H.
 * ``layer_prefill``  ``MoE.forward`` with T tokens per rank (256 experts, E/R per rank).
 * ``layer_decode``   one replay of ``decode_runner(128)`` (a CUDA graph: dispatch, experts, combine);
-                     16 experts (the issue's target, 8 per rank at R = 2) and 256 experts. B = the
-                     fixed dispatch + combine packets; its peer is a raw all-to-all of the same bytes.
+                     16 experts (the issue's target, 8 per rank at R = 2) and 256 (not with
+                     ``--quick``). B = the fixed dispatch + combine packets; its peer is a raw
+                     all-to-all of the same bytes.
 
 GB/s = B / time (algorithmic, per rank); ratio = ours / a2a_raw at the same B.
 Target (issue 6): dispatch and combine >= 80 % of raw all-to-all at prefill sizes.
 Results: benchmarks/results/ep_<R>gpu_<date>.md/.csv (rank 0; card, date, commit in the header).
+
+``--cpu`` (gloo, no GPU): a PROXY of the local work around the transfers, measured with
+``torch_dist.OpCounter`` on DeepSeek-V3 routing (H 7168, 256 experts, top-8) at
+``kProxyTokens`` tokens per rank, per call of dispatch and combine (prefill and decode):
+compute ops (~ kernels on a GPU), host read-backs (syncs), collectives, compute ops between the
+last read-back and the (last) payload transfer (serial host work on the critical path), MB and
+millions of elements written by the compute ops (a uint8 gather moves 8x the elements of an int64
+one), MB on the wire, and the CPU wall time (gloo and CPU kernels: not a GPU figure).
+Then the smoke rows above on a tiny layer. Nothing is saved.
 """
 from __future__ import annotations
 
@@ -44,11 +55,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import flush_l2, write_results  # noqa: E402
 
 from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
-from moe_fp8.layers.dispatch.torch_dist import TorchDistDispatcher  # noqa: E402
+from moe_fp8.layers.dispatch.torch_dist import OpCounter, TorchDistDispatcher  # noqa: E402
 from moe_fp8.layers.permute import quantize_tokens  # noqa: E402
 
 kPrefillTokens = (4096, 8192, 16384)
 kDecodeTokens = 128
+kProxyTokens = 256  # --cpu: tokens per rank for the op-count proxy (op counts do not grow with T)
 kTarget = "dispatch and combine >= 80% of raw all-to-all GB/s at prefill sizes"
 
 
@@ -116,7 +128,7 @@ def bench_exchange(cfg, tokens, clock, device, group, world, rank):
     xq, xs = quantize_tokens(x)
     layout, handle = disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)
     rows_sent = sum(handle.send_splits)
-    dispatch_bytes = rows_sent * disp.row_format.nbytes
+    dispatch_bytes = rows_sent * _prefill_format(disp).nbytes
     combine_bytes = rows_sent * 2 * cfg.hidden_size
     out = []
     for op, fn, nbytes in (("dispatch", lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w), dispatch_bytes),
@@ -130,17 +142,19 @@ def bench_exchange(cfg, tokens, clock, device, group, world, rank):
     return out
 
 
+def _prefill_format(disp):
+    return getattr(disp, "prefill_format", disp.row_format)
+
+
 def _wire(disp, xq, xs, handle, device):
-    """The dispatch's three all-to-alls alone, with its splits (no routing tables, no layout)."""
-    send_token = handle.send_token
-    send = (xq.view(torch.uint8)[send_token], xs[send_token].contiguous(),
-            torch.zeros(len(send_token), 2 * disp.top_k, dtype=torch.int32, device=device))
-    rows = sum(handle.recv_splits)
-    recv = tuple(torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=device) for t in send)
+    """The dispatch's payload transfer alone, with its splits: ONE all-to-all of packed rows
+    (fp8 | scales | metadata), no routing tables, no layout."""
+    nbytes = _prefill_format(disp).nbytes
+    send = torch.randint(0, 255, (sum(handle.send_splits), nbytes), dtype=torch.uint8, device=device)
+    recv = torch.empty(sum(handle.recv_splits), nbytes, dtype=torch.uint8, device=device)
 
     def fn():
-        for r, s in zip(recv, send):
-            dist.all_to_all_single(r, s, handle.recv_splits, handle.send_splits, group=disp.group)
+        dist.all_to_all_single(recv, send, handle.recv_splits, handle.send_splits, group=disp.group)
     return fn
 
 
@@ -149,7 +163,37 @@ def _combine(disp, layout, handle):
     return lambda: disp.combine_contiguous(y_rows, handle)
 
 
-def bench_layers(cfg_full, prefill_sizes, clock, device, group, world, decode_tokens):
+def proxy_rows(cfg, tokens, decode_tokens, clock, group, rank):
+    """--cpu: OpCounter per call (see the module docstring) + CPU wall time, rank 0's view.
+    Prefill: ``cfg``; decode: the issue's decode target, ``cfg`` with 16 experts."""
+    device = torch.device("cpu")
+    disp = TorchDistDispatcher(cfg, group)
+    disp_d = TorchDistDispatcher(cfg.replace(num_experts=16), group)
+    x, topk_idx, topk_w = routing(tokens, cfg, device, seed=rank)
+    xq, xs = quantize_tokens(x)
+    add = torch.randn(tokens, cfg.hidden_size).bfloat16()
+    layout, handle = disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)
+    y_rows = torch.randn(layout.num_rows, cfg.hidden_size).bfloat16()
+    m_max = disp_d.max_tokens_per_expert(decode_tokens)
+    xd, idx_d, w_d = routing(decode_tokens, cfg.replace(num_experts=16), device, seed=10 + rank)
+    xdq = quantize_tokens(xd)
+    masked, mhandle = disp_d.dispatch_masked(xdq, idx_d, w_d, max_tokens_per_expert=m_max)
+    y_masked = torch.randn(*masked.a.shape[:2], cfg.hidden_size).bfloat16()
+    calls = (("prefill dispatch", tokens, lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)),
+             ("prefill combine", tokens, lambda: disp.combine_contiguous(y_rows, handle, add=add)),
+             ("decode dispatch E=16", decode_tokens,
+              lambda: disp_d.dispatch_masked(xdq, idx_d, w_d, max_tokens_per_expert=m_max)),
+             ("decode combine E=16", decode_tokens, lambda: disp_d.combine_masked(y_masked, mhandle, add=xd)))
+    out = []
+    for name, n, fn in calls:
+        dist.barrier(group=group)
+        with OpCounter() as counter:
+            fn()
+        out.append({"call": name, "tokens/rank": n, **counter.summary(), "cpu_us": round(clock(fn))})
+    return out
+
+
+def bench_layers(cfg_full, prefill_sizes, clock, device, group, world, decode_tokens, decode_experts):
     out = []
     moe = MoE(cfg_full, ep_group=group, device=device, seed=0)
     for tokens in prefill_sizes:
@@ -157,7 +201,7 @@ def bench_layers(cfg_full, prefill_sizes, clock, device, group, world, decode_to
         out.append(row("layer_prefill", tokens, 0, clock(functools.partial(moe, x))))
     del moe
     gc.collect()
-    for experts in (16, cfg_full.num_experts):
+    for experts in decode_experts:
         out += _decode_rows(cfg_full.replace(num_experts=experts), clock, device, group, world, decode_tokens)
         gc.collect()  # the graph died with _decode_rows' frame: before the process group goes
     return out
@@ -181,9 +225,11 @@ def _decode_rows(cfg, clock, device, group, world, decode_tokens):
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="one prefill size")
-    p.add_argument("--cpu", action="store_true", help="smoke test on gloo with a tiny layer (nothing saved)")
+    p.add_argument("--quick", action="store_true", help="one prefill size, decode at 16 experts only")
+    p.add_argument("--cpu", action="store_true",
+                   help="op-count proxy (DeepSeek-V3 routing) + smoke test on gloo with a tiny layer (nothing saved)")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--proxy-tokens", type=int, default=kProxyTokens, help="--cpu: prefill tokens per rank")
     args = p.parse_args()
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     if args.cpu:
@@ -200,10 +246,18 @@ def main() -> None:
         prefill, decode, repeats = (kPrefillTokens[:1] if args.quick else kPrefillTokens), kDecodeTokens, args.repeats
     group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     clock = Clock(device, group, repeats)
+    if args.cpu:
+        from common import markdown_table
+        proxy = proxy_rows(MoEConfig.deepseek_v3(), args.proxy_tokens, kDecodeTokens,
+                           Clock(device, group, 5, warmup=1), group, rank)
+        if rank == 0:
+            print(f"CPU proxy, EP = {world} ranks (gloo), DeepSeek-V3 routing, rank 0's counts per call:")
+            print(markdown_table(proxy) + "\n")
     rows = []
     for tokens in prefill:
         rows += bench_exchange(cfg, tokens, clock, device, group, world, rank)
-    rows += bench_layers(cfg, prefill[:2], clock, device, group, world, decode)
+    decode_experts = (16,) if args.quick else (16, cfg.num_experts)  # 16: the issue's decode target
+    rows += bench_layers(cfg, prefill[:2], clock, device, group, world, decode, decode_experts)
     if rank == 0:
         ours = [r["ratio"] for r in rows if r["op"] in ("dispatch", "combine")]
         summary = (f"EP = {world} ranks; {kTarget}: worst ratio {min(ours):.2f}. "

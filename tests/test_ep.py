@@ -307,6 +307,79 @@ def case_layout_matches_local(rank, world, group):
         assert torch.equal(ep_masked.sa[e, :m], ref_masked.sa[e, :m])
 
 
+def case_dispatch_contiguous_edges(rank, world, group):
+    """bf16 input == the fp8 pair (quantised inside, while the counts travel); a rank whose every
+    id is -1 sends nothing yet gets add back exactly; the combine is deterministic."""
+    from moe_fp8.layers.permute import quantize_tokens
+    cfg = tiny_cfg()
+    counts = [19, 6, 33, 2][:world]
+    gen = torch.Generator().manual_seed(13)
+    x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
+    idx_all, w_all = random_routing(sum(counts), cfg, gen)
+    add_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
+    x, idx, w, add = (shard_rows(t, counts, rank) for t in (x_all, idx_all, w_all, add_all))
+    if rank % 2:  # odd ranks route nothing: S_send = 0 with T > 0
+        idx = torch.full_like(idx, -1)
+    disp = _dispatcher(cfg, group)
+    xq, xs = quantize_tokens(x)
+    from_pair, handle = disp.dispatch_contiguous((xq, xs), idx, w)
+    from_bf16, _ = disp.dispatch_contiguous(x, idx, w)
+    assert torch.equal(from_pair.a.view(torch.uint8), from_bf16.a.view(torch.uint8))
+    assert torch.equal(from_pair.sa, from_bf16.sa) and torch.equal(from_pair.m_indices, from_bf16.m_indices)
+    y_rows = fake_experts_contiguous(from_pair, disp.expert_offset)
+    y = disp.combine_contiguous(y_rows, handle, add=add)
+    assert torch.equal(y, disp.combine_contiguous(y_rows, handle, add=add)), "combine not deterministic"
+    assert_bf16_close(y, oracle(xq, xs, idx, w, add), "edges", 4.0)
+    plain = disp.combine_contiguous(y_rows, handle)
+    assert_bf16_close(plain, oracle(xq, xs, idx, w), "edges, no add", 4.0)
+    if rank % 2:
+        assert torch.equal(y, add) and (plain == 0).all() and handle.num_send == 0
+
+
+def case_sync_and_op_budget(rank, world, group):
+    """The CPU proxy as a contract (``OpCounter``): prefill dispatch = ONE host read-back, the
+    counts exchange + ONE payload transfer, nothing but the send gather between the read-back
+    and the payload; the combines write no gathered ``[rows, k, H]`` copy; combines and the
+    masked dispatch never read back. Op budgets sit just above today's counts (before this
+    protocol: prefill dispatch 87 ops and 4 collectives, decode combine 9 ops)."""
+    from moe_fp8.gemm.validate import debug_mode
+    from moe_fp8.layers.dispatch.torch_dist import OpCounter
+    if debug_mode():  # MOE_FP8_CHECKS=1 reads back on purpose
+        return {"skipped": "debug mode"}
+    cfg = tiny_cfg()
+    hidden = cfg.hidden_size
+    disp = _dispatcher(cfg, group)
+    counts = [13, 0, 40, 1][:world]
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=14, invalid_every=7)
+    figures = {}
+    with OpCounter() as c:
+        layout, handle = disp.dispatch_contiguous((xq, xs), idx, w)
+    assert (c.syncs, c.collectives, c.pre_xfer_kernels) == (1, 2, 1), c.ops
+    assert c.kernels <= 66, c.ops
+    figures["prefill_dispatch"] = c.summary()
+    y_rows = fake_experts_contiguous(layout, disp.expert_offset)
+    with OpCounter() as c:
+        disp.combine_contiguous(y_rows, handle, add=add)
+    assert (c.syncs, c.collectives) == (0, 1) and c.kernels <= 6, c.ops
+    rows_out = sum(handle.recv_splits) + 2 * counts[rank]  # partial sums, the add copy, the output
+    assert c.bytes_written <= 1.1 * rows_out * hidden * 2 + 4096, (c.bytes_written, c.ops)
+    figures["prefill_combine"] = c.summary()
+    tokens = 6
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, [tokens] * world, rank, seed=15)
+    m_max = disp.max_tokens_per_expert(tokens)
+    with OpCounter() as c:
+        masked, mhandle = disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=m_max,
+                                               num_valid_tokens=torch.tensor(tokens - rank % 2))
+    assert (c.syncs, c.collectives) == (0, 1), c.ops
+    figures["decode_dispatch"] = c.summary()
+    y_rows = fake_experts_masked(masked, disp.expert_offset)
+    with OpCounter() as c:
+        disp.combine_masked(y_rows, mhandle, add=add)
+    assert (c.syncs, c.collectives) == (0, 1) and c.kernels <= 6, c.ops
+    figures["decode_combine"] = c.summary()
+    return figures
+
+
 def case_errors(rank, world, group):
     """Bad arguments raise before any collective (rank-local, so no rank can hang)."""
     from moe_fp8.layers.dispatch.torch_dist import make_dispatcher
@@ -314,6 +387,8 @@ def case_errors(rank, world, group):
     disp = _dispatcher(cfg, group)
     x = torch.randn(4, cfg.hidden_size).bfloat16()
     idx, w = random_routing(4, cfg, torch.Generator().manual_seed(0))
+    layout, handle = disp.dispatch_contiguous(x, idx, w)  # every rank: a collective
+    y_rows = torch.zeros(layout.num_rows, cfg.hidden_size, dtype=torch.bfloat16)
     checks = [
         (ValueError, lambda: disp.dispatch_contiguous(x[:, :128], idx, w)),
         (ValueError, lambda: disp.dispatch_contiguous(x, idx[:, :2], w)),
@@ -322,6 +397,9 @@ def case_errors(rank, world, group):
         (TypeError, lambda: disp.dispatch_masked((x, x), idx, w, max_tokens_per_expert=8)),
         (ValueError, lambda: make_dispatcher(cfg, group, backend="mpi")),
         (TypeError, lambda: _dispatcher(cfg, group, combine_dtype=torch.int8)),
+        (ValueError, lambda: disp.dispatch_contiguous(x, idx + cfg.num_experts, w)),  # ids >= E (CPU check)
+        (ValueError, lambda: disp.combine_contiguous(y_rows, handle, add=x[:3])),
+        (ValueError, lambda: disp.combine_contiguous(y_rows[1:], handle)),
     ]
     for error, call in checks:
         with pytest.raises(error):
@@ -412,3 +490,29 @@ def test_meta_roundtrip():
     ids, weights = decode_meta(encode_meta(idx, w, num_valid_tokens=torch.tensor(2)))
     assert ids.tolist() == [[3, 1], [0, 2], [-1, -1]]
     assert torch.equal(weights, w)
+
+
+def test_row_format():
+    from moe_fp8.layers.dispatch.torch_dist import RowFormat
+    prefill = RowFormat(7168, 8, 3 * 8)  # DeepSeek-V3: fp8 | 56 scales | ids | rows | weights
+    assert prefill.nbytes == 7168 + 224 + 96 and prefill.word_dtype == torch.int64
+    assert RowFormat(384, 8).nbytes == 384 + 12 + 64 and RowFormat(384, 8, 24).word_dtype == torch.int32
+    rows = torch.randint(0, 255, (3, prefill.nbytes), dtype=torch.uint8)
+    x, s, meta = prefill.views(rows)
+    assert x.shape == (3, 7168) and s.shape == (3, 56) and meta.shape == (3, 24)
+    assert torch.equal(rows.view(prefill.word_dtype).view(torch.uint8), rows)
+
+
+def test_op_counter():
+    """What the proxy counts: compute ops (not views, allocations or Python scalars), read-backs
+    (Python-level and the ops that read back inside on CUDA), collectives."""
+    from moe_fp8.layers.dispatch.torch_dist import OpCounter
+    x = torch.arange(6.0)
+    with OpCounter() as c:
+        y = x.view(2, 3).t() + 1  # one kernel
+        torch.empty(4)
+        z = torch.where(y > 2, y, 0)  # gt, where (the scalar operand is no kernel)
+        z.tolist()
+        x[x > 3]  # boolean mask: syncs on CUDA
+    assert (c.kernels, c.syncs, c.collectives) == (5, 2, 0), c.ops
+    assert c.bytes_written == y.nbytes + y.numel() + z.nbytes + x.numel() + 2 * x.element_size()

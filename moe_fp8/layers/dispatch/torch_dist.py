@@ -7,24 +7,41 @@ Placement: contiguous blocks (``moe_fp8.layers.placement``): rank r holds global
 What travels: tokens are quantised (1x128, ``per_token_group_quant_fp8``) **before** they leave,
 and a token goes to a rank **once**, however many of its k experts that rank holds (DeepEP does
 the same): the receiver fans the row out to its local experts and, in the combine, reduces the
-token's local experts (weighted) into one row that travels back. With the metadata a token's
-row carries its k global expert ids (int32, -1 = none) and k weights (fp32), so the receiver
-needs nothing else. Per row: ``H`` fp8 bytes + ``4 H/128`` scale bytes + ``8 k`` metadata bytes
-out, ``2 H`` (bf16) back.
+token's local experts (weighted) into one row that travels back. fp8 bytes, scales and
+metadata travel together, one packed uint8 row per (token, destination): the metadata carries
+the token's k global expert ids (int32, -1 = none) and k weights (fp32) — and, in prefill, the
+row each pair takes in its destination's layout — so the receiver needs nothing else.
 
-Prefill (contiguous layout), any batch, ranks may hold different ``T_local``:
+Prefill (contiguous layout), any batch, ranks may hold different ``T_local``. One host sync,
+one payload transfer per direction, no per-expert loop; every index is built on the device:
 
-1. one ``all_to_all_single`` of an int64 table ``[R, E_loc + 1]`` per destination rank: pairs per
-   expert of that rank, and rows (tokens) for that rank. **The one host sync** of the path reads
-   this table back (send and receive row counts, and ``M_sum``, which sizes the layout); NCCL and
-   gloo need the split sizes on the host.
-2. three ``all_to_all_single``: fp8 rows (as uint8), scales ``[S, H/128]`` fp32, metadata
-   ``[S, 2k]`` int32, rows grouped by destination rank, tokens in order within a rank.
-3. the received rows go into the contiguous layout (``layouts.contiguous_index``: each local
-   expert's rows padded to 128, ``m_indices`` -1 on padding).
-4. combine: per received row, ``sum_j w_j * y(row, j)`` over its local experts (fp32, rounded once
-   to ``combine_dtype``), the reverse ``all_to_all_single`` (splits swapped), then on the source
-   ``out[t] = add[t] + sum_r returned(t, r)`` in fp32, rounded once.
+1. routing tables on the source (device): pairs per global expert, and the tokens for each rank
+   (``[E + 1 + R]`` int64). ONE ``all_to_all_single`` sends this table to every rank (async), so
+   each rank knows every rank's counts; while it flies the source quantises (bf16 input), ranks
+   each pair within its expert (one stable sort), builds the send order (a cumsum + scatter)
+   and the combine's source index, and packs one record per token into ``[T, row]`` uint8:
+   ``[H fp8 | H/128 fp32 scales | k expert ids | k destination-layout rows | k fp32 weights]``.
+2. from the counts every source computes, on the device, the row each of its pairs takes in
+   its destination's contiguous layout: segment start of the expert (segments padded to 128)
+   + the pairs earlier sources send to it + the pair's rank at the source. **The one host sync**
+   reads back ``[send splits | receive splits | M_sum]`` (``2R + 1`` ints; NCCL and gloo need
+   split sizes on the host, and ``M_sum`` sizes the layout); on CUDA it is an async copy into
+   pinned memory plus an event, waited for after the packing kernels have been issued.
+3. ONE ``all_to_all_single`` of the packed rows (gathered by the send order, viewed as 8-byte
+   words), rows grouped by destination rank, tokens in order within a rank.
+4. the receiver scatters the slot ids and local expert ids of its local pairs to their rows
+   (``row_pair``, ``m_indices``: one ``scatter_`` each) and gathers the fp8 rows and the scales
+   into the layout (one ``index_select`` each). Rows arrive
+   ordered (source rank, token), so the layout equals the local dispatcher's over the
+   concatenation of every rank's tokens, bit for bit.
+5. combine: per received row, ``sum_j w_j * y(row, j)`` over its local slots (one
+   ``embedding_bag``: fp32 accumulation, no gathered copy, rounded once to ``combine_dtype``), the
+   reverse ``all_to_all_single`` (splits swapped; ``add`` is copied beside the returned rows
+   while it flies), then on the source ``out[t] = add[t] + sum_r returned(t, r)`` as one more
+   ``embedding_bag`` over ``[padding | returned | add]`` (``padding_idx`` for ranks a token skipped;
+   fp32, rounded once, a fixed order: deterministic, unlike an atomic ``index_add``).
+
+Wire bytes per row: ``H + 4 H/128 + 12 k`` out, ``2 H`` (bf16) back.
 
 Decode (masked layout), fixed shapes, no host sync, capturable in one CUDA graph with NCCL:
 
@@ -39,14 +56,17 @@ Decode (masked layout), fixed shapes, no host sync, capturable in one CUDA graph
   (``max_tokens_per_expert``) can never overflow either.
 * the receiver builds the masked layout ``[E_loc, M_max, H]`` on device (``layouts.masked_index``:
   a sort; ``masked_m`` stays on the device).
-* combine: per received row, the weighted reduce over its local experts into a static
-  ``[R * T, H]`` buffer (rows of tokens that did not pick this rank reduce to 0), ONE equal-split
+* combine: per received row, the weighted reduce over its local experts (``embedding_bag``) into
+  ``[R * T, H]`` (rows of tokens that did not pick this rank reduce to 0), ONE equal-split
   ``all_to_all_single`` back, then ``out[t] = add[t] + sum_r returned[r, t]`` (fixed order).
   Wire bytes per rank per step: ``R * T * (H + 4 H/128 + 8 k)`` out, ``R * T * 2 H`` back.
 
 Transports: NCCL (CUDA tensors) and gloo (CPU tensors) both implement ``all_to_all_single`` with
-uneven splits and empty splits; neither carries float8, so fp8 travels as uint8. Everything
-runs on the current stream (NCCL's own stream is joined by ``work.wait()``).
+uneven splits and empty splits; neither carries float8, so fp8 travels as uint8. Kernels run on
+the current stream; prefill issues its collectives with ``async_op=True`` and joins NCCL's stream
+(``work.wait()``) only after the kernels that do not need the result, which then overlap the
+transfer. ``OpCounter`` (end of this file) counts ops, host syncs and collectives per call: the
+CPU proxy of ``benchmarks/bench_ep.py --cpu``.
 """
 from __future__ import annotations
 
@@ -56,17 +76,18 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from ...gemm.layout import align, kSegmentAlign
+from ...gemm.layout import kSegmentAlign
 from ...gemm.validate import debug_mode
 from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
-                       contiguous_index, masked_index)
-from ..permute import (combine_index_contiguous, combine_index_masked, permute_contiguous,
-                       permute_masked, quantize_tokens, unpermute_combine)
+                       masked_index)
+from ..permute import combine_index_masked, permute_masked, quantize_tokens, unpermute_combine
 from ..placement import ExpertPlacement
 from .base import Dispatcher, TokensIn
 
 kBackends = ("auto", "torch", "deepep")
+assert kSegmentAlign & (kSegmentAlign - 1) == 0, "segment padding below uses a power-of-two mask"
 
 
 # ---------------------------------------------------------------------------- row metadata
@@ -91,9 +112,15 @@ def decode_meta(meta: torch.Tensor):
 
 @dataclass
 class RowFormat:
-    """One packed decode row: ``[H fp8 | H/128 fp32 scales | k int32 ids | k fp32 weights]``."""
+    """One packed row: ``[H fp8 | H/128 fp32 scales | meta_words int32]``. Decode's metadata is
+    ``[k ids | k weights]`` (``meta_words = 2k``, the default); prefill's is
+    ``[k ids | k destination-layout rows | k weights]`` (``3k``)."""
     hidden: int
     top_k: int
+    meta_words: int = 0
+
+    def __post_init__(self) -> None:
+        self.meta_words = self.meta_words or 2 * self.top_k
 
     @property
     def groups(self) -> int:
@@ -101,10 +128,15 @@ class RowFormat:
 
     @property
     def nbytes(self) -> int:  # a multiple of 4 (H % 128 == 0), so the fp32/int32 views line up
-        return self.hidden + 4 * self.groups + 8 * self.top_k
+        return self.hidden + 4 * self.groups + 4 * self.meta_words
+
+    @property
+    def word_dtype(self) -> torch.dtype:
+        """The widest integer that tiles a row: gathers and copies move words, not bytes."""
+        return torch.int64 if self.nbytes % 8 == 0 else torch.int32
 
     def views(self, rows: torch.Tensor):
-        """uint8 ``[..., nbytes]`` -> (fp8 ``[..., H]``, fp32 ``[..., H/128]``, int32 ``[..., 2k]``) views."""
+        """uint8 ``[..., nbytes]`` -> (fp8 ``[..., H]``, fp32 ``[..., H/128]``, int32 ``[..., meta_words]``)."""
         h, g = self.hidden, self.groups
         return (rows[..., :h].view(FP8), rows[..., h:h + 4 * g].view(torch.float32),
                 rows[..., h + 4 * g:].view(torch.int32))
@@ -117,9 +149,16 @@ class ContiguousHandle:
     send_token: torch.Tensor  # int64 [S_send]: source token of each sent row (grouped by rank)
     send_splits: List[int]  # host: rows sent to each rank
     recv_splits: List[int]  # host: rows received from each rank
-    recv_combine: CombineIndex  # [S_recv, k]: each received row's rows in y_rows and weights
-    source_combine: CombineIndex  # [T, R]: row of (token, rank) in the returned buffer, weight 1/0
+    recv_index: torch.Tensor  # int32 [S_recv, k]: row of y_rows of each local slot of a received row, else 0
+    recv_weight: torch.Tensor  # fp32 [S_recv, k]: that slot's weight, 0 for other ranks' slots
+    source_index: torch.Tensor  # int64 [T, R + 1] rows of [padding | returned | add]: row of (token,
+    #                             rank) among the returned rows (1 + send position), 0 (the padding row)
+    #                             if the token skipped the rank; column R: 1 + S_send + t, add[t]
     num_rows: int  # M_sum of the layout
+
+    @property
+    def num_send(self) -> int:
+        return self.send_token.shape[0]
 
 
 @dataclass
@@ -154,7 +193,8 @@ class TorchDistDispatcher(Dispatcher):
         if combine_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"combine_dtype must be None, bf16, fp16 or fp32, got {combine_dtype}")
         self.combine_dtype = combine_dtype
-        self.row_format = RowFormat(self.hidden_size, self.top_k)
+        self.row_format = RowFormat(self.hidden_size, self.top_k)  # decode
+        self.prefill_format = RowFormat(self.hidden_size, self.top_k, 3 * self.top_k)
 
     # ------------------------------------------------------------------ sizes
     def max_tokens_per_expert(self, max_tokens_local: int) -> int:
@@ -167,109 +207,210 @@ class TorchDistDispatcher(Dispatcher):
         return max(1, -(-rows // self.num_experts_global))
 
     # ------------------------------------------------------------------ checks
-    def _quantized(self, x_local: TokensIn):
+    def _check_tokens(self, x_local: TokensIn) -> torch.Tensor:
+        """Validate ``x_local`` (bf16 or an fp8 pair) -> its ``[T, H]`` data tensor, without
+        quantising (the prefill quantises while its counts travel). The same checks and messages
+        as ``Dispatcher.tokens_in``; they run before any collective, so a bad argument fails on
+        its own rank instead of hanging the group."""
         if isinstance(x_local, (tuple, list)):
+            if len(x_local) != 2 or not all(isinstance(t, torch.Tensor) for t in x_local):
+                raise TypeError("x_local pair must be (fp8 tensor, fp32 scale tensor)")
             xq, xs = x_local
             if xq.dtype != FP8 or xs.dtype != torch.float32:
                 raise TypeError(f"x_local pair must be (float8_e4m3fn, float32), got ({xq.dtype}, {xs.dtype})")
-            if tuple(xs.shape) != (xq.shape[0], self.hidden_size // 128):
-                raise ValueError(f"x_local scales must be [T, {self.hidden_size // 128}], got {tuple(xs.shape)}")
-        elif not isinstance(x_local, torch.Tensor):
-            raise TypeError(f"x_local must be a tensor or an (fp8, scales) pair, got {type(x_local).__name__}")
+        elif isinstance(x_local, torch.Tensor):
+            xq, xs = x_local, None
         else:
-            xq = x_local
+            raise TypeError(f"x_local must be a tensor or an (fp8, scales) pair, got {type(x_local).__name__}")
         if xq.dim() != 2 or xq.shape[1] != self.hidden_size:
-            raise ValueError(f"x_local must be [T, {self.hidden_size}], got {tuple(xq.shape)}")
+            raise ValueError(f"x_local must be [T, {self.hidden_size}] (hidden_size), got {tuple(xq.shape)}")
+        if xs is not None and tuple(xs.shape) != (xq.shape[0], self.hidden_size // 128):
+            raise ValueError(f"x_local scales must be [T, {self.hidden_size // 128}], got {tuple(xs.shape)}")
+        return xq
+
+    def _quantized(self, x_local: TokensIn):
+        self._check_tokens(x_local)
         if isinstance(x_local, torch.Tensor):
             return quantize_tokens(x_local, self.pow2_scale)
-        return xq, xs
+        return tuple(x_local)
 
     def _check_routing(self, xq: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
-        expected = (xq.shape[0], self.top_k)
-        if tuple(topk_idx.shape) != expected or tuple(topk_weights.shape) != expected:
-            raise ValueError(f"topk_idx and topk_weights must be {list(expected)} ([T, top_k]), got "
-                             f"{tuple(topk_idx.shape)} and {tuple(topk_weights.shape)}")
-        if topk_idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"topk_idx must be int32/int64, got {topk_idx.dtype}")
+        """``Dispatcher.check_routing`` (shapes, dtypes, the id range on CPU tensors or in debug
+        mode) + float weights (they travel as fp32 bits)."""
+        self.check_routing(xq.shape[0], topk_idx, topk_weights)
         if not topk_weights.is_floating_point():
             raise TypeError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
 
-    def _all_to_all(self, out, inp, out_splits=None, in_splits=None) -> None:
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+    def _all_to_all(self, out, inp, out_splits=None, in_splits=None, *, async_op: bool = False):
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
+
+    # ------------------------------------------------------------------ shared pieces
+    def _weighted_rows(self, y_rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """``out[i] = sum_j weight[i, j] * y_rows[index[i, j]]`` -> ``[N, H]`` of ``dtype``.
+
+        ``embedding_bag`` (sum, per-sample weights): accumulates in fp32 and rounds once, without
+        materialising the gathered ``[N, k, H]`` rows (the weights are rounded to ``y_rows``'
+        dtype first, as the batched matmul of ``permute.unpermute_combine`` does). Slots with
+        weight 0 point at a real row (finite by the contract). A wider ``dtype`` than ``y_rows``
+        (fp32 partials) goes through ``unpermute_combine``, which computes in fp32.
+        """
+        rows = index.shape[0]
+        if rows == 0:
+            return torch.empty(0, y_rows.shape[1], dtype=dtype, device=y_rows.device)
+        if dtype == y_rows.dtype:
+            return F.embedding_bag(index, y_rows, per_sample_weights=weight.to(dtype), mode="sum")
+        out = torch.empty(rows, y_rows.shape[1], dtype=dtype, device=y_rows.device)
+        return unpermute_combine(y_rows, CombineIndex(index.long(), weight), out=out)
+
+    @staticmethod
+    def _start_read_back(values: torch.Tensor):
+        """The prefill's one host sync, split in two: start the copy of ``values`` to the host
+        now (CUDA: async into pinned memory + an event) and read it in ``_finish_read_back``, so
+        the host issues more kernels while the copy lands instead of idling from here on."""
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return host, ready
+        return values, None
+
+    @staticmethod
+    def _finish_read_back(pending) -> List[int]:
+        host, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        return host.tolist()
 
     # ------------------------------------------------------------------ prefill
     def dispatch_contiguous(self, x_local, topk_idx, topk_weights):
-        xq, xs = self._quantized(x_local)
+        xq = self._check_tokens(x_local)
         self._check_routing(xq, topk_idx, topk_weights)
-        ranks, experts_local, top_k = self.ep_size, self.num_experts_local, self.top_k
-        tokens, hidden, device = xq.shape[0], self.hidden_size, xq.device
-        # --- routing tables on the source (device; no sync)
-        pair_rank = self.placement.expert_rank(topk_idx)  # [T, k]; R = no expert
-        token_in_rank = torch.zeros(tokens, ranks + 1, dtype=torch.bool, device=device)
-        token_in_rank.scatter_(1, pair_rank, True)
-        token_in_rank = token_in_rank[:, :ranks]  # [T, R]
-        ids = topk_idx.long().reshape(-1)
-        valid = (ids >= 0) & (ids < self.num_experts_global)
-        expert_pairs = torch.zeros(self.num_experts_global + 1, dtype=torch.int64, device=device)
-        expert_pairs.scatter_add_(0, torch.where(valid, ids, self.num_experts_global), torch.ones_like(ids))
-        send_table = torch.cat([expert_pairs[:-1].view(ranks, experts_local),
-                                token_in_rank.sum(0).view(ranks, 1)], dim=1)  # [R, E_loc + 1]
-        recv_table = torch.empty_like(send_table)
-        self._all_to_all(recv_table, send_table)
+        ranks, experts, experts_local, top_k = self.ep_size, self.num_experts_global, \
+            self.num_experts_local, self.top_k
+        me, fmt = self.ep_rank, self.prefill_format
+        tokens, device = xq.shape[0], xq.device
+        pairs = tokens * top_k
+        # --- 1. routing tables (device): [pairs per global expert | no expert | tokens per rank]
+        expert = topk_idx.to(torch.int64).clamp(-1, experts).remainder_(experts + 1)  # [T, k]; E = none
+        flat = expert.view(-1)
+        sorted_expert, order = torch.sort(flat, stable=True)  # pairs by expert, (token, slot) order kept
+        first = torch.searchsorted(sorted_expert, torch.arange(experts + 2, device=device))  # [E + 2]
+        table = torch.empty(experts + 1 + ranks, dtype=torch.int64, device=device)
+        torch.sub(first[1:], first[:-1], out=table[:experts + 1])  # pairs per expert
+        dest = expert.div(experts_local, rounding_mode="floor")  # [T, k] rank of each pair; R = none
+        hit = torch.zeros(tokens, ranks + 1, dtype=torch.bool, device=device).scatter_(1, dest, True)
+        hit = hit[:, :ranks]  # [T, R]: token t goes to rank r
+        torch.sum(hit, 0, out=table[experts + 1:])
+        counts = torch.empty(ranks, table.shape[0], dtype=torch.int64, device=device)  # [source, ...]
+        table_out = table.expand(ranks, -1).contiguous()  # referenced until the wait below
+        counts_work = self._all_to_all(counts, table_out, async_op=True)
+        # --- overlapped with the counts exchange: everything that needs only local data
+        xq, xs = self._quantized(x_local)  # bf16 input is quantised here, while the counts fly
+        within = torch.empty_like(flat)  # each pair's rank among this rank's pairs of its expert
+        within[order] = torch.arange(pairs, device=device) - first[sorted_expert]
+        # send order: the (rank, token) entries that hit, rank-major, tokens ascending
+        hits_before = torch.cumsum(hit.t().reshape(-1), 0)  # [R * T] inclusive count of hits
+        entries = ranks * tokens  # send row i holds the entry where the count first reaches i + 1
+        send_token = torch.searchsorted(hits_before, torch.arange(1, entries + 1, device=device))
+        send_token.remainder_(max(tokens, 1))  # entry -> token; rows >= S_send are cut after the sync
+        # the source combine index over [padding row | returned rows | add rows]
+        source_index = torch.empty(tokens, ranks + 1, dtype=torch.int64, device=device)
+        torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_index[:, :ranks])  # 0: no hit
+        torch.add(torch.arange(1, tokens + 1, device=device), hits_before[-1:], out=source_index[:, ranks])
+        # one packed record per token: fp8 | scales | ids | layout rows (below) | weights
+        records = torch.empty(tokens, fmt.nbytes, dtype=torch.uint8, device=device)
+        rec_x, rec_s, rec_meta = fmt.views(records)
+        rec_x.view(torch.uint8).copy_(xq.view(torch.uint8))
+        rec_s.copy_(xs)
+        rec_meta[:, :top_k].copy_(expert)
+        rec_meta[:, 2 * top_k:].view(torch.float32).copy_(topk_weights)
+        # --- 2. every rank's counts -> the layout geometry (device) and the one read-back
+        counts_work.wait()
+        del table_out
+        expert_pairs = counts[:, :experts]  # [source, E]
+        total = expert_pairs.sum(0)  # [E]: rows of each expert's layout segment
+        padded = (total + (kSegmentAlign - 1)).bitwise_and_(-kSegmentAlign).view(ranks, experts_local)
+        segment_end = torch.cumsum(padded, 1)  # [R, E_loc] within each destination's layout
+        base = torch.zeros(experts + 1, dtype=torch.int64, device=device)  # E: no expert (unused)
+        torch.add((segment_end - padded).view(-1), expert_pairs[:me].sum(0), out=base[:experts])
+        pending = self._start_read_back(torch.cat([counts[me, experts + 1:],  # rows sent to each rank
+                                                   counts[:, experts + 1 + me],  # rows received
+                                                   segment_end[me, -1:]]))  # M_sum of this rank
+        torch.add(base[expert], within.view(tokens, top_k), out=rec_meta[:, top_k:2 * top_k])
+        tokens_per_expert = total[me * experts_local:(me + 1) * experts_local]
         # NOTE: the one host sync of prefill: split sizes and M_sum must be host ints.
-        counts = torch.cat([send_table[:, experts_local], recv_table.reshape(-1)]).tolist()
-        send_splits = counts[:ranks]
-        recv_rows = [counts[ranks + r * (experts_local + 1):ranks + (r + 1) * (experts_local + 1)]
-                     for r in range(ranks)]
-        recv_splits = [row[experts_local] for row in recv_rows]
-        rows_per_expert = [sum(row[e] for row in recv_rows) for e in range(experts_local)]
-        num_rows = sum(align(c, kSegmentAlign) for c in rows_per_expert)
+        host = self._finish_read_back(pending)
+        send_splits, recv_splits, num_rows = host[:ranks], host[ranks:2 * ranks], host[2 * ranks]
         num_send, num_recv = sum(send_splits), sum(recv_splits)
-        # --- send order: (rank, token) entries with token_in_rank, rank-major, tokens ascending
-        entry = torch.arange(ranks * tokens, device=device)
-        in_rank = token_in_rank.t().reshape(-1)  # [R * T]
-        send_entry = torch.sort(torch.where(in_rank, entry, ranks * tokens)).values[:num_send]
-        send_token = send_entry % max(tokens, 1)  # [S_send]
-        entry_row = torch.zeros(ranks * tokens, dtype=torch.int64, device=device)
-        entry_row[send_entry] = torch.arange(num_send, device=device)
-        source_combine = CombineIndex(entry_row.view(ranks, tokens).t().contiguous(),
-                                      token_in_rank.to(torch.float32))
-        # --- the exchange: fp8 bytes, scales, metadata
-        meta = encode_meta(topk_idx, topk_weights)  # [T, 2k]
-        send_x = xq.view(torch.uint8).index_select(0, send_token)  # [S_send, H]
-        send_s = xs.index_select(0, send_token).contiguous()  # [S_send, H/128]
-        send_meta = meta.index_select(0, send_token)  # [S_send, 2k]
-        recv_x = torch.empty(num_recv, hidden, dtype=torch.uint8, device=device)
-        recv_s = torch.empty(num_recv, hidden // 128, dtype=torch.float32, device=device)
-        recv_meta = torch.empty(num_recv, 2 * top_k, dtype=torch.int32, device=device)
-        for out, inp in ((recv_x, send_x), (recv_s, send_s), (recv_meta, send_meta)):
-            self._all_to_all(out, inp, recv_splits, send_splits)
-        # --- the layout of the received rows
-        recv_ids, recv_weights = decode_meta(recv_meta)
-        index = contiguous_index(self.placement.to_local(recv_ids), experts_local, num_rows)
-        if debug_mode() and index.tokens_per_expert.tolist() != rows_per_expert:
-            raise RuntimeError(f"rank {self.ep_rank}: received rows per expert "
-                               f"{index.tokens_per_expert.tolist()} != announced {rows_per_expert}")
-        a, sa, row_token, row_slot = permute_contiguous(recv_x.view(FP8), recv_s, index, top_k)
-        layout = ContiguousLayout(a, sa, index.m_indices, row_token, row_slot,
-                                  index.tokens_per_expert, num_rows)
+        # --- 3. the payload: ONE all-to-all of packed rows
+        send_token = send_token[:num_send]
+        words = fmt.word_dtype
+        send = records.view(words).index_select(0, send_token)  # [S_send, row words]
+        recv = torch.empty(num_recv, send.shape[1], dtype=words, device=device)
+        payload_work = self._all_to_all(recv, send, recv_splits, send_splits, async_op=True)
+        # overlapped with the transfer: the layout's index buffers (-1 = padding; + a trash row)
+        row_pair = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
+        m_indices = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
+        payload_work.wait()
+        # --- 4. received rows -> the contiguous layout: scatters of slot ids, one gather of rows
+        _, recv_s, recv_meta = fmt.views(recv.view(torch.uint8))
+        recv_ids, recv_rows = recv_meta[:, :top_k], recv_meta[:, top_k:2 * top_k]
+        local = recv_ids.div(experts_local, rounding_mode="floor") == me  # [S_recv, k]
+        target = torch.where(local, recv_rows, num_rows).view(-1).long()  # other ranks' slots: trash
+        row_pair.scatter_(0, target, torch.arange(num_recv * top_k, device=device))
+        m_indices.scatter_(0, target, (recv_ids - self.expert_offset).view(-1))
+        row_pair, m_indices = row_pair[:num_rows], m_indices[:num_rows]
+        # row_pair: slot id (received row * k + slot) of each layout row, -1 on padding
+        row_token = row_pair.div(top_k, rounding_mode="floor")  # received row; -1 stays -1
+        row_slot = row_pair.remainder(top_k).masked_fill_(row_pair < 0, -1)
+        source = row_token.clamp(min=0)  # padding rows copy received row 0 (finite)
+        word_bytes = recv.element_size()
+        a = recv[:, :self.hidden_size // word_bytes].index_select(0, source)  # [M_sum, H] as words
+        sa_storage = torch.empty(fmt.groups, num_rows, dtype=torch.float32, device=device)
+        torch.index_select(recv_s.t(), 1, source, out=sa_storage)  # MN-major (M_sum % 128 == 0)
+        if debug_mode():
+            self._check_received(local, recv_ids, tokens_per_expert)
+        layout = ContiguousLayout(a.view(torch.uint8).view(FP8), sa_storage.t(), m_indices, row_token,
+                                  row_slot, tokens_per_expert, num_rows)
+        recv_weights = recv_meta[:, 2 * top_k:].view(torch.float32)
         handle = ContiguousHandle(send_token, send_splits, recv_splits,
-                                  combine_index_contiguous(index, recv_weights), source_combine, num_rows)
+                                  torch.where(local, recv_rows, 0), torch.where(local, recv_weights, 0.0),
+                                  source_index, num_rows)
         return layout, handle
+
+    def _check_received(self, local, recv_ids, tokens_per_expert) -> None:
+        """Debug mode only (syncs): the rows that arrived per local expert == the counts announced."""
+        ids = torch.where(local, recv_ids.long() - self.expert_offset, self.num_experts_local)
+        got = torch.zeros(self.num_experts_local + 1, dtype=torch.int64, device=ids.device)
+        got.scatter_add_(0, ids.view(-1), torch.ones_like(ids.view(-1)))
+        if got[:-1].tolist() != tokens_per_expert.tolist():
+            raise RuntimeError(f"rank {self.ep_rank}: received rows per expert {got[:-1].tolist()} "
+                               f"!= announced {tokens_per_expert.tolist()}")
 
     def combine_contiguous(self, y_rows, handle: ContiguousHandle, *, add=None):
         if y_rows.dim() != 2 or tuple(y_rows.shape) != (handle.num_rows, self.hidden_size):
             raise ValueError(f"y_rows must be [M_sum, H] = {[handle.num_rows, self.hidden_size]}, "
                              f"got {tuple(y_rows.shape)}")
+        tokens, ranks, hidden = handle.source_index.shape[0], self.ep_size, self.hidden_size
+        if add is not None and tuple(add.shape) != (tokens, hidden):
+            raise ValueError(f"add must be [T, H] = {[tokens, hidden]}, got {tuple(add.shape)}")
         wire_dtype = self.combine_dtype or y_rows.dtype
-        num_recv, num_send = sum(handle.recv_splits), sum(handle.send_splits)
-        partial = torch.empty(num_recv, self.hidden_size, dtype=wire_dtype, device=y_rows.device)
-        unpermute_combine(y_rows, handle.recv_combine, out=partial)  # [S_recv, H]
-        returned = torch.empty(num_send, self.hidden_size, dtype=wire_dtype, device=y_rows.device)
-        self._all_to_all(returned, partial, handle.send_splits, handle.recv_splits)
-        tokens = handle.source_combine.slot_row.shape[0]
-        out = torch.empty(tokens, self.hidden_size, dtype=y_rows.dtype, device=y_rows.device)
-        return unpermute_combine(returned, handle.source_combine, add=add, out=out)
+        partial = self._weighted_rows(y_rows, handle.recv_index, handle.recv_weight, wire_dtype)
+        num_send = handle.num_send
+        # [padding row | returned rows | add]: the padding row stands for "no row" in the index,
+        # embedding_bag(padding_idx=0) drops it without reading a value from it
+        returned = torch.empty(1 + num_send + (tokens if add is not None else 0), hidden,
+                               dtype=wire_dtype, device=y_rows.device)
+        work = self._all_to_all(returned[1:1 + num_send], partial, handle.send_splits, handle.recv_splits,
+                                async_op=True)
+        if add is not None:
+            returned[1 + num_send:].copy_(add)  # while the partial sums travel
+        work.wait()
+        columns = ranks + 1 if add is not None else ranks
+        out = F.embedding_bag(handle.source_index[:, :columns], returned, mode="sum", padding_idx=0)
+        return out.to(y_rows.dtype)
 
     # ------------------------------------------------------------------ decode
     def _check_same_tokens(self, tokens: int, device) -> None:
@@ -287,9 +428,7 @@ class TorchDistDispatcher(Dispatcher):
         self._check_routing(xq, topk_idx, topk_weights)
         ranks, experts_local, top_k = self.ep_size, self.num_experts_local, self.top_k
         tokens, hidden, device = xq.shape[0], self.hidden_size, xq.device
-        m_max = max_tokens_per_expert
-        if isinstance(m_max, bool) or not isinstance(m_max, int) or m_max <= 0:
-            raise ValueError(f"max_tokens_per_expert must be a positive int, got {m_max!r}")
+        m_max = self.check_max_tokens_per_expert(max_tokens_per_expert)
         if out is None:
             out = MaskedBuffers.allocate(experts_local, m_max, hidden, device)
         elif tuple(out.a.shape) != (experts_local + 1, m_max, hidden):
@@ -321,14 +460,14 @@ class TorchDistDispatcher(Dispatcher):
             raise ValueError(f"y_rows must be [E_loc, M_max, H] = {list(expected)}, got {tuple(y_rows.shape)}")
         ranks, tokens, hidden = self.ep_size, handle.num_tokens, self.hidden_size
         wire_dtype = self.combine_dtype or y_rows.dtype
-        partial = torch.empty(ranks * tokens, hidden, dtype=wire_dtype, device=y_rows.device)
-        unpermute_combine(y_rows.flatten(0, 1), handle.recv_combine, out=partial)
+        index = handle.recv_combine
+        partial = self._weighted_rows(y_rows.flatten(0, 1), index.slot_row, index.slot_weight, wire_dtype)
         returned = torch.empty_like(partial)
         self._all_to_all(returned, partial)  # equal splits: T rows per rank
-        acc = add.to(torch.float32, copy=True) if add is not None else \
-            torch.zeros(tokens, hidden, dtype=torch.float32, device=y_rows.device)
-        for rank in range(ranks):  # fixed order: deterministic, same as the contiguous path
-            acc += returned[rank * tokens:(rank + 1) * tokens].float()
+        # fp32 sum over the source ranks (one reduction, fixed order: deterministic), + add, rounded once
+        acc = returned.view(ranks, tokens, hidden).sum(0, dtype=torch.float32)
+        if add is not None:
+            acc += add
         if out is None:
             return acc.to(y_rows.dtype)
         return out.copy_(acc)
@@ -358,3 +497,144 @@ def make_dispatcher(cfg, ep_group=None, backend: str = "auto", **kwargs) -> Disp
         from .deepep import DeepEPDispatcher
         return DeepEPDispatcher(cfg, ep_group, **kwargs)
     return TorchDistDispatcher(cfg, ep_group, **kwargs)
+
+
+# ---------------------------------------------------------------------------- instrumentation (CPU proxy)
+
+class OpCounter:
+    """Context manager counting what a call would cost on a GPU, measurable on CPU (the proxy
+    ``benchmarks/bench_ep.py --cpu`` reports and ``tests/test_ep.py`` asserts):
+
+    * ``kernels``: ATen ops that compute (one or a few CUDA kernels each; views, allocations and
+      metadata ops excluded) — ``torch.utils._python_dispatch.TorchDispatchMode``;
+    * ``syncs``: host read-backs (``.tolist()``, ``.item()``, ``.cpu()``, ``bool(t)``, ``int(t)``,
+      ...) and ops that read back inside on CUDA (``nonzero``, boolean-mask indexing, ``unique``,
+      ``bincount``, ``repeat_interleave`` with tensor repeats) — ``TorchFunctionMode`` +
+      the dispatch mode;
+    * ``collectives`` and their bytes (c10d ops), ``bytes_written`` and ``elements_written`` by
+      the compute ops (outputs; for scatters the values written: a gather of uint8 elements runs
+      index arithmetic per byte on a GPU), and ``pre_xfer_kernels``: compute ops issued after the
+      last read-back and before the last collective (serial host work on the critical path).
+
+    A proxy, not a timing: a CUDA op may launch several kernels (``sort``), and the CPU's own
+    cost per op differs from a GPU launch. While counting, value checks that run only for CPU
+    tensors (``gemm.validate.value_checks_enabled``) are off, so CPU counts match a GPU run.
+    """
+
+    kNoKernel = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
+                 "scalar_tensor",  # a Python scalar operand: a CPU 0-dim tensor, no CUDA kernel
+                 "lift_fresh", "lift_fresh_copy", "detach", "alias", "_local_scalar_dense",
+                 "sym_size", "sym_stride", "sym_numel", "is_same_size", "resize_", "set_"}
+    kSyncOps = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+                "unique_consecutive", "bincount"}
+    kReadBack = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+    kScatterValues = {"index_put": 2, "index_put_": 2, "_index_put_impl_": 2, "scatter": 3, "scatter_": 3,
+                      "scatter_add": 3, "scatter_add_": 3, "index_add": 3, "index_add_": 3,
+                      "index_copy": 3, "index_copy_": 3, "scatter_reduce": 3, "scatter_reduce_": 3}
+
+    def __init__(self):
+        self.kernels = 0
+        self.syncs = 0
+        self.collectives = 0
+        self.collective_bytes = 0
+        self.bytes_written = 0
+        self.elements_written = 0  # same, in elements: a uint8 gather moves 8x the elements of an int64 one
+        self.ops: List[str] = []  # names in issue order (kernels, "SYNC:..", "COMM:..")
+        self._events: List[tuple] = []  # (kind, bytes)
+
+    def __enter__(self) -> "OpCounter":
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class _Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in OpCounter.kReadBack and args and isinstance(args[0], torch.Tensor):
+                    counter._note("sync", name, 0)
+                return func(*args, **(kwargs or {}))
+
+        class _Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                counter._dispatched(func, args, kwargs, out)
+                return out
+
+        # count as a GPU run: value checks that run only for CPU tensors (Dispatcher.check_routing
+        # reads the id range back) are off, as on a device without MOE_FP8_CHECKS=1
+        from ...gemm import validate
+        self._value_checks = validate.value_checks_enabled
+        validate.value_checks_enabled = lambda *tensors: validate.debug_mode()
+        self._modes = (_Function(), _Dispatch())
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from ...gemm import validate
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        validate.value_checks_enabled = self._value_checks
+
+    def _note(self, kind: str, name: str, nbytes: int, elements: int = 0) -> None:
+        self._events.append((kind, nbytes))
+        if kind == "kernel":
+            self.kernels += 1
+            self.bytes_written += nbytes
+            self.elements_written += elements
+            self.ops.append(name)
+        elif kind == "sync":
+            self.syncs += 1
+            self.ops.append("SYNC:" + name)
+        else:
+            self.collectives += 1
+            self.collective_bytes += nbytes
+            self.ops.append("COMM:" + name)
+
+    def _dispatched(self, func, args, kwargs, out) -> None:
+        namespace = func.namespace
+        name = func._schema.name.split("::")[-1]
+        if namespace == "c10d":
+            tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+            if not tensors:  # list-of-tensors variants
+                tensors = [t for a in args[:2] if isinstance(a, (list, tuple)) for t in a
+                           if isinstance(t, torch.Tensor)]
+            self._note("comm", name, sum(t.nbytes for t in tensors[-1:]))
+            return
+        if namespace != "aten" or func.is_view or name in self.kNoKernel:
+            return
+        # repeat_interleave with tensor repeats: some torch versions read the repeats back even
+        # when output_size is given (range check); a boolean mask index runs nonzero
+        sync = name in self.kSyncOps or (name == "repeat_interleave" and func._overloadname != "self_int") or \
+            (name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                     for i in (args[1] if len(args) > 1 else ()) or ()))
+        if sync:
+            self._note("sync", name, 0)
+        if name in self.kScatterValues and len(args) > self.kScatterValues[name]:
+            values = args[self.kScatterValues[name]]
+            if isinstance(values, (list, tuple)):
+                values = values[0] if values else None
+            written = [values] if isinstance(values, torch.Tensor) else []
+        else:
+            written = [t for t in (out if isinstance(out, (list, tuple)) else (out,))
+                       if isinstance(t, torch.Tensor)]
+        self._note("kernel", name, sum(t.nbytes for t in written), sum(t.numel() for t in written))
+
+    @property
+    def pre_xfer_kernels(self) -> int:
+        """Compute ops issued after the last read-back and before the last collective (the
+        payload): host work the transfer waits for."""
+        comms = [i for i, (kind, _) in enumerate(self._events) if kind == "comm"]
+        if not comms:
+            return 0
+        syncs = [i for i, (kind, _) in enumerate(self._events[:comms[-1]]) if kind == "sync"]
+        start = syncs[-1] + 1 if syncs else 0
+        return sum(1 for kind, _ in self._events[start:comms[-1]] if kind == "kernel")
+
+    def summary(self) -> dict:
+        return {"kernels": self.kernels, "syncs": self.syncs, "collectives": self.collectives,
+                "pre_xfer_kernels": self.pre_xfer_kernels,
+                "MB_written": round(self.bytes_written / 1e6, 2),
+                "Melem_written": round(self.elements_written / 1e6, 2),
+                "MB_comm": round(self.collective_bytes / 1e6, 2)}
