@@ -167,7 +167,8 @@ CASES = [
     Case("moe-x-scalar", lambda e: e.moe(torch.tensor(1.0, device=e.device)), ValueError, "x must be [..., 256]"),
     Case("moe-x-device", lambda e: e.moe(e.x(device=e.elsewhere)), ValueError, "x is on"),
     Case("moe-masked-x-hidden", lambda e: e.moe.forward_masked(e.x(4, 128)), ValueError, "x must be [..., 256]"),
-    Case("moe-dtype", lambda e: MoE(e.cfg, dtype=torch.float32, device=e.device), TypeError, "dtype must be torch.bfloat16 or torch.float16"),
+    Case("moe-dtype", lambda e: MoE(e.cfg, dtype=torch.float32, device=e.device), TypeError, "dtype must be torch.bfloat16"),
+    Case("moe-dtype-fp16", lambda e: MoE(e.cfg, dtype=torch.float16, device=e.device), TypeError, "dtype must be torch.bfloat16"),
     Case("moe-ep-group-without-dist", lambda e: MoE(e.cfg, ep_group="not-a-group", device=e.device), RuntimeError, "needs torch.distributed initialised"),
     Case("moe-train-master-dtype", lambda e: MoE(e.cfg, device=e.device).enable_fp8_training(torch.float16), TypeError, "master_dtype must be"),
     Case("moe-sync-before-enable", lambda e: e.moe.sync_fp8_weights(), RuntimeError, "needs enable_fp8_training() first"),
@@ -502,22 +503,6 @@ if __name__ == "__main__":
 
 # ----------------------------------------------------------------------------- dtypes accepted
 
-@pytest.mark.xfail(strict=True, reason="MoE(dtype=torch.float16) is accepted, then every forward "
-                   "fails inside the experts with 'out must have dtype torch.bfloat16' (the GEMMs "
-                   "write bf16 only); fix: in MoE.__init__ accept torch.bfloat16 only (or give the "
-                   "GEMMs fp16 outputs)")
-def test_moe_float16_is_rejected_or_works():
-    cfg = MoEConfig.tiny()
-    try:
-        moe = MoE(cfg, dtype=torch.float16)
-    except TypeError as error:
-        assert "dtype" in str(error)
-        return
-    with torch.no_grad():
-        y = moe(torch.randn(3, cfg.hidden_size).half())
-    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
-
-
 def _quant_case(op: str, dtype: torch.dtype):
     gen = torch.Generator(device="cuda").manual_seed(3)
     if op == "silu":
@@ -536,23 +521,12 @@ def _quant_case(op: str, dtype: torch.dtype):
     return q, s, expected
 
 
-kDtypeBugs = {
-    ("per_token", torch.float16): "fp16 passes validation (kFloatInputs) but kernels/quant.py has no "
-    "fp16 instance: KeyError torch.float16; fix: add __half to _kTypeNames (Raw<__half> in quant.cuh) "
-    "or drop fp16 from the op's accepted dtypes (TypeError naming x)",
-    ("per_block", torch.float16): "same KeyError for w; same fix",
-    ("silu", torch.float16): "the SiLU kernel reads h as bf16 whatever its dtype: a silently wrong "
-    "answer; fix: accept only bf16 h on the kernel path (TypeError naming h) or instantiate per dtype",
-    ("silu", torch.float32): "same: fp32 h read as bf16, silently wrong; same fix",
-}
 
 
 def _dtype_params():
     for op in ("per_token", "per_block", "silu"):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            bug = kDtypeBugs.get((op, dtype))
-            marks = [pytest.mark.gpu] + ([pytest.mark.xfail(strict=True, reason=bug)] if bug else [])
-            yield pytest.param(op, dtype, id=f"{op}-{str(dtype)[6:]}", marks=marks)
+            yield pytest.param(op, dtype, id=f"{op}-{str(dtype)[6:]}", marks=pytest.mark.gpu)
 
 
 @pytest.mark.parametrize("op,dtype", list(_dtype_params()))

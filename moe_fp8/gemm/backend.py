@@ -34,12 +34,25 @@ def _warn_missing_kernel(family: str, why: str) -> None:
     warnings.warn(f"moe_fp8: kernel family '{family}' unavailable ({why}); using the reference")
 
 
-def _kernel_fn(family: str, name: str):
-    """The kernel host function ``moe_fp8.gemm.kernels.<family>.<name>``, or None if absent."""
+@functools.lru_cache(maxsize=None)
+def _warn_unsupported_dtype(name: str, dtype: torch.dtype) -> None:
+    warnings.warn(f"moe_fp8: the {name} kernel takes no {dtype} input; using the reference")
+
+
+def _kernel_fn(family: str, name: str, dtype: Optional[torch.dtype], forced: bool):
+    """The kernel host function ``moe_fp8.gemm.kernels.<family>.<name>`` for an input of
+    ``dtype``, or None (absent, or not instantiated for that dtype: the module's
+    ``kSupportedInputs`` says which)."""
     try:
         module = importlib.import_module(f"moe_fp8.gemm.kernels.{family}")
     except ImportError as error:
         _warn_missing_kernel(family, repr(error))
+        return None
+    supported = getattr(module, "kSupportedInputs", {}).get(name)
+    if dtype is not None and supported is not None and dtype not in supported:
+        if forced:
+            raise TypeError(f"the {name} kernel takes inputs of dtype {supported}, got {dtype}")
+        _warn_unsupported_dtype(name, dtype)
         return None
     return getattr(module, name, None)
 
@@ -54,8 +67,10 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def pick(backend: str, device: torch.device, family: str, name: str):
-    """The kernel function to run for ``backend`` on ``device``, or None for the reference."""
+def pick(backend: str, device: torch.device, family: str, name: str,
+         dtype: Optional[torch.dtype] = None):
+    """The kernel function to run for ``backend`` on ``device`` (input ``dtype``), or None for
+    the reference."""
     backend = check_backend(backend)
     if backend == "reference":
         return None
@@ -64,18 +79,18 @@ def pick(backend: str, device: torch.device, family: str, name: str):
     if backend == "kernel":
         if not on_hopper:
             raise ValueError(f"backend='kernel' needs tensors on an sm_90 GPU, got device {device}")
-        fn = _kernel_fn(family, name)
+        fn = _kernel_fn(family, name, dtype, forced=True)
         if fn is None:
             raise NotImplementedError(f"no kernel for {family}.{name} in this build")
         return fn
-    return _kernel_fn(family, name) if on_hopper else None
+    return _kernel_fn(family, name, dtype, forced=False) if on_hopper else None
 
 
 # ----------------------------------------------------------------------------- op bodies
 
 def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int,
                           pow2_scale: bool, backend: str) -> None:
-    kernel = pick(backend, x.device, "quant", "per_token_group_quant")
+    kernel = pick(backend, x.device, "quant", "per_token_group_quant", x.dtype)
     if kernel is not None:
         kernel(x, q, s, group_size, pow2_scale)
         return
@@ -86,7 +101,7 @@ def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gro
 
 def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int,
                     pow2_scale: bool, backend: str) -> None:
-    kernel = pick(backend, w.device, "quant", "per_block_quant")
+    kernel = pick(backend, w.device, "quant", "per_block_quant", w.dtype)
     if kernel is not None:
         kernel(w, q, s, block_size, pow2_scale)
         return
@@ -98,7 +113,7 @@ def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_siz
 def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                        masked_m: Optional[torch.Tensor], group_size: int, pow2_scale: bool,
                        backend: str) -> None:
-    kernel = pick(backend, h.device, "quant", "silu_and_mul_quant")
+    kernel = pick(backend, h.device, "quant", "silu_and_mul_quant", h.dtype)
     if kernel is not None:
         kernel(h, q, s, masked_m, group_size, pow2_scale)
         return

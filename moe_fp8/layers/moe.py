@@ -34,8 +34,8 @@ class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig, ep_group=None, device=None, dtype: torch.dtype = torch.bfloat16,
                  *, dispatcher: Optional[Dispatcher] = None, seed: Optional[int] = 0):
         super().__init__()
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        if dtype != torch.bfloat16:  # the FP8 GEMMs write bf16
+            raise TypeError(f"dtype must be torch.bfloat16 (the GEMMs' output), got {dtype}")
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.cfg, self.dtype = cfg, dtype
         self.dispatcher = dispatcher if dispatcher is not None else make_dispatcher(cfg, ep_group)

@@ -46,6 +46,12 @@ kValuesPerThread = 16  # quant.cuh kValuesPerThread
 kGroupSizes = (16, 32, 64, 128, 256, 512)  # kGroupSize / 16 lanes: a power of two within a warp
 kBlockSizes = (64, 128)
 _kTypeNames = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
+# input dtypes each kernel is instantiated for; the public ops run their reference for others
+kSupportedInputs = {
+    "per_token_group_quant": tuple(_kTypeNames),
+    "per_block_quant": tuple(_kTypeNames),
+    "silu_and_mul_quant": (torch.bfloat16,),  # the kernel reads h as bf16
+}
 
 
 @functools.lru_cache(maxsize=None)
