@@ -18,8 +18,8 @@ one payload transfer per direction, no per-expert loop; every index is built on 
 1. routing tables on the source (device): pairs per global expert, and the tokens for each rank
    (``[E + 1 + R]`` int64). ONE ``all_to_all_single`` sends this table to every rank (async), so
    each rank knows every rank's counts; while it flies the source quantises (bf16 input), ranks
-   each pair within its expert (one stable sort), builds the send order (a cumsum + scatter)
-   and the combine's source index, and packs one record per token into ``[T, row]`` uint8:
+   each pair within its expert (one stable sort), builds the send order (a cumsum + a
+   ``searchsorted``) and packs one record per token into ``[T, row]`` uint8:
    ``[H fp8 | H/128 fp32 scales | k expert ids | k destination-layout rows | k fp32 weights]``.
 2. from the counts every source computes, on the device, the row each of its pairs takes in
    its destination's contiguous layout: segment start of the expert (segments padded to 128)
@@ -28,7 +28,8 @@ one payload transfer per direction, no per-expert loop; every index is built on 
    split sizes on the host, and ``M_sum`` sizes the layout); on CUDA it is an async copy into
    pinned memory plus an event, waited for after the packing kernels have been issued.
 3. ONE ``all_to_all_single`` of the packed rows (gathered by the send order, viewed as 8-byte
-   words), rows grouped by destination rank, tokens in order within a rank.
+   words), rows grouped by destination rank, tokens in order within a rank. While it flies:
+   the combine's source index and the layout's index buffers.
 4. the receiver scatters the slot ids and local expert ids of its local pairs to their rows
    (``row_pair``, ``m_indices``: one ``scatter_`` each) and gathers the fp8 rows and the scales
    into the layout (one ``index_select`` each). Rows arrive
@@ -315,10 +316,6 @@ class TorchDistDispatcher(Dispatcher):
         entries = ranks * tokens  # send row i holds the entry where the count first reaches i + 1
         send_token = torch.searchsorted(hits_before, torch.arange(1, entries + 1, device=device))
         send_token.remainder_(max(tokens, 1))  # entry -> token; rows >= S_send are cut after the sync
-        # the source combine index over [padding row | returned rows | add rows]
-        source_index = torch.empty(tokens, ranks + 1, dtype=torch.int64, device=device)
-        torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_index[:, :ranks])  # 0: no hit
-        torch.add(torch.arange(1, tokens + 1, device=device), hits_before[-1:], out=source_index[:, ranks])
         # one packed record per token: fp8 | scales | ids | layout rows (below) | weights
         records = torch.empty(tokens, fmt.nbytes, dtype=torch.uint8, device=device)
         rec_x, rec_s, rec_meta = fmt.views(records)
@@ -350,7 +347,11 @@ class TorchDistDispatcher(Dispatcher):
         send = records.view(words).index_select(0, send_token)  # [S_send, row words]
         recv = torch.empty(num_recv, send.shape[1], dtype=words, device=device)
         payload_work = self._all_to_all(recv, send, recv_splits, send_splits, async_op=True)
-        # overlapped with the transfer: the layout's index buffers (-1 = padding; + a trash row)
+        # overlapped with the transfer: the combine's source index over [padding | returned | add]
+        source_index = torch.empty(tokens, ranks + 1, dtype=torch.int64, device=device)
+        torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_index[:, :ranks])  # 0: no hit
+        source_index[:, ranks].copy_(torch.arange(1 + num_send, 1 + num_send + tokens, device=device))
+        # ... and the layout's index buffers (-1 = padding; + a trash row)
         row_pair = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
         m_indices = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
         payload_work.wait()
@@ -523,7 +524,7 @@ class OpCounter:
 
     kNoKernel = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided",
                  "scalar_tensor",  # a Python scalar operand: a CPU 0-dim tensor, no CUDA kernel
-                 "lift_fresh", "lift_fresh_copy", "detach", "alias", "_local_scalar_dense",
+                 "lift_fresh", "lift_fresh_copy", "detach", "alias", "_unsafe_view", "_local_scalar_dense",
                  "sym_size", "sym_stride", "sym_numel", "is_same_size", "resize_", "set_"}
     kSyncOps = {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
                 "unique_consecutive", "bincount"}
