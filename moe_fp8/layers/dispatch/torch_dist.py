@@ -9,8 +9,9 @@ and a token goes to a rank **once**, however many of its k experts that rank hol
 the same): the receiver fans the row out to its local experts and, in the combine, reduces the
 token's local experts (weighted) into one row that travels back. fp8 bytes, scales and
 metadata travel together, one packed uint8 row per (token, destination): the metadata carries
-the token's k global expert ids (int32, -1 = none) and k weights (fp32) — and, in prefill, the
-row each pair takes in its destination's layout — so the receiver needs nothing else.
+the token's k global expert ids (int32; "none" is -1 in decode, E in prefill) and k weights
+(fp32) — and, in prefill, the row each pair takes in its destination's layout — so the receiver
+needs nothing else.
 
 Prefill (contiguous layout), any batch, ranks may hold different ``T_local``. One host sync,
 one payload transfer per direction, no per-expert loop; every index is built on the device:
