@@ -16,8 +16,13 @@ summary="$OUT/summary.txt"; : > "$summary"
 num_gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 PYTEST="python3 -m pytest -q -p no:cacheprovider"
 
+budget=${DEVICE_BUDGET_S:-380}  # whole-call budget: a step that cannot fit is skipped, so the logs always come back
 step() {  # step NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, one summary line
   local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  if [ $((SECONDS + limit)) -gt "$budget" ]; then
+    limit=$((budget - SECONDS))
+    if [ "$limit" -lt 15 ]; then printf '%-16s skipped (budget)\n' "$name" | tee -a "$summary"; return; fi
+  fi
   timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   printf '%-16s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" \
     "$(grep -aE 'passed|failed|Error|error' "$OUT/$name.log" | tail -n 1 | cut -c1-110)" | tee -a "$summary"
