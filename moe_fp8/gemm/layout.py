@@ -78,13 +78,14 @@ def build_m_indices(counts: Sequence[int] | torch.Tensor,
     Expert ``e``'s rows come first in its segment, then ``-1`` padding up to ``alignment``.
     Returns int32 ``[sum(align(counts))]``. Host-side helper (reads ``counts``).
     """
-    counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+    # built on the CPU whatever torch's default device is, then moved
+    counts = torch.as_tensor(counts, dtype=torch.int64, device="cpu")
     sizes = aligned_segment_sizes(counts, alignment)
     total = int(sizes.sum())
-    experts = torch.arange(len(counts), dtype=torch.int32)
+    experts = torch.arange(len(counts), dtype=torch.int32, device="cpu")
     seg_ids = torch.repeat_interleave(experts, sizes)  # [total] expert of each row's segment
     seg_start = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-    row_in_seg = torch.arange(total) - seg_start
+    row_in_seg = torch.arange(total, device="cpu") - seg_start
     valid = row_in_seg < torch.repeat_interleave(counts, sizes)
     m_indices = torch.where(valid, seg_ids, torch.full_like(seg_ids, -1))
     return m_indices.to(device) if device is not None else m_indices
@@ -93,6 +94,7 @@ def build_m_indices(counts: Sequence[int] | torch.Tensor,
 def segment_offsets(counts: Sequence[int] | torch.Tensor,
                     alignment: int = kSegmentAlign) -> torch.Tensor:
     """Cumulative starts of the aligned segments: int32 ``[E + 1]`` (``[0, s0, s0+s1, ...]``)."""
-    counts = torch.as_tensor(counts, dtype=torch.int64)
+    device = counts.device if isinstance(counts, torch.Tensor) else "cpu"  # a list: host-side
+    counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
     sizes = aligned_segment_sizes(counts, alignment)
     return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).to(torch.int32)
