@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import bench_graph, cublas_blockwise  # noqa: E402
-from common import bench, copy_bandwidth_gbs, geomean, write_results  # noqa: E402
+from common import copy_bandwidth_gbs, geomean, write_results  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.heuristics import contiguous_config, masked_config, num_sms  # noqa: E402

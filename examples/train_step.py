@@ -128,7 +128,7 @@ def main() -> None:
         bf16_losses, bf16_s, bf16_peak, _ = train(cfg, tokens, args.steps, device, False, args.lr, log=False)
         peer = "bf16 (_grouped_mm)" if device.type == "cuda" else "bf16 (torch, per expert)"
         rows.append((peer, bf16_s, bf16_peak, bf16_losses[-1]))
-    print(f"\n| experts | step ms (median) | peak GiB | final loss |\n|---|---|---|---|")
+    print("\n| experts | step ms (median) | peak GiB | final loss |\n|---|---|---|---|")
     for name, secs, peak_bytes, final in rows:
         peak_text = f"{peak_bytes / 2**30:.2f}" if peak_bytes is not None else "-"
         print(f"| {name} | {secs * 1e3:.1f} | {peak_text} | {final:.5f} |")

@@ -61,8 +61,8 @@ class Dispatcher(abc.ABC):
     pow2_scale: bool = False
 
     # ------------------------------------------------------------------ shared checks
-    def tokens_in(self, x_local: TokensIn) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``x_local`` (bf16 ``[T, H]`` or an fp8 pair) -> the quantised pair ``(fp8 [T, H], fp32 [T, H/128])``."""
+    def check_tokens(self, x_local: TokensIn) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Validate ``x_local`` (bf16 ``[T, H]`` or an fp8 pair) -> ``(data [T, H], scales or None)``."""
         if isinstance(x_local, (tuple, list)):
             if len(x_local) != 2 or not all(isinstance(t, torch.Tensor) for t in x_local):
                 raise TypeError("x_local pair must be (fp8 tensor, fp32 scale tensor)")
@@ -75,11 +75,16 @@ class Dispatcher(abc.ABC):
             raise TypeError(f"x_local must be a tensor or an (fp8, scales) pair, got {type(x_local).__name__}")
         if xq.dim() != 2 or xq.shape[1] != self.hidden_size:
             raise ValueError(f"x_local must be [T, {self.hidden_size}] (hidden_size), got {tuple(xq.shape)}")
+        if xs is not None and tuple(xs.shape) != (xq.shape[0], self.hidden_size // 128):
+            raise ValueError(f"x_local scales must be [T, {self.hidden_size // 128}], got {tuple(xs.shape)}")
+        return xq, xs
+
+    def tokens_in(self, x_local: TokensIn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``x_local`` (bf16 ``[T, H]`` or an fp8 pair) -> the quantised pair ``(fp8 [T, H], fp32 [T, H/128])``."""
+        xq, xs = self.check_tokens(x_local)
         if xs is None:
             from ..permute import quantize_tokens
             return quantize_tokens(xq, self.pow2_scale)
-        if tuple(xs.shape) != (xq.shape[0], self.hidden_size // 128):
-            raise ValueError(f"x_local scales must be [T, {self.hidden_size // 128}], got {tuple(xs.shape)}")
         return xq, xs
 
     def check_routing(self, num_tokens: int, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:

@@ -201,12 +201,7 @@ class DeepEPDispatcher(Dispatcher):
 
     # ------------------------------------------------------------------ checks
     def _routing(self, tokens: int, topk_idx, topk_weights, num_valid_tokens=None):
-        expected = (tokens, self.top_k)
-        if tuple(topk_idx.shape) != expected or tuple(topk_weights.shape) != expected:
-            raise ValueError(f"topk_idx and topk_weights must be {list(expected)} ([T, top_k]), got "
-                             f"{tuple(topk_idx.shape)} and {tuple(topk_weights.shape)}")
-        if topk_idx.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"topk_idx must be int32/int64, got {topk_idx.dtype}")
+        self.check_routing(tokens, topk_idx, topk_weights)
         idx = topk_idx.long()
         if num_valid_tokens is not None:
             token = torch.arange(tokens, device=idx.device)

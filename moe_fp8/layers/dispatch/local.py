@@ -18,7 +18,7 @@ from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayo
                        contiguous_index, local_expert_ids, masked_index, upper_bound_rows)
 from ..permute import (combine_index_contiguous, combine_index_masked, permute_contiguous,
                        permute_masked, unpermute_combine)
-from .base import Dispatcher, TokensIn
+from .base import Dispatcher
 
 
 @dataclass

@@ -84,9 +84,9 @@ from ...gemm.layout import kSegmentAlign
 from ...gemm.validate import debug_mode
 from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        masked_index)
-from ..permute import combine_index_masked, permute_masked, quantize_tokens, unpermute_combine
+from ..permute import combine_index_masked, permute_masked, unpermute_combine
 from ..placement import ExpertPlacement
-from .base import Dispatcher, TokensIn
+from .base import Dispatcher
 
 kBackends = ("auto", "torch", "deepep")
 assert kSegmentAlign & (kSegmentAlign - 1) == 0, "segment padding below uses a power-of-two mask"
@@ -209,33 +209,6 @@ class TorchDistDispatcher(Dispatcher):
         return max(1, -(-rows // self.num_experts_global))
 
     # ------------------------------------------------------------------ checks
-    def _check_tokens(self, x_local: TokensIn) -> torch.Tensor:
-        """Validate ``x_local`` (bf16 or an fp8 pair) -> its ``[T, H]`` data tensor, without
-        quantising (the prefill quantises while its counts travel). The same checks and messages
-        as ``Dispatcher.tokens_in``; they run before any collective, so a bad argument fails on
-        its own rank instead of hanging the group."""
-        if isinstance(x_local, (tuple, list)):
-            if len(x_local) != 2 or not all(isinstance(t, torch.Tensor) for t in x_local):
-                raise TypeError("x_local pair must be (fp8 tensor, fp32 scale tensor)")
-            xq, xs = x_local
-            if xq.dtype != FP8 or xs.dtype != torch.float32:
-                raise TypeError(f"x_local pair must be (float8_e4m3fn, float32), got ({xq.dtype}, {xs.dtype})")
-        elif isinstance(x_local, torch.Tensor):
-            xq, xs = x_local, None
-        else:
-            raise TypeError(f"x_local must be a tensor or an (fp8, scales) pair, got {type(x_local).__name__}")
-        if xq.dim() != 2 or xq.shape[1] != self.hidden_size:
-            raise ValueError(f"x_local must be [T, {self.hidden_size}] (hidden_size), got {tuple(xq.shape)}")
-        if xs is not None and tuple(xs.shape) != (xq.shape[0], self.hidden_size // 128):
-            raise ValueError(f"x_local scales must be [T, {self.hidden_size // 128}], got {tuple(xs.shape)}")
-        return xq
-
-    def _quantized(self, x_local: TokensIn):
-        self._check_tokens(x_local)
-        if isinstance(x_local, torch.Tensor):
-            return quantize_tokens(x_local, self.pow2_scale)
-        return tuple(x_local)
-
     def _check_routing(self, xq: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> None:
         """``Dispatcher.check_routing`` (shapes, dtypes, the id range on CPU tensors or in debug
         mode) + float weights (they travel as fp32 bits)."""
@@ -287,7 +260,7 @@ class TorchDistDispatcher(Dispatcher):
 
     # ------------------------------------------------------------------ prefill
     def dispatch_contiguous(self, x_local, topk_idx, topk_weights):
-        xq = self._check_tokens(x_local)
+        xq, _ = self.check_tokens(x_local)  # before any collective: a bad argument fails on its own rank
         self._check_routing(xq, topk_idx, topk_weights)
         ranks, experts, experts_local, top_k = self.ep_size, self.num_experts_global, \
             self.num_experts_local, self.top_k
@@ -309,7 +282,7 @@ class TorchDistDispatcher(Dispatcher):
         table_out = table.expand(ranks, -1).contiguous()  # referenced until the wait below
         counts_work = self._all_to_all(counts, table_out, async_op=True)
         # --- overlapped with the counts exchange: everything that needs only local data
-        xq, xs = self._quantized(x_local)  # bf16 input is quantised here, while the counts fly
+        xq, xs = self.tokens_in(x_local)  # bf16 input is quantised here, while the counts fly
         within = torch.empty_like(flat)  # each pair's rank among this rank's pairs of its expert
         within[order] = torch.arange(pairs, device=device) - first[sorted_expert]
         # send order: the (rank, token) entries that hit, rank-major, tokens ascending
@@ -426,7 +399,7 @@ class TorchDistDispatcher(Dispatcher):
 
     def dispatch_masked(self, x_local, topk_idx, topk_weights, *, max_tokens_per_expert: int,
                         num_valid_tokens=None, out: Optional[MaskedBuffers] = None):
-        xq, xs = self._quantized(x_local)
+        xq, xs = self.tokens_in(x_local)
         self._check_routing(xq, topk_idx, topk_weights)
         ranks, experts_local, top_k = self.ep_size, self.num_experts_local, self.top_k
         tokens, hidden, device = xq.shape[0], self.hidden_size, xq.device
