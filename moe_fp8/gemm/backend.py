@@ -88,26 +88,26 @@ def pick(backend: str, device: torch.device, family: str, name: str,
 
 # ----------------------------------------------------------------------------- op bodies
 
-def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int,
-                          pow2_scale: bool, backend: str) -> None:
-    kernel = pick(backend, x.device, "quant", "per_token_group_quant", x.dtype)
+def _quant(name: str, reference, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, size: int,
+           pow2_scale: bool, backend: str) -> None:
+    kernel = pick(backend, x.device, "quant", name, x.dtype)
     if kernel is not None:
-        kernel(x, q, s, group_size, pow2_scale)
+        kernel(x, q, s, size, pow2_scale)
         return
-    rq, rs = ref.per_token_group_quant(x, group_size, pow2_scale)
+    rq, rs = reference(x, size, pow2_scale)
     q.copy_(rq)
     s.copy_(rs)
+
+
+def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int,
+                          pow2_scale: bool, backend: str) -> None:
+    _quant("per_token_group_quant", ref.per_token_group_quant, x, q, s, group_size, pow2_scale,
+           backend)
 
 
 def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int,
                     pow2_scale: bool, backend: str) -> None:
-    kernel = pick(backend, w.device, "quant", "per_block_quant", w.dtype)
-    if kernel is not None:
-        kernel(w, q, s, block_size, pow2_scale)
-        return
-    rq, rs = ref.per_block_quant(w, block_size, pow2_scale)
-    q.copy_(rq)
-    s.copy_(rs)
+    _quant("per_block_quant", ref.per_block_quant, w, q, s, block_size, pow2_scale, backend)
 
 
 def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
