@@ -25,6 +25,7 @@ import subprocess
 import pytest
 import torch
 
+from moe_fp8 import gemm as G
 from moe_fp8.gemm.layout import empty_act_scales
 from moe_fp8.layers import layouts as L
 from moe_fp8.layers import permute as PM
@@ -530,6 +531,100 @@ def test_decode_graph_replay():
     with fused():
         fused_y = run(x).clone()
     check_near_torch(fused_y, plain(x).clone(), "decode graph fused vs torch")
+
+
+def decode_layer(device):
+    """The profiled decode configuration (benchmarks/profile_layer.py: DeepSeek-V3 with 32 experts
+    on the GPU, decode_runner(128)); on the emulation the same routing structure (32 experts,
+    top-8, 8 groups / top-4, a shared expert) at a small width."""
+    from moe_fp8.layers import MoE, MoEConfig
+    if device == "cuda":
+        return MoE(MoEConfig.deepseek_v3(num_experts=32), device=device, seed=0), 128
+    cfg = MoEConfig.tiny(num_experts=32, top_k=8, n_group=8, topk_group=4)
+    return MoE(cfg, device=device, seed=0), 16
+
+
+@torch.no_grad()
+def test_decode_runner_fused_vs_torch(backend):
+    """Regression (H200 integration run, 2026-11-25): profile_layer reported calc_diff 0.999
+    between the fused and the torch decode graphs because it fed the two runners different
+    random inputs (unseeded torch.randn per mode). Both runners here get the SAME input, in an
+    order that reuses the static buffers across batch sizes (full, smaller, 1, full again), and
+    must agree to bf16 rounding; on the GPU the fused one is the captured graph (built with the
+    variable set, replayed with it unset: the graph alone decides), on the emulation it steps
+    eagerly with the variable set."""
+    moe, max_tokens = decode_layer(backend)
+    torch_run = moe.decode_runner(max_tokens)
+    with fused():
+        fused_run = moe.decode_runner(max_tokens)
+    gen = torch.Generator().manual_seed(11)
+    for n in (max_tokens, 5, 1, max_tokens):
+        x = torch.randn(n, moe.cfg.hidden_size, generator=gen).bfloat16().to(backend)
+        expected = torch_run(x).clone()
+        with fused() if fused_run.graph is None else contextlib.nullcontext():
+            actual = fused_run(x).clone()
+        # the bug looked like calc_diff ~1; the combines' summation orders give ~1e-6 and a few
+        # elements past one ulp (seen once on the H200), which this test is not about
+        diff = G.calc_diff(actual, expected)
+        assert diff < 1e-5, f"decode runner fused vs torch n={n}: calc_diff {diff:.2e}"
+        a, t = actual.float(), expected.float()
+        ulp = torch.where(t == 0, torch.full_like(t, 2.0 ** -133),
+                          2.0 ** (torch.floor(torch.log2(t.abs())) - 7))
+        far = int(((a - t).abs() > ulp + 2.0 ** -16 * t.abs().max()).sum())
+        print(f"decode n={n}: calc_diff {diff:.2e}, {int((a != t).sum())} differ, {far} past 1 ulp")
+        assert far <= a.numel() // 10000, f"decode n={n}: {far} elements beyond one ulp"
+
+
+class RecordingKernel:
+    """Wraps a kernel: logs each launch (instance, grid, block, arguments) before running it."""
+
+    def __init__(self, kernel, src, log):
+        self.kernel, self.src, self.log = kernel, src, log
+
+    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
+        self.log.append((self.src.instance, grid, block, smem_bytes, list(args)))
+        return self.kernel.launch(grid, block, smem_bytes, args, cluster)
+
+
+def _launch_signature(launch):
+    """What a captured graph bakes into a kernel node, minus temporaries' addresses: grid, block,
+    shared memory, scalar values, and each tensor argument's size."""
+    instance, grid, block, smem, args = launch
+    shape = [("tensor", a.numel(), a.dtype) if isinstance(a, torch.Tensor) else
+             ("null",) if a is None else (type(a).__name__, getattr(a, "value", a)) for a in args]
+    return instance, grid, block, smem, shape
+
+
+@torch.no_grad()
+def test_decode_step_launches_do_not_depend_on_the_batch(backend, monkeypatch):
+    """What a CUDA graph replays: the launches of the capture step, with the capture's grids,
+    scalars and pointers. The runner's fused step must therefore launch the same kernels with
+    the same grids and scalars whatever the live batch n (num_valid_tokens is a device scalar),
+    write the layout into the runner's static buffers and the result into its static ``out``.
+    Steps with n = max, 3, 1 (eager) are recorded and compared launch by launch."""
+    moe, max_tokens = decode_layer(backend)
+    runner = moe.decode_runner(max_tokens, use_graph=False)
+    module, make = kernels(), kernels()._kernel
+    steps = []
+    monkeypatch.setattr(module, "_kernel",
+                        lambda src, like: RecordingKernel(make(src, like), src, steps[-1]))
+    gen = torch.Generator().manual_seed(12)
+    with fused():
+        for n in (max_tokens, 3, 1):
+            steps.append([])
+            runner(torch.randn(n, moe.cfg.hidden_size, generator=gen).bfloat16().to(backend))
+    names = [launch[0] for launch in steps[0]]
+    assert names == [module.masked_index_source().instance, module.permute_source(True).instance,
+                     module.combine_source(True).instance], names
+    for n, step in zip((3, 1), steps[1:]):
+        assert [_launch_signature(l) for l in step] == [_launch_signature(l) for l in steps[0]], \
+            f"a launch of the n={n} step differs from the n={max_tokens} step's"
+    for step in steps:
+        _, permute, combine = step
+        assert permute[4][4].data_ptr() == runner.buffers.a.data_ptr()  # a_buf
+        assert permute[4][5].data_ptr() == runner.buffers.sa.data_ptr()  # sa_buf
+        assert combine[4][0].data_ptr() == runner.workspace.y.data_ptr()  # y_rows
+        assert combine[4][4].data_ptr() == runner.out.data_ptr()  # out: the static buffer
 
 
 @pytest.mark.gpu
