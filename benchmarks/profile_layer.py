@@ -246,7 +246,9 @@ def profile_prefill(moe: MoE, tokens: int, top: int, repeats: int):
 @torch.no_grad()
 def profile_decode(moe: MoE, tokens: int, top: int, repeats: int):
     run = moe.decode_runner(max_tokens=tokens)
-    x = torch.randn(tokens, moe.cfg.hidden_size, device="cuda").bfloat16()
+    # seeded: the torch and fused runs are compared on the same input
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, moe.cfg.hidden_size, generator=gen, device="cuda").bfloat16()
     y = run(x).clone()
     replay_us = bench(lambda: run(x), warmup=3, repeats=max(repeats, 20))
     torch.cuda.synchronize()
