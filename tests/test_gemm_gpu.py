@@ -16,13 +16,11 @@ import moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.heuristics import GemmConfig, kBlockNs
 from moe_fp8.gemm.layout import build_m_indices, empty_act_scales
+from moe_fp8.shapes import (DENSE_TARGET_SHAPES, GROUPED_CONTIGUOUS_TARGET_SHAPES,
+                            GROUPED_MASKED_TARGET_SHAPES)
 
 pytestmark = pytest.mark.gpu
 
-# TARGETS.md, dense table: (M, N, K)
-kDenseTargets = [(m, n, k) for m in (64, 128, 4096)
-                 for n, k in ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384),
-                              (4096, 7168), (7168, 2048))]
 kDenseOdd = [(1, 2112, 7168), (77, 7168 + 16, 2048), (200, 576, 384), (333, 1552, 1024),
              (1, 16, 1024), (129, 2112, 1536), (1000, 4096 + 48, 512)]
 kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112),
@@ -106,7 +104,7 @@ def _dense_case(m, n, k, seed, config=None):
     _check(out, want, reference, f"dense {m}x{n}x{k} {config}")
 
 
-@pytest.mark.parametrize("m,n,k", kDenseTargets)
+@pytest.mark.parametrize("m,n,k", DENSE_TARGET_SHAPES)
 def test_dense_targets(m, n, k):
     _dense_case(m, n, k, seed=m * 7 + n * 3 + k)
 
@@ -179,8 +177,7 @@ def _contiguous_case(counts, n, k, seed, config=None):
     _check(out[valid], want[valid], reference[valid], f"contiguous {counts[:4]}.. n={n} k={k}")
 
 
-@pytest.mark.parametrize("g,m,n,k", [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048),
-                                     (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)])
+@pytest.mark.parametrize("g,m,n,k", GROUPED_CONTIGUOUS_TARGET_SHAPES)
 def test_contiguous_targets(g, m, n, k):
     _contiguous_case([m] * g, n, k, seed=g + n)
 
@@ -218,9 +215,7 @@ def _masked_check(out, x, w, a, b, masked_m, what):
         _check(out[rows], want[rows], reference[rows], what)
 
 
-@pytest.mark.parametrize("g,m_max,n,k", [(1, 1024, 4096, 7168), (1, 1024, 7168, 2048),
-                                         (2, 512, 4096, 7168), (2, 512, 7168, 2048),
-                                         (4, 256, 4096, 7168), (4, 256, 7168, 2048)])
+@pytest.mark.parametrize("g,m_max,n,k", GROUPED_MASKED_TARGET_SHAPES)
 def test_masked_targets(g, m_max, n, k):
     x, w, a, b = _masked_inputs(g, m_max, n, k, seed=g * m_max)
     masked_m = torch.full((g,), m_max, dtype=torch.int32, device="cuda")
