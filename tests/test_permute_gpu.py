@@ -2,8 +2,9 @@
 
 Two backends run the same checks:
 
-* ``cuda`` (marker ``gpu``): the real kernels through the JIT on a Hopper GPU, with
-  ``MOE_FP8_FUSED_PERMUTE=1``; DeepSeek-V3 shapes included.
+* ``cuda`` (marker ``gpu``): the real kernels through the JIT on a Hopper GPU (fused is the
+  default there; each test pins ``MOE_FP8_FUSED_PERMUTE=0`` for its torch-path expectation and
+  ``=1`` inside ``fused()``); DeepSeek-V3 shapes included.
 * ``emulated`` (CPU, no GPU needed): the same ``permute.cuh`` compiled with g++ by the harness
   below (one std::thread per CUDA thread, shared memory as statics, warp primitives through
   per-warp barriers), launched through the same host file (``moe_fp8.gemm.kernels.permute``)
@@ -224,13 +225,14 @@ class EmulatedKernel:
 
 
 def _env_switch(t):
-    return os.environ.get(kEnv) == "1"
+    return L.fused_switch_on()
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
 def backend(request, monkeypatch):
-    """-> device string; the fused path is on while ``fused()`` is active (off otherwise)."""
-    monkeypatch.delenv(kEnv, raising=False)
+    """-> device string; the fused path is on while ``fused()`` is active, the torch path
+    otherwise (``MOE_FP8_FUSED_PERMUTE=0``: fused is the default on Hopper)."""
+    monkeypatch.setenv(kEnv, "0")
     if request.param == "emulated":
         lib = request.getfixturevalue("emulator")
         monkeypatch.setattr(kernels(), "_kernel", lambda src, like: EmulatedKernel(lib, src))
@@ -241,9 +243,9 @@ def backend(request, monkeypatch):
 
 
 @contextlib.contextmanager
-def fused():
+def switch(value):
     old = os.environ.get(kEnv)
-    os.environ[kEnv] = "1"
+    os.environ[kEnv] = value
     try:
         yield
     finally:
@@ -251,6 +253,14 @@ def fused():
             del os.environ[kEnv]
         else:
             os.environ[kEnv] = old
+
+
+def fused():
+    return switch("1")
+
+
+def torch_path():
+    return switch("0")
 
 
 def big(device):
@@ -526,7 +536,8 @@ def test_decode_graph_replay():
             eager = run(x).clone()
             run.graph = graph
             assert_same(replayed, eager, f"decode replay n={n}")
-    plain = moe.decode_runner(max_tokens=16)
+    with torch_path():
+        plain = moe.decode_runner(max_tokens=16)
     x = torch.randn(16, moe.cfg.hidden_size, generator=gen).bfloat16().cuda()
     with fused():
         fused_y = run(x).clone()
@@ -657,12 +668,52 @@ def test_contiguous_graph_capture():
         static_ids.copy_(routing_ids(tokens, top_k, experts, "cuda", seed=seed))
         graph.replay()
         torch.cuda.synchronize()
-        index, a, sa, y = step()  # torch path (env off)
+        with torch_path():
+            index, a, sa, y = step()
         assert_same(outputs[0].m_indices, index.m_indices, "m_indices")
         assert_same(outputs[0].row_pair, index.row_pair, "row_pair")
         assert_same(outputs[1], a, "a")
         assert_same(outputs[2], sa, "sa")
         check_near_torch(outputs[3], y, "combine in graph")
+
+
+# ----------------------------------------------------------------------------- the switch
+
+def test_fused_switch_semantics(monkeypatch):
+    """Fused is the default; only MOE_FP8_FUSED_PERMUTE=0 selects torch; CPU tensors always
+    take the torch (reference) path."""
+    monkeypatch.delenv(kEnv, raising=False)
+    assert L.fused_switch_on()
+    for value, on in (("0", False), (" 0 ", False), ("1", True), ("yes", True), ("", True)):
+        monkeypatch.setenv(kEnv, value)
+        assert L.fused_switch_on() is on, value
+    monkeypatch.delenv(kEnv, raising=False)
+    assert not L.fused_enabled(torch.zeros(1))
+
+
+@torch.no_grad()
+def test_layer_default_runs_fused_and_zero_runs_torch(backend, monkeypatch):
+    """With the variable unset the layer launches the permute family (forward and masked step);
+    with =0 it launches none of them."""
+    moe = small_layer(backend)
+    x = torch.randn(9, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    x = x.bfloat16().to(backend)
+    module, make = kernels(), kernels()._kernel
+    log = []
+    monkeypatch.setattr(module, "_kernel", lambda src, like: RecordingKernel(make(src, like), src, log))
+    monkeypatch.delenv(kEnv, raising=False)
+    y_default = moe(x)
+    moe.forward_masked(x)
+    names = {launch[0] for launch in log}
+    assert {module.rank_source().instance, module.permute_source(False).instance,
+            module.masked_index_source().instance, module.permute_source(True).instance} <= names
+    assert any("combine_kernel" in n for n in names), names
+    log.clear()
+    monkeypatch.setenv(kEnv, "0")
+    y_torch = moe(x)
+    moe.forward_masked(x)
+    assert log == []
+    check_near_torch(y_default, y_torch, "layer default (fused) vs =0 (torch)")
 
 
 # ----------------------------------------------------------------------------- build

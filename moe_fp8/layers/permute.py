@@ -7,10 +7,11 @@ tokens); the combine is one gather-and-weighted-sum per token.
 
 Two implementations behind the same functions:
 
-* torch (default, every device): index_select / index_put / baddbmm, as below.
-* fused kernels (``moe_fp8/gemm/include/permute.cuh``), used only when the tensors are on an
-  sm_90 GPU AND ``MOE_FP8_FUSED_PERMUTE=1`` is set — **off by default until a device run has
-  measured and verified them** (tests/test_permute_gpu.py, benchmarks/bench_permute.py). The
+* torch (CPU, non-sm_90 GPUs, or ``MOE_FP8_FUSED_PERMUTE=0``): index_select / index_put /
+  baddbmm, as below.
+* fused kernels (``moe_fp8/gemm/include/permute.cuh``), the default when the tensors are on an
+  sm_90 GPU (verified and measured on an H200: tests/test_permute_gpu.py,
+  benchmarks/bench_permute.py). The
   permute kernel copies 16-byte vectors of fp8 rows and writes the scales straight into the
   destination's (MN-major) layout, plus row_token/row_slot, in one launch; the combine kernel
   reads each expert row once and writes each output row once (the torch path writes and re-reads

@@ -1,7 +1,7 @@
 """Host side of include/permute.cuh: routing metadata, permute and combine for the MoE layer.
 
 The layer wrappers (``moe_fp8.layers.layouts`` / ``moe_fp8.layers.permute``) decide when these run
-(``MOE_FP8_FUSED_PERMUTE=1``, tensors on an sm_90 GPU, shapes supported: ``supports_*``) and
+(tensors on an sm_90 GPU, ``MOE_FP8_FUSED_PERMUTE`` not ``0``, shapes supported: ``supports_*``) and
 validate; these functions take checked tensors and pre-allocated outputs and only launch.
 
 * ``contiguous_index(ids, num_experts, num_rows)``: ids int64 ``[P]`` (local expert per pair, any
