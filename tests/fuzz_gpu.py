@@ -10,6 +10,13 @@ Ops (each gets ``--count`` random cases, default 500):
     quant_block      per-block quant, any N, 2-D / 3-D, bf16 / fp32, pow2 or not  bit-exact
     silu_contiguous  SiLU-and-mul quant [M, 2I] / [E, M, 2I]                      bit-exact
     silu_masked      SiLU-and-mul quant [E, M_max, 2I] with masked_m              bit-exact
+    permute_index    routing metadata (contiguous + masked) vs the torch path      exact (integers)
+    permute_rows     fp8 rows + scales into the contiguous / masked layout         bit-exact copies
+    permute_combine  weighted un-permute (+ shared add) vs the slot-order oracle   bit-exact
+
+The permute family (moe_fp8/gemm/include/permute.cuh, the layer's default on sm_90) is compared
+with the layer's torch path (MOE_FP8_FUSED_PERMUTE=0) on the same inputs: random T, top-k 1..8,
+E_loc 1..256 (the kernels' limit), skipped pairs, empty experts, m_max below the counts (overflow).
 
 Random M (1, odd, up to 2048), N % 16 == 0, K % 128 == 0. K and N are compile-time kernel
 arguments, so every op draws a small pool of (N, K) per run (fresh each seed; always including
@@ -56,7 +63,7 @@ from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
 FP8 = torch.float8_e4m3fn
 # run order: the fast (quant) ops first, so their unused time share rolls over to the GEMMs
 kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
-        "gemm_dense", "gemm_contiguous", "gemm_masked", "gemm_kgrouped")
+        "permute_index", "permute_rows", "permute_combine", "gemm_dense", "gemm_contiguous", "gemm_masked", "gemm_kgrouped")
 kPoolSize = 5  # (N, K) pairs per op and run: bounds the number of kernels to compile
 kTail = 4096  # poisoned elements after every GEMM output
 
@@ -313,11 +320,163 @@ def run_silu(c: dict, ctx: Context, stats: dict) -> None:
         expect(bool(torch.isnan(s[e, rows:]).all()), f"{what}: expert {e}: rows >= masked_m written (scales)")
 
 
+# ----------------------------------------------------------------------------- permute cases
+
+kPermuteEnv = "MOE_FP8_FUSED_PERMUTE"
+
+
+class permute_switch:
+    """``with permute_switch(on):`` the fused permute kernels (on) or the torch path (off)."""
+
+    def __init__(self, on: bool):
+        self.value = "1" if on else "0"
+
+    def __enter__(self):
+        self.old = os.environ.get(kPermuteEnv)
+        os.environ[kPermuteEnv] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(kPermuteEnv, None)
+        else:
+            os.environ[kPermuteEnv] = self.old
+
+
+def routing_ids(c: dict, gen: torch.Generator, device) -> torch.Tensor:
+    """Local ids int64 [T, k]: distinct experts per token, some experts never chosen (empty),
+    a fraction of pairs skipped (the sentinel E_loc, as layouts.local_expert_ids writes it)."""
+    tokens, top_k, experts = c["tokens"], c["top_k"], c["experts"]
+    scores = torch.rand(tokens, experts, device=device, generator=gen)
+    if experts > top_k:  # a few experts nobody picks unless they must
+        cold = torch.rand(experts, device=device, generator=gen) < c.get("cold", 0.0)
+        scores = scores - 2.0 * cold.float()
+    ids = scores.topk(top_k, dim=-1).indices if tokens else \
+        torch.empty(0, top_k, dtype=torch.int64, device=device)
+    skip = torch.rand(ids.shape, device=device, generator=gen) < c.get("skip", 0.0)
+    return ids.masked_fill(skip, experts)
+
+
+def random_fp8_tokens(tokens: int, hidden: int, gen, device):
+    """Random fp8 bytes (NaN codes included: the permute copies bits), MN-major fp32 scales."""
+    xq = torch.randint(0, 256, (tokens, hidden), dtype=torch.uint8, device=device, generator=gen)
+    xs = empty_act_scales(tokens, hidden // 128, device=device)
+    xs.copy_(torch.randn(tokens, hidden // 128, device=device, generator=gen).exp())
+    return xq.view(FP8), xs
+
+
+def same_bits(actual, expected, what: str) -> None:
+    expect(actual.dtype == expected.dtype and actual.shape == expected.shape,
+           f"{what}: {actual.dtype}{tuple(actual.shape)} != {expected.dtype}{tuple(expected.shape)}")
+    if actual.numel() == 0:
+        return
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a = actual.contiguous().view(width) if actual.dtype != torch.bool else actual
+    e = expected.contiguous().view(width) if expected.dtype != torch.bool else expected
+    bad = a != e
+    if bool(bad.any()):
+        raise CaseFailure(f"{what}: {int(bad.sum())} elements differ, first at {bad.nonzero()[0].tolist()}")
+
+
+def run_permute_index(c: dict, ctx: Context, stats: dict) -> None:
+    from moe_fp8.layers import layouts as L
+    ids = routing_ids(c, ctx.gen(c["seed"]), ctx.device)
+    experts, what = c["experts"], f"permute_index {format_case(c)}"
+    rows = L.upper_bound_rows(ids.numel(), experts) if c["upper"] else None
+    with permute_switch(False):
+        e_contig = L.contiguous_index(ids, experts, rows)
+        e_masked = L.masked_index(ids, experts, c["m_max"])
+    with permute_switch(ctx.backend == "kernel"):
+        a_contig = L.contiguous_index(ids, experts, rows)
+        a_masked = L.masked_index(ids, experts, c["m_max"])
+    expect(a_contig.num_rows == e_contig.num_rows, f"{what}: num_rows {a_contig.num_rows} != {e_contig.num_rows}")
+    for name in ("m_indices", "row_pair", "pair_row", "pair_kept", "tokens_per_expert"):
+        same_bits(getattr(a_contig, name), getattr(e_contig, name), f"{what}: contiguous {name}")
+    for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow"):
+        same_bits(getattr(a_masked, name), getattr(e_masked, name), f"{what}: masked {name}")
+
+
+def run_permute_rows(c: dict, ctx: Context, stats: dict) -> None:
+    from moe_fp8.layers import layouts as L
+    from moe_fp8.layers import permute as PM
+    gen = ctx.gen(c["seed"])
+    ids = routing_ids(c, gen, ctx.device)
+    xq, xs = random_fp8_tokens(c["tokens"], c["hidden"], gen, ctx.device)
+    experts, top_k, what = c["experts"], c["top_k"], f"permute_rows {format_case(c)}"
+    if c["layout"] == "contiguous":
+        index = L.contiguous_index(ids, experts)
+        with permute_switch(False):
+            expected = PM.permute_contiguous(xq, xs, index, top_k)
+        with permute_switch(ctx.backend == "kernel"):
+            actual = PM.permute_contiguous(xq, xs, index, top_k)
+        for name, a, e in zip(("a", "sa", "row_token", "row_slot"), actual, expected):
+            same_bits(a, e, f"{what}: {name}")
+        return
+    m_max = c["m_max"]
+    index = L.masked_index(ids, experts, m_max)
+    bufs = [L.MaskedBuffers.allocate(experts, m_max, c["hidden"], ctx.device) for _ in range(2)]
+    poison = torch.randint(0, 256, bufs[0].a.shape, dtype=torch.uint8, device=ctx.device, generator=gen)
+    for buf in bufs:  # rows nobody writes must keep their old content in both paths
+        buf.a.view(torch.uint8).copy_(poison)
+    with permute_switch(False):
+        expected = PM.permute_masked(xq, xs, index, top_k, bufs[0].a, bufs[0].sa)
+    with permute_switch(ctx.backend == "kernel"):
+        actual = PM.permute_masked(xq, xs, index, top_k, bufs[1].a, bufs[1].sa)
+    # the trash bucket (last expert) takes every skipped pair: its content is unspecified
+    same_bits(bufs[1].a[:experts], bufs[0].a[:experts], f"{what}: a")
+    same_bits(bufs[1].sa[:experts], bufs[0].sa[:experts], f"{what}: sa")
+    same_bits(actual[0], expected[0], f"{what}: row_token")
+    same_bits(actual[1], expected[1], f"{what}: row_slot")
+
+
+def combine_oracle(y_rows, index, add):
+    """The kernel's documented order: fp32, acc = 0, acc += bf16(w_j) * y_j for j ascending,
+    then + add, one rounding to bf16."""
+    weights = index.slot_weight.to(torch.bfloat16).float()
+    acc = torch.zeros(index.slot_row.shape[0], y_rows.shape[1], device=y_rows.device)
+    for j in range(index.slot_row.shape[1]):
+        acc = acc + weights[:, j:j + 1] * y_rows.index_select(0, index.slot_row[:, j]).float()
+    if add is not None:
+        acc = acc + add.float()
+    return acc.to(torch.bfloat16)
+
+
+def run_permute_combine(c: dict, ctx: Context, stats: dict) -> None:
+    from moe_fp8.layers import layouts as L
+    from moe_fp8.layers import permute as PM
+    gen = ctx.gen(c["seed"])
+    ids = routing_ids(c, gen, ctx.device)
+    tokens, hidden, top_k, experts = c["tokens"], c["hidden"], c["top_k"], c["experts"]
+    weights = torch.rand(tokens, top_k, device=ctx.device, generator=gen) * 2.5
+    if c["layout"] == "contiguous":
+        index = L.contiguous_index(ids, experts)
+        combine, rows = PM.combine_index_contiguous(index, weights), index.num_rows
+    else:
+        m_max = c["m_max"]
+        combine = PM.combine_index_masked(L.masked_index(ids, experts, m_max), weights, m_max)
+        rows = experts * m_max
+    y_rows = torch.randn(rows, hidden, device=ctx.device, generator=gen).bfloat16()
+    add = torch.randn(tokens, hidden, device=ctx.device, generator=gen).bfloat16() if c["add"] else None
+    buf, out = poisoned((tokens, hidden), ctx)
+    with permute_switch(ctx.backend == "kernel"):
+        returned = PM.unpermute_combine(y_rows, combine, add=add, out=out)
+        fresh = PM.unpermute_combine(y_rows, combine, add=add)
+    what = f"permute_combine {format_case(c)}"
+    expect(returned is out, f"{what}: out= was not returned")
+    expect(bool(torch.isnan(buf[tokens * hidden:]).all()), f"{what}: wrote past the end of out")
+    if ctx.backend != "kernel":  # the torch path's baddbmm may sum in another order: not bit-exact
+        return
+    expected = combine_oracle(y_rows, combine, add)
+    same_bits(out, expected, f"{what}: out=")
+    same_bits(fresh, expected, f"{what}: fresh output")
+
+
 kRunners: Dict[str, Callable] = {
     "gemm_dense": run_gemm_dense, "gemm_contiguous": run_gemm_contiguous,
     "gemm_masked": run_gemm_masked, "gemm_kgrouped": run_gemm_kgrouped,
     "quant_token": run_quant_token, "quant_block": run_quant_block,
     "silu_contiguous": run_silu, "silu_masked": run_silu,
+    "permute_index": run_permute_index, "permute_rows": run_permute_rows,
+    "permute_combine": run_permute_combine,
 }
 
 
@@ -408,6 +567,23 @@ class Sampler:
             c["shape"] = [experts, m_max, 2 * inter]
             c["masked_m"] = self.masked_m(experts, m_max)
             c["pow2"] = rng.random() < 0.5
+        elif op.startswith("permute_"):
+            c["top_k"] = rng.choice((1, 2, 4, 6, 8, 8, 8))
+            c["experts"] = rng.choice((1, 4, 8, 32, 32, 64, 256, rng.randint(1, 256)))
+            c["top_k"] = min(c["top_k"], c["experts"])
+            c["tokens"] = self.rows(2048 if op == "permute_index" else 1024)
+            c["skip"] = rng.choice((0.0, 0.1, 0.5, 1.0 if rng.random() < 0.1 else 0.2))
+            c["cold"] = rng.choice((0.0, 0.3, 0.7))
+            c["m_max"] = rng.choice((1, max(1, c["tokens"] // 3), c["tokens"]))
+            if op == "permute_index":
+                c["upper"] = rng.random() < 0.5
+            else:
+                c["layout"] = rng.choice(("contiguous", "masked"))
+                c["hidden"] = 128 * rng.randint(1, self._cap(56 if c["tokens"] <= 256 else 16))
+                if c["layout"] == "masked":  # the masked buffers are [E + 1, M_max, H]
+                    c["m_max"] = min(c["m_max"], max(1, self._cap(8192) // max(1, c["experts"])))
+                if op == "permute_combine":
+                    c["add"] = rng.random() < 0.6
         else:
             raise ValueError(f"unknown op {op!r}")
         return c
@@ -442,8 +618,8 @@ def precompile_for(cases: Dict[str, List[dict]], log) -> None:
     them one by one inside the timed loop). Failures only cost time: the ops compile lazily."""
     start = time.perf_counter()
     try:
-        from moe_fp8.gemm.kernels import quant
-        sources = list(quant.bundled_sources())
+        from moe_fp8.gemm.kernels import permute, quant
+        sources = list(quant.bundled_sources()) + list(permute.bundled_sources())
         for op, op_cases in cases.items():
             for c in op_cases:
                 sources += kernel_sources(op, c)
@@ -555,7 +731,7 @@ def write_csv(path: Path, results: List[OpResult], seed: int) -> None:
             writer.writerow(["date", "card", "commit", "seed", "op", "cases", "passed", "failed",
                              "max_calc_diff_vs_reference", "max_calc_diff_vs_unquantised", "seconds"])
         for r in results:
-            exact = r.op.startswith(("quant", "silu"))
+            exact = r.op.startswith(("quant", "silu", "permute"))
             writer.writerow([date, gpu, sha, seed, r.op, r.cases, r.passed, r.failed,
                              "bit-exact" if exact else f"{r.stats.get('ref', 0):.2e}",
                              "-" if exact else f"{r.stats.get('unq', 0):.2e}", f"{r.seconds:.1f}"])
@@ -575,6 +751,15 @@ def once_cases() -> Dict[str, List[dict]]:
                             dict(shape=[2, 40, 512], pow2=False, seed=10)],
         "silu_masked": [dict(shape=[3, 9, 512], masked_m=[0, 9, 4], pow2=False, seed=11),
                         dict(shape=[6, 37, 1024], masked_m=[37, 0, 1, 20, 36, 5], pow2=True, seed=12)],
+        "permute_index": [dict(tokens=1, top_k=8, experts=32, skip=0.0, m_max=1, upper=False, seed=23),
+                          dict(tokens=3001, top_k=8, experts=256, skip=0.2, cold=0.5, m_max=700, upper=False, seed=24),
+                          dict(tokens=777, top_k=6, experts=32, skip=0.1, cold=0.3, m_max=5, upper=True, seed=25)],
+        "permute_rows": [dict(tokens=37, top_k=8, experts=32, skip=0.1, cold=0.3, hidden=384, layout="contiguous", m_max=37, seed=26),
+                         dict(tokens=1, top_k=4, experts=4, skip=0.0, hidden=7168, layout="contiguous", m_max=1, seed=27),
+                         dict(tokens=129, top_k=8, experts=16, skip=0.2, hidden=256, layout="masked", m_max=40, seed=28)],
+        "permute_combine": [dict(tokens=129, top_k=8, experts=16, skip=0.1, hidden=512, layout="contiguous", add=True, m_max=129, seed=29),
+                            dict(tokens=33, top_k=8, experts=32, skip=0.2, hidden=7168, layout="masked", add=True, m_max=33, seed=30),
+                            dict(tokens=50, top_k=1, experts=4, skip=0.0, hidden=256, layout="masked", add=False, m_max=10, seed=31)],
         "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
                        dict(m=256, n=1024, k=7168, seed=16)],
         "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18)],
@@ -700,7 +885,7 @@ def main(argv) -> int:
     print("\n| op | cases | passed | failed | max calc_diff vs ref | vs unquantised | s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        exact = r.op.startswith(("quant", "silu"))
+        exact = r.op.startswith(("quant", "silu", "permute"))
         print(f"| {r.op} | {r.cases} | {r.passed} | {r.failed} | "
               f"{'bit-exact' if exact else format(r.stats.get('ref', 0), '.1e')} | "
               f"{'-' if exact else format(r.stats.get('unq', 0), '.1e')} | {r.seconds:.1f} |")
