@@ -87,9 +87,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // NOTE: the 128B swizzle pattern is a function of address bits [7,10), so every A/B slot must
   // start 1024-byte aligned; the dynamic base is only guaranteed 16-byte aligned. The aligned
-  // offset is the same in every CTA, as multicast needs.
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<u64>(smem_raw) + 1023) & ~u64(1023));
+  // offset is the same in every CTA, as multicast needs. It is added to smem_raw (not computed
+  // through an integer) so the compiler still knows the pointer is shared: through a u64 the
+  // scale reads became generic LD.E on the path between a wgmma group's retirement and the
+  // promotion FFMAs (SASS, 2026-12-05).
+  unsigned char* smem = smem_raw + ((1024 - (ptx::smem_addr(smem_raw) & 1023)) & 1023);
   unsigned char* s_a = smem + Layout::kA;
   unsigned char* s_b = smem + Layout::kB;
   float* s_sa = reinterpret_cast<float*>(smem + Layout::kSa);

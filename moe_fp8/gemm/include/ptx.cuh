@@ -267,86 +267,101 @@ __device__ __forceinline__ void fence_regs(float (&r)[kCount]) {
 }
 
 // D[64 x kN] (fp32, kN/2 registers per thread) (+)= A[64 x 32] * B[kN x 32]^T, both e4m3 in
-// shared memory. The descriptors and the accumulate flag are "+" operands on purpose: that puts
-// them at %0..%2 so the register-list strings below are the same for every kN.
+// shared memory. The accumulators are operands %0 .. %(kN/2 - 1); the descriptors and the
+// accumulate flag follow as read-only inputs. NOTE: read-write ("+l") descriptors made ptxas copy
+// and re-add them before every wgmma (SASS, 2026-12-05).
 template <int kN>
 struct WgmmaFp8;
 
-#define MOE_WG_R0 "%3, %4, %5, %6, %7, %8, %9, %10"
-#define MOE_WG_R1 "%11, %12, %13, %14, %15, %16, %17, %18"
-#define MOE_WG_R2 "%19, %20, %21, %22, %23, %24, %25, %26"
-#define MOE_WG_R3 "%27, %28, %29, %30, %31, %32, %33, %34"
-#define MOE_WG_R4 "%35, %36, %37, %38, %39, %40, %41, %42"
-#define MOE_WG_R5 "%43, %44, %45, %46, %47, %48, %49, %50"
-#define MOE_WG_R6 "%51, %52, %53, %54, %55, %56, %57, %58"
-#define MOE_WG_R7 "%59, %60, %61, %62, %63, %64, %65, %66"
-#define MOE_WG_R8 "%67, %68, %69, %70, %71, %72, %73, %74"
-#define MOE_WG_R9 "%75, %76, %77, %78, %79, %80, %81, %82"
-#define MOE_WG_R10 "%83, %84, %85, %86, %87, %88, %89, %90"
-#define MOE_WG_R11 "%91, %92, %93, %94, %95, %96, %97, %98"
-#define MOE_WG_R12 "%99, %100, %101, %102, %103, %104, %105, %106"
-#define MOE_WG_R13 "%107, %108, %109, %110, %111, %112, %113, %114"
-#define MOE_WG_R14 "%115, %116, %117, %118, %119, %120, %121, %122"
-#define MOE_WG_R15 "%123, %124, %125, %126, %127, %128, %129, %130"
+#define MOE_WG_R0 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define MOE_WG_R1 "%8, %9, %10, %11, %12, %13, %14, %15"
+#define MOE_WG_R2 "%16, %17, %18, %19, %20, %21, %22, %23"
+#define MOE_WG_R3 "%24, %25, %26, %27, %28, %29, %30, %31"
+#define MOE_WG_R4 "%32, %33, %34, %35, %36, %37, %38, %39"
+#define MOE_WG_R5 "%40, %41, %42, %43, %44, %45, %46, %47"
+#define MOE_WG_R6 "%48, %49, %50, %51, %52, %53, %54, %55"
+#define MOE_WG_R7 "%56, %57, %58, %59, %60, %61, %62, %63"
+#define MOE_WG_R8 "%64, %65, %66, %67, %68, %69, %70, %71"
+#define MOE_WG_R9 "%72, %73, %74, %75, %76, %77, %78, %79"
+#define MOE_WG_R10 "%80, %81, %82, %83, %84, %85, %86, %87"
+#define MOE_WG_R11 "%88, %89, %90, %91, %92, %93, %94, %95"
+#define MOE_WG_R12 "%96, %97, %98, %99, %100, %101, %102, %103"
+#define MOE_WG_R13 "%104, %105, %106, %107, %108, %109, %110, %111"
+#define MOE_WG_R14 "%112, %113, %114, %115, %116, %117, %118, %119"
+#define MOE_WG_R15 "%120, %121, %122, %123, %124, %125, %126, %127"
 #define MOE_WG_D(b)                                                                            \
   "+f"(d[b + 0]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]),              \
       "+f"(d[b + 5]), "+f"(d[b + 6]), "+f"(d[b + 7])
 
-#define MOE_WG_CASE(kN, kRegList, ...)                                                         \
+// kDescA, kDescB, kFlag: the operand numbers of the inputs, "%<kN/2>" .. "%<kN/2 + 2>".
+#define MOE_WG_CASE(kN, kRegList, kDescA, kDescB, kFlag, ...)                                   \
   template <>                                                                                  \
   struct WgmmaFp8<kN> {                                                                        \
     static constexpr int kRegs = kN / 2;                                                       \
     __device__ __forceinline__ static void mma(u64 desc_a, u64 desc_b, float (&d)[kN / 2],      \
                                                u32 accumulate) {                               \
       asm volatile(                                                                            \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"                                          \
-          "wgmma.mma_async.sync.aligned.m64n" #kN "k32.f32.e4m3.e4m3 {" kRegList "}, %0, %1, " \
-          "p, 1, 1;\n}\n"                                                                      \
-          : "+l"(desc_a), "+l"(desc_b), "+r"(accumulate), __VA_ARGS__);                        \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, " kFlag ", 0;\n"                                    \
+          "wgmma.mma_async.sync.aligned.m64n" #kN "k32.f32.e4m3.e4m3 {" kRegList "}, " kDescA   \
+          ", " kDescB ", p, 1, 1;\n}\n"                                                         \
+          : __VA_ARGS__                                                                        \
+          : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                        \
     }                                                                                          \
   };
 
-MOE_WG_CASE(16, MOE_WG_R0, MOE_WG_D(0))
-MOE_WG_CASE(32, MOE_WG_R0 ", " MOE_WG_R1, MOE_WG_D(0), MOE_WG_D(8))
-MOE_WG_CASE(48, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2, MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16))
-MOE_WG_CASE(64, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3, MOE_WG_D(0), MOE_WG_D(8),
-            MOE_WG_D(16), MOE_WG_D(24))
-MOE_WG_CASE(80, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4,
+MOE_WG_CASE(16, MOE_WG_R0, "%8", "%9", "%10",
+            MOE_WG_D(0))
+MOE_WG_CASE(32, MOE_WG_R0 ", " MOE_WG_R1, "%16", "%17", "%18",
+            MOE_WG_D(0), MOE_WG_D(8))
+MOE_WG_CASE(48, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2, "%24", "%25", "%26",
+            MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16))
+MOE_WG_CASE(64, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3, "%32", "%33", "%34",
+            MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24))
+MOE_WG_CASE(80,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4,
+            "%40", "%41", "%42",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32))
 MOE_WG_CASE(96,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5,
+            "%48", "%49", "%50",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40))
 MOE_WG_CASE(112,
-            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5
-                      ", " MOE_WG_R6,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
+                MOE_WG_R5 ", " MOE_WG_R6,
+            "%56", "%57", "%58",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48))
 MOE_WG_CASE(128,
-            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5
-                      ", " MOE_WG_R6 ", " MOE_WG_R7,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
+                MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7,
+            "%64", "%65", "%66",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56))
 MOE_WG_CASE(144,
-            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5
-                      ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
+                MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8,
+            "%72", "%73", "%74",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64))
 MOE_WG_CASE(160,
-            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5
-                      ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
+                MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9,
+            "%80", "%81", "%82",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72))
 MOE_WG_CASE(192,
-            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5
-                      ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9 ", " MOE_WG_R10
-                          ", " MOE_WG_R11,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
+                MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9 ", "
+                MOE_WG_R10 ", " MOE_WG_R11,
+            "%96", "%97", "%98",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72), MOE_WG_D(80), MOE_WG_D(88))
 MOE_WG_CASE(256,
-            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5
-                      ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9 ", " MOE_WG_R10
-                          ", " MOE_WG_R11 ", " MOE_WG_R12 ", " MOE_WG_R13 ", " MOE_WG_R14
-                              ", " MOE_WG_R15,
+            MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
+                MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9 ", "
+                MOE_WG_R10 ", " MOE_WG_R11 ", " MOE_WG_R12 ", " MOE_WG_R13 ", " MOE_WG_R14 ", "
+                MOE_WG_R15,
+            "%128", "%129", "%130",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72), MOE_WG_D(80), MOE_WG_D(88),
             MOE_WG_D(96), MOE_WG_D(104), MOE_WG_D(112), MOE_WG_D(120))

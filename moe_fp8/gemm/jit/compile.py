@@ -40,11 +40,15 @@ class CompiledKernel:
         return max(self.report.spill_stores, 0) + max(self.report.spill_loads, 0)
 
 
-def include_digest() -> str:
-    """sha256 over every file under moe_fp8/gemm/include (names and contents)."""
+def include_digest(root=None) -> str:
+    """sha256 over the headers a kernel can include (names and contents): every file under
+    moe_fp8/gemm/include, or the ``.cuh``/``.h`` files directly in ``root``."""
+    files = (env.kIncludeDir.rglob("*") if root is None else
+             [p for p in root.iterdir() if p.suffix in (".cuh", ".h")])
+    root = env.kIncludeDir if root is None else root
     digest = hashlib.sha256()
-    for path in sorted(p for p in env.kIncludeDir.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(env.kIncludeDir)).encode() + b"\0")
+    for path in sorted(p for p in files if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -52,9 +56,10 @@ def include_digest() -> str:
 def cache_key(src: KernelSource, path: str, identity: str) -> str:
     tu = translation_unit(src)
     extra = compilers.ptxas_flags() if path == "nvrtc-ptxas" else []
-    header = env.kIncludeDir / src.header  # absolute headers (tests) hash their content here
-    outside = "" if header.parent == env.kIncludeDir else hashlib.sha256(
-        header.read_bytes()).hexdigest()
+    # An absolute header (tests, experiments) hashes its whole folder: a copy of the include tree
+    # that differs only in a header it includes must not hit another copy's cache entry.
+    header = env.kIncludeDir / src.header
+    outside = "" if header.parent == env.kIncludeDir else include_digest(header.parent)
     parts = [kKeyVersion, include_digest(), outside, tu, src.instance, path, identity,
              *compilers.flags(path), *extra]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
