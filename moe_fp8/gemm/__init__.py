@@ -20,11 +20,13 @@ import torch
 
 from . import validate as check
 from .backend import check_backend, run
-from .layout import empty_act_scales, is_mn_major, kScaleBlock
+from .layout import ceil_div, empty_act_scales, is_mn_major, kScaleBlock
 from .reference import calc_diff
 
 __all__ = [
     "per_token_group_quant_fp8", "per_block_quant_fp8", "silu_and_mul_quant_fp8",
+    "per_block_quant_transpose_fp8", "transpose_token_group_quant_fp8",
+    "silu_and_mul_backward_quant_fp8",
     "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
     "k_grouped_fp8_gemm_tn_contiguous", "calc_diff", "precompile",
 ]
@@ -119,6 +121,93 @@ def silu_and_mul_quant_fp8(h: torch.Tensor, *, masked_m: Optional[torch.Tensor] 
     q, s = _quant_outputs(out, shape, (*h.shape[:-1], inter // group_size), h.device)
     run("silu_and_mul_quant", h, q, s, masked_m, group_size, pow2_scale, check_backend(backend))
     return q, s
+
+
+# ----------------------------------------------------------------------------- training quantisation
+
+def per_block_quant_transpose_fp8(w: torch.Tensor, block_size: int = 128, *,
+                                  pow2_scale: bool = False, backend: str = "auto"
+                                  ) -> Tuple[Fp8Pair, Fp8Pair]:
+    """Quantise weights per 128x128 block and write the transposed copy in the same pass.
+
+    ``w [N, K]`` or ``[E, N, K]`` (bf16/fp16/fp32, N and K multiples of 128) ->
+    ``((q, s), (q_t, s_t))``: ``q`` fp8 of w's shape with ``s`` fp32 ``[.., N/128, K/128]``
+    (what ``per_block_quant_fp8`` returns), and ``q_t`` fp8 ``[.., K, N]`` with ``s_t`` fp32
+    ``[.., K/128, N/128]``: the same blocks transposed (bit-identical to quantising ``w^T``), the
+    dgrad GEMM's weight operand. All contiguous.
+    """
+    check.tensor("w", w, dtypes=check.kFloatInputs, dims=(2, 3))
+    _group_size(block_size)
+    check.multiple_of("w.shape[-2]", w.shape[-2], block_size)
+    check.multiple_of("w.shape[-1]", w.shape[-1], block_size)
+    check.finite("w", w)
+    n, k = w.shape[-2:]
+    lead = tuple(w.shape[:-2])
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((*lead, n // block_size, k // block_size), dtype=torch.float32, device=w.device)
+    q_t = torch.empty((*lead, k, n), dtype=torch.float8_e4m3fn, device=w.device)
+    s_t = torch.empty((*lead, k // block_size, n // block_size), dtype=torch.float32,
+                      device=w.device)
+    run("per_block_quant_transpose", w, q, s, q_t, s_t, block_size, pow2_scale,
+        check_backend(backend))
+    return (q, s), (q_t, s_t)
+
+
+def transpose_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
+                                    pow2_scale: bool = False, out: Optional[Fp8Pair] = None,
+                                    backend: str = "auto") -> Fp8Pair:
+    """Transpose and quantise 1x128 *along tokens*, in one pass (weight-gradient operands).
+
+    ``x [T, C]`` (bf16/fp16/fp32, C a multiple of 128, any T) -> ``(q_t, s_t)``: ``q_t`` fp8
+    ``[C, T]`` (token-contiguous) and ``s_t`` fp32 ``[C, ceil(T/128)]`` MN-major: one scale per
+    channel per 128 tokens, exactly the operand layout ``k_grouped_fp8_gemm_tn_contiguous`` reads.
+    Tokens are grouped from 0 in runs of 128 (the contiguous layout's expert segments are
+    128-aligned, so no group spans two experts); a partial last group uses the tokens it has.
+    ``out`` optionally receives the result.
+    """
+    check.tensor("x", x, dtypes=check.kFloatInputs, dims=(2,))
+    _group_size(group_size)
+    check.multiple_of("x.shape[1]", x.shape[1], group_size)
+    check.finite("x", x)
+    tokens, channels = x.shape
+    q, s = _quant_outputs(out, (channels, tokens), (channels, ceil_div(tokens, group_size)),
+                          x.device)
+    run("transpose_token_group_quant", x, q, s, group_size, pow2_scale, check_backend(backend))
+    return q, s
+
+
+def silu_and_mul_backward_quant_fp8(d_act: torch.Tensor, h: torch.Tensor, *,
+                                    group_size: int = 128, pow2_scale: bool = False,
+                                    backend: str = "auto") -> Tuple[Fp8Pair, Fp8Pair, Fp8Pair]:
+    """Backward of ``act = silu(gate) * up`` fused with the three quantisations it feeds.
+
+    ``d_act [M, I]`` and ``h [M, 2I]`` (gate | up), bf16 (fp16/fp32 run the reference),
+    I % 128 == 0, any M. With ``dh = [d_gate | d_up]`` and ``act`` formed in fp32 as
+    ``reference.silu_mul_backward`` does, returns three (fp8, fp32 scales) pairs:
+
+    * ``dh`` quantised 1x128 along channels: fp8 ``[M, 2I]``, scales ``[M, 2I/128]`` MN-major
+      (the dgrad GEMM ``dX = dH . W13``);
+    * ``dh^T`` quantised along tokens: fp8 ``[2I, M]``, scales ``[2I, ceil(M/128)]`` MN-major
+      (the weight gradient of W13);
+    * ``act^T`` quantised along tokens: fp8 ``[I, M]``, scales ``[I, ceil(M/128)]`` MN-major
+      (the weight gradient of W2).
+    """
+    check.tensor("d_act", d_act, dtypes=check.kFloatInputs, dims=(2,))
+    check.tensor("h", h, dtypes=check.kFloatInputs, dims=(2,))
+    _group_size(group_size)
+    check.multiple_of("h.shape[1]", h.shape[1], 2 * group_size)
+    rows, inter = h.shape[0], h.shape[1] // 2
+    check.shape("d_act", d_act, (rows, inter))
+    check.same_device(d_act=d_act, h=h)
+    check.finite("d_act", d_act)
+    check.finite("h", h)
+    groups = ceil_div(rows, group_size)
+    dh = _quant_outputs(None, (rows, 2 * inter), (rows, 2 * inter // group_size), h.device)
+    dh_t = _quant_outputs(None, (2 * inter, rows), (2 * inter, groups), h.device)
+    act_t = _quant_outputs(None, (inter, rows), (inter, groups), h.device)
+    run("silu_and_mul_backward_quant", d_act, h, *dh, *dh_t, *act_t, group_size, pow2_scale,
+        check_backend(backend))
+    return dh, dh_t, act_t
 
 
 # ----------------------------------------------------------------------------- GEMMs

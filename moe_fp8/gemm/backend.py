@@ -127,6 +127,45 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         s[rows] = rs[rows]
 
 
+def per_block_quant_transpose(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                              q_t: torch.Tensor, s_t: torch.Tensor, block_size: int,
+                              pow2_scale: bool, backend: str) -> None:
+    kernel = pick(backend, w.device, "transpose_quant", "per_block_quant_transpose", w.dtype)
+    if kernel is not None:
+        kernel(w, q, s, q_t, s_t, block_size, pow2_scale)
+        return
+    (rq, rs), (rq_t, rs_t) = ref.per_block_quant_transpose(w, block_size, pow2_scale)
+    for dst, src in ((q, rq), (s, rs), (q_t, rq_t), (s_t, rs_t)):
+        dst.copy_(src)
+
+
+def transpose_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                                group_size: int, pow2_scale: bool, backend: str) -> None:
+    kernel = pick(backend, x.device, "transpose_quant", "token_transpose_quant", x.dtype)
+    if kernel is not None:
+        kernel(x, q, s, group_size, pow2_scale)
+        return
+    rq, rs = ref.transpose_token_group_quant(x, group_size, pow2_scale)
+    q.copy_(rq)
+    s.copy_(rs)
+
+
+def silu_and_mul_backward_quant(d_act: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
+                                dh_s: torch.Tensor, dh_t: torch.Tensor, dh_t_s: torch.Tensor,
+                                act_t: torch.Tensor, act_t_s: torch.Tensor, group_size: int,
+                                pow2_scale: bool, backend: str) -> None:
+    # the kernel reads both inputs as bf16: anything else takes the reference
+    dtype = h.dtype if d_act.dtype == h.dtype else d_act.dtype
+    kernel = pick(backend, h.device, "silu_backward", "silu_and_mul_backward_quant", dtype)
+    if kernel is not None:
+        kernel(d_act, h, dh, dh_s, dh_t, dh_t_s, act_t, act_t_s, group_size, pow2_scale)
+        return
+    outputs = ref.silu_and_mul_backward_quant(d_act, h, group_size, pow2_scale)
+    for (q, s), (rq, rs) in zip(((dh, dh_s), (dh_t, dh_t_s), (act_t, act_t_s)), outputs):
+        q.copy_(rq)
+        s.copy_(rs)
+
+
 def fp8_gemm_nt(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
                 out: torch.Tensor, backend: str) -> None:
     kernel = pick(backend, qa.device, "fp8_gemm", "fp8_gemm_nt")
@@ -170,6 +209,9 @@ _MUTATED = {
     "per_token_group_quant": ("q", "s"),
     "per_block_quant": ("q", "s"),
     "silu_and_mul_quant": ("q", "s"),
+    "per_block_quant_transpose": ("q", "s", "q_t", "s_t"),
+    "transpose_token_group_quant": ("q", "s"),
+    "silu_and_mul_backward_quant": ("dh", "dh_s", "dh_t", "dh_t_s", "act_t", "act_t_s"),
     "fp8_gemm_nt": ("out",),
     "m_grouped_contiguous": ("out",),
     "m_grouped_masked": ("out",),

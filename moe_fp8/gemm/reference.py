@@ -77,6 +77,57 @@ def silu_and_mul_quant(h: torch.Tensor, group_size: int = kScaleBlock, pow2_scal
     return per_token_group_quant(F.silu(gate) * up, group_size, pow2_scale)
 
 
+def per_block_quant_transpose(w: torch.Tensor, block_size: int = kScaleBlock,
+                              pow2_scale: bool = False):
+    """``w [.., N, K]`` (N, K multiples of 128) -> ``((q, s), (q_t, s_t))``: the 128x128 block
+    quantisation of w and the same blocks transposed, ``q_t [.., K, N]``, ``s_t [.., K/128, N/128]``
+    (equal, bit for bit, to ``per_block_quant(w.transpose(-2, -1))``: a block and its transpose
+    share their amax)."""
+    q, s = per_block_quant(w, block_size, pow2_scale)
+    return (q, s), (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous())
+
+
+def transpose_token_group_quant(x: torch.Tensor, group_size: int = kScaleBlock,
+                                pow2_scale: bool = False):
+    """``x [T, C]`` -> ``(q_t [C, T] fp8, s_t [C, ceil(T/128)] fp32)``: x transposed and quantised
+    1x128 *along tokens* (one scale per channel per 128 tokens; scales contiguous here). A partial
+    last group (T not a multiple of 128) takes its amax over the tokens it has."""
+    tokens = x.shape[0]
+    groups = ceil_div(tokens, group_size)
+    xt = F.pad(x.float().t(), (0, groups * group_size - tokens))  # [C, T_pad]; zeros: no amax
+    q, s = per_token_group_quant(xt, group_size, pow2_scale)
+    return q[:, :tokens].contiguous(), s
+
+
+def silu_mul_backward(d_act: torch.Tensor, h: torch.Tensor):
+    """Backward of ``act = silu(gate) * up``: ``d_act [M, I]``, ``h [M, 2I]`` (gate | up) ->
+    ``(d_h [M, 2I], act [M, I])`` in fp32 (float64 stays float64), every operation rounded once in
+    this order (the kernel's, bit for bit on the GPU, where torch's exp is the device expf)::
+
+        sig = 1 / (1 + exp(-g));  silu = g * sig;  act = silu * u
+        d_up = dA * silu;         d_gate = ((dA * u) * sig) * (1 + g * (1 - sig))
+    """
+    compute = torch.promote_types(h.dtype, torch.float32)
+    gate, up = h.to(compute).chunk(2, dim=-1)  # [M, I] each
+    d_act = d_act.to(compute)
+    sig = torch.reciprocal(torch.exp(-gate) + 1)
+    silu = gate * sig
+    d_gate = d_act * up * sig * (gate * (1 - sig) + 1)
+    d_up = d_act * silu
+    return torch.cat([d_gate, d_up], dim=-1), silu * up
+
+
+def silu_and_mul_backward_quant(d_act: torch.Tensor, h: torch.Tensor,
+                                group_size: int = kScaleBlock, pow2_scale: bool = False):
+    """``silu_mul_backward`` then the three quantisations its consumers read:
+    ``(dh [M, 2I] 1x128 along channels, dh^T [2I, M] along tokens, act^T [I, M] along tokens)``,
+    each an (fp8, fp32 scales) pair with contiguous scales."""
+    d_h, act = silu_mul_backward(d_act, h)
+    return (per_token_group_quant(d_h, group_size, pow2_scale),
+            transpose_token_group_quant(d_h, group_size, pow2_scale),
+            transpose_token_group_quant(act, group_size, pow2_scale))
+
+
 def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """fp8 ``[.., K]`` with 1x128 scales ``[.., K/128]`` -> fp32."""
     return q.float() * s.repeat_interleave(q.shape[-1] // s.shape[-1], dim=-1)

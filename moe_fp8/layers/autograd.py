@@ -16,20 +16,22 @@ Forward (per row r of expert e = m_indices[r]; "q(.)" = FP8 quantisation, its sc
 Backward (dY = dL/dy, padding rows zeroed; W^T copies are the forward's FP8 blocks transposed):
 
     dA     = q(dY) . q(W2[e]^T)^T          dgrad of GEMM2 (dY . W2[e])    -> [M_sum, I]
-    dH     = SiLU-mul backward(dA, h)      (torch for now)                -> fp32 [M_sum, 2I]
+    dH     = SiLU-mul backward(dA, h)      one fused op with the three quantisations it feeds:
+                                           q(dH), q_t(dH), q_t(act')      (fp32 inside)
     dX     = q(dH) . q(W13[e]^T)^T         dgrad of GEMM1 (dH . W13[e])   -> [M_sum, H]
     dW2[e] = q_t(dY)^T . q_t(act')         k-grouped over e's tokens      -> fp32 [E, H, I]
     dW13[e]= q_t(dH)^T . q_t(x')           k-grouped                      -> fp32 [E, 2I, H]
 
 ``q_t`` quantises 1x128 *along tokens* (the transposed, token-contiguous tensor, one scale per
-channel per 128 tokens); ``act'`` is recomputed from the saved h in fp32 (the DeepSeek-V3 report
+channel per 128 tokens; ``G.transpose_token_group_quant_fp8``, one pass); ``act'`` is recomputed from the saved h in fp32 (the DeepSeek-V3 report
 caches the SwiGLU input and recomputes its output in backward), ``x'`` is the saved FP8 x
 dequantised, transposed and re-quantised along tokens (the report's hardware suggestions describe
 exactly this round trip for the backward pass).
 
 Saved for backward: xq (fp8 [M_sum, H] + 1x128 scales), h (bf16 [M_sum, 2I]), m_indices, and the
 FP8 weight copies (owned by the cache). The FP8 weight copies and their transposes live in a
-``Fp8WeightCache`` keyed on the parameters' ``_version``: made once per optimizer step.
+``Fp8WeightCache`` keyed on the parameters' ``_version``: made once per optimizer step, copy and
+transpose in one pass (``G.per_block_quant_transpose_fp8``) when a gradient will be needed.
 
 ``reference=True`` runs the same structure (same saved tensors, same backward formulas, same
 offsets, same padding handling) with every quantise+GEMM replaced by an exact matmul in the
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 
 from .. import gemm as G
 from ..gemm import validate as check
-from ..gemm.reference import dequant_rows
+from ..gemm.reference import dequant_rows, silu_mul_backward
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 FP8 = torch.float8_e4m3fn
@@ -93,9 +95,9 @@ def _transpose_fp8_blocks(pair: Fp8Pair) -> Fp8Pair:
     Bit-identical to ``per_block_quant_fp8(w.transpose(1, 2))`` when N and K are multiples of 128
     (the same 128x128 blocks, hence the same amax and scale).
     """
+    # NOTE: only for entries built without their transposes (an inference forward at the same
+    # weight version); training builds both in one pass (Fp8ExpertWeights.build).
     q, s = pair
-    # FUSED KERNEL GOES HERE: per-block quantisation writing both the copy and its transpose in
-    # one pass over the master weight (issue 7, "fused transpose + 128x128 quantisation").
     return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
 
 
@@ -108,8 +110,9 @@ class Fp8ExpertWeights:
     ``w13``: (fp8 ``[E, 2I, H]``, fp32 ``[E, 2I/128, H/128]``) 128x128 blocks (forward, GEMM1).
     ``w2``:  (fp8 ``[E, H, I]``,  fp32 ``[E, H/128, I/128]``)  (forward, GEMM2).
     ``w13_t()``: (fp8 ``[E, H, 2I]``, fp32 ``[E, H/128, 2I/128]``) for dX = dH . W13[e];
-    ``w2_t()``:  (fp8 ``[E, I, H]``,  fp32 ``[E, I/128, H/128]``) for dA = dY . W2[e]; both made on
-    first use (backward only) and kept with the copy.
+    ``w2_t()``:  (fp8 ``[E, I, H]``,  fp32 ``[E, I/128, H/128]``) for dA = dY . W2[e]; built with
+    the copies in one pass when ``transposed`` (training), else made on first use from the FP8
+    copies (bit-identical), and kept with the copy.
     """
     w13: Fp8Pair
     w2: Fp8Pair
@@ -117,10 +120,21 @@ class Fp8ExpertWeights:
     _w2_t: Optional[Fp8Pair] = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, w13: torch.Tensor, w2: torch.Tensor, pow2_scale: bool = False) -> "Fp8ExpertWeights":
+    def build(cls, w13: torch.Tensor, w2: torch.Tensor, pow2_scale: bool = False,
+              transposed: bool = False) -> "Fp8ExpertWeights":
         with torch.no_grad():
+            if transposed:
+                w13_pair, w13_t = G.per_block_quant_transpose_fp8(
+                    w13.detach().contiguous(), kBlock, pow2_scale=pow2_scale)
+                w2_pair, w2_t = G.per_block_quant_transpose_fp8(
+                    w2.detach().contiguous(), kBlock, pow2_scale=pow2_scale)
+                return cls(w13_pair, w2_pair, w13_t, w2_t)
             return cls(G.per_block_quant_fp8(w13.detach().contiguous(), kBlock, pow2_scale=pow2_scale),
                        G.per_block_quant_fp8(w2.detach().contiguous(), kBlock, pow2_scale=pow2_scale))
+
+    @property
+    def has_transposes(self) -> bool:
+        return self._w13_t is not None and self._w2_t is not None
 
     def w13_t(self) -> Fp8Pair:
         if self._w13_t is None:
@@ -144,7 +158,8 @@ class Fp8WeightCache:
     tensors at the same ``_version`` (every in-place update — ``optimizer.step()``, ``copy_``
     under ``no_grad`` — bumps it), and rebuilds them otherwise: one quantisation per optimizer
     step however many micro-batches run. Holds one entry; one cache per layer. ``builds`` counts
-    rebuilds (tests, logging). Entries are never mutated once handed out, so a backward that
+    rebuilds (tests, logging). ``transposed=True`` (a forward that will run backward) asks for the
+    transposed copies too, made in the same pass as the copies. Entries are never mutated once handed out, so a backward that
     runs after the weights changed still sees the copies its forward used.
     """
 
@@ -154,12 +169,15 @@ class Fp8WeightCache:
         self._entry: Optional[Fp8ExpertWeights] = None
         self.builds = 0
 
-    def get(self, w13: torch.Tensor, w2: torch.Tensor, pow2_scale: bool = False) -> Fp8ExpertWeights:
+    def get(self, w13: torch.Tensor, w2: torch.Tensor, pow2_scale: bool = False,
+            transposed: bool = False) -> Fp8ExpertWeights:
         key = (_version_key(w13), _version_key(w2), pow2_scale)
         same = (self._refs is not None and self._refs[0]() is w13 and self._refs[1]() is w2
                 and self._key == key)
+        if same and transposed and not self._entry.has_transposes:
+            same = False  # built for inference at this version: rebuild with the transposes
         if not same:
-            self._entry = Fp8ExpertWeights.build(w13, w2, pow2_scale)
+            self._entry = Fp8ExpertWeights.build(w13, w2, pow2_scale, transposed)
             self._refs = (weakref.ref(w13), weakref.ref(w2))
             self._key = key
             self.builds += 1
@@ -186,9 +204,20 @@ class _Fp8Math:
         """The saved operand back as fp32 ``[R, K]`` (what the GEMM saw)."""
         return dequant_rows(*operand)
 
+    def cols(self, t: torch.Tensor):
+        """``t [T, C]`` -> operand quantised 1x128 along tokens, transposed in the same pass:
+        (fp8 [C, T], fp32 [C, T/128] MN-major), the weight-gradient GEMM's layout."""
+        return G.transpose_token_group_quant_fp8(t.contiguous(), kBlock, pow2_scale=self.pow2_scale)
+
     def silu_mul(self, h: torch.Tensor):
         """``h [M_sum, 2I]`` -> q(silu(gate) * up) fp8 [M_sum, I] + 1x128 scales, one fused op."""
         return G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)
+
+    def silu_mul_backward(self, d_act: torch.Tensor, h: torch.Tensor):
+        """``d_act [M_sum, I]``, ``h [M_sum, 2I]`` -> (q(dH) rows, q_t(dH) cols, q_t(act) cols),
+        one fused op (dH and act formed in fp32, never stored)."""
+        return G.silu_and_mul_backward_quant_fp8(d_act.to(torch.bfloat16), h,
+                                                 pow2_scale=self.pow2_scale)
 
     def weight(self, name: str) -> Fp8Pair:
         w = self.weights
@@ -200,16 +229,11 @@ class _Fp8Math:
         out = torch.zeros(m_indices.shape[0], b[0].shape[1], dtype=torch.bfloat16, device=b[0].device)
         return G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out)
 
-    def wgrad(self, a_rows: torch.Tensor, b_rows: torch.Tensor, offsets: torch.Tensor,
-              num_experts: int) -> torch.Tensor:
-        """``out[e] = a_rows[seg_e]^T . b_rows[seg_e]``: fp32 ``[E, N, K]`` from ``a_rows [T, N]``,
-        ``b_rows [T, K]`` (padding rows already zero), both quantised 1x128 along tokens."""
-        # FUSED KERNEL GOES HERE: transpose + 1x128 quantisation along tokens in one pass
-        # (issue 7); today a transposed copy then the row quantiser.
-        a_t = self.rows(a_rows.t())  # fp8 [N, T] + [N, T/128]: one scale per channel per 128 tokens
-        b_t = self.rows(b_rows.t())  # fp8 [K, T] + [K, T/128]
-        out = torch.zeros(num_experts, a_rows.shape[1], b_rows.shape[1], dtype=torch.float32,
-                          device=a_rows.device)
+    def wgrad(self, a_t, b_t, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """``out[e] = a[seg_e]^T . b[seg_e]``: fp32 ``[E, N, K]`` from the along-token operands
+        ``a_t = cols(a [T, N])`` and ``b_t = cols(b [T, K])`` (padding rows already zero)."""
+        out = torch.zeros(num_experts, a_t[0].shape[0], b_t[0].shape[0], dtype=torch.float32,
+                          device=a_t[0].device)
         return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out)
 
 
@@ -226,9 +250,16 @@ class _ExactMath:
     def rows_value(self, operand):
         return operand
 
+    def cols(self, t):
+        return t
+
     def silu_mul(self, h):
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def silu_mul_backward(self, d_act, h):
+        dh, act = silu_mul_backward(d_act, h)
+        return dh, dh, act
 
     def grouped(self, a, name, m_indices):
         b = self.w[name]  # [E, N, K]
@@ -248,24 +279,6 @@ class _ExactMath:
         return out
 
 
-def _silu_mul_backward(d_act: torch.Tensor, h: torch.Tensor, need_act: bool):
-    """``d_act [M, I]``, ``h [M, 2I]`` -> (dH ``[M, 2I]``, act ``[M, I]`` or None), in fp32
-    (float64 stays float64).
-
-    act = silu(g) * u;  d_u = d_act * silu(g);  d_g = d_act * u * sig(g) * (1 + g * (1 - sig(g))).
-    """
-    # FUSED KERNEL GOES HERE: SiLU-and-mul backward reading dA and h once, writing dH quantised
-    # 1x128 along channels (for dX) and along tokens (for dW13), and act along tokens (for dW2).
-    compute = torch.promote_types(h.dtype, torch.float32)
-    gate, up = h.to(compute).chunk(2, dim=-1)  # [M, I] each
-    d_act = d_act.to(compute)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    d_gate = d_act * up * sig * (1 + gate * (1 - sig))
-    d_up = d_act * silu
-    return torch.cat([d_gate, d_up], dim=-1), (silu * up if need_act else None)
-
-
 # ----------------------------------------------------------------------------- autograd.Function
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -278,7 +291,9 @@ class _ExpertsFunction(torch.autograd.Function):
         if reference:
             math = _ExactMath(w13.detach(), w2.detach())
         else:
-            weights = (cache or Fp8WeightCache()).get(w13, w2, pow2_scale)
+            # a backward will need the transposed copies: make them in the same pass
+            needs_backward = any(ctx.needs_input_grad[i] for i in (0, 2, 3))
+            weights = (cache or Fp8WeightCache()).get(w13, w2, pow2_scale, needs_backward)
             math = _Fp8Math(weights, pow2_scale)
         # fp8 [M_sum, H] + 1x128 scales (exact: x itself); the dispatcher's payload when given
         x_op = tuple(x_fp8) if x_fp8 is not None else math.rows(x_rows.detach())
@@ -308,14 +323,15 @@ class _ExpertsFunction(torch.autograd.Function):
             offsets = expert_offsets(m_indices, num_experts)  # int32 [E + 1]
 
         d_act = math.grouped(math.rows(dy), "w2_t", m_indices)  # [M_sum, I] = dY . W2[e]
-        dh, act = _silu_mul_backward(d_act, h, need_w2)  # fp32 [M_sum, 2I], fp32 [M_sum, I]
+        # dH along channels (dX), along tokens (dW13), act along tokens (dW2): one fused op
+        dh_rows, dh_cols, act_cols = math.silu_mul_backward(d_act, h)
         if need_w2:
-            dw2 = math.wgrad(dy, act, offsets, num_experts).to(ctx.w2_dtype)  # [E, H, I]
+            dw2 = math.wgrad(math.cols(dy), act_cols, offsets, num_experts).to(ctx.w2_dtype)  # [E, H, I]
         if need_x:
-            dx = math.grouped(math.rows(dh), "w13_t", m_indices).to(ctx.x_dtype)  # [M_sum, H]
+            dx = math.grouped(dh_rows, "w13_t", m_indices).to(ctx.x_dtype)  # [M_sum, H]
         if need_w13:
             x_val = math.rows_value(x_op).masked_fill(pad, 0)  # [M_sum, H]; zero pads keep scales tight
-            dw13 = math.wgrad(dh, x_val, offsets, num_experts).to(ctx.w13_dtype)  # [E, 2I, H]
+            dw13 = math.wgrad(dh_cols, math.cols(x_val), offsets, num_experts).to(ctx.w13_dtype)  # [E, 2I, H]
         return dx, None, dw13, dw2, None, None, None, None
 
 

@@ -26,8 +26,12 @@
 // per_block_quant_kernel keeps v1's structure with the hoisted division (86 -> 94 % of copy).
 #pragma once
 
+// NOTE: MOE_FP8_EMULATE (tests/test_train_quant_gpu.py's CPU emulation, g++) supplies the toolkit
+// types and the few inline-PTX helpers below itself.
+#ifndef MOE_FP8_EMULATE
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#endif
 
 namespace moe_fp8 {
 namespace quant {
@@ -48,6 +52,7 @@ constexpr int kPreloadTiles = 4;    // masked_m values loaded before the first s
 
 // ---- small helpers -----------------------------------------------------------------------------
 
+#ifndef MOE_FP8_EMULATE
 // NOTE: fmaxf drops NaN; the reference's amax keeps it, so use the NaN-propagating form.
 __device__ __forceinline__ float max_nan(float a, float b) {
   float d;
@@ -69,6 +74,7 @@ __device__ __forceinline__ float rcp_approx(float d) {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
   return r;
 }
+#endif  // MOE_FP8_EMULATE
 
 // Correctly rounded x / d for a finite d in [2^-126, 2^126) (the reciprocal must be normal).
 // It is the instruction sequence of the div.rn.f32 fast path with the reciprocal (one Newton
@@ -262,6 +268,7 @@ __device__ __forceinline__ void split_row(int row, int rowsPerBatch, int& e, int
 // bytes (no bank conflicts), and each thread reads back only what it copied itself (no barrier).
 constexpr int kStages = 2;  // chunk j in slot j % 2: one chunk in flight per thread during math
 
+#ifndef MOE_FP8_EMULATE
 __device__ __forceinline__ void cp_async16(uint4* sDst, const void* gSrc) {
   const unsigned sAddr = static_cast<unsigned>(__cvta_generic_to_shared(sDst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sAddr), "l"(gSrc) : "memory");
@@ -273,6 +280,7 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
+#endif  // MOE_FP8_EMULATE
 
 // kVectors 16-byte vectors per chunk: the first kVectors / kParts from gPart0, the rest from
 // gPart1 (SiLU: gate and up halves of a row).
@@ -519,7 +527,11 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) silu_and_m
     float* __restrict__ gS, const int* __restrict__ gMaskedM, int numRows, int chunksPerRow,
     int rowsPerBatch, int numBatches, long long sBatch, long long sRow, long long sGroup) {
   constexpr int kLanes = lanes_per_group<kGroupSize>();
+#ifndef MOE_FP8_EMULATE
   extern __shared__ int sPrefix[];
+#else
+  int* sPrefix = nullptr;  // the CPU emulation does not run this kernel
+#endif
   __shared__ uint4 sSlots[kStages][4][kStreamThreads];  // 16 KB: gate (2 vectors) | up (2)
   const StagingRing<4, 2> ring{sSlots};
   const unsigned mask = group_mask<kLanes>();

@@ -1,0 +1,275 @@
+// transpose_quant.cuh — FP8 (e4m3) quantisation that also writes the transposed copy, for the
+// training path (layers/autograd.py), in one pass over the input:
+//
+//   per_block_quant_transpose_kernel   w [E, N, K] -> q [E, N, K] + s [E, N/128, K/128]   (128x128)
+//                                                   qT [E, K, N] + sT [E, K/128, N/128]  (the same
+//                                                   blocks transposed: dgrad's W^T operand)
+//   token_transpose_quant_kernel       x [T, C]    -> qT [C, T] + sT [C, ceil(T/128)]    (1x128
+//                                                   along tokens, MN-major scales: the k-grouped
+//                                                   weight-gradient GEMM's operand layout)
+//
+// Math: quant.cuh's, bit for bit (amax with NaN propagating, scale = max(amax, 1e-10) / 448 by
+// IEEE division, optional power-of-two rounding, q = e4m3 satfinite(x / scale) with the
+// hoisted-reciprocal exact division). A 128x128 weight block and its transpose have the same
+// amax, so the transposed copy is the same bytes moved; a token group of a channel is a column
+// of the [128 tokens x 128 channels] tile the kernel loads.
+//
+// Both kernels: one CTA of 256 threads per 128x128 tile. Thread t loads 16 consecutive values
+// of tile rows t/8 + 32p (p = 0..3), columns 16 (t % 8) .. +15 (coalesced 32/64-byte loads),
+// quantises them, stores them row-major (the plain copy) and into a 16 KB fp8 shared tile; the
+// transposed copy is then read back 4 columns x 16 rows per thread with 32-bit loads and
+// 4x4 byte transposes (prmt), and stored as 16-byte rows of the output.
+// NOTE: shared tile layout: row r's 16-byte chunk c sits at chunk position c ^ (r / 16 % 8). The
+// writes (8 lanes = one row) and the transposed 32-bit reads (a warp = 8 row groups x 4 columns)
+// are then both free of bank conflicts; an unswizzled tile makes the reads 8-way conflicted.
+#pragma once
+
+#include "quant.cuh"
+
+namespace moe_fp8 {
+namespace quant {
+
+constexpr int kTileThreads = 256;
+constexpr int kTile = 128;                                   // rows and columns of one tile
+constexpr int kTileLanesPerRow = kTile / kValuesPerThread;   // 8
+constexpr int kTileRowsPerPass = kTileThreads / kTileLanesPerRow;  // 32
+constexpr int kTilePasses = kTile / kTileRowsPerPass;        // 4
+
+// ---- the fp8 shared tile and its transposed read-back -------------------------------------------
+
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  return row * kTile + ((chunk ^ ((row >> 4) & 7)) << 4);
+}
+
+// Stores 16 fp8 values (row `row`, columns 16 chunk .. +15) into the swizzled tile.
+__device__ __forceinline__ void tile_store16(unsigned char* sTile, int row, int chunk, uint4 v) {
+  *reinterpret_cast<uint4*>(sTile + tile_offset(row, chunk)) = v;
+}
+
+// 4x4 byte transpose: in a..d = 4 rows x 4 columns; out[k] = column k (rows a..d in bytes 0..3).
+__device__ __forceinline__ void transpose4x4(unsigned a, unsigned b, unsigned c, unsigned d,
+                                             unsigned (&rOut)[4]) {
+  const unsigned ab01 = __byte_perm(a, b, 0x5140), ab23 = __byte_perm(a, b, 0x7362);
+  const unsigned cd01 = __byte_perm(c, d, 0x5140), cd23 = __byte_perm(c, d, 0x7362);
+  rOut[0] = __byte_perm(ab01, cd01, 0x5410);
+  rOut[1] = __byte_perm(ab01, cd01, 0x7632);
+  rOut[2] = __byte_perm(ab23, cd23, 0x5410);
+  rOut[3] = __byte_perm(ab23, cd23, 0x7632);
+}
+
+// Thread t reads tile columns 4 (t / 8) .. +3 over tile rows 16 (t % 8) .. +15 and returns them
+// as 4 transposed 16-byte rows: rCol[k] = tile[16 (t % 8) + 0..15][4 (t / 8) + k].
+__device__ __forceinline__ void tile_load_transposed(const unsigned char* sTile, uint4 (&rCol)[4]) {
+  const int rowGroup = threadIdx.x % 8, col = 4 * (threadIdx.x / 8);
+  unsigned rWords[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int row = 16 * rowGroup + i;
+    rWords[i] = *reinterpret_cast<const unsigned*>(sTile + tile_offset(row, col / 16) + col % 16);
+  }
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {  // rows 4m .. 4m+3 of the group -> word m of each column
+    unsigned rOut[4];
+    transpose4x4(rWords[4 * m], rWords[4 * m + 1], rWords[4 * m + 2], rWords[4 * m + 3], rOut);
+    reinterpret_cast<unsigned*>(&rCol[0])[m] = rOut[0];
+    reinterpret_cast<unsigned*>(&rCol[1])[m] = rOut[1];
+    reinterpret_cast<unsigned*>(&rCol[2])[m] = rOut[2];
+    reinterpret_cast<unsigned*>(&rCol[3])[m] = rOut[3];
+  }
+}
+
+// Writes the transposed tile: output row (colBase + column) holds tile rows as bytes
+// [rowBase, rowBase + rowsValid). 16-byte stores when the output rows are 16-byte aligned
+// (`vectorOk`) and the chunk is whole; byte stores otherwise (odd token counts, the last tile).
+__device__ __forceinline__ void store_transposed(const uint4 (&rCol)[4],
+                                                 unsigned char* __restrict__ gOut, long long ldOut,
+                                                 long long colBase, long long rowBase,
+                                                 int rowsValid, bool vectorOk) {
+  const int rowGroup = threadIdx.x % 8, col = 4 * (threadIdx.x / 8);
+  const int first = 16 * rowGroup;
+  if (first >= rowsValid) return;
+  const int count = min(16, rowsValid - first);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    unsigned char* gRow = gOut + (colBase + col + k) * ldOut + rowBase + first;
+    if (vectorOk && count == 16) {
+      *reinterpret_cast<uint4*>(gRow) = rCol[k];
+    } else {
+      const unsigned char* bytes = reinterpret_cast<const unsigned char*>(&rCol[k]);
+      for (int i = 0; i < count; ++i) gRow[i] = bytes[i];
+    }
+  }
+}
+
+// Division by a per-value scale (scales differ along a thread's 16 channels). The finite case is
+// quant.cuh's exact hoisted division; inf/NaN scales multiply as quantize16 does.
+struct ScaleDivisor {
+  Divisor divisor;
+  float factor;
+  bool finite;
+  __device__ __forceinline__ explicit ScaleDivisor(float scale)
+      : divisor(scale <= kFloatMax ? scale : 1.0f),
+        factor(scale == __int_as_float(0x7F800000) ? 0.0f : scale),
+        finite(scale <= kFloatMax) {}
+  __device__ __forceinline__ float divide(float x) const {
+    return finite ? divisor.divide(x) : __fmul_rn(x, factor);
+  }
+};
+
+// Packs 16 quotients into 16 e4m3 bytes (saturating, NaN kept).
+__device__ __forceinline__ uint4 pack_fp8x16(const float (&rQ)[16]) {
+  uint4 out;
+  unsigned* words = reinterpret_cast<unsigned*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
+                                           __NV_SATFINITE, __NV_E4M3);
+    unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
+                                           __NV_SATFINITE, __NV_E4M3);
+    words[i] = lo | (hi << 16);
+  }
+  return out;
+}
+
+// ---- 128x128 blocks, plain and transposed ---------------------------------------------------------
+
+// w [E, N, K] (N, K multiples of 128) -> q [E, N, K], s [E, N/128, K/128], qT [E, K, N],
+// sT [E, K/128, N/128]; grid (K/128, N/128, E).
+template <typename T, bool kPow2>
+__global__ void __launch_bounds__(kTileThreads) per_block_quant_transpose_kernel(
+    const T* __restrict__ gW, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
+    __nv_fp8_storage_t* __restrict__ gQt, float* __restrict__ gSt, int N, int K) {
+  __shared__ __align__(16) unsigned char sTile[kTile * kTile];  // (128 n, 128 k) fp8, swizzled
+  __shared__ float sWarpAmax[kTileThreads / 32];
+  const int kb = blockIdx.x, nb = blockIdx.y, e = blockIdx.z;
+  const int chunk = threadIdx.x % kTileLanesPerRow, row0 = threadIdx.x / kTileLanesPerRow;
+  const long long base = static_cast<long long>(e) * N * K;
+  const long long col = static_cast<long long>(kb) * kTile + chunk * kValuesPerThread;
+
+  uint4 rRaw[kTilePasses][Raw<T>::kVectors];  // (pass, 16 values)
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p) {
+    const long long row = static_cast<long long>(nb) * kTile + row0 + p * kTileRowsPerPass;
+    load_values(gW + base + row * K + col, true, rRaw[p]);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p) {
+    float rV[16];
+    Raw<T>::to_float(rRaw[p], rV);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = max_nan(amax, fabsf(rV[i]));
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+  if (threadIdx.x % 32 == 0) sWarpAmax[threadIdx.x / 32] = amax;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kTileThreads / 32; ++w) amax = max_nan(amax, sWarpAmax[w]);
+  const float scale = scale_from_amax<kPow2>(amax);
+  const int nBlocks = N / kTile, kBlocks = K / kTile;
+  if (threadIdx.x == 0) {
+    gS[(static_cast<long long>(e) * nBlocks + nb) * kBlocks + kb] = scale;
+    gSt[(static_cast<long long>(e) * kBlocks + kb) * nBlocks + nb] = scale;
+  }
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p) {
+    const int tileRow = row0 + p * kTileRowsPerPass;
+    float rV[16];
+    Raw<T>::to_float(rRaw[p], rV);
+    const uint4 q = quantize16(rV, scale);
+    *reinterpret_cast<uint4*>(gQ + base + (static_cast<long long>(nb) * kTile + tileRow) * K + col) = q;
+    tile_store16(sTile, tileRow, chunk, q);
+  }
+  __syncthreads();
+  uint4 rCol[4];
+  tile_load_transposed(sTile, rCol);
+  // qT[e] is [K, N]: output row kb*128 + column, bytes nb*128 + tile row
+  store_transposed(rCol, reinterpret_cast<unsigned char*>(gQt + base), N,
+                   static_cast<long long>(kb) * kTile, static_cast<long long>(nb) * kTile, kTile,
+                   true);
+}
+
+// ---- 1x128 along tokens, transposed ---------------------------------------------------------------
+
+// x [T, C] (C a multiple of 128, any T) -> qT [C, T] fp8 and sT [C, ceil(T/128)] written through
+// strides (sT[c, g] = gSt[c * sRow + g * sGroup]; MN-major: sRow 1, sGroup align(C, 4)).
+// Grid (C/128, ceil(T/128)); tokens past T load as zeros (no effect on amax) and are not stored.
+template <typename T, bool kPow2>
+__global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
+    const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQt, float* __restrict__ gSt,
+    int numTokens, int C, long long sRow, long long sGroup) {
+  __shared__ __align__(16) unsigned char sTile[kTile * kTile];  // (128 tokens, 128 channels) fp8
+  __shared__ float sPart[kTileThreads / 32][kTile];           // per-warp column amax
+  __shared__ float sScale[kTile];
+  const int cb = blockIdx.x, tb = blockIdx.y;
+  const int chunk = threadIdx.x % kTileLanesPerRow, row0 = threadIdx.x / kTileLanesPerRow;
+  const long long col = static_cast<long long>(cb) * kTile + chunk * kValuesPerThread;
+  const int rowsValid = min(kTile, numTokens - tb * kTile);
+
+  uint4 rRaw[kTilePasses][Raw<T>::kVectors];  // (pass, 16 channels of one token)
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p) {
+    const int tileRow = row0 + p * kTileRowsPerPass;
+    const long long token = static_cast<long long>(tb) * kTile + tileRow;
+    load_values(gX + token * C + col, tileRow < rowsValid, rRaw[p]);
+  }
+  float rAmax[16];  // per channel, over this thread's 4 tokens
+#pragma unroll
+  for (int i = 0; i < 16; ++i) rAmax[i] = 0.0f;
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p) {
+    float rV[16];
+    Raw<T>::to_float(rRaw[p], rV);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) rAmax[i] = max_nan(rAmax[i], fabsf(rV[i]));
+  }
+  // lanes l, l^8, l^16, l^24 hold the same channels (tokens 4 apart)
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    rAmax[i] = max_nan(rAmax[i], __shfl_xor_sync(0xFFFFFFFFu, rAmax[i], 8));
+    rAmax[i] = max_nan(rAmax[i], __shfl_xor_sync(0xFFFFFFFFu, rAmax[i], 16));
+  }
+  if (threadIdx.x % 32 < kTileLanesPerRow) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) sPart[threadIdx.x / 32][chunk * kValuesPerThread + i] = rAmax[i];
+  }
+  __syncthreads();
+  if (threadIdx.x < kTile) {
+    float amax = sPart[0][threadIdx.x];
+#pragma unroll
+    for (int w = 1; w < kTileThreads / 32; ++w) amax = max_nan(amax, sPart[w][threadIdx.x]);
+    const float scale = scale_from_amax<kPow2>(amax);
+    sScale[threadIdx.x] = scale;
+    gSt[(static_cast<long long>(cb) * kTile + threadIdx.x) * sRow + tb * sGroup] = scale;
+  }
+  __syncthreads();
+  ScaleDivisor rDiv[16] = {
+      ScaleDivisor(sScale[chunk * 16 + 0]),  ScaleDivisor(sScale[chunk * 16 + 1]),
+      ScaleDivisor(sScale[chunk * 16 + 2]),  ScaleDivisor(sScale[chunk * 16 + 3]),
+      ScaleDivisor(sScale[chunk * 16 + 4]),  ScaleDivisor(sScale[chunk * 16 + 5]),
+      ScaleDivisor(sScale[chunk * 16 + 6]),  ScaleDivisor(sScale[chunk * 16 + 7]),
+      ScaleDivisor(sScale[chunk * 16 + 8]),  ScaleDivisor(sScale[chunk * 16 + 9]),
+      ScaleDivisor(sScale[chunk * 16 + 10]), ScaleDivisor(sScale[chunk * 16 + 11]),
+      ScaleDivisor(sScale[chunk * 16 + 12]), ScaleDivisor(sScale[chunk * 16 + 13]),
+      ScaleDivisor(sScale[chunk * 16 + 14]), ScaleDivisor(sScale[chunk * 16 + 15])};
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p) {
+    float rV[16], rQ[16];
+    Raw<T>::to_float(rRaw[p], rV);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) rQ[i] = rDiv[i].divide(rV[i]);
+    tile_store16(sTile, row0 + p * kTileRowsPerPass, chunk, pack_fp8x16(rQ));
+  }
+  __syncthreads();
+  uint4 rCol[4];
+  tile_load_transposed(sTile, rCol);
+  // qT is [C, T]: output row cb*128 + column, bytes tb*128 + tile row
+  store_transposed(rCol, reinterpret_cast<unsigned char*>(gQt), numTokens,
+                   static_cast<long long>(cb) * kTile, static_cast<long long>(tb) * kTile,
+                   rowsValid, numTokens % 16 == 0);
+}
+
+}  // namespace quant
+}  // namespace moe_fp8

@@ -1,0 +1,96 @@
+"""Host side of include/transpose_quant.cuh: quantisation that also writes the transposed copy
+(training path; inputs validated by the public ops in ``moe_fp8.gemm``).
+
+* ``per_block_quant_transpose(w, q, s, q_t, s_t, block_size, pow2_scale)``: w ``[N, K]`` or
+  ``[E, N, K]`` bf16/fp32 contiguous, N and K multiples of 128; q like w, s
+  ``[.., N/128, K/128]``, q_t ``[.., K, N]``, s_t ``[.., K/128, N/128]``, all contiguous.
+  One CTA per 128x128 block: grid ``(K/128, N/128, E)``.
+* ``token_transpose_quant(x, q_t, s_t, group_size, pow2_scale)``: x ``[T, C]`` bf16/fp32
+  contiguous, C a multiple of 128, any T; q_t ``[C, T]`` fp8 contiguous, s_t ``[C, ceil(T/128)]``
+  fp32 through its strides (the public op allocates it MN-major, what the k-grouped
+  weight-gradient GEMM reads). One CTA per 128 tokens x 128 channels: grid ``(C/128, ceil(T/128))``.
+
+Both launch on a grid that depends only on the shapes (graph-capturable, no host sync).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..jit import KernelSource, get_kernel, i32, i64, register_bundled
+
+kHeader = "transpose_quant.cuh"
+kTileThreads = 256  # transpose_quant.cuh kTileThreads
+kTile = 128  # transpose_quant.cuh kTile: the block / group size the kernels are written for
+_kTypeNames = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
+kSupportedInputs = {
+    "per_block_quant_transpose": tuple(_kTypeNames),
+    "token_transpose_quant": tuple(_kTypeNames),
+}
+
+
+def _bool(flag: bool) -> str:
+    return "true" if flag else "false"
+
+
+@functools.lru_cache(maxsize=None)
+def per_block_transpose_source(dtype: torch.dtype, pow2_scale: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::per_block_quant_transpose_kernel<"
+                                 f"{_kTypeNames[dtype]}, {_bool(pow2_scale)}>")
+
+
+@functools.lru_cache(maxsize=None)
+def token_transpose_source(dtype: torch.dtype, pow2_scale: bool) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::quant::token_transpose_quant_kernel<"
+                                 f"{_kTypeNames[dtype]}, {_bool(pow2_scale)}>")
+
+
+@register_bundled
+def bundled_sources() -> list[KernelSource]:
+    """Every variant the public ops use: bf16/fp32 inputs, both scale kinds."""
+    sources = []
+    for pow2 in (False, True):
+        for dtype in _kTypeNames:
+            sources += [per_block_transpose_source(dtype, pow2), token_transpose_source(dtype, pow2)]
+    return sources
+
+
+def _check_size(size: int, what: str) -> None:
+    if size != kTile:
+        raise ValueError(f"{what} must be {kTile}, got {size}")
+
+
+def _check_aligned(**tensors) -> None:
+    """16-byte vector accesses need 16-byte aligned bases (a storage offset can break it)."""
+    for name, tensor in tensors.items():
+        if tensor.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address, got "
+                             f"{tensor.data_ptr():#x} (a sliced view?)")
+
+
+def per_block_quant_transpose(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                              q_t: torch.Tensor, s_t: torch.Tensor, block_size: int = 128,
+                              pow2_scale: bool = False) -> None:
+    _check_size(block_size, "block_size")
+    n, k = w.shape[-2], w.shape[-1]
+    experts = w.shape[0] if w.dim() == 3 else 1
+    if w.numel() == 0:
+        return
+    _check_aligned(w=w, q=q, q_t=q_t)
+    kernel = get_kernel(per_block_transpose_source(w.dtype, bool(pow2_scale)))
+    kernel.launch((k // kTile, n // kTile, experts), kTileThreads, 0,
+                  [w, q, s, q_t, s_t, i32(n), i32(k)])
+
+
+def token_transpose_quant(x: torch.Tensor, q_t: torch.Tensor, s_t: torch.Tensor,
+                          group_size: int = 128, pow2_scale: bool = False) -> None:
+    _check_size(group_size, "group_size")
+    tokens, channels = x.shape
+    if x.numel() == 0:
+        return
+    _check_aligned(x=x, q_t=q_t)
+    kernel = get_kernel(token_transpose_source(x.dtype, bool(pow2_scale)))
+    kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
+                  [x, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
+                   i64(s_t.stride(1))])

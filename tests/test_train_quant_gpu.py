@@ -1,0 +1,497 @@
+"""Training quantisation kernels (include/transpose_quant.cuh, include/silu_backward.cuh) against
+their references, bit for bit.
+
+Two backends run the same checks (as tests/test_permute_gpu.py does):
+
+* ``cuda`` (marker ``gpu``): the kernels through the JIT on a Hopper GPU, DeepSeek-V3 widths
+  included. SiLU backward's elementwise part (exp, reciprocal, products) is formed by torch on the
+  GPU, exactly as ``reference.silu_mul_backward`` writes it (torch's exp is the device expf the
+  kernel calls); every quantisation step of the oracle runs on CPU copies (IEEE division).
+* ``emulated`` (CPU, no GPU): the same headers compiled with g++ (one std::thread per CUDA thread,
+  shared memory as statics, shuffles through per-warp barriers, the few inline-PTX helpers of
+  quant.cuh replaced by plain C++), launched through the same host files. It checks indexing,
+  transposition, reductions and argument plumbing on small shapes; its expf is the C library's,
+  so the SiLU oracle there is formed on the CPU and compared with a tolerance of a few values.
+
+Outputs are poisoned before each launch (random fp8 bytes, NaN scales) so that any element the
+kernel fails to write is caught.
+"""
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import moe_fp8.gemm as G
+from moe_fp8.gemm import reference as ref
+from moe_fp8.gemm.layout import build_m_indices, ceil_div, empty_act_scales, segment_offsets
+
+FP8 = torch.float8_e4m3fn
+
+
+def tq():
+    from moe_fp8.gemm.kernels import transpose_quant as module
+    return module
+
+
+def sb():
+    from moe_fp8.gemm.kernels import silu_backward as module
+    return module
+
+
+# ----------------------------------------------------------------------------- CPU emulation
+
+kHarness = r'''
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define MOE_FP8_EMULATE 1
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct float2 { float x, y; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 gridDim, blockDim;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // CTAs run one at a time: a static is one CTA's shared memory
+#define __align__(n) __attribute__((aligned(n)))
+using std::max;
+using std::min;
+
+struct __nv_bfloat16 { unsigned short x; };
+typedef unsigned char __nv_fp8_storage_t;
+enum __nv_saturation_t { __NV_NOSAT, __NV_SATFINITE };
+enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
+
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+inline float __frcp_rn(float a) { volatile float r = 1.0f / a; return r; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+template <typename T> inline T __ldg(const T* p) { return *p; }
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  unsigned char bytes[8];
+  std::memcpy(bytes, &x, 4);
+  std::memcpy(bytes + 4, &y, 4);
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= unsigned(bytes[(s >> (4 * i)) & 7]) << (8 * i);
+  return r;
+}
+
+// e4m3fn, round to nearest even, saturating to +-448, NaN -> 0x7F
+inline unsigned char to_e4m3(float x) {
+  if (std::isnan(x)) return 0x7F;
+  const unsigned char sign = std::signbit(x) ? 0x80 : 0;
+  const double a = std::fabs(double(x));
+  unsigned code;
+  if (a >= 448.0) {
+    code = 0x7E;
+  } else if (a < std::ldexp(1.0, -6)) {
+    code = unsigned(std::nearbyint(a * 512.0));  // subnormal steps of 2^-9 (8 -> min normal)
+  } else {
+    int e;
+    const double m = std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
+    double q = std::nearbyint((m * 2.0 - 1.0) * 8.0);
+    int exponent = e - 1 + 7;
+    if (q == 8.0) { q = 0.0; ++exponent; }
+    code = unsigned(exponent) << 3 | unsigned(q);
+    if (code > 0x7E) code = 0x7E;
+  }
+  return static_cast<unsigned char>(sign | code);
+}
+inline unsigned short __nv_cvt_float2_to_fp8x2(float2 v, __nv_saturation_t, __nv_fp8_interpretation_t) {
+  return static_cast<unsigned short>(to_e4m3(v.x) | (unsigned(to_e4m3(v.y)) << 8));
+}
+
+struct Cta {
+  std::unique_ptr<std::barrier<>> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps, halves;
+  std::vector<std::array<unsigned, 32>> scratch;
+};
+static Cta* gCta = nullptr;
+
+inline void __syncthreads() { gCta->all->arrive_and_wait(); }
+inline std::barrier<>& barrier_of(unsigned mask) {
+  const unsigned warp = threadIdx.x / 32;
+  if (mask == 0xFFFFFFFFu) return *gCta->warps[warp];
+  if (mask == 0x0000FFFFu) return *gCta->halves[2 * warp];
+  if (mask == 0xFFFF0000u) return *gCta->halves[2 * warp + 1];
+  std::abort();  // the kernels here use no other masks
+}
+inline float __shfl_xor_sync(unsigned mask, float value, int offset) {
+  auto& s = gCta->scratch[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  auto& bar = barrier_of(mask);
+  s[lane] = __float_as_uint(value);
+  bar.arrive_and_wait();
+  const float result = __uint_as_float(s[lane ^ offset]);
+  bar.arrive_and_wait();
+  return result;
+}
+// referenced by quant.cuh's other kernels (never instantiated here)
+inline int __shfl_up_sync(unsigned, int, int) { std::abort(); }
+inline bool __any_sync(unsigned, bool) { std::abort(); }
+
+namespace moe_fp8 {
+namespace quant {
+inline float max_nan(float a, float b) {
+  if (std::isnan(a)) return a;
+  if (std::isnan(b)) return b;
+  return a > b ? a : b;
+}
+inline uint4 ld_stream(const void* p) { uint4 r; std::memcpy(&r, p, 16); return r; }
+inline float rcp_approx(float d) { volatile float r = 1.0f / d; return r; }  // within 1 ulp
+inline void cp_async16(uint4* dst, const void* src) { std::memcpy(dst, src, 16); }
+inline void cp_async_commit() {}
+template <int kPending> inline void cp_async_wait() {}
+}  // namespace quant
+}  // namespace moe_fp8
+
+#include "silu_backward.cuh"
+
+template <typename... Ts, std::size_t... I>
+void call_with(void (*kernel)(Ts...), void** args, std::index_sequence<I...>) {
+  kernel(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<Ts>>*>(args[I])...);
+}
+
+template <typename... Ts>
+int launch(void (*kernel)(Ts...), const unsigned* grid, unsigned threads, void** args,
+           const int* sizes, int numArgs) {
+  if (numArgs != static_cast<int>(sizeof...(Ts))) return 1000 + static_cast<int>(sizeof...(Ts));
+  const std::size_t expected[] = {sizeof(Ts)...};
+  for (int i = 0; i < numArgs; ++i)
+    if (static_cast<std::size_t>(sizes[i]) != expected[i]) return 2000 + i;
+  gridDim = {grid[0], grid[1], grid[2]};
+  blockDim = {threads, 1, 1};
+  for (unsigned z = 0; z < grid[2]; ++z)
+    for (unsigned y = 0; y < grid[1]; ++y)
+      for (unsigned x = 0; x < grid[0]; ++x) {
+        Cta cta;
+        cta.all = std::make_unique<std::barrier<>>(threads);
+        for (unsigned w = 0; w < threads / 32; ++w) {
+          cta.warps.push_back(std::make_unique<std::barrier<>>(32));
+          cta.halves.push_back(std::make_unique<std::barrier<>>(16));
+          cta.halves.push_back(std::make_unique<std::barrier<>>(16));
+        }
+        cta.scratch.resize(threads / 32);
+        gCta = &cta;
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([=] {
+            threadIdx = {t, 0, 0};
+            blockIdx = {x, y, z};
+            call_with(kernel, args, std::index_sequence_for<Ts...>{});
+          });
+        for (auto& th : pool) th.join();
+      }
+  return 0;
+}
+
+struct Entry { const char* name; int (*run)(const unsigned*, unsigned, void**, const int*, int); };
+#define MOE_EMU_KERNEL(...)                                                     \
+  {#__VA_ARGS__, [](const unsigned* g, unsigned t, void** a, const int* s, int n) { \
+     return launch(&__VA_ARGS__, g, t, a, s, n); }}
+static const Entry kEntries[] = {
+    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, true>),
+    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<float, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<float, true>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, true>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, true>),
+    MOE_EMU_KERNEL(moe_fp8::quant::silu_and_mul_backward_quant_kernel<false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::silu_and_mul_backward_quant_kernel<true>),
+};
+
+// 0: done; -1: unknown instance; 1000 + n: the kernel takes n arguments; 2000 + i: size of arg i
+extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsigned threads,
+                              void** args, const int* sizes, int numArgs) {
+  auto squeeze = [](std::string s) { s.erase(std::remove(s.begin(), s.end(), ' '), s.end()); return s; };
+  const std::string name = squeeze(instance);
+  for (const Entry& e : kEntries)
+    if (squeeze(e.name) == name) return e.run(grid, threads, args, sizes, numArgs);
+  return -1;
+}
+'''
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The harness above compiled with g++ (C++20), loaded with ctypes."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("the CPU emulation needs g++")
+    from moe_fp8.gemm.jit import env
+    build = tmp_path_factory.mktemp("train_quant_emulation")
+    (build / "harness.cpp").write_text(kHarness)
+    library = build / "libtrain_quant_emulation.so"
+    result = subprocess.run([compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
+                             "-pthread", f"-I{env.kIncludeDir}", str(build / "harness.cpp"), "-o",
+                             str(library)], capture_output=True, text=True)
+    if result.returncode and "barrier" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("the CPU emulation needs a C++20 standard library (<barrier>)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lib = ctypes.CDLL(str(library))
+    lib.moe_emu_launch.restype = ctypes.c_int
+    return lib
+
+
+class EmulatedKernel:
+    """Stands in for ``jit.Kernel``: same ``launch`` arguments, runs the emulated kernel."""
+
+    def __init__(self, lib, src):
+        self.lib, self.src = lib, src
+
+    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
+        from moe_fp8.gemm.jit.runtime import _dim3
+        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
+        assert block[1] == block[2] == 1 and cluster == (1, 1, 1)
+        values = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                assert arg.device.type == "cpu"
+                values.append(ctypes.c_uint64(arg.data_ptr()))
+            elif arg is None:
+                values.append(ctypes.c_uint64(0))
+            else:
+                values.append(arg)
+        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        sizes = (ctypes.c_int * len(values))(*[ctypes.sizeof(v) for v in values])
+        code = self.lib.moe_emu_launch(self.src.instance.encode(), (ctypes.c_uint * 3)(*grid),
+                                       block[0], pointers, sizes, len(values))
+        assert code == 0, f"emulated {self.src.instance}: code {code} (see moe_emu_launch)"
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
+def device(request, monkeypatch):
+    """-> "cuda" (the real kernels) or "cpu" (the emulated kernels through the same host files)."""
+    if request.param == "emulated":
+        lib = request.getfixturevalue("emulator")
+        for module in (tq(), sb()):
+            monkeypatch.setattr(module, "get_kernel", lambda src, *a: EmulatedKernel(lib, src))
+        return "cpu"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    return "cuda"
+
+
+def big(device):
+    """Full DeepSeek-V3 widths only on the GPU (the emulation runs a thread per CUDA thread)."""
+    return device == "cuda"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_input(shape, dtype, seed, device):
+    """Random values of varied magnitude per row, an all-zero row, extremes and tiny values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    rows = x.view(-1, shape[-1])
+    rows *= torch.pow(10.0, torch.empty(rows.shape[0], 1).uniform_(-4, 4, generator=gen))
+    if rows.shape[0] > 3:
+        rows[0] = 0
+        rows[1, ::3] = torch.finfo(dtype).max / 2
+        rows[1, 1::3] = -torch.finfo(dtype).max / 3
+        rows[2] *= 1e-30
+    return x.to(dtype).to(device)
+
+
+def poisoned_fp8(shape, device):
+    return torch.randint(0, 256, shape, dtype=torch.uint8).view(FP8).to(device)
+
+
+def nan_scales(rows, groups, device):
+    s = empty_act_scales(rows, groups, device=device)
+    s.fill_(float("nan"))
+    return s
+
+
+def assert_bits_equal(actual_q, expected_q, actual_s, expected_s, what=""):
+    a_s, e_s = actual_s.cpu(), expected_s.cpu()
+    assert torch.equal(a_s, e_s), \
+        f"{what}: scales differ at {(a_s != e_s).nonzero()[:5].tolist()}"
+    diff = actual_q.cpu().view(torch.uint8) != expected_q.cpu().view(torch.uint8)
+    assert not diff.any(), f"{what}: {int(diff.sum())} fp8 bytes differ, e.g. {diff.nonzero()[:5].tolist()}"
+
+
+# ----------------------------------------------------------------------------- 128x128 + transpose
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(128, 128), (3, 256, 384), (2, 4096, 7168), (1, 7168, 2048)])
+def test_per_block_quant_transpose(device, shape, dtype, pow2):
+    if shape[-1] * shape[-2] > 256 * 384 and not big(device):
+        pytest.skip("DeepSeek-V3 widths run on the GPU only")
+    w = make_input(shape, dtype, seed=sum(shape) + pow2, device=device)
+    n, k = shape[-2:]
+    lead = shape[:-2]
+    q, qt = poisoned_fp8(shape, device), poisoned_fp8((*lead, k, n), device)
+    s = torch.full((*lead, n // 128, k // 128), float("nan"), device=device)
+    st = torch.full((*lead, k // 128, n // 128), float("nan"), device=device)
+    tq().per_block_quant_transpose(w, q, s, qt, st, 128, pow2)
+    (eq, es), (eqt, est) = ref.per_block_quant_transpose(w.cpu(), 128, pow2)
+    assert_bits_equal(q, eq, s, es, "copy")
+    assert_bits_equal(qt, eqt, st, est, "transposed copy")
+    # the composition the fused op replaces: quantising w^T gives the same bytes
+    cq, cs = ref.per_block_quant(w.cpu().transpose(-2, -1).contiguous(), 128, pow2)
+    assert_bits_equal(qt, cq, st, cs, "vs quantise(w^T)")
+
+
+# ----------------------------------------------------------------------------- along tokens
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("tokens,channels", [(1, 128), (7, 256), (128, 128), (300, 384),
+                                             (1000, 128), (4096, 7168), (16383, 2048)])
+def test_token_transpose_quant(device, tokens, channels, dtype, pow2):
+    if tokens * channels > 1000 * 384 and not big(device):
+        pytest.skip("large shapes run on the GPU only")
+    x = make_input((tokens, channels), dtype, seed=tokens + channels + pow2, device=device)
+    groups = ceil_div(tokens, 128)
+    q, s = poisoned_fp8((channels, tokens), device), nan_scales(channels, groups, device)
+    tq().token_transpose_quant(x, q, s, 128, pow2)
+    eq, es = ref.transpose_token_group_quant(x.cpu(), 128, pow2)
+    assert_bits_equal(q, eq, s, es, f"T={tokens} C={channels}")
+
+
+def test_token_transpose_quant_extreme_columns(device):
+    """A zero channel, a NaN-free extreme channel and subnormal quotients, along tokens."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 256, generator=gen)
+    x[:, 0] = 0
+    x[::2, 1] = 3e38
+    x[1::2, 1] = -1e38
+    x[:, 2] *= 1e-30
+    x[:, 3] *= torch.pow(10.0, torch.empty(200).uniform_(-6, 6, generator=gen))
+    x = x.to(device)
+    q, s = poisoned_fp8((256, 200), device), nan_scales(256, 2, device)
+    tq().token_transpose_quant(x, q, s, 128, False)
+    eq, es = ref.transpose_token_group_quant(x.cpu(), 128, False)
+    assert_bits_equal(q, eq, s, es)
+
+
+@pytest.mark.gpu
+def test_token_transpose_feeds_wgrad_like_the_composition():
+    """The op's output is exactly the operand the k-grouped GEMM read before (transposed copy +
+    row quantiser), so the weight gradient is identical, empty experts included."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    counts = [300, 0, 129, 0, 1, 640]
+    m_indices = build_m_indices(counts, device="cuda")
+    tokens = m_indices.shape[0]
+    offsets = segment_offsets(counts).cuda()
+    dy = torch.randn(tokens, 512, generator=gen, device="cuda").to(torch.bfloat16)
+    x = torch.randn(tokens, 384, generator=gen, device="cuda")
+    dy[m_indices < 0] = 0
+    x[m_indices < 0] = 0
+    fused = (G.transpose_token_group_quant_fp8(dy), G.transpose_token_group_quant_fp8(x))
+    plain = (G.per_token_group_quant_fp8(dy.t().contiguous()),
+             G.per_token_group_quant_fp8(x.t().contiguous()))
+    for (qf, sf), (qp, sp) in zip(fused, plain):
+        assert_bits_equal(qf, qp, sf, sp)
+    outs = []
+    for a, b in (fused, plain):
+        out = torch.zeros(len(counts), 512, 384, device="cuda")
+        outs.append(G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out))
+    assert torch.equal(outs[0], outs[1])
+    assert bool((outs[0][1] == 0).all()) and bool((outs[0][3] == 0).all())
+
+
+# ----------------------------------------------------------------------------- SiLU backward
+
+def silu_backward_oracle(d_act, h, pow2, device):
+    """(dh rows, dh^T, act^T) pairs: the elementwise part on ``device`` (torch), the
+    quantisations on the CPU."""
+    d_h, act = ref.silu_mul_backward(d_act, h)
+    d_h, act = d_h.cpu(), act.cpu()
+    return (ref.per_token_group_quant(d_h, 128, pow2),
+            ref.transpose_token_group_quant(d_h, 128, pow2),
+            ref.transpose_token_group_quant(act, 128, pow2))
+
+
+def silu_inputs(rows, inter, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, 2 * inter, generator=gen) * 3
+    d_act = torch.randn(rows, inter, generator=gen)
+    d_act *= torch.pow(10.0, torch.empty(rows, 1).uniform_(-3, 3, generator=gen))
+    if rows > 4:
+        h[0] = 0  # a zero token
+        h[1, :inter:7] = -100.0  # exp overflows: sig = 0, silu = -0
+        h[2, :inter:5] = 60.0  # sig = 1
+        d_act[3] = 0
+    return d_act.to(torch.bfloat16).to(device), h.to(torch.bfloat16).to(device)
+
+
+def run_silu_backward(d_act, h, pow2, device):
+    rows, inter = d_act.shape
+    groups = ceil_div(rows, 128)
+    dh = (poisoned_fp8((rows, 2 * inter), device), nan_scales(rows, 2 * inter // 128, device))
+    dh_t = (poisoned_fp8((2 * inter, rows), device), nan_scales(2 * inter, groups, device))
+    act_t = (poisoned_fp8((inter, rows), device), nan_scales(inter, groups, device))
+    sb().silu_and_mul_backward_quant(d_act, h, *dh, *dh_t, *act_t, 128, pow2)
+    return dh, dh_t, act_t
+
+
+def assert_close_fp8(actual, expected, what, max_bad_fraction):
+    """The emulation's expf is the C library's: allow a few values one code apart."""
+    (aq, a_s), (eq, e_s) = actual, expected
+    assert not a_s.isnan().any(), f"{what}: unwritten scales"
+    torch.testing.assert_close(a_s.cpu(), e_s, rtol=1e-5, atol=0, msg=what)
+    diff = (aq.cpu().view(torch.uint8).int() - eq.view(torch.uint8).int()).abs()
+    bad = (diff > 0).float().mean().item()
+    assert bad <= max_bad_fraction and int((diff > 1).sum()) <= max(2, diff.numel() // 10000), \
+        f"{what}: {bad:.2%} bytes differ"
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("rows,inter", [(1, 128), (5, 256), (128, 128), (300, 256), (1000, 128),
+                                        (4096, 2048), (16384, 2048), (777, 1536)])
+def test_silu_and_mul_backward_quant(device, rows, inter, pow2):
+    if rows * inter > 300 * 256 and not big(device):
+        pytest.skip("large shapes run on the GPU only")
+    d_act, h = silu_inputs(rows, inter, seed=rows + inter + pow2, device=device)
+    outputs = run_silu_backward(d_act, h, pow2, device)
+    expected = silu_backward_oracle(d_act, h, pow2, device)
+    names = ("dh rows", "dh^T", "act^T")
+    for name, got, want in zip(names, outputs, expected):
+        if device == "cuda":
+            assert_bits_equal(got[0], want[0], got[1], want[1], f"{name} M={rows} I={inter}")
+        else:
+            assert_close_fp8(got, want, f"{name} M={rows} I={inter}", 0.01)
+
+
+@pytest.mark.gpu
+def test_silu_backward_public_op_and_layout():
+    """Through the public op (MN-major scales, kernel picked on Hopper) vs backend='reference'."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    d_act, h = silu_inputs(640, 512, seed=5, device="cuda")
+    got = G.silu_and_mul_backward_quant_fp8(d_act, h, backend="kernel")
+    expected = silu_backward_oracle(d_act, h, False, "cuda")
+    for (q, s), (eq, es) in zip(got, expected):
+        assert s.stride(0) == 1  # MN-major, what the GEMMs read without a copy
+        assert_bits_equal(q, eq, s, es)
