@@ -1,14 +1,16 @@
 """Where the MoE layer's time goes: torch.profiler over one prefill forward and one decode replay.
 
 DeepSeek-V3 shapes on one GPU holding 32 experts (H 7168, I 2048, top-8, 1 shared expert), the
-same layer as bench_layer.py. For each path (torch permute/combine, and the fused kernels with
-MOE_FP8_FUSED_PERMUTE=1) it prints:
+same layer as bench_layer.py. For each path (``torch``: MOE_FP8_FUSED_PERMUTE=0 and
+MOE_FP8_FUSED_ROUTER=0; ``fused``: both kernel families on, the default; ``--mode all`` adds
+``permute``: fused permute with the torch router) it prints:
 
 * the layer's clean time (CUDA events, median, L2 flushed, no profiler, no instrumentation);
 * a phase table from one instrumented forward: each phase (router, quantise, index, permute,
   grouped GEMMs, SiLU-mul-quant, shared GEMMs, combine, ...) with its span on the GPU timeline
   (CUDA events around the call: kernel time + idle gaps while the host launches), the summed
   time of its kernels (profiler) and its kernel count;
+* the GEMM share: the FP8 GEMM kernels' time (profiler) over the clean layer time;
 * GPU busy vs idle inside the forward (union of kernel intervals vs first-start..last-end),
   kernel / memcpy / memset counts, host syncs (stream/device syncs, item()/nonzero);
 * the top kernels by CUDA time;
@@ -16,7 +18,7 @@ MOE_FP8_FUSED_PERMUTE=1) it prints:
   and the phase table of the same step run eagerly (kernel times are the graph's; spans are not).
 
     python -m moe_fp8.gemm.precompile && python benchmarks/profile_layer.py [--tokens 4096 16384]
-        [--decode 128] [--mode both|torch|fused] [--top 12]
+        [--decode 128] [--mode both|torch|fused|all] [--top 12]
 
 Runs in well under a minute on an H100 once the kernels are compiled (precompile first).
 Tables go to stdout and benchmarks/results/profile_layer_<date>.md (card, date, commit).
@@ -42,9 +44,13 @@ from common import RESULTS_DIR, bench, card, commit, markdown_table  # noqa: E40
 import moe_fp8.gemm as G  # noqa: E402
 import moe_fp8.layers.dispatch.local as local_dispatch  # noqa: E402
 import moe_fp8.layers.moe as moe_module  # noqa: E402
+import moe_fp8.layers.router as router_module  # noqa: E402
 from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
 
 kEnv = "MOE_FP8_FUSED_PERMUTE"
+kRouterEnv = "MOE_FP8_FUSED_ROUTER"
+kModes = {"torch": (False, False), "permute": (True, False), "fused": (True, True)}  # (permute, router)
+kGemmKernel = "fp8_gemm_kernel"  # the grouped and dense FP8 GEMMs (the GEMM share)
 kSyncCalls = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
 kSyncOps = {"aten::_local_scalar_dense", "aten::nonzero"}  # ops that read the device back
@@ -53,7 +59,8 @@ kActivities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
 
 # (module, attribute, phase label): the functions the layer calls, wrapped while profiling
 kPhases = [
-    (moe_module, "tokens_per_expert", "router: tokens_per_expert"),
+    (router_module, "gate_logits", "router: logits (x.float + fp32 GEMM)"),
+    (router_module, "route", "router: select (sigmoid, top-k, weights, counts)"),
     (moe_module, "quantize_tokens", "quantise x (1x128)"),
     (local_dispatch, "local_expert_ids", "index: local ids"),
     (local_dispatch, "contiguous_index", "index: contiguous_index"),
@@ -71,16 +78,19 @@ kPhases = [
 
 
 @contextlib.contextmanager
-def fused_mode(on: bool):
-    old = os.environ.get(kEnv)
-    os.environ[kEnv] = "1" if on else "0"
+def fused_mode(mode: str):
+    """``mode`` in kModes: sets both switches, restores them after."""
+    saved = {name: os.environ.get(name) for name in (kEnv, kRouterEnv)}
+    for name, on in zip((kEnv, kRouterEnv), kModes[mode]):
+        os.environ[name] = "1" if on else "0"
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(kEnv, None)
-        else:
-            os.environ[kEnv] = old
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 class Phases:
@@ -106,17 +116,11 @@ class Phases:
                 original = getattr(module, name)
                 self.saved.append((module, name, original))
                 setattr(module, name, self._wrap(original, label))
-        gate = self.moe.gate
-        self.saved.append((gate, "forward", None))
-        gate.forward = self._wrap(type(gate).forward.__get__(gate), "router: gate")
         return self
 
     def __exit__(self, *exc):
         for obj, name, original in reversed(self.saved):
-            if original is None:
-                delattr(obj, name)  # back to the class's method
-            else:
-                setattr(obj, name, original)
+            setattr(obj, name, original)
         self.saved.clear()
 
     def span_us(self) -> dict:
@@ -213,9 +217,16 @@ def phase_table(phases: Phases, stats: dict, layer_us: float):
     return rows
 
 
+def gemm_us(stats: dict) -> float:
+    return sum(us for name, (_, us) in stats["by_name"].items() if kGemmKernel in name)
+
+
 def summary_line(title, clean_us, stats, instrumented_us) -> str:
     idle = stats["span_us"] - stats["busy_us"]
-    return (f"{title}: layer {clean_us:.0f} us clean (median, L2 flushed), {instrumented_us:.0f} us "
+    gemm = gemm_us(stats)
+    return (f"{title}: layer {clean_us:.0f} us clean (median, L2 flushed), GEMM kernels "
+            f"{gemm:.0f} us = {100 * gemm / max(clean_us, 1e-9):.0f} % of it, other kernels "
+            f"{stats['kernel_us'] - gemm:.0f} us; {instrumented_us:.0f} us "
             f"instrumented; kernels {stats['kernels']} (+{stats['memcpy']} memcpy, "
             f"{stats['memset']} memset), host launches {stats['launches']}, host syncs "
             f"{stats['syncs']} (+{stats['sync_ops']} item/nonzero ops); GPU busy "
@@ -228,7 +239,7 @@ def profile_prefill(moe: MoE, tokens: int, top: int, repeats: int):
     x = torch.randn(tokens, moe.cfg.hidden_size, generator=gen, device="cuda").bfloat16()
     y = moe(x)  # warm-up: compile/load kernels, allocator
     clean_us = bench(lambda: moe(x), warmup=1, repeats=repeats)
-    labels = {label for _, _, label in kPhases} | {"router: gate"}
+    labels = {label for _, _, label in kPhases}
     torch.cuda.synchronize()
     with Phases(moe) as phases:
         with profile(activities=kActivities) as prof:
@@ -257,7 +268,7 @@ def profile_decode(moe: MoE, tokens: int, top: int, repeats: int):
             run(x)
         torch.cuda.synchronize()
     graph_stats = analyse(prof, set())
-    labels = {label for _, _, label in kPhases} | {"router: gate"}
+    labels = {label for _, _, label in kPhases}
     with Phases(moe) as phases:
         with profile(activities=kActivities) as prof:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -275,7 +286,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--decode", type=int, default=128, help="decode batch (0: skip decode)")
-    parser.add_argument("--mode", choices=("both", "torch", "fused"), default="both")
+    parser.add_argument("--mode", choices=("both", "torch", "fused", "permute", "all"), default="both",
+                        help="both: torch and fused; all: torch, permute (fused permute, torch "
+                             "router) and fused")
     parser.add_argument("--experts", type=int, default=32, help="experts on this GPU")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
@@ -286,15 +299,16 @@ def main() -> None:
     cfg = MoEConfig.deepseek_v3(num_experts=args.experts)
     moe = MoE(cfg, device="cuda", seed=0)
     print(f"{card()}: layer built in {time.perf_counter() - t0:.1f} s", flush=True)
-    modes = {"both": (False, True), "torch": (False,), "fused": (True,)}[args.mode]
+    modes = {"both": ("torch", "fused"), "all": ("torch", "permute", "fused")}.get(args.mode,
+                                                                                 (args.mode,))
     out = [f"# profile_layer\n\ncard: {card()} · torch {torch.__version__} · date "
            f"{datetime.date.today().isoformat()} · commit {commit()} · {args.experts} experts, "
            f"H {cfg.hidden_size}, I {cfg.moe_intermediate_size}, top-{cfg.top_k}\n"]
     reference = {}
     for tokens in args.tokens:
-        for fused in modes:
-            title = f"prefill T={tokens}, {'fused' if fused else 'torch'} permute/combine"
-            with fused_mode(fused):
+        for mode in modes:
+            title = f"prefill T={tokens}, {mode} (permute, router)"
+            with fused_mode(mode):
                 y, clean_us, inst_us, stats, phases = profile_prefill(moe, tokens, args.top,
                                                                       args.repeats)
             check = ""
@@ -310,9 +324,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     reference.clear()
     if args.decode:
-        for fused in modes:
-            title = f"decode graph n={args.decode}, {'fused' if fused else 'torch'} permute/combine"
-            with fused_mode(fused):
+        for mode in modes:
+            title = f"decode graph n={args.decode}, {mode} (permute, router)"
+            with fused_mode(mode):
                 y, replay_us, graph_stats, eager_us, eager_stats, phases = profile_decode(
                     moe, args.decode, args.top, args.repeats)
             check = ""

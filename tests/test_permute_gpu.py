@@ -111,8 +111,26 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // nearest even; NaN stays 
 }
 inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(unsigned(b.x) << 16); }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
+template <typename T> inline T __shfl_xor_sync(unsigned, T value, int mask) {
+  static_assert(sizeof(T) <= sizeof(long long), "one scratch word per lane");
+  auto& s = gCta->scratch[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  long long word = 0;
+  std::memcpy(&word, &value, sizeof(T));
+  s[lane] = word;
+  __syncwarp();
+  T result;
+  const long long other = s[lane ^ mask];
+  std::memcpy(&result, &other, sizeof(T));
+  __syncwarp();
+  return result;
+}
 
-#include "permute.cuh"
+@INCLUDES@
 
 template <typename... Ts, std::size_t... I>
 void call_with(void (*kernel)(Ts...), void** args, std::index_sequence<I...>) {
@@ -155,14 +173,7 @@ struct Entry { const char* name; int (*run)(const unsigned*, unsigned, void**, c
   {#__VA_ARGS__, [](const unsigned* g, unsigned t, void** a, const int* s, int n) { \
      return launch(&__VA_ARGS__, g, t, a, s, n); }}
 static const Entry kEntries[] = {
-    MOE_EMU_KERNEL(moe_fp8::permute::count_experts_kernel<256>),
-    MOE_EMU_KERNEL(moe_fp8::permute::scan_experts_kernel<256>),
-    MOE_EMU_KERNEL(moe_fp8::permute::contiguous_rank_kernel<512>),
-    MOE_EMU_KERNEL(moe_fp8::permute::masked_index_kernel<512>),
-    MOE_EMU_KERNEL(moe_fp8::permute::permute_rows_kernel<false>),
-    MOE_EMU_KERNEL(moe_fp8::permute::permute_rows_kernel<true>),
-    MOE_EMU_KERNEL(moe_fp8::permute::combine_kernel<false>),
-    MOE_EMU_KERNEL(moe_fp8::permute::combine_kernel<true>),
+@ENTRIES@
 };
 
 // 0: done; -1: unknown instance; 1000 + n: the kernel takes n arguments; 2000 + i: size of arg i
@@ -177,16 +188,31 @@ extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsign
 '''
 
 
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory):
-    """The harness above compiled with g++ (C++20), loaded with ctypes."""
+kPermuteInstances = [
+    "moe_fp8::permute::count_experts_kernel<256>", "moe_fp8::permute::scan_experts_kernel<256>",
+    "moe_fp8::permute::contiguous_rank_kernel<512>", "moe_fp8::permute::masked_index_kernel<512>",
+    "moe_fp8::permute::permute_rows_kernel<false>", "moe_fp8::permute::permute_rows_kernel<true>",
+    "moe_fp8::permute::combine_kernel<false>", "moe_fp8::permute::combine_kernel<true>",
+]
+
+
+def harness_source(headers, instances) -> str:
+    """The harness for ``headers`` (files under moe_fp8/gemm/include) and kernel ``instances``."""
+    entries = "\n".join(f"    MOE_EMU_KERNEL({name})," for name in instances)
+    includes = "\n".join(f'#include "{h}"' for h in headers)
+    return kHarness.replace("@INCLUDES@", includes).replace("@ENTRIES@", entries)
+
+
+def build_emulator(build_dir, headers, instances, stem):
+    """Compile the harness with g++ (C++20) into ``build_dir``, load it with ctypes (skips the
+    test when g++ or a C++20 library is missing)."""
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("the CPU emulation needs g++")
     from moe_fp8.gemm.jit import env
-    build = tmp_path_factory.mktemp("permute_emulation")
-    (build / "harness.cpp").write_text(kHarness)
-    library = build / "libpermute_emulation.so"
+    build = build_dir
+    (build / "harness.cpp").write_text(harness_source(headers, instances))
+    library = build / f"lib{stem}.so"
     result = subprocess.run([compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
                              "-pthread", f"-I{env.kIncludeDir}", str(build / "harness.cpp"), "-o",
                              str(library)], capture_output=True, text=True)
@@ -196,6 +222,13 @@ def emulator(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     lib.moe_emu_launch.restype = ctypes.c_int
     return lib
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The harness above for permute.cuh, compiled with g++ (C++20), loaded with ctypes."""
+    return build_emulator(tmp_path_factory.mktemp("permute_emulation"), ["permute.cuh"],
+                          kPermuteInstances, "permute_emulation")
 
 
 class EmulatedKernel:

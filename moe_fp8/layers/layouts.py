@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..gemm.layout import align, empty_act_scales, kSegmentAlign
+from . import router as _router
 
 FP8 = torch.float8_e4m3fn
 
@@ -145,7 +146,15 @@ class CombineIndex:
 def local_expert_ids(topk_idx: torch.Tensor, expert_offset: int, num_experts_local: int,
                      num_valid_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
     """Global ids ``[T, k]`` -> local ids, the skip sentinel ``E_loc`` for other ranks' experts
-    and for tokens at or beyond ``num_valid_tokens`` (an int or a device scalar tensor)."""
+    and for tokens at or beyond ``num_valid_tokens`` (an int or a device scalar tensor).
+    On sm_90 one kernel (``router.cuh``: local_ids_kernel; ``MOE_FP8_FUSED_ROUTER=0``: torch)."""
+    if topk_idx.numel() and _router.fused_router_enabled(topk_idx):
+        kernels = _router.kernels()
+        device_valid = isinstance(num_valid_tokens, torch.Tensor)
+        if kernels.supports_local_ids(topk_idx) and (not device_valid or (
+                num_valid_tokens.dtype == torch.int64 and num_valid_tokens.numel() == 1
+                and num_valid_tokens.device == topk_idx.device)):
+            return kernels.local_ids(topk_idx, expert_offset, num_experts_local, num_valid_tokens)
     local = topk_idx.long() - expert_offset
     skip = (local < 0) | (local >= num_experts_local)
     if num_valid_tokens is not None:

@@ -20,7 +20,7 @@ from .dispatch import Dispatcher, make_dispatcher
 from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
 from .layouts import MaskedBuffers
 from .permute import quantize_tokens
-from .router import Router, tokens_per_expert
+from .router import Router
 
 
 class MoE(nn.Module):
@@ -150,8 +150,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., H]`` -> ``[..., H]`` (x's dtype), contiguous layout."""
         x2 = self._tokens(x)
-        routing = self.gate(x2)
-        self.last_tokens_per_expert.copy_(tokens_per_expert(routing.topk_idx, self.cfg.num_experts))
+        routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
                                                              routing.topk_weights)

@@ -11,16 +11,52 @@ For one token with logits ``l [E]`` (fp32):
 
 Everything runs in fp32 as transformers' ``DeepseekV3TopkRouter`` does, so the expert indices are
 identical to it for the same inputs. No host sync anywhere (CUDA-graph safe).
+
+On an sm_90 GPU the selection after the sigmoid (bias, group top-2 sums, group and expert top-k,
+weights, and the tokens-per-expert counts) is one kernel (``moe_fp8/gemm/include/router.cuh``,
+one warp per token) instead of ~15 torch ops; ``MOE_FP8_FUSED_ROUTER=0`` keeps the torch code.
+The gate GEMM and the sigmoid stay torch's (fp32 ``F.linear`` on an fp32 copy of x, then
+``sigmoid``), so the scores are the same bits on both paths and the kernel's comparisons are
+exact: same expert set per token. The kernel's slots come in descending order of the biased
+score (torch's unsorted top-k has its own order) and it sums the k weights in slot order, so a
+weight may differ from the torch path's by an ulp or two.
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+
+
+kFusedRouterEnv = "MOE_FP8_FUSED_ROUTER"
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def fused_router_enabled(t: torch.Tensor) -> bool:
+    """True when the router kernels (route, local ids) should run for tensors like ``t``: on an
+    sm_90 GPU, ``MOE_FP8_FUSED_ROUTER`` not ``0``, not inside ``torch.compile`` tracing."""
+    if not t.is_cuda or os.environ.get(kFusedRouterEnv, "1").strip() == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return _is_sm90(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def kernels():
+    """The router kernels' host module (imported on first use)."""
+    from ..gemm.kernels import router as module
+    return module
 
 
 @dataclass
@@ -43,16 +79,48 @@ def group_limited_topk(scores: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig)
     return choice.topk(cfg.top_k, dim=-1, sorted=False).indices
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits`` fp32 ``[T, E]`` -> ``(topk_idx int64 [T, k], topk_weights fp32 [T, k])``."""
+def route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig, *,
+          counts_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` fp32 ``[T, E]`` -> ``(topk_idx int64 [T, k], topk_weights fp32 [T, k])``.
+
+    ``counts_out`` int64 ``[E]`` (optional) receives the tokens-per-expert counts of this call
+    (overwritten). Fused kernel or torch: see the module docstring.
+    """
     if logits.dim() != 2 or logits.shape[-1] != cfg.num_experts:
         raise ValueError(f"logits must be [T, {cfg.num_experts}] (num_experts), got {tuple(logits.shape)}")
+    if counts_out is not None and (counts_out.dtype != torch.int64
+                                   or tuple(counts_out.shape) != (cfg.num_experts,)):
+        raise ValueError(f"counts_out must be int64 [{cfg.num_experts}], got "
+                         f"{counts_out.dtype} {tuple(counts_out.shape)}")
     scores = logits.sigmoid()
+    if fused_router_enabled(scores) and not (torch.is_grad_enabled() and scores.requires_grad):
+        module = kernels()
+        bias32 = bias.to(device=scores.device, dtype=torch.float32).contiguous()
+        if module.supports_route(scores, bias32, cfg.n_group, cfg.topk_group, cfg.top_k):
+            counts = None
+            if counts_out is not None and counts_out.is_contiguous() and \
+                    counts_out.device == scores.device:
+                counts = counts_out.zero_()
+            topk_idx, weights = module.route(scores, bias32, cfg.n_group, cfg.topk_group,
+                                             cfg.top_k, cfg.group_mask_fill == "neg_inf",
+                                             cfg.norm_topk_prob, cfg.routed_scaling_factor,
+                                             counts)
+            if counts_out is not None and counts is None:
+                counts_out.copy_(tokens_per_expert(topk_idx, cfg.num_experts))
+            return topk_idx, weights
     topk_idx = group_limited_topk(scores, bias, cfg)
     weights = scores.gather(1, topk_idx)  # [T, k] from the unbiased scores
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if counts_out is not None:
+        counts_out.copy_(tokens_per_expert(topk_idx, cfg.num_experts))
     return topk_idx, weights * cfg.routed_scaling_factor
+
+
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [T, H]`` (any float dtype), ``weight`` fp32 ``[E, H]`` -> fp32 logits ``[T, E]``:
+    torch's fp32 GEMM on an fp32 copy of x (transformers' numerics)."""
+    return F.linear(x.float(), weight.float())
 
 
 def tokens_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -76,12 +144,14 @@ class Router(nn.Module):
                              torch.zeros(cfg.num_experts, dtype=torch.float32, device=device))
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """``x [T, H]`` (any float dtype) -> Routing."""
+    def forward(self, x: torch.Tensor, *, counts_out: Optional[torch.Tensor] = None) -> Routing:
+        """``x [T, H]`` (any float dtype) -> Routing; ``counts_out`` int64 ``[E]`` (optional)
+        gets this batch's tokens-per-expert counts (see ``route``)."""
         if x.dim() != 2 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"x must be [T, {self.cfg.hidden_size}] (hidden_size), got {tuple(x.shape)}")
-        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32
-        topk_idx, topk_weights = route(logits, self.e_score_correction_bias, self.cfg)
+        logits = gate_logits(x, self.weight)  # [T, E] fp32
+        topk_idx, topk_weights = route(logits, self.e_score_correction_bias, self.cfg,
+                                       counts_out=counts_out)
         return Routing(topk_idx, topk_weights, logits)
 
     @torch.no_grad()

@@ -1,0 +1,191 @@
+// router.cuh — the DeepSeek-V3 gate's selection after the fp32 gate GEMM and the sigmoid (v1):
+//   * route_kernel: one warp per token. For scores s = sigmoid(logits) fp32 [T, E] (computed by
+//     torch, so the bits are torch's) and the correction bias b [E]:
+//       c = s + b                                   selection only
+//       g[j] = the 2 largest c of group j, summed    E / G experts per group
+//       keep the topk_group best groups; c of the others := fill (-inf or 0.0)
+//       idx = the top_k experts of c, in descending order (ties: lower expert id first)
+//       w_j = s[idx_j] / (sum_j s[idx_j] + 1e-20) * routed_scaling_factor   (sum in slot order)
+//     and, optionally, counts[idx_j] += 1 (the tokens-per-expert statistic for the bias update).
+//     Replaces the ~15 torch ops of moe_fp8.layers.router.route (topk x3, scatter, masked_fill,
+//     gather, sum, div, mul, ...). Same selection as torch: every comparison is exact; the one
+//     documented difference is the order of the k slots (torch's unsorted topk order is its
+//     own) and hence the order of the k-term sum of the weights (at most an ulp or two).
+//   * local_ids_kernel: global expert ids [T, k] -> local ids of one rank's experts, the skip
+//     sentinel E_loc for others and for tokens at or beyond num_valid (a device scalar in the
+//     decode graph): replaces the 6-9 torch ops of layouts.local_expert_ids.
+//
+// Ordering: NaN sorts above everything (as torch.topk does), then +inf ... -inf.
+// Limits (the host falls back to torch beyond them): E <= 32 * kMaxPerLane, 1 <= G <= 32,
+// E / G >= 2, topk_group <= G, 1 <= top_k <= 32.
+//
+// Host emulation: tests/test_router.py compiles this file with g++ through the harness of
+// tests/test_permute_gpu.py (a std::thread per CUDA thread); keep device code to the CUDA names
+// that harness defines.
+#pragma once
+
+namespace moe_fp8 {
+namespace router {
+
+constexpr int kMaxPerLane = 8;                  // experts per lane: E <= 256
+constexpr int kMaxExperts = 32 * kMaxPerLane;
+constexpr int kRouteThreads = 256;              // 8 warps = 8 tokens per CTA
+constexpr int kRouteWarps = kRouteThreads / 32;
+constexpr int kLocalIdsThreads = 256;
+
+__device__ __forceinline__ bool is_nan(float v) { return v != v; }
+
+// a ranks above b: NaN above every number, otherwise the usual order (ties: neither)
+__device__ __forceinline__ bool ranks_above(float a, float b) {
+  if (is_nan(a)) return !is_nan(b);
+  if (is_nan(b)) return false;
+  return a > b;
+}
+
+// A candidate of a warp-wide argmax: value, id (ties go to the lower id), valid flag.
+struct Candidate {
+  float value;
+  int id;  // -1: no candidate
+};
+
+__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
+  if (a.id < 0) return false;
+  if (b.id < 0) return true;
+  if (ranks_above(a.value, b.value)) return true;
+  if (ranks_above(b.value, a.value)) return false;
+  return a.id < b.id;
+}
+
+// Every lane gets the warp's best candidate (a total order, so all lanes agree).
+__device__ __forceinline__ Candidate warp_best(Candidate mine) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    Candidate other;
+    other.value = __shfl_xor_sync(0xFFFFFFFFu, mine.value, offset);
+    other.id = __shfl_xor_sync(0xFFFFFFFFu, mine.id, offset);
+    if (better(other, mine)) mine = other;
+  }
+  return mine;
+}
+
+// gScores fp32 [T, E] (row stride scoreStride), gBias fp32 [E]; gTopkIdx int64 [T, K],
+// gTopkWeights fp32 [T, K]; gCounts int64 [E] or null (accumulated, the caller zeroes it).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) route_kernel(
+    const float* __restrict__ gScores, const float* __restrict__ gBias, int numTokens,
+    long long scoreStride, int numExperts, int numGroups, int topkGroup, int topK, int fillNegInf,
+    int normalize, float scaling, long long* __restrict__ gTopkIdx,
+    float* __restrict__ gTopkWeights, unsigned long long* __restrict__ gCounts) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float sChoice[kWarps][kMaxExperts];  // c = s + b of this warp's token
+  __shared__ float sScore[kWarps][kMaxExperts];   // s of this warp's token
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int token = blockIdx.x * kWarps + warp;
+  if (token >= numTokens) return;  // whole warps leave; no CTA barrier below
+  const float* gRow = gScores + token * scoreStride;
+
+  // (1) scores and biased choices into shared memory: experts lane, lane + 32, ...
+  for (int e = lane; e < numExperts; e += 32) {
+    const float s = __ldg(gRow + e);
+    sScore[warp][e] = s;
+    sChoice[warp][e] = s + __ldg(gBias + e);
+  }
+  __syncwarp();
+
+  // (2) group scores: lane j < G sums the two largest choices of group j
+  const int perGroup = numExperts / numGroups;
+  Candidate group;
+  group.id = -1;
+  group.value = 0.0f;
+  if (lane < numGroups) {
+    const float* sGroup = &sChoice[warp][lane * perGroup];
+    float first = sGroup[0], second = sGroup[1];
+    if (ranks_above(second, first)) {
+      const float t = first;
+      first = second;
+      second = t;
+    }
+    for (int i = 2; i < perGroup; ++i) {
+      const float v = sGroup[i];
+      if (ranks_above(v, first)) {
+        second = first;
+        first = v;
+      } else if (ranks_above(v, second)) {
+        second = v;
+      }
+    }
+    group.value = first + second;
+    group.id = lane;
+  }
+
+  // (3) the topk_group best groups -> keptGroups bit mask (same on every lane)
+  unsigned keptGroups = 0u;
+  for (int round = 0; round < topkGroup; ++round) {
+    const Candidate best = warp_best(group);
+    keptGroups |= 1u << best.id;
+    if (lane == best.id) group.id = -1;
+  }
+
+  // (4) this lane's experts (lane + 32 i), dropped groups filled
+  const float fill = fillNegInf ? __int_as_float(static_cast<int>(0xFF800000u)) : 0.0f;  // -inf / 0
+  float value[kMaxPerLane];
+#pragma unroll
+  for (int i = 0; i < kMaxPerLane; ++i) {
+    const int e = lane + 32 * i;
+    value[i] = 0.0f;
+    if (e < numExperts) value[i] = (keptGroups >> (e / perGroup)) & 1u ? sChoice[warp][e] : fill;
+  }
+  unsigned taken = 0u;  // bit i: expert lane + 32 i already selected
+
+  // (5) top_k rounds of a warp argmax; lane j keeps slot j; every lane sums the weights in order
+  long long myIdx = 0;
+  float myWeight = 0.0f, sum = 0.0f;
+  for (int slot = 0; slot < topK; ++slot) {
+    Candidate mine;
+    mine.id = -1;
+    mine.value = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) {
+      const int e = lane + 32 * i;
+      Candidate c;
+      c.value = value[i];
+      c.id = (e < numExperts && !((taken >> i) & 1u)) ? e : -1;
+      if (better(c, mine)) mine = c;
+    }
+    const Candidate best = warp_best(mine);
+    if (lane == best.id % 32) taken |= 1u << (best.id / 32);
+    const float w = sScore[warp][best.id];
+    sum = sum + w;
+    if (lane == slot) {
+      myIdx = best.id;
+      myWeight = w;
+    }
+  }
+  if (lane < topK) {
+    float w = myWeight;
+    if (normalize) w = w / (sum + 1e-20f);
+    gTopkIdx[static_cast<long long>(token) * topK + lane] = myIdx;
+    gTopkWeights[static_cast<long long>(token) * topK + lane] = w * scaling;
+    if (gCounts != nullptr) atomicAdd(gCounts + myIdx, 1ull);
+  }
+}
+
+// gIdx int64 [P] global ids (P = T * K) -> gLocal int64 [P]: id - offset when that lies in
+// [0, numLocal) and the token (p / K) is below the valid count, else numLocal (skip).
+// Valid count: *gNumValid when given (decode's device scalar), else numValidHost (< 0: no limit).
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) local_ids_kernel(
+    const long long* __restrict__ gIdx, long long numPairs, int topK, long long offset,
+    int numLocal, const long long* __restrict__ gNumValid, long long numValidHost,
+    long long* __restrict__ gLocal) {
+  const long long p = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
+  if (p >= numPairs) return;
+  const bool limited = gNumValid != nullptr || numValidHost >= 0;
+  const long long valid = gNumValid != nullptr ? __ldg(gNumValid) : numValidHost;
+  const long long local = __ldg(gIdx + p) - offset;
+  const bool skip = local < 0 || local >= numLocal || (limited && p / topK >= valid);
+  gLocal[p] = skip ? numLocal : local;
+}
+
+}  // namespace router
+}  // namespace moe_fp8
