@@ -106,3 +106,23 @@ def test_matches_transformers_moe_on_gpu():
     ours = MoE.from_hf(theirs, group_mask_fill=installed_transformers_fill())
     x = torch.randn(256, cfg.hidden_size, generator=gen, device="cuda")
     assert calc_diff(ours(x), theirs(x)) < kVsUnquantised
+
+
+@pytest.mark.parametrize("tokens", [1, 333, 4096])
+@torch.no_grad()
+def test_fused_defaults_vs_torch_paths(moe, tokens, monkeypatch):
+    """The default (fused router + fused permute/index/combine kernels) against both switched
+    off (MOE_FP8_FUSED_ROUTER=0, MOE_FP8_FUSED_PERMUTE=0): the same routing, so the outputs agree
+    to bf16 rounding (the combines sum the k slots in other orders); the router statistic too."""
+    x = rand_x(tokens, moe.cfg.hidden_size, 500 + tokens)
+    monkeypatch.delenv("MOE_FP8_FUSED_ROUTER", raising=False)
+    monkeypatch.delenv("MOE_FP8_FUSED_PERMUTE", raising=False)
+    fused, fused_masked = moe(x), moe.forward_masked(x)
+    counts = moe.last_tokens_per_expert.clone()
+    monkeypatch.setenv("MOE_FP8_FUSED_ROUTER", "0")
+    monkeypatch.setenv("MOE_FP8_FUSED_PERMUTE", "0")
+    plain, plain_masked = moe(x), moe.forward_masked(x)
+    assert torch.equal(moe.last_tokens_per_expert, counts)
+    assert int(counts.sum()) == tokens * moe.cfg.top_k
+    assert calc_diff(fused, plain) < 1e-5
+    assert calc_diff(fused_masked, plain_masked) < 1e-5
