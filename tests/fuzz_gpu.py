@@ -10,7 +10,8 @@ Ops (each gets ``--count`` random cases, default 500):
     quant_block      per-block quant, any N, 2-D / 3-D, bf16 / fp32, pow2 or not  bit-exact
     silu_contiguous  SiLU-and-mul quant [M, 2I] / [E, M, 2I]                      bit-exact
     silu_masked      SiLU-and-mul quant [E, M_max, 2I] with masked_m              bit-exact
-    permute_index    routing metadata (contiguous + masked) vs the torch path      exact (integers)
+    router           gate selection + weights + counts, local ids vs the torch router  same sets, weights <= 2e-6 rel
+    permute_index    routing metadata (contiguous + masked, combine index) vs torch exact (integers)
     permute_rows     fp8 rows + scales into the contiguous / masked layout         bit-exact copies
     permute_combine  weighted un-permute (+ shared add) vs the slot-order oracle   bit-exact
 
@@ -63,7 +64,7 @@ from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
 FP8 = torch.float8_e4m3fn
 # run order: the fast (quant) ops first, so their unused time share rolls over to the GEMMs
 kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
-        "permute_index", "permute_rows", "permute_combine", "gemm_dense", "gemm_contiguous", "gemm_masked", "gemm_kgrouped")
+        "router", "permute_index", "permute_rows", "permute_combine", "gemm_dense", "gemm_contiguous", "gemm_masked", "gemm_kgrouped")
 kPoolSize = 5  # (N, K) pairs per op and run: bounds the number of kernels to compile
 kTail = 4096  # poisoned elements after every GEMM output
 
@@ -393,6 +394,15 @@ def run_permute_index(c: dict, ctx: Context, stats: dict) -> None:
         same_bits(getattr(a_contig, name), getattr(e_contig, name), f"{what}: contiguous {name}")
     for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow"):
         same_bits(getattr(a_masked, name), getattr(e_masked, name), f"{what}: masked {name}")
+    # the masked index with the top-k weights also writes the combine index (decode's path)
+    from moe_fp8.layers import permute as PM
+    weights = torch.rand(ids.shape, device=ctx.device, generator=ctx.gen(c["seed"] + 1))
+    expected = PM.combine_index_masked(e_masked, weights, c["m_max"])
+    with permute_switch(ctx.backend == "kernel"):
+        actual = PM.combine_index_masked(L.masked_index(ids, experts, c["m_max"], weights), weights,
+                                         c["m_max"])
+    same_bits(actual.slot_row, expected.slot_row, f"{what}: combine slot_row")
+    same_bits(actual.slot_weight, expected.slot_weight, f"{what}: combine slot_weight")
 
 
 def run_permute_rows(c: dict, ctx: Context, stats: dict) -> None:
@@ -470,13 +480,93 @@ def run_permute_combine(c: dict, ctx: Context, stats: dict) -> None:
     same_bits(fresh, expected, f"{what}: fresh output")
 
 
+# ----------------------------------------------------------------------------- router cases
+
+class router_switch(permute_switch):
+    """``with router_switch(on):`` the router kernels (on) or the torch router (off)."""
+
+    def __enter__(self):
+        self.old = os.environ.get("MOE_FP8_FUSED_ROUTER")
+        os.environ["MOE_FP8_FUSED_ROUTER"] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("MOE_FP8_FUSED_ROUTER", None)
+        else:
+            os.environ["MOE_FP8_FUSED_ROUTER"] = self.old
+
+
+def run_router(c: dict, ctx: Context, stats: dict) -> None:
+    """The router kernel vs the torch router on the same logits: the same expert set per token
+    (unless a tie at the top-k boundary makes it ambiguous: then a valid top-k), weights within
+    a few ulps (slot-order sum), counts = bincount; local ids identical."""
+    from moe_fp8.layers import MoEConfig
+    from moe_fp8.layers import layouts as L
+    from moe_fp8.layers import router as R
+    cfg = MoEConfig.tiny(num_experts=c["experts"], n_group=c["groups"], topk_group=c["topk_group"],
+                         top_k=c["top_k"], group_mask_fill=c["fill"], norm_topk_prob=c["norm"])
+    gen = ctx.gen(c["seed"])
+    logits = torch.randn(c["tokens"], c["experts"], device=ctx.device, generator=gen) * c["spread"]
+    if c.get("quantised"):  # many exact ties
+        logits = (logits * 4).round() / 4
+    bias = (torch.rand(c["experts"], device=ctx.device, generator=gen) - 0.5) * 2 * c["bias"]
+    what = f"router {format_case(c)}"
+    counts = [torch.zeros(c["experts"], dtype=torch.int64, device=ctx.device) for _ in range(2)]
+    with router_switch(False):
+        idx_t, w_t = R.route(logits, bias, cfg, counts_out=counts[0])
+    with router_switch(ctx.backend == "kernel"):
+        idx_f, w_f = R.route(logits, bias, cfg, counts_out=counts[1])
+    expect(idx_f.shape == idx_t.shape and idx_f.dtype == torch.int64, f"{what}: shape/dtype")
+    expect(torch.equal(counts[1], torch.bincount(idx_f.flatten(), minlength=c["experts"])),
+           f"{what}: counts are not the bincount of the indices")
+    # the torch path's masked scores decide which tokens have a unique answer
+    scores = logits.sigmoid()
+    grouped = (scores + bias).view(c["tokens"], cfg.n_group, -1)
+    group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(
+        1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+    fill = float("-inf") if c["fill"] == "neg_inf" else 0.0
+    masked = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(c["tokens"], -1)
+    ambiguous = torch.zeros(c["tokens"], dtype=torch.bool, device=ctx.device)
+    if cfg.top_k < cfg.num_experts:
+        top = masked.topk(cfg.top_k + 1, dim=-1).values
+        ambiguous |= top[:, -1] == top[:, -2]
+    if cfg.topk_group < cfg.n_group:
+        top = group_scores.topk(cfg.topk_group + 1, dim=-1).values
+        ambiguous |= top[:, -1] == top[:, -2]
+    sorted_t, order_t = idx_t.sort(1)
+    sorted_f, order_f = idx_f.sort(1)
+    differ = (sorted_t != sorted_f).any(1)
+    expect(not bool((differ & ~ambiguous).any()),
+           f"{what}: {int((differ & ~ambiguous).sum())} tokens with a unique top-k pick other experts")
+    chosen = torch.zeros_like(masked, dtype=torch.bool).scatter_(1, idx_f, True)
+    low = masked.masked_fill(~chosen, float("inf")).min(1).values
+    high = masked.masked_fill(chosen, float("-inf")).max(1).values
+    expect(bool((low >= high).all()), f"{what}: the kernel's pick is not a top-k")
+    same = ~differ
+    if bool(same.any()):
+        a, e = w_f.gather(1, order_f)[same], w_t.gather(1, order_t)[same]
+        rel = float(((a - e).abs() / e.abs().clamp_min(1e-30)).max()) if a.numel() else 0.0
+        stats["ref"] = max(stats.get("ref", 0.0), rel)
+        expect(rel <= 2e-6, f"{what}: weights differ by {rel:.1e} relative")
+    offset = c["offset"]
+    local = max(1, c["experts"] // 4)
+    num_valid = c["tokens"] // 2 if c["valid"] == "int" else \
+        torch.tensor(max(c["tokens"] - 1, 0), device=ctx.device) if c["valid"] == "tensor" else None
+    with router_switch(False):
+        expected_local = L.local_expert_ids(idx_t, offset, local, num_valid)
+    with router_switch(ctx.backend == "kernel"):
+        actual_local = L.local_expert_ids(idx_t, offset, local, num_valid)
+    same_bits(actual_local, expected_local, f"{what}: local ids")
+
+
 kRunners: Dict[str, Callable] = {
     "gemm_dense": run_gemm_dense, "gemm_contiguous": run_gemm_contiguous,
     "gemm_masked": run_gemm_masked, "gemm_kgrouped": run_gemm_kgrouped,
     "quant_token": run_quant_token, "quant_block": run_quant_block,
     "silu_contiguous": run_silu, "silu_masked": run_silu,
     "permute_index": run_permute_index, "permute_rows": run_permute_rows,
-    "permute_combine": run_permute_combine,
+    "permute_combine": run_permute_combine, "router": run_router,
 }
 
 
@@ -567,6 +657,18 @@ class Sampler:
             c["shape"] = [experts, m_max, 2 * inter]
             c["masked_m"] = self.masked_m(experts, m_max)
             c["pow2"] = rng.random() < 0.5
+        elif op == "router":
+            c["experts"], c["groups"], c["topk_group"], c["top_k"] = rng.choice(
+                ((256, 8, 4, 8), (32, 8, 4, 8), (16, 4, 2, 4), (64, 1, 1, 6), (96, 32, 11, 32),
+                 (250, 5, 2, 3), (128, 16, 3, 12)))
+            c["tokens"] = self.rows(4096)
+            c["fill"] = rng.choice(("neg_inf", "zero"))
+            c["norm"] = rng.random() < 0.8
+            c["spread"] = rng.choice((0.5, 2.0, 8.0))
+            c["bias"] = rng.choice((0.0, 0.1, 1.5))
+            c["quantised"] = rng.random() < 0.2
+            c["offset"] = rng.choice((0, c["experts"] // 2))
+            c["valid"] = rng.choice((None, "int", "tensor"))
         elif op.startswith("permute_"):
             c["top_k"] = rng.choice((1, 2, 4, 6, 8, 8, 8))
             c["experts"] = rng.choice((1, 4, 8, 32, 32, 64, 256, rng.randint(1, 256)))
@@ -618,8 +720,9 @@ def precompile_for(cases: Dict[str, List[dict]], log) -> None:
     them one by one inside the timed loop). Failures only cost time: the ops compile lazily."""
     start = time.perf_counter()
     try:
-        from moe_fp8.gemm.kernels import permute, quant
-        sources = list(quant.bundled_sources()) + list(permute.bundled_sources())
+        from moe_fp8.gemm.kernels import permute, quant, router
+        sources = list(quant.bundled_sources()) + list(permute.bundled_sources()) + \
+            list(router.bundled_sources())
         for op, op_cases in cases.items():
             for c in op_cases:
                 sources += kernel_sources(op, c)
@@ -751,6 +854,12 @@ def once_cases() -> Dict[str, List[dict]]:
                             dict(shape=[2, 40, 512], pow2=False, seed=10)],
         "silu_masked": [dict(shape=[3, 9, 512], masked_m=[0, 9, 4], pow2=False, seed=11),
                         dict(shape=[6, 37, 1024], masked_m=[37, 0, 1, 20, 36, 5], pow2=True, seed=12)],
+        "router": [dict(experts=256, groups=8, topk_group=4, top_k=8, tokens=777, fill="neg_inf", norm=True, spread=2.0,
+                        bias=0.1, offset=128, valid="tensor", seed=32),
+                   dict(experts=32, groups=8, topk_group=4, top_k=8, tokens=1, fill="zero", norm=False, spread=0.5,
+                        bias=1.5, quantised=True, offset=0, valid=None, seed=33),
+                   dict(experts=96, groups=32, topk_group=11, top_k=32, tokens=37, fill="zero", norm=True, spread=8.0,
+                        bias=0.0, offset=48, valid="int", seed=34)],
         "permute_index": [dict(tokens=1, top_k=8, experts=32, skip=0.0, m_max=1, upper=False, seed=23),
                           dict(tokens=3001, top_k=8, experts=256, skip=0.2, cold=0.5, m_max=700, upper=False, seed=24),
                           dict(tokens=777, top_k=6, experts=32, skip=0.1, cold=0.3, m_max=5, upper=True, seed=25)],

@@ -378,6 +378,18 @@ def test_masked_index_matches_torch(backend, m_max):
             actual = L.masked_index(ids, experts, m_max)
         for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow"):
             assert_same(getattr(actual, name), getattr(expected, name), f"{name} {tokens, top_k, experts}")
+        # with the weights: the same pass writes the combine index the torch path computes
+        weights = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(case)).to(backend)
+        expected_combine = PM.combine_index_masked(expected, weights, m_max)
+        with fused():
+            actual = L.masked_index(ids, experts, m_max, weights)
+            assert actual.slot_row is not None and actual.slot_weight is not None
+            combine = PM.combine_index_masked(actual, weights, m_max)
+        for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow"):
+            assert_same(getattr(actual, name), getattr(expected, name), f"{name} (weights)")
+        assert_same(combine.slot_row, expected_combine.slot_row, f"slot_row {tokens, top_k, experts}")
+        assert_same(combine.slot_weight, expected_combine.slot_weight, f"slot_weight {tokens, top_k, experts}")
+        assert L.masked_index(ids, experts, m_max, weights).slot_row is None  # torch path: computed later
 
 
 # ----------------------------------------------------------------------------- permute

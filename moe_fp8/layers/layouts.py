@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -231,20 +232,33 @@ class MaskedIndex:
     pair_rank: torch.Tensor  # int64 [P]: row within the bucket (0 in the trash bucket)
     pair_kept: torch.Tensor  # bool [P]: the pair has a real row
     num_overflow: torch.Tensor  # int64 []
+    # the combine index of the same pass (fused kernel given topk_weights), else None:
+    slot_row: Optional[torch.Tensor] = None  # int64 [P]: e * m_max + rank, 0 if dropped
+    slot_weight: Optional[torch.Tensor] = None  # fp32 [P]: the pair's weight, 0 if dropped
 
 
-def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int) -> MaskedIndex:
+def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int,
+                 topk_weights: Optional[torch.Tensor] = None) -> MaskedIndex:
     """Rows of the masked layout for local ids ``[T, k]`` (sentinel = skip). No host sync.
 
     Pairs beyond ``m_max`` in one expert are dropped into the trash bucket and counted in
     ``num_overflow`` (cannot happen when ``m_max >= T``: a token picks an expert at most once).
+    ``topk_weights`` fp32 ``[T, k]`` (optional): the fused kernel then also writes the combine
+    index (``slot_row``/``slot_weight``, what ``permute.combine_index_masked`` would compute from
+    the same weights) in the same pass; the torch path leaves them None.
     """
     pairs = local_ids.reshape(-1)  # [P]
     if pairs.numel() <= kMaskedIndexMaxPairs and fused_enabled(pairs):
         kernels = _permute_kernels()
         ids = pairs.long().contiguous()
         if kernels.supports_index(ids, num_experts_local):
-            return MaskedIndex(*kernels.masked_index(ids, num_experts_local, m_max))
+            weights = None
+            if topk_weights is not None and topk_weights.dtype == torch.float32 and \
+                    topk_weights.is_contiguous() and topk_weights.numel() == pairs.numel() and \
+                    topk_weights.device == pairs.device and \
+                    not (torch.is_grad_enabled() and topk_weights.requires_grad):
+                weights = topk_weights.reshape(-1)
+            return MaskedIndex(*kernels.masked_index(ids, num_experts_local, m_max, weights))
     order, sorted_expert, rank, counts = _sorted_pairs(pairs, num_experts_local + 1)
     pair_expert = torch.empty_like(pairs)
     pair_expert[order] = sorted_expert

@@ -114,7 +114,11 @@ def combine_index_contiguous(index: ContiguousIndex, topk_weights: torch.Tensor)
 
 
 def combine_index_masked(index: MaskedIndex, topk_weights: torch.Tensor, m_max: int) -> CombineIndex:
+    """``index`` built by ``masked_index(..., topk_weights)`` on the fused path already carries
+    the combine index (same values, no extra kernels); otherwise computed here."""
     tokens, top_k = topk_weights.shape
+    if index.slot_row is not None and index.slot_weight is not None:
+        return CombineIndex(index.slot_row.view(tokens, top_k), index.slot_weight.view(tokens, top_k))
     row = torch.where(index.pair_kept, index.pair_expert * m_max + index.pair_rank, 0)
     weight = torch.where(index.pair_kept, topk_weights.reshape(-1).float(), 0.0)
     return CombineIndex(row.view(tokens, top_k), weight.view(tokens, top_k))

@@ -276,7 +276,10 @@ __global__ void __launch_bounds__(kThreads) masked_index_kernel(
     long long* __restrict__ gPairExpert,  // [numPairs]
     long long* __restrict__ gPairRank,    // [numPairs]
     bool* __restrict__ gPairKept,         // [numPairs]
-    long long* __restrict__ gNumOverflow) {  // [] int64
+    long long* __restrict__ gNumOverflow,  // [] int64
+    const float* __restrict__ gWeights,   // [numPairs] top-k weights, or null (no combine index)
+    long long* __restrict__ gSlotRow,     // [numPairs] combine row e * maxRows + rank, 0 if dropped
+    float* __restrict__ gSlotWeight) {    // [numPairs] combine weight, 0 if dropped
   static_assert(kThreads == kRankThreads, "SubChunk assumes kRankThreads");
   __shared__ int sCursor[kRankWarps][kMaxExperts];
   __shared__ int sOverflow;
@@ -294,6 +297,10 @@ __global__ void __launch_bounds__(kThreads) masked_index_kernel(
     gPairExpert[p] = kept ? expert : numExperts;
     gPairRank[p] = kept ? rank : 0;
     gPairKept[p] = kept;
+    if (gSlotRow != nullptr) {  // the combine index too (layers.permute.combine_index_masked)
+      gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
+      gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
+    }
   });
   __syncthreads();
   if (threadIdx.x == 0) *gNumOverflow = sOverflow;

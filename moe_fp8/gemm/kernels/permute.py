@@ -9,8 +9,11 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   when ``num_rows is None``, one host read of ``M_sum`` between scan and rank (the prefill path's
   only sync). Returns ``(m_indices int32 [M_sum], row_pair int64 [M_sum], pair_row int64 [P],
   pair_kept bool [P], tokens_per_expert int64 [E], num_rows)`` — the torch builder's values.
-* ``masked_index(ids, num_experts, m_max)``: one launch, one CTA, no sync. Returns ``(masked_m
-  int32 [E], pair_expert int64 [P], pair_rank int64 [P], pair_kept bool [P], num_overflow int64 [])``.
+* ``masked_index(ids, num_experts, m_max, weights=None)``: one launch, one CTA, no sync. Returns
+  ``(masked_m int32 [E], pair_expert int64 [P], pair_rank int64 [P], pair_kept bool [P],
+  num_overflow int64 [], slot_row, slot_weight)``; with ``weights`` fp32 ``[P]`` contiguous the
+  last two are the combine index (int64 ``[P]`` row ``e * m_max + rank`` / fp32 ``[P]`` weight,
+  both 0 for dropped pairs), else None.
 * ``permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_token, row_slot)``: xq fp8 ``[T, H]``
   (16-byte aligned rows, any row stride), xs fp32 ``[T, H/128]`` any strides; a ``[M_sum, H]``,
   sa ``[M_sum, H/128]`` any strides (MN-major gives sector-complete scale writes),
@@ -157,18 +160,23 @@ def contiguous_index(ids: torch.Tensor, num_experts: int, num_rows: Optional[int
     return m_indices, row_pair, pair_row, pair_kept, tokens_per_expert, num_rows
 
 
-def masked_index(ids: torch.Tensor, num_experts: int, m_max: int):
+def masked_index(ids: torch.Tensor, num_experts: int, m_max: int,
+                 weights: Optional[torch.Tensor] = None):
     """See the module docstring. ``ids`` int64 ``[P]`` (P may be 0)."""
     device, num_pairs = ids.device, ids.numel()
     masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
-    pair_meta = torch.empty(2 * num_pairs + 1, dtype=torch.int64, device=device)
+    rows = 3 if weights is not None else 2
+    pair_meta = torch.empty(rows * num_pairs + 1, dtype=torch.int64, device=device)
     pair_expert, pair_rank = pair_meta[:num_pairs], pair_meta[num_pairs:2 * num_pairs]
-    num_overflow = pair_meta[2 * num_pairs]  # a 0-d view
+    num_overflow = pair_meta[rows * num_pairs]  # a 0-d view
     pair_kept = torch.empty(num_pairs, dtype=torch.bool, device=device)
+    slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if weights is not None else None
+    slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) \
+        if weights is not None else None
     _kernel(masked_index_source(), ids).launch(1, kRankThreads, 0, [
         ids, i32(num_pairs), i32(num_experts), i32(m_max), masked_m, pair_expert, pair_rank,
-        pair_kept, num_overflow])
-    return masked_m, pair_expert, pair_rank, pair_kept, num_overflow
+        pair_kept, num_overflow, weights, slot_row, slot_weight])
+    return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
 
 
 # ----------------------------------------------------------------------------- permute

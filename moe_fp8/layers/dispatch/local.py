@@ -87,7 +87,7 @@ class LocalDispatcher(Dispatcher):
                              f"{[self.num_experts_local + 1, m_max, self.hidden_size]}, got {tuple(out.a.shape)}")
         local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local,
                                      num_valid_tokens)
-        index = masked_index(local_ids, self.num_experts_local, m_max)
+        index = masked_index(local_ids, self.num_experts_local, m_max, topk_weights)
         row_token, row_slot = permute_masked(xq, xs, index, self.top_k, out.a, out.sa)
         experts = self.num_experts_local
         layout = MaskedLayout(out.a[:experts], out.sa[:experts], index.masked_m,
