@@ -8,7 +8,16 @@ SiLU rows also time every kernel variant ("stream", "oneshot" = v1's kernel, "on
 on the same tensors, and "same" checks that all of them wrote identical bytes. The summary gives
 the launch floor (a 4-byte torch memset timed the same way) and the resident CTAs per SM of the
 stream kernels. Writes results/bench_quant_<date>.{md,csv} and prints the table last.
-Usage (GPU): PYTHONPATH=$PWD python benchmarks/bench_quant.py [--repeats N]
+
+Training kernels (include/transpose_quant.cuh, include/silu_backward.cuh) at the training
+benchmark's shape (8 experts x 4096 tokens, H 7168, I 2048): the fused 128x128 quantisation +
+transpose of the fp32 masters, the along-token transpose quantisation of dY (bf16) and x' (fp32),
+the along-token requantisation of the saved fp8 x (x'), and the fused SiLU-mul backward + its
+three quantisations; their "torch us" column is the composition they replace in
+layers/autograd.py (transposed copy + the row-quant kernel; dequantise + mask + transposed copy +
+row quant; the SiLU backward in torch + three quantisations), so "speedup vs torch" is the gain.
+``--quick`` runs those plus the M=16384 per-token and SiLU rows (issue 10's target).
+Usage (GPU): PYTHONPATH=$PWD python benchmarks/bench_quant.py [--repeats N] [--quick]
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import common  # noqa: E402
 
 from moe_fp8.gemm import jit, reference as ref  # noqa: E402
 from moe_fp8.gemm.kernels import quant  # noqa: E402
+from moe_fp8.gemm.kernels import silu_backward, transpose_quant  # noqa: E402
 from moe_fp8.gemm.layout import empty_act_scales  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -91,7 +101,99 @@ def case_silu_masked(e, m_max, inter, mean_m):
             lambda: torch_silu(h), (q, s))  # torch has no masked form: it does every row
 
 
+def _row_quant(x):
+    """The row-quant kernel on a contiguous copy (the old along-token path)."""
+    q = torch.empty(x.shape, dtype=FP8, device="cuda")
+    s = empty_act_scales(x.shape[0], x.shape[1] // 128, device="cuda")
+    quant.per_token_group_quant(x.contiguous(), q, s, 128, False)
+    return q, s
+
+
+def case_block_transpose(e, n, k, dtype=torch.float32):
+    w = torch.randn(e, n, k, device="cuda").to(dtype)
+    q, qt = torch.empty_like(w, dtype=FP8), torch.empty(e, k, n, dtype=FP8, device="cuda")
+    s = torch.empty(e, n // 128, k // 128, device="cuda")
+    st = torch.empty(e, k // 128, n // 128, device="cuda")
+    nbytes = w.numel() * w.element_size() + 2 * q.numel() + 2 * s.numel() * 4
+
+    def composition():  # per_block_quant, then the transposed copies (the old cache build)
+        quant.per_block_quant(w, q, s, 128, False)
+        return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+    return (f"per_block_quant_transpose {str(dtype)[6:]}", f"E={e} N={n} K={k}", nbytes,
+            {"us": lambda: transpose_quant.per_block_quant_transpose(w, q, s, qt, st, 128, False)},
+            composition, (q, s, qt, st))
+
+
+def case_token_transpose(t, c, dtype):
+    x = torch.randn(t, c, device="cuda").to(dtype)
+    qt = torch.empty(c, t, dtype=FP8, device="cuda")
+    st = empty_act_scales(c, -(-t // 128), device="cuda")
+    nbytes = x.numel() * x.element_size() + qt.numel() + st.numel() * 4
+    return (f"token_transpose_quant {str(dtype)[6:]}", f"T={t} C={c}", nbytes,
+            {"us": lambda: transpose_quant.token_transpose_quant(x, qt, st, 128, False)},
+            lambda: _row_quant(x.t()), (qt, st))
+
+
+def case_token_requant(t, c):
+    """x' of the backward: fp8 rows + 1x128 scales -> dequantised, padding zero, along tokens."""
+    x = torch.randn(t, c, device="cuda").to(torch.bfloat16)
+    a = torch.empty(t, c, dtype=FP8, device="cuda")
+    sa = empty_act_scales(t, c // 128, device="cuda")
+    quant.per_token_group_quant(x, a, sa, 128, False)
+    m_indices = torch.arange(t, device="cuda", dtype=torch.int32) // 4096  # 8 full experts
+    qt = torch.empty(c, t, dtype=FP8, device="cuda")
+    st = empty_act_scales(c, -(-t // 128), device="cuda")
+    nbytes = a.numel() + sa.numel() * 4 + t * 4 + qt.numel() + st.numel() * 4
+
+    def composition():  # layers/autograd.py before: dequant, masked_fill, transposed copy, quant
+        x_val = ref.dequant_rows(a, sa).masked_fill((m_indices < 0).unsqueeze(1), 0)
+        return _row_quant(x_val.t())
+    return ("token_transpose_requant fp8", f"T={t} C={c}", nbytes,
+            {"us": lambda: transpose_quant.token_transpose_requant(a, sa, m_indices, qt, st, 128,
+                                                                   False)},
+            composition, (qt, st))
+
+
+def case_silu_backward(m, inter):
+    h = torch.randn(m, 2 * inter, device="cuda").to(torch.bfloat16)
+    d_act = torch.randn(m, inter, device="cuda").to(torch.bfloat16)
+    groups = -(-m // 128)
+    dh = (torch.empty(m, 2 * inter, dtype=FP8, device="cuda"),
+          empty_act_scales(m, 2 * inter // 128, device="cuda"))
+    dh_t = (torch.empty(2 * inter, m, dtype=FP8, device="cuda"),
+            empty_act_scales(2 * inter, groups, device="cuda"))
+    act_t = (torch.empty(inter, m, dtype=FP8, device="cuda"),
+             empty_act_scales(inter, groups, device="cuda"))
+    nbytes = (d_act.numel() + h.numel()) * 2 + 2 * dh[0].numel() + act_t[0].numel() + 4 * (
+        dh[1].numel() + dh_t[1].numel() + act_t[1].numel())
+
+    def composition():  # layers/autograd.py before the fused op
+        d_h, act = ref.silu_mul_backward(d_act, h)
+        return _row_quant(d_h), _row_quant(d_h.t()), _row_quant(act.t())
+    return ("silu_and_mul_backward_quant", f"M={m} I={inter}", nbytes,
+            {"us": lambda: silu_backward.silu_and_mul_backward_quant(d_act, h, *dh, *dh_t, *act_t,
+                                                                     128, False)},
+            composition, (*dh, *dh_t, *act_t))
+
+
+def training_cases():
+    """The training step's shapes (bench_train.py: 8 experts x 4096 tokens, fp32 masters)."""
+    yield case_block_transpose(8, 4096, 7168)  # W13 [E, 2I, H]
+    yield case_block_transpose(8, 7168, 2048)  # W2 [E, H, I]
+    yield case_token_transpose(32768, 7168, torch.bfloat16)  # dY
+    yield case_token_requant(32768, 7168)  # x' (the saved fp8 x, dequantised)
+    yield case_silu_backward(32768, 2048)
+    yield case_silu_backward(4096, 2048)
+
+
+def quick_cases():
+    yield from training_cases()
+    yield case_per_token(16384, 7168)
+    yield case_silu(16384, 2048)
+
+
 def cases():
+    yield from training_cases()
     yield case_per_token(16384, 7168)
     yield case_per_token(16384, 7168, torch.float32)
     yield case_per_token(4096, 7168)
@@ -137,11 +239,13 @@ def snapshot(outputs):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true",
+                        help="training kernels + the M=16384 per-token and SiLU rows only")
     args = parser.parse_args()
     ceiling = common.copy_bandwidth_gbs()
     floor_us = launch_floor_us(args.repeats)
     rows = []
-    for name, shape, nbytes, fns, torch_fn, outputs in cases():
+    for name, shape, nbytes, fns, torch_fn, outputs in (quick_cases() if args.quick else cases()):
         times, same = {}, True
         reference = None
         for label, fn in fns.items():
@@ -161,6 +265,7 @@ def main() -> None:
         row.update({"same": "yes" if same else "NO", "torch us": torch_us,
                     "speedup vs torch": torch_us / kernel_us})
         rows.append(row)
+        torch.cuda.empty_cache()  # the training cases hold ~1-2 GB each
     occupancy = ", ".join(
         f"{name} {resident_ctas(src, quant.kStreamThreads, smem)}" for name, src, smem in (
             ("per-token bf16", quant.per_token_source(torch.bfloat16, 128, False), 0),

@@ -53,7 +53,10 @@ def backends(device) -> str:
     except ImportError:
         return "unknown"
     ops = {"quant": ("quant", "per_token_group_quant"), "silu": ("quant", "silu_and_mul_quant"),
-           "gemm": ("fp8_gemm", "m_grouped_contiguous"), "wgrad": ("wgrad", "k_grouped_tn")}
+           "gemm": ("fp8_gemm", "m_grouped_contiguous"), "wgrad": ("wgrad", "k_grouped_tn"),
+           "w-quant-t": ("transpose_quant", "per_block_quant_transpose"),
+           "tok-quant-t": ("transpose_quant", "token_transpose_quant"),
+           "silu-bwd": ("silu_backward", "silu_and_mul_backward_quant")}
     parts = []
     for label, (family, name) in ops.items():
         try:

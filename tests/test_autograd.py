@@ -195,6 +195,56 @@ def test_cached_copies_match_fresh_quantisation(gen):
         assert torch.equal(pair[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(pair[1], s)
 
 
+def test_training_builds_transposes_with_the_copies_inference_does_not(gen):
+    x, m_indices, w13, w2, dy = make_problem([100, 20], 128, 128, gen)
+    cache = Fp8WeightCache()
+    with torch.no_grad():
+        experts_forward_fp8(x, m_indices, w13, w2, cache)
+    assert cache.builds == 1 and not cache.get(w13, w2).has_transposes  # inference: copies only
+    experts_forward_fp8(x, m_indices, w13, w2, cache).backward(dy)
+    entry = cache.get(w13, w2)
+    assert cache.builds == 2 and entry.has_transposes  # rebuilt once, copy + transpose together
+    experts_forward_fp8(x, m_indices, w13, w2, cache).backward(dy)
+    assert cache.builds == 2 and cache.get(w13, w2) is entry
+    for pair, w in ((entry.w13_t(), w13), (entry.w2_t(), w2)):
+        q, s = G.per_block_quant_fp8(w.detach().transpose(1, 2).contiguous())
+        assert torch.equal(pair[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(pair[1], s)
+
+
+def test_fused_backward_ops_equal_the_unfused_composition(gen):
+    """The backward through the fused training ops gives the gradients of the composition they
+    replaced (SiLU backward in fp32, then row / transposed-row quantisation; x' dequantised,
+    padding zeroed, transposed, quantised), bit for bit on the CPU references."""
+    import moe_fp8.layers.autograd as A
+    from moe_fp8.gemm import reference as ref
+    x, m_indices, w13, w2, dy = make_problem([130, 0, 5, 300], 256, 128, gen)
+    experts_forward_fp8(x, m_indices, w13, w2).backward(dy)
+    fused = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
+
+    class Unfused(A._Fp8Math):
+        def cols(self, t):
+            return self.rows(t.t())
+
+        def cols_from_rows(self, operand, m_indices):
+            x_val = ref.dequant_rows(*operand).masked_fill((m_indices < 0).unsqueeze(1), 0)
+            return self.rows(x_val.t())
+
+        def silu_mul_backward(self, d_act, h):
+            dh, act = ref.silu_mul_backward(d_act, h)
+            return self.rows(dh), self.rows(dh.t()), self.rows(act.t())
+
+    original = A._Fp8Math
+    A._Fp8Math = Unfused
+    try:
+        for t in (x, w13, w2):
+            t.grad = None
+        experts_forward_fp8(x, m_indices, w13, w2).backward(dy)
+    finally:
+        A._Fp8Math = original
+    for got, want in zip(fused, (x.grad, w13.grad, w2.grad)):
+        assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- a tiny layer
 
 def route_and_permute(x, router_w, num_experts, top_k):

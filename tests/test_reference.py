@@ -214,3 +214,97 @@ def test_layout_helpers_exact():
     assert not layout.is_mn_major(dense)
     converted = layout.to_mn_major(dense)
     assert layout.is_mn_major(converted) and torch.equal(converted, dense)
+
+
+# ----------------------------------------------------------------------------- training quantisation
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape", [(128, 128), (256, 384), (3, 384, 256)])
+def test_per_block_quant_transpose_equals_quantising_the_transpose(gen, shape, pow2):
+    w = randn(*shape, gen=gen, scale=0.1, dtype=torch.float32)
+    (q, s), (q_t, s_t) = G.per_block_quant_transpose_fp8(w, pow2_scale=pow2)
+    pq, ps = G.per_block_quant_fp8(w, pow2_scale=pow2)
+    tq, ts = G.per_block_quant_fp8(w.transpose(-2, -1).contiguous(), pow2_scale=pow2)
+    assert torch.equal(q.view(torch.uint8), pq.view(torch.uint8)) and torch.equal(s, ps)
+    assert torch.equal(q_t.view(torch.uint8), tq.view(torch.uint8)) and torch.equal(s_t, ts)
+    assert q_t.is_contiguous() and s_t.is_contiguous()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("tokens", [0, 1, 127, 128, 129, 300, 512])
+def test_transpose_token_group_quant_equals_row_quant_of_the_transpose(gen, tokens, pow2):
+    """Along tokens = the row quantiser on x^T (zero-padded to whole 128-token groups)."""
+    x = randn(tokens, 256, gen=gen, scale=2.0)
+    q, s = G.transpose_token_group_quant_fp8(x, pow2_scale=pow2)
+    groups = layout.ceil_div(tokens, 128)
+    assert q.shape == (256, tokens) and s.shape == (256, groups) and layout.is_mn_major(s)
+    padded = torch.zeros(groups * 128, 256, dtype=x.dtype)
+    padded[:tokens] = x
+    pq, ps = G.per_token_group_quant_fp8(padded.t().contiguous(), pow2_scale=pow2)
+    assert torch.equal(q.view(torch.uint8), pq[:, :tokens].view(torch.uint8))
+    assert torch.equal(s, ps)
+    if tokens:  # dequantised back within fp8 rounding of x^T
+        back = q.float() * s.repeat_interleave(128, dim=1)[:, :tokens]
+        torch.testing.assert_close(back, x.float().t(), rtol=0.07, atol=1e-4)  # fp8 subnormal steps
+
+
+def test_transpose_token_group_quant_groups_stay_inside_aligned_segments(gen):
+    """With the contiguous layout's 128-aligned segments, each scale sees one expert's tokens."""
+    counts = [5, 0, 130]
+    m_indices = layout.build_m_indices(counts)
+    x = randn(m_indices.shape[0], 128, gen=gen)
+    x[m_indices < 0] = 0
+    x[: 128] *= 1000  # expert 0 is large: its scale must not leak into expert 2's groups
+    _, s = G.transpose_token_group_quant_fp8(x)
+    offsets = layout.segment_offsets(counts).tolist()
+    for e in range(len(counts)):
+        for g in range(offsets[e] // 128, offsets[e + 1] // 128):
+            seg = x[g * 128:(g + 1) * 128].float().abs().amax(0)
+            assert torch.equal(s[:, g], seg.clamp_min(1e-10) / torch.full_like(seg, 448.0))
+
+
+def test_silu_mul_backward_matches_autograd():
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(37, 256, generator=gen, dtype=torch.float64, requires_grad=True)
+    d_act = torch.randn(37, 128, generator=gen, dtype=torch.float64)
+    gate, up = h.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) * up
+    act.backward(d_act)
+    d_h, act_ref = ref.silu_mul_backward(d_act, h.detach())
+    assert d_h.dtype == torch.float64
+    torch.testing.assert_close(d_h, h.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(act_ref, act.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 128, 300])
+def test_silu_and_mul_backward_quant_equals_the_composition(gen, rows, pow2):
+    """The fused op = the SiLU backward in fp32, then the row quantiser and the along-token
+    quantiser of dH and act (what layers/autograd.py composed before the fused op)."""
+    h = randn(rows, 512, gen=gen, scale=3.0)
+    d_act = randn(rows, 256, gen=gen)
+    (dq, ds), (dtq, dts), (atq, ats) = G.silu_and_mul_backward_quant_fp8(d_act, h, pow2_scale=pow2)
+    d_h, act = ref.silu_mul_backward(d_act, h)
+    assert d_h.dtype == torch.float32 and act.shape == (rows, 256)
+    pq, ps = G.per_token_group_quant_fp8(d_h, pow2_scale=pow2)
+    assert torch.equal(dq.view(torch.uint8), pq.view(torch.uint8)) and torch.equal(ds, ps)
+    assert layout.is_mn_major(ds) and layout.is_mn_major(dts) and layout.is_mn_major(ats)
+    for (q, s), value in (((dtq, dts), d_h), ((atq, ats), act)):
+        eq, es = G.transpose_token_group_quant_fp8(value, pow2_scale=pow2)
+        assert torch.equal(q.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(s, es)
+        assert q.shape == (value.shape[1], rows)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_transpose_token_group_requant_equals_dequant_mask_then_quant(gen, pow2):
+    counts = [3, 0, 140]
+    m_indices = layout.build_m_indices(counts)
+    x = randn(m_indices.shape[0], 256, gen=gen, scale=4.0)
+    x[m_indices < 0] = 1e4  # padding garbage
+    a = G.per_token_group_quant_fp8(x)
+    q, s = G.transpose_token_group_requant_fp8(a, m_indices=m_indices, pow2_scale=pow2)
+    x_val = ref.dequant_rows(*a).masked_fill((m_indices < 0).unsqueeze(1), 0)
+    eq, es = G.transpose_token_group_quant_fp8(x_val, pow2_scale=pow2)
+    assert torch.equal(q.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(s, es)
+    q2, s2 = G.transpose_token_group_requant_fp8(a)  # no mask: garbage rows count
+    assert s2.max() > s.max()

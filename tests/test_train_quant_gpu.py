@@ -164,6 +164,15 @@ inline uint4 ld_stream(const void* p) { uint4 r; std::memcpy(&r, p, 16); return 
 inline float rcp_approx(float d) { volatile float r = 1.0f / d; return r; }  // within 1 ulp
 inline void cp_async16(uint4* dst, const void* src) { std::memcpy(dst, src, 16); }
 inline void cp_async_commit() {}
+inline float fp8_to_float(unsigned byte) {  // e4m3fn -> fp32, exact
+  const unsigned sign = (byte & 0x80u) << 24, exponent = (byte >> 3) & 0xFu, mantissa = byte & 7u;
+  if (exponent == 0) return __uint_as_float(__float_as_uint(float(mantissa) * 0x1p-9f) | sign);
+  if (exponent == 15 && mantissa == 7) return __uint_as_float(0x7FC00000u | sign);
+  return __uint_as_float(sign | ((exponent + 120) << 23) | (mantissa << 20));
+}
+inline float2 fp8x2_to_float2(unsigned short pair) {
+  return {fp8_to_float(pair & 0xFFu), fp8_to_float(pair >> 8)};
+}
 template <int kPending> inline void cp_async_wait() {}
 }  // namespace quant
 }  // namespace moe_fp8
@@ -218,10 +227,12 @@ static const Entry kEntries[] = {
     MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, true>),
     MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<float, false>),
     MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<float, true>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, true>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, true>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, false, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, true, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, false, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, true, false>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_fp8_storage_t, false, true>),
+    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_fp8_storage_t, true, true>),
     MOE_EMU_KERNEL(moe_fp8::quant::silu_and_mul_backward_quant_kernel<false>),
     MOE_EMU_KERNEL(moe_fp8::quant::silu_and_mul_backward_quant_kernel<true>),
 };
@@ -391,6 +402,31 @@ def test_token_transpose_quant_extreme_columns(device):
     tq().token_transpose_quant(x, q, s, 128, False)
     eq, es = ref.transpose_token_group_quant(x.cpu(), 128, False)
     assert_bits_equal(q, eq, s, es)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("counts,channels", [([1], 128), ([5, 0, 130], 256), ([0, 300, 0], 384),
+                                             ([600, 0, 1234, 257], 7168)])
+def test_token_transpose_requant(device, counts, channels, pow2):
+    """x' of the backward: the forward's fp8 rows (MN-major 1x128 scales) dequantised, padding
+    rows zero, re-quantised along tokens; extreme row scales and NaN-free garbage in padding."""
+    if sum(counts) * channels > 1000 * 384 and not big(device):
+        pytest.skip("large shapes run on the GPU only")
+    m_indices = build_m_indices(counts)
+    tokens = m_indices.shape[0]
+    x = make_input((tokens, channels), torch.float32, seed=tokens + channels, device="cpu")
+    x[m_indices < 0] = 1e30  # padding garbage must not reach the scales
+    q, s = G.per_token_group_quant_fp8(x.to(device), pow2_scale=pow2)
+    m_indices = m_indices.to(device)
+    qt = poisoned_fp8((channels, tokens), device)
+    st = nan_scales(channels, ceil_div(tokens, 128), device)
+    tq().token_transpose_requant(q, s, m_indices, qt, st, 128, pow2)
+    eq, es = ref.transpose_token_group_requant(q.cpu(), s.cpu(), m_indices.cpu(), 128, pow2)
+    assert_bits_equal(qt, eq, st, es, f"counts={counts}")
+    # without a mask: every row counts
+    tq().token_transpose_requant(q, s, None, qt, st, 128, pow2)
+    eq, es = ref.transpose_token_group_requant(q.cpu(), s.cpu(), None, 128, pow2)
+    assert_bits_equal(qt, eq, st, es, "no mask")
 
 
 @pytest.mark.gpu

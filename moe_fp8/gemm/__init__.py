@@ -26,6 +26,7 @@ from .reference import calc_diff
 __all__ = [
     "per_token_group_quant_fp8", "per_block_quant_fp8", "silu_and_mul_quant_fp8",
     "per_block_quant_transpose_fp8", "transpose_token_group_quant_fp8",
+    "transpose_token_group_requant_fp8",
     "silu_and_mul_backward_quant_fp8",
     "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
     "k_grouped_fp8_gemm_tn_contiguous", "calc_diff", "precompile",
@@ -173,6 +174,33 @@ def transpose_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
     q, s = _quant_outputs(out, (channels, tokens), (channels, ceil_div(tokens, group_size)),
                           x.device)
     run("transpose_token_group_quant", x, q, s, group_size, pow2_scale, check_backend(backend))
+    return q, s
+
+
+def transpose_token_group_requant_fp8(a: Fp8Pair, *, m_indices: Optional[torch.Tensor] = None,
+                                      group_size: int = 128, pow2_scale: bool = False,
+                                      out: Optional[Fp8Pair] = None,
+                                      backend: str = "auto") -> Fp8Pair:
+    """Re-quantise an operand from 1x128 along channels to 1x128 along tokens, transposed.
+
+    ``a = (fp8 [T, C], fp32 [T, C/128])`` (any scale strides; C a multiple of 128) -> the
+    ``transpose_token_group_quant_fp8`` of its dequantised values (``a[0] * a[1]`` in fp32), with
+    the rows where ``m_indices`` (int32 ``[T]``, optional) is -1 read as zero: the weight-gradient
+    operand x' of training, made from the forward's saved FP8 x without an fp32 copy in memory.
+    """
+    qa, sa = check.fp8_pair("a", a, dims=(2,))
+    _group_size(group_size)
+    tokens, channels = qa.shape
+    check.multiple_of("a[0].shape[1]", channels, group_size)
+    check.act_scales("a[1]", sa, (tokens,), channels)
+    check.same_device(**{"a[0]": qa, "a[1]": sa})
+    if m_indices is not None:
+        check.int32_vector("m_indices", m_indices, tokens)
+        check.same_device(**{"a[0]": qa, "m_indices": m_indices})
+    q, s = _quant_outputs(out, (channels, tokens), (channels, ceil_div(tokens, group_size)),
+                          qa.device)
+    run("transpose_token_group_requant", qa, sa, m_indices, q, s, group_size, pow2_scale,
+        check_backend(backend))
     return q, s
 
 

@@ -150,6 +150,19 @@ def transpose_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     s.copy_(rs)
 
 
+def transpose_token_group_requant(qa: torch.Tensor, sa: torch.Tensor,
+                                  m_indices: Optional[torch.Tensor], q: torch.Tensor,
+                                  s: torch.Tensor, group_size: int, pow2_scale: bool,
+                                  backend: str) -> None:
+    kernel = pick(backend, qa.device, "transpose_quant", "token_transpose_requant", qa.dtype)
+    if kernel is not None:
+        kernel(qa, sa, m_indices, q, s, group_size, pow2_scale)
+        return
+    rq, rs = ref.transpose_token_group_requant(qa, sa, m_indices, group_size, pow2_scale)
+    q.copy_(rq)
+    s.copy_(rs)
+
+
 def silu_and_mul_backward_quant(d_act: torch.Tensor, h: torch.Tensor, dh: torch.Tensor,
                                 dh_s: torch.Tensor, dh_t: torch.Tensor, dh_t_s: torch.Tensor,
                                 act_t: torch.Tensor, act_t_s: torch.Tensor, group_size: int,
@@ -211,6 +224,7 @@ _MUTATED = {
     "silu_and_mul_quant": ("q", "s"),
     "per_block_quant_transpose": ("q", "s", "q_t", "s_t"),
     "transpose_token_group_quant": ("q", "s"),
+    "transpose_token_group_requant": ("q", "s"),
     "silu_and_mul_backward_quant": ("dh", "dh_s", "dh_t", "dh_t_s", "act_t", "act_t_s"),
     "fp8_gemm_nt": ("out",),
     "m_grouped_contiguous": ("out",),

@@ -99,6 +99,16 @@ def transpose_token_group_quant(x: torch.Tensor, group_size: int = kScaleBlock,
     return q[:, :tokens].contiguous(), s
 
 
+def transpose_token_group_requant(q: torch.Tensor, s: torch.Tensor, m_indices=None,
+                                  group_size: int = kScaleBlock, pow2_scale: bool = False):
+    """An fp8 ``[T, C]`` operand with 1x128 scales along channels ``[T, C/128]`` -> dequantised
+    (``dequant_rows``), rows with ``m_indices == -1`` zeroed, then ``transpose_token_group_quant``."""
+    x = dequant_rows(q, s)
+    if m_indices is not None:
+        x = x.masked_fill((m_indices < 0).unsqueeze(1), 0)
+    return transpose_token_group_quant(x, group_size, pow2_scale)
+
+
 def silu_mul_backward(d_act: torch.Tensor, h: torch.Tensor):
     """Backward of ``act = silu(gate) * up``: ``d_act [M, I]``, ``h [M, 2I]`` (gate | up) ->
     ``(d_h [M, 2I], act [M, I])`` in fp32 (float64 stays float64), every operation rounded once in

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from .. import gemm as G
 from ..gemm import validate as check
-from ..gemm.reference import dequant_rows, silu_mul_backward
+from ..gemm.reference import silu_mul_backward
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 FP8 = torch.float8_e4m3fn
@@ -200,14 +200,16 @@ class _Fp8Math:
         """``t [R, K]`` -> operand quantised 1x128 along K: (fp8 [R, K], fp32 [R, K/128] MN-major)."""
         return G.per_token_group_quant_fp8(t.contiguous(), kBlock, pow2_scale=self.pow2_scale)
 
-    def rows_value(self, operand) -> torch.Tensor:
-        """The saved operand back as fp32 ``[R, K]`` (what the GEMM saw)."""
-        return dequant_rows(*operand)
-
     def cols(self, t: torch.Tensor):
         """``t [T, C]`` -> operand quantised 1x128 along tokens, transposed in the same pass:
         (fp8 [C, T], fp32 [C, T/128] MN-major), the weight-gradient GEMM's layout."""
         return G.transpose_token_group_quant_fp8(t.contiguous(), kBlock, pow2_scale=self.pow2_scale)
+
+    def cols_from_rows(self, operand, m_indices: torch.Tensor):
+        """A saved row operand (fp8 [T, C] + 1x128 scales) -> its dequantised values, padding rows
+        zero, re-quantised along tokens: ``cols(x')`` in one pass (no fp32 copy of x')."""
+        return G.transpose_token_group_requant_fp8(tuple(operand), m_indices=m_indices,
+                                                   pow2_scale=self.pow2_scale)
 
     def silu_mul(self, h: torch.Tensor):
         """``h [M_sum, 2I]`` -> q(silu(gate) * up) fp8 [M_sum, I] + 1x128 scales, one fused op."""
@@ -220,8 +222,8 @@ class _Fp8Math:
                                                  pow2_scale=self.pow2_scale)
 
     def weight(self, name: str) -> Fp8Pair:
-        w = self.weights
-        return {"w13": w.w13, "w2": w.w2, "w13_t": w.w13_t(), "w2_t": w.w2_t()}[name]
+        w = self.weights  # NOTE: only the one asked for (the transposes may not exist yet)
+        return {"w13": lambda: w.w13, "w2": lambda: w.w2, "w13_t": w.w13_t, "w2_t": w.w2_t}[name]()
 
     def grouped(self, a, name: str, m_indices: torch.Tensor) -> torch.Tensor:
         """``a [M_sum, K]`` operand . weight[e]^T -> bf16 ``[M_sum, N]``; padding rows stay 0."""
@@ -247,11 +249,11 @@ class _ExactMath:
     def rows(self, t):
         return t
 
-    def rows_value(self, operand):
-        return operand
-
     def cols(self, t):
         return t
+
+    def cols_from_rows(self, operand, m_indices):
+        return operand.masked_fill((m_indices < 0).unsqueeze(1), 0)
 
     def silu_mul(self, h):
         gate, up = h.chunk(2, dim=-1)
@@ -283,16 +285,17 @@ class _ExactMath:
 
 class _ExpertsFunction(torch.autograd.Function):
     """Inputs: x_rows [M_sum, H], m_indices int32 [M_sum], w13 [E, 2I, H], w2 [E, H, I], cache,
-    reference, pow2_scale, x_fp8 (None or the rows pre-quantised). Output y_rows [M_sum, H]
+    reference, pow2_scale, x_fp8 (None or the rows pre-quantised), needs_backward (build the
+    transposed weight copies with the copies). Output y_rows [M_sum, H]
     (bf16; x's dtype in reference mode)."""
 
     @staticmethod
-    def forward(ctx, x_rows, m_indices, w13, w2, cache, reference, pow2_scale, x_fp8):
+    def forward(ctx, x_rows, m_indices, w13, w2, cache, reference, pow2_scale, x_fp8,
+                needs_backward):
         if reference:
             math = _ExactMath(w13.detach(), w2.detach())
         else:
             # a backward will need the transposed copies: make them in the same pass
-            needs_backward = any(ctx.needs_input_grad[i] for i in (0, 2, 3))
             weights = (cache or Fp8WeightCache()).get(w13, w2, pow2_scale, needs_backward)
             math = _Fp8Math(weights, pow2_scale)
         # fp8 [M_sum, H] + 1x128 scales (exact: x itself); the dispatcher's payload when given
@@ -330,9 +333,11 @@ class _ExpertsFunction(torch.autograd.Function):
         if need_x:
             dx = math.grouped(dh_rows, "w13_t", m_indices).to(ctx.x_dtype)  # [M_sum, H]
         if need_w13:
-            x_val = math.rows_value(x_op).masked_fill(pad, 0)  # [M_sum, H]; zero pads keep scales tight
-            dw13 = math.wgrad(dh_cols, math.cols(x_val), offsets, num_experts).to(ctx.w13_dtype)  # [E, 2I, H]
-        return dx, None, dw13, dw2, None, None, None, None
+            # x' along tokens: the saved operand dequantised, padding rows zero (keeps the
+            # along-token scales tight), transposed and re-quantised in one pass
+            x_cols = math.cols_from_rows(x_op, m_indices)
+            dw13 = math.wgrad(dh_cols, x_cols, offsets, num_experts).to(ctx.w13_dtype)  # [E, 2I, H]
+        return dx, None, dw13, dw2, None, None, None, None, None
 
 
 def _validate(x_rows, m_indices, w13, w2, reference: bool) -> None:
@@ -395,8 +400,11 @@ def experts_forward_fp8(x_rows: torch.Tensor, m_indices: torch.Tensor, w13: torc
         check.shape("x_fp8[0]", xq, x_rows.shape)
         check.act_scales("x_fp8[1]", xs, x_rows.shape[:1], x_rows.shape[1])
         check.same_device(x_rows=x_rows, **{"x_fp8[0]": xq, "x_fp8[1]": xs})
+    # NOTE: grad mode is off inside Function.forward and needs_input_grad ignores it: decide here
+    # whether a backward can follow (the weight cache then makes the transposed copies too)
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x_rows, w13, w2))
     return _ExpertsFunction.apply(x_rows, m_indices, w13, w2, weight_cache, bool(reference),
-                                  bool(pow2_scale), x_fp8)
+                                  bool(pow2_scale), x_fp8, needs_backward)
 
 
 # ----------------------------------------------------------------------------- unquantised peer

@@ -7,6 +7,9 @@
 //   token_transpose_quant_kernel       x [T, C]    -> qT [C, T] + sT [C, ceil(T/128)]    (1x128
 //                                                   along tokens, MN-major scales: the k-grouped
 //                                                   weight-gradient GEMM's operand layout)
+//     kDequant: x is itself fp8 [T, C] with 1x128 scales along channels (the forward's saved
+//     operand); each value is dequantised (fp8 * scale, one fp32 rounding) and rows whose
+//     m_indices entry is -1 read as zero, before the along-token quantisation (the backward's x').
 //
 // Math: quant.cuh's, bit for bit (amax with NaN propagating, scale = max(amax, 1e-10) / 448 by
 // IEEE division, optional power-of-two rounding, q = e4m3 satfinite(x / scale) with the
@@ -193,13 +196,45 @@ __global__ void __launch_bounds__(kTileThreads) per_block_quant_transpose_kernel
 
 // ---- 1x128 along tokens, transposed ---------------------------------------------------------------
 
+#ifndef MOE_FP8_EMULATE
+// e4m3 pair -> fp32 pair, exactly (every e4m3 value, NaN included, is an fp16 value):
+// one cvt.rn.f16x2.e4m3x2 and two f16 -> f32 conversions. NOTE: a branchy bit-level decode
+// here took the requantising kernel to 255 registers (one CTA per SM).
+__device__ __forceinline__ float2 fp8x2_to_float2(unsigned short pair) {
+  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+  return __half22float2(*reinterpret_cast<const __half2*>(&raw));
+}
+#endif
+
+template <> struct Raw<__nv_fp8_storage_t> {
+  static constexpr int kVectors = 1;  // 16 fp8 = 16 bytes
+  __device__ static void to_float(const uint4 (&rRaw)[kVectors], float (&rV)[16]) {
+    const unsigned* words = reinterpret_cast<const unsigned*>(rRaw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float2 v = fp8x2_to_float2(static_cast<unsigned short>(words[i / 2] >> (16 * (i % 2))));
+      rV[2 * i] = v.x;
+      rV[2 * i + 1] = v.y;
+    }
+  }
+};
+
+// The requantising variant's extra inputs (unused otherwise): 1x128 row scales of the fp8 input
+// (gRowScale[t * rsRow + (c / 128) * rsGroup]) and the optional row mask (m_indices, -1 = zero).
+struct DequantRows {
+  const float* gRowScale;
+  const int* gRowMask;
+  long long rsRow, rsGroup;
+};
+
 // x [T, C] (C a multiple of 128, any T) -> qT [C, T] fp8 and sT [C, ceil(T/128)] written through
 // strides (sT[c, g] = gSt[c * sRow + g * sGroup]; MN-major: sRow 1, sGroup align(C, 4)).
 // Grid (C/128, ceil(T/128)); tokens past T load as zeros (no effect on amax) and are not stored.
-template <typename T, bool kPow2>
+template <typename T, bool kPow2, bool kDequant>
 __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQt, float* __restrict__ gSt,
-    int numTokens, int C, long long sRow, long long sGroup) {
+    int numTokens, int C, long long sRow, long long sGroup, const DequantRows dequant) {
+  static_assert(!kDequant || sizeof(T) == 1, "the requantising variant reads fp8 input");
   __shared__ __align__(16) unsigned char sTile[kTile * kTile];  // (128 tokens, 128 channels) fp8
   __shared__ float sPart[kTileThreads / 32][kTile];           // per-warp column amax
   __shared__ float sScale[kTile];
@@ -209,19 +244,34 @@ __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
   const int rowsValid = min(kTile, numTokens - tb * kTile);
 
   uint4 rRaw[kTilePasses][Raw<T>::kVectors];  // (pass, 16 channels of one token)
+  float rRowScale[kTilePasses];                // kDequant: the row's scale of these 16 channels
 #pragma unroll
   for (int p = 0; p < kTilePasses; ++p) {
     const int tileRow = row0 + p * kTileRowsPerPass;
     const long long token = static_cast<long long>(tb) * kTile + tileRow;
-    load_values(gX + token * C + col, tileRow < rowsValid, rRaw[p]);
+    bool valid = tileRow < rowsValid;
+    if constexpr (kDequant) {
+      if (valid && dequant.gRowMask != nullptr) valid = dequant.gRowMask[token] >= 0;
+      rRowScale[p] = valid ? dequant.gRowScale[token * dequant.rsRow + (col / kTile) * dequant.rsGroup]
+                           : 0.0f;
+    }
+    load_values(gX + token * C + col, valid, rRaw[p]);
   }
+  // the pass's 16 values in fp32 (kDequant: fp8 * row scale, as moe_fp8.gemm.reference.dequant_rows)
+  auto values = [&](int p, float (&rV)[16]) {
+    Raw<T>::to_float(rRaw[p], rV);
+    if constexpr (kDequant) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) rV[i] = __fmul_rn(rV[i], rRowScale[p]);
+    }
+  };
   float rAmax[16];  // per channel, over this thread's 4 tokens
 #pragma unroll
   for (int i = 0; i < 16; ++i) rAmax[i] = 0.0f;
 #pragma unroll
   for (int p = 0; p < kTilePasses; ++p) {
     float rV[16];
-    Raw<T>::to_float(rRaw[p], rV);
+    values(p, rV);
 #pragma unroll
     for (int i = 0; i < 16; ++i) rAmax[i] = max_nan(rAmax[i], fabsf(rV[i]));
   }
@@ -257,7 +307,7 @@ __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
 #pragma unroll
   for (int p = 0; p < kTilePasses; ++p) {
     float rV[16], rQ[16];
-    Raw<T>::to_float(rRaw[p], rV);
+    values(p, rV);
 #pragma unroll
     for (int i = 0; i < 16; ++i) rQ[i] = rDiv[i].divide(rV[i]);
     tile_store16(sTile, row0 + p * kTileRowsPerPass, chunk, pack_fp8x16(rQ));

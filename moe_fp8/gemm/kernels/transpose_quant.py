@@ -9,11 +9,16 @@
   contiguous, C a multiple of 128, any T; q_t ``[C, T]`` fp8 contiguous, s_t ``[C, ceil(T/128)]``
   fp32 through its strides (the public op allocates it MN-major, what the k-grouped
   weight-gradient GEMM reads). One CTA per 128 tokens x 128 channels: grid ``(C/128, ceil(T/128))``.
+* ``token_transpose_requant(a, sa, m_indices, q_t, s_t, group_size, pow2_scale)``: the same from an
+  fp8 ``a [T, C]`` with 1x128 scales ``sa [T, C/128]`` (any strides): values dequantised
+  (``a * sa``, one fp32 rounding), rows with ``m_indices == -1`` read as zero (``m_indices`` int32
+  ``[T]`` or None), then quantised along tokens (the backward's x', no fp32 copy in memory).
 
 Both launch on a grid that depends only on the shapes (graph-capturable, no host sync).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -27,7 +32,14 @@ _kTypeNames = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 kSupportedInputs = {
     "per_block_quant_transpose": tuple(_kTypeNames),
     "token_transpose_quant": tuple(_kTypeNames),
+    "token_transpose_requant": (torch.float8_e4m3fn,),
 }
+
+
+class DequantRows(ctypes.Structure):
+    """transpose_quant.cuh ``DequantRows``, passed by value."""
+    _fields_ = [("row_scale", ctypes.c_uint64), ("row_mask", ctypes.c_uint64),
+                ("rs_row", ctypes.c_int64), ("rs_group", ctypes.c_int64)]
 
 
 def _bool(flag: bool) -> str:
@@ -42,8 +54,11 @@ def per_block_transpose_source(dtype: torch.dtype, pow2_scale: bool) -> KernelSo
 
 @functools.lru_cache(maxsize=None)
 def token_transpose_source(dtype: torch.dtype, pow2_scale: bool) -> KernelSource:
+    """dtype bf16/fp32: quantise x; float8_e4m3fn: the requantising (dequant) variant."""
+    dequant = dtype == torch.float8_e4m3fn
+    type_name = "__nv_fp8_storage_t" if dequant else _kTypeNames[dtype]
     return KernelSource(kHeader, f"moe_fp8::quant::token_transpose_quant_kernel<"
-                                 f"{_kTypeNames[dtype]}, {_bool(pow2_scale)}>")
+                                 f"{type_name}, {_bool(pow2_scale)}, {_bool(dequant)}>")
 
 
 @register_bundled
@@ -53,6 +68,7 @@ def bundled_sources() -> list[KernelSource]:
     for pow2 in (False, True):
         for dtype in _kTypeNames:
             sources += [per_block_transpose_source(dtype, pow2), token_transpose_source(dtype, pow2)]
+        sources.append(token_transpose_source(torch.float8_e4m3fn, pow2))
     return sources
 
 
@@ -93,4 +109,20 @@ def token_transpose_quant(x: torch.Tensor, q_t: torch.Tensor, s_t: torch.Tensor,
     kernel = get_kernel(token_transpose_source(x.dtype, bool(pow2_scale)))
     kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
                   [x, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
-                   i64(s_t.stride(1))])
+                   i64(s_t.stride(1)), DequantRows(0, 0, 0, 0)])
+
+
+def token_transpose_requant(a: torch.Tensor, sa: torch.Tensor, m_indices, q_t: torch.Tensor,
+                            s_t: torch.Tensor, group_size: int = 128,
+                            pow2_scale: bool = False) -> None:
+    _check_size(group_size, "group_size")
+    tokens, channels = a.shape
+    if a.numel() == 0:
+        return
+    _check_aligned(a=a, q_t=q_t)
+    rows = DequantRows(sa.data_ptr(), 0 if m_indices is None else m_indices.data_ptr(),
+                       sa.stride(0), sa.stride(1))
+    kernel = get_kernel(token_transpose_source(torch.float8_e4m3fn, bool(pow2_scale)))
+    kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
+                  [a, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
+                   i64(s_t.stride(1)), rows])
