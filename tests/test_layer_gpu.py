@@ -126,3 +126,17 @@ def test_fused_defaults_vs_torch_paths(moe, tokens, monkeypatch):
     assert int(counts.sum()) == tokens * moe.cfg.top_k
     assert calc_diff(fused, plain) < 1e-5
     assert calc_diff(fused_masked, plain_masked) < 1e-5
+
+
+@torch.no_grad()
+def test_shared_experts_overlap_is_exact(moe, monkeypatch):
+    """The shared experts on the side stream (default) give the same bits as on the main stream
+    (MOE_FP8_OVERLAP_SHARED=0): same kernels, only the streams differ; repeated calls too (the
+    side stream's buffers are recycled across calls)."""
+    xs = [rand_x(t, moe.cfg.hidden_size, 700 + t) for t in (4096, 1, 777)]
+    monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "0")
+    expected = [moe(x) for x in xs]
+    monkeypatch.delenv("MOE_FP8_OVERLAP_SHARED")
+    for _ in range(2):
+        for x, e in zip(xs, expected):
+            assert torch.equal(moe(x), e)

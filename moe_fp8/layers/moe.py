@@ -9,6 +9,7 @@ masked layout in one CUDA graph (decode). Both give the same result to bf16 roun
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -21,6 +22,10 @@ from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
 from .layouts import MaskedBuffers
 from .permute import quantize_tokens
 from .router import Router
+
+
+kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 0: the shared experts run on the main stream
+kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill)
 
 
 class MoE(nn.Module):
@@ -147,15 +152,57 @@ class MoE(nn.Module):
                                    x_fp8=(layout.a, layout.sa), pow2_scale=self.cfg.pow2_scale)
 
     # ------------------------------------------------------------------ forward
+    def _overlap_shared(self, xq: torch.Tensor) -> bool:
+        """Run the shared experts on a side stream during the prefill forward? Only for CUDA
+        inference outside graph capture and ``torch.compile``, and unless
+        ``MOE_FP8_OVERLAP_SHARED=0``."""
+        return (self.shared_experts is not None and xq.is_cuda and not torch.is_grad_enabled()
+                and os.environ.get(kOverlapSharedEnv, "1").strip() != "0"
+                and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing())
+
+    def _start_shared(self, xq: torch.Tensor, xs: torch.Tensor):
+        """-> ``(shared [T, H] or None, event or None)``. NOTE: the shared experts do not depend
+        on the routing, so on the GPU they run on a side stream while the main stream routes,
+        builds the layout and reads ``M_sum`` back (the host-bound part of the prefill, where
+        the GPU otherwise idles between small kernels); the main stream waits for the event
+        before the combine. Tensors cross streams only at the fork (xq, xs: made before it) and
+        the join (the result: recorded on the main stream)."""
+        if self.shared_experts is None:
+            return None, None
+        if not self._overlap_shared(xq):
+            return self.shared_experts(xq, xs), None
+        main = torch.cuda.current_stream(xq.device)
+        streams = kSharedStreams  # device -> side stream (one per device, shared by layers)
+        side = streams.get(xq.device)
+        if side is None:
+            side = streams[xq.device] = torch.cuda.Stream(device=xq.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            shared = self.shared_experts(xq, xs)
+            done = torch.cuda.Event()
+            done.record(side)
+        xq.record_stream(side)
+        xs.record_stream(side)
+        return shared, done
+
+    @staticmethod
+    def _join_shared(shared: Optional[torch.Tensor], done) -> Optional[torch.Tensor]:
+        if done is not None:
+            torch.cuda.current_stream(shared.device).wait_event(done)
+            shared.record_stream(torch.cuda.current_stream(shared.device))
+        return shared
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., H]`` -> ``[..., H]`` (x's dtype), contiguous layout."""
         x2 = self._tokens(x)
-        routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        shared, shared_done = self._start_shared(xq, xs)  # side stream on the GPU (overlaps)
+        routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
         layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
                                                              routing.topk_weights)
         y_rows = self._routed_rows(x2, layout)  # [M_sum, H]
-        shared = self.shared_experts(xq, xs) if self.shared_experts is not None else None
+        shared = self._join_shared(shared, shared_done)
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)
 
