@@ -1,9 +1,9 @@
 """Where the MoE layer's time goes: torch.profiler over one prefill forward and one decode replay.
 
 DeepSeek-V3 shapes on one GPU holding 32 experts (H 7168, I 2048, top-8, 1 shared expert), the
-same layer as bench_layer.py. For each path (``torch``: MOE_FP8_FUSED_PERMUTE=0 and
-MOE_FP8_FUSED_ROUTER=0; ``fused``: both kernel families on, the default; ``--mode all`` adds
-``permute``: fused permute with the torch router) it prints:
+same layer as bench_layer.py. For each path (``torch``: MOE_FP8_FUSED_PERMUTE=0,
+MOE_FP8_FUSED_ROUTER=0, MOE_FP8_OVERLAP_SHARED=0; ``fused``: all three on, the default;
+``--mode all`` adds ``permute``: only the fused permute, the default of 2026-11-25) it prints:
 
 * the layer's clean time (CUDA events, median, L2 flushed, no profiler, no instrumentation);
 * a phase table from one instrumented forward: each phase (router, quantise, index, permute,
@@ -49,7 +49,11 @@ from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
 
 kEnv = "MOE_FP8_FUSED_PERMUTE"
 kRouterEnv = "MOE_FP8_FUSED_ROUTER"
-kModes = {"torch": (False, False), "permute": (True, False), "fused": (True, True)}  # (permute, router)
+kOverlapEnv = "MOE_FP8_OVERLAP_SHARED"
+# mode -> (fused permute, fused router, shared experts on a side stream); "permute" is the
+# previous default (2026-11-25: fused permute only), "fused" today's default
+kModes = {"torch": (False, False, False), "permute": (True, False, False),
+          "fused": (True, True, True)}
 kGemmKernel = "fp8_gemm_kernel"  # the grouped and dense FP8 GEMMs (the GEMM share)
 kSyncCalls = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
@@ -79,9 +83,10 @@ kPhases = [
 
 @contextlib.contextmanager
 def fused_mode(mode: str):
-    """``mode`` in kModes: sets both switches, restores them after."""
-    saved = {name: os.environ.get(name) for name in (kEnv, kRouterEnv)}
-    for name, on in zip((kEnv, kRouterEnv), kModes[mode]):
+    """``mode`` in kModes: sets the three switches, restores them after."""
+    names = (kEnv, kRouterEnv, kOverlapEnv)
+    saved = {name: os.environ.get(name) for name in names}
+    for name, on in zip(names, kModes[mode]):
         os.environ[name] = "1" if on else "0"
     try:
         yield
@@ -287,8 +292,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--decode", type=int, default=128, help="decode batch (0: skip decode)")
     parser.add_argument("--mode", choices=("both", "torch", "fused", "permute", "all"), default="both",
-                        help="both: torch and fused; all: torch, permute (fused permute, torch "
-                             "router) and fused")
+                        help="both: torch and fused; all: torch, permute (fused permute only) "
+                             "and fused")
     parser.add_argument("--experts", type=int, default=32, help="experts on this GPU")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
@@ -307,7 +312,7 @@ def main() -> None:
     reference = {}
     for tokens in args.tokens:
         for mode in modes:
-            title = f"prefill T={tokens}, {mode} (permute, router)"
+            title = f"prefill T={tokens}, {mode} mode"
             with fused_mode(mode):
                 y, clean_us, inst_us, stats, phases = profile_prefill(moe, tokens, args.top,
                                                                       args.repeats)
@@ -325,7 +330,7 @@ def main() -> None:
     reference.clear()
     if args.decode:
         for mode in modes:
-            title = f"decode graph n={args.decode}, {mode} (permute, router)"
+            title = f"decode graph n={args.decode}, {mode} mode"
             with fused_mode(mode):
                 y, replay_us, graph_stats, eager_us, eager_stats, phases = profile_decode(
                     moe, args.decode, args.top, args.repeats)
