@@ -352,7 +352,7 @@ def assert_bits_equal(actual_q, expected_q, actual_s, expected_s, what=""):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("shape", [(128, 128), (3, 256, 384), (2, 4096, 7168), (1, 7168, 2048)])
+@pytest.mark.parametrize("shape", [(128, 128), (3, 256, 384), (1, 4096, 7168), (2, 7168, 2048)])
 def test_per_block_quant_transpose(device, shape, dtype, pow2):
     if shape[-1] * shape[-2] > 256 * 384 and not big(device):
         pytest.skip("DeepSeek-V3 widths run on the GPU only")
@@ -453,7 +453,8 @@ def test_token_transpose_feeds_wgrad_like_the_composition():
     for a, b in (fused, plain):
         out = torch.zeros(len(counts), 512, 384, device="cuda")
         outs.append(G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out))
-    assert torch.equal(outs[0], outs[1])
+    # identical operands; the GEMM's fp32 reduce-add order is its own business
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     assert bool((outs[0][1] == 0).all()) and bool((outs[0][3] == 0).all())
 
 
