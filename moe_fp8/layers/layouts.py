@@ -23,8 +23,6 @@ unset: fused); CPU tensors and other GPUs always run torch.
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +30,7 @@ import torch
 
 from ..gemm.layout import align, empty_act_scales, kSegmentAlign
 from . import router as _router
+from .switches import kernels_enabled, switch_on
 
 FP8 = torch.float8_e4m3fn
 
@@ -40,26 +39,15 @@ kFusedEnv = "MOE_FP8_FUSED_PERMUTE"
 kMaskedIndexMaxPairs = 1 << 16  # the masked index kernel is one CTA: beyond this, torch is faster
 
 
-@functools.lru_cache(maxsize=None)
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
 def fused_switch_on() -> bool:
     """The environment switch alone: ``MOE_FP8_FUSED_PERMUTE=0`` turns the fused kernels off."""
-    return os.environ.get(kFusedEnv, "1").strip() != "0"
+    return switch_on(kFusedEnv)
 
 
 def fused_enabled(t: torch.Tensor) -> bool:
     """True when the fused permute/index/combine kernels should run for tensors like ``t``:
-    ``t`` on an sm_90 GPU, ``MOE_FP8_FUSED_PERMUTE`` not ``0``, and not inside ``torch.compile``
-    tracing (the kernels are launched by pointer, which fake tensors do not have)."""
-    if not t.is_cuda or not fused_switch_on():
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return _is_sm90(index)
+    ``t`` on an sm_90 GPU, ``MOE_FP8_FUSED_PERMUTE`` not ``0``, not inside ``torch.compile``."""
+    return kernels_enabled(t, kFusedEnv)
 
 
 def _permute_kernels():

@@ -23,8 +23,6 @@ weight may differ from the torch path's by an ulp or two.
 """
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,24 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .switches import kernels_enabled
 
 
 kFusedRouterEnv = "MOE_FP8_FUSED_ROUTER"
 
 
-@functools.lru_cache(maxsize=None)
-def _is_sm90(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
 def fused_router_enabled(t: torch.Tensor) -> bool:
     """True when the router kernels (route, local ids) should run for tensors like ``t``: on an
     sm_90 GPU, ``MOE_FP8_FUSED_ROUTER`` not ``0``, not inside ``torch.compile`` tracing."""
-    if not t.is_cuda or os.environ.get(kFusedRouterEnv, "1").strip() == "0":
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    return _is_sm90(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return kernels_enabled(t, kFusedRouterEnv)
 
 
 def kernels():
