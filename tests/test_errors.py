@@ -96,6 +96,7 @@ CASES = [
     ("requant-scale-shape", lambda: G.transpose_token_group_requant_fp8((A[0], torch.ones(4, 3))), ValueError, "a[1] must have shape (4, 2)"),
     ("requant-m-indices-len", lambda: G.transpose_token_group_requant_fp8(A, m_indices=torch.zeros(3, dtype=torch.int32)), ValueError, "m_indices must have shape (4,)"),
     ("requant-m-indices-dtype", lambda: G.transpose_token_group_requant_fp8(A, m_indices=torch.zeros(4)), TypeError, "m_indices must have dtype torch.int32"),
+    ("tok-t-m-indices-len", lambda: G.transpose_token_group_quant_fp8(torch.randn(5, 128), m_indices=torch.zeros(4, dtype=torch.int32)), ValueError, "m_indices must have shape (5,)"),
     ("silu-bwd-width", lambda: G.silu_and_mul_backward_quant_fp8(torch.randn(4, 64), torch.randn(4, 128)), ValueError, "h.shape[1] must be a multiple of 256"),
     ("silu-bwd-d-act-shape", lambda: G.silu_and_mul_backward_quant_fp8(torch.randn(4, 256), torch.randn(4, 256)), ValueError, "d_act must have shape (4, 128)"),
     ("silu-bwd-d-act-dtype", lambda: G.silu_and_mul_backward_quant_fp8(torch.ones(4, 128, dtype=torch.int32), torch.randn(4, 256)), TypeError, "d_act must have dtype"),

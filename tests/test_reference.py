@@ -308,3 +308,13 @@ def test_transpose_token_group_requant_equals_dequant_mask_then_quant(gen, pow2)
     assert torch.equal(q.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(s, es)
     q2, s2 = G.transpose_token_group_requant_fp8(a)  # no mask: garbage rows count
     assert s2.max() > s.max()
+
+
+def test_transpose_token_group_quant_row_mask(gen):
+    m_indices = layout.build_m_indices([3, 0, 140])
+    x = randn(m_indices.shape[0], 128, gen=gen)
+    masked = x.masked_fill((m_indices < 0).unsqueeze(1), 0)
+    x[m_indices < 0] = 1e4
+    q, s = G.transpose_token_group_quant_fp8(x, m_indices=m_indices)
+    eq, es = G.transpose_token_group_quant_fp8(masked)
+    assert torch.equal(q.view(torch.uint8), eq.view(torch.uint8)) and torch.equal(s, es)

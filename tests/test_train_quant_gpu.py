@@ -404,6 +404,24 @@ def test_token_transpose_quant_extreme_columns(device):
     assert_bits_equal(q, eq, s, es)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("counts,channels", [([5, 0, 130], 256), ([0, 300, 7], 128),
+                                             ([600, 0, 1234, 257], 7168)])
+def test_token_transpose_quant_row_mask(device, counts, channels, dtype):
+    """dY's padding rows (m_indices -1, here huge garbage) read as zero: no masked copy needed."""
+    if sum(counts) * channels > 1000 * 384 and not big(device):
+        pytest.skip("large shapes run on the GPU only")
+    m_indices = build_m_indices(counts)
+    tokens = m_indices.shape[0]
+    x = make_input((tokens, channels), dtype, seed=tokens, device="cpu")
+    x[m_indices < 0] = 1e30
+    x, m_indices = x.to(device), m_indices.to(device)
+    q, s = poisoned_fp8((channels, tokens), device), nan_scales(channels, ceil_div(tokens, 128), device)
+    tq().token_transpose_quant(x, q, s, 128, False, m_indices)
+    eq, es = ref.transpose_token_group_quant(x.cpu(), 128, False, m_indices.cpu())
+    assert_bits_equal(q, eq, s, es, f"counts={counts}")
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("counts,channels", [([1], 128), ([5, 0, 130], 256), ([0, 300, 0], 384),
                                              ([600, 0, 1234, 257], 7168)])

@@ -155,6 +155,7 @@ def per_block_quant_transpose_fp8(w: torch.Tensor, block_size: int = 128, *,
 
 
 def transpose_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
+                                    m_indices: Optional[torch.Tensor] = None,
                                     pow2_scale: bool = False, out: Optional[Fp8Pair] = None,
                                     backend: str = "auto") -> Fp8Pair:
     """Transpose and quantise 1x128 *along tokens*, in one pass (weight-gradient operands).
@@ -164,16 +165,21 @@ def transpose_token_group_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
     channel per 128 tokens, exactly the operand layout ``k_grouped_fp8_gemm_tn_contiguous`` reads.
     Tokens are grouped from 0 in runs of 128 (the contiguous layout's expert segments are
     128-aligned, so no group spans two experts); a partial last group uses the tokens it has.
-    ``out`` optionally receives the result.
+    Rows where ``m_indices`` (int32 ``[T]``, optional) is -1 read as zero (the contiguous
+    layout's padding rows). ``out`` optionally receives the result.
     """
     check.tensor("x", x, dtypes=check.kFloatInputs, dims=(2,))
     _group_size(group_size)
     check.multiple_of("x.shape[1]", x.shape[1], group_size)
     check.finite("x", x)
     tokens, channels = x.shape
+    if m_indices is not None:
+        check.int32_vector("m_indices", m_indices, tokens)
+        check.same_device(x=x, m_indices=m_indices)
     q, s = _quant_outputs(out, (channels, tokens), (channels, ceil_div(tokens, group_size)),
                           x.device)
-    run("transpose_token_group_quant", x, q, s, group_size, pow2_scale, check_backend(backend))
+    run("transpose_token_group_quant", x, m_indices, q, s, group_size, pow2_scale,
+        check_backend(backend))
     return q, s
 
 

@@ -139,13 +139,14 @@ def per_block_quant_transpose(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         dst.copy_(src)
 
 
-def transpose_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                                group_size: int, pow2_scale: bool, backend: str) -> None:
+def transpose_token_group_quant(x: torch.Tensor, m_indices: Optional[torch.Tensor],
+                                q: torch.Tensor, s: torch.Tensor, group_size: int,
+                                pow2_scale: bool, backend: str) -> None:
     kernel = pick(backend, x.device, "transpose_quant", "token_transpose_quant", x.dtype)
     if kernel is not None:
-        kernel(x, q, s, group_size, pow2_scale)
+        kernel(x, q, s, group_size, pow2_scale, m_indices)
         return
-    rq, rs = ref.transpose_token_group_quant(x, group_size, pow2_scale)
+    rq, rs = ref.transpose_token_group_quant(x, group_size, pow2_scale, m_indices)
     q.copy_(rq)
     s.copy_(rs)
 

@@ -88,11 +88,14 @@ def per_block_quant_transpose(w: torch.Tensor, block_size: int = kScaleBlock,
 
 
 def transpose_token_group_quant(x: torch.Tensor, group_size: int = kScaleBlock,
-                                pow2_scale: bool = False):
+                                pow2_scale: bool = False, m_indices=None):
     """``x [T, C]`` -> ``(q_t [C, T] fp8, s_t [C, ceil(T/128)] fp32)``: x transposed and quantised
     1x128 *along tokens* (one scale per channel per 128 tokens; scales contiguous here). A partial
-    last group (T not a multiple of 128) takes its amax over the tokens it has."""
+    last group (T not a multiple of 128) takes its amax over the tokens it has. Rows where
+    ``m_indices`` (optional int32 ``[T]``) is -1 count as zero."""
     tokens = x.shape[0]
+    if m_indices is not None:
+        x = x.masked_fill((m_indices < 0).unsqueeze(1), 0)
     groups = ceil_div(tokens, group_size)
     xt = F.pad(x.float().t(), (0, groups * group_size - tokens))  # [C, T_pad]; zeros: no amax
     q, s = per_token_group_quant(xt, group_size, pow2_scale)
@@ -103,10 +106,7 @@ def transpose_token_group_requant(q: torch.Tensor, s: torch.Tensor, m_indices=No
                                   group_size: int = kScaleBlock, pow2_scale: bool = False):
     """An fp8 ``[T, C]`` operand with 1x128 scales along channels ``[T, C/128]`` -> dequantised
     (``dequant_rows``), rows with ``m_indices == -1`` zeroed, then ``transpose_token_group_quant``."""
-    x = dequant_rows(q, s)
-    if m_indices is not None:
-        x = x.masked_fill((m_indices < 0).unsqueeze(1), 0)
-    return transpose_token_group_quant(x, group_size, pow2_scale)
+    return transpose_token_group_quant(dequant_rows(q, s), group_size, pow2_scale, m_indices)
 
 
 def silu_mul_backward(d_act: torch.Tensor, h: torch.Tensor):

@@ -200,10 +200,12 @@ class _Fp8Math:
         """``t [R, K]`` -> operand quantised 1x128 along K: (fp8 [R, K], fp32 [R, K/128] MN-major)."""
         return G.per_token_group_quant_fp8(t.contiguous(), kBlock, pow2_scale=self.pow2_scale)
 
-    def cols(self, t: torch.Tensor):
+    def cols(self, t: torch.Tensor, m_indices: Optional[torch.Tensor] = None):
         """``t [T, C]`` -> operand quantised 1x128 along tokens, transposed in the same pass:
-        (fp8 [C, T], fp32 [C, T/128] MN-major), the weight-gradient GEMM's layout."""
-        return G.transpose_token_group_quant_fp8(t.contiguous(), kBlock, pow2_scale=self.pow2_scale)
+        (fp8 [C, T], fp32 [C, T/128] MN-major), the weight-gradient GEMM's layout; rows with
+        ``m_indices == -1`` read as zero."""
+        return G.transpose_token_group_quant_fp8(t.contiguous(), kBlock, m_indices=m_indices,
+                                                 pow2_scale=self.pow2_scale)
 
     def cols_from_rows(self, operand, m_indices: torch.Tensor):
         """A saved row operand (fp8 [T, C] + 1x128 scales) -> its dequantised values, padding rows
@@ -249,8 +251,8 @@ class _ExactMath:
     def rows(self, t):
         return t
 
-    def cols(self, t):
-        return t
+    def cols(self, t, m_indices=None):
+        return t if m_indices is None else t.masked_fill((m_indices < 0).unsqueeze(1), 0)
 
     def cols_from_rows(self, operand, m_indices):
         return operand.masked_fill((m_indices < 0).unsqueeze(1), 0)
@@ -318,8 +320,8 @@ class _ExpertsFunction(torch.autograd.Function):
         math = ctx.math
         need_x, need_w13, need_w2 = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dx = dw13 = dw2 = None
-        pad = (m_indices < 0).unsqueeze(1)  # [M_sum, 1]: padding rows take and give no gradient
-        dy = dy.masked_fill(pad, 0)  # [M_sum, H]
+        # NOTE: padding rows (m_indices -1) take and give no gradient: the grouped GEMMs skip
+        # them, the along-token quantisations read them as zero (no masked copy of dY)
         num_experts = ctx.num_experts
         offsets = None
         if need_w13 or need_w2:
@@ -329,7 +331,8 @@ class _ExpertsFunction(torch.autograd.Function):
         # dH along channels (dX), along tokens (dW13), act along tokens (dW2): one fused op
         dh_rows, dh_cols, act_cols = math.silu_mul_backward(d_act, h)
         if need_w2:
-            dw2 = math.wgrad(math.cols(dy), act_cols, offsets, num_experts).to(ctx.w2_dtype)  # [E, H, I]
+            dy_cols = math.cols(dy, m_indices)  # dY^T along tokens, padding rows zero
+            dw2 = math.wgrad(dy_cols, act_cols, offsets, num_experts).to(ctx.w2_dtype)  # [E, H, I]
         if need_x:
             dx = math.grouped(dh_rows, "w13_t", m_indices).to(ctx.x_dtype)  # [M_sum, H]
         if need_w13:

@@ -7,9 +7,10 @@
 //   token_transpose_quant_kernel       x [T, C]    -> qT [C, T] + sT [C, ceil(T/128)]    (1x128
 //                                                   along tokens, MN-major scales: the k-grouped
 //                                                   weight-gradient GEMM's operand layout)
-//     kDequant: x is itself fp8 [T, C] with 1x128 scales along channels (the forward's saved
-//     operand); each value is dequantised (fp8 * scale, one fp32 rounding) and rows whose
-//     m_indices entry is -1 read as zero, before the along-token quantisation (the backward's x').
+//     Rows whose m_indices entry is -1 (optional) read as zero (padding rows of the contiguous
+//     layout must not reach the along-token scales). kDequant: x is itself fp8 [T, C] with 1x128
+//     scales along channels (the forward's saved operand); each value is dequantised (fp8 * scale,
+//     one fp32 rounding) before the along-token quantisation (the backward's x').
 //
 // Math: quant.cuh's, bit for bit (amax with NaN propagating, scale = max(amax, 1e-10) / 448 by
 // IEEE division, optional power-of-two rounding, q = e4m3 satfinite(x / scale) with the
@@ -219,9 +220,10 @@ template <> struct Raw<__nv_fp8_storage_t> {
   }
 };
 
-// The requantising variant's extra inputs (unused otherwise): 1x128 row scales of the fp8 input
-// (gRowScale[t * rsRow + (c / 128) * rsGroup]) and the optional row mask (m_indices, -1 = zero).
-struct DequantRows {
+// Per-row inputs: the optional row mask (m_indices, -1 = the row reads as zero; null = none) and,
+// for the requantising variant only, the fp8 input's 1x128 row scales
+// (gRowScale[t * rsRow + (c / 128) * rsGroup]).
+struct RowInput {
   const float* gRowScale;
   const int* gRowMask;
   long long rsRow, rsGroup;
@@ -233,7 +235,7 @@ struct DequantRows {
 template <typename T, bool kPow2, bool kDequant>
 __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQt, float* __restrict__ gSt,
-    int numTokens, int C, long long sRow, long long sGroup, const DequantRows dequant) {
+    int numTokens, int C, long long sRow, long long sGroup, const RowInput rowIn) {
   static_assert(!kDequant || sizeof(T) == 1, "the requantising variant reads fp8 input");
   __shared__ __align__(16) unsigned char sTile[kTile * kTile];  // (128 tokens, 128 channels) fp8
   __shared__ float sPart[kTileThreads / 32][kTile];           // per-warp column amax
@@ -250,9 +252,9 @@ __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
     const int tileRow = row0 + p * kTileRowsPerPass;
     const long long token = static_cast<long long>(tb) * kTile + tileRow;
     bool valid = tileRow < rowsValid;
+    if (valid && rowIn.gRowMask != nullptr) valid = rowIn.gRowMask[token] >= 0;
     if constexpr (kDequant) {
-      if (valid && dequant.gRowMask != nullptr) valid = dequant.gRowMask[token] >= 0;
-      rRowScale[p] = valid ? dequant.gRowScale[token * dequant.rsRow + (col / kTile) * dequant.rsGroup]
+      rRowScale[p] = valid ? rowIn.gRowScale[token * rowIn.rsRow + (col / kTile) * rowIn.rsGroup]
                            : 0.0f;
     }
     load_values(gX + token * C + col, valid, rRaw[p]);

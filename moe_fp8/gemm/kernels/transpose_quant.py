@@ -5,8 +5,9 @@
   ``[E, N, K]`` bf16/fp32 contiguous, N and K multiples of 128; q like w, s
   ``[.., N/128, K/128]``, q_t ``[.., K, N]``, s_t ``[.., K/128, N/128]``, all contiguous.
   One CTA per 128x128 block: grid ``(K/128, N/128, E)``.
-* ``token_transpose_quant(x, q_t, s_t, group_size, pow2_scale)``: x ``[T, C]`` bf16/fp32
-  contiguous, C a multiple of 128, any T; q_t ``[C, T]`` fp8 contiguous, s_t ``[C, ceil(T/128)]``
+* ``token_transpose_quant(x, q_t, s_t, group_size, pow2_scale, m_indices=None)``: x ``[T, C]``
+  bf16/fp32 contiguous, C a multiple of 128, any T; rows with ``m_indices == -1`` (int32 ``[T]``,
+  optional) read as zero; q_t ``[C, T]`` fp8 contiguous, s_t ``[C, ceil(T/128)]``
   fp32 through its strides (the public op allocates it MN-major, what the k-grouped
   weight-gradient GEMM reads). One CTA per 128 tokens x 128 channels: grid ``(C/128, ceil(T/128))``.
 * ``token_transpose_requant(a, sa, m_indices, q_t, s_t, group_size, pow2_scale)``: the same from an
@@ -36,8 +37,8 @@ kSupportedInputs = {
 }
 
 
-class DequantRows(ctypes.Structure):
-    """transpose_quant.cuh ``DequantRows``, passed by value."""
+class RowInput(ctypes.Structure):
+    """transpose_quant.cuh ``RowInput``, passed by value."""
     _fields_ = [("row_scale", ctypes.c_uint64), ("row_mask", ctypes.c_uint64),
                 ("rs_row", ctypes.c_int64), ("rs_group", ctypes.c_int64)]
 
@@ -100,7 +101,8 @@ def per_block_quant_transpose(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
 
 
 def token_transpose_quant(x: torch.Tensor, q_t: torch.Tensor, s_t: torch.Tensor,
-                          group_size: int = 128, pow2_scale: bool = False) -> None:
+                          group_size: int = 128, pow2_scale: bool = False,
+                          m_indices: torch.Tensor | None = None) -> None:
     _check_size(group_size, "group_size")
     tokens, channels = x.shape
     if x.numel() == 0:
@@ -109,7 +111,8 @@ def token_transpose_quant(x: torch.Tensor, q_t: torch.Tensor, s_t: torch.Tensor,
     kernel = get_kernel(token_transpose_source(x.dtype, bool(pow2_scale)))
     kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
                   [x, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
-                   i64(s_t.stride(1)), DequantRows(0, 0, 0, 0)])
+                   i64(s_t.stride(1)),
+                   RowInput(0, 0 if m_indices is None else m_indices.data_ptr(), 0, 0)])
 
 
 def token_transpose_requant(a: torch.Tensor, sa: torch.Tensor, m_indices, q_t: torch.Tensor,
@@ -120,8 +123,8 @@ def token_transpose_requant(a: torch.Tensor, sa: torch.Tensor, m_indices, q_t: t
     if a.numel() == 0:
         return
     _check_aligned(a=a, q_t=q_t)
-    rows = DequantRows(sa.data_ptr(), 0 if m_indices is None else m_indices.data_ptr(),
-                       sa.stride(0), sa.stride(1))
+    rows = RowInput(sa.data_ptr(), 0 if m_indices is None else m_indices.data_ptr(),
+                    sa.stride(0), sa.stride(1))
     kernel = get_kernel(token_transpose_source(torch.float8_e4m3fn, bool(pow2_scale)))
     kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
                   [a, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
