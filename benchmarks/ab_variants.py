@@ -1,12 +1,14 @@
 """Ablation copies of the GEMM include tree for ``gemm_ab.py`` (experiments only, wrong results).
 
-    python benchmarks/ab_variants.py OUT_DIR     # writes OUT_DIR/{nopromo,noload}/
+    python benchmarks/ab_variants.py OUT_DIR     # writes OUT_DIR/{nopromo,noload,noepi,nofence}/
 
 * ``nopromo``: the promotion FFMAs are left out (one element kept so the partials stay live):
   the time left is loads + MMA + issue; the difference to the real kernel is what promotion costs.
 * ``noload``: after the first kStages slots the producer stops issuing TMA and only arrives on
   the full barrier, so the MMAs re-read stale shared memory: the time left is MMA + promotion +
   issue with no L2/HBM traffic (cluster_m = 1 configs only).
+* ``noepi``: no epilogue (the output is never written): what the per-tile store costs.
+* ``nofence``: without the wgmma fence that follows each group's commit.
 Each patch asserts that the text it replaces is still there.
 """
 import pathlib
@@ -20,6 +22,10 @@ kPromotion = """            r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
             r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
             r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;"""
 kNoPromotion = """            if (j == 0) r_acc[0] += p[0] * scale_lo + p[kAcc - 1] * scale_hi;"""
+
+kEpilogue = "      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);"
+kFenceAfterCommit = """        ptx::wgmma_commit();
+        // NOTE: a fence after the commit"""
 
 kLoadStart = "          ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);"
 kLoadEnd = "          if (++stage == kStages) stage = 0, phase ^= 1;"
@@ -40,6 +46,11 @@ def main(out: pathlib.Path) -> None:
         "          } else {\n            ptx::mbar_arrive(&full[stage]);\n          }\n") + core[end:]
     variants["noload"] = patch(variants["noload"], "      int stage = 0;\n      u32 phase = 0;\n",
                                "      int stage = 0, ablate_slots = 0;\n      u32 phase = 0;\n")
+    variants["noepi"] = patch(core, kEpilogue, "      (void)s_d_wg;")
+    variants["nofence"] = patch(core, kFenceAfterCommit + " keeps", kFenceAfterCommit.replace(
+        "ptx::wgmma_commit();", "ptx::wgmma_commit();  // ablated: no fence") + " keeps")
+    variants["nofence"] = patch(variants["nofence"], "        ptx::wgmma_fence();\n        if constexpr (!kColumnScales) {\n          const float* s_sa_stage = s_sa + stage_in",
+                                "        if constexpr (!kColumnScales) {\n          const float* s_sa_stage = s_sa + stage_in")
     for name, text in variants.items():
         folder = out / name
         if folder.exists():

@@ -194,13 +194,14 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // Rows of this thread inside the tile: lane/4 and lane/4 + 8 of the warp's 16-row slab.
     const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
     float r_acc[kAcc], r_p0[kAcc], r_p1[kDoubleBuffer ? kAcc : 1];
+    float r_f0[4], r_f1[4];  // promotion factors of the K blocks in r_p0 / r_p1 (see issue)
 
     // NOTE: descriptors of slot 0, advanced by whole slots (the start-address field is addr >> 4
     // and every slot ends below 256 KB, so the add never carries out of it). Rebuilding them from
     // the address per K block cost ~30 vector-pipe instructions + R2UR on the path between a
     // group's retirement and the next issue (SASS, 2026-11-25).
-    const u64 desc_a0 = ptx::make_desc_k128_sw128(s_a + warpgroup * 64 * 128);
-    const u64 desc_b0 = ptx::make_desc_k128_sw128(s_b);
+    const u32 desc_a0 = ptx::desc_k128_sw128_lo(s_a + warpgroup * 64 * 128);
+    const u32 desc_b0 = ptx::desc_k128_sw128_lo(s_b);
     Scheduler scheduler(params, rank);
     Tile tile;
     int stage_in = 0, stage_out = 0;  // next slot to compute on / to release
@@ -217,10 +218,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) r_acc[i] = 0.f;
 
-      // Partial product of the next K block on the tensor cores, into fresh registers `p`.
-      auto issue = [&](float(&p)[kAcc]) {
-        const u64 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
-        const u64 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4));
+      // Partial product of K block kb on the tensor cores, into fresh registers `p`; with block
+      // scales, also the promotion factors of kb into `f` (sa x sb for the thread's two rows and
+      // the tile's two column blocks), so their shared-memory reads are off the path between the
+      // group's retirement and the promotion FFMAs (they stalled the first FMUL, ncu 2026-12-05).
+      auto issue = [&](float(&p)[kAcc], float(&f)[4], int kb) {
+        const u32 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
+        const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4));
         ptx::mbar_wait(&full[stage_in], phase_in);
         ptx::fence_regs(p);
         ptx::wgmma_fence();
@@ -228,6 +232,17 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         for (int k = 0; k < 4; ++k)
           Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
         ptx::wgmma_commit();
+        // NOTE: a fence after the commit keeps the group's four wgmma together: without it ptxas
+        // moved the last (committing) one behind ~60 promotion FFMAs of the previous K block
+        // (SASS, 2026-12-05), delaying the group on the tensor cores.
+        ptx::wgmma_fence();
+        if constexpr (!kColumnScales) {
+          const float* s_sa_stage = s_sa + stage_in * kBlockM;
+          const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
+          const float sb_0 = s_sb_tile[kb];
+          const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
+          f[0] = sa_lo * sb_0, f[1] = sa_hi * sb_0, f[2] = sa_lo * sb_1, f[3] = sa_hi * sb_1;
+        }
         if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
       };
       // Lane r < kClusterM of every warp frees the slot in CTA r (its multicast peer included).
@@ -242,11 +257,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       };
       // Once the wgmma group of K block kb has retired (caller waited): release its slot and
       // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
-      auto retire = [&](float(&p)[kAcc], int kb) {
+      auto retire = [&](float(&p)[kAcc], const float(&f)[4]) {
         ptx::fence_regs(p);
-        const float* s_sa_stage = s_sa + stage_out * kBlockM;
-        const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
         if constexpr (kColumnScales) {
+          const float* s_sa_stage = s_sa + stage_out * kBlockM;
+          const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
           // Thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load of sb per j.
           const float* s_sb_stage = s_sb + stage_out * kBlockN + 2 * (lane % 4);
 #pragma unroll
@@ -259,11 +274,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           }
           release();
         } else {
-          const float sb_0 = s_sb_tile[kb];
-          const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
           release();
-          const float s00 = sa_lo * sb_0, s10 = sa_hi * sb_0;
-          const float s01 = sa_lo * sb_1, s11 = sa_hi * sb_1;
+          const float s00 = f[0], s10 = f[1], s01 = f[2], s11 = f[3];
           const int cols_0 = kMayStraddle ? ptx::opaque(first_cols) : kBlockN;
 #pragma unroll
           for (int j = 0; j < kBlockN / 8; ++j) {
@@ -286,25 +298,25 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         // The guards of an odd count are left out where K is even at compile time (ptxas kept
         // them as branches next to the wgmma issue).
         constexpr bool kEvenK = kTileKBlocks > 0 && kTileKBlocks % 2 == 0;
-        issue(r_p0);
+        issue(r_p0, r_f0, 0);
         for (int kb = 0; kb < num_kb; kb += 2) {
           ptx::wgmma_wait<0>();
-          if (kEvenK || kb + 1 < num_kb) issue(r_p1);
-          retire(r_p0, kb);
+          if (kEvenK || kb + 1 < num_kb) issue(r_p1, r_f1, kb + 1);
+          retire(r_p0, r_f0);
           if (kEvenK || kb + 1 < num_kb) {
             ptx::wgmma_wait<0>();
             if (kb + 2 < num_kb) {
-              issue(r_p0);
+              issue(r_p0, r_f0, kb + 2);
               if constexpr (kHalfOverlap) ptx::wgmma_wait<0>();
             }
-            retire(r_p1, kb + 1);
+            retire(r_p1, r_f1);
           }
         }
       } else {
         for (int kb = 0; kb < num_kb; ++kb) {
-          issue(r_p0);
+          issue(r_p0, r_f0, kb);
           ptx::wgmma_wait<0>();
-          retire(r_p0, kb);
+          retire(r_p0, r_f0);
         }
       }
       // NOTE: every group has retired here; saying so keeps ptxas from inserting its own wait

@@ -235,10 +235,16 @@ __device__ __forceinline__ u64 make_desc_k128_sw128(const void* s_tile) {
   const u64 start = (smem_addr(s_tile) & 0x3FFFF) >> 4;
   return start | (u64(1) << 16) | (u64(1024 >> 4) << 32) | (u64(1) << 62);
 }
+// The same descriptor split in two 32-bit words: `lo` (start address >> 4, leading byte offset)
+// is all that changes between slots and K steps; `hi` (stride 1024 B, 128B swizzle) is constant.
+__device__ __forceinline__ u32 desc_k128_sw128_lo(const void* s_tile) {
+  return static_cast<u32>(make_desc_k128_sw128(s_tile));
+}
+constexpr u64 kDescK128Sw128Hi64 = (u64(1024 >> 4) << 32) | (u64(1) << 62);
 
 // Advancing the descriptor by 32 bytes along K (one k32 step) adds 2 to the start field; the
 // hardware applies the swizzle to the computed addresses, so no other field changes.
-constexpr u64 kDescKStep = 32 >> 4;
+constexpr u32 kDescKStep = 32 >> 4;
 
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -267,9 +273,11 @@ __device__ __forceinline__ void fence_regs(float (&r)[kCount]) {
 }
 
 // D[64 x kN] (fp32, kN/2 registers per thread) (+)= A[64 x 32] * B[kN x 32]^T, both e4m3 in
-// shared memory. The accumulators are operands %0 .. %(kN/2 - 1); the descriptors and the
-// accumulate flag follow as read-only inputs. NOTE: read-write ("+l") descriptors made ptxas copy
-// and re-add them before every wgmma (SASS, 2026-12-05).
+// shared memory, described by the low words of K-major 128B-swizzle descriptors (the high word is
+// kDescK128Sw128Hi64). The accumulators are operands %0 .. %(kN/2 - 1); the descriptor words and
+// the accumulate flag follow as read-only inputs. NOTE: 64-bit read-write ("+l") descriptors made
+// ptxas copy and re-add both words (IMAD.MOV + IADD3 + IMAD.X) before every wgmma (SASS,
+// 2026-12-05: about a third of the math warps' instructions).
 template <int kN>
 struct WgmmaFp8;
 
@@ -293,67 +301,70 @@ struct WgmmaFp8;
   "+f"(d[b + 0]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]),              \
       "+f"(d[b + 5]), "+f"(d[b + 6]), "+f"(d[b + 7])
 
-// kDescA, kDescB, kFlag: the operand numbers of the inputs, "%<kN/2>" .. "%<kN/2 + 2>".
-#define MOE_WG_CASE(kN, kRegList, kDescA, kDescB, kFlag, ...)                                   \
+// kDescA, kDescB, kFlag: the operand numbers of the inputs, "%<kN/2>" .. "%<kN/2 + 2>"; the
+// constant high word (kDescK128Sw128Hi64, an immediate) is operand %<kN/2 + 3>, named by kHi.
+#define MOE_WG_CASE(kN, kRegList, kDescA, kDescB, kFlag, kHi, ...)                              \
   template <>                                                                                  \
   struct WgmmaFp8<kN> {                                                                        \
     static constexpr int kRegs = kN / 2;                                                       \
-    __device__ __forceinline__ static void mma(u64 desc_a, u64 desc_b, float (&d)[kN / 2],      \
-                                               u32 accumulate) {                               \
+    __device__ __forceinline__ static void mma(u32 desc_a_lo, u32 desc_b_lo,                   \
+                                               float (&d)[kN / 2], u32 accumulate) {           \
       asm volatile(                                                                            \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, " kFlag ", 0;\n"                                    \
-          "wgmma.mma_async.sync.aligned.m64n" #kN "k32.f32.e4m3.e4m3 {" kRegList "}, " kDescA   \
-          ", " kDescB ", p, 1, 1;\n}\n"                                                         \
+          "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, " kFlag ", 0;\n"                 \
+          "cvt.u64.u32 da, " kDescA ";\nor.b64 da, da, " kHi ";\n"                                \
+          "cvt.u64.u32 db, " kDescB ";\nor.b64 db, db, " kHi ";\n"                                \
+          "wgmma.mma_async.sync.aligned.m64n" #kN "k32.f32.e4m3.e4m3 {" kRegList "}, da, db, "  \
+          "p, 1, 1;\n}\n"                                                                       \
           : __VA_ARGS__                                                                        \
-          : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                        \
+          : "r"(desc_a_lo), "r"(desc_b_lo), "r"(accumulate), "n"(kDescK128Sw128Hi64));      \
     }                                                                                          \
   };
 
-MOE_WG_CASE(16, MOE_WG_R0, "%8", "%9", "%10",
+MOE_WG_CASE(16, MOE_WG_R0, "%8", "%9", "%10", "%11",
             MOE_WG_D(0))
-MOE_WG_CASE(32, MOE_WG_R0 ", " MOE_WG_R1, "%16", "%17", "%18",
+MOE_WG_CASE(32, MOE_WG_R0 ", " MOE_WG_R1, "%16", "%17", "%18", "%19",
             MOE_WG_D(0), MOE_WG_D(8))
-MOE_WG_CASE(48, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2, "%24", "%25", "%26",
+MOE_WG_CASE(48, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2, "%24", "%25", "%26", "%27",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16))
-MOE_WG_CASE(64, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3, "%32", "%33", "%34",
+MOE_WG_CASE(64, MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3, "%32", "%33", "%34", "%35",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24))
 MOE_WG_CASE(80,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4,
-            "%40", "%41", "%42",
+            "%40", "%41", "%42", "%43",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32))
 MOE_WG_CASE(96,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5,
-            "%48", "%49", "%50",
+            "%48", "%49", "%50", "%51",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40))
 MOE_WG_CASE(112,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
                 MOE_WG_R5 ", " MOE_WG_R6,
-            "%56", "%57", "%58",
+            "%56", "%57", "%58", "%59",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48))
 MOE_WG_CASE(128,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
                 MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7,
-            "%64", "%65", "%66",
+            "%64", "%65", "%66", "%67",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56))
 MOE_WG_CASE(144,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
                 MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8,
-            "%72", "%73", "%74",
+            "%72", "%73", "%74", "%75",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64))
 MOE_WG_CASE(160,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
                 MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9,
-            "%80", "%81", "%82",
+            "%80", "%81", "%82", "%83",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72))
 MOE_WG_CASE(192,
             MOE_WG_R0 ", " MOE_WG_R1 ", " MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", "
                 MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9 ", "
                 MOE_WG_R10 ", " MOE_WG_R11,
-            "%96", "%97", "%98",
+            "%96", "%97", "%98", "%99",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72), MOE_WG_D(80), MOE_WG_D(88))
 MOE_WG_CASE(256,
@@ -361,7 +372,7 @@ MOE_WG_CASE(256,
                 MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7 ", " MOE_WG_R8 ", " MOE_WG_R9 ", "
                 MOE_WG_R10 ", " MOE_WG_R11 ", " MOE_WG_R12 ", " MOE_WG_R13 ", " MOE_WG_R14 ", "
                 MOE_WG_R15,
-            "%128", "%129", "%130",
+            "%128", "%129", "%130", "%131",
             MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72), MOE_WG_D(80), MOE_WG_D(88),
             MOE_WG_D(96), MOE_WG_D(104), MOE_WG_D(112), MOE_WG_D(120))
