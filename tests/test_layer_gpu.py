@@ -132,7 +132,7 @@ def test_fused_defaults_vs_torch_paths(moe, tokens, monkeypatch):
 def test_shared_experts_overlap_is_exact(moe, monkeypatch):
     """The shared experts on the side stream (default) give the same bits as on the main stream
     (MOE_FP8_OVERLAP_SHARED=0): same kernels, only the streams differ; repeated calls too (the
-    side stream's buffers are recycled across calls)."""
+    side stream's buffers are recycled across calls); the decode graph likewise."""
     xs = [rand_x(t, moe.cfg.hidden_size, 700 + t) for t in (4096, 1, 777)]
     monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "0")
     expected = [moe(x) for x in xs]
@@ -140,3 +140,11 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
     for _ in range(2):
         for x, e in zip(xs, expected):
             assert torch.equal(moe(x), e)
+    # decode: the side stream becomes a parallel branch of the captured graph
+    monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "0")
+    serial = moe.decode_runner(max_tokens=32)
+    monkeypatch.delenv("MOE_FP8_OVERLAP_SHARED")
+    branched = moe.decode_runner(max_tokens=32)
+    for i, n in enumerate((32, 5, 1, 32)):
+        x = rand_x(n, moe.cfg.hidden_size, 800 + i)
+        assert torch.equal(branched(x).clone(), serial(x).clone()), f"decode n={n}"

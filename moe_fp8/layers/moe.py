@@ -153,21 +153,21 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _overlap_shared(self, xq: torch.Tensor) -> bool:
-        """Run the shared experts on a side stream during the prefill forward? Only for CUDA
-        inference outside graph capture and ``torch.compile``, and unless
-        ``MOE_FP8_OVERLAP_SHARED=0``."""
+        """Run the shared experts on a side stream? Only for CUDA inference outside
+        ``torch.compile``, and unless ``MOE_FP8_OVERLAP_SHARED=0``. Inside a CUDA-graph capture
+        (the decode runner) the fork and join become two parallel branches of the graph."""
         return (self.shared_experts is not None and xq.is_cuda and not torch.is_grad_enabled()
                 and os.environ.get(kOverlapSharedEnv, "1").strip() != "0"
-                and not torch.compiler.is_compiling()
-                and not torch.cuda.is_current_stream_capturing())
+                and not torch.compiler.is_compiling())
 
     def _start_shared(self, xq: torch.Tensor, xs: torch.Tensor):
-        """-> ``(shared [T, H] or None, event or None)``. NOTE: the shared experts do not depend
-        on the routing, so on the GPU they run on a side stream while the main stream routes,
-        builds the layout and reads ``M_sum`` back (the host-bound part of the prefill, where
-        the GPU otherwise idles between small kernels); the main stream waits for the event
-        before the combine. Tensors cross streams only at the fork (xq, xs: made before it) and
-        the join (the result: recorded on the main stream)."""
+        """-> ``(shared [T, H] or None, side stream or None)``. NOTE: the shared experts do not
+        depend on the routing, so on the GPU they run on a side stream while the main stream
+        routes, builds the layout and (prefill) reads ``M_sum`` back — the host-bound part of the
+        prefill where the GPU otherwise idles between small kernels, and the chain of small
+        kernels of the decode graph; the main stream waits for the side stream before the
+        combine. Tensors cross streams only at the fork (xq, xs: made before it) and the join
+        (the result: recorded on the main stream)."""
         if self.shared_experts is None:
             return None, None
         if not self._overlap_shared(xq):
@@ -180,29 +180,30 @@ class MoE(nn.Module):
         side.wait_stream(main)
         with torch.cuda.stream(side):
             shared = self.shared_experts(xq, xs)
-            done = torch.cuda.Event()
-            done.record(side)
-        xq.record_stream(side)
-        xs.record_stream(side)
-        return shared, done
+        if not torch.cuda.is_current_stream_capturing():  # a graph's pool outlives its replays
+            xq.record_stream(side)
+            xs.record_stream(side)
+        return shared, side
 
     @staticmethod
-    def _join_shared(shared: Optional[torch.Tensor], done) -> Optional[torch.Tensor]:
-        if done is not None:
-            torch.cuda.current_stream(shared.device).wait_event(done)
-            shared.record_stream(torch.cuda.current_stream(shared.device))
+    def _join_shared(shared: Optional[torch.Tensor], side) -> Optional[torch.Tensor]:
+        if side is not None:
+            main = torch.cuda.current_stream(shared.device)
+            main.wait_stream(side)
+            if not torch.cuda.is_current_stream_capturing():
+                shared.record_stream(main)
         return shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., H]`` -> ``[..., H]`` (x's dtype), contiguous layout."""
         x2 = self._tokens(x)
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-        shared, shared_done = self._start_shared(xq, xs)  # side stream on the GPU (overlaps)
+        shared, side = self._start_shared(xq, xs)  # side stream on the GPU (overlaps)
         routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
         layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
                                                              routing.topk_weights)
         y_rows = self._routed_rows(x2, layout)  # [M_sum, H]
-        shared = self._join_shared(shared, shared_done)
+        shared = self._join_shared(shared, side)
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)
 
@@ -214,8 +215,9 @@ class MoE(nn.Module):
         arguments (what ``decode_runner`` passes) it neither syncs nor allocates by value."""
         x2 = self._tokens(x)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
-        routing = self.gate(x2)
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        shared, side = self._start_shared(xq, xs)  # side stream / graph branch on the GPU
+        routing = self.gate(x2)
         layout, handle = self.dispatcher.dispatch_masked(
             (xq, xs), routing.topk_idx, routing.topk_weights, max_tokens_per_expert=m_max,
             num_valid_tokens=num_valid_tokens, out=buffers)
@@ -223,7 +225,7 @@ class MoE(nn.Module):
             raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "
                              f"max_tokens_per_expert={m_max}: raise it (T tokens need at most T)")
         y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
-        shared = self.shared_experts(xq, xs) if self.shared_experts is not None else None
+        shared = self._join_shared(shared, side)
         return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)
 
     def decode_runner(self, max_tokens: int, *, use_graph: Optional[bool] = None):
