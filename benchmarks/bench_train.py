@@ -13,7 +13,10 @@ per expert, 7168 x 2048 (issue 7's target â‰¥ 1100 TFLOPS; published record 878â
 DeepGEMM PR #95). Which ops ran kernels and which fell back to the reference is listed: a
 reference fallback on the GPU is orders of magnitude slower and makes the row meaningless.
 
-    python benchmarks/bench_train.py [--repeats 10] [--quick]
+    python benchmarks/bench_train.py [--repeats 10] [--quick] [--no-profile]
+
+After the table, one FP8 fwd+bwd step of the first shape runs under torch.profiler and the GPU
+kernels that take the most time are printed (where the step goes: GEMMs vs the rest).
 
 Results: benchmarks/results/train_<date>.md/.csv (card, date, commit in the header).
 """
@@ -133,6 +136,33 @@ def layer_rows(label, counts, repeats):
     return results
 
 
+def profile_step(counts, top: int = 18) -> None:
+    """Print the GPU kernels of one FP8 fwd+bwd step, most time first (the step's breakdown)."""
+    from torch.profiler import ProfilerActivity, profile
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    m_indices = build_m_indices(counts, device="cuda")
+    rows, experts = m_indices.shape[0], len(counts)
+    x = torch.randn(rows, kHidden, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(rows, kHidden, device="cuda", generator=gen).to(torch.bfloat16)
+    w13 = torch.nn.Parameter(torch.randn(experts, 2 * kInter, kHidden, device="cuda", generator=gen)
+                             * kHidden ** -0.5)
+    w2 = torch.nn.Parameter(torch.randn(experts, kHidden, kInter, device="cuda", generator=gen)
+                            * kInter ** -0.5)
+    cache = Fp8WeightCache()
+    experts_forward_fp8(x, m_indices, w13, w2, cache).backward(dy)  # warm: kernels loaded, cache built
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        experts_forward_fp8(x, m_indices, w13, w2, cache).backward(dy)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    print(f"\nFP8 fwd+bwd step, {len(counts)} experts x {counts[0]} tokens: GPU kernel time "
+          f"{total / 1e3:.2f} ms")
+    for e in events[:top]:
+        print(f"  {e.device_time_total / 1e3:8.3f} ms  {e.count:4d}x  {e.key[:110]}")
+
+
 def wgrad_row(repeats):
     """dW[e] += dY[e]^T . X[e] at 4096 tokens x 7168 x 2048 per expert, 4 experts."""
     experts, tokens, n, k = 4, 4096, kHidden, kInter
@@ -152,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="one shape only")
+    parser.add_argument("--no-profile", action="store_true", help="skip the kernel breakdown")
     args = parser.parse_args()
     if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
         raise SystemExit("bench_train.py needs a Hopper (sm_90) GPU")
@@ -167,6 +198,11 @@ def main() -> None:
                f"{geomean(speedups):.2f}x (target >= {kTarget}x)")
     write_results("train", rows, summary)
     write_results("train_wgrad", [wgrad_row(args.repeats)], f"backends: {used}")
+    if not args.no_profile:
+        try:  # a report, never a reason to fail the benchmark
+            profile_step(shape_cases(True)[0][1])
+        except Exception as error:  # noqa: BLE001
+            print(f"profile skipped: {error!r}")
 
 
 if __name__ == "__main__":
