@@ -12,6 +12,7 @@
 Each patch asserts that the text it replaces is still there.
 """
 import pathlib
+import re
 import shutil
 import sys
 
@@ -24,16 +25,19 @@ kPromotion = """            r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
 kNoPromotion = """            if (j == 0) r_acc[0] += p[0] * scale_lo + p[kAcc - 1] * scale_hi;"""
 
 kEpilogue = "      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);"
-kFenceAfterCommit = """        ptx::wgmma_commit();
-        // NOTE: a fence after the commit"""
+kFence = """// keeps the commit ahead of them (ablation `nofence` in benchmarks/ab_variants.py).
+ptx::wgmma_fence();"""
 
 kLoadStart = "          ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);"
 kLoadEnd = "          if (++stage == kStages) stage = 0, phase ^= 1;"
 
 
 def patch(text: str, old: str, new: str) -> str:
-    assert text.count(old) == 1, f"ablation patch target not found once: {old[:60]!r}"
-    return text.replace(old, new)
+    """Replace ``old`` (matched line by line with any leading indentation) by ``new``."""
+    pattern = "\n".join(r"[ \t]*" + re.escape(line.strip()) for line in old.split("\n"))
+    found = re.findall(pattern, text)
+    assert len(found) == 1, f"ablation patch target not found once: {old[:60]!r}"
+    return re.sub(pattern, lambda _: new, text)
 
 
 def main(out: pathlib.Path) -> None:
@@ -47,10 +51,7 @@ def main(out: pathlib.Path) -> None:
     variants["noload"] = patch(variants["noload"], "      int stage = 0;\n      u32 phase = 0;\n",
                                "      int stage = 0, ablate_slots = 0;\n      u32 phase = 0;\n")
     variants["noepi"] = patch(core, kEpilogue, "      (void)s_d_wg;")
-    variants["nofence"] = patch(core, kFenceAfterCommit + " keeps", kFenceAfterCommit.replace(
-        "ptx::wgmma_commit();", "ptx::wgmma_commit();  // ablated: no fence") + " keeps")
-    variants["nofence"] = patch(variants["nofence"], "        ptx::wgmma_fence();\n        if constexpr (!kColumnScales) {\n          const float* s_sa_stage = s_sa + stage_in",
-                                "        if constexpr (!kColumnScales) {\n          const float* s_sa_stage = s_sa + stage_in")
+    variants["nofence"] = patch(core, kFence, "      // ablated: no fence after the commit")
     for name, text in variants.items():
         folder = out / name
         if folder.exists():

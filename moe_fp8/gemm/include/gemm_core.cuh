@@ -203,102 +203,114 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     const u32 desc_a0 = ptx::desc_k128_sw128_lo(s_a + warpgroup * 64 * 128);
     const u32 desc_b0 = ptx::desc_k128_sw128_lo(s_b);
     Scheduler scheduler(params, rank);
-    Tile tile;
+    Tile tile, next_tile;
     int stage_in = 0, stage_out = 0;  // next slot to compute on / to release
     u32 phase_in = 0, phase_out = 0;
     int sb_buf = 0;
     u32 sb_phase = 0;
-    while (scheduler.next(tile)) {
-      const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
-      const float* s_sb_tile = s_tile_sb + sb_buf * 2 * kTileKBlocks;
+    // The tile whose K blocks are being issued: its weight scales, and the columns [0,
+    // first_cols) that use scale block n0/128 (the rest use block n0/128 + 1).
+    const float* s_sb_tile = s_tile_sb;
+    int first_cols = kBlockN;
+    auto begin_tile = [&](const Tile& t) {
+      s_sb_tile = s_tile_sb + sb_buf * 2 * kTileKBlocks;
       if constexpr (!kColumnScales) ptx::mbar_wait(&sb_full[sb_buf], sb_phase);
-      // Columns [0, first_cols) of the tile use block n0/128, the rest block n0/128 + 1.
-      const int first_cols = kMayStraddle ? min(kBlockN, 128 - tile.n0 % 128) : kBlockN;
+      first_cols = kMayStraddle ? min(kBlockN, 128 - t.n0 % 128) : kBlockN;
+    };
 
+    // Partial product of K block kb on the tensor cores, into fresh registers `p`; with block
+    // scales, also the promotion factors of kb into `f` (sa x sb for the thread's two rows and
+    // the tile's two column blocks), so their shared-memory reads are off the path between the
+    // group's retirement and the promotion FFMAs (they stalled the first FMUL, ncu 2026-12-05).
+    auto issue = [&](float(&p)[kAcc], float(&f)[4], int kb) {
+      const u32 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
+      const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4));
+      ptx::mbar_wait(&full[stage_in], phase_in);
+      ptx::fence_regs(p);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
+      ptx::wgmma_commit();
+      // NOTE: without a fence after the commit ptxas moved the last (committing) wgmma of the
+      // group behind ~60 promotion FFMAs of the previous K block (SASS, 2026-12-05); the fence
+      // keeps the commit ahead of them (ablation `nofence` in benchmarks/ab_variants.py).
+      ptx::wgmma_fence();
+      if constexpr (!kColumnScales) {
+        const float* s_sa_stage = s_sa + stage_in * kBlockM;
+        const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
+        const float sb_0 = s_sb_tile[kb];
+        const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
+        f[0] = sa_lo * sb_0, f[1] = sa_hi * sb_0, f[2] = sa_lo * sb_1, f[3] = sa_hi * sb_1;
+      }
+      if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
+    };
+    // Lane r < kClusterM of every warp frees the slot in CTA r (its multicast peer included).
+    auto release = [&]() {
+      __syncwarp();  // every lane has read its scales before the slot is handed back
+      if constexpr (kClusterM == 1) {
+        if (lane == 0) ptx::mbar_arrive(&empty[stage_out]);
+      } else {
+        if (lane < kClusterM) ptx::mbar_arrive_cluster(&empty[stage_out], lane);
+      }
+      if (++stage_out == kStages) stage_out = 0, phase_out ^= 1;
+    };
+    // Once the wgmma group of K block kb has retired (caller waited): release its slot and
+    // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
+    auto retire = [&](float(&p)[kAcc], const float(&f)[4]) {
+      ptx::fence_regs(p);
+      if constexpr (kColumnScales) {
+        const float* s_sa_stage = s_sa + stage_out * kBlockM;
+        const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
+        // Thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load of sb per j.
+        const float* s_sb_stage = s_sb + stage_out * kBlockN + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const float2 sb = *reinterpret_cast<const float2*>(s_sb_stage + 8 * j);
+          r_acc[4 * j + 0] += p[4 * j + 0] * (sa_lo * sb.x);
+          r_acc[4 * j + 1] += p[4 * j + 1] * (sa_lo * sb.y);
+          r_acc[4 * j + 2] += p[4 * j + 2] * (sa_hi * sb.x);
+          r_acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);
+        }
+        release();
+      } else {
+        release();
+        const float s00 = f[0], s10 = f[1], s01 = f[2], s11 = f[3];
+        const int cols_0 = kMayStraddle ? ptx::opaque(first_cols) : kBlockN;
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j) {
+          const bool first = !kMayStraddle || j * 8 < cols_0;
+          const float scale_lo = first ? s00 : s01, scale_hi = first ? s10 : s11;
+          r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
+          r_acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
+          r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
+          r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
+        }
+      }
+    };
+
+    // NOTE (lookahead): with double buffering, K block 0 of the next tile is queued on the tensor
+    // cores before this tile's epilogue, so the stores overlap MMAs instead of leaving the tensor
+    // cores idle between tiles (per-tile overhead, ~10 % of a K = 2048 tile, 2026-12-05).
+    bool have_tile = scheduler.next(tile);
+    if (have_tile) {
+      begin_tile(tile);
+      if constexpr (kDoubleBuffer) issue(r_p0, r_f0, 0);
+    }
+    while (have_tile) {
+      const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) r_acc[i] = 0.f;
-
-      // Partial product of K block kb on the tensor cores, into fresh registers `p`; with block
-      // scales, also the promotion factors of kb into `f` (sa x sb for the thread's two rows and
-      // the tile's two column blocks), so their shared-memory reads are off the path between the
-      // group's retirement and the promotion FFMAs (they stalled the first FMUL, ncu 2026-12-05).
-      auto issue = [&](float(&p)[kAcc], float(&f)[4], int kb) {
-        const u32 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
-        const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4));
-        ptx::mbar_wait(&full[stage_in], phase_in);
-        ptx::fence_regs(p);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
-        ptx::wgmma_commit();
-        // NOTE: a fence after the commit keeps the group's four wgmma together: without it ptxas
-        // moved the last (committing) one behind ~60 promotion FFMAs of the previous K block
-        // (SASS, 2026-12-05), delaying the group on the tensor cores.
-        ptx::wgmma_fence();
-        if constexpr (!kColumnScales) {
-          const float* s_sa_stage = s_sa + stage_in * kBlockM;
-          const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
-          const float sb_0 = s_sb_tile[kb];
-          const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
-          f[0] = sa_lo * sb_0, f[1] = sa_hi * sb_0, f[2] = sa_lo * sb_1, f[3] = sa_hi * sb_1;
-        }
-        if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
-      };
-      // Lane r < kClusterM of every warp frees the slot in CTA r (its multicast peer included).
-      auto release = [&]() {
-        __syncwarp();  // every lane has read its scales before the slot is handed back
-        if constexpr (kClusterM == 1) {
-          if (lane == 0) ptx::mbar_arrive(&empty[stage_out]);
-        } else {
-          if (lane < kClusterM) ptx::mbar_arrive_cluster(&empty[stage_out], lane);
-        }
-        if (++stage_out == kStages) stage_out = 0, phase_out ^= 1;
-      };
-      // Once the wgmma group of K block kb has retired (caller waited): release its slot and
-      // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
-      auto retire = [&](float(&p)[kAcc], const float(&f)[4]) {
-        ptx::fence_regs(p);
-        if constexpr (kColumnScales) {
-          const float* s_sa_stage = s_sa + stage_out * kBlockM;
-          const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
-          // Thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load of sb per j.
-          const float* s_sb_stage = s_sb + stage_out * kBlockN + 2 * (lane % 4);
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const float2 sb = *reinterpret_cast<const float2*>(s_sb_stage + 8 * j);
-            r_acc[4 * j + 0] += p[4 * j + 0] * (sa_lo * sb.x);
-            r_acc[4 * j + 1] += p[4 * j + 1] * (sa_lo * sb.y);
-            r_acc[4 * j + 2] += p[4 * j + 2] * (sa_hi * sb.x);
-            r_acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);
-          }
-          release();
-        } else {
-          release();
-          const float s00 = f[0], s10 = f[1], s01 = f[2], s11 = f[3];
-          const int cols_0 = kMayStraddle ? ptx::opaque(first_cols) : kBlockN;
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j) {
-            const bool first = !kMayStraddle || j * 8 < cols_0;
-            const float scale_lo = first ? s00 : s01, scale_hi = first ? s10 : s11;
-            r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
-            r_acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
-            r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
-            r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
-          }
-        }
-      };
-
       if constexpr (kDoubleBuffer) {
         // K block kb+1 is queued on the tensor cores before kb is promoted, so the FFMAs of
-        // the promotion overlap the next MMAs instead of leaving the tensor cores idle.
+        // the promotion overlap the next MMAs instead of leaving the tensor cores idle. K block
+        // 0 is already queued (before the loop, or by the previous tile's lookahead).
         // NOTE: each group is retired (wait 0) before the next is issued: with "issue kb+1,
         // wait 1, promote kb" ptxas could not prove the two register sets apart and serialised
         // every wgmma (C7514).
         // The guards of an odd count are left out where K is even at compile time (ptxas kept
         // them as branches next to the wgmma issue).
         constexpr bool kEvenK = kTileKBlocks > 0 && kTileKBlocks % 2 == 0;
-        issue(r_p0, r_f0, 0);
         for (int kb = 0; kb < num_kb; kb += 2) {
           ptx::wgmma_wait<0>();
           if (kEvenK || kb + 1 < num_kb) issue(r_p1, r_f1, kb + 1);
@@ -320,7 +332,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         }
       }
       // NOTE: every group has retired here; saying so keeps ptxas from inserting its own wait
-      // where the next tile first touches the partials (inside a divergent path: C7518, every
+      // where the next group first touches the partials (inside a divergent path: C7518, every
       // wgmma serialised).
       ptx::wgmma_wait<0>();
       if constexpr (!kColumnScales) {
@@ -328,7 +340,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         if (lane == 0) ptx::mbar_arrive(&sb_empty[sb_buf]);
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
       }
+      have_tile = scheduler.next(next_tile);
+      if (have_tile) {
+        begin_tile(next_tile);
+        if constexpr (kDoubleBuffer) issue(r_p0, r_f0, 0);
+      }
       P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
+      tile = next_tile;
     }
     if (tid == 0) ptx::tma_store_wait_all();
     if constexpr (kClusterM > 1) ptx::cluster_sync();
