@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quantisation kernels, one device call: compile every quant variant once (shared JIT cache),
+# Quantisation kernels (quant.cuh, and the training ones: transpose_quant.cuh, silu_backward.cuh),
+# one device call: compile every quant variant once (shared JIT cache),
 # then the quant GPU tests and a compute-sanitizer memcheck of every quant kernel side by side
 # (both only check correctness, so they may share the card), then the bandwidth benchmark alone.
 # bench_quant times every per-token/SiLU kernel variant beside the dispatched one (same process).
@@ -24,9 +25,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > 
 # 0. compile (parallel): every bundled quant variant + the not-dispatched variants tests/bench use
 step compile 60 python3 - <<'PY'
 from moe_fp8.gemm.precompile import precompile
-from moe_fp8.gemm.kernels import quant as Q
+from moe_fp8.gemm.kernels import quant as Q, silu_backward as S, transpose_quant as T
 import torch
-sources = Q.bundled_sources() + Q.bundled_oneshot_sources()
+sources = Q.bundled_sources() + Q.bundled_oneshot_sources() + T.bundled_sources() + S.bundled_sources()
 for pow2 in (False, True):
     sources += [Q.per_token_oneshot_source(dt, 128, pow2, h) for dt in (torch.bfloat16, torch.float32) for h in (False, True)]
     sources += [Q.silu_oneshot_source(128, pow2, h) for h in (False, True)]
@@ -62,11 +63,29 @@ Q.silu_and_mul_quant(h, torch.empty(3, 9, 256, dtype=F8, device="cuda"), empty_a
 h = torch.randn(600, 2, 2 * 128, device="cuda").bfloat16()
 mm = torch.randint(-1, 4, (600,), dtype=torch.int32, device="cuda")
 Q.silu_and_mul_quant(h, torch.empty(600, 2, 128, dtype=F8, device="cuda"), empty_act_scales(2, 1, 600, device="cuda"), mm, 128, True)
+# training kernels: partial token tiles, odd T (byte stores), row masks, the requantising path
+from moe_fp8.gemm.kernels import silu_backward as S, transpose_quant as T
+w = torch.randn(2, 256, 384, device="cuda")
+T.per_block_quant_transpose(w, torch.empty_like(w, dtype=F8), torch.empty(2, 2, 3, device="cuda"),
+                            torch.empty(2, 384, 256, dtype=F8, device="cuda"), torch.empty(2, 3, 2, device="cuda"), 128, False)
+mi = torch.tensor([0] * 100 + [-1] * 28 + [1] * 173, dtype=torch.int32, device="cuda")
+for t, mask in ((301, mi), (7, None), (256, None)):
+    x = torch.randn(t, 256, device="cuda").bfloat16()
+    T.token_transpose_quant(x, torch.empty(256, t, dtype=F8, device="cuda"), empty_act_scales(256, -(-t // 128), device="cuda"), 128, False, mask)
+x = torch.randn(301, 256, device="cuda")
+a, sa = torch.empty(301, 256, dtype=F8, device="cuda"), empty_act_scales(301, 2, device="cuda")
+Q.per_token_group_quant(x, a, sa, 128, False)
+T.token_transpose_requant(a, sa, mi, torch.empty(256, 301, dtype=F8, device="cuda"), empty_act_scales(256, 3, device="cuda"), 128, False)
+for m in (1, 301):
+    d, h = torch.randn(m, 256, device="cuda").bfloat16(), torch.randn(m, 512, device="cuda").bfloat16()
+    S.silu_and_mul_backward_quant(d, h, torch.empty(m, 512, dtype=F8, device="cuda"), empty_act_scales(m, 4, device="cuda"),
+                                  torch.empty(512, m, dtype=F8, device="cuda"), empty_act_scales(512, -(-m // 128), device="cuda"),
+                                  torch.empty(256, m, dtype=F8, device="cuda"), empty_act_scales(256, -(-m // 128), device="cuda"), 128, False)
 torch.cuda.synchronize(); print("sanitizer workload done")
 PY
 
 # 2. tests and memcheck side by side, then the benchmark alone
-step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py &
+step tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py tests/test_train_quant_gpu.py &
 step memcheck 150 compute-sanitizer --tool memcheck --kernel-name kns=quant python3 /tmp/san_quant.py &
 wait
 step bench 120 python3 benchmarks/bench_quant.py --repeats 30
