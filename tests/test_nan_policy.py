@@ -138,6 +138,50 @@ def test_per_block_quant_policy(device, dtype, pow2):
     check_groups(q, s, eq, es, block_view, exact_nonfinite=device == "cpu")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_transpose_token_group_quant_policy(device, dtype, pow2):
+    """Along tokens the groups are (channel, 128 tokens): the same policy, transposed."""
+    x = poisoned_activations(dtype, device).t().contiguous()  # [512 tokens, 6 channels] -> pad C
+    x = torch.nn.functional.pad(x, (0, 122))  # [512, 128]: channels 6.. all zero
+    q, s = G.transpose_token_group_quant_fp8(x, pow2_scale=pow2)
+    eq, es = ref.transpose_token_group_quant(x.cpu(), 128, pow2)
+    q, s = q.cpu(), s.cpu()  # q [128 channels, 512 tokens], s [128, 4]: the row policy's layout
+    assert torch.isnan(s[0, 0]) and s[1, 2] == INF and s[2, 1] == INF
+    assert s[3, 2] == floor_scale(pow2) and s[4, 0] == floor_scale(pow2)
+    assert (s[6:] == floor_scale(pow2)).all() and torch.isfinite(s[5]).all()
+    check_groups(q, s, eq, es, group_view, exact_nonfinite=device == "cpu")
+    # the fp8-rows form (x' of training) follows the same policy through the dequantisation
+    a = G.per_token_group_quant_fp8(x.float())
+    rq, rs = G.transpose_token_group_requant_fp8(a, pow2_scale=pow2)
+    erq, ers = ref.transpose_token_group_requant(a[0].cpu(), a[1].cpu(), None, 128, pow2)
+    assert torch.isnan(rs.cpu()[0, 0]) and not torch.isfinite(rs.cpu()[1, 2])
+    check_groups(rq.cpu(), rs.cpu(), erq, ers, group_view, exact_nonfinite=device == "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_backward_poisoned_token_stays_in_its_groups(device):
+    """A NaN in one token's h spoils that token's dH row groups and the (channel, 128-token)
+    groups of dH^T / act^T that contain it — nothing else."""
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(300, 512, generator=gen).bfloat16().to(device)
+    d_act = torch.randn(300, 256, generator=gen).bfloat16().to(device)
+    (dq, ds), (tq, ts), (aq, a_s) = G.silu_and_mul_backward_quant_fp8(d_act, h)
+    h[140, 3] = NAN  # gate channel 3 of token 140 (token group 1)
+    (pq, ps), (ptq, pts), (paq, pas) = G.silu_and_mul_backward_quant_fp8(d_act, h)
+    ds, ps, ts, pts, a_s, pas = (t.cpu() for t in (ds, ps, ts, pts, a_s, pas))
+    bad_rows = torch.zeros_like(ps, dtype=torch.bool)
+    bad_rows[140, 0] = bad_rows[140, 2] = True  # d_gate and d_up of channel 3 (up uses silu(g))
+    assert torch.isnan(ps[bad_rows]).all() and torch.equal(ps[~bad_rows], ds[~bad_rows])
+    bad_t = torch.zeros_like(pts, dtype=torch.bool)
+    bad_t[3, 1] = bad_t[256 + 3, 1] = True
+    assert torch.isnan(pts[bad_t]).all() and torch.equal(pts[~bad_t], ts[~bad_t])
+    bad_a = torch.zeros_like(pas, dtype=torch.bool)
+    bad_a[3, 1] = True
+    assert torch.isnan(pas[bad_a]).all() and torch.equal(pas[~bad_a], a_s[~bad_a])
+
+
 def silu_reference(h: torch.Tensor, pow2: bool = False):
     """silu(gate) * up in fp32 on h's device (the kernels match torch's device silu bit for bit;
     CPU and GPU exp differ in the last bit), quantised by the CPU reference."""
