@@ -57,11 +57,14 @@ def contiguous_rows(counts, n, k, repeats, label):
     flops = 2 * sum(counts) * n * k
     ours = bench_graph(lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, config),
                        repeats)
+    # The offsets form of the same op ([E+1] segment starts instead of m_indices [M_sum]).
+    offs = segment_offsets(counts).cuda()
+    ours_offsets = bench_graph(
+        lambda: K.m_grouped_contiguous_offsets(qa, sa, qb, sb, offs, out, config), repeats)
     row = {"case": label, "E": num_experts, "M_sum": m_sum, "N": n, "K": k,
            "config": f"{config.block_m}x{config.block_n}", "us": ours,
-           "TFLOPS": flops / ours / 1e6}
+           "TFLOPS": flops / ours / 1e6, "offsets_form_us": ours_offsets}
     # Peers, on the same tokens (padded segments: cuBLAS gets each expert's real rows).
-    offs = segment_offsets(counts).cuda()
     starts = offs[:-1].tolist()
     peers = {}
     blockwise = cublas_blockwise()

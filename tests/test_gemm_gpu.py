@@ -197,6 +197,39 @@ def test_contiguous_pinned(config):
     _contiguous_case([0, 130, 5, 0, 257, 64], 2112, 1536, seed=3, config=config)
 
 
+@pytest.mark.parametrize("counts,config", [
+    ([300, 0, 128, 1, 0, 257], None), ([0, 0, 5], None), ([130, 0, 77], GemmConfig(64, 112)),
+    ([512] * 4, GemmConfig(128, 160))], ids=str)
+def test_contiguous_offsets_form(counts, config):
+    # The offsets form computes every row of each aligned segment (the padding rows too) and
+    # nothing past offsets[E]; on the segments' real rows it equals the m_indices form bit for bit.
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import segment_offsets
+    n, k = 2112, 1536
+    gen = _cuda_gen(sum(counts) + 7)
+    m_indices = build_m_indices(counts, device="cuda")
+    offsets = segment_offsets(counts).cuda()
+    m_sum = m_indices.shape[0] + 256  # rows past offsets[E]: must stay untouched
+    x, w = _rows((m_sum, k), gen), _weights((len(counts), n, k), gen)
+    (qa, sa), (qb, sb) = _quant_act(x), _quant_weight(w)
+    out = _poisoned((m_sum, n))
+    K.m_grouped_contiguous_offsets(qa, sa, qb, sb, offsets, out, config)
+    want = _poisoned((m_sum, n))
+    padded = torch.cat([m_indices, torch.full((256,), -1, dtype=torch.int32, device="cuda")])
+    K.m_grouped_contiguous(qa, sa, qb, sb, padded, want, config)
+    torch.cuda.synchronize()
+    end = int(offsets[-1])
+    assert torch.isnan(out[end:]).all(), "rows past offsets[E] were written"
+    assert not torch.isnan(out[:end]).any(), "a row of a segment was not written"
+    real = padded >= 0
+    assert torch.equal(out[real], want[real]), "offsets form differs from the m_indices form"
+    exact = torch.zeros(end, n, device="cuda")
+    for e in range(len(counts)):
+        lo, hi = int(offsets[e]), int(offsets[e + 1])
+        exact[lo:hi] = x[lo:hi].float() @ w[e].float().t()
+    assert G.calc_diff(out[:end], exact) < 1e-3
+
+
 # ----------------------------------------------------------------------------- masked
 
 def _masked_inputs(num_experts, m_max, n, k, seed):

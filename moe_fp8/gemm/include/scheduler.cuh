@@ -6,6 +6,8 @@
 //
 //   dense       A [M, K],         B [N, K],       D [M, N]
 //   contiguous  A [M_sum, K],     B [E*N, K],     D [M_sum, N]    m_indices [M_sum] (-1: padding)
+//   contiguous, offsets form: the same, with offsets [E+1] (expert e owns rows [offsets[e],
+//               offsets[e+1]), every entry a multiple of 128; rows >= offsets[E] are padding)
 //   masked      A [E*M_max, K],   B [E*N, K],     D [E*M_max, N]  masked_m [E]
 //   k-grouped   A [M, T],         B [N, T],       D [E, M, N] fp32 (+=)   offsets [E+1] (tokens)
 //               (weight gradient: the reduction runs over expert e's token blocks only)
@@ -24,14 +26,16 @@
 namespace moe_fp8 {
 
 enum GemmLayout : int {
-  kLayoutDense = 0, kLayoutContiguous = 1, kLayoutMasked = 2, kLayoutKGrouped = 3
+  kLayoutDense = 0, kLayoutContiguous = 1, kLayoutMasked = 2, kLayoutKGrouped = 3,
+  kLayoutContiguousOffsets = 4
 };
 
 // Runtime arguments shared by the producer and the math warpgroups (by value, in param space).
 struct GemmParams {
   int m;               // dense: M; contiguous: M_sum; masked: M_max; k-grouped: rows of D[e]
   int num_experts;     // grouped layouts; 1 for dense
-  const int* g_layout; // contiguous: m_indices [M_sum]; masked: masked_m [E]; k-grouped: offsets
+  const int* g_layout; // contiguous: m_indices [M_sum] or offsets [E+1]; masked: masked_m [E];
+                       // k-grouped: offsets [E+1] (tokens)
   const float* g_sb;   // weight scales [E * ceil(N/128), K/128] fp32 (k-grouped: unused)
   void* g_d;           // bf16 output, for the predicated (partially masked) store path
 };
@@ -94,6 +98,20 @@ struct TileScheduler {
     t.sb_rows_end = (e + 1) * kSbRowsPerExpert;
   }
 
+  // Offsets form: the expert whose segment holds `row` (the last e with offsets[e] <= row, so
+  // empty experts are passed over), or -1 past offsets[E]. A binary search of L1-resident
+  // entries: ~log2(E) dependent loads per tile.
+  __device__ __forceinline__ int expert_of_row(int row) const {
+    const int* offsets = params.g_layout;
+    if (row >= __ldg(offsets + params.num_experts)) return -1;
+    int lo = 0, hi = params.num_experts - 1;  // offsets[lo] <= row < offsets[hi + 1]
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (__ldg(offsets + mid) <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  }
+
   __device__ __forceinline__ int masked_rows(int e) const {
     return min(max(__ldg(params.g_layout + e), 0), params.m);  // clamp untrusted device counts
   }
@@ -153,6 +171,9 @@ struct TileScheduler {
         // classifies the whole tile; padding tiles issue no loads, no MMA and no stores.
         e = __ldg(params.g_layout + mb * kBlockM);
         if (e < 0 || e >= params.num_experts) return TileStatus::kSkip;
+      } else if constexpr (kLayout == kLayoutContiguousOffsets) {
+        e = expert_of_row(mb * kBlockM);
+        if (e < 0) return TileStatus::kSkip;
       }
       t.m_row = mb * kBlockM;
       t.sa_m = t.m_row;

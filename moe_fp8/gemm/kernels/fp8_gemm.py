@@ -26,7 +26,7 @@ from .. import jit
 from ..jit import driver
 
 kHeader = "fp8_gemm.cuh"
-kLayoutDense, kLayoutContiguous, kLayoutMasked = 0, 1, 2
+kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1, 2, 4
 
 
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
@@ -184,6 +184,26 @@ def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
     return out
 
 
+def m_grouped_contiguous_offsets(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
+                                 sb: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
+                                 config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+    """``out[r] = a[r] . b[e]^T`` for ``offsets[e] <= r < offsets[e + 1]`` (``offsets`` [E+1]
+    int32 on the device, multiples of 128, nondecreasing, from 0); rows >= offsets[E] are
+    neither computed nor written. Every row of a segment is computed and written, padding rows
+    inside it included (the ``m_indices`` form leaves those untouched)."""
+    m_sum, k = a.shape
+    num_experts, n, _ = b.shape
+    if m_sum == 0:
+        return out
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    config = config or H.contiguous_config(m_sum, n, k, H.num_sms(dev))
+    tiles = H._ceil_div(m_sum, config.block_m) * H._ceil_div(n, config.block_n)
+    _launch(kLayoutContiguousOffsets, _k_major(a), _sa_view(sa), m_sum,
+            _k_major(b).view(num_experts * n, k), sb.contiguous(), out, offsets.contiguous(),
+            m_sum, num_experts, n, k, config, tiles)
+    return out
+
+
 def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                      masked_m: torch.Tensor, expected_m: int, out: torch.Tensor,
                      config: Optional[H.GemmConfig] = None) -> torch.Tensor:
@@ -222,8 +242,9 @@ def bundled_sources() -> List["jit.KernelSource"]:
         sources.append(kernel_source(n, k, H.dense_config(m, n, k, kH100Sms), kLayoutDense))
     for n, k in kGroupedNK:
         for m_sum in (4096, 32768):
-            sources.append(kernel_source(n, k, H.contiguous_config(m_sum, n, k, kH100Sms),
-                                         kLayoutContiguous))
+            for layout in (kLayoutContiguous, kLayoutContiguousOffsets):
+                sources.append(kernel_source(n, k, H.contiguous_config(m_sum, n, k, kH100Sms),
+                                             layout))
         for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
             config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
             sources.append(kernel_source(n, k, config, kLayoutMasked))
