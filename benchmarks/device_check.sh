@@ -28,28 +28,36 @@ step() {  # step NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, one summary line
     "$(grep -aE 'passed|failed|Error|error' "$OUT/$name.log" | tail -n 1 | cut -c1-110)" | tee -a "$summary"
 }
 
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-step precompile 60 python3 -m moe_fp8.gemm.precompile
-step test-quant 60 $PYTEST -m gpu tests/test_quant_gpu.py
-step test-permute 40 $PYTEST -m gpu tests/test_permute_gpu.py
-step test-layer 90 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_autograd.py tests/test_errors_layer.py tests/test_nan_policy.py
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+step precompile 90 python3 -m moe_fp8.gemm.precompile
+# GEMM A/B (gemm_ab.py) when the snapshot carries kernel versions under .variants/ (see NOTES.md)
+if [ -d .variants ] && [ -n "${AB_VARIANTS:-}" ]; then
+  step gemm-ab 150 bash benchmarks/device_gemm_explore.sh "$AB_VARIANTS" "${AB_CONFIGS:-128x128c1d1}" \
+    "${AB_SHAPES:-4096,4096,7168 4096,7168,2048}"
+fi
+step test-gemm 200 $PYTEST -m gpu tests/test_gemm_gpu.py tests/test_wgrad_gpu.py
+step test-kernels 150 $PYTEST -m gpu tests/test_quant_gpu.py tests/test_train_quant_gpu.py \
+  tests/test_permute_gpu.py tests/test_router_gpu.py
+step test-layer 150 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_autograd.py \
+  tests/test_errors_layer.py tests/test_nan_policy.py tests/test_jit.py
 [ "$num_gpus" -ge 2 ] && step test-ep 70 $PYTEST tests/test_ep_gpu.py
-step demo 30 python3 examples/deepseek_v3_moe.py
-step bench-layer 45 python3 benchmarks/bench_layer.py --quick --repeats 5
-step profile-layer 45 python3 benchmarks/profile_layer.py --tokens 4096 --repeats 3
-step bench-permute 30 python3 benchmarks/bench_permute.py --quick
-step bench-train 45 python3 benchmarks/bench_train.py --quick --repeats 3
+step demo 40 python3 examples/deepseek_v3_moe.py
+step bench-layer 60 python3 benchmarks/bench_layer.py --quick --repeats 5
+step profile-layer 60 python3 benchmarks/profile_layer.py --tokens 4096 --repeats 3
+step bench-permute 40 python3 benchmarks/bench_permute.py --quick
+step bench-train 60 python3 benchmarks/bench_train.py --quick --repeats 3
+step bench-quant 60 python3 benchmarks/bench_quant.py --quick
 [ "$num_gpus" -ge 2 ] && step bench-ep 45 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
   benchmarks/bench_ep.py --quick --repeats 5
 if [ "${1:-}" = full ]; then
-  step test-gemm 150 $PYTEST -m gpu tests/test_gemm_gpu.py tests/test_wgrad_gpu.py
-  step bench-gemm 120 python3 benchmarks/bench_gemm.py
-  step bench-grouped 120 python3 benchmarks/bench_grouped.py
+  step bench-gemm 150 python3 benchmarks/bench_gemm.py --repeats 15
+  step bench-grouped 150 python3 benchmarks/bench_grouped.py --repeats 10
+  step bench-wgrad 60 python3 benchmarks/bench_wgrad.py --repeats 10
   step fuzz 240 python3 tests/fuzz_gpu.py
   step sanitize 300 bash benchmarks/device_sanitize.sh
 fi
 cp benchmarks/results/*_"$(date +%F)"* "$OUT/" 2>/dev/null
-grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | cut -c1-160 | tail -n 24 > "$FINAL/tables.txt"
+{ grep -ahE "^\|" "$OUT/gemm-ab.log" 2>/dev/null; grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | tail -n 24; } | cut -c1-160 > "$FINAL/tables.txt"
 cp "$summary" "$FINAL/summary.txt"
 tar czf "$FINAL/logs.tgz" -C "$OUT" . && rm -rf "$OUT"
 cat "$FINAL/summary.txt"
