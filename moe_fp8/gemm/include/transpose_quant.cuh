@@ -220,6 +220,25 @@ template <> struct Raw<__nv_fp8_storage_t> {
   }
 };
 
+// Channels i, i + 1 (i even) of a thread's 16 raw values, in fp32.
+template <typename T>
+__device__ __forceinline__ float2 raw_pair(const uint4 (&rRaw)[Raw<T>::kVectors], int i);
+template <>
+__device__ __forceinline__ float2 raw_pair<__nv_bfloat16>(const uint4 (&rRaw)[2], int i) {
+  const unsigned word = reinterpret_cast<const unsigned*>(rRaw)[i / 2];
+  return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xFFFF0000u));
+}
+template <>
+__device__ __forceinline__ float2 raw_pair<float>(const uint4 (&rRaw)[4], int i) {
+  const float* values = reinterpret_cast<const float*>(rRaw);
+  return make_float2(values[i], values[i + 1]);
+}
+template <>
+__device__ __forceinline__ float2 raw_pair<__nv_fp8_storage_t>(const uint4 (&rRaw)[1], int i) {
+  const unsigned word = reinterpret_cast<const unsigned*>(rRaw)[i / 4];
+  return fp8x2_to_float2(static_cast<unsigned short>(word >> (8 * (i % 4))));
+}
+
 // Per-row inputs: the optional row mask (m_indices, -1 = the row reads as zero; null = none) and,
 // for the requantising variant only, the fp8 input's 1x128 row scales
 // (gRowScale[t * rsRow + (c / 128) * rsGroup]).
@@ -297,23 +316,26 @@ __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
     gSt[(static_cast<long long>(cb) * kTile + threadIdx.x) * sRow + tb * sGroup] = scale;
   }
   __syncthreads();
-  ScaleDivisor rDiv[16] = {
-      ScaleDivisor(sScale[chunk * 16 + 0]),  ScaleDivisor(sScale[chunk * 16 + 1]),
-      ScaleDivisor(sScale[chunk * 16 + 2]),  ScaleDivisor(sScale[chunk * 16 + 3]),
-      ScaleDivisor(sScale[chunk * 16 + 4]),  ScaleDivisor(sScale[chunk * 16 + 5]),
-      ScaleDivisor(sScale[chunk * 16 + 6]),  ScaleDivisor(sScale[chunk * 16 + 7]),
-      ScaleDivisor(sScale[chunk * 16 + 8]),  ScaleDivisor(sScale[chunk * 16 + 9]),
-      ScaleDivisor(sScale[chunk * 16 + 10]), ScaleDivisor(sScale[chunk * 16 + 11]),
-      ScaleDivisor(sScale[chunk * 16 + 12]), ScaleDivisor(sScale[chunk * 16 + 13]),
-      ScaleDivisor(sScale[chunk * 16 + 14]), ScaleDivisor(sScale[chunk * 16 + 15])};
+  // NOTE: channel pairs outer, passes inner: two divisors live at a time (16 live divisors are
+  // 64 registers, which cost a resident CTA per SM).
+  unsigned rPacked[kTilePasses][4];  // (pass, 4 words = 16 fp8 values)
 #pragma unroll
-  for (int p = 0; p < kTilePasses; ++p) {
-    float rV[16], rQ[16];
-    values(p, rV);
+  for (int i = 0; i < 16; i += 2) {
+    const ScaleDivisor div0(sScale[chunk * 16 + i]), div1(sScale[chunk * 16 + i + 1]);
 #pragma unroll
-    for (int i = 0; i < 16; ++i) rQ[i] = rDiv[i].divide(rV[i]);
-    tile_store16(sTile, row0 + p * kTileRowsPerPass, chunk, pack_fp8x16(rQ));
+    for (int p = 0; p < kTilePasses; ++p) {
+      float2 v = raw_pair<T>(rRaw[p], i);
+      if constexpr (kDequant) v = make_float2(__fmul_rn(v.x, rRowScale[p]), __fmul_rn(v.y, rRowScale[p]));
+      const unsigned bits = __nv_cvt_float2_to_fp8x2(make_float2(div0.divide(v.x), div1.divide(v.y)),
+                                                     __NV_SATFINITE, __NV_E4M3);
+      if (i % 4 == 0) rPacked[p][i / 4] = bits;
+      else rPacked[p][i / 4] |= bits << 16;
+    }
   }
+#pragma unroll
+  for (int p = 0; p < kTilePasses; ++p)
+    tile_store16(sTile, row0 + p * kTileRowsPerPass, chunk,
+                 make_uint4(rPacked[p][0], rPacked[p][1], rPacked[p][2], rPacked[p][3]));
   __syncthreads();
   uint4 rCol[4];
   tile_load_transposed(sTile, rCol);
