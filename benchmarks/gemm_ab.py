@@ -82,20 +82,27 @@ def main() -> None:
         for text in configs:
             config = dense_config(m, n, k, sms) if text == "auto" else parse_config(text)
             outs, times = {}, {name: [] for name, _ in variants}
-            graphs = {}
+            graphs, runnable = {}, []
             for name, folder in variants:
                 out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-                with kernels_from(folder):
-                    K.fp8_gemm_nt(qa, sa, qb, sb, out, config)
-                    torch.cuda.synchronize()
-                    outs[name] = out.clone()
-                    graphs[name] = lambda o=out, c=config, f=folder: _call(f, qa, sa, qb, sb, o, c)
+                try:
+                    with kernels_from(folder):
+                        K.fp8_gemm_nt(qa, sa, qb, sb, out, config)
+                        torch.cuda.synchronize()
+                except Exception as exc:  # e.g. a config an older version cannot build
+                    print(f"| {m} | {n} | {k} | {text} | {name} | n/a: {type(exc).__name__} |")
+                    continue
+                runnable.append((name, folder))
+                outs[name] = out.clone()
+                graphs[name] = lambda o=out, c=config, f=folder: _call(f, qa, sa, qb, sb, o, c)
             for _ in range(args.rounds):
-                for name, folder in variants:
+                for name, folder in runnable:
                     with kernels_from(folder):
                         times[name].append(bench_graph(graphs[name], args.repeats))
-            first = outs[variants[0][0]]
-            for name, _ in variants:
+            if not runnable:
+                continue
+            first = outs[runnable[0][0]]
+            for name, _ in runnable:
                 us = statistics.median(times[name])
                 spread = (max(times[name]) - min(times[name])) / us * 100
                 diff = G.calc_diff(outs[name], first)

@@ -31,7 +31,8 @@ kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112)
            GemmConfig(128, 128, cluster_m=2), GemmConfig(128, 144, cluster_m=2, group_n=2),
            GemmConfig(128, 128, cluster_m=2, num_sms=7), GemmConfig(128, 64, cluster_m=2,
                                                                   double_buffer=False),
-           GemmConfig(128, 128, double_buffer=2), GemmConfig(64, 80, double_buffer=2)]
+           GemmConfig(128, 128, double_buffer=2), GemmConfig(64, 80, double_buffer=2),
+           GemmConfig(128, 256), GemmConfig(64, 256, group_n=2)]
 
 
 def _cuda_gen(seed: int) -> torch.Generator:
@@ -192,7 +193,7 @@ def test_contiguous_uneven_32_experts(n, k):
 
 
 @pytest.mark.parametrize("config", [GemmConfig(64, 112), GemmConfig(128, 160),
-                                    GemmConfig(128, 48, stages=3)], ids=str)
+                                    GemmConfig(128, 48, stages=3), GemmConfig(128, 256)], ids=str)
 def test_contiguous_pinned(config):
     _contiguous_case([0, 130, 5, 0, 257, 64], 2112, 1536, seed=3, config=config)
 
@@ -261,7 +262,7 @@ def test_masked_targets(g, m_max, n, k):
 
 @pytest.mark.parametrize("m_max,expected_m,config", [
     (200, 30, None), (200, 150, None), (77, 8, None), (200, 64, GemmConfig(64, 48)),
-    (200, 64, GemmConfig(128, 144))], ids=str)
+    (200, 64, GemmConfig(128, 144)), (200, 64, GemmConfig(64, 256))], ids=str)
 def test_masked_uneven(m_max, expected_m, config):
     num_experts = 12
     x, w, a, b = _masked_inputs(num_experts, m_max, 2048, 1024, seed=m_max + expected_m)

@@ -64,15 +64,21 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr int kClusterM = P::kClusterM, kTileKBlocks = P::kTileKBlocks;
   constexpr bool kColumnScales = P::kColumnScales;
   using Layout = CoreSmem<P>;
-  using Mma = ptx::WgmmaFp8<kBlockN>;
+  // A 256-wide tile is computed as two 128-column halves, one after the other, into one
+  // 64-register partial set (128 accumulators + 64 partials fit where 2 x 128 would spill); each
+  // half lies in one 128-column scale block.
+  constexpr int kHalves = (kBlockN == 256 && !P::kColumnScales) ? 2 : 1;
+  constexpr int kPartN = kBlockN / kHalves;  // columns per wgmma group
+  using Mma = ptx::WgmmaFp8<kPartN>;
   using Scheduler = typename P::Scheduler;
   constexpr int kNumMathWG = kBlockM / 64;
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
+  constexpr int kPart = kPartN / 2;  // partial-product registers per thread
   // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
   constexpr bool kMayStraddle = !kColumnScales && 128 % kBlockN != 0;
   // Two partial-product register sets beside the accumulator fit the register budget up to
   // kBlockN = 128 (3 x 64 + ~30 registers).
-  constexpr bool kDoubleBuffer = P::kDoubleBuffer != 0 && 3 * kAcc <= 192;
+  constexpr bool kDoubleBuffer = P::kDoubleBuffer != 0 && kHalves == 1 && 3 * kAcc <= 192;
   // kDoubleBuffer == 2: only every other promotion overlaps the next group (the schedule ptxas
   // gave v2 by inserting a wait). Measured equal to full overlap within noise (H100, M = 4096,
   // 2026-11-25), kept as a pinnable variant.
@@ -193,7 +199,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     unsigned char* s_d_wg = smem + Layout::kD + warpgroup * P::Epilogue::kBytes;
     // Rows of this thread inside the tile: lane/4 and lane/4 + 8 of the warp's 16-row slab.
     const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
-    float r_acc[kAcc], r_p0[kAcc], r_p1[kDoubleBuffer ? kAcc : 1];
+    float r_acc[kAcc], r_p0[kPart], r_p1[kDoubleBuffer ? kPart : 1];
     float r_f0[4], r_f1[4];  // promotion factors of the K blocks in r_p0 / r_p1 (see issue)
 
     // NOTE: descriptors of slot 0, advanced by whole slots (the start-address field is addr >> 4
@@ -222,10 +228,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // scales, also the promotion factors of kb into `f` (sa x sb for the thread's two rows and
     // the tile's two column blocks), so their shared-memory reads are off the path between the
     // group's retirement and the promotion FFMAs (they stalled the first FMUL, ncu 2026-12-05).
-    auto issue = [&](float(&p)[kAcc], float(&f)[4], int kb) {
+    auto issue = [&](float(&p)[kPart], float(&f)[4], int kb, int half = 0) {
       const u32 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
-      const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4));
-      ptx::mbar_wait(&full[stage_in], phase_in);
+      const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4) +
+                                                    half * (kPartN * 128 >> 4));
+      if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
       ptx::fence_regs(p);
       ptx::wgmma_fence();
 #pragma unroll
@@ -236,13 +243,14 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // group behind ~60 promotion FFMAs of the previous K block (SASS, 2026-12-05); the fence
       // keeps the commit ahead of them (ablation `nofence` in benchmarks/ab_variants.py).
       ptx::wgmma_fence();
-      if constexpr (!kColumnScales) {
+      if (!kColumnScales && half == 0) {  // a 256-wide tile's halves share one K block's scales
         const float* s_sa_stage = s_sa + stage_in * kBlockM;
         const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
         const float sb_0 = s_sb_tile[kb];
         const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
         f[0] = sa_lo * sb_0, f[1] = sa_hi * sb_0, f[2] = sa_lo * sb_1, f[3] = sa_hi * sb_1;
       }
+      if (half < kHalves - 1) return;  // the slot serves the next half too
       if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
     };
     // Lane r < kClusterM of every warp frees the slot in CTA r (its multicast peer included).
@@ -257,9 +265,21 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     };
     // Once the wgmma group of K block kb has retired (caller waited): release its slot and
     // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
-    auto retire = [&](float(&p)[kAcc], const float(&f)[4]) {
+    auto retire = [&](float(&p)[kPart], const float(&f)[4], int half = 0) {
       ptx::fence_regs(p);
-      if constexpr (kColumnScales) {
+      if constexpr (kHalves == 2) {
+        // Half h covers columns [128 h, 128 h + 128): scale block n0/128 + h (n0 % 256 == 0).
+        if (half == kHalves - 1) release();
+        const float scale_lo = half == 0 ? f[0] : f[2], scale_hi = half == 0 ? f[1] : f[3];
+        float* acc = r_acc + half * kPart;
+#pragma unroll
+        for (int j = 0; j < kPartN / 8; ++j) {
+          acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
+          acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
+          acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
+          acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
+        }
+      } else if constexpr (kColumnScales) {
         const float* s_sa_stage = s_sa + stage_out * kBlockM;
         const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
         // Thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load of sb per j.
@@ -326,9 +346,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         }
       } else {
         for (int kb = 0; kb < num_kb; ++kb) {
-          issue(r_p0, r_f0, kb);
-          ptx::wgmma_wait<0>();
-          retire(r_p0, r_f0);
+#pragma unroll
+          for (int half = 0; half < kHalves; ++half) {
+            issue(r_p0, r_f0, kb, half);
+            ptx::wgmma_wait<0>();
+            retire(r_p0, r_f0, half);
+          }
         }
       }
       // NOTE: every group has retired here; saying so keeps ptxas from inserting its own wait
