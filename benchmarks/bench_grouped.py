@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import bench_graph, cublas_blockwise  # noqa: E402
+from gemm_ab import parse_config  # noqa: E402
 from common import copy_bandwidth_gbs, geomean, write_results  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
@@ -97,7 +98,7 @@ def contiguous_rows(counts, n, k, repeats, label):
     return row
 
 
-def masked_row(num_experts, m_max, counts, n, k, bandwidth, repeats, label):
+def masked_row(num_experts, m_max, counts, n, k, bandwidth, repeats, label, extra_configs=()):
     gen = torch.Generator(device="cuda").manual_seed(m_max + n)
     x, w = _rand((num_experts, m_max, k), gen), _rand((num_experts, n, k), gen)
     qa, sa = _act(x)
@@ -113,16 +114,25 @@ def masked_row(num_experts, m_max, counts, n, k, bandwidth, repeats, label):
     floor_us = weight_bytes / (bandwidth * 1e3)
     flops = 2 * sum(counts) * n * k
     nbytes = weight_bytes + sum(counts) * (k + 2 * n)
-    return {"case": label, "E": num_experts, "M_max": m_max, "N": n, "K": k,
-            "expected_m": expected_m, "config": f"{config.block_m}x{config.block_n}", "us": us,
-            "TFLOPS": flops / us / 1e6, "GB/s": nbytes / us / 1e3, "floor_us": floor_us,
-            "vs_floor": us / floor_us}
+    row = {"case": label, "E": num_experts, "M_max": m_max, "N": n, "K": k,
+           "expected_m": expected_m, "config": f"{config.block_m}x{config.block_n}", "us": us,
+           "TFLOPS": flops / us / 1e6, "GB/s": nbytes / us / 1e3, "floor_us": floor_us,
+           "vs_floor": us / floor_us}
+    for text in extra_configs:  # pinned alternatives, same inputs (--masked-configs)
+        pinned = parse_config(text)
+        row[f"{text}_us"] = bench_graph(
+            lambda: K.m_grouped_masked(qa, sa, qb, sb, masked_m, expected_m, out, pinned), repeats)
+    return row
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--masked-configs", default="",
+                        help="comma-separated pinned configs also timed on the decode rows, "
+                             "e.g. 64x256c1d0 (gemm_ab.py's syntax)")
     args = parser.parse_args()
+    extra = [c for c in args.masked_configs.split(",") if c]
     rows = []
     for (g, m, n, k), target in kContiguous.items():
         row = contiguous_rows([m] * g, n, k, args.repeats, "record shape")
@@ -151,7 +161,8 @@ def main():
         for n, k in ((4096, 7168), (7168, 2048)):
             counts = [tokens] * 32
             counts[5] = 0
-            row = masked_row(32, 128, counts, n, k, bandwidth, args.repeats, f"decode 32x{tokens}")
+            row = masked_row(32, 128, counts, n, k, bandwidth, args.repeats, f"decode 32x{tokens}",
+                             extra)
             row["target_TFLOPS"] = float("nan")
             mrows.append(row)
     write_results("grouped_masked", mrows, f"copy bandwidth {bandwidth:.0f} GB/s; floor = touched "

@@ -70,12 +70,17 @@ def geomean(values: Sequence[float]) -> float:
     return statistics.geometric_mean(values) if values else float("nan")
 
 
+def _columns(rows: List[Dict[str, object]]) -> List[str]:
+    """Every key of every row, in first-seen order (rows may add columns, e.g. pinned configs)."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def markdown_table(rows: List[Dict[str, object]]) -> str:
-    columns = list(rows[0].keys())
+    columns = _columns(rows)
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.0f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -90,7 +95,7 @@ def write_results(name: str, rows: List[Dict[str, object]], summary: str = "") -
     with open(stem + ".md", "w") as f:
         f.write(text)
     with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer = csv.DictWriter(f, fieldnames=_columns(rows), restval="")
         writer.writeheader()
         writer.writerows(rows)
     out_dir = os.environ.get("OUT")
