@@ -131,8 +131,16 @@ def main():
     parser.add_argument("--masked-configs", default="",
                         help="comma-separated pinned configs also timed on the decode rows, "
                              "e.g. 64x256c1d0 (gemm_ab.py's syntax)")
+    parser.add_argument("--only", choices=("both", "contiguous", "masked"), default="both")
     args = parser.parse_args()
     extra = [c for c in args.masked_configs.split(",") if c]
+    if args.only != "masked":
+        contiguous_table(args)
+    if args.only != "contiguous":
+        masked_table(args, extra)
+
+
+def contiguous_table(args):
     rows = []
     for (g, m, n, k), target in kContiguous.items():
         row = contiguous_rows([m] * g, n, k, args.repeats, "record shape")
@@ -151,6 +159,8 @@ def main():
     ratio = geomean([r["vs_best_peer"] for r in rows])
     write_results("grouped_contiguous", rows, f"geomean vs best peer: {ratio:.3f}")
 
+
+def masked_table(args, extra):
     bandwidth = copy_bandwidth_gbs()
     mrows = []
     for (g, m_max, n, k), target in kMasked.items():

@@ -47,11 +47,13 @@ step profile-layer 60 python3 benchmarks/profile_layer.py --tokens 4096 --repeat
 step bench-permute 40 python3 benchmarks/bench_permute.py --quick
 step bench-train 60 python3 benchmarks/bench_train.py --quick --repeats 3
 step bench-quant 60 python3 benchmarks/bench_quant.py --quick
+step bench-masked 90 python3 benchmarks/bench_grouped.py --only masked --repeats 10 \
+  --masked-configs "${MASKED_CONFIGS:-64x256c1d0}"
 [ "$num_gpus" -ge 2 ] && step bench-ep 45 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
   benchmarks/bench_ep.py --quick --repeats 5
 if [ "${1:-}" = full ]; then
   step bench-gemm 150 python3 benchmarks/bench_gemm.py --repeats 15
-  step bench-grouped 150 python3 benchmarks/bench_grouped.py --repeats 10
+  step bench-grouped 150 python3 benchmarks/bench_grouped.py --only contiguous --repeats 10
   step bench-wgrad 60 python3 benchmarks/bench_wgrad.py --repeats 10
   step fuzz 240 python3 tests/fuzz_gpu.py
   step sanitize 300 bash benchmarks/device_sanitize.sh
