@@ -7,7 +7,8 @@
 * ``noload``: after the first kStages slots the producer stops issuing TMA and only arrives on
   the full barrier, so the MMAs re-read stale shared memory: the time left is MMA + promotion +
   issue with no L2/HBM traffic (cluster_m = 1 configs only).
-* ``noepi``: no epilogue (the output is never written): what the per-tile store costs.
+* ``noepi``: no epilogue (the output is never written; the accumulators stay live): what
+  the per-tile store costs.
 * ``nofence``: without the wgmma fence that follows each group's commit.
 Each patch asserts that the text it replaces is still there.
 """
@@ -27,6 +28,12 @@ kNoPromotion = """            if (j == 0) r_acc[0] += p[0] * scale_lo + p[kAcc -
 kEpilogue = "      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);"
 kFence = """// keeps the commit ahead of them (ablation `nofence` in benchmarks/ab_variants.py).
 ptx::wgmma_fence();"""
+
+# noepi keeps the promotion alive (a dead accumulator would let the compiler drop the FFMAs).
+kKeepAccumulatorsLive = """      float live = 0.f;
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) live += r_acc[i];
+      if (live == 1.2345e-37f) s_d_wg[tid] = 1;"""
 
 kLoadStart = "          ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);"
 kLoadEnd = "          if (++stage == kStages) stage = 0, phase ^= 1;"
@@ -50,7 +57,7 @@ def main(out: pathlib.Path) -> None:
         "          } else {\n            ptx::mbar_arrive(&full[stage]);\n          }\n") + core[end:]
     variants["noload"] = patch(variants["noload"], "      int stage = 0;\n      u32 phase = 0;\n",
                                "      int stage = 0, ablate_slots = 0;\n      u32 phase = 0;\n")
-    variants["noepi"] = patch(core, kEpilogue, "      (void)s_d_wg;")
+    variants["noepi"] = patch(core, kEpilogue, kKeepAccumulatorsLive)
     variants["nofence"] = patch(core, kFence, "      // ablated: no fence after the commit")
     for name, text in variants.items():
         folder = out / name
