@@ -313,3 +313,24 @@ def test_masked_graph_replays():
         graph.replay()
         torch.cuda.synchronize()
         _masked_check(out, x_new, w, a, b, masked_m, f"graph replay {replay}")
+
+
+def test_contiguous_offsets_public_op():
+    # The public op of the offsets form: kernel vs its reference (same block math), rows past
+    # offsets[E] untouched.
+    from moe_fp8.gemm.layout import segment_offsets
+    counts = [200, 0, 77, 128]
+    n, k = 1024, 512
+    gen = _cuda_gen(11)
+    offsets = segment_offsets(counts).cuda()
+    m_sum = int(offsets[-1]) + 128
+    x, w = _rows((m_sum, k), gen), _weights((len(counts), n, k), gen)
+    a, b = _quant_act(x), _quant_weight(w)
+    out = _poisoned((m_sum, n))
+    G.m_grouped_fp8_gemm_nt_contiguous_offsets(a, b, offsets, out=out, backend="kernel")
+    want = _poisoned((m_sum, n))
+    G.m_grouped_fp8_gemm_nt_contiguous_offsets(a, b, offsets, out=want, backend="reference")
+    torch.cuda.synchronize()
+    end = int(offsets[-1])
+    assert torch.isnan(out[end:]).all()
+    assert G.calc_diff(out[:end], want[:end]) < 1e-5

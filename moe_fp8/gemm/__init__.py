@@ -306,6 +306,31 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Te
     return out
 
 
+def m_grouped_fp8_gemm_nt_contiguous_offsets(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tensor,
+                                             out: Optional[torch.Tensor] = None, *,
+                                             backend: str = "auto", config=None) -> torch.Tensor:
+    """The contiguous grouped GEMM with the layout given as segment starts instead of m_indices.
+
+    ``offsets`` int32 ``[E + 1]`` on the device: expert e owns rows ``[offsets[e], offsets[e+1])``;
+    every entry a multiple of 128, non-decreasing, from 0, ``offsets[E] <= M_sum``. All rows of a
+    segment are computed and written (padding rows inside a segment too: the m_indices form is the
+    one that leaves them untouched); rows ``>= offsets[E]`` are not written. Same speed as the
+    m_indices form (benchmarks/results/grouped_contiguous_*: ``offsets_form_us``); use it when the
+    dispatcher already has the cumulative segment sizes (no [M_sum] index to build).
+    """
+    qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 3)
+    check.multiple_of("M_sum (a[0].shape[0])", qa.shape[0], kScaleBlock)
+    check.int32_vector("offsets", offsets, qb.shape[0] + 1)
+    check.same_device(**{"a[0]": qa, "offsets": offsets})
+    check.segment_starts_values(offsets, qa.shape[0])
+    out = _gemm_out(out, (qa.shape[0], qb.shape[1]), device)
+    if qa.shape[0] == 0:
+        return out
+    run("m_grouped_contiguous_offsets", qa, sa, qb, sb, offsets, out, check_backend(backend),
+        config=config)
+    return out
+
+
 def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor, expected_m: int,
                                  out: Optional[torch.Tensor] = None, *,
                                  backend: str = "auto", config=None) -> torch.Tensor:

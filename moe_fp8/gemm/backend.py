@@ -189,6 +189,16 @@ def fp8_gemm_nt(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.
         ref.fp8_gemm_nt(qa, sa, qb, sb, out)
 
 
+def m_grouped_contiguous_offsets(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor,
+                                 sb: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
+                                 backend: str) -> None:
+    kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_contiguous_offsets")
+    if kernel is not None:
+        kernel(qa, to_mn_major(sa), qb, sb, offsets, out, config=_pinned_config.get())
+    else:
+        ref.m_grouped_contiguous_offsets(qa, sa, qb, sb, offsets, out)
+
+
 def m_grouped_contiguous(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
                          m_indices: torch.Tensor, out: torch.Tensor, backend: str) -> None:
     kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_contiguous")
@@ -229,6 +239,7 @@ _MUTATED = {
     "silu_and_mul_backward_quant": ("dh", "dh_s", "dh_t", "dh_t_s", "act_t", "act_t_s"),
     "fp8_gemm_nt": ("out",),
     "m_grouped_contiguous": ("out",),
+    "m_grouped_contiguous_offsets": ("out",),
     "m_grouped_masked": ("out",),
     "k_grouped_tn": ("out",),
 }

@@ -189,6 +189,18 @@ def m_grouped_contiguous(a, sa, b, sb, m_indices: torch.Tensor, out: torch.Tenso
     return out
 
 
+def m_grouped_contiguous_offsets(a, sa, b, sb, offsets: torch.Tensor,
+                                 out: torch.Tensor) -> torch.Tensor:
+    """Rows [offsets[e], offsets[e+1]) times ``b[e]`` (all of them); rows >= offsets[E] untouched."""
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = blockscaled_mm(a[lo:hi], sa[lo:hi], b[e],
+                                        _expand_block_scales(sb[e], b.shape[1])).to(out.dtype)
+    return out
+
+
 def m_grouped_masked(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[e, :masked_m[e]] = a[e, :masked_m[e]] . b[e]^T``; rows beyond are not written."""
     for e, m in enumerate(masked_m.tolist()):

@@ -145,6 +145,21 @@ def masked_m_values(masked_m: torch.Tensor, m_max: int) -> None:
         raise ValueError(f"masked_m must lie in [0, M_max={m_max}], got {values.tolist()}")
 
 
+def segment_starts_values(offsets: torch.Tensor, m_sum: int) -> None:
+    """The contiguous layout's offsets form: 0, non-decreasing, multiples of 128, <= M_sum."""
+    if not value_checks_enabled(offsets):
+        return
+    values = offsets.cpu().long()
+    if int(values[0]) != 0 or int(values[-1]) > m_sum:
+        raise ValueError(f"offsets must start at 0 and end at most at M_sum = {m_sum}, "
+                         f"got {values[0].item()}..{values[-1].item()}")
+    if bool((values[1:] < values[:-1]).any()):
+        raise ValueError(f"offsets must be non-decreasing, got {values.tolist()}")
+    if bool((values % kScaleBlock != 0).any()):
+        raise ValueError(f"offsets must be multiples of {kScaleBlock} (each expert's segment is "
+                         f"aligned), got {values.tolist()}")
+
+
 def offsets_values(offsets: torch.Tensor, total: int) -> None:
     if not value_checks_enabled(offsets):
         return
