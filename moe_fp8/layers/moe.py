@@ -9,7 +9,6 @@ masked layout in one CUDA graph (decode). Both give the same result to bf16 roun
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -22,10 +21,11 @@ from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
 from .layouts import MaskedBuffers
 from .permute import quantize_tokens
 from .router import Router
+from .switches import switch_on
 
 
 kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 0: the shared experts run on the main stream
-kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill)
+kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
 class MoE(nn.Module):
@@ -157,8 +157,7 @@ class MoE(nn.Module):
         ``torch.compile``, and unless ``MOE_FP8_OVERLAP_SHARED=0``. Inside a CUDA-graph capture
         (the decode runner) the fork and join become two parallel branches of the graph."""
         return (self.shared_experts is not None and xq.is_cuda and not torch.is_grad_enabled()
-                and os.environ.get(kOverlapSharedEnv, "1").strip() != "0"
-                and not torch.compiler.is_compiling())
+                and switch_on(kOverlapSharedEnv) and not torch.compiler.is_compiling())
 
     def _start_shared(self, xq: torch.Tensor, xs: torch.Tensor):
         """-> ``(shared [T, H] or None, side stream or None)``. NOTE: the shared experts do not
