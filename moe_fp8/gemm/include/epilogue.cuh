@@ -50,17 +50,13 @@ struct Epilogue {
   }
 
   // Issued by one thread after the whole warpgroup has written s_d and fenced.
-  // NOTE: stored evict-first: at K = 2048 the output (58 MB for 4096 x 7168) outweighs both
-  // operands (23 MB) and, written normally, pushes them out of L2 (ablation noepi: the stores
-  // cost ~25 % of the time there, ~0 at K = 7168; H200, 2026-12-05).
   __device__ __forceinline__ static void tma_store(const ptx::TmaDesc* tma_d, const void* s_d,
                                                    int n0, int row0) {
-    const u64 policy = ptx::l2_policy_evict_first();
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       if (n0 + c * 16 < kN)
-        ptx::tma_store_2d_hint(tma_d, static_cast<const char*>(s_d) + c * kChunkBytes,
-                               n0 + c * 16, row0, policy);
+        ptx::tma_store_2d(tma_d, static_cast<const char*>(s_d) + c * kChunkBytes, n0 + c * 16,
+                          row0);
     }
     ptx::tma_store_commit();
   }

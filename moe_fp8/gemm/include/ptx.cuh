@@ -166,24 +166,6 @@ __device__ __forceinline__ void tma_store_2d(const TmaDesc* desc, const void* s_
                : "memory");
 }
 
-// An L2 policy under which lines are the first to be evicted (outputs nobody re-reads soon).
-__device__ __forceinline__ u64 l2_policy_evict_first() {
-  u64 policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// tma_store_2d under an L2 cache policy (l2_policy_evict_first: the stored tile does not push
-// the GEMM's operands out of L2).
-__device__ __forceinline__ void tma_store_2d_hint(const TmaDesc* desc, const void* s_src, int c0,
-                                                  int c1, u64 policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint"
-      " [%0, {%2, %3}], [%1], %4;\n" ::"l"(reinterpret_cast<u64>(desc)),
-      "r"(smem_addr(s_src)), "r"(c0), "r"(c1), "l"(policy)
-      : "memory");
-}
-
 __device__ __forceinline__ void tma_store_commit() {
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
