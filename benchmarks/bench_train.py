@@ -4,7 +4,11 @@ Per shape (contiguous layout, H = 7168, I = 2048), same process, L2 flushed befo
 
 * ``fp8``        experts_forward_fp8 + backward (dX, dW13, dW2), FP8 weight copies cached (one
                  build per optimizer step, amortised over micro-batches: not in the timing);
-* ``fp8+quant``  the same with the weight cache rebuilt every call (one micro-batch per step);
+                 the backward's quantisations composed from measured ops (the CUDA default);
+* ``fp8 fused``  the same with ``MOE_FP8_FUSED_TRAIN=1``: the fused training kernels
+                 (transpose_quant.cuh, silu_backward.cuh), not yet the default on a GPU;
+* ``fp8+quant``  the weight cache rebuilt every call (one micro-batch per step), composed /
+                 ``fp8+quant fused`` with the fused 128x128 quantisation + transpose;
 * ``bf16``       experts_forward_torch with torch._grouped_mm and autograd, bf16 weights.
 
 TFLOPS count the real rows only: forward 6·M·H·I (GEMM1 2·M·2I·H, GEMM2 2·M·H·I), backward 2x
@@ -34,7 +38,7 @@ from common import bench, geomean, write_results  # noqa: E402
 import moe_fp8.gemm as G  # noqa: E402
 from moe_fp8.gemm.layout import build_m_indices  # noqa: E402
 from moe_fp8.layers.autograd import (Fp8WeightCache, experts_forward_fp8,  # noqa: E402
-                                     experts_forward_torch)
+                                     experts_forward_torch, kFusedTrainEnv)
 
 kHidden, kInter = 7168, 2048
 kTarget = 1.4  # issue 7: forward + backward >= 1.4 x the bf16 layer
@@ -68,6 +72,21 @@ def backends(device) -> str:
             found = False
         parts.append(f"{label}={'kernel' if found else 'ref'}")
     return " ".join(parts)
+
+
+def fused_train(flag: str, fn):
+    """``fn`` run with MOE_FP8_FUSED_TRAIN=flag (restored after)."""
+    def run():
+        old = os.environ.get(kFusedTrainEnv)
+        os.environ[kFusedTrainEnv] = flag
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(kFusedTrainEnv, None)
+            else:
+                os.environ[kFusedTrainEnv] = old
+    return run
 
 
 def peak_extra_gib(fn) -> float:
@@ -119,7 +138,11 @@ def layer_rows(label, counts, repeats):
         experts_forward_torch(x, m_indices, w13_bf16, w2_bf16, grouped_mm=True).backward(dy)
 
     flops_fwd = 6 * real * kHidden * kInter
-    variants = [("fp8", fp8_fwd, fp8_step), ("fp8+quant", fp8_fwd, lambda: fp8_step(True)),
+    variants = [("fp8", fused_train("0", fp8_fwd), fused_train("0", fp8_step)),
+                ("fp8 fused", fused_train("1", fp8_fwd), fused_train("1", fp8_step)),
+                ("fp8+quant", fused_train("0", fp8_fwd), fused_train("0", lambda: fp8_step(True))),
+                ("fp8+quant fused", fused_train("1", fp8_fwd),
+                 fused_train("1", lambda: fp8_step(True))),
                 ("bf16", bf16_fwd, bf16_step)]
     results = []
     for name, fwd, step in variants:
@@ -136,8 +159,14 @@ def layer_rows(label, counts, repeats):
     return results
 
 
-def profile_step(counts, top: int = 18) -> None:
-    """Print the GPU kernels of one FP8 fwd+bwd step, most time first (the step's breakdown)."""
+def profile_step(counts, top: int = 16) -> None:
+    """Print the GPU kernels of one FP8 fwd+bwd step, most time first (the step's breakdown),
+    composed and fused (MOE_FP8_FUSED_TRAIN=0 / 1)."""
+    for flag in ("0", "1"):
+        fused_train(flag, lambda: _profile_step(counts, top, flag))()
+
+
+def _profile_step(counts, top: int, flag: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     gen = torch.Generator(device="cuda").manual_seed(5)
     m_indices = build_m_indices(counts, device="cuda")
@@ -157,8 +186,8 @@ def profile_step(counts, top: int = 18) -> None:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
-    print(f"\nFP8 fwd+bwd step, {len(counts)} experts x {counts[0]} tokens: GPU kernel time "
-          f"{total / 1e3:.2f} ms")
+    print(f"\nFP8 fwd+bwd step (MOE_FP8_FUSED_TRAIN={flag}), {len(counts)} experts x {counts[0]} "
+          f"tokens: GPU kernel time {total / 1e3:.2f} ms")
     for e in events[:top]:
         print(f"  {e.device_time_total / 1e3:8.3f} ms  {e.count:4d}x  {e.key[:110]}")
 
@@ -192,10 +221,12 @@ def main() -> None:
     rows = []
     for label, counts in shape_cases(args.quick):
         rows += layer_rows(label, counts, args.repeats)
-        print(rows[-3:])
+        print(rows[-5:])
     speedups = [r["speedup_vs_bf16"] for r in rows if r["variant"] == "fp8"]
+    fused = [r["speedup_vs_bf16"] for r in rows if r["variant"] == "fp8 fused"]
     summary = (f"backends: {used}\n\ngeomean fp8 fwd+bwd speed-up vs bf16 _grouped_mm: "
-               f"{geomean(speedups):.2f}x (target >= {kTarget}x)")
+               f"{geomean(speedups):.2f}x composed, {geomean(fused):.2f}x with the fused training "
+               f"kernels (MOE_FP8_FUSED_TRAIN=1) (target >= {kTarget}x)")
     write_results("train", rows, summary)
     write_results("train_wgrad", [wgrad_row(args.repeats)], f"backends: {used}")
     if not args.no_profile:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import moe_fp8.gemm as G
 from moe_fp8.gemm.layout import build_m_indices
 from moe_fp8.layers.autograd import (Fp8WeightCache, expert_offsets, experts_forward_fp8,
-                                     experts_forward_torch)
+                                     experts_forward_torch, fused_train_enabled, kFusedTrainEnv)
 
 kGradToForward = 2.0  # gradient error budget, in units of the forward's error
 
@@ -195,7 +195,8 @@ def test_cached_copies_match_fresh_quantisation(gen):
         assert torch.equal(pair[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(pair[1], s)
 
 
-def test_training_builds_transposes_with_the_copies_inference_does_not(gen):
+def test_training_builds_transposes_with_the_copies_inference_does_not(gen, monkeypatch):
+    monkeypatch.setenv(kFusedTrainEnv, "1")
     x, m_indices, w13, w2, dy = make_problem([100, 20], 128, 128, gen)
     cache = Fp8WeightCache()
     with torch.no_grad():
@@ -211,40 +212,35 @@ def test_training_builds_transposes_with_the_copies_inference_does_not(gen):
         assert torch.equal(pair[0].view(torch.uint8), q.view(torch.uint8)) and torch.equal(pair[1], s)
 
 
-def test_fused_backward_ops_equal_the_unfused_composition(gen):
-    """The backward through the fused training ops gives the gradients of the composition they
-    replaced (SiLU backward in fp32, then row / transposed-row quantisation; x' dequantised,
-    padding zeroed, transposed, quantised), bit for bit on the CPU references."""
-    import moe_fp8.layers.autograd as A
-    from moe_fp8.gemm import reference as ref
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fused_backward_ops_equal_the_unfused_composition(gen, monkeypatch, pow2):
+    """MOE_FP8_FUSED_TRAIN=1 (the fused training ops) and =0 (the same math composed from the
+    measured ops: SiLU backward in fp32, row quantiser on transposed copies; x' dequantised,
+    padding zeroed, transposed, quantised) give the same gradients, bit for bit on the CPU."""
     x, m_indices, w13, w2, dy = make_problem([130, 0, 5, 300], 256, 128, gen)
-    experts_forward_fp8(x, m_indices, w13, w2).backward(dy)
-    fused = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
-
-    class Unfused(A._Fp8Math):
-        def cols(self, t, m_indices=None):
-            if m_indices is not None:
-                t = t.masked_fill((m_indices < 0).unsqueeze(1), 0)
-            return self.rows(t.t())
-
-        def cols_from_rows(self, operand, m_indices):
-            x_val = ref.dequant_rows(*operand).masked_fill((m_indices < 0).unsqueeze(1), 0)
-            return self.rows(x_val.t())
-
-        def silu_mul_backward(self, d_act, h):
-            dh, act = ref.silu_mul_backward(d_act, h)
-            return self.rows(dh), self.rows(dh.t()), self.rows(act.t())
-
-    original = A._Fp8Math
-    A._Fp8Math = Unfused
-    try:
+    dy[m_indices < 0] = 1e4  # garbage in dY's padding rows: masked by either path
+    grads = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(kFusedTrainEnv, flag)
         for t in (x, w13, w2):
             t.grad = None
-        experts_forward_fp8(x, m_indices, w13, w2).backward(dy)
-    finally:
-        A._Fp8Math = original
-    for got, want in zip(fused, (x.grad, w13.grad, w2.grad)):
+        cache = Fp8WeightCache()
+        y = experts_forward_fp8(x, m_indices, w13, w2, cache, pow2_scale=pow2)
+        # fused: the transposes are built with the copies (composed: from them, in the backward)
+        assert cache.get(w13, w2, pow2).has_transposes == (flag == "1")
+        y.backward(dy)
+        grads[flag] = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
+    for got, want in zip(grads["1"], grads["0"]):
         assert torch.equal(got, want)
+
+
+def test_fused_train_switch(monkeypatch):
+    monkeypatch.delenv(kFusedTrainEnv, raising=False)
+    assert fused_train_enabled(torch.zeros(1))  # CPU: on (references either way)
+    monkeypatch.setenv(kFusedTrainEnv, "0")
+    assert not fused_train_enabled(torch.zeros(1))
+    monkeypatch.setenv(kFusedTrainEnv, "1")
+    assert fused_train_enabled(torch.zeros(1))
 
 
 # ----------------------------------------------------------------------------- a tiny layer
@@ -357,8 +353,11 @@ def test_bad_input_names_the_argument(gen):
 # ----------------------------------------------------------------------------- Hopper
 
 @pytest.mark.gpu
-def test_gpu_deepseek_v3_shapes():
-    """H 7168, I 2048, 8 local experts with uneven (one empty) token counts, kernels where built."""
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_gpu_deepseek_v3_shapes(monkeypatch, fused):
+    """H 7168, I 2048, 8 local experts with uneven (one empty) token counts, kernels where built;
+    the backward's quantisations composed (the GPU default until measured) and fused."""
+    monkeypatch.setenv(kFusedTrainEnv, fused)
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden, inter = 7168, 2048
     counts = [600, 0, 1234, 257, 900, 31, 2048, 511]
@@ -375,3 +374,36 @@ def test_gpu_deepseek_v3_shapes():
     for name in ("dx", "dw13", "dw2"):
         assert errors[name] <= kGradToForward * errors["y"], (name, errors)
     assert bool((w13.grad[1] == 0).all()) and bool((w2.grad[1] == 0).all())
+
+
+@pytest.mark.gpu
+def test_gpu_fused_and_composed_backward_agree():
+    """The fused training kernels against the composition of measured ops on the GPU: the
+    quantised operands are bit-identical (tests/test_train_quant_gpu.py), so the gradients agree
+    up to the GEMMs' own (fp32 reduce-add) ordering."""
+    import os
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    hidden, inter = 1024, 512
+    counts = [300, 0, 129, 700]
+    m_indices = build_m_indices(counts, device="cuda")
+    rows, experts = m_indices.shape[0], len(counts)
+    x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen, device="cuda") * hidden ** -0.5).requires_grad_()
+    w2 = (torch.randn(experts, hidden, inter, generator=gen, device="cuda") * inter ** -0.5).requires_grad_()
+    dy = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    grads = {}
+    old = os.environ.get(kFusedTrainEnv)
+    try:
+        for flag in ("0", "1"):
+            os.environ[kFusedTrainEnv] = flag
+            for t in (x, w13, w2):
+                t.grad = None
+            experts_forward_fp8(x, m_indices, w13, w2, Fp8WeightCache()).backward(dy)
+            grads[flag] = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
+    finally:
+        if old is None:
+            os.environ.pop(kFusedTrainEnv, None)
+        else:
+            os.environ[kFusedTrainEnv] = old
+    for name, got, want in zip(("dx", "dw13", "dw2"), grads["1"], grads["0"]):
+        assert G.calc_diff(got, want) < 1e-7, name

@@ -33,6 +33,13 @@ FP8 weight copies (owned by the cache). The FP8 weight copies and their transpos
 ``Fp8WeightCache`` keyed on the parameters' ``_version``: made once per optimizer step, copy and
 transpose in one pass (``G.per_block_quant_transpose_fp8``) when a gradient will be needed.
 
+The backward's quantisations (and the transposed weight copies) come from fused ops that read
+each tensor once (``G.silu_and_mul_backward_quant_fp8``, ``G.transpose_token_group_quant_fp8``,
+``G.transpose_token_group_requant_fp8``, ``G.per_block_quant_transpose_fp8``) or, bit for bit the
+same, from the measured ops composed (transposed copies + the row quantiser, SiLU backward in
+torch): ``MOE_FP8_FUSED_TRAIN`` (``fused_train_enabled``) picks; on CUDA the composition stays the
+default until the fused kernels have run on a GPU.
+
 ``reference=True`` runs the same structure (same saved tensors, same backward formulas, same
 offsets, same padding handling) with every quantise+GEMM replaced by an exact matmul in the
 inputs' dtype, so float64 inputs pass ``torch.autograd.gradcheck``; sizes then need no 128-alignment.
@@ -43,6 +50,7 @@ autograd outside this function); the correction bias is updated from token count
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -52,7 +60,7 @@ import torch.nn.functional as F
 
 from .. import gemm as G
 from ..gemm import validate as check
-from ..gemm.reference import silu_mul_backward
+from ..gemm.reference import dequant_rows, silu_mul_backward
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 FP8 = torch.float8_e4m3fn
@@ -60,7 +68,26 @@ kBlock = 128  # scale granularity (1x128 activations, 128x128 weights) and segme
 kMasterDtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 __all__ = ["experts_forward_fp8", "experts_forward_torch", "expert_offsets", "Fp8WeightCache",
-           "Fp8ExpertWeights"]
+           "Fp8ExpertWeights", "fused_train_enabled", "kFusedTrainEnv"]
+
+kFusedTrainEnv = "MOE_FP8_FUSED_TRAIN"
+
+
+def fused_train_enabled(t: torch.Tensor) -> bool:
+    """Whether the training path uses the fused quantisation ops (``G.per_block_quant_transpose_fp8``,
+    ``G.transpose_token_group_quant_fp8`` / ``_requant_fp8``, ``G.silu_and_mul_backward_quant_fp8``)
+    for tensors like ``t``, or composes the same math from the measured ops (transposed copies +
+    ``per_token_group_quant_fp8``, the SiLU backward in torch) — the same bytes either way.
+
+    ``MOE_FP8_FUSED_TRAIN=1`` / ``0`` forces it. Unset: on for CPU tensors (references either way),
+    off on CUDA. NOTE: the fused kernels are verified bit-exact only in the g++ CPU emulation
+    (tests/test_train_quant_gpu.py); they stay off by default on the GPU until a device run has
+    checked and timed them (benchmarks/bench_train.py times both, bench_quant.py --quick each kernel).
+    """
+    value = os.environ.get(kFusedTrainEnv, "")
+    if value == "":
+        return t.device.type != "cuda"
+    return value != "0"
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -241,6 +268,25 @@ class _Fp8Math:
         return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out)
 
 
+class _Fp8ComposedMath(_Fp8Math):
+    """The backward's quantisations composed from the measured ops (``fused_train_enabled`` off):
+    transposed copies + the row quantiser, the SiLU backward in torch (fp32), x' dequantised and
+    masked in torch. Bit-identical results to ``_Fp8Math`` (tests/test_autograd.py)."""
+
+    def cols(self, t: torch.Tensor, m_indices: Optional[torch.Tensor] = None):
+        if m_indices is not None:
+            t = t.masked_fill((m_indices < 0).unsqueeze(1), 0)
+        return self.rows(t.t())
+
+    def cols_from_rows(self, operand, m_indices: torch.Tensor):
+        x_val = dequant_rows(*operand).masked_fill((m_indices < 0).unsqueeze(1), 0)  # fp32 [T, C]
+        return self.rows(x_val.t())
+
+    def silu_mul_backward(self, d_act: torch.Tensor, h: torch.Tensor):
+        dh, act = silu_mul_backward(d_act, h)  # fp32 [M, 2I], [M, I]
+        return self.rows(dh), self.rows(dh.t()), self.rows(act.t())
+
+
 class _ExactMath:
     """The same steps without quantisation, in the inputs' dtype (reference mode, gradcheck)."""
     exact = True
@@ -297,9 +343,10 @@ class _ExpertsFunction(torch.autograd.Function):
         if reference:
             math = _ExactMath(w13.detach(), w2.detach())
         else:
-            # a backward will need the transposed copies: make them in the same pass
-            weights = (cache or Fp8WeightCache()).get(w13, w2, pow2_scale, needs_backward)
-            math = _Fp8Math(weights, pow2_scale)
+            fused = fused_train_enabled(x_rows)
+            # a backward will need the transposed copies: with the fused ops, made in the same pass
+            weights = (cache or Fp8WeightCache()).get(w13, w2, pow2_scale, needs_backward and fused)
+            math = (_Fp8Math if fused else _Fp8ComposedMath)(weights, pow2_scale)
         # fp8 [M_sum, H] + 1x128 scales (exact: x itself); the dispatcher's payload when given
         x_op = tuple(x_fp8) if x_fp8 is not None else math.rows(x_rows.detach())
         h = math.grouped(x_op, "w13", m_indices)  # [M_sum, 2I] bf16, padding rows 0
