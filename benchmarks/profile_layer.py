@@ -2,8 +2,8 @@
 
 DeepSeek-V3 shapes on one GPU holding 32 experts (H 7168, I 2048, top-8, 1 shared expert), the
 same layer as bench_layer.py. For each path (``torch``: MOE_FP8_FUSED_PERMUTE=0,
-MOE_FP8_FUSED_ROUTER=0, MOE_FP8_OVERLAP_SHARED=0; ``fused``: all three on, the default;
-``--mode all`` adds ``permute``: only the fused permute, the default of 2026-11-25) it prints:
+MOE_FP8_FUSED_ROUTER=0, MOE_FP8_OVERLAP_SHARED=0; ``fused``: all three on; ``--mode all`` adds
+``permute``: only the fused permute, today's default) it prints:
 
 * the layer's clean time (CUDA events, median, L2 flushed, no profiler, no instrumentation);
 * a phase table from one instrumented forward: each phase (router, quantise, index, permute,
@@ -51,7 +51,7 @@ kEnv = "MOE_FP8_FUSED_PERMUTE"
 kRouterEnv = "MOE_FP8_FUSED_ROUTER"
 kOverlapEnv = "MOE_FP8_OVERLAP_SHARED"
 # mode -> (fused permute, fused router, shared experts on a side stream); "permute" is the
-# previous default (2026-11-25: fused permute only), "fused" today's default
+# default (router kernels and the overlap stay off until measured), "fused" everything on
 kModes = {"torch": (False, False, False), "permute": (True, False, False),
           "fused": (True, True, True)}
 kGemmKernel = "fp8_gemm_kernel"  # the grouped and dense FP8 GEMMs (the GEMM share)

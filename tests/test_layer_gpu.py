@@ -111,12 +111,12 @@ def test_matches_transformers_moe_on_gpu():
 @pytest.mark.parametrize("tokens", [1, 333, 4096])
 @torch.no_grad()
 def test_fused_defaults_vs_torch_paths(moe, tokens, monkeypatch):
-    """The default (fused router + fused permute/index/combine kernels) against both switched
+    """Every layer kernel on (fused router + fused permute/index/combine) against both switched
     off (MOE_FP8_FUSED_ROUTER=0, MOE_FP8_FUSED_PERMUTE=0): the same routing, so the outputs agree
     to bf16 rounding (the combines sum the k slots in other orders); the router statistic too."""
     x = rand_x(tokens, moe.cfg.hidden_size, 500 + tokens)
-    monkeypatch.delenv("MOE_FP8_FUSED_ROUTER", raising=False)
-    monkeypatch.delenv("MOE_FP8_FUSED_PERMUTE", raising=False)
+    monkeypatch.setenv("MOE_FP8_FUSED_ROUTER", "1")
+    monkeypatch.setenv("MOE_FP8_FUSED_PERMUTE", "1")
     fused, fused_masked = moe(x), moe.forward_masked(x)
     counts = moe.last_tokens_per_expert.clone()
     monkeypatch.setenv("MOE_FP8_FUSED_ROUTER", "0")
@@ -130,20 +130,20 @@ def test_fused_defaults_vs_torch_paths(moe, tokens, monkeypatch):
 
 @torch.no_grad()
 def test_shared_experts_overlap_is_exact(moe, monkeypatch):
-    """The shared experts on the side stream (default) give the same bits as on the main stream
-    (MOE_FP8_OVERLAP_SHARED=0): same kernels, only the streams differ; repeated calls too (the
+    """The shared experts on the side stream (MOE_FP8_OVERLAP_SHARED=1) give the same bits as on
+    the main stream (=0): same kernels, only the streams differ; repeated calls too (the
     side stream's buffers are recycled across calls); the decode graph likewise."""
     xs = [rand_x(t, moe.cfg.hidden_size, 700 + t) for t in (4096, 1, 777)]
     monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "0")
     expected = [moe(x) for x in xs]
-    monkeypatch.delenv("MOE_FP8_OVERLAP_SHARED")
+    monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "1")
     for _ in range(2):
         for x, e in zip(xs, expected):
             assert torch.equal(moe(x), e)
     # decode: the side stream becomes a parallel branch of the captured graph
     monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "0")
     serial = moe.decode_runner(max_tokens=32)
-    monkeypatch.delenv("MOE_FP8_OVERLAP_SHARED")
+    monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "1")
     branched = moe.decode_runner(max_tokens=32)
     for i, n in enumerate((32, 5, 1, 32)):
         x = rand_x(n, moe.cfg.hidden_size, 800 + i)

@@ -46,8 +46,7 @@ def backend(request, monkeypatch):
         lib = request.getfixturevalue("router_emulator")
         assert [s.instance for s in kernels().bundled_sources()] == kInstances
         monkeypatch.setattr(kernels(), "_kernel", lambda src, like: EmulatedKernel(lib, src))
-        monkeypatch.setattr(R, "fused_router_enabled",
-                            lambda t: os.environ.get(kEnv, "1").strip() != "0")
+        monkeypatch.setattr(R, "fused_router_enabled", lambda t: R.fused_router_switch_on())
         return "cpu"
     return "cuda"
 
@@ -67,6 +66,17 @@ def switch(value):
 
 def fused():
     return switch("1")
+
+
+def test_router_switch_is_off_until_measured(monkeypatch):
+    """MOE_FP8_FUSED_ROUTER: unset = off (no GPU run has verified the kernels yet), 1 on, 0 off;
+    CPU tensors never take the kernels."""
+    monkeypatch.delenv(kEnv, raising=False)
+    assert R.kFusedRouterDefault is False and not R.fused_router_switch_on()
+    for value, on in (("1", True), ("0", False), (" 0", False), ("yes", True)):
+        monkeypatch.setenv(kEnv, value)
+        assert R.fused_router_switch_on() is on, value
+    assert not R.fused_router_enabled(torch.zeros(1))
 
 
 # ----------------------------------------------------------------------------- route

@@ -41,13 +41,13 @@ kMaskedIndexMaxPairs = 1 << 16  # the masked index kernel is one CTA: beyond thi
 
 def fused_switch_on() -> bool:
     """The environment switch alone: ``MOE_FP8_FUSED_PERMUTE=0`` turns the fused kernels off."""
-    return switch_on(kFusedEnv)
+    return switch_on(kFusedEnv, default=True)
 
 
 def fused_enabled(t: torch.Tensor) -> bool:
     """True when the fused permute/index/combine kernels should run for tensors like ``t``:
     ``t`` on an sm_90 GPU, ``MOE_FP8_FUSED_PERMUTE`` not ``0``, not inside ``torch.compile``."""
-    return kernels_enabled(t, kFusedEnv)
+    return kernels_enabled(t, kFusedEnv, default=True)
 
 
 def _permute_kernels():
@@ -136,7 +136,7 @@ def local_expert_ids(topk_idx: torch.Tensor, expert_offset: int, num_experts_loc
                      num_valid_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
     """Global ids ``[T, k]`` -> local ids, the skip sentinel ``E_loc`` for other ranks' experts
     and for tokens at or beyond ``num_valid_tokens`` (an int or a device scalar tensor).
-    On sm_90 one kernel (``router.cuh``: local_ids_kernel; ``MOE_FP8_FUSED_ROUTER=0``: torch)."""
+    With ``MOE_FP8_FUSED_ROUTER=1`` on sm_90: one kernel (``router.cuh``: local_ids_kernel)."""
     if topk_idx.numel() and _router.fused_router_enabled(topk_idx):
         kernels = _router.kernels()
         device_valid = isinstance(num_valid_tokens, torch.Tensor)

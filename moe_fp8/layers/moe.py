@@ -24,7 +24,8 @@ from .router import Router
 from .switches import switch_on
 
 
-kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 0: the shared experts run on the main stream
+kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 1: the shared experts run on a side stream
+kOverlapSharedDefault = False  # flip once a GPU run has verified and measured the overlap
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
@@ -153,11 +154,13 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _overlap_shared(self, xq: torch.Tensor) -> bool:
-        """Run the shared experts on a side stream? Only for CUDA inference outside
-        ``torch.compile``, and unless ``MOE_FP8_OVERLAP_SHARED=0``. Inside a CUDA-graph capture
-        (the decode runner) the fork and join become two parallel branches of the graph."""
+        """Run the shared experts on a side stream? With ``MOE_FP8_OVERLAP_SHARED=1`` (off by
+        default until measured on a GPU), for CUDA inference outside ``torch.compile``. Inside a
+        CUDA-graph capture (the decode runner) the fork and join become two parallel branches
+        of the graph."""
         return (self.shared_experts is not None and xq.is_cuda and not torch.is_grad_enabled()
-                and switch_on(kOverlapSharedEnv) and not torch.compiler.is_compiling())
+                and switch_on(kOverlapSharedEnv, kOverlapSharedDefault)
+                and not torch.compiler.is_compiling())
 
     def _start_shared(self, xq: torch.Tensor, xs: torch.Tensor):
         """-> ``(shared [T, H] or None, side stream or None)``. NOTE: the shared experts do not

@@ -12,9 +12,13 @@ For one token with logits ``l [E]`` (fp32):
 Everything runs in fp32 as transformers' ``DeepseekV3TopkRouter`` does, so the expert indices are
 identical to it for the same inputs. No host sync anywhere (CUDA-graph safe).
 
-On an sm_90 GPU the selection after the sigmoid (bias, group top-2 sums, group and expert top-k,
-weights, and the tokens-per-expert counts) is one kernel (``moe_fp8/gemm/include/router.cuh``,
-one warp per token) instead of ~15 torch ops; ``MOE_FP8_FUSED_ROUTER=0`` keeps the torch code.
+With ``MOE_FP8_FUSED_ROUTER=1`` on an sm_90 GPU the selection after the sigmoid (bias, group
+top-2 sums, group and expert top-k, weights, and the tokens-per-expert counts) is one kernel
+(``moe_fp8/gemm/include/router.cuh``, one warp per token) instead of ~15 torch ops, the local-id
+mapping is one kernel, and the local dispatcher's masked index kernel writes the combine index in
+the same pass. OFF by default until a device run has verified and measured them (verified so far
+on the g++ CPU emulation only: tests/test_router_gpu.py, tests/test_permute_gpu.py,
+tests/fuzz_gpu.py); unset or ``0`` keeps the torch code (and the separate combine index).
 The gate GEMM and the sigmoid stay torch's (fp32 ``F.linear`` on an fp32 copy of x, then
 ``sigmoid``), so the scores are the same bits on both paths and the kernel's comparisons are
 exact: same expert set per token. The kernel's slots come in descending order of the biased
@@ -31,16 +35,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
-from .switches import kernels_enabled
+from .switches import kernels_enabled, switch_on
 
 
 kFusedRouterEnv = "MOE_FP8_FUSED_ROUTER"
 
 
+kFusedRouterDefault = False  # flip once a GPU run has verified and measured the kernels
+
+
+def fused_router_switch_on() -> bool:
+    """The environment switch alone (``MOE_FP8_FUSED_ROUTER``: 1 on, 0 off, unset: off)."""
+    return switch_on(kFusedRouterEnv, kFusedRouterDefault)
+
+
 def fused_router_enabled(t: torch.Tensor) -> bool:
     """True when the router kernels (route, local ids) should run for tensors like ``t``: on an
-    sm_90 GPU, ``MOE_FP8_FUSED_ROUTER`` not ``0``, not inside ``torch.compile`` tracing."""
-    return kernels_enabled(t, kFusedRouterEnv)
+    sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, not inside ``torch.compile`` tracing."""
+    return kernels_enabled(t, kFusedRouterEnv, kFusedRouterDefault)
 
 
 def kernels():

@@ -1,7 +1,7 @@
 """Host side of include/router.cuh: the gate's selection and the local-id mapping.
 
 The layer wrappers (``moe_fp8.layers.router.route`` / ``moe_fp8.layers.layouts.local_expert_ids``)
-decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER`` not ``0``, limits met:
+decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, limits met:
 ``supports_*``) and validate; these functions take checked tensors and only allocate and launch.
 
 * ``route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, scaling,
