@@ -50,7 +50,6 @@ autograd outside this function); the correction bias is updated from token count
 """
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -61,6 +60,7 @@ import torch.nn.functional as F
 from .. import gemm as G
 from ..gemm import validate as check
 from ..gemm.reference import dequant_rows, silu_mul_backward
+from .switches import switch_on
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
 FP8 = torch.float8_e4m3fn
@@ -84,10 +84,7 @@ def fused_train_enabled(t: torch.Tensor) -> bool:
     (tests/test_train_quant_gpu.py); they stay off by default on the GPU until a device run has
     checked and timed them (benchmarks/bench_train.py times both, bench_quant.py --quick each kernel).
     """
-    value = os.environ.get(kFusedTrainEnv, "")
-    if value == "":
-        return t.device.type != "cuda"
-    return value != "0"
+    return switch_on(kFusedTrainEnv, default=t.device.type != "cuda")
 
 
 # ----------------------------------------------------------------------------- layout helpers
