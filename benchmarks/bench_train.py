@@ -75,17 +75,21 @@ def backends(device) -> str:
 
 
 def fused_train(flag: str, fn):
-    """``fn`` run with MOE_FP8_FUSED_TRAIN=flag (restored after)."""
+    """``fn`` run with MOE_FP8_FUSED_TRAIN=flag and MOE_FP8_UNVERIFIED_KERNELS=flag (the fused
+    ops' kernels are opted in while they have not been verified on a GPU; restored after)."""
+    names = (kFusedTrainEnv, "MOE_FP8_UNVERIFIED_KERNELS")
+
     def run():
-        old = os.environ.get(kFusedTrainEnv)
-        os.environ[kFusedTrainEnv] = flag
+        old = {name: os.environ.get(name) for name in names}
+        os.environ.update({name: flag for name in names})
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop(kFusedTrainEnv, None)
-            else:
-                os.environ[kFusedTrainEnv] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return run
 
 

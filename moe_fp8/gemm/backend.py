@@ -83,7 +83,17 @@ def pick(backend: str, device: torch.device, family: str, name: str,
         if fn is None:
             raise NotImplementedError(f"no kernel for {family}.{name} in this build")
         return fn
+    if on_hopper and family in kUnverifiedFamilies and os.environ.get(kUnverifiedEnv) != "1":
+        return None  # auto: the reference until the kernel has run on a GPU (see below)
     return _kernel_fn(family, name, dtype, forced=False) if on_hopper else None
+
+
+# Kernel families built and tested on the CPU (g++ emulation, bit-exact) but never yet run on a
+# GPU: backend="auto" keeps their references until a GPU run has measured them
+# (MOE_FP8_UNVERIFIED_KERNELS=1 opts in; backend="kernel" always runs them). Empty this set once
+# tests/test_train_quant_gpu.py has passed on a Hopper GPU.
+kUnverifiedFamilies = frozenset({"transpose_quant", "silu_backward"})
+kUnverifiedEnv = "MOE_FP8_UNVERIFIED_KERNELS"
 
 
 # ----------------------------------------------------------------------------- op bodies
