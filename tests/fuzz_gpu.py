@@ -64,7 +64,9 @@ from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
 FP8 = torch.float8_e4m3fn
 # run order: the fast (quant) ops first, so their unused time share rolls over to the GEMMs
 kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
-        "router", "permute_index", "permute_rows", "permute_combine", "gemm_dense", "gemm_contiguous", "gemm_masked", "gemm_kgrouped")
+        "train_block_t", "train_token_t", "train_requant", "silu_backward",
+        "router", "permute_index", "permute_rows", "permute_combine", "gemm_dense", "gemm_contiguous",
+        "gemm_offsets", "gemm_masked", "gemm_kgrouped")
 kPoolSize = 5  # (N, K) pairs per op and run: bounds the number of kernels to compile
 kTail = 4096  # poisoned elements after every GEMM output
 
@@ -186,6 +188,30 @@ def run_gemm_contiguous(c: dict, ctx: Context, stats: dict) -> None:
         if bool(rows.any()):
             want[rows] = x[rows] @ w[e].t()
     check_gemm_rows(out[real], buf, m_sum * n, reference[real], want[real], what, stats)
+
+
+def run_gemm_offsets(c: dict, ctx: Context, stats: dict) -> None:
+    """The offsets form: every row of a segment written, rows past offsets[E] untouched."""
+    from moe_fp8.gemm.layout import segment_offsets
+    counts, n, k = c["counts"], c["n"], c["k"]
+    gen = ctx.gen(c["seed"])
+    offsets = segment_offsets(counts).to(ctx.device)
+    end = int(offsets[-1])
+    m_sum, experts = end + c["extra"], len(counts)
+    x = act_data((m_sum, k), gen, device=ctx.device).bfloat16().float()
+    w = weight_data((experts, n, k), gen, device=ctx.device).bfloat16().float()
+    a, b = quant_act(x), quant_weight(w)
+    buf, out = poisoned((m_sum, n), ctx)
+    G.m_grouped_fp8_gemm_nt_contiguous_offsets(a, b, offsets, out=out, backend=ctx.backend)
+    what = f"offsets counts={counts} extra={c['extra']} n={n} k={k}"
+    expect(bool(torch.isnan(out[end:]).all()), f"{what}: rows past offsets[E] were written")
+    reference = torch.full_like(out, float("nan"))
+    G.m_grouped_fp8_gemm_nt_contiguous_offsets(a, b, offsets, out=reference, backend="reference")
+    want = torch.zeros(end, n, device=ctx.device)
+    bounds = offsets.tolist()
+    for e in range(experts):
+        want[bounds[e]:bounds[e + 1]] = x[bounds[e]:bounds[e + 1]] @ w[e].t()
+    check_gemm_rows(out[:end], buf, m_sum * n, reference[:end], want, what, stats)
 
 
 def run_gemm_masked(c: dict, ctx: Context, stats: dict) -> None:
@@ -560,6 +586,59 @@ def run_router(c: dict, ctx: Context, stats: dict) -> None:
     same_bits(actual_local, expected_local, f"{what}: local ids")
 
 
+# ----------------------------------------------------------------------------- training quantisation
+# Each kernel against its own reference (backend="reference", same block math): bit for bit.
+
+def pairs_equal(got, want, what: str) -> None:
+    for i, ((q, s), (eq, es)) in enumerate(zip(got, want)):
+        bits_equal(q, s, eq, es, f"{what} output {i}")
+
+
+def padding_ids(tokens: int, gen: torch.Generator, device):
+    """m_indices-like int32 [T]: about a fifth of the rows -1 (padding), the rest 0."""
+    ids = torch.zeros(tokens, dtype=torch.int32, device=device)
+    ids[torch.rand(tokens, generator=gen, device=device) < 0.2] = -1
+    return ids
+
+
+def run_train_block_t(c: dict, ctx: Context, stats: dict) -> None:
+    shape, dtype, pow2 = tuple(c["shape"]), c["dtype"], c["pow2"]
+    w = quant_input(shape, ctx.gen(c["seed"]), dtype, ctx.device, zero_rows=False)
+    got = G.per_block_quant_transpose_fp8(w, pow2_scale=pow2, backend=ctx.backend)
+    want = G.per_block_quant_transpose_fp8(w, pow2_scale=pow2, backend="reference")
+    pairs_equal(got, want, f"train_block_t {shape} {dtype} pow2={pow2}")
+
+
+def run_train_token_t(c: dict, ctx: Context, stats: dict) -> None:
+    shape, dtype, pow2 = tuple(c["shape"]), c["dtype"], c["pow2"]
+    gen = ctx.gen(c["seed"])
+    x = quant_input(shape, gen, dtype, ctx.device)
+    ids = padding_ids(shape[0], gen, ctx.device) if c["padding"] else None
+    got = G.transpose_token_group_quant_fp8(x, m_indices=ids, pow2_scale=pow2, backend=ctx.backend)
+    want = G.transpose_token_group_quant_fp8(x, m_indices=ids, pow2_scale=pow2, backend="reference")
+    pairs_equal([got], [want], f"train_token_t {shape} {dtype} pow2={pow2} padding={c['padding']}")
+
+
+def run_train_requant(c: dict, ctx: Context, stats: dict) -> None:
+    shape, pow2 = tuple(c["shape"]), c["pow2"]
+    gen = ctx.gen(c["seed"])
+    a = quant_act(quant_input(shape, gen, torch.float32, ctx.device))
+    ids = padding_ids(shape[0], gen, ctx.device) if c["padding"] else None
+    got = G.transpose_token_group_requant_fp8(a, m_indices=ids, pow2_scale=pow2, backend=ctx.backend)
+    want = G.transpose_token_group_requant_fp8(a, m_indices=ids, pow2_scale=pow2, backend="reference")
+    pairs_equal([got], [want], f"train_requant {shape} pow2={pow2} padding={c['padding']}")
+
+
+def run_silu_backward(c: dict, ctx: Context, stats: dict) -> None:
+    rows, inter, pow2 = c["rows"], c["inter"], c["pow2"]
+    gen = ctx.gen(c["seed"])
+    h = (torch.randn((rows, 2 * inter), device=ctx.device, generator=gen) * 4).bfloat16()
+    d_act = quant_input((rows, inter), gen, torch.bfloat16, ctx.device)
+    got = G.silu_and_mul_backward_quant_fp8(d_act, h, pow2_scale=pow2, backend=ctx.backend)
+    want = G.silu_and_mul_backward_quant_fp8(d_act, h, pow2_scale=pow2, backend="reference")
+    pairs_equal(got, want, f"silu_backward rows={rows} inter={inter} pow2={pow2}")
+
+
 kRunners: Dict[str, Callable] = {
     "gemm_dense": run_gemm_dense, "gemm_contiguous": run_gemm_contiguous,
     "gemm_masked": run_gemm_masked, "gemm_kgrouped": run_gemm_kgrouped,
@@ -567,6 +646,9 @@ kRunners: Dict[str, Callable] = {
     "silu_contiguous": run_silu, "silu_masked": run_silu,
     "permute_index": run_permute_index, "permute_rows": run_permute_rows,
     "permute_combine": run_permute_combine, "router": run_router,
+    "gemm_offsets": run_gemm_offsets, "train_block_t": run_train_block_t,
+    "train_token_t": run_train_token_t, "train_requant": run_train_requant,
+    "silu_backward": run_silu_backward,
 }
 
 
@@ -578,7 +660,8 @@ class Sampler:
     def __init__(self, seed: int, scale: float = 1.0):
         self.rng = random.Random(seed)
         self.scale = scale  # < 1 shrinks the largest sizes (CPU dry run)
-        self.pools = {op: self._pool() for op in ("gemm_dense", "gemm_contiguous", "gemm_masked")}
+        self.pools = {op: self._pool()
+                      for op in ("gemm_dense", "gemm_contiguous", "gemm_offsets", "gemm_masked")}
         self.n_pool = [16] + [16 * self.rng.randint(2, 64) for _ in range(kPoolSize - 1)]
 
     def _cap(self, value: int) -> int:
@@ -631,6 +714,23 @@ class Sampler:
         elif op == "gemm_contiguous":
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["counts"] = self.counts(rng.randint(1, 12))
+        elif op == "gemm_offsets":
+            c["n"], c["k"] = rng.choice(self.pools[op])
+            c["counts"] = self.counts(rng.randint(1, 12))
+            c["extra"] = rng.choice((0, 0, 128, 256))
+        elif op == "train_block_t":
+            n, k = self.width(1024), self.width(1024)
+            c["shape"] = [n, k] if rng.random() < 0.6 else [rng.randint(1, 3), n, k]
+            c["dtype"] = rng.choice((torch.bfloat16, torch.float32))
+            c["pow2"] = rng.random() < 0.5
+        elif op in ("train_token_t", "train_requant"):
+            c["shape"] = [self.rows(1024), self.width(2048)]
+            c["dtype"] = rng.choice((torch.bfloat16, torch.float32))
+            c["pow2"] = rng.random() < 0.5
+            c["padding"] = rng.random() < 0.5
+        elif op == "silu_backward":
+            c["rows"], c["inter"] = self.rows(1024), self.width(1024)
+            c["pow2"] = rng.random() < 0.5
         elif op == "gemm_masked":
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["m_max"] = self.rows(384)
@@ -705,6 +805,11 @@ def kernel_sources(op: str, c: dict) -> list:
         if m_sum == 0:
             return []
         return [fp8_gemm.kernel_source(c["n"], c["k"], H.contiguous_config(m_sum, c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutContiguous)]
+    if op == "gemm_offsets":
+        m_sum = int(build_m_indices(c["counts"]).shape[0]) + c["extra"]
+        if m_sum == 0:
+            return []
+        return [fp8_gemm.kernel_source(c["n"], c["k"], H.contiguous_config(m_sum, c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutContiguousOffsets)]
     if op == "gemm_masked":
         config = H.masked_config(len(c["masked_m"]), min(c["expected_m"], c["m_max"]), c["n"], c["k"], sms)
         return [fp8_gemm.kernel_source(c["n"], c["k"], config.resolved(c["k"]), fp8_gemm.kLayoutMasked)]
@@ -872,6 +977,13 @@ def once_cases() -> Dict[str, List[dict]]:
         "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
                        dict(m=256, n=1024, k=7168, seed=16)],
         "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18)],
+        "gemm_offsets": [dict(counts=[0, 1, 127, 128, 129, 0, 300], extra=128, n=144, k=384, seed=35),
+                         dict(counts=[600, 0, 40], extra=0, n=4096, k=256, seed=36)],
+        "train_block_t": [dict(shape=[256, 384], dtype=bf, pow2=False, seed=37), dict(shape=[2, 128, 256], dtype=f32, pow2=True, seed=38)],
+        "train_token_t": [dict(shape=[1, 256], dtype=bf, pow2=False, padding=False, seed=39),
+                          dict(shape=[333, 384], dtype=f32, pow2=True, padding=True, seed=40)],
+        "train_requant": [dict(shape=[130, 256], dtype=f32, pow2=False, padding=True, seed=41)],
+        "silu_backward": [dict(rows=1, inter=128, pow2=False, seed=42), dict(rows=333, inter=256, pow2=True, seed=43)],
         "gemm_masked": [dict(masked_m=[0, 37, 1, 20], m_max=37, n=272, k=256, expected_m=8, seed=19),
                         dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20)],
         "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22)],
@@ -899,6 +1011,10 @@ def run_guards(ctx: Context, log) -> None:
     G.m_grouped_fp8_gemm_nt_contiguous(a2, b, m_indices, backend=ctx.backend)
     m_indices.fill_(-7)
     G.m_grouped_fp8_gemm_nt_contiguous(a2, b, m_indices, backend=ctx.backend)
+    log("guards: contiguous GEMM, offsets form, with offsets past M_sum, decreasing and unaligned")
+    for bounds in ([0, 128, 512, 1024], [0, 256, 128, 256], [0, 100, 200, 256], [-128, 0, 128, 256]):
+        G.m_grouped_fp8_gemm_nt_contiguous_offsets(
+            a2, b, torch.tensor(bounds, dtype=torch.int32, device=ctx.device), backend=ctx.backend)
     log("guards: k-grouped GEMM with offsets past the tokens, decreasing and unaligned")
     xa, xb = quant_act(act_data((144, 256), gen, device=ctx.device)), quant_act(act_data((160, 256), gen, device=ctx.device))
     out = torch.zeros(3, 144, 160, device=ctx.device)
