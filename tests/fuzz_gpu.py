@@ -61,6 +61,9 @@ import moe_fp8.gemm as G  # noqa: E402
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_checks import combine_oracle  # noqa: E402  (the combine's documented order)
+
 FP8 = torch.float8_e4m3fn
 # run order: the fast (quant) ops first, so their unused time share rolls over to the GEMMs
 kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
@@ -462,18 +465,6 @@ def run_permute_rows(c: dict, ctx: Context, stats: dict) -> None:
     same_bits(bufs[1].sa[:experts], bufs[0].sa[:experts], f"{what}: sa")
     same_bits(actual[0], expected[0], f"{what}: row_token")
     same_bits(actual[1], expected[1], f"{what}: row_slot")
-
-
-def combine_oracle(y_rows, index, add):
-    """The kernel's documented order: fp32, acc = 0, acc += bf16(w_j) * y_j for j ascending,
-    then + add, one rounding to bf16."""
-    weights = index.slot_weight.to(torch.bfloat16).float()
-    acc = torch.zeros(index.slot_row.shape[0], y_rows.shape[1], device=y_rows.device)
-    for j in range(index.slot_row.shape[1]):
-        acc = acc + weights[:, j:j + 1] * y_rows.index_select(0, index.slot_row[:, j]).float()
-    if add is not None:
-        acc = acc + add.float()
-    return acc.to(torch.bfloat16)
 
 
 def run_permute_combine(c: dict, ctx: Context, stats: dict) -> None:

@@ -6,9 +6,9 @@ Two backends run the same checks:
   default there; each test pins ``MOE_FP8_FUSED_PERMUTE=0`` for its torch-path expectation and
   ``=1`` inside ``fused()``); DeepSeek-V3 shapes included.
 * ``emulated`` (CPU, no GPU needed): the same ``permute.cuh`` compiled with g++ by the harness
-  below (one std::thread per CUDA thread, shared memory as statics, warp primitives through
-  per-warp barriers), launched through the same host file (``moe_fp8.gemm.kernels.permute``)
-  with its argument lists checked against the kernels' parameter types. It checks the logic and
+  of tests/kernel_checks.py (one std::thread per CUDA thread, shared memory as statics, warp
+  primitives through per-warp barriers), launched through the same host file
+  (``moe_fp8.gemm.kernels.permute``) with its argument lists checked against the kernels' parameter types. It checks the logic and
   the argument plumbing, not the hardware (memory model, vector alignment, speed): small shapes.
 
 Expected results: index metadata and permuted rows/scales are bit-identical to the torch path
@@ -18,10 +18,6 @@ acc += bf16(w_j) * y_j for j ascending, then + add, one rounding); against the t
 elements — the test prints how many.
 """
 import contextlib
-import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -30,6 +26,8 @@ from moe_fp8 import gemm as G
 from moe_fp8.gemm.layout import empty_act_scales
 from moe_fp8.layers import layouts as L
 from moe_fp8.layers import permute as PM
+
+from kernel_checks import EmulatedKernel, build_emulator, combine_oracle, env_switch
 
 FP8 = torch.float8_e4m3fn
 kEnv = "MOE_FP8_FUSED_PERMUTE"
@@ -42,152 +40,6 @@ def kernels():
 
 # ----------------------------------------------------------------------------- backends
 
-kHarness = r'''
-#include <algorithm>
-#include <array>
-#include <barrier>
-#include <cstring>
-#include <memory>
-#include <string>
-#include <thread>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-struct uint4 { unsigned x, y, z, w; };
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local Dim3 threadIdx, blockIdx;
-Dim3 gridDim, blockDim;
-
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static  // CTAs run one at a time: a static is one CTA's shared memory
-using std::max;
-using std::min;
-
-struct Cta {
-  std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<std::array<long long, 32>> scratch;
-};
-static Cta* gCta = nullptr;
-
-inline void __syncthreads() { gCta->all->arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xFFFFFFFFu) { gCta->warps[threadIdx.x / 32]->arrive_and_wait(); }
-inline unsigned __match_any_sync(unsigned, int value) {
-  auto& s = gCta->scratch[threadIdx.x / 32];
-  s[threadIdx.x % 32] = value;
-  __syncwarp();
-  unsigned mask = 0;
-  for (int lane = 0; lane < 32; ++lane) mask |= (s[lane] == value ? 1u : 0u) << lane;
-  __syncwarp();
-  return mask;
-}
-inline int __shfl_up_sync(unsigned, int value, int offset) {
-  auto& s = gCta->scratch[threadIdx.x / 32];
-  const int lane = threadIdx.x % 32;
-  s[lane] = value;
-  __syncwarp();
-  const int result = lane >= offset ? static_cast<int>(s[lane - offset]) : value;
-  __syncwarp();
-  return result;
-}
-inline int __popc(unsigned v) { return __builtin_popcount(v); }
-inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-template <typename T> inline T __ldg(const T* p) { return *p; }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
-inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
-struct __nv_bfloat16 { unsigned short x; };
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // nearest even; NaN stays a (quiet) NaN
-  unsigned u = __float_as_uint(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {static_cast<unsigned short>((u >> 16) | 0x40u)};
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return {static_cast<unsigned short>(u >> 16)};
-}
-inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(unsigned(b.x) << 16); }
-inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-  return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
-}
-template <typename T> inline T __shfl_xor_sync(unsigned, T value, int mask) {
-  static_assert(sizeof(T) <= sizeof(long long), "one scratch word per lane");
-  auto& s = gCta->scratch[threadIdx.x / 32];
-  const int lane = threadIdx.x % 32;
-  long long word = 0;
-  std::memcpy(&word, &value, sizeof(T));
-  s[lane] = word;
-  __syncwarp();
-  T result;
-  const long long other = s[lane ^ mask];
-  std::memcpy(&result, &other, sizeof(T));
-  __syncwarp();
-  return result;
-}
-
-@INCLUDES@
-
-template <typename... Ts, std::size_t... I>
-void call_with(void (*kernel)(Ts...), void** args, std::index_sequence<I...>) {
-  kernel(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<Ts>>*>(args[I])...);
-}
-
-template <typename... Ts>
-int launch(void (*kernel)(Ts...), const unsigned* grid, unsigned threads, void** args,
-           const int* sizes, int numArgs) {
-  if (numArgs != static_cast<int>(sizeof...(Ts))) return 1000 + static_cast<int>(sizeof...(Ts));
-  const std::size_t expected[] = {sizeof(Ts)...};
-  for (int i = 0; i < numArgs; ++i)
-    if (static_cast<std::size_t>(sizes[i]) != expected[i]) return 2000 + i;
-  gridDim = {grid[0], grid[1], grid[2]};
-  blockDim = {threads, 1, 1};
-  for (unsigned z = 0; z < grid[2]; ++z)
-    for (unsigned y = 0; y < grid[1]; ++y)
-      for (unsigned x = 0; x < grid[0]; ++x) {
-        Cta cta;
-        cta.all = std::make_unique<std::barrier<>>(threads);
-        for (unsigned w = 0; w < threads / 32; ++w)
-          cta.warps.push_back(std::make_unique<std::barrier<>>(32));
-        cta.scratch.resize(threads / 32);
-        gCta = &cta;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([=] {
-            threadIdx = {t, 0, 0};
-            blockIdx = {x, y, z};
-            call_with(kernel, args, std::index_sequence_for<Ts...>{});
-          });
-        for (auto& th : pool) th.join();
-      }
-  return 0;
-}
-
-struct Entry { const char* name; int (*run)(const unsigned*, unsigned, void**, const int*, int); };
-#define MOE_EMU_KERNEL(...)                                                     \
-  {#__VA_ARGS__, [](const unsigned* g, unsigned t, void** a, const int* s, int n) { \
-     return launch(&__VA_ARGS__, g, t, a, s, n); }}
-static const Entry kEntries[] = {
-@ENTRIES@
-};
-
-// 0: done; -1: unknown instance; 1000 + n: the kernel takes n arguments; 2000 + i: size of arg i
-extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsigned threads,
-                              void** args, const int* sizes, int numArgs) {
-  auto squeeze = [](std::string s) { s.erase(std::remove(s.begin(), s.end(), ' '), s.end()); return s; };
-  const std::string name = squeeze(instance);
-  for (const Entry& e : kEntries)
-    if (squeeze(e.name) == name) return e.run(grid, threads, args, sizes, numArgs);
-  return -1;
-}
-'''
-
-
 kPermuteInstances = [
     "moe_fp8::permute::count_experts_kernel<256>", "moe_fp8::permute::scan_experts_kernel<256>",
     "moe_fp8::permute::contiguous_rank_kernel<512>", "moe_fp8::permute::masked_index_kernel<512>",
@@ -196,65 +48,11 @@ kPermuteInstances = [
 ]
 
 
-def harness_source(headers, instances) -> str:
-    """The harness for ``headers`` (files under moe_fp8/gemm/include) and kernel ``instances``."""
-    entries = "\n".join(f"    MOE_EMU_KERNEL({name})," for name in instances)
-    includes = "\n".join(f'#include "{h}"' for h in headers)
-    return kHarness.replace("@INCLUDES@", includes).replace("@ENTRIES@", entries)
-
-
-def build_emulator(build_dir, headers, instances, stem):
-    """Compile the harness with g++ (C++20) into ``build_dir``, load it with ctypes (skips the
-    test when g++ or a C++20 library is missing)."""
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("the CPU emulation needs g++")
-    from moe_fp8.gemm.jit import env
-    build = build_dir
-    (build / "harness.cpp").write_text(harness_source(headers, instances))
-    library = build / f"lib{stem}.so"
-    result = subprocess.run([compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
-                             "-pthread", f"-I{env.kIncludeDir}", str(build / "harness.cpp"), "-o",
-                             str(library)], capture_output=True, text=True)
-    if result.returncode and "barrier" in result.stderr and "No such file" in result.stderr:
-        pytest.skip("the CPU emulation needs a C++20 standard library (<barrier>)")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(library))
-    lib.moe_emu_launch.restype = ctypes.c_int
-    return lib
-
-
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory):
-    """The harness above for permute.cuh, compiled with g++ (C++20), loaded with ctypes."""
+    """The emulation harness (tests/kernel_checks.py) for permute.cuh, built with g++."""
     return build_emulator(tmp_path_factory.mktemp("permute_emulation"), ["permute.cuh"],
                           kPermuteInstances, "permute_emulation")
-
-
-class EmulatedKernel:
-    """Stands in for ``jit.Kernel``: same ``launch`` arguments, runs the emulated kernel."""
-
-    def __init__(self, lib, src):
-        self.lib, self.src = lib, src
-
-    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
-        from moe_fp8.gemm.jit.runtime import _dim3
-        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
-        assert block[1] == block[2] == 1 and cluster == (1, 1, 1)
-        values = []
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                assert arg.device.type == "cpu"
-                values.append(ctypes.c_uint64(arg.data_ptr()))
-            elif arg is None:
-                values.append(ctypes.c_uint64(0))
-            else:
-                values.append(arg)
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        sizes = (ctypes.c_int * len(values))(*[ctypes.sizeof(v) for v in values])
-        code = self.lib.moe_emu_launch(self.src.instance.encode(), (ctypes.c_uint * 3)(*grid),
-                                       block[0], pointers, sizes, len(values))
-        assert code == 0, f"emulated {self.src.instance}: code {code} (see moe_emu_launch)"
 
 
 def _env_switch(t):
@@ -275,25 +73,12 @@ def backend(request, monkeypatch):
     return "cuda"
 
 
-@contextlib.contextmanager
-def switch(value):
-    old = os.environ.get(kEnv)
-    os.environ[kEnv] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[kEnv]
-        else:
-            os.environ[kEnv] = old
-
-
 def fused():
-    return switch("1")
+    return env_switch(kEnv, "1")
 
 
 def torch_path():
-    return switch("0")
+    return env_switch(kEnv, "0")
 
 
 def big(device):
@@ -465,17 +250,6 @@ def test_permute_masked_bit_exact(backend):
 
 
 # ----------------------------------------------------------------------------- combine
-
-def combine_oracle(y_rows, index, add):
-    """The documented order: fp32, acc = 0, acc += bf16(w_j) * y_j (j ascending), + add, bf16."""
-    weights = index.slot_weight.to(torch.bfloat16).float()
-    acc = torch.zeros(index.slot_row.shape[0], y_rows.shape[1], device=y_rows.device)
-    for j in range(index.slot_row.shape[1]):
-        acc = acc + weights[:, j:j + 1] * y_rows.index_select(0, index.slot_row[:, j]).float()
-    if add is not None:
-        acc = acc + add.float()
-    return acc.to(torch.bfloat16)
-
 
 def check_near_torch(actual, torch_path, what):
     """Near the torch path's baddbmm, whose cuBLAS kernel may sum the k products in another

@@ -10,9 +10,6 @@ both paths and every comparison is exact), slots in descending order of the bias
 within a few fp32 ulps (the k-term sum runs in slot order), counts equal to a bincount, local ids
 identical (integers).
 """
-import contextlib
-import os
-
 import pytest
 import torch
 
@@ -21,7 +18,7 @@ from moe_fp8.layers import MoE, MoEConfig
 from moe_fp8.layers import layouts as L
 from moe_fp8.layers import router as R
 
-from test_permute_gpu import EmulatedKernel, build_emulator
+from kernel_checks import EmulatedKernel, build_emulator, env_switch
 
 kEnv = "MOE_FP8_FUSED_ROUTER"
 kInstances = ["moe_fp8::router::route_kernel<256>", "moe_fp8::router::local_ids_kernel<256>"]
@@ -51,21 +48,8 @@ def backend(request, monkeypatch):
     return "cuda"
 
 
-@contextlib.contextmanager
-def switch(value):
-    old = os.environ.get(kEnv)
-    os.environ[kEnv] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[kEnv]
-        else:
-            os.environ[kEnv] = old
-
-
 def fused():
-    return switch("1")
+    return env_switch(kEnv, "1")
 
 
 def test_router_switch_is_off_until_measured(monkeypatch):
@@ -259,7 +243,7 @@ def test_layer_fused_router_vs_torch(backend):
 def test_decode_graph_with_fused_router():
     """The decode runner captured with the router kernels replays new batches correctly."""
     moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
-    with switch("0"):
+    with env_switch(kEnv, "0"):
         plain = moe.decode_runner(max_tokens=32)
     with fused():
         run = moe.decode_runner(max_tokens=32)

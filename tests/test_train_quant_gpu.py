@@ -16,16 +16,14 @@ Two backends run the same checks (as tests/test_permute_gpu.py does):
 Outputs are poisoned before each launch (random fp8 bytes, NaN scales) so that any element the
 kernel fails to write is caught.
 """
-import ctypes
-import shutil
-import subprocess
-
 import pytest
 import torch
 
 import moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import build_m_indices, ceil_div, empty_act_scales, segment_offsets
+
+from kernel_checks import EmulatedKernel, compile_harness
 
 FP8 = torch.float8_e4m3fn
 
@@ -252,48 +250,8 @@ extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsign
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory):
     """The harness above compiled with g++ (C++20), loaded with ctypes."""
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("the CPU emulation needs g++")
-    from moe_fp8.gemm.jit import env
-    build = tmp_path_factory.mktemp("train_quant_emulation")
-    (build / "harness.cpp").write_text(kHarness)
-    library = build / "libtrain_quant_emulation.so"
-    result = subprocess.run([compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
-                             "-pthread", f"-I{env.kIncludeDir}", str(build / "harness.cpp"), "-o",
-                             str(library)], capture_output=True, text=True)
-    if result.returncode and "barrier" in result.stderr and "No such file" in result.stderr:
-        pytest.skip("the CPU emulation needs a C++20 standard library (<barrier>)")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lib = ctypes.CDLL(str(library))
-    lib.moe_emu_launch.restype = ctypes.c_int
-    return lib
-
-
-class EmulatedKernel:
-    """Stands in for ``jit.Kernel``: same ``launch`` arguments, runs the emulated kernel."""
-
-    def __init__(self, lib, src):
-        self.lib, self.src = lib, src
-
-    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
-        from moe_fp8.gemm.jit.runtime import _dim3
-        grid, block = _dim3(grid, "grid"), _dim3(block, "block")
-        assert block[1] == block[2] == 1 and cluster == (1, 1, 1)
-        values = []
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                assert arg.device.type == "cpu"
-                values.append(ctypes.c_uint64(arg.data_ptr()))
-            elif arg is None:
-                values.append(ctypes.c_uint64(0))
-            else:
-                values.append(arg)
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        sizes = (ctypes.c_int * len(values))(*[ctypes.sizeof(v) for v in values])
-        code = self.lib.moe_emu_launch(self.src.instance.encode(), (ctypes.c_uint * 3)(*grid),
-                                       block[0], pointers, sizes, len(values))
-        assert code == 0, f"emulated {self.src.instance}: code {code} (see moe_emu_launch)"
+    return compile_harness(tmp_path_factory.mktemp("train_quant_emulation"), kHarness,
+                           "train_quant_emulation")
 
 
 @pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "emulated"])
