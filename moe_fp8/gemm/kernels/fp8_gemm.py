@@ -166,11 +166,10 @@ def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Te
     return out
 
 
-def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
-                         m_indices: torch.Tensor, out: torch.Tensor,
-                         config: Optional[H.GemmConfig] = None) -> torch.Tensor:
-    """``out[r] = a[r] . b[m_indices[r]]^T`` for rows with ``m_indices[r] >= 0``; padding rows
-    (-1, whole 128-row segments) are neither computed nor written."""
+def _contiguous(layout: int, a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
+                sb: torch.Tensor, layout_arg: torch.Tensor, out: torch.Tensor,
+                config: Optional[H.GemmConfig]) -> torch.Tensor:
+    """One launch over the contiguous layout, its rows described by ``layout_arg``."""
     m_sum, k = a.shape
     num_experts, n, _ = b.shape
     if m_sum == 0:
@@ -178,10 +177,17 @@ def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb:
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     config = config or H.contiguous_config(m_sum, n, k, H.num_sms(dev))
     tiles = H._ceil_div(m_sum, config.block_m) * H._ceil_div(n, config.block_n)
-    _launch(kLayoutContiguous, _k_major(a), _sa_view(sa), m_sum,
-            _k_major(b).view(num_experts * n, k), sb.contiguous(), out, m_indices.contiguous(),
-            m_sum, num_experts, n, k, config, tiles)
+    _launch(layout, _k_major(a), _sa_view(sa), m_sum, _k_major(b).view(num_experts * n, k),
+            sb.contiguous(), out, layout_arg.contiguous(), m_sum, num_experts, n, k, config, tiles)
     return out
+
+
+def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                         m_indices: torch.Tensor, out: torch.Tensor,
+                         config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+    """``out[r] = a[r] . b[m_indices[r]]^T`` for rows with ``m_indices[r] >= 0``; padding rows
+    (-1, whole 128-row segments) are neither computed nor written."""
+    return _contiguous(kLayoutContiguous, a, sa, b, sb, m_indices, out, config)
 
 
 def m_grouped_contiguous_offsets(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
@@ -191,17 +197,7 @@ def m_grouped_contiguous_offsets(a: torch.Tensor, sa: torch.Tensor, b: torch.Ten
     int32 on the device, multiples of 128, nondecreasing, from 0); rows >= offsets[E] are
     neither computed nor written. Every row of a segment is computed and written, padding rows
     inside it included (the ``m_indices`` form leaves those untouched)."""
-    m_sum, k = a.shape
-    num_experts, n, _ = b.shape
-    if m_sum == 0:
-        return out
-    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    config = config or H.contiguous_config(m_sum, n, k, H.num_sms(dev))
-    tiles = H._ceil_div(m_sum, config.block_m) * H._ceil_div(n, config.block_n)
-    _launch(kLayoutContiguousOffsets, _k_major(a), _sa_view(sa), m_sum,
-            _k_major(b).view(num_experts * n, k), sb.contiguous(), out, offsets.contiguous(),
-            m_sum, num_experts, n, k, config, tiles)
-    return out
+    return _contiguous(kLayoutContiguousOffsets, a, sa, b, sb, offsets, out, config)
 
 
 def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
