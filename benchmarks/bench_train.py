@@ -103,17 +103,24 @@ def peak_extra_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def layer_rows(label, counts, repeats):
-    gen = torch.Generator(device="cuda").manual_seed(len(counts))
+def problem(counts, seed):
+    """The contiguous layout of ``counts``, x and dY (bf16), fp32 master weights w13 / w2."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     experts = len(counts)
     m_indices = build_m_indices(counts, device="cuda")
-    rows, real = m_indices.shape[0], sum(counts)
+    rows = m_indices.shape[0]
     x = torch.randn(rows, kHidden, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
     dy = torch.randn(rows, kHidden, device="cuda", generator=gen).to(torch.bfloat16)
     w13 = torch.nn.Parameter(torch.randn(experts, 2 * kInter, kHidden, device="cuda", generator=gen)
-                             * kHidden ** -0.5)  # fp32 masters
+                             * kHidden ** -0.5)
     w2 = torch.nn.Parameter(torch.randn(experts, kHidden, kInter, device="cuda", generator=gen)
                             * kInter ** -0.5)
+    return m_indices, x, dy, w13, w2
+
+
+def layer_rows(label, counts, repeats):
+    experts, real = len(counts), sum(counts)
+    m_indices, x, dy, w13, w2 = problem(counts, seed=len(counts))
     w13_bf16 = torch.nn.Parameter(w13.detach().to(torch.bfloat16))
     w2_bf16 = torch.nn.Parameter(w2.detach().to(torch.bfloat16))
     cache = Fp8WeightCache()
@@ -172,15 +179,7 @@ def profile_step(counts, top: int = 16) -> None:
 
 def _profile_step(counts, top: int, flag: str) -> None:
     from torch.profiler import ProfilerActivity, profile
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    m_indices = build_m_indices(counts, device="cuda")
-    rows, experts = m_indices.shape[0], len(counts)
-    x = torch.randn(rows, kHidden, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
-    dy = torch.randn(rows, kHidden, device="cuda", generator=gen).to(torch.bfloat16)
-    w13 = torch.nn.Parameter(torch.randn(experts, 2 * kInter, kHidden, device="cuda", generator=gen)
-                             * kHidden ** -0.5)
-    w2 = torch.nn.Parameter(torch.randn(experts, kHidden, kInter, device="cuda", generator=gen)
-                            * kInter ** -0.5)
+    m_indices, x, dy, w13, w2 = problem(counts, seed=5)
     cache = Fp8WeightCache()
     experts_forward_fp8(x, m_indices, w13, w2, cache).backward(dy)  # warm: kernels loaded, cache built
     torch.cuda.synchronize()
