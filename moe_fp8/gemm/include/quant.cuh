@@ -349,6 +349,29 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) per_token_
 
 // ---- per 128x128 block --------------------------------------------------------------------------
 
+// max |v| (NaN-propagating) over the values every thread of the CTA holds as kPasses raw vectors;
+// every thread gets the result. s_warp_amax: kThreads / 32 floats of shared memory.
+template <typename T, int kPasses, int kThreads>
+__device__ __forceinline__ float cta_amax(const uint4 (&raw)[kPasses][Raw<T>::kVectors],
+                                          float* s_warp_amax) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int p = 0; p < kPasses; ++p) {
+    float rV[16];
+    Raw<T>::to_float(raw[p], rV);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = max_nan(amax, fabsf(rV[i]));
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+  if (threadIdx.x % 32 == 0) s_warp_amax[threadIdx.x / 32] = amax;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) amax = max_nan(amax, s_warp_amax[w]);
+  return amax;
+}
+
 // w [E, N, K] -> q [E, N, K] fp8 + s [E, ceil(N/kBlock), K/kBlock] (contiguous); one CTA per block.
 // Rows past N (a partial last block) are skipped and do not count towards amax.
 template <typename T, int kBlock, bool kPow2>
@@ -373,21 +396,8 @@ __global__ void __launch_bounds__(kBlockThreads) per_block_quant_kernel(
     int row = row0 + p * kRowsPerPass;
     load_values(gW + base + static_cast<long long>(row) * K + col, row < N, rRaw[p]);
   }
-  float amax = 0.0f;  // rows past N were loaded as zeros: they cannot raise amax
-#pragma unroll
-  for (int p = 0; p < kPasses; ++p) {
-    float rV[16];
-    Raw<T>::to_float(rRaw[p], rV);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = max_nan(amax, fabsf(rV[i]));
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
-  if (threadIdx.x % 32 == 0) sWarpAmax[threadIdx.x / 32] = amax;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kBlockThreads / 32; ++w) amax = max_nan(amax, sWarpAmax[w]);
+  // rows past N were loaded as zeros: they cannot raise amax
+  const float amax = cta_amax<T, kPasses, kBlockThreads>(rRaw, sWarpAmax);
   const float scale = scale_from_amax<kPow2>(amax);
   if (threadIdx.x == 0) {
     const int nBlocks = (N + kBlock - 1) / kBlock, kBlocks = K / kBlock;

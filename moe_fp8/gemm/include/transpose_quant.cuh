@@ -156,21 +156,7 @@ __global__ void __launch_bounds__(kTileThreads) per_block_quant_transpose_kernel
     const long long row = static_cast<long long>(nb) * kTile + row0 + p * kTileRowsPerPass;
     load_values(gW + base + row * K + col, true, rRaw[p]);
   }
-  float amax = 0.0f;
-#pragma unroll
-  for (int p = 0; p < kTilePasses; ++p) {
-    float rV[16];
-    Raw<T>::to_float(rRaw[p], rV);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = max_nan(amax, fabsf(rV[i]));
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    amax = max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
-  if (threadIdx.x % 32 == 0) sWarpAmax[threadIdx.x / 32] = amax;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kTileThreads / 32; ++w) amax = max_nan(amax, sWarpAmax[w]);
+  const float amax = cta_amax<T, kTilePasses, kTileThreads>(rRaw, sWarpAmax);
   const float scale = scale_from_amax<kPow2>(amax);
   const int nBlocks = N / kTile, kBlocks = K / kTile;
   if (threadIdx.x == 0) {
