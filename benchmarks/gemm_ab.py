@@ -86,9 +86,8 @@ def main() -> None:
             for name, folder in variants:
                 out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
                 try:
-                    with kernels_from(folder):
-                        K.fp8_gemm_nt(qa, sa, qb, sb, out, config)
-                        torch.cuda.synchronize()
+                    _call(folder, qa, sa, qb, sb, out, config)
+                    torch.cuda.synchronize()
                 except Exception as exc:  # e.g. a config an older version cannot build
                     print(f"| {m} | {n} | {k} | {text} | {name} | n/a: {type(exc).__name__} |")
                     continue
@@ -96,9 +95,8 @@ def main() -> None:
                 outs[name] = out.clone()
                 graphs[name] = lambda o=out, c=config, f=folder: _call(f, qa, sa, qb, sb, o, c)
             for _ in range(args.rounds):
-                for name, folder in runnable:
-                    with kernels_from(folder):
-                        times[name].append(bench_graph(graphs[name], args.repeats))
+                for name, _ in runnable:
+                    times[name].append(bench_graph(graphs[name], args.repeats))
             if not runnable:
                 continue
             first = outs[runnable[0][0]]
