@@ -36,6 +36,12 @@ last read-back and the (last) payload transfer (serial host work on the critical
 millions of elements written by the compute ops (a uint8 gather moves 8x the elements of an int64
 one), MB on the wire, and the CPU wall time (gloo and CPU kernels: not a GPU figure).
 Then the smoke rows above on a tiny layer. Nothing is saved.
+
+``--profile`` (GPU): after the table, rank 0 prints where one call of each exchange spends its
+time (torch.profiler; both ranks run the call, rank 0 records): host time until the call
+returns, GPU busy and idle time inside the call's span, kernel count, the NCCL kernels' time
+(the transfers) and the top kernels — whether the gap to raw all-to-all is host issue, the host
+sync, or kernels.
 """
 from __future__ import annotations
 
@@ -142,6 +148,52 @@ def bench_exchange(cfg, tokens, clock, device, group, world, rank):
     return out
 
 
+def profile_exchange(cfg, tokens, device, group, rank, top: int = 10) -> None:
+    """--profile: one profiled call of prefill dispatch, combine and one decode replay (rank 0
+    prints; every rank runs the same calls so the collectives match)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from profile_layer import kActivities, kLayerLabel, analyse, short
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    disp = TorchDistDispatcher(cfg, group)
+    x, topk_idx, topk_w = routing(tokens, cfg, device, seed=rank)
+    xq, xs = quantize_tokens(x)
+    layout, handle = disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)
+    decode_cfg = cfg.replace(num_experts=16)
+    moe = MoE(decode_cfg, ep_group=group, device=device, seed=0)
+    runner = moe.decode_runner(kDecodeTokens)
+    runner(routing(kDecodeTokens, decode_cfg, device, seed=2)[0])
+    step = runner.graph.replay if runner.graph is not None else runner._step
+    calls = (("prefill dispatch", lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)),
+             ("prefill combine", _combine(disp, layout, handle)),
+             ("decode step E=16 (graph replay)", step))
+    lines = []
+    for name, fn in calls:
+        fn()  # warm
+        sync()
+        dist.barrier(group=group)
+        with profile(activities=kActivities if cuda else [ProfilerActivity.CPU]) as prof:
+            with record_function(kLayerLabel):
+                t0 = time.perf_counter()
+                fn()
+                host_us = (time.perf_counter() - t0) * 1e6
+            sync()
+        stats = analyse(prof, set())
+        nccl = sum(us for n, (_, us) in stats["by_name"].items() if "nccl" in n.lower())
+        lines.append(f"{name}: host {host_us:.0f} us until return; GPU span {stats['span_us']:.0f} us, "
+                     f"busy {stats['busy_us']:.0f} us, idle {stats['span_us'] - stats['busy_us']:.0f} us; "
+                     f"{stats['kernels']} kernels (+{stats['memcpy']} memcpy, {stats['memset']} memset), "
+                     f"NCCL kernels {nccl:.0f} us, other kernels {stats['kernel_us'] - nccl:.0f} us; "
+                     f"host launches {stats['launches']}, host syncs {stats['syncs']}")
+        for n, (count, us) in sorted(stats["by_name"].items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"    {us:8.1f} us {count:3d}x  {short(n, 100)}")
+    del runner, moe
+    gc.collect()
+    if rank == 0:
+        print(f"\nprofile, rank 0, {tokens} tokens per rank (prefill), {kDecodeTokens} (decode):")
+        print("\n".join(lines))
+
+
 def _prefill_format(disp):
     return getattr(disp, "prefill_format", disp.row_format)
 
@@ -230,6 +282,8 @@ def main() -> None:
                    help="op-count proxy (DeepSeek-V3 routing) + smoke test on gloo with a tiny layer (nothing saved)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--proxy-tokens", type=int, default=kProxyTokens, help="--cpu: prefill tokens per rank")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: after the table, where one dispatch / combine / decode step spends its time")
     args = p.parse_args()
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     if args.cpu:
@@ -267,6 +321,8 @@ def main() -> None:
             print(markdown_table(rows) + "\n\n" + summary)
         else:
             write_results(f"ep_{world}gpu", rows, summary)
+    if args.profile:  # on gloo: a smoke test of the step (no device events)
+        profile_exchange(cfg, prefill[0], device, group, rank)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dist.barrier(group=group)

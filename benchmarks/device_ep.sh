@@ -34,11 +34,12 @@ fi
 # 3. the example (full run only): DeepSeek-V3 layer (256 experts, 128 per rank), 4096 prefill / 128 decode tokens per rank
 [ $quick -eq 0 ] && step example 110 $RUN examples/ep_moe.py
 # 4. bytes/s vs raw NCCL all-to-all, layer latency (results: benchmarks/results/ep_2gpu_<date>.*)
-if [ $quick -eq 1 ]; then step bench 80 $RUN benchmarks/bench_ep.py --quick --repeats 10
-else step bench 130 $RUN benchmarks/bench_ep.py --repeats 15; fi
+if [ $quick -eq 1 ]; then step bench 90 $RUN benchmarks/bench_ep.py --quick --repeats 10 --profile
+else step bench 140 $RUN benchmarks/bench_ep.py --repeats 15 --profile; fi
 cp benchmarks/results/ep_*gpu_* "$OUT/" 2>/dev/null
 
 grep -aE "^rank [01] gpu_" "$OUT/test-ep-gpu.log" | cut -c1-150
 [ -f "$OUT/example.log" ] && { grep -aE "^\|" "$OUT/example.log" | cut -c1-170; grep -aE "^prefill:|^worst" "$OUT/example.log"; }
 grep -aE "^\|" "$OUT/bench.log" | cut -c1-150; grep -aE "^EP = " "$OUT/bench.log"
+sed -n '/^profile, rank 0/,$p' "$OUT/bench.log" | grep -avE "USDT|^$" | cut -c1-200  # where the time goes
 cat "$summary"
