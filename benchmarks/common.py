@@ -42,6 +42,42 @@ def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
 
 
+def kernel_us(fn: Callable[[], object], *, repeats: int = 30, flush: bool = True) -> float:
+    """Median GPU time of ``fn()``'s kernels alone, in microseconds: the sum of the durations of
+    the kernels one call launches (torch.profiler), without the gaps between launches or the
+    event records — the convention of DeepGEMM's published figures (its ``bench_kineto``), which
+    ``bench``'s CUDA-event time exceeds by the launch gap (~1-3 us: 10-25 % of a 14 us GEMM).
+
+    ``fn`` must launch the same number of kernels every call (the calls are told apart by
+    position: one L2 flush kernel, then ``fn``'s kernels).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    flush_l2()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            flush_l2()  # also marks where a call begins (its first kernel)
+            fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
+                     and not e.name.startswith(("Memcpy", "Memset"))),
+                    key=lambda e: e.time_range.start)
+    per_call = len(events) // repeats
+    if per_call < 2 or per_call * repeats != len(events):
+        raise RuntimeError(f"kernel_us: {len(events)} kernels over {repeats} calls (not one flush "
+                           "+ a fixed number per call)")
+    flush_name = events[0].name
+    sums = []
+    for i in range(repeats):
+        chunk = events[i * per_call:(i + 1) * per_call]
+        if chunk[0].name != flush_name or any(e.name == flush_name for e in chunk[1:]):
+            raise RuntimeError("kernel_us: calls could not be told apart by the flush kernel")
+        sums.append(sum(e.time_range.elapsed_us() for e in chunk[1:]))
+    return statistics.median(sums)
+
+
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy ceiling in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes // 2, dtype=torch.int8, device="cuda").random_(-128, 127)
