@@ -18,3 +18,32 @@ def test_unverified_families_keep_the_reference_under_auto(monkeypatch):
     monkeypatch.setenv(backend.kUnverifiedEnv, "1")
     assert backend.pick("auto", kCuda, "transpose_quant", "per_block_quant_transpose") is not None
     assert backend.pick("reference", kCuda, "transpose_quant", "per_block_quant_transpose") is None
+
+
+def test_silu_backward_mixed_dtypes_never_pick_the_bf16_kernel(monkeypatch):
+    """The kernel reads d_act and h as bf16: a pair with an fp32 or fp16 member must ask for
+    that dtype (the reference under auto, a TypeError when forced), whichever member it is."""
+    asked = []
+    monkeypatch.setattr(backend, "pick", lambda b, device, family, name, dtype=None:
+                        asked.append(dtype))
+    rows, inter = 4, 128
+    outs = [torch.empty(1)] * 6
+    for d_dtype, h_dtype, expected in ((torch.bfloat16, torch.float32, torch.float32),
+                                       (torch.float16, torch.bfloat16, torch.float16),
+                                       (torch.bfloat16, torch.bfloat16, torch.bfloat16)):
+        d_act = torch.randn(rows, inter).to(d_dtype)
+        h = torch.randn(rows, 2 * inter).to(h_dtype)
+        asked.clear()
+        try:
+            backend.silu_and_mul_backward_quant(d_act, h, *outs, 128, False, "auto")
+        except RuntimeError:
+            pass  # the reference's copies into the dummy outputs: only the pick matters here
+        assert asked == [expected], (d_dtype, h_dtype, asked)
+
+
+def test_transposing_quantisers_reject_more_token_tiles_than_grid_y():
+    from moe_fp8.gemm.kernels import transpose_quant as TQ
+    TQ.check_token_tiles(TQ.kMaxGridY * TQ.kTile, "x")
+    import pytest
+    with pytest.raises(ValueError, match="x has"):
+        TQ.check_token_tiles(TQ.kMaxGridY * TQ.kTile + 1, "x")

@@ -178,8 +178,10 @@ def silu_and_mul_backward_quant(d_act: torch.Tensor, h: torch.Tensor, dh: torch.
                                 dh_s: torch.Tensor, dh_t: torch.Tensor, dh_t_s: torch.Tensor,
                                 act_t: torch.Tensor, act_t_s: torch.Tensor, group_size: int,
                                 pow2_scale: bool, backend: str) -> None:
-    # the kernel reads both inputs as bf16: anything else takes the reference
-    dtype = h.dtype if d_act.dtype == h.dtype else d_act.dtype
+    # the kernel reads both inputs as bf16: a pair with any other dtype in it takes the reference
+    # (asked for by the dtype that is not bf16; a mixed pair once picked the kernel, which then
+    # read an fp32 h as bf16)
+    dtype = d_act.dtype if d_act.dtype != torch.bfloat16 else h.dtype
     kernel = pick(backend, h.device, "silu_backward", "silu_and_mul_backward_quant", dtype)
     if kernel is not None:
         kernel(d_act, h, dh, dh_s, dh_t, dh_t_s, act_t, act_t_s, group_size, pow2_scale)

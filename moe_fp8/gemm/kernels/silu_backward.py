@@ -20,6 +20,7 @@ import functools
 import torch
 
 from ..jit import KernelSource, get_kernel, i32, i64, register_bundled
+from .transpose_quant import check_token_tiles
 
 kHeader = "silu_backward.cuh"
 kThreads = 256  # silu_backward.cuh kSiluBwdThreads
@@ -54,8 +55,11 @@ def silu_and_mul_backward_quant(d_act: torch.Tensor, h: torch.Tensor, dh: torch.
     if group_size != kTile:
         raise ValueError(f"group_size must be {kTile}, got {group_size}")
     rows, inter = d_act.shape
+    if d_act.dtype != torch.bfloat16 or h.dtype != torch.bfloat16:
+        raise TypeError(f"the kernel reads d_act and h as bf16, got {d_act.dtype} and {h.dtype}")
     if rows == 0 or inter == 0:
         return
+    check_token_tiles(rows, "d_act")
     for name, tensor in (("d_act", d_act), ("h", h), ("dh", dh), ("dh_t", dh_t), ("act_t", act_t)):
         if tensor.data_ptr() % 16:
             raise ValueError(f"{name} must start at a 16-byte aligned address, got "

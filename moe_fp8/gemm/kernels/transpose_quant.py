@@ -78,6 +78,16 @@ def _check_size(size: int, what: str) -> None:
         raise ValueError(f"{what} must be {kTile}, got {size}")
 
 
+kMaxGridY = 65535  # the launch limit of gridDim.y, which counts 128-token tiles here
+
+
+def check_token_tiles(tokens: int, name: str) -> None:
+    """The token-tile grid dimension (y) allows at most 65535 x 128 tokens."""
+    if -(-tokens // kTile) > kMaxGridY:
+        raise ValueError(f"{name} has {tokens} rows; the transposing quantisers take at most "
+                         f"{kMaxGridY * kTile}")
+
+
 def _check_aligned(**tensors) -> None:
     """16-byte vector accesses need 16-byte aligned bases (a storage offset can break it)."""
     for name, tensor in tensors.items():
@@ -107,6 +117,7 @@ def token_transpose_quant(x: torch.Tensor, q_t: torch.Tensor, s_t: torch.Tensor,
     tokens, channels = x.shape
     if x.numel() == 0:
         return
+    check_token_tiles(tokens, "x")
     _check_aligned(x=x, q_t=q_t)
     kernel = get_kernel(token_transpose_source(x.dtype, bool(pow2_scale)))
     kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
@@ -122,6 +133,7 @@ def token_transpose_requant(a: torch.Tensor, sa: torch.Tensor, m_indices, q_t: t
     tokens, channels = a.shape
     if a.numel() == 0:
         return
+    check_token_tiles(tokens, "a")
     _check_aligned(a=a, q_t=q_t)
     rows = RowInput(sa.data_ptr(), 0 if m_indices is None else m_indices.data_ptr(),
                     sa.stride(0), sa.stride(1))
