@@ -41,6 +41,10 @@ step test-kernels 150 $PYTEST -m gpu tests/test_quant_gpu.py tests/test_train_qu
 step test-layer 150 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_autograd.py \
   tests/test_errors_layer.py tests/test_nan_policy.py tests/test_jit.py
 [ "$num_gpus" -ge 2 ] && step test-ep 70 $PYTEST tests/test_ep_gpu.py
+# programmatic dependent launch: the graph-captured and eager layer paths with the attribute on
+step test-pdl 90 env MOE_FP8_PDL=1 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_permute_gpu.py \
+  tests/test_quant_gpu.py
+step bench-pdl 60 python3 benchmarks/bench_pdl.py --repeats 10
 step demo 40 python3 examples/deepseek_v3_moe.py
 step bench-layer 60 python3 benchmarks/bench_layer.py --quick --repeats 5
 step profile-layer 60 python3 benchmarks/profile_layer.py --tokens 4096 --repeats 3
@@ -59,7 +63,7 @@ if [ "${1:-}" = full ]; then
   step sanitize 300 bash benchmarks/device_sanitize.sh
 fi
 cp benchmarks/results/*_"$(date +%F)"* "$OUT/" 2>/dev/null
-{ grep -ahE "^\|" "$OUT/gemm-ab.log" 2>/dev/null; grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | tail -n 24; } | cut -c1-160 > "$FINAL/tables.txt"
+{ grep -ahE "^\|" "$OUT/gemm-ab.log" 2>/dev/null; grep -ahE "^\|" "$OUT/bench-pdl.log" 2>/dev/null; grep -ahE "^\|" "$OUT/demo.log" "$OUT/bench-layer.log" | tail -n 24; } | cut -c1-160 > "$FINAL/tables.txt"
 cp "$summary" "$FINAL/summary.txt"
 tar czf "$FINAL/logs.tgz" -C "$OUT" . && rm -rf "$OUT"
 cat "$FINAL/summary.txt"

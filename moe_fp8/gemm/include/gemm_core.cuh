@@ -26,6 +26,7 @@
 #pragma once
 
 #include "epilogue.cuh"
+#include "pdl.cuh"
 #include "ptx.cuh"
 #include "scheduler.cuh"
 
@@ -140,6 +141,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     ptx::fence_barrier_init();
   }
   if constexpr (kClusterM > 1) ptx::cluster_sync(); else __syncthreads();
+  // Everything above touched only parameters and shared memory: with PDL it overlapped the
+  // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
+  // producer loads) the previous kernel's writes must be visible.
+  pdl::begin();
 
   if (warpgroup == kNumMathWG) {
     // ------------------------------------------------------------------ producer warpgroup

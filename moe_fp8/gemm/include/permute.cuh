@@ -20,6 +20,8 @@
 // device code to those names (see the harness) or extend the harness.
 #pragma once
 
+#include "pdl.cuh"
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #endif
@@ -175,6 +177,7 @@ template <int kThreads>
 __global__ void __launch_bounds__(kThreads) count_experts_kernel(
     const long long* __restrict__ gIds, int numPairs, int numExperts,
     int* __restrict__ gCtaCounts) {  // [gridDim.x, numExperts]
+  pdl::begin();  // before any global access (pdl.cuh)
   __shared__ int sCount[kMaxExperts];
   for (int e = threadIdx.x; e < numExperts; e += kThreads) sCount[e] = 0;
   __syncthreads();
@@ -197,6 +200,7 @@ __global__ void __launch_bounds__(kThreads) scan_experts_kernel(
     long long* __restrict__ gTokensPerExpert,  // [numExperts]
     int* __restrict__ gSegmentStart,           // [numExperts + 1]; [numExperts] = M_sum
     long long* __restrict__ gNumRows) {        // [1] = M_sum (read by the host in exact mode)
+  pdl::begin();  // before any global access (pdl.cuh)
   const int e = threadIdx.x;
   int total = 0;
   if (e < numExperts) {
@@ -236,6 +240,7 @@ __global__ void __launch_bounds__(kThreads) contiguous_rank_kernel(
     long long* __restrict__ gRowPair,          // [numRows]
     long long* __restrict__ gPairRow,          // [numPairs]
     bool* __restrict__ gPairKept) {            // [numPairs]
+  pdl::begin();  // before any global access (pdl.cuh)
   static_assert(kThreads == kRankThreads, "SubChunk assumes kRankThreads");
   __shared__ int sCursor[kRankWarps][kMaxExperts];
   const int begin = blockIdx.x * kPairsPerCta, end = min(numPairs, begin + kPairsPerCta);
@@ -280,6 +285,7 @@ __global__ void __launch_bounds__(kThreads) masked_index_kernel(
     const float* __restrict__ gWeights,   // [numPairs] top-k weights, or null (no combine index)
     long long* __restrict__ gSlotRow,     // [numPairs] combine row e * maxRows + rank, 0 if dropped
     float* __restrict__ gSlotWeight) {    // [numPairs] combine weight, 0 if dropped
+  pdl::begin();  // before any global access (pdl.cuh)
   static_assert(kThreads == kRankThreads, "SubChunk assumes kRankThreads");
   __shared__ int sCursor[kRankWarps][kMaxExperts];
   __shared__ int sOverflow;
@@ -343,6 +349,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
     long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
     int numItems, int topK, int vectorsPerRow, long long xRowVectors, int groups,
     int rowsPerBatch, long long xsToken, long long xsGroup, long long saBatch, long long saRow, long long saGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
   __shared__ long long sScaleSrc[kRowsPerCta];  // -1: item past numItems
   __shared__ long long sScaleDst[kRowsPerCta];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -416,6 +423,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
     const uint4* __restrict__ gAdd,          // [T, H / 8] bf16 (kHasAdd)
     uint4* __restrict__ gOut,                // [T, H / 8] bf16
     int topK, int vectorsPerRow) {
+  pdl::begin();  // before any global access (pdl.cuh)
   const long long token = blockIdx.x;
   const int v = blockIdx.y * kCombineThreads + threadIdx.x;
   if (v >= vectorsPerRow) return;

@@ -26,6 +26,8 @@
 // per_block_quant_kernel keeps v1's structure with the hoisted division (86 -> 94 % of copy).
 #pragma once
 
+#include "pdl.cuh"
+
 // NOTE: MOE_FP8_EMULATE (tests/test_train_quant_gpu.py's CPU emulation, g++) supplies the toolkit
 // types and the few inline-PTX helpers below itself.
 #ifndef MOE_FP8_EMULATE
@@ -309,6 +311,7 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) per_token_
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
     int numRows, int chunksPerRow, int rowsPerBatch, long long sBatch, long long sRow,
     long long sGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kLanes = lanes_per_group<kGroupSize>();
   constexpr int kVectors = Raw<T>::kVectors;
   __shared__ uint4 sSlots[kStages][kVectors][kStreamThreads];
@@ -378,6 +381,7 @@ template <typename T, int kBlock, bool kPow2>
 __global__ void __launch_bounds__(kBlockThreads) per_block_quant_kernel(
     const T* __restrict__ gW, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
     int N, int K) {
+  pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kLanesPerRow = kBlock / kValuesPerThread;
   constexpr int kRowsPerPass = kBlockThreads / kLanesPerRow;
   constexpr int kPasses = kBlock / kRowsPerPass;
@@ -536,6 +540,7 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) silu_and_m
     const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
     float* __restrict__ gS, const int* __restrict__ gMaskedM, int numRows, int chunksPerRow,
     int rowsPerBatch, int numBatches, long long sBatch, long long sRow, long long sGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kLanes = lanes_per_group<kGroupSize>();
 #ifndef MOE_FP8_EMULATE
   extern __shared__ int sPrefix[];
@@ -649,6 +654,7 @@ __global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
     long long numUnits, int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow,
     long long sGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kLanes = lanes_per_group<kGroupSize>();
   constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
   const UnitLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
@@ -682,6 +688,7 @@ __global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_ke
     const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
     float* __restrict__ gS, long long numUnits, int rowsPerBatch, int groupsPerRow,
     long long sBatch, long long sRow, long long sGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kLanes = lanes_per_group<kGroupSize>();
   constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
   const UnitLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};

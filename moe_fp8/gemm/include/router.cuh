@@ -24,6 +24,8 @@
 // that harness defines.
 #pragma once
 
+#include "pdl.cuh"
+
 namespace moe_fp8 {
 namespace router {
 
@@ -76,6 +78,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
     long long scoreStride, int numExperts, int numGroups, int topkGroup, int topK, int fillNegInf,
     int normalize, float scaling, long long* __restrict__ gTopkIdx,
     float* __restrict__ gTopkWeights, unsigned long long* __restrict__ gCounts) {
+  pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kWarps = kThreads / 32;
   __shared__ float sChoice[kWarps][kMaxExperts];  // c = s + b of this warp's token
   __shared__ float sScore[kWarps][kMaxExperts];   // s of this warp's token
@@ -178,6 +181,7 @@ __global__ void __launch_bounds__(kThreads) local_ids_kernel(
     const long long* __restrict__ gIdx, long long numPairs, int topK, long long offset,
     int numLocal, const long long* __restrict__ gNumValid, long long numValidHost,
     long long* __restrict__ gLocal) {
+  pdl::begin();  // before any global access (pdl.cuh)
   const long long p = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
   if (p >= numPairs) return;
   const bool limited = gNumValid != nullptr || numValidHost >= 0;

@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kSiluBwdThreads, 2) silu_and_mul_backward_quan
     __nv_fp8_storage_t* __restrict__ gActT, float* __restrict__ gActTS, int M, int I,
     long long dhSRow, long long dhSGroup, long long dhTSRow, long long dhTSGroup,
     long long actTSRow, long long actTSGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
 #ifndef MOE_FP8_EMULATE
   extern __shared__ __align__(16) unsigned char sRaw[];
 #else

@@ -143,6 +143,7 @@ template <typename T, bool kPow2>
 __global__ void __launch_bounds__(kTileThreads) per_block_quant_transpose_kernel(
     const T* __restrict__ gW, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
     __nv_fp8_storage_t* __restrict__ gQt, float* __restrict__ gSt, int N, int K) {
+  pdl::begin();  // before any global access (pdl.cuh)
   __shared__ __align__(16) unsigned char sTile[kTile * kTile];  // (128 n, 128 k) fp8, swizzled
   __shared__ float sWarpAmax[kTileThreads / 32];
   const int kb = blockIdx.x, nb = blockIdx.y, e = blockIdx.z;
@@ -241,6 +242,7 @@ template <typename T, bool kPow2, bool kDequant>
 __global__ void __launch_bounds__(kTileThreads) token_transpose_quant_kernel(
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQt, float* __restrict__ gSt,
     int numTokens, int C, long long sRow, long long sGroup, const RowInput rowIn) {
+  pdl::begin();  // before any global access (pdl.cuh)
   static_assert(!kDequant || sizeof(T) == 1, "the requantising variant reads fp8 input");
   __shared__ __align__(16) unsigned char sTile[kTile * kTile];  // (128 tokens, 128 channels) fp8
   __shared__ float sPart[kTileThreads / 32][kTile];           // per-warp column amax

@@ -12,6 +12,7 @@ import functools
 kFuncAttrMaxDynamicSmem = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 kFuncAttrNonPortableCluster = 14  # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 kLaunchAttrClusterDimension = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+kLaunchAttrProgrammaticSerialization = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 kTensorMapBytes = 128  # CUtensorMap: 16 x uint64, 64-byte aligned
 
 

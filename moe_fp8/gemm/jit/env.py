@@ -50,6 +50,13 @@ def lineinfo() -> bool:
     return os.environ.get("MOE_FP8_JIT_LINEINFO", "0") not in ("", "0")
 
 
+def pdl() -> bool:
+    """``MOE_FP8_PDL=1``: launch the bundled kernels with programmatic dependent launch (each may
+    start while the previous kernel of its stream finishes; include/pdl.cuh). Off by default
+    until measured on a GPU."""
+    return os.environ.get("MOE_FP8_PDL", "0") not in ("", "0")
+
+
 def log(message: str) -> None:
     if verbose():
         print(f"[moe_fp8.jit] {message}", file=sys.stderr, flush=True)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from pathlib import Path
 
-from . import driver, elf
+from . import driver, elf, env
 from .compile import CompiledKernel, compile_kernel
 from .source import KernelSource
 
@@ -34,18 +35,33 @@ class Kernel:
         # silently misread parameter (None: unreadable metadata, no check)
         self.param_sizes = elf.kernel_param_sizes(compiled.cubin, compiled.symbol)
         self._smem_limit = 48 * 1024  # the default dynamic limit needs no attribute
-        self._cluster_attrs = {}
+        self._attrs = {}  # (cluster, pdl) -> (LaunchAttribute array, count)
+        # PDL only for the bundled headers, whose every kernel waits for its prerequisites before
+        # touching global memory (include/pdl.cuh; tests/test_pdl.py checks the sources). A
+        # header outside the bundle (tests, experiments) is launched with plain stream order.
+        self.pdl_capable = not Path(compiled.source.header).is_absolute()
 
     def __repr__(self) -> str:
         return f"Kernel({self.compiled.source.instance}, device={self.device_index})"
 
-    def _cluster_attribute(self, cluster: tuple):
-        attribute = self._cluster_attrs.get(cluster)
-        if attribute is None:
-            attribute = driver.LaunchAttribute(id=driver.kLaunchAttrClusterDimension)
-            attribute.value[0], attribute.value[1], attribute.value[2] = cluster
-            self._cluster_attrs[cluster] = attribute
-        return attribute
+    def launch_attributes(self, cluster: tuple, pdl: bool):
+        """``(array, count)`` of the launch attributes: the cluster shape when it is not 1x1x1,
+        programmatic stream serialisation when ``pdl`` (``MOE_FP8_PDL``) and the kernel is capable."""
+        key = (cluster, pdl and self.pdl_capable)
+        cached = self._attrs.get(key)
+        if cached is None:
+            attributes = []
+            if cluster != (1, 1, 1):
+                attribute = driver.LaunchAttribute(id=driver.kLaunchAttrClusterDimension)
+                attribute.value[0], attribute.value[1], attribute.value[2] = cluster
+                attributes.append(attribute)
+            if key[1]:
+                attribute = driver.LaunchAttribute(id=driver.kLaunchAttrProgrammaticSerialization)
+                attribute.value[0] = 1  # programmaticStreamSerializationAllowed
+                attributes.append(attribute)
+            array = (driver.LaunchAttribute * max(len(attributes), 1))(*attributes)
+            cached = self._attrs[key] = (array, len(attributes))
+        return cached
 
     def _bad_size(self, index: int, arg, size: int):
         raise TypeError(f"kernel argument {index} of {self.compiled.source.instance} is "
@@ -95,9 +111,10 @@ class Kernel:
             pointers[index] = ctypes.addressof(value)
         stream = torch.cuda.current_stream(self.device_index).cuda_stream
         config = driver.LaunchConfig(*grid, *block, smem_bytes, stream)
-        if cluster != (1, 1, 1):
-            config.attrs = ctypes.pointer(self._cluster_attribute(cluster))
-            config.numAttrs = 1
+        attributes, count = self.launch_attributes(cluster, env.pdl())
+        if count:
+            config.attrs = ctypes.cast(attributes, ctypes.POINTER(driver.LaunchAttribute))
+            config.numAttrs = count
         code = driver.lib().cuLaunchKernelEx(ctypes.byref(config), self._function, pointers, None)
         if code == kInvalidContext:  # a thread on which torch never made the context current
             driver.ensure_context(self.device_index)

@@ -1,0 +1,98 @@
+"""Programmatic dependent launch (include/pdl.cuh, ``MOE_FP8_PDL``): with the launch attribute a
+kernel may start while the previous kernel of its stream is still running, so every bundled
+kernel must wait for its prerequisites before it touches global memory. These checks run on the
+CPU: the source contract, and the launch attributes the runtime builds."""
+import re
+
+import pytest
+
+from moe_fp8.gemm.jit import driver, env, runtime
+from moe_fp8.gemm.jit.source import KernelSource
+
+kBegin = "pdl::begin();"
+
+
+def _kernel_bodies(text: str):
+    """(name, body) of every ``__global__`` function: the body from its opening brace to the
+    matching closing one."""
+    for match in re.finditer(r"^__global__[^{]*?\b(\w+_kernel)\s*\(", text, flags=re.M | re.S):
+        start = text.index("{", match.end())
+        depth, i = 0, start
+        while True:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        yield match.group(1), text[start + 1:i]
+
+
+def _first_statement(body: str) -> str:
+    code = "\n".join(line.split("//")[0] for line in body.splitlines())
+    return code.strip().split(";")[0] + ";"
+
+
+def test_every_bundled_kernel_waits_for_its_prerequisites_first():
+    checked = 0
+    for path in sorted(env.kIncludeDir.glob("*.cuh")):
+        for name, body in _kernel_bodies(path.read_text()):
+            checked += 1
+            if "gemm_body<" in body:  # the GEMM kernels: pdl::begin() after the shared-memory prologue
+                continue
+            assert _first_statement(body) == kBegin, \
+                f"{path.name}: {name} must start with {kBegin} (include/pdl.cuh)"
+    core = (env.kIncludeDir / "gemm_core.cuh").read_text()
+    prologue, _, rest = core.partition(kBegin)
+    assert rest, "gemm_body must call pdl::begin()"
+    # before it: only parameters and shared memory (no scheduler, no loads, no stores)
+    for forbidden in ("Scheduler scheduler", "tma_load", "__ldg", "tma_store", "params.g_"):
+        assert forbidden not in prologue.split("gemm_body(")[-1], forbidden
+    assert checked == 18, checked  # every kernel family (update when one is added)
+
+
+def _bare_kernel(header: str) -> runtime.Kernel:
+    """A Kernel without a GPU: only what launch_attributes reads."""
+    kernel = runtime.Kernel.__new__(runtime.Kernel)
+    kernel._attrs = {}
+    kernel.pdl_capable = not header.startswith("/")
+    return kernel
+
+
+@pytest.mark.parametrize("cluster", [(1, 1, 1), (2, 1, 1)])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_launch_attributes(cluster, pdl):
+    kernel = _bare_kernel("fp8_gemm.cuh")
+    array, count = kernel.launch_attributes(cluster, pdl)
+    ids = [array[i].id for i in range(count)]
+    expected = ([driver.kLaunchAttrClusterDimension] if cluster != (1, 1, 1) else []) + \
+        ([driver.kLaunchAttrProgrammaticSerialization] if pdl else [])
+    assert ids == expected
+    for i in range(count):
+        if array[i].id == driver.kLaunchAttrClusterDimension:
+            assert tuple(array[i].value[:3]) == cluster
+        else:
+            assert array[i].value[0] == 1
+    assert kernel.launch_attributes(cluster, pdl)[0] is array  # built once per key
+
+
+def test_headers_outside_the_bundle_never_get_pdl():
+    kernel = _bare_kernel("/tmp/experiment/fp8_gemm.cuh")
+    assert kernel.launch_attributes((1, 1, 1), True)[1] == 0
+
+
+def test_launch_attribute_layout_matches_cuda_h():
+    # CUlaunchAttribute: 4-byte id, padding, a 64-byte value union (8-byte aligned)
+    assert driver.LaunchAttribute.value.offset == 8
+    assert driver.ctypes.sizeof(driver.LaunchAttribute) == 72
+
+
+def test_pdl_switch(monkeypatch):
+    monkeypatch.delenv("MOE_FP8_PDL", raising=False)
+    assert not env.pdl()
+    monkeypatch.setenv("MOE_FP8_PDL", "1")
+    assert env.pdl()
+    monkeypatch.setenv("MOE_FP8_PDL", "0")
+    assert not env.pdl()
+
+
+def test_kernel_source_header_kinds():
+    assert not KernelSource("quant.cuh", "moe_fp8::quant::x<1>").header.startswith("/")
