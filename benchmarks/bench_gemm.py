@@ -14,6 +14,7 @@ run-to-run spread. Results: benchmarks/results/gemm_<date>.{md,csv}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -57,6 +58,23 @@ kSweep = {
     (4096, 4096, 7168): _mc() + [GemmConfig(128, 128, cluster_m=2, group_n=g) for g in (8, 32)],
     (4096, 7168, 2048): _mc() + [GemmConfig(128, 128, cluster_m=2, stages=4)],
 }
+
+
+def a_multicast_variants(config: GemmConfig, n: int) -> list:
+    """The heuristic's tile with A multicast across a 2-CTA cluster (cluster_n = 2), where its
+    column blocks pair up. Aimed at small M, where every CTA otherwise reads all of A from L2 for
+    a narrow column block (64 x 2112 x 7168, 64 x 16 tiles: 8 KB of A per 2 KB of B per K block)."""
+    if config.cluster_m != 1 or -(-n // config.block_n) % 2:
+        return []
+    return [dataclasses.replace(config, cluster_n=2, stages=0)]
+
+
+def _kernel_ratio(heuristic_kernel_us: float, fn, repeats: int) -> float:
+    """The heuristic's kernel-only time over ``fn``'s (nan when either cannot be measured)."""
+    try:
+        return heuristic_kernel_us / kernel_us(fn, repeats=repeats)
+    except RuntimeError:
+        return float("nan")
 
 
 def _v2_smem(block_m, block_n, stages, k):
@@ -129,6 +147,7 @@ def cublas_blockwise():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time pinned configs")
+    parser.add_argument("--sweep-m", default="", help="sweep only these M (comma-separated)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--baseline", default="", help="dir with the v2 headers (see docstring)")
     args = parser.parse_args()
@@ -183,15 +202,20 @@ def main():
                     "kernel_vs_target": row["TFLOPS_kernel"] / target,
                     "DeepGEMM_H100": deepgemm_ref})
         rows.append(row)
-        if args.sweep and (m, n, k) in kSweep:
+        sweep_m = {int(v) for v in args.sweep_m.split(",") if v}
+        if args.sweep and (not sweep_m or m in sweep_m):
             ref_out = out.clone()
-            for pinned in kSweep[(m, n, k)]:
+            for pinned in kSweep.get((m, n, k), []) + a_multicast_variants(config, n):
                 us = bench_graph(lambda: K.fp8_gemm_nt(qa, sa, qb, sb, out, pinned), args.repeats)
                 r = pinned.resolved(k)
                 sweep_rows.append({"M": m, "N": n, "K": k,
                                    "config": f"{r.block_m}x{r.block_n}s{r.stages}g{r.group_n}"
-                                             f"c{r.cluster_m}d{int(r.double_buffer)}",
+                                             f"c{r.cluster_m}n{r.cluster_n}d{int(r.double_buffer)}",
                                    "us": us, "TFLOPS": flops / us / 1e6,
+                                   "speedup_vs_heuristic": ours / us,
+                                   "kernel_speedup_vs_heuristic": _kernel_ratio(
+                                       row["kernel_us"], lambda: K.fp8_gemm_nt(
+                                           qa, sa, qb, sb, out, pinned), args.repeats),
                                    "diff_vs_heuristic": G.calc_diff(out, ref_out)})
         del qa, sa, qb, sb, out
         torch.cuda.empty_cache()

@@ -56,7 +56,7 @@ step bench-masked 90 python3 benchmarks/bench_grouped.py --only masked --repeats
 [ "$num_gpus" -ge 2 ] && step bench-ep 45 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
   benchmarks/bench_ep.py --quick --repeats 5
 if [ "${1:-}" = full ]; then
-  step bench-gemm 150 python3 benchmarks/bench_gemm.py --repeats 15
+  step bench-gemm 240 python3 benchmarks/bench_gemm.py --repeats 15 --sweep --sweep-m 64,128
   step bench-grouped 150 python3 benchmarks/bench_grouped.py --only contiguous --repeats 10
   step bench-wgrad 60 python3 benchmarks/bench_wgrad.py --repeats 10
   step fuzz 240 python3 tests/fuzz_gpu.py

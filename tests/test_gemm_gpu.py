@@ -117,7 +117,7 @@ def test_dense_odd_shapes(m, n, k):
 
 def _config_id(c: GemmConfig) -> str:
     return (f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}d{int(c.double_buffer)}"
-            f"c{c.cluster_m}")
+            f"c{c.cluster_m}" + (f"n{c.cluster_n}" if c.cluster_n != 1 else ""))
 
 
 @pytest.mark.parametrize("config", kPinned, ids=_config_id)
@@ -132,6 +132,45 @@ def test_dense_multicast_odd_k_blocks(m, k):
     for cluster_m, overlap in ((1, 1), (2, 1), (1, 2)):
         _dense_case(m, 1024, k, seed=m + cluster_m,
                     config=GemmConfig(128, 128, cluster_m=cluster_m, double_buffer=overlap))
+
+
+# A multicast (cluster_n = 2): two horizontally adjacent tiles share A; the column blocks must
+# pair up, so N is chosen per width (a partial last block inside the last pair where possible).
+kPinnedA = [GemmConfig(64, 16, cluster_n=2), GemmConfig(64, 64, cluster_n=2),
+            GemmConfig(64, 112, cluster_n=2), GemmConfig(128, 32, cluster_n=2),
+            GemmConfig(128, 128, cluster_n=2, num_sms=7), GemmConfig(128, 144, cluster_n=2, group_n=3),
+            GemmConfig(128, 64, cluster_n=2, double_buffer=False), GemmConfig(128, 256, cluster_n=2)]
+
+
+def _paired_n(block_n: int, pairs: int = 5) -> int:
+    return 2 * pairs * block_n - (16 if block_n > 16 else 0)
+
+
+@pytest.mark.parametrize("config", kPinnedA, ids=_config_id)
+@pytest.mark.parametrize("m", [1, 64, 333])
+def test_dense_a_multicast(config, m):
+    _dense_case(m, _paired_n(config.block_n), 1536, seed=m + config.block_n, config=config)
+
+
+@pytest.mark.parametrize("config", [GemmConfig(64, 64, cluster_n=2), GemmConfig(128, 32, cluster_n=2),
+                                    GemmConfig(128, 128, cluster_n=2)], ids=_config_id)
+def test_grouped_a_multicast(config):
+    n = _paired_n(config.block_n, 3)
+    _contiguous_case([0, 130, 5, 0, 257, 64], n, 1536, seed=5, config=config)
+    num_experts, m_max = 6, 200
+    x, w, a, b = _masked_inputs(num_experts, m_max, n, 1024, seed=config.block_n)
+    masked_m = torch.tensor([0, m_max, 1, 64, 0, 137], dtype=torch.int32, device="cuda")
+    out = _poisoned((num_experts, m_max, n))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 64, out=out, backend="kernel", config=config)
+    torch.cuda.synchronize()
+    _masked_check(out, x, w, a, b, masked_m, f"masked A multicast {config}")
+
+
+def test_a_multicast_needs_paired_column_blocks():
+    gen = _cuda_gen(2)
+    a, b = _quant_act(_rows((64, 256), gen)), _quant_weight(_weights((48, 256), gen))
+    with pytest.raises(ValueError, match="cluster_n"):
+        G.fp8_gemm_nt(a, b, backend="kernel", config=GemmConfig(64, 16, cluster_n=2))  # 3 blocks
 
 
 def test_multicast_needs_dense_layout():

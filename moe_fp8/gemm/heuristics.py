@@ -62,6 +62,12 @@ class GemmConfig:
              every K block; 2: for every other one; False/0: never.
     cluster_m: 1, or 2: two vertically adjacent tiles per 2-CTA cluster share B, each CTA loads
              half of it and multicasts it (dense layout and k-grouped only).
+    cluster_n: 1, or 2: two horizontally adjacent tiles per 2-CTA cluster share A, each CTA
+             loads half of it and multicasts it (NT layouts whose column blocks pair up exactly,
+             ceil(N / block_n) even; not with cluster_m = 2). For small M, where every CTA
+             otherwise reads all of A from L2 for a narrow column block. Clusters with
+             block_m = 64 run single-buffered (the kernel drops double_buffer: ptxas serialised
+             the double-buffered wgmma loop there, gemm_core.cuh).
     """
     block_m: int = 128
     block_n: int = 128
@@ -70,6 +76,7 @@ class GemmConfig:
     num_sms: int = 0
     double_buffer: bool = True
     cluster_m: int = 1
+    cluster_n: int = 1
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -82,6 +89,15 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.group_n must be >= 1, got {self.group_n}")
         if self.cluster_m not in (1, 2):
             raise ValueError(f"GemmConfig.cluster_m must be 1 or 2, got {self.cluster_m}")
+        if self.cluster_n not in (1, 2):
+            raise ValueError(f"GemmConfig.cluster_n must be 1 or 2, got {self.cluster_n}")
+        if self.cluster_m > 1 and self.cluster_n > 1:
+            raise ValueError("GemmConfig: multicast of B (cluster_m) and of A (cluster_n) are "
+                             "exclusive (clusters of 2 CTAs)")
+
+    @property
+    def cluster_size(self) -> int:
+        return self.cluster_m * self.cluster_n
 
     @property
     def num_threads(self) -> int:
@@ -133,8 +149,9 @@ def grid_size(config: GemmConfig, max_tiles: int, sms: int) -> int:
     """Persistent grid: one CTA per SM (``config.num_sms`` caps it), no more than the tiles
     (counted in multicast pairs), a whole number of clusters."""
     sms = config.num_sms or sms
-    clusters = max(1, min(sms // config.cluster_m, _ceil_div(max_tiles, config.cluster_m)))
-    return clusters * config.cluster_m
+    size = config.cluster_size
+    clusters = max(1, min(sms // size, _ceil_div(max_tiles, size)))
+    return clusters * size
 
 
 def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:

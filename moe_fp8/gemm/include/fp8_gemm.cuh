@@ -10,7 +10,9 @@
 //
 // Constraints: K % 128 == 0; N % 16 == 0; kBlockN a multiple of 16 such that a tile's columns
 // touch at most two 128-column scale blocks; kBlockM in {64, 128}; kClusterM 2 only for the
-// dense layout (B multicast between two vertically adjacent tiles).
+// dense layout (B multicast between two vertically adjacent tiles); kClusterN 2 (A multicast
+// between two horizontally adjacent tiles) for any layout whose column blocks pair up exactly;
+// not both.
 #pragma once
 
 #include "epilogue.cuh"
@@ -29,19 +31,20 @@ __host__ __device__ constexpr bool fits_two_scale_blocks(int block_n) {
 }
 
 template <int kN, int kK, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kLayout,
-          int kDoubleBufferOpt, int kClusterM_>
+          int kDoubleBufferOpt, int kClusterM_, int kClusterN_>
 struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr int kClusterM = kClusterM_;
+  static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
   static constexpr int kTileKBlocks = kK / 128;
   static constexpr bool kColumnScales = false;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
-  using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM>;
+  using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
+                                  kClusterN>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;
 };
 
 template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
-          int kDoubleBufferOpt = 1, int kClusterM = 1>
+          int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                     const __grid_constant__ ptx::TmaDesc tma_b,
@@ -52,7 +55,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
                 "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
   using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
-                          kClusterM>;
+                          kClusterM, kClusterN>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_d};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }

@@ -5,6 +5,8 @@
 //   kBlockM, kBlockN, kStages   tile and shared-memory ring depth
 //   kClusterM                   1, or 2: a 2-CTA cluster of vertically adjacent tiles in which
 //                               each CTA loads half of the shared B tile and multicasts it
+//   kClusterN                   1, or 2: the same for horizontally adjacent tiles sharing A (small
+//                               M: every CTA otherwise re-reads all of A from L2); not both
 //   kTileKBlocks                K blocks per tile when fixed at compile time (NT), else 0
 //   kColumnScales               false: B scales per 128x128 block (NT), staged once per tile by a
 //                               scale warp; true: one B scale per output column per K block
@@ -60,8 +62,8 @@ struct CoreSmem {
   static constexpr int kEnd = kBar + (2 * P::kStages + 4) * 8;  // full, empty, tile-scale x 4
   static constexpr int kTotal = kEnd + 1024;                     // slack to 1024-align the base
   static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes + kSbBytes;
-  static_assert(kABytes % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
-                "128B-swizzle atoms are 1024 bytes (also for each multicast half of B)");
+  static_assert(kABytes / P::kClusterN % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
+                "128B-swizzle atoms are 1024 bytes (also for each multicast half of A or B)");
 };
 
 template <class P>
@@ -69,7 +71,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
                                           const ptx::TmaDesc* tma_d, const GemmParams& params) {
   constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
-  constexpr int kClusterM = P::kClusterM, kTileKBlocks = P::kTileKBlocks;
+  constexpr int kClusterM = P::kClusterM, kClusterN = P::kClusterN;
+  constexpr int kClusterSize = kClusterM * kClusterN, kTileKBlocks = P::kTileKBlocks;
   constexpr bool kColumnScales = P::kColumnScales;
   using Layout = CoreSmem<P>;
   // A 256-wide tile is computed as two 128-column halves, one after the other, into one
@@ -86,13 +89,18 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr bool kMayStraddle = !kColumnScales && 128 % kBlockN != 0;
   // Two partial-product register sets beside the accumulator fit the register budget up to
   // kBlockN = 128 (3 x 64 + ~30 registers).
-  constexpr bool kDoubleBuffer = P::kDoubleBuffer != 0 && kHalves == 1 && 3 * kAcc <= 192;
+  // NOTE: with one math warpgroup in a 2-CTA cluster, ptxas serialised every wgmma of the
+  // double-buffered loop (C7518: a compiler-inserted wait in a divergent path; every width,
+  // A or B multicast, nvcc 13.0). Those tiles are the small-M, memory-bound ones: single buffer.
+  constexpr bool kDoubleBuffer = P::kDoubleBuffer != 0 && kHalves == 1 && 3 * kAcc <= 192 &&
+                                 !(kBlockM == 64 && P::kClusterM * P::kClusterN > 1);
   // kDoubleBuffer == 2: only every other promotion overlaps the next group (the schedule ptxas
   // gave v2 by inserting a wait). Measured equal to full overlap within noise (H100, M = 4096,
   // 2026-11-25), kept as a pinnable variant.
   constexpr bool kHalfOverlap = P::kDoubleBuffer == 2;
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
-  static_assert(kClusterM == 1 || kClusterM == 2, "clusters of 1 or 2 CTAs");
+  static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2) &&
+                    kClusterSize <= 2, "clusters of 1 or 2 CTAs, sharing A or B");
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
@@ -121,7 +129,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // descriptors derived from it then stay in uniform registers (no per-issue R2UR moves).
   const int warpgroup = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
   const int tid = threadIdx.x % 128;  // thread index inside the warpgroup
-  const int rank = kClusterM > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
+  const int rank = kClusterSize > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
 
   if (threadIdx.x == kNumMathWG * 128) {
     if (ptx::dynamic_smem_bytes() < Layout::kTotal) __trap();  // host/device layout mismatch
@@ -132,7 +140,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     ptx::prefetch_tma_desc(tma_d);
     for (int s = 0; s < kStages; ++s) {
       ptx::mbar_init(&full[s], 1);                            // the producer's arrive_expect_tx
-      ptx::mbar_init(&empty[s], kClusterM * kNumMathWG * 4);  // every math warp of the cluster
+      ptx::mbar_init(&empty[s], kClusterSize * kNumMathWG * 4);  // every math warp of the cluster
     }
     for (int b = 0; b < 2; ++b) {
       ptx::mbar_init(&sb_full[b], 32);              // every lane of the scale warp
@@ -140,7 +148,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     }
     ptx::fence_barrier_init();
   }
-  if constexpr (kClusterM > 1) ptx::cluster_sync(); else __syncthreads();
+  if constexpr (kClusterSize > 1) ptx::cluster_sync(); else __syncthreads();
   // Everything above touched only parameters and shared memory: with PDL it overlapped the
   // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
   // producer loads) the previous kernel's writes must be visible.
@@ -159,10 +167,18 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
         for (int kb = 0; kb < num_kb; ++kb) {
           ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
-          // The full B tile is expected even when half of it comes from the peer's multicast.
+          // The full A and B tiles are expected even when half of one comes from the peer's
+          // multicast.
           ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);
           const int k = (tile.k_block0 + kb) * 128;
-          ptx::tma_load_2d(s_a + stage * Layout::kABytes, tma_a, &full[stage], k, tile.m_row);
+          if constexpr (kClusterN == 1) {
+            ptx::tma_load_2d(s_a + stage * Layout::kABytes, tma_a, &full[stage], k, tile.m_row);
+          } else {
+            constexpr int kHalfRows = kBlockM / kClusterN;
+            ptx::tma_load_2d_multicast(s_a + stage * Layout::kABytes + rank * kHalfRows * 128,
+                                       tma_a, &full[stage], k, tile.m_row + rank * kHalfRows,
+                                       (1 << kClusterN) - 1);
+          }
           if constexpr (kClusterM == 1) {
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
           } else {
@@ -198,7 +214,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         if (++buf == 2) buf = 0, phase ^= 1;
       }
     }
-    if constexpr (kClusterM > 1) {
+    if constexpr (kClusterSize > 1) {
       // A peer may still multicast into this CTA or arrive on its barriers until it is done.
       __syncwarp();
       ptx::cluster_sync();
@@ -266,13 +282,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       if (half < kHalves - 1) return;  // the slot serves the next half too
       if (++stage_in == kStages) stage_in = 0, phase_in ^= 1;
     };
-    // Lane r < kClusterM of every warp frees the slot in CTA r (its multicast peer included).
+    // Lane r < kClusterSize of every warp frees the slot in CTA r (its multicast peer included).
     auto release = [&]() {
       __syncwarp();  // every lane has read its scales before the slot is handed back
-      if constexpr (kClusterM == 1) {
+      if constexpr (kClusterSize == 1) {
         if (lane == 0) ptx::mbar_arrive(&empty[stage_out]);
       } else {
-        if (lane < kClusterM) ptx::mbar_arrive_cluster(&empty[stage_out], lane);
+        if (lane < kClusterSize) ptx::mbar_arrive_cluster(&empty[stage_out], lane);
       }
       if (++stage_out == kStages) stage_out = 0, phase_out ^= 1;
     };
@@ -385,7 +401,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       tile = next_tile;
     }
     if (tid == 0) ptx::tma_store_wait_all();
-    if constexpr (kClusterM > 1) ptx::cluster_sync();
+    if constexpr (kClusterSize > 1) ptx::cluster_sync();
   }
 }
 

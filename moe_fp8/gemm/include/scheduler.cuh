@@ -19,6 +19,10 @@
 // share one column block, so B can be multicast: a linear index names a tile pair, the CTA's
 // rank in the cluster picks the row block. A pair past the last row block computes on zero-filled
 // operands and writes nothing (rows_valid <= 0), so both CTAs always see the same tile count.
+// Clusters of kClusterN CTAs (NT layouts) take horizontally adjacent tiles that share one row
+// block, so A can be multicast: the rank picks the column block. The column blocks must pair up
+// exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
+// the next expert); both CTAs of a pair see the same rows, hence the same expert and skips.
 #pragma once
 
 #include "ptx.cuh"
@@ -73,23 +77,31 @@ __device__ __forceinline__ void raster(int idx, int num_m, int& mb, int& nb) {
 
 enum class TileStatus { kDone, kSkip, kReady };
 
-template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1>
+template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
+          int kClusterN = 1>
 struct TileScheduler {
   static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
                 "multicast pairs need both row blocks to use the same B");
+  static constexpr int kClusterSize = kClusterM * kClusterN;
   static constexpr int kNumNBlocks = ceil_div(kN, kBlockN);
+  static_assert(kClusterN == 1 || (kLayout != kLayoutKGrouped && kNumNBlocks % kClusterN == 0),
+                "A-multicast pairs: NT layouts whose column blocks pair up exactly");
+  static constexpr int kNumNUnits = kNumNBlocks / kClusterN;  // column blocks, or pairs of them
+  static constexpr int kGroupNUnits = kGroupN / kClusterN > 0 ? kGroupN / kClusterN : 1;
   static constexpr int kNumKBlocks = kK / 128;  // 0 for k-grouped (per expert, at run time)
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
 
   const GemmParams& params;
-  const int rank;  // this CTA's rank in its cluster: the row block inside the pair
+  const int rank_m;  // the row block inside a B-multicast pair (kClusterM > 1), else 0
+  const int rank_n;  // the column block inside an A-multicast pair (kClusterN > 1), else 0
   int next_idx;
   // masked layout: the expert holding next_idx and the first linear index of that expert
   int expert = 0;
   int expert_base = 0;
 
   __device__ TileScheduler(const GemmParams& p, int cta_rank)
-      : params(p), rank(cta_rank), next_idx(blockIdx.x / kClusterM) {}
+      : params(p), rank_m(kClusterM > 1 ? cta_rank : 0), rank_n(kClusterN > 1 ? cta_rank : 0),
+        next_idx(blockIdx.x / kClusterSize) {}
 
   __device__ __forceinline__ void fill_n(Tile& t, int nb, int e) const {
     t.n0 = nb * kBlockN;
@@ -121,18 +133,19 @@ struct TileScheduler {
     t.num_k_blocks = kNumKBlocks;
     t.expert = 0;
     if constexpr (kLayout == kLayoutMasked) {
-      // Experts hold ceil(masked_m / kBlockM) * kNumNBlocks tiles each, enumerated densely so
-      // that empty experts cost nothing and every CTA gets an even share of the real work.
+      // Experts hold ceil(masked_m / kBlockM) * kNumNUnits tiles (or pairs) each, enumerated
+      // densely so that empty experts cost nothing and every CTA gets an even share of the work.
       while (expert < params.num_experts) {
-        const int tiles = ceil_div(masked_rows(expert), kBlockM) * kNumNBlocks;
+        const int tiles = ceil_div(masked_rows(expert), kBlockM) * kNumNUnits;
         if (idx < expert_base + tiles) break;
         expert_base += tiles;
         ++expert;
       }
       if (expert >= params.num_experts) return TileStatus::kDone;
       const int rows = masked_rows(expert);
-      int mb, nb;
-      raster<kNumNBlocks, kGroupN>(idx - expert_base, ceil_div(rows, kBlockM), mb, nb);
+      int mb, nu;
+      raster<kNumNUnits, kGroupNUnits>(idx - expert_base, ceil_div(rows, kBlockM), mb, nu);
+      const int nb = nu * kClusterN + rank_n;
       t.m_row = expert * params.m + mb * kBlockM;
       t.sa_m = mb * kBlockM;
       t.sa_k = expert * kNumKBlocks;
@@ -151,7 +164,7 @@ struct TileScheduler {
       if (k_end <= k_begin) return TileStatus::kSkip;
       int pmb, nb;
       raster<kNumNBlocks, kGroupN>(idx - e * tiles, pairs_m, pmb, nb);
-      t.m_row = (pmb * kClusterM + rank) * kBlockM;
+      t.m_row = (pmb * kClusterM + rank_m) * kBlockM;
       t.sa_m = t.m_row;
       t.sa_k = t.k_block0 = k_begin;
       t.num_k_blocks = k_end - k_begin;
@@ -161,10 +174,11 @@ struct TileScheduler {
       return TileStatus::kReady;
     } else {
       const int pairs_m = ceil_div(ceil_div(params.m, kBlockM), kClusterM);
-      if (idx >= pairs_m * kNumNBlocks) return TileStatus::kDone;
-      int pmb, nb;
-      raster<kNumNBlocks, kGroupN>(idx, pairs_m, pmb, nb);
-      const int mb = pmb * kClusterM + rank;
+      if (idx >= pairs_m * kNumNUnits) return TileStatus::kDone;
+      int pmb, nu;
+      raster<kNumNUnits, kGroupNUnits>(idx, pairs_m, pmb, nu);
+      const int mb = pmb * kClusterM + rank_m;
+      const int nb = nu * kClusterN + rank_n;
       int e = 0;
       if constexpr (kLayout == kLayoutContiguous) {
         // m_indices is constant within every 128-row segment (kBlockM divides 128): one read
@@ -188,7 +202,7 @@ struct TileScheduler {
   __device__ bool next(Tile& t) {
     while (true) {
       const TileStatus status = get(next_idx, t);
-      next_idx += gridDim.x / kClusterM;
+      next_idx += gridDim.x / kClusterSize;
       if (status == TileStatus::kReady) return true;
       if (status == TileStatus::kDone) return false;
     }

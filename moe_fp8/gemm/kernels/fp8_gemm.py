@@ -32,10 +32,11 @@ kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1,
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
+    cluster_n = f", {c.cluster_n}" if c.cluster_n != 1 else ""  # older instances keep their names
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
-        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}>")
+        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}{cluster_n}>")
 
 
 # NOTE: the launch path is per call Python; these caches keep it to dictionary lookups plus one
@@ -58,7 +59,8 @@ _active_clusters: Dict[tuple, int] = {}
 
 
 def max_active_clusters(kernel, cluster_m: int, threads: int, smem_bytes: int) -> int:
-    """Clusters of ``cluster_m`` CTAs that can be resident at once (cuOccupancyMaxActiveClusters),
+    """Clusters of ``cluster_m`` CTAs (the cluster size, along x) that can be resident at once
+    (cuOccupancyMaxActiveClusters),
     memoised per kernel and launch shape. A persistent grid needs no more: clusters beyond it
     start only when earlier ones have finished all their tiles (a 2x slower kernel)."""
     key = (kernel.compiled.key, kernel.device_index, cluster_m, threads, smem_bytes)
@@ -86,9 +88,9 @@ def persistent_grid(kernel, config: H.GemmConfig, max_tiles: int, smem_bytes: in
                     device: int) -> int:
     """CTAs of the persistent grid: ``heuristics.grid_size``, capped at the resident clusters."""
     sms = H.num_sms(device)
-    if config.cluster_m > 1:
-        resident = max_active_clusters(kernel, config.cluster_m, config.num_threads, smem_bytes)
-        sms = min(sms, resident * config.cluster_m)
+    if config.cluster_size > 1:
+        resident = max_active_clusters(kernel, config.cluster_size, config.num_threads, smem_bytes)
+        sms = min(sms, resident * config.cluster_size)
     return H.grid_size(config, max_tiles, sms)
 
 
@@ -135,12 +137,15 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     if c.cluster_m != 1 and layout != kLayoutDense:
         raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense layout (the two "
                          "row blocks of a multicast pair must share B)")
+    if c.cluster_n != 1 and H._ceil_div(n, c.block_n) % c.cluster_n:
+        raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
+                         f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     grid = persistent_grid(kernel, c, max_tiles, smem, device)
-    tma_a = _tma(a2, 128, c.block_m, 128)
-    tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)  # each CTA of a cluster loads a share
+    tma_a = _tma(a2, 128, c.block_m // c.cluster_n, 128)  # each CTA of a cluster loads a share
+    tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)
     tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
                   sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
     # Output: one 16-column x 64-row box per math warpgroup and chunk, 32-byte swizzle
@@ -148,7 +153,7 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     tma_d = _tma(d2, 16, 64, 32)
     args: List[object] = [tma_a, tma_b, tma_sa, tma_d, jit.i32(m), jit.i32(num_experts),
                           layout_arg if layout_arg is not None else sb, sb, d2]
-    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_m, 1, 1))
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_size, 1, 1))
 
 
 def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,

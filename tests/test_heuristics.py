@@ -1,0 +1,57 @@
+"""The GEMM configuration rules (moe_fp8.gemm.heuristics) and the instances they name, on the CPU:
+validation, the persistent grid, instance names, and that the multicast variants compile for
+sm_90a without local memory or a serialised wgmma pipeline."""
+import pytest
+
+from moe_fp8.gemm import heuristics as H
+from moe_fp8.gemm import jit
+from moe_fp8.gemm.kernels import fp8_gemm as K
+
+
+def test_cluster_validation():
+    assert H.GemmConfig(64, 16, cluster_n=2).cluster_size == 2
+    assert H.GemmConfig(128, 128, cluster_m=2).cluster_size == 2
+    with pytest.raises(ValueError, match="cluster_n must be 1 or 2"):
+        H.GemmConfig(64, 16, cluster_n=4)
+    with pytest.raises(ValueError, match="exclusive"):
+        H.GemmConfig(128, 128, cluster_m=2, cluster_n=2)
+
+
+def test_grid_is_whole_clusters_and_no_more_than_the_tiles():
+    config = H.GemmConfig(64, 16, cluster_n=2)
+    assert H.grid_size(config, max_tiles=132, sms=132) == 132
+    assert H.grid_size(config, max_tiles=10, sms=132) == 10
+    assert H.grid_size(config, max_tiles=500, sms=131) == 130  # 65 clusters of 2
+    assert H.grid_size(H.GemmConfig(64, 16), max_tiles=500, sms=131) == 131
+
+
+def test_instance_names():
+    plain = K.kernel_source(2112, 7168, H.GemmConfig(64, 16).resolved(7168), 0).instance
+    assert plain.endswith(", 1, 1>")  # the names (and caches) of the plain instances are unchanged
+    paired = K.kernel_source(2112, 7168, H.GemmConfig(64, 16, cluster_n=2).resolved(7168), 0)
+    assert paired.instance.endswith(", 1, 1, 2>")
+
+
+def test_default_heuristics_do_not_pick_a_multicast_yet():
+    # A multicast is measured before the heuristics pick it (benchmarks/NOTES.md)
+    for m, n, k in K.kDenseShapes:
+        assert H.dense_config(m, n, k, K.kH100Sms).cluster_n == 1
+
+
+@pytest.mark.parametrize("n,k,config,layout", [
+    (2112, 7168, H.GemmConfig(64, 16, cluster_n=2), K.kLayoutDense),
+    (4096, 7168, H.GemmConfig(128, 32, cluster_n=2), K.kLayoutDense),
+    (7168, 2048, H.GemmConfig(64, 64, cluster_n=2), K.kLayoutMasked),
+    (4096, 7168, H.GemmConfig(128, 128, cluster_n=2), K.kLayoutContiguous),
+    (24576, 1536, H.GemmConfig(128, 192, cluster_n=2), K.kLayoutDense),
+    (2112, 7168, H.GemmConfig(64, 16, cluster_m=2), K.kLayoutDense),
+], ids=str)
+def test_multicast_instances_compile_clean(n, k, config, layout, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
+    try:
+        compiled = jit.compile_kernel(K.kernel_source(n, k, config.resolved(k), layout))
+    except jit.CompilerUnavailable as error:  # no CUDA toolkit on this machine
+        pytest.skip(str(error))
+    report = compiled.report
+    assert report.spill_stores == 0 and report.spill_loads == 0 and report.stack_bytes == 0, report
+    assert not report.wgmma_serialized, report
