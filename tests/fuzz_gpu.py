@@ -158,13 +158,40 @@ def check_gemm_rows(out, buf, numel, reference, want, what, stats):
 
 # ----------------------------------------------------------------------------- GEMM cases
 
+def heuristic_config(op: str, c: dict):
+    """The config the GEMM host code picks for case ``c`` (None: nothing to launch)."""
+    from moe_fp8.gemm import heuristics as H
+    sms = H.num_sms(torch.cuda.current_device())
+    n, k = c["n"], c["k"]
+    if op == "gemm_dense":
+        return H.dense_config(c["m"], n, k, sms)
+    if op in ("gemm_contiguous", "gemm_offsets"):
+        m_sum = int(build_m_indices(c["counts"]).shape[0]) + c.get("extra", 0)
+        return H.contiguous_config(m_sum, n, k, sms) if m_sum else None
+    if op == "gemm_masked":
+        return H.masked_config(len(c["masked_m"]), min(c["expected_m"], c["m_max"]), n, k, sms)
+    return None
+
+
+def case_config(op: str, c: dict):
+    """A pinned config for cases drawn with ``a_mc``: the heuristic's tile with A multicast
+    (cluster_n = 2) where its column blocks pair up; else None (the heuristic's own)."""
+    import dataclasses
+    if not c.get("a_mc") or not torch.cuda.is_available():  # --cpu: the references take no config
+        return None
+    config = heuristic_config(op, c)
+    if config is None or config.cluster_m != 1 or -(-c["n"] // config.block_n) % 2:
+        return None
+    return dataclasses.replace(config, cluster_n=2)
+
+
 def run_gemm_dense(c: dict, ctx: Context, stats: dict) -> None:
     m, n, k = c["m"], c["n"], c["k"]
     gen = ctx.gen(c["seed"])
     x, w = act_data((m, k), gen, device=ctx.device), weight_data((n, k), gen, device=ctx.device)
     a, b = quant_act(x.bfloat16().float()), quant_weight(w.bfloat16().float())
     buf, out = poisoned((m, n), ctx)
-    G.fp8_gemm_nt(a, b, out=out, backend=ctx.backend)
+    G.fp8_gemm_nt(a, b, out=out, backend=ctx.backend, config=case_config("gemm_dense", c))
     reference = G.fp8_gemm_nt(a, b, backend="reference")
     want = x.bfloat16().float() @ w.bfloat16().float().t()
     check_gemm_rows(out, buf, m * n, reference, want, f"dense m={m} n={n} k={k}", stats)
@@ -179,7 +206,8 @@ def run_gemm_contiguous(c: dict, ctx: Context, stats: dict) -> None:
     w = weight_data((experts, n, k), gen, device=ctx.device).bfloat16().float()
     a, b = quant_act(x), quant_weight(w)
     buf, out = poisoned((m_sum, n), ctx)
-    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend=ctx.backend)
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend=ctx.backend,
+                                       config=case_config("gemm_contiguous", c))
     what = f"contiguous counts={counts} n={n} k={k}"
     real = m_indices >= 0
     expect(bool(torch.isnan(out[~real]).all()), f"{what}: padding rows were written")
@@ -226,7 +254,8 @@ def run_gemm_masked(c: dict, ctx: Context, stats: dict) -> None:
     a, b = quant_act(x), quant_weight(w)
     masked_m = torch.tensor(masked, dtype=torch.int32, device=ctx.device)
     buf, out = poisoned((experts, m_max, n), ctx)
-    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend=ctx.backend)
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend=ctx.backend,
+                                   config=case_config("gemm_masked", c))
     what = f"masked masked_m={masked} m_max={m_max} n={n} k={k} expected_m={expected_m}"
     valid = ref.masked_row_mask(m_max, masked_m)  # [E, M_max]
     expect(bool(torch.isnan(out[~valid]).all()), f"{what}: rows >= masked_m were written")
@@ -702,9 +731,11 @@ class Sampler:
         if op == "gemm_dense":
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["m"] = self.rows()
+            c["a_mc"] = rng.random() < 0.3  # A multicast (case_config)
         elif op == "gemm_contiguous":
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["counts"] = self.counts(rng.randint(1, 12))
+            c["a_mc"] = rng.random() < 0.3
         elif op == "gemm_offsets":
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["counts"] = self.counts(rng.randint(1, 12))
@@ -727,6 +758,7 @@ class Sampler:
             c["m_max"] = self.rows(384)
             c["masked_m"] = self.masked_m(rng.randint(1, 12), c["m_max"])
             c["expected_m"] = rng.randint(1, c["m_max"])
+            c["a_mc"] = rng.random() < 0.3
         elif op == "gemm_kgrouped":
             c["n"] = rng.choice(self.n_pool)
             c["m"] = self.rows(1024)
@@ -789,21 +821,13 @@ def kernel_sources(op: str, c: dict) -> list:
     from moe_fp8.gemm import heuristics as H
     from moe_fp8.gemm.kernels import fp8_gemm, wgrad
     sms = H.num_sms(torch.cuda.current_device())
-    if op == "gemm_dense":
-        return [fp8_gemm.kernel_source(c["n"], c["k"], H.dense_config(c["m"], c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutDense)]
-    if op == "gemm_contiguous":
-        m_sum = int(build_m_indices(c["counts"]).shape[0])
-        if m_sum == 0:
+    layouts = {"gemm_dense": fp8_gemm.kLayoutDense, "gemm_contiguous": fp8_gemm.kLayoutContiguous,
+               "gemm_offsets": fp8_gemm.kLayoutContiguousOffsets, "gemm_masked": fp8_gemm.kLayoutMasked}
+    if op in layouts:
+        config = case_config(op, c) or heuristic_config(op, c)
+        if config is None:
             return []
-        return [fp8_gemm.kernel_source(c["n"], c["k"], H.contiguous_config(m_sum, c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutContiguous)]
-    if op == "gemm_offsets":
-        m_sum = int(build_m_indices(c["counts"]).shape[0]) + c["extra"]
-        if m_sum == 0:
-            return []
-        return [fp8_gemm.kernel_source(c["n"], c["k"], H.contiguous_config(m_sum, c["n"], c["k"], sms).resolved(c["k"]), fp8_gemm.kLayoutContiguousOffsets)]
-    if op == "gemm_masked":
-        config = H.masked_config(len(c["masked_m"]), min(c["expected_m"], c["m_max"]), c["n"], c["k"], sms)
-        return [fp8_gemm.kernel_source(c["n"], c["k"], config.resolved(c["k"]), fp8_gemm.kLayoutMasked)]
+        return [fp8_gemm.kernel_source(c["n"], c["k"], config.resolved(c["k"]), layouts[op])]
     if op == "gemm_kgrouped":
         if sum(c["counts"]) == 0:
             return []
