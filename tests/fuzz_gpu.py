@@ -990,8 +990,9 @@ def once_cases() -> Dict[str, List[dict]]:
                             dict(tokens=33, top_k=8, experts=32, skip=0.2, hidden=7168, layout="masked", add=True, m_max=33, seed=30),
                             dict(tokens=50, top_k=1, experts=4, skip=0.0, hidden=256, layout="masked", add=False, m_max=10, seed=31)],
         "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
-                       dict(m=256, n=1024, k=7168, seed=16)],
-        "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18)],
+                       dict(m=256, n=1024, k=7168, seed=16), dict(m=77, n=2112, k=1536, a_mc=True, seed=42)],
+        "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18),
+                            dict(counts=[0, 130, 5], n=1024, k=384, a_mc=True, seed=43)],
         "gemm_offsets": [dict(counts=[0, 1, 127, 128, 129, 0, 300], extra=128, n=144, k=384, seed=35),
                          dict(counts=[600, 0, 40], extra=0, n=4096, k=256, seed=36)],
         "train_block_t": [dict(shape=[256, 384], dtype=bf, pow2=False, seed=37), dict(shape=[2, 128, 256], dtype=f32, pow2=True, seed=38)],
@@ -1000,7 +1001,8 @@ def once_cases() -> Dict[str, List[dict]]:
         "train_requant": [dict(shape=[130, 256], dtype=f32, pow2=False, padding=True, seed=41)],
         "silu_backward": [dict(rows=1, inter=128, pow2=False, seed=42), dict(rows=333, inter=256, pow2=True, seed=43)],
         "gemm_masked": [dict(masked_m=[0, 37, 1, 20], m_max=37, n=272, k=256, expected_m=8, seed=19),
-                        dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20)],
+                        dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20),
+                        dict(masked_m=[0, 37, 1, 20], m_max=37, n=2048, k=256, expected_m=8, a_mc=True, seed=44)],
         "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22)],
     }
 
