@@ -171,6 +171,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           // multicast.
           ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);
           const int k = (tile.k_block0 + kb) * 128;
+          // NOTE: A and B spelled out alike on purpose: a shared helper (tried 2026-12-05)
+          // reordered ptxas's schedule of the math warps' FFMAs in every GEMM instance, and the
+          // measured v4c SASS is kept bit for bit until a GPU run can time such a change.
           if constexpr (kClusterN == 1) {
             ptx::tma_load_2d(s_a + stage * Layout::kABytes, tma_a, &full[stage], k, tile.m_row);
           } else {
