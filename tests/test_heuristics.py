@@ -42,6 +42,7 @@ def test_default_heuristics_do_not_pick_a_multicast_yet():
     (2112, 7168, H.GemmConfig(64, 16, cluster_n=2), K.kLayoutDense),
     (4096, 7168, H.GemmConfig(128, 32, cluster_n=2), K.kLayoutDense),
     (7168, 2048, H.GemmConfig(64, 64, cluster_n=2), K.kLayoutMasked),
+    (4096, 7168, H.GemmConfig(64, 128, cluster_n=2), K.kLayoutMasked),  # the decode tile, paired
     (4096, 7168, H.GemmConfig(128, 128, cluster_n=2), K.kLayoutContiguous),
     (24576, 1536, H.GemmConfig(128, 192, cluster_n=2), K.kLayoutDense),
     (2112, 7168, H.GemmConfig(64, 16, cluster_m=2), K.kLayoutDense),
