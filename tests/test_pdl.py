@@ -7,7 +7,6 @@ import re
 import pytest
 
 from moe_fp8.gemm.jit import driver, env, runtime
-from moe_fp8.gemm.jit.source import KernelSource
 
 kBegin = "pdl::begin();"
 
@@ -93,6 +92,3 @@ def test_pdl_switch(monkeypatch):
     monkeypatch.setenv("MOE_FP8_PDL", "0")
     assert not env.pdl()
 
-
-def test_kernel_source_header_kinds():
-    assert not KernelSource("quant.cuh", "moe_fp8::quant::x<1>").header.startswith("/")
