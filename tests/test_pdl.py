@@ -7,6 +7,7 @@ import re
 import pytest
 
 from moe_fp8.gemm.jit import driver, env, runtime
+from moe_fp8.gemm.jit.source import KernelSource
 
 kBegin = "pdl::begin();"
 
@@ -48,18 +49,21 @@ def test_every_bundled_kernel_waits_for_its_prerequisites_first():
     assert checked == 18, checked  # every kernel family (update when one is added)
 
 
-def _bare_kernel(header: str) -> runtime.Kernel:
-    """A Kernel without a GPU: only what launch_attributes reads."""
+def _bare_kernel(source: KernelSource) -> runtime.Kernel:
+    """A Kernel without a GPU: only what launch_attributes reads, set as __init__ sets it."""
     kernel = runtime.Kernel.__new__(runtime.Kernel)
     kernel._attrs = {}
-    kernel.pdl_capable = not header.startswith("/")
+    kernel.pdl_capable = runtime.pdl_capable(source)
     return kernel
+
+
+kBundled = KernelSource("fp8_gemm.cuh", "moe_fp8::fp8_gemm_kernel<128, 128, 128, 128, 5, 16, 0>")
 
 
 @pytest.mark.parametrize("cluster", [(1, 1, 1), (2, 1, 1)])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_launch_attributes(cluster, pdl):
-    kernel = _bare_kernel("fp8_gemm.cuh")
+    kernel = _bare_kernel(kBundled)
     array, count = kernel.launch_attributes(cluster, pdl)
     ids = [array[i].id for i in range(count)]
     expected = ([driver.kLaunchAttrClusterDimension] if cluster != (1, 1, 1) else []) + \
@@ -73,9 +77,13 @@ def test_launch_attributes(cluster, pdl):
     assert kernel.launch_attributes(cluster, pdl)[0] is array  # built once per key
 
 
-def test_headers_outside_the_bundle_never_get_pdl():
-    kernel = _bare_kernel("/tmp/experiment/fp8_gemm.cuh")
+def test_headers_outside_the_bundle_never_get_pdl(tmp_path):
+    outside = tmp_path / "fp8_gemm.cuh"  # e.g. gemm_ab.py's copies of the include tree
+    outside.write_text("// a copy\n")
+    kernel = _bare_kernel(KernelSource(str(outside), "moe_fp8::fp8_gemm_kernel<1>"))
+    assert not kernel.pdl_capable
     assert kernel.launch_attributes((1, 1, 1), True)[1] == 0
+    assert kernel.launch_attributes((2, 1, 1), True)[1] == 1  # the cluster shape only
 
 
 def test_launch_attribute_layout_matches_cuda_h():

@@ -23,6 +23,14 @@ def _dim3(value, what: str) -> tuple:
     return dims + (1,) * (3 - len(dims))
 
 
+def pdl_capable(source: KernelSource) -> bool:
+    """Whether ``source`` may be launched with programmatic dependent launch: only the bundled
+    headers, whose every kernel waits for its prerequisites before touching global memory
+    (include/pdl.cuh; tests/test_pdl.py checks the sources). A header outside the bundle (an
+    absolute path: tests, experiments) keeps plain stream order."""
+    return not Path(source.header).is_absolute()
+
+
 class Kernel:
     """A loaded kernel. ``launch`` is safe inside ``torch.cuda.graph`` capture."""
 
@@ -36,10 +44,7 @@ class Kernel:
         self.param_sizes = elf.kernel_param_sizes(compiled.cubin, compiled.symbol)
         self._smem_limit = 48 * 1024  # the default dynamic limit needs no attribute
         self._attrs = {}  # (cluster, pdl) -> (LaunchAttribute array, count)
-        # PDL only for the bundled headers, whose every kernel waits for its prerequisites before
-        # touching global memory (include/pdl.cuh; tests/test_pdl.py checks the sources). A
-        # header outside the bundle (tests, experiments) is launched with plain stream order.
-        self.pdl_capable = not Path(compiled.source.header).is_absolute()
+        self.pdl_capable = pdl_capable(compiled.source)
 
     def __repr__(self) -> str:
         return f"Kernel({self.compiled.source.instance}, device={self.device_index})"
