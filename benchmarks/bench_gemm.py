@@ -66,7 +66,12 @@ def a_multicast_variants(config: GemmConfig, n: int) -> list:
     a narrow column block (64 x 2112 x 7168, 64 x 16 tiles: 8 KB of A per 2 KB of B per K block)."""
     if config.cluster_m != 1 or -(-n // config.block_n) % 2:
         return []
-    return [dataclasses.replace(config, cluster_n=2, stages=0)]
+    paired = [dataclasses.replace(config, cluster_n=2, stages=0)]
+    if config.block_m == 64 and config.double_buffer:
+        # a 64-row tile in a cluster runs single-buffered: time that without multicast too,
+        # so the pair isolates the multicast
+        paired.insert(0, dataclasses.replace(config, double_buffer=False))
+    return paired
 
 
 def _kernel_ratio(heuristic_kernel_us: float, fn, repeats: int) -> float:

@@ -25,11 +25,18 @@ def test_grid_is_whole_clusters_and_no_more_than_the_tiles():
     assert H.grid_size(H.GemmConfig(64, 16), max_tiles=500, sms=131) == 131
 
 
+def test_one_warpgroup_clusters_resolve_single_buffered():
+    assert not H.GemmConfig(64, 128, cluster_n=2).resolved(7168).double_buffer
+    assert not H.GemmConfig(64, 128, cluster_m=2).resolved(7168).double_buffer
+    assert H.GemmConfig(64, 128).resolved(7168).double_buffer
+    assert H.GemmConfig(128, 128, cluster_n=2).resolved(7168).double_buffer
+
+
 def test_instance_names():
     plain = K.kernel_source(2112, 7168, H.GemmConfig(64, 16).resolved(7168), 0).instance
     assert plain.endswith(", 1, 1>")  # the names (and caches) of the plain instances are unchanged
     paired = K.kernel_source(2112, 7168, H.GemmConfig(64, 16, cluster_n=2).resolved(7168), 0)
-    assert paired.instance.endswith(", 1, 1, 2>")
+    assert paired.instance.endswith(", 0, 1, 2>")  # single-buffered, named so
 
 
 def test_default_heuristics_do_not_pick_a_multicast_yet():

@@ -105,14 +105,19 @@ class GemmConfig:
 
     def resolved(self, k: int, wgrad: bool = False) -> "GemmConfig":
         """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for
-        the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused)."""
-        if self.stages:
-            if smem_bytes(self.block_m, self.block_n, self.stages, k, wgrad) > kMaxSmemBytes:
-                raise ValueError(f"{self} needs more than {kMaxSmemBytes} bytes of shared memory "
+        the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused), and
+        ``double_buffer`` off where the kernel cannot use it (one math warpgroup in a 2-CTA
+        cluster, gemm_core.cuh), so the instance's name says what runs."""
+        config = self
+        if self.block_m == 64 and self.cluster_size > 1 and self.double_buffer:
+            config = dataclasses.replace(config, double_buffer=False)
+        if config.stages:
+            if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad) > kMaxSmemBytes:
+                raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
-            return self
+            return config
         return dataclasses.replace(
-            self, stages=max_stages(self.block_m, self.block_n, k, wgrad))
+            config, stages=max_stages(config.block_m, config.block_n, k, wgrad))
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False) -> int:
@@ -146,8 +151,9 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def grid_size(config: GemmConfig, max_tiles: int, sms: int) -> int:
-    """Persistent grid: one CTA per SM (``config.num_sms`` caps it), no more than the tiles
-    (counted in multicast pairs), a whole number of clusters."""
+    """Persistent grid: one CTA per SM (``config.num_sms`` caps it, except that a cluster is
+    never split: at least one whole cluster), no more than the tiles (counted in multicast
+    pairs), a whole number of clusters."""
     sms = config.num_sms or sms
     size = config.cluster_size
     clusters = max(1, min(sms // size, _ceil_div(max_tiles, size)))
