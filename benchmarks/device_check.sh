@@ -63,7 +63,7 @@ step bench-permute 40 python3 benchmarks/bench_permute.py --quick
 step bench-train 60 python3 benchmarks/bench_train.py --quick --repeats 3
 step bench-quant 60 python3 benchmarks/bench_quant.py --quick
 step bench-masked 90 python3 benchmarks/bench_grouped.py --only masked --repeats 10 \
-  --masked-configs "${MASKED_CONFIGS:-64x256c1d0,64x128c1d0,64x128c1d0a2}"
+  --masked-configs "${MASKED_CONFIGS:-64x256c1d0,64x128c1d0,64x128c1d0a2,64x128c1d1r16}"
 [ "$num_gpus" -ge 2 ] && step bench-ep 45 python3 -m torch.distributed.run --standalone --nproc-per-node 2 \
   benchmarks/bench_ep.py --quick --repeats 5 --profile
 fi

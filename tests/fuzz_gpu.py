@@ -174,13 +174,18 @@ def heuristic_config(op: str, c: dict):
 
 
 def case_config(op: str, c: dict):
-    """A pinned config for cases drawn with ``a_mc``: the heuristic's tile with A multicast
-    (cluster_n = 2) where its column blocks pair up; else None (the heuristic's own)."""
+    """A pinned config for cases drawn with ``a_mc`` (the heuristic's tile with A multicast,
+    cluster_n = 2, where its column blocks pair up) or ``a_rows`` (masked: A loaded in chunks of
+    that many rows, only below masked_m); else None (the heuristic's own)."""
     import dataclasses
-    if not c.get("a_mc") or not torch.cuda.is_available():  # --cpu: the references take no config
-        return None
+    if not (c.get("a_mc") or c.get("a_rows")) or not torch.cuda.is_available():
+        return None  # --cpu: the references take no config
     config = heuristic_config(op, c)
-    if config is None or config.cluster_m != 1 or -(-c["n"] // config.block_n) % 2:
+    if config is None:
+        return None
+    if c.get("a_rows"):
+        return dataclasses.replace(config, a_row_chunk=min(c["a_rows"], config.block_m))
+    if config.cluster_m != 1 or -(-c["n"] // config.block_n) % 2:
         return None
     return dataclasses.replace(config, cluster_n=2)
 
@@ -758,7 +763,8 @@ class Sampler:
             c["m_max"] = self.rows(384)
             c["masked_m"] = self.masked_m(rng.randint(1, 12), c["m_max"])
             c["expected_m"] = rng.randint(1, c["m_max"])
-            c["a_mc"] = rng.random() < 0.3
+            c["a_rows"] = rng.choice((0, 0, 0, 0, 16, 32))  # A rows by need (case_config)
+            c["a_mc"] = not c["a_rows"] and rng.random() < 0.3
         elif op == "gemm_kgrouped":
             c["n"] = rng.choice(self.n_pool)
             c["m"] = self.rows(1024)
@@ -1002,7 +1008,8 @@ def once_cases() -> Dict[str, List[dict]]:
         "silu_backward": [dict(rows=1, inter=128, pow2=False, seed=42), dict(rows=333, inter=256, pow2=True, seed=43)],
         "gemm_masked": [dict(masked_m=[0, 37, 1, 20], m_max=37, n=272, k=256, expected_m=8, seed=19),
                         dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20),
-                        dict(masked_m=[0, 37, 1, 20], m_max=37, n=2048, k=256, expected_m=8, a_mc=True, seed=44)],
+                        dict(masked_m=[0, 37, 1, 20], m_max=37, n=2048, k=256, expected_m=8, a_mc=True, seed=44),
+                        dict(masked_m=[0, 17, 1, 64, 65], m_max=100, n=1024, k=256, expected_m=8, a_rows=16, seed=45)],
         "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22)],
     }
 

@@ -316,6 +316,32 @@ def test_masked_uneven(m_max, expected_m, config):
     _masked_check(out, x, w, a, b, masked_m, f"masked m_max={m_max} {config}")
 
 
+@pytest.mark.parametrize("config", [GemmConfig(64, 128, a_row_chunk=16), GemmConfig(64, 48, a_row_chunk=32),
+                                    GemmConfig(128, 128, a_row_chunk=16), GemmConfig(128, 64, a_row_chunk=32,
+                                                                               double_buffer=False)],
+                         ids=str)
+def test_masked_a_rows_by_need(config):
+    """A loaded only in the chunks that hold rows below masked_m: every chunk boundary (0, 1,
+    15-17, 31-33, 64, 65, a full expert), stale rows never leak into written ones."""
+    num_experts, m_max, n, k = 12, 200, 1024, 1024
+    x, w, a, b = _masked_inputs(num_experts, m_max, n, k, seed=config.block_n + config.a_row_chunk)
+    masked_m = torch.tensor([0, 1, 15, 16, 17, 31, 32, 33, 64, 65, 129, m_max], dtype=torch.int32,
+                            device="cuda")
+    for expected_m in (1, 64):
+        out = _poisoned((num_experts, m_max, n))
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend="kernel",
+                                       config=config)
+        torch.cuda.synchronize()
+        _masked_check(out, x, w, a, b, masked_m, f"masked A by need {config}")
+
+
+def test_a_row_chunk_needs_masked_layout():
+    gen = _cuda_gen(3)
+    a, b = _quant_act(_rows((64, 256), gen)), _quant_weight(_weights((128, 256), gen))
+    with pytest.raises(ValueError, match="a_row_chunk"):
+        G.fp8_gemm_nt(a, b, backend="kernel", config=GemmConfig(64, 128, a_row_chunk=16))
+
+
 def test_masked_all_empty():
     x, w, a, b = _masked_inputs(4, 64, 256, 256, seed=9)  # noqa: F841
     masked_m = torch.zeros(4, dtype=torch.int32, device="cuda")

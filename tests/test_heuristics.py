@@ -17,6 +17,18 @@ def test_cluster_validation():
         H.GemmConfig(128, 128, cluster_m=2, cluster_n=2)
 
 
+def test_a_row_chunk_validation():
+    assert H.GemmConfig(64, 128, a_row_chunk=16).a_row_chunk == 16
+    for bad in (8, 48, 64):
+        with pytest.raises(ValueError, match="a_row_chunk must be"):
+            H.GemmConfig(64, 128, a_row_chunk=bad)
+    with pytest.raises(ValueError, match="needs cluster_m = cluster_n = 1"):
+        H.GemmConfig(64, 128, a_row_chunk=16, cluster_n=2)
+    name = K.kernel_source(4096, 7168, H.GemmConfig(64, 128, a_row_chunk=16).resolved(7168),
+                           K.kLayoutMasked).instance
+    assert name.endswith(", 1, 1, 1, 16>")
+
+
 def test_grid_is_whole_clusters_and_no_more_than_the_tiles():
     config = H.GemmConfig(64, 16, cluster_n=2)
     assert H.grid_size(config, max_tiles=132, sms=132) == 132
@@ -53,6 +65,8 @@ def test_default_heuristics_do_not_pick_a_multicast_yet():
     (4096, 7168, H.GemmConfig(128, 128, cluster_n=2), K.kLayoutContiguous),
     (24576, 1536, H.GemmConfig(128, 192, cluster_n=2), K.kLayoutDense),
     (2112, 7168, H.GemmConfig(64, 16, cluster_m=2), K.kLayoutDense),
+    (4096, 7168, H.GemmConfig(64, 128, a_row_chunk=16), K.kLayoutMasked),  # decode, A by need
+    (7168, 2048, H.GemmConfig(128, 128, a_row_chunk=32), K.kLayoutMasked),
 ], ids=str)
 def test_multicast_instances_compile_clean(n, k, config, layout, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))

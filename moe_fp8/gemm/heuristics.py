@@ -68,6 +68,10 @@ class GemmConfig:
              otherwise reads all of A from L2 for a narrow column block. Clusters with
              block_m = 64 run single-buffered (the kernel drops double_buffer: ptxas serialised
              the double-buffered wgmma loop there, gemm_core.cuh).
+    a_row_chunk: 0, or 16 / 32: the masked layout loads A in chunks of this many rows, only the
+             chunks that hold rows below masked_m (decode: a few tokens per 64-row tile; the
+             other rows of the slot are stale and their outputs never written). Masked layout,
+             no cluster.
     """
     block_m: int = 128
     block_n: int = 128
@@ -77,6 +81,7 @@ class GemmConfig:
     double_buffer: bool = True
     cluster_m: int = 1
     cluster_n: int = 1
+    a_row_chunk: int = 0
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -94,6 +99,11 @@ class GemmConfig:
         if self.cluster_m > 1 and self.cluster_n > 1:
             raise ValueError("GemmConfig: multicast of B (cluster_m) and of A (cluster_n) are "
                              "exclusive (clusters of 2 CTAs)")
+        if self.a_row_chunk not in (0, 16, 32) or self.a_row_chunk > self.block_m:
+            raise ValueError(f"GemmConfig.a_row_chunk must be 0, 16 or 32 (<= block_m), got "
+                             f"{self.a_row_chunk}")
+        if self.a_row_chunk and self.cluster_size > 1:
+            raise ValueError("GemmConfig.a_row_chunk needs cluster_m = cluster_n = 1")
 
     @property
     def cluster_size(self) -> int:

@@ -31,10 +31,12 @@ __host__ __device__ constexpr bool fits_two_scale_blocks(int block_n) {
 }
 
 template <int kN, int kK, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kLayout,
-          int kDoubleBufferOpt, int kClusterM_, int kClusterN_>
+          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_>
 struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
+  static constexpr int kARowChunk = kARowChunk_;
+  static_assert(kARowChunk == 0 || kLayout == kLayoutMasked, "A chunks: masked layout only");
   static constexpr int kTileKBlocks = kK / 128;
   static constexpr bool kColumnScales = false;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
@@ -44,7 +46,7 @@ struct NtPolicy {
 };
 
 template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
-          int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1>
+          int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1, int kARowChunk = 0>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                     const __grid_constant__ ptx::TmaDesc tma_b,
@@ -55,7 +57,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
                 "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
   using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
-                          kClusterM, kClusterN>;
+                          kClusterM, kClusterN, kARowChunk>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_d};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }

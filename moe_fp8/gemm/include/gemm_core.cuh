@@ -7,6 +7,10 @@
 //                               each CTA loads half of the shared B tile and multicasts it
 //   kClusterN                   1, or 2: the same for horizontally adjacent tiles sharing A (small
 //                               M: every CTA otherwise re-reads all of A from L2); not both
+//   kARowChunk                  0, or the rows of one A load (masked layout): a tile loads only the
+//                               chunks that hold valid rows (decode: a few tokens of 64); the
+//                               slot's other rows keep stale data whose output rows are never
+//                               written
 //   kTileKBlocks                K blocks per tile when fixed at compile time (NT), else 0
 //   kColumnScales               false: B scales per 128x128 block (NT), staged once per tile by a
 //                               scale warp; true: one B scale per output column per K block
@@ -101,6 +105,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
   static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2) &&
                     kClusterSize <= 2, "clusters of 1 or 2 CTAs, sharing A or B");
+  constexpr int kARowChunk = P::kARowChunk;
+  static_assert(kARowChunk == 0 || (kClusterSize == 1 && kBlockM % kARowChunk == 0 &&
+                                    kARowChunk % 8 == 0),
+                "A chunks: whole 1024-byte swizzle atoms (8 rows), no cluster");
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
@@ -165,16 +173,25 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       u32 phase = 0;
       while (scheduler.next(tile)) {
         const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
+        // A chunks holding valid rows (kARowChunk > 0; masked tiles have rows_valid >= 1)
+        const int a_chunks = kARowChunk == 0 ? 1 :
+            min(kBlockM / max(kARowChunk, 1), (tile.rows_valid + kARowChunk - 1) / max(kARowChunk, 1));
+        const u32 stage_tx = kARowChunk == 0 ? Layout::kStageTxBytes :
+            Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
         for (int kb = 0; kb < num_kb; ++kb) {
           ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
           // The full A and B tiles are expected even when half of one comes from the peer's
           // multicast.
-          ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);
+          ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
           const int k = (tile.k_block0 + kb) * 128;
           // NOTE: A and B spelled out alike on purpose: a shared helper (tried 2026-12-05)
           // reordered ptxas's schedule of the math warps' FFMAs in every GEMM instance, and the
           // measured v4c SASS is kept bit for bit until a GPU run can time such a change.
-          if constexpr (kClusterN == 1) {
+          if constexpr (kARowChunk > 0) {
+            for (int c = 0; c < a_chunks; ++c)
+              ptx::tma_load_2d(s_a + stage * Layout::kABytes + c * kARowChunk * 128, tma_a,
+                               &full[stage], k, tile.m_row + c * kARowChunk);
+          } else if constexpr (kClusterN == 1) {
             ptx::tma_load_2d(s_a + stage * Layout::kABytes, tma_a, &full[stage], k, tile.m_row);
           } else {
             constexpr int kHalfRows = kBlockM / kClusterN;

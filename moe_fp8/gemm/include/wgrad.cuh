@@ -27,7 +27,7 @@ template <int kN, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kDo
           int kClusterM_>
 struct KGroupedPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr int kClusterM = kClusterM_, kClusterN = 1;
+  static constexpr int kClusterM = kClusterM_, kClusterN = 1, kARowChunk = 0;
   static constexpr int kTileKBlocks = 0;
   static constexpr bool kColumnScales = true;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;

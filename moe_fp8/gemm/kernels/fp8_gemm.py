@@ -32,11 +32,13 @@ kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1,
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
-    cluster_n = f", {c.cluster_n}" if c.cluster_n != 1 else ""  # older instances keep their names
+    # optional trailing parameters only when set: older instances keep their names
+    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk else (
+        f", {c.cluster_n}" if c.cluster_n != 1 else "")
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
-        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}{cluster_n}>")
+        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}{tail}>")
 
 
 # NOTE: the launch path is per call Python; these caches keep it to dictionary lookups plus one
@@ -137,6 +139,9 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     if c.cluster_m != 1 and layout != kLayoutDense:
         raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense layout (the two "
                          "row blocks of a multicast pair must share B)")
+    if c.a_row_chunk and layout != kLayoutMasked:
+        raise ValueError(f"GemmConfig.a_row_chunk = {c.a_row_chunk} needs the masked layout (it "
+                         "loads the rows below masked_m)")
     if c.cluster_n != 1 and H._ceil_div(n, c.block_n) % c.cluster_n:
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
@@ -144,7 +149,8 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     kernel = _get_kernel(n, k, c, layout, device)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     grid = persistent_grid(kernel, c, max_tiles, smem, device)
-    tma_a = _tma(a2, 128, c.block_m // c.cluster_n, 128)  # each CTA of a cluster loads a share
+    # A's box: a chunk of rows (a_row_chunk), a cluster CTA's share, or the whole tile
+    tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m // c.cluster_n, 128)
     tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)
     tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
                   sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
