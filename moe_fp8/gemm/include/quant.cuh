@@ -147,6 +147,21 @@ __device__ __forceinline__ void load_values(const T* gPtr, bool valid,
     rRaw[i] = valid ? ld_stream(reinterpret_cast<const uint4*>(gPtr) + i) : make_uint4(0, 0, 0, 0);
 }
 
+// Packs 16 quotients into 16 e4m3 bytes (saturating, NaN kept).
+__device__ __forceinline__ uint4 pack_fp8x16(const float (&rQ)[16]) {
+  uint4 out;
+  unsigned* words = reinterpret_cast<unsigned*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
+                                           __NV_SATFINITE, __NV_E4M3);
+    unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
+                                           __NV_SATFINITE, __NV_E4M3);
+    words[i] = lo | (hi << 16);
+  }
+  return out;
+}
+
 // q = satfinite_e4m3(v / scale) for 16 values, packed into one 16-byte vector.
 __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) {
   float rQ[16];
@@ -161,17 +176,7 @@ __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) 
 #pragma unroll
     for (int i = 0; i < 16; ++i) rQ[i] = __fmul_rn(rV[i], factor);
   }
-  uint4 out;
-  unsigned* words = reinterpret_cast<unsigned*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
-                                           __NV_SATFINITE, __NV_E4M3);
-    unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
-                                           __NV_SATFINITE, __NV_E4M3);
-    words[i] = lo | (hi << 16);
-  }
-  return out;
+  return pack_fp8x16(rQ);
 }
 
 // v1's forms, one div.rn.f32 per value: the one-shot kernels keep them by default (measured

@@ -120,20 +120,6 @@ struct ScaleDivisor {
   }
 };
 
-// Packs 16 quotients into 16 e4m3 bytes (saturating, NaN kept).
-__device__ __forceinline__ uint4 pack_fp8x16(const float (&rQ)[16]) {
-  uint4 out;
-  unsigned* words = reinterpret_cast<unsigned*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
-                                           __NV_SATFINITE, __NV_E4M3);
-    unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
-                                           __NV_SATFINITE, __NV_E4M3);
-    words[i] = lo | (hi << 16);
-  }
-  return out;
-}
 
 // ---- 128x128 blocks, plain and transposed ---------------------------------------------------------
 
