@@ -40,7 +40,7 @@ using std::min;
 
 struct Cta {
   std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warps, halves;  // halves: 16-lane shuffles
   std::vector<std::array<long long, 32>> scratch;
 };
 static Cta* gCta = nullptr;
@@ -102,6 +102,15 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T value, int mask) {
 
 @INCLUDES@
 
+@LAUNCH@
+'''
+
+
+# The launcher every harness ends with: one std::thread per CUDA thread, one CTA at a time (a
+# static is one CTA's shared memory), argument count and sizes checked; a harness defines Cta
+# (all, warps, halves, scratch), gCta and the kernels' names before it, and lists its instances
+# at @ENTRIES@.
+kLaunchCode = r'''
 template <typename... Ts, std::size_t... I>
 void call_with(void (*kernel)(Ts...), void** args, std::index_sequence<I...>) {
   kernel(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<Ts>>*>(args[I])...);
@@ -121,8 +130,11 @@ int launch(void (*kernel)(Ts...), const unsigned* grid, unsigned threads, void**
       for (unsigned x = 0; x < grid[0]; ++x) {
         Cta cta;
         cta.all = std::make_unique<std::barrier<>>(threads);
-        for (unsigned w = 0; w < threads / 32; ++w)
+        for (unsigned w = 0; w < threads / 32; ++w) {
           cta.warps.push_back(std::make_unique<std::barrier<>>(32));
+          cta.halves.push_back(std::make_unique<std::barrier<>>(16));
+          cta.halves.push_back(std::make_unique<std::barrier<>>(16));
+        }
         cta.scratch.resize(threads / 32);
         gCta = &cta;
         std::vector<std::thread> pool;
@@ -156,13 +168,18 @@ extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsign
   return -1;
 }
 '''
+kHarness = kHarness.replace("@LAUNCH@", kLaunchCode)
+
+
+def launch_code(instances) -> str:
+    """``kLaunchCode`` with the table of the emulated ``instances``."""
+    return kLaunchCode.replace("@ENTRIES@", "\n".join(f"    MOE_EMU_KERNEL({name})," for name in instances))
 
 
 def harness_source(headers, instances) -> str:
     """The harness for ``headers`` (files under moe_fp8/gemm/include) and kernel ``instances``."""
-    entries = "\n".join(f"    MOE_EMU_KERNEL({name})," for name in instances)
     includes = "\n".join(f'#include "{h}"' for h in headers)
-    return kHarness.replace("@INCLUDES@", includes).replace("@ENTRIES@", entries)
+    return kHarness.replace("@INCLUDES@", includes).replace(kLaunchCode, launch_code(instances))
 
 
 def build_emulator(build_dir, headers, instances, stem):

@@ -23,7 +23,7 @@ import moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import build_m_indices, ceil_div, empty_act_scales, segment_offsets
 
-from kernel_checks import EmulatedKernel, compile_harness
+from kernel_checks import EmulatedKernel, compile_harness, launch_code
 
 FP8 = torch.float8_e4m3fn
 
@@ -177,74 +177,20 @@ template <int kPending> inline void cp_async_wait() {}
 
 #include "silu_backward.cuh"
 
-template <typename... Ts, std::size_t... I>
-void call_with(void (*kernel)(Ts...), void** args, std::index_sequence<I...>) {
-  kernel(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<Ts>>*>(args[I])...);
-}
-
-template <typename... Ts>
-int launch(void (*kernel)(Ts...), const unsigned* grid, unsigned threads, void** args,
-           const int* sizes, int numArgs) {
-  if (numArgs != static_cast<int>(sizeof...(Ts))) return 1000 + static_cast<int>(sizeof...(Ts));
-  const std::size_t expected[] = {sizeof(Ts)...};
-  for (int i = 0; i < numArgs; ++i)
-    if (static_cast<std::size_t>(sizes[i]) != expected[i]) return 2000 + i;
-  gridDim = {grid[0], grid[1], grid[2]};
-  blockDim = {threads, 1, 1};
-  for (unsigned z = 0; z < grid[2]; ++z)
-    for (unsigned y = 0; y < grid[1]; ++y)
-      for (unsigned x = 0; x < grid[0]; ++x) {
-        Cta cta;
-        cta.all = std::make_unique<std::barrier<>>(threads);
-        for (unsigned w = 0; w < threads / 32; ++w) {
-          cta.warps.push_back(std::make_unique<std::barrier<>>(32));
-          cta.halves.push_back(std::make_unique<std::barrier<>>(16));
-          cta.halves.push_back(std::make_unique<std::barrier<>>(16));
-        }
-        cta.scratch.resize(threads / 32);
-        gCta = &cta;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([=] {
-            threadIdx = {t, 0, 0};
-            blockIdx = {x, y, z};
-            call_with(kernel, args, std::index_sequence_for<Ts...>{});
-          });
-        for (auto& th : pool) th.join();
-      }
-  return 0;
-}
-
-struct Entry { const char* name; int (*run)(const unsigned*, unsigned, void**, const int*, int); };
-#define MOE_EMU_KERNEL(...)                                                     \
-  {#__VA_ARGS__, [](const unsigned* g, unsigned t, void** a, const int* s, int n) { \
-     return launch(&__VA_ARGS__, g, t, a, s, n); }}
-static const Entry kEntries[] = {
-    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, true>),
-    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<float, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::per_block_quant_transpose_kernel<float, true>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, false, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, true, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, false, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<float, true, false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_fp8_storage_t, false, true>),
-    MOE_EMU_KERNEL(moe_fp8::quant::token_transpose_quant_kernel<__nv_fp8_storage_t, true, true>),
-    MOE_EMU_KERNEL(moe_fp8::quant::silu_and_mul_backward_quant_kernel<false>),
-    MOE_EMU_KERNEL(moe_fp8::quant::silu_and_mul_backward_quant_kernel<true>),
-};
-
-// 0: done; -1: unknown instance; 1000 + n: the kernel takes n arguments; 2000 + i: size of arg i
-extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsigned threads,
-                              void** args, const int* sizes, int numArgs) {
-  auto squeeze = [](std::string s) { s.erase(std::remove(s.begin(), s.end(), ' '), s.end()); return s; };
-  const std::string name = squeeze(instance);
-  for (const Entry& e : kEntries)
-    if (squeeze(e.name) == name) return e.run(grid, threads, args, sizes, numArgs);
-  return -1;
-}
-'''
+''' + launch_code([
+    "moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, false>",
+    "moe_fp8::quant::per_block_quant_transpose_kernel<__nv_bfloat16, true>",
+    "moe_fp8::quant::per_block_quant_transpose_kernel<float, false>",
+    "moe_fp8::quant::per_block_quant_transpose_kernel<float, true>",
+    "moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, false, false>",
+    "moe_fp8::quant::token_transpose_quant_kernel<__nv_bfloat16, true, false>",
+    "moe_fp8::quant::token_transpose_quant_kernel<float, false, false>",
+    "moe_fp8::quant::token_transpose_quant_kernel<float, true, false>",
+    "moe_fp8::quant::token_transpose_quant_kernel<__nv_fp8_storage_t, false, true>",
+    "moe_fp8::quant::token_transpose_quant_kernel<__nv_fp8_storage_t, true, true>",
+    "moe_fp8::quant::silu_and_mul_backward_quant_kernel<false>",
+    "moe_fp8::quant::silu_and_mul_backward_quant_kernel<true>",
+])
 
 
 @pytest.fixture(scope="session")
