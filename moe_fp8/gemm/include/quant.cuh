@@ -147,18 +147,22 @@ __device__ __forceinline__ void load_values(const T* gPtr, bool valid,
     rRaw[i] = valid ? ld_stream(reinterpret_cast<const uint4*>(gPtr) + i) : make_uint4(0, 0, 0, 0);
 }
 
-// Packs 16 quotients into 16 e4m3 bytes (saturating, NaN kept).
-__device__ __forceinline__ uint4 pack_fp8x16(const float (&rQ)[16]) {
-  uint4 out;
-  unsigned* words = reinterpret_cast<unsigned*>(&out);
+// Packs 4 * kWords quotients into as many e4m3 bytes (saturating, NaN kept), 4 per word.
+template <int kWords>
+__device__ __forceinline__ void pack_fp8(const float (&rQ)[4 * kWords], unsigned (&words)[kWords]) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kWords; ++i) {
     unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
                                            __NV_SATFINITE, __NV_E4M3);
     unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
                                            __NV_SATFINITE, __NV_E4M3);
     words[i] = lo | (hi << 16);
   }
+}
+
+__device__ __forceinline__ uint4 pack_fp8x16(const float (&rQ)[16]) {
+  uint4 out;  // NOTE: packed in place (a words[4] + make_uint4 reallocated the per-block kernel)
+  pack_fp8<4>(rQ, *reinterpret_cast<unsigned(*)[4]>(&out));
   return out;
 }
 

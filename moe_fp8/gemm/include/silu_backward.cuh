@@ -70,14 +70,7 @@ __device__ __forceinline__ uint2 quantize8(const float (&rV)[8], float scale) {
     for (int i = 0; i < 8; ++i) rQ[i] = __fmul_rn(rV[i], factor);
   }
   unsigned words[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i], rQ[4 * i + 1]),
-                                           __NV_SATFINITE, __NV_E4M3);
-    unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(rQ[4 * i + 2], rQ[4 * i + 3]),
-                                           __NV_SATFINITE, __NV_E4M3);
-    words[i] = lo | (hi << 16);
-  }
+  pack_fp8<2>(rQ, words);
   return make_uint2(words[0], words[1]);
 }
 
