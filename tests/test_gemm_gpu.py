@@ -157,13 +157,8 @@ def test_dense_a_multicast(config, m):
 def test_grouped_a_multicast(config):
     n = _paired_n(config.block_n, 3)
     _contiguous_case([0, 130, 5, 0, 257, 64], n, 1536, seed=5, config=config)
-    num_experts, m_max = 6, 200
-    x, w, a, b = _masked_inputs(num_experts, m_max, n, 1024, seed=config.block_n)
-    masked_m = torch.tensor([0, m_max, 1, 64, 0, 137], dtype=torch.int32, device="cuda")
-    out = _poisoned((num_experts, m_max, n))
-    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 64, out=out, backend="kernel", config=config)
-    torch.cuda.synchronize()
-    _masked_check(out, x, w, a, b, masked_m, f"masked A multicast {config}")
+    _masked_pinned_case([0, 200, 1, 64, 0, 137], 200, n, 1024, (64,), config,
+                        seed=config.block_n, what="masked A multicast")
 
 
 def test_a_multicast_needs_paired_column_blocks():
@@ -288,6 +283,19 @@ def _masked_check(out, x, w, a, b, masked_m, what):
         _check(out[rows], want[rows], reference[rows], what)
 
 
+def _masked_pinned_case(counts, m_max, n, k, expected_ms, config, seed, what):
+    """One expert per entry of ``counts`` (its masked_m), a pinned ``config``, each hint of
+    ``expected_ms``: poisoned output, rows >= masked_m untouched, the rest checked."""
+    x, w, a, b = _masked_inputs(len(counts), m_max, n, k, seed=seed)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    for expected_m in expected_ms:
+        out = _poisoned((len(counts), m_max, n))
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend="kernel",
+                                       config=config)
+        torch.cuda.synchronize()
+        _masked_check(out, x, w, a, b, masked_m, f"{what} {config} expected_m={expected_m}")
+
+
 @pytest.mark.parametrize("g,m_max,n,k", GROUPED_MASKED_TARGET_SHAPES)
 def test_masked_targets(g, m_max, n, k):
     x, w, a, b = _masked_inputs(g, m_max, n, k, seed=g * m_max)
@@ -323,16 +331,8 @@ def test_masked_uneven(m_max, expected_m, config):
 def test_masked_a_rows_by_need(config):
     """A loaded only in the chunks that hold rows below masked_m: every chunk boundary (0, 1,
     15-17, 31-33, 64, 65, a full expert), stale rows never leak into written ones."""
-    num_experts, m_max, n, k = 12, 200, 1024, 1024
-    x, w, a, b = _masked_inputs(num_experts, m_max, n, k, seed=config.block_n + config.a_row_chunk)
-    masked_m = torch.tensor([0, 1, 15, 16, 17, 31, 32, 33, 64, 65, 129, m_max], dtype=torch.int32,
-                            device="cuda")
-    for expected_m in (1, 64):
-        out = _poisoned((num_experts, m_max, n))
-        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=out, backend="kernel",
-                                       config=config)
-        torch.cuda.synchronize()
-        _masked_check(out, x, w, a, b, masked_m, f"masked A by need {config}")
+    _masked_pinned_case([0, 1, 15, 16, 17, 31, 32, 33, 64, 65, 129, 200], 200, 1024, 1024, (1, 64),
+                        config, seed=config.block_n + config.a_row_chunk, what="masked A by need")
 
 
 def test_a_row_chunk_needs_masked_layout():
