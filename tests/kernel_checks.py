@@ -171,6 +171,15 @@ extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsign
 kHarness = kHarness.replace("@LAUNCH@", kLaunchCode)
 
 
+# permute.cuh's instances (tests/test_permute_gpu.py, tests/test_ep.py)
+kPermuteInstances = [
+    "moe_fp8::permute::count_experts_kernel<256>", "moe_fp8::permute::scan_experts_kernel<256>",
+    "moe_fp8::permute::contiguous_rank_kernel<512>", "moe_fp8::permute::masked_index_kernel<512>",
+    "moe_fp8::permute::permute_rows_kernel<false>", "moe_fp8::permute::permute_rows_kernel<true>",
+    "moe_fp8::permute::combine_kernel<false>", "moe_fp8::permute::combine_kernel<true>",
+]
+
+
 def launch_code(instances) -> str:
     """``kLaunchCode`` with the table of the emulated ``instances``."""
     return kLaunchCode.replace("@ENTRIES@", "\n".join(f"    MOE_EMU_KERNEL({name})," for name in instances))

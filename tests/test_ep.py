@@ -454,6 +454,58 @@ def test_ep_gloo(case, world):
     check_case(_job(world), case)
 
 
+def _permute_emulated_launches(lib, log):
+    """A stand-in for the permute family's kernel lookup: the g++ emulation, launches logged."""
+    from kernel_checks import EmulatedKernel
+
+    class Logged(EmulatedKernel):
+        def launch(self, *args, **kwargs):
+            log.append(self.src.instance)
+            return super().launch(*args, **kwargs)
+    return lambda src, like: Logged(lib, src)
+
+
+def case_receive_fused_vs_torch(rank, world, group, lib_path):
+    """The receiver's layout through the layer's permute kernel (emulated on the CPU), reading
+    the packed received rows in place (16-byte rows), equals the torch gather bit for bit."""
+    import ctypes
+    import moe_fp8.layers.permute as PM
+    from moe_fp8.gemm.kernels import permute as kernels
+    lib = ctypes.CDLL(lib_path)
+    lib.moe_emu_launch.restype = ctypes.c_int
+    cfg = tiny_cfg()
+    disp = _dispatcher(cfg, group)
+    (xq, xs), idx, w, _ = _oracle_inputs(cfg, [21, 3, 0, 50][:world], rank, seed=16)
+    want, _ = disp.dispatch_contiguous((xq, xs), idx, w)
+    log, saved = [], (kernels._kernel, PM.fused_enabled)
+    kernels._kernel, PM.fused_enabled = _permute_emulated_launches(lib, log), (lambda t: True)
+    try:
+        got, _ = disp.dispatch_contiguous((xq, xs), idx, w)
+    finally:
+        kernels._kernel, PM.fused_enabled = saved
+    if want.num_rows:
+        assert any("permute_rows_kernel<false>" in name for name in log), log  # no silent fallback
+    assert torch.equal(got.a.view(torch.uint8), want.a.view(torch.uint8))
+    assert torch.equal(got.sa, want.sa) and got.sa.stride() == want.sa.stride()
+    for name in ("m_indices", "row_token", "row_slot", "tokens_per_expert"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def _worker_fused(rank, world, store, result_dir, lib_path):
+    torch.set_num_threads(1)
+    init_group("gloo", rank, world, store)
+    run_cases({"receive_fused_vs_torch": case_receive_fused_vs_torch}, rank, result_dir,
+              dist.group.WORLD, lib_path)
+    dist.destroy_process_group()
+
+
+def test_ep_receive_through_the_permute_kernel(tmp_path):
+    from kernel_checks import build_emulator, kPermuteInstances
+    build_emulator(tmp_path, ["permute.cuh"], kPermuteInstances, "permute_ep")
+    check_case(run_spawned(_worker_fused, 2, str(tmp_path / "libpermute_ep.so")),
+               "receive_fused_vs_torch")
+
+
 def check_case(job, case: str) -> None:
     results, job_error = job
     errors = [f"rank {r}:\n{res[case]['error']}" for r, res in enumerate(results)
@@ -495,11 +547,15 @@ def test_meta_roundtrip():
 def test_row_format():
     from moe_fp8.layers.dispatch.torch_dist import RowFormat
     prefill = RowFormat(7168, 8, 3 * 8)  # DeepSeek-V3: fp8 | 56 scales | ids | rows | weights
-    assert prefill.nbytes == 7168 + 224 + 96 and prefill.word_dtype == torch.int64
-    assert RowFormat(384, 8).nbytes == 384 + 12 + 64 and RowFormat(384, 8, 24).word_dtype == torch.int32
+    assert prefill.nbytes == 7168 + 224 + 96 and prefill.word_dtype == torch.int64  # 7488 = 16 x 468
+    assert RowFormat(384, 8).nbytes == 464  # 384 + 12 + 64 = 460, padded to 16 bytes
+    assert RowFormat(256, 6, 18).nbytes == 336  # top-6: 256 + 8 + 72 = 336
     rows = torch.randint(0, 255, (3, prefill.nbytes), dtype=torch.uint8)
     x, s, meta = prefill.views(rows)
     assert x.shape == (3, 7168) and s.shape == (3, 56) and meta.shape == (3, 24)
+    padded = RowFormat(384, 8)
+    _, _, meta = padded.views(torch.zeros(2, padded.nbytes, dtype=torch.uint8))
+    assert meta.shape == (2, 16) and meta.stride(0) == padded.nbytes // 4  # the padding is not metadata
     assert torch.equal(rows.view(prefill.word_dtype).view(torch.uint8), rows)
 
 

@@ -27,7 +27,7 @@ from moe_fp8.gemm.layout import empty_act_scales
 from moe_fp8.layers import layouts as L
 from moe_fp8.layers import permute as PM
 
-from kernel_checks import EmulatedKernel, build_emulator, combine_oracle, env_switch
+from kernel_checks import EmulatedKernel, build_emulator, combine_oracle, env_switch, kPermuteInstances
 
 FP8 = torch.float8_e4m3fn
 kEnv = "MOE_FP8_FUSED_PERMUTE"
@@ -40,12 +40,6 @@ def kernels():
 
 # ----------------------------------------------------------------------------- backends
 
-kPermuteInstances = [
-    "moe_fp8::permute::count_experts_kernel<256>", "moe_fp8::permute::scan_experts_kernel<256>",
-    "moe_fp8::permute::contiguous_rank_kernel<512>", "moe_fp8::permute::masked_index_kernel<512>",
-    "moe_fp8::permute::permute_rows_kernel<false>", "moe_fp8::permute::permute_rows_kernel<true>",
-    "moe_fp8::permute::combine_kernel<false>", "moe_fp8::permute::combine_kernel<true>",
-]
 
 
 @pytest.fixture(scope="session")

@@ -51,10 +51,16 @@ def permute_contiguous(xq: torch.Tensor, xs: torch.Tensor, index: ContiguousInde
     Also returns ``row_token``/``row_slot`` int64 ``[M_sum]`` (-1 on padding rows).
     Fused (module docstring): one kernel, same values.
     """
-    num_rows, groups = index.num_rows, xs.shape[1]
+    return permute_rows(xq, xs, index.row_pair, top_k)
+
+
+def permute_rows(xq: torch.Tensor, xs: torch.Tensor, row_pair: torch.Tensor, top_k: int):
+    """``permute_contiguous`` from the row -> pair map alone: layout row r takes source row
+    ``row_pair[r] // top_k`` (its slot ``row_pair[r] % top_k``), -1 = padding. ``xq``/``xs`` may
+    be strided views (the expert-parallel receiver passes its packed rows in place)."""
+    num_rows, groups = row_pair.shape[0], xs.shape[1]
     if num_rows > 0 and fused_enabled(xq):
         kernels = _kernels()
-        row_pair = index.row_pair
         if kernels.supports_permute(xq, xs) and row_pair.dtype == torch.int64 and \
                 row_pair.is_contiguous():
             a = torch.empty(num_rows, xq.shape[1], dtype=xq.dtype, device=xq.device)
@@ -62,13 +68,16 @@ def permute_contiguous(xq: torch.Tensor, xs: torch.Tensor, index: ContiguousInde
             row_meta = torch.empty(2, num_rows, dtype=torch.int64, device=xq.device)
             kernels.permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_meta[0], row_meta[1])
             return a, sa, row_meta[0], row_meta[1]
-    valid = index.row_pair >= 0
-    row_token = torch.where(valid, index.row_pair // top_k, -1)  # [M_sum]
-    row_slot = torch.where(valid, index.row_pair % top_k, -1)  # [M_sum]
+    valid = row_pair >= 0
+    row_token = torch.where(valid, row_pair // top_k, -1)  # [M_sum]
+    row_slot = torch.where(valid, row_pair % top_k, -1)  # [M_sum]
     if num_rows == 0:
         return xq[:0], empty_act_scales(0, groups, device=xq.device), row_token, row_slot
     source = row_token.clamp(min=0)  # [M_sum]
-    a = torch.index_select(xq.view(torch.uint8), 0, source).view(xq.dtype)  # [M_sum, H] fp8 bytes
+    rows = xq.view(torch.uint8)
+    if rows.shape[1] % 8 == 0 and rows.stride(0) % 8 == 0 and rows.storage_offset() % 8 == 0:
+        rows = rows.view(torch.int64)  # gather 8-byte words, not bytes (8x fewer elements)
+    a = torch.index_select(rows, 0, source).view(torch.uint8).view(xq.dtype)  # [M_sum, H] fp8
     # M_sum % 128 == 0, so the MN-major storage [H/128, M_sum] has no row padding
     sa_storage = torch.empty(groups, num_rows, dtype=torch.float32, device=xq.device)
     torch.index_select(xs.t(), 1, source, out=sa_storage)  # xs.t(): [H/128, T] view

@@ -84,7 +84,7 @@ from ...gemm.layout import kSegmentAlign
 from ...gemm.validate import debug_mode
 from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        masked_index)
-from ..permute import combine_index_masked, permute_masked, unpermute_combine
+from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
 from ..placement import ExpertPlacement
 from .base import Dispatcher
 
@@ -129,19 +129,23 @@ class RowFormat:
         return self.hidden // 128
 
     @property
-    def nbytes(self) -> int:  # a multiple of 4 (H % 128 == 0), so the fp32/int32 views line up
-        return self.hidden + 4 * self.groups + 4 * self.meta_words
+    def nbytes(self) -> int:
+        """The payload (fp8 | scales | metadata) rounded up to 16 bytes: the permute kernels read
+        the received rows in place with 16-byte vector loads (any H, any top-k)."""
+        payload = self.hidden + 4 * self.groups + 4 * self.meta_words
+        return (payload + 15) // 16 * 16
 
     @property
     def word_dtype(self) -> torch.dtype:
-        """The widest integer that tiles a row: gathers and copies move words, not bytes."""
-        return torch.int64 if self.nbytes % 8 == 0 else torch.int32
+        """The integer that tiles a row: gathers and copies move 8-byte words, not bytes."""
+        return torch.int64
 
     def views(self, rows: torch.Tensor):
         """uint8 ``[..., nbytes]`` -> (fp8 ``[..., H]``, fp32 ``[..., H/128]``, int32 ``[..., meta_words]``)."""
         h, g = self.hidden, self.groups
-        return (rows[..., :h].view(FP8), rows[..., h:h + 4 * g].view(torch.float32),
-                rows[..., h + 4 * g:].view(torch.int32))
+        meta = h + 4 * g
+        return (rows[..., :h].view(FP8), rows[..., h:meta].view(torch.float32),
+                rows[..., meta:meta + 4 * self.meta_words].view(torch.int32))
 
 
 # ---------------------------------------------------------------------------- handles
@@ -330,25 +334,19 @@ class TorchDistDispatcher(Dispatcher):
         m_indices = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
         payload_work.wait()
         # --- 4. received rows -> the contiguous layout: scatters of slot ids, one gather of rows
-        _, recv_s, recv_meta = fmt.views(recv.view(torch.uint8))
+        recv_x, recv_s, recv_meta = fmt.views(recv.view(torch.uint8))
         recv_ids, recv_rows = recv_meta[:, :top_k], recv_meta[:, top_k:2 * top_k]
         local = recv_ids.div(experts_local, rounding_mode="floor") == me  # [S_recv, k]
         target = torch.where(local, recv_rows, num_rows).view(-1).long()  # other ranks' slots: trash
         row_pair.scatter_(0, target, torch.arange(num_recv * top_k, device=device))
         m_indices.scatter_(0, target, (recv_ids - self.expert_offset).view(-1))
         row_pair, m_indices = row_pair[:num_rows], m_indices[:num_rows]
-        # row_pair: slot id (received row * k + slot) of each layout row, -1 on padding
-        row_token = row_pair.div(top_k, rounding_mode="floor")  # received row; -1 stays -1
-        row_slot = row_pair.remainder(top_k).masked_fill_(row_pair < 0, -1)
-        source = row_token.clamp(min=0)  # padding rows copy received row 0 (finite)
-        word_bytes = recv.element_size()
-        a = recv[:, :self.hidden_size // word_bytes].index_select(0, source)  # [M_sum, H] as words
-        sa_storage = torch.empty(fmt.groups, num_rows, dtype=torch.float32, device=device)
-        torch.index_select(recv_s.t(), 1, source, out=sa_storage)  # MN-major (M_sum % 128 == 0)
+        # row_pair: slot id (received row * k + slot) of each layout row, -1 on padding; the
+        # layer's permute reads the packed rows in place (its kernel on Hopper, 16-byte rows)
+        a, sa, row_token, row_slot = permute_rows(recv_x, recv_s, row_pair, top_k)
         if debug_mode():
             self._check_received(local, recv_ids, tokens_per_expert)
-        layout = ContiguousLayout(a.view(torch.uint8).view(FP8), sa_storage.t(), m_indices, row_token,
-                                  row_slot, tokens_per_expert, num_rows)
+        layout = ContiguousLayout(a, sa, m_indices, row_token, row_slot, tokens_per_expert, num_rows)
         recv_weights = recv_meta[:, 2 * top_k:].view(torch.float32)
         handle = ContiguousHandle(send_token, send_splits, recv_splits,
                                   torch.where(local, recv_rows, 0), torch.where(local, recv_weights, 0.0),
