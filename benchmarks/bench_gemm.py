@@ -222,7 +222,7 @@ def main():
                                        row["kernel_us"], lambda: K.fp8_gemm_nt(
                                            qa, sa, qb, sb, out, pinned), args.repeats),
                                    "diff_vs_heuristic": G.calc_diff(out, ref_out)})
-        del qa, sa, qb, sb, out
+        qa = sa = qb = sb = out = None  # free before the next shape (a del confuses pyflakes)
         torch.cuda.empty_cache()
     summary = (f"{card()}, {sms} SMs. Geometric mean ratio (cuBLAS time / ours): "
                f"{geomean(ratios):.3f} over {len(ratios)} shapes; shapes at/above target: "
