@@ -174,8 +174,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       while (scheduler.next(tile)) {
         const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
         // A chunks holding valid rows (kARowChunk > 0; masked tiles have rows_valid >= 1)
+        constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
         const int a_chunks = kARowChunk == 0 ? 1 :
-            min(kBlockM / max(kARowChunk, 1), (tile.rows_valid + kARowChunk - 1) / max(kARowChunk, 1));
+            min(kBlockM / kChunkRows, (tile.rows_valid + kChunkRows - 1) / kChunkRows);
         const u32 stage_tx = kARowChunk == 0 ? Layout::kStageTxBytes :
             Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
         for (int kb = 0; kb < num_kb; ++kb) {
