@@ -26,6 +26,7 @@ from common import bench, card, geomean, kernel_us, write_results  # noqa: E402
 import moe_fp8.gemm as G  # noqa: E402
 from moe_fp8.gemm import jit  # noqa: E402
 from moe_fp8.gemm import reference as ref  # noqa: E402
+from moe_fp8.gemm import heuristics as H  # noqa: E402
 from moe_fp8.gemm.heuristics import GemmConfig, dense_config, num_sms  # noqa: E402
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
 from moe_fp8.gemm.layout import empty_act_scales  # noqa: E402
@@ -64,9 +65,10 @@ def a_multicast_variants(config: GemmConfig, n: int) -> list:
     """The heuristic's tile with A multicast across a 2-CTA cluster (cluster_n = 2), where its
     column blocks pair up. Aimed at small M, where every CTA otherwise reads all of A from L2 for
     a narrow column block (64 x 2112 x 7168, 64 x 16 tiles: 8 KB of A per 2 KB of B per K block)."""
-    if config.cluster_m != 1 or -(-n // config.block_n) % 2:
+    paired = H.with_a_multicast(dataclasses.replace(config, stages=0), n)
+    if paired is None:
         return []
-    paired = [dataclasses.replace(config, cluster_n=2, stages=0)]
+    paired = [paired]
     if config.block_m == 64 and config.double_buffer:
         # a 64-row tile in a cluster runs single-buffered: time that without multicast too,
         # so the pair isolates the multicast

@@ -185,9 +185,8 @@ def case_config(op: str, c: dict):
         return None
     if c.get("a_rows"):
         return dataclasses.replace(config, a_row_chunk=min(c["a_rows"], config.block_m))
-    if config.cluster_m != 1 or -(-c["n"] // config.block_n) % 2:
-        return None
-    return dataclasses.replace(config, cluster_n=2)
+    from moe_fp8.gemm import heuristics as H
+    return H.with_a_multicast(config, c["n"])
 
 
 def run_gemm_dense(c: dict, ctx: Context, stats: dict) -> None:

@@ -130,6 +130,20 @@ class GemmConfig:
             config, stages=max_stages(config.block_m, config.block_n, k, wgrad))
 
 
+def pairs_columns(config: GemmConfig, n: int) -> bool:
+    """Whether ``config``'s column blocks of an N-wide output pair up exactly, as an A-multicast
+    cluster (``cluster_n = 2``) needs: ceil(N / block_n) even (scheduler.cuh)."""
+    return _ceil_div(n, config.block_n) % 2 == 0
+
+
+def with_a_multicast(config: GemmConfig, n: int):
+    """``config`` with A multicast (``cluster_n = 2``) where that is allowed for an N-wide output
+    (no B multicast, paired column blocks), else None."""
+    if config.cluster_m != 1 or not pairs_columns(config, n):
+        return None
+    return dataclasses.replace(config, cluster_n=2)
+
+
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 

@@ -142,7 +142,7 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     if c.a_row_chunk and layout != kLayoutMasked:
         raise ValueError(f"GemmConfig.a_row_chunk = {c.a_row_chunk} needs the masked layout (it "
                          "loads the rows below masked_m)")
-    if c.cluster_n != 1 and H._ceil_div(n, c.block_n) % c.cluster_n:
+    if c.cluster_n != 1 and not H.pairs_columns(c, n):
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
