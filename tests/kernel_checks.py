@@ -168,7 +168,6 @@ extern "C" int moe_emu_launch(const char* instance, const unsigned* grid, unsign
   return -1;
 }
 '''
-kHarness = kHarness.replace("@LAUNCH@", kLaunchCode)
 
 
 # permute.cuh's instances (tests/test_permute_gpu.py, tests/test_ep.py)
@@ -188,7 +187,7 @@ def launch_code(instances) -> str:
 def harness_source(headers, instances) -> str:
     """The harness for ``headers`` (files under moe_fp8/gemm/include) and kernel ``instances``."""
     includes = "\n".join(f'#include "{h}"' for h in headers)
-    return kHarness.replace("@INCLUDES@", includes).replace(kLaunchCode, launch_code(instances))
+    return kHarness.replace("@INCLUDES@", includes).replace("@LAUNCH@", launch_code(instances))
 
 
 def build_emulator(build_dir, headers, instances, stem):
@@ -216,6 +215,32 @@ def compile_harness(build_dir, source: str, stem: str):
     lib = ctypes.CDLL(str(library))
     lib.moe_emu_launch.restype = ctypes.c_int
     return lib
+
+
+class RecordingKernel:
+    """Wraps a kernel: logs each launch (instance, grid, block, arguments) before running it."""
+
+    def __init__(self, kernel, src, log):
+        self.kernel, self.src, self.log = kernel, src, log
+
+    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
+        self.log.append((self.src.instance, grid, block, smem_bytes, list(args)))
+        return self.kernel.launch(grid, block, smem_bytes, args, cluster)
+
+
+def assert_bundled_compile_clean(module) -> None:
+    """A kernel family's host module registers its variants for precompile() and none of them
+    uses local memory (spills or a stack frame); skips without a CUDA compiler (no GPU needed)."""
+    import pytest
+    from moe_fp8.gemm import jit
+    from moe_fp8.gemm.jit.registry import _providers
+    assert module.bundled_sources in _providers
+    for src in module.bundled_sources():
+        try:
+            compiled = jit.compile_kernel(src)
+        except jit.CompilerUnavailable as error:
+            pytest.skip(f"no CUDA compiler: {error}")
+        assert not compiled.report.uses_local_memory, f"{src.instance}: {compiled.report}"
 
 
 class EmulatedKernel:

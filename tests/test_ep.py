@@ -454,22 +454,12 @@ def test_ep_gloo(case, world):
     check_case(_job(world), case)
 
 
-def _permute_emulated_launches(lib, log):
-    """A stand-in for the permute family's kernel lookup: the g++ emulation, launches logged."""
-    from kernel_checks import EmulatedKernel
-
-    class Logged(EmulatedKernel):
-        def launch(self, *args, **kwargs):
-            log.append(self.src.instance)
-            return super().launch(*args, **kwargs)
-    return lambda src, like: Logged(lib, src)
-
-
 def case_receive_fused_vs_torch(rank, world, group, lib_path):
     """The receiver's layout through the layer's permute kernel (emulated on the CPU), reading
     the packed received rows in place (16-byte rows), equals the torch gather bit for bit."""
     import ctypes
     import moe_fp8.layers.permute as PM
+    from kernel_checks import EmulatedKernel, RecordingKernel
     from moe_fp8.gemm.kernels import permute as kernels
     lib = ctypes.CDLL(lib_path)
     lib.moe_emu_launch.restype = ctypes.c_int
@@ -478,13 +468,14 @@ def case_receive_fused_vs_torch(rank, world, group, lib_path):
     (xq, xs), idx, w, _ = _oracle_inputs(cfg, [21, 3, 0, 50][:world], rank, seed=16)
     want, _ = disp.dispatch_contiguous((xq, xs), idx, w)
     log, saved = [], (kernels._kernel, PM.fused_enabled)
-    kernels._kernel, PM.fused_enabled = _permute_emulated_launches(lib, log), (lambda t: True)
+    kernels._kernel = lambda src, like: RecordingKernel(EmulatedKernel(lib, src), src, log)
+    PM.fused_enabled = lambda t: True
     try:
         got, _ = disp.dispatch_contiguous((xq, xs), idx, w)
     finally:
         kernels._kernel, PM.fused_enabled = saved
     if want.num_rows:
-        assert any("permute_rows_kernel<false>" in name for name in log), log  # no silent fallback
+        assert any("permute_rows_kernel<false>" in launch[0] for launch in log), log  # no silent fallback
     assert torch.equal(got.a.view(torch.uint8), want.a.view(torch.uint8))
     assert torch.equal(got.sa, want.sa) and got.sa.stride() == want.sa.stride()
     for name in ("m_indices", "row_token", "row_slot", "tokens_per_expert"):

@@ -27,7 +27,8 @@ from moe_fp8.gemm.layout import empty_act_scales
 from moe_fp8.layers import layouts as L
 from moe_fp8.layers import permute as PM
 
-from kernel_checks import EmulatedKernel, build_emulator, combine_oracle, env_switch, kPermuteInstances
+from kernel_checks import (EmulatedKernel, RecordingKernel, assert_bundled_compile_clean, build_emulator,
+                           combine_oracle, env_switch, kPermuteInstances)
 
 FP8 = torch.float8_e4m3fn
 kEnv = "MOE_FP8_FUSED_PERMUTE"
@@ -399,17 +400,6 @@ def test_decode_runner_fused_vs_torch(backend):
         assert far <= a.numel() // 10000, f"decode n={n}: {far} elements beyond one ulp"
 
 
-class RecordingKernel:
-    """Wraps a kernel: logs each launch (instance, grid, block, arguments) before running it."""
-
-    def __init__(self, kernel, src, log):
-        self.kernel, self.src, self.log = kernel, src, log
-
-    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
-        self.log.append((self.src.instance, grid, block, smem_bytes, list(args)))
-        return self.kernel.launch(grid, block, smem_bytes, args, cluster)
-
-
 def _launch_signature(launch):
     """What a captured graph bakes into a kernel node, minus temporaries' addresses: grid, block,
     shared memory, scalar values, and each tensor argument's size."""
@@ -533,12 +523,4 @@ def test_layer_default_runs_fused_and_zero_runs_torch(backend, monkeypatch):
 
 def test_bundled_kernels_compile_spill_free():
     """The permute family is registered for precompile() and uses no local memory (no GPU)."""
-    from moe_fp8.gemm import jit
-    from moe_fp8.gemm.jit.registry import _providers
-    assert kernels().bundled_sources in _providers
-    for src in kernels().bundled_sources():
-        try:
-            compiled = jit.compile_kernel(src)
-        except jit.CompilerUnavailable as error:
-            pytest.skip(f"no CUDA compiler: {error}")
-        assert not compiled.report.uses_local_memory, f"{src.instance}: {compiled.report}"
+    assert_bundled_compile_clean(kernels())

@@ -18,7 +18,7 @@ from moe_fp8.layers import MoE, MoEConfig
 from moe_fp8.layers import layouts as L
 from moe_fp8.layers import router as R
 
-from kernel_checks import EmulatedKernel, build_emulator, env_switch
+from kernel_checks import EmulatedKernel, assert_bundled_compile_clean, build_emulator, env_switch
 
 kEnv = "MOE_FP8_FUSED_ROUTER"
 kInstances = ["moe_fp8::router::route_kernel<256>", "moe_fp8::router::local_ids_kernel<256>"]
@@ -255,12 +255,4 @@ def test_decode_graph_with_fused_router():
 
 
 def test_bundled_kernels_compile_spill_free():
-    from moe_fp8.gemm import jit
-    from moe_fp8.gemm.jit.registry import _providers
-    assert kernels().bundled_sources in _providers
-    for src in kernels().bundled_sources():
-        try:
-            compiled = jit.compile_kernel(src)
-        except jit.CompilerUnavailable as error:
-            pytest.skip(f"no CUDA compiler: {error}")
-        assert not compiled.report.uses_local_memory, f"{src.instance}: {compiled.report}"
+    assert_bundled_compile_clean(kernels())
