@@ -314,9 +314,10 @@ def m_grouped_fp8_gemm_nt_contiguous_offsets(a: Fp8Pair, b: Fp8Pair, offsets: to
     ``offsets`` int32 ``[E + 1]`` on the device: expert e owns rows ``[offsets[e], offsets[e+1])``;
     every entry a multiple of 128, non-decreasing, from 0, ``offsets[E] <= M_sum``. All rows of a
     segment are computed and written (padding rows inside a segment too: the m_indices form is the
-    one that leaves them untouched); rows ``>= offsets[E]`` are not written. Same speed as the
-    m_indices form (benchmarks/results/grouped_contiguous_*: ``offsets_form_us``); use it when the
-    dispatcher already has the cumulative segment sizes (no [M_sum] index to build).
+    one that leaves them untouched); rows ``>= offsets[E]`` are not written. The same tiles as the
+    m_indices form (its speed against that form is not measured yet: bench_grouped's
+    ``offsets_form_us``); use it when the dispatcher already has the cumulative segment sizes (no
+    [M_sum] index to build).
     """
     qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 3)
     check.multiple_of("M_sum (a[0].shape[0])", qa.shape[0], kScaleBlock)

@@ -119,11 +119,8 @@ def token_transpose_quant(x: torch.Tensor, q_t: torch.Tensor, s_t: torch.Tensor,
         return
     check_token_tiles(tokens, "x")
     _check_aligned(x=x, q_t=q_t)
-    kernel = get_kernel(token_transpose_source(x.dtype, bool(pow2_scale)))
-    kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
-                  [x, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
-                   i64(s_t.stride(1)),
-                   RowInput(0, 0 if m_indices is None else m_indices.data_ptr(), 0, 0)])
+    _launch_token_transpose(x, q_t, s_t, pow2_scale,
+                            RowInput(0, 0 if m_indices is None else m_indices.data_ptr(), 0, 0))
 
 
 def token_transpose_requant(a: torch.Tensor, sa: torch.Tensor, m_indices, q_t: torch.Tensor,
@@ -135,9 +132,16 @@ def token_transpose_requant(a: torch.Tensor, sa: torch.Tensor, m_indices, q_t: t
         return
     check_token_tiles(tokens, "a")
     _check_aligned(a=a, q_t=q_t)
-    rows = RowInput(sa.data_ptr(), 0 if m_indices is None else m_indices.data_ptr(),
-                    sa.stride(0), sa.stride(1))
-    kernel = get_kernel(token_transpose_source(torch.float8_e4m3fn, bool(pow2_scale)))
+    _launch_token_transpose(a, q_t, s_t, pow2_scale,
+                            RowInput(sa.data_ptr(), 0 if m_indices is None else m_indices.data_ptr(),
+                                     sa.stride(0), sa.stride(1)))
+
+
+def _launch_token_transpose(x, q_t, s_t, pow2_scale, rows: "RowInput") -> None:
+    """One token_transpose_quant_kernel launch over ``x [T, C]`` (bf16/fp32 values, or fp8 with
+    its scales in ``rows``): a CTA per 128 channels x 128 tokens."""
+    tokens, channels = x.shape
+    kernel = get_kernel(token_transpose_source(x.dtype, bool(pow2_scale)))
     kernel.launch((channels // kTile, -(-tokens // kTile), 1), kTileThreads, 0,
-                  [a, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
+                  [x, q_t, s_t, i32(tokens), i32(channels), i64(s_t.stride(0)),
                    i64(s_t.stride(1)), rows])
