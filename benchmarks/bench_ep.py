@@ -29,7 +29,7 @@ Target (issue 6): dispatch and combine >= 80 % of raw all-to-all at prefill size
 Results: benchmarks/results/ep_<R>gpu_<date>.md/.csv (rank 0; card, date, commit in the header).
 
 ``--cpu`` (gloo, no GPU): a PROXY of the local work around the transfers, measured with
-``torch_dist.OpCounter`` on DeepSeek-V3 routing (H 7168, 256 experts, top-8) at
+``op_counter.OpCounter`` on DeepSeek-V3 routing (H 7168, 256 experts, top-8) at
 ``kProxyTokens`` tokens per rank, per call of dispatch and combine (prefill and decode):
 compute ops (~ kernels on a GPU), host read-backs (syncs), collectives, compute ops between the
 last read-back and the (last) payload transfer (serial host work on the critical path), MB and
@@ -61,7 +61,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import flush_l2, write_results  # noqa: E402
 
 from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
-from moe_fp8.layers.dispatch.torch_dist import OpCounter, TorchDistDispatcher  # noqa: E402
+from moe_fp8.layers.dispatch.op_counter import OpCounter  # noqa: E402
+from moe_fp8.layers.dispatch.torch_dist import TorchDistDispatcher  # noqa: E402
 from moe_fp8.layers.permute import quantize_tokens  # noqa: E402
 
 kPrefillTokens = (4096, 8192, 16384)

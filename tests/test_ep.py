@@ -343,7 +343,7 @@ def case_sync_and_op_budget(rank, world, group):
     masked dispatch never read back. Op budgets sit just above today's counts (before this
     protocol: prefill dispatch 87 ops and 4 collectives, decode combine 9 ops)."""
     from moe_fp8.gemm.validate import debug_mode
-    from moe_fp8.layers.dispatch.torch_dist import OpCounter
+    from moe_fp8.layers.dispatch.op_counter import OpCounter
     if debug_mode():  # MOE_FP8_CHECKS=1 reads back on purpose
         return {"skipped": "debug mode"}
     cfg = tiny_cfg()
@@ -553,7 +553,7 @@ def test_row_format():
 def test_op_counter():
     """What the proxy counts: compute ops (not views, allocations or Python scalars), read-backs
     (Python-level and the ops that read back inside on CUDA), collectives."""
-    from moe_fp8.layers.dispatch.torch_dist import OpCounter
+    from moe_fp8.layers.dispatch.op_counter import OpCounter
     x = torch.arange(6.0)
     with OpCounter() as c:
         y = x.view(2, 3).t() + 1  # one kernel
