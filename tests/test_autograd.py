@@ -352,21 +352,26 @@ def test_bad_input_names_the_argument(gen):
 
 # ----------------------------------------------------------------------------- Hopper
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_gpu_deepseek_v3_shapes(monkeypatch, fused):
-    """H 7168, I 2048, 8 local experts with uneven (one empty) token counts, kernels where built;
-    the backward's quantisations composed (the GPU default until measured) and fused."""
-    monkeypatch.setenv(kFusedTrainEnv, fused)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    hidden, inter = 7168, 2048
-    counts = [600, 0, 1234, 257, 900, 31, 2048, 511]
+def _gpu_problem(counts, hidden: int, inter: int, seed: int):
+    """The contiguous layout of ``counts`` on the GPU: x and dY (bf16), fp32 master weights."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     m_indices = build_m_indices(counts, device="cuda")
     rows, experts = m_indices.shape[0], len(counts)
     x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
     w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen, device="cuda") * hidden ** -0.5).requires_grad_()
     w2 = (torch.randn(experts, hidden, inter, generator=gen, device="cuda") * inter ** -0.5).requires_grad_()
     dy = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    return x, m_indices, w13, w2, dy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_gpu_deepseek_v3_shapes(monkeypatch, fused):
+    """H 7168, I 2048, 8 local experts with uneven (one empty) token counts, kernels where built;
+    the backward's quantisations composed (the GPU default until measured) and fused."""
+    monkeypatch.setenv(kFusedTrainEnv, fused)
+    x, m_indices, w13, w2, dy = _gpu_problem([600, 0, 1234, 257, 900, 31, 2048, 511], 7168, 2048,
+                                             seed=0)
     results = fp8_and_reference(x, m_indices, w13, w2, dy, weight_cache=Fp8WeightCache())
     errors = {k: rel_err(*v) for k, v in results.items()}
     print("relative errors (H100):", {k: f"{v:.4f}" for k, v in errors.items()})
@@ -377,33 +382,17 @@ def test_gpu_deepseek_v3_shapes(monkeypatch, fused):
 
 
 @pytest.mark.gpu
-def test_gpu_fused_and_composed_backward_agree():
+def test_gpu_fused_and_composed_backward_agree(monkeypatch):
     """The fused training kernels against the composition of measured ops on the GPU: the
     quantised operands are bit-identical (tests/test_train_quant_gpu.py), so the gradients agree
     up to the GEMMs' own (fp32 reduce-add) ordering."""
-    import os
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    hidden, inter = 1024, 512
-    counts = [300, 0, 129, 700]
-    m_indices = build_m_indices(counts, device="cuda")
-    rows, experts = m_indices.shape[0], len(counts)
-    x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen, device="cuda") * hidden ** -0.5).requires_grad_()
-    w2 = (torch.randn(experts, hidden, inter, generator=gen, device="cuda") * inter ** -0.5).requires_grad_()
-    dy = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    x, m_indices, w13, w2, dy = _gpu_problem([300, 0, 129, 700], 1024, 512, seed=2)
     grads = {}
-    old = os.environ.get(kFusedTrainEnv)
-    try:
-        for flag in ("0", "1"):
-            os.environ[kFusedTrainEnv] = flag
-            for t in (x, w13, w2):
-                t.grad = None
-            experts_forward_fp8(x, m_indices, w13, w2, Fp8WeightCache()).backward(dy)
-            grads[flag] = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
-    finally:
-        if old is None:
-            os.environ.pop(kFusedTrainEnv, None)
-        else:
-            os.environ[kFusedTrainEnv] = old
+    for flag in ("0", "1"):
+        monkeypatch.setenv(kFusedTrainEnv, flag)
+        for t in (x, w13, w2):
+            t.grad = None
+        experts_forward_fp8(x, m_indices, w13, w2, Fp8WeightCache()).backward(dy)
+        grads[flag] = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
     for name, got, want in zip(("dx", "dw13", "dw2"), grads["1"], grads["0"]):
         assert G.calc_diff(got, want) < 1e-7, name
