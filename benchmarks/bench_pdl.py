@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, card, write_results  # noqa: E402
+from common import bench, card, env, write_results  # noqa: E402
 
 from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
 
@@ -29,15 +29,8 @@ kEnv = "MOE_FP8_PDL"
 def with_pdl(flag: str, fn):
     """Run ``fn()`` with MOE_FP8_PDL=flag (the launch attribute is read at each launch, and
     captured into a graph at capture time)."""
-    saved = os.environ.get(kEnv)
-    os.environ[kEnv] = flag
-    try:
+    with env(**{kEnv: flag}):
         return fn()
-    finally:
-        if saved is None:
-            os.environ.pop(kEnv, None)
-        else:
-            os.environ[kEnv] = saved
 
 
 @torch.no_grad()

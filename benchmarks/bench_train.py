@@ -33,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench, geomean, write_results  # noqa: E402
+from common import bench, env, geomean, write_results  # noqa: E402
 
 import moe_fp8.gemm as G  # noqa: E402
 from moe_fp8.gemm.layout import build_m_indices  # noqa: E402
@@ -77,19 +77,9 @@ def backends(device) -> str:
 def fused_train(flag: str, fn):
     """``fn`` run with MOE_FP8_FUSED_TRAIN=flag and MOE_FP8_UNVERIFIED_KERNELS=flag (the fused
     ops' kernels are opted in while they have not been verified on a GPU; restored after)."""
-    names = (kFusedTrainEnv, "MOE_FP8_UNVERIFIED_KERNELS")
-
     def run():
-        old = {name: os.environ.get(name) for name in names}
-        os.environ.update({name: flag for name in names})
-        try:
+        with env(**{kFusedTrainEnv: flag, "MOE_FP8_UNVERIFIED_KERNELS": flag}):
             return fn()
-        finally:
-            for name, value in old.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
     return run
 
 

@@ -6,6 +6,7 @@ benchmarks/results/ with the card, date and commit in the header, and prints the
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
@@ -17,6 +18,22 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 _flush_buffer = None
+
+
+@contextlib.contextmanager
+def env(**values: str):
+    """Environment variables set inside the block (a package switch: MOE_FP8_...), restored (or
+    removed) after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def flush_l2() -> None:

@@ -26,7 +26,6 @@ Tables go to stdout and benchmarks/results/profile_layer_<date>.md (card, date, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import sys
@@ -39,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS_DIR, bench, card, commit, markdown_table  # noqa: E402
+from common import RESULTS_DIR, bench, card, commit, env, markdown_table  # noqa: E402
 
 import moe_fp8.gemm as G  # noqa: E402
 import moe_fp8.layers.dispatch.local as local_dispatch  # noqa: E402
@@ -81,21 +80,10 @@ kPhases = [
 ]
 
 
-@contextlib.contextmanager
 def fused_mode(mode: str):
-    """``mode`` in kModes: sets the three switches, restores them after."""
+    """``mode`` in kModes: a context with the three switches set, restored after."""
     names = (kEnv, kRouterEnv, kOverlapEnv)
-    saved = {name: os.environ.get(name) for name in names}
-    for name, on in zip(names, kModes[mode]):
-        os.environ[name] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
+    return env(**{name: "1" if on else "0" for name, on in zip(names, kModes[mode])})
 
 
 class Phases:
