@@ -270,6 +270,27 @@ class EmulatedKernel:
 
 
 
+def varied_rows(shape, dtype, seed, device="cuda"):
+    """Random values of very different magnitude per row (10^-4 .. 10^4), plus an all-zero row,
+    a row of extremes (dtype max / 2, -max / 3) and a row of tiny values (subnormal quotients):
+    the inputs the quantisation tests compare bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    rows = x.view(-1, shape[-1])
+    rows *= torch.pow(10.0, torch.empty(rows.shape[0], 1).uniform_(-4, 4, generator=gen))
+    if rows.shape[0] > 3:
+        rows[0] = 0
+        rows[1, ::3] = torch.finfo(dtype).max / 2
+        rows[1, 1::3] = -torch.finfo(dtype).max / 3
+        rows[2] *= 1e-30
+    return x.to(dtype).to(device)
+
+
+def poisoned_fp8(shape, device="cuda"):
+    """Random fp8 bytes (NaN patterns included): outputs a kernel must overwrite."""
+    return torch.randint(0, 256, shape, dtype=torch.uint8).view(torch.float8_e4m3fn).to(device)
+
+
 @contextlib.contextmanager
 def env_switch(name: str, value: str):
     """``os.environ[name] = value`` inside the block, restored (or removed) after it."""

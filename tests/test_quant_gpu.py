@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import empty_act_scales
 
+from kernel_checks import poisoned_fp8, varied_rows
+
 pytestmark = pytest.mark.gpu
 FP8 = torch.float8_e4m3fn
 
@@ -26,22 +28,7 @@ def quant():
 VARIANTS = ("stream", "oneshot", "oneshot-hoisted")  # kernels.quant.kVariants
 
 
-def make_input(shape, dtype, seed):
-    """Random rows of varied magnitude, plus an all-zero row, extremes and tiny values."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen)
-    rows = x.view(-1, shape[-1])
-    rows *= torch.pow(10.0, torch.empty(rows.shape[0], 1).uniform_(-4, 4, generator=gen))
-    if rows.shape[0] > 3:
-        rows[0] = 0
-        rows[1, ::3] = torch.finfo(dtype).max / 2  # extreme values
-        rows[1, 1::3] = -torch.finfo(dtype).max / 3
-        rows[2] *= 1e-30  # subnormal results after the division
-    return x.to(dtype).cuda()
-
-
-def poisoned_fp8(shape):
-    return torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda").view(FP8)
+make_input = varied_rows  # on the GPU
 
 
 def fp8_nan(q):

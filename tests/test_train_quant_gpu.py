@@ -23,7 +23,7 @@ import moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import build_m_indices, ceil_div, empty_act_scales, segment_offsets
 
-from kernel_checks import EmulatedKernel, compile_harness, launch_code
+from kernel_checks import EmulatedKernel, compile_harness, launch_code, poisoned_fp8, varied_rows
 
 FP8 = torch.float8_e4m3fn
 
@@ -220,22 +220,7 @@ def big(device):
 
 # ----------------------------------------------------------------------------- helpers
 
-def make_input(shape, dtype, seed, device):
-    """Random values of varied magnitude per row, an all-zero row, extremes and tiny values."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen)
-    rows = x.view(-1, shape[-1])
-    rows *= torch.pow(10.0, torch.empty(rows.shape[0], 1).uniform_(-4, 4, generator=gen))
-    if rows.shape[0] > 3:
-        rows[0] = 0
-        rows[1, ::3] = torch.finfo(dtype).max / 2
-        rows[1, 1::3] = -torch.finfo(dtype).max / 3
-        rows[2] *= 1e-30
-    return x.to(dtype).to(device)
-
-
-def poisoned_fp8(shape, device):
-    return torch.randint(0, 256, shape, dtype=torch.uint8).view(FP8).to(device)
+make_input = varied_rows
 
 
 def nan_scales(rows, groups, device):
