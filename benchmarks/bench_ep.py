@@ -12,8 +12,8 @@ after a barrier; L2 flushed before each repeat):
                      same B as the row it follows.
 * ``dispatch``       ``TorchDistDispatcher.dispatch_contiguous`` on pre-quantised tokens (the layer
                      quantises once for the shared expert too): counts exchange + the one host
-                     sync + ONE packed all-to-all (fp8 | scales | ids, layout rows, weights) + the
-                     contiguous layout. B = rows sent x (H + 4H/128 + 12k) bytes, rows to the rank
+                     sync + ONE packed all-to-all (fp8 | scales | ids | weights) + the
+                     contiguous layout. B = rows sent x (H + 4H/128 + 8k, padded to 16) bytes, rows to the rank
                      itself included.
 * ``dispatch_wire``  only the packed all-to-all of that dispatch (same splits): transport vs local work.
 * ``combine``        ``combine_contiguous``: weighted local reduce, reverse all-to-all (bf16), source
@@ -31,7 +31,8 @@ Results: benchmarks/results/ep_<R>gpu_<date>.md/.csv (rank 0; card, date, commit
 ``--cpu`` (gloo, no GPU): a PROXY of the local work around the transfers, measured with
 ``op_counter.OpCounter`` on DeepSeek-V3 routing (H 7168, 256 experts, top-8) at
 ``kProxyTokens`` tokens per rank, per call of dispatch and combine (prefill and decode):
-compute ops (~ kernels on a GPU), host read-backs (syncs), collectives, compute ops between the
+compute ops (~ kernels on a GPU; with g++ the layer's index/permute/combine kernels run emulated
+and count as one launch each, as on Hopper), host read-backs (syncs), collectives, compute ops between the
 last read-back and the (last) payload transfer (serial host work on the critical path), MB and
 millions of elements written by the compute ops (a uint8 gather moves 8x the elements of an int64
 one), MB on the wire, and the CPU wall time (gloo and CPU kernels: not a GPU figure).
@@ -135,7 +136,7 @@ def bench_exchange(cfg, tokens, clock, device, group, world, rank):
     xq, xs = quantize_tokens(x)
     layout, handle = disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)
     rows_sent = sum(handle.send_splits)
-    dispatch_bytes = rows_sent * _prefill_format(disp).nbytes
+    dispatch_bytes = rows_sent * disp.row_format.nbytes
     combine_bytes = rows_sent * 2 * cfg.hidden_size
     out = []
     for op, fn, nbytes in (("dispatch", lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w), dispatch_bytes),
@@ -195,14 +196,10 @@ def profile_exchange(cfg, tokens, device, group, rank, top: int = 10) -> None:
         print("\n".join(lines))
 
 
-def _prefill_format(disp):
-    return getattr(disp, "prefill_format", disp.row_format)
-
-
 def _wire(disp, xq, xs, handle, device):
     """The dispatch's payload transfer alone, with its splits: ONE all-to-all of packed rows
     (fp8 | scales | metadata), no routing tables, no layout."""
-    nbytes = _prefill_format(disp).nbytes
+    nbytes = disp.row_format.nbytes
     send = torch.randint(0, 255, (sum(handle.send_splits), nbytes), dtype=torch.uint8, device=device)
     recv = torch.empty(sum(handle.recv_splits), nbytes, dtype=torch.uint8, device=device)
 
@@ -216,9 +213,35 @@ def _combine(disp, layout, handle):
     return lambda: disp.combine_contiguous(y_rows, handle)
 
 
+def _hopper_kernels(rank):
+    """The layer's index/permute/combine kernels emulated on the CPU (tests/kernel_checks.py, g++)
+    -> ``(context factory, launch log)``, so that the proxy counts what Hopper runs; the torch
+    path's ops (context None) without g++."""
+    import pathlib
+    import shutil
+    import tempfile
+    if shutil.which("g++") is None:
+        return None, []
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from kernel_checks import build_emulator, emulated_permute_kernels, kPermuteInstances
+    build = pathlib.Path(tempfile.mkdtemp(prefix=f"bench_ep_emu{rank}_"))
+    lib = build_emulator(build, ["permute.cuh"], kPermuteInstances, "permute_proxy")
+    log = []
+    return (lambda: emulated_permute_kernels(lib, log)), log
+
+
 def proxy_rows(cfg, tokens, decode_tokens, clock, group, rank):
     """--cpu: OpCounter per call (see the module docstring) + CPU wall time, rank 0's view.
-    Prefill: ``cfg``; decode: the issue's decode target, ``cfg`` with 16 experts."""
+    Prefill: ``cfg``; decode: the issue's decode target, ``cfg`` with 16 experts. With g++ the
+    layer's kernels run emulated (``launches``: their launches; ``ops`` = kernels + launches, the
+    count on Hopper) and calls that launch one are not timed (the emulation is no CPU figure)."""
+    import contextlib
+    hopper, log = _hopper_kernels(rank)
+    with (hopper() if hopper else contextlib.nullcontext()):
+        return _proxy_rows(cfg, tokens, decode_tokens, clock, group, rank, log)
+
+
+def _proxy_rows(cfg, tokens, decode_tokens, clock, group, rank, log):
     device = torch.device("cpu")
     disp = TorchDistDispatcher(cfg, group)
     disp_d = TorchDistDispatcher(cfg.replace(num_experts=16), group)
@@ -240,9 +263,13 @@ def proxy_rows(cfg, tokens, decode_tokens, clock, group, rank):
     out = []
     for name, n, fn in calls:
         dist.barrier(group=group)
+        first = len(log)
         with OpCounter() as counter:
             fn()
-        out.append({"call": name, "tokens/rank": n, **counter.summary(), "cpu_us": round(clock(fn))})
+        launches = len(log) - first
+        out.append({"call": name, "tokens/rank": n, "ops": counter.kernels + launches,
+                    "launches": launches, **counter.summary(),
+                    "cpu_us": "-" if launches else round(clock(fn))})  # emulation: no timing
     return out
 
 

@@ -305,6 +305,25 @@ def env_switch(name: str, value: str):
             os.environ[name] = old
 
 
+@contextlib.contextmanager
+def emulated_permute_kernels(lib, log=None):
+    """The layer's permute/index/combine kernels (``layouts.fused_enabled``) on CPU tensors, run
+    by the g++ emulation ``lib`` of permute.cuh; each launch is appended to ``log`` (if given)."""
+    import moe_fp8.layers.layouts as L
+    import moe_fp8.layers.permute as PM
+    from moe_fp8.gemm.kernels import permute as kernels
+    saved = (kernels._kernel, L.fused_enabled, PM.fused_enabled)
+    if log is None:
+        kernels._kernel = lambda src, like: EmulatedKernel(lib, src)
+    else:
+        kernels._kernel = lambda src, like: RecordingKernel(EmulatedKernel(lib, src), src, log)
+    L.fused_enabled = PM.fused_enabled = lambda t: True
+    try:
+        yield
+    finally:
+        kernels._kernel, L.fused_enabled, PM.fused_enabled = saved
+
+
 def combine_oracle(y_rows, index, add):
     """The documented order: fp32, acc = 0, acc += bf16(w_j) * y_j (j ascending), + add, bf16."""
     weights = index.slot_weight.to(torch.bfloat16).float()

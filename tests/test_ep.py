@@ -336,50 +336,6 @@ def case_dispatch_contiguous_edges(rank, world, group):
         assert torch.equal(y, add) and (plain == 0).all() and handle.num_send == 0
 
 
-def case_sync_and_op_budget(rank, world, group):
-    """The CPU proxy as a contract (``OpCounter``): prefill dispatch = ONE host read-back, the
-    counts exchange + ONE payload transfer, nothing but the send gather between the read-back
-    and the payload; the combines write no gathered ``[rows, k, H]`` copy; combines and the
-    masked dispatch never read back. Op budgets sit just above today's counts (before this
-    protocol: prefill dispatch 87 ops and 4 collectives, decode combine 9 ops)."""
-    from moe_fp8.gemm.validate import debug_mode
-    from moe_fp8.layers.dispatch.op_counter import OpCounter
-    if debug_mode():  # MOE_FP8_CHECKS=1 reads back on purpose
-        return {"skipped": "debug mode"}
-    cfg = tiny_cfg()
-    hidden = cfg.hidden_size
-    disp = _dispatcher(cfg, group)
-    counts = [13, 0, 40, 1][:world]
-    (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=14, invalid_every=7)
-    figures = {}
-    with OpCounter() as c:
-        layout, handle = disp.dispatch_contiguous((xq, xs), idx, w)
-    assert (c.syncs, c.collectives, c.pre_xfer_kernels) == (1, 2, 1), c.ops
-    assert c.kernels <= 60, c.ops
-    figures["prefill_dispatch"] = c.summary()
-    y_rows = fake_experts_contiguous(layout, disp.expert_offset)
-    with OpCounter() as c:
-        disp.combine_contiguous(y_rows, handle, add=add)
-    assert (c.syncs, c.collectives) == (0, 1) and c.kernels <= 6, c.ops
-    rows_out = sum(handle.recv_splits) + 2 * counts[rank]  # partial sums, the add copy, the output
-    assert c.bytes_written <= 1.1 * rows_out * hidden * 2 + 4096, (c.bytes_written, c.ops)
-    figures["prefill_combine"] = c.summary()
-    tokens = 6
-    (xq, xs), idx, w, add = _oracle_inputs(cfg, [tokens] * world, rank, seed=15)
-    m_max = disp.max_tokens_per_expert(tokens)
-    with OpCounter() as c:
-        masked, mhandle = disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=m_max,
-                                               num_valid_tokens=torch.tensor(tokens - rank % 2))
-    assert (c.syncs, c.collectives) == (0, 1), c.ops
-    figures["decode_dispatch"] = c.summary()
-    y_rows = fake_experts_masked(masked, disp.expert_offset)
-    with OpCounter() as c:
-        disp.combine_masked(y_rows, mhandle, add=add)
-    assert (c.syncs, c.collectives) == (0, 1) and c.kernels <= 6, c.ops
-    figures["decode_combine"] = c.summary()
-    return figures
-
-
 def case_errors(rank, world, group):
     """Bad arguments raise before any collective (rank-local, so no rank can hang)."""
     from moe_fp8.layers.dispatch.torch_dist import make_dispatcher
@@ -454,47 +410,121 @@ def test_ep_gloo(case, world):
     check_case(_job(world), case)
 
 
-def case_receive_fused_vs_torch(rank, world, group, lib_path):
-    """The receiver's layout through the layer's permute kernel (emulated on the CPU), reading
-    the packed received rows in place (16-byte rows), equals the torch gather bit for bit."""
+def _emulator(lib_path):
     import ctypes
-    import moe_fp8.layers.permute as PM
-    from kernel_checks import EmulatedKernel, RecordingKernel
-    from moe_fp8.gemm.kernels import permute as kernels
     lib = ctypes.CDLL(lib_path)
     lib.moe_emu_launch.restype = ctypes.c_int
+    return lib
+
+
+def fused_case_receive_vs_torch(rank, world, group, lib_path):
+    """The receiver's layout through the layer's index and permute kernels (emulated on the CPU),
+    reading the packed received rows in place (16-byte rows), equals the torch path bit for bit."""
+    from kernel_checks import emulated_permute_kernels
     cfg = tiny_cfg()
     disp = _dispatcher(cfg, group)
     (xq, xs), idx, w, _ = _oracle_inputs(cfg, [21, 3, 0, 50][:world], rank, seed=16)
     want, _ = disp.dispatch_contiguous((xq, xs), idx, w)
-    log, saved = [], (kernels._kernel, PM.fused_enabled)
-    kernels._kernel = lambda src, like: RecordingKernel(EmulatedKernel(lib, src), src, log)
-    PM.fused_enabled = lambda t: True
-    try:
+    log = []
+    with emulated_permute_kernels(_emulator(lib_path), log):
         got, _ = disp.dispatch_contiguous((xq, xs), idx, w)
-    finally:
-        kernels._kernel, PM.fused_enabled = saved
-    if want.num_rows:
-        assert any("permute_rows_kernel<false>" in launch[0] for launch in log), log  # no silent fallback
+    launched = [launch[0] for launch in log]
+    if want.num_rows:  # no silent fallback
+        assert any("permute_rows_kernel<false>" in name for name in launched), launched
+        assert any("contiguous_rank_kernel" in name for name in launched), launched
     assert torch.equal(got.a.view(torch.uint8), want.a.view(torch.uint8))
     assert torch.equal(got.sa, want.sa) and got.sa.stride() == want.sa.stride()
     for name in ("m_indices", "row_token", "row_slot", "tokens_per_expert"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
+def fused_case_oracles(rank, world, group, lib_path):
+    """The dispatcher oracles (contiguous and masked: poisoned unwritten rows, -1 ids, T = 0,
+    both combine dtypes, static buffers) with every index, permute and combine step of both
+    exchanges on the layer's kernels (emulated), as on Hopper."""
+    from kernel_checks import emulated_permute_kernels
+    log = []
+    with emulated_permute_kernels(_emulator(lib_path), log):
+        case_dispatch_contiguous_oracle(rank, world, group)
+        case_dispatch_masked_oracle(rank, world, group)
+    launched = {launch[0].split("::")[-1] for launch in log}
+    assert {"combine_kernel<false>", "combine_kernel<true>", "masked_index_kernel<512>",
+            "contiguous_rank_kernel<512>"} <= launched, launched
+
+
+def fused_case_sync_and_op_budget(rank, world, group, lib_path):
+    """The CPU proxy as a contract (``OpCounter``), with the layer's kernels emulated so that the
+    count is Hopper's: torch ops + kernel launches. Prefill dispatch = ONE host read-back, the
+    counts exchange + ONE payload transfer, nothing but the send gather between the read-back
+    and the payload; combines and the masked dispatch never read back. Budgets sit just above
+    today's counts (prefill dispatch: 87 ops and 4 collectives in v1, 59 ops in v2, 35 in v3)."""
+    from kernel_checks import emulated_permute_kernels
+    from moe_fp8.gemm.validate import debug_mode
+    from moe_fp8.layers.dispatch.op_counter import OpCounter
+    if debug_mode():  # MOE_FP8_CHECKS=1 reads back on purpose
+        return {"skipped": "debug mode"}
+    lib = _emulator(lib_path)
+    cfg = tiny_cfg()
+    disp = _dispatcher(cfg, group)
+    figures = {}
+
+    def counted(name, budget, fn):
+        log = []
+        with emulated_permute_kernels(lib, log), OpCounter() as c:
+            result = fn()
+        ops = c.kernels + len(log)
+        assert ops <= budget, (ops, c.ops, [launch[0] for launch in log])
+        figures[name] = {**c.summary(), "launches": len(log)}
+        return c, result
+
+    counts = [13, 0, 40, 1][:world]
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=14, invalid_every=7)
+    c, (layout, handle) = counted("prefill_dispatch", 36,
+                                  lambda: disp.dispatch_contiguous((xq, xs), idx, w))
+    assert (c.syncs, c.collectives, c.pre_xfer_kernels) == (1, 2, 1), c.ops
+    y_rows = fake_experts_contiguous(layout, disp.expert_offset)
+    c, _ = counted("prefill_combine", 3, lambda: disp.combine_contiguous(y_rows, handle, add=add))
+    assert (c.syncs, c.collectives) == (0, 1), c.ops
+    tokens = 6
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, [tokens] * world, rank, seed=15)
+    m_max = disp.max_tokens_per_expert(tokens)
+    c, (masked, mhandle) = counted("decode_dispatch", 21, lambda: disp.dispatch_masked(
+        (xq, xs), idx, w, max_tokens_per_expert=m_max, num_valid_tokens=torch.tensor(tokens - rank % 2)))
+    assert (c.syncs, c.collectives) == (0, 1), c.ops
+    y_rows = fake_experts_masked(masked, disp.expert_offset)
+    c, _ = counted("decode_combine", 2, lambda: disp.combine_masked(y_rows, mhandle, add=add))
+    assert (c.syncs, c.collectives) == (0, 1), c.ops
+    return figures
+
+
+FUSED_CASES = {name[len("fused_case_"):]: fn for name, fn in globals().items()
+               if name.startswith("fused_case_")}
+
+
 def _worker_fused(rank, world, store, result_dir, lib_path):
     torch.set_num_threads(1)
     init_group("gloo", rank, world, store)
-    run_cases({"receive_fused_vs_torch": case_receive_fused_vs_torch}, rank, result_dir,
-              dist.group.WORLD, lib_path)
+    run_cases(FUSED_CASES, rank, result_dir, dist.group.WORLD, lib_path)
     dist.destroy_process_group()
 
 
-def test_ep_receive_through_the_permute_kernel(tmp_path):
+@functools.lru_cache(maxsize=None)
+def _fused_job(build_dir: str):
+    import pathlib
     from kernel_checks import build_emulator, kPermuteInstances
-    build_emulator(tmp_path, ["permute.cuh"], kPermuteInstances, "permute_ep")
-    check_case(run_spawned(_worker_fused, 2, str(tmp_path / "libpermute_ep.so")),
-               "receive_fused_vs_torch")
+    build_emulator(pathlib.Path(build_dir), ["permute.cuh"], kPermuteInstances, "permute_ep")
+    return run_spawned(_worker_fused, 2, str(pathlib.Path(build_dir) / "libpermute_ep.so"))
+
+
+@pytest.fixture(scope="module")
+def fused_job(tmp_path_factory):
+    return _fused_job(str(tmp_path_factory.mktemp("permute_ep")))
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_ep_through_the_layer_kernels(case, fused_job):
+    """EP = 2 (gloo) with the layer's permute/index/combine kernels emulated on the CPU."""
+    check_case(fused_job, case)
 
 
 def check_case(job, case: str) -> None:
@@ -527,27 +557,30 @@ def test_placement_errors(kwargs):
 
 
 def test_meta_roundtrip():
-    from moe_fp8.layers.dispatch.torch_dist import decode_meta, encode_meta
+    from moe_fp8.layers.dispatch.torch_dist import RowFormat, encode_meta
     idx = torch.tensor([[3, 1], [0, 2], [5, 4]])
     w = torch.tensor([[0.5, -1.25], [3.0, 1e-8], [2.0, 7.0]])
-    ids, weights = decode_meta(encode_meta(idx, w, num_valid_tokens=torch.tensor(2)))
-    assert ids.tolist() == [[3, 1], [0, 2], [-1, -1]]
-    assert torch.equal(weights, w)
+    fmt = RowFormat(128, 2)
+    rows = torch.zeros(3, fmt.nbytes, dtype=torch.uint8)
+    fmt.views(rows)[2].copy_(encode_meta(idx, w, num_valid_tokens=torch.tensor(2)))
+    meta = fmt.views(rows)[2]
+    assert meta[:, :2].tolist() == [[3, 1], [0, 2], [-1, -1]]
+    assert torch.equal(meta[:, 2:].contiguous().view(torch.float32), w)
 
 
 def test_row_format():
     from moe_fp8.layers.dispatch.torch_dist import RowFormat
-    prefill = RowFormat(7168, 8, 3 * 8)  # DeepSeek-V3: fp8 | 56 scales | ids | rows | weights
-    assert prefill.nbytes == 7168 + 224 + 96 and prefill.word_dtype == torch.int64  # 7488 = 16 x 468
+    fmt = RowFormat(7168, 8)  # DeepSeek-V3: fp8 | 56 scales | 8 ids | 8 weights
+    assert fmt.nbytes == 7168 + 224 + 64 and fmt.word_dtype == torch.int64  # 7456 = 16 x 466
     assert RowFormat(384, 8).nbytes == 464  # 384 + 12 + 64 = 460, padded to 16 bytes
-    assert RowFormat(256, 6, 18).nbytes == 336  # top-6: 256 + 8 + 72 = 336
-    rows = torch.randint(0, 255, (3, prefill.nbytes), dtype=torch.uint8)
-    x, s, meta = prefill.views(rows)
-    assert x.shape == (3, 7168) and s.shape == (3, 56) and meta.shape == (3, 24)
+    assert RowFormat(256, 6).nbytes == 320  # top-6: 256 + 8 + 48 = 312, padded
+    rows = torch.randint(0, 255, (3, fmt.nbytes), dtype=torch.uint8)
+    x, s, meta = fmt.views(rows)
+    assert x.shape == (3, 7168) and s.shape == (3, 56) and meta.shape == (3, 16)
     padded = RowFormat(384, 8)
     _, _, meta = padded.views(torch.zeros(2, padded.nbytes, dtype=torch.uint8))
     assert meta.shape == (2, 16) and meta.stride(0) == padded.nbytes // 4  # the padding is not metadata
-    assert torch.equal(rows.view(prefill.word_dtype).view(torch.uint8), rows)
+    assert torch.equal(rows.view(fmt.word_dtype).view(torch.uint8), rows)
 
 
 def test_op_counter():

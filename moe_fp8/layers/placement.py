@@ -70,10 +70,13 @@ class ExpertPlacement:
     def to_local(self, topk_idx_global: torch.Tensor, sentinel: int | None = None) -> torch.Tensor:
         """Global ids -> this rank's local ids (int64); ids of other ranks' experts (and invalid
         ids) become ``sentinel`` (default ``num_experts_local``, the layouts' skip id)."""
-        sentinel = self.num_experts_local if sentinel is None else sentinel
-        local = topk_idx_global.long() - self.expert_offset
-        mine = (local >= 0) & (local < self.num_experts_local)
-        return torch.where(mine, local, sentinel)
+        experts = self.num_experts_local
+        local = torch.sub(topk_idx_global, self.expert_offset,
+                          out=torch.empty(topk_idx_global.shape, dtype=torch.int64,
+                                          device=topk_idx_global.device))
+        if sentinel is None or sentinel == experts:  # three elementwise kernels, not six
+            return local.clamp_(-1, experts).remainder_(experts + 1)  # < 0 and >= E_loc -> E_loc
+        return torch.where((local >= 0) & (local < experts), local, sentinel)
 
     def shard(self, global_stack: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global per-expert tensor ``[E, ...]`` (a view)."""

@@ -8,42 +8,35 @@ What travels: tokens are quantised (1x128, ``per_token_group_quant_fp8``) **befo
 and a token goes to a rank **once**, however many of its k experts that rank holds (DeepEP does
 the same): the receiver fans the row out to its local experts and, in the combine, reduces the
 token's local experts (weighted) into one row that travels back. fp8 bytes, scales and
-metadata travel together, one packed uint8 row per (token, destination): the metadata carries
-the token's k global expert ids (int32; "none" is -1 in decode, E in prefill) and k weights
-(fp32) — and, in prefill, the row each pair takes in its destination's layout — so the receiver
-needs nothing else.
+metadata travel together, one packed uint8 row per (token, destination) (``RowFormat``): the
+token's k global expert ids (int32; "none" is -1 in decode, E in prefill) and k weights (fp32),
+so the receiver needs nothing else.
 
 Prefill (contiguous layout), any batch, ranks may hold different ``T_local``. One host sync,
 one payload transfer per direction, no per-expert loop; every index is built on the device:
 
-1. routing tables on the source (device): pairs per global expert, and the tokens for each rank
-   (``[E + 1 + R]`` int64). ONE ``all_to_all_single`` sends this table to every rank (async), so
-   each rank knows every rank's counts; while it flies the source quantises (bf16 input), ranks
-   each pair within its expert (one stable sort), builds the send order (a cumsum + a
-   ``searchsorted``) and packs one record per token into ``[T, row]`` uint8:
-   ``[H fp8 | H/128 fp32 scales | k expert ids | k destination-layout rows | k fp32 weights]``.
-2. from the counts every source computes, on the device, the row each of its pairs takes in
-   its destination's contiguous layout: segment start of the expert (segments padded to 128)
-   + the pairs earlier sources send to it + the pair's rank at the source. **The one host sync**
-   reads back ``[send splits | receive splits | M_sum]`` (``2R + 1`` ints; NCCL and gloo need
-   split sizes on the host, and ``M_sum`` sizes the layout); on CUDA it is an async copy into
-   pinned memory plus an event, waited for after the packing kernels have been issued.
+1. routing table on the source (device): pairs per global expert and tokens per rank
+   (``[E + 1 + R]`` int64). ONE ``all_to_all_single`` sends it to every rank (async), so each
+   rank knows every rank's counts; while it flies the source quantises (bf16 input), builds the
+   send order (a cumsum + a ``searchsorted``) and packs one record per token into ``[T, row]``.
+2. **The one host sync** reads back ``[send splits | receive splits | M_sum]`` (``2R + 1`` ints;
+   NCCL and gloo need split sizes on the host, and ``M_sum``, the padded rows arriving per local
+   expert, sizes the layout); on CUDA an async copy into pinned memory plus an event, waited for
+   after the combine's source index has been issued.
 3. ONE ``all_to_all_single`` of the packed rows (gathered by the send order, viewed as 8-byte
-   words), rows grouped by destination rank, tokens in order within a rank. While it flies:
-   the combine's source index and the layout's index buffers.
-4. the receiver scatters the slot ids and local expert ids of its local pairs to their rows
-   (``row_pair``, ``m_indices``: one ``scatter_`` each) and gathers the fp8 rows and the scales
-   into the layout (one ``index_select`` each). Rows arrive
-   ordered (source rank, token), so the layout equals the local dispatcher's over the
-   concatenation of every rank's tokens, bit for bit.
-5. combine: per received row, ``sum_j w_j * y(row, j)`` over its local slots (one
-   ``embedding_bag``: fp32 accumulation, no gathered copy, rounded once to ``combine_dtype``), the
-   reverse ``all_to_all_single`` (splits swapped; ``add`` is copied beside the returned rows
-   while it flies), then on the source ``out[t] = add[t] + sum_r returned(t, r)`` as one more
-   ``embedding_bag`` over ``[padding | returned | add]`` (``padding_idx`` for ranks a token skipped;
-   fp32, rounded once, a fixed order: deterministic, unlike an atomic ``index_add``).
+   words), rows grouped by source rank, tokens in order within a rank.
+4. the receiver builds the layout exactly as the one-GPU layer does: local ids of the received
+   rows -> ``layouts.contiguous_index`` (its stable count/scan/rank kernels on Hopper, given the
+   ``M_sum`` already read back: no second sync) -> ``permute.permute_rows``, which reads the
+   packed rows in place. Rows arrive ordered (source rank, token), so the layout equals the
+   local dispatcher's over the concatenation of every rank's tokens, bit for bit.
+5. combine: per received row, ``sum_j w_j * y(row, j)`` over its local slots, the reverse
+   ``all_to_all_single`` (splits swapped), then on the source ``out[t] = add[t] + sum_r
+   returned(t, r)`` (a zero row for the ranks a token skipped). Both sums are
+   ``permute.unpermute_combine`` (the layer's combine kernel on Hopper): fp32, a fixed order
+   (deterministic, unlike an atomic ``index_add``), rounded once each.
 
-Wire bytes per row: ``H + 4 H/128 + 12 k`` out, ``2 H`` (bf16) back.
+Wire bytes per row: ``H + 4 H/128 + 8 k`` (padded to 16) out, ``2 H`` (bf16) back.
 
 Decode (masked layout), fixed shapes, no host sync, capturable in one CUDA graph with NCCL:
 
@@ -58,16 +51,17 @@ Decode (masked layout), fixed shapes, no host sync, capturable in one CUDA graph
   (``max_tokens_per_expert``) can never overflow either.
 * the receiver builds the masked layout ``[E_loc, M_max, H]`` on device (``layouts.masked_index``:
   a sort; ``masked_m`` stays on the device).
-* combine: per received row, the weighted reduce over its local experts (``embedding_bag``) into
-  ``[R * T, H]`` (rows of tokens that did not pick this rank reduce to 0), ONE equal-split
-  ``all_to_all_single`` back, then ``out[t] = add[t] + sum_r returned[r, t]`` (fixed order).
+* combine: per received row, the weighted reduce over its local experts into ``[R * T, H]``
+  (rows of tokens that did not pick this rank reduce to 0), ONE equal-split
+  ``all_to_all_single`` back, then ``out[t] = add[t] + sum_r returned[r, t]`` (fixed order);
+  both sums are ``unpermute_combine`` as in prefill.
   Wire bytes per rank per step: ``R * T * (H + 4 H/128 + 8 k)`` out, ``R * T * 2 H`` back.
 
 Transports: NCCL (CUDA tensors) and gloo (CPU tensors) both implement ``all_to_all_single`` with
 uneven splits and empty splits; neither carries float8, so fp8 travels as uint8. Kernels run on
-the current stream; prefill issues its collectives with ``async_op=True`` and joins NCCL's stream
-(``work.wait()``) only after the kernels that do not need the result, which then overlap the
-transfer. ``op_counter.OpCounter`` counts ops, host syncs and collectives per call: the
+the current stream; prefill issues the counts exchange with ``async_op=True`` and joins NCCL's
+stream (``work.wait()``) only after the packing kernels, which then overlap it (a blocking NCCL
+collective does not block the host either: it orders the streams). ``op_counter.OpCounter`` counts ops, host syncs and collectives per call: the
 CPU proxy of ``benchmarks/bench_ep.py --cpu``.
 """
 from __future__ import annotations
@@ -78,11 +72,10 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ...gemm.layout import kSegmentAlign
 from ...gemm.validate import debug_mode
-from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
+from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout, contiguous_index,
                        masked_index)
 from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
 from ..placement import ExpertPlacement
@@ -106,23 +99,16 @@ def encode_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor,
     return torch.cat([ids, weights], dim=1)
 
 
-def decode_meta(meta: torch.Tensor):
-    """int32 ``[N, 2k]`` -> (global ids int64 ``[N, k]``, weights fp32 ``[N, k]``)."""
-    top_k = meta.shape[1] // 2
-    return meta[:, :top_k].long(), meta[:, top_k:].contiguous().view(torch.float32)
-
-
 @dataclass
 class RowFormat:
-    """One packed row: ``[H fp8 | H/128 fp32 scales | meta_words int32]``. Decode's metadata is
-    ``[k ids | k weights]`` (``meta_words = 2k``, the default); prefill's is
-    ``[k ids | k destination-layout rows | k weights]`` (``3k``)."""
+    """One packed row: ``[H fp8 | H/128 fp32 scales | k int32 global ids | k fp32 weights]``, the
+    same for prefill (no expert = E) and decode (no expert = -1)."""
     hidden: int
     top_k: int
-    meta_words: int = 0
 
-    def __post_init__(self) -> None:
-        self.meta_words = self.meta_words or 2 * self.top_k
+    @property
+    def meta_words(self) -> int:
+        return 2 * self.top_k
 
     @property
     def groups(self) -> int:
@@ -155,11 +141,9 @@ class ContiguousHandle:
     send_token: torch.Tensor  # int64 [S_send]: source token of each sent row (grouped by rank)
     send_splits: List[int]  # host: rows sent to each rank
     recv_splits: List[int]  # host: rows received from each rank
-    recv_index: torch.Tensor  # int32 [S_recv, k]: row of y_rows of each local slot of a received row, else 0
-    recv_weight: torch.Tensor  # fp32 [S_recv, k]: that slot's weight, 0 for other ranks' slots
-    source_index: torch.Tensor  # int64 [T, R + 1] rows of [padding | returned | add]: row of (token,
-    #                             rank) among the returned rows (1 + send position), 0 (the padding row)
-    #                             if the token skipped the rank; column R: 1 + S_send + t, add[t]
+    recv_combine: CombineIndex  # [S_recv, k] over y_rows: each received row's local slots (others: row 0, weight 0)
+    source_combine: CombineIndex  # [T, R] over [zero row | returned rows]: row 1 + send position of
+    #                               (token, rank), weight 1; row 0, weight 0 where the token skipped the rank
     num_rows: int  # M_sum of the layout
 
     @property
@@ -170,7 +154,7 @@ class ContiguousHandle:
 @dataclass
 class MaskedHandle:
     recv_combine: CombineIndex  # [R * T, k] over y_rows.flatten(0, 1)
-    num_tokens: int  # T (static, equal on every rank)
+    source_sum: CombineIndex  # [T, R] over the returned rows [R * T, H]: row r * T + t, weight 1
     max_tokens_per_expert: int  # M_max
 
 
@@ -199,8 +183,8 @@ class TorchDistDispatcher(Dispatcher):
         if combine_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"combine_dtype must be None, bf16, fp16 or fp32, got {combine_dtype}")
         self.combine_dtype = combine_dtype
-        self.row_format = RowFormat(self.hidden_size, self.top_k)  # decode
-        self.prefill_format = RowFormat(self.hidden_size, self.top_k, 3 * self.top_k)
+        self.row_format = RowFormat(self.hidden_size, self.top_k)
+        self._source_sum_cache = {}  # (T, device) -> decode's static source-sum index
 
     # ------------------------------------------------------------------ sizes
     def max_tokens_per_expert(self, max_tokens_local: int) -> int:
@@ -224,23 +208,12 @@ class TorchDistDispatcher(Dispatcher):
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=async_op)
 
     # ------------------------------------------------------------------ shared pieces
-    def _weighted_rows(self, y_rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-                       dtype: torch.dtype) -> torch.Tensor:
-        """``out[i] = sum_j weight[i, j] * y_rows[index[i, j]]`` -> ``[N, H]`` of ``dtype``.
-
-        ``embedding_bag`` (sum, per-sample weights): accumulates in fp32 and rounds once, without
-        materialising the gathered ``[N, k, H]`` rows (the weights are rounded to ``y_rows``'
-        dtype first, as the batched matmul of ``permute.unpermute_combine`` does). Slots with
-        weight 0 point at a real row (finite by the contract). A wider ``dtype`` than ``y_rows``
-        (fp32 partials) goes through ``unpermute_combine``, which computes in fp32.
-        """
-        rows = index.shape[0]
-        if rows == 0:
-            return torch.empty(0, y_rows.shape[1], dtype=dtype, device=y_rows.device)
-        if dtype == y_rows.dtype:
-            return F.embedding_bag(index, y_rows, per_sample_weights=weight.to(dtype), mode="sum")
-        out = torch.empty(rows, y_rows.shape[1], dtype=dtype, device=y_rows.device)
-        return unpermute_combine(y_rows, CombineIndex(index.long(), weight), out=out)
+    def _weighted_rows(self, y_rows: torch.Tensor, index: CombineIndex, dtype: torch.dtype) -> torch.Tensor:
+        """``out[i] = sum_j weight[i, j] * y_rows[row[i, j]]`` -> ``[N, H]`` of ``dtype``: the
+        layer's combine (``permute.unpermute_combine``; its kernel on Hopper: each row read once,
+        fp32 accumulation, one rounding). Slots with weight 0 point at a finite row."""
+        out = torch.empty(index.slot_row.shape[0], y_rows.shape[1], dtype=dtype, device=y_rows.device)
+        return unpermute_combine(y_rows, index, out=out)
 
     @staticmethod
     def _start_read_back(values: torch.Tensor):
@@ -268,16 +241,12 @@ class TorchDistDispatcher(Dispatcher):
         self._check_routing(xq, topk_idx, topk_weights)
         ranks, experts, experts_local, top_k = self.ep_size, self.num_experts_global, \
             self.num_experts_local, self.top_k
-        me, fmt = self.ep_rank, self.prefill_format
+        me, fmt = self.ep_rank, self.row_format
         tokens, device = xq.shape[0], xq.device
-        pairs = tokens * top_k
-        # --- 1. routing tables (device): [pairs per global expert | no expert | tokens per rank]
+        # --- 1. routing table (device): [pairs per global expert | no expert | tokens per rank]
         expert = topk_idx.to(torch.int64).clamp(-1, experts).remainder_(experts + 1)  # [T, k]; E = none
-        flat = expert.view(-1)
-        sorted_expert, order = torch.sort(flat, stable=True)  # pairs by expert, (token, slot) order kept
-        first = torch.searchsorted(sorted_expert, torch.arange(experts + 2, device=device))  # [E + 2]
-        table = torch.empty(experts + 1 + ranks, dtype=torch.int64, device=device)
-        torch.sub(first[1:], first[:-1], out=table[:experts + 1])  # pairs per expert
+        table = torch.zeros(experts + 1 + ranks, dtype=torch.int64, device=device)
+        table[:experts + 1].index_add_(0, expert.view(-1), table.new_ones(()).expand(expert.numel()))
         dest = expert.div(experts_local, rounding_mode="floor")  # [T, k] rank of each pair; R = none
         hit = torch.zeros(tokens, ranks + 1, dtype=torch.bool, device=device).scatter_(1, dest, True)
         hit = hit[:, :ranks]  # [T, R]: token t goes to rank r
@@ -287,34 +256,31 @@ class TorchDistDispatcher(Dispatcher):
         counts_work = self._all_to_all(counts, table_out, async_op=True)
         # --- overlapped with the counts exchange: everything that needs only local data
         xq, xs = self.tokens_in(x_local)  # bf16 input is quantised here, while the counts fly
-        within = torch.empty_like(flat)  # each pair's rank among this rank's pairs of its expert
-        within[order] = torch.arange(pairs, device=device) - first[sorted_expert]
         # send order: the (rank, token) entries that hit, rank-major, tokens ascending
         hits_before = torch.cumsum(hit.t().reshape(-1), 0)  # [R * T] inclusive count of hits
         entries = ranks * tokens  # send row i holds the entry where the count first reaches i + 1
         send_token = torch.searchsorted(hits_before, torch.arange(1, entries + 1, device=device))
         send_token.remainder_(max(tokens, 1))  # entry -> token; rows >= S_send are cut after the sync
-        # one packed record per token: fp8 | scales | ids | layout rows (below) | weights
+        # one packed record per token: fp8 | scales | ids (E = none) | weights
         records = torch.empty(tokens, fmt.nbytes, dtype=torch.uint8, device=device)
         rec_x, rec_s, rec_meta = fmt.views(records)
         rec_x.view(torch.uint8).copy_(xq.view(torch.uint8))
         rec_s.copy_(xs)
         rec_meta[:, :top_k].copy_(expert)
-        rec_meta[:, 2 * top_k:].view(torch.float32).copy_(topk_weights)
-        # --- 2. every rank's counts -> the layout geometry (device) and the one read-back
+        rec_meta[:, top_k:].view(torch.float32).copy_(topk_weights)
+        # --- 2. every rank's counts -> the one read-back: [rows sent | rows received | M_sum]
         counts_work.wait()
         del table_out
-        expert_pairs = counts[:, :experts]  # [source, E]
-        total = expert_pairs.sum(0)  # [E]: rows of each expert's layout segment
-        padded = (total + (kSegmentAlign - 1)).bitwise_and_(-kSegmentAlign).view(ranks, experts_local)
-        segment_end = torch.cumsum(padded, 1)  # [R, E_loc] within each destination's layout
-        base = torch.zeros(experts + 1, dtype=torch.int64, device=device)  # E: no expert (unused)
-        torch.add((segment_end - padded).view(-1), expert_pairs[:me].sum(0), out=base[:experts])
-        pending = self._start_read_back(torch.cat([counts[me, experts + 1:],  # rows sent to each rank
-                                                   counts[:, experts + 1 + me],  # rows received
-                                                   segment_end[me, -1:]]))  # M_sum of this rank
-        torch.add(base[expert], within.view(tokens, top_k), out=rec_meta[:, top_k:2 * top_k])
-        tokens_per_expert = total[me * experts_local:(me + 1) * experts_local]
+        mine = counts[:, me * experts_local:(me + 1) * experts_local].sum(0)  # [E_loc] pairs arriving
+        padded = (mine + (kSegmentAlign - 1)).bitwise_and_(-kSegmentAlign)
+        pending = self._start_read_back(torch.cat([counts[me, experts + 1:], counts[:, experts + 1 + me],
+                                                   padded.sum().view(1)]))
+        # while the read-back lands: the combine's source index (row 1 + send position of each
+        # (token, rank) among the returned rows; 0 = the zero row, for the ranks a token skips)
+        source_row = torch.empty(tokens, ranks, dtype=torch.int64, device=device)  # contiguous: the
+        torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_row)  # combine kernel's index
+        source_weight = torch.empty(tokens, ranks, dtype=torch.float32, device=device)
+        source_weight.copy_(hit)
         # NOTE: the one host sync of prefill: split sizes and M_sum must be host ints.
         host = self._finish_read_back(pending)
         send_splits, recv_splits, num_rows = host[:ranks], host[ranks:2 * ranks], host[2 * ranks]
@@ -324,66 +290,48 @@ class TorchDistDispatcher(Dispatcher):
         words = fmt.word_dtype
         send = records.view(words).index_select(0, send_token)  # [S_send, row words]
         recv = torch.empty(num_recv, send.shape[1], dtype=words, device=device)
-        payload_work = self._all_to_all(recv, send, recv_splits, send_splits, async_op=True)
-        # overlapped with the transfer: the combine's source index over [padding | returned | add]
-        source_index = torch.empty(tokens, ranks + 1, dtype=torch.int64, device=device)
-        torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_index[:, :ranks])  # 0: no hit
-        source_index[:, ranks].copy_(torch.arange(1 + num_send, 1 + num_send + tokens, device=device))
-        # ... and the layout's index buffers (-1 = padding; + a trash row)
-        row_pair = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
-        m_indices = torch.full((num_rows + 1,), -1, dtype=torch.int32, device=device)
-        payload_work.wait()
-        # --- 4. received rows -> the contiguous layout: scatters of slot ids, one gather of rows
+        self._all_to_all(recv, send, recv_splits, send_splits)
+        # --- 4. received rows -> the contiguous layout. Rows arrive ordered (source rank, token),
+        # so ranking the local pairs of the received rows stably is the local dispatcher's layout
+        # over the concatenation of every rank's tokens; M_sum is already known (no second sync).
         recv_x, recv_s, recv_meta = fmt.views(recv.view(torch.uint8))
-        recv_ids, recv_rows = recv_meta[:, :top_k], recv_meta[:, top_k:2 * top_k]
-        local = recv_ids.div(experts_local, rounding_mode="floor") == me  # [S_recv, k]
-        target = torch.where(local, recv_rows, num_rows).view(-1).long()  # other ranks' slots: trash
-        row_pair.scatter_(0, target, torch.arange(num_recv * top_k, device=device))
-        m_indices.scatter_(0, target, (recv_ids - self.expert_offset).view(-1))
-        row_pair, m_indices = row_pair[:num_rows], m_indices[:num_rows]
-        # row_pair: slot id (received row * k + slot) of each layout row, -1 on padding; the
-        # layer's permute reads the packed rows in place (its kernel on Hopper, 16-byte rows)
-        a, sa, row_token, row_slot = permute_rows(recv_x, recv_s, row_pair, top_k)
+        index = contiguous_index(self.placement.to_local(recv_meta[:, :top_k]), experts_local, num_rows)
+        # the layer's permute reads the packed rows in place (its kernel on Hopper, 16-byte rows)
+        a, sa, row_token, row_slot = permute_rows(recv_x, recv_s, index.row_pair, top_k)
         if debug_mode():
-            self._check_received(local, recv_ids, tokens_per_expert)
-        layout = ContiguousLayout(a, sa, m_indices, row_token, row_slot, tokens_per_expert, num_rows)
-        recv_weights = recv_meta[:, 2 * top_k:].view(torch.float32)
+            self._check_received(index.tokens_per_expert, mine)
+        layout = ContiguousLayout(a, sa, index.m_indices, row_token, row_slot, index.tokens_per_expert,
+                                  num_rows)
+        recv_weights = recv_meta[:, top_k:].view(torch.float32)
         handle = ContiguousHandle(send_token, send_splits, recv_splits,
-                                  torch.where(local, recv_rows, 0), torch.where(local, recv_weights, 0.0),
-                                  source_index, num_rows)
+                                  CombineIndex(index.pair_row.view(num_recv, top_k),
+                                               torch.where(index.pair_kept.view(num_recv, top_k),
+                                                           recv_weights, 0.0)),
+                                  CombineIndex(source_row, source_weight), num_rows)
         return layout, handle
 
-    def _check_received(self, local, recv_ids, tokens_per_expert) -> None:
-        """Debug mode only (syncs): the rows that arrived per local expert == the counts announced."""
-        ids = torch.where(local, recv_ids.long() - self.expert_offset, self.num_experts_local)
-        got = torch.zeros(self.num_experts_local + 1, dtype=torch.int64, device=ids.device)
-        got.scatter_add_(0, ids.view(-1), torch.ones_like(ids.view(-1)))
-        if got[:-1].tolist() != tokens_per_expert.tolist():
-            raise RuntimeError(f"rank {self.ep_rank}: received rows per expert {got[:-1].tolist()} "
-                               f"!= announced {tokens_per_expert.tolist()}")
+    def _check_received(self, arrived, announced) -> None:
+        """Debug mode only (syncs): the pairs that arrived per local expert == the counts the
+        sources announced before the transfer (a mismatch would misplace rows in the layout)."""
+        if arrived.tolist() != announced.tolist():
+            raise RuntimeError(f"rank {self.ep_rank}: received pairs per expert {arrived.tolist()} "
+                               f"!= announced {announced.tolist()}")
 
     def combine_contiguous(self, y_rows, handle: ContiguousHandle, *, add=None):
         if y_rows.dim() != 2 or tuple(y_rows.shape) != (handle.num_rows, self.hidden_size):
             raise ValueError(f"y_rows must be [M_sum, H] = {[handle.num_rows, self.hidden_size]}, "
                              f"got {tuple(y_rows.shape)}")
-        tokens, ranks, hidden = handle.source_index.shape[0], self.ep_size, self.hidden_size
+        tokens, hidden = handle.source_combine.slot_row.shape[0], self.hidden_size
         if add is not None and tuple(add.shape) != (tokens, hidden):
             raise ValueError(f"add must be [T, H] = {[tokens, hidden]}, got {tuple(add.shape)}")
         wire_dtype = self.combine_dtype or y_rows.dtype
-        partial = self._weighted_rows(y_rows, handle.recv_index, handle.recv_weight, wire_dtype)
-        num_send = handle.num_send
-        # [padding row | returned rows | add]: the padding row stands for "no row" in the index,
-        # embedding_bag(padding_idx=0) drops it without reading a value from it
-        returned = torch.empty(1 + num_send + (tokens if add is not None else 0), hidden,
-                               dtype=wire_dtype, device=y_rows.device)
-        work = self._all_to_all(returned[1:1 + num_send], partial, handle.send_splits, handle.recv_splits,
-                                async_op=True)
-        if add is not None:
-            returned[1 + num_send:].copy_(add)  # while the partial sums travel
-        work.wait()
-        columns = ranks + 1 if add is not None else ranks
-        out = F.embedding_bag(handle.source_index[:, :columns], returned, mode="sum", padding_idx=0)
-        return out.to(y_rows.dtype)
+        partial = self._weighted_rows(y_rows, handle.recv_combine, wire_dtype)
+        # [zero row | returned rows]: the zero row stands for the ranks a token skipped (weight 0)
+        returned = torch.empty(1 + handle.num_send, hidden, dtype=wire_dtype, device=y_rows.device)
+        returned[0].zero_()
+        self._all_to_all(returned[1:], partial, handle.send_splits, handle.recv_splits)
+        out = torch.empty(tokens, hidden, dtype=y_rows.dtype, device=y_rows.device)
+        return unpermute_combine(returned, handle.source_combine, add=add, out=out)
 
     # ------------------------------------------------------------------ decode
     def _check_same_tokens(self, tokens: int, device) -> None:
@@ -419,31 +367,43 @@ class TorchDistDispatcher(Dispatcher):
         recv = torch.empty_like(send)
         self._all_to_all(recv, send)  # equal splits: T rows per rank
         recv_x, recv_s, recv_meta = fmt.views(recv.view(ranks * tokens, fmt.nbytes))
-        recv_ids, recv_weights = decode_meta(recv_meta)
-        index = masked_index(self.placement.to_local(recv_ids), experts_local, m_max)
+        recv_weights = recv_meta[:, top_k:].contiguous().view(torch.float32)
+        # with the weights, the index kernel also writes the combine index (no extra kernels)
+        index = masked_index(self.placement.to_local(recv_meta[:, :top_k]), experts_local, m_max,
+                             recv_weights)
         row_token, row_slot = permute_masked(recv_x, recv_s, index, top_k, out.a, out.sa)
         layout = MaskedLayout(out.a[:experts_local], out.sa[:experts_local], index.masked_m,
                               self.expected_m(tokens), row_token, row_slot, index.num_overflow)
-        handle = MaskedHandle(combine_index_masked(index, recv_weights, m_max), tokens, m_max)
+        handle = MaskedHandle(combine_index_masked(index, recv_weights, m_max),
+                              self._source_sum_index(tokens, device), m_max)
         return layout, handle
+
+    def _source_sum_index(self, tokens: int, device) -> CombineIndex:
+        """Decode's ``out[t] = add[t] + sum_r returned[r * T + t]`` as a combine index ``[T, R]``
+        (rows ``r * T + t``, weights 1): static for a given T, so built once outside a capture."""
+        key = (tokens, str(device))
+        index = self._source_sum_cache.get(key)
+        if index is None:
+            ranks = self.ep_size
+            row = torch.arange(ranks * tokens, device=device).view(ranks, tokens).t().contiguous()
+            index = CombineIndex(row, torch.ones(tokens, ranks, dtype=torch.float32, device=device))
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+            if not capturing:  # a tensor made during a capture lives in the graph's pool
+                self._source_sum_cache[key] = index
+        return index
 
     def combine_masked(self, y_rows, handle: MaskedHandle, *, add=None, out=None):
         expected = (self.num_experts_local, handle.max_tokens_per_expert, self.hidden_size)
         if tuple(y_rows.shape) != expected:
             raise ValueError(f"y_rows must be [E_loc, M_max, H] = {list(expected)}, got {tuple(y_rows.shape)}")
-        ranks, tokens, hidden = self.ep_size, handle.num_tokens, self.hidden_size
         wire_dtype = self.combine_dtype or y_rows.dtype
-        index = handle.recv_combine
-        partial = self._weighted_rows(y_rows.flatten(0, 1), index.slot_row, index.slot_weight, wire_dtype)
+        partial = self._weighted_rows(y_rows.flatten(0, 1), handle.recv_combine, wire_dtype)
         returned = torch.empty_like(partial)
         self._all_to_all(returned, partial)  # equal splits: T rows per rank
-        # fp32 sum over the source ranks (one reduction, fixed order: deterministic), + add, rounded once
-        acc = returned.view(ranks, tokens, hidden).sum(0, dtype=torch.float32)
-        if add is not None:
-            acc += add
+        # sum over the source ranks in a fixed order (deterministic), + add, fp32, rounded once
         if out is None:
-            return acc.to(y_rows.dtype)
-        return out.copy_(acc)
+            out = torch.empty(handle.source_sum.slot_row.shape[0], self.hidden_size, dtype=y_rows.dtype, device=y_rows.device)
+        return unpermute_combine(returned, handle.source_sum, add=add, out=out)
 
 
 # ---------------------------------------------------------------------------- factory
