@@ -15,6 +15,7 @@ after a barrier; L2 flushed before each repeat):
                      sync + ONE packed all-to-all (fp8 | scales | ids | weights) + the
                      contiguous layout. B = rows sent x (H + 4H/128 + 8k, padded to 16) bytes, rows to the rank
                      itself included.
+* ``dispatch ep_send`` (GPU) the same with its send side on the ep_send kernels (``MOE_FP8_FUSED_EP=1``).
 * ``dispatch_wire``  only the packed all-to-all of that dispatch (same splits): transport vs local work.
 * ``combine``        ``combine_contiguous``: weighted local reduce, reverse all-to-all (bf16), source
                      sum. B = rows x 2H.
@@ -59,7 +60,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import flush_l2, write_results  # noqa: E402
+from common import env, flush_l2, write_results  # noqa: E402
 
 from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
 from moe_fp8.layers.dispatch.op_counter import OpCounter  # noqa: E402
@@ -129,6 +130,15 @@ def row(op, tokens, nbytes, us, peer_gbs=None):
             "ratio": round(gbs / peer_gbs, 2) if peer_gbs else ""}
 
 
+def _dispatch(disp, xq, xs, topk_idx, topk_w, ep_send: bool = False):
+    """One prefill dispatch of pre-quantised tokens; ``ep_send``: its send side on the ep_send
+    kernels (``MOE_FP8_FUSED_EP=1``), else the torch ops."""
+    def fn():
+        with env(MOE_FP8_FUSED_EP="1" if ep_send else "0"):
+            return disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)
+    return fn
+
+
 def bench_exchange(cfg, tokens, clock, device, group, world, rank):
     """dispatch / its wire / combine rows at T tokens per rank, each with its raw peer."""
     disp = TorchDistDispatcher(cfg, group)
@@ -139,9 +149,12 @@ def bench_exchange(cfg, tokens, clock, device, group, world, rank):
     dispatch_bytes = rows_sent * disp.row_format.nbytes
     combine_bytes = rows_sent * 2 * cfg.hidden_size
     out = []
-    for op, fn, nbytes in (("dispatch", lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w), dispatch_bytes),
-                           ("dispatch_wire", _wire(disp, xq, xs, handle, device), dispatch_bytes),
-                           ("combine", _combine(disp, layout, handle), combine_bytes)):
+    cases = [("dispatch", _dispatch(disp, xq, xs, topk_idx, topk_w), dispatch_bytes),
+             ("dispatch_wire", _wire(disp, xq, xs, handle, device), dispatch_bytes),
+             ("combine", _combine(disp, layout, handle), combine_bytes)]
+    if device.type == "cuda":
+        cases.insert(1, ("dispatch ep_send", _dispatch(disp, xq, xs, topk_idx, topk_w, True), dispatch_bytes))
+    for op, fn, nbytes in cases:
         peer_fn, peer_bytes = raw_a2a(nbytes, world, device, group)
         peer_us = clock(peer_fn)
         us = clock(fn)
@@ -166,7 +179,8 @@ def profile_exchange(cfg, tokens, device, group, rank, top: int = 10) -> None:
     runner = moe.decode_runner(kDecodeTokens)
     runner(routing(kDecodeTokens, decode_cfg, device, seed=2)[0])
     step = runner.graph.replay if runner.graph is not None else runner._step
-    calls = (("prefill dispatch", lambda: disp.dispatch_contiguous((xq, xs), topk_idx, topk_w)),
+    calls = (("prefill dispatch", _dispatch(disp, xq, xs, topk_idx, topk_w)),
+             ("prefill dispatch, ep_send kernels", _dispatch(disp, xq, xs, topk_idx, topk_w, True)),
              ("prefill combine", _combine(disp, layout, handle)),
              ("decode step E=16 (graph replay)", step))
     lines = []

@@ -14,6 +14,7 @@ Ops (each gets ``--count`` random cases, default 500):
     permute_index    routing metadata (contiguous + masked, combine index) vs torch exact (integers)
     permute_rows     fp8 rows + scales into the contiguous / masked layout         bit-exact copies
     permute_combine  weighted un-permute (+ shared add) vs the slot-order oracle   bit-exact
+    ep_send          EP prefill send side (table, send order, source index, records) vs its torch ops  exact
 
 The permute family (moe_fp8/gemm/include/permute.cuh, the layer's default on sm_90) is compared
 with the layer's torch path (MOE_FP8_FUSED_PERMUTE=0) on the same inputs: random T, top-k 1..8,
@@ -68,8 +69,8 @@ FP8 = torch.float8_e4m3fn
 # run order: the fast (quant) ops first, so their unused time share rolls over to the GEMMs
 kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
         "train_block_t", "train_token_t", "train_requant", "silu_backward",
-        "router", "permute_index", "permute_rows", "permute_combine", "gemm_dense", "gemm_contiguous",
-        "gemm_offsets", "gemm_masked", "gemm_kgrouped")
+        "router", "permute_index", "permute_rows", "permute_combine", "ep_send", "gemm_dense",
+        "gemm_contiguous", "gemm_offsets", "gemm_masked", "gemm_kgrouped")
 kPoolSize = 5  # (N, K) pairs per op and run: bounds the number of kernels to compile
 kTail = 4096  # poisoned elements after every GEMM output
 
@@ -530,6 +531,50 @@ def run_permute_combine(c: dict, ctx: Context, stats: dict) -> None:
     same_bits(fresh, expected, f"{what}: fresh output")
 
 
+# ----------------------------------------------------------------------------- EP send side
+
+def run_ep_send(c: dict, ctx: Context, stats: dict) -> None:
+    """route_pack + send_order (ep_send.cuh) vs the dispatcher's torch send side on the same
+    routing: the table, the send order, the source index and the record payloads, exactly; the
+    send rows past the hits and the records' padding as the kernels define them."""
+    from moe_fp8.gemm.kernels import ep_send
+    from moe_fp8.layers.dispatch.torch_dist import RowFormat, pack_records, routing_table, send_order
+    gen = ctx.gen(c["seed"])
+    tokens, top_k, experts, ranks, hidden = c["tokens"], c["top_k"], c["experts"], c["ranks"], c["hidden"]
+    chosen = max(top_k, int(experts * (1.0 - c["cold"])))  # the upper experts (ranks) stay empty
+    ids = torch.rand(tokens, chosen, device=ctx.device, generator=gen).topk(top_k, dim=1).indices
+    skip = torch.rand(tokens, top_k, device=ctx.device, generator=gen) < c["skip"]
+    ids = ids.masked_fill(skip, -1)
+    weights = torch.rand(tokens, top_k, device=ctx.device, generator=gen)
+    xq, xs = G.per_token_group_quant_fp8(
+        torch.randn(tokens, hidden, device=ctx.device, generator=gen).bfloat16(), 128)
+    fmt = RowFormat(hidden, top_k)
+    table, expert, hit = routing_table(ids, experts, experts // ranks, ranks)
+    want_send, want_source = send_order(hit)
+    want_records = pack_records(fmt, xq, xs, expert, weights)
+    what = f"ep_send {format_case(c)}"
+    if ctx.backend != "kernel":
+        return
+    expect(ep_send.supports(ids, weights, xq, xs, experts, ranks), f"{what}: not supported")
+    got_table = torch.zeros_like(table)
+    records = torch.full((tokens, fmt.nbytes), 0xAB, dtype=torch.uint8, device=ctx.device)
+    cta_counts = ep_send.route_pack(ids, weights, xq, xs, records, got_table, experts // ranks, ranks)
+    send_token = torch.full((ranks * tokens,), -7, dtype=torch.int64, device=ctx.device)
+    source_row = torch.full((tokens, ranks), -7, dtype=torch.int64, device=ctx.device)
+    source_weight = torch.full((tokens, ranks), float("nan"), device=ctx.device)
+    ep_send.send_order(ids, got_table, cta_counts, experts // ranks, ranks, send_token, source_row,
+                       source_weight)
+    sends = int(hit.sum())
+    same_bits(got_table, table, f"{what}: table")
+    same_bits(send_token[:sends], want_send[:sends], f"{what}: send order")
+    expect(bool((send_token[sends:] == -7).all()), f"{what}: wrote send rows past the hits")
+    same_bits(source_row, want_source.slot_row, f"{what}: source rows")
+    same_bits(source_weight, want_source.slot_weight, f"{what}: source weights")
+    payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+    same_bits(records[:, :payload], want_records[:, :payload], f"{what}: records")
+    expect(bool((records[:, payload:] == 0).all()), f"{what}: record padding not zeroed")
+
+
 # ----------------------------------------------------------------------------- router cases
 
 class router_switch(permute_switch):
@@ -672,7 +717,7 @@ kRunners: Dict[str, Callable] = {
     "permute_combine": run_permute_combine, "router": run_router,
     "gemm_offsets": run_gemm_offsets, "train_block_t": run_train_block_t,
     "train_token_t": run_train_token_t, "train_requant": run_train_requant,
-    "silu_backward": run_silu_backward,
+    "silu_backward": run_silu_backward, "ep_send": run_ep_send,
 }
 
 
@@ -797,6 +842,14 @@ class Sampler:
             c["quantised"] = rng.random() < 0.2
             c["offset"] = rng.choice((0, c["experts"] // 2))
             c["valid"] = rng.choice((None, "int", "tensor"))
+        elif op == "ep_send":
+            c["experts"], c["ranks"] = rng.choice(((256, 2), (256, 8), (16, 4), (64, 64), (1024, 16),
+                                                   (24, 3), (8, 1)))
+            c["top_k"] = min(rng.choice((1, 2, 6, 8, 8)), c["experts"])
+            c["tokens"] = self.rows(4096)
+            c["hidden"] = 128 * rng.randint(1, self._cap(56 if c["tokens"] <= 512 else 16))
+            c["skip"] = rng.choice((0.0, 0.1, 0.5))
+            c["cold"] = rng.choice((0.0, 0.5))
         elif op.startswith("permute_"):
             c["top_k"] = rng.choice((1, 2, 4, 6, 8, 8, 8))
             c["experts"] = rng.choice((1, 4, 8, 32, 32, 64, 256, rng.randint(1, 256)))
@@ -845,9 +898,9 @@ def precompile_for(cases: Dict[str, List[dict]], log) -> None:
     them one by one inside the timed loop). Failures only cost time: the ops compile lazily."""
     start = time.perf_counter()
     try:
-        from moe_fp8.gemm.kernels import permute, quant, router
+        from moe_fp8.gemm.kernels import ep_send, permute, quant, router
         sources = list(quant.bundled_sources()) + list(permute.bundled_sources()) + \
-            list(router.bundled_sources())
+            list(router.bundled_sources()) + list(ep_send.bundled_sources())
         for op, op_cases in cases.items():
             for c in op_cases:
                 sources += kernel_sources(op, c)
@@ -959,7 +1012,7 @@ def write_csv(path: Path, results: List[OpResult], seed: int) -> None:
             writer.writerow(["date", "card", "commit", "seed", "op", "cases", "passed", "failed",
                              "max_calc_diff_vs_reference", "max_calc_diff_vs_unquantised", "seconds"])
         for r in results:
-            exact = r.op.startswith(("quant", "silu", "permute"))
+            exact = r.op.startswith(("quant", "silu", "permute", "ep_send", "train"))
             writer.writerow([date, gpu, sha, seed, r.op, r.cases, r.passed, r.failed,
                              "bit-exact" if exact else f"{r.stats.get('ref', 0):.2e}",
                              "-" if exact else f"{r.stats.get('unq', 0):.2e}", f"{r.seconds:.1f}"])
@@ -994,6 +1047,9 @@ def once_cases() -> Dict[str, List[dict]]:
         "permute_combine": [dict(tokens=129, top_k=8, experts=16, skip=0.1, hidden=512, layout="contiguous", add=True, m_max=129, seed=29),
                             dict(tokens=33, top_k=8, experts=32, skip=0.2, hidden=7168, layout="masked", add=True, m_max=33, seed=30),
                             dict(tokens=50, top_k=1, experts=4, skip=0.0, hidden=256, layout="masked", add=False, m_max=10, seed=31)],
+        "ep_send": [dict(tokens=1, top_k=8, experts=256, ranks=8, hidden=7168, skip=0.0, cold=0.0, seed=44),
+                    dict(tokens=777, top_k=8, experts=256, ranks=64, hidden=384, skip=0.1, cold=0.5, seed=45),
+                    dict(tokens=513, top_k=2, experts=24, ranks=3, hidden=128, skip=0.5, cold=0.0, seed=46)],
         "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
                        dict(m=256, n=1024, k=7168, seed=16), dict(m=77, n=2112, k=1536, a_mc=True, seed=42)],
         "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18),
@@ -1133,7 +1189,7 @@ def main(argv) -> int:
     print("\n| op | cases | passed | failed | max calc_diff vs ref | vs unquantised | s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        exact = r.op.startswith(("quant", "silu", "permute"))
+        exact = r.op.startswith(("quant", "silu", "permute", "ep_send", "train"))
         print(f"| {r.op} | {r.cases} | {r.passed} | {r.failed} | "
               f"{'bit-exact' if exact else format(r.stats.get('ref', 0), '.1e')} | "
               f"{'-' if exact else format(r.stats.get('unq', 0), '.1e')} | {r.seconds:.1f} |")

@@ -65,6 +65,15 @@ inline int __shfl_up_sync(unsigned, int value, int offset) {
   __syncwarp();
   return result;
 }
+inline unsigned __ballot_sync(unsigned, bool predicate) {
+  auto& s = gCta->scratch[threadIdx.x / 32];
+  s[threadIdx.x % 32] = predicate ? 1 : 0;
+  __syncwarp();
+  unsigned mask = 0;
+  for (int lane = 0; lane < 32; ++lane) mask |= (s[lane] ? 1u : 0u) << lane;
+  __syncwarp();
+  return mask;
+}
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
@@ -177,6 +186,10 @@ kPermuteInstances = [
     "moe_fp8::permute::permute_rows_kernel<false>", "moe_fp8::permute::permute_rows_kernel<true>",
     "moe_fp8::permute::combine_kernel<false>", "moe_fp8::permute::combine_kernel<true>",
 ]
+
+
+# ep_send.cuh's instances (tests/test_ep.py)
+kEpSendInstances = ["moe_fp8::ep_send::route_pack_kernel<256>", "moe_fp8::ep_send::send_order_kernel<256>"]
 
 
 def launch_code(instances) -> str:
@@ -306,22 +319,29 @@ def env_switch(name: str, value: str):
 
 
 @contextlib.contextmanager
-def emulated_permute_kernels(lib, log=None):
+def emulated_permute_kernels(lib, log=None, ep_send: bool = False):
     """The layer's permute/index/combine kernels (``layouts.fused_enabled``) on CPU tensors, run
-    by the g++ emulation ``lib`` of permute.cuh; each launch is appended to ``log`` (if given)."""
+    by the g++ emulation ``lib`` (built with permute.cuh, and ep_send.cuh for ``ep_send``: then
+    the EP prefill's send side runs its kernels too); each launch is appended to ``log``."""
+    import moe_fp8.layers.dispatch.torch_dist as TD
     import moe_fp8.layers.layouts as L
     import moe_fp8.layers.permute as PM
+    from moe_fp8.gemm.kernels import ep_send as send_kernels
     from moe_fp8.gemm.kernels import permute as kernels
-    saved = (kernels._kernel, L.fused_enabled, PM.fused_enabled)
-    if log is None:
-        kernels._kernel = lambda src, like: EmulatedKernel(lib, src)
-    else:
-        kernels._kernel = lambda src, like: RecordingKernel(EmulatedKernel(lib, src), src, log)
+
+    def make(src, like):
+        kernel = EmulatedKernel(lib, src)
+        return kernel if log is None else RecordingKernel(kernel, src, log)
+
+    saved = (kernels._kernel, send_kernels._kernel, L.fused_enabled, PM.fused_enabled, TD.fused_ep_enabled)
+    kernels._kernel = send_kernels._kernel = make
     L.fused_enabled = PM.fused_enabled = lambda t: True
+    TD.fused_ep_enabled = lambda t: ep_send
     try:
         yield
     finally:
-        kernels._kernel, L.fused_enabled, PM.fused_enabled = saved
+        (kernels._kernel, send_kernels._kernel, L.fused_enabled, PM.fused_enabled,
+         TD.fused_ep_enabled) = saved
 
 
 def combine_oracle(y_rows, index, add):

@@ -443,13 +443,17 @@ def fused_case_oracles(rank, world, group, lib_path):
     both combine dtypes, static buffers) with every index, permute and combine step of both
     exchanges on the layer's kernels (emulated), as on Hopper."""
     from kernel_checks import emulated_permute_kernels
-    log = []
-    with emulated_permute_kernels(_emulator(lib_path), log):
-        case_dispatch_contiguous_oracle(rank, world, group)
-        case_dispatch_masked_oracle(rank, world, group)
-    launched = {launch[0].split("::")[-1] for launch in log}
-    assert {"combine_kernel<false>", "combine_kernel<true>", "masked_index_kernel<512>",
-            "contiguous_rank_kernel<512>"} <= launched, launched
+    lib = _emulator(lib_path)
+    for ep_send in (False, True):
+        log = []
+        with emulated_permute_kernels(lib, log, ep_send=ep_send):
+            case_dispatch_contiguous_oracle(rank, world, group)
+            case_dispatch_masked_oracle(rank, world, group)
+        launched = {launch[0].split("::")[-1] for launch in log}
+        assert {"combine_kernel<false>", "combine_kernel<true>", "masked_index_kernel<512>",
+                "contiguous_rank_kernel<512>"} <= launched, launched
+        has_tokens = [13, 0, 40, 1][rank] > 0  # case_dispatch_contiguous_oracle's batches
+        assert ("send_order_kernel<256>" in launched) == (ep_send and has_tokens), launched
 
 
 def fused_case_sync_and_op_budget(rank, world, group, lib_path):
@@ -468,9 +472,9 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
     disp = _dispatcher(cfg, group)
     figures = {}
 
-    def counted(name, budget, fn):
+    def counted(name, budget, fn, ep_send=False):
         log = []
-        with emulated_permute_kernels(lib, log), OpCounter() as c:
+        with emulated_permute_kernels(lib, log, ep_send=ep_send), OpCounter() as c:
             result = fn()
         ops = c.kernels + len(log)
         assert ops <= budget, (ops, c.ops, [launch[0] for launch in log])
@@ -481,6 +485,10 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
     (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=14, invalid_every=7)
     c, (layout, handle) = counted("prefill_dispatch", 36,
                                   lambda: disp.dispatch_contiguous((xq, xs), idx, w))
+    assert (c.syncs, c.collectives, c.pre_xfer_kernels) == (1, 2, 1), c.ops
+    # the send side on its kernels (a rank without tokens keeps the torch path: no launch)
+    c, _ = counted("prefill_dispatch_ep_send", 20 if counts[rank] else 36, ep_send=True,
+                   fn=lambda: disp.dispatch_contiguous((xq, xs), idx, w))
     assert (c.syncs, c.collectives, c.pre_xfer_kernels) == (1, 2, 1), c.ops
     y_rows = fake_experts_contiguous(layout, disp.expert_offset)
     c, _ = counted("prefill_combine", 3, lambda: disp.combine_contiguous(y_rows, handle, add=add))
@@ -497,6 +505,38 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
     return figures
 
 
+def fused_case_send_side_kernels_vs_torch(rank, world, group, lib_path):
+    """The prefill's step 1 on the ep_send kernels == its torch ops, through the dispatcher (the
+    counts every rank receives, records, send order, source index): -1 ids, T = 0 .. 300."""
+    from kernel_checks import emulated_permute_kernels
+    from moe_fp8.layers.dispatch.torch_dist import kFusedEpEnv  # noqa: F401 (the switch exists)
+    lib = _emulator(lib_path)
+    cfg = tiny_cfg()
+    disp = _dispatcher(cfg, group)
+    fmt = disp.row_format
+    for seed, counts in enumerate(([13, 0, 40, 1], [300, 257, 1, 256])):
+        (xq, xs), idx, w, _ = _oracle_inputs(cfg, counts[:world], rank, seed=30 + seed, invalid_every=5)
+        want = disp._send_side_torch((xq, xs), idx, w)
+        log = []
+        with emulated_permute_kernels(lib, log, ep_send=True):
+            fused, _ = disp._fused_send_inputs((xq, xs), idx, w)
+            assert (fused is not None) == (idx.shape[0] > 0)  # T = 0: the torch path, no launch
+            got = disp._send_side_fused(*fused) if fused is not None else \
+                disp._send_side_torch((xq, xs), idx, w)  # every rank exchanges its counts
+        for side in (want, got):
+            side[1].wait()
+        assert torch.equal(got[0], want[0]), "counts received"
+        sends = int(want[0][rank, cfg.num_experts + 1:].sum())
+        assert torch.equal(got[4][:sends], want[4][:sends]), "send order"
+        assert torch.equal(got[5].slot_row, want[5].slot_row) and torch.equal(got[5].slot_weight,
+                                                                               want[5].slot_weight)
+        payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+        assert torch.equal(got[3][:, :payload], want[3][:, :payload]), "records"
+        assert (got[3][:, payload:] == 0).all(), "record padding"
+        assert [launch[0].split("::")[-1] for launch in log] == (
+            ["route_pack_kernel<256>", "send_order_kernel<256>"] if fused is not None else [])
+
+
 FUSED_CASES = {name[len("fused_case_"):]: fn for name, fn in globals().items()
                if name.startswith("fused_case_")}
 
@@ -508,23 +548,72 @@ def _worker_fused(rank, world, store, result_dir, lib_path):
     dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def ep_emulator(tmp_path_factory):
+    """-> path of the g++ emulation of permute.cuh + ep_send.cuh (tests/kernel_checks.py)."""
+    from kernel_checks import build_emulator, kEpSendInstances, kPermuteInstances
+    build = tmp_path_factory.mktemp("permute_ep")
+    build_emulator(build, ["permute.cuh", "ep_send.cuh"], kPermuteInstances + kEpSendInstances,
+                   "permute_ep")
+    return str(build / "libpermute_ep.so")
+
+
 @functools.lru_cache(maxsize=None)
-def _fused_job(build_dir: str):
-    import pathlib
-    from kernel_checks import build_emulator, kPermuteInstances
-    build_emulator(pathlib.Path(build_dir), ["permute.cuh"], kPermuteInstances, "permute_ep")
-    return run_spawned(_worker_fused, 2, str(pathlib.Path(build_dir) / "libpermute_ep.so"))
+def _fused_job(lib_path: str):
+    return run_spawned(_worker_fused, 2, lib_path)
 
 
 @pytest.fixture(scope="module")
-def fused_job(tmp_path_factory):
-    return _fused_job(str(tmp_path_factory.mktemp("permute_ep")))
+def fused_job(ep_emulator):
+    return _fused_job(ep_emulator)
 
 
 @pytest.mark.parametrize("case", sorted(FUSED_CASES))
 def test_ep_through_the_layer_kernels(case, fused_job):
     """EP = 2 (gloo) with the layer's permute/index/combine kernels emulated on the CPU."""
     check_case(fused_job, case)
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,ranks", [
+    (1, 1, 1, 1), (5, 4, 16, 4), (256, 8, 256, 8), (257, 6, 24, 3), (600, 8, 64, 64), (300, 2, 1024, 8)])
+def test_ep_send_kernels_match_torch(ep_emulator, tokens, top_k, experts, ranks):
+    """route_pack + send_order (emulated) == the torch send side, without a process group: any
+    R <= 64 (the fused job runs R = 2), E up to 1024, several CTAs, -1 ids and empty ranks."""
+    from kernel_checks import emulated_permute_kernels
+    from moe_fp8.gemm.kernels import ep_send
+    from moe_fp8.layers.dispatch.torch_dist import RowFormat, pack_records, routing_table, send_order
+    from moe_fp8.layers.permute import quantize_tokens
+    gen = torch.Generator().manual_seed(tokens * 31 + ranks)
+    per_rank = experts // ranks
+    chosen = max(top_k, experts // 2)  # the upper experts (and ranks) stay empty
+    ids = torch.stack([torch.randperm(chosen, generator=gen)[:top_k] for _ in range(tokens)])
+    ids.view(-1)[::7] = -1
+    weights = torch.rand(tokens, top_k, generator=gen)
+    xq, xs = quantize_tokens(torch.randn(tokens, 256, generator=gen).bfloat16())
+    fmt = RowFormat(256, top_k)
+    table, expert, hit = routing_table(ids, experts, per_rank, ranks)
+    want_send, want_source = send_order(hit)
+    want_records = pack_records(fmt, xq, xs, expert, weights)
+    log = []
+    with emulated_permute_kernels(_emulator(ep_emulator), log, ep_send=True):
+        assert ep_send.supports(ids, weights, xq, xs, experts, ranks)
+        got_table = torch.zeros_like(table)
+        records = torch.full((tokens, fmt.nbytes), 0xAB, dtype=torch.uint8)  # poison
+        cta_counts = ep_send.route_pack(ids, weights, xq, xs, records, got_table, per_rank, ranks)
+        send_token = torch.full((ranks * tokens,), -7, dtype=torch.int64)
+        source_row = torch.full((tokens, ranks), -7, dtype=torch.int64)
+        source_weight = torch.full((tokens, ranks), float("nan"))
+        ep_send.send_order(ids, got_table, cta_counts, per_rank, ranks, send_token, source_row,
+                           source_weight)
+    assert len(log) == 2
+    assert torch.equal(got_table, table)
+    sends = int(hit.sum())
+    assert torch.equal(send_token[:sends], want_send[:sends]) and (send_token[sends:] == -7).all()
+    assert torch.equal(source_row, want_source.slot_row)
+    assert torch.equal(source_weight, want_source.slot_weight)
+    payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+    assert torch.equal(records[:, :payload], want_records[:, :payload])
+    assert (records[:, payload:] == 0).all()
 
 
 def check_case(job, case: str) -> None:
@@ -596,3 +685,10 @@ def test_op_counter():
         x[x > 3]  # boolean mask: syncs on CUDA
     assert (c.kernels, c.syncs, c.collectives) == (5, 2, 0), c.ops
     assert c.bytes_written == y.nbytes + y.numel() + z.nbytes + x.numel() + 2 * x.element_size()
+
+
+def test_ep_send_kernels_compile_clean():
+    """Both ep_send kernels are registered for precompile() and use no local memory (sm_90a)."""
+    from kernel_checks import assert_bundled_compile_clean
+    from moe_fp8.gemm.kernels import ep_send
+    assert_bundled_compile_clean(ep_send)

@@ -179,11 +179,48 @@ def gpu_prefill_dsv3(rank, world, group, device):
     return {"calc_diff": close_to_reference(ep(x), ref(x), "prefill dsv3")}
 
 
+def gpu_send_side_kernels(rank, world, group, device):
+    """The prefill's send side on the ep_send kernels == its torch ops (bit for bit: counts every
+    rank receives, send order, source index, record payloads) at DeepSeek-V3 routing (256
+    experts, top-8, H 7168; 4096 / 1000 tokens, -1 slots), then the dispatcher oracle with them on."""
+    from moe_fp8.layers import MoEConfig
+    from moe_fp8.layers.dispatch.torch_dist import TorchDistDispatcher
+    from moe_fp8.layers.permute import quantize_tokens
+    from kernel_checks import env_switch
+    cfg = MoEConfig.deepseek_v3() if device.type == "cuda" else tiny_cfg()
+    disp = TorchDistDispatcher(cfg, group)
+    counts = [4096, 1000] if device.type == "cuda" else [40, 7]
+    gen = torch.Generator().manual_seed(21)
+    idx_all, w_all = random_routing(sum(counts), cfg, gen, invalid_every=11)
+    x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
+    x, idx, w = (shard_rows(t, counts, rank).to(device) for t in (x_all, idx_all, w_all))
+    xq, xs = quantize_tokens(x)
+    want = disp._send_side_torch((xq, xs), idx, w)
+    with env_switch("MOE_FP8_FUSED_EP", "1"):
+        fused, _ = disp._fused_send_inputs((xq, xs), idx, w)
+        assert (fused is not None) == (device.type == "cuda")
+        got = disp._send_side_fused(*fused) if fused is not None else disp._send_side_torch((xq, xs), idx, w)
+    for side in (want, got):
+        side[1].wait()
+    assert torch.equal(got[0], want[0]), "counts received"
+    sends = int(want[0][rank, cfg.num_experts + 1:].sum())
+    assert torch.equal(got[4][:sends], want[4][:sends]), "send order"
+    assert torch.equal(got[5].slot_row, want[5].slot_row), "source rows"
+    assert torch.equal(got[5].slot_weight, want[5].slot_weight), "source weights"
+    fmt = disp.row_format
+    payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+    assert torch.equal(got[3][:, :payload], want[3][:, :payload]), "records"
+    with env_switch("MOE_FP8_FUSED_EP", "1"):
+        gpu_dispatch_oracle(rank, world, group, device)
+    return {"sends": sends}
+
+
 # NOTE: the skewed case (a rank with no tokens, receiving nothing: zero-byte NCCL splits) runs
 # last, so that if it ever hangs (NCCL's watchdog aborts after kCollectiveTimeoutS) the others
 # have already reported.
 GPU_CASES = {fn.__name__: fn for fn in (gpu_prefill_tiny, gpu_dispatch_oracle, gpu_decode_graph_tiny,
-                                        gpu_decode_graph_dsv3, gpu_prefill_dsv3, gpu_prefill_skewed)}
+                                        gpu_decode_graph_dsv3, gpu_prefill_dsv3, gpu_send_side_kernels,
+                                        gpu_prefill_skewed)}
 
 
 # ============================================================================ launchers

@@ -79,10 +79,26 @@ from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, Maske
                        masked_index)
 from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
 from ..placement import ExpertPlacement
+from ..switches import kernels_enabled
 from .base import Dispatcher
 
 kBackends = ("auto", "torch", "deepep")
 assert kSegmentAlign & (kSegmentAlign - 1) == 0, "segment padding below uses a power-of-two mask"
+
+
+kFusedEpEnv = "MOE_FP8_FUSED_EP"
+kFusedEpDefault = False  # flip once a GPU run has verified and measured the ep_send kernels
+
+
+def fused_ep_enabled(t: torch.Tensor) -> bool:
+    """True when the send side of the prefill exchange runs on the ep_send kernels for tensors
+    like ``t``: an sm_90 GPU, ``MOE_FP8_FUSED_EP=1``, not inside ``torch.compile`` tracing."""
+    return kernels_enabled(t, kFusedEpEnv, kFusedEpDefault)
+
+
+def _ep_send_kernels():
+    from ...gemm.kernels import ep_send
+    return ep_send
 
 
 # ---------------------------------------------------------------------------- row metadata
@@ -132,6 +148,53 @@ class RowFormat:
         meta = h + 4 * g
         return (rows[..., :h].view(FP8), rows[..., h:meta].view(torch.float32),
                 rows[..., meta:meta + 4 * self.meta_words].view(torch.int32))
+
+
+# ---------------------------------------------------------------------------- send side (torch)
+# The prefill's step 1 in torch ops: the reference of include/ep_send.cuh (same values).
+
+def routing_table(topk_idx: torch.Tensor, experts: int, experts_per_rank: int, ranks: int):
+    """-> (table int64 ``[E + 1 + R]``: pairs per global expert, "no expert" at E, tokens per rank;
+    the ids with E for "no expert" int64 ``[T, k]``; hit bool ``[T, R]``: token t goes to rank r)."""
+    tokens, device = topk_idx.shape[0], topk_idx.device
+    expert = topk_idx.to(torch.int64).clamp(-1, experts).remainder_(experts + 1)  # [T, k]; E = none
+    table = torch.zeros(experts + 1 + ranks, dtype=torch.int64, device=device)
+    table[:experts + 1].index_add_(0, expert.view(-1), table.new_ones(()).expand(expert.numel()))
+    dest = expert.div(experts_per_rank, rounding_mode="floor")  # [T, k] rank of each pair; R = none
+    hit = torch.zeros(tokens, ranks + 1, dtype=torch.bool, device=device).scatter_(1, dest, True)
+    hit = hit[:, :ranks]
+    torch.sum(hit, 0, out=table[experts + 1:])
+    return table, expert, hit
+
+
+def send_order(hit: torch.Tensor):
+    """hit ``[T, R]`` -> (send_token int64 ``[R * T]``: the tokens that hit rank r, ascending,
+    rank-major, the first ``hit.sum()`` rows valid; the combine's source index ``[T, R]``: row 1 +
+    send position of (t, r), weight 1; row 0 (a zero row), weight 0 where t skips r)."""
+    tokens, ranks = hit.shape
+    device = hit.device
+    hits_before = torch.cumsum(hit.t().reshape(-1), 0)  # [R * T] inclusive count of hits
+    entries = ranks * tokens  # send row i holds the entry where the count first reaches i + 1
+    send_token = torch.searchsorted(hits_before, torch.arange(1, entries + 1, device=device))
+    send_token.remainder_(max(tokens, 1))  # entry -> token; rows >= S_send are cut after the sync
+    source_row = torch.empty(tokens, ranks, dtype=torch.int64, device=device)  # contiguous: the
+    torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_row)  # combine kernel's index
+    source_weight = torch.empty(tokens, ranks, dtype=torch.float32, device=device)
+    source_weight.copy_(hit)
+    return send_token, CombineIndex(source_row, source_weight)
+
+
+def pack_records(fmt: "RowFormat", xq: torch.Tensor, xs: torch.Tensor, expert: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+    """One packed row per token ``[T, fmt.nbytes]``: fp8 | scales | ids (E = none) | weights (the
+    padding bytes are left as they are)."""
+    records = torch.empty(xq.shape[0], fmt.nbytes, dtype=torch.uint8, device=xq.device)
+    rec_x, rec_s, rec_meta = fmt.views(records)
+    rec_x.view(torch.uint8).copy_(xq.view(torch.uint8))
+    rec_s.copy_(xs)
+    rec_meta[:, :fmt.top_k].copy_(expert)
+    rec_meta[:, fmt.top_k:].view(torch.float32).copy_(topk_weights)
+    return records
 
 
 # ---------------------------------------------------------------------------- handles
@@ -236,53 +299,75 @@ class TorchDistDispatcher(Dispatcher):
         return host.tolist()
 
     # ------------------------------------------------------------------ prefill
+    def _exchange_counts(self, table: torch.Tensor):
+        """Start the all-to-all that gives every rank every rank's routing table -> (counts
+        ``[source, E + 1 + R]``, work, the send buffer, referenced until the wait)."""
+        ranks = self.ep_size
+        counts = torch.empty(ranks, table.shape[0], dtype=torch.int64, device=table.device)
+        table_out = table.expand(ranks, -1).contiguous()
+        return counts, self._all_to_all(counts, table_out, async_op=True), table_out
+
+    def _send_side_torch(self, x_local, topk_idx, topk_weights):
+        """Step 1 in torch ops -> (counts, counts work (in flight), its send buffer, records
+        ``[T, row]``, send_token ``[R * T]`` (the first S_send valid), the combine's source index)."""
+        table, expert, hit = routing_table(topk_idx, self.num_experts_global, self.num_experts_local,
+                                           self.ep_size)
+        counts, counts_work, table_out = self._exchange_counts(table)
+        # overlapped with the counts exchange: everything that needs only local data
+        xq, xs = self.tokens_in(x_local)  # bf16 input is quantised here, while the counts fly
+        send_token, source = send_order(hit)
+        records = pack_records(self.row_format, xq, xs, expert, topk_weights)
+        return counts, counts_work, table_out, records, send_token, source
+
+    def _send_side_fused(self, xq, xs, ids, weights):
+        """Step 1 on the two ep_send kernels (same values as ``_send_side_torch``): the routing
+        table and the records, the counts exchange, then the send order while it flies."""
+        ranks, experts, tokens, device = self.ep_size, self.num_experts_global, ids.shape[0], ids.device
+        kernels = _ep_send_kernels()
+        table = torch.zeros(experts + 1 + ranks, dtype=torch.int64, device=device)
+        records = torch.empty(tokens, self.row_format.nbytes, dtype=torch.uint8, device=device)
+        cta_counts = kernels.route_pack(ids, weights, xq, xs, records, table, self.num_experts_local, ranks)
+        counts, counts_work, table_out = self._exchange_counts(table)
+        send_token = torch.empty(ranks * tokens, dtype=torch.int64, device=device)
+        source = CombineIndex(torch.empty(tokens, ranks, dtype=torch.int64, device=device),
+                              torch.empty(tokens, ranks, dtype=torch.float32, device=device))
+        kernels.send_order(ids, table, cta_counts, self.num_experts_local, ranks, send_token,
+                           source.slot_row, source.slot_weight)
+        return counts, counts_work, table_out, records, send_token, source
+
+    def _fused_send_inputs(self, x_local, topk_idx, topk_weights):
+        """-> ((xq, xs, int64 ids, fp32 weights) when the ep_send kernels apply, else None;
+        the tokens for the torch path: ``x_local``, or its quantised pair if already made)."""
+        if not fused_ep_enabled(topk_idx) or topk_idx.shape[0] == 0:
+            return None, x_local
+        xq, xs = self.tokens_in(x_local)
+        ids = topk_idx.to(torch.int64).contiguous()
+        weights = topk_weights.to(torch.float32).contiguous()
+        if not _ep_send_kernels().supports(ids, weights, xq, xs, self.num_experts_global, self.ep_size):
+            return None, (xq, xs)
+        return (xq, xs, ids, weights), (xq, xs)
+
     def dispatch_contiguous(self, x_local, topk_idx, topk_weights):
         xq, _ = self.check_tokens(x_local)  # before any collective: a bad argument fails on its own rank
         self._check_routing(xq, topk_idx, topk_weights)
         ranks, experts, experts_local, top_k = self.ep_size, self.num_experts_global, \
             self.num_experts_local, self.top_k
-        me, fmt = self.ep_rank, self.row_format
-        tokens, device = xq.shape[0], xq.device
-        # --- 1. routing table (device): [pairs per global expert | no expert | tokens per rank]
-        expert = topk_idx.to(torch.int64).clamp(-1, experts).remainder_(experts + 1)  # [T, k]; E = none
-        table = torch.zeros(experts + 1 + ranks, dtype=torch.int64, device=device)
-        table[:experts + 1].index_add_(0, expert.view(-1), table.new_ones(()).expand(expert.numel()))
-        dest = expert.div(experts_local, rounding_mode="floor")  # [T, k] rank of each pair; R = none
-        hit = torch.zeros(tokens, ranks + 1, dtype=torch.bool, device=device).scatter_(1, dest, True)
-        hit = hit[:, :ranks]  # [T, R]: token t goes to rank r
-        torch.sum(hit, 0, out=table[experts + 1:])
-        counts = torch.empty(ranks, table.shape[0], dtype=torch.int64, device=device)  # [source, ...]
-        table_out = table.expand(ranks, -1).contiguous()  # referenced until the wait below
-        counts_work = self._all_to_all(counts, table_out, async_op=True)
-        # --- overlapped with the counts exchange: everything that needs only local data
-        xq, xs = self.tokens_in(x_local)  # bf16 input is quantised here, while the counts fly
-        # send order: the (rank, token) entries that hit, rank-major, tokens ascending
-        hits_before = torch.cumsum(hit.t().reshape(-1), 0)  # [R * T] inclusive count of hits
-        entries = ranks * tokens  # send row i holds the entry where the count first reaches i + 1
-        send_token = torch.searchsorted(hits_before, torch.arange(1, entries + 1, device=device))
-        send_token.remainder_(max(tokens, 1))  # entry -> token; rows >= S_send are cut after the sync
-        # one packed record per token: fp8 | scales | ids (E = none) | weights
-        records = torch.empty(tokens, fmt.nbytes, dtype=torch.uint8, device=device)
-        rec_x, rec_s, rec_meta = fmt.views(records)
-        rec_x.view(torch.uint8).copy_(xq.view(torch.uint8))
-        rec_s.copy_(xs)
-        rec_meta[:, :top_k].copy_(expert)
-        rec_meta[:, top_k:].view(torch.float32).copy_(topk_weights)
+        me, fmt, device = self.ep_rank, self.row_format, xq.device
+        # --- 1. routing table, counts exchange (async), records, send order, source index
+        fused, x_local = self._fused_send_inputs(x_local, topk_idx, topk_weights)
+        if fused is not None:
+            counts, counts_work, table_out, records, send_token, source = self._send_side_fused(*fused)
+        else:
+            counts, counts_work, table_out, records, send_token, source = \
+                self._send_side_torch(x_local, topk_idx, topk_weights)
         # --- 2. every rank's counts -> the one read-back: [rows sent | rows received | M_sum]
         counts_work.wait()
         del table_out
         mine = counts[:, me * experts_local:(me + 1) * experts_local].sum(0)  # [E_loc] pairs arriving
         padded = (mine + (kSegmentAlign - 1)).bitwise_and_(-kSegmentAlign)
-        pending = self._start_read_back(torch.cat([counts[me, experts + 1:], counts[:, experts + 1 + me],
-                                                   padded.sum().view(1)]))
-        # while the read-back lands: the combine's source index (row 1 + send position of each
-        # (token, rank) among the returned rows; 0 = the zero row, for the ranks a token skips)
-        source_row = torch.empty(tokens, ranks, dtype=torch.int64, device=device)  # contiguous: the
-        torch.mul(hits_before.view(ranks, tokens).t(), hit, out=source_row)  # combine kernel's index
-        source_weight = torch.empty(tokens, ranks, dtype=torch.float32, device=device)
-        source_weight.copy_(hit)
         # NOTE: the one host sync of prefill: split sizes and M_sum must be host ints.
-        host = self._finish_read_back(pending)
+        host = self._finish_read_back(self._start_read_back(torch.cat([
+            counts[me, experts + 1:], counts[:, experts + 1 + me], padded.sum().view(1)])))
         send_splits, recv_splits, num_rows = host[:ranks], host[ranks:2 * ranks], host[2 * ranks]
         num_send, num_recv = sum(send_splits), sum(recv_splits)
         # --- 3. the payload: ONE all-to-all of packed rows
@@ -307,7 +392,7 @@ class TorchDistDispatcher(Dispatcher):
                                   CombineIndex(index.pair_row.view(num_recv, top_k),
                                                torch.where(index.pair_kept.view(num_recv, top_k),
                                                            recv_weights, 0.0)),
-                                  CombineIndex(source_row, source_weight), num_rows)
+                                  source, num_rows)
         return layout, handle
 
     def _check_received(self, arrived, announced) -> None:
