@@ -570,7 +570,7 @@ def run_ep_send(c: dict, ctx: Context, stats: dict) -> None:
     expect(bool((send_token[sends:] == -7).all()), f"{what}: wrote send rows past the hits")
     same_bits(source_row, want_source.slot_row, f"{what}: source rows")
     same_bits(source_weight, want_source.slot_weight, f"{what}: source weights")
-    payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+    payload = fmt.payload_bytes
     same_bits(records[:, :payload], want_records[:, :payload], f"{what}: records")
     expect(bool((records[:, payload:] == 0).all()), f"{what}: record padding not zeroed")
 

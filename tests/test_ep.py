@@ -530,7 +530,7 @@ def fused_case_send_side_kernels_vs_torch(rank, world, group, lib_path):
         assert torch.equal(got[4][:sends], want[4][:sends]), "send order"
         assert torch.equal(got[5].slot_row, want[5].slot_row) and torch.equal(got[5].slot_weight,
                                                                                want[5].slot_weight)
-        payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+        payload = fmt.payload_bytes
         assert torch.equal(got[3][:, :payload], want[3][:, :payload]), "records"
         assert (got[3][:, payload:] == 0).all(), "record padding"
         assert [launch[0].split("::")[-1] for launch in log] == (
@@ -611,7 +611,7 @@ def test_ep_send_kernels_match_torch(ep_emulator, tokens, top_k, experts, ranks)
     assert torch.equal(send_token[:sends], want_send[:sends]) and (send_token[sends:] == -7).all()
     assert torch.equal(source_row, want_source.slot_row)
     assert torch.equal(source_weight, want_source.slot_weight)
-    payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+    payload = fmt.payload_bytes
     assert torch.equal(records[:, :payload], want_records[:, :payload])
     assert (records[:, payload:] == 0).all()
 

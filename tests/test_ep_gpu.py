@@ -208,7 +208,7 @@ def gpu_send_side_kernels(rank, world, group, device):
     assert torch.equal(got[5].slot_row, want[5].slot_row), "source rows"
     assert torch.equal(got[5].slot_weight, want[5].slot_weight), "source weights"
     fmt = disp.row_format
-    payload = fmt.hidden + 4 * fmt.groups + 4 * fmt.meta_words
+    payload = fmt.payload_bytes
     assert torch.equal(got[3][:, :payload], want[3][:, :payload]), "records"
     with env_switch("MOE_FP8_FUSED_EP", "1"):
         gpu_dispatch_oracle(rank, world, group, device)

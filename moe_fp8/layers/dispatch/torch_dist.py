@@ -131,11 +131,15 @@ class RowFormat:
         return self.hidden // 128
 
     @property
+    def payload_bytes(self) -> int:
+        """fp8 | scales | metadata, before the padding."""
+        return self.hidden + 4 * self.groups + 4 * self.meta_words
+
+    @property
     def nbytes(self) -> int:
-        """The payload (fp8 | scales | metadata) rounded up to 16 bytes: the permute kernels read
-        the received rows in place with 16-byte vector loads (any H, any top-k)."""
-        payload = self.hidden + 4 * self.groups + 4 * self.meta_words
-        return (payload + 15) // 16 * 16
+        """The payload rounded up to 16 bytes: the permute kernels read the received rows in
+        place with 16-byte vector loads (any H, any top-k)."""
+        return (self.payload_bytes + 15) // 16 * 16
 
     @property
     def word_dtype(self) -> torch.dtype:
