@@ -232,6 +232,29 @@ def case_dispatch_contiguous_oracle(rank, world, group):
         assert_bf16_close(y, expected, f"contiguous combine_dtype={combine_dtype}", ulps)
 
 
+def case_combine_pipelined(rank, world, group):
+    """The pipelined combine (MOE_FP8_EP_PIPELINE=1: per peer, in chunks, rows to itself without
+    a transfer) == the one all-to-all, bit for bit: uneven batches, a rank with no tokens, a rank
+    whose experts receive nothing, both combine dtypes, add or not."""
+    from kernel_checks import env_switch
+    cfg = tiny_cfg()
+    for seed, counts in enumerate(([13, 0, 40, 1], [3, 70, 9, 130])):
+        (xq, xs), idx, w, add = _oracle_inputs(cfg, counts[:world], rank, seed=40 + seed, invalid_every=6)
+        if seed == 0:  # distinct experts of the lower half: the upper half of the ranks receive nothing
+            gen = torch.Generator().manual_seed(rank)
+            idx = torch.stack([torch.randperm(cfg.num_experts // 2, generator=gen)[:cfg.top_k]
+                               for _ in range(idx.shape[0])]) if idx.shape[0] else idx
+        for combine_dtype in (None, torch.float32):
+            disp = _dispatcher(cfg, group, combine_dtype=combine_dtype)
+            layout, handle = disp.dispatch_contiguous((xq, xs), idx, w)
+            y_rows = fake_experts_contiguous(layout, disp.expert_offset)
+            with env_switch("MOE_FP8_EP_PIPELINE", "0"):
+                want = disp.combine_contiguous(y_rows, handle, add=add if seed else None)
+            with env_switch("MOE_FP8_EP_PIPELINE", "1"):
+                got = disp.combine_contiguous(y_rows, handle, add=add if seed else None)
+            assert torch.equal(got, want), (seed, combine_dtype)
+
+
 def case_dispatch_masked_oracle(rank, world, group):
     """Masked pair: num_valid_tokens as a device scalar, static out buffers reused, overflow count."""
     from moe_fp8.layers.layouts import MaskedBuffers

@@ -66,6 +66,7 @@ CPU proxy of ``benchmarks/bench_ep.py --cpu``.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -79,7 +80,7 @@ from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, Maske
                        masked_index)
 from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
 from ..placement import ExpertPlacement
-from ..switches import kernels_enabled
+from ..switches import kernels_enabled, switch_on
 from .base import Dispatcher
 
 kBackends = ("auto", "torch", "deepep")
@@ -94,6 +95,22 @@ def fused_ep_enabled(t: torch.Tensor) -> bool:
     """True when the send side of the prefill exchange runs on the ep_send kernels for tensors
     like ``t``: an sm_90 GPU, ``MOE_FP8_FUSED_EP=1``, not inside ``torch.compile`` tracing."""
     return kernels_enabled(t, kFusedEpEnv, kFusedEpDefault)
+
+
+kPipelineEnv = "MOE_FP8_EP_PIPELINE"
+kPipelineDefault = False  # flip once a GPU run shows the pipelined combine faster
+kPipelineChunks = 4  # chunks per peer: the reduce of chunk c + 1 overlaps the transfer of chunk c
+
+
+def _chunks(begin: int, end: int, parts: int = kPipelineChunks):
+    """``parts`` contiguous ranges covering ``[begin, end)`` (empty ones included: both sides of a
+    pair then issue the same sequence)."""
+    size = end - begin
+    return [(begin + size * i // parts, begin + size * (i + 1) // parts) for i in range(parts)]
+
+
+def _index_rows(index: CombineIndex, begin: int, end: int) -> CombineIndex:
+    return CombineIndex(index.slot_row[begin:end], index.slot_weight[begin:end])
 
 
 def _ep_send_kernels():
@@ -414,13 +431,44 @@ class TorchDistDispatcher(Dispatcher):
         if add is not None and tuple(add.shape) != (tokens, hidden):
             raise ValueError(f"add must be [T, H] = {[tokens, hidden]}, got {tuple(add.shape)}")
         wire_dtype = self.combine_dtype or y_rows.dtype
-        partial = self._weighted_rows(y_rows, handle.recv_combine, wire_dtype)
         # [zero row | returned rows]: the zero row stands for the ranks a token skipped (weight 0)
         returned = torch.empty(1 + handle.num_send, hidden, dtype=wire_dtype, device=y_rows.device)
         returned[0].zero_()
-        self._all_to_all(returned[1:], partial, handle.send_splits, handle.recv_splits)
+        if switch_on(kPipelineEnv, kPipelineDefault):
+            self._return_partials_pipelined(y_rows, handle, returned[1:])
+        else:
+            partial = self._weighted_rows(y_rows, handle.recv_combine, wire_dtype)
+            self._all_to_all(returned[1:], partial, handle.send_splits, handle.recv_splits)
         out = torch.empty(tokens, hidden, dtype=y_rows.dtype, device=y_rows.device)
         return unpermute_combine(returned, handle.source_combine, add=add, out=out)
+
+    def _return_partials_pipelined(self, y_rows, handle: ContiguousHandle, returned) -> None:
+        """The combine's exchange per peer and in chunks: the partial sums for the rows a peer
+        sent are reduced chunk by chunk, each chunk sent (grouped with the receive of the peer's
+        matching chunk) as soon as it is reduced, so the reduce of the next chunk overlaps the
+        transfer of this one; the rows this rank sent itself are reduced last, straight into
+        ``returned``, without a transfer. Same rows, same values as the one all-to-all."""
+        ranks, me, index = self.ep_size, self.ep_rank, handle.recv_combine
+        recv_off = [0] + list(itertools.accumulate(handle.recv_splits))  # partials for each source
+        send_off = [0] + list(itertools.accumulate(handle.send_splits))  # what each rank returns
+        works = []
+        for step in range(1, ranks):  # peers in a rotation (each pair's chunks in the same order)
+            peer = (me + step) % ranks
+            for (r0, r1), (s0, s1) in zip(_chunks(recv_off[peer], recv_off[peer + 1]),
+                                          _chunks(send_off[peer], send_off[peer + 1])):
+                ops = []
+                if r1 > r0:
+                    part = self._weighted_rows(y_rows, _index_rows(index, r0, r1), returned.dtype)
+                    ops.append(dist.P2POp(dist.isend, part, peer, group=self.group))
+                if s1 > s0:
+                    ops.append(dist.P2POp(dist.irecv, returned[s0:s1], peer, group=self.group))
+                if ops:  # a send and a receive with the same peer in one group: no deadlock
+                    works += dist.batch_isend_irecv(ops)
+        r0, r1, s0 = recv_off[me], recv_off[me + 1], send_off[me]  # rows to itself: no transfer
+        if r1 > r0:
+            unpermute_combine(y_rows, _index_rows(index, r0, r1), out=returned[s0:s0 + r1 - r0])
+        for work in works:
+            work.wait()
 
     # ------------------------------------------------------------------ decode
     def _check_same_tokens(self, tokens: int, device) -> None:
