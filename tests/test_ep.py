@@ -1,4 +1,4 @@
-"""Expert parallelism on CPU: gloo process groups of 2 and 4 ranks, spawned by this file.
+"""Expert parallelism on CPU: gloo process groups of 2, 4 and 8 ranks, spawned by this file.
 
 Process start-up dominates on a small machine, so each world size runs ONE spawned job that
 executes every case on every rank (collectives keep the ranks in step; a barrier after each case)
@@ -31,7 +31,7 @@ from moe_fp8.layers.placement import ExpertPlacement
 kJobTimeoutS = 150  # one spawned job (all cases of one world size)
 kCollectiveTimeoutS = 45  # gloo: a rank stuck in a collective raises instead of hanging
 kPoison = 1.0e4  # fake-expert rows the GEMMs would not write: any read with weight != 0 shows
-kWorlds = (2, 4)
+kWorlds = (2, 4, 8)  # 8: EP = 8 (issue 9) on gloo; the GPU run needs an 8-GPU machine
 
 
 # ============================================================================ spawning
@@ -98,6 +98,11 @@ def build_pair(cfg, group, device="cpu", seed: int = 0, skew: bool = False):
     return ref, ep
 
 
+def per_rank(values, world: int) -> list:
+    """A case's per-rank values (written for 4 ranks) repeated over ``world`` ranks."""
+    return [values[r % len(values)] for r in range(world)]
+
+
 def shard_rows(x_all: torch.Tensor, counts, rank: int) -> torch.Tensor:
     start = sum(counts[:rank])
     return x_all[start:start + counts[rank]]
@@ -159,7 +164,7 @@ def case_layer_prefill(rank, world, group):
     """EP layer == single-process layer; uneven batches, T = 1 on rank 1."""
     cfg = tiny_cfg()
     ref, ep = build_pair(cfg, group)
-    counts = [37, 1, 64, 11][:world]
+    counts = per_rank([37, 1, 64, 11], world)
     x_all = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
     y = ep(shard_rows(x_all, counts, rank))
     assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), "prefill")
@@ -169,7 +174,7 @@ def case_layer_prefill_skewed(rank, world, group):
     """Half the experts (all of the upper ranks') receive nothing; T = 0 on rank 1."""
     cfg = tiny_cfg()
     ref, ep = build_pair(cfg, group, skew=True)
-    counts = [29, 0, 1, 7][:world]
+    counts = per_rank([29, 0, 1, 7], world)
     x_all = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
     y = ep(shard_rows(x_all, counts, rank))
     assert y.shape == (counts[rank], cfg.hidden_size)
@@ -183,7 +188,7 @@ def case_layer_decode(rank, world, group):
     runner = ep.decode_runner(8)
     assert runner.m_max == world * 8  # capacity: one row per (source rank, token)
     gen = torch.Generator().manual_seed(3)
-    for counts in ([8, 1, 5, 3][:world], [2, 8, 0, 7][:world]):
+    for counts in (per_rank([8, 1, 5, 3], world), per_rank([2, 8, 0, 7], world)):
         x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
         y = runner(shard_rows(x_all, counts, rank))
         assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), f"decode {counts}")
@@ -193,7 +198,7 @@ def case_layer_decode_skewed(rank, world, group):
     cfg = tiny_cfg()
     ref, ep = build_pair(cfg, group, skew=True)
     runner = ep.decode_runner(6)
-    counts = [6, 1, 0, 4][:world]
+    counts = per_rank([6, 1, 0, 4], world)
     x_all = torch.randn(sum(counts), cfg.hidden_size, generator=torch.Generator().manual_seed(4)).bfloat16()
     y = runner(shard_rows(x_all, counts, rank))
     assert_bf16_close(y, shard_rows(ref(x_all), counts, rank), "decode skewed")
@@ -218,7 +223,7 @@ def _oracle_inputs(cfg, counts, rank, seed, invalid_every=0):
 def case_dispatch_contiguous_oracle(rank, world, group):
     """Dispatcher alone, fake experts: -1 ids, T = 0 on rank 1, both combine dtypes, add."""
     cfg = tiny_cfg()
-    counts = [13, 0, 40, 1][:world]
+    counts = per_rank([13, 0, 40, 1], world)
     (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=5, invalid_every=7)
     expected = oracle(xq, xs, idx, w, add)
     for combine_dtype, ulps in ((torch.float32, 1.0), (None, 4.0)):
@@ -239,7 +244,7 @@ def case_combine_pipelined(rank, world, group):
     from kernel_checks import env_switch
     cfg = tiny_cfg()
     for seed, counts in enumerate(([13, 0, 40, 1], [3, 70, 9, 130])):
-        (xq, xs), idx, w, add = _oracle_inputs(cfg, counts[:world], rank, seed=40 + seed, invalid_every=6)
+        (xq, xs), idx, w, add = _oracle_inputs(cfg, per_rank(counts, world), rank, seed=40 + seed, invalid_every=6)
         if seed == 0:  # distinct experts of the lower half: the upper half of the ranks receive nothing
             gen = torch.Generator().manual_seed(rank)
             idx = torch.stack([torch.randperm(cfg.num_experts // 2, generator=gen)[:cfg.top_k]
@@ -264,7 +269,7 @@ def case_dispatch_masked_oracle(rank, world, group):
     m_max = disp.max_tokens_per_expert(tokens)
     buffers = MaskedBuffers.allocate(disp.num_experts_local, m_max, cfg.hidden_size, "cpu")
     out = torch.full((tokens, cfg.hidden_size), float("nan"), dtype=torch.bfloat16)
-    for step, valid in enumerate(([9, 1, 4, 0], [0, 9, 2, 5])):
+    for step, valid in enumerate((per_rank([9, 1, 4, 0], world), per_rank([0, 9, 2, 5], world))):
         (xq, xs), idx, w, add = _oracle_inputs(cfg, [tokens] * world, rank, seed=6 + step, invalid_every=5)
         num_valid = torch.tensor(valid[rank])
         layout, handle = disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=m_max,
@@ -296,7 +301,7 @@ def case_layout_matches_local(rank, world, group):
     """EP layouts == the local dispatcher's for this rank's experts over all ranks' tokens."""
     from moe_fp8.layers.dispatch.local import LocalDispatcher
     cfg = tiny_cfg()
-    counts = [21, 3, 0, 50][:world]
+    counts = per_rank([21, 3, 0, 50], world)
     disp = _dispatcher(cfg, group)
     local = LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k,
                             num_experts_local=disp.num_experts_local, expert_offset=disp.expert_offset)
@@ -314,7 +319,7 @@ def case_layout_matches_local(rank, world, group):
     assert torch.equal(ep_layout.a.view(torch.uint8)[real], ref_layout.a.view(torch.uint8)[real])
     assert torch.equal(ep_layout.sa[real], ref_layout.sa[real])
     # masked: static T = 8 everywhere, a different number of live tokens per rank
-    tokens, valid = 8, [8, 2, 0, 5][:world]
+    tokens, valid = 8, per_rank([8, 2, 0, 5], world)
     all_inputs = [_oracle_inputs(cfg, [tokens] * world, r, seed=11) for r in range(world)]
     live = lambda i: torch.cat([inp[i][:valid[r]] for r, inp in enumerate(all_inputs)])  # noqa: E731
     m_max = disp.max_tokens_per_expert(tokens)
@@ -335,7 +340,7 @@ def case_dispatch_contiguous_edges(rank, world, group):
     id is -1 sends nothing yet gets add back exactly; the combine is deterministic."""
     from moe_fp8.layers.permute import quantize_tokens
     cfg = tiny_cfg()
-    counts = [19, 6, 33, 2][:world]
+    counts = per_rank([19, 6, 33, 2], world)
     gen = torch.Generator().manual_seed(13)
     x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
     idx_all, w_all = random_routing(sum(counts), cfg, gen)
@@ -408,8 +413,10 @@ def run_cases(cases, rank: int, result_dir: str, group, *args) -> None:
         results[name]["seconds"] = round(time.perf_counter() - start, 2)
         if isinstance(info, dict):
             results[name]["info"] = info
-        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+        path = os.path.join(result_dir, f"rank{rank}.json")
+        with open(path + ".tmp", "w") as f:  # whole or not at all: the parent may kill this
+            json.dump(results, f)             # process while a peer's failure ends the job
+        os.replace(path + ".tmp", path)
         if results[name]["error"]:
             os._exit(1)
         dist.barrier(group=group)
@@ -446,7 +453,7 @@ def fused_case_receive_vs_torch(rank, world, group, lib_path):
     from kernel_checks import emulated_permute_kernels
     cfg = tiny_cfg()
     disp = _dispatcher(cfg, group)
-    (xq, xs), idx, w, _ = _oracle_inputs(cfg, [21, 3, 0, 50][:world], rank, seed=16)
+    (xq, xs), idx, w, _ = _oracle_inputs(cfg, per_rank([21, 3, 0, 50], world), rank, seed=16)
     want, _ = disp.dispatch_contiguous((xq, xs), idx, w)
     log = []
     with emulated_permute_kernels(_emulator(lib_path), log):
@@ -475,7 +482,7 @@ def fused_case_oracles(rank, world, group, lib_path):
         launched = {launch[0].split("::")[-1] for launch in log}
         assert {"combine_kernel<false>", "combine_kernel<true>", "masked_index_kernel<512>",
                 "contiguous_rank_kernel<512>"} <= launched, launched
-        has_tokens = [13, 0, 40, 1][rank] > 0  # case_dispatch_contiguous_oracle's batches
+        has_tokens = per_rank([13, 0, 40, 1], world)[rank] > 0  # case_dispatch_contiguous_oracle's
         assert ("send_order_kernel<256>" in launched) == (ep_send and has_tokens), launched
 
 
@@ -504,7 +511,7 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
         figures[name] = {**c.summary(), "launches": len(log)}
         return c, result
 
-    counts = [13, 0, 40, 1][:world]
+    counts = per_rank([13, 0, 40, 1], world)
     (xq, xs), idx, w, add = _oracle_inputs(cfg, counts, rank, seed=14, invalid_every=7)
     c, (layout, handle) = counted("prefill_dispatch", 36,
                                   lambda: disp.dispatch_contiguous((xq, xs), idx, w))
@@ -532,13 +539,12 @@ def fused_case_send_side_kernels_vs_torch(rank, world, group, lib_path):
     """The prefill's step 1 on the ep_send kernels == its torch ops, through the dispatcher (the
     counts every rank receives, records, send order, source index): -1 ids, T = 0 .. 300."""
     from kernel_checks import emulated_permute_kernels
-    from moe_fp8.layers.dispatch.torch_dist import kFusedEpEnv  # noqa: F401 (the switch exists)
     lib = _emulator(lib_path)
     cfg = tiny_cfg()
     disp = _dispatcher(cfg, group)
     fmt = disp.row_format
     for seed, counts in enumerate(([13, 0, 40, 1], [300, 257, 1, 256])):
-        (xq, xs), idx, w, _ = _oracle_inputs(cfg, counts[:world], rank, seed=30 + seed, invalid_every=5)
+        (xq, xs), idx, w, _ = _oracle_inputs(cfg, per_rank(counts, world), rank, seed=30 + seed, invalid_every=5)
         want = disp._send_side_torch((xq, xs), idx, w)
         log = []
         with emulated_permute_kernels(lib, log, ep_send=True):
@@ -607,14 +613,14 @@ def test_ep_send_kernels_match_torch(ep_emulator, tokens, top_k, experts, ranks)
     from moe_fp8.layers.dispatch.torch_dist import RowFormat, pack_records, routing_table, send_order
     from moe_fp8.layers.permute import quantize_tokens
     gen = torch.Generator().manual_seed(tokens * 31 + ranks)
-    per_rank = experts // ranks
+    experts_per_rank = experts // ranks
     chosen = max(top_k, experts // 2)  # the upper experts (and ranks) stay empty
     ids = torch.stack([torch.randperm(chosen, generator=gen)[:top_k] for _ in range(tokens)])
     ids.view(-1)[::7] = -1
     weights = torch.rand(tokens, top_k, generator=gen)
     xq, xs = quantize_tokens(torch.randn(tokens, 256, generator=gen).bfloat16())
     fmt = RowFormat(256, top_k)
-    table, expert, hit = routing_table(ids, experts, per_rank, ranks)
+    table, expert, hit = routing_table(ids, experts, experts_per_rank, ranks)
     want_send, want_source = send_order(hit)
     want_records = pack_records(fmt, xq, xs, expert, weights)
     log = []
@@ -622,11 +628,11 @@ def test_ep_send_kernels_match_torch(ep_emulator, tokens, top_k, experts, ranks)
         assert ep_send.supports(ids, weights, xq, xs, experts, ranks)
         got_table = torch.zeros_like(table)
         records = torch.full((tokens, fmt.nbytes), 0xAB, dtype=torch.uint8)  # poison
-        cta_counts = ep_send.route_pack(ids, weights, xq, xs, records, got_table, per_rank, ranks)
+        cta_counts = ep_send.route_pack(ids, weights, xq, xs, records, got_table, experts_per_rank, ranks)
         send_token = torch.full((ranks * tokens,), -7, dtype=torch.int64)
         source_row = torch.full((tokens, ranks), -7, dtype=torch.int64)
         source_weight = torch.full((tokens, ranks), float("nan"))
-        ep_send.send_order(ids, got_table, cta_counts, per_rank, ranks, send_token, source_row,
+        ep_send.send_order(ids, got_table, cta_counts, experts_per_rank, ranks, send_token, source_row,
                            source_weight)
     assert len(log) == 2
     assert torch.equal(got_table, table)
