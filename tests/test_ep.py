@@ -492,9 +492,10 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
     counts exchange + ONE payload transfer, nothing but the send gather between the read-back
     and the payload; combines and the masked dispatch never read back. Budgets sit just above
     today's counts (prefill dispatch as on Hopper: 52 ops in v2, 35 in v3, 18 with ep_send)."""
-    from kernel_checks import emulated_permute_kernels
+    from kernel_checks import emulated_permute_kernels, env_switch
     from moe_fp8.gemm.validate import debug_mode
     from moe_fp8.layers.dispatch.op_counter import OpCounter
+    from moe_fp8.layers.layouts import MaskedBuffers
     if debug_mode():  # MOE_FP8_CHECKS=1 reads back on purpose
         return {"skipped": "debug mode"}
     lib = _emulator(lib_path)
@@ -526,9 +527,19 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
     tokens = 6
     (xq, xs), idx, w, add = _oracle_inputs(cfg, [tokens] * world, rank, seed=15)
     m_max = disp.max_tokens_per_expert(tokens)
-    c, (masked, mhandle) = counted("decode_dispatch", 21, lambda: disp.dispatch_masked(
-        (xq, xs), idx, w, max_tokens_per_expert=m_max, num_valid_tokens=torch.tensor(tokens - rank % 2)))
+    buffers = MaskedBuffers.allocate(disp.num_experts_local, m_max, cfg.hidden_size, "cpu")
+    num_valid = torch.tensor(tokens - rank % 2)
+
+    def decode_dispatch():  # as the decode runner calls it: static buffers, a device scalar
+        return disp.dispatch_masked((xq, xs), idx, w, max_tokens_per_expert=m_max,
+                                    num_valid_tokens=num_valid, out=buffers)
+
+    decode_dispatch()  # the runner's warm-up (builds the static source-sum index once)
+    # the combine index from the masked index kernel rides on the router switch (off: 4 ops more)
+    c, (masked, mhandle) = counted("decode_dispatch", 19, decode_dispatch)
     assert (c.syncs, c.collectives) == (0, 1), c.ops
+    with env_switch("MOE_FP8_FUSED_ROUTER", "1"):
+        counted("decode_dispatch_router_switch", 15, decode_dispatch)
     y_rows = fake_experts_masked(masked, disp.expert_offset)
     c, _ = counted("decode_combine", 2, lambda: disp.combine_masked(y_rows, mhandle, add=add))
     assert (c.syncs, c.collectives) == (0, 1), c.ops

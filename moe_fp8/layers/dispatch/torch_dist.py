@@ -80,6 +80,7 @@ from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, Maske
                        masked_index)
 from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
 from ..placement import ExpertPlacement
+from ..router import fused_router_switch_on
 from ..switches import kernels_enabled, switch_on
 from .base import Dispatcher
 
@@ -505,9 +506,11 @@ class TorchDistDispatcher(Dispatcher):
         self._all_to_all(recv, send)  # equal splits: T rows per rank
         recv_x, recv_s, recv_meta = fmt.views(recv.view(ranks * tokens, fmt.nbytes))
         recv_weights = recv_meta[:, top_k:].contiguous().view(torch.float32)
-        # with the weights, the index kernel also writes the combine index (no extra kernels)
+        # NOTE: with the weights the index kernel also writes the combine index (no extra
+        # kernels); not yet run on a GPU, so it rides on the router kernels' switch (as in
+        # LocalDispatcher) until a device run has verified it
         index = masked_index(self.placement.to_local(recv_meta[:, :top_k]), experts_local, m_max,
-                             recv_weights)
+                             recv_weights if fused_router_switch_on() else None)
         row_token, row_slot = permute_masked(recv_x, recv_s, index, top_k, out.a, out.sa)
         layout = MaskedLayout(out.a[:experts_local], out.sa[:experts_local], index.masked_m,
                               self.expected_m(tokens), row_token, row_slot, index.num_overflow)
