@@ -57,8 +57,8 @@ step demo 40 python3 examples/deepseek_v3_moe.py
 fi
 if want bench; then
 step bench-pdl 60 python3 benchmarks/bench_pdl.py --repeats 10
-step bench-layer 60 python3 benchmarks/bench_layer.py --quick --repeats 5
-step profile-layer 60 python3 benchmarks/profile_layer.py --tokens 4096 --repeats 3
+step bench-layer 50 python3 benchmarks/bench_layer.py --quick --repeats 5
+step profile-layer 85 python3 benchmarks/profile_layer.py --tokens 4096 --repeats 3 --mode all
 step bench-permute 40 python3 benchmarks/bench_permute.py --quick
 step bench-train 60 python3 benchmarks/bench_train.py --quick --repeats 3
 step bench-quant 60 python3 benchmarks/bench_quant.py --quick

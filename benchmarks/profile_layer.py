@@ -3,7 +3,8 @@
 DeepSeek-V3 shapes on one GPU holding 32 experts (H 7168, I 2048, top-8, 1 shared expert), the
 same layer as bench_layer.py. For each path (``torch``: MOE_FP8_FUSED_PERMUTE=0,
 MOE_FP8_FUSED_ROUTER=0, MOE_FP8_OVERLAP_SHARED=0; ``fused``: all three on; ``--mode all`` adds
-``permute``: only the fused permute, today's default) it prints:
+``permute``: only the fused permute, today's default, and ``nosync``: fused with the layout sized
+by an upper bound of M_sum, so the prefill reads nothing back) it prints:
 
 * the layer's clean time (CUDA events, median, L2 flushed, no profiler, no instrumentation);
 * a phase table from one instrumented forward: each phase (router, quantise, index, permute,
@@ -26,6 +27,7 @@ Tables go to stdout and benchmarks/results/profile_layer_<date>.md (card, date, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -52,7 +54,11 @@ kOverlapEnv = "MOE_FP8_OVERLAP_SHARED"
 # mode -> (fused permute, fused router, shared experts on a side stream); "permute" is the
 # default (router kernels and the overlap stay off until measured), "fused" everything on
 kModes = {"torch": (False, False, False), "permute": (True, False, False),
-          "fused": (True, True, True)}
+          "fused": (True, True, True), "nosync": (True, True, True)}
+# "nosync": fused + the layout sized by an upper bound of M_sum (LocalDispatcher's
+# contiguous_rows="upper_bound"): no host read-back inside the prefill layer, a few more
+# padding rows (skipped by the GEMMs, quantised by the SiLU op)
+kUpperBoundModes = {"nosync"}
 kGemmKernel = "fp8_gemm_kernel"  # the grouped and dense FP8 GEMMs (the GEMM share)
 kSyncCalls = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
@@ -80,10 +86,18 @@ kPhases = [
 ]
 
 
-def fused_mode(mode: str):
-    """``mode`` in kModes: a context with the three switches set, restored after."""
+@contextlib.contextmanager
+def fused_mode(mode: str, moe: MoE):
+    """``mode`` in kModes: the three switches set (and the layout's row count for "nosync"),
+    restored after."""
     names = (kEnv, kRouterEnv, kOverlapEnv)
-    return env(**{name: "1" if on else "0" for name, on in zip(names, kModes[mode])})
+    rows = moe.dispatcher.contiguous_rows
+    moe.dispatcher.contiguous_rows = "upper_bound" if mode in kUpperBoundModes else rows
+    try:
+        with env(**{name: "1" if on else "0" for name, on in zip(names, kModes[mode])}):
+            yield
+    finally:
+        moe.dispatcher.contiguous_rows = rows
 
 
 class Phases:
@@ -279,9 +293,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--decode", type=int, default=128, help="decode batch (0: skip decode)")
-    parser.add_argument("--mode", choices=("both", "torch", "fused", "permute", "all"), default="both",
-                        help="both: torch and fused; all: torch, permute (fused permute only) "
-                             "and fused")
+    parser.add_argument("--mode", choices=("both", "torch", "fused", "permute", "nosync", "all"),
+                        default="both",
+                        help="both: torch and fused; all: torch, permute (fused permute only), "
+                             "fused and nosync (fused, no M_sum read-back)")
     parser.add_argument("--experts", type=int, default=32, help="experts on this GPU")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
@@ -292,7 +307,7 @@ def main() -> None:
     cfg = MoEConfig.deepseek_v3(num_experts=args.experts)
     moe = MoE(cfg, device="cuda", seed=0)
     print(f"{card()}: layer built in {time.perf_counter() - t0:.1f} s", flush=True)
-    modes = {"both": ("torch", "fused"), "all": ("torch", "permute", "fused")}.get(args.mode,
+    modes = {"both": ("torch", "fused"), "all": ("torch", "fused", "nosync", "permute")}.get(args.mode,
                                                                                  (args.mode,))
     out = [f"# profile_layer\n\ncard: {card()} · torch {torch.__version__} · date "
            f"{datetime.date.today().isoformat()} · commit {commit()} · {args.experts} experts, "
@@ -301,7 +316,7 @@ def main() -> None:
     for tokens in args.tokens:
         for mode in modes:
             title = f"prefill T={tokens}, {mode} mode"
-            with fused_mode(mode):
+            with fused_mode(mode, moe):
                 y, clean_us, inst_us, stats, phases = profile_prefill(moe, tokens, args.top,
                                                                       args.repeats)
             check = ""
@@ -319,7 +334,7 @@ def main() -> None:
     if args.decode:
         for mode in modes:
             title = f"decode graph n={args.decode}, {mode} mode"
-            with fused_mode(mode):
+            with fused_mode(mode, moe):
                 y, replay_us, graph_stats, eager_us, eager_stats, phases = profile_decode(
                     moe, args.decode, args.top, args.repeats)
             check = ""

@@ -148,3 +148,20 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
     for i, n in enumerate((32, 5, 1, 32)):
         x = rand_x(n, moe.cfg.hidden_size, 800 + i)
         assert torch.equal(branched(x).clone(), serial(x).clone()), f"decode n={n}"
+
+
+@pytest.mark.parametrize("tokens", [1, 4096])
+@torch.no_grad()
+def test_upper_bound_rows_is_exact(moe, tokens):
+    """The prefill with its layout sized by an upper bound of M_sum (no host read-back: the
+    dispatcher's contiguous_rows="upper_bound") gives the same bits as the exact size: the extra
+    rows are padding, skipped by both grouped GEMMs and never read by the combine."""
+    x = rand_x(tokens, moe.cfg.hidden_size, 900 + tokens)
+    expected = moe(x)
+    saved = moe.dispatcher.contiguous_rows
+    moe.dispatcher.contiguous_rows = "upper_bound"
+    try:
+        got = moe(x)
+    finally:
+        moe.dispatcher.contiguous_rows = saved
+    assert torch.equal(got, expected)
