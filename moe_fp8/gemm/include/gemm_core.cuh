@@ -33,6 +33,7 @@
 
 #include "epilogue.cuh"
 #include "pdl.cuh"
+#include "promote.cuh"
 #include "ptx.cuh"
 #include "scheduler.cuh"
 
@@ -343,18 +344,20 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           r_acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);
         }
         release();
+      } else if constexpr (kMayStraddle) {
+        release();
+        promote_straddling<kBlockN / 8, gcd_int(kBlockN, 128) / 8>(first_cols / 8, r_acc, p, f);
       } else {
         release();
-        const float s00 = f[0], s10 = f[1], s01 = f[2], s11 = f[3];
-        const int cols_0 = kMayStraddle ? ptx::opaque(first_cols) : kBlockN;
+        // NOTE: spelled out (not promote_two_blocks): the helper moved ptxas's FFMA schedule in
+        // the measured masked instances (SASS, 2026-12-05); this keeps it bit for bit.
+        const float s00 = f[0], s10 = f[1];
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j) {
-          const bool first = !kMayStraddle || j * 8 < cols_0;
-          const float scale_lo = first ? s00 : s01, scale_hi = first ? s10 : s11;
-          r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
-          r_acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
-          r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
-          r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
+          r_acc[4 * j + 0] += p[4 * j + 0] * s00;
+          r_acc[4 * j + 1] += p[4 * j + 1] * s00;
+          r_acc[4 * j + 2] += p[4 * j + 2] * s10;
+          r_acc[4 * j + 3] += p[4 * j + 3] * s10;
         }
       }
     };
