@@ -14,7 +14,8 @@ Ops (each gets ``--count`` random cases, default 500):
     permute_index    routing metadata (contiguous + masked, combine index) vs torch exact (integers)
     permute_rows     fp8 rows + scales into the contiguous / masked layout         bit-exact copies
     permute_combine  weighted un-permute (+ shared add) vs the slot-order oracle   bit-exact
-    ep_send          EP prefill send side (table, send order, source index, records) vs its torch ops  exact
+    ep_send          EP send sides (prefill: table, send order, source index, records; decode:
+                     the replicated rows) vs their torch ops                      exact
 
 The permute family (moe_fp8/gemm/include/permute.cuh, the layer's default on sm_90) is compared
 with the layer's torch path (MOE_FP8_FUSED_PERMUTE=0) on the same inputs: random T, top-k 1..8,
@@ -538,7 +539,8 @@ def run_ep_send(c: dict, ctx: Context, stats: dict) -> None:
     routing: the table, the send order, the source index and the record payloads, exactly; the
     send rows past the hits and the records' padding as the kernels define them."""
     from moe_fp8.gemm.kernels import ep_send
-    from moe_fp8.layers.dispatch.torch_dist import RowFormat, pack_records, routing_table, send_order
+    from moe_fp8.layers.dispatch.torch_dist import (RowFormat, pack_records, pack_replicated,
+                                                    routing_table, send_order)
     gen = ctx.gen(c["seed"])
     tokens, top_k, experts, ranks, hidden = c["tokens"], c["top_k"], c["experts"], c["ranks"], c["hidden"]
     chosen = max(top_k, int(experts * (1.0 - c["cold"])))  # the upper experts (ranks) stay empty
@@ -573,6 +575,15 @@ def run_ep_send(c: dict, ctx: Context, stats: dict) -> None:
     payload = fmt.payload_bytes
     same_bits(records[:, :payload], want_records[:, :payload], f"{what}: records")
     expect(bool((records[:, payload:] == 0).all()), f"{what}: record padding not zeroed")
+    # decode's packing: every destination's slot t, ids -1 from num_valid on
+    num_valid = {"none": None, "int": tokens // 3,
+                 "tensor": torch.tensor(tokens - 1, device=ctx.device)}[c.get("valid", "none")]
+    want_send = torch.zeros(ranks, tokens, fmt.nbytes, dtype=torch.uint8, device=ctx.device)
+    pack_replicated(fmt, xq, xs, ids, weights, num_valid, want_send)
+    send = torch.full_like(want_send, 0xAB)
+    expect(ep_send.supports_replicate(ids, weights, xq, xs, num_valid), f"{what}: replicate unsupported")
+    ep_send.replicate_pack(ids, weights, xq, xs, num_valid, send)
+    same_bits(send, want_send, f"{what}: replicated send rows")
 
 
 # ----------------------------------------------------------------------------- router cases
@@ -850,6 +861,7 @@ class Sampler:
             c["hidden"] = 128 * rng.randint(1, self._cap(56 if c["tokens"] <= 512 else 16))
             c["skip"] = rng.choice((0.0, 0.1, 0.5))
             c["cold"] = rng.choice((0.0, 0.5))
+            c["valid"] = rng.choice(("none", "int", "tensor"))
         elif op.startswith("permute_"):
             c["top_k"] = rng.choice((1, 2, 4, 6, 8, 8, 8))
             c["experts"] = rng.choice((1, 4, 8, 32, 32, 64, 256, rng.randint(1, 256)))
@@ -1047,9 +1059,10 @@ def once_cases() -> Dict[str, List[dict]]:
         "permute_combine": [dict(tokens=129, top_k=8, experts=16, skip=0.1, hidden=512, layout="contiguous", add=True, m_max=129, seed=29),
                             dict(tokens=33, top_k=8, experts=32, skip=0.2, hidden=7168, layout="masked", add=True, m_max=33, seed=30),
                             dict(tokens=50, top_k=1, experts=4, skip=0.0, hidden=256, layout="masked", add=False, m_max=10, seed=31)],
-        "ep_send": [dict(tokens=1, top_k=8, experts=256, ranks=8, hidden=7168, skip=0.0, cold=0.0, seed=44),
-                    dict(tokens=777, top_k=8, experts=256, ranks=64, hidden=384, skip=0.1, cold=0.5, seed=45),
-                    dict(tokens=513, top_k=2, experts=24, ranks=3, hidden=128, skip=0.5, cold=0.0, seed=46)],
+        "ep_send": [dict(tokens=1, top_k=8, experts=256, ranks=8, hidden=7168, skip=0.0, cold=0.0, valid="tensor",
+                         seed=44),
+                    dict(tokens=777, top_k=8, experts=256, ranks=64, hidden=384, skip=0.1, cold=0.5, valid="int", seed=45),
+                    dict(tokens=513, top_k=2, experts=24, ranks=3, hidden=128, skip=0.5, cold=0.0, valid="none", seed=46)],
         "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
                        dict(m=256, n=1024, k=7168, seed=16), dict(m=77, n=2112, k=1536, a_mc=True, seed=42)],
         "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18),

@@ -189,7 +189,8 @@ kPermuteInstances = [
 
 
 # ep_send.cuh's instances (tests/test_ep.py)
-kEpSendInstances = ["moe_fp8::ep_send::route_pack_kernel<256>", "moe_fp8::ep_send::send_order_kernel<256>"]
+kEpSendInstances = ["moe_fp8::ep_send::route_pack_kernel<256>", "moe_fp8::ep_send::send_order_kernel<256>",
+                    "moe_fp8::ep_send::replicate_pack_kernel<256>"]
 
 
 def launch_code(instances) -> str:

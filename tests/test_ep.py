@@ -484,6 +484,7 @@ def fused_case_oracles(rank, world, group, lib_path):
                 "contiguous_rank_kernel<512>"} <= launched, launched
         has_tokens = per_rank([13, 0, 40, 1], world)[rank] > 0  # case_dispatch_contiguous_oracle's
         assert ("send_order_kernel<256>" in launched) == (ep_send and has_tokens), launched
+        assert ("replicate_pack_kernel<256>" in launched) == ep_send, launched  # decode: T = 9
 
 
 def fused_case_sync_and_op_budget(rank, world, group, lib_path):
@@ -540,6 +541,7 @@ def fused_case_sync_and_op_budget(rank, world, group, lib_path):
     assert (c.syncs, c.collectives) == (0, 1), c.ops
     with env_switch("MOE_FP8_FUSED_ROUTER", "1"):
         counted("decode_dispatch_router_switch", 15, decode_dispatch)
+        counted("decode_dispatch_router_switch_ep_send", 9, decode_dispatch, ep_send=True)
     y_rows = fake_experts_masked(masked, disp.expert_offset)
     c, _ = counted("decode_combine", 2, lambda: disp.combine_masked(y_rows, mhandle, add=add))
     assert (c.syncs, c.collectives) == (0, 1), c.ops
@@ -725,6 +727,33 @@ def test_op_counter():
         x[x > 3]  # boolean mask: syncs on CUDA
     assert (c.kernels, c.syncs, c.collectives) == (5, 2, 0), c.ops
     assert c.bytes_written == y.nbytes + y.numel() + z.nbytes + x.numel() + 2 * x.element_size()
+
+
+@pytest.mark.parametrize("tokens,ranks,valid", [(1, 1, None), (5, 3, 2), (300, 8, "tensor"),
+                                                (9, 2, 0), (40, 4, 40)])
+def test_replicate_pack_matches_torch(ep_emulator, tokens, ranks, valid):
+    """Decode's packing kernel (emulated) == the torch packing: every destination's slot t holds
+    token t's record, ids -1 from num_valid on (None, an int, a device scalar), -1 slots kept."""
+    from kernel_checks import emulated_permute_kernels
+    from moe_fp8.gemm.kernels import ep_send
+    from moe_fp8.layers.dispatch.torch_dist import RowFormat, pack_replicated
+    from moe_fp8.layers.permute import quantize_tokens
+    gen = torch.Generator().manual_seed(tokens + ranks)
+    top_k, experts = 8, 64
+    ids = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=1).indices
+    ids.view(-1)[::5] = -1
+    weights = torch.rand(tokens, top_k, generator=gen)
+    xq, xs = quantize_tokens(torch.randn(tokens, 384, generator=gen).bfloat16())
+    num_valid = torch.tensor(tokens // 2) if valid == "tensor" else valid
+    fmt = RowFormat(384, top_k)
+    want = torch.zeros(ranks, tokens, fmt.nbytes, dtype=torch.uint8)  # the kernel zeroes padding
+    pack_replicated(fmt, xq, xs, ids, weights, num_valid, want)
+    got = torch.full_like(want, 0xAB)  # poison: every byte must be written (padding as zeros)
+    log = []
+    with emulated_permute_kernels(_emulator(ep_emulator), log, ep_send=True):
+        assert ep_send.supports_replicate(ids, weights, xq, xs, num_valid)
+        ep_send.replicate_pack(ids, weights, xq, xs, num_valid, got)
+    assert len(log) == 1 and torch.equal(got, want)
 
 
 def test_ep_send_kernels_compile_clean():

@@ -9,6 +9,9 @@
 //   send_order_kernel  same CTAs: the send order (the tokens hitting rank r, ascending, rank-major)
 //                      and the combine's source index [T, R] (row 1 + send position, weight 1; row
 //                      0, weight 0 for ranks the token skips).
+//   replicate_pack_kernel  decode (fixed splits): token t's record into slot t of every
+//                      destination's block of [R, T] rows, ids -1 at or beyond num_valid (a device
+//                      scalar read by the kernel: graph-safe), in one launch instead of ~8 ops.
 //
 // A token goes to a rank once however many of its k experts the rank holds; ranks hold
 // contiguous blocks of expertsPerRank experts (moe_fp8/layers/placement.py). Counts are sums of
@@ -144,6 +147,48 @@ __global__ void __launch_bounds__(kCtaThreads) send_order_kernel(
       gSourceRow[token * numRanks + r] = hit ? row + 1 : 0;
       gSourceWeight[token * numRanks + r] = hit ? 1.0f : 0.0f;
     }
+  }
+}
+
+// gSend [R, T, recordVectors]: row (r, t) = token t's record [fp8 | scales | k int32 ids (-1 from
+// num_valid on) | k fp32 weights | zero padding]. One warp per token: each 16-byte vector of the
+// row is loaded once and stored R times. num_valid = *gNumValid if given, else numValidHost.
+template <int kCtaThreads>
+__global__ void __launch_bounds__(kCtaThreads) replicate_pack_kernel(
+    const long long* __restrict__ gIds,      // [T, k] global expert ids (-1 = none)
+    const float* __restrict__ gWeights,      // [T, k]
+    const uint4* __restrict__ gX,            // [T, H / 16] fp8 rows, row stride xRowVectors
+    const float* __restrict__ gXs,           // scales: [t, g] at t * xsToken + g * xsGroup
+    const long long* __restrict__ gNumValid,  // device scalar, or null
+    uint4* __restrict__ gSend,               // [R, T, recordVectors]
+    int numTokens, int topK, int numRanks, int vectorsPerRow, long long xRowVectors, int groups,
+    long long xsToken, long long xsGroup, int recordVectors, long long numValidHost) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long t = static_cast<long long>(blockIdx.x) * (kCtaThreads / 32) + warp;
+  if (t >= numTokens) return;
+  const long long numValid = gNumValid != nullptr ? __ldg(gNumValid) : numValidHost;
+  const long long rankStride = static_cast<long long>(numTokens) * recordVectors;
+  uint4* gRow = gSend + t * recordVectors;
+  const uint4* gSrc = gX + t * xRowVectors;
+  for (int v = lane; v < vectorsPerRow; v += 32) {
+    const uint4 value = permute::ld_stream(gSrc + v);
+    for (int r = 0; r < numRanks; ++r) gRow[r * rankStride + v] = value;
+  }
+  const int tailWords = recordVectors * 4 - vectorsPerRow * 4;
+  const bool valid = t < numValid;
+  for (int w = lane; w < tailWords; w += 32) {
+    unsigned word = 0;
+    if (w < groups) {
+      word = __float_as_uint(__ldg(gXs + t * xsToken + w * xsGroup));
+    } else if (w < groups + topK) {
+      word = valid ? static_cast<unsigned>(static_cast<int>(__ldg(gIds + t * topK + (w - groups))))
+                   : 0xFFFFFFFFu;
+    } else if (w < groups + 2 * topK) {
+      word = __float_as_uint(__ldg(gWeights + t * topK + (w - groups - topK)));
+    }
+    for (int r = 0; r < numRanks; ++r)
+      reinterpret_cast<unsigned*>(gRow + r * rankStride + vectorsPerRow)[w] = word;
   }
 }
 

@@ -14,7 +14,11 @@ pre-allocated outputs and only launch.
   source_weight)``: send_token int64 ``[R * T]`` (the first ``sum(table[E + 1:])`` rows written),
   source_row int64 ``[T, R]``, source_weight fp32 ``[T, R]``, contiguous.
 
-Both launches are graph-capturable; grids depend on T only.
+* ``replicate_pack(ids, weights, xq, xs, num_valid, send)``: decode's fixed-split send buffer
+  uint8 ``[R, T, row]`` contiguous: row (r, t) = token t's record, ids -1 for tokens at or beyond
+  ``num_valid`` (None: every token; an int; or an int64 device scalar, read by the kernel).
+
+Every launch is graph-capturable; grids depend on T only.
 """
 from __future__ import annotations
 
@@ -42,10 +46,15 @@ def send_order_source() -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::ep_send::send_order_kernel<{kThreads}>")
 
 
+@functools.lru_cache(maxsize=None)
+def replicate_pack_source() -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::ep_send::replicate_pack_kernel<{kThreads}>")
+
+
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the dispatcher can launch (2 kernels)."""
-    return [route_pack_source(), send_order_source()]
+    """Every variant the dispatcher can launch (3 kernels)."""
+    return [route_pack_source(), send_order_source(), replicate_pack_source()]
 
 
 def _kernel(src: KernelSource, like: torch.Tensor):
@@ -91,3 +100,23 @@ def send_order(ids, table, cta_counts, experts_per_rank: int, ranks: int, send_t
     _kernel(send_order_source(), ids).launch(_ctas(tokens), kThreads, 0, [
         ids, table, cta_counts, send_token, source_row, source_weight, i32(tokens), i32(top_k),
         i32(num_experts), i32(experts_per_rank), i32(ranks)])
+
+
+def supports_replicate(ids: torch.Tensor, weights: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor,
+                       num_valid) -> bool:
+    """``supports`` without the table's limits (any E, any R), plus a usable ``num_valid``."""
+    ok_valid = num_valid is None or isinstance(num_valid, int) or (
+        isinstance(num_valid, torch.Tensor) and num_valid.dtype == torch.int64
+        and num_valid.numel() == 1 and num_valid.device == ids.device)
+    return ok_valid and supports(ids, weights, xq, xs, 1, 1)
+
+
+def replicate_pack(ids, weights, xq, xs, num_valid, send) -> None:
+    ranks, tokens = send.shape[0], send.shape[1]
+    device_valid = num_valid if isinstance(num_valid, torch.Tensor) else None
+    host_valid = tokens if num_valid is None or device_valid is not None else int(num_valid)
+    warps = kThreads // 32
+    _kernel(replicate_pack_source(), ids).launch(-(-tokens // warps), kThreads, 0, [
+        ids, weights, xq, xs, device_valid, send, i32(tokens), i32(ids.shape[1]), i32(ranks),
+        i32(xq.shape[1] // kVectorBytes), i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]),
+        i64(xs.stride(0)), i64(xs.stride(1)), i32(send.shape[2] // kVectorBytes), i64(host_valid)])

@@ -93,8 +93,9 @@ kFusedEpDefault = False  # flip once a GPU run has verified and measured the ep_
 
 
 def fused_ep_enabled(t: torch.Tensor) -> bool:
-    """True when the send side of the prefill exchange runs on the ep_send kernels for tensors
-    like ``t``: an sm_90 GPU, ``MOE_FP8_FUSED_EP=1``, not inside ``torch.compile`` tracing."""
+    """True when the send sides of the exchanges run on the ep_send kernels (prefill: routing
+    table, records, send order; decode: the replicated packing) for tensors like ``t``: an sm_90
+    GPU, ``MOE_FP8_FUSED_EP=1``, not inside ``torch.compile`` tracing."""
     return kernels_enabled(t, kFusedEpEnv, kFusedEpDefault)
 
 
@@ -217,6 +218,19 @@ def pack_records(fmt: "RowFormat", xq: torch.Tensor, xs: torch.Tensor, expert: t
     rec_meta[:, :fmt.top_k].copy_(expert)
     rec_meta[:, fmt.top_k:].view(torch.float32).copy_(topk_weights)
     return records
+
+
+def pack_replicated(fmt: "RowFormat", xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Tensor,
+                    topk_weights: torch.Tensor, num_valid_tokens, send: torch.Tensor) -> None:
+    """Decode's fixed-split send buffer ``send [R, T, fmt.nbytes]``: slot t of every destination
+    holds token t's record, ids -1 from ``num_valid_tokens`` on (the padding bytes are left as
+    they are). The reference of ep_send.cuh's replicate_pack_kernel."""
+    ranks, tokens = send.shape[:2]
+    send_x, send_s, send_meta = fmt.views(send)  # [R, T, H], [R, T, H/128], [R, T, 2k]
+    send_x.view(torch.uint8).copy_(xq.view(torch.uint8).expand(ranks, tokens, fmt.hidden))
+    send_s.copy_(xs.expand(ranks, tokens, fmt.groups))
+    send_meta.copy_(encode_meta(topk_idx, topk_weights, num_valid_tokens)
+                    .expand(ranks, tokens, fmt.meta_words))
 
 
 # ---------------------------------------------------------------------------- handles
@@ -498,10 +512,11 @@ class TorchDistDispatcher(Dispatcher):
         fmt = self.row_format
         # --- pack each token once, replicated into every destination's slot t (fixed splits)
         send = torch.empty(ranks, tokens, fmt.nbytes, dtype=torch.uint8, device=device)
-        send_x, send_s, send_meta = fmt.views(send)  # [R, T, H], [R, T, H/128], [R, T, 2k]
-        send_x.view(torch.uint8).copy_(xq.view(torch.uint8).expand(ranks, tokens, hidden))
-        send_s.copy_(xs.expand(ranks, tokens, fmt.groups))
-        send_meta.copy_(encode_meta(topk_idx, topk_weights, num_valid_tokens).expand(ranks, tokens, 2 * top_k))
+        if tokens and fused_ep_enabled(xq) and \
+                _ep_send_kernels().supports_replicate(topk_idx, topk_weights, xq, xs, num_valid_tokens):
+            _ep_send_kernels().replicate_pack(topk_idx, topk_weights, xq, xs, num_valid_tokens, send)
+        else:
+            pack_replicated(fmt, xq, xs, topk_idx, topk_weights, num_valid_tokens, send)
         recv = torch.empty_like(send)
         self._all_to_all(recv, send)  # equal splits: T rows per rank
         recv_x, recv_s, recv_meta = fmt.views(recv.view(ranks * tokens, fmt.nbytes))
