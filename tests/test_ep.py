@@ -364,6 +364,22 @@ def case_dispatch_contiguous_edges(rank, world, group):
         assert torch.equal(y, add) and (plain == 0).all() and handle.num_send == 0
 
 
+def case_no_silent_gradients(rank, world, group):
+    """The EP layer's exchanges carry no autograd graph: asking for gradients (a parameter or the
+    input requiring grad, grad mode on) raises instead of returning an output without them;
+    enable_fp8_training raises too. Rank-local checks: no collective is entered."""
+    cfg = tiny_cfg()
+    from moe_fp8.layers import MoE
+    ep = MoE(cfg, ep_group=group, seed=0)
+    x = torch.randn(5, cfg.hidden_size).bfloat16()
+    with torch.enable_grad():
+        for call in (lambda: ep(x), lambda: ep.forward_masked(x), lambda: ep(x.requires_grad_(True))):
+            with pytest.raises(NotImplementedError, match="no backward"):
+                call()
+    with pytest.raises(NotImplementedError, match="no backward"):
+        ep.enable_fp8_training()
+
+
 def case_errors(rank, world, group):
     """Bad arguments raise before any collective (rank-local, so no rank can hang)."""
     from moe_fp8.layers.dispatch.torch_dist import make_dispatcher

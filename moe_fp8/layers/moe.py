@@ -16,7 +16,7 @@ from torch import nn
 
 from ..gemm.validate import value_checks_enabled
 from .config import MoEConfig
-from .dispatch import Dispatcher, make_dispatcher
+from .dispatch import Dispatcher, LocalDispatcher, make_dispatcher
 from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
 from .layouts import MaskedBuffers
 from .permute import quantize_tokens
@@ -26,6 +26,10 @@ from .switches import switch_on
 
 kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 1: the shared experts run on a side stream
 kOverlapSharedDefault = False  # flip once a GPU run has verified and measured the overlap
+kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-alls carry no "
+                 "autograd graph, so gradients would be silently missing): run it under "
+                 "torch.no_grad() or torch.inference_mode(); FP8 training runs on a one-GPU layer "
+                 "(ep_group=None, enable_fp8_training)")
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
@@ -120,6 +124,8 @@ class MoE(nn.Module):
         combine; the shared experts stay frozen FP8. Call ``sync_fp8_weights`` after optimizer
         steps before using ``decode_runner`` (it reads the FP8 buffers)."""
         from .autograd import Fp8WeightCache
+        if self._expert_parallel:
+            raise NotImplementedError(kNoEpBackward)
         if master_dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"master_dtype must be torch.float32 or torch.bfloat16, got {master_dtype}")
         w13, w2 = self.experts.dequantized()
@@ -196,9 +202,22 @@ class MoE(nn.Module):
                 shared.record_stream(main)
         return shared
 
+    @property
+    def _expert_parallel(self) -> bool:
+        return not isinstance(self.dispatcher, LocalDispatcher)
+
+    def _check_differentiable(self, x: torch.Tensor) -> None:
+        """The exchanges of an expert-parallel layer carry no autograd graph (the all-to-alls
+        move bytes): with gradients wanted, the output would silently have none (or a residual
+        would carry only its own). Raise instead."""
+        if self._expert_parallel and torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            raise NotImplementedError(kNoEpBackward)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., H]`` -> ``[..., H]`` (x's dtype), contiguous layout."""
         x2 = self._tokens(x)
+        self._check_differentiable(x2)
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         shared, side = self._start_shared(xq, xs)  # side stream on the GPU (overlaps)
         routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
@@ -216,6 +235,7 @@ class MoE(nn.Module):
         """``x [T, H]`` -> ``[T, H]`` through the masked layout (the decode step). With the static
         arguments (what ``decode_runner`` passes) it neither syncs nor allocates by value."""
         x2 = self._tokens(x)
+        self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         shared, side = self._start_shared(xq, xs)  # side stream / graph branch on the GPU
