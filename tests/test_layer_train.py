@@ -1,4 +1,5 @@
 """The MoE module trains in FP8: gradients reach the router, the experts' masters and x; loss falls."""
+import pytest
 import torch
 
 import moe_fp8.gemm as G
@@ -57,3 +58,38 @@ def test_sync_fp8_weights_updates_inference_path():
         moe.sync_fp8_weights()
         masked = moe.forward_masked(x)
     assert G.calc_diff(masked, y_master) < 1e-5
+
+
+@pytest.mark.parametrize("experts_here", [8, 4])  # 4: half the experts elsewhere, skipped slots
+def test_input_gradient_sums_each_tokens_rows_in_fp32(monkeypatch, experts_here):
+    """The experts' share of x's gradient is the fp32 sum of its rows' gradients over the slots
+    that have a row, rounded once (the combine), not a scatter-add in bf16; padding rows and
+    skipped slots add nothing. The layer's own indices and row gradients, the rows' function
+    replayed on its own (x's full gradient also has the router's share)."""
+    import moe_fp8.layers.autograd as A
+    cfg = MoEConfig.tiny(num_experts=8, top_k=4, n_group=4, topk_group=2, n_shared_experts=0)
+    from moe_fp8.layers.dispatch import LocalDispatcher
+    dispatcher = LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k,
+                                 num_experts_local=experts_here)
+    moe = MoE(cfg, seed=3, dispatcher=dispatcher).enable_fp8_training()
+    captured = {}
+
+    def capture(x, slot_row, pair_kept, num_rows):
+        rows = A._RowsOfTokens.apply(x, slot_row, pair_kept, num_rows)
+        rows.register_hook(lambda g: captured.update(grad=g.clone()))
+        captured.update(slot_row=slot_row, kept=pair_kept, num_rows=num_rows)
+        return rows
+
+    monkeypatch.setattr(A, "rows_of_tokens", capture)
+    x = torch.randn(29, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x.requires_grad_(True)
+    y = moe(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).bfloat16())
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    grad_rows, slot_row, kept = captured["grad"], captured["slot_row"], captured["kept"]
+    assert bool(kept.all()) == (experts_here == cfg.num_experts)
+    assert grad_rows.shape == (captured["num_rows"], cfg.hidden_size)
+    x_alone = x.detach().clone().requires_grad_(True)
+    A._RowsOfTokens.apply(x_alone, slot_row, kept, captured["num_rows"]).backward(grad_rows)
+    want = (grad_rows.float()[slot_row] * kept.unsqueeze(-1)).sum(1).bfloat16()  # [T, k, H] -> [T, H]
+    torch.testing.assert_close(x_alone.grad, want, rtol=2 ** -8, atol=0)

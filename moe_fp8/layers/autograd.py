@@ -68,7 +68,7 @@ kBlock = 128  # scale granularity (1x128 activations, 128x128 weights) and segme
 kMasterDtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 __all__ = ["experts_forward_fp8", "experts_forward_torch", "expert_offsets", "Fp8WeightCache",
-           "Fp8ExpertWeights", "fused_train_enabled", "kFusedTrainEnv"]
+           "Fp8ExpertWeights", "fused_train_enabled", "kFusedTrainEnv", "rows_of_tokens"]
 
 kFusedTrainEnv = "MOE_FP8_FUSED_TRAIN"
 
@@ -408,6 +408,38 @@ def _validate(x_rows, m_indices, w13, w2, reference: bool) -> None:
         if bool(bad.any()):
             raise ValueError(f"m_indices must hold -1 or 0..{experts - 1} (w13 has {experts} experts)")
     _check_sorted(m_indices)
+
+
+class _RowsOfTokens(torch.autograd.Function):
+    """x ``[T, H]`` -> a zero stand-in ``[M_sum, H]`` for the layout's rows of x; the backward sums
+    each token's row gradients in fp32, in slot order (``unpermute_combine``: the combine kernel
+    on Hopper), one rounding — deterministic, where a differentiable ``index_select`` would
+    scatter-add in x's dtype with atomics, and without gathering the bf16 rows in the forward."""
+
+    @staticmethod
+    def forward(ctx, x, slot_row, pair_kept, num_rows):
+        ctx.save_for_backward(slot_row, pair_kept)
+        ctx.x_dtype = x.dtype
+        return x.new_zeros(1, x.shape[1]).expand(num_rows, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        from .layouts import CombineIndex
+        from .permute import unpermute_combine
+        slot_row, pair_kept = ctx.saved_tensors
+        out = torch.empty(slot_row.shape[0], grad_rows.shape[1], dtype=ctx.x_dtype,
+                          device=grad_rows.device)
+        index = CombineIndex(slot_row, pair_kept.to(torch.float32))
+        return unpermute_combine(grad_rows.contiguous(), index, out=out), None, None, None
+
+
+def rows_of_tokens(x: torch.Tensor, slot_row: torch.Tensor, pair_kept: torch.Tensor,
+                   num_rows: int) -> torch.Tensor:
+    """The layout's rows of ``x [T, H]`` for ``experts_forward_fp8`` when the experts read the
+    quantised layout (``x_fp8``): a zero-filled stand-in ``[M_sum, H]`` whose gradient reaches x
+    summed per token (``slot_row [T, k]`` int64: the row of pair (t, j); ``pair_kept [T, k]``:
+    whether it has one)."""
+    return _RowsOfTokens.apply(x, slot_row, pair_kept, num_rows)
 
 
 def experts_forward_fp8(x_rows: torch.Tensor, m_indices: torch.Tensor, w13: torch.Tensor,

@@ -147,13 +147,13 @@ class MoE(nn.Module):
         self.experts.load_fp8(*quantize_stack(self.experts.w13_master, self.cfg.pow2_scale),
                               *quantize_stack(self.experts.w2_master, self.cfg.pow2_scale))
 
-    def _routed_rows(self, x2: torch.Tensor, layout) -> torch.Tensor:
+    def _routed_rows(self, x2: torch.Tensor, layout, handle) -> torch.Tensor:
         """The routed experts over the contiguous layout -> ``y_rows [M_sum, H]``."""
         if not self.fp8_training:
             return self.experts.forward_contiguous(layout)
-        from .autograd import experts_forward_fp8
-        # differentiable gather of the bf16 rows: their gradient sums back per token
-        x_rows = x2.index_select(0, layout.row_token.clamp(min=0))
+        from .autograd import experts_forward_fp8, rows_of_tokens
+        # the experts read the fp8 layout; x_rows carries the gradient back to the tokens
+        x_rows = rows_of_tokens(x2, handle.combine.slot_row, handle.pair_kept, layout.num_rows)
         return experts_forward_fp8(x_rows, layout.m_indices, self.experts.w13_master,
                                    self.experts.w2_master, self.experts.fp8_cache,
                                    x_fp8=(layout.a, layout.sa), pow2_scale=self.cfg.pow2_scale)
@@ -223,7 +223,7 @@ class MoE(nn.Module):
         routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
         layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
                                                              routing.topk_weights)
-        y_rows = self._routed_rows(x2, layout)  # [M_sum, H]
+        y_rows = self._routed_rows(x2, layout, handle)  # [M_sum, H]
         shared = self._join_shared(shared, side)
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)

@@ -27,6 +27,7 @@ class LocalHandle:
     combine: CombineIndex  # where each (token, slot) result lives and its weight
     num_tokens: int  # T_local
     y_rows_shape: tuple  # the experts' output the combine expects: (M_sum, H) or (E_loc, M_max, H)
+    pair_kept: Optional[torch.Tensor] = None  # bool [T, k]: the pair has a row (contiguous layout)
 
     def check(self, y_rows: torch.Tensor) -> None:
         if tuple(y_rows.shape) != self.y_rows_shape:
@@ -68,7 +69,8 @@ class LocalDispatcher(Dispatcher):
         layout = ContiguousLayout(a, sa, index.m_indices, row_token, row_slot,
                                   index.tokens_per_expert, index.num_rows)
         handle = LocalHandle(combine_index_contiguous(index, topk_weights), xq.shape[0],
-                             (index.num_rows, self.hidden_size))
+                             (index.num_rows, self.hidden_size),
+                             index.pair_kept.view(topk_weights.shape))
         return layout, handle
 
     def combine_contiguous(self, y_rows, handle: LocalHandle, *, add=None):
