@@ -93,3 +93,30 @@ def test_input_gradient_sums_each_tokens_rows_in_fp32(monkeypatch, experts_here)
     A._RowsOfTokens.apply(x_alone, slot_row, kept, captured["num_rows"]).backward(grad_rows)
     want = (grad_rows.float()[slot_row] * kept.unsqueeze(-1)).sum(1).bfloat16()  # [T, k, H] -> [T, H]
     torch.testing.assert_close(x_alone.grad, want, rtol=2 ** -8, atol=0)
+
+
+def test_combine_backward():
+    """The training combine's backward: rows and add against autograd's numerical gradients in
+    float64, the top-k weights (fp32 by the index's contract) against <d_out[t], y[row(t, j)]>:
+    padding rows (no slot), skipped slots pointing at row 0 with weight 0, a kept slot whose
+    weight is exactly 0 (its weight still gets its gradient, its row gets 0)."""
+    from moe_fp8.layers.layouts import CombineIndex
+    from moe_fp8.layers.permute import unpermute_combine
+    gen = torch.Generator().manual_seed(0)
+    y_rows = torch.randn(10, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    slot_row = torch.tensor([[1, 4, 0], [0, 2, 0], [9, 3, 6]])  # rows 5, 7, 8: padding
+    weight = torch.rand(3, 3, generator=gen)
+    weight[0, 2] = weight[1, 2] = 0.0  # skipped slots (row 0)
+    weight[2, 2] = 0.0  # kept slot (row 6), weight 0
+    add = torch.randn(3, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def combine(y, w, a):
+        return unpermute_combine(y, CombineIndex(slot_row, w), add=a)
+
+    assert torch.autograd.gradcheck(lambda y, a: combine(y, weight, a), (y_rows, add))
+    w = weight.clone().requires_grad_(True)
+    d_out = torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    d_rows, d_w, d_add = torch.autograd.grad(combine(y_rows, w, add), (y_rows, w, add), d_out)
+    want_w = (y_rows.detach()[slot_row] * d_out.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(d_w, want_w.float())
+    assert (d_rows[[5, 7, 8, 6]] == 0).all() and torch.equal(d_add, d_out)

@@ -184,13 +184,68 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
     return out.copy_(result)
 
 
+class _Combine(torch.autograd.Function):
+    """Training's combine: the forward is the inference combine (the kernel on Hopper: fp32
+    accumulation, the weights rounded to ``y_rows``' dtype, one rounding). The backward reads
+    each tensor once, without an fp32 copy of the gathered rows:
+
+    * ``d_y_rows[r] = w(r) * d_out[token(r)]`` for the row r of each slot with a nonzero weight
+      (skipped slots point at row 0 with weight 0; a weight-0 slot's row gets 0 either way; other
+      rows 0): one gather of ``d_out`` rows and one scale, no scatter-add (a row belongs to one
+      slot);
+    * ``d_weight[t, j] = <d_out[t], y_rows[row(t, j)]>``: the bf16 rows gathered once and a batched
+      product with fp32 output (``bmm`` with ``out_dtype`` on CUDA);
+    * ``d_add = d_out``.
+    """
+
+    @staticmethod
+    def forward(ctx, y_rows, slot_row, slot_weight, add):
+        ctx.save_for_backward(y_rows, slot_row, slot_weight)
+        ctx.add_dtype = add.dtype if add is not None else None
+        with torch.no_grad():
+            return unpermute_combine(y_rows, CombineIndex(slot_row, slot_weight), add=add)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        y_rows, slot_row, slot_weight = ctx.saved_tensors
+        tokens, top_k = slot_row.shape
+        d_out = d_out.to(y_rows.dtype).contiguous()
+        d_rows = d_weight = None
+        if ctx.needs_input_grad[0]:
+            pair = torch.arange(tokens * top_k, device=slot_row.device)
+            has_row = slot_weight.reshape(-1) != 0  # skipped slots share row 0 with a real one
+            row_token = torch.zeros(y_rows.shape[0], dtype=torch.int64, device=y_rows.device)
+            row_weight = torch.zeros(y_rows.shape[0], dtype=y_rows.dtype, device=y_rows.device)
+            rows = slot_row.reshape(-1)[has_row]
+            row_token[rows] = pair[has_row] // top_k
+            row_weight[rows] = slot_weight.reshape(-1)[has_row].to(y_rows.dtype)  # as the forward
+            d_rows = d_out.index_select(0, row_token).mul_(row_weight.unsqueeze(1))
+        if ctx.needs_input_grad[2]:
+            gathered = y_rows.index_select(0, slot_row.reshape(-1)).view(tokens, top_k, -1)
+            # (skipped slots get <d_out, row 0> here: the caller's where(kept, w, 0) drops it)
+            d_weight = _bmm_wide(gathered, d_out.unsqueeze(2)).squeeze(2).to(slot_weight.dtype)
+        d_add = d_out.to(ctx.add_dtype) if ctx.needs_input_grad[3] else None
+        return d_rows, None, d_weight, d_add
+
+
+_bmm_out_dtype = [hasattr(torch.ops.aten.bmm, "dtype")]  # bmm(bf16, bf16) -> fp32 on CUDA
+
+
+def _bmm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched) accumulated and returned in at least fp32: on CUDA ``bmm`` with
+    ``out_dtype`` reads the bf16 operands as they are; otherwise (or if this build lacks it) the
+    operands are widened first."""
+    wide = torch.promote_types(a.dtype, torch.float32)
+    if a.is_cuda and wide != a.dtype and _bmm_out_dtype[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=wide)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _bmm_out_dtype[0] = False  # not in this build: widen from now on
+    return torch.bmm(a.to(wide), b.to(wide))
+
+
 def _unpermute_combine_differentiable(y_rows, index: CombineIndex, add, out):
-    """Training: the same sum without ``out=`` kernels, so autograd reaches the experts' rows,
-    the top-k weights (the router's gradient) and ``add``. fp32 accumulation, one rounding."""
-    tokens, top_k = index.slot_row.shape
-    rows = y_rows.index_select(0, index.slot_row.reshape(-1)).view(tokens, top_k, y_rows.shape[1]).float()
-    y = torch.bmm(index.slot_weight.float().unsqueeze(1), rows).squeeze(1)  # [T, H]
-    if add is not None:
-        y = y + add.float()
-    dtype = out.dtype if out is not None else y_rows.dtype
-    return y.to(dtype) if out is None else out.copy_(y)
+    """Training (autograd reaches the experts' rows, the top-k weights — the router's gradient —
+    and ``add``): ``_Combine``; ``out`` (if given) receives a copy."""
+    y = _Combine.apply(y_rows, index.slot_row, index.slot_weight, add)
+    return y if out is None else out.copy_(y)
