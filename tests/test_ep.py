@@ -260,6 +260,102 @@ def case_combine_pipelined(rank, world, group):
             assert torch.equal(got, want), (seed, combine_dtype)
 
 
+def nccl_groups_complete(groups_per_rank) -> bool:
+    """Replays every rank's ``batch_isend_irecv`` groups as NCCL runs them: one group after
+    another per rank (like a collective on one stream), a group done once each of its ops meets
+    its counterpart (the k-th send a -> b meets the k-th receive at b from a, same size) in the
+    partner's current group. True when every group completes; False on a deadlock."""
+    ranks = len(groups_per_rank)
+    position = [0] * ranks
+    issued = [dict() for _ in range(ranks)]  # (kind, peer) -> ops of that kind done so far
+
+    def labelled(r):  # the current group's ops with their per-(kind, peer) sequence numbers
+        seen, out = dict(issued[r]), []
+        for kind, peer, size in groups_per_rank[r][position[r]]:
+            k = seen.get((kind, peer), 0)
+            seen[(kind, peer)] = k + 1
+            out.append((kind, peer, k, size))
+        return out
+
+    while any(position[r] < len(groups_per_rank[r]) for r in range(ranks)):
+        active = {r: labelled(r) for r in range(ranks) if position[r] < len(groups_per_rank[r])}
+        done = [r for r, ops in active.items()
+                if all(p in active and (("recv" if kind == "send" else "send"), r, k, size) in active[p]
+                       for kind, p, k, size in ops)]
+        if not done:
+            return False
+        for r in done:
+            for kind, peer, _, _ in active[r]:
+                issued[r][(kind, peer)] = issued[r].get((kind, peer), 0) + 1
+            position[r] += 1
+    return True
+
+
+def test_nccl_replay_finds_the_classic_deadlock():
+    """The replay itself: pairing the send and the receive with the same peer per step deadlocks
+    at 3 ranks (the bug the pipelined combine had); shifting them (send to me + s, receive from
+    me - s) completes."""
+    def same_peer(r, ranks=3):
+        return [[("send", (r + s) % ranks, 1), ("recv", (r + s) % ranks, 1)] for s in (1, 2)]
+
+    def shifted(r, ranks=3):
+        return [[("send", (r + s) % ranks, 1), ("recv", (r - s) % ranks, 1)] for s in (1, 2)]
+
+    assert not nccl_groups_complete([same_peer(r) for r in range(3)])
+    assert nccl_groups_complete([shifted(r) for r in range(3)])
+
+
+def case_pipelined_groups_cannot_deadlock(rank, world, group):
+    """Every rank's point-to-point groups of a pipelined combine (uneven batches, a rank without
+    tokens), gathered and replayed under NCCL's in-order rule: they all complete. gloo itself
+    would not hang on a bad order, so the order is checked, not just the values."""
+    import torch.distributed as D
+    from kernel_checks import env_switch
+    cfg = tiny_cfg()
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, per_rank([13, 0, 40, 1, 7], world), rank, seed=44)
+    disp = _dispatcher(cfg, group)
+    layout, handle = disp.dispatch_contiguous((xq, xs), idx, w)
+    y_rows = fake_experts_contiguous(layout, disp.expert_offset)
+    log, real = [], D.batch_isend_irecv
+
+    def recording(ops):
+        log.append([("send" if op.op is D.isend else "recv", op.peer, op.tensor.numel()) for op in ops])
+        return real(ops)
+
+    D.batch_isend_irecv = recording
+    try:
+        with env_switch("MOE_FP8_EP_PIPELINE", "1"):
+            disp.combine_contiguous(y_rows, handle, add=add)
+    finally:
+        D.batch_isend_irecv = real
+    logs = [None] * world
+    dist.all_gather_object(logs, log, group=group)
+    assert nccl_groups_complete(logs), logs
+
+
+def case_subgroup_pipelined_combine(rank, world, group):
+    """An EP group that is not the world (the odd ranks: EP inside data parallelism): dispatch and
+    the pipelined combine (point-to-point ops name peers by global rank) equal the plain one."""
+    from kernel_checks import env_switch
+    members = list(range(1, world, 2))
+    sub = dist.new_group(members)  # collective over every rank of the world
+    if rank not in members:
+        return
+    cfg = tiny_cfg()
+    me = members.index(rank)
+    (xq, xs), idx, w, add = _oracle_inputs(cfg, per_rank([9, 30, 0, 4], len(members)), me, seed=45)
+    disp = _dispatcher(cfg, sub)
+    assert disp.global_ranks == members
+    layout, handle = disp.dispatch_contiguous((xq, xs), idx, w)
+    y_rows = fake_experts_contiguous(layout, disp.expert_offset)
+    with env_switch("MOE_FP8_EP_PIPELINE", "0"):
+        want = disp.combine_contiguous(y_rows, handle, add=add)
+    with env_switch("MOE_FP8_EP_PIPELINE", "1"):
+        got = disp.combine_contiguous(y_rows, handle, add=add)
+    assert torch.equal(got, want)
+    assert_bf16_close(want, oracle(xq, xs, idx, w, add), "subgroup combine", 4.0)
+
+
 def case_dispatch_masked_oracle(rank, world, group):
     """Masked pair: num_valid_tokens as a device scalar, static out buffers reused, overflow count."""
     from moe_fp8.layers.layouts import MaskedBuffers

@@ -212,14 +212,16 @@ class _Combine(torch.autograd.Function):
         d_out = d_out.to(y_rows.dtype).contiguous()
         d_rows = d_weight = None
         if ctx.needs_input_grad[0]:
-            pair = torch.arange(tokens * top_k, device=slot_row.device)
-            has_row = slot_weight.reshape(-1) != 0  # skipped slots share row 0 with a real one
-            row_token = torch.zeros(y_rows.shape[0], dtype=torch.int64, device=y_rows.device)
-            row_weight = torch.zeros(y_rows.shape[0], dtype=y_rows.dtype, device=y_rows.device)
-            rows = slot_row.reshape(-1)[has_row]
-            row_token[rows] = pair[has_row] // top_k
-            row_weight[rows] = slot_weight.reshape(-1)[has_row].to(y_rows.dtype)  # as the forward
-            d_rows = d_out.index_select(0, row_token).mul_(row_weight.unsqueeze(1))
+            # each slot's row; slots without a row (weight 0: skipped slots share row 0 with a
+            # real one) go to a trash entry. A scatter, not a boolean mask: no host sync on CUDA
+            num_rows = y_rows.shape[0]
+            target = torch.where(slot_weight.reshape(-1) != 0, slot_row.reshape(-1), num_rows)
+            token = torch.arange(tokens * top_k, device=slot_row.device) // top_k
+            row_token = torch.zeros(num_rows + 1, dtype=torch.int64, device=y_rows.device)
+            row_token.scatter_(0, target, token)
+            row_weight = torch.zeros(num_rows + 1, dtype=y_rows.dtype, device=y_rows.device)
+            row_weight.scatter_(0, target, slot_weight.reshape(-1).to(y_rows.dtype))  # as the forward
+            d_rows = d_out.index_select(0, row_token[:num_rows]).mul_(row_weight[:num_rows, None])
         if ctx.needs_input_grad[2]:
             gathered = y_rows.index_select(0, slot_row.reshape(-1)).view(tokens, top_k, -1)
             # (skipped slots get <d_out, row 0> here: the caller's where(kept, w, 0) drops it)

@@ -274,6 +274,8 @@ class TorchDistDispatcher(Dispatcher):
         self.group = ep_group if ep_group is not None else dist.group.WORLD
         self.placement = ExpertPlacement.from_group(cfg.num_experts, self.group)
         self.ep_size, self.ep_rank = self.placement.ep_size, self.placement.ep_rank
+        # point-to-point ops name peers by their global rank (the group may be a subgroup)
+        self.global_ranks = [dist.get_global_rank(self.group, r) for r in range(self.ep_size)]
         self.num_experts_global = cfg.num_experts
         self.num_experts_local = self.placement.num_experts_local
         self.expert_offset = self.placement.expert_offset
@@ -458,26 +460,35 @@ class TorchDistDispatcher(Dispatcher):
         return unpermute_combine(returned, handle.source_combine, add=add, out=out)
 
     def _return_partials_pipelined(self, y_rows, handle: ContiguousHandle, returned) -> None:
-        """The combine's exchange per peer and in chunks: the partial sums for the rows a peer
-        sent are reduced chunk by chunk, each chunk sent (grouped with the receive of the peer's
-        matching chunk) as soon as it is reduced, so the reduce of the next chunk overlaps the
-        transfer of this one; the rows this rank sent itself are reduced last, straight into
-        ``returned``, without a transfer. Same rows, same values as the one all-to-all."""
+        """The combine's exchange in steps and chunks: at step s a rank sends the partial sums
+        for the rows that rank ``me + s`` sent it and receives what it sent rank ``me - s``, chunk
+        by chunk, each chunk sent as soon as it is reduced, so the reduce of the next chunk
+        overlaps the transfer of this one; the rows this rank sent itself are reduced last,
+        straight into ``returned``, without a transfer. Same rows, same values as the one
+        all-to-all.
+
+        NOTE: NCCL runs each ``batch_isend_irecv`` group on the group's communicator, one after
+        another on one stream, like a collective: a group may only wait for groups the other ranks
+        issue at the same (step, chunk). Sending to ``me + s`` while receiving from ``me - s``
+        makes every rank's group (s, c) match exactly its partners' group (s, c); pairing a send
+        and a receive with the same peer deadlocks from 3 ranks on (rank 0 would wait for rank 1's
+        second group behind its first, which waits for rank 2, which waits for rank 0)."""
         ranks, me, index = self.ep_size, self.ep_rank, handle.recv_combine
         recv_off = [0] + list(itertools.accumulate(handle.recv_splits))  # partials for each source
         send_off = [0] + list(itertools.accumulate(handle.send_splits))  # what each rank returns
         works = []
-        for step in range(1, ranks):  # peers in a rotation (each pair's chunks in the same order)
-            peer = (me + step) % ranks
-            for (r0, r1), (s0, s1) in zip(_chunks(recv_off[peer], recv_off[peer + 1]),
-                                          _chunks(send_off[peer], send_off[peer + 1])):
-                ops = []
+        for step in range(1, ranks):
+            to, frm = (me + step) % ranks, (me - step) % ranks
+            for (r0, r1), (s0, s1) in zip(_chunks(recv_off[to], recv_off[to + 1]),
+                                          _chunks(send_off[frm], send_off[frm + 1])):
+                ops = []  # empty chunks are empty on the partner's side too: both skip them
                 if r1 > r0:
                     part = self._weighted_rows(y_rows, _index_rows(index, r0, r1), returned.dtype)
-                    ops.append(dist.P2POp(dist.isend, part, peer, group=self.group))
+                    ops.append(dist.P2POp(dist.isend, part, self.global_ranks[to], group=self.group))
                 if s1 > s0:
-                    ops.append(dist.P2POp(dist.irecv, returned[s0:s1], peer, group=self.group))
-                if ops:  # a send and a receive with the same peer in one group: no deadlock
+                    ops.append(dist.P2POp(dist.irecv, returned[s0:s1], self.global_ranks[frm],
+                                          group=self.group))
+                if ops:
                     works += dist.batch_isend_irecv(ops)
         r0, r1, s0 = recv_off[me], recv_off[me + 1], send_off[me]  # rows to itself: no transfer
         if r1 > r0:
