@@ -120,3 +120,24 @@ def test_combine_backward():
     want_w = (y_rows.detach()[slot_row] * d_out.unsqueeze(1)).sum(-1)
     torch.testing.assert_close(d_w, want_w.float())
     assert (d_rows[[5, 7, 8, 6]] == 0).all() and torch.equal(d_add, d_out)
+
+
+def test_combine_backward_reads_nothing_back():
+    """The training combine's backward (and the input-gradient function's) never reads a tensor
+    back to the host (boolean-mask indexing would: a sync per step on a GPU)."""
+    from moe_fp8.layers.autograd import rows_of_tokens
+    from moe_fp8.layers.dispatch.op_counter import OpCounter
+    from moe_fp8.layers.layouts import CombineIndex
+    from moe_fp8.layers.permute import unpermute_combine
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=gen).bfloat16().requires_grad_(True)
+    slot_row = torch.tensor([[1, 4, 0], [0, 2, 0], [9, 3, 6]])
+    weight = torch.rand(3, 3, generator=gen)
+    weight[0, 2] = weight[1, 2] = 0.0
+    kept = weight != 0
+    rows = rows_of_tokens(x, slot_row, kept, 10) + torch.randn(10, 16, generator=gen).bfloat16()
+    y = unpermute_combine(rows, CombineIndex(slot_row, weight.requires_grad_(True)))
+    with OpCounter() as counter:
+        y.backward(torch.ones_like(y))
+    assert counter.syncs == 0, counter.ops
+    assert x.grad is not None and weight.grad is not None
