@@ -92,7 +92,7 @@ def fused_mode(mode: str, moe: MoE):
     restored after."""
     names = (kEnv, kRouterEnv, kOverlapEnv)
     rows = moe.dispatcher.contiguous_rows
-    moe.dispatcher.contiguous_rows = "upper_bound" if mode in kUpperBoundModes else rows
+    moe.dispatcher.contiguous_rows = "upper_bound" if mode in kUpperBoundModes else "exact"
     try:
         with env(**{name: "1" if on else "0" for name, on in zip(names, kModes[mode])}):
             yield

@@ -9,6 +9,10 @@ kCuda = torch.device("cuda", 0)
 
 
 def test_unverified_families_keep_the_reference_under_auto(monkeypatch):
+    """The mechanism (no family is unverified today: the training-quant families passed on an
+    H100, 2026-12-05): a family in the set keeps its reference under auto until opted in."""
+    assert backend.kUnverifiedFamilies == frozenset()
+    monkeypatch.setattr(backend, "kUnverifiedFamilies", frozenset({"transpose_quant", "silu_backward"}))
     monkeypatch.setattr(backend, "_is_hopper", lambda index: True)
     monkeypatch.delenv(backend.kUnverifiedEnv, raising=False)
     monkeypatch.delenv("MOE_FP8_BACKEND", raising=False)

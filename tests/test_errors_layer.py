@@ -233,7 +233,7 @@ CASES = [
     Case("disp-x-3d", lambda e: e.dispatcher.dispatch_contiguous(e.x().unsqueeze(0), *e.routing()), ValueError, "x_local must be [T, 256]"),
     Case("disp-masked-out-shape", lambda e: e.dispatcher.dispatch_masked(e.x(), *e.routing(), max_tokens_per_expert=4, out=MaskedBuffers.allocate(8, 2, 256, e.device)), ValueError, "out.a must be [E_loc + 1, M_max, H]"),
     Case("disp-expert-offset", lambda e: LocalDispatcher(8, 256, 2, num_experts_local=4, expert_offset=5), ValueError, "expert_offset 5"),
-    Case("disp-contiguous-rows", lambda e: LocalDispatcher(8, 256, 2, contiguous_rows="max"), ValueError, "contiguous_rows must be 'exact' or 'upper_bound'"),
+    Case("disp-contiguous-rows", lambda e: LocalDispatcher(8, 256, 2, contiguous_rows="max"), ValueError, "contiguous_rows must be 'auto', 'exact' or 'upper_bound'"),
     Case("disp-ep-backend", lambda e: ep_factory()(e.cfg, None, backend="nccl"), ValueError, "backend must be one of"),
     Case("disp-ep-backend-env", lambda e: with_env(MOE_FP8_EP_BACKEND="mpi")(lambda: ep_factory()(e.cfg, None)), ValueError, "MOE_FP8_EP_BACKEND must be 'torch' or 'deepep'"),
     Case("disp-topk-above-experts", lambda e: e.dispatcher.dispatch_contiguous(e.x(), *e.routing(value=8)), ValueError, "topk_idx", value_check=True),

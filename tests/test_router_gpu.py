@@ -52,11 +52,11 @@ def fused():
     return env_switch(kEnv, "1")
 
 
-def test_router_switch_is_off_until_measured(monkeypatch):
-    """MOE_FP8_FUSED_ROUTER: unset = off (no GPU run has verified the kernels yet), 1 on, 0 off;
-    CPU tensors never take the kernels."""
+def test_router_switch(monkeypatch):
+    """MOE_FP8_FUSED_ROUTER: unset = on (verified and measured on an H100, 2026-12-05), 1 on, 0
+    off; CPU tensors never take the kernels."""
     monkeypatch.delenv(kEnv, raising=False)
-    assert R.kFusedRouterDefault is False and not R.fused_router_switch_on()
+    assert R.kFusedRouterDefault is True and R.fused_router_switch_on()
     for value, on in (("1", True), ("0", False), (" 0", False), ("yes", True)):
         monkeypatch.setenv(kEnv, value)
         assert R.fused_router_switch_on() is on, value

@@ -92,7 +92,7 @@ def pick(backend: str, device: torch.device, family: str, name: str,
 # GPU: backend="auto" keeps their references until a GPU run has measured them
 # (MOE_FP8_UNVERIFIED_KERNELS=1 opts in; backend="kernel" always runs them). Empty this set once
 # tests/test_train_quant_gpu.py has passed on a Hopper GPU.
-kUnverifiedFamilies = frozenset({"transpose_quant", "silu_backward"})
+kUnverifiedFamilies: frozenset = frozenset()  # transpose_quant, silu_backward: bit-exact on an H100, 2026-12-05
 kUnverifiedEnv = "MOE_FP8_UNVERIFIED_KERNELS"
 
 

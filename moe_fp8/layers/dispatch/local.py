@@ -5,7 +5,11 @@ It can also stand for one rank's share of an expert-parallel layer without the e
 how the benchmark measures "one GPU holding 32 of 256 experts".
 
 Host syncs: ``dispatch_contiguous`` reads ``M_sum`` back once (the layout's size depends on the
-routing) unless built with ``contiguous_rows="upper_bound"``; the masked pair never syncs.
+routing) with ``contiguous_rows="exact"``; ``"upper_bound"`` sizes the layout for any routing (no
+sync; the extra rows are padding the GEMMs skip); ``"auto"`` (default) takes the bound when its
+worst-case padding (E_loc x 127 rows) is at most a quarter of the pairs — measured on an H100
+(2026-12-05, 32 experts, 4096 tokens): 4539 -> 4113 us per prefill layer. The masked pair never
+syncs.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ...gemm.layout import kSegmentAlign
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index, upper_bound_rows)
 from ..permute import (combine_index_contiguous, combine_index_masked, permute_contiguous,
@@ -37,9 +42,9 @@ class LocalHandle:
 class LocalDispatcher(Dispatcher):
     def __init__(self, num_experts_global: int, hidden_size: int, top_k: int, *,
                  num_experts_local: Optional[int] = None, expert_offset: int = 0,
-                 pow2_scale: bool = False, contiguous_rows: str = "exact"):
-        if contiguous_rows not in ("exact", "upper_bound"):
-            raise ValueError(f"contiguous_rows must be 'exact' or 'upper_bound', got {contiguous_rows!r}")
+                 pow2_scale: bool = False, contiguous_rows: str = "auto"):
+        if contiguous_rows not in ("auto", "exact", "upper_bound"):
+            raise ValueError(f"contiguous_rows must be 'auto', 'exact' or 'upper_bound', got {contiguous_rows!r}")
         if num_experts_local is None:
             num_experts_local = num_experts_global
         if isinstance(num_experts_local, bool) or not isinstance(num_experts_local, int) \
@@ -62,7 +67,10 @@ class LocalDispatcher(Dispatcher):
         self.check_routing(xq.shape[0], topk_idx, topk_weights)
         local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local)
         rows = None
-        if self.contiguous_rows == "upper_bound":
+        bound = self.contiguous_rows == "upper_bound" or (
+            self.contiguous_rows == "auto" and xq.is_cuda
+            and self.num_experts_local * (kSegmentAlign - 1) * 4 <= local_ids.numel())
+        if bound:
             rows = upper_bound_rows(local_ids.numel(), self.num_experts_local)
         index = contiguous_index(local_ids, self.num_experts_local, rows)
         a, sa, row_token, row_slot = permute_contiguous(xq, xs, index, self.top_k)
