@@ -193,6 +193,14 @@ kEpSendInstances = ["moe_fp8::ep_send::route_pack_kernel<256>", "moe_fp8::ep_sen
                     "moe_fp8::ep_send::replicate_pack_kernel<256>"]
 
 
+def build_ep_send_emulator(build_dir) -> str:
+    """The emulation of permute.cuh + ep_send.cuh (every instance of both) -> the library's path
+    (the EP tests load it in spawned processes too)."""
+    build_emulator(build_dir, ["permute.cuh", "ep_send.cuh"], kPermuteInstances + kEpSendInstances,
+                   "permute_ep")
+    return str(build_dir / "libpermute_ep.so")
+
+
 def launch_code(instances) -> str:
     """``kLaunchCode`` with the table of the emulated ``instances``."""
     return kLaunchCode.replace("@ENTRIES@", "\n".join(f"    MOE_EMU_KERNEL({name})," for name in instances))
@@ -306,17 +314,23 @@ def poisoned_fp8(shape, device="cuda"):
 
 
 @contextlib.contextmanager
-def env_switch(name: str, value: str):
-    """``os.environ[name] = value`` inside the block, restored (or removed) after it."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def env_vars(**values: str):
+    """The environment variables set inside the block, restored (or removed) after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def env_switch(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, restored (or removed) after it."""
+    return env_vars(**{name: value})
 
 
 @contextlib.contextmanager

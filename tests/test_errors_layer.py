@@ -267,17 +267,11 @@ def ep_factory():
 
 def with_env(**values):
     """``with_env(NAME=value)(fn)`` runs fn with the environment variables set, then restores them."""
+    from kernel_checks import env_vars
+
     def run(fn):
-        saved = {k: os.environ.get(k) for k in values}
-        os.environ.update(values)
-        try:
+        with env_vars(**values):
             return fn()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return run
 
 

@@ -202,8 +202,8 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_rows, slot_row, slot_weight, add):
         ctx.save_for_backward(y_rows, slot_row, slot_weight)
         ctx.add_dtype = add.dtype if add is not None else None
-        with torch.no_grad():
-            return unpermute_combine(y_rows, CombineIndex(slot_row, slot_weight), add=add)
+        # (grad mode is off inside forward: this takes the non-differentiable branch)
+        return unpermute_combine(y_rows, CombineIndex(slot_row, slot_weight), add=add)
 
     @staticmethod
     def backward(ctx, d_out):

@@ -61,19 +61,25 @@ def _kernel(src: KernelSource, like: torch.Tensor):
     return get_kernel(src, like.device.index if like.device.index is not None else None)
 
 
-def supports(ids: torch.Tensor, weights: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor,
-             num_experts: int, ranks: int) -> bool:
-    """The kernels' limits: E <= 1024 and R <= 64 (shared-memory counters, a 64-bit rank mask),
-    int64 ids and fp32 weights contiguous, fp8 rows of 16-byte multiples, T >= 1."""
-    return (1 <= num_experts <= kMaxExperts and 1 <= ranks <= kMaxRanks
-            and ids.dtype == torch.int64 and ids.is_contiguous() and ids.dim() == 2
+def _supports_tokens(ids: torch.Tensor, weights: torch.Tensor, xq: torch.Tensor,
+                     xs: torch.Tensor) -> bool:
+    """Every kernel's token inputs: int64 ids and fp32 weights contiguous, fp8 rows of 16-byte
+    multiples (16-byte aligned rows), fp32 scales of any strides, T >= 1."""
+    return (ids.dtype == torch.int64 and ids.is_contiguous() and ids.dim() == 2
             and weights.dtype == torch.float32 and weights.is_contiguous()
             and tuple(weights.shape) == tuple(ids.shape)
             and xq.dim() == 2 and xq.element_size() == 1 and xq.shape[0] == ids.shape[0] >= 1
             and xq.shape[1] % kVectorBytes == 0 and xq.stride(1) == 1
             and xq.stride(0) % kVectorBytes == 0 and xq.data_ptr() % kVectorBytes == 0
-            and xs.dtype == torch.float32 and xs.dim() == 2 and xs.shape[0] == xq.shape[0]
-            and ids.shape[0] * ranks < 2 ** 31)
+            and xs.dtype == torch.float32 and xs.dim() == 2 and xs.shape[0] == xq.shape[0])
+
+
+def supports(ids: torch.Tensor, weights: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor,
+             num_experts: int, ranks: int) -> bool:
+    """The prefill kernels' limits: the token inputs, E <= 1024 and R <= 64 (shared-memory
+    counters, a 64-bit rank mask), R * T < 2^31 send rows."""
+    return (1 <= num_experts <= kMaxExperts and 1 <= ranks <= kMaxRanks
+            and _supports_tokens(ids, weights, xq, xs) and ids.shape[0] * ranks < 2 ** 31)
 
 
 def _ctas(tokens: int) -> int:
@@ -104,11 +110,11 @@ def send_order(ids, table, cta_counts, experts_per_rank: int, ranks: int, send_t
 
 def supports_replicate(ids: torch.Tensor, weights: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor,
                        num_valid) -> bool:
-    """``supports`` without the table's limits (any E, any R), plus a usable ``num_valid``."""
+    """The token inputs (any E, any R: no table), plus a usable ``num_valid``."""
     ok_valid = num_valid is None or isinstance(num_valid, int) or (
         isinstance(num_valid, torch.Tensor) and num_valid.dtype == torch.int64
         and num_valid.numel() == 1 and num_valid.device == ids.device)
-    return ok_valid and supports(ids, weights, xq, xs, 1, 1)
+    return ok_valid and _supports_tokens(ids, weights, xq, xs)
 
 
 def replicate_pack(ids, weights, xq, xs, num_valid, send) -> None:

@@ -21,8 +21,7 @@ one payload transfer per direction, no per-expert loop; every index is built on 
    send order (a cumsum + a ``searchsorted``) and packs one record per token into ``[T, row]``.
 2. **The one host sync** reads back ``[send splits | receive splits | M_sum]`` (``2R + 1`` ints;
    NCCL and gloo need split sizes on the host, and ``M_sum``, the padded rows arriving per local
-   expert, sizes the layout); on CUDA an async copy into pinned memory plus an event, waited for
-   after the combine's source index has been issued.
+   expert, sizes the layout), after the send side's kernels have all been issued.
 3. ONE ``all_to_all_single`` of the packed rows (gathered by the send order, viewed as 8-byte
    words), rows grouped by source rank, tokens in order within a rank.
 4. the receiver builds the layout exactly as the one-GPU layer does: local ids of the received
@@ -316,26 +315,6 @@ class TorchDistDispatcher(Dispatcher):
         out = torch.empty(index.slot_row.shape[0], y_rows.shape[1], dtype=dtype, device=y_rows.device)
         return unpermute_combine(y_rows, index, out=out)
 
-    @staticmethod
-    def _start_read_back(values: torch.Tensor):
-        """The prefill's one host sync, split in two: start the copy of ``values`` to the host
-        now (CUDA: async into pinned memory + an event) and read it in ``_finish_read_back``, so
-        the host issues more kernels while the copy lands instead of idling from here on."""
-        if values.is_cuda:
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            return host, ready
-        return values, None
-
-    @staticmethod
-    def _finish_read_back(pending) -> List[int]:
-        host, ready = pending
-        if ready is not None:
-            ready.synchronize()
-        return host.tolist()
-
     # ------------------------------------------------------------------ prefill
     def _exchange_counts(self, table: torch.Tensor):
         """Start the all-to-all that gives every rank every rank's routing table -> (counts
@@ -404,8 +383,8 @@ class TorchDistDispatcher(Dispatcher):
         mine = counts[:, me * experts_local:(me + 1) * experts_local].sum(0)  # [E_loc] pairs arriving
         padded = (mine + (kSegmentAlign - 1)).bitwise_and_(-kSegmentAlign)
         # NOTE: the one host sync of prefill: split sizes and M_sum must be host ints.
-        host = self._finish_read_back(self._start_read_back(torch.cat([
-            counts[me, experts + 1:], counts[:, experts + 1 + me], padded.sum().view(1)])))
+        host = torch.cat([counts[me, experts + 1:], counts[:, experts + 1 + me],
+                          padded.sum().view(1)]).tolist()
         send_splits, recv_splits, num_rows = host[:ranks], host[ranks:2 * ranks], host[2 * ranks]
         num_send, num_recv = sum(send_splits), sum(recv_splits)
         # --- 3. the payload: ONE all-to-all of packed rows
