@@ -246,19 +246,20 @@ def test_permute_masked_bit_exact(backend):
 
 # ----------------------------------------------------------------------------- combine
 
-def check_near_torch(actual, torch_path, what):
-    """Near the torch path's baddbmm, whose cuBLAS kernel may sum the k products in another
-    order (and with tensor-core alignment): one bf16 ulp, plus an absolute 2^-16 of the largest
-    output for results that cancel; differing elements are rare. Prints how many differ."""
+def check_near_torch(actual, torch_path, y_rows, combine, add, what):
+    """Near the torch path's ``baddbmm``. cuBLAS may sum the k products in another order and, with
+    torch's default ``allow_bf16_reduced_precision_reduction``, round partial sums to bf16, so its
+    error is bounded by the terms' magnitudes, not the result's: one bf16 ulp of the result plus
+    2^-8 of sum |w_j y_j| + |add| (the same combine over absolute values). A wrong row or weight
+    is off by a whole term, far past that. Prints how many elements differ."""
     a, t = actual.float(), torch_path.float()
     ulp = torch.where(t == 0, torch.full_like(t, 2.0 ** -133),
                       2.0 ** (torch.floor(torch.log2(t.abs())) - 7))
-    slack = ulp + 2.0 ** -16 * t.abs().max()
-    far = (a - t).abs() > slack
-    assert not far.any(), f"{what}: {int(far.sum())} elements beyond one ulp of the torch path"
-    mismatches = int((a != t).sum())
-    print(f"{what}: {mismatches} of {a.numel()} elements differ from the torch path (<= 1 ulp)")
-    assert mismatches <= max(8, a.numel() // 1000)
+    magnitude = combine_oracle(y_rows.abs(), PM.CombineIndex(combine.slot_row, combine.slot_weight.abs()),
+                               None if add is None else add.abs()).float()
+    far = (a - t).abs() > ulp + 2.0 ** -8 * magnitude
+    assert not far.any(), f"{what}: {int(far.sum())} elements beyond the torch path's rounding"
+    print(f"{what}: {int((a != t).sum())} of {a.numel()} elements differ from the torch path")
 
 
 kCombineCases = [  # (tokens, hidden, top_k, experts, with shared add)
@@ -295,7 +296,7 @@ def test_combine_matches_oracle(backend, layout):
         assert_same(actual, expected, what)
         assert returned is out
         assert_same(out, expected, what + " out=")
-        check_near_torch(actual, torch_path, what)
+        check_near_torch(actual, torch_path, y_rows, combine, add, what)
 
 
 def test_combine_keeps_autograd(backend):
@@ -388,16 +389,18 @@ def test_decode_runner_fused_vs_torch(backend):
         expected = torch_run(x).clone()
         with fused() if fused_run.graph is None else contextlib.nullcontext():
             actual = fused_run(x).clone()
-        # the bug looked like calc_diff ~1; the combines' summation orders give ~1e-6 and a few
-        # elements past one ulp (seen once on the H200), which this test is not about
+        # the bug looked like calc_diff ~1. The torch path's combine rounds partial sums to bf16
+        # (check_near_torch), so elements near cancellation differ by more than one ulp of the
+        # result (5.6 % of them on the H100, 2026-12-05); bound each element by 2 ulp plus 2^-8
+        # of the largest output instead: a wrong row or expert is off by a whole term.
         diff = G.calc_diff(actual, expected)
         assert diff < 1e-5, f"decode runner fused vs torch n={n}: calc_diff {diff:.2e}"
         a, t = actual.float(), expected.float()
         ulp = torch.where(t == 0, torch.full_like(t, 2.0 ** -133),
                           2.0 ** (torch.floor(torch.log2(t.abs())) - 7))
-        far = int(((a - t).abs() > ulp + 2.0 ** -16 * t.abs().max()).sum())
-        print(f"decode n={n}: calc_diff {diff:.2e}, {int((a != t).sum())} differ, {far} past 1 ulp")
-        assert far <= a.numel() // 10000, f"decode n={n}: {far} elements beyond one ulp"
+        far = int(((a - t).abs() > 2 * ulp + 2.0 ** -8 * t.abs().max()).sum())
+        print(f"decode n={n}: calc_diff {diff:.2e}, {int((a != t).sum())} differ, {far} far")
+        assert far == 0, f"decode n={n}: {far} elements beyond the torch path's rounding"
 
 
 def _launch_signature(launch):
