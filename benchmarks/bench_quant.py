@@ -4,7 +4,7 @@ the device copy ceiling, same process, medians with the L2 flushed (benchmarks/c
 GB/s counts every input byte read once and every output byte (fp8 values + fp32 scales)
 written once; masked shapes count only the rows below masked_m. "x floor" = time over the byte
 floor (bytes / copy ceiling). "us" is the variant the op dispatches; per-token and contiguous
-SiLU rows also time every kernel variant ("stream", "oneshot" = v1's kernel, "oneshot-hoisted")
+SiLU rows also time every kernel variant ("stream", "oneshot" = v1's structure, hoisted division)
 on the same tensors, and "same" checks that all of them wrote identical bytes. The summary gives
 the launch floor (a 4-byte torch memset timed the same way) and the resident CTAs per SM of the
 stream kernels. Writes results/bench_quant_<date>.{md,csv} and prints the table last.

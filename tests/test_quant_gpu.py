@@ -25,7 +25,7 @@ def quant():
     return module
 
 
-VARIANTS = ("stream", "oneshot", "oneshot-hoisted")  # kernels.quant.kVariants
+VARIANTS = ("stream", "oneshot")  # kernels.quant.kVariants
 
 
 make_input = varied_rows  # on the GPU

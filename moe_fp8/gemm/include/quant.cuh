@@ -183,30 +183,6 @@ __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) 
   return pack_fp8x16(rQ);
 }
 
-// v1's forms, one div.rn.f32 per value: the one-shot kernels keep them by default (measured
-// there; the hoisted form is a candidate for them, see the one-shot kernels).
-template <bool kPow2>
-__device__ __forceinline__ float scale_from_amax_ieee(float amax) {
-  const float scale = __fdiv_rn(max_nan(amax, kAmaxFloor), kFp8Max);
-  return kPow2 ? ceil_pow2(scale) : scale;
-}
-
-__device__ __forceinline__ uint4 quantize16_ieee(const float (&rV)[16], float scale) {
-  uint4 out;
-  unsigned* words = reinterpret_cast<unsigned*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    unsigned lo = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fdiv_rn(rV[4 * i], scale), __fdiv_rn(rV[4 * i + 1], scale)),
-        __NV_SATFINITE, __NV_E4M3);
-    unsigned hi = __nv_cvt_float2_to_fp8x2(
-        make_float2(__fdiv_rn(rV[4 * i + 2], scale), __fdiv_rn(rV[4 * i + 3], scale)),
-        __NV_SATFINITE, __NV_E4M3);
-    words[i] = lo | (hi << 16);
-  }
-  return out;
-}
-
 // The lanes of this thread's group (kLanes aligned lanes of one warp). Shuffles name only them:
 // at the end of a grid-stride loop other groups of the warp may have left already.
 template <int kLanes>
@@ -638,9 +614,9 @@ __global__ void __launch_bounds__(kStreamThreads, kStreamBlocksPerSm) silu_and_m
 // rows 47 -> 13 us) but plateau at ~1.9 TB/s once they loop (per-token M=16384: 183 us vs v1's
 // 131; SiLU: 99 vs 68), for a reason not yet pinned down (not occupancy: 8 CTAs/SM resident).
 // So large inputs keep v1's structure: 256-thread CTAs, kOneShotUnroll (row, group) units per
-// thread, every load issued before any math, one CTA per 64 units. kHoisted selects the math:
-// false = v1's div.rn per value (the measured default), true = the Divisor form, which took the
-// same structure in per_block_quant_kernel from 86 % to 94 % of copy (a candidate here).
+// thread, every load issued before any math, one CTA per 64 units, with the hoisted division
+// (H100, 2026-12-05, 73a610f: SiLU M=16384 75 -> 66 us = 85 % of copy, per-token 131 vs 132 us;
+// v1's div.rn per value was dropped).
 constexpr int kOneShotThreads = 256;
 constexpr int kOneShotUnroll = 2;
 
@@ -658,7 +634,7 @@ struct UnitLayout {
   }
 };
 
-template <typename T, int kGroupSize, bool kPow2, bool kHoisted>
+template <typename T, int kGroupSize, bool kPow2>
 __global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot_kernel(
     const T* __restrict__ gX, __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS,
     long long numUnits, int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow,
@@ -683,16 +659,16 @@ __global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot
     float rV[16];
     Raw<T>::to_float(rRaw[p], rV);
     const float amax = group_amax<kLanes>(rV, 0xFFFFFFFFu);  // every lane shuffles
-    const float scale = kHoisted ? scale_from_amax<kPow2>(amax) : scale_from_amax_ieee<kPow2>(amax);
+    const float scale = scale_from_amax<kPow2>(amax);
     if (unit >= numUnits) continue;
     *reinterpret_cast<uint4*>(gQ + unit * kGroupSize + lane * kValuesPerThread) =
-        kHoisted ? quantize16(rV, scale) : quantize16_ieee(rV, scale);
+        quantize16(rV, scale);
     if (lane == 0) gS[layout.scale_offset(unit)] = scale;
   }
 }
 
 // h [rows, 2I] bf16 contiguous (no mask) -> q [rows, I] + scales; v1's SiLU kernel.
-template <int kGroupSize, bool kPow2, bool kHoisted>
+template <int kGroupSize, bool kPow2>
 __global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_kernel(
     const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
     float* __restrict__ gS, long long numUnits, int rowsPerBatch, int groupsPerRow,
@@ -724,30 +700,18 @@ __global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_ke
   for (int p = 0; p < kOneShotUnroll; ++p) {
     const long long unit = firstUnit + p * kUnitsPerPass;
     const bool valid = unit < numUnits;
-    float rY[16], scale;
-    if constexpr (kHoisted) {
-      const bool inRange = silu_mul16(rGate[p], rUp[p], rY);
-      float amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);
-      // warp-uniform; invalid units (zeros) never need it, and must not reload
-      if (__builtin_expect(__any_sync(0xFFFFFFFFu, !inRange || !(amax <= kFloatMax)), 0)) {
-        if (valid) silu_mul16_special(gate_ptr(unit), intermediate, rY);
-        amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);
-      }
-      scale = scale_from_amax<kPow2>(amax);
-    } else {
-      float rG[16];
-      Raw<__nv_bfloat16>::to_float(rGate[p], rG);
-      Raw<__nv_bfloat16>::to_float(rUp[p], rY);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const float silu = __fdiv_rn(rG[i], 1.0f + expf(-rG[i]));
-        rY[i] = __fmul_rn(silu, rY[i]);  // NOTE: _rn keeps it a separate rounding, as in torch
-      }
-      scale = scale_from_amax_ieee<kPow2>(group_amax<kLanes>(rY, 0xFFFFFFFFu));
+    float rY[16];
+    const bool inRange = silu_mul16(rGate[p], rUp[p], rY);
+    float amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);
+    // warp-uniform; invalid units (zeros) never need it, and must not reload
+    if (__builtin_expect(__any_sync(0xFFFFFFFFu, !inRange || !(amax <= kFloatMax)), 0)) {
+      if (valid) silu_mul16_special(gate_ptr(unit), intermediate, rY);
+      amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);
     }
+    const float scale = scale_from_amax<kPow2>(amax);
     if (!valid) continue;
     *reinterpret_cast<uint4*>(gQ + unit * kGroupSize + lane * kValuesPerThread) =
-        kHoisted ? quantize16(rY, scale) : quantize16_ieee(rY, scale);
+        quantize16(rY, scale);
     if (lane == 0) gS[layout.scale_offset(unit)] = scale;
   }
 }

@@ -19,10 +19,10 @@ Kernel choice (v2, by what was measured on an H100, 2026-11-25; include/quant.cu
   thread has at most one chunk (decode sizes: M=128 was 15-30 % faster than v1) and always for
   masked SiLU (its valid-row count is on the device: the full resident grid, work proportional
   to the valid rows; 1135 of 8192 rows 47 -> 13 us).
-* "oneshot" (v1's structure and math) for larger contiguous inputs, where the looping stream
-  kernels measured 30-45 % slower than v1. "oneshot-hoisted" is the same structure with the
-  hoisted-reciprocal division (bit-exact too; +8 points of copy bandwidth in per_block_quant):
-  tested and benchmarked, not dispatched until measured (flip kOneShotHoisted).
+* "oneshot" (v1's structure, the hoisted-reciprocal division) for larger contiguous inputs, where
+  the looping stream kernels measured 30-45 % slower than v1. The hoisted division beat v1's
+  per-value one there (H100, 2026-12-05: SiLU M=16384 75 -> 66 us, per-token a tie), so v1's
+  math is gone.
 ``variant=`` forces one (tests, benchmarks). The SM count is read once per device (cached), so
 launches do no host sync.
 """
@@ -40,8 +40,7 @@ kStreamBlocksPerSm = 8  # quant.cuh kStreamBlocksPerSm: resident CTAs per SM (la
 kBlockThreads = 256  # quant.cuh kBlockThreads (per-block kernel)
 kOneShotThreads = 256  # quant.cuh kOneShotThreads
 kOneShotUnroll = 2  # quant.cuh kOneShotUnroll
-kOneShotHoisted = False  # dispatch the hoisted-division one-shot kernels (not yet measured)
-kVariants = ("stream", "oneshot", "oneshot-hoisted")
+kVariants = ("stream", "oneshot")
 kValuesPerThread = 16  # quant.cuh kValuesPerThread
 kGroupSizes = (16, 32, 64, 128, 256, 512)  # kGroupSize / 16 lanes: a power of two within a warp
 kBlockSizes = (64, 128)
@@ -79,7 +78,7 @@ def _pick_variant(variant, num_chunks: int, device: torch.device) -> str:
     if variant is None:
         if _streams(num_chunks, device):
             return "stream"
-        return "oneshot-hoisted" if kOneShotHoisted else "oneshot"
+        return "oneshot"
     if variant not in kVariants:
         raise ValueError(f"variant must be one of {kVariants} or None, got {variant!r}")
     return variant
@@ -113,17 +112,15 @@ def silu_source(group_size: int, pow2_scale: bool, masked: bool) -> KernelSource
 
 
 @functools.lru_cache(maxsize=None)
-def per_token_oneshot_source(dtype: torch.dtype, group_size: int, pow2_scale: bool,
-                             hoisted: bool) -> KernelSource:
+def per_token_oneshot_source(dtype: torch.dtype, group_size: int, pow2_scale: bool) -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::quant::per_token_group_quant_oneshot_kernel<"
-                                 f"{_kTypeNames[dtype]}, {group_size}, {_bool(pow2_scale)}, "
-                                 f"{_bool(hoisted)}>")
+                                 f"{_kTypeNames[dtype]}, {group_size}, {_bool(pow2_scale)}>")
 
 
 @functools.lru_cache(maxsize=None)
-def silu_oneshot_source(group_size: int, pow2_scale: bool, hoisted: bool) -> KernelSource:
+def silu_oneshot_source(group_size: int, pow2_scale: bool) -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::quant::silu_and_mul_quant_oneshot_kernel<"
-                                 f"{group_size}, {_bool(pow2_scale)}, {_bool(hoisted)}>")
+                                 f"{group_size}, {_bool(pow2_scale)}>")
 
 
 @register_bundled
@@ -132,9 +129,8 @@ def bundled_oneshot_sources() -> list[KernelSource]:
     kinds). NOTE: a separate registration keeps bundled_sources() the 12 it always was."""
     sources = []
     for pow2 in (False, True):
-        sources += [per_token_oneshot_source(dtype, 128, pow2, kOneShotHoisted)
-                    for dtype in _kTypeNames]
-        sources.append(silu_oneshot_source(128, pow2, kOneShotHoisted))
+        sources += [per_token_oneshot_source(dtype, 128, pow2) for dtype in _kTypeNames]
+        sources.append(silu_oneshot_source(128, pow2))
     return sources
 
 
@@ -189,8 +185,7 @@ def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         kernel.launch(grid, kStreamThreads, 0, [x, q, s, i32(rows), i32(chunks_per_row),
                                                 i32(x.shape[-2]), *_scale_strides(s)])
         return
-    kernel = get_kernel(per_token_oneshot_source(x.dtype, group_size, bool(pow2_scale),
-                                                 variant == "oneshot-hoisted"))
+    kernel = get_kernel(per_token_oneshot_source(x.dtype, group_size, bool(pow2_scale)))
     units = x.numel() // group_size
     kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
                   [x, q, s, i64(units), *_unit_layout(s, x.shape[-2], k // group_size)])
@@ -236,8 +231,7 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                       [h, q, s, None, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
                        i32(batches), *_scale_strides(s)])
         return
-    kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale),
-                                            variant == "oneshot-hoisted"))
+    kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale)))
     units = rows * (intermediate // group_size)
     kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
                   [h, q, s, i64(units), *_unit_layout(s, h.shape[-2], intermediate // group_size)])
