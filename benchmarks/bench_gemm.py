@@ -76,6 +76,15 @@ def a_multicast_variants(config: GemmConfig, n: int) -> list:
     return paired
 
 
+def split_k_variants(m: int, n: int, k: int, sms: int) -> list:
+    """Split-K candidates for small M (include/split_k.cuh): 64-, 128- and 256-wide tiles, each
+    with the most K slices that fit one wave."""
+    if m > 256:
+        return []
+    found = [H.split_k_config(m, n, k, sms, block_n) for block_n in (64, 128, 256)]
+    return [c for c in found if c is not None]
+
+
 def _kernel_ratio(heuristic_kernel_us: float, fn, repeats: int) -> float:
     """The heuristic's kernel-only time over ``fn``'s (nan when either cannot be measured)."""
     try:
@@ -212,12 +221,14 @@ def main():
         sweep_m = {int(v) for v in args.sweep_m.split(",") if v}
         if args.sweep and (not sweep_m or m in sweep_m):
             ref_out = out.clone()
-            for pinned in kSweep.get((m, n, k), []) + a_multicast_variants(config, n):
+            for pinned in (kSweep.get((m, n, k), []) + a_multicast_variants(config, n)
+                           + split_k_variants(m, n, k, sms)):
                 us = bench_graph(lambda: K.fp8_gemm_nt(qa, sa, qb, sb, out, pinned), args.repeats)
                 r = pinned.resolved(k)
                 sweep_rows.append({"M": m, "N": n, "K": k,
                                    "config": f"{r.block_m}x{r.block_n}s{r.stages}g{r.group_n}"
-                                             f"c{r.cluster_m}n{r.cluster_n}d{int(r.double_buffer)}",
+                                             f"c{r.cluster_m}n{r.cluster_n}d{int(r.double_buffer)}"
+                                             + (f"k{r.split_k}" if r.split_k > 1 else ""),
                                    "us": us, "TFLOPS": flops / us / 1e6,
                                    "speedup_vs_heuristic": ours / us,
                                    "kernel_speedup_vs_heuristic": _kernel_ratio(

@@ -126,6 +126,48 @@ def test_dense_pinned_configs(config):
     _dense_case(333, 2112 + 16, 1536, seed=config.block_n, config=config)
 
 
+kSplitK = [((64, 2112, 7168), GemmConfig(64, 128, split_k=7)),
+           ((1, 2112, 7168), GemmConfig(64, 128, split_k=8)),
+           ((128, 4096, 7168), GemmConfig(128, 128, split_k=4)),
+           ((77, 7168 + 16, 2048), GemmConfig(128, 128, split_k=4)),
+           ((333, 2112 + 16, 1536), GemmConfig(128, 96, split_k=3)),
+           ((200, 576, 384), GemmConfig(64, 256, split_k=3)),
+           ((65, 4096, 7168), GemmConfig(64, 32, split_k=14)),
+           ((64, 1024, 512), GemmConfig(64, 128, split_k=4)),  # one K block per slice
+           ((129, 2112, 1536), GemmConfig(128, 160, split_k=2, double_buffer=False))]
+
+
+@pytest.mark.parametrize("shape,config", kSplitK, ids=lambda v: str(v) if isinstance(v, tuple)
+                         else f"{v.block_m}x{v.block_n}k{v.split_k}d{int(v.double_buffer)}")
+def test_dense_split_k(shape, config):
+    """Split K (include/split_k.cuh): slices of K into an fp32 workspace, summed in order."""
+    _dense_case(*shape, seed=sum(shape) + config.split_k, config=config)
+
+
+def test_dense_split_k_in_a_cuda_graph():
+    """The split-K path (workspace from the caching allocator, two launches) captures and
+    replays: new inputs copied into the captured ones give their own product."""
+    m, n, k = 64, 2112, 7168
+    config = GemmConfig(64, 128, split_k=7)
+    gen = _cuda_gen(5)
+    x, w = _rows((m, k), gen), _weights((n, k), gen)
+    a, b = _quant_act(x), _quant_weight(w)
+    out = _poisoned((m, n))
+    G.fp8_gemm_nt(a, b, out=out, backend="kernel", config=config)  # compile + load outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        G.fp8_gemm_nt(a, b, out=out, backend="kernel", config=config)
+    x2 = _rows((m, k), gen)
+    a2 = _quant_act(x2)
+    a[0].copy_(a2[0])
+    a[1].copy_(a2[1])
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, x2.float() @ w.float().t(), G.fp8_gemm_nt(a2, b, backend="reference"),
+           "split K graph replay")
+
+
 @pytest.mark.parametrize("m,k", [(256, 384), (640, 7168 + 128)], ids=str)
 def test_dense_multicast_odd_k_blocks(m, k):
     """Odd K-block counts (the double-buffered loop's tail) with and without multicast."""

@@ -29,6 +29,39 @@ def test_a_row_chunk_validation():
     assert name.endswith(", 1, 1, 1, 16>")
 
 
+def test_split_k_validation_and_instance():
+    config = H.GemmConfig(64, 128, split_k=7).resolved(7168)
+    assert config.split_k == 7
+    for bad, match in (({"split_k": 0}, "split_k must be in"), ({"split_k": 17}, "split_k must be in"),
+                       ({"split_k": 2, "cluster_n": 2}, "needs cluster_m"),
+                       ({"split_k": 2, "block_n": 48}, "block_n % 32")):
+        with pytest.raises(ValueError, match=match):
+            H.GemmConfig(**{"block_m": 64, "block_n": 128, **bad})
+    with pytest.raises(ValueError, match="must divide the K blocks"):
+        H.GemmConfig(64, 128, split_k=5).resolved(7168)  # 56 K blocks
+    # fp32 staging tile and a slice of the scales: fewer stages fit than in the bf16 kernel
+    assert H.smem_bytes(128, 128, 4, 7168, split_k=4) == (
+        H.smem_bytes(128, 128, 4, 7168) + 128 * 128 * 2 - 2 * 2 * (56 - 14) * 4)
+    name = K.kernel_source(2112, 7168, config, K.kLayoutDense)
+    assert name.header == "split_k.cuh"
+    assert name.instance == "moe_fp8::fp8_gemm_split_k_kernel<2112, 7168, 64, 128, %d, 16, 1, 7>" % (
+        config.stages)
+    with pytest.raises(ValueError, match="needs the dense layout"):
+        K.kernel_source(2112, 7168, config, K.kLayoutMasked)
+
+
+def test_split_k_instances_compile_clean():
+    """Split-K GEMM and reduction instances build for sm_90a without local memory or a serialised
+    wgmma pipeline (one math warpgroup with double buffering, two, a straddling width)."""
+    from moe_fp8.gemm.precompile import precompile
+    sources = [K.kernel_source(n, k, H.GemmConfig(bm, bn, split_k=sk).resolved(k), K.kLayoutDense)
+               for n, k, bm, bn, sk in ((2112, 7168, 64, 128, 7), (4096, 7168, 128, 128, 4),
+                                        (2112, 1536, 128, 96, 3))]
+    sources += [K.reduce_source(sk) for sk in (2, 7)]
+    compiled = precompile(sources, verbose=False)
+    assert len(compiled) == len(sources)
+
+
 def test_grid_is_whole_clusters_and_no_more_than_the_tiles():
     config = H.GemmConfig(64, 16, cluster_n=2)
     assert H.grid_size(config, max_tiles=132, sms=132) == 132

@@ -34,6 +34,9 @@ kInstances = [
     ("masked_n2_128x128", 2, 2048, 256, 128, 128, 4, 1, 2),
     ("kgrouped_m2_128x32", 3, 800, 0, 128, 32, 16, 2, 1),
 ]
+# split K (dense): (name, N, K, block_m, block_n, splits)
+kSplitInstances = [("split7_64x128", 2112, 7168, 64, 128, 7), ("split4_128x96", 2112, 1536, 128, 96, 4),
+                   ("split2_64x256", 4096, 256, 64, 256, 2)]
 kFields = ("cta", "m_row", "sa_m", "sa_k", "k_block0", "num_k_blocks", "n0", "b_row", "sb_row",
            "rows_valid", "expert")
 
@@ -52,7 +55,7 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 kEntry = r'''
 extern "C" int walk_@NAME@(int m, int num_experts, const int* layout, int grid, int* out, int cap) {
   using namespace moe_fp8;
-  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, @CN@>;
+  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, @CN@, @SK@>;
   const GemmParams params{m, num_experts, layout, nullptr, nullptr};
   int count = 0;
   gridDim.x = grid;
@@ -80,10 +83,12 @@ def lib(tmp_path_factory):
         pytest.skip("the scheduler emulation needs g++")
     text = (env.kIncludeDir / "scheduler.cuh").read_text().replace('#include "ptx.cuh"', "")
     source = kPrelude + text
-    for name, layout, n, k, bm, bn, gn, cm, cn in kInstances:
+    instances = [i + (1,) for i in kInstances]
+    instances += [(name, 0, n, k, bm, bn, 16, 1, 1, sk) for name, n, k, bm, bn, sk in kSplitInstances]
+    for name, layout, n, k, bm, bn, gn, cm, cn, sk in instances:
         entry = kEntry
         for key, value in (("NAME", name), ("LAYOUT", layout), ("N", n), ("K", k), ("BM", bm),
-                           ("BN", bn), ("GN", gn), ("CM", cm), ("CN", cn)):
+                           ("BN", bn), ("GN", gn), ("CM", cm), ("CN", cn), ("SK", sk)):
             entry = entry.replace(f"@{key}@", str(value))
         source += entry
     build = tmp_path_factory.mktemp("scheduler")
@@ -212,3 +217,25 @@ def test_scheduler_covers_each_tile_once_and_pairs_stay_in_lockstep(lib, instanc
                 else:  # B shared: same columns, adjacent row blocks
                     assert ta["n0"] == tb["n0"] and ta["b_row"] == tb["b_row"], what
                     assert tb["m_row"] == ta["m_row"] + bm, what
+
+
+@pytest.mark.parametrize("instance", kSplitInstances, ids=[i[0] for i in kSplitInstances])
+def test_split_k_scheduler_covers_each_tile_and_slice_once(lib, instance):
+    """Split K: every (output tile, K slice) exactly once; a slice's K blocks, scale column and
+    workspace slice (the tile's expert field) agree."""
+    name, n, k, bm, bn, splits = instance
+    per_split = k // 128 // splits
+    rng = random.Random(zlib.crc32(name.encode()))
+    for trial in range(30):
+        m = rng.choice((1, 63, 64, 65, 128, 200))
+        grid = rng.choice((1, 2, 7, 66, 132))
+        tiles = _walk(lib, name, m, 1, [], grid)
+        what = f"{name} trial {trial}: m={m} grid={grid}"
+        got = [(t["expert"], t["m_row"], t["n0"]) for t in tiles]
+        assert len(got) == len(set(got)), f"{what}: a (tile, slice) computed twice"
+        want = {(s, key[1], key[2]) for s in range(splits)
+                for key in _expected(0, n, bm, bn, m, 1, [])}
+        assert set(got) == want, f"{what}: coverage"
+        for t in tiles:
+            assert t["k_block0"] == t["sa_k"] == t["expert"] * per_split, f"{what}: {t}"
+            assert t["num_k_blocks"] == per_split and t["rows_valid"] > 0, f"{what}: {t}"

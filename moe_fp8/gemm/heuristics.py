@@ -35,6 +35,7 @@ kLoadWeight = 64        # cost of a tile's operand row relative to one MMA colum
 kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
+kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -72,6 +73,11 @@ class GemmConfig:
              chunks that hold rows below masked_m (decode: a few tokens per 64-row tile; the
              other rows of the slot are stale and their outputs never written). Masked layout,
              no cluster.
+    split_k: 1, or S >= 2: the dense layout computes each output tile S times over slices of
+             K / 128 / S K blocks into an fp32 workspace [S, M, N], then a second kernel sums the
+             slices in order into the bf16 output (include/split_k.cuh). For small M, where a
+             tile per SM otherwise means narrow tiles re-reading all of A. Dense layout, no
+             cluster, block_n a multiple of 32, (K / 128) % S == 0.
     """
     block_m: int = 128
     block_n: int = 128
@@ -82,6 +88,7 @@ class GemmConfig:
     cluster_m: int = 1
     cluster_n: int = 1
     a_row_chunk: int = 0
+    split_k: int = 1
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -104,6 +111,11 @@ class GemmConfig:
                              f"{self.a_row_chunk}")
         if self.a_row_chunk and self.cluster_size > 1:
             raise ValueError("GemmConfig.a_row_chunk needs cluster_m = cluster_n = 1")
+        if not 1 <= self.split_k <= kMaxSplitK:
+            raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
+        if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
+            raise ValueError("GemmConfig.split_k > 1 needs cluster_m = cluster_n = 1, "
+                             f"a_row_chunk = 0 and block_n % 32 == 0, got {self}")
 
     @property
     def cluster_size(self) -> int:
@@ -121,13 +133,17 @@ class GemmConfig:
         config = self
         if self.block_m == 64 and self.cluster_size > 1 and self.double_buffer:
             config = dataclasses.replace(config, double_buffer=False)
+        if config.split_k > 1 and (k // kBlockK) % config.split_k:
+            raise ValueError(f"GemmConfig.split_k = {config.split_k} must divide the K blocks "
+                             f"(K / 128 = {k // kBlockK})")
         if config.stages:
-            if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad) > kMaxSmemBytes:
+            if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
+                          config.split_k) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
-            config, stages=max_stages(config.block_m, config.block_n, k, wgrad))
+            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k))
 
 
 def pairs_columns(config: GemmConfig, n: int) -> bool:
@@ -144,21 +160,23 @@ def with_a_multicast(config: GemmConfig, n: int):
     return dataclasses.replace(config, cluster_n=2)
 
 
-def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False) -> int:
+def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
+               split_k: int = 1) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
-    NT kernels: ring of A, B, sa slots; bf16 output tile; weight scales of the tile, double
-    buffered ([2][2][K/128]). wgrad: ring of A, B, sa, sb slots; fp32 output tile."""
+    NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
+    tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
+    output tile."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
-    d_tile = block_m * block_n * (4 if wgrad else 2)
-    tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK) * 4
+    d_tile = block_m * block_n * (4 if wgrad or split_k > 1 else 2)
+    tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
-def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False) -> int:
+def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1) -> int:
     for stages in range(kMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -224,6 +242,21 @@ def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
             and k <= kMulticastMaxK):
         config = dataclasses.replace(config, cluster_m=2)
     return config
+
+
+def split_k_config(m: int, n: int, k: int, sms: int, block_n: int = 128):
+    """Split K for a small-M dense GEMM (include/split_k.cuh): ``block_n``-wide tiles, the most
+    slices (dividing K / 128, at least 2 K blocks each) whose tiles still fit one wave on ``sms``
+    SMs; None where fewer than 2 slices fit. Not used by ``dense_config`` until measured
+    (``kSplitKDense``)."""
+    block_m = 64 if m <= 64 else 128
+    tiles = _ceil_div(m, block_m) * _ceil_div(n, block_n)
+    k_blocks = k // kBlockK
+    splits = [s for s in range(2, kMaxSplitK + 1)
+              if k_blocks % s == 0 and k_blocks // s >= 2 and tiles * s <= sms]
+    if not splits:
+        return None
+    return GemmConfig(block_m, block_n, split_k=max(splits)).resolved(k)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,6 +1,7 @@
 // Epilogues of the FP8 GEMM family (one per output kind, chosen by the kernel's policy):
 //   Epilogue        fp32 accumulators -> bf16 -> shared memory -> TMA store (or predicated rows)
-//   EpilogueAddF32  fp32 accumulators -> shared memory -> TMA reduce-add into fp32 D (D += tile)
+//   EpilogueAddF32  fp32 accumulators -> shared memory -> TMA reduce-add into fp32 D (D += tile),
+//                   or (kAdd = false, split K) a TMA store into D's slice `tile.expert`
 // Both are called by all 128 threads of a math warpgroup with its 64-row share of the tile and
 // keep at most one bulk group in flight per warpgroup (waited for before the buffer is rewritten).
 //
@@ -115,7 +116,7 @@ struct Epilogue {
 // minimum (unswizzled 512-byte rows would put all 8 rows in the same banks: 8-way conflicts).
 // One TMA reduce-add per chunk adds it into D at L2, so tiles of one expert that share outputs
 // need no ordering and D is read and written once per tile, asynchronously.
-template <int kN, int kBlockN>
+template <int kN, int kBlockN, bool kAdd = true>
 struct EpilogueAddF32 {
   static constexpr int kChunks = kBlockN / 32;
   static constexpr int kChunkBytes = 64 * 128;
@@ -146,9 +147,13 @@ struct EpilogueAddF32 {
     if (tid == 0 && tile.rows_valid > warpgroup * 64) {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        if (tile.n0 + c * 32 < kN)
+        if (tile.n0 + c * 32 >= kN) continue;
+        if constexpr (kAdd)
           ptx::tma_reduce_add_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
                                  tile.m_row + warpgroup * 64, tile.expert);
+        else
+          ptx::tma_store_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
+                            tile.m_row + warpgroup * 64, tile.expert);
       }
       ptx::tma_store_commit();
     }

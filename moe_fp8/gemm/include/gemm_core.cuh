@@ -11,7 +11,8 @@
 //                               chunks that hold valid rows (decode: a few tokens of 64); the
 //                               slot's other rows keep stale data whose output rows are never
 //                               written
-//   kTileKBlocks                K blocks per tile when fixed at compile time (NT), else 0
+//   kTileKBlocks                K blocks per tile when fixed at compile time (NT: K / 128, or a
+//                               split's share of them), else 0
 //   kColumnScales               false: B scales per 128x128 block (NT), staged once per tile by a
 //                               scale warp; true: one B scale per output column per K block
 //                               (k-grouped, both operands 1x128 along tokens), a TMA per stage
@@ -227,7 +228,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       while (scheduler.next(tile)) {
         if (lane == 0) ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
         __syncwarp();
-        const float* g_sb = params.g_sb + long(tile.sb_row) * kTileKBlocks;
+        // the tile's K blocks of its sb row (split K: a slice of the row)
+        const float* g_sb = params.g_sb + long(tile.sb_row) * Scheduler::kNumKBlocks + tile.k_block0;
         const bool has_next_block = kMayStraddle && tile.sb_row + 1 < tile.sb_rows_end;
         float* s_dst = s_tile_sb + buf * 2 * kTileKBlocks;
         for (int i = lane; i < 2 * kTileKBlocks; i += 32)

@@ -181,6 +181,14 @@ __device__ __forceinline__ void tma_store_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+__device__ __forceinline__ void tma_store_3d(const TmaDesc* desc, const void* s_src, int c0,
+                                             int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<u64>(desc)),
+               "r"(smem_addr(s_src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+
 // Shared -> global element-wise fp32 add (performed at L2, atomic per element), tracked by bulk
 // groups like a store: out[e, rows, cols] += tile. Clipped at the tensor's bounds.
 __device__ __forceinline__ void tma_reduce_add_3d(const TmaDesc* desc, const void* s_src, int c0,

@@ -23,6 +23,10 @@
 // block, so A can be multicast: the rank picks the column block. The column blocks must pair up
 // exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
 // the next expert); both CTAs of a pair see the same rows, hence the same expert and skips.
+// Split K (dense only, kSplitK > 1): every output tile is computed kSplitK times, once per
+// slice of kK / 128 / kSplitK K blocks; linear index = split * tiles + tile, so the splits of one
+// tile run in different waves' positions of the same grid, and the tile's `expert` field carries
+// the split (the fp32 epilogue writes slice `split` of the [kSplitK, M, N] workspace).
 #pragma once
 
 #include "ptx.cuh"
@@ -78,7 +82,7 @@ __device__ __forceinline__ void raster(int idx, int num_m, int& mb, int& nb) {
 enum class TileStatus { kDone, kSkip, kReady };
 
 template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
-          int kClusterN = 1>
+          int kClusterN = 1, int kSplitK = 1>
 struct TileScheduler {
   static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
                 "multicast pairs need both row blocks to use the same B");
@@ -89,6 +93,10 @@ struct TileScheduler {
   static constexpr int kNumNUnits = kNumNBlocks / kClusterN;  // column blocks, or pairs of them
   static constexpr int kGroupNUnits = kGroupN / kClusterN > 0 ? kGroupN / kClusterN : 1;
   static constexpr int kNumKBlocks = kK / 128;  // 0 for k-grouped (per expert, at run time)
+  static_assert(kSplitK == 1 || (kLayout == kLayoutDense && kClusterM * kClusterN == 1 &&
+                                  kNumKBlocks % kSplitK == 0),
+                "split K: dense layout, no cluster, K blocks divisible by the splits");
+  static constexpr int kSplitKBlocks = kNumKBlocks / kSplitK;  // K blocks per split
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
 
   const GemmParams& params;
@@ -174,7 +182,14 @@ struct TileScheduler {
       return TileStatus::kReady;
     } else {
       const int pairs_m = ceil_div(ceil_div(params.m, kBlockM), kClusterM);
-      if (idx >= pairs_m * kNumNUnits) return TileStatus::kDone;
+      if (idx >= pairs_m * kNumNUnits * kSplitK) return TileStatus::kDone;
+      if constexpr (kSplitK > 1) {
+        const int split = idx / (pairs_m * kNumNUnits);
+        idx -= split * pairs_m * kNumNUnits;
+        t.k_block0 = t.sa_k = split * kSplitKBlocks;
+        t.num_k_blocks = kSplitKBlocks;
+        t.expert = split;
+      }
       int pmb, nu;
       raster<kNumNUnits, kGroupNUnits>(idx, pairs_m, pmb, nu);
       const int mb = pmb * kClusterM + rank_m;
@@ -191,7 +206,7 @@ struct TileScheduler {
       }
       t.m_row = mb * kBlockM;
       t.sa_m = t.m_row;
-      t.sa_k = 0;
+      if constexpr (kSplitK == 1) t.sa_k = 0;
       t.rows_valid = params.m - t.m_row;  // TMA clips the tail; <= 0 for a pair's phantom half
       fill_n(t, nb, e);
       return TileStatus::kReady;

@@ -26,12 +26,20 @@ from .. import jit
 from ..jit import driver
 
 kHeader = "fp8_gemm.cuh"
+kSplitKHeader = "split_k.cuh"
 kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1, 2, 4
 
 
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
+    if c.split_k > 1:
+        if layout != kLayoutDense:
+            raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
+        return jit.KernelSource(
+            kSplitKHeader,
+            f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
+            f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>")
     # optional trailing parameters only when set: older instances keep their names
     tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk else (
         f", {c.cluster_n}" if c.cluster_n != 1 else "")
@@ -145,21 +153,65 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     if c.cluster_n != 1 and not H.pairs_columns(c, n):
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
+    if c.split_k > 1 and layout != kLayoutDense:
+        raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     grid = persistent_grid(kernel, c, max_tiles, smem, device)
     # A's box: a chunk of rows (a_row_chunk), a cluster CTA's share, or the whole tile
     tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m // c.cluster_n, 128)
     tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)
     tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
                   sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
+    if c.split_k > 1:
+        _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb, d2, m, n, c, grid, smem, device)
+        return
     # Output: one 16-column x 64-row box per math warpgroup and chunk, 32-byte swizzle
     # (epilogue.cuh explains the layout).
     tma_d = _tma(d2, 16, 64, 32)
     args: List[object] = [tma_a, tma_b, tma_sa, tma_d, jit.i32(m), jit.i32(num_experts),
                           layout_arg if layout_arg is not None else sb, sb, d2]
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_size, 1, 1))
+
+
+_workspace_tma: "OrderedDict[tuple, object]" = OrderedDict()
+kSplitKReduceThreads = 256  # split_k.cuh kSplitKReduceThreads
+kSplitKReduceCtasPerSm = 8
+
+
+def _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb: torch.Tensor, d2: torch.Tensor, m: int,
+                    n: int, c: H.GemmConfig, grid: int, smem: int, device: int) -> None:
+    """The split-K GEMM into an fp32 workspace [S, M, N] (from torch's caching allocator: no
+    device allocation of its own, graph-capturable), then the in-order sum into ``d2``."""
+    workspace = torch.empty((c.split_k, m, n), dtype=torch.float32, device=d2.device)
+    key = (workspace.data_ptr(), c.split_k, m, n)
+    tma_w = _workspace_tma.get(key)
+    if tma_w is None:
+        # one 32-column x 64-row box per math warpgroup and chunk, 128-byte swizzle
+        # (epilogue.cuh, EpilogueAddF32)
+        tma_w = _workspace_tma[key] = jit.make_tma_3d(workspace, 32, 64, 1, 128)
+        if len(_workspace_tma) > kTmaCacheSize:
+            _workspace_tma.popitem(last=False)
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
+                  [tma_a, tma_b, tma_sa, tma_w, jit.i32(m), sb])
+    reduce = _get_reduce_kernel(c.split_k, device)
+    quads = m * n // 4
+    ctas = max(1, min(H._ceil_div(quads, kSplitKReduceThreads),
+                      H.num_sms(device) * kSplitKReduceCtasPerSm))
+    reduce.launch((ctas, 1, 1), (kSplitKReduceThreads, 1, 1), 0, [workspace, d2, jit.i64(m * n)])
+
+
+def reduce_source(split_k: int) -> "jit.KernelSource":
+    return jit.KernelSource(kSplitKHeader, f"moe_fp8::split_k_reduce_kernel<{split_k}>")
+
+
+def _get_reduce_kernel(split_k: int, device: int):
+    key = ("reduce", split_k, device)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = jit.get_kernel(reduce_source(split_k), device)
+    return kernel
 
 
 def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,

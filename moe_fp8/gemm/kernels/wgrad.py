@@ -57,6 +57,9 @@ def k_grouped_tn(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.T
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     sms = H.num_sms(device)
     c = (config or H.wgrad_config(m, n, sms)).resolved(0, wgrad=True)
+    if c.split_k != 1:
+        raise ValueError("GemmConfig.split_k must be 1 for the k-grouped kernel (its tiles already "
+                         "reduce over one expert's tokens)")
     if c.cluster_n != 1:
         raise ValueError("GemmConfig.cluster_n must be 1 for the k-grouped kernel (A multicast "
                          "is for the NT layouts)")
