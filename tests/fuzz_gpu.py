@@ -177,11 +177,16 @@ def heuristic_config(op: str, c: dict):
 
 def case_config(op: str, c: dict):
     """A pinned config for cases drawn with ``a_mc`` (the heuristic's tile with A multicast,
-    cluster_n = 2, where its column blocks pair up) or ``a_rows`` (masked: A loaded in chunks of
-    that many rows, only below masked_m); else None (the heuristic's own)."""
+    cluster_n = 2, where its column blocks pair up), ``a_rows`` (masked: A loaded in chunks of
+    that many rows, only below masked_m) or ``split`` (dense: split K with tiles that wide);
+    else None (the heuristic's own)."""
     import dataclasses
-    if not (c.get("a_mc") or c.get("a_rows")) or not torch.cuda.is_available():
+    if not (c.get("a_mc") or c.get("a_rows") or c.get("split")) or not torch.cuda.is_available():
         return None  # --cpu: the references take no config
+    if c.get("split"):  # split K with c["split"]-wide tiles where a split fits, else the heuristic
+        from moe_fp8.gemm import heuristics as H
+        return H.split_k_config(c["m"], c["n"], c["k"], H.num_sms(torch.cuda.current_device()),
+                                c["split"])
     config = heuristic_config(op, c)
     if config is None:
         return None
@@ -792,6 +797,8 @@ class Sampler:
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["m"] = self.rows()
             c["a_mc"] = rng.random() < 0.3  # A multicast (case_config)
+            if not c["a_mc"] and rng.random() < 0.3:  # split K, this tile width (case_config)
+                c["split"] = rng.choice((64, 128, 256))
         elif op == "gemm_contiguous":
             c["n"], c["k"] = rng.choice(self.pools[op])
             c["counts"] = self.counts(rng.randint(1, 12))
@@ -1064,7 +1071,9 @@ def once_cases() -> Dict[str, List[dict]]:
                     dict(tokens=777, top_k=8, experts=256, ranks=64, hidden=384, skip=0.1, cold=0.5, valid="int", seed=45),
                     dict(tokens=513, top_k=2, experts=24, ranks=3, hidden=128, skip=0.5, cold=0.0, valid="none", seed=46)],
         "gemm_dense": [dict(m=1, n=16, k=128, seed=13), dict(m=77, n=272, k=384, seed=14), dict(m=333, n=2128, k=1536, seed=15),
-                       dict(m=256, n=1024, k=7168, seed=16), dict(m=77, n=2112, k=1536, a_mc=True, seed=42)],
+                       dict(m=256, n=1024, k=7168, seed=16), dict(m=77, n=2112, k=1536, a_mc=True, seed=42),
+                       dict(m=77, n=2112, k=1536, split=128, seed=46), dict(m=1, n=272, k=512, split=64, seed=47),
+                       dict(m=200, n=1040, k=1024, split=256, seed=48)],
         "gemm_contiguous": [dict(counts=[0, 1, 127, 128, 129, 0, 300, 5], n=144, k=384, seed=17), dict(counts=[600, 0, 40], n=4096, k=256, seed=18),
                             dict(counts=[0, 130, 5], n=1024, k=384, a_mc=True, seed=43)],
         "gemm_offsets": [dict(counts=[0, 1, 127, 128, 129, 0, 300], extra=128, n=144, k=384, seed=35),
