@@ -290,9 +290,13 @@ def run_gemm_kgrouped(c: dict, ctx: Context, stats: dict) -> None:
     before = torch.randn(experts, m, n, device=ctx.device, generator=gen)
     buf = torch.full((experts * m * n + kTail,), float("nan"), device=ctx.device)
     out = buf[:experts * m * n].view(experts, m, n)
-    out.copy_(before)
-    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out, backend=ctx.backend)
-    what = f"kgrouped m={m} n={n} counts={counts}"
+    accumulate = not c.get("overwrite", False)
+    if accumulate:
+        out.copy_(before)
+    else:  # every element must be written (zeros for experts without tokens)
+        before.zero_()
+    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out, accumulate=accumulate, backend=ctx.backend)
+    what = f"kgrouped m={m} n={n} counts={counts} accumulate={accumulate}"
     expect(bool(torch.isnan(buf[experts * m * n:]).all()), f"{what}: wrote past the end of out")
     expect(bool(torch.isfinite(out).all()), f"{what}: non-finite outputs")
     reference = before.clone()
@@ -831,6 +835,7 @@ class Sampler:
             c["n"] = rng.choice(self.n_pool)
             c["m"] = self.rows(1024)
             c["counts"] = [128 * rng.choice((0, 0, 1, 1, 2, 3, 4)) for _ in range(rng.randint(1, 8))]
+            c["overwrite"] = rng.random() < 0.5  # accumulate=False
         elif op in ("quant_token", "quant_block"):
             k = self.width(4096 if op == "quant_token" else 2048)
             rows = self.rows() if op == "quant_token" else rng.randint(1, self._cap(700))
@@ -904,11 +909,14 @@ def kernel_sources(op: str, c: dict) -> list:
         config = case_config(op, c) or heuristic_config(op, c)
         if config is None:
             return []
-        return [fp8_gemm.kernel_source(c["n"], c["k"], config.resolved(c["k"]), layouts[op])]
+        config = config.resolved(c["k"])
+        sources = [fp8_gemm.kernel_source(c["n"], c["k"], config, layouts[op])]
+        return sources + ([fp8_gemm.reduce_source(config.split_k)] if config.split_k > 1 else [])
     if op == "gemm_kgrouped":
         if sum(c["counts"]) == 0:
             return []
-        return [wgrad.kernel_source(c["n"], H.wgrad_config(c["m"], c["n"], sms))]
+        return [wgrad.kernel_source(c["n"], H.wgrad_config(c["m"], c["n"], sms),
+                                    not c.get("overwrite", False))]
     return []
 
 
@@ -1087,7 +1095,8 @@ def once_cases() -> Dict[str, List[dict]]:
                         dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20),
                         dict(masked_m=[0, 37, 1, 20], m_max=37, n=2048, k=256, expected_m=8, a_mc=True, seed=44),
                         dict(masked_m=[0, 17, 1, 64, 65], m_max=100, n=1024, k=256, expected_m=8, a_rows=16, seed=45)],
-        "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22)],
+        "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22),
+                          dict(m=333, n=800, counts=[0, 640, 0, 128, 0], overwrite=True, seed=49)],
     }
 
 

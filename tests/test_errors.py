@@ -80,6 +80,7 @@ CASES = [
     ("wgrad-offsets-decreasing", lambda: G.k_grouped_fp8_gemm_tn_contiguous(WG_A, WG_B, torch.tensor([0, 256, 128, 256], dtype=torch.int32), torch.zeros(3, 32, 48)), ValueError, "offsets must be non-decreasing"),
     ("wgrad-out-dtype", lambda: G.k_grouped_fp8_gemm_tn_contiguous(WG_A, WG_B, OFFSETS, WG_OUT.bfloat16()), TypeError, "out must have dtype torch.float32"),
     ("wgrad-out-shape", lambda: G.k_grouped_fp8_gemm_tn_contiguous(WG_A, WG_B, OFFSETS, torch.zeros(3, 32, 48)), ValueError, "out must have shape (2, 32, 48)"),
+    ("wgrad-accumulate-type", lambda: G.k_grouped_fp8_gemm_tn_contiguous(WG_A, WG_B, OFFSETS, WG_OUT, accumulate=1), TypeError, "accumulate must be a bool"),
     ("block-t-n-misaligned", lambda: G.per_block_quant_transpose_fp8(torch.randn(100, 128)), ValueError, "w.shape[-2] must be a multiple of 128"),
     ("block-t-k-misaligned", lambda: G.per_block_quant_transpose_fp8(torch.randn(128, 96)), ValueError, "w.shape[-1] must be a multiple of 128"),
     ("block-t-4d", lambda: G.per_block_quant_transpose_fp8(torch.randn(1, 1, 128, 128)), ValueError, "w must be 2-D or 3-D"),

@@ -190,6 +190,12 @@ def test_k_grouped_weight_gradient(gen):
                                     b[0][:, t0:t1], b[1][:, t0 // 128:t1 // 128])
         assert G.calc_diff(grad, exact) < 1e-6
         assert G.calc_diff(grad, dy[t0:t1].float().t() @ x[t0:t1].float()) < 1e-3
+    # accumulate=False: the same products over whatever was there, zeros for the empty expert
+    fresh = torch.full_like(start, float("nan"))
+    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, fresh, accumulate=False)
+    assert torch.equal(fresh[1], torch.zeros_like(fresh[1]))
+    for e in (0, 2, 3):
+        assert torch.allclose(fresh[e], out[e] - start[e], rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -5,7 +5,9 @@ output starts from random values (it accumulates), and each test checks
 * accuracy: the added part, ``out - out_before``, has calc_diff < 1e-3 against the unquantised
   fp32 product of each expert's tokens,
 * agreement with the FP8 reference (same block-by-block scale math) to rounding,
-* experts without tokens keep their values bit for bit (nothing is added to them, not even 0).
+* experts without tokens keep their values bit for bit (nothing is added to them, not even 0);
+with ``accumulate=False`` the output starts as NaN, every element must be written, and experts
+without tokens become zeros.
 """
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ def _offsets(counts) -> torch.Tensor:
                         device="cuda")
 
 
-def _case(m, n, counts, seed, config=None):
+def _case(m, n, counts, seed, config=None, accumulate=True):
+    """``accumulate=False``: out starts as NaN and must be overwritten everywhere (zeros for the
+    experts without tokens); else it starts random and gets the products added."""
     gen = _gen(seed)
     tokens = sum(counts)
     x_a, x_b = _token_major(m, tokens, gen), _token_major(n, tokens, gen)
@@ -56,16 +60,20 @@ def _case(m, n, counts, seed, config=None):
     offsets = _offsets(counts)
     num_experts = len(counts)
     before = torch.randn(num_experts, m, n, device="cuda", generator=gen)
-    out = before.clone()
+    out = before.clone() if accumulate else torch.full_like(before, float("nan"))
     if config is None:
-        G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out, backend="kernel")
+        G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out, accumulate=accumulate,
+                                           backend="kernel")
     else:
-        W.k_grouped_tn(a[0], to_mn_major(a[1]), b[0], to_mn_major(b[1]), offsets, out, config)
+        W.k_grouped_tn(a[0], to_mn_major(a[1]), b[0], to_mn_major(b[1]), offsets, out, config,
+                       accumulate=accumulate)
     torch.cuda.synchronize()
+    if not accumulate:
+        before.zero_()  # the products are compared as added to zero
     reference = before.clone()
     G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, reference, backend="reference")
-    what = f"wgrad m={m} n={n} counts={counts[:6]} {config}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite outputs"
+    what = f"wgrad m={m} n={n} counts={counts[:6]} {config} accumulate={accumulate}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite or unwritten (NaN) outputs"
     t0 = 0
     for e, count in enumerate(counts):
         if count == 0:
@@ -111,6 +119,19 @@ kPinned = [GemmConfig(128, 128, cluster_m=1), GemmConfig(128, 128, cluster_m=2),
 def test_wgrad_pinned_configs(config):
     # M = 333: three row blocks, so a multicast pair has a phantom half
     _case(333, 800, [256, 0, 640, 128], seed=config.block_n + config.cluster_m, config=config)
+
+
+@pytest.mark.parametrize("config", [None] + kPinned[:6], ids=lambda c: "auto" if c is None else
+                         f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}d{int(c.double_buffer)}")
+def test_wgrad_overwrites(config):
+    """accumulate=False: every expert's block written, zeros for the experts without tokens
+    (first, middle, last), whatever was there (NaN) before."""
+    _case(333, 800, [0, 256, 0, 640, 128, 0], seed=17 + (config.block_n if config else 0),
+          config=config, accumulate=False)
+
+
+def test_wgrad_overwrites_deepseek_shape():
+    _case(4096, 7168, [1024, 0, 2048, 128], seed=19, accumulate=False)
 
 
 def test_wgrad_accumulates_and_skips_empty_experts():

@@ -356,8 +356,11 @@ def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor,
 
 
 def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tensor,
-                                     out: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Weight-gradient GEMM, grouped along the reduction (token) dimension; accumulates into ``out``.
+                                     out: torch.Tensor, *, accumulate: bool = True,
+                                     backend: str = "auto") -> torch.Tensor:
+    """Weight-gradient GEMM, grouped along the reduction (token) dimension; accumulates into ``out``
+    (``accumulate=False``: overwrites it, zeros for experts without tokens — no zeroing pass and
+    no read of ``out`` needed, e.g. for a fresh gradient buffer from ``torch.empty``).
 
     ``a = (dY^T fp8 [N, T], fp32 [N, T/128])`` and ``b = (X^T fp8 [K, T], fp32 [K, T/128])``: both
     token-contiguous with 1x128 scales along tokens; ``offsets`` int32 ``[E + 1]``: expert e owns
@@ -380,7 +383,9 @@ def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tens
     num_experts = offsets.shape[0] - 1
     check.output("out", out, (num_experts, qa.shape[0], qb.shape[0]), torch.float32, device)
     check.offsets_values(offsets, tokens)
-    run("k_grouped_tn", qa, sa, qb, sb, offsets, out, check_backend(backend))
+    if not isinstance(accumulate, bool):
+        raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+    run("k_grouped_tn", qa, sa, qb, sb, offsets, out, check_backend(backend), accumulate)
     return out
 
 

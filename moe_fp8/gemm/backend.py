@@ -231,12 +231,13 @@ def m_grouped_masked(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: t
 
 
 def k_grouped_tn(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
-                 offsets: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+                 offsets: torch.Tensor, out: torch.Tensor, backend: str,
+                 accumulate: bool = True) -> None:
     kernel = pick(backend, qa.device, "wgrad", "k_grouped_tn")
     if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, to_mn_major(sb), offsets, out)
+        kernel(qa, to_mn_major(sa), qb, to_mn_major(sb), offsets, out, accumulate=accumulate)
     else:
-        ref.k_grouped_tn(qa, sa, qb, sb, offsets, out)
+        ref.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=accumulate)
 
 
 # ----------------------------------------------------------------------------- custom ops

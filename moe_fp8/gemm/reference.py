@@ -210,12 +210,16 @@ def m_grouped_masked(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Tensor) ->
     return out
 
 
-def k_grouped_tn(a, sa, b, sb, offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Weight gradients: ``out[e] += a[:, seg_e] . b[:, seg_e]^T`` (fp32).
+def k_grouped_tn(a, sa, b, sb, offsets: torch.Tensor, out: torch.Tensor, *,
+                 accumulate: bool = True) -> torch.Tensor:
+    """Weight gradients: ``out[e] += a[:, seg_e] . b[:, seg_e]^T`` (fp32); ``accumulate=False``:
+    ``out[e] = ...`` (zeros for an expert without tokens).
 
     ``a [N, T]`` (dY transposed) and ``b [K, T]`` (X transposed), both with 1x128 scales along
     tokens (``[N, T/128]``, ``[K, T/128]``); ``offsets [E + 1]`` token offsets, multiples of 128.
     """
+    if not accumulate:
+        out.zero_()
     bounds = offsets.tolist()
     for e in range(len(bounds) - 1):
         t0, t1 = bounds[e], bounds[e + 1]

@@ -260,9 +260,10 @@ class _Fp8Math:
     def wgrad(self, a_t, b_t, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
         """``out[e] = a[seg_e]^T . b[seg_e]``: fp32 ``[E, N, K]`` from the along-token operands
         ``a_t = cols(a [T, N])`` and ``b_t = cols(b [T, K])`` (padding rows already zero)."""
-        out = torch.zeros(num_experts, a_t[0].shape[0], b_t[0].shape[0], dtype=torch.float32,
+        # every expert's block is written (zeros where it has no tokens): no zeroing pass
+        out = torch.empty(num_experts, a_t[0].shape[0], b_t[0].shape[0], dtype=torch.float32,
                           device=a_t[0].device)
-        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out)
+        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out, accumulate=False)
 
 
 class _Fp8ComposedMath(_Fp8Math):

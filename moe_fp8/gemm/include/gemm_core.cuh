@@ -18,6 +18,8 @@
 //                               (k-grouped, both operands 1x128 along tokens), a TMA per stage
 //   kDoubleBuffer               queue K block kb+1 on the tensor cores before promoting kb
 //                               (0: never, 1: always, 2: every other K block)
+//   kEmptyTiles                 tiles may have no K block (k-grouped, overwriting D): the
+//                               lookahead then queues nothing and the epilogue writes zeros
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -370,7 +372,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     bool have_tile = scheduler.next(tile);
     if (have_tile) {
       begin_tile(tile);
-      if constexpr (kDoubleBuffer) issue(r_p0, r_f0, 0);
+      if constexpr (kDoubleBuffer) {
+        if (!P::kEmptyTiles || tile.num_k_blocks > 0) issue(r_p0, r_f0, 0);
+      }
     }
     while (have_tile) {
       const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
@@ -421,7 +425,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       have_tile = scheduler.next(next_tile);
       if (have_tile) {
         begin_tile(next_tile);
-        if constexpr (kDoubleBuffer) issue(r_p0, r_f0, 0);
+        if constexpr (kDoubleBuffer) {
+          if (!P::kEmptyTiles || next_tile.num_k_blocks > 0) issue(r_p0, r_f0, 0);
+        }
       }
       P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
       tile = next_tile;

@@ -81,8 +81,10 @@ __device__ __forceinline__ void raster(int idx, int num_m, int& mb, int& nb) {
 
 enum class TileStatus { kDone, kSkip, kReady };
 
+// kEmptyTiles (k-grouped only): an expert without tokens still yields its tiles, with
+// num_k_blocks = 0, so that an overwriting epilogue writes its zeros (else they are skipped).
 template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
-          int kClusterN = 1, int kSplitK = 1>
+          int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false>
 struct TileScheduler {
   static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
                 "multicast pairs need both row blocks to use the same B");
@@ -93,6 +95,7 @@ struct TileScheduler {
   static constexpr int kNumNUnits = kNumNBlocks / kClusterN;  // column blocks, or pairs of them
   static constexpr int kGroupNUnits = kGroupN / kClusterN > 0 ? kGroupN / kClusterN : 1;
   static constexpr int kNumKBlocks = kK / 128;  // 0 for k-grouped (per expert, at run time)
+  static_assert(!kEmptyTiles || kLayout == kLayoutKGrouped, "empty tiles: k-grouped only");
   static_assert(kSplitK == 1 || (kLayout == kLayoutDense && kClusterM * kClusterN == 1 &&
                                   kNumKBlocks % kSplitK == 0),
                 "split K: dense layout, no cluster, K blocks divisible by the splits");
@@ -169,13 +172,13 @@ struct TileScheduler {
       if (e >= params.num_experts) return TileStatus::kDone;
       const int k_begin = __ldg(params.g_layout + e) / 128;
       const int k_end = __ldg(params.g_layout + e + 1) / 128;
-      if (k_end <= k_begin) return TileStatus::kSkip;
+      if (!kEmptyTiles && k_end <= k_begin) return TileStatus::kSkip;
       int pmb, nb;
       raster<kNumNBlocks, kGroupN>(idx - e * tiles, pairs_m, pmb, nb);
       t.m_row = (pmb * kClusterM + rank_m) * kBlockM;
       t.sa_m = t.m_row;
       t.sa_k = t.k_block0 = k_begin;
-      t.num_k_blocks = k_end - k_begin;
+      t.num_k_blocks = kEmptyTiles ? max(k_end - k_begin, 0) : k_end - k_begin;
       t.rows_valid = params.m - t.m_row;
       t.expert = e;
       fill_n(t, nb, 0);

@@ -5,12 +5,15 @@
 //   A [M, T] e4m3, token-contiguous (dY^T); sa [M, T/128] fp32 MN-major (1 x 128 along tokens)
 //   B [N, T] e4m3, token-contiguous (X^T);  sb [N, T/128] fp32 MN-major (1 x 128 along tokens)
 //   offsets [E + 1] int32 on the device: expert e owns tokens [offsets[e], offsets[e+1]),
-//   every boundary a multiple of 128; D [E, M, N] fp32, accumulated in place.
+//   every boundary a multiple of 128; D [E, M, N] fp32, accumulated in place (kAccumulate), or
+//   overwritten: D[e] = the sum, zeros for an expert without tokens (no zeroing pass before, no
+//   read of D: half the epilogue's traffic).
 //
 // Policy against the NT kernels: the K extent of a tile is its expert's token range (read by the
 // scheduler from offsets, no host sync); B's scale varies per output column, so each ring stage
 // also carries kBlockN column scales and the promotion multiplies by sa[row] * sb[col]; the
-// epilogue adds the tile into D with TMA reduce-add (experts without tokens are not touched).
+// epilogue adds the tile into D with TMA reduce-add (experts without tokens are not touched), or
+// stores it with a TMA store (their tiles run with no K block and store zeros).
 //
 // Constraints: T % 128 == 0 (every segment too); N % 4 == 0 (16-byte rows of D);
 // kBlockN % 32 == 0.
@@ -24,19 +27,21 @@
 namespace moe_fp8 {
 
 template <int kN, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kDoubleBufferOpt,
-          int kClusterM_>
+          int kClusterM_, bool kAccumulate>
 struct KGroupedPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = 1, kARowChunk = 0;
   static constexpr int kTileKBlocks = 0;
   static constexpr bool kColumnScales = true;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
-  using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM>;
-  using Epilogue = EpilogueAddF32<kN, kBlockN>;
+  static constexpr bool kEmptyTiles = !kAccumulate;
+  using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
+                                  1, kEmptyTiles>;
+  using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;
 };
 
 template <int kN, int kBlockM, int kBlockN, int kStages, int kGroupN, int kDoubleBufferOpt = 1,
-          int kClusterM = 1>
+          int kClusterM = 1, bool kAccumulate = true>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     k_grouped_wgrad_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                            const __grid_constant__ ptx::TmaDesc tma_b,
@@ -47,7 +52,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kN % 4 == 0 && kBlockN % 32 == 0 && kBlockN <= 256,
                 "16-byte rows of D, 32-column chunks of the epilogue");
   using Policy = KGroupedPolicy<kN, kBlockM, kBlockN, kStages, kGroupN, kDoubleBufferOpt,
-                                kClusterM>;
+                                kClusterM, kAccumulate>;
   const GemmParams params{m, num_experts, g_offsets, nullptr, nullptr};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, &tma_sb, &tma_d, params);
 }

@@ -7,6 +7,7 @@
     b       fp8 e4m3 [N, T]  token-contiguous (X^T);  sb fp32 [N, T/128] MN-major (1x128 along T)
     offsets int32 [E + 1] on the device, token offsets of the experts' segments (multiples of 128)
     out     fp32 [E, M, N], contiguous; accumulated in place, experts without tokens untouched
+            (``accumulate=False``: overwritten, zeros for experts without tokens)
 
 The kernel reads ``offsets`` itself (no host synchronisation): the call is CUDA-graph safe once
 the kernel is loaded.
@@ -24,13 +25,14 @@ from .fp8_gemm import _k_major, _m_pad, _tma, kH100Sms, persistent_grid
 kHeader = "wgrad.cuh"
 
 
-def kernel_source(n: int, config: H.GemmConfig) -> "jit.KernelSource":
+def kernel_source(n: int, config: H.GemmConfig, accumulate: bool = True) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
+    tail = "" if accumulate else ", false"  # the accumulating instances keep their names
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::k_grouped_wgrad_kernel<{n}, {c.block_m}, {c.block_n}, {c.stages}, "
-        f"{c.group_n}, {int(c.double_buffer)}, {c.cluster_m}>")
+        f"{c.group_n}, {int(c.double_buffer)}, {c.cluster_m}{tail}>")
 
 
 _kernels: dict = {}
@@ -47,13 +49,16 @@ def _scale_tma(s: torch.Tensor, rows: int, box: int):
 
 def k_grouped_tn(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                  offsets: torch.Tensor, out: torch.Tensor,
-                 config: Optional[H.GemmConfig] = None) -> torch.Tensor:
-    """``out[e] += a[:, offsets[e]:offsets[e+1]] . b[:, offsets[e]:offsets[e+1]]^T``."""
+                 config: Optional[H.GemmConfig] = None, accumulate: bool = True) -> torch.Tensor:
+    """``out[e] += a[:, offsets[e]:offsets[e+1]] . b[:, offsets[e]:offsets[e+1]]^T`` (``=``
+    with ``accumulate=False``: every expert's D written, zeros where it has no tokens)."""
     m, tokens = a.shape
     n = b.shape[0]
     num_experts = offsets.shape[0] - 1
-    if tokens == 0 or num_experts == 0 or m == 0 or n == 0:
+    if num_experts == 0 or m == 0 or n == 0:
         return out
+    if tokens == 0:
+        return out if accumulate else out.zero_()
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     sms = H.num_sms(device)
     c = (config or H.wgrad_config(m, n, sms)).resolved(0, wgrad=True)
@@ -63,10 +68,10 @@ def k_grouped_tn(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.T
     if c.cluster_n != 1:
         raise ValueError("GemmConfig.cluster_n must be 1 for the k-grouped kernel (A multicast "
                          "is for the NT layouts)")
-    key = (n, c, device)
+    key = (n, c, accumulate, device)
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = _kernels[key] = jit.get_kernel(kernel_source(n, c), device)
+        kernel = _kernels[key] = jit.get_kernel(kernel_source(n, c, accumulate), device)
     tiles = num_experts * H._ceil_div(m, c.block_m) * H._ceil_div(n, c.block_n)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, 0, wgrad=True)
     grid = persistent_grid(kernel, c, tiles, smem, device)
@@ -94,7 +99,8 @@ kWgradShapes = [(4096, 7168), (7168, 2048)]
 
 
 def bundled_sources() -> List["jit.KernelSource"]:
-    return [kernel_source(n, H.wgrad_config(m, n, kH100Sms)) for m, n in kWgradShapes]
+    return [kernel_source(n, H.wgrad_config(m, n, kH100Sms), accumulate)
+            for m, n in kWgradShapes for accumulate in (True, False)]
 
 
 jit.register_bundled(bundled_sources)
