@@ -1,7 +1,7 @@
 """k-grouped FP8 weight-gradient GEMM: ours vs peers in the same process.
 
 ``out[e] += dY_e^T X_e`` over each expert's tokens, both operands FP8 with 1x128 scales along
-tokens, fp32 out. Peers, on the same tokens: cuBLAS blockwise FP8 (1x128 x 1x128, one call per
+tokens, fp32 out; ``overwrite_*`` columns: ``accumulate=False`` (``out[e] =``, no read of out). Peers, on the same tokens: cuBLAS blockwise FP8 (1x128 x 1x128, one call per
 expert, where this torch build supports it), torch._grouped_mm in bf16 (k-grouped 2-D x 2-D with
 offsets), and cuBLAS bf16 one call per expert. Median of CUDA-graph replays, L2 flushed before
 each. TFLOPS = 2 * M * N * tokens. Target (TARGETS / issue 7): >= 1100 TFLOPS at 4096 tokens x
@@ -77,6 +77,13 @@ def case_rows(label, m, n, counts, repeats, sweep):
     except RuntimeError as error:
         print(f"kernel_us ({label}): {error}")
         row["TFLOPS_kernel"] = float("nan")
+    # accumulate=False (out = the product, zeros for experts without tokens): no read of out
+    fresh = torch.full_like(out, float("nan"))
+    W.k_grouped_tn(qa, sa, qb, sb, offsets, fresh, accumulate=False)
+    us_store = bench_graph(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=False),
+                           repeats)
+    row.update({"overwrite_us": us_store, "overwrite_TFLOPS": flops / us_store / 1e6,
+                "overwrite_diff_vs_ref": G.calc_diff(fresh, want)})
     starts = offsets[:-1].tolist()
     segments = [(e, s, c) for e, (s, c) in enumerate(zip(starts, counts)) if c > 0]
     peers = {}
