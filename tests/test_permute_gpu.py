@@ -246,20 +246,30 @@ def test_permute_masked_bit_exact(backend):
 
 # ----------------------------------------------------------------------------- combine
 
-def check_near_torch(actual, torch_path, y_rows, combine, add, what):
-    """Near the torch path's ``baddbmm``. cuBLAS may sum the k products in another order and, with
-    torch's default ``allow_bf16_reduced_precision_reduction``, round partial sums to bf16, so its
-    error is bounded by the terms' magnitudes, not the result's: one bf16 ulp of the result plus
-    2^-8 of sum |w_j y_j| + |add| (the same combine over absolute values). A wrong row or weight
-    is off by a whole term, far past that. Prints how many elements differ."""
+def check_near_torch(actual, torch_path, what, terms=None):
+    """Near the torch path. ``terms = (y_rows, combine_index, add)`` (a combine): the torch path's
+    ``baddbmm`` may sum the k products in another order and, with torch's default
+    ``allow_bf16_reduced_precision_reduction``, round partial sums to bf16, so its error is
+    bounded by the terms' magnitudes, not the result's: one bf16 ulp of the result plus 2^-8 of
+    sum |w_j y_j| + |add| (the same combine over absolute values); a wrong row or weight is off by
+    a whole term. Without ``terms`` (whole layers): one ulp plus 2^-16 of the largest output, on
+    all but 1 in 1000 elements. Prints how many elements differ."""
     a, t = actual.float(), torch_path.float()
     ulp = torch.where(t == 0, torch.full_like(t, 2.0 ** -133),
                       2.0 ** (torch.floor(torch.log2(t.abs())) - 7))
-    magnitude = combine_oracle(y_rows.abs(), PM.CombineIndex(combine.slot_row, combine.slot_weight.abs()),
-                               None if add is None else add.abs()).float()
-    far = (a - t).abs() > ulp + 2.0 ** -8 * magnitude
-    assert not far.any(), f"{what}: {int(far.sum())} elements beyond the torch path's rounding"
-    print(f"{what}: {int((a != t).sum())} of {a.numel()} elements differ from the torch path")
+    if terms is not None:
+        y_rows, combine, add = terms
+        magnitude = combine_oracle(y_rows.abs(), PM.CombineIndex(combine.slot_row, combine.slot_weight.abs()),
+                                   None if add is None else add.abs()).float()
+        far = (a - t).abs() > ulp + 2.0 ** -8 * magnitude
+        assert not far.any(), f"{what}: {int(far.sum())} elements beyond the torch path's rounding"
+    else:
+        far = (a - t).abs() > ulp + 2.0 ** -16 * t.abs().max()
+        assert not far.any(), f"{what}: {int(far.sum())} elements beyond one ulp of the torch path"
+    mismatches = int((a != t).sum())
+    print(f"{what}: {mismatches} of {a.numel()} elements differ from the torch path")
+    if terms is None:
+        assert mismatches <= max(8, a.numel() // 1000)
 
 
 kCombineCases = [  # (tokens, hidden, top_k, experts, with shared add)
@@ -296,7 +306,7 @@ def test_combine_matches_oracle(backend, layout):
         assert_same(actual, expected, what)
         assert returned is out
         assert_same(out, expected, what + " out=")
-        check_near_torch(actual, torch_path, y_rows, combine, add, what)
+        check_near_torch(actual, torch_path, what, terms=(y_rows, combine, add))
 
 
 def test_combine_keeps_autograd(backend):
