@@ -69,10 +69,13 @@ class MoE(nn.Module):
         device = self.gate.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
         self.gate.weight.normal_(std=0.02, generator=generator)
+        # bf16 values, as checkpoints store the gate (Router.refresh_bf16_gate)
+        self.gate.weight.copy_(self.gate.weight.bfloat16())
         self.gate.e_score_correction_bias.zero_()
         self.experts.random_init(generator)
         if self.shared_experts is not None:
             self.shared_experts.random_init(generator)
+        self.gate.refresh_bf16_gate()
 
     @property
     def num_experts_local(self) -> int:
