@@ -2,10 +2,11 @@
 # Device calls for this session's GEMM work, from a snapshot of HEAD (with .variants for the A/B,
 # make_variants.sh). STEPS picks, in order (default "ab split gemm"):
 #   ab      the GEMM A/B (device_check.sh PHASES=ab; AB_VARIANTS / AB_CONFIGS)
-#   split   GPU tests: split K, the torch-path comparisons of the permute tests
+#   split   GPU tests: split K, the torch-path comparisons of the permute tests, the bf16 gate
 #   gemm    bench_gemm with the small-M sweep (heuristic vs A multicast vs split K)
 #   wgrad   GPU tests of the wgrad (incl. accumulate=False) and autograd, bench_wgrad, bench_train
-#   robust  fuzz (all ops) and compute-sanitizer (every family)
+#   layer   bench_layer --quick (prefill / decode vs bf16 and the streaming floor)
+#   fuzz    the fuzzer (all ops);  sanitize  compute-sanitizer (every family)
 #   cd .snap && MOE_FP8_COMMIT=<sha> STEPS="..." bash benchmarks/device_gemm_new.sh
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
@@ -23,20 +24,20 @@ if want ab && [ -n "${AB_VARIANTS:-}" ]; then
   DEVICE_BUDGET_S=${AB_BUDGET_S:-230} PHASES="ab" bash benchmarks/device_check.sh
 fi
 want split && run test-split 120 $PYTEST tests/test_gemm_gpu.py tests/test_permute_gpu.py \
-  -k "split_k or combine_matches or decode_runner_fused"
+  tests/test_router_gate.py -k "split_k or combine_matches or decode_runner_fused or gate"
 want gemm && run bench-gemm "${BENCH_S:-230}" python3 benchmarks/bench_gemm.py --repeats 10 --sweep --sweep-m 64,128
 if want wgrad; then
   run test-wgrad 150 $PYTEST tests/test_wgrad_gpu.py tests/test_autograd.py tests/test_layer_train.py
   run bench-wgrad 90 python3 benchmarks/bench_wgrad.py --repeats 10
   run bench-train 90 python3 benchmarks/bench_train.py --quick --repeats 3
 fi
-if want robust; then
-  run fuzz 200 python3 tests/fuzz_gpu.py
-  OUT="$RAW/sanitize" run sanitize 200 bash benchmarks/device_sanitize.sh
-fi
+want layer && run bench-layer 70 python3 benchmarks/bench_layer.py --quick --repeats 5
+want fuzz && run fuzz 200 python3 tests/fuzz_gpu.py
+want sanitize && OUT="$RAW/sanitize" run sanitize 290 bash benchmarks/device_sanitize.sh
 cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
 grep -aE "^\|" "$RAW/gemm-ab.log" 2>/dev/null | cut -c1-150
 grep -aE "k[0-9]+ \|" "$RAW"/gemm_sweep_*.md 2>/dev/null | cut -c1-150 | tail -n 40
 grep -aE "^\| (record|GEMM1|32)" "$RAW"/wgrad_*.md 2>/dev/null | cut -c1-200
 grep -aE "^\| 8x4096" "$RAW"/train_*.md 2>/dev/null | cut -c1-150
+grep -ahE "^\|" "$RAW/bench-layer.log" 2>/dev/null | tail -n 12 | cut -c1-150
 cat "$RAW/sanitize/summary.txt" 2>/dev/null
