@@ -166,11 +166,15 @@ def main():
     parser.add_argument("--sweep-m", default="", help="sweep only these M (comma-separated)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--baseline", default="", help="dir with the v2 headers (see docstring)")
+    parser.add_argument("--only-m", default="", help="time only the shapes with these M (comma-separated)")
     args = parser.parse_args()
     peer = cublas_blockwise()
     sms = num_sms(torch.cuda.current_device())
     rows, ratios, sweep_rows = [], [], []
+    only_m = {int(v) for v in args.only_m.split(",") if v}
     for (m, n, k), (cublas_ref, deepgemm_ref, target) in kShapes.items():
+        if only_m and m not in only_m:
+            continue
         qa, sa, qb, sb = make_inputs(m, n, k)
         out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         config = dense_config(m, n, k, sms)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import moe_fp8.gemm as G
 from moe_fp8.gemm.layout import build_m_indices
 from moe_fp8.layers.autograd import (Fp8WeightCache, expert_offsets, experts_forward_fp8,
-                                     experts_forward_torch, fused_train_enabled, kFusedTrainEnv)
+                                     experts_forward_torch, fused_train_enabled, kFusedTrainEnv,
+                                     kWgradOverwriteEnv)
 
 kGradToForward = 2.0  # gradient error budget, in units of the forward's error
 
@@ -396,3 +397,28 @@ def test_gpu_fused_and_composed_backward_agree(monkeypatch):
         grads[flag] = (x.grad.clone(), w13.grad.clone(), w2.grad.clone())
     for name, got, want in zip(("dx", "dw13", "dw2"), grads["1"], grads["0"]):
         assert G.calc_diff(got, want) < 1e-7, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_wgrad_overwrite_switch_gives_the_same_gradients(monkeypatch, device):
+    """MOE_FP8_WGRAD_OVERWRITE=1 (weight gradients stored by the k-grouped GEMM into torch.empty,
+    zeros for empty experts) against the default (accumulated into torch.zeros): the same values
+    (0 + x = x), empty experts exactly zero."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if device == "cuda":
+        x, m_indices, w13, w2, dy = _gpu_problem([300, 0, 129, 700, 0], 1024, 512, seed=5)
+    else:
+        x, m_indices, w13, w2, dy = make_problem([0, 40, 0, 200, 0], 128, 128, torch.Generator().manual_seed(5))
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(kWgradOverwriteEnv, flag)
+        for t in (x, w13, w2):
+            t.grad = None
+        experts_forward_fp8(x, m_indices, w13, w2, Fp8WeightCache()).backward(dy)
+        grads[flag] = (w13.grad.clone(), w2.grad.clone())
+    for got, want in zip(grads["1"], grads["0"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for e in range(w13.shape[0]):
+        if int((m_indices == e).sum()) == 0:
+            assert bool((grads["1"][0][e] == 0).all()) and bool((grads["1"][1][e] == 0).all())

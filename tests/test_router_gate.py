@@ -40,10 +40,13 @@ def test_copy_dropped_when_the_weight_changes_or_trains():
         assert router._bf16_gate() is None
 
 
-def test_random_init_and_loading_keep_the_copy():
-    moe = MoE(MoEConfig.tiny(num_experts=8, top_k=2, n_group=1, topk_group=1), seed=3)
+def test_random_init_keeps_the_copy_where_switched_on(monkeypatch):
+    cfg = MoEConfig.tiny(num_experts=8, top_k=2, n_group=1, topk_group=1)
+    monkeypatch.setenv(R.kBf16GateEnv, "1")
     with torch.no_grad():
-        assert moe.gate._bf16_gate() is not None
+        assert MoE(cfg, seed=3).gate._bf16_gate() is not None
+        monkeypatch.setenv(R.kBf16GateEnv, "0")
+        assert MoE(cfg, seed=3).gate._bf16_gate() is None
 
 
 @pytest.mark.gpu

@@ -71,6 +71,10 @@ __all__ = ["experts_forward_fp8", "experts_forward_torch", "expert_offsets", "Fp
            "Fp8ExpertWeights", "fused_train_enabled", "kFusedTrainEnv", "rows_of_tokens"]
 
 kFusedTrainEnv = "MOE_FP8_FUSED_TRAIN"
+# The weight gradients written by the k-grouped GEMM with accumulate=False (no zeroing pass, no read
+# of D) instead of accumulated into torch.zeros. Off until a GPU run has verified and timed it.
+kWgradOverwriteEnv = "MOE_FP8_WGRAD_OVERWRITE"
+kWgradOverwriteDefault = False
 
 
 def fused_train_enabled(t: torch.Tensor) -> bool:
@@ -260,10 +264,13 @@ class _Fp8Math:
     def wgrad(self, a_t, b_t, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
         """``out[e] = a[seg_e]^T . b[seg_e]``: fp32 ``[E, N, K]`` from the along-token operands
         ``a_t = cols(a [T, N])`` and ``b_t = cols(b [T, K])`` (padding rows already zero)."""
-        # every expert's block is written (zeros where it has no tokens): no zeroing pass
-        out = torch.empty(num_experts, a_t[0].shape[0], b_t[0].shape[0], dtype=torch.float32,
-                          device=a_t[0].device)
-        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out, accumulate=False)
+        shape = (num_experts, a_t[0].shape[0], b_t[0].shape[0])
+        if switch_on(kWgradOverwriteEnv, kWgradOverwriteDefault):
+            # every expert's block is written (zeros where it has no tokens): no zeroing pass
+            out = torch.empty(shape, dtype=torch.float32, device=a_t[0].device)
+            return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out, accumulate=False)
+        out = torch.zeros(shape, dtype=torch.float32, device=a_t[0].device)
+        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out)
 
 
 class _Fp8ComposedMath(_Fp8Math):

@@ -179,7 +179,7 @@ def load_moe_weights(moe, source, prefix: str = "") -> None:
     e, h = cfg.num_experts, cfg.hidden_size
     moe.gate.weight.copy_(r.tensor("gate.weight", (e, h), kDenseDtypes))
     moe.gate.e_score_correction_bias.copy_(r.tensor("gate.e_score_correction_bias", (e,), kDenseDtypes))
-    moe.gate.refresh_bf16_gate()
+    moe.gate.refresh_bf16_gate_if_enabled()
     local = slice(moe.expert_offset, moe.expert_offset + moe.num_experts_local)
     if r.has("experts.gate_up_proj"):
         _load_fused_experts(moe, r, local)

@@ -75,7 +75,7 @@ class MoE(nn.Module):
         self.experts.random_init(generator)
         if self.shared_experts is not None:
             self.shared_experts.random_init(generator)
-        self.gate.refresh_bf16_gate()
+        self.gate.refresh_bf16_gate_if_enabled()
 
     @property
     def num_experts_local(self) -> int:

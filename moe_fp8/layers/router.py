@@ -42,6 +42,11 @@ from .switches import kernels_enabled, switch_on
 kFusedRouterEnv = "MOE_FP8_FUSED_ROUTER"
 
 
+# Router.refresh_bf16_gate after loads and random init (the bf16 gate GEMM, gate_logits): off until
+# a GPU run has verified and timed it; refresh_bf16_gate() itself always works when called.
+kBf16GateEnv = "MOE_FP8_BF16_GATE"
+kBf16GateDefault = False
+
 kFusedRouterDefault = True  # verified and measured on an H100, 2026-12-05 (NOTES "First GPU run of session 4")
 
 
@@ -164,6 +169,13 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self._weight_bf16: Optional[torch.Tensor] = None  # refresh_bf16_gate
         self._weight_bf16_version = -1
+
+    def refresh_bf16_gate_if_enabled(self) -> bool:
+        """``refresh_bf16_gate`` where ``MOE_FP8_BF16_GATE`` (default ``kBf16GateDefault``) is on."""
+        if not switch_on(kBf16GateEnv, kBf16GateDefault):
+            self._weight_bf16 = None
+            return False
+        return self.refresh_bf16_gate()
 
     @torch.no_grad()
     def refresh_bf16_gate(self) -> bool:
