@@ -51,6 +51,10 @@ def _mc(**kw):  # the 128 x 128 tile: multicast off / on x promotion overlap (0,
 
 kSweep = {
     (64, 2112, 7168): [GemmConfig(64, n) for n in (16, 32)],
+    # one wave of tiles (128 of 132 SMs) instead of 1.5-3 waves: the odd-width penalty re-measured
+    (64, 24576, 1536): [GemmConfig(64, 192), GemmConfig(64, 96)],
+    (64, 32768, 512): [GemmConfig(64, 256)],
+    (128, 32768, 512): [GemmConfig(128, 256)],
     (128, 4096, 7168): [GemmConfig(128, 32), GemmConfig(64, 64)],
     (4096, 2112, 7168): _mc() + [GemmConfig(128, n, cluster_m=2) for n in (144, 192)],
     (4096, 24576, 1536): _mc(),
