@@ -144,6 +144,18 @@ def test_dense_split_k(shape, config):
     _dense_case(*shape, seed=sum(shape) + config.split_k, config=config)
 
 
+@pytest.mark.parametrize("config", [None, GemmConfig(64, 128, split_k=7)], ids=["auto", "split7"])
+def test_dense_misaligned_out_raises(config):
+    """An output view 2 bytes off a 16-byte boundary: a clear ValueError, never a fault."""
+    gen = _cuda_gen(9)
+    a, b = _quant_act(_rows((64, 7168), gen)), _quant_weight(_weights((2112, 7168), gen))
+    buf = _poisoned((64 * 2112 + 8,))
+    out = buf[1:1 + 64 * 2112].view(64, 2112)
+    with pytest.raises(ValueError, match="aligned"):
+        G.fp8_gemm_nt(a, b, out=out, backend="kernel", config=config)
+    torch.cuda.synchronize()
+
+
 def test_dense_split_k_in_a_cuda_graph():
     """The split-K path (workspace from the caching allocator, two launches) captures and
     replays: new inputs copied into the captured ones give their own product."""

@@ -230,12 +230,18 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       while (scheduler.next(tile)) {
         if (lane == 0) ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
         __syncwarp();
-        // the tile's K blocks of its sb row (split K: a slice of the row)
-        const float* g_sb = params.g_sb + long(tile.sb_row) * Scheduler::kNumKBlocks + tile.k_block0;
+        // The tile's K blocks of its sb row, then the same K blocks of the next row (a tile
+        // straddling two scale blocks). Split K: both are slices of rows kRowStride apart; without
+        // it the two runs are contiguous (kRowStride == kTileKBlocks, one run of 2 x kTileKBlocks).
+        constexpr int kRowStride = Scheduler::kNumKBlocks;
+        const float* g_sb = params.g_sb + long(tile.sb_row) * kRowStride + tile.k_block0;
         const bool has_next_block = kMayStraddle && tile.sb_row + 1 < tile.sb_rows_end;
         float* s_dst = s_tile_sb + buf * 2 * kTileKBlocks;
-        for (int i = lane; i < 2 * kTileKBlocks; i += 32)
-          s_dst[i] = (i < kTileKBlocks || has_next_block) ? __ldg(g_sb + i) : 0.f;
+        for (int i = lane; i < 2 * kTileKBlocks; i += 32) {
+          const int offset = (kRowStride == kTileKBlocks || i < kTileKBlocks) ? i
+                                                                              : kRowStride + i - kTileKBlocks;
+          s_dst[i] = (i < kTileKBlocks || has_next_block) ? __ldg(g_sb + offset) : 0.f;
+        }
         ptx::mbar_arrive(&sb_full[buf]);
         if (++buf == 2) buf = 0, phase ^= 1;
       }

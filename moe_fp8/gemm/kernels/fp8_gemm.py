@@ -158,7 +158,8 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
-    grid = persistent_grid(kernel, c, max_tiles, smem, device)
+    # split K: each output tile is S work units (one per K slice)
+    grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
     # A's box: a chunk of rows (a_row_chunk), a cluster CTA's share, or the whole tile
     tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m // c.cluster_n, 128)
     tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)
@@ -184,6 +185,11 @@ def _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb: torch.Tensor, d2: torch.Te
                     n: int, c: H.GemmConfig, grid: int, smem: int, device: int) -> None:
     """The split-K GEMM into an fp32 workspace [S, M, N] (from torch's caching allocator: no
     device allocation of its own, graph-capturable), then the in-order sum into ``d2``."""
+    if d2.data_ptr() % 16:
+        # NOTE: the bf16 path checks this through its TMA descriptor; the reduction's vector
+        # stores need it too (a misaligned one faults and kills the context)
+        raise ValueError(f"out must start 16-byte aligned for the split-K GEMM, got address "
+                         f"{d2.data_ptr():#x}")
     workspace = torch.empty((c.split_k, m, n), dtype=torch.float32, device=d2.device)
     key = (workspace.data_ptr(), c.split_k, m, n)
     tma_w = _workspace_tma.get(key)
