@@ -34,14 +34,14 @@ if want wgrad; then
   run bench-train 90 python3 benchmarks/bench_train.py --quick --repeats 3
 fi
 if want verify; then  # one call: every new path's GPU tests, then its A/B against the default
-  run test-new 200 $PYTEST tests/test_gemm_gpu.py tests/test_permute_gpu.py tests/test_router_gate.py \
+  run test-new 180 $PYTEST tests/test_gemm_gpu.py tests/test_permute_gpu.py tests/test_router_gate.py \
     tests/test_wgrad_gpu.py tests/test_autograd.py \
     -k "split_k or combine_matches or decode_runner_fused or gate or wgrad or overwrite or gpu_"
-  run bench-gemm-small 100 python3 benchmarks/bench_gemm.py --repeats 10 --only-m 64,128 --sweep
+  run bench-gemm-small 90 python3 benchmarks/bench_gemm.py --repeats 10 --only-m 64,128 --sweep
   for flag in 0 1; do
-    run "bench-train-overwrite$flag" 70 env MOE_FP8_WGRAD_OVERWRITE=$flag python3 benchmarks/bench_train.py \
+    run "bench-train-overwrite$flag" 60 env MOE_FP8_WGRAD_OVERWRITE=$flag python3 benchmarks/bench_train.py \
       --quick --repeats 3 --no-profile
-    run "bench-layer-gate$flag" 60 env MOE_FP8_BF16_GATE=$flag python3 benchmarks/bench_layer.py --quick --repeats 5
+    run "bench-layer-gate$flag" 55 env MOE_FP8_BF16_GATE=$flag python3 benchmarks/bench_layer.py --quick --repeats 5
   done
 fi
 want layer && run bench-layer 70 python3 benchmarks/bench_layer.py --quick --repeats 5
