@@ -363,7 +363,8 @@ def combine_oracle(y_rows, index, add):
     """The documented order: fp32, acc = 0, acc += bf16(w_j) * y_j (j ascending), + add, bf16."""
     weights = index.slot_weight.to(torch.bfloat16).float()
     acc = torch.zeros(index.slot_row.shape[0], y_rows.shape[1], device=y_rows.device)
-    for j in range(index.slot_row.shape[1]):
+    # no rows (every pair skipped): the skipped pairs' (row 0, weight 0) has no row to read
+    for j in range(index.slot_row.shape[1] if y_rows.shape[0] else 0):
         acc = acc + weights[:, j:j + 1] * y_rows.index_select(0, index.slot_row[:, j]).float()
     if add is not None:
         acc = acc + add.float()

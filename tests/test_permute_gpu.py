@@ -309,6 +309,21 @@ def test_combine_matches_oracle(backend, layout):
         check_near_torch(actual, torch_path, what, terms=(y_rows, combine, add))
 
 
+def test_combine_with_no_rows_is_the_shared_part(backend):
+    """Every pair skipped (no row routed here, e.g. all of a token's experts on other ranks): the
+    rows tensor is empty and the result is ``add`` (or zeros), on both paths."""
+    tokens, hidden, top_k = 3, 256, 2
+    slot_row = torch.zeros(tokens, top_k, dtype=torch.int64, device=backend)
+    index = PM.CombineIndex(slot_row, torch.zeros(tokens, top_k, device=backend))
+    y_rows = torch.empty(0, hidden, dtype=torch.bfloat16, device=backend)
+    add = torch.randn(tokens, hidden, device=backend).bfloat16()
+    for ctx in (contextlib.nullcontext(), fused()):
+        with ctx:
+            assert torch.equal(PM.unpermute_combine(y_rows, index, add=add), add)
+            assert torch.equal(PM.unpermute_combine(y_rows, index), torch.zeros_like(add))
+    assert torch.equal(combine_oracle(y_rows, index, add), add)
+
+
 def test_combine_keeps_autograd(backend):
     """Rows that need grad take the differentiable torch branch even when fused is on."""
     tokens, hidden, top_k, experts = 9, 256, 4, 8

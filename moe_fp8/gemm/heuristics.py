@@ -238,6 +238,13 @@ def _config(rows: int, m_blocks_of, n: int, k: int, sms: int) -> GemmConfig:
 def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for ``[m, k] x [n, k]^T`` on a device with ``sms`` SMs."""
     config = _config(m, lambda bm: _ceil_div(m, bm), n, k, sms)
+    if config.block_n == kBlockNs[0] and n >= 1024 and k >= 4096:
+        # Only 16-wide tiles fill the SMs: 64-wide tiles over K slices instead (H100,
+        # 2026-12-05, N = 2112, K = 7168: M = 64 16 -> 15 us, M = 128 19 -> 17 us; wider tiles or
+        # other shapes were slower: results/gemm_sweep_small_m_h100_2026-12-05.md)
+        split = split_k_config(m, n, k, sms, 64)
+        if split is not None:
+            return split
     if (config.block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks
             and k <= kMulticastMaxK):
         config = dataclasses.replace(config, cluster_m=2)
@@ -247,8 +254,8 @@ def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
 def split_k_config(m: int, n: int, k: int, sms: int, block_n: int = 128):
     """Split K for a small-M dense GEMM (include/split_k.cuh): ``block_n``-wide tiles, the most
     slices (dividing K / 128, at least 2 K blocks each) whose tiles still fit one wave on ``sms``
-    SMs; None where fewer than 2 slices fit. Not used by ``dense_config`` until measured
-    (``kSplitKDense``)."""
+    SMs; None where fewer than 2 slices fit. ``dense_config`` takes it (64-wide) where its own
+    pick is 16 wide, the only case measured faster."""
     block_m = 64 if m <= 64 else 128
     tiles = _ceil_div(m, block_m) * _ceil_div(n, block_n)
     k_blocks = k // kBlockK

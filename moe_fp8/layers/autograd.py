@@ -72,9 +72,10 @@ __all__ = ["experts_forward_fp8", "experts_forward_torch", "expert_offsets", "Fp
 
 kFusedTrainEnv = "MOE_FP8_FUSED_TRAIN"
 # The weight gradients written by the k-grouped GEMM with accumulate=False (no zeroing pass, no read
-# of D) instead of accumulated into torch.zeros. Off until a GPU run has verified and timed it.
+# of D) instead of accumulated into torch.zeros. On: H100, 2026-12-05, the same gradients, train
+# step 11.37 -> 10.81 ms (8 experts x 4096 tokens; results/train_overwrite_h100_2026-12-05.md).
 kWgradOverwriteEnv = "MOE_FP8_WGRAD_OVERWRITE"
-kWgradOverwriteDefault = False
+kWgradOverwriteDefault = True
 
 
 def fused_train_enabled(t: torch.Tensor) -> bool:

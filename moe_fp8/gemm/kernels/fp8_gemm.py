@@ -304,7 +304,10 @@ def bundled_sources() -> List["jit.KernelSource"]:
     """The instances the heuristics pick for the TARGETS.md shapes on a 132-SM H100."""
     sources = []
     for m, n, k in kDenseShapes:
-        sources.append(kernel_source(n, k, H.dense_config(m, n, k, kH100Sms), kLayoutDense))
+        config = H.dense_config(m, n, k, kH100Sms)
+        sources.append(kernel_source(n, k, config, kLayoutDense))
+        if config.split_k > 1:
+            sources.append(reduce_source(config.split_k))
     for n, k in kGroupedNK:
         for m_sum in (4096, 32768):
             for layout in (kLayoutContiguous, kLayoutContiguousOffsets):
