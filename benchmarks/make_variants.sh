@@ -10,6 +10,7 @@ rm -rf .variants && mkdir -p .variants
 cp -r "$include" .variants/head
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
+  shopt -s nullglob  # no patches pending: head alone
   for p in benchmarks/experiments/*.patch; do names+=("$(basename "$p" .patch)"); done
 fi
 spec="head=.variants/head"
