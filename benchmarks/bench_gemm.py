@@ -60,8 +60,11 @@ kSweep = {
     (4096, 24576, 1536): _mc(),
     (4096, 32768, 512): _mc() + [GemmConfig(128, 192, cluster_m=2)],
     (4096, 7168, 16384): _mc(),
-    (4096, 4096, 7168): _mc() + [GemmConfig(128, 128, cluster_m=2, group_n=g) for g in (8, 32)],
-    (4096, 7168, 2048): _mc() + [GemmConfig(128, 128, cluster_m=2, stages=4)],
+    # + the widths a lower kOddWidthPenalty would pick (re-derive it from these rows)
+    (4096, 4096, 7168): _mc() + [GemmConfig(128, 128, cluster_m=2, group_n=g) for g in (8, 32)]
+    + [GemmConfig(128, n) for n in (144, 160, 192, 256)],
+    (4096, 7168, 2048): _mc() + [GemmConfig(128, 128, cluster_m=2, stages=4)]
+    + [GemmConfig(128, n) for n in (144, 160, 192, 256)],
 }
 
 
