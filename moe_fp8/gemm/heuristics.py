@@ -228,8 +228,13 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
     return best
 
 
+def _block_m(rows: int) -> int:
+    """One math warpgroup (64 rows) when the rows fit in it, else two."""
+    return 64 if rows <= 64 else 128
+
+
 def _config(rows: int, m_blocks_of, n: int, k: int, sms: int) -> GemmConfig:
-    block_m = 64 if rows <= 64 else 128
+    block_m = _block_m(rows)
     block_n = _pick_block_n(m_blocks_of(block_m), n, sms, block_m)
     return GemmConfig(block_m, block_n).resolved(k)
 
@@ -256,7 +261,7 @@ def split_k_config(m: int, n: int, k: int, sms: int, block_n: int = 128):
     slices (dividing K / 128, at least 2 K blocks each) whose tiles still fit one wave on ``sms``
     SMs; None where fewer than 2 slices fit. ``dense_config`` takes it (64-wide) where its own
     pick is 16 wide, the only case measured faster."""
-    block_m = 64 if m <= 64 else 128
+    block_m = _block_m(m)
     tiles = _ceil_div(m, block_m) * _ceil_div(n, block_n)
     k_blocks = k // kBlockK
     splits = [s for s in range(2, kMaxSplitK + 1)
@@ -285,6 +290,6 @@ def wgrad_config(m: int, n: int, sms: int) -> GemmConfig:
 
     Multicast on from two row blocks: on H100 (2026-11-25) 757-768 vs 685-781 TFLOPS without,
     i.e. within the run's spread; it halves B's L2 reads, so it stays."""
-    block_m = 64 if m <= 64 else 128
+    block_m = _block_m(m)
     cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
     return GemmConfig(block_m, 128, cluster_m=cluster_m).resolved(0, wgrad=True)

@@ -120,6 +120,19 @@ def _tma(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, inn
     return tmap
 
 
+def _tma_f32_tiles(tensor: torch.Tensor):
+    """make_tma_3d of an fp32 ``[S or E, M, N]`` output as the fp32 epilogue writes it (one
+    32-column x 64-row box per math warpgroup and chunk, 128-byte swizzle; epilogue.cuh,
+    EpilogueAddF32), memoised like ``_tma``."""
+    key = ("f32_tiles", tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+    tmap = _tma_cache.get(key)
+    if tmap is None:
+        tmap = _tma_cache[key] = jit.make_tma_3d(tensor, 32, 64, 1, 128)
+        if len(_tma_cache) > kTmaCacheSize:
+            _tma_cache.popitem(last=False)
+    return tmap
+
+
 def _k_major(t: torch.Tensor) -> torch.Tensor:
     # NOTE: TMA needs unit stride along K and 16-byte row strides; the public ops pass
     # contiguous operands, anything else takes this (slow, allocating) copy.
@@ -153,8 +166,6 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     if c.cluster_n != 1 and not H.pairs_columns(c, n):
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
-    if c.split_k > 1 and layout != kLayoutDense:
-        raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
@@ -176,7 +187,6 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_size, 1, 1))
 
 
-_workspace_tma: "OrderedDict[tuple, object]" = OrderedDict()
 kSplitKReduceThreads = 256  # split_k.cuh kSplitKReduceThreads
 kSplitKReduceCtasPerSm = 8
 
@@ -191,14 +201,7 @@ def _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb: torch.Tensor, d2: torch.Te
         raise ValueError(f"out must start 16-byte aligned for the split-K GEMM, got address "
                          f"{d2.data_ptr():#x}")
     workspace = torch.empty((c.split_k, m, n), dtype=torch.float32, device=d2.device)
-    key = (workspace.data_ptr(), c.split_k, m, n)
-    tma_w = _workspace_tma.get(key)
-    if tma_w is None:
-        # one 32-column x 64-row box per math warpgroup and chunk, 128-byte swizzle
-        # (epilogue.cuh, EpilogueAddF32)
-        tma_w = _workspace_tma[key] = jit.make_tma_3d(workspace, 32, 64, 1, 128)
-        if len(_workspace_tma) > kTmaCacheSize:
-            _workspace_tma.popitem(last=False)
+    tma_w = _tma_f32_tiles(workspace)
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
                   [tma_a, tma_b, tma_sa, tma_w, jit.i32(m), sb])
     reduce = _get_reduce_kernel(c.split_k, device)

@@ -20,7 +20,7 @@ import torch
 
 from .. import heuristics as H
 from .. import jit
-from .fp8_gemm import _k_major, _m_pad, _tma, kH100Sms, persistent_grid
+from .fp8_gemm import _k_major, _m_pad, _tma, _tma_f32_tiles, kH100Sms, persistent_grid
 
 kHeader = "wgrad.cuh"
 
@@ -36,7 +36,6 @@ def kernel_source(n: int, config: H.GemmConfig, accumulate: bool = True) -> "jit
 
 
 _kernels: dict = {}
-_out_tma: dict = {}
 
 
 def _scale_tma(s: torch.Tensor, rows: int, box: int):
@@ -80,14 +79,7 @@ def k_grouped_tn(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.T
     tma_b = _tma(b, 128, c.block_n // c.cluster_m, 128)
     tma_sa = _scale_tma(sa, m, c.block_m)
     tma_sb = _scale_tma(sb, n, c.block_n)
-    # D: [E, M, N] fp32, one 32-column x 64-row box per warpgroup and chunk, 128-byte swizzle
-    # (epilogue.cuh, EpilogueAddF32).
-    out_key = (out.data_ptr(), tuple(out.shape), tuple(out.stride()))
-    tma_d = _out_tma.get(out_key)
-    if tma_d is None:
-        if len(_out_tma) > 256:
-            _out_tma.clear()
-        tma_d = _out_tma[out_key] = jit.make_tma_3d(out, 32, 64, 1, 128)
+    tma_d = _tma_f32_tiles(out)  # D: [E, M, N] fp32
     args: List[object] = [tma_a, tma_b, tma_sa, tma_sb, tma_d, jit.i32(m), jit.i32(num_experts),
                           offsets]
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_m, 1, 1))
