@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call: ncu profiles of the large-M mainloop (double-buffered and single-buffered
+# 128 x 128) and the large-M tile sweep of bench_gemm (kOddWidthPenalty). From a snapshot of HEAD:
+#   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_profile.sh
+# Everything lands in $OUT/profile.tgz plus a short summary on stdout.
+set -uo pipefail
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
+FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=/tmp/profile_raw; mkdir -p "$RAW" "$FINAL"
+i=0
+while read -r m n k bm bn c d; do
+  [ -z "$m" ] && continue
+  OUT="$RAW" timeout 150 bash benchmarks/ncu_gemm.sh "$m" "$n" "$k" "$bm" "$bn" "$c" "$d" \
+    > "$RAW/ncu_$i.summary" 2>&1
+  echo "== ncu $m $n $k ${bm}x${bn}c${c}d${d}"; cat "$RAW/ncu_$i.summary"; i=$((i + 1))
+done <<< "${NCU_SPECS:-4096 4096 7168 128 128 1 1
+4096 4096 7168 128 128 1 0
+4096 7168 2048 128 128 1 1}"
+if [ -n "${BENCH:-1}" ] && [ "${BENCH:-1}" != 0 ]; then
+  timeout "${BENCH_S:-200}" python3 benchmarks/bench_gemm.py --repeats 10 --only-m 4096 --sweep \
+    --sweep-m 4096 > "$RAW/bench-gemm.log" 2>&1
+  grep -aE "^\|" "$RAW/bench-gemm.log" | cut -c1-150 | tail -n 40
+fi
+cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
+tar -czf "$FINAL/profile.tgz" -C "$RAW" .
