@@ -45,7 +45,7 @@ def _act(x):
     return q, s_mn
 
 
-def contiguous_rows(counts, n, k, repeats, label):
+def contiguous_rows(counts, n, k, repeats, label, extra_configs=()):
     gen = torch.Generator(device="cuda").manual_seed(n + k)
     num_experts = len(counts)
     m_indices = build_m_indices(counts, device="cuda")
@@ -65,6 +65,15 @@ def contiguous_rows(counts, n, k, repeats, label):
     row = {"case": label, "E": num_experts, "M_sum": m_sum, "N": n, "K": k,
            "config": f"{config.block_m}x{config.block_n}", "us": ours,
            "TFLOPS": flops / ours / 1e6, "offsets_form_us": ours_offsets}
+    for text in extra_configs:  # pinned alternatives, same inputs (--contiguous-configs)
+        pinned = parse_config(text)
+        try:
+            us = bench_graph(lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, pinned),
+                             repeats)
+        except ValueError as error:  # e.g. A multicast where the column blocks do not pair
+            print(f"{text}: {error}"[:200])
+            us = float("nan")
+        row[f"{text}_TFLOPS"] = flops / us / 1e6
     # Peers, on the same tokens (padded segments: cuBLAS gets each expert's real rows).
     starts = offs[:-1].tolist()
     peers = {}
@@ -131,9 +140,12 @@ def main():
     parser.add_argument("--masked-configs", default="",
                         help="comma-separated pinned configs also timed on the decode rows, "
                              "e.g. 64x256c1d0 (gemm_ab.py's syntax)")
+    parser.add_argument("--contiguous-configs", default="",
+                        help="comma-separated pinned configs also timed on every contiguous row")
     parser.add_argument("--only", choices=("both", "contiguous", "masked"), default="both")
     args = parser.parse_args()
     extra = [c for c in args.masked_configs.split(",") if c]
+    args.extra_contiguous = [c for c in args.contiguous_configs.split(",") if c]
     if args.only != "masked":
         contiguous_table(args)
     if args.only != "contiguous":
@@ -143,7 +155,7 @@ def main():
 def contiguous_table(args):
     rows = []
     for (g, m, n, k), target in kContiguous.items():
-        row = contiguous_rows([m] * g, n, k, args.repeats, "record shape")
+        row = contiguous_rows([m] * g, n, k, args.repeats, "record shape", args.extra_contiguous)
         row["target_TFLOPS"] = target
         rows.append(row)
         torch.cuda.empty_cache()
@@ -152,7 +164,8 @@ def contiguous_table(args):
         counts = (torch.rand(32, generator=gen) * 2 * mean).long()
         counts[torch.randperm(32, generator=gen)[:3]] = 0  # empty experts
         for n, k in ((4096, 7168), (7168, 2048)):
-            row = contiguous_rows(counts.tolist(), n, k, args.repeats, f"32 experts ~{mean} tok")
+            row = contiguous_rows(counts.tolist(), n, k, args.repeats, f"32 experts ~{mean} tok",
+                                  args.extra_contiguous)
             row["target_TFLOPS"] = float("nan")
             rows.append(row)
             torch.cuda.empty_cache()

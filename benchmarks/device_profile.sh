@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: ncu profiles of the large-M mainloop (double-buffered and single-buffered
-# 128 x 128) and the large-M tile sweep of bench_gemm (kOddWidthPenalty). From a snapshot of HEAD:
+# 128 x 128) and the large-M tile sweep of bench_gemm; with GROUPED_CONFIGS, pinned configs on the
+# contiguous grouped rows (bench_grouped). NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD:
 #   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_profile.sh
 # Everything lands in $OUT/profile.tgz plus a short summary on stdout.
 set -uo pipefail
@@ -19,6 +20,11 @@ if [ -n "${BENCH:-1}" ] && [ "${BENCH:-1}" != 0 ]; then
   timeout "${BENCH_S:-200}" python3 benchmarks/bench_gemm.py --repeats 10 --only-m 4096 --sweep \
     --sweep-m 4096 > "$RAW/bench-gemm.log" 2>&1
   grep -aE "^\|" "$RAW/bench-gemm.log" | cut -c1-150 | tail -n 40
+fi
+if [ -n "${GROUPED_CONFIGS:-}" ]; then  # pinned configs beside the heuristic on the contiguous rows
+  timeout "${GROUPED_S:-150}" python3 benchmarks/bench_grouped.py --only contiguous --repeats 10 \
+    --contiguous-configs "$GROUPED_CONFIGS" > "$RAW/bench-grouped.log" 2>&1
+  grep -aE "^\|" "$RAW/bench-grouped.log" | cut -c1-220 | tail -n 12
 fi
 cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
 tar -czf "$FINAL/profile.tgz" -C "$RAW" .
