@@ -32,7 +32,8 @@ kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112)
            GemmConfig(128, 128, cluster_m=2, num_sms=7), GemmConfig(128, 64, cluster_m=2,
                                                                   double_buffer=False),
            GemmConfig(128, 128, double_buffer=2), GemmConfig(64, 80, double_buffer=2),
-           GemmConfig(128, 256), GemmConfig(64, 256, group_n=2)]
+           GemmConfig(128, 256), GemmConfig(64, 256, group_n=2),
+           GemmConfig(128, 256, cluster_m=2), GemmConfig(128, 256, cluster_m=2, num_sms=7)]
 
 
 def _cuda_gen(seed: int) -> torch.Generator:
@@ -207,7 +208,8 @@ def test_dense_a_multicast(config, m):
 
 
 @pytest.mark.parametrize("config", [GemmConfig(64, 64, cluster_n=2), GemmConfig(128, 32, cluster_n=2),
-                                    GemmConfig(128, 128, cluster_n=2)], ids=_config_id)
+                                    GemmConfig(128, 128, cluster_n=2),
+                                    GemmConfig(128, 256, cluster_n=2)], ids=_config_id)
 def test_grouped_a_multicast(config):
     n = _paired_n(config.block_n, 3)
     _contiguous_case([0, 130, 5, 0, 257, 64], n, 1536, seed=5, config=config)
