@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # One device call: ncu profiles of the large-M mainloop (double-buffered and single-buffered
 # 128 x 128) and the large-M tile sweep of bench_gemm; with GROUPED_CONFIGS, pinned configs on the
-# contiguous grouped rows (bench_grouped). NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD:
+# contiguous grouped rows (bench_grouped); with AB_VARIANTS (+ AB_CONFIGS, AB_SHAPES), the GEMM A/B
+# of kernel versions first. NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD (+ .variants):
 #   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_profile.sh
 # Everything lands in $OUT/profile.tgz plus a short summary on stdout.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=/tmp/profile_raw; mkdir -p "$RAW" "$FINAL"
+if [ -n "${AB_VARIANTS:-}" ]; then  # kernel versions under .variants (make_variants.sh), A/B first
+  OUT="$RAW" bash benchmarks/device_gemm_explore.sh "$AB_VARIANTS" "${AB_CONFIGS:-128x128c1d1}" \
+    "${AB_SHAPES:-4096,4096,7168 4096,7168,2048}" | cut -c1-150
+fi
 i=0
 while read -r m n k bm bn c d; do
   [ -z "$m" ] && continue
