@@ -2,7 +2,8 @@
 # One device call: ncu profiles of the large-M mainloop (double-buffered and single-buffered
 # 128 x 128) and the large-M tile sweep of bench_gemm; with GROUPED_CONFIGS, pinned configs on the
 # contiguous grouped rows (bench_grouped); with AB_VARIANTS (+ AB_CONFIGS, AB_SHAPES), the GEMM A/B
-# of kernel versions first. NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD (+ .variants):
+# of kernel versions first; TESTS (pytest -k of test_gemm_gpu.py); LAYER_SWITCH (bench_layer with
+# that environment switch 0, then 1). NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD:
 #   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_profile.sh
 # Everything lands in $OUT/profile.tgz plus a short summary on stdout.
 set -uo pipefail
@@ -30,6 +31,18 @@ if [ -n "${GROUPED_CONFIGS:-}" ]; then  # pinned configs beside the heuristic on
   timeout "${GROUPED_S:-150}" python3 benchmarks/bench_grouped.py --only contiguous --repeats 10 \
     --contiguous-configs "$GROUPED_CONFIGS" > "$RAW/bench-grouped.log" 2>&1
   grep -aE "^\|" "$RAW/bench-grouped.log" | cut -c1-220 | tail -n 12
+fi
+if [ -n "${TESTS:-}" ]; then  # GPU tests of the GEMM family, pytest -k expression
+  timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.py \
+    -k "$TESTS" > "$RAW/tests.log" 2>&1
+  echo "tests: $(tail -n 1 "$RAW/tests.log")"; grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10
+fi
+if [ -n "${LAYER_SWITCH:-}" ]; then  # bench_layer with an environment switch off, then on
+  for v in 0 1; do
+    env "$LAYER_SWITCH=$v" timeout 80 python3 benchmarks/bench_layer.py --quick --repeats 5 \
+      > "$RAW/bench-layer-$v.log" 2>&1
+    echo "== bench_layer $LAYER_SWITCH=$v"; grep -aE "^\|" "$RAW/bench-layer-$v.log" | tail -n 12 | cut -c1-150
+  done
 fi
 cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
 tar -czf "$FINAL/profile.tgz" -C "$RAW" .

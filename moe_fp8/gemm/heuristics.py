@@ -26,6 +26,8 @@ import functools
 from dataclasses import dataclass
 from typing import Tuple
 
+from .jit import env
+
 kMaxSmemBytes = 232448  # sm_90 opt-in dynamic shared memory per block (227 KiB)
 kBlockK = 128           # one K block = one scale group; a 128-byte row of e4m3
 kMaxStages = 10
@@ -36,6 +38,10 @@ kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
+# 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
+# 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster, the grouped ones A.
+kWideTilesDefault = False
+kWideMinWaves = 2
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -202,7 +208,7 @@ def grid_size(config: GemmConfig, max_tiles: int, sms: int) -> int:
     return clusters * size
 
 
-def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
+def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int, wide: bool = False) -> int:
     """The width with the least wave-quantised cost, ties to the wider tile.
 
     Every wave of tiles costs as much as its slowest tile; a tile costs its MMA work
@@ -211,16 +217,20 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
     where they fill otherwise idle SMs. Widths that do not divide 128 pay kOddWidthPenalty:
     measured on H100 (2026-11-25, M = 4096, N = 4096, K = 7168) 112/144/160/192 ran 1.2-1.4x
     slower per unit of work than 128 (two weight scales per K block, no double buffering
-    above 128, fewer stages).
+    above 128, fewer stages). 256 (two aligned 128-column halves) is a candidate only with
+    ``wide`` (large M), without the penalty: its tiles read 25 % fewer L2 bytes per MMA, the
+    128 x 128 mainloop's limit (ncu, H100, 2026-12-05).
     """
     best_key, best = None, kBlockNs[0]
     for block_n in kBlockNs:
         if block_n > max(16, _ceil_div(n, 16) * 16):
             break  # wider than the problem: only padding
+        if block_n == 256 and not wide:
+            continue
         tiles = m_blocks * _ceil_div(n, block_n)
         waves = _ceil_div(tiles, sms)
         cost = waves * (block_m * block_n + kLoadWeight * (block_m + block_n))
-        if 128 % block_n:
+        if 128 % block_n and block_n != 256:
             cost *= kOddWidthPenalty
         key = (cost, -block_n)
         if best_key is None or key < best_key:
@@ -228,21 +238,32 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int) -> int:
     return best
 
 
+def _wide_ok(block_m: int, m_blocks: int, n: int, sms: int) -> bool:
+    """Whether 128 x 256 tiles are candidates: two math warpgroups and at least kWideMinWaves
+    waves of 128 x 128 tiles (short problems keep the narrow tiles that fill the SMs)."""
+    return block_m == 128 and m_blocks * _ceil_div(n, 128) >= kWideMinWaves * sms
+
+
 def _block_m(rows: int) -> int:
     """One math warpgroup (64 rows) when the rows fit in it, else two."""
     return 64 if rows <= 64 else 128
 
 
-def _config(rows: int, m_blocks_of, n: int, k: int, sms: int) -> GemmConfig:
+def _config(rows: int, m_blocks_of, n: int, k: int, sms: int, wide: bool = False) -> GemmConfig:
     block_m = _block_m(rows)
-    block_n = _pick_block_n(m_blocks_of(block_m), n, sms, block_m)
+    m_blocks = m_blocks_of(block_m)
+    block_n = _pick_block_n(m_blocks, n, sms, block_m, wide and _wide_ok(block_m, m_blocks, n, sms))
     return GemmConfig(block_m, block_n).resolved(k)
 
 
-@functools.lru_cache(maxsize=4096)
 def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for ``[m, k] x [n, k]^T`` on a device with ``sms`` SMs."""
-    config = _config(m, lambda bm: _ceil_div(m, bm), n, k, sms)
+    return _dense_config(m, n, k, sms, env.wide_tiles(kWideTilesDefault))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dense_config(m: int, n: int, k: int, sms: int, wide: bool) -> GemmConfig:
+    config = _config(m, lambda bm: _ceil_div(m, bm), n, k, sms, wide)
     if config.block_n == kBlockNs[0] and n >= 1024 and k >= 4096:
         # Only 16-wide tiles fill the SMs: 64-wide tiles over K slices instead (H100,
         # 2026-12-05, N = 2112, K = 7168: M = 64 16 -> 15 us, M = 128 19 -> 17 us; wider tiles or
@@ -250,6 +271,8 @@ def dense_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
         split = split_k_config(m, n, k, sms, 64)
         if split is not None:
             return split
+    if config.block_n == 256:
+        return dataclasses.replace(config, cluster_m=2)  # B multicast: 32 KB of L2 reads per 4 M MACs
     if (config.block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks
             and k <= kMulticastMaxK):
         config = dataclasses.replace(config, cluster_m=2)
@@ -271,10 +294,19 @@ def split_k_config(m: int, n: int, k: int, sms: int, block_n: int = 128):
     return GemmConfig(block_m, block_n, split_k=max(splits)).resolved(k)
 
 
-@functools.lru_cache(maxsize=4096)
 def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the contiguous grouped layout (segments of 128 rows; block_m 128 always fits)."""
-    return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms)
+    return _contiguous_config(m_sum, n, k, sms, env.wide_tiles(kWideTilesDefault))
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool) -> GemmConfig:
+    config = _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
+    if config.block_n == 256:
+        # B multicast would pair row blocks of different experts: A multicast where the column
+        # blocks pair up
+        config = with_a_multicast(config, n) or config
+    return config
 
 
 @functools.lru_cache(maxsize=4096)

@@ -57,6 +57,13 @@ def pdl() -> bool:
     return os.environ.get("MOE_FP8_PDL", "0") not in ("", "0")
 
 
+def wide_tiles(default: bool) -> bool:
+    """``MOE_FP8_WIDE_TILES``: ``1`` lets the heuristics pick 128 x 256 tiles (with multicast) for
+    large M (heuristics.py), ``0`` keeps them to 128 x 128 and narrower; unset: ``default``."""
+    value = os.environ.get("MOE_FP8_WIDE_TILES")
+    return default if value is None else value.strip() != "0"
+
+
 def log(message: str) -> None:
     if verbose():
         print(f"[moe_fp8.jit] {message}", file=sys.stderr, flush=True)
