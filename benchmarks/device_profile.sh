@@ -2,7 +2,7 @@
 # One device call: ncu profiles of the large-M mainloop (double-buffered and single-buffered
 # 128 x 128) and the large-M tile sweep of bench_gemm; with GROUPED_CONFIGS, pinned configs on the
 # contiguous grouped rows (bench_grouped); with AB_VARIANTS (+ AB_CONFIGS, AB_SHAPES), the GEMM A/B
-# of kernel versions first; TESTS (pytest -k of test_gemm_gpu.py); LAYER_SWITCH (bench_layer with
+# of kernel versions first; TESTS (pytest -k of test_gemm_gpu.py, TESTS_ENV="VAR=value ..."); LAYER_SWITCH (bench_layer with
 # that environment switch 0, then 1). NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD:
 #   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_profile.sh
 # Everything lands in $OUT/profile.tgz plus a short summary on stdout.
@@ -33,7 +33,7 @@ if [ -n "${GROUPED_CONFIGS:-}" ]; then  # pinned configs beside the heuristic on
   grep -aE "^\|" "$RAW/bench-grouped.log" | cut -c1-220 | tail -n 12
 fi
 if [ -n "${TESTS:-}" ]; then  # GPU tests of the GEMM family, pytest -k expression
-  timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.py \
+  env ${TESTS_ENV:-} timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.py \
     -k "$TESTS" > "$RAW/tests.log" 2>&1
   echo "tests: $(tail -n 1 "$RAW/tests.log")"; grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10
 fi
