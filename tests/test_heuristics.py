@@ -113,13 +113,13 @@ def test_multicast_instances_compile_clean(n, k, config, layout, tmp_path, monke
 
 
 def test_wide_tiles_switch(monkeypatch):
-    """MOE_FP8_WIDE_TILES=1: 128 x 256 tiles for large M (dense: B multicast; contiguous: A
-    multicast where the column blocks pair up); short problems and small M keep their tiles."""
+    """MOE_FP8_WIDE_TILES=1: 128 x 256 tiles for large M (dense: B multicast; contiguous: no
+    multicast); short problems and small M keep their tiles."""
     monkeypatch.setenv("MOE_FP8_WIDE_TILES", "1")
     c = H.dense_config(4096, 4096, 7168, 132)
     assert (c.block_m, c.block_n, c.cluster_m, c.cluster_n) == (128, 256, 2, 1)
     c = H.contiguous_config(6144, 7168, 2048, 132)
-    assert (c.block_n, c.cluster_m, c.cluster_n) == (256, 1, 2)
+    assert (c.block_n, c.cluster_m, c.cluster_n) == (256, 1, 1)
     for m, n, k in ((128, 4096, 7168), (64, 32768, 512), (1024, 2112, 7168)):
         assert H.dense_config(m, n, k, 132).block_n != 256, (m, n, k)
     monkeypatch.setenv("MOE_FP8_WIDE_TILES", "0")

@@ -10,6 +10,9 @@ Choice rule (measured where noted in benchmarks/NOTES.md):
   128-column scale blocks, e.g. 112, 144, 160 beside powers of two), the one with the fewest
   waves of tiles over the SMs, then the fullest last wave, then the widest tile (more reuse of
   each A byte). Non-powers of two let e.g. N = 7168 split into 132-ish tiles.
+* large M (at least ``kWideMinWaves`` waves of 128 x 128 tiles): 128 x 256 tiles join the
+  candidates (``MOE_FP8_WIDE_TILES``, on): they read 25 % fewer L2 bytes per MMA, and the
+  128 x 128 mainloop is L2-bound there (ncu, H100, 2026-12-05); the dense layout multicasts B.
 * ``stages``: as many shared-memory ring slots as fit in the 227 KiB a block may use.
 * ``cluster_m``: 2 (two vertically adjacent tiles per 2-CTA cluster, B multicast, half the B
   bytes each CTA pulls from L2) for the dense layout with at least two row blocks of 128 and
@@ -39,8 +42,9 @@ kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B mult
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
-# 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster, the grouped ones A.
-kWideTilesDefault = False
+# 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
+# layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
+kWideTilesDefault = True
 kWideMinWaves = 2
 
 
@@ -301,12 +305,9 @@ def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
 
 @functools.lru_cache(maxsize=4096)
 def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool) -> GemmConfig:
-    config = _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
-    if config.block_n == 256:
-        # B multicast would pair row blocks of different experts: A multicast where the column
-        # blocks pair up
-        config = with_a_multicast(config, n) or config
-    return config
+    # 128 x 256 without multicast (B multicast would pair row blocks of different experts; A
+    # multicast measured 0.92-1.01x of none at 32 experts, H100, 2026-12-05)
+    return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -285,15 +285,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       first_cols = kMayStraddle ? min(kBlockN, 128 - t.n0 % 128) : kBlockN;
     };
 
-    // Ordered issue (single-buffered tiles, two math warpgroups): the warpgroups take turns
-    // issuing their wgmma groups (0, 1, 0, 1, ...), so while one promotes its retired group on
-    // the CUDA cores the tensor pipe runs the other's. Left to themselves both wake on the same
-    // `full` slot, issue together, retire together and promote together, with the pipe idle.
-    // Both warpgroups issue the same number of groups (same tiles, same K blocks).
-    constexpr bool kOrderedIssue = kNumMathWG == 2 && !kDoubleBuffer && !kColumnScales;
-    constexpr u32 kTurnBar0 = 3, kTurnBar1 = 4;  // "warpgroup 0 / 1 has issued" (1, 2: epilogue)
-    bool issued_any = false;
-
     // Partial product of K block kb on the tensor cores, into fresh registers `p`; with block
     // scales, also the promotion factors of kb into `f` (sa x sb for the thread's two rows and
     // the tile's two column blocks), so their shared-memory reads are off the path between the
@@ -303,18 +294,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4) +
                                                     half * (kPartN * 128 >> 4));
       if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
-      if constexpr (kOrderedIssue) {  // wait for the other warpgroup's previous group
-        if (warpgroup == 1) ptx::named_barrier(kTurnBar0, 256);
-        else if (issued_any) ptx::named_barrier(kTurnBar1, 256);
-        issued_any = true;
-      }
       ptx::fence_regs(p);
       ptx::wgmma_fence();
 #pragma unroll
       for (int k = 0; k < 4; ++k)
         Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
       ptx::wgmma_commit();
-      if constexpr (kOrderedIssue) ptx::named_barrier_arrive(warpgroup == 0 ? kTurnBar0 : kTurnBar1, 256);
       // NOTE: without a fence after the commit ptxas moved the last (committing) wgmma of the
       // group behind ~60 promotion FFMAs of the previous K block (SASS, 2026-12-05); the fence
       // keeps the commit ahead of them (ablation `nofence` in benchmarks/ab_variants.py).
@@ -452,10 +437,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       }
       P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
       tile = next_tile;
-    }
-    // warpgroup 1's last turn is still pending on kTurnBar1: consume it
-    if constexpr (kOrderedIssue) {
-      if (warpgroup == 0 && issued_any) ptx::named_barrier(kTurnBar1, 256);
     }
     if (tid == 0) ptx::tma_store_wait_all();
     if constexpr (kClusterSize > 1) ptx::cluster_sync();

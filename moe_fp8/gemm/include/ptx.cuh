@@ -59,11 +59,6 @@ __device__ __forceinline__ void named_barrier(u32 id, u32 count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// Arrive on hardware barrier `id` without waiting (the other `count` - arrivals sync on it).
-__device__ __forceinline__ void named_barrier_arrive(u32 id, u32 count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 // ------------------------------------------------------------------ mbarrier
 
 __device__ __forceinline__ void mbar_init(u64* bar, u32 arrivals) {
