@@ -3,7 +3,9 @@ the device copy ceiling, same process, medians with the L2 flushed (benchmarks/c
 
 GB/s counts every input byte read once and every output byte (fp8 values + fp32 scales)
 written once; masked shapes count only the rows below masked_m. "x floor" = time over the byte
-floor (bytes / copy ceiling). "us" is the variant the op dispatches; per-token and contiguous
+floor (bytes / copy ceiling); "% of same-size copy" = a device copy of the same bytes, timed the
+same way, over the kernel's time (the ceiling at decode sizes, where a copy is latency-bound
+too). "us" is the variant the op dispatches; per-token and contiguous
 SiLU rows also time every kernel variant ("stream", "oneshot" = v1's structure, hoisted division)
 on the same tensors, and "same" checks that all of them wrote identical bytes. The summary gives
 the launch floor (a 4-byte torch memset timed the same way) and the resident CTAs per SM of the
@@ -192,19 +194,23 @@ def quick_cases():
     yield case_silu(16384, 2048)
 
 
+def decode_cases():
+    yield case_per_token(128, 7168)
+    yield case_silu(128, 2048)
+    yield case_silu_masked(32, 256, 2048, 32)  # decode, 32 local experts (the issue's case)
+    yield case_silu_masked(32, 256, 2048, 8)  # lighter decode step
+    yield case_silu_masked(32, 256, 2048, 128)  # every expert about half full
+    yield case_silu_masked(256, 128, 2048, 4)  # 256 experts on one card, ~4 rows each
+
+
 def cases():
     yield from training_cases()
     yield case_per_token(16384, 7168)
     yield case_per_token(16384, 7168, torch.float32)
     yield case_per_token(4096, 7168)
-    yield case_per_token(128, 7168)  # decode
     yield case_silu(16384, 2048)
     yield case_silu(4096, 2048)
-    yield case_silu(128, 2048)  # decode
-    yield case_silu_masked(32, 256, 2048, 32)  # decode, 32 local experts (the issue's case)
-    yield case_silu_masked(32, 256, 2048, 8)  # lighter decode step
-    yield case_silu_masked(32, 256, 2048, 128)  # every expert about half full
-    yield case_silu_masked(256, 128, 2048, 4)  # 256 experts on one card, ~4 rows each
+    yield from decode_cases()
     yield case_per_block(8, 7168, 2048)
     yield case_per_block(1, 4096, 7168)
 
@@ -232,6 +238,14 @@ def launch_floor_us(repeats: int) -> float:
     return common.bench(lambda: tiny.zero_(), repeats=repeats)
 
 
+def same_size_copy_us(nbytes: int, repeats: int) -> float:
+    """A device-to-device copy moving the kernel's bytes (nbytes / 2 read, nbytes / 2 written),
+    timed like the kernels: the copy ceiling at this size (decode sizes are latency-bound)."""
+    src = torch.empty(max(nbytes // 2, 16), dtype=torch.int8, device="cuda").random_(-128, 127)
+    dst = torch.empty_like(src)
+    return common.bench(lambda: dst.copy_(src), repeats=repeats)
+
+
 def snapshot(outputs):
     return [t.view(torch.uint8).clone() if t.dtype == FP8 else t.clone() for t in outputs]
 
@@ -241,11 +255,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true",
                         help="training kernels + the M=16384 per-token and SiLU rows only")
+    parser.add_argument("--decode", action="store_true", help="the decode-size rows only")
     args = parser.parse_args()
     ceiling = common.copy_bandwidth_gbs()
     floor_us = launch_floor_us(args.repeats)
     rows = []
-    for name, shape, nbytes, fns, torch_fn, outputs in (quick_cases() if args.quick else cases()):
+    chosen = decode_cases() if args.decode else quick_cases() if args.quick else cases()
+    for name, shape, nbytes, fns, torch_fn, outputs in chosen:
         times, same = {}, True
         reference = None
         for label, fn in fns.items():
@@ -257,9 +273,11 @@ def main() -> None:
         torch_us = common.bench(torch_fn, repeats=max(args.repeats // 3, 5))
         kernel_us = times.pop("us")
         gbs = nbytes / (kernel_us * 1e-6) / 1e9
+        copy_us = same_size_copy_us(nbytes, args.repeats)
         row = {"kernel": name, "shape": shape, "MB": nbytes / 1e6, "us": kernel_us, "GB/s": gbs,
                "% of copy": 100 * gbs / ceiling,
-               "x floor": kernel_us / (nbytes / (ceiling * 1e9) * 1e6)}
+               "x floor": kernel_us / (nbytes / (ceiling * 1e9) * 1e6),
+               "same-size copy us": copy_us, "% of same-size copy": 100 * copy_us / kernel_us}
         row.update({label: times.get(label, "") for label in
                     (f"{v} us" for v in quant.kVariants)})
         row.update({"same": "yes" if same else "NO", "torch us": torch_us,
