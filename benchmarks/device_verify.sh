@@ -4,7 +4,7 @@
 #   cd .snap && MOE_FP8_COMMIT=<sha> TESTS_K="..." SAN_K="..." bash benchmarks/device_verify.sh
 # TESTS_K: pytest -k over the GEMM, layer and training GPU tests (empty: all of them);
 # SAN_K: pytest -k of test_gemm_gpu.py run under memcheck and racecheck (empty: skipped);
-# BENCHES: subset of "gemm grouped layer train quant" (default: all but quant, the decode rows). Logs: $OUT/verify.tgz.
+# GROUPED_CONFIGS: pinned configs beside the contiguous rows; BENCHES: subset of "gemm grouped layer train quant" (default: all but quant, the decode rows). Logs: $OUT/verify.tgz.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=/tmp/verify_raw; mkdir -p "$RAW" "$FINAL"
@@ -26,7 +26,8 @@ if [ -n "${SAN_K:-}" ]; then
 fi
 benches=" ${BENCHES:-gemm grouped layer train} "
 [[ "$benches" == *" gemm "* ]] && run bench-gemm 90 python3 benchmarks/bench_gemm.py --repeats 10
-[[ "$benches" == *" grouped "* ]] && run bench-grouped 90 python3 benchmarks/bench_grouped.py --only contiguous --repeats 10
+[[ "$benches" == *" grouped "* ]] && run bench-grouped 120 python3 benchmarks/bench_grouped.py --only contiguous \
+  --repeats 10 ${GROUPED_CONFIGS:+--contiguous-configs "$GROUPED_CONFIGS"}
 [[ "$benches" == *" layer "* ]] && run bench-layer 80 python3 benchmarks/bench_layer.py --quick --repeats 5
 [[ "$benches" == *" train "* ]] && run bench-train 80 python3 benchmarks/bench_train.py --quick --repeats 3
 [[ "$benches" == *" quant "* ]] && run bench-quant 60 python3 benchmarks/bench_quant.py --decode --repeats 20
