@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call after a default flips: the GPU tests it touches, compute-sanitizer on the named
-# tests, then the tables (bench_gemm, bench_grouped contiguous, bench_layer, bench_train).
+# One device call after a default flips: the GPU tests it touches, the tables (bench_gemm,
+# bench_grouped contiguous, bench_layer, bench_train, bench_quant --decode), then
+# compute-sanitizer on the named tests. Each step's table prints as it ends.
 #   cd .snap && MOE_FP8_COMMIT=<sha> TESTS_K="..." SAN_K="..." bash benchmarks/device_verify.sh
 # TESTS_K: pytest -k over the GEMM, layer and training GPU tests (empty: all of them);
 # SAN_K: pytest -k of test_gemm_gpu.py run under memcheck and racecheck (empty: skipped);
@@ -9,30 +10,29 @@ set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=/tmp/verify_raw; mkdir -p "$RAW" "$FINAL"
 PYTEST="python3 -m pytest -q -p no:cacheprovider -m gpu"
-run() {  # run NAME TIMEOUT_S CMD...
+run() {  # run NAME TIMEOUT_S CMD...: one status line, then a bench's table (so a cut call keeps it)
   local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout --kill-after=5 "$limit" "$@" > "$RAW/$name.log" 2>&1; local rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s $(grep -aE 'passed|failed|Error|SUMMARY' "$RAW/$name.log" | tail -n 1 | cut -c1-110)"
+  [[ "$name" == bench-* ]] && grep -aE "^\|" "$RAW/$name.log" | grep -v "^|--" | cut -c1-170 | tail -n 20
+  tar -czf "$FINAL/verify.tgz" -C "$RAW" .
 }
 k_args=(); [ -n "${TESTS_K:-}" ] && k_args=(-k "$TESTS_K")
 run tests 200 $PYTEST tests/test_gemm_gpu.py tests/test_layer_gpu.py tests/test_autograd.py \
   tests/test_layer_train.py "${k_args[@]}"
 grep -aE "^FAILED" "$RAW/tests.log" | head -n 10
+benches=" ${BENCHES:-gemm grouped layer train} "
+[[ "$benches" == *" layer "* ]] && run bench-layer 80 python3 benchmarks/bench_layer.py --quick --repeats 5
+[[ "$benches" == *" train "* ]] && run bench-train 80 python3 benchmarks/bench_train.py --quick --repeats 3
+[[ "$benches" == *" grouped "* ]] && run bench-grouped 120 python3 benchmarks/bench_grouped.py --only contiguous \
+  --repeats 10 ${GROUPED_CONFIGS:+--contiguous-configs "$GROUPED_CONFIGS"}
+[[ "$benches" == *" gemm "* ]] && run bench-gemm 90 python3 benchmarks/bench_gemm.py --repeats 10
+[[ "$benches" == *" quant "* ]] && run bench-quant 60 python3 benchmarks/bench_quant.py --decode --repeats 20
 if [ -n "${SAN_K:-}" ]; then
-  for tool in memcheck racecheck; do
+  for tool in ${SAN_TOOLS:-memcheck racecheck}; do
     run "san-$tool" 120 compute-sanitizer --tool "$tool" --kernel-name kns=moe_fp8 --print-limit 20 \
       $PYTEST tests/test_gemm_gpu.py -k "$SAN_K"
   done
 fi
-benches=" ${BENCHES:-gemm grouped layer train} "
-[[ "$benches" == *" gemm "* ]] && run bench-gemm 90 python3 benchmarks/bench_gemm.py --repeats 10
-[[ "$benches" == *" grouped "* ]] && run bench-grouped 120 python3 benchmarks/bench_grouped.py --only contiguous \
-  --repeats 10 ${GROUPED_CONFIGS:+--contiguous-configs "$GROUPED_CONFIGS"}
-[[ "$benches" == *" layer "* ]] && run bench-layer 80 python3 benchmarks/bench_layer.py --quick --repeats 5
-[[ "$benches" == *" train "* ]] && run bench-train 80 python3 benchmarks/bench_train.py --quick --repeats 3
-[[ "$benches" == *" quant "* ]] && run bench-quant 60 python3 benchmarks/bench_quant.py --decode --repeats 20
-for f in bench-gemm bench-grouped bench-layer bench-train bench-quant; do
-  [ -f "$RAW/$f.log" ] && { echo "== $f"; grep -aE "^\|" "$RAW/$f.log" | grep -v "^|--" | cut -c1-170 | tail -n 20; }
-done
 cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
 tar -czf "$FINAL/verify.tgz" -C "$RAW" .
