@@ -290,7 +290,7 @@ def test_contiguous_pinned(config):
 
 @pytest.mark.parametrize("counts,config", [
     ([300, 0, 128, 1, 0, 257], None), ([0, 0, 5], None), ([130, 0, 77], GemmConfig(64, 112)),
-    ([512] * 4, GemmConfig(128, 160))], ids=str)
+    ([512] * 4, GemmConfig(128, 160)), ([300, 0, 128, 1, 0, 257], GemmConfig(128, 256))], ids=str)
 def test_contiguous_offsets_form(counts, config):
     # The offsets form computes every row of each aligned segment (the padding rows too) and
     # nothing past offsets[E]; on the segments' real rows it equals the m_indices form bit for bit.
