@@ -5,6 +5,7 @@
 #   cd .snap && MOE_FP8_COMMIT=<sha> TESTS_K="..." SAN_K="..." bash benchmarks/device_verify.sh
 # TESTS_K: pytest -k over the GEMM, layer and training GPU tests (empty: all of them);
 # SAN_K: pytest -k of test_gemm_gpu.py run under memcheck and racecheck (empty: skipped);
+# TRAIN_SWITCH: bench_train with that environment switch 0, then 1;
 # GROUPED_CONFIGS: pinned configs beside the contiguous rows; BENCHES: subset of "gemm grouped layer train quant" (default: all but quant, the decode rows). Logs: $OUT/verify.tgz.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
@@ -24,6 +25,12 @@ grep -aE "^FAILED" "$RAW/tests.log" | head -n 10
 benches=" ${BENCHES:-gemm grouped layer train} "
 [[ "$benches" == *" layer "* ]] && run bench-layer 80 python3 benchmarks/bench_layer.py --quick --repeats 5
 [[ "$benches" == *" train "* ]] && run bench-train 80 python3 benchmarks/bench_train.py --quick --repeats 3
+if [ -n "${TRAIN_SWITCH:-}" ]; then  # bench_train with an environment switch 0, then 1
+  for v in 0 1; do
+    run "bench-train-$v" 70 env "$TRAIN_SWITCH=$v" python3 benchmarks/bench_train.py --quick \
+      --repeats 3 --no-profile
+  done
+fi
 [[ "$benches" == *" grouped "* ]] && run bench-grouped 120 python3 benchmarks/bench_grouped.py --only contiguous \
   --repeats 10 ${GROUPED_CONFIGS:+--contiguous-configs "$GROUPED_CONFIGS"}
 [[ "$benches" == *" gemm "* ]] && run bench-gemm 90 python3 benchmarks/bench_gemm.py --repeats 10

@@ -12,7 +12,7 @@ import moe_fp8.gemm as G
 from moe_fp8.gemm.layout import build_m_indices
 from moe_fp8.layers.autograd import (Fp8WeightCache, expert_offsets, experts_forward_fp8,
                                      experts_forward_torch, fused_train_enabled, kFusedTrainEnv,
-                                     kWgradOverwriteEnv)
+                                     kWgradOverwriteEnv, kZeroPadEnv)
 
 kGradToForward = 2.0  # gradient error budget, in units of the forward's error
 
@@ -422,3 +422,31 @@ def test_wgrad_overwrite_switch_gives_the_same_gradients(monkeypatch, device):
     for e in range(w13.shape[0]):
         if int((m_indices == e).sum()) == 0:
             assert bool((grads["1"][0][e] == 0).all()) and bool((grads["1"][1][e] == 0).all())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_zero_pad_switch_gives_the_same_step(monkeypatch, device):
+    """MOE_FP8_ZERO_PAD_GEMM=1 (the grouped GEMMs write their padding rows as zeros into
+    torch.empty) against the default (torch.zeros, padding rows skipped): the same output and
+    gradients bit for bit; the output's and dx's padding rows exactly zero."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if device == "cuda":
+        x, m_indices, w13, w2, dy = _gpu_problem([300, 0, 129, 700, 0], 1024, 512, seed=6)
+    else:
+        x, m_indices, w13, w2, dy = make_problem([0, 40, 0, 200, 1], 128, 128, torch.Generator().manual_seed(6))
+    x = x.detach().clone()
+    x[m_indices < 0] = 7.0  # padding rows of the input hold garbage, not zeros
+    x.requires_grad_(True)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(kZeroPadEnv, flag)
+        for t in (x, w13, w2):
+            t.grad = None
+        y = experts_forward_fp8(x, m_indices, w13, w2, Fp8WeightCache())
+        y.backward(dy)
+        results[flag] = (y.detach().clone(), x.grad.clone(), w13.grad.clone(), w2.grad.clone())
+    for got, want in zip(results["1"], results["0"]):
+        assert torch.equal(got, want)
+    padding = m_indices < 0
+    assert bool((results["1"][0][padding] == 0).all()) and bool((results["1"][1][padding] == 0).all())

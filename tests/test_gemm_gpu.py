@@ -268,6 +268,40 @@ def _contiguous_case(counts, n, k, seed, config=None):
     _check(out[valid], want[valid], reference[valid], f"contiguous {counts[:4]}.. n={n} k={k}")
 
 
+@pytest.mark.parametrize("config", [None, GemmConfig(128, 128), GemmConfig(128, 256),
+                                    GemmConfig(64, 112), GemmConfig(128, 128, cluster_n=2)],
+                         ids=str)
+def test_contiguous_zero_padding(config):
+    """zero_padding=True: every row is written — the valid rows as without it (bit for bit),
+    padding rows inside a segment, a trailing all-padding segment and empty experts as zeros —
+    so the output may come from torch.empty (poisoned here); the padding rows of A hold garbage."""
+    counts = [0, 130, 5, 0, 257, 64, 1]
+    n, k = 2 * 5 * 128, 1536
+    gen = _cuda_gen(11)
+    m_indices = build_m_indices(counts, device="cuda")
+    m_indices = torch.cat([m_indices, torch.full((128,), -1, dtype=torch.int32, device="cuda")])
+    m_sum = m_indices.shape[0]
+    x, w = _rows((m_sum, k), gen), _weights((len(counts), n, k), gen)  # padding rows: not zero
+    a, b = _quant_act(x), _quant_weight(w)
+    skipped = _poisoned((m_sum, n))
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=skipped, backend="kernel", config=config)
+    out = _poisoned((m_sum, n))
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend="kernel", config=config,
+                                       zero_padding=True)
+    torch.cuda.synchronize()
+    valid = m_indices >= 0
+    assert (out[~valid] == 0).all() and not torch.signbit(out[~valid]).any(), "padding rows not +0"
+    assert torch.equal(out[valid], skipped[valid]), "valid rows differ from the skipping form"
+    reference = G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, backend="reference",
+                                                   zero_padding=True)
+    assert (reference[~valid] == 0).all()
+    want = torch.zeros(m_sum, n, device="cuda")
+    for e in range(len(counts)):
+        rows = m_indices == e
+        want[rows] = x[rows].float() @ w[e].float().t()
+    _check(out[valid], want[valid], reference[valid], f"contiguous zero padding {config}")
+
+
 @pytest.mark.parametrize("g,m,n,k", GROUPED_CONTIGUOUS_TARGET_SHAPES)
 def test_contiguous_targets(g, m, n, k):
     _contiguous_case([m] * g, n, k, seed=g + n)

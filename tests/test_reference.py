@@ -155,6 +155,22 @@ def test_grouped_contiguous(gen):
             assert G.calc_diff(out[rows], x[rows].float() @ w[e].float().t()) < 1e-3
 
 
+def test_grouped_contiguous_zero_padding(gen):
+    """zero_padding=True: the padding rows of a NaN-poisoned out become zeros, the rest as
+    without it."""
+    counts = UNEVEN_EXPERT_COUNTS
+    m_indices = layout.build_m_indices(counts)
+    x = randn(m_indices.numel(), 256, gen=gen)
+    w = randn(len(counts), 144, 256, gen=gen, scale=0.1)
+    a, b = G.per_token_group_quant_fp8(x), G.per_block_quant_fp8(w)
+    skipped = G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices)
+    out = torch.full((m_indices.numel(), 144), float("nan"), dtype=torch.bfloat16)
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, zero_padding=True)
+    valid = m_indices >= 0
+    assert (out[~valid] == 0).all()
+    assert torch.equal(out[valid], skipped[valid])
+
+
 def test_grouped_masked(gen):
     num_experts, m_max, n, k = 4, 37, 160, 384  # M_max deliberately not a multiple of 64
     masked_m = torch.tensor([0, 37, 1, 20], dtype=torch.int32)

@@ -3,8 +3,9 @@ of a persistent grid walks its tiles as on the GPU, and the test checks what a h
 result on the device would come from —
 
 * coverage: every output tile that must be computed is computed exactly once, nothing else
-  (dense; contiguous with m_indices and with offsets, padding skipped; masked, empty experts
-  skipped; k-grouped, experts without tokens skipped);
+  (dense; contiguous with m_indices and with offsets, padding skipped, or with zero padding every
+  row block, the all-padding ones with no K block; masked, empty experts skipped; k-grouped,
+  experts without tokens skipped);
 * multicast pairs: the two CTAs of a 2-CTA cluster see the same number of tiles, in lockstep,
   sharing B (cluster_m: vertically adjacent row blocks) or A (cluster_n: horizontally adjacent
   column blocks of the same rows and expert) — a pair that diverged would deadlock on the
@@ -29,6 +30,8 @@ kInstances = [
     ("contig_n2_128x32", 1, 1024, 384, 128, 32, 16, 1, 2),
     ("contig_128x128", 1, 1024, 384, 128, 128, 16, 1, 1),
     ("offsets_n2_64x64", 4, 1024, 384, 64, 64, 16, 1, 2),
+    ("zeropad_128x256", 5, 1024, 384, 128, 256, 16, 1, 1),
+    ("zeropad_n2_64x64", 5, 1024, 384, 64, 64, 16, 1, 2),
     ("masked_n2_64x64", 2, 1024, 1024, 64, 64, 16, 1, 2),
     ("masked_64x128", 2, 1024, 1024, 64, 128, 16, 1, 1),
     ("masked_n2_128x128", 2, 2048, 256, 128, 128, 4, 1, 2),
@@ -119,10 +122,10 @@ def _problem(layout, rng):
     """(m, num_experts, the layout array: m_indices / offsets / masked_m / token offsets)."""
     if layout == 0:
         return rng.choice((1, 63, 64, 65, 200, 333, 1000)), 1, []
-    if layout in (1, 4):
+    if layout in (1, 4, 5):
         counts = [rng.choice((0, 0, 1, 5, 127, 128, 129, 300)) for _ in range(rng.randint(1, 9))]
         segments = [_ceil(c, 128) * 128 for c in counts]
-        if layout == 1:
+        if layout in (1, 5):
             m_indices = []
             for e, (c, s) in enumerate(zip(counts, segments)):
                 m_indices += [e] * c + [-1] * (s - c)
@@ -157,6 +160,10 @@ def _expected(layout, n, bm, bn, m, experts, values):
             e = values[mb * bm]
             if 0 <= e < experts:
                 want |= {(e, mb * bm, nb * bn) for nb in range(n_blocks)}
+    elif layout == 5:  # every row block; an all-padding one under expert 0's coordinates
+        for mb in range(_ceil(m, bm)):
+            e = values[mb * bm]
+            want |= {(e if 0 <= e < experts else 0, mb * bm, nb * bn) for nb in range(n_blocks)}
     elif layout == 4:
         for mb in range(_ceil(m, bm)):
             row = mb * bm
@@ -195,6 +202,10 @@ def test_scheduler_covers_each_tile_once_and_pairs_stay_in_lockstep(lib, instanc
         got = [_tile_key(layout, t, n) for t in real]
         assert len(got) == len(set(got)), f"{what}: a tile computed twice"
         assert set(got) == _expected(layout, n, bm, bn, m, experts, values), f"{what}: coverage"
+        if layout == 5:  # zero padding: all-padding row blocks run with no K block, others with all
+            for t in real:
+                padding = not 0 <= values[t["m_row"]] < experts
+                assert t["num_k_blocks"] == (0 if padding else k // 128), f"{what}: {t}"
         if layout == 2:  # masked: the rows a tile may write stay inside its expert's masked_m
             for t in real:
                 e = t["b_row"] // n

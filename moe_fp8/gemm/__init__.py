@@ -285,13 +285,15 @@ def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, out: Optional[torch.Tensor] = None, *,
 
 def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Tensor,
                                      out: Optional[torch.Tensor] = None, *,
-                                     backend: str = "auto", config=None) -> torch.Tensor:
+                                     backend: str = "auto", config=None,
+                                     zero_padding: bool = False) -> torch.Tensor:
     """Grouped GEMM over the contiguous layout (prefill, training).
 
     ``a = (fp8 [M_sum, K], fp32 [M_sum, K/128])``, ``b = (fp8 [E, N, K], fp32 [E, ceil(N/128), K/128])``,
     ``m_indices`` int32 ``[M_sum]``: the expert of every row, -1 for padding; every 128-row block
     belongs to one expert (M_sum % 128 == 0). ``out[r] = a[r] . b[m_indices[r]]^T`` bf16
-    ``[M_sum, N]``; padding rows are not written.
+    ``[M_sum, N]``; padding rows are not written, or with ``zero_padding`` written as zeros (then
+    every row is written and ``out`` may come from ``torch.empty``).
     """
     qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 3)
     check.multiple_of("M_sum (a[0].shape[0])", qa.shape[0], kScaleBlock)
@@ -302,7 +304,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Te
     if qa.shape[0] == 0:
         return out
     run("m_grouped_contiguous", qa, sa, qb, sb, m_indices, out, check_backend(backend),
-        config=config)
+        bool(zero_padding), config=config)
     return out
 
 

@@ -212,12 +212,14 @@ def m_grouped_contiguous_offsets(qa: torch.Tensor, sa: torch.Tensor, qb: torch.T
 
 
 def m_grouped_contiguous(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
-                         m_indices: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+                         m_indices: torch.Tensor, out: torch.Tensor, backend: str,
+                         zero_padding: bool = False) -> None:
     kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_contiguous")
     if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, sb, m_indices, out, config=_pinned_config.get())
+        kernel(qa, to_mn_major(sa), qb, sb, m_indices, out, config=_pinned_config.get(),
+               zero_padding=zero_padding)
     else:
-        ref.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out)
+        ref.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, zero_padding=zero_padding)
 
 
 def m_grouped_masked(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,

@@ -178,8 +178,12 @@ def fp8_gemm_nt(a, sa, b, sb, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def m_grouped_contiguous(a, sa, b, sb, m_indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Rows of expert e (``m_indices == e``) times ``b[e]``; padding rows (-1) are not written."""
+def m_grouped_contiguous(a, sa, b, sb, m_indices: torch.Tensor, out: torch.Tensor, *,
+                         zero_padding: bool = False) -> torch.Tensor:
+    """Rows of expert e (``m_indices == e``) times ``b[e]``; padding rows (-1) are not written,
+    or with ``zero_padding`` set to zero."""
+    if zero_padding:
+        out.masked_fill_((m_indices < 0).unsqueeze(1), 0)
     for e in torch.unique(m_indices).tolist():
         if e < 0:
             continue

@@ -63,7 +63,8 @@ struct Epilogue {
   }
 
   // All 128 threads of the warpgroup: rows [0, rows) of s_d to g_d[row0 + r, n0 + ...], except
-  // rows whose g_row_expert entry (contiguous layout's m_indices; may be null) is negative.
+  // rows whose g_row_expert entry (m_indices; may be null) is negative: skipped, or with
+  // kLayoutContiguousZeroPad written as zeros.
   __device__ __forceinline__ static void predicated_store(const char* s_d, unsigned short* g_d,
                                                           const int* g_row_expert, int n0,
                                                           long row0, int rows, int tid) {
@@ -72,8 +73,11 @@ struct Epilogue {
       const int row = p / kPieces;
       const int piece = p - row * kPieces;
       if (n0 + piece * 8 >= kN) continue;
-      if (g_row_expert != nullptr && __ldg(g_row_expert + row0 + row) < 0) continue;
-      const uint4 v = *reinterpret_cast<const uint4*>(s_d + swizzled(piece >> 1, row, piece & 1));
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (g_row_expert == nullptr || __ldg(g_row_expert + row0 + row) >= 0)
+        v = *reinterpret_cast<const uint4*>(s_d + swizzled(piece >> 1, row, piece & 1));
+      else if constexpr (kLayout != kLayoutContiguousZeroPad)
+        continue;
       *reinterpret_cast<uint4*>(g_d + (row0 + row) * kN + n0 + piece * 8) = v;
     }
   }
@@ -98,12 +102,12 @@ struct Epilogue {
     // takes the per-row predicated path so those rows are never written.
     bool whole = true;
     if constexpr (kLayout == kLayoutMasked) whole = rows >= 64;
-    if constexpr (kLayout == kLayoutContiguous) whole = __ldg(params.g_layout + row0 + 63) >= 0;
+    if constexpr (is_m_indices_layout(kLayout)) whole = __ldg(params.g_layout + row0 + 63) >= 0;
     if (whole) {
       if (tid == 0) tma_store(tma_d, s_d, tile.n0, row0);
     } else {
       predicated_store(reinterpret_cast<const char*>(s_d), static_cast<unsigned short*>(params.g_d),
-                       kLayout == kLayoutContiguous ? params.g_layout : nullptr, tile.n0, row0,
+                       is_m_indices_layout(kLayout) ? params.g_layout : nullptr, tile.n0, row0,
                        min(rows, 64), tid);
     }
   }

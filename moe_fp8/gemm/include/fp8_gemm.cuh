@@ -39,7 +39,8 @@ struct NtPolicy {
   static_assert(kARowChunk == 0 || kLayout == kLayoutMasked, "A chunks: masked layout only");
   static constexpr int kTileKBlocks = kK / 128;
   static constexpr bool kColumnScales = false;
-  static constexpr bool kEmptyTiles = false;
+  // zero padding: all-padding tiles run with no K block and store zeros
+  static constexpr bool kEmptyTiles = kLayout == kLayoutContiguousZeroPad;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN>;

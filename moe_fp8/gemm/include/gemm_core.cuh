@@ -18,7 +18,8 @@
 //                               (k-grouped, both operands 1x128 along tokens), a TMA per stage
 //   kDoubleBuffer               queue K block kb+1 on the tensor cores before promoting kb
 //                               (0: never, 1: always, 2: every other K block)
-//   kEmptyTiles                 tiles may have no K block (k-grouped, overwriting D): the
+//   kEmptyTiles                 tiles may have no K block (k-grouped overwriting D; contiguous
+//                               with zero padding, an all-padding tile): the
 //                               lookahead then queues nothing and the epilogue writes zeros
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
@@ -114,6 +115,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                     kARowChunk % 8 == 0),
                 "A chunks: whole 1024-byte swizzle atoms (8 rows), no cluster");
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
+  // Every tile runs kTileKBlocks K blocks, or (kEmptyTiles: some have none) its own count.
+  constexpr bool kFixedK = kTileKBlocks > 0 && !P::kEmptyTiles;
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
   using Regs = RegisterSplit<kHalves == 2>;
@@ -176,7 +179,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       int stage = 0;
       u32 phase = 0;
       while (scheduler.next(tile)) {
-        const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
+        const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         // A chunks holding valid rows (kARowChunk > 0; masked tiles have rows_valid >= 1)
         constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
         const int a_chunks = kARowChunk == 0 ? 1 :
@@ -383,7 +386,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       }
     }
     while (have_tile) {
-      const int num_kb = kTileKBlocks ? kTileKBlocks : tile.num_k_blocks;
+      const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
 #pragma unroll
       for (int i = 0; i < kAcc; ++i) r_acc[i] = 0.f;
       if constexpr (kDoubleBuffer) {

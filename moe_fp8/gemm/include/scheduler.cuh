@@ -6,6 +6,8 @@
 //
 //   dense       A [M, K],         B [N, K],       D [M, N]
 //   contiguous  A [M_sum, K],     B [E*N, K],     D [M_sum, N]    m_indices [M_sum] (-1: padding)
+//   contiguous, zero padding: the same; padding rows are written as zeros (so D may start
+//               uninitialised): an all-padding tile runs with no K block (no loads, no MMA)
 //   contiguous, offsets form: the same, with offsets [E+1] (expert e owns rows [offsets[e],
 //               offsets[e+1]), every entry a multiple of 128; rows >= offsets[E] are padding)
 //   masked      A [E*M_max, K],   B [E*N, K],     D [E*M_max, N]  masked_m [E]
@@ -35,8 +37,13 @@ namespace moe_fp8 {
 
 enum GemmLayout : int {
   kLayoutDense = 0, kLayoutContiguous = 1, kLayoutMasked = 2, kLayoutKGrouped = 3,
-  kLayoutContiguousOffsets = 4
+  kLayoutContiguousOffsets = 4, kLayoutContiguousZeroPad = 5
 };
+
+// The m_indices forms of the contiguous layout: padding rows skipped, or written as zeros.
+__host__ __device__ constexpr bool is_m_indices_layout(int layout) {
+  return layout == kLayoutContiguous || layout == kLayoutContiguousZeroPad;
+}
 
 // Runtime arguments shared by the producer and the math warpgroups (by value, in param space).
 struct GemmParams {
@@ -198,11 +205,16 @@ struct TileScheduler {
       const int mb = pmb * kClusterM + rank_m;
       const int nb = nu * kClusterN + rank_n;
       int e = 0;
-      if constexpr (kLayout == kLayoutContiguous) {
+      if constexpr (is_m_indices_layout(kLayout)) {
         // m_indices is constant within every 128-row segment (kBlockM divides 128): one read
-        // classifies the whole tile; padding tiles issue no loads, no MMA and no stores.
+        // classifies the whole tile; padding tiles issue no loads, no MMA and (skipping) no
+        // stores, or (zero padding) store their zeros.
         e = __ldg(params.g_layout + mb * kBlockM);
-        if (e < 0 || e >= params.num_experts) return TileStatus::kSkip;
+        if (e < 0 || e >= params.num_experts) {
+          if constexpr (kLayout == kLayoutContiguous) return TileStatus::kSkip;
+          t.num_k_blocks = 0;
+          e = 0;  // any expert's coordinates: nothing is loaded
+        }
       } else if constexpr (kLayout == kLayoutContiguousOffsets) {
         e = expert_of_row(mb * kBlockM);
         if (e < 0) return TileStatus::kSkip;

@@ -28,6 +28,7 @@ from ..jit import driver
 kHeader = "fp8_gemm.cuh"
 kSplitKHeader = "split_k.cuh"
 kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1, 2, 4
+kLayoutContiguousZeroPad = 5  # the m_indices form, padding rows written as zeros
 
 
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
@@ -256,10 +257,13 @@ def _contiguous(layout: int, a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
 
 def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                          m_indices: torch.Tensor, out: torch.Tensor,
-                         config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+                         config: Optional[H.GemmConfig] = None,
+                         zero_padding: bool = False) -> torch.Tensor:
     """``out[r] = a[r] . b[m_indices[r]]^T`` for rows with ``m_indices[r] >= 0``; padding rows
-    (-1, whole 128-row segments) are neither computed nor written."""
-    return _contiguous(kLayoutContiguous, a, sa, b, sb, m_indices, out, config)
+    (-1) are neither computed nor written, or with ``zero_padding`` written as zeros (every row of
+    ``out`` is written: it may come from ``torch.empty``)."""
+    layout = kLayoutContiguousZeroPad if zero_padding else kLayoutContiguous
+    return _contiguous(layout, a, sa, b, sb, m_indices, out, config)
 
 
 def m_grouped_contiguous_offsets(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
@@ -313,7 +317,7 @@ def bundled_sources() -> List["jit.KernelSource"]:
             sources.append(reduce_source(config.split_k))
     for n, k in kGroupedNK:
         for m_sum in (4096, 32768):
-            for layout in (kLayoutContiguous, kLayoutContiguousOffsets):
+            for layout in (kLayoutContiguous, kLayoutContiguousOffsets, kLayoutContiguousZeroPad):
                 sources.append(kernel_source(n, k, H.contiguous_config(m_sum, n, k, kH100Sms),
                                              layout))
         for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
