@@ -435,8 +435,13 @@ def test_zero_pad_switch_gives_the_same_step(monkeypatch, device):
         x, m_indices, w13, w2, dy = _gpu_problem([300, 0, 129, 700, 0], 1024, 512, seed=6)
     else:
         x, m_indices, w13, w2, dy = make_problem([0, 40, 0, 200, 1], 128, 128, torch.Generator().manual_seed(6))
-    x = x.detach().clone()
-    x[m_indices < 0] = 7.0  # padding rows of the input hold garbage, not zeros
+    # two trailing all-padding row blocks (tiles with no K block); padding rows of x and dY hold
+    # garbage, not zeros
+    tail = 256
+    m_indices = torch.cat([m_indices, m_indices.new_full((tail,), -1)])
+    x = torch.cat([x.detach(), x.new_full((tail, x.shape[1]), 7.0)])
+    dy = torch.cat([dy, dy.new_full((tail, dy.shape[1]), 3.0)])
+    x[m_indices < 0] = 7.0
     x.requires_grad_(True)
     results = {}
     for flag in ("0", "1"):

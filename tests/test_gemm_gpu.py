@@ -269,7 +269,10 @@ def _contiguous_case(counts, n, k, seed, config=None):
 
 
 @pytest.mark.parametrize("config", [None, GemmConfig(128, 128), GemmConfig(128, 256),
-                                    GemmConfig(64, 112), GemmConfig(128, 128, cluster_n=2)],
+                                    GemmConfig(64, 112), GemmConfig(128, 128, cluster_n=2),
+                                    GemmConfig(128, 128, num_sms=4), GemmConfig(128, 256, num_sms=4),
+                                    GemmConfig(128, 128, cluster_n=2, num_sms=4),
+                                    GemmConfig(128, 64, double_buffer=False, num_sms=3)],
                          ids=str)
 def test_contiguous_zero_padding(config):
     """zero_padding=True: every row is written — the valid rows as without it (bit for bit),
@@ -279,7 +282,9 @@ def test_contiguous_zero_padding(config):
     n, k = 2 * 5 * 128, 1536
     gen = _cuda_gen(11)
     m_indices = build_m_indices(counts, device="cuda")
-    m_indices = torch.cat([m_indices, torch.full((128,), -1, dtype=torch.int32, device="cuda")])
+    # trailing all-padding row blocks (as contiguous_index's upper-bound layout leaves); with
+    # num_sms = 3-4 every CTA walks many tiles: empty -> full -> empty, the ring wrapping
+    m_indices = torch.cat([m_indices, torch.full((384,), -1, dtype=torch.int32, device="cuda")])
     m_sum = m_indices.shape[0]
     x, w = _rows((m_sum, k), gen), _weights((len(counts), n, k), gen)  # padding rows: not zero
     a, b = _quant_act(x), _quant_weight(w)

@@ -129,7 +129,7 @@ def _problem(layout, rng):
             m_indices = []
             for e, (c, s) in enumerate(zip(counts, segments)):
                 m_indices += [e] * c + [-1] * (s - c)
-            m_indices += [-1] * 128 * rng.randint(0, 1)  # trailing padding segment
+            m_indices += [-1] * 128 * rng.randint(0, 3)  # trailing all-padding row blocks
             return len(m_indices), len(counts), m_indices
         offsets = [0]
         for s in segments:

@@ -103,6 +103,8 @@ struct Epilogue {
     bool whole = true;
     if constexpr (kLayout == kLayoutMasked) whole = rows >= 64;
     if constexpr (is_m_indices_layout(kLayout)) whole = __ldg(params.g_layout + row0 + 63) >= 0;
+    // zero padding: an all-padding tile (no K block) holds zeros throughout and leaves by TMA
+    if constexpr (kLayout == kLayoutContiguousZeroPad) whole = whole || tile.num_k_blocks == 0;
     if (whole) {
       if (tid == 0) tma_store(tma_d, s_d, tile.n0, row0);
     } else {

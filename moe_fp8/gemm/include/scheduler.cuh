@@ -90,6 +90,8 @@ enum class TileStatus { kDone, kSkip, kReady };
 
 // kEmptyTiles (k-grouped only): an expert without tokens still yields its tiles, with
 // num_k_blocks = 0, so that an overwriting epilogue writes its zeros (else they are skipped).
+// The contiguous layout's zero-padding form does the same for all-padding row blocks, driven by
+// the layout value (kLayoutContiguousZeroPad) rather than this parameter.
 template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
           int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false>
 struct TileScheduler {
