@@ -399,17 +399,22 @@ def test_gpu_fused_and_composed_backward_agree(monkeypatch):
         assert G.calc_diff(got, want) < 1e-7, name
 
 
+def _switch_problem(device: str, cpu_counts, seed: int):
+    """A small problem for a switch's A/B: ``cpu_counts`` on the CPU (reference ops), a larger
+    uneven one with empty experts on the GPU (the kernels)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if device == "cuda":
+        return _gpu_problem([300, 0, 129, 700, 0], 1024, 512, seed=seed)
+    return make_problem(cpu_counts, 128, 128, torch.Generator().manual_seed(seed))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_wgrad_overwrite_switch_gives_the_same_gradients(monkeypatch, device):
     """MOE_FP8_WGRAD_OVERWRITE=1 (weight gradients stored by the k-grouped GEMM into torch.empty,
     zeros for empty experts) against the default (accumulated into torch.zeros): the same values
     (0 + x = x), empty experts exactly zero."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    if device == "cuda":
-        x, m_indices, w13, w2, dy = _gpu_problem([300, 0, 129, 700, 0], 1024, 512, seed=5)
-    else:
-        x, m_indices, w13, w2, dy = make_problem([0, 40, 0, 200, 0], 128, 128, torch.Generator().manual_seed(5))
+    x, m_indices, w13, w2, dy = _switch_problem(device, [0, 40, 0, 200, 0], seed=5)
     grads = {}
     for flag in ("0", "1"):
         monkeypatch.setenv(kWgradOverwriteEnv, flag)
@@ -429,12 +434,7 @@ def test_zero_pad_switch_gives_the_same_step(monkeypatch, device):
     """MOE_FP8_ZERO_PAD_GEMM=1 (the grouped GEMMs write their padding rows as zeros into
     torch.empty) against the default (torch.zeros, padding rows skipped): the same output and
     gradients bit for bit; the output's and dx's padding rows exactly zero."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    if device == "cuda":
-        x, m_indices, w13, w2, dy = _gpu_problem([300, 0, 129, 700, 0], 1024, 512, seed=6)
-    else:
-        x, m_indices, w13, w2, dy = make_problem([0, 40, 0, 200, 1], 128, 128, torch.Generator().manual_seed(6))
+    x, m_indices, w13, w2, dy = _switch_problem(device, [0, 40, 0, 200, 1], seed=6)
     # two trailing all-padding row blocks (tiles with no K block); padding rows of x and dY hold
     # garbage, not zeros
     tail = 256
