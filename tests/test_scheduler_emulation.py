@@ -58,7 +58,7 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 kEntry = r'''
 extern "C" int walk_@NAME@(int m, int num_experts, const int* layout, int grid, int* out, int cap) {
   using namespace moe_fp8;
-  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, @CN@, @SK@>;
+  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, @CN@, @SK@, @ET@>;
   const GemmParams params{m, num_experts, layout, nullptr, nullptr};
   int count = 0;
   gridDim.x = grid;
@@ -90,8 +90,10 @@ def lib(tmp_path_factory):
     instances += [(name, 0, n, k, bm, bn, 16, 1, 1, sk) for name, n, k, bm, bn, sk in kSplitInstances]
     for name, layout, n, k, bm, bn, gn, cm, cn, sk in instances:
         entry = kEntry
+        empty_tiles = "true" if layout == 5 else "false"  # as NtPolicy: zero padding yields them
         for key, value in (("NAME", name), ("LAYOUT", layout), ("N", n), ("K", k), ("BM", bm),
-                           ("BN", bn), ("GN", gn), ("CM", cm), ("CN", cn), ("SK", sk)):
+                           ("BN", bn), ("GN", gn), ("CM", cm), ("CN", cn), ("SK", sk),
+                           ("ET", empty_tiles)):
             entry = entry.replace(f"@{key}@", str(value))
         source += entry
     build = tmp_path_factory.mktemp("scheduler")

@@ -264,23 +264,20 @@ class _Fp8Math:
     def grouped(self, a, name: str, m_indices: torch.Tensor) -> torch.Tensor:
         """``a [M_sum, K]`` operand . weight[e]^T -> bf16 ``[M_sum, N]``; padding rows are 0."""
         b = self.weight(name)
-        shape = (m_indices.shape[0], b[0].shape[1])
-        if switch_on(kZeroPadEnv, kZeroPadDefault):  # the GEMM writes the padding rows' zeros
-            out = torch.empty(shape, dtype=torch.bfloat16, device=b[0].device)
-            return G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, zero_padding=True)
-        out = torch.zeros(shape, dtype=torch.bfloat16, device=b[0].device)
-        return G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out)
+        zero_padding = switch_on(kZeroPadEnv, kZeroPadDefault)  # the GEMM writes their zeros
+        out = (torch.empty if zero_padding else torch.zeros)(
+            m_indices.shape[0], b[0].shape[1], dtype=torch.bfloat16, device=b[0].device)
+        return G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out,
+                                                  zero_padding=zero_padding)
 
     def wgrad(self, a_t, b_t, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
         """``out[e] = a[seg_e]^T . b[seg_e]``: fp32 ``[E, N, K]`` from the along-token operands
         ``a_t = cols(a [T, N])`` and ``b_t = cols(b [T, K])`` (padding rows already zero)."""
-        shape = (num_experts, a_t[0].shape[0], b_t[0].shape[0])
-        if switch_on(kWgradOverwriteEnv, kWgradOverwriteDefault):
-            # every expert's block is written (zeros where it has no tokens): no zeroing pass
-            out = torch.empty(shape, dtype=torch.float32, device=a_t[0].device)
-            return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out, accumulate=False)
-        out = torch.zeros(shape, dtype=torch.float32, device=a_t[0].device)
-        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out)
+        # overwrite: every expert's block is written (zeros where it has no tokens), no zeroing
+        overwrite = switch_on(kWgradOverwriteEnv, kWgradOverwriteDefault)
+        out = (torch.empty if overwrite else torch.zeros)(
+            num_experts, a_t[0].shape[0], b_t[0].shape[0], dtype=torch.float32, device=a_t[0].device)
+        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out, accumulate=not overwrite)
 
 
 class _Fp8ComposedMath(_Fp8Math):

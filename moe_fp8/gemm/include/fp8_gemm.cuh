@@ -43,7 +43,7 @@ struct NtPolicy {
   static constexpr bool kEmptyTiles = kLayout == kLayoutContiguousZeroPad;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
-                                  kClusterN>;
+                                  kClusterN, 1, kEmptyTiles>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;
 };
 

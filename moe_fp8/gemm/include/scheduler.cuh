@@ -88,10 +88,9 @@ __device__ __forceinline__ void raster(int idx, int num_m, int& mb, int& nb) {
 
 enum class TileStatus { kDone, kSkip, kReady };
 
-// kEmptyTiles (k-grouped only): an expert without tokens still yields its tiles, with
-// num_k_blocks = 0, so that an overwriting epilogue writes its zeros (else they are skipped).
-// The contiguous layout's zero-padding form does the same for all-padding row blocks, driven by
-// the layout value (kLayoutContiguousZeroPad) rather than this parameter.
+// kEmptyTiles: work without K blocks still yields its tiles, with num_k_blocks = 0, so that the
+// epilogue writes their zeros (else they are skipped): an expert without tokens (k-grouped,
+// overwriting D), an all-padding row block (kLayoutContiguousZeroPad).
 template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
           int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false>
 struct TileScheduler {
@@ -104,7 +103,8 @@ struct TileScheduler {
   static constexpr int kNumNUnits = kNumNBlocks / kClusterN;  // column blocks, or pairs of them
   static constexpr int kGroupNUnits = kGroupN / kClusterN > 0 ? kGroupN / kClusterN : 1;
   static constexpr int kNumKBlocks = kK / 128;  // 0 for k-grouped (per expert, at run time)
-  static_assert(!kEmptyTiles || kLayout == kLayoutKGrouped, "empty tiles: k-grouped only");
+  static_assert(kEmptyTiles == (kLayout == kLayoutContiguousZeroPad) || kLayout == kLayoutKGrouped,
+                "empty tiles: k-grouped (either way) or the zero-padding layout (always)");
   static_assert(kSplitK == 1 || (kLayout == kLayoutDense && kClusterM * kClusterN == 1 &&
                                   kNumKBlocks % kSplitK == 0),
                 "split K: dense layout, no cluster, K blocks divisible by the splits");
@@ -213,7 +213,7 @@ struct TileScheduler {
         // stores, or (zero padding) store their zeros.
         e = __ldg(params.g_layout + mb * kBlockM);
         if (e < 0 || e >= params.num_experts) {
-          if constexpr (kLayout == kLayoutContiguous) return TileStatus::kSkip;
+          if constexpr (!kEmptyTiles) return TileStatus::kSkip;
           t.num_k_blocks = 0;
           e = 0;  // any expert's coordinates: nothing is loaded
         }
