@@ -13,9 +13,11 @@ FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=/tmp/verify_raw; mkdir -p "$RAW" "$FINAL"
 PYTEST="python3 -m pytest -q -p no:cacheprovider -m gpu"
 run() {  # run NAME TIMEOUT_S CMD...: one status line, then a bench's table (so a cut call keeps it)
   local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" > "$RAW/$name.log" 2>&1; local rc=$?
+  mkdir -p "$RAW/results-$name"  # each bench's result files, into verify.tgz (a call returns few files)
+  OUT="$RAW/results-$name" timeout --kill-after=5 "$limit" "$@" > "$RAW/$name.log" 2>&1; local rc=$?
   echo "$name rc=$rc $((SECONDS - t0))s $(grep -aE 'passed|failed|Error|SUMMARY' "$RAW/$name.log" | tail -n 1 | cut -c1-110)"
   [[ "$name" == bench-* ]] && grep -aE "^\|" "$RAW/$name.log" | grep -v "^|--" | cut -c1-170 | tail -n 20
+  [[ "$name" == san-* ]] && grep -aE "Race reported|Error:|Invalid|Warning:" "$RAW/$name.log" | cut -c1-240 | head -n 12
   tar -czf "$FINAL/verify.tgz" -C "$RAW" .
 }
 k_args=(); [ -n "${TESTS_K:-}" ] && k_args=(-k "$TESTS_K")
@@ -41,5 +43,4 @@ if [ -n "${SAN_K:-}" ]; then
       $PYTEST tests/test_gemm_gpu.py -k "$SAN_K"
   done
 fi
-cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
 tar -czf "$FINAL/verify.tgz" -C "$RAW" .
