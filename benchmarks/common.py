@@ -43,9 +43,23 @@ def flush_l2() -> None:
     _flush_buffer.zero_()
 
 
-def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush: bool = True) -> float:
-    """Median device time of ``fn()`` in microseconds (L2 flushed before each repeat)."""
+def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush: bool = True,
+          busy_ms: float = 40.0) -> float:
+    """Median device time of ``fn()`` in microseconds (L2 flushed before each repeat).
+
+    After ``warmup`` calls, ``fn`` keeps the card busy for about ``busy_ms`` more before timing:
+    after an idle spell (a JIT compile, host-side set-up) the first shape of a row timed ~10 %
+    slower than the same kernel timed later in that row (32 experts, ~128 tokens each: 435 vs
+    386 us, H100 2026-12-05); five calls of a 0.4 ms kernel were too little to wake the card.
+    """
     for _ in range(warmup):
+        fn()
+    once = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    once[0].record()
+    fn()
+    once[1].record()
+    torch.cuda.synchronize()
+    for _ in range(min(2000, int(busy_ms / max(once[0].elapsed_time(once[1]), 1e-3)))):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
