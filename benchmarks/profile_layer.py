@@ -291,7 +291,8 @@ def profile_decode(moe: MoE, tokens: int, top: int, repeats: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384],
+                        help="prefill token counts (none: decode only)")
     parser.add_argument("--decode", type=int, default=128, help="decode batch (0: skip decode)")
     parser.add_argument("--mode", choices=("both", "torch", "fused", "permute", "nosync", "all"),
                         default="both",
