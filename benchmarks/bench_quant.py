@@ -98,9 +98,12 @@ def case_silu_masked(e, m_max, inter, mean_m):
     s = empty_act_scales(m_max, inter // 128, e, device="cuda").zero_()
     rows = int(counts.sum())
     nbytes = rows * (2 * inter * 2 + inter + inter // 128 * 4)
+    fns = {"us": lambda: quant.silu_and_mul_quant(h, q, s, masked_m, 128, False)}
+    for v in quant.kVariants:
+        fns[f"{v} us"] = functools.partial(quant.silu_and_mul_quant, h, q, s, masked_m, 128, False,
+                                           variant=v)
     return ("silu_and_mul_quant masked", f"E={e} M_max={m_max} I={inter} rows={rows}", nbytes,
-            {"us": lambda: quant.silu_and_mul_quant(h, q, s, masked_m, 128, False)},
-            lambda: torch_silu(h), (q, s))  # torch has no masked form: it does every row
+            fns, lambda: torch_silu(h), (q, s))  # torch has no masked form: it does every row
 
 
 def _row_quant(x):

@@ -2,7 +2,8 @@
 # One device call: compute-sanitizer racecheck of the GEMM GPU tests named by RACE_K (pytest -k,
 # one test per sanitizer run so each finding names its test; kernels built with -lineinfo), then
 # optionally ncu (NCU_SPECS, as device_profile.sh), the contiguous grouped table (GROUPED=1) and
-# the decode profile of the layer at DECODE tokens. Logs: $OUT/race.tgz.
+# the decode profile of the layer at DECODE tokens, and (QUANT=1) the quant GPU tests and
+# bench_quant --decode. Logs: $OUT/race.tgz.
 #   cd .snap && MOE_FP8_COMMIT=<sha> RACE_K="..." bash benchmarks/device_race.sh
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
@@ -34,6 +35,14 @@ if [ "${GROUPED:-0}" = 1 ]; then
   OUT="$RAW" timeout 150 python3 benchmarks/bench_grouped.py --only contiguous --repeats 10 \
     ${GROUPED_CONFIGS:+--contiguous-configs "$GROUPED_CONFIGS"} > "$RAW/bench-grouped.log" 2>&1
   grep -aE "^\|" "$RAW/bench-grouped.log" | grep -v "^|--" | cut -c1-200 | tail -n 10; pack
+fi
+if [ "${QUANT:-0}" = 1 ]; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quant_gpu.py \
+    > "$RAW/tests-quant.log" 2>&1
+  echo "quant tests: $(tail -n 1 "$RAW/tests-quant.log")"; grep -aE "^FAILED" "$RAW/tests-quant.log" | head -n 5
+  OUT="$RAW" timeout 90 python3 benchmarks/bench_quant.py --decode --repeats 20 \
+    > "$RAW/bench-quant.log" 2>&1
+  grep -aE "^\|" "$RAW/bench-quant.log" | grep -v "^|--" | cut -c1-220 | tail -n 14; pack
 fi
 if [ -n "${DECODE:-}" ]; then
   OUT="$RAW" timeout 150 python3 benchmarks/profile_layer.py --tokens --decode "$DECODE" \

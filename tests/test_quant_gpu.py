@@ -251,8 +251,12 @@ def check_masked(h, q, s, q_before, s_before, masked_m, pow2):
         assert torch.equal(s[e, rows:].isnan(), s_before[e, rows:].isnan())
 
 
+MASKED_VARIANTS = (None, "stream", "oneshot")  # None: the op's own choice
+
+
+@pytest.mark.parametrize("variant", MASKED_VARIANTS)
 @pytest.mark.parametrize("pow2", [False, True])
-def test_silu_and_mul_quant_masked(pow2):
+def test_silu_and_mul_quant_masked(pow2, variant):
     experts, m_max, i = 6, 37, 512
     h = make_h((experts, m_max, 2 * i), seed=7)
     masked_m = torch.tensor([0, m_max, 1, 20, 36, 5], dtype=torch.int32, device="cuda")
@@ -260,11 +264,12 @@ def test_silu_and_mul_quant_masked(pow2):
     s = empty_act_scales(m_max, i // 128, experts, device="cuda")
     s.fill_(float("nan"))
     q_before, s_before = q.clone(), s.clone()
-    quant().silu_and_mul_quant(h, q, s, masked_m, 128, pow2)
+    quant().silu_and_mul_quant(h, q, s, masked_m, 128, pow2, variant=variant)
     check_masked(h, q, s, q_before, s_before, masked_m, pow2)
 
 
-def test_silu_and_mul_quant_masked_many_experts_and_clamping():
+@pytest.mark.parametrize("variant", MASKED_VARIANTS)
+def test_silu_and_mul_quant_masked_many_experts_and_clamping(variant):
     """600 experts (prefix sums over 5 tiles of 128: 4 preloaded + the loop), counts outside
     [0, M_max] clamped (the kernel must never address past the tensors)."""
     experts, m_max, i = 600, 3, 256
@@ -277,11 +282,12 @@ def test_silu_and_mul_quant_masked_many_experts_and_clamping():
     s = empty_act_scales(m_max, i // 128, experts, device="cuda")
     s.fill_(float("nan"))
     q_before, s_before = q.clone(), s.clone()
-    quant().silu_and_mul_quant(h, q, s, masked_m, 128, False)
+    quant().silu_and_mul_quant(h, q, s, masked_m, 128, False, variant=variant)
     check_masked(h, q, s, q_before, s_before, masked_m.clamp(0, m_max), False)
 
 
-def test_silu_and_mul_quant_masked_full_load():
+@pytest.mark.parametrize("variant", MASKED_VARIANTS)
+def test_silu_and_mul_quant_masked_full_load(variant):
     """Every row valid and more chunks than one machine of threads: the grid-stride loop wraps
     across experts several times."""
     experts, m_max, i = 8, 2048, 1024
@@ -292,20 +298,21 @@ def test_silu_and_mul_quant_masked_full_load():
     s = empty_act_scales(m_max, i // 128, experts, device="cuda")
     s.fill_(float("nan"))
     q_before, s_before = q.clone(), s.clone()
-    quant().silu_and_mul_quant(h, q, s, masked_m, 128, True)
+    quant().silu_and_mul_quant(h, q, s, masked_m, 128, True, variant=variant)
     check_masked(h, q, s, q_before, s_before, masked_m, True)
 
 
-def test_silu_and_mul_quant_masked_graph_replay():
+@pytest.mark.parametrize("variant", MASKED_VARIANTS)
+def test_silu_and_mul_quant_masked_graph_replay(variant):
     experts, m_max, i = 4, 64, 2048
     h = make_h((experts, m_max, 2 * i), seed=11)
     masked_m = torch.tensor([3, 0, 64, 17], dtype=torch.int32, device="cuda")
     q = poisoned_fp8((experts, m_max, i))
     s = empty_act_scales(m_max, i // 128, experts, device="cuda")
-    quant().silu_and_mul_quant(h, q, s, masked_m, 128, False)  # loads the kernel before capture
+    quant().silu_and_mul_quant(h, q, s, masked_m, 128, False, variant=variant)  # load first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        quant().silu_and_mul_quant(h, q, s, masked_m, 128, False)
+        quant().silu_and_mul_quant(h, q, s, masked_m, 128, False, variant=variant)
     gen = torch.Generator().manual_seed(3)
     for counts in ([0, 0, 0, 0], [64, 1, 2, 63], [5, 64, 0, 31]):
         h.copy_(make_h((experts, m_max, 2 * i), seed=int(torch.randint(99, (1,), generator=gen))))

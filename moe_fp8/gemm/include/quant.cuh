@@ -667,12 +667,15 @@ __global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot
   }
 }
 
-// h [rows, 2I] bf16 contiguous (no mask) -> q [rows, I] + scales; v1's SiLU kernel.
-template <int kGroupSize, bool kPow2>
+// h [rows, 2I] bf16 (gate | up) -> q [rows, I] + scales; v1's SiLU kernel. kMasked: units of
+// rows m >= masked_m[e] (clamped to [0, M_max]) are skipped; the grid still covers all E * M_max
+// rows (graph-capturable), and a warp whose units are all masked out leaves after reading
+// masked_m, so the work follows the valid rows without the stream kernel's prefix scan and loop.
+template <int kGroupSize, bool kPow2, bool kMasked = false>
 __global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_kernel(
     const __nv_bfloat16* __restrict__ gH, __nv_fp8_storage_t* __restrict__ gQ,
-    float* __restrict__ gS, long long numUnits, int rowsPerBatch, int groupsPerRow,
-    long long sBatch, long long sRow, long long sGroup) {
+    float* __restrict__ gS, const int* __restrict__ gMaskedM, long long numUnits,
+    int rowsPerBatch, int groupsPerRow, long long sBatch, long long sRow, long long sGroup) {
   pdl::begin();  // before any global access (pdl.cuh)
   constexpr int kLanes = lanes_per_group<kGroupSize>();
   constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
@@ -686,12 +689,31 @@ __global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_ke
     const int col = static_cast<int>(unit - row * groupsPerRow) * kGroupSize + lane * kValuesPerThread;
     return gH + row * 2 * intermediate + col;
   };
+  // Unit u exists and (kMasked) its row is below its batch's clamped masked_m.
+  auto unit_valid = [&](long long unit) {
+    if (unit >= numUnits) return false;
+    if constexpr (kMasked) {
+      const long long row = unit / groupsPerRow;
+      const int batch = static_cast<int>(row / rowsPerBatch);
+      const int m = static_cast<int>(row - static_cast<long long>(batch) * rowsPerBatch);
+      return m < min(max(__ldg(gMaskedM + batch), 0), rowsPerBatch);
+    }
+    return true;
+  };
 
+  bool rValid[kOneShotUnroll], anyValid = false;
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    rValid[p] = unit_valid(firstUnit + p * kUnitsPerPass);
+    anyValid = anyValid || rValid[p];
+  }
+  // kMasked: nothing to do for this warp (warp-uniform exit: the shuffles below need every lane)
+  if (kMasked && !__any_sync(0xFFFFFFFFu, anyValid)) return;
   uint4 rGate[kOneShotUnroll][2], rUp[kOneShotUnroll][2];
 #pragma unroll
   for (int p = 0; p < kOneShotUnroll; ++p) {
     const long long unit = firstUnit + p * kUnitsPerPass;
-    const bool valid = unit < numUnits;
+    const bool valid = rValid[p];
     const __nv_bfloat16* gGate = gate_ptr(valid ? unit : 0);
     load_values(gGate, valid, rGate[p]);
     load_values(gGate + intermediate, valid, rUp[p]);
@@ -699,7 +721,7 @@ __global__ void __launch_bounds__(kOneShotThreads) silu_and_mul_quant_oneshot_ke
 #pragma unroll
   for (int p = 0; p < kOneShotUnroll; ++p) {
     const long long unit = firstUnit + p * kUnitsPerPass;
-    const bool valid = unit < numUnits;
+    const bool valid = rValid[p];
     float rY[16];
     const bool inRange = silu_mul16(rGate[p], rUp[p], rY);
     float amax = group_amax<kLanes>(rY, 0xFFFFFFFFu);

@@ -118,9 +118,10 @@ def per_token_oneshot_source(dtype: torch.dtype, group_size: int, pow2_scale: bo
 
 
 @functools.lru_cache(maxsize=None)
-def silu_oneshot_source(group_size: int, pow2_scale: bool) -> KernelSource:
+def silu_oneshot_source(group_size: int, pow2_scale: bool, masked: bool = False) -> KernelSource:
+    masked_arg = ", true" if masked else ""  # the contiguous instance keeps its measured name
     return KernelSource(kHeader, f"moe_fp8::quant::silu_and_mul_quant_oneshot_kernel<"
-                                 f"{group_size}, {_bool(pow2_scale)}>")
+                                 f"{group_size}, {_bool(pow2_scale)}{masked_arg}>")
 
 
 @register_bundled
@@ -130,7 +131,7 @@ def bundled_oneshot_sources() -> list[KernelSource]:
     sources = []
     for pow2 in (False, True):
         sources += [per_token_oneshot_source(dtype, 128, pow2) for dtype in _kTypeNames]
-        sources.append(silu_oneshot_source(128, pow2))
+        sources += [silu_oneshot_source(128, pow2, masked) for masked in (False, True)]
     return sources
 
 
@@ -214,9 +215,17 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     _check_aligned(h=h, q=q)
     rows, chunks_per_row = h.numel() // h.shape[-1], intermediate // kValuesPerThread
     batches = h.shape[0] if h.dim() == 3 else 1
+    if masked_m is not None and variant == "oneshot":
+        # every E * M_max row gets a unit; warps of masked-out rows leave at once
+        kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale), True))
+        units = rows * (intermediate // group_size)
+        kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
+                      [h, q, s, masked_m, i64(units),
+                       *_unit_layout(s, h.shape[-2], intermediate // group_size)])
+        return
     if masked_m is not None:
         if variant not in (None, "stream"):
-            raise ValueError(f"masked silu_and_mul_quant has only the 'stream' variant, got {variant!r}")
+            raise ValueError(f"variant must be one of {kVariants} or None, got {variant!r}")
         # NOTE: the valid-row count lives on the device: size the grid for a full machine (the
         # loop covers any count) and give each CTA room for the experts' prefix sums.
         kernel = get_kernel(silu_source(group_size, bool(pow2_scale), True))
@@ -234,4 +243,5 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale)))
     units = rows * (intermediate // group_size)
     kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
-                  [h, q, s, i64(units), *_unit_layout(s, h.shape[-2], intermediate // group_size)])
+                  [h, q, s, None, i64(units),
+                   *_unit_layout(s, h.shape[-2], intermediate // group_size)])
