@@ -13,7 +13,8 @@ if [ -n "${RACE_K:-}" ]; then
   ids=$(python3 -m pytest -q -p no:cacheprovider -m gpu --collect-only tests/test_gemm_gpu.py \
         -k "$RACE_K" 2>/dev/null | grep "::")
   i=0
-  for id in $ids; do
+  while IFS= read -r id; do  # ids hold spaces (GemmConfig reprs): one per line
+    [ -z "$id" ] && continue
     [ $SECONDS -gt "${RACE_S:-240}" ] && { echo "racecheck: time up before $id"; break; }
     MOE_FP8_JIT_LINEINFO=1 MOE_FP8_CACHE_DIR=/tmp/moe_fp8_cache_lineinfo timeout 90 \
       compute-sanitizer --tool racecheck --kernel-name kns=moe_fp8 --print-limit 10 \
@@ -22,7 +23,7 @@ if [ -n "${RACE_K:-}" ]; then
     grep -aE "Race reported|Error:" "$RAW/race_$i.log" | head -n 2 | cut -c1-300
     grep -aE "^=========     at |in .*\.cuh:[0-9]+" "$RAW/race_$i.log" | head -n 4 | cut -c1-200
     i=$((i + 1)); pack
-  done
+  done <<< "$ids"
 fi
 i=0
 while read -r m n k bm bn c d; do

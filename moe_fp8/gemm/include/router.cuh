@@ -11,6 +11,10 @@
 //     gather, sum, div, mul, ...). Same selection as torch: every comparison is exact; the one
 //     documented difference is the order of the k slots (torch's unsorted topk order is its
 //     own) and hence the order of the k-term sum of the weights (at most an ulp or two).
+//   * gate_logits_kernel: the gate GEMM for a few tokens (decode), logits fp32 [T, E] = x [T, H]
+//     (bf16) . W [E, H]^T (bf16 values, or fp32), fp32 products and sums. cuBLAS took 24 us for
+//     one token x 32 experts (a split-K GEMM + its reduction kernel; H100, 2026-12-05) for 0.5 MB
+//     of weights; one CTA per (expert, 16 tokens) reads its weight row once.
 //   * local_ids_kernel: global expert ids [T, k] -> local ids of one rank's experts, the skip
 //     sentinel E_loc for others and for tokens at or beyond num_valid (a device scalar in the
 //     decode graph): replaces the 6-9 torch ops of layouts.local_expert_ids.
@@ -25,6 +29,10 @@
 #pragma once
 
 #include "pdl.cuh"
+
+#ifdef __CUDACC__  // the g++ emulation harness defines __nv_bfloat16 itself
+#include <cuda_bf16.h>
+#endif
 
 namespace moe_fp8 {
 namespace router {
@@ -170,6 +178,73 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
     gTopkIdx[static_cast<long long>(token) * topK + lane] = myIdx;
     gTopkWeights[static_cast<long long>(token) * topK + lane] = w * scaling;
     if (gCounts != nullptr) atomicAdd(gCounts + myIdx, 1ull);
+  }
+}
+
+// Eight consecutive values of a bf16 or fp32 row as floats (16-byte aligned; exact conversions).
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(words[i] << 16);
+    v[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+  const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 b = __ldg(reinterpret_cast<const uint4*>(p + 4));
+  const unsigned words[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(words[i]);
+}
+
+constexpr int kGateThreads = 256;
+constexpr int kGateTokens = 16;  // tokens per CTA: accumulators per thread
+
+// gX bf16 [T, H] (row stride xStride), gW [E, H] contiguous (bf16 or fp32), H % 8 == 0, rows
+// 16-byte aligned -> gLogits fp32 [T, E]. CTA (e, tile): thread i sums the 8-value chunks i,
+// i + 256, ... of weight row e against each token of the tile; then a fixed-order warp and CTA
+// reduction (deterministic: the same bits every call).
+template <typename W>
+__global__ void __launch_bounds__(kGateThreads) gate_logits_kernel(
+    const __nv_bfloat16* __restrict__ gX, const W* __restrict__ gW, int numTokens, int hidden,
+    long long xStride, int numExperts, float* __restrict__ gLogits) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  __shared__ float sPartial[kGateThreads / 32][kGateTokens];
+  const int e = blockIdx.x, t0 = blockIdx.y * kGateTokens;
+  const int tokens = min(kGateTokens, numTokens - t0);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float acc[kGateTokens];
+#pragma unroll
+  for (int t = 0; t < kGateTokens; ++t) acc[t] = 0.0f;
+  const W* wRow = gW + static_cast<long long>(e) * hidden;
+  const __nv_bfloat16* xTile = gX + static_cast<long long>(t0) * xStride;
+  for (int c = threadIdx.x * 8; c < hidden; c += kGateThreads * 8) {
+    float w[8];
+    load8(wRow + c, w);
+#pragma unroll
+    for (int t = 0; t < kGateTokens; ++t) {
+      if (t >= tokens) break;
+      float x[8];
+      load8(xTile + t * xStride + c, x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[t] += x[i] * w[i];
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kGateTokens; ++t) {
+    float v = acc[t];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+    if (lane == 0) sPartial[warp][t] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < tokens) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kGateThreads / 32; ++w) sum += sPartial[w][threadIdx.x];
+    gLogits[static_cast<long long>(t0 + threadIdx.x) * numExperts + e] = sum;
   }
 }
 
