@@ -46,6 +46,8 @@ CASES = [
     ("silu-masked-dtype", lambda: G.silu_and_mul_quant_fp8(torch.randn(2, 3, 256), masked_m=torch.tensor([1, 1])), TypeError, "masked_m must have dtype torch.int32"),
     ("silu-masked-len", lambda: G.silu_and_mul_quant_fp8(torch.randn(2, 3, 256), masked_m=torch.tensor([1], dtype=torch.int32)), ValueError, "masked_m must have shape (2,)"),
     ("silu-masked-range", lambda: G.silu_and_mul_quant_fp8(torch.randn(2, 3, 256), masked_m=torch.tensor([4, 0], dtype=torch.int32)), ValueError, "masked_m must lie in [0, M_max=3]"),
+    ("silu-expected-m-zero", lambda: G.silu_and_mul_quant_fp8(torch.randn(2, 3, 256), masked_m=torch.tensor([1, 0], dtype=torch.int32), expected_m=0), ValueError, "expected_m must be a positive host int"),
+    ("silu-expected-m-tensor", lambda: G.silu_and_mul_quant_fp8(torch.randn(2, 3, 256), masked_m=torch.tensor([1, 0], dtype=torch.int32), expected_m=torch.tensor(2)), ValueError, "expected_m must be a positive host int"),
     ("gemm-a-not-pair", lambda: G.fp8_gemm_nt(A[0], B), TypeError, "a must be a pair"),
     ("gemm-a-bf16", lambda: G.fp8_gemm_nt((A[0].bfloat16(), A[1]), B), TypeError, "a[0] must have dtype torch.float8_e4m3fn"),
     ("gemm-scale-dtype", lambda: G.fp8_gemm_nt((A[0], A[1].half()), B), TypeError, "a[1] must have dtype torch.float32"),

@@ -325,6 +325,22 @@ def test_silu_and_mul_quant_masked_graph_replay(variant):
         check_masked(h, q, s, q_before, s_before, masked_m, False)
 
 
+@pytest.mark.parametrize("expected_m", [None, 1, 16, 64])
+def test_public_masked_silu_expected_m_hint(expected_m):
+    """The public op with the expected_m hint (a quarter of M_max or more: the one-shot kernel)
+    writes the same bits as the reference on the valid rows and leaves the others alone."""
+    import moe_fp8.gemm as G
+    experts, m_max, i = 5, 64, 512
+    h = make_h((experts, m_max, 2 * i), seed=21)
+    masked_m = torch.tensor([0, 64, 17, 1, 40], dtype=torch.int32, device="cuda")
+    q = poisoned_fp8((experts, m_max, i))
+    s = empty_act_scales(m_max, i // 128, experts, device="cuda")
+    s.fill_(float("nan"))
+    q_before, s_before = q.clone(), s.clone()
+    G.silu_and_mul_quant_fp8(h, masked_m=masked_m, out=(q, s), backend="kernel", expected_m=expected_m)
+    check_masked(h, q, s, q_before, s_before, masked_m, False)
+
+
 def test_public_ops_route_to_the_kernels():
     """The lead's public ops, backend='kernel', agree with the direct host calls."""
     import moe_fp8.gemm as G

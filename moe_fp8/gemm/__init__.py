@@ -100,12 +100,14 @@ def per_block_quant_fp8(w: torch.Tensor, block_size: int = 128, *, pow2_scale: b
 
 def silu_and_mul_quant_fp8(h: torch.Tensor, *, masked_m: Optional[torch.Tensor] = None,
                            group_size: int = 128, pow2_scale: bool = False,
-                           out: Optional[Fp8Pair] = None, backend: str = "auto") -> Fp8Pair:
+                           out: Optional[Fp8Pair] = None, backend: str = "auto",
+                           expected_m: Optional[int] = None) -> Fp8Pair:
     """``silu(gate) * up`` quantised per row per 128 channels, gate = ``h[..., :I]``, up = ``h[..., I:]``.
 
     ``h [M, 2I]`` (contiguous layout) or ``[E, M_max, 2I]`` (masked layout), bf16/fp16/fp32,
     I % 128 == 0 -> ``(q [.., I] fp8, s [.., I/128] MN-major)``. With ``masked_m`` (int32 ``[E]``,
-    3-D input only) rows ``>= masked_m[e]`` are not written.
+    3-D input only) rows ``>= masked_m[e]`` are not written. ``expected_m`` (host int, masked
+    only): the typical masked_m, a kernel-choice hint as for the masked GEMM, never a bound.
     """
     check.tensor("h", h, dtypes=check.kFloatInputs, dims=(2, 3))
     _group_size(group_size)
@@ -116,11 +118,15 @@ def silu_and_mul_quant_fp8(h: torch.Tensor, *, masked_m: Optional[torch.Tensor] 
         check.int32_vector("masked_m", masked_m, h.shape[0])
         check.same_device(h=h, masked_m=masked_m)
         check.masked_m_values(masked_m, h.shape[1])
+    if expected_m is not None and (isinstance(expected_m, bool) or not isinstance(expected_m, int)
+                                   or expected_m <= 0):
+        raise ValueError(f"expected_m must be a positive host int or None, got {expected_m!r}")
     check.finite("h", h)
     inter = h.shape[-1] // 2
     shape = (*h.shape[:-1], inter)
     q, s = _quant_outputs(out, shape, (*h.shape[:-1], inter // group_size), h.device)
-    run("silu_and_mul_quant", h, q, s, masked_m, group_size, pow2_scale, check_backend(backend))
+    run("silu_and_mul_quant", h, q, s, masked_m, group_size, pow2_scale, check_backend(backend),
+        expected_m if masked_m is not None else None)
     return q, s
 
 

@@ -130,7 +130,7 @@ class RoutedExperts(nn.Module):
         G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
                                        layout.masked_m, layout.expected_m, out=workspace.h)
         G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m, pow2_scale=self.pow2_scale,
-                                 out=workspace.act)
+                                 out=workspace.act, expected_m=layout.expected_m)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y)
 
