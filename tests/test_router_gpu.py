@@ -21,7 +21,8 @@ from moe_fp8.layers import router as R
 from kernel_checks import EmulatedKernel, assert_bundled_compile_clean, build_emulator, env_switch
 
 kEnv = "MOE_FP8_FUSED_ROUTER"
-kInstances = ["moe_fp8::router::route_kernel<256>", "moe_fp8::router::local_ids_kernel<256>",
+kInstances = [*(f"moe_fp8::router::route_kernel<256, {p}>" for p in (1, 2, 4, 8)),
+              "moe_fp8::router::local_ids_kernel<256>",
               "moe_fp8::router::gate_logits_kernel<__nv_bfloat16>",
               "moe_fp8::router::gate_logits_kernel<float>"]
 
@@ -179,6 +180,32 @@ def test_route_unnormalised_and_ties(backend):
         idx, weights = R.route(logits, bias, cfg)
     torch.testing.assert_close(weights, logits.sigmoid().gather(1, idx) * cfg.routed_scaling_factor,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("experts", [32, 64, 96, 256])  # kPerLane 1, 2, 4, 8
+def test_route_slot_order_with_nan_inf_and_ties(backend, experts):
+    """The kernel's total order: NaN above +inf above every number, equal values to the lower
+    expert id; slots in that order (one group, so only the expert ranking acts)."""
+    import math
+    cfg = MoEConfig.tiny(num_experts=experts, n_group=1, topk_group=1, top_k=8)
+    gen = torch.Generator().manual_seed(experts)
+    logits = torch.randn(3, experts, generator=gen)
+    logits[0, [5, 17]] = float("nan")
+    logits[0, [3, experts - 1]] = float("inf")
+    logits[1, :] = logits[1, 7]  # every expert ties: ids 0..7
+    logits[2, ::3] = float("-inf")
+    logits[2, [1, experts - 2]] = 2.5  # a tie above the rest
+    bias = torch.zeros(experts)
+    scores = logits.sigmoid()
+    with fused():
+        idx, _ = R.route(logits.to(backend), bias.to(backend), cfg)
+
+    def rank(e, row):  # larger ranks first: NaN, then the value, then the lower id
+        v = scores[row, e].item()
+        return (1 if math.isnan(v) else 0, 0.0 if math.isnan(v) else v, -e)
+    for row in range(3):
+        want = sorted(range(experts), key=lambda e: rank(e, row), reverse=True)[:8]
+        assert idx[row].tolist() == want, (row, idx[row].tolist(), want)
 
 
 def test_route_empty_and_fallbacks(backend):

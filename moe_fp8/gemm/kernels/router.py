@@ -38,9 +38,17 @@ kGateTokens = 16  # tokens per CTA
 _kGateWeightTypes = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 
 
+kPerLaneChoices = (1, 2, 4, 8)  # route_kernel's kPerLane instances (experts per lane)
+
+
+def route_per_lane(num_experts: int) -> int:
+    """The smallest kPerLane instance holding ``num_experts`` (<= kMaxExperts) in 32 lanes."""
+    return next(p for p in kPerLaneChoices if 32 * p >= num_experts)
+
+
 @functools.lru_cache(maxsize=None)
-def route_source() -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::router::route_kernel<{kRouteThreads}>")
+def route_source(per_lane: int = kMaxPerLane) -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::router::route_kernel<{kRouteThreads}, {per_lane}>")
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,8 +64,9 @@ def gate_logits_source(weight_dtype: torch.dtype) -> KernelSource:
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (4 kernels)."""
-    return [route_source(), local_ids_source(), *(gate_logits_source(t) for t in _kGateWeightTypes)]
+    """Every variant the layer can launch (7 kernels)."""
+    return [*(route_source(p) for p in kPerLaneChoices), local_ids_source(),
+            *(gate_logits_source(t) for t in _kGateWeightTypes)]
 
 
 def _kernel(src: KernelSource, like: torch.Tensor):
@@ -113,7 +122,7 @@ def route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, 
     topk_weights = torch.empty(tokens, top_k, dtype=torch.float32, device=scores.device)
     if tokens == 0:
         return topk_idx, topk_weights
-    _kernel(route_source(), scores).launch(_ceil_div(tokens, kRouteWarps), kRouteThreads, 0, [
+    _kernel(route_source(route_per_lane(experts)), scores).launch(_ceil_div(tokens, kRouteWarps), kRouteThreads, 0, [
         scores, bias, i32(tokens), i64(scores.stride(0)), i32(experts), i32(num_groups),
         i32(topk_group), i32(top_k), i32(int(bool(fill_neg_inf))), i32(int(bool(normalize))),
         f32(float(scaling)), topk_idx, topk_weights, counts])
