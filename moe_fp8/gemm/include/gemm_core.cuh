@@ -159,7 +159,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     }
     for (int b = 0; b < 2; ++b) {
       ptx::mbar_init(&sb_full[b], 32);              // every lane of the scale warp
-      ptx::mbar_init(&sb_empty[b], kNumMathWG * 4);  // every math warp of this CTA
+      ptx::mbar_init(&sb_empty[b], kNumMathWG * 128);  // every math thread of this CTA
     }
     ptx::fence_barrier_init();
   }
@@ -231,9 +231,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       int buf = 0;
       u32 phase = 0;
       while (scheduler.next(tile)) {
-        // NOTE: every lane waits, not lane 0 then __syncwarp: racecheck reported the other
-        // lanes' writes against the math warps' reads of the previous use of the buffer (1152
-        // hazards, 128 x 256 tiles walking 18 tiles per CTA, H100 2026-12-05).
+        // NOTE: every lane waits here and every math thread arrives (not lane 0 after a
+        // __syncwarp): racecheck reported the scale warp's writes against the math warps' reads
+        // of the buffer's previous use wherever a CTA walks more than two tiles (128 x 64 to
+        // 128 x 256, H100 2026-12-05); per-thread arrive / wait makes the order explicit to it.
         ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
         // The tile's K blocks of its sb row, then the same K blocks of the next row (a tile
         // straddling two scale blocks). Split K: both are slices of rows kRowStride apart; without
@@ -429,8 +430,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // wgmma serialised).
       ptx::wgmma_wait<0>();
       if constexpr (!kColumnScales) {
-        __syncwarp();
-        if (lane == 0) ptx::mbar_arrive(&sb_empty[sb_buf]);
+        ptx::mbar_arrive(&sb_empty[sb_buf]);  // every thread: see the scale warp's NOTE
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
       }
       have_tile = scheduler.next(next_tile);
