@@ -303,23 +303,6 @@ def test_gate_kernel_switch_routes_small_batches():
         assert calc_diff(on, off) < 1e-9
 
 
-@pytest.mark.gpu
-@torch.no_grad()
-def test_decode_graph_with_gate_kernel():
-    """The decode runner captured with the gate kernel replays new batches like the cuBLAS gate
-    (the same routing: logits differ only in their fp32 sum order)."""
-    moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
-    with env_switch(R.kGateKernelEnv, "0"):
-        plain = moe.decode_runner(max_tokens=32)
-    with env_switch(R.kGateKernelEnv, "1"):
-        run = moe.decode_runner(max_tokens=32)
-    gen = torch.Generator(device="cuda").manual_seed(10)
-    for n in (32, 3, 1, 32):
-        x = torch.randn(n, moe.cfg.hidden_size, generator=gen, device="cuda").bfloat16()
-        diff = calc_diff(run(x).clone(), plain(x).clone())
-        assert diff < 1e-5, f"decode n={n}: calc_diff {diff:.2e}"
-
-
 # ----------------------------------------------------------------------------- the layer
 
 @torch.no_grad()
@@ -348,19 +331,22 @@ def test_layer_fused_router_vs_torch(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("switch", [kEnv, R.kGateKernelEnv])
 @torch.no_grad()
-def test_decode_graph_with_fused_router():
-    """The decode runner captured with the router kernels replays new batches correctly."""
+def test_decode_graph_with_router_kernels(switch):
+    """The decode runner captured with the router kernels (selection; the gate kernel) replays
+    new batches like the runner without them (the same routing: with the gate kernel the
+    logits differ only in their fp32 sum order)."""
     moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
-    with env_switch(kEnv, "0"):
+    with env_switch(switch, "0"):
         plain = moe.decode_runner(max_tokens=32)
-    with fused():
+    with env_switch(switch, "1"):
         run = moe.decode_runner(max_tokens=32)
     gen = torch.Generator(device="cuda").manual_seed(9)
     for n in (32, 3, 1, 32):
         x = torch.randn(n, moe.cfg.hidden_size, generator=gen, device="cuda").bfloat16()
         diff = calc_diff(run(x).clone(), plain(x).clone())
-        assert diff < 1e-5, f"decode n={n}: calc_diff {diff:.2e}"
+        assert diff < 1e-5, f"{switch} decode n={n}: calc_diff {diff:.2e}"
 
 
 def test_bundled_kernels_compile_spill_free():
