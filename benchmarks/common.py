@@ -43,24 +43,42 @@ def flush_l2() -> None:
     _flush_buffer.zero_()
 
 
+def _device_ms(fn: Callable[[], object], calls: int) -> float:
+    """Device time of ``calls`` back-to-back calls of ``fn`` (CUDA events), in milliseconds."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+_card_awake = [False]
+
+
 def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush: bool = True,
           busy_ms: float = 40.0) -> float:
     """Median device time of ``fn()`` in microseconds (L2 flushed before each repeat).
 
-    After ``warmup`` calls, ``fn`` keeps the card busy for about ``busy_ms`` more before timing:
-    after an idle spell (a JIT compile, host-side set-up) the first shape of a row timed ~10 %
-    slower than the same kernel timed later in that row (32 experts, ~128 tokens each: 435 vs
-    386 us, H100 2026-12-05); five calls of a 0.4 ms kernel were too little to wake the card.
+    After ``warmup`` calls, ``fn`` keeps the card busy for ``busy_ms`` more (in doubling batches)
+    before timing, and the first call of a process first runs ~300 ms of L2 flushes: after an
+    idle spell (process start, a JIT compile) the first shape of a row timed ~10 % slower than
+    the same kernel timed later in that row (32 experts, ~128 tokens each: 435 vs 386 us, H100
+    2026-12-05), and bench_quant's first row (per-token M = 128) 50 us against ~6 us later.
     """
+    if not _card_awake[0]:
+        _device_ms(flush_l2, 1)
+        _device_ms(flush_l2, max(1, int(300.0 / max(_device_ms(flush_l2, 4) / 4, 1e-3))))
+        _card_awake[0] = True
     for _ in range(warmup):
         fn()
-    once = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    once[0].record()
-    fn()
-    once[1].record()
-    torch.cuda.synchronize()
-    for _ in range(min(2000, int(busy_ms / max(once[0].elapsed_time(once[1]), 1e-3)))):
-        fn()
+    busy, calls = 0.0, 1
+    for _ in range(16):  # bounded: an fn with (almost) no device work never fills busy_ms
+        busy += _device_ms(fn, calls)
+        if busy >= busy_ms:
+            break
+        calls = min(2 * calls, 4096)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for start, end in zip(starts, ends):
