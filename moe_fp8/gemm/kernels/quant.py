@@ -16,13 +16,15 @@ All three write fp8 values and fp32 scales into caller-allocated tensors:
 Kernel choice (v2, by what was measured on an H100, 2026-11-25; include/quant.cuh says more):
 * "stream" (per-token and SiLU): 16-value chunks on at most one resident grid (SMs x
   kStreamBlocksPerSm CTAs of 128 threads, the next chunk staged by cp.async). Used while every
-  thread has at most one chunk (decode sizes: M=128 was 15-30 % faster than v1) and always for
-  masked SiLU (its valid-row count is on the device: the full resident grid, work proportional
-  to the valid rows; 1135 of 8192 rows 47 -> 13 us).
+  thread has at most one chunk (decode sizes: M=128 was 15-30 % faster than v1) and for masked
+  SiLU by default (its valid-row count is on the device: the full resident grid, work
+  proportional to the valid rows; 1135 of 8192 rows 47 -> 13 us).
 * "oneshot" (v1's structure, the hoisted-reciprocal division) for larger contiguous inputs, where
   the looping stream kernels measured 30-45 % slower than v1. The hoisted division beat v1's
   per-value one there (H100, 2026-12-05: SiLU M=16384 75 -> 66 us, per-token a tie), so v1's
-  math is gone.
+  math is gone. Masked, it covers all E x M_max rows and warps of masked-out rows leave at once:
+  better where many rows are valid (H100, 2026-12-05: 4182 of 8192 rows 34 -> 24 us), worse for
+  light loads (262 rows 7.7 -> 11 us); the public op picks it from its ``expected_m`` hint.
 ``variant=`` forces one (tests, benchmarks). The SM count is read once per device (cached), so
 launches do no host sync.
 """
