@@ -11,7 +11,8 @@
 #      memcheck of `--once guards` (out-of-contract masked_m / m_indices / offsets with the debug
 #      checks off: the kernels must still stay inside their tensors). Only moe_fp8 kernels are
 #      instrumented (--kernel-name kns=moe_fp8); memcheck runs with torch's caching allocator off
-#      so an overrun into a neighbouring tensor is a separate allocation, i.e. visible.
+#      so an overrun into a neighbouring tensor is a separate allocation, i.e. visible. And
+#      racecheck of the GEMM tests whose CTAs walk many tiles (step "reuse").
 #   2. findings per tool per family (the driver prints FAMILY begin/end markers; a finding is
 #      attributed to the family running when it was reported), last a short table.
 #
@@ -43,6 +44,10 @@ step memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck pyth
 step racecheck 180 $SAN --tool racecheck python3 tests/fuzz_gpu.py --once all &
 step synccheck 180 $SAN --tool synccheck python3 tests/fuzz_gpu.py --once all &
 step guards 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck python3 tests/fuzz_gpu.py --once guards &
+# the fuzz driver's GEMMs run the heuristic's full grid (a tile or two per CTA): racecheck the
+# pinned few-SM configs too, where CTAs reuse the tile-scale and epilogue buffers (session 7)
+step reuse 180 $SAN --tool racecheck python3 -m pytest -q -p no:cacheprovider -m gpu \
+  tests/test_gemm_gpu.py -k "p7 or zero_padding or num_sms" &
 wait
 
 python3 - "$RAW" "$FINAL/findings.md" <<'PY' > "$RAW/report.txt"
@@ -66,13 +71,14 @@ baseline = read("baseline.rc", "?")
 if baseline != "0":
     status = 1
     notes.append(f"baseline (no sanitizer) rc={baseline}: a reference check failed or the driver crashed")
-for tool in ("memcheck", "racecheck", "synccheck", "guards"):
+for tool in ("memcheck", "racecheck", "synccheck", "guards", "reuse"):
     text, rc = read(f"{tool}.log"), read(f"{tool}.rc", "?")
-    counts, family, examples = {}, "outside", []
+    start = "gemm_tile_reuse" if tool == "reuse" else "outside"  # pytest prints no FAMILY lines
+    counts, family, examples = {}, start, []
     for line in text.splitlines():
         m = re.match(r"FAMILY (\S+) (begin|end)", line)
         if m:
-            family = m.group(1) if m.group(2) == "begin" else "outside"
+            family = m.group(1) if m.group(2) == "begin" else start
         elif finding.match(line):
             counts[family] = counts.get(family, 0) + 1
             if len(examples) < 3:
@@ -87,7 +93,8 @@ for tool in ("memcheck", "racecheck", "synccheck", "guards"):
     found = sum(counts.values())
     if rc != "0" or found or sum(totals):
         status = max(status, 1)
-    for name in (["guards"] if tool == "guards" else families) + (["outside"] if counts.get("outside") else []):
+    names = {"guards": ["guards"], "reuse": ["gemm_tile_reuse"]}.get(tool, families)
+    for name in names + (["outside"] if counts.get("outside") else []):
         full.append(f"| {tool} | {name} | {counts.get(name, 0)} |")
     where = ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
     note = {"0": "", "124": "TIMED OUT (hang?)"}.get(rc, f"driver rc={rc}")
