@@ -150,6 +150,19 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
         assert torch.equal(branched(x).clone(), serial(x).clone()), f"decode n={n}"
 
 
+@torch.no_grad()
+def test_decode_runner_with_pdl_is_bit_identical(moe, monkeypatch):
+    """MOE_FP8_DECODE_PDL=1 captures the decode graph with programmatic dependent launch: the
+    same kernels, only their start overlaps the previous one's tail, so the same bits."""
+    monkeypatch.setenv("MOE_FP8_DECODE_PDL", "0")
+    plain = moe.decode_runner(max_tokens=32)
+    monkeypatch.setenv("MOE_FP8_DECODE_PDL", "1")
+    overlapped = moe.decode_runner(max_tokens=32)
+    for i, n in enumerate((32, 7, 1, 32)):
+        x = rand_x(n, moe.cfg.hidden_size, 850 + i)
+        assert torch.equal(overlapped(x).clone(), plain(x).clone()), f"decode n={n}"
+
+
 @pytest.mark.parametrize("tokens", [1, 4096])
 @torch.no_grad()
 def test_upper_bound_rows_is_exact(moe, tokens):

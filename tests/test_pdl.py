@@ -100,3 +100,19 @@ def test_pdl_switch(monkeypatch):
     monkeypatch.setenv("MOE_FP8_PDL", "0")
     assert not env.pdl()
 
+
+
+def test_pdl_scope_overrides_the_environment(monkeypatch):
+    """pdl_scope(flag) decides inside its block (the decode runner's capture), None defers to
+    MOE_FP8_PDL; the environment rules again after the block."""
+    monkeypatch.setenv("MOE_FP8_PDL", "0")
+    with env.pdl_scope(True):
+        assert env.pdl()
+        with env.pdl_scope(None):
+            assert not env.pdl()
+        assert env.pdl()
+    assert not env.pdl()
+    monkeypatch.setenv("MOE_FP8_PDL", "1")
+    with env.pdl_scope(False):
+        assert not env.pdl()
+    assert env.pdl()
