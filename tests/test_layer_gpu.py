@@ -141,26 +141,26 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
         for x, e in zip(xs, expected):
             assert torch.equal(moe(x), e)
     # decode: the side stream becomes a parallel branch of the captured graph
-    monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "0")
-    serial = moe.decode_runner(max_tokens=32)
-    monkeypatch.setenv("MOE_FP8_OVERLAP_SHARED", "1")
-    branched = moe.decode_runner(max_tokens=32)
-    for i, n in enumerate((32, 5, 1, 32)):
-        x = rand_x(n, moe.cfg.hidden_size, 800 + i)
-        assert torch.equal(branched(x).clone(), serial(x).clone()), f"decode n={n}"
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_OVERLAP_SHARED", (32, 5, 1, 32), 800)
+
+
+def assert_decode_switch_keeps_bits(moe, monkeypatch, switch, sizes, seed):
+    """Decode runners captured with ``switch`` 0 and 1 replay batches of ``sizes`` tokens to the
+    same bits."""
+    monkeypatch.setenv(switch, "0")
+    off = moe.decode_runner(max_tokens=32)
+    monkeypatch.setenv(switch, "1")
+    on = moe.decode_runner(max_tokens=32)
+    for i, n in enumerate(sizes):
+        x = rand_x(n, moe.cfg.hidden_size, seed + i)
+        assert torch.equal(on(x).clone(), off(x).clone()), f"{switch} decode n={n}"
 
 
 @torch.no_grad()
 def test_decode_runner_with_pdl_is_bit_identical(moe, monkeypatch):
     """MOE_FP8_DECODE_PDL=1 captures the decode graph with programmatic dependent launch: the
     same kernels, only their start overlaps the previous one's tail, so the same bits."""
-    monkeypatch.setenv("MOE_FP8_DECODE_PDL", "0")
-    plain = moe.decode_runner(max_tokens=32)
-    monkeypatch.setenv("MOE_FP8_DECODE_PDL", "1")
-    overlapped = moe.decode_runner(max_tokens=32)
-    for i, n in enumerate((32, 7, 1, 32)):
-        x = rand_x(n, moe.cfg.hidden_size, 850 + i)
-        assert torch.equal(overlapped(x).clone(), plain(x).clone()), f"decode n={n}"
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_PDL", (32, 7, 1, 32), 850)
 
 
 @pytest.mark.parametrize("tokens", [1, 4096])

@@ -125,10 +125,7 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                        backend: str, expected_m: Optional[int] = None) -> None:
     kernel = pick(backend, h.device, "quant", "silu_and_mul_quant", h.dtype)
     if kernel is not None:
-        # masked: the kernel over every row where a quarter or more are expected to be valid
-        # (H100, 2026-12-05: 4182 of 8192 rows 34 -> 24 us; 1135: 13 vs 14; 262: 7.7 vs 11)
-        dense = masked_m is not None and expected_m is not None and 4 * expected_m >= h.shape[1]
-        kernel(h, q, s, masked_m, group_size, pow2_scale, variant="oneshot" if dense else None)
+        kernel(h, q, s, masked_m, group_size, pow2_scale, expected_m=expected_m)
         return
     rq, rs = ref.silu_and_mul_quant(h, group_size, pow2_scale)
     if masked_m is None:

@@ -78,9 +78,10 @@ kWgradOverwriteEnv = "MOE_FP8_WGRAD_OVERWRITE"
 kWgradOverwriteDefault = True
 # The four grouped GEMMs of a step (h, y, d_act, dx) write their padding rows as zeros
 # (``zero_padding``) into torch.empty instead of leaving them in torch.zeros: no 1.3 GB of
-# memsets at 8 experts x 4096 tokens. Measured (bench_train, zero padding off vs on):
+# memsets at 8 experts x 4096 tokens. On: H100, 2026-12-05, train step 11.26 -> 10.75 ms, forward
+# 2877 -> 2634 us (bench_train; results/verify_h100_2026-12-05_s7.md).
 kZeroPadEnv = "MOE_FP8_ZERO_PAD_GEMM"
-kZeroPadDefault = True  # H100, 2026-12-05: train step 11.26 -> 10.75 ms, forward 2877 -> 2634 us
+kZeroPadDefault = True
 
 
 def fused_train_enabled(t: torch.Tensor) -> bool:

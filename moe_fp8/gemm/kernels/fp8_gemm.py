@@ -105,20 +105,26 @@ def persistent_grid(kernel, config: H.GemmConfig, max_tiles: int, smem_bytes: in
     return H.grid_size(config, max_tiles, sms)
 
 
+def _memo_tma(key: tuple, make):
+    """The descriptor cached under ``key`` (everything it encodes), made by ``make()`` on a miss;
+    the oldest entries leave past kTmaCacheSize."""
+    tmap = _tma_cache.get(key)
+    if tmap is None:
+        tmap = _tma_cache[key] = make()
+        if len(_tma_cache) > kTmaCacheSize:
+            _tma_cache.popitem(last=False)
+    return tmap
+
+
 def _tma(tensor: torch.Tensor, box_inner: int, box_outer: int, swizzle: int, inner_dim=None,
          outer_dim=None, outer_stride=None):
     """make_tma_2d, memoised on everything the descriptor encodes (address, shape, strides, box):
     a reused address with the same geometry gives the same descriptor, so reuse is safe."""
     key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
            box_inner, box_outer, swizzle, inner_dim, outer_dim, outer_stride)
-    tmap = _tma_cache.get(key)
-    if tmap is None:
-        tmap = jit.make_tma_2d(tensor, box_inner, box_outer, swizzle, inner_dim=inner_dim,
-                               outer_dim=outer_dim, outer_stride=outer_stride)
-        _tma_cache[key] = tmap
-        if len(_tma_cache) > kTmaCacheSize:
-            _tma_cache.popitem(last=False)
-    return tmap
+    return _memo_tma(key, lambda: jit.make_tma_2d(tensor, box_inner, box_outer, swizzle,
+                                                  inner_dim=inner_dim, outer_dim=outer_dim,
+                                                  outer_stride=outer_stride))
 
 
 def _tma_f32_tiles(tensor: torch.Tensor):
@@ -126,12 +132,7 @@ def _tma_f32_tiles(tensor: torch.Tensor):
     32-column x 64-row box per math warpgroup and chunk, 128-byte swizzle; epilogue.cuh,
     EpilogueAddF32), memoised like ``_tma``."""
     key = ("f32_tiles", tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-    tmap = _tma_cache.get(key)
-    if tmap is None:
-        tmap = _tma_cache[key] = jit.make_tma_3d(tensor, 32, 64, 1, 128)
-        if len(_tma_cache) > kTmaCacheSize:
-            _tma_cache.popitem(last=False)
-    return tmap
+    return _memo_tma(key, lambda: jit.make_tma_3d(tensor, 32, 64, 1, 128))
 
 
 def _k_major(t: torch.Tensor) -> torch.Tensor:

@@ -7,24 +7,27 @@ All three write fp8 values and fp32 scales into caller-allocated tensors:
   (the GEMMs read MN-major, ``layout.empty_act_scales``), written through its strides.
 * ``per_block_quant(w, q, s, block_size, pow2_scale)``: w ``[N, K]`` or ``[E, N, K]`` bf16/fp32;
   s ``[.., ceil(N/block), K/block]`` contiguous.
-* ``silu_and_mul_quant(h, q, s, masked_m, group_size, pow2_scale)``: h ``[M, 2I]`` or
+* ``silu_and_mul_quant(h, q, s, masked_m, group_size, pow2_scale, expected_m=None)``: h ``[M, 2I]`` or
   ``[E, M_max, 2I]`` bf16 (gate | up); q ``[.., I]``; s ``[.., I/group_size]`` strided;
   masked_m int32 ``[E]`` on the device or None. Rows ``>= masked_m[e]`` are left untouched (counts
   are clamped to ``[0, M_max]``); the grid does not depend on masked_m, so the launch can be
-  captured in a CUDA graph, and the work done is proportional to the valid rows.
+  captured in a CUDA graph. ``expected_m`` (host int, masked only): the typical masked_m, which
+  picks the kernel.
 
 Kernel choice (v2, by what was measured on an H100, 2026-11-25; include/quant.cuh says more):
 * "stream" (per-token and SiLU): 16-value chunks on at most one resident grid (SMs x
   kStreamBlocksPerSm CTAs of 128 threads, the next chunk staged by cp.async). Used while every
   thread has at most one chunk (decode sizes: M=128 was 15-30 % faster than v1) and for masked
   SiLU by default (its valid-row count is on the device: the full resident grid, work
-  proportional to the valid rows; 1135 of 8192 rows 47 -> 13 us).
+  proportional to the valid rows; 1135 of 8192 rows 47 -> 13 us) unless ``expected_m`` says a
+  quarter or more of the rows are valid.
 * "oneshot" (v1's structure, the hoisted-reciprocal division) for larger contiguous inputs, where
   the looping stream kernels measured 30-45 % slower than v1. The hoisted division beat v1's
   per-value one there (H100, 2026-12-05: SiLU M=16384 75 -> 66 us, per-token a tie), so v1's
   math is gone. Masked, it covers all E x M_max rows and warps of masked-out rows leave at once:
   better where many rows are valid (H100, 2026-12-05: 4182 of 8192 rows 34 -> 24 us), worse for
-  light loads (262 rows 7.7 -> 11 us); the public op picks it from its ``expected_m`` hint.
+  light loads (262 rows 7.7 -> 11 us): picked where ``expected_m`` (the public op's hint) is at
+  least M_max / 4.
 ``variant=`` forces one (tests, benchmarks). The SM count is read once per device (cached), so
 launches do no host sync.
 """
@@ -76,14 +79,25 @@ def _streams(num_chunks: int, device: torch.device) -> bool:
     return num_chunks <= _persistent_ctas(device) * kStreamThreads
 
 
-def _pick_variant(variant, num_chunks: int, device: torch.device) -> str:
-    if variant is None:
-        if _streams(num_chunks, device):
-            return "stream"
-        return "oneshot"
+def _checked_variant(variant) -> str:
     if variant not in kVariants:
         raise ValueError(f"variant must be one of {kVariants} or None, got {variant!r}")
     return variant
+
+
+def _pick_variant(variant, num_chunks: int, device: torch.device) -> str:
+    if variant is None:
+        return "stream" if _streams(num_chunks, device) else "oneshot"
+    return _checked_variant(variant)
+
+
+def _pick_masked_variant(variant, expected_m, m_max: int) -> str:
+    """Masked SiLU: the one-shot kernel (every E x M_max row) where a quarter or more of the rows
+    are expected valid, else the stream kernel (work follows the valid rows). H100, 2026-12-05:
+    4182 of 8192 rows 34 -> 24 us; 1135 rows 13 vs 14 us; 262 rows 7.7 vs 11 us."""
+    if variant is None:
+        return "oneshot" if expected_m is not None and 4 * expected_m >= m_max else "stream"
+    return _checked_variant(variant)
 
 
 def _oneshot_grid(num_units: int, group_size: int) -> int:
@@ -209,7 +223,8 @@ def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_siz
 
 def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                        masked_m: torch.Tensor | None = None, group_size: int = 128,
-                       pow2_scale: bool = False, *, variant: str | None = None) -> None:
+                       pow2_scale: bool = False, *, variant: str | None = None,
+                       expected_m: int | None = None) -> None:
     _check_group(group_size, kGroupSizes, "group_size")
     intermediate = h.shape[-1] // 2
     if h.numel() == 0:
@@ -217,33 +232,26 @@ def silu_and_mul_quant(h: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     _check_aligned(h=h, q=q)
     rows, chunks_per_row = h.numel() // h.shape[-1], intermediate // kValuesPerThread
     batches = h.shape[0] if h.dim() == 3 else 1
-    if masked_m is not None and variant == "oneshot":
-        # every E * M_max row gets a unit; warps of masked-out rows leave at once
-        kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale), True))
+    masked = masked_m is not None
+    if masked:
+        variant = _pick_masked_variant(variant, expected_m, h.shape[-2])
+    else:
+        variant = _pick_variant(variant, rows * chunks_per_row, h.device)
+    if variant == "oneshot":
+        # masked: every E x M_max row gets a unit; warps of masked-out rows leave at once
+        kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale), masked))
         units = rows * (intermediate // group_size)
         kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
                       [h, q, s, masked_m, i64(units),
                        *_unit_layout(s, h.shape[-2], intermediate // group_size)])
         return
-    if masked_m is not None:
-        if variant not in (None, "stream"):
-            raise ValueError(f"variant must be one of {kVariants} or None, got {variant!r}")
+    if masked:
         # NOTE: the valid-row count lives on the device: size the grid for a full machine (the
         # loop covers any count) and give each CTA room for the experts' prefix sums.
-        kernel = get_kernel(silu_source(group_size, bool(pow2_scale), True))
-        kernel.launch(_persistent_ctas(h.device), kStreamThreads, 4 * (batches + 1),
-                      [h, q, s, masked_m, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
-                       i32(batches), *_scale_strides(s)])
-        return
-    variant = _pick_variant(variant, rows * chunks_per_row, h.device)
-    if variant == "stream":
-        kernel = get_kernel(silu_source(group_size, bool(pow2_scale), False))
-        kernel.launch(_stream_grid(rows * chunks_per_row, h.device), kStreamThreads, 0,
-                      [h, q, s, None, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
-                       i32(batches), *_scale_strides(s)])
-        return
-    kernel = get_kernel(silu_oneshot_source(group_size, bool(pow2_scale)))
-    units = rows * (intermediate // group_size)
-    kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
-                  [h, q, s, None, i64(units),
-                   *_unit_layout(s, h.shape[-2], intermediate // group_size)])
+        grid, smem = _persistent_ctas(h.device), 4 * (batches + 1)
+    else:
+        grid, smem = _stream_grid(rows * chunks_per_row, h.device), 0
+    kernel = get_kernel(silu_source(group_size, bool(pow2_scale), masked))
+    kernel.launch(grid, kStreamThreads, smem,
+                  [h, q, s, masked_m, i32(rows), i32(chunks_per_row), i32(h.shape[-2]),
+                   i32(batches), *_scale_strides(s)])

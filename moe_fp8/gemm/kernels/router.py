@@ -122,7 +122,8 @@ def route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, 
     topk_weights = torch.empty(tokens, top_k, dtype=torch.float32, device=scores.device)
     if tokens == 0:
         return topk_idx, topk_weights
-    _kernel(route_source(route_per_lane(experts)), scores).launch(_ceil_div(tokens, kRouteWarps), kRouteThreads, 0, [
+    kernel = _kernel(route_source(route_per_lane(experts)), scores)
+    kernel.launch(_ceil_div(tokens, kRouteWarps), kRouteThreads, 0, [
         scores, bias, i32(tokens), i64(scores.stride(0)), i32(experts), i32(num_groups),
         i32(topk_group), i32(top_k), i32(int(bool(fill_neg_inf))), i32(int(bool(normalize))),
         f32(float(scaling)), topk_idx, topk_weights, counts])
