@@ -23,9 +23,10 @@ kWarmupSteps = 2  # eager steps on a side stream before capture (JIT compile, al
 # The decode graph captured with programmatic dependent launch (each kernel's prologue overlaps
 # the previous kernel's tail). MOE_FP8_PDL over everything measured 1.08x on the decode graph at
 # one token and 0.92x on the eager prefill (H100, 2026-12-05); this applies it to the decode
-# graph alone. Off until measured in that form.
+# graph alone: 195 -> 189 / 551 -> 548 / 592 -> 585 us at 1 / 32 / 128 tokens, prefill unchanged
+# (H100, 2026-12-05, session 8). MOE_FP8_DECODE_PDL=0 leaves the decode graph to MOE_FP8_PDL.
 kDecodePdlEnv = "MOE_FP8_DECODE_PDL"
-kDecodePdlDefault = False
+kDecodePdlDefault = True
 
 
 class DecodeRunner:
