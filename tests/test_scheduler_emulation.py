@@ -6,8 +6,6 @@ result on the device would come from —
   (dense; contiguous with m_indices and with offsets, padding skipped, or with zero padding every
   row block, the all-padding ones with no K block; masked, empty experts skipped; k-grouped,
   experts without tokens skipped);
-* K rotation (dense, small M): a tile's walk starts inside its K blocks, only where
-  the rows fit kRotateKMaxRowBlocks row blocks, spread over the column units;
 * multicast pairs: the two CTAs of a 2-CTA cluster see the same number of tiles, in lockstep,
   sharing B (cluster_m: vertically adjacent row blocks) or A (cluster_n: horizontally adjacent
   column blocks of the same rows and expert) — a pair that diverged would deadlock on the
@@ -43,7 +41,7 @@ kInstances = [
 kSplitInstances = [("split7_64x128", 2112, 7168, 64, 128, 7), ("split4_128x96", 2112, 1536, 128, 96, 4),
                    ("split2_64x256", 4096, 256, 64, 256, 2)]
 kFields = ("cta", "m_row", "sa_m", "sa_k", "k_block0", "num_k_blocks", "n0", "b_row", "sb_row",
-           "rows_valid", "expert", "k_rot")
+           "rows_valid", "expert")
 
 kPrelude = r'''
 #include <algorithm>
@@ -70,10 +68,10 @@ extern "C" int walk_@NAME@(int m, int num_experts, const int* layout, int grid, 
     Tile t;
     while (scheduler.next(t)) {
       if (count >= cap) return -1;
-      int* r = out + 12 * count++;
+      int* r = out + 11 * count++;
       r[0] = cta; r[1] = t.m_row; r[2] = t.sa_m; r[3] = t.sa_k; r[4] = t.k_block0;
       r[5] = t.num_k_blocks; r[6] = t.n0; r[7] = t.b_row; r[8] = t.sb_row; r[9] = t.rows_valid;
-      r[10] = t.expert; r[11] = t.k_rot;
+      r[10] = t.expert;
     }
   }
   return count;
@@ -110,12 +108,12 @@ def lib(tmp_path_factory):
 
 def _walk(lib, name, m, num_experts, layout_values, grid):
     cap = 200000
-    out = (ctypes.c_int * (12 * cap))()
+    out = (ctypes.c_int * (11 * cap))()
     layout = (ctypes.c_int * max(1, len(layout_values)))(*layout_values)
     fn = getattr(lib, f"walk_{name}")
     count = fn(m, num_experts, layout, grid, out, cap)
     assert count >= 0, "more tiles than the harness holds"
-    return [dict(zip(kFields, out[12 * i:12 * i + 12])) for i in range(count)]
+    return [dict(zip(kFields, out[11 * i:11 * i + 11])) for i in range(count)]
 
 
 def _ceil(a, b):
@@ -206,12 +204,6 @@ def test_scheduler_covers_each_tile_once_and_pairs_stay_in_lockstep(lib, instanc
         got = [_tile_key(layout, t, n) for t in real]
         assert len(got) == len(set(got)), f"{what}: a tile computed twice"
         assert set(got) == _expected(layout, n, bm, bn, m, experts, values), f"{what}: coverage"
-        rotating = layout == 0 and _ceil(m, bm) <= 2
-        for t in real:
-            assert 0 <= t["k_rot"] < max(t["num_k_blocks"], 1), f"{what}: {t}"
-            assert rotating or t["k_rot"] == 0, f"{what}: K rotated outside dense small M {t}"
-        if rotating and _ceil(n, bn * cn) > 1 and k // 128 > 1:
-            assert len({t["k_rot"] for t in real}) > 1, f"{what}: every tile starts at one K block"
         if layout == 5:  # zero padding: all-padding row blocks run with no K block, others with all
             for t in real:
                 padding = not 0 <= values[t["m_row"]] < experts
@@ -229,7 +221,7 @@ def test_scheduler_covers_each_tile_once_and_pairs_stay_in_lockstep(lib, instanc
             a, b = by_cta.get(first, []), by_cta.get(first + 1, [])
             assert len(a) == len(b), f"{what}: cluster {first // size} CTAs see {len(a)} / {len(b)} tiles"
             for ta, tb in zip(a, b):
-                same = ("sa_k", "k_block0", "num_k_blocks", "expert", "k_rot")
+                same = ("sa_k", "k_block0", "num_k_blocks", "expert")
                 assert all(ta[f] == tb[f] for f in same), f"{what}: pair diverged {ta} {tb}"
                 if cn == 2:  # A shared: same rows, adjacent column blocks
                     assert ta["m_row"] == tb["m_row"] and ta["rows_valid"] == tb["rows_valid"], what
@@ -260,4 +252,3 @@ def test_split_k_scheduler_covers_each_tile_and_slice_once(lib, instance):
         for t in tiles:
             assert t["k_block0"] == t["sa_k"] == t["expert"] * per_split, f"{what}: {t}"
             assert t["num_k_blocks"] == per_split and t["rows_valid"] > 0, f"{what}: {t}"
-            assert 0 <= t["k_rot"] < per_split, f"{what}: {t}"

@@ -191,8 +191,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           // The full A and B tiles are expected even when half of one comes from the peer's
           // multicast.
           ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
-          const int kbr = Scheduler::kRotatesK ? rotated_k_block(kb, tile.k_rot, num_kb) : kb;
-          const int k = (tile.k_block0 + kbr) * 128;
+          const int k = (tile.k_block0 + kb) * 128;
           // NOTE: A and B spelled out alike on purpose: a shared helper (tried 2026-12-05)
           // reordered ptxas's schedule of the math warps' FFMAs in every GEMM instance, and the
           // measured v4c SASS is kept bit for bit until a GPU run can time such a change.
@@ -217,10 +216,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                        (1 << kClusterM) - 1);
           }
           ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
-                           tile.sa_k + kbr);
+                           tile.sa_k + kb);
           if constexpr (kColumnScales)
             ptx::tma_load_2d(s_sb + stage * kBlockN, tma_sb, &full[stage], tile.n0,
-                             tile.sa_k + kbr);
+                             tile.sa_k + kb);
           if (++stage == kStages) stage = 0, phase ^= 1;
         }
       }
@@ -286,10 +285,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // first_cols) that use scale block n0/128 (the rest use block n0/128 + 1).
     const float* s_sb_tile = s_tile_sb;
     int first_cols = kBlockN;
-    int k_rot = 0;  // the tile's first K block (its scales are indexed by the rotated block)
     auto begin_tile = [&](const Tile& t) {
       s_sb_tile = s_tile_sb + sb_buf * 2 * kTileKBlocks;
-      k_rot = t.k_rot;
       if constexpr (!kColumnScales) ptx::mbar_wait(&sb_full[sb_buf], sb_phase);
       first_cols = kMayStraddle ? min(kBlockN, 128 - t.n0 % 128) : kBlockN;
     };
@@ -316,9 +313,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       if (!kColumnScales && half == 0) {  // a 256-wide tile's halves share one K block's scales
         const float* s_sa_stage = s_sa + stage_in * kBlockM;
         const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
-        const int kbr = Scheduler::kRotatesK ? rotated_k_block(kb, k_rot, kTileKBlocks) : kb;
-        const float sb_0 = s_sb_tile[kbr];
-        const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kbr] : 0.f;
+        const float sb_0 = s_sb_tile[kb];
+        const float sb_1 = kMayStraddle ? s_sb_tile[kTileKBlocks + kb] : 0.f;
         f[0] = sa_lo * sb_0, f[1] = sa_hi * sb_0, f[2] = sa_lo * sb_1, f[3] = sa_hi * sb_1;
       }
       if (half < kHalves - 1) return;  // the slot serves the next half too

@@ -68,21 +68,7 @@ struct Tile {
   int sb_rows_end;  // one past the last sb row of this expert (guards the straddling block)
   int rows_valid;   // rows of the tile that may be written, counted from m_row
   int expert;       // k-grouped: D's expert coordinate
-  int k_rot;        // the tile's K blocks are walked from this one on, wrapping (see kRotateK)
 };
-
-// The K block visited at step kb of a tile whose walk starts at k_rot (0 <= both < num_kb).
-__device__ __forceinline__ int rotated_k_block(int kb, int k_rot, int num_kb) {
-  const int r = kb + k_rot;
-  return r < num_kb ? r : r - num_kb;
-}
-
-// Dense layout with at most this many row blocks (small M): every CTA starts its tile's K walk at
-// a different K block. Otherwise all CTAs of the row block ask L2 for the same A lines at the
-// same time (at M = 1 one 128-byte line per K block from ~128 CTAs): ncu (H100, 2026-12-05) saw
-// 1 x 4096 x 7168 run 24 us against 16 us at M = 64, math warps waiting on full barriers with
-// DRAM at 38 %. The order of the fp32 promotion sums changes, not the math.
-constexpr int kRotateKMaxRowBlocks = 2;
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -124,7 +110,6 @@ struct TileScheduler {
                 "split K: dense layout, no cluster, K blocks divisible by the splits");
   static constexpr int kSplitKBlocks = kNumKBlocks / kSplitK;  // K blocks per split
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
-  static constexpr bool kRotatesK = kLayout == kLayoutDense;  // Tile::k_rot may be non-zero
 
   const GemmParams& params;
   const int rank_m;  // the row block inside a B-multicast pair (kClusterM > 1), else 0
@@ -167,7 +152,6 @@ struct TileScheduler {
     t.k_block0 = 0;
     t.num_k_blocks = kNumKBlocks;
     t.expert = 0;
-    t.k_rot = 0;
     if constexpr (kLayout == kLayoutMasked) {
       // Experts hold ceil(masked_m / kBlockM) * kNumNUnits tiles (or pairs) each, enumerated
       // densely so that empty experts cost nothing and every CTA gets an even share of the work.
@@ -240,11 +224,6 @@ struct TileScheduler {
       t.m_row = mb * kBlockM;
       t.sa_m = t.m_row;
       if constexpr (kSplitK == 1) t.sa_k = 0;
-      if constexpr (kLayout == kLayoutDense) {
-        // start points spread evenly over the K blocks by column unit (kRotateKMaxRowBlocks);
-        // both CTAs of a multicast pair load the same K block at every step
-        if (pairs_m * kClusterM <= kRotateKMaxRowBlocks) t.k_rot = nu * t.num_k_blocks / kNumNUnits;
-      }
       t.rows_valid = params.m - t.m_row;  // TMA clips the tail; <= 0 for a pair's phantom half
       fill_n(t, nb, e);
       return TileStatus::kReady;
