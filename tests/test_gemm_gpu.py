@@ -118,13 +118,23 @@ def test_dense_odd_shapes(m, n, k):
 
 def _config_id(c: GemmConfig) -> str:
     return (f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}d{int(c.double_buffer)}"
-            f"c{c.cluster_m}" + (f"n{c.cluster_n}" if c.cluster_n != 1 else ""))
+            f"c{c.cluster_m}" + (f"n{c.cluster_n}" if c.cluster_n != 1 else "")
+            + (f"r{c.a_row_chunk}" if c.a_row_chunk else ""))
 
 
 @pytest.mark.parametrize("config", kPinned, ids=_config_id)
 def test_dense_pinned_configs(config):
     # M = 333: three 128-row blocks, so a multicast cluster's second pair has a phantom half.
     _dense_case(333, 2112 + 16, 1536, seed=config.block_n, config=config)
+
+
+@pytest.mark.parametrize("config", [GemmConfig(64, 32, a_row_chunk=8), GemmConfig(64, 64, a_row_chunk=16),
+                                    GemmConfig(128, 128, a_row_chunk=32, num_sms=7)], ids=_config_id)
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 33, 64, 65, 200])
+def test_dense_a_rows_by_need(config, m):
+    """Dense, A loaded only in the chunks below M: every chunk boundary, and (M = 200, few SMs:
+    tiles reuse slots) stale rows of earlier tiles never reach written outputs."""
+    _dense_case(m, 2112 + 16, 1536, seed=m + config.a_row_chunk, config=config)
 
 
 kSplitK = [((64, 2112, 7168), GemmConfig(64, 128, split_k=7)),
@@ -430,11 +440,13 @@ def test_masked_a_rows_by_need(config):
                         config, seed=config.block_n + config.a_row_chunk, what="masked A by need")
 
 
-def test_a_row_chunk_needs_masked_layout():
+def test_a_row_chunk_needs_masked_or_dense_layout():
     gen = _cuda_gen(3)
-    a, b = _quant_act(_rows((64, 256), gen)), _quant_weight(_weights((128, 256), gen))
+    a, b = _quant_act(_rows((128, 256), gen)), _quant_weight(_weights((1, 128, 256), gen))
+    m_indices = build_m_indices([128], device="cuda")
     with pytest.raises(ValueError, match="a_row_chunk"):
-        G.fp8_gemm_nt(a, b, backend="kernel", config=GemmConfig(64, 128, a_row_chunk=16))
+        G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, backend="kernel",
+                                           config=GemmConfig(128, 128, a_row_chunk=16))
 
 
 def test_masked_all_empty():

@@ -19,7 +19,8 @@ def test_cluster_validation():
 
 def test_a_row_chunk_validation():
     assert H.GemmConfig(64, 128, a_row_chunk=16).a_row_chunk == 16
-    for bad in (8, 48, 64):
+    assert H.GemmConfig(64, 32, a_row_chunk=8).a_row_chunk == 8
+    for bad in (4, 48, 64):
         with pytest.raises(ValueError, match="a_row_chunk must be"):
             H.GemmConfig(64, 128, a_row_chunk=bad)
     with pytest.raises(ValueError, match="needs cluster_m = cluster_n = 1"):

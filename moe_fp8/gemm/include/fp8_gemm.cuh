@@ -36,7 +36,8 @@ struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
   static constexpr int kARowChunk = kARowChunk_;
-  static_assert(kARowChunk == 0 || kLayout == kLayoutMasked, "A chunks: masked layout only");
+  static_assert(kARowChunk == 0 || kLayout == kLayoutMasked || kLayout == kLayoutDense,
+                "A chunks: masked or dense layout");
   static constexpr int kTileKBlocks = kK / 128;
   static constexpr bool kColumnScales = false;
   // zero padding: all-padding tiles run with no K block and store zeros

@@ -7,8 +7,9 @@
 //                               each CTA loads half of the shared B tile and multicasts it
 //   kClusterN                   1, or 2: the same for horizontally adjacent tiles sharing A (small
 //                               M: every CTA otherwise re-reads all of A from L2); not both
-//   kARowChunk                  0, or the rows of one A load (masked layout): a tile loads only the
-//                               chunks that hold valid rows (decode: a few tokens of 64); the
+//   kARowChunk                  0, or the rows of one A load (masked or dense layout): a tile loads
+//                               only the chunks that hold valid rows (decode: a few tokens of 64;
+//                               dense small M: no out-of-bounds rows, which TMA fills slowly); the
 //                               slot's other rows keep stale data whose output rows are never
 //                               written
 //   kTileKBlocks                K blocks per tile when fixed at compile time (NT: K / 128, or a
@@ -180,7 +181,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       u32 phase = 0;
       while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
-        // A chunks holding valid rows (kARowChunk > 0; masked tiles have rows_valid >= 1)
+        // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
         constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
         const int a_chunks = kARowChunk == 0 ? 1 :
             min(kBlockM / kChunkRows, (tile.rows_valid + kChunkRows - 1) / kChunkRows);

@@ -162,9 +162,9 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     if c.cluster_m != 1 and layout != kLayoutDense:
         raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense layout (the two "
                          "row blocks of a multicast pair must share B)")
-    if c.a_row_chunk and layout != kLayoutMasked:
-        raise ValueError(f"GemmConfig.a_row_chunk = {c.a_row_chunk} needs the masked layout (it "
-                         "loads the rows below masked_m)")
+    if c.a_row_chunk and layout not in (kLayoutMasked, kLayoutDense):
+        raise ValueError(f"GemmConfig.a_row_chunk = {c.a_row_chunk} needs the masked or dense "
+                         "layout (it loads the rows below masked_m or M)")
     if c.cluster_n != 1 and not H.pairs_columns(c, n):
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
