@@ -113,6 +113,15 @@ def test_multicast_instances_compile_clean(n, k, config, layout, tmp_path, monke
     assert not report.wgmma_serialized, report
 
 
+def test_dense_small_m_loads_a_rows_by_need():
+    """One row block with rows past M: A in 16 / 32-row chunks (no out-of-bounds rows); whole
+    row blocks and several of them: whole-tile boxes; split K (N = 2112) has no chunks."""
+    for m, n, k, chunk in ((1, 4096, 7168, 16), (63, 7168, 2048, 16), (64, 4096, 7168, 0),
+                           (96, 4096, 7168, 32), (128, 4096, 7168, 0), (200, 4096, 7168, 0),
+                           (1, 2112, 7168, 0)):
+        assert H.dense_config(m, n, k, 132).a_row_chunk == chunk, (m, n, k)
+
+
 def test_wide_tiles_switch(monkeypatch):
     """MOE_FP8_WIDE_TILES=1: 128 x 256 tiles for large M (dense: B multicast; contiguous: no
     multicast); short problems and small M keep their tiles."""

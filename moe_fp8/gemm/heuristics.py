@@ -41,6 +41,7 @@ kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
+kDenseARowChunk = {64: 16, 128: 32}  # A's rows per load where M < block_m (dense_config)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
 # layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
@@ -277,6 +278,12 @@ def _dense_config(m: int, n: int, k: int, sms: int, wide: bool) -> GemmConfig:
         split = split_k_config(m, n, k, sms, 64)
         if split is not None:
             return split
+    if m < config.block_m:
+        # One row block with rows past M: load A in chunks below M (out-of-bounds rows cost
+        # TMA time; H100, 2026-12-05, N = 4096, K = 7168: M = 1 26.2 -> 22.5 us, M = 16 23.8 ->
+        # 20.7, M = 96 25.4 -> 23.3 with 32-row chunks; N = 7168, K = 2048 unchanged at ~13 us;
+        # results/small_m_chunks_h100_2026-12-05.md)
+        return dataclasses.replace(config, a_row_chunk=kDenseARowChunk[config.block_m])
     if config.block_n == 256:
         return dataclasses.replace(config, cluster_m=2)  # B multicast: 32 KB of L2 reads per 4 M MACs
     if (config.block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks
