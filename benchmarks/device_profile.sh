@@ -48,7 +48,7 @@ fi
 if [ -n "${DECODE:-}" ]; then  # the layer's decode graph at DECODE tokens, kernel by kernel
   timeout 150 python3 benchmarks/profile_layer.py --tokens --decode "$DECODE" --mode fused \
     --top 24 > "$RAW/profile-decode.log" 2>&1
-  grep -aE "^decode|^\|" "$RAW/profile-decode.log" | grep -v "^|--" | cut -c1-150 | head -n 45
+  grep -aE "^decode|^\|" "$RAW/profile-decode.log" | grep -v "^|--" | cut -c1-150 | head -n 75
 fi
 cp benchmarks/results/*_"$(date +%F)"* "$RAW/" 2>/dev/null
 tar -czf "$FINAL/profile.tgz" -C "$RAW" .

@@ -195,7 +195,27 @@ def analyse(prof, labels) -> dict:
                                    "cuLaunchKernelEx", "cudaGraphLaunch") for e in inside),
         "per_phase": per_phase,
         "by_name": by_name,
+        "timeline": sorted((e.time_range.start, e.time_range.end, e.name,
+                            getattr(e, "device_resource_id", -1)) for e in kernels),
     }
+
+
+def timeline_table(stats: dict):
+    """The kernels of one run in start order: start and end from the first kernel's start, the
+    stream, and the gap to the latest end before it (what the critical path waits on). Under
+    programmatic dependent launch a kernel starts before its predecessor ends and waits inside:
+    read its start as its launch, its end as its finish."""
+    rows = stats["timeline"]
+    if not rows:
+        return []
+    t0, latest = rows[0][0], rows[0][0]
+    table = []
+    for start, end, name, stream in rows:
+        table.append({"start_us": round(start - t0, 1), "end_us": round(end - t0, 1),
+                      "us": round(end - start, 1), "gap_us": round(start - latest, 1),
+                      "stream": stream, "kernel": short(name, 60)})
+        latest = max(latest, end)
+    return table
 
 
 def short(name: str, width: int = 70) -> str:
@@ -346,6 +366,8 @@ def main() -> None:
             out.append(f"## {title}\n\n{summary_line(title, replay_us, graph_stats, replay_us)}"
                        f"{check}\n\n"
                        + markdown_table(top_table(graph_stats, args.top, graph_stats["kernel_us"]))
+                       + "\n\nthe replay's timeline (not L2-flushed):\n\n"
+                       + markdown_table(timeline_table(graph_stats))
                        + f"\n\nthe same step eagerly (phase spans include launch gaps that the graph "
                        f"removes): {eager_us:.0f} us\n\n"
                        + markdown_table(phase_table(phases, eager_stats, eager_us)) + "\n")
