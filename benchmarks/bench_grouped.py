@@ -188,6 +188,11 @@ def masked_table(args, extra):
                              extra)
             row["target_TFLOPS"] = float("nan")
             mrows.append(row)
+    for n, k in ((4096, 7168), (7168, 2048)):  # the layer's one-token step: 8 of 32 experts
+        row = masked_row(32, 128, [1] * 8 + [0] * 24, n, k, bandwidth, args.repeats,
+                         "decode 8 of 32 x1", extra)
+        row["target_TFLOPS"] = float("nan")
+        mrows.append(row)
     write_results("grouped_masked", mrows, f"copy bandwidth {bandwidth:.0f} GB/s; floor = touched "
                   "experts' weight bytes / copy bandwidth; decode target vs_floor <= 1.15")
 
