@@ -98,7 +98,10 @@ def case_silu_masked(e, m_max, inter, mean_m):
     s = empty_act_scales(m_max, inter // 128, e, device="cuda").zero_()
     rows = int(counts.sum())
     nbytes = rows * (2 * inter * 2 + inter + inter // 128 * 4)
-    fns = {"us": lambda: quant.silu_and_mul_quant(h, q, s, masked_m, 128, False)}
+    # "us": the variant the layer picks (it passes its layout's expected_m, pairs / experts)
+    expected_m = max(1, rows // e)
+    fns = {"us": lambda: quant.silu_and_mul_quant(h, q, s, masked_m, 128, False,
+                                                  expected_m=expected_m)}
     for v in quant.kVariants:
         fns[f"{v} us"] = functools.partial(quant.silu_and_mul_quant, h, q, s, masked_m, 128, False,
                                            variant=v)
