@@ -16,6 +16,7 @@ kHarness = r'''
 #include <algorithm>
 #include <array>
 #include <barrier>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>

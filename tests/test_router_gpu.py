@@ -22,6 +22,7 @@ from kernel_checks import EmulatedKernel, assert_bundled_compile_clean, build_em
 
 kEnv = "MOE_FP8_FUSED_ROUTER"
 kInstances = [*(f"moe_fp8::router::route_kernel<256, {p}>" for p in (1, 2, 4, 8)),
+              *(f"moe_fp8::router::route_kernel<256, {p}, true>" for p in (1, 2, 4, 8)),
               "moe_fp8::router::local_ids_kernel<256>",
               "moe_fp8::router::gate_logits_kernel<__nv_bfloat16>",
               "moe_fp8::router::gate_logits_kernel<float>"]
@@ -169,6 +170,34 @@ def test_route_matches_torch_large():
         cfg, logits, bias = route_case("cuda", experts, groups, topk_group, top_k, 16384,
                                        "neg_inf", 0.1, seed=experts)
         check_route(cfg, logits, bias, f"E={experts} T=16384")
+
+
+@pytest.mark.parametrize("experts", [32, 256])
+def test_route_sigmoid_in_the_kernel(backend, experts, monkeypatch):
+    """MOE_FP8_ROUTE_SIGMOID=1: the route kernel takes the logits and their sigmoid itself. On
+    the GPU the outputs are the bits of the kernel fed torch's sigmoid (the same formula, expf and
+    an IEEE division), across magnitudes up to exp overflow and +-inf / NaN logits; emulated (g++,
+    glibc's expf against torch's CPU sigmoid) the same experts and weights within a few ulps."""
+    cfg = MoEConfig.tiny(num_experts=experts, n_group=8, topk_group=4, top_k=8)
+    gen = torch.Generator().manual_seed(experts)
+    logits = torch.randn(67, experts, generator=gen) * torch.tensor([0.1, 1.0, 8.0, 40.0]).repeat(
+        17)[:67, None]
+    logits[3, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 89.0])
+    logits[4, 5] = -104.0  # sigmoid underflows to a denormal / zero
+    bias = (torch.rand(experts, generator=gen) - 0.5) * 0.2
+    logits, bias = logits.to(backend), bias.to(backend)
+    with fused():
+        monkeypatch.setenv("MOE_FP8_ROUTE_SIGMOID", "0")
+        idx_torch_sigmoid, w_torch_sigmoid = R.route(logits, bias, cfg)
+        monkeypatch.setenv("MOE_FP8_ROUTE_SIGMOID", "1")
+        idx, w = R.route(logits, bias, cfg)
+    if backend == "cuda":
+        assert torch.equal(idx, idx_torch_sigmoid), "expert choice differs"
+        assert torch.equal(w.view(torch.int32), w_torch_sigmoid.view(torch.int32)), \
+            "weights are not torch's sigmoid bits"  # bit patterns: row 3 holds NaN weights
+    else:
+        assert torch.equal(idx.sort(1).values, idx_torch_sigmoid.sort(1).values)
+        torch.testing.assert_close(w, w_torch_sigmoid, rtol=4 * 2 ** -23, atol=0, equal_nan=True)
 
 
 def test_route_unnormalised_and_ties(backend):

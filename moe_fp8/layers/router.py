@@ -24,7 +24,9 @@ checkpoint-style bf16-valued gate weights one bf16 tensor-core GEMM with fp32 ou
 ``gate_logits``; then ``sigmoid``), so the scores are the same bits on both paths and the kernel's
 comparisons are exact: same expert set per token. The kernel's slots come in descending order of the biased
 score (torch's unsorted top-k has its own order) and it sums the k weights in slot order, so a
-weight may differ from the torch path's by an ulp or two.
+weight may differ from the torch path's by an ulp or two. With ``MOE_FP8_ROUTE_SIGMOID=1`` the
+route kernel takes the logits and computes torch's formula for the sigmoid itself (expf, IEEE
+division: the same bits), one kernel fewer per call.
 """
 from __future__ import annotations
 
@@ -55,6 +57,13 @@ kGateKernelDefault = False
 kGateKernelMaxTokens = 64  # beyond: cuBLAS (the kernel re-reads x per expert from L2)
 
 kFusedRouterDefault = True  # verified and measured on an H100, 2026-12-05 (NOTES "First GPU run of session 4")
+
+# The route kernel takes the sigmoid of the logits itself (torch's formula, the same bits) instead
+# of a separate torch sigmoid kernel: one kernel fewer on the decode graph's router branch (8
+# kernels, ~31 us before the routed GEMMs at one token, H100 2026-12-05). Off until a GPU run has
+# checked the bits and timed it.
+kRouteSigmoidEnv = "MOE_FP8_ROUTE_SIGMOID"
+kRouteSigmoidDefault = False
 
 
 def fused_router_switch_on() -> bool:
@@ -107,11 +116,13 @@ def route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig, *,
                                    or tuple(counts_out.shape) != (cfg.num_experts,)):
         raise ValueError(f"counts_out must be int64 [{cfg.num_experts}], got "
                          f"{counts_out.dtype} {tuple(counts_out.shape)}")
-    scores = logits.sigmoid()
-    if fused_router_enabled(scores) and not (torch.is_grad_enabled() and scores.requires_grad):
+    if fused_router_enabled(logits) and not (torch.is_grad_enabled() and logits.requires_grad):
         module = kernels()
-        bias32 = bias.to(device=scores.device, dtype=torch.float32).contiguous()
-        if module.supports_route(scores, bias32, cfg.n_group, cfg.topk_group, cfg.top_k):
+        bias32 = bias.to(device=logits.device, dtype=torch.float32).contiguous()
+        if module.supports_route(logits, bias32, cfg.n_group, cfg.topk_group, cfg.top_k):
+            # the kernel's input: the logits (it takes their sigmoid) or torch's sigmoid of them
+            from_logits = switch_on(kRouteSigmoidEnv, kRouteSigmoidDefault)
+            scores = logits if from_logits else logits.sigmoid()
             counts = None
             if counts_out is not None and counts_out.is_contiguous() and \
                     counts_out.device == scores.device:
@@ -119,10 +130,11 @@ def route(logits: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig, *,
             topk_idx, weights = module.route(scores, bias32, cfg.n_group, cfg.topk_group,
                                              cfg.top_k, cfg.group_mask_fill == "neg_inf",
                                              cfg.norm_topk_prob, cfg.routed_scaling_factor,
-                                             counts)
+                                             counts, from_logits=from_logits)
             if counts_out is not None and counts is None:
                 counts_out.copy_(tokens_per_expert(topk_idx, cfg.num_experts))
             return topk_idx, weights
+    scores = logits.sigmoid()
     topk_idx = group_limited_topk(scores, bias, cfg)
     weights = scores.gather(1, topk_idx)  # [T, k] from the unbiased scores
     if cfg.norm_topk_prob:

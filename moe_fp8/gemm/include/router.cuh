@@ -83,10 +83,18 @@ __device__ __forceinline__ Packed warp_best(Packed mine) {
   return mine;
 }
 
+// torch's fp32 sigmoid, 1 / (1 + exp(-l)) with expf and an IEEE division (no fast math in the
+// JIT): the same bits as logits.sigmoid() on the GPU (tests/test_router_gpu.py checks it).
+__device__ __forceinline__ float sigmoid_like_torch(float logit) {
+  return 1.0f / (1.0f + expf(-logit));
+}
+
 // gScores fp32 [T, E] (row stride scoreStride), gBias fp32 [E]; gTopkIdx int64 [T, K],
 // gTopkWeights fp32 [T, K]; gCounts int64 [E] or null (accumulated, the caller zeroes it).
 // kPerLane: experts per lane, ceil(E / 32) up to a power of two (the host picks the smallest).
-template <int kThreads, int kPerLane = kMaxPerLane>
+// kFromLogits: gScores holds the logits and the kernel takes their sigmoid itself (one kernel
+// fewer on the decode graph's router branch, where each costs a few microseconds of latency).
+template <int kThreads, int kPerLane = kMaxPerLane, bool kFromLogits = false>
 __global__ void __launch_bounds__(kThreads) route_kernel(
     const float* __restrict__ gScores, const float* __restrict__ gBias, int numTokens,
     long long scoreStride, int numExperts, int numGroups, int topkGroup, int topK, int fillNegInf,
@@ -103,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
 
   // (1) scores and biased choices into shared memory: experts lane, lane + 32, ...
   for (int e = lane; e < numExperts; e += 32) {
-    const float s = __ldg(gRow + e);
+    const float s = kFromLogits ? sigmoid_like_torch(__ldg(gRow + e)) : __ldg(gRow + e);
     sScore[warp][e] = s;
     sChoice[warp][e] = s + __ldg(gBias + e);
   }

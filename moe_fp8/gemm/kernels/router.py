@@ -5,7 +5,8 @@ decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, limi
 ``supports_*``) and validate; these functions take checked tensors and only allocate and launch.
 
 * ``route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, scaling,
-  counts=None)``: scores fp32 ``[T, E]`` (sigmoid of the logits; unit column stride), bias fp32
+  counts=None, from_logits=False)``: scores fp32 ``[T, E]`` (sigmoid of the logits, or with
+  ``from_logits`` the logits themselves, the kernel taking torch's sigmoid; unit column stride), bias fp32
   ``[E]`` contiguous -> ``(topk_idx int64 [T, k], topk_weights fp32 [T, k])``, slots in
   descending order of the biased score; ``counts`` int64 ``[E]`` contiguous: += 1 per selected
   (token, expert) (the caller zeroes it).
@@ -47,8 +48,9 @@ def route_per_lane(num_experts: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def route_source(per_lane: int = kMaxPerLane) -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::router::route_kernel<{kRouteThreads}, {per_lane}>")
+def route_source(per_lane: int = kMaxPerLane, from_logits: bool = False) -> KernelSource:
+    tail = ", true" if from_logits else ""
+    return KernelSource(kHeader, f"moe_fp8::router::route_kernel<{kRouteThreads}, {per_lane}{tail}>")
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,8 +66,9 @@ def gate_logits_source(weight_dtype: torch.dtype) -> KernelSource:
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (7 kernels)."""
-    return [*(route_source(p) for p in kPerLaneChoices), local_ids_source(),
+    """Every variant the layer can launch (11 kernels)."""
+    return [*(route_source(p) for p in kPerLaneChoices),
+            *(route_source(p, True) for p in kPerLaneChoices), local_ids_source(),
             *(gate_logits_source(t) for t in _kGateWeightTypes)]
 
 
@@ -115,14 +118,14 @@ def supports_local_ids(topk_idx: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------- launches
 
 def route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, scaling,
-          counts=None):
+          counts=None, from_logits=False):
     """See the module docstring."""
     tokens, experts = scores.shape
     topk_idx = torch.empty(tokens, top_k, dtype=torch.int64, device=scores.device)
     topk_weights = torch.empty(tokens, top_k, dtype=torch.float32, device=scores.device)
     if tokens == 0:
         return topk_idx, topk_weights
-    kernel = _kernel(route_source(route_per_lane(experts)), scores)
+    kernel = _kernel(route_source(route_per_lane(experts), bool(from_logits)), scores)
     kernel.launch(_ceil_div(tokens, kRouteWarps), kRouteThreads, 0, [
         scores, bias, i32(tokens), i64(scores.stride(0)), i32(experts), i32(num_groups),
         i32(topk_group), i32(top_k), i32(int(bool(fill_neg_inf))), i32(int(bool(normalize))),
