@@ -163,6 +163,15 @@ def test_decode_runner_with_pdl_is_bit_identical(moe, monkeypatch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_PDL", (32, 7, 1, 32), 850)
 
 
+@pytest.mark.parametrize("switch", ["MOE_FP8_ROUTE_SIGMOID", "MOE_FP8_FUSED_DECODE_INDEX"])
+@torch.no_grad()
+def test_decode_router_branch_switches_are_bit_identical(moe, monkeypatch, switch):
+    """The decode router branch with fewer kernels: the route kernel's own sigmoid (torch's bits)
+    and the masked index from global ids with the row maps pre-set (the same integers): the same
+    outputs as the separate kernels, including batches below the runner's size (num_valid)."""
+    assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 870)
+
+
 @pytest.mark.parametrize("tokens", [1, 4096])
 @torch.no_grad()
 def test_upper_bound_rows_is_exact(moe, tokens):

@@ -172,6 +172,39 @@ def test_masked_index_matches_torch(backend, m_max):
         assert L.masked_index(ids, experts, m_max, weights).slot_row is None  # torch path: computed later
 
 
+@pytest.mark.parametrize("m_max", [1, 64])
+def test_masked_index_from_global_ids(backend, m_max, monkeypatch):
+    """MOE_FP8_FUSED_DECODE_INDEX=1: one launch maps the router's global ids to this rank's
+    experts (others and tokens at or beyond the device-side valid count skip) and builds the
+    masked index: every field equals the two-step path's (local_expert_ids, then masked_index);
+    the row maps come back all -1. Host-int valid counts and the switch off take the two steps."""
+    monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "1")
+    gen = torch.Generator().manual_seed(m_max)
+    for tokens, top_k, experts_global, offset, local in ((1, 8, 64, 16, 16), (37, 4, 32, 0, 32),
+                                                         (9, 8, 256, 224, 32)):
+        ids = torch.stack([torch.randperm(experts_global, generator=gen)[:top_k]
+                           for _ in range(tokens)]).to(backend)
+        weights = torch.rand(tokens, top_k, generator=gen).to(backend)
+        for valid in (0, 1, tokens, tokens + 3):
+            num_valid = torch.tensor(valid, dtype=torch.int64, device=backend)
+            what = f"T={tokens} k={top_k} E={experts_global} offset={offset} valid={valid}"
+            with fused():
+                expected = L.masked_index(L.local_expert_ids(ids, offset, local, num_valid), local,
+                                          m_max, weights)
+                actual = L.masked_index_from_global(ids, offset, local, m_max, weights, num_valid)
+            assert actual is not None and actual.row_maps is not None, what
+            for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow",
+                         "slot_row", "slot_weight"):
+                assert_same(getattr(actual, name), getattr(expected, name), f"{name} {what}")
+            assert tuple(actual.row_maps.shape) == (2, local + 1, m_max), what
+            assert bool((actual.row_maps == -1).all()), f"row maps not set to -1: {what}"
+        with fused():
+            assert L.masked_index_from_global(ids, offset, local, m_max, weights, 1) is None
+    monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "0")
+    with fused():
+        assert L.masked_index_from_global(ids, offset, local, m_max, weights, None) is None
+
+
 # ----------------------------------------------------------------------------- permute
 
 kPermuteCases = [  # (tokens, hidden, top_k, experts_local)

@@ -37,6 +37,14 @@ FP8 = torch.float8_e4m3fn
 
 kFusedEnv = "MOE_FP8_FUSED_PERMUTE"
 kMaskedIndexMaxPairs = 1 << 16  # the masked index kernel is one CTA: beyond this, torch is faster
+# The decode dispatch's index from the router's global ids in one launch: the masked index kernel
+# maps them to local ids itself (no local-id kernel) and sets the permute's row maps to -1 (no
+# torch.full kernel): two kernels fewer on the decode graph's router branch (8 kernels, ~31 us
+# before the routed GEMMs at one token, H100 2026-12-05). Off until a GPU run has checked and
+# timed it.
+kFusedDecodeIndexEnv = "MOE_FP8_FUSED_DECODE_INDEX"
+kFusedDecodeIndexDefault = False
+kRowMapsFillMax = 1 << 16  # row-map entries one CTA sets to -1 (beyond: a torch.full kernel)
 
 
 def fused_switch_on() -> bool:
@@ -223,6 +231,9 @@ class MaskedIndex:
     # the combine index of the same pass (fused kernel given topk_weights), else None:
     slot_row: Optional[torch.Tensor] = None  # int64 [P]: e * m_max + rank, 0 if dropped
     slot_weight: Optional[torch.Tensor] = None  # fp32 [P]: the pair's weight, 0 if dropped
+    # int64 [2, E_loc + 1, M_max] already -1 (masked_index_from_global), for permute_masked's
+    # row_token / row_slot; None: permute_masked fills its own
+    row_maps: Optional[torch.Tensor] = None
 
 
 def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int,
@@ -259,6 +270,43 @@ def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int,
     pair_rank = torch.where(kept, pair_rank, torch.zeros_like(pair_rank))
     masked_m = counts[:num_experts_local].clamp(max=m_max).to(torch.int32)
     return MaskedIndex(masked_m, pair_expert, pair_rank, kept, num_overflow)
+
+
+def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_experts_local: int,
+                             m_max: int, topk_weights: Optional[torch.Tensor] = None,
+                             num_valid_tokens=None) -> Optional[MaskedIndex]:
+    """``masked_index(local_expert_ids(topk_idx, expert_offset, num_experts_local,
+    num_valid_tokens), num_experts_local, m_max, topk_weights)`` in one kernel launch, which also
+    sets ``row_maps`` to -1 (``MOE_FP8_FUSED_DECODE_INDEX=1``). None where that kernel does not
+    apply (switch off, not on sm_90, limits, ``num_valid_tokens`` not None or an int64 device
+    scalar): the caller then takes the two steps."""
+    if not switch_on(kFusedDecodeIndexEnv, kFusedDecodeIndexDefault):
+        return None
+    pairs = topk_idx.reshape(-1)
+    if pairs.numel() == 0 or pairs.numel() > kMaskedIndexMaxPairs or not fused_enabled(pairs):
+        return None
+    if topk_idx.dim() != 2 or (num_experts_local + 1) * m_max * 2 > kRowMapsFillMax:
+        return None
+    valid = num_valid_tokens
+    if valid is not None and not (isinstance(valid, torch.Tensor) and valid.dtype == torch.int64
+                                  and valid.numel() == 1 and valid.device == pairs.device):
+        return None
+    kernels = _permute_kernels()
+    ids = pairs.long().contiguous()
+    if not kernels.supports_index(ids, num_experts_local):
+        return None
+    weights = None
+    if topk_weights is not None and topk_weights.dtype == torch.float32 and \
+            topk_weights.is_contiguous() and topk_weights.numel() == pairs.numel() and \
+            topk_weights.device == pairs.device and \
+            not (torch.is_grad_enabled() and topk_weights.requires_grad):
+        weights = topk_weights.reshape(-1)
+    row_maps = torch.empty(2, num_experts_local + 1, m_max, dtype=torch.int64, device=pairs.device)
+    fields = kernels.masked_index(ids, num_experts_local, m_max, weights, id_offset=expert_offset,
+                                  top_k=topk_idx.shape[1],
+                                  num_valid=valid.reshape(()) if valid is not None else None,
+                                  row_fill=row_maps)
+    return MaskedIndex(*fields, row_maps=row_maps)
 
 
 def upper_bound_rows(num_pairs: int, num_experts_local: int) -> int:

@@ -100,8 +100,10 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
                 kernels.aligned16(a_buf) and sa_buf.dim() == 3 and \
                 all(t.dtype == torch.int64 and t.is_contiguous() for t in pair_meta):
             experts_plus_trash, m_max = a_buf.shape[:2]
-            rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
-                              device=xq.device)
+            rows = index.row_maps  # already -1 (masked_index_from_global), else filled here
+            if rows is None or tuple(rows.shape) != (2, experts_plus_trash, m_max):
+                rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
+                                  device=xq.device)
             kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1])
             return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]

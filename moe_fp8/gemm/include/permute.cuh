@@ -75,6 +75,28 @@ __device__ __forceinline__ int expert_of(const long long* __restrict__ gIds, int
   return (e >= 0 && e < numExperts) ? static_cast<int>(e) : -1;
 }
 
+// The pair -> local expert maps of the ranking passes below. LocalIds: ids already local (the
+// sentinel E skips). GlobalIds: global ids of [T, k] pairs, mapped as router.cuh's
+// local_ids_kernel maps them (this rank's experts [offset, offset + E); other experts and pairs
+// of tokens at or beyond the valid count skip), so the decode graph needs no local-id kernel.
+struct LocalIds {
+  const long long* __restrict__ ids;
+  int numExperts;
+  __device__ __forceinline__ int operator()(int p) const { return expert_of(ids, p, numExperts); }
+};
+
+struct GlobalIds {
+  const long long* __restrict__ ids;
+  long long offset;
+  int numExperts;
+  long long validPairs;  // pairs of the valid tokens: valid count x k
+  __device__ __forceinline__ int operator()(int p) const {
+    if (p >= validPairs) return -1;
+    const long long e = __ldg(ids + p) - offset;
+    return (e >= 0 && e < numExperts) ? static_cast<int>(e) : -1;
+  }
+};
+
 // Exclusive prefix sum of one int per thread over a CTA of kThreads; *total gets the sum.
 template <int kThreads>
 __device__ __forceinline__ int cta_exclusive_scan(int value, int* total) {
@@ -116,15 +138,16 @@ struct SubChunk {
 };
 
 // Pass 1: sCursor[w][e] = pairs of expert e in warp w's sub-chunk.
-__device__ __forceinline__ void count_sub_chunks(const long long* __restrict__ gIds, SubChunk chunk,
-                                                 int numExperts, int (*sCursor)[kMaxExperts]) {
+template <typename ExpertOf>
+__device__ __forceinline__ void count_sub_chunks(ExpertOf expert_of_pair, SubChunk chunk,
+                                                 int (*sCursor)[kMaxExperts]) {
   for (int i = threadIdx.x; i < kRankWarps * kMaxExperts; i += kRankThreads)
     (&sCursor[0][0])[i] = 0;
   __syncthreads();
   const int warp = threadIdx.x / 32;
 #pragma unroll 4
   for (int p = chunk.begin + threadIdx.x % 32; p < chunk.end; p += 32) {
-    const int e = expert_of(gIds, p, numExperts);
+    const int e = expert_of_pair(p);
     if (e >= 0) atomicAdd(&sCursor[warp][e], 1);
   }
   __syncthreads();
@@ -150,16 +173,15 @@ __device__ __forceinline__ int scan_sub_chunks(int base, int numExperts,
 
 // Pass 2: calls visit(p, e, rank) for every pair of this warp's sub-chunk in order (e = -1 and
 // rank = -1 for skipped pairs). The loop bounds are warp-uniform, as __match_any_sync needs.
-template <typename Visit>
-__device__ __forceinline__ void rank_sub_chunk(const long long* __restrict__ gIds, SubChunk chunk,
-                                               int numExperts, int (*sCursor)[kMaxExperts],
-                                               Visit visit) {
+template <typename ExpertOf, typename Visit>
+__device__ __forceinline__ void rank_sub_chunk(ExpertOf expert_of_pair, SubChunk chunk,
+                                               int (*sCursor)[kMaxExperts], Visit visit) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int eNext = chunk.begin + lane < chunk.end ? expert_of(gIds, chunk.begin + lane, numExperts) : -1;
+  int eNext = chunk.begin + lane < chunk.end ? expert_of_pair(chunk.begin + lane) : -1;
   for (int p0 = chunk.begin; p0 < chunk.end; p0 += 32) {
     const int p = p0 + lane, e = eNext;
     // prefetch the next step's ids: the step's own work is shared-memory only
-    eNext = p + 32 < chunk.end ? expert_of(gIds, p + 32, numExperts) : -1;
+    eNext = p + 32 < chunk.end ? expert_of_pair(p + 32) : -1;
     const unsigned peers = __match_any_sync(0xFFFFFFFFu, e);  // lanes past `end` have e = -1
     int rank = -1;
     if (e >= 0) rank = sCursor[warp][e] + __popc(peers & lanemask_lt());
@@ -245,10 +267,11 @@ __global__ void __launch_bounds__(kThreads) contiguous_rank_kernel(
   __shared__ int sCursor[kRankWarps][kMaxExperts];
   const int begin = blockIdx.x * kPairsPerCta, end = min(numPairs, begin + kPairsPerCta);
   const SubChunk chunk(begin, end);
-  count_sub_chunks(gIds, chunk, numExperts, sCursor);
+  const LocalIds ids{gIds, numExperts};
+  count_sub_chunks(ids, chunk, sCursor);
   const int e = threadIdx.x;
   scan_sub_chunks(e < numExperts ? gCtaBase[blockIdx.x * numExperts + e] : 0, numExperts, sCursor);
-  rank_sub_chunk(gIds, chunk, numExperts, sCursor, [&](int p, int expert, int row) {
+  rank_sub_chunk(ids, chunk, sCursor, [&](int p, int expert, int row) {
     const bool kept = expert >= 0;
     gPairRow[p] = kept ? row : 0;
     gPairKept[p] = kept;
@@ -274,9 +297,15 @@ __global__ void __launch_bounds__(kThreads) contiguous_rank_kernel(
 // pair_expert / pair_rank / pair_kept of every pair, masked_m = min(count, M_max) per expert and
 // the number of pairs dropped because their expert already had M_max rows. Skipped and dropped
 // pairs go to the trash bucket (expert numExperts, rank 0).
+// gIds: local ids (idOffset 0, sentinel numExperts), or global ids [T, topK] of which this rank
+// holds [idOffset, idOffset + numExperts), tokens at or beyond *gNumValid (if given) skipped: the
+// GlobalIds map, local_ids_kernel folded in. gRowFill (optional): rowFillCount int64 set to -1
+// first (the permute's row maps, which it then writes for the kept pairs).
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) masked_index_kernel(
     const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
+    long long idOffset, int topK, const long long* __restrict__ gNumValid,
+    long long* __restrict__ gRowFill, int rowFillCount,
     int* __restrict__ gMaskedM,           // [numExperts] int32
     long long* __restrict__ gPairExpert,  // [numPairs]
     long long* __restrict__ gPairRank,    // [numPairs]
@@ -290,15 +319,20 @@ __global__ void __launch_bounds__(kThreads) masked_index_kernel(
   __shared__ int sCursor[kRankWarps][kMaxExperts];
   __shared__ int sOverflow;
   const SubChunk chunk(0, numPairs);
+  for (int i = threadIdx.x; i < rowFillCount; i += kThreads) gRowFill[i] = -1;
+  long long validPairs = numPairs;
+  if (gNumValid != nullptr)
+    validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
+  const GlobalIds ids{gIds, idOffset, numExperts, validPairs};
   if (threadIdx.x == 0) sOverflow = 0;
-  count_sub_chunks(gIds, chunk, numExperts, sCursor);  // its barriers publish sOverflow = 0
+  count_sub_chunks(ids, chunk, sCursor);  // its barriers publish sOverflow = 0
   const int e = threadIdx.x;
   const int total = scan_sub_chunks(0, numExperts, sCursor);
   if (e < numExperts) {
     gMaskedM[e] = min(total, maxRows);
     if (total > maxRows) atomicAdd(&sOverflow, total - maxRows);
   }
-  rank_sub_chunk(gIds, chunk, numExperts, sCursor, [&](int p, int expert, int rank) {
+  rank_sub_chunk(ids, chunk, sCursor, [&](int p, int expert, int rank) {
     const bool kept = expert >= 0 && rank < maxRows;
     gPairExpert[p] = kept ? expert : numExperts;
     gPairRank[p] = kept ? rank : 0;

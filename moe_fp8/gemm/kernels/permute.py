@@ -9,7 +9,11 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   when ``num_rows is None``, one host read of ``M_sum`` between scan and rank (the prefill path's
   only sync). Returns ``(m_indices int32 [M_sum], row_pair int64 [M_sum], pair_row int64 [P],
   pair_kept bool [P], tokens_per_expert int64 [E], num_rows)`` — the torch builder's values.
-* ``masked_index(ids, num_experts, m_max, weights=None)``: one launch, one CTA, no sync. Returns
+* ``masked_index(ids, num_experts, m_max, weights=None, *, id_offset=0, top_k=1, num_valid=None,
+  row_fill=None)``: one launch, one CTA, no sync. ``ids`` local (sentinel E), or global ids of
+  ``[T, top_k]`` pairs with this rank's experts at ``[id_offset, id_offset + E)`` and
+  ``num_valid`` an int64 device scalar (tokens at or beyond it skip): the local-id mapping in the
+  same launch. ``row_fill`` int64 contiguous (optional): set to -1 first. Returns
   ``(masked_m int32 [E], pair_expert int64 [P], pair_rank int64 [P], pair_kept bool [P],
   num_overflow int64 [], slot_row, slot_weight)``; with ``weights`` fp32 ``[P]`` contiguous the
   last two are the combine index (int64 ``[P]`` row ``e * m_max + rank`` / fp32 ``[P]`` weight,
@@ -161,7 +165,9 @@ def contiguous_index(ids: torch.Tensor, num_experts: int, num_rows: Optional[int
 
 
 def masked_index(ids: torch.Tensor, num_experts: int, m_max: int,
-                 weights: Optional[torch.Tensor] = None):
+                 weights: Optional[torch.Tensor] = None, *, id_offset: int = 0, top_k: int = 1,
+                 num_valid: Optional[torch.Tensor] = None,
+                 row_fill: Optional[torch.Tensor] = None):
     """See the module docstring. ``ids`` int64 ``[P]`` (P may be 0)."""
     device, num_pairs = ids.device, ids.numel()
     masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
@@ -173,9 +179,11 @@ def masked_index(ids: torch.Tensor, num_experts: int, m_max: int,
     slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if weights is not None else None
     slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) \
         if weights is not None else None
+    fill = row_fill.numel() if row_fill is not None else 0
     _kernel(masked_index_source(), ids).launch(1, kRankThreads, 0, [
-        ids, i32(num_pairs), i32(num_experts), i32(m_max), masked_m, pair_expert, pair_rank,
-        pair_kept, num_overflow, weights, slot_row, slot_weight])
+        ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
+        row_fill, i32(fill), masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights,
+        slot_row, slot_weight])
     return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
 
 
