@@ -129,7 +129,9 @@ def test_dense_pinned_configs(config):
 
 
 @pytest.mark.parametrize("config", [GemmConfig(64, 32, a_row_chunk=8), GemmConfig(64, 64, a_row_chunk=16),
-                                    GemmConfig(128, 128, a_row_chunk=32, num_sms=7)], ids=_config_id)
+                                    GemmConfig(128, 128, a_row_chunk=32, num_sms=7),
+                                    GemmConfig(64, 32, stages=16, a_row_chunk=16, num_sms=5)],
+                         ids=_config_id)
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 33, 64, 65, 200])
 def test_dense_a_rows_by_need(config, m):
     """Dense, A loaded only in the chunks below M: every chunk boundary, and (M = 200, few SMs:

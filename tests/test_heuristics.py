@@ -113,6 +113,19 @@ def test_multicast_instances_compile_clean(n, k, config, layout, tmp_path, monke
     assert not report.wgmma_serialized, report
 
 
+def test_stage_limits():
+    """Pinned rings up to kMaxStages (deeper rings for narrow small-M tiles, an experiment);
+    the heuristics stay at kDefaultMaxStages."""
+    assert H.GemmConfig(64, 32, stages=16).resolved(7168).stages == 16
+    for bad in (1, 17):
+        with pytest.raises(ValueError, match="stages must be"):
+            H.GemmConfig(64, 32, stages=bad)
+    with pytest.raises(ValueError, match="shared memory"):
+        H.GemmConfig(128, 256, stages=16).resolved(7168)
+    for m, n, k in ((1, 4096, 7168), (64, 7168, 2048), (4096, 4096, 7168)):
+        assert H.dense_config(m, n, k, 132).stages <= H.kDefaultMaxStages, (m, n, k)
+
+
 def test_dense_small_m_loads_a_rows_by_need():
     """One row block with rows past M: A in 16 / 32-row chunks (no out-of-bounds rows); whole
     row blocks and several of them: whole-tile boxes; split K (N = 2112) has no chunks."""

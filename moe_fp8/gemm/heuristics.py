@@ -33,7 +33,9 @@ from .jit import env
 
 kMaxSmemBytes = 232448  # sm_90 opt-in dynamic shared memory per block (227 KiB)
 kBlockK = 128           # one K block = one scale group; a 128-byte row of e4m3
-kMaxStages = 10
+kMaxStages = 16         # a pinned GemmConfig(stages=) may ask for up to this many
+kDefaultMaxStages = 10  # what the heuristics give (the most that fit, up to this); deeper rings
+                        # for the narrow small-M tiles are pinnable, not yet measured
 kMinStages = 2
 kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
 kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
@@ -188,7 +190,7 @@ def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = Fa
 
 
 def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1) -> int:
-    for stages in range(kMaxStages, kMinStages - 1, -1):
+    for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
         if smem_bytes(block_m, block_n, stages, k, wgrad, split_k) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
