@@ -6,7 +6,8 @@ decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, limi
 
 * ``route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, scaling,
   counts=None, from_logits=False)``: scores fp32 ``[T, E]`` (sigmoid of the logits, or with
-  ``from_logits`` the logits themselves, the kernel taking torch's sigmoid; unit column stride), bias fp32
+  ``from_logits`` the logits themselves, the kernel taking torch's sigmoid; unit column
+  stride), bias fp32
   ``[E]`` contiguous -> ``(topk_idx int64 [T, k], topk_weights fp32 [T, k])``, slots in
   descending order of the biased score; ``counts`` int64 ``[E]`` contiguous: += 1 per selected
   (token, expert) (the caller zeroes it).
@@ -50,7 +51,8 @@ def route_per_lane(num_experts: int) -> int:
 @functools.lru_cache(maxsize=None)
 def route_source(per_lane: int = kMaxPerLane, from_logits: bool = False) -> KernelSource:
     tail = ", true" if from_logits else ""
-    return KernelSource(kHeader, f"moe_fp8::router::route_kernel<{kRouteThreads}, {per_lane}{tail}>")
+    return KernelSource(kHeader,
+                        f"moe_fp8::router::route_kernel<{kRouteThreads}, {per_lane}{tail}>")
 
 
 @functools.lru_cache(maxsize=None)
