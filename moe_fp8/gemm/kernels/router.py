@@ -8,8 +8,8 @@ decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, limi
   counts=None, from_logits=False)``: scores fp32 ``[T, E]`` (sigmoid of the logits, or with
   ``from_logits`` the logits themselves, the kernel taking torch's sigmoid; unit column
   stride), bias fp32 ``[E]`` contiguous -> ``(topk_idx int64 [T, k], topk_weights fp32
-  [T, k])``, slots in descending order of the biased score; ``counts`` int64 ``[E]`` contiguous: += 1 per selected
-  (token, expert) (the caller zeroes it).
+  [T, k])``, slots in descending order of the biased score; ``counts`` int64 ``[E]``
+  contiguous: += 1 per selected (token, expert) (the caller zeroes it).
 * ``gate_logits(x, weight)``: x bf16 ``[T, H]`` (unit column stride), weight bf16 or fp32 ``[E, H]``
   contiguous, H % 8 == 0 -> fp32 logits ``[T, E]`` (``supports_gate_logits``).
 * ``local_ids(topk_idx, offset, num_local, num_valid)``: topk_idx int64 ``[T, k]`` contiguous;
