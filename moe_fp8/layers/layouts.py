@@ -236,6 +236,17 @@ class MaskedIndex:
     row_maps: Optional[torch.Tensor] = None
 
 
+def _kernel_weights(topk_weights: Optional[torch.Tensor], pairs: torch.Tensor):
+    """The top-k weights as the masked index kernel's ``[P]`` combine weights, or None where it
+    cannot take them (then the combine index is built later from the weights)."""
+    if topk_weights is not None and topk_weights.dtype == torch.float32 and \
+            topk_weights.is_contiguous() and topk_weights.numel() == pairs.numel() and \
+            topk_weights.device == pairs.device and \
+            not (torch.is_grad_enabled() and topk_weights.requires_grad):
+        return topk_weights.reshape(-1)
+    return None
+
+
 def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int,
                  topk_weights: Optional[torch.Tensor] = None) -> MaskedIndex:
     """Rows of the masked layout for local ids ``[T, k]`` (sentinel = skip). No host sync.
@@ -251,12 +262,7 @@ def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int,
         kernels = _permute_kernels()
         ids = pairs.long().contiguous()
         if kernels.supports_index(ids, num_experts_local):
-            weights = None
-            if topk_weights is not None and topk_weights.dtype == torch.float32 and \
-                    topk_weights.is_contiguous() and topk_weights.numel() == pairs.numel() and \
-                    topk_weights.device == pairs.device and \
-                    not (torch.is_grad_enabled() and topk_weights.requires_grad):
-                weights = topk_weights.reshape(-1)
+            weights = _kernel_weights(topk_weights, pairs)
             return MaskedIndex(*kernels.masked_index(ids, num_experts_local, m_max, weights))
     order, sorted_expert, rank, counts = _sorted_pairs(pairs, num_experts_local + 1)
     pair_expert = torch.empty_like(pairs)
@@ -295,12 +301,7 @@ def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_exp
     ids = pairs.long().contiguous()
     if not kernels.supports_index(ids, num_experts_local):
         return None
-    weights = None
-    if topk_weights is not None and topk_weights.dtype == torch.float32 and \
-            topk_weights.is_contiguous() and topk_weights.numel() == pairs.numel() and \
-            topk_weights.device == pairs.device and \
-            not (torch.is_grad_enabled() and topk_weights.requires_grad):
-        weights = topk_weights.reshape(-1)
+    weights = _kernel_weights(topk_weights, pairs)
     row_maps = torch.empty(2, num_experts_local + 1, m_max, dtype=torch.int64, device=pairs.device)
     fields = kernels.masked_index(ids, num_experts_local, m_max, weights, id_offset=expert_offset,
                                   top_k=topk_idx.shape[1],
