@@ -65,7 +65,8 @@ def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush
     before timing, and the first call of a process first runs ~300 ms of L2 flushes: after an
     idle spell (process start, a JIT compile) the first shape of a row timed ~10 % slower than
     the same kernel timed later in that row (32 experts, ~128 tokens each: 435 vs 386 us, H100
-    2026-12-05), and bench_quant's first row (per-token M = 128) 50 us against ~6 us later.
+    2026-12-05). Not removed by this: bench_quant's first row (per-token M = 128) read 64 us in
+    one process with the wake-up and 6.1 us first and last in another (H100, 2026-12-05).
     """
     if not _card_awake[0]:
         _device_ms(flush_l2, 1)

@@ -236,6 +236,15 @@ class MaskedIndex:
     row_maps: Optional[torch.Tensor] = None
 
 
+def _index_kernel_ids(pairs: torch.Tensor, num_experts_local: int) -> Optional[torch.Tensor]:
+    """The masked index kernel's int64 ids for ``pairs [P]``, or None where it does not run
+    (switched off, not on sm_90, beyond its limits)."""
+    if pairs.numel() > kMaskedIndexMaxPairs or not fused_enabled(pairs):
+        return None
+    ids = pairs.long().contiguous()
+    return ids if _permute_kernels().supports_index(ids, num_experts_local) else None
+
+
 def _kernel_weights(topk_weights: Optional[torch.Tensor], pairs: torch.Tensor):
     """The top-k weights as the masked index kernel's ``[P]`` combine weights, or None where it
     cannot take them (then the combine index is built later from the weights)."""
@@ -258,12 +267,10 @@ def masked_index(local_ids: torch.Tensor, num_experts_local: int, m_max: int,
     the same weights) in the same pass; the torch path leaves them None.
     """
     pairs = local_ids.reshape(-1)  # [P]
-    if pairs.numel() <= kMaskedIndexMaxPairs and fused_enabled(pairs):
-        kernels = _permute_kernels()
-        ids = pairs.long().contiguous()
-        if kernels.supports_index(ids, num_experts_local):
-            weights = _kernel_weights(topk_weights, pairs)
-            return MaskedIndex(*kernels.masked_index(ids, num_experts_local, m_max, weights))
+    ids = _index_kernel_ids(pairs, num_experts_local)
+    if ids is not None:
+        weights = _kernel_weights(topk_weights, pairs)
+        return MaskedIndex(*_permute_kernels().masked_index(ids, num_experts_local, m_max, weights))
     order, sorted_expert, rank, counts = _sorted_pairs(pairs, num_experts_local + 1)
     pair_expert = torch.empty_like(pairs)
     pair_expert[order] = sorted_expert
@@ -289,24 +296,21 @@ def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_exp
     if not switch_on(kFusedDecodeIndexEnv, kFusedDecodeIndexDefault):
         return None
     pairs = topk_idx.reshape(-1)
-    if pairs.numel() == 0 or pairs.numel() > kMaskedIndexMaxPairs or not fused_enabled(pairs):
-        return None
-    if topk_idx.dim() != 2 or (num_experts_local + 1) * m_max * 2 > kRowMapsFillMax:
+    if pairs.numel() == 0 or topk_idx.dim() != 2 or \
+            (num_experts_local + 1) * m_max * 2 > kRowMapsFillMax:
         return None
     valid = num_valid_tokens
     if valid is not None and not (isinstance(valid, torch.Tensor) and valid.dtype == torch.int64
                                   and valid.numel() == 1 and valid.device == pairs.device):
         return None
-    kernels = _permute_kernels()
-    ids = pairs.long().contiguous()
-    if not kernels.supports_index(ids, num_experts_local):
+    ids = _index_kernel_ids(pairs, num_experts_local)
+    if ids is None:
         return None
     weights = _kernel_weights(topk_weights, pairs)
     row_maps = torch.empty(2, num_experts_local + 1, m_max, dtype=torch.int64, device=pairs.device)
-    fields = kernels.masked_index(ids, num_experts_local, m_max, weights, id_offset=expert_offset,
-                                  top_k=topk_idx.shape[1],
-                                  num_valid=valid.reshape(()) if valid is not None else None,
-                                  row_fill=row_maps)
+    fields = _permute_kernels().masked_index(
+        ids, num_experts_local, m_max, weights, id_offset=expert_offset, top_k=topk_idx.shape[1],
+        num_valid=valid.reshape(()) if valid is not None else None, row_fill=row_maps)
     return MaskedIndex(*fields, row_maps=row_maps)
 
 

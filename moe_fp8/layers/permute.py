@@ -101,7 +101,7 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
                 all(t.dtype == torch.int64 and t.is_contiguous() for t in pair_meta):
             experts_plus_trash, m_max = a_buf.shape[:2]
             rows = index.row_maps  # already -1 (masked_index_from_global), else filled here
-            if rows is None or tuple(rows.shape) != (2, experts_plus_trash, m_max):
+            if rows is None:
                 rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
                                   device=xq.device)
             kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1])
