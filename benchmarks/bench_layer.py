@@ -17,7 +17,7 @@ Decode (masked layout, ``decode_runner(max_tokens=n)`` replayed as one CUDA grap
 time vs the weight-streaming floor = bytes of the touched experts' FP8 weights + scales (+ the
 shared expert) / the measured device copy bandwidth.
 
-    python benchmarks/bench_layer.py [--quick] [--repeats N]
+    python benchmarks/bench_layer.py [--quick] [--decode-only] [--repeats N]
 
 Results: benchmarks/results/layer_prefill_<date>.md/.csv and layer_decode_<date>.md/.csv (card,
 date, commit in the header); the tables print last. Timings: CUDA events, medians, L2 flushed.
@@ -246,6 +246,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 4096, 16384; n = 1, 32, 128")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill rows (decode A/B calls)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer.py needs a CUDA GPU")
@@ -259,6 +260,8 @@ def main() -> None:
     bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
     prefill_tokens = (4096, 16384) if args.quick else kPrefillTokens
+    if args.decode_only:
+        prefill_tokens = ()
     decode_tokens = (1, 32, 128) if args.quick else kDecodeTokens
 
     prefill, decode = [], []
