@@ -207,8 +207,10 @@ def test_route_unnormalised_and_ties(backend):
     check_route(cfg, logits, bias, "unnormalised")
     with fused():
         idx, weights = R.route(logits, bias, cfg)
+    # exact on the GPU; emulated, the kernel's sigmoid is glibc's expf (a few ulps from torch's)
+    rtol = 0 if backend == "cuda" else 4 * 2 ** -23
     torch.testing.assert_close(weights, logits.sigmoid().gather(1, idx) * cfg.routed_scaling_factor,
-                               rtol=0, atol=0)
+                               rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("experts", [32, 64, 96, 256])  # kPerLane 1, 2, 4, 8

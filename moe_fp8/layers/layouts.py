@@ -40,10 +40,10 @@ kMaskedIndexMaxPairs = 1 << 16  # the masked index kernel is one CTA: beyond thi
 # The decode dispatch's index from the router's global ids in one launch: the masked index kernel
 # maps them to local ids itself (no local-id kernel) and sets the permute's row maps to -1 (no
 # torch.full kernel): two kernels fewer on the decode graph's router branch (8 kernels, ~31 us
-# before the routed GEMMs at one token, H100 2026-12-05). Off until a GPU run has checked and
-# timed it.
+# before the routed GEMMs at one token, H100 2026-12-05). On: with the route-sigmoid switch,
+# decode 1 token 183 -> 179 us, same bits (H100, 2026-12-05, session 9).
 kFusedDecodeIndexEnv = "MOE_FP8_FUSED_DECODE_INDEX"
-kFusedDecodeIndexDefault = False
+kFusedDecodeIndexDefault = True
 kRowMapsFillMax = 1 << 16  # row-map entries one CTA sets to -1 (beyond: a torch.full kernel)
 
 
