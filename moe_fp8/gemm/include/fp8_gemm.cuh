@@ -43,10 +43,6 @@ struct NtPolicy {
   // zero padding: all-padding tiles run with no K block and store zeros
   static constexpr bool kEmptyTiles = kLayout == kLayoutContiguousZeroPad;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
-  // L2 prefetch of the first weights before the PDL wait (gemm_core.cuh): the dense layout (no
-  // layout reads) and the masked one (masked_m staged); not the contiguous forms (prefill).
-  static constexpr bool kPrefetchWeights = kLayout == kLayoutDense || kLayout == kLayoutMasked;
-  static constexpr bool kStageCounts = kLayout == kLayoutMasked;
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;

@@ -76,54 +76,6 @@ struct CoreSmem {
                 "128B-swizzle atoms are 1024 bytes (also for each multicast half of A or B)");
 };
 
-// B bytes per CTA the weight prefetch warms (the first K blocks of its first tile): ~17 MB of L2
-// over 132 SMs, about what streams from DRAM in the 3-5 us the previous kernel of a decode graph
-// still runs once this CTA is resident.
-constexpr int kPrefetchBytes = 128 * 1024;
-
-// Under PDL a CTA becomes resident while the previous kernel of its stream still runs, then waits
-// in pdl::begin(). Its weights (B) do not depend on that kernel, so the producer warpgroup warms
-// L2 with the first K blocks of the CTA's first tile before waiting: the first loads after the
-// wait then hit L2 instead of paying a DRAM round trip (small-M dense: the first stage landed
-// 3 us after the kernel's start, of 18 us; cta_timeline, H100 2026-12-05). A hint only, on both
-// paths: L2 is coherent, so lines of a buffer the previous kernel is still writing are no hazard.
-// The masked layout's first tile depends on masked_m, which the previous kernel may still be
-// writing: it is staged through relaxed loads (served by L2, never left stale in L1 for the
-// scheduler's later __ldg) into `s_scratch`, the last B slot (only this CTA's own producer loads
-// into it, after this warp has read it: no multicast peer writes B in the masked layout); a stale
-// count only warms the wrong lines. Without PDL this runs just before the loads it duplicates.
-template <class P>
-__device__ __forceinline__ void prefetch_first_weights_l2(const ptx::TmaDesc* tma_b,
-                                                          const GemmParams& params, int rank,
-                                                          int* s_scratch, int scratch_ints) {
-  // NOTE: run by the whole producer warpgroup, every warp staging all of masked_m itself (the
-  // same values): behind a warp-divergent condition (one warp), the __syncwarp made ptxas
-  // serialise the wgmma of every one-math-warpgroup instance (C7518, nvcc 13.0).
-  const int tid = threadIdx.x % 128, lane = threadIdx.x % 32;
-  GemmParams staged = params;
-  if constexpr (P::kStageCounts) {
-    if (params.num_experts > scratch_ints) return;
-    for (int e = lane; e < params.num_experts; e += 32)
-      s_scratch[e] = ptx::ld_relaxed_gpu(params.g_layout + e);
-    __syncwarp();
-    staged.g_layout = s_scratch;
-  }
-  typename P::Scheduler scheduler(staged, rank);
-  Tile tile;
-  if (scheduler.template next<P::kStageCounts>(tile)) {
-    constexpr int kRows = P::kBlockN / P::kClusterM;  // B box rows (a multicast CTA's half)
-    constexpr int kMaxKBlocks = kPrefetchBytes / (kRows * 128);
-    const int row = tile.b_row + (P::kClusterM > 1 ? rank * kRows : 0);
-    const int num_kb = min(tile.num_k_blocks, kMaxKBlocks);
-    for (int kb = tid; kb < num_kb; kb += 128)
-      ptx::tma_prefetch_l2_2d(tma_b, (tile.k_block0 + kb) * 128, row);
-  }
-  if constexpr (P::kStageCounts) {
-    ptx::fence_proxy_async_smem();  // the scratch slot's generic accesses before TMA writes it
-    __syncwarp();
-  }
-}
-
 template <class P>
 __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::TmaDesc* tma_b,
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
@@ -213,15 +165,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     ptx::fence_barrier_init();
   }
   if constexpr (kClusterSize > 1) ptx::cluster_sync(); else __syncthreads();
-  if constexpr (P::kPrefetchWeights) {
-    if (warpgroup == kNumMathWG)
-      prefetch_first_weights_l2<P>(tma_b, params, rank,
-                                   reinterpret_cast<int*>(s_b + (kStages - 1) * Layout::kBBytes),
-                                   Layout::kBBytes / 4);
-  }
-  // Everything above touched only parameters and shared memory (and the weight prefetch's hints):
-  // with PDL it overlapped the previous kernel; from here on (the scheduler reads m_indices /
-  // masked_m / offsets, the producer loads) the previous kernel's writes must be visible.
+  // Everything above touched only parameters and shared memory: with PDL it overlapped the
+  // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
+  // producer loads) the previous kernel's writes must be visible.
   pdl::begin();
 
   if (warpgroup == kNumMathWG) {

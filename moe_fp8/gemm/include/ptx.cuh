@@ -137,22 +137,6 @@ __device__ __forceinline__ void tma_load_2d(void* s_dst, const TmaDesc* desc, u6
       : "memory");
 }
 
-// A hint: warms L2 with one box of a 2-D tensor (no shared memory, no barrier, nothing to wait
-// for); out-of-bounds boxes are clipped like loads.
-__device__ __forceinline__ void tma_prefetch_l2_2d(const TmaDesc* desc, int c0, int c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
-                   reinterpret_cast<u64>(desc)), "r"(c0), "r"(c1)
-               : "memory");
-}
-
-// A relaxed GPU-scope load: served by L2, never left behind in L1 (where a later read-only
-// __ldg of the same line could find it stale).
-__device__ __forceinline__ int ld_relaxed_gpu(const int* p) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ void tma_load_3d(void* s_dst, const TmaDesc* desc, u64* bar, int c0,
                                             int c1, int c2) {
   asm volatile(

@@ -144,18 +144,11 @@ struct TileScheduler {
     return lo;
   }
 
-  // kStaged: g_layout points at a copy of masked_m in shared memory (the weight prefetch of
-  // gemm_core.cuh, before the PDL wait), read with plain loads instead of the read-only path.
-  template <bool kStaged = false>
   __device__ __forceinline__ int masked_rows(int e) const {
-    const int count = kStaged ? params.g_layout[e] : __ldg(params.g_layout + e);
-    return min(max(count, 0), params.m);  // clamp untrusted device counts
+    return min(max(__ldg(params.g_layout + e), 0), params.m);  // clamp untrusted device counts
   }
 
-  template <bool kStaged = false>
   __device__ TileStatus get(int idx, Tile& t) {
-    static_assert(!kStaged || kLayout == kLayoutMasked || kLayout == kLayoutDense,
-                  "staged counts: masked (dense reads none)");
     t.k_block0 = 0;
     t.num_k_blocks = kNumKBlocks;
     t.expert = 0;
@@ -163,13 +156,13 @@ struct TileScheduler {
       // Experts hold ceil(masked_m / kBlockM) * kNumNUnits tiles (or pairs) each, enumerated
       // densely so that empty experts cost nothing and every CTA gets an even share of the work.
       while (expert < params.num_experts) {
-        const int tiles = ceil_div(masked_rows<kStaged>(expert), kBlockM) * kNumNUnits;
+        const int tiles = ceil_div(masked_rows(expert), kBlockM) * kNumNUnits;
         if (idx < expert_base + tiles) break;
         expert_base += tiles;
         ++expert;
       }
       if (expert >= params.num_experts) return TileStatus::kDone;
-      const int rows = masked_rows<kStaged>(expert);
+      const int rows = masked_rows(expert);
       int mb, nu;
       raster<kNumNUnits, kGroupNUnits>(idx - expert_base, ceil_div(rows, kBlockM), mb, nu);
       const int nb = nu * kClusterN + rank_n;
@@ -238,10 +231,9 @@ struct TileScheduler {
   }
 
   // Next tile of this CTA; false when it has none left.
-  template <bool kStaged = false>
   __device__ bool next(Tile& t) {
     while (true) {
-      const TileStatus status = get<kStaged>(next_idx, t);
+      const TileStatus status = get(next_idx, t);
       next_idx += gridDim.x / kClusterSize;
       if (status == TileStatus::kReady) return true;
       if (status == TileStatus::kDone) return false;

@@ -39,7 +39,6 @@ struct SplitKPolicy {
   static constexpr bool kColumnScales = false;
   static constexpr bool kEmptyTiles = false;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
-  static constexpr bool kPrefetchWeights = true, kStageCounts = false;
   using Scheduler = TileScheduler<kLayoutDense, kN, kK, kBlockM, kBlockN, kGroupN, 1, 1, kSplitK>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, /*kAdd=*/false>;
 };

@@ -35,7 +35,6 @@ struct KGroupedPolicy {
   static constexpr bool kColumnScales = true;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   static constexpr bool kEmptyTiles = !kAccumulate;
-  static constexpr bool kPrefetchWeights = false, kStageCounts = false;  // no PDL graph runs it
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;
