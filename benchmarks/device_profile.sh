@@ -3,7 +3,8 @@
 # 128 x 128) and the large-M tile sweep of bench_gemm; with GROUPED_CONFIGS, pinned configs on the
 # contiguous grouped rows (bench_grouped); with AB_VARIANTS (+ AB_CONFIGS, AB_SHAPES), the GEMM A/B
 # of kernel versions first; TESTS (pytest -k of test_gemm_gpu.py, TESTS_ENV="VAR=value ..."); LAYER_SWITCH (bench_layer with
-# that environment switch 0, then 1); DECODE (profile_layer's decode graph at that many tokens).
+# that environment switch 0, then 1); DECODE (profile_layer's decode graph at that many tokens;
+# RUNNER: the runner's capacity when larger).
 # NCU_SPECS=" " skips ncu, BENCH=0 the sweep. From HEAD:
 #   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_profile.sh
 # Everything lands in $OUT/profile.tgz plus a short summary on stdout.
@@ -47,6 +48,7 @@ if [ -n "${LAYER_SWITCH:-}" ]; then  # bench_layer with an environment switch of
 fi
 if [ -n "${DECODE:-}" ]; then  # the layer's decode graph at DECODE tokens, kernel by kernel
   timeout 150 python3 benchmarks/profile_layer.py --tokens --decode "$DECODE" --mode fused \
+    --runner "${RUNNER:-0}" \
     --top 24 > "$RAW/profile-decode.log" 2>&1
   grep -aE "^decode|^\|" "$RAW/profile-decode.log" | grep -v "^|--" | cut -c1-150 | head -n 75
 fi

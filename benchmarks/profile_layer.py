@@ -282,8 +282,8 @@ def profile_prefill(moe: MoE, tokens: int, top: int, repeats: int):
 
 
 @torch.no_grad()
-def profile_decode(moe: MoE, tokens: int, top: int, repeats: int):
-    run = moe.decode_runner(max_tokens=tokens)
+def profile_decode(moe: MoE, tokens: int, top: int, repeats: int, runner_tokens: int = 0):
+    run = moe.decode_runner(max_tokens=max(tokens, runner_tokens))
     # seeded: the torch and fused runs are compared on the same input
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, moe.cfg.hidden_size, generator=gen, device="cuda").bfloat16()
@@ -314,6 +314,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384],
                         help="prefill token counts (none: decode only)")
     parser.add_argument("--decode", type=int, default=128, help="decode batch (0: skip decode)")
+    parser.add_argument("--runner", type=int, default=0,
+                        help="decode runner capacity (max_tokens), when larger than --decode: a "
+                             "serving-style runner replayed with fewer tokens")
     parser.add_argument("--mode", choices=("both", "torch", "fused", "permute", "nosync", "all"),
                         default="both",
                         help="both: torch and fused; all: torch, permute (fused permute only), "
@@ -354,10 +357,11 @@ def main() -> None:
     reference.clear()
     if args.decode:
         for mode in modes:
-            title = f"decode graph n={args.decode}, {mode} mode"
+            title = f"decode graph n={args.decode}" + (
+                f" (runner {args.runner})" if args.runner > args.decode else "") + f", {mode} mode"
             with fused_mode(mode, moe):
                 y, replay_us, graph_stats, eager_us, eager_stats, phases = profile_decode(
-                    moe, args.decode, args.top, args.repeats)
+                    moe, args.decode, args.top, args.repeats, args.runner)
             check = ""
             if "decode" in reference:
                 check = f"; vs torch path: calc_diff {G.calc_diff(y, reference['decode']):.2e}"
