@@ -144,12 +144,12 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_OVERLAP_SHARED", (32, 5, 1, 32), 800)
 
 
-def assert_decode_switch_keeps_bits(moe, monkeypatch, switch, sizes, seed):
-    """Decode runners captured with ``switch`` 0 and 1 replay batches of ``sizes`` tokens to the
-    same bits."""
+def assert_decode_switch_keeps_bits(moe, monkeypatch, switch, sizes, seed, on_value="1"):
+    """Decode runners captured with ``switch`` 0 and ``on_value`` replay batches of ``sizes``
+    tokens to the same bits."""
     monkeypatch.setenv(switch, "0")
     off = moe.decode_runner(max_tokens=32)
-    monkeypatch.setenv(switch, "1")
+    monkeypatch.setenv(switch, on_value)
     on = moe.decode_runner(max_tokens=32)
     for i, n in enumerate(sizes):
         x = rand_x(n, moe.cfg.hidden_size, seed + i)
@@ -170,6 +170,16 @@ def test_decode_router_branch_switches_are_bit_identical(moe, monkeypatch, switc
     and the masked index from global ids with the row maps pre-set (the same integers): the same
     outputs as the separate kernels, including batches below the runner's size (num_valid)."""
     assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 870)
+
+
+@pytest.mark.parametrize("router_sms", ["16", "40"])
+@torch.no_grad()
+def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):
+    """MOE_FP8_DECODE_ROUTER_SMS: the shared experts' GEMMs of the decode graph on fewer SMs (other
+    tiles, a capped persistent grid): each output element still sums the same K blocks in the
+    same order, so the same bits."""
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_ROUTER_SMS", (32, 7, 1, 32),
+                                    880, on_value=router_sms)
 
 
 @pytest.mark.parametrize("tokens", [1, 4096])

@@ -10,6 +10,7 @@ scales (``weight_scale_inv`` in DeepSeek's checkpoints); gate and up are fused i
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import gemm as G
+from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales
 from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
@@ -135,6 +137,17 @@ class RoutedExperts(nn.Module):
                                               layout.expected_m, out=workspace.y)
 
 
+def _budget_config(a: torch.Tensor, w: torch.Tensor, num_sms: Optional[int]):
+    """The dense GEMM config for ``a [M, K] x w [N, K]^T`` on at most ``num_sms`` SMs (tiles
+    chosen for that many, persistent grid capped), or None (the op's own choice)."""
+    if num_sms is None or not a.is_cuda or torch.compiler.is_compiling():
+        return None
+    sms = min(num_sms, H.num_sms(a.device.index if a.device.index is not None
+                                 else torch.cuda.current_device()))
+    config = H.dense_config(max(a.shape[0], 1), w.shape[0], w.shape[1], sms)
+    return dataclasses.replace(config, num_sms=sms)
+
+
 class SharedExperts(nn.Module):
     """The always-on experts, fused into one FP8 MLP of width ``n_shared * I``."""
 
@@ -170,8 +183,12 @@ class SharedExperts(nn.Module):
         q2, s2 = G.per_block_quant_fp8(w2.contiguous(), 128)
         self.load_fp8(q13, s13, q2, s2)
 
-    def forward(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """Quantised tokens ``(fp8 [T, H], fp32 [T, H/128])`` -> ``[T, H]`` bf16."""
-        h = G.fp8_gemm_nt((xq, xs), (self.w13, self.w13_scale))  # [T, 2I]
+    def forward(self, xq: torch.Tensor, xs: torch.Tensor, num_sms: Optional[int] = None) -> torch.Tensor:
+        """Quantised tokens ``(fp8 [T, H], fp32 [T, H/128])`` -> ``[T, H]`` bf16. ``num_sms``: run
+        the two GEMMs on at most that many SMs (tiles chosen for them), leaving the others to
+        kernels that run beside them (the decode graph's router branch)."""
+        h = G.fp8_gemm_nt((xq, xs), (self.w13, self.w13_scale),
+                          config=_budget_config(xq, self.w13, num_sms))  # [T, 2I]
         act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)  # [T, I]
-        return G.fp8_gemm_nt(act, (self.w2, self.w2_scale))  # [T, H]
+        return G.fp8_gemm_nt(act, (self.w2, self.w2_scale),
+                             config=_budget_config(act[0], self.w2, num_sms))  # [T, H]

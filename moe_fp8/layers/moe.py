@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..gemm import heuristics as H
 from ..gemm.validate import value_checks_enabled
 from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher, make_dispatcher
@@ -21,7 +22,7 @@ from .experts import MaskedWorkspace, RoutedExperts, SharedExperts
 from .layouts import MaskedBuffers
 from .permute import quantize_tokens
 from .router import Router
-from .switches import switch_on
+from .switches import int_setting, switch_on
 
 
 kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 1: the shared experts run on a side stream
@@ -30,6 +31,11 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
                  "autograd graph, so gradients would be silently missing): run it under "
                  "torch.no_grad() or torch.inference_mode(); FP8 training runs on a one-GPU layer "
                  "(ep_group=None, enable_fp8_training)")
+# SMs the decode step leaves to its router branch while the shared experts' GEMMs run beside it
+# (0: none reserved, the GEMMs take every SM). A runner of 128 tokens replayed with one saw its
+# router kernels wait ~15 us for SMs behind the shared gate-up GEMM (H100, 2026-12-05, session 9).
+kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
+kDecodeRouterSmsDefault = 0
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
@@ -171,7 +177,7 @@ class MoE(nn.Module):
                 and switch_on(kOverlapSharedEnv, kOverlapSharedDefault)
                 and not torch.compiler.is_compiling())
 
-    def _start_shared(self, xq: torch.Tensor, xs: torch.Tensor):
+    def _start_shared(self, xq: torch.Tensor, xs: torch.Tensor, num_sms: Optional[int] = None):
         """-> ``(shared [T, H] or None, side stream or None)``. NOTE: the shared experts do not
         depend on the routing, so on the GPU they run on a side stream while the main stream
         routes, builds the layout and (prefill) reads ``M_sum`` back — the host-bound part of the
@@ -182,7 +188,7 @@ class MoE(nn.Module):
         if self.shared_experts is None:
             return None, None
         if not self._overlap_shared(xq):
-            return self.shared_experts(xq, xs), None
+            return self.shared_experts(xq, xs, num_sms), None
         main = torch.cuda.current_stream(xq.device)
         streams = kSharedStreams  # device -> side stream (one per device, shared by layers)
         side = streams.get(xq.device)
@@ -190,11 +196,20 @@ class MoE(nn.Module):
             side = streams[xq.device] = torch.cuda.Stream(device=xq.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            shared = self.shared_experts(xq, xs)
+            shared = self.shared_experts(xq, xs, num_sms)
         if not torch.cuda.is_current_stream_capturing():  # a graph's pool outlives its replays
             xq.record_stream(side)
             xs.record_stream(side)
         return shared, side
+
+    @staticmethod
+    def _decode_shared_sms(xq: torch.Tensor) -> Optional[int]:
+        """The SM budget of the shared experts in the masked (decode) step, None for all."""
+        reserve = int_setting(kDecodeRouterSmsEnv, kDecodeRouterSmsDefault)
+        if not reserve or not xq.is_cuda:
+            return None
+        return max(1, H.num_sms(xq.device.index if xq.device.index is not None
+                                           else torch.cuda.current_device()) - reserve)
 
     @staticmethod
     def _join_shared(shared: Optional[torch.Tensor], side) -> Optional[torch.Tensor]:
@@ -241,7 +256,7 @@ class MoE(nn.Module):
         self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-        shared, side = self._start_shared(xq, xs)  # side stream / graph branch on the GPU
+        shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
         routing = self.gate(x2)
         layout, handle = self.dispatcher.dispatch_masked(
             (xq, xs), routing.topk_idx, routing.topk_weights, max_tokens_per_expert=m_max,

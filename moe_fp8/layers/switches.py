@@ -24,6 +24,16 @@ def switch_on(env_name: str, default: bool) -> bool:
     return default if value is None else value.strip() != "0"
 
 
+def int_setting(env_name: str, default: int) -> int:
+    """A non-negative integer from the environment (unset: ``default``); anything else raises."""
+    value = os.environ.get(env_name)
+    if value is None or not value.strip():
+        return default
+    if not value.strip().isdigit():
+        raise ValueError(f"{env_name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def kernels_enabled(t: torch.Tensor, env_name: str, default: bool) -> bool:
     """True when a kernel family switched by ``env_name`` should run for tensors like ``t``."""
     if not t.is_cuda or not switch_on(env_name, default) or torch.compiler.is_compiling():
