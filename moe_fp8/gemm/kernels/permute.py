@@ -201,7 +201,7 @@ def permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_token, row_slot) -> N
     _kernel(permute_source(False), xq).launch(_ceil_div(num_rows, kRowsPerCta), kPermuteThreads, 0, [
         xq, xs, row_pair, None, a, sa, row_token, row_slot, i32(num_rows), i32(top_k),
         i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i32(0),
-        i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa)])
+        i32(-1), i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa)])
 
 
 def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token,
@@ -213,7 +213,7 @@ def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_tok
     _kernel(permute_source(True), xq).launch(_ceil_div(num_pairs, kRowsPerCta), kPermuteThreads, 0, [
         xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, i32(num_pairs),
         i32(top_k), i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes),
-        i32(xs.shape[1]), i32(m_max),
+        i32(xs.shape[1]), i32(m_max), i32(a_buf.shape[0] - 1),  # the last bucket is the trash
         i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa_buf)])
 
 
