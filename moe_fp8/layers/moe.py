@@ -33,9 +33,11 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
                  "(ep_group=None, enable_fp8_training)")
 # SMs the decode step leaves to its router branch while the shared experts' GEMMs run beside it
 # (0: none reserved, the GEMMs take every SM). A runner of 128 tokens replayed with one saw its
-# router kernels wait ~15 us for SMs behind the shared gate-up GEMM (H100, 2026-12-05, session 9).
+# router kernels wait ~15 us for SMs behind the shared gate-up GEMM. 32 (H100, 2026-12-05,
+# session 9, two rounds each): decode 1 / 32 / 128 tokens 179 -> 171-173 / 535 -> 531-532 /
+# 577 -> 564-565 us, a 128-token runner at one token 191 -> 182; 48 and 64 no better, 16 half.
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
-kDecodeRouterSmsDefault = 0
+kDecodeRouterSmsDefault = 32
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
