@@ -342,6 +342,27 @@ def test_combine_matches_oracle(backend, layout):
         check_near_torch(actual, torch_path, what, terms=(y_rows, combine, add))
 
 
+@pytest.mark.parametrize("valid", [0, 1, 7, 19])
+def test_combine_leaves_rows_past_num_valid(backend, valid):
+    """A decode runner replayed with fewer tokens than it holds passes the device count: the
+    kernel writes the valid tokens' rows (the same bits as without the count) and leaves the
+    others as they were (poison stays)."""
+    tokens, hidden, top_k, experts = 19, 512, 4, 8
+    ids = routing_ids(tokens, top_k, experts, backend, seed=450 + valid)
+    gen = torch.Generator().manual_seed(valid)
+    weights = (torch.rand(tokens, top_k, generator=gen) * 2.5).to(backend)
+    combine = PM.combine_index_masked(L.masked_index(ids, experts, tokens), weights, tokens)
+    y_rows = torch.randn(experts * tokens, hidden, generator=gen).bfloat16().to(backend)
+    add = torch.randn(tokens, hidden, generator=gen).bfloat16().to(backend)
+    num_valid = torch.tensor(valid, dtype=torch.int64, device=backend)
+    with fused():
+        full = PM.unpermute_combine(y_rows, combine, add=add)
+        out = torch.full((tokens, hidden), float("nan"), device=backend).bfloat16()
+        PM.unpermute_combine(y_rows, combine, add=add, out=out, num_valid=num_valid)
+    assert_same(out[:valid], full[:valid], f"valid rows, num_valid={valid}")
+    assert torch.isnan(out[valid:].float()).all(), "rows past num_valid were written"
+
+
 def test_combine_with_no_rows_is_the_shared_part(backend):
     """Every pair skipped (no row routed here, e.g. all of a token's experts on other ranks): the
     rows tensor is empty and the result is ``add`` (or zeros), on both paths."""

@@ -136,7 +136,8 @@ def combine_index_masked(index: MaskedIndex, topk_weights: torch.Tensor, m_max: 
 
 
 def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optional[torch.Tensor] = None,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      out: Optional[torch.Tensor] = None,
+                      num_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[t] = add[t] + sum_j slot_weight[t, j] * y_rows[slot_row[t, j]]``, rounded once.
 
     ``y_rows [R, H]``: the experts' output rows flattened (R = M_sum or E_loc * M_max); every row
@@ -147,6 +148,8 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
     ``add + w @ rows`` (``baddbmm``: fp32 accumulation inside, one rounding of the result). The
     products run in ``y_rows``' dtype, so the weights are rounded to bf16 first (relative 2^-9,
     the same size as the output's own rounding); with an fp32 ``out`` everything runs in fp32.
+    ``num_valid`` (an int64 device scalar, decode runners): the kernel leaves the rows of tokens at
+    or past it as they were (nobody reads them); the torch path computes every row.
     """
     tokens, top_k = index.slot_row.shape
     hidden = y_rows.shape[1]
@@ -160,7 +163,10 @@ def unpermute_combine(y_rows: torch.Tensor, index: CombineIndex, *, add: Optiona
         if kernels.supports_combine(y_rows, index.slot_row, index.slot_weight, add, out):
             result = out if out is not None else \
                 torch.empty(tokens, hidden, dtype=y_rows.dtype, device=y_rows.device)
-            kernels.combine(y_rows, index.slot_row, index.slot_weight, add, result)
+            valid = num_valid if (isinstance(num_valid, torch.Tensor) and num_valid.dim() == 0
+                                  and num_valid.dtype == torch.int64
+                                  and num_valid.device == y_rows.device) else None
+            kernels.combine(y_rows, index.slot_row, index.slot_weight, add, result, valid)
             return result
     result = out if out is not None and out.dtype == compute else \
         torch.empty(tokens, hidden, dtype=compute, device=y_rows.device)

@@ -458,6 +458,7 @@ __device__ __forceinline__ void accumulate8(float (&rAcc)[kBf16PerVector], float
 // fp32 accumulation, beta * add after the sum, one rounding). Skipped slots (weight 0, row 0)
 // are summed like the others (0 * finite = 0), so signed zeros match too.
 // Grid (T, ceil(H / 8 / kCombineThreads)): x = token (no 65535 limit), y = chunk block.
+// gNumValid (decode runners): rows of tokens at or past the device count are left as they were.
 template <bool kHasAdd>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
     const uint4* __restrict__ gY,            // [R, H / 8] bf16 expert-output rows
@@ -465,9 +466,12 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
     const float* __restrict__ gSlotWeight,   // [T, k]
     const uint4* __restrict__ gAdd,          // [T, H / 8] bf16 (kHasAdd)
     uint4* __restrict__ gOut,                // [T, H / 8] bf16
+    const long long* __restrict__ gNumValid, // null, or tokens >= *gNumValid are not written
     int topK, int vectorsPerRow) {
   pdl::begin();  // before any global access (pdl.cuh)
   const long long token = blockIdx.x;
+  // a decode runner replayed with fewer tokens than it holds: their rows are never read
+  if (gNumValid != nullptr && token >= __ldg(gNumValid)) return;
   const int v = blockIdx.y * kCombineThreads + threadIdx.x;
   if (v >= vectorsPerRow) return;
   float rAcc[kBf16PerVector];

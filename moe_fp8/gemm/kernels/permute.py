@@ -25,9 +25,11 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
 * ``permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token, row_slot)``:
   a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max, H/128]`` any strides,
   row_token/row_slot int64 ``[E + 1, M_max]`` contiguous, pre-filled with -1 by the caller.
-* ``combine(y_rows, slot_row, slot_weight, add, out)``: y_rows bf16 ``[R, H]``, slot_row int64
-  ``[T, k]``, slot_weight fp32 ``[T, k]``, add bf16 ``[T, H]`` or None, out bf16 ``[T, H]``; all
-  contiguous. ``out = bf16(sum_j bf16(w_j) * y[row_j] + add)`` in fp32, slots in order.
+* ``combine(y_rows, slot_row, slot_weight, add, out, num_valid=None)``: y_rows bf16 ``[R, H]``,
+  slot_row int64 ``[T, k]``, slot_weight fp32 ``[T, k]``, add bf16 ``[T, H]`` or None, out bf16
+  ``[T, H]``; all contiguous. ``out = bf16(sum_j bf16(w_j) * y[row_j] + add)`` in fp32, slots in
+  order. ``num_valid``: None, or an int64 device scalar: rows of tokens at or past it are left
+  untouched (a decode runner replayed with fewer tokens).
 
 Every launch is graph-capturable; grids depend only on P, M_sum, T and H (host ints).
 """
@@ -219,11 +221,11 @@ def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_tok
 
 # ----------------------------------------------------------------------------- combine
 
-def combine(y_rows, slot_row, slot_weight, add, out) -> None:
+def combine(y_rows, slot_row, slot_weight, add, out, num_valid=None) -> None:
     tokens, top_k = slot_row.shape
     vectors = y_rows.shape[1] // kBf16PerVector
     if tokens == 0 or vectors == 0:
         return
     grid = (tokens, _ceil_div(vectors, kCombineThreads))
     _kernel(combine_source(add is not None), y_rows).launch(grid, kCombineThreads, 0, [
-        y_rows, slot_row, slot_weight, add, out, i32(top_k), i32(vectors)])
+        y_rows, slot_row, slot_weight, add, out, num_valid, i32(top_k), i32(vectors)])

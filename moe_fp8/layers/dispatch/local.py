@@ -34,6 +34,8 @@ class LocalHandle:
     num_tokens: int  # T_local
     y_rows_shape: tuple  # the experts' output the combine expects: (M_sum, H) or (E_loc, M_max, H)
     pair_kept: Optional[torch.Tensor] = None  # bool [T, k]: the pair has a row (contiguous layout)
+    num_valid: Optional[torch.Tensor] = None  # int64 device scalar (masked, decode runner): the
+    # combine skips the tokens at or past it
 
     def check(self, y_rows: torch.Tensor) -> None:
         if tuple(y_rows.shape) != self.y_rows_shape:
@@ -111,9 +113,12 @@ class LocalDispatcher(Dispatcher):
         layout = MaskedLayout(out.a[:experts], out.sa[:experts], index.masked_m,
                               self.expected_m(xq.shape[0]), row_token, row_slot, index.num_overflow)
         handle = LocalHandle(combine_index_masked(index, topk_weights, m_max), xq.shape[0],
-                             (self.num_experts_local, m_max, self.hidden_size))
+                             (self.num_experts_local, m_max, self.hidden_size),
+                             num_valid=num_valid_tokens if isinstance(num_valid_tokens, torch.Tensor)
+                             else None)
         return layout, handle
 
     def combine_masked(self, y_rows, handle: LocalHandle, *, add=None, out=None):
         handle.check(y_rows)
-        return unpermute_combine(y_rows.flatten(0, 1), handle.combine, add=add, out=out)
+        return unpermute_combine(y_rows.flatten(0, 1), handle.combine, add=add, out=out,
+                                 num_valid=handle.num_valid)
