@@ -45,6 +45,7 @@ kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B mult
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
+kMaskedRowChunksDefault = False  # masked_config: A in row chunks below masked_m (not yet measured)
 kDenseARowChunk = {64: 16, 128: 32}  # A's rows per load where M < block_m (dense_config)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
@@ -323,7 +324,6 @@ def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool) -> Gemm
     return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
 
 
-@functools.lru_cache(maxsize=4096)
 def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert).
 
@@ -332,11 +332,25 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -
     block_m is chosen for the mean plus ``kMaskedSpread`` standard deviations of a Poisson count
     (H100, 2026-12-05: 256 tokens over 32 experts, mean 64, took 64-row tiles: the routed gate-up
     410 us against ~330 us at 128 tokens; layer 701 -> 607 us), block_n for the mean (a margin
-    in the tile count moved E = 1, M = 1024 to 128 x 144: 56 -> 65 us)."""
+    in the tile count moved E = 1, M = 1024 to 128 x 144: 56 -> 65 us).
+
+    With ``MOE_FP8_MASKED_ROW_CHUNKS`` (off until measured) A is loaded in 16 / 32-row chunks, only
+    those below each expert's masked_m: a decode runner's tiles are sized for its capacity, so a
+    smaller batch (a 256-token runner replayed with one token: 128-row tiles holding one row)
+    otherwise pulls as many A bytes from L2 as B bytes from DRAM."""
+    return _masked_config(num_experts, expected_m, n, k, sms,
+                          env.masked_row_chunks(kMaskedRowChunksDefault))
+
+
+@functools.lru_cache(maxsize=4096)
+def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
+                   row_chunks: bool) -> GemmConfig:
     expected_m = max(1, expected_m)
     block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
     m_blocks = num_experts * _ceil_div(expected_m, block_m)
-    return GemmConfig(block_m, _pick_block_n(m_blocks, n, sms, block_m)).resolved(k)
+    config = GemmConfig(block_m, _pick_block_n(m_blocks, n, sms, block_m),
+                        a_row_chunk=kDenseARowChunk[block_m] if row_chunks else 0)
+    return config.resolved(k)
 
 
 @functools.lru_cache(maxsize=4096)

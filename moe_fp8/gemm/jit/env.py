@@ -84,6 +84,14 @@ def wide_tiles(default: bool) -> bool:
     return default if value is None else value.strip() != "0"
 
 
+def masked_row_chunks(default: bool) -> bool:
+    """``MOE_FP8_MASKED_ROW_CHUNKS``: ``1`` lets the masked GEMM load A only in the 16 / 32-row
+    chunks below each expert's masked_m (heuristics.masked_config), ``0`` whole tiles; unset:
+    ``default``."""
+    value = os.environ.get("MOE_FP8_MASKED_ROW_CHUNKS")
+    return default if value is None else value.strip() != "0"
+
+
 def log(message: str) -> None:
     if verbose():
         print(f"[moe_fp8.jit] {message}", file=sys.stderr, flush=True)
