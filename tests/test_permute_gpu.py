@@ -256,7 +256,11 @@ def test_permute_contiguous_strided_inputs(backend):
         assert_same(a, e, name)
 
 
-def test_permute_masked_bit_exact(backend):
+@pytest.mark.parametrize("per_pair", ["0", "1"])
+def test_permute_masked_bit_exact(backend, per_pair, monkeypatch):
+    """The fused masked permute (a warp per pair, or MOE_FP8_PERMUTE_PER_PAIR=1: a CTA per pair)
+    writes the torch path's bytes outside the trash bucket."""
+    monkeypatch.setenv("MOE_FP8_PERMUTE_PER_PAIR", per_pair)
     for case, (tokens, hidden, top_k, experts) in enumerate(permute_cases(backend)[:4]):
         for m_max in (2, tokens):
             ids = routing_ids(tokens, top_k, experts, backend, seed=300 + case)

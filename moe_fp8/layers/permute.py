@@ -30,8 +30,14 @@ import torch
 from .. import gemm as G
 from ..gemm.layout import empty_act_scales
 from .layouts import CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled
+from .switches import switch_on
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
+# The masked permute with one CTA per pair (2 dependent round trips instead of ~4 per CTA: the
+# decode step's 8 rows at one token took ~8 us on the router branch, H100 2026-12-05). Off until
+# a GPU run has timed it.
+kPermutePerPairEnv = "MOE_FP8_PERMUTE_PER_PAIR"
+kPermutePerPairDefault = False
 
 
 def _kernels():
@@ -104,7 +110,8 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
             if rows is None:
                 rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
                                   device=xq.device)
-            kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1])
+            kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1],
+                                   per_pair=switch_on(kPermutePerPairEnv, kPermutePerPairDefault))
             return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]
     where = (index.pair_expert, index.pair_rank)

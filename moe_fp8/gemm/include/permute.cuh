@@ -433,6 +433,39 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
   }
 }
 
+// Masked layout, one CTA per pair (decode): the pair's index entries are read once, then its row
+// and its scales move together over the CTA's threads. permute_rows_kernel's warp per row pays
+// four dependent round trips per CTA (index, two batches of the row, the scales after a barrier),
+// which a decode step's few rows pay in full on the router branch (8 rows: ~8 us, H100
+// 2026-12-05). Same parameters and results as permute_rows_kernel<true>; grid = numItems.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) permute_pair_kernel(
+    const uint4* __restrict__ gX, const float* __restrict__ gXs,
+    const long long* __restrict__ gPairExpert, const long long* __restrict__ gPairRank,
+    uint4* __restrict__ gA, float* __restrict__ gSa,
+    long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
+    int numItems, int topK, int vectorsPerRow, long long xRowVectors, int groups,
+    int rowsPerBatch, int trashBatch, long long xsToken, long long xsGroup, long long saBatch,
+    long long saRow, long long saGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  const int item = blockIdx.x;
+  if (item >= numItems) return;
+  const long long batch = __ldg(gPairExpert + item), row = __ldg(gPairRank + item);
+  if (batch == trashBatch) return;  // a skipped pair: nobody reads the trash bucket
+  const long long token = item / topK;
+  const long long dstRow = batch * rowsPerBatch + row;
+  const uint4* src = gX + token * xRowVectors;
+  uint4* dst = gA + dstRow * vectorsPerRow;
+#pragma unroll 2
+  for (int v = threadIdx.x; v < vectorsPerRow; v += kThreads) dst[v] = ld_stream(src + v);
+  for (int g = threadIdx.x; g < groups; g += kThreads)
+    gSa[batch * saBatch + row * saRow + g * saGroup] = __ldg(gXs + token * xsToken + g * xsGroup);
+  if (threadIdx.x == 0) {
+    gRowToken[dstRow] = token;
+    gRowSlot[dstRow] = item - token * topK;
+  }
+}
+
 // ---- combine: weighted sum of each token's k expert rows ---------------------------------------
 
 __device__ __forceinline__ float bf16_bits_to_float(unsigned short bits) {

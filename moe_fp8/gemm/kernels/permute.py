@@ -22,9 +22,11 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   (16-byte aligned rows, any row stride), xs fp32 ``[T, H/128]`` any strides; a ``[M_sum, H]``,
   sa ``[M_sum, H/128]`` any strides (MN-major gives sector-complete scale writes),
   row_token/row_slot int64 ``[M_sum]``.
-* ``permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token, row_slot)``:
-  a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max, H/128]`` any strides,
-  row_token/row_slot int64 ``[E + 1, M_max]`` contiguous, pre-filled with -1 by the caller.
+* ``permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token, row_slot,
+  per_pair=False)``: a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max, H/128]`` any
+  strides, row_token/row_slot int64 ``[E + 1, M_max]`` contiguous, pre-filled with -1 by the
+  caller; pairs in the trash bucket E are not copied. ``per_pair``: one CTA per pair (fewer
+  dependent round trips for a decode step's few rows), the same results.
 * ``combine(y_rows, slot_row, slot_weight, add, out, num_valid=None)``: y_rows bf16 ``[R, H]``,
   slot_row int64 ``[T, k]``, slot_weight fp32 ``[T, k]``, add bf16 ``[T, H]`` or None, out bf16
   ``[T, H]``; all contiguous. ``out = bf16(sum_j bf16(w_j) * y[row_j] + add)`` in fp32, slots in
@@ -85,15 +87,20 @@ def permute_source(masked: bool) -> KernelSource:
 
 
 @functools.lru_cache(maxsize=None)
+def permute_pair_source() -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::permute::permute_pair_kernel<{kPermuteThreads}>")
+
+
+@functools.lru_cache(maxsize=None)
 def combine_source(has_add: bool) -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::permute::combine_kernel<{_bool(has_add)}>")
 
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (7 kernels)."""
+    """Every variant the layer can launch (9 kernels)."""
     return [count_source(), scan_source(), rank_source(), masked_index_source(),
-            permute_source(False), permute_source(True), combine_source(False),
+            permute_source(False), permute_source(True), permute_pair_source(), combine_source(False),
             combine_source(True)]
 
 
@@ -207,12 +214,15 @@ def permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_token, row_slot) -> N
 
 
 def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token,
-                   row_slot) -> None:
+                   row_slot, per_pair: bool = False) -> None:
     num_pairs = pair_expert.numel()
     if num_pairs == 0:
         return
     m_max, hidden = a_buf.shape[1], a_buf.shape[2]
-    _kernel(permute_source(True), xq).launch(_ceil_div(num_pairs, kRowsPerCta), kPermuteThreads, 0, [
+    # per_pair: one CTA per pair (permute_pair_kernel), else a warp per pair, 8 per CTA
+    source, grid = ((permute_pair_source(), num_pairs) if per_pair else
+                    (permute_source(True), _ceil_div(num_pairs, kRowsPerCta)))
+    _kernel(source, xq).launch(grid, kPermuteThreads, 0, [
         xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, i32(num_pairs),
         i32(top_k), i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes),
         i32(xs.shape[1]), i32(m_max), i32(a_buf.shape[0] - 1),  # the last bucket is the trash
