@@ -88,7 +88,7 @@ def permute_source(masked: bool) -> KernelSource:
 
 @functools.lru_cache(maxsize=None)
 def permute_pair_source() -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::permute::permute_pair_kernel<{kPermuteThreads}>")
+    return KernelSource(kHeader, "moe_fp8::permute::permute_rows_kernel<true, true>")
 
 
 @functools.lru_cache(maxsize=None)
