@@ -138,14 +138,12 @@ class RoutedExperts(nn.Module):
 
 
 def _budget_config(a: torch.Tensor, w: torch.Tensor, num_sms: Optional[int]):
-    """The dense GEMM config for ``a [M, K] x w [N, K]^T`` on at most ``num_sms`` SMs (tiles
-    chosen for that many, persistent grid capped), or None (the op's own choice)."""
+    """The dense GEMM config for ``a [M, K] x w [N, K]^T`` on ``num_sms`` SMs (at most the
+    device's: tiles chosen for that many, persistent grid capped), or None (the op's own choice)."""
     if num_sms is None or not a.is_cuda or torch.compiler.is_compiling():
         return None
-    sms = min(num_sms, H.num_sms(a.device.index if a.device.index is not None
-                                 else torch.cuda.current_device()))
-    config = H.dense_config(max(a.shape[0], 1), w.shape[0], w.shape[1], sms)
-    return dataclasses.replace(config, num_sms=sms)
+    config = H.dense_config(max(a.shape[0], 1), w.shape[0], w.shape[1], num_sms)
+    return dataclasses.replace(config, num_sms=num_sms)
 
 
 class SharedExperts(nn.Module):
@@ -184,9 +182,9 @@ class SharedExperts(nn.Module):
         self.load_fp8(q13, s13, q2, s2)
 
     def forward(self, xq: torch.Tensor, xs: torch.Tensor, num_sms: Optional[int] = None) -> torch.Tensor:
-        """Quantised tokens ``(fp8 [T, H], fp32 [T, H/128])`` -> ``[T, H]`` bf16. ``num_sms``: run
-        the two GEMMs on at most that many SMs (tiles chosen for them), leaving the others to
-        kernels that run beside them (the decode graph's router branch)."""
+        """Quantised tokens ``(fp8 [T, H], fp32 [T, H/128])`` -> ``[T, H]`` bf16. ``num_sms`` (at
+        most the device's SM count): run the two GEMMs on that many SMs (tiles chosen for them),
+        leaving the others to kernels that run beside them (the decode graph's router branch)."""
         h = G.fp8_gemm_nt((xq, xs), (self.w13, self.w13_scale),
                           config=_budget_config(xq, self.w13, num_sms))  # [T, 2I]
         act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)  # [T, I]

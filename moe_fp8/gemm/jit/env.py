@@ -77,19 +77,23 @@ def pdl_scope(flag: Optional[bool]):
         _pdl_scope.reset(token)
 
 
+def _switch(name: str, default: bool) -> bool:
+    """A heuristics switch: ``0`` off, any other value on, unset ``default``."""
+    value = os.environ.get(name)
+    return default if value is None else value.strip() != "0"
+
+
 def wide_tiles(default: bool) -> bool:
     """``MOE_FP8_WIDE_TILES``: ``1`` lets the heuristics pick 128 x 256 tiles (with multicast) for
     large M (heuristics.py), ``0`` keeps them to 128 x 128 and narrower; unset: ``default``."""
-    value = os.environ.get("MOE_FP8_WIDE_TILES")
-    return default if value is None else value.strip() != "0"
+    return _switch("MOE_FP8_WIDE_TILES", default)
 
 
 def masked_row_chunks(default: bool) -> bool:
     """``MOE_FP8_MASKED_ROW_CHUNKS``: ``1`` lets the masked GEMM load A only in the 16 / 32-row
     chunks below each expert's masked_m (heuristics.masked_config), ``0`` whole tiles; unset:
     ``default``."""
-    value = os.environ.get("MOE_FP8_MASKED_ROW_CHUNKS")
-    return default if value is None else value.strip() != "0"
+    return _switch("MOE_FP8_MASKED_ROW_CHUNKS", default)
 
 
 def log(message: str) -> None:

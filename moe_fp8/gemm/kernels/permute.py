@@ -82,13 +82,10 @@ def masked_index_source() -> KernelSource:
 
 
 @functools.lru_cache(maxsize=None)
-def permute_source(masked: bool) -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::permute::permute_rows_kernel<{_bool(masked)}>")
-
-
-@functools.lru_cache(maxsize=None)
-def permute_pair_source() -> KernelSource:
-    return KernelSource(kHeader, "moe_fp8::permute::permute_rows_kernel<true, true>")
+def permute_source(masked: bool, per_pair: bool = False) -> KernelSource:
+    """A warp per row, or (``per_pair``, masked only) a CTA per pair."""
+    args = _bool(masked) + (", true" if per_pair else "")
+    return KernelSource(kHeader, f"moe_fp8::permute::permute_rows_kernel<{args}>")
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +97,8 @@ def combine_source(has_add: bool) -> KernelSource:
 def bundled_sources() -> list[KernelSource]:
     """Every variant the layer can launch (9 kernels)."""
     return [count_source(), scan_source(), rank_source(), masked_index_source(),
-            permute_source(False), permute_source(True), permute_pair_source(), combine_source(False),
+            permute_source(False), permute_source(True), permute_source(True, per_pair=True),
+            combine_source(False),
             combine_source(True)]
 
 
@@ -220,9 +218,8 @@ def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_tok
         return
     m_max, hidden = a_buf.shape[1], a_buf.shape[2]
     # per_pair: one CTA per pair (permute_pair_kernel), else a warp per pair, 8 per CTA
-    source, grid = ((permute_pair_source(), num_pairs) if per_pair else
-                    (permute_source(True), _ceil_div(num_pairs, kRowsPerCta)))
-    _kernel(source, xq).launch(grid, kPermuteThreads, 0, [
+    grid = num_pairs if per_pair else _ceil_div(num_pairs, kRowsPerCta)
+    _kernel(permute_source(True, per_pair), xq).launch(grid, kPermuteThreads, 0, [
         xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, i32(num_pairs),
         i32(top_k), i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes),
         i32(xs.shape[1]), i32(m_max), i32(a_buf.shape[0] - 1),  # the last bucket is the trash
