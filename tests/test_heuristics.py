@@ -153,16 +153,20 @@ def test_wide_tiles_switch(monkeypatch):
 def test_masked_tiles_cover_the_spread_of_a_decode_batch(monkeypatch):
     """masked_config: block_m for the mean rows per expert plus three Poisson standard deviations
     (mean 64 -> 128-row tiles, mean 32 -> 64), block_n from the mean (E = 1, M = 1024 keeps
-    128 x 128); MOE_FP8_MASKED_ROW_CHUNKS=1 adds A chunks of 16 / 32 rows, 0 (default) none."""
-    monkeypatch.delenv("MOE_FP8_MASKED_ROW_CHUNKS", raising=False)
-    for experts, mean, n, k, block_m, block_n in ((32, 1, 4096, 7168, 64, 128),
-                                                   (32, 32, 7168, 2048, 64, 128),
-                                                   (32, 64, 4096, 7168, 128, 128),
-                                                   (1, 1024, 4096, 7168, 128, 128)):
-        c = H.masked_config(experts, mean, n, k, 132)
-        assert (c.block_m, c.block_n, c.a_row_chunk) == (block_m, block_n, 0), (experts, mean)
-    monkeypatch.setenv("MOE_FP8_MASKED_ROW_CHUNKS", "1")
-    assert H.masked_config(32, 1, 4096, 7168, 132).a_row_chunk == 16
-    assert H.masked_config(32, 64, 4096, 7168, 132).a_row_chunk == 32
+    128 x 128); A in chunks of 16 / 32 rows where the mean is below block_m (by default and with
+    MOE_FP8_MASKED_ROW_CHUNKS=1; never for full tiles), none with 0."""
+    for setting in (None, "1"):
+        if setting is None:
+            monkeypatch.delenv("MOE_FP8_MASKED_ROW_CHUNKS", raising=False)
+        else:
+            monkeypatch.setenv("MOE_FP8_MASKED_ROW_CHUNKS", setting)
+        for experts, mean, n, k, tile in ((32, 1, 4096, 7168, (64, 128, 16)),
+                                          (32, 32, 7168, 2048, (64, 128, 16)),
+                                          (32, 64, 4096, 7168, (128, 128, 32)),
+                                          (4, 256, 4096, 7168, (128, 128, 0)),
+                                          (1, 1024, 4096, 7168, (128, 128, 0))):
+            c = H.masked_config(experts, mean, n, k, 132)
+            assert (c.block_m, c.block_n, c.a_row_chunk) == tile, (setting, experts, mean)
     monkeypatch.setenv("MOE_FP8_MASKED_ROW_CHUNKS", "0")
     assert H.masked_config(32, 1, 4096, 7168, 132).a_row_chunk == 0
+    assert H.masked_config(32, 64, 4096, 7168, 132).a_row_chunk == 0

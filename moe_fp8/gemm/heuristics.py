@@ -45,7 +45,10 @@ kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B mult
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
-kMaskedRowChunksDefault = False  # masked_config: A in row chunks below masked_m (not yet measured)
+# masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
+# 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
+# masked 32 x 1 gate-up 321 -> 313 us; chunks on full tiles (E = 1, M = 1024) 59 -> 139 us.
+kMaskedRowChunksDefault = True
 kDenseARowChunk = {64: 16, 128: 32}  # A's rows per load where M < block_m (dense_config)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
@@ -334,10 +337,11 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -
     410 us against ~330 us at 128 tokens; layer 701 -> 607 us), block_n for the mean (a margin
     in the tile count moved E = 1, M = 1024 to 128 x 144: 56 -> 65 us).
 
-    With ``MOE_FP8_MASKED_ROW_CHUNKS`` (off until measured) A is loaded in 16 / 32-row chunks, only
-    those below each expert's masked_m: a decode runner's tiles are sized for its capacity, so a
-    smaller batch (a 256-token runner replayed with one token: 128-row tiles holding one row)
-    otherwise pulls as many A bytes from L2 as B bytes from DRAM."""
+    Where the mean is below block_m (decode), A is loaded in 16 / 32-row chunks, only those below
+    each expert's masked_m (``MOE_FP8_MASKED_ROW_CHUNKS=0``: whole tiles): a decode runner's tiles
+    are sized for its spread or capacity, so a smaller batch (a 256-token runner replayed with one
+    token: 128-row tiles holding one row) otherwise pulls as many A bytes from L2 as B bytes from
+    DRAM. Full tiles keep one load per slot (chunked, E = 1, M = 1024 ran 2.4x slower)."""
     return _masked_config(num_experts, expected_m, n, k, sms,
                           env.masked_row_chunks(kMaskedRowChunksDefault))
 
@@ -348,8 +352,9 @@ def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
     expected_m = max(1, expected_m)
     block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
     m_blocks = num_experts * _ceil_div(expected_m, block_m)
+    chunks = row_chunks and expected_m < block_m
     config = GemmConfig(block_m, _pick_block_n(m_blocks, n, sms, block_m),
-                        a_row_chunk=kDenseARowChunk[block_m] if row_chunks else 0)
+                        a_row_chunk=kDenseARowChunk[block_m] if chunks else 0)
     return config.resolved(k)
 
 

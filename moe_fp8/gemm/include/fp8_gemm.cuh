@@ -43,6 +43,10 @@ struct NtPolicy {
   // zero padding: all-padding tiles run with no K block and store zeros
   static constexpr bool kEmptyTiles = kLayout == kLayoutContiguousZeroPad;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
+  // masked: a 128-row tile of an expert with at most 64 rows leaves its second warpgroup idle
+  // (decode: tiles sized for the batch's spread, most experts below it); other layouts keep
+  // their measured SASS
+  static constexpr bool kSkipIdleWarpgroup = kLayout == kLayoutMasked;
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;

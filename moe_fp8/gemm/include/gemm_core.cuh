@@ -22,6 +22,9 @@
 //   kEmptyTiles                 tiles may have no K block (k-grouped overwriting D; contiguous
 //                               with zero padding, an all-padding tile): the
 //                               lookahead then queues nothing and the epilogue writes zeros
+//   kSkipIdleWarpgroup          a math warpgroup whose 64 rows all lie past the tile's valid rows
+//                               issues no wgmma for that tile (it still waits and releases each
+//                               slot; its rows are never written)
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -108,6 +111,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // gave v2 by inserting a wait). Measured equal to full overlap within noise (H100, M = 4096,
   // 2026-11-25), kept as a pinnable variant.
   constexpr bool kHalfOverlap = P::kDoubleBuffer == 2;
+  constexpr bool kSkipIdle = P::kSkipIdleWarpgroup && kNumMathWG == 2;
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
   static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2) &&
                     kClusterSize <= 2, "clusters of 1 or 2 CTAs, sharing A or B");
@@ -286,8 +290,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // first_cols) that use scale block n0/128 (the rest use block n0/128 + 1).
     const float* s_sb_tile = s_tile_sb;
     int first_cols = kBlockN;
+    bool idle = false;  // kSkipIdle: this warpgroup's rows of the tile are all past rows_valid
     auto begin_tile = [&](const Tile& t) {
       s_sb_tile = s_tile_sb + sb_buf * 2 * kTileKBlocks;
+      if constexpr (kSkipIdle) idle = t.rows_valid <= warpgroup * 64;
       if constexpr (!kColumnScales) ptx::mbar_wait(&sb_full[sb_buf], sb_phase);
       first_cols = kMayStraddle ? min(kBlockN, 128 - t.n0 % 128) : kBlockN;
     };
@@ -303,9 +309,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
       ptx::fence_regs(p);
       ptx::wgmma_fence();
+      if (!kSkipIdle || !idle) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
-        Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
+        for (int k = 0; k < 4; ++k)
+          Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
+      }
       ptx::wgmma_commit();
       // NOTE: without a fence after the commit ptxas moved the last (committing) wgmma of the
       // group behind ~60 promotion FFMAs of the previous K block (SASS, 2026-12-05); the fence

@@ -38,6 +38,7 @@ struct SplitKPolicy {
   static constexpr int kTileKBlocks = kK / 128 / kSplitK;
   static constexpr bool kColumnScales = false;
   static constexpr bool kEmptyTiles = false;
+  static constexpr bool kSkipIdleWarpgroup = false;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayoutDense, kN, kK, kBlockM, kBlockN, kGroupN, 1, 1, kSplitK>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, /*kAdd=*/false>;

@@ -35,6 +35,7 @@ struct KGroupedPolicy {
   static constexpr bool kColumnScales = true;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   static constexpr bool kEmptyTiles = !kAccumulate;
+  static constexpr bool kSkipIdleWarpgroup = false;
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;
