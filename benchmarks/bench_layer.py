@@ -17,7 +17,7 @@ Decode (masked layout, ``decode_runner(max_tokens=n)`` replayed as one CUDA grap
 time vs the weight-streaming floor = bytes of the touched experts' FP8 weights + scales (+ the
 shared expert) / the measured device copy bandwidth.
 
-    python benchmarks/bench_layer.py [--quick] [--decode-only] [--repeats N]
+    python benchmarks/bench_layer.py [--quick] [--decode-only | --prefill-only] [--repeats N]
 
 Results: benchmarks/results/layer_prefill_<date>.md/.csv and layer_decode_<date>.md/.csv (card,
 date, commit in the header); the tables print last. Timings: CUDA events, medians, L2 flushed.
@@ -210,6 +210,8 @@ def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         del run
         torch.cuda.empty_cache()
+    if not token_counts:
+        return rows
     # one static-size row: a 1-token batch on a 256-token runner (what a server's graph pays)
     run = moe.decode_runner(max_tokens=max(token_counts))
     x = torch.randn(1, cfg.hidden_size, device="cuda").bfloat16()
@@ -247,6 +249,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T = 4096, 16384; n = 1, 32, 128")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill rows (decode A/B calls)")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer.py needs a CUDA GPU")
@@ -263,6 +266,8 @@ def main() -> None:
     if args.decode_only:
         prefill_tokens = ()
     decode_tokens = (1, 32, 128) if args.quick else kDecodeTokens
+    if args.prefill_only:
+        decode_tokens = ()
 
     prefill, decode = [], []
     try:

@@ -3,7 +3,8 @@
 # the layer's decode rows and the masked grouped rows, which gemm_ab.py (dense, include trees
 # only) cannot compare. Run from the new checkout:
 #   cd .snap && OLD=../.snap_old bash benchmarks/device_ab.sh
-# AB_BENCHES: subset of "layer grouped" (default both); AB_ROUNDS: rounds of the pair (default 2).
+# AB_BENCHES: subset of "layer grouped" (default both); AB_ROUNDS: rounds of the pair (default 2);
+# AB_LAYER_ARGS: bench_layer's arguments (default: the quick decode rows).
 # Logs: $OUT/ab/<bench>-<old|new>-<round>.log
 set -uo pipefail
 NEW="$PWD"; OLD="$(cd "${OLD:?set OLD to the old checkout}" && pwd)"
@@ -20,7 +21,7 @@ for round in $(seq 1 "${AB_ROUNDS:-2}"); do
   for side in old new; do
     tree=$OLD; [ "$side" = new ] && tree=$NEW
     [[ " ${AB_BENCHES:-layer grouped} " == *" layer "* ]] && \
-      one "$tree" "layer-$side" "$round" python3 benchmarks/bench_layer.py --quick --decode-only --repeats 5
+      one "$tree" "layer-$side" "$round" python3 benchmarks/bench_layer.py ${AB_LAYER_ARGS:---quick --decode-only --repeats 5}
     [[ " ${AB_BENCHES:-layer grouped} " == *" grouped "* ]] && \
       one "$tree" "grouped-$side" "$round" python3 benchmarks/bench_grouped.py --only masked --repeats 10
   done
