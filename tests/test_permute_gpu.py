@@ -176,8 +176,8 @@ def test_masked_index_matches_torch(backend, m_max):
 def test_masked_index_from_global_ids(backend, m_max, monkeypatch):
     """MOE_FP8_FUSED_DECODE_INDEX=1: one launch maps the router's global ids to this rank's
     experts (others and tokens at or beyond the device-side valid count skip) and builds the
-    masked index: every field equals the two-step path's (local_expert_ids, then masked_index);
-    the row maps come back all -1. Host-int valid counts and the switch off take the two steps."""
+    masked index: every field equals the two-step path's (local_expert_ids, then masked_index).
+    Host-int valid counts and the switch off take the two steps."""
     monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "1")
     gen = torch.Generator().manual_seed(m_max)
     for tokens, top_k, experts_global, offset, local in ((1, 8, 64, 16, 16), (37, 4, 32, 0, 32),
@@ -192,12 +192,10 @@ def test_masked_index_from_global_ids(backend, m_max, monkeypatch):
                 expected = L.masked_index(L.local_expert_ids(ids, offset, local, num_valid), local,
                                           m_max, weights)
                 actual = L.masked_index_from_global(ids, offset, local, m_max, weights, num_valid)
-            assert actual is not None and actual.row_maps is not None, what
+            assert actual is not None, what
             for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow",
                          "slot_row", "slot_weight"):
                 assert_same(getattr(actual, name), getattr(expected, name), f"{name} {what}")
-            assert tuple(actual.row_maps.shape) == (2, local + 1, m_max), what
-            assert bool((actual.row_maps == -1).all()), f"row maps not set to -1: {what}"
         with fused():
             assert L.masked_index_from_global(ids, offset, local, m_max, weights, 1) is None
     monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "0")
@@ -279,6 +277,16 @@ def test_permute_masked_bit_exact(backend, per_pair, monkeypatch):
             assert_same(actual_bufs.sa[:experts], expected_bufs.sa[:experts], f"sa {what}")
             assert_same(actual[0], expected[0], f"row_token {what}")
             assert_same(actual[1], expected[1], f"row_slot {what}")
+            # the kernel writes the row maps whole: poisoned ones come back as the torch path's
+            # (-1 past masked_m and in the trash bucket)
+            maps = torch.full((2, experts + 1, m_max), 12345, dtype=torch.int64, device=backend)
+            with fused():
+                PM._kernels().permute_masked(xq, xs, index.pair_expert, index.pair_rank, top_k,
+                                             actual_bufs.a, actual_bufs.sa, maps[0], maps[1],
+                                             index.masked_m, per_pair=per_pair == "1")
+            assert_same(maps[0, :experts], expected[0], f"poisoned row_token {what}")
+            assert_same(maps[1, :experts], expected[1], f"poisoned row_slot {what}")
+            assert bool((maps[:, experts] == -1).all()), f"trash row maps {what}"
 
 
 # ----------------------------------------------------------------------------- combine

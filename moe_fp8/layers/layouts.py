@@ -44,7 +44,6 @@ kMaskedIndexMaxPairs = 1 << 16  # the masked index kernel is one CTA: beyond thi
 # decode 1 token 183 -> 179 us, same bits (H100, 2026-12-05, session 9).
 kFusedDecodeIndexEnv = "MOE_FP8_FUSED_DECODE_INDEX"
 kFusedDecodeIndexDefault = True
-kRowMapsFillMax = 1 << 16  # row-map entries one CTA sets to -1 (beyond: a torch.full kernel)
 
 
 def fused_switch_on() -> bool:
@@ -231,9 +230,6 @@ class MaskedIndex:
     # the combine index of the same pass (fused kernel given topk_weights), else None:
     slot_row: Optional[torch.Tensor] = None  # int64 [P]: e * m_max + rank, 0 if dropped
     slot_weight: Optional[torch.Tensor] = None  # fp32 [P]: the pair's weight, 0 if dropped
-    # int64 [2, E_loc + 1, M_max] already -1 (masked_index_from_global), for permute_masked's
-    # row_token / row_slot; None: permute_masked fills its own
-    row_maps: Optional[torch.Tensor] = None
 
 
 def _index_kernel_ids(pairs: torch.Tensor, num_experts_local: int) -> Optional[torch.Tensor]:
@@ -289,15 +285,14 @@ def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_exp
                              m_max: int, topk_weights: Optional[torch.Tensor] = None,
                              num_valid_tokens=None) -> Optional[MaskedIndex]:
     """``masked_index(local_expert_ids(topk_idx, expert_offset, num_experts_local,
-    num_valid_tokens), num_experts_local, m_max, topk_weights)`` in one kernel launch, which also
-    sets ``row_maps`` to -1 (``MOE_FP8_FUSED_DECODE_INDEX=1``). None where that kernel does not
+    num_valid_tokens), num_experts_local, m_max, topk_weights)`` in one kernel launch
+    (``MOE_FP8_FUSED_DECODE_INDEX=1``). None where that kernel does not
     apply (switch off, not on sm_90, limits, ``num_valid_tokens`` not None or an int64 device
     scalar): the caller then takes the two steps."""
     if not switch_on(kFusedDecodeIndexEnv, kFusedDecodeIndexDefault):
         return None
     pairs = topk_idx.reshape(-1)
-    if pairs.numel() == 0 or topk_idx.dim() != 2 or \
-            (num_experts_local + 1) * m_max * 2 > kRowMapsFillMax:
+    if pairs.numel() == 0 or topk_idx.dim() != 2:
         return None
     valid = num_valid_tokens
     if valid is not None and not (isinstance(valid, torch.Tensor) and valid.dtype == torch.int64
@@ -307,11 +302,10 @@ def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_exp
     if ids is None:
         return None
     weights = _kernel_weights(topk_weights, pairs)
-    row_maps = torch.empty(2, num_experts_local + 1, m_max, dtype=torch.int64, device=pairs.device)
     fields = _permute_kernels().masked_index(
         ids, num_experts_local, m_max, weights, id_offset=expert_offset, top_k=topk_idx.shape[1],
-        num_valid=valid.reshape(()) if valid is not None else None, row_fill=row_maps)
-    return MaskedIndex(*fields, row_maps=row_maps)
+        num_valid=valid.reshape(()) if valid is not None else None)
+    return MaskedIndex(*fields)
 
 
 def upper_bound_rows(num_pairs: int, num_experts_local: int) -> int:

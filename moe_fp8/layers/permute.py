@@ -96,7 +96,7 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
     ``sa_buf [E_loc + 1, M_max, H/128]`` (last expert = trash for skipped pairs).
 
     Returns ``row_token``/``row_slot`` int64 ``[E_loc, M_max]`` (-1 on unused rows). No host sync.
-    Fused (module docstring): one fill + one kernel, same values outside the trash bucket.
+    Fused (module docstring): one kernel, same values outside the trash bucket.
     """
     num_pairs = index.pair_expert.numel()
     if fused_enabled(xq):
@@ -104,13 +104,14 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
         pair_meta = (index.pair_expert, index.pair_rank)
         if kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and \
                 kernels.aligned16(a_buf) and sa_buf.dim() == 3 and \
-                all(t.dtype == torch.int64 and t.is_contiguous() for t in pair_meta):
+                all(t.dtype == torch.int64 and t.is_contiguous() for t in pair_meta) and \
+                index.masked_m.dtype == torch.int32 and index.masked_m.is_contiguous() and \
+                index.masked_m.numel() == a_buf.shape[0] - 1:
             experts_plus_trash, m_max = a_buf.shape[:2]
-            rows = index.row_maps  # already -1 (masked_index_from_global), else filled here
-            if rows is None:
-                rows = torch.full((2, experts_plus_trash, m_max), -1, dtype=torch.int64,
-                                  device=xq.device)
+            # written whole by the kernel (-1 past masked_m and in the trash bucket)
+            rows = torch.empty((2, experts_plus_trash, m_max), dtype=torch.int64, device=xq.device)
             kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1],
+                                   index.masked_m,
                                    per_pair=switch_on(kPermutePerPairEnv, kPermutePerPairDefault))
             return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]

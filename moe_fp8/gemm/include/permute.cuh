@@ -299,13 +299,11 @@ __global__ void __launch_bounds__(kThreads) contiguous_rank_kernel(
 // pairs go to the trash bucket (expert numExperts, rank 0).
 // gIds: local ids (idOffset 0, sentinel numExperts), or global ids [T, topK] of which this rank
 // holds [idOffset, idOffset + numExperts), tokens at or beyond *gNumValid (if given) skipped: the
-// GlobalIds map, local_ids_kernel folded in. gRowFill (optional): rowFillCount int64 set to -1
-// first (the permute's row maps, which it then writes for the kept pairs).
+// GlobalIds map, local_ids_kernel folded in.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) masked_index_kernel(
     const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
     long long idOffset, int topK, const long long* __restrict__ gNumValid,
-    long long* __restrict__ gRowFill, int rowFillCount,
     int* __restrict__ gMaskedM,           // [numExperts] int32
     long long* __restrict__ gPairExpert,  // [numPairs]
     long long* __restrict__ gPairRank,    // [numPairs]
@@ -319,7 +317,6 @@ __global__ void __launch_bounds__(kThreads) masked_index_kernel(
   __shared__ int sCursor[kRankWarps][kMaxExperts];
   __shared__ int sOverflow;
   const SubChunk chunk(0, numPairs);
-  for (int i = threadIdx.x; i < rowFillCount; i += kThreads) gRowFill[i] = -1;
   long long validPairs = numPairs;
   if (gNumValid != nullptr)
     validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
@@ -368,8 +365,12 @@ __device__ __forceinline__ void copy_row(const uint4* __restrict__ gSrc, uint4* 
 //   row the GEMM reads is finite); row_token/row_slot [M_sum] get token/slot or -1.
 // Masked (kMasked = true): item i is pair i; it goes to (e, m) = (pair_expert[i], pair_rank[i])
 //   of a_buf [E + 1, M_max, H] (row e * M_max + m); row_token/row_slot [E + 1, M_max] get i / k,
-//   i % k there (the caller pre-fills -1); pairs in the trash bucket E = trashBatch (skipped
+//   i % k there and -1 on every other row; pairs in the trash bucket E = trashBatch (skipped
 //   pairs) are not copied and leave its rows as they were (contiguous: trashBatch = -1).
+//   The -1 rows are those at or past masked_m[e] (gMaskedM, the index kernel's: the kept pairs
+//   of e hold ranks 0 .. masked_m[e] - 1) and the trash bucket's, written by the whole grid: a
+//   fill before the launch took one CTA ~7 us at 256 tokens (2 x 33 x 256 int64), on the
+//   decode step's critical branch (H100, 2026-12-05).
 // Scales: s[e, m, g] lives at gSa[e * saBatch + m * saRow + g * saGroup]; the CTA's 8 items are
 //   written group-major, so in the contiguous (MN-major) layout each group's 8 scales are one
 //   aligned 32-byte sector (M_sum % 8 == 0) instead of 8 partial ones.
@@ -387,11 +388,24 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
     const long long* __restrict__ gIndex1,  // masked: pair_rank [P]; contiguous: unused (null)
     uint4* __restrict__ gA, float* __restrict__ gSa,
     long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
+    const int* __restrict__ gMaskedM,    // masked: [E] rows per expert; contiguous: unused (null)
     int numItems, int topK, int vectorsPerRow, long long xRowVectors, int groups,
     int rowsPerBatch, int trashBatch, long long xsToken, long long xsGroup, long long saBatch,
     long long saRow, long long saGroup) {
   pdl::begin();  // before any global access (pdl.cuh)
   static_assert(kMasked || !kPerPair, "a CTA per pair: masked layout only");
+  if constexpr (kMasked) {
+    const int numRows = (trashBatch + 1) * rowsPerBatch;
+    for (int r = blockIdx.x * kPermuteThreads + threadIdx.x; r < numRows;
+         r += gridDim.x * kPermuteThreads) {
+      const int e = r / rowsPerBatch;
+      if (e == trashBatch ||
+          r - e * rowsPerBatch >= min(max(__ldg(gMaskedM + e), 0), rowsPerBatch)) {
+        gRowToken[r] = -1;
+        gRowSlot[r] = -1;
+      }
+    }
+  }
   if constexpr (kPerPair) {
     const int item = blockIdx.x;
     if (item >= numItems) return;

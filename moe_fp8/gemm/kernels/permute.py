@@ -9,11 +9,11 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   when ``num_rows is None``, one host read of ``M_sum`` between scan and rank (the prefill path's
   only sync). Returns ``(m_indices int32 [M_sum], row_pair int64 [M_sum], pair_row int64 [P],
   pair_kept bool [P], tokens_per_expert int64 [E], num_rows)`` — the torch builder's values.
-* ``masked_index(ids, num_experts, m_max, weights=None, *, id_offset=0, top_k=1, num_valid=None,
-  row_fill=None)``: one launch, one CTA, no sync. ``ids`` local (sentinel E), or global ids of
+* ``masked_index(ids, num_experts, m_max, weights=None, *, id_offset=0, top_k=1, num_valid=None)``:
+  one launch, one CTA, no sync. ``ids`` local (sentinel E), or global ids of
   ``[T, top_k]`` pairs with this rank's experts at ``[id_offset, id_offset + E)`` and
   ``num_valid`` an int64 device scalar (tokens at or beyond it skip): the local-id mapping in the
-  same launch. ``row_fill`` int64 contiguous (optional): set to -1 first. Returns
+  same launch. Returns
   ``(masked_m int32 [E], pair_expert int64 [P], pair_rank int64 [P], pair_kept bool [P],
   num_overflow int64 [], slot_row, slot_weight)``; with ``weights`` fp32 ``[P]`` contiguous the
   last two are the combine index (int64 ``[P]`` row ``e * m_max + rank`` / fp32 ``[P]`` weight,
@@ -23,9 +23,10 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   sa ``[M_sum, H/128]`` any strides (MN-major gives sector-complete scale writes),
   row_token/row_slot int64 ``[M_sum]``.
 * ``permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token, row_slot,
-  per_pair=False)``: a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max, H/128]`` any
-  strides, row_token/row_slot int64 ``[E + 1, M_max]`` contiguous, pre-filled with -1 by the
-  caller; pairs in the trash bucket E are not copied. ``per_pair``: one CTA per pair (fewer
+  masked_m, per_pair=False)``: a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max,
+  H/128]`` any strides, row_token/row_slot int64 ``[E + 1, M_max]`` contiguous (written whole:
+  -1 at or past masked_m and in the trash bucket), masked_m int32 ``[E]`` (the index's); pairs in
+  the trash bucket E are not copied. ``per_pair``: one CTA per pair (fewer
   dependent round trips for a decode step's few rows), the same results.
 * ``combine(y_rows, slot_row, slot_weight, add, out, num_valid=None)``: y_rows bf16 ``[R, H]``,
   slot_row int64 ``[T, k]``, slot_weight fp32 ``[T, k]``, add bf16 ``[T, H]`` or None, out bf16
@@ -173,8 +174,7 @@ def contiguous_index(ids: torch.Tensor, num_experts: int, num_rows: Optional[int
 
 def masked_index(ids: torch.Tensor, num_experts: int, m_max: int,
                  weights: Optional[torch.Tensor] = None, *, id_offset: int = 0, top_k: int = 1,
-                 num_valid: Optional[torch.Tensor] = None,
-                 row_fill: Optional[torch.Tensor] = None):
+                 num_valid: Optional[torch.Tensor] = None):
     """See the module docstring. ``ids`` int64 ``[P]`` (P may be 0)."""
     device, num_pairs = ids.device, ids.numel()
     masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
@@ -186,10 +186,9 @@ def masked_index(ids: torch.Tensor, num_experts: int, m_max: int,
     slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if weights is not None else None
     slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) \
         if weights is not None else None
-    fill = row_fill.numel() if row_fill is not None else 0
     _kernel(masked_index_source(), ids).launch(1, kRankThreads, 0, [
         ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
-        row_fill, i32(fill), masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights,
+        masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights,
         slot_row, slot_weight])
     return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
 
@@ -206,21 +205,19 @@ def permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_token, row_slot) -> N
     if num_rows == 0:
         return
     _kernel(permute_source(False), xq).launch(_ceil_div(num_rows, kRowsPerCta), kPermuteThreads, 0, [
-        xq, xs, row_pair, None, a, sa, row_token, row_slot, i32(num_rows), i32(top_k),
+        xq, xs, row_pair, None, a, sa, row_token, row_slot, None, i32(num_rows), i32(top_k),
         i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i32(0),
         i32(-1), i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa)])
 
 
 def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token,
-                   row_slot, per_pair: bool = False) -> None:
+                   row_slot, masked_m, per_pair: bool = False) -> None:
     num_pairs = pair_expert.numel()
-    if num_pairs == 0:
-        return
     m_max, hidden = a_buf.shape[1], a_buf.shape[2]
-    # per_pair: one CTA per pair (permute_pair_kernel), else a warp per pair, 8 per CTA
-    grid = num_pairs if per_pair else _ceil_div(num_pairs, kRowsPerCta)
+    # per_pair: one CTA per pair, else a warp per pair, 8 per CTA; at least one CTA (the row maps)
+    grid = max(1, num_pairs if per_pair else _ceil_div(num_pairs, kRowsPerCta))
     _kernel(permute_source(True, per_pair), xq).launch(grid, kPermuteThreads, 0, [
-        xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, i32(num_pairs),
+        xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, masked_m, i32(num_pairs),
         i32(top_k), i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes),
         i32(xs.shape[1]), i32(m_max), i32(a_buf.shape[0] - 1),  # the last bucket is the trash
         i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa_buf)])
