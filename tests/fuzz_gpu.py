@@ -1094,7 +1094,9 @@ def once_cases() -> Dict[str, List[dict]]:
         "gemm_masked": [dict(masked_m=[0, 37, 1, 20], m_max=37, n=272, k=256, expected_m=8, seed=19),
                         dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20),
                         dict(masked_m=[0, 37, 1, 20], m_max=37, n=2048, k=256, expected_m=8, a_mc=True, seed=44),
-                        dict(masked_m=[0, 17, 1, 64, 65], m_max=100, n=1024, k=256, expected_m=8, a_rows=16, seed=45)],
+                        dict(masked_m=[0, 17, 1, 64, 65], m_max=100, n=1024, k=256, expected_m=8, a_rows=16, seed=45),
+                        # the heuristic's 128-row decode tiles: A chunks, the second warpgroup idle at <= 64 rows
+                        dict(masked_m=[0, 64, 1, 65, 129], m_max=160, n=1024, k=256, expected_m=64, seed=50)],
         "gemm_kgrouped": [dict(m=144, n=272, counts=[128, 0, 256, 128], seed=21), dict(m=333, n=800, counts=[0, 640, 128], seed=22),
                           dict(m=333, n=800, counts=[0, 640, 0, 128, 0], overwrite=True, seed=49)],
     }

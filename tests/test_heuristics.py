@@ -170,3 +170,12 @@ def test_masked_tiles_cover_the_spread_of_a_decode_batch(monkeypatch):
     monkeypatch.setenv("MOE_FP8_MASKED_ROW_CHUNKS", "0")
     assert H.masked_config(32, 1, 4096, 7168, 132).a_row_chunk == 0
     assert H.masked_config(32, 64, 4096, 7168, 132).a_row_chunk == 0
+
+
+def test_a_multicast_drops_row_chunks():
+    """with_a_multicast (benchmarks, the fuzz driver's a_mc cases) on a decode config with A row
+    chunks: whole-tile multicast halves, no chunks (the two are exclusive)."""
+    config = H.masked_config(32, 1, 4096, 7168, 132)
+    assert config.a_row_chunk > 0
+    paired = H.with_a_multicast(config, 4096)
+    assert paired is not None and (paired.cluster_n, paired.a_row_chunk) == (2, 0)

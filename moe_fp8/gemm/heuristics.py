@@ -175,10 +175,11 @@ def pairs_columns(config: GemmConfig, n: int) -> bool:
 
 def with_a_multicast(config: GemmConfig, n: int):
     """``config`` with A multicast (``cluster_n = 2``) where that is allowed for an N-wide output
-    (no B multicast, paired column blocks), else None."""
+    (no B multicast, paired column blocks), else None. Whole-tile A boxes (multicast halves): any
+    A row chunks are dropped."""
     if config.cluster_m != 1 or not pairs_columns(config, n):
         return None
-    return dataclasses.replace(config, cluster_n=2)
+    return dataclasses.replace(config, cluster_n=2, a_row_chunk=0)
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
