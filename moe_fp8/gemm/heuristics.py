@@ -47,7 +47,8 @@ kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
-# masked 32 x 1 gate-up 321 -> 313 us; chunks on full tiles (E = 1, M = 1024) 59 -> 139 us.
+# masked 32 x 1 gate-up 321 -> 313 us; chunks on full tiles (E = 1, M = 1024) read 59 -> 139 us
+# once (not understood), so full tiles keep one load per slot.
 kMaskedRowChunksDefault = True
 kDenseARowChunk = {64: 16, 128: 32}  # A's rows per load where M < block_m (dense_config)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
