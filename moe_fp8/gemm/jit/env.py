@@ -96,6 +96,13 @@ def masked_row_chunks(default: bool) -> bool:
     return _switch("MOE_FP8_MASKED_ROW_CHUNKS", default)
 
 
+def masked_silu_variant() -> Optional[str]:
+    """``MOE_FP8_MASKED_SILU``: ``oneshot`` or ``stream`` pins the masked SiLU-mul kernel where the
+    caller did not (an A/B knob for decode); unset or empty: the ``expected_m`` rule."""
+    value = os.environ.get("MOE_FP8_MASKED_SILU", "").strip()
+    return value or None
+
+
 def log(message: str) -> None:
     if verbose():
         print(f"[moe_fp8.jit] {message}", file=sys.stderr, flush=True)

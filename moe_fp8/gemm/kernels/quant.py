@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from ..jit import KernelSource, get_kernel, i32, i64, register_bundled
+from ..jit import KernelSource, env, get_kernel, i32, i64, register_bundled
 
 kHeader = "quant.cuh"
 kStreamThreads = 128  # quant.cuh kStreamThreads (per-token and SiLU kernels)
@@ -94,7 +94,12 @@ def _pick_variant(variant, num_chunks: int, device: torch.device) -> str:
 def _pick_masked_variant(variant, expected_m, m_max: int) -> str:
     """Masked SiLU: the one-shot kernel (every E x M_max row) where a quarter or more of the rows
     are expected valid, else the stream kernel (work follows the valid rows). H100, 2026-12-05:
-    4182 of 8192 rows 34 -> 24 us; 1135 rows 13 vs 14 us; 262 rows 7.7 vs 11 us."""
+    4182 of 8192 rows 34 -> 24 us; 1135 rows 13 vs 14 us; 262 rows 7.7 vs 11 us.
+    ``MOE_FP8_MASKED_SILU`` pins it where ``variant`` is None."""
+    if variant is None:
+        variant = env.masked_silu_variant()
+        if variant is not None and variant not in kVariants:
+            raise ValueError(f"MOE_FP8_MASKED_SILU must be one of {kVariants}, got {variant!r}")
     if variant is None:
         return "oneshot" if expected_m is not None and 4 * expected_m >= m_max else "stream"
     return _checked_variant(variant)
