@@ -444,18 +444,6 @@ def test_masked_a_rows_by_need(config):
                         config, seed=config.block_n + config.a_row_chunk, what="masked A by need")
 
 
-@pytest.mark.parametrize("config", [None, GemmConfig(128, 128, a_row_chunk=32, num_sms=5),
-                                    GemmConfig(64, 64, num_sms=3)], ids=str)
-def test_masked_early_weights(config):
-    """The instance that loads its first weight slots before the PDL wait (early_weights_scope,
-    with PDL launches): the same rows as the reference, rows >= masked_m untouched; few-SM grids
-    walk several tiles per CTA (only the first tile's slots go early)."""
-    from moe_fp8.gemm.jit.env import early_weights_scope, pdl_scope
-    with early_weights_scope(True), pdl_scope(True):
-        _masked_pinned_case([0, 1, 17, 64, 65, 129, 200], 200, 1024, 1024, (1, 64), config,
-                            seed=77, what="masked early weights")
-
-
 def test_a_row_chunk_needs_masked_or_dense_layout():
     gen = _cuda_gen(3)
     a, b = _quant_act(_rows((128, 256), gen)), _quant_weight(_weights((1, 128, 256), gen))

@@ -30,19 +30,6 @@ def test_a_row_chunk_validation():
     assert name.endswith(", 1, 1, 1, 16>")
 
 
-def test_early_weights_instances():
-    """kEarlyWeights: a trailing `true` on masked instances only (no cluster)."""
-    config = H.GemmConfig(64, 128).resolved(7168)
-    assert K.kernel_source(4096, 7168, config, K.kLayoutMasked, early_weights=True).instance.endswith(
-        ", 2, 1, 1, 1, 0, true>")
-    assert K.kernel_source(4096, 7168, config, K.kLayoutMasked).instance.endswith(", 2, 1, 1>")
-    with pytest.raises(ValueError, match="early_weights needs the masked layout"):
-        K.kernel_source(4096, 7168, config, K.kLayoutDense, early_weights=True)
-    with pytest.raises(ValueError, match="early_weights needs the masked layout"):
-        K.kernel_source(4096, 7168, H.GemmConfig(128, 128, cluster_n=2).resolved(7168),
-                        K.kLayoutMasked, early_weights=True)
-
-
 def test_split_k_validation_and_instance():
     config = H.GemmConfig(64, 128, split_k=7).resolved(7168)
     assert config.split_k == 7

@@ -172,14 +172,6 @@ def test_decode_router_branch_switches_are_bit_identical(moe, monkeypatch, switc
     assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 870)
 
 
-@torch.no_grad()
-def test_decode_early_weights_keep_bits(moe, monkeypatch):
-    """MOE_FP8_EARLY_WEIGHTS=1: the masked GEMMs of the PDL decode graph request their first weight
-    slots before waiting on the previous kernel; A and the scales still come after it: the same
-    bits, including batches below the runner's size."""
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_EARLY_WEIGHTS", (32, 7, 1, 32), 890)
-
-
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..gemm import heuristics as H
-from ..gemm.jit.env import early_weights_scope
 from ..gemm.validate import value_checks_enabled
 from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher, make_dispatcher
@@ -39,11 +38,6 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
 # 577 -> 564-565 us, a 128-token runner at one token 191 -> 182; 48 and 64 no better, 16 half.
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
 kDecodeRouterSmsDefault = 32
-# 1: the masked GEMMs of the decode step request their first weight slots before their PDL wait
-# (gemm_core.cuh kEarlyWeights). Safe here: masked_m comes from the dispatch, whose permute (or a
-# non-PDL kernel) runs between the index kernel and the gate-up GEMM. Off until measured.
-kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
-kEarlyWeightsDefault = False
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
@@ -272,8 +266,7 @@ class MoE(nn.Module):
         if value_checks_enabled(layout.num_overflow) and int(layout.num_overflow):
             raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "
                              f"max_tokens_per_expert={m_max}: raise it (T tokens need at most T)")
-        with early_weights_scope(switch_on(kEarlyWeightsEnv, kEarlyWeightsDefault)):
-            y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
+        y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
         shared = self._join_shared(shared, side)
         return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)
 

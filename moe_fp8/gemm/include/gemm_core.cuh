@@ -22,9 +22,6 @@
 //   kEmptyTiles                 tiles may have no K block (k-grouped overwriting D; contiguous
 //                               with zero padding, an all-padding tile): the
 //                               lookahead then queues nothing and the epilogue writes zeros
-//   kEarlyWeights               (masked, no cluster) the producer requests the first tile's B
-//                               (weight) slots before waiting on the previous kernel (PDL); the
-//                               caller promises masked_m was final before that kernel started
 //   kSkipIdleWarpgroup          a math warpgroup whose 64 rows all lie past the tile's valid rows
 //                               issues no wgmma for that tile (it still waits and releases each
 //                               slot; its rows are never written)
@@ -174,10 +171,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   if constexpr (kClusterSize > 1) ptx::cluster_sync(); else __syncthreads();
   // Everything above touched only parameters and shared memory: with PDL it overlapped the
   // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
-  // producer loads) the previous kernel's writes must be visible. kEarlyWeights: the producer
-  // warpgroup waits below (a warpgroup-uniform condition; one trigger per CTA is enough).
-  static_assert(!P::kEarlyWeights || kClusterSize == 1, "early weights: no cluster");
-  if (!P::kEarlyWeights || warpgroup != kNumMathWG) pdl::begin();
+  // producer loads) the previous kernel's writes must be visible.
+  pdl::begin();
 
   if (warpgroup == kNumMathWG) {
     // ------------------------------------------------------------------ producer warpgroup
@@ -188,30 +183,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       Tile tile;
       int stage = 0;
       u32 phase = 0;
-      // kEarlyWeights: the first tile's first slots (fresh, nothing to wait for) are armed with
-      // the whole stage's bytes and their weights requested before the PDL wait; A and the
-      // scales follow after it. Neither the weights nor the tile order (masked_m, final before
-      // the previous kernel started: the caller's promise) depend on the previous kernel.
-      bool have_first = false;
-      int early_kb = 0;
-      if constexpr (P::kEarlyWeights) {
-        have_first = scheduler.next(tile);
-        if (have_first) {
-          constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
-          const int a_chunks = kARowChunk == 0 ? 1 :
-              min(kBlockM / kChunkRows, (tile.rows_valid + kChunkRows - 1) / kChunkRows);
-          const u32 stage_tx = kARowChunk == 0 ? Layout::kStageTxBytes :
-              Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
-          early_kb = min(kStages, kFixedK ? kTileKBlocks : tile.num_k_blocks);
-          for (int kb = 0; kb < early_kb; ++kb) {
-            ptx::mbar_arrive_expect_tx(&full[kb], stage_tx);
-            ptx::tma_load_2d(s_b + kb * Layout::kBBytes, tma_b, &full[kb],
-                             (tile.k_block0 + kb) * 128, tile.b_row);
-          }
-        }
-        pdl::begin();
-      }
-      while ((P::kEarlyWeights && have_first) || scheduler.next(tile)) {
+      while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
         constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
@@ -220,13 +192,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         const u32 stage_tx = kARowChunk == 0 ? Layout::kStageTxBytes :
             Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
         for (int kb = 0; kb < num_kb; ++kb) {
-          const bool early = P::kEarlyWeights && kb < early_kb;  // armed, its B in flight
-          if (!early) {
-            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
-            // The full A and B tiles are expected even when half of one comes from the peer's
-            // multicast.
-            ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
-          }
+          ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
+          // The full A and B tiles are expected even when half of one comes from the peer's
+          // multicast.
+          ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
           const int k = (tile.k_block0 + kb) * 128;
           // NOTE: A and B spelled out alike on purpose: a shared helper (tried 2026-12-05)
           // reordered ptxas's schedule of the math warps' FFMAs in every GEMM instance, and the
@@ -244,8 +213,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                        (1 << kClusterN) - 1);
           }
           if constexpr (kClusterM == 1) {
-            if (!early)
-              ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
+            ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
           } else {
             constexpr int kHalfRows = kBlockN / kClusterM;
             ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * kHalfRows * 128,
@@ -259,12 +227,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                              tile.sa_k + kb);
           if (++stage == kStages) stage = 0, phase ^= 1;
         }
-        if constexpr (P::kEarlyWeights) have_first = false, early_kb = 0;
       }
     } else if (!kColumnScales && warp == 1) {
       // NOTE: staging these in the math warpgroups (v2) exposed one global-load round trip per
       // tile with the tensor cores idle (~0.5-1 us, 5-10 % of a K = 2048 tile).
-      if constexpr (P::kEarlyWeights) pdl::wait_for_prerequisites();
       Scheduler scheduler(params, rank);
       Tile tile;
       int buf = 0;

@@ -39,7 +39,6 @@ struct SplitKPolicy {
   static constexpr bool kColumnScales = false;
   static constexpr bool kEmptyTiles = false;
   static constexpr bool kSkipIdleWarpgroup = false;
-  static constexpr bool kEarlyWeights = false;
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayoutDense, kN, kK, kBlockM, kBlockN, kGroupN, 1, 1, kSplitK>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, /*kAdd=*/false>;

@@ -36,7 +36,6 @@ struct KGroupedPolicy {
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   static constexpr bool kEmptyTiles = !kAccumulate;
   static constexpr bool kSkipIdleWarpgroup = false;
-  static constexpr bool kEarlyWeights = false;
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;

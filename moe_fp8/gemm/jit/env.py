@@ -77,29 +77,6 @@ def pdl_scope(flag: Optional[bool]):
         _pdl_scope.reset(token)
 
 
-_early_weights_scope: contextvars.ContextVar = contextvars.ContextVar("moe_fp8_early_weights",
-                                                                     default=False)
-
-
-def early_weights() -> bool:
-    """Inside ``early_weights_scope(True)`` the masked GEMM requests its first weight slots before
-    its PDL wait (include/gemm_core.cuh, kEarlyWeights)."""
-    return _early_weights_scope.get()
-
-
-@contextlib.contextmanager
-def early_weights_scope(flag: bool):
-    """Masked GEMMs launched inside the block may read ``masked_m`` and start loading weights
-    before the previous kernel of their stream has finished: the caller promises ``masked_m`` was
-    final before that previous kernel started (in the layer's decode step the index kernel runs
-    two or more launches before each masked GEMM)."""
-    token = _early_weights_scope.set(bool(flag))
-    try:
-        yield
-    finally:
-        _early_weights_scope.reset(token)
-
-
 def _switch(name: str, default: bool) -> bool:
     """A heuristics switch: ``0`` off, any other value on, unset ``default``."""
     value = os.environ.get(name)

@@ -31,13 +31,9 @@ kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1,
 kLayoutContiguousZeroPad = 5  # the m_indices form, padding rows written as zeros
 
 
-def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int,
-                  early_weights: bool = False) -> "jit.KernelSource":
-    """The JIT source of one instance; ``config`` must be resolved (stages filled in).
-    ``early_weights`` (masked, no cluster): the first weight slots before the PDL wait."""
+def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
+    """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
-    if early_weights and (layout != kLayoutMasked or c.cluster_size > 1):
-        raise ValueError("early_weights needs the masked layout without a cluster")
     if c.split_k > 1:
         if layout != kLayoutDense:
             raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
@@ -46,9 +42,8 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int,
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
             f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>")
     # optional trailing parameters only when set: older instances keep their names
-    tail = f", {c.cluster_n}, {c.a_row_chunk}, true" if early_weights else (
-        f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk else (
-            f", {c.cluster_n}" if c.cluster_n != 1 else ""))
+    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk else (
+        f", {c.cluster_n}" if c.cluster_n != 1 else "")
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
@@ -63,13 +58,11 @@ _tma_cache: "OrderedDict[tuple, object]" = OrderedDict()
 kTmaCacheSize = 512
 
 
-def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int,
-                early_weights: bool = False):
-    key = (n, k, config, layout, device, early_weights)
+def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
+    key = (n, k, config, layout, device)
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = _kernels[key] = jit.get_kernel(
-            kernel_source(n, k, config, layout, early_weights), device)
+        kernel = _kernels[key] = jit.get_kernel(kernel_source(n, k, config, layout), device)
     return kernel
 
 
@@ -162,8 +155,7 @@ def _m_pad(m: int) -> int:
 
 def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
             sb: torch.Tensor, d2: torch.Tensor, layout_arg: Optional[torch.Tensor], m: int,
-            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int,
-            early_weights: bool = False) -> None:
+            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int) -> None:
     """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
     ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
     c = config.resolved(k)
@@ -177,7 +169,7 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
-    kernel = _get_kernel(n, k, c, layout, device, early_weights)
+    kernel = _get_kernel(n, k, c, layout, device)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
@@ -291,8 +283,7 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     """``out[e, :masked_m[e]] = a[e, :masked_m[e]] . b[e]^T``; rows >= masked_m[e] untouched.
 
     ``masked_m`` stays on the device (read by the kernel's scheduler): no host sync, graph-safe.
-    ``expected_m`` (host int) only steers the tile choice. Inside ``jit.env.early_weights_scope``
-    (the layer's decode step) the instance that loads its first weights before the PDL wait.
+    ``expected_m`` (host int) only steers the tile choice.
     """
     num_experts, m_max, k = a.shape
     n = b.shape[1]
@@ -303,8 +294,7 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     tiles = num_experts * H._ceil_div(m_max, config.block_m) * H._ceil_div(n, config.block_n)
     _launch(kLayoutMasked, _k_major(a).view(num_experts * m_max, k), _sa_view(sa), m_max,
             _k_major(b).view(num_experts * n, k), sb.contiguous(), out.view(num_experts * m_max, n),
-            masked_m.contiguous(), m_max, num_experts, n, k, config, tiles,
-            early_weights=jit.env.early_weights() and config.cluster_size == 1)
+            masked_m.contiguous(), m_max, num_experts, n, k, config, tiles)
     return out
 
 
@@ -334,8 +324,6 @@ def bundled_sources() -> List["jit.KernelSource"]:
         for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
             config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
             sources.append(kernel_source(n, k, config, kLayoutMasked))
-            if num_experts == 32:  # the decode step's (MOE_FP8_EARLY_WEIGHTS)
-                sources.append(kernel_source(n, k, config, kLayoutMasked, early_weights=True))
     return list(dict.fromkeys(sources))  # unique, in order
 
 
