@@ -179,3 +179,18 @@ def test_a_multicast_drops_row_chunks():
     assert config.a_row_chunk > 0
     paired = H.with_a_multicast(config, 4096)
     assert paired is not None and (paired.cluster_n, paired.a_row_chunk) == (2, 0)
+
+
+def test_masked_silu_knob(monkeypatch):
+    """MOE_FP8_MASKED_SILU pins the masked SiLU kernel where the caller did not; an explicit
+    variant wins; unknown values raise naming the variable; unset: the expected_m rule."""
+    from moe_fp8.gemm.kernels import quant as Q
+    monkeypatch.delenv("MOE_FP8_MASKED_SILU", raising=False)
+    assert Q._pick_masked_variant(None, 64, 256) == "oneshot"
+    assert Q._pick_masked_variant(None, 8, 256) == "stream"
+    monkeypatch.setenv("MOE_FP8_MASKED_SILU", "stream")
+    assert Q._pick_masked_variant(None, 64, 256) == "stream"
+    assert Q._pick_masked_variant("oneshot", 8, 256) == "oneshot"
+    monkeypatch.setenv("MOE_FP8_MASKED_SILU", "fast")
+    with pytest.raises(ValueError, match="MOE_FP8_MASKED_SILU"):
+        Q._pick_masked_variant(None, 64, 256)
