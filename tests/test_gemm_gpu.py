@@ -444,6 +444,45 @@ def test_masked_a_rows_by_need(config):
                         config, seed=config.block_n + config.a_row_chunk, what="masked A by need")
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
+                                    GemmConfig(128, 256, a_row_chunk=32, num_sms=3)], ids=str)
+def test_masked_swiglu_is_gemm_then_silu(config, pow2):
+    """The fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) writes exactly the bytes and scales
+    of the masked GEMM followed by the masked SiLU-and-mul quantisation; rows >= masked_m of both
+    outputs keep their poison. Some rows are scaled up so that gate values reach the SiLU's
+    special ranges (exp overflow, d >= 2^126)."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import to_mn_major
+    counts, m_max, inter, k = [0, 1, 17, 64, 65, 129, 200], 200, 512, 1024
+    num_experts = len(counts)
+    gen = _cuda_gen(91 + pow2)
+    x = _rows((num_experts, m_max, k), gen)
+    x[:, 5] *= 400.0  # |h| of hundreds: silu's exp(-g) overflows for g < -88.7
+    w = _weights((num_experts, 2 * inter, k), gen)
+    a, b = _quant_act(x), _quant_weight(w)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    for expected_m in (1, 64):
+        h = _poisoned((num_experts, m_max, 2 * inter))
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=h, backend="kernel")
+        want_q = torch.full((num_experts, m_max, inter), 0x5A, dtype=torch.uint8, device="cuda")
+        want_s = empty_act_scales(m_max, inter // 128, num_experts, device="cuda")
+        want_s.fill_(-7.0)
+        G.silu_and_mul_quant_fp8(h, masked_m=masked_m, pow2_scale=pow2,
+                                 out=(want_q.view(torch.float8_e4m3fn), want_s),
+                                 expected_m=expected_m, backend="kernel")
+        got_q = torch.full_like(want_q, 0x5A)
+        got_s = empty_act_scales(m_max, inter // 128, num_experts, device="cuda")
+        got_s.fill_(-7.0)
+        K.m_grouped_masked_swiglu(a[0], to_mn_major(a[1]), b[0], b[1], masked_m, expected_m,
+                                  got_q.view(torch.float8_e4m3fn), got_s, pow2=pow2, config=
+                                  None if config is None else config.resolved(k))
+        torch.cuda.synchronize()
+        what = f"swiglu {config} pow2={pow2} expected_m={expected_m}"
+        assert torch.equal(got_q, want_q), f"{what}: act bytes differ"
+        assert torch.equal(got_s.view(torch.int32), want_s.view(torch.int32)), f"{what}: scales differ"
+
+
 def test_a_row_chunk_needs_masked_or_dense_layout():
     gen = _cuda_gen(3)
     a, b = _quant_act(_rows((128, 256), gen)), _quant_weight(_weights((1, 128, 256), gen))

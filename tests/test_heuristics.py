@@ -194,3 +194,18 @@ def test_masked_silu_knob(monkeypatch):
     monkeypatch.setenv("MOE_FP8_MASKED_SILU", "fast")
     with pytest.raises(ValueError, match="MOE_FP8_MASKED_SILU"):
         Q._pick_masked_variant(None, 64, 256)
+
+
+def test_fused_swiglu_instances():
+    """The fused SwiGLU GEMM: 256-wide tiles with the masked layout's block_m and A chunks; its
+    instance names the weight rows (2I), K, tile, stages, group, chunk and pow2; other tiles raise."""
+    c = H.masked_swiglu_config(32, 1, 4096, 7168, 132)
+    assert (c.block_m, c.block_n, c.a_row_chunk) == (64, 256, 16) and c.stages > 0
+    c128 = H.masked_swiglu_config(32, 64, 4096, 7168, 132)
+    assert (c128.block_m, c128.block_n, c128.a_row_chunk) == (128, 256, 32)
+    name = K.swiglu_source(4096, 7168, c, pow2=True).instance
+    assert name == f"moe_fp8::fused_swiglu_gemm_kernel<4096, 7168, 64, {c.stages}, 16, 16, true>"
+    with pytest.raises(ValueError, match="fused SwiGLU GEMM needs 256-wide tiles"):
+        K.swiglu_source(4096, 7168, H.GemmConfig(64, 128).resolved(7168), pow2=False)
+    with pytest.raises(ValueError, match="fused SwiGLU GEMM needs 256-wide tiles"):
+        K.swiglu_source(4096 + 128, 7168, c, pow2=False)  # I = 2112: not whole 128-blocks pairs

@@ -123,6 +123,19 @@ def test_expert_shard_sums_to_full_layer(gen):
     assert calc_diff(total_masked, y) < 1e-5
 
 
+def test_fused_swiglu_switch_falls_back_off_the_gpu(gen, monkeypatch):
+    """MOE_FP8_FUSED_SWIGLU=1 where the masked GEMM has no kernel (CPU): the two-step path, the
+    same outputs."""
+    monkeypatch.setenv("MOE_FP8_FUSED_SWIGLU", "1")
+    moe = MoE(MoEConfig.tiny(), seed=8)
+    x = torch.randn(3, moe.cfg.hidden_size, generator=gen).bfloat16()
+    with torch.no_grad():
+        on = moe.forward_masked(x)
+        monkeypatch.setenv("MOE_FP8_FUSED_SWIGLU", "0")
+        off = moe.forward_masked(x)
+    assert torch.equal(on, off)
+
+
 def test_decode_runner_on_cpu(gen):
     moe = MoE(MoEConfig.tiny(), seed=8)
     run = moe.decode_runner(max_tokens=16)

@@ -172,6 +172,13 @@ def test_decode_router_branch_switches_are_bit_identical(moe, monkeypatch, switc
     assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 870)
 
 
+@torch.no_grad()
+def test_decode_fused_swiglu_keeps_bits(moe, monkeypatch):
+    """MOE_FP8_FUSED_SWIGLU=1: the decode step's gate-up GEMM with SiLU-and-mul + quantisation in
+    its epilogue writes the same act bytes, so the same outputs, also below the runner's size."""
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_FUSED_SWIGLU", (32, 7, 1, 32), 895)
+
+
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

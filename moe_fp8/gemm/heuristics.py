@@ -360,6 +360,14 @@ def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
     return config.resolved(k)
 
 
+def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """Config of the fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) over ``n = 2I`` weight
+    rows: the masked layout's block_m and A chunks for ``expected_m``, 256-wide tiles (a gate and
+    an up block each)."""
+    base = masked_config(num_experts, expected_m, n, k, sms)
+    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k)
+
+
 @functools.lru_cache(maxsize=4096)
 def wgrad_config(m: int, n: int, sms: int) -> GemmConfig:
     """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32).

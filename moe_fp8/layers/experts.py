@@ -19,12 +19,18 @@ from torch import nn
 
 from .. import gemm as G
 from ..gemm import heuristics as H
-from ..gemm.layout import empty_act_scales
+from ..gemm.layout import empty_act_scales, to_mn_major
 from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
+from .switches import switch_on
 
 FP8 = torch.float8_e4m3fn
 kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek-V3)
+# 1: the masked (decode) path runs its gate-up GEMM with SiLU-and-mul + quantisation in the
+# epilogue (include/fused_swiglu.cuh): one kernel and no h round trip instead of two, the same
+# act bytes. Off until measured on a GPU.
+kFusedSwiGluEnv = "MOE_FP8_FUSED_SWIGLU"
+kFusedSwiGluDefault = False
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -129,12 +135,29 @@ class RoutedExperts(nn.Module):
         if workspace is None:
             workspace = MaskedWorkspace.allocate(self.num_experts_local, layout.max_tokens_per_expert,
                                                  self.hidden, self.inter, layout.a.device, self.dtype)
-        G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
-                                       layout.masked_m, layout.expected_m, out=workspace.h)
-        G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m, pow2_scale=self.pow2_scale,
-                                 out=workspace.act, expected_m=layout.expected_m)
+        if not self._fused_swiglu(layout, workspace):
+            G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
+                                           layout.masked_m, layout.expected_m, out=workspace.h)
+            G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m,
+                                     pow2_scale=self.pow2_scale, out=workspace.act,
+                                     expected_m=layout.expected_m)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y)
+
+    def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:
+        """``MOE_FP8_FUSED_SWIGLU=1``: gate-up GEMM + SiLU-and-mul + quantisation in one kernel
+        into ``workspace.act``, where the masked GEMM runs as a kernel and 2I % 256 == 0; False
+        (nothing done) otherwise."""
+        if not switch_on(kFusedSwiGluEnv, kFusedSwiGluDefault) or (2 * self.inter) % 256:
+            return False
+        from ..gemm.backend import pick
+        if pick("auto", layout.a.device, "fp8_gemm", "m_grouped_masked") is None:
+            return False
+        from ..gemm.kernels import fp8_gemm
+        fp8_gemm.m_grouped_masked_swiglu(layout.a, to_mn_major(layout.sa), self.w13,
+                                         self.w13_scale, layout.masked_m, layout.expected_m,
+                                         workspace.act[0], workspace.act[1], pow2=self.pow2_scale)
+        return True
 
 
 def _budget_config(a: torch.Tensor, w: torch.Tensor, num_sms: Optional[int]):

@@ -49,6 +49,7 @@ struct NtPolicy {
   // 598 -> 589 us). Only the configs that load A in row chunks (heuristics: the mean below
   // block_m) carry the branch, so full-tile instances keep their measured SASS.
   static constexpr bool kSkipIdleWarpgroup = kLayout == kLayoutMasked && kARowChunk > 0;
+  static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;

@@ -22,6 +22,8 @@
 //   kEmptyTiles                 tiles may have no K block (k-grouped overwriting D; contiguous
 //                               with zero padding, an all-padding tile): the
 //                               lookahead then queues nothing and the epilogue writes zeros
+//   kUpRowOffset                0, or (fused SwiGLU) N / 2: a 256-wide tile's B halves come from
+//                               rows b_row and b_row + N / 2 (gate and up blocks; scheduler.cuh)
 //   kSkipIdleWarpgroup          a math warpgroup whose 64 rows all lie past the tile's valid rows
 //                               issues no wgmma for that tile (it still waits and releases each
 //                               slot; its rows are never written)
@@ -212,7 +214,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                        tma_a, &full[stage], k, tile.m_row + rank * kHalfRows,
                                        (1 << kClusterN) - 1);
           }
-          if constexpr (kClusterM == 1) {
+          if constexpr (P::kUpRowOffset > 0) {  // two 128-row boxes: the gate and the up block
+            ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
+            ptx::tma_load_2d(s_b + stage * Layout::kBBytes + 128 * 128, tma_b, &full[stage], k,
+                             tile.b_row + P::kUpRowOffset);
+          } else if constexpr (kClusterM == 1) {
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
           } else {
             constexpr int kHalfRows = kBlockN / kClusterM;
@@ -244,13 +250,15 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         // The tile's K blocks of its sb row, then the same K blocks of the next row (a tile
         // straddling two scale blocks). Split K: both are slices of rows kRowStride apart; without
         // it the two runs are contiguous (kRowStride == kTileKBlocks, one run of 2 x kTileKBlocks).
+        // Paired halves: the second run is the up block's row, N / 256 rows further.
         constexpr int kRowStride = Scheduler::kNumKBlocks;
+        constexpr int kNextRow = P::kUpRowOffset > 0 ? P::kUpRowOffset / 128 : 1;
         const float* g_sb = params.g_sb + long(tile.sb_row) * kRowStride + tile.k_block0;
-        const bool has_next_block = kMayStraddle && tile.sb_row + 1 < tile.sb_rows_end;
+        const bool has_next_block = kMayStraddle && tile.sb_row + kNextRow < tile.sb_rows_end;
         float* s_dst = s_tile_sb + buf * 2 * kTileKBlocks;
         for (int i = lane; i < 2 * kTileKBlocks; i += 32) {
-          const int offset = (kRowStride == kTileKBlocks || i < kTileKBlocks) ? i
-                                                                              : kRowStride + i - kTileKBlocks;
+          const int offset = (kNextRow * kRowStride == kTileKBlocks || i < kTileKBlocks)
+                                 ? i : kNextRow * kRowStride + i - kTileKBlocks;
           s_dst[i] = (i < kTileKBlocks || has_next_block) ? __ldg(g_sb + offset) : 0.f;
         }
         ptx::mbar_arrive(&sb_full[buf]);

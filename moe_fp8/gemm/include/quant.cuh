@@ -428,13 +428,10 @@ __device__ __forceinline__ bool silu_mul16(const uint4 (&rGate)[2], const uint4 
 //   g = +inf: d = 1, g / d = +inf;   d = inf (g < -88.7 or -inf) or NaN: g * 0 = -0 or NaN;
 //   d in [2^126, FLT_MAX] (g in [-88.8, -87.3]): numerator and divisor scaled by 2^-8 (exact),
 //   which brings the reciprocal back into the normal range.
-// It reloads its inputs (L2 hits): keeping the raw registers alive for it past silu_mul16 cost
-// 64-register spills.
-__device__ __forceinline__ void silu_mul16_special(const __nv_bfloat16* gGate, int intermediate,
-                                                float (&rY)[16]) {
-  uint4 rGate[2], rUp[2];
-  load_values(gGate, true, rGate);
-  load_values(gGate + intermediate, true, rUp);
+// For every other g it equals silu_mul16's value (the same operations), so the fused SwiGLU
+// epilogue (fused_swiglu.cuh), which holds the raw vectors in registers, takes it for all values.
+__device__ __forceinline__ void silu_mul16_special_values(const uint4 (&rGate)[2],
+                                                       const uint4 (&rUp)[2], float (&rY)[16]) {
   float rG[16];
   Raw<__nv_bfloat16>::to_float(rGate, rG);
   Raw<__nv_bfloat16>::to_float(rUp, rY);
@@ -447,6 +444,16 @@ __device__ __forceinline__ void silu_mul16_special(const __nv_bfloat16* gGate, i
     if (g == __int_as_float(0x7F800000)) silu = g;
     rY[i] = __fmul_rn(silu, rY[i]);
   }
+}
+
+// The SiLU kernels' form: it reloads its inputs (L2 hits): keeping the raw registers alive for it
+// past silu_mul16 cost 64-register spills.
+__device__ __forceinline__ void silu_mul16_special(const __nv_bfloat16* gGate, int intermediate,
+                                                float (&rY)[16]) {
+  uint4 rGate[2], rUp[2];
+  load_values(gGate, true, rGate);
+  load_values(gGate + intermediate, true, rUp);
+  silu_mul16_special_values(rGate, rUp, rY);
 }
 
 // Adds one tile of clamped masked_m counts to the running exclusive prefix sPrefix[1..].

@@ -53,6 +53,8 @@ struct GemmParams {
                        // k-grouped: offsets [E+1] (tokens)
   const float* g_sb;   // weight scales [E * ceil(N/128), K/128] fp32 (k-grouped: unused)
   void* g_d;           // bf16 output, for the predicated (partially masked) store path
+  float* g_ds = nullptr;  // fused SwiGLU: the fp8 output's 1x128 scales (fused_swiglu.cuh)
+  long long ds_batch = 0, ds_group = 0;  // their strides per expert / per 128-column block
 };
 
 // One output tile of kBlockM x kBlockN and where its operands live.
@@ -91,9 +93,15 @@ enum class TileStatus { kDone, kSkip, kReady };
 // kEmptyTiles: work without K blocks still yields its tiles, with num_k_blocks = 0, so that the
 // epilogue writes their zeros (else they are skipped): an expert without tokens (k-grouped,
 // overwriting D), an all-padding row block (kLayoutContiguousZeroPad).
+// kPairedHalves (masked, kBlockN = 256, fused SwiGLU): tile t of an expert pairs B's gate block t
+// (rows 128 t) with its up block t (rows kN / 2 + 128 t) as the tile's two 128-column halves;
+// n0 = 128 t is the tile's first column of the kN / 2 wide product.
 template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
-          int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false>
+          int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false, bool kPairedHalves = false>
 struct TileScheduler {
+  static_assert(!kPairedHalves || (kLayout == kLayoutMasked && kBlockN == 256 && kN % 256 == 0 &&
+                                   kClusterM * kClusterN == 1),
+                "paired halves: masked layout, 256-wide tiles, N / 2 in 128-column blocks");
   static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
                 "multicast pairs need both row blocks to use the same B");
   static constexpr int kClusterSize = kClusterM * kClusterN;
@@ -124,9 +132,15 @@ struct TileScheduler {
         next_idx(blockIdx.x / kClusterSize) {}
 
   __device__ __forceinline__ void fill_n(Tile& t, int nb, int e) const {
-    t.n0 = nb * kBlockN;
-    t.b_row = e * kN + t.n0;
-    t.sb_row = e * kSbRowsPerExpert + t.n0 / 128;
+    if constexpr (kPairedHalves) {
+      t.n0 = nb * 128;
+      t.b_row = e * kN + t.n0;  // the up half: kN / 2 rows further
+      t.sb_row = e * kSbRowsPerExpert + nb;
+    } else {
+      t.n0 = nb * kBlockN;
+      t.b_row = e * kN + t.n0;
+      t.sb_row = e * kSbRowsPerExpert + t.n0 / 128;
+    }
     t.sb_rows_end = (e + 1) * kSbRowsPerExpert;
   }
 

@@ -36,6 +36,7 @@ struct KGroupedPolicy {
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   static constexpr bool kEmptyTiles = !kAccumulate;
   static constexpr bool kSkipIdleWarpgroup = false;
+  static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;

@@ -27,6 +27,7 @@ from ..jit import driver
 
 kHeader = "fp8_gemm.cuh"
 kSplitKHeader = "split_k.cuh"
+kSwiGluHeader = "fused_swiglu.cuh"
 kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1, 2, 4
 kLayoutContiguousZeroPad = 5  # the m_indices form, padding rows written as zeros
 
@@ -298,6 +299,54 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     return out
 
 
+def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool) -> "jit.KernelSource":
+    """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)."""
+    c = config
+    if c.block_n != 256 or c.cluster_size != 1 or c.split_k != 1 or n % 256:
+        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without a cluster or split K "
+                         f"and 2I % 256 == 0, got {c} with 2I = {n}")
+    return jit.KernelSource(
+        kSwiGluHeader,
+        f"moe_fp8::fused_swiglu_gemm_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
+        f"{c.a_row_chunk}, {'true' if pow2 else 'false'}>")
+
+
+def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                            masked_m: torch.Tensor, expected_m: int, act: torch.Tensor,
+                            act_s: torch.Tensor, pow2: bool = False,
+                            config: Optional[H.GemmConfig] = None) -> None:
+    """``act, act_s = silu_and_mul_quant(m_grouped_masked(a, b))`` in one kernel (the same bytes):
+    ``a`` fp8 ``[E, M_max, K]`` + MN-major ``sa``, ``b`` W13 fp8 ``[E, 2I, K]`` (gate rows, then
+    up rows) + ``sb`` ``[E, 2I/128, K/128]``; ``act`` fp8 ``[E, M_max, I]`` contiguous and
+    ``act_s`` ``[E, M_max, I/128]`` MN-major (``layout.empty_act_scales``): rows >= masked_m[e]
+    untouched. Checked tensors only (the caller validates)."""
+    num_experts, m_max, k = a.shape
+    n = b.shape[1]
+    if num_experts == 0 or m_max == 0:
+        return
+    if act_s.stride(1) != 1 or not act.is_contiguous():
+        raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
+    source = swiglu_source(n, k, c, pow2)
+    key = ("swiglu", source.instance, dev)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = jit.get_kernel(source, dev)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
+    tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
+    grid = persistent_grid(kernel, c, tiles, smem, dev)
+    a2, sa2 = _k_major(a).view(num_experts * m_max, k), _sa_view(sa)
+    tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m, 128)
+    tma_b = _tma(_k_major(b).view(num_experts * n, k), 128, 128, 128)  # gate / up halves apart
+    tma_sa = _tma(sa2, c.block_m, 1, 0, m_max, sa2.shape[0],
+                  sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(m_max))
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
+                  [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
+                   masked_m.contiguous(), sb.contiguous(), act, act_s,
+                   jit.i64(act_s.stride(0)), jit.i64(act_s.stride(2))])
+
+
 # ----------------------------------------------------------------------------- bundled variants
 
 kH100Sms = 132
@@ -324,6 +373,9 @@ def bundled_sources() -> List["jit.KernelSource"]:
         for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
             config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
             sources.append(kernel_source(n, k, config, kLayoutMasked))
+            if num_experts == 32 and n == 4096:  # the decode step's gate-up (MOE_FP8_FUSED_SWIGLU)
+                sources.append(swiglu_source(n, k, H.masked_swiglu_config(
+                    num_experts, expected_m, n, k, kH100Sms), pow2=False))
     return list(dict.fromkeys(sources))  # unique, in order
 
 
