@@ -50,7 +50,7 @@ kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows ab
 # masked 32 x 1 gate-up 321 -> 313 us; chunks on full tiles (E = 1, M = 1024) read 59 -> 139 us
 # once (not understood), so full tiles keep one load per slot.
 kMaskedRowChunksDefault = True
-kDenseARowChunk = {64: 16, 128: 32}  # A's rows per load where M < block_m (dense_config)
+kARowChunks = {64: 16, 128: 32}  # A's rows per load by block_m (dense M < block_m, masked decode)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
 # layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
@@ -293,7 +293,7 @@ def _dense_config(m: int, n: int, k: int, sms: int, wide: bool) -> GemmConfig:
         # TMA time; H100, 2026-12-05, N = 4096, K = 7168: M = 1 26.2 -> 22.5 us, M = 16 23.8 ->
         # 20.7, M = 96 25.4 -> 23.3 with 32-row chunks; N = 7168, K = 2048 unchanged at ~13 us;
         # results/small_m_chunks_h100_2026-12-05.md)
-        return dataclasses.replace(config, a_row_chunk=kDenseARowChunk[config.block_m])
+        return dataclasses.replace(config, a_row_chunk=kARowChunks[config.block_m])
     if config.block_n == 256:
         return dataclasses.replace(config, cluster_m=2)  # B multicast: 32 KB of L2 reads per 4 M MACs
     if (config.block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks
@@ -356,7 +356,7 @@ def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
     m_blocks = num_experts * _ceil_div(expected_m, block_m)
     chunks = row_chunks and expected_m < block_m
     config = GemmConfig(block_m, _pick_block_n(m_blocks, n, sms, block_m),
-                        a_row_chunk=kDenseARowChunk[block_m] if chunks else 0)
+                        a_row_chunk=kARowChunks[block_m] if chunks else 0)
     return config.resolved(k)
 
 
@@ -364,7 +364,11 @@ def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms:
     """Config of the fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) over ``n = 2I`` weight
     rows: the masked layout's block_m and A chunks for ``expected_m``, 256-wide tiles (a gate and
     an up block each)."""
-    base = masked_config(num_experts, expected_m, n, k, sms)
+    return _swiglu_tiles(masked_config(num_experts, expected_m, n, k, sms), k)
+
+
+@functools.lru_cache(maxsize=4096)
+def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
     return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k)
 
 

@@ -59,12 +59,17 @@ _tma_cache: "OrderedDict[tuple, object]" = OrderedDict()
 kTmaCacheSize = 512
 
 
-def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
-    key = (n, k, config, layout, device)
+def _cached_kernel(key: tuple, source, device: int):
+    """The kernel cached under ``key``; ``source()`` (its KernelSource) is built only on a miss."""
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = _kernels[key] = jit.get_kernel(kernel_source(n, k, config, layout), device)
+        kernel = _kernels[key] = jit.get_kernel(source(), device)
     return kernel
+
+
+def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
+    return _cached_kernel((n, k, config, layout, device),
+                          lambda: kernel_source(n, k, config, layout), device)
 
 
 _active_clusters: Dict[tuple, int] = {}
@@ -154,6 +159,17 @@ def _m_pad(m: int) -> int:
     return (max(m, 1) + 3) // 4 * 4
 
 
+def _operand_tmas(a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
+                  c: H.GemmConfig, b_box_rows: int) -> tuple:
+    """The descriptors of A (box: a chunk of rows (a_row_chunk), a cluster CTA's share, or the
+    whole tile), B (``b_box_rows`` rows per box) and A's scales."""
+    tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m // c.cluster_n, 128)
+    tma_b = _tma(b2, 128, b_box_rows, 128)
+    tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
+                  sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
+    return tma_a, tma_b, tma_sa
+
+
 def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
             sb: torch.Tensor, d2: torch.Tensor, layout_arg: Optional[torch.Tensor], m: int,
             num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int) -> None:
@@ -174,11 +190,7 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
-    # A's box: a chunk of rows (a_row_chunk), a cluster CTA's share, or the whole tile
-    tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m // c.cluster_n, 128)
-    tma_b = _tma(b2, 128, c.block_n // c.cluster_m, 128)
-    tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
-                  sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
+    tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m)
     if c.split_k > 1:
         _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb, d2, m, n, c, grid, smem, device)
         return
@@ -219,11 +231,7 @@ def reduce_source(split_k: int) -> "jit.KernelSource":
 
 
 def _get_reduce_kernel(split_k: int, device: int):
-    key = ("reduce", split_k, device)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = _kernels[key] = jit.get_kernel(reduce_source(split_k), device)
-    return kernel
+    return _cached_kernel(("reduce", split_k, device), lambda: reduce_source(split_k), device)
 
 
 def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -328,19 +336,14 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
         raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
-    source = swiglu_source(n, k, c, pow2)
-    key = ("swiglu", source.instance, dev)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = _kernels[key] = jit.get_kernel(source, dev)
+    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev), lambda: swiglu_source(n, k, c, pow2),
+                            dev)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
-    a2, sa2 = _k_major(a).view(num_experts * m_max, k), _sa_view(sa)
-    tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m, 128)
-    tma_b = _tma(_k_major(b).view(num_experts * n, k), 128, 128, 128)  # gate / up halves apart
-    tma_sa = _tma(sa2, c.block_m, 1, 0, m_max, sa2.shape[0],
-                  sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(m_max))
+    # B in 128-row boxes: a tile's gate and up halves are I rows apart
+    tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a).view(num_experts * m_max, k), _sa_view(sa),
+                                         m_max, _k_major(b).view(num_experts * n, k), c, 128)
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
                   [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
                    masked_m.contiguous(), sb.contiguous(), act, act_s,
