@@ -40,6 +40,8 @@ kInstances = [
 # split K (dense): (name, N, K, block_m, block_n, splits)
 kSplitInstances = [("split7_64x128", 2112, 7168, 64, 128, 7), ("split4_128x96", 2112, 1536, 128, 96, 4),
                    ("split2_64x256", 4096, 256, 64, 256, 2)]
+# fused SwiGLU (masked, kPairedHalves): (name, N = 2I, K, block_m, group_n)
+kPairedInstances = [("paired_64x256", 1024, 512, 64, 16), ("paired_128x256", 4096, 256, 128, 4)]
 kFields = ("cta", "m_row", "sa_m", "sa_k", "k_block0", "num_k_blocks", "n0", "b_row", "sb_row",
            "rows_valid", "expert")
 
@@ -58,7 +60,7 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 kEntry = r'''
 extern "C" int walk_@NAME@(int m, int num_experts, const int* layout, int grid, int* out, int cap) {
   using namespace moe_fp8;
-  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, @CN@, @SK@, @ET@>;
+  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, @CN@, @SK@, @ET@, @PH@>;
   const GemmParams params{m, num_experts, layout, nullptr, nullptr};
   int count = 0;
   gridDim.x = grid;
@@ -94,6 +96,13 @@ def lib(tmp_path_factory):
         for key, value in (("NAME", name), ("LAYOUT", layout), ("N", n), ("K", k), ("BM", bm),
                            ("BN", bn), ("GN", gn), ("CM", cm), ("CN", cn), ("SK", sk),
                            ("ET", empty_tiles)):
+            entry = entry.replace(f"@{key}@", str(value))
+        source += entry.replace("@PH@", "false")
+    for name, n, k, bm, gn in kPairedInstances:
+        entry = kEntry
+        for key, value in (("NAME", name), ("LAYOUT", 2), ("N", n), ("K", k), ("BM", bm),
+                           ("BN", 256), ("GN", gn), ("CM", 1), ("CN", 1), ("SK", 1),
+                           ("ET", "false"), ("PH", "true")):
             entry = entry.replace(f"@{key}@", str(value))
         source += entry
     build = tmp_path_factory.mktemp("scheduler")
@@ -252,3 +261,32 @@ def test_split_k_scheduler_covers_each_tile_and_slice_once(lib, instance):
         for t in tiles:
             assert t["k_block0"] == t["sa_k"] == t["expert"] * per_split, f"{what}: {t}"
             assert t["num_k_blocks"] == per_split and t["rows_valid"] > 0, f"{what}: {t}"
+
+
+@pytest.mark.parametrize("instance", kPairedInstances, ids=[i[0] for i in kPairedInstances])
+def test_paired_halves_scheduler_pairs_gate_and_up_blocks(lib, instance):
+    """Fused SwiGLU: an expert's tiles are its row blocks x the I / 128 column blocks t of the
+    SiLU output, each exactly once; tile t's B rows start at gate block t (e * 2I + 128 t; the up
+    half is I rows further, added by gemm_core), its scale row is gate block t's, and its rows stay
+    inside masked_m."""
+    name, n, k, bm, gn = instance
+    inter = n // 2
+    rng = random.Random(zlib.crc32(name.encode()))
+    for trial in range(40):
+        m, experts, values = _problem(2, rng)
+        grid = rng.choice((1, 2, 3, 7, 66))
+        tiles = _walk(lib, name, m, experts, values, grid)
+        what = f"{name} trial {trial}: m={m} experts={experts} grid={grid} masked_m={values[:16]}"
+        got = []
+        for t in tiles:
+            e, block = t["b_row"] // n, t["n0"] // 128
+            assert t["rows_valid"] > 0 and t["n0"] % 128 == 0 and t["n0"] < inter, f"{what}: {t}"
+            assert t["b_row"] == e * n + t["n0"], f"{what}: B rows {t}"
+            assert t["sb_row"] == e * (n // 128) + block, f"{what}: scale row {t}"
+            assert t["sa_k"] == e * (k // 128) and t["num_k_blocks"] == k // 128, f"{what}: {t}"
+            assert t["m_row"] + min(t["rows_valid"], bm) <= e * m + min(values[e], m), what
+            got.append((e, t["m_row"], block))
+        assert len(got) == len(set(got)), f"{what}: a tile computed twice"
+        want = {(e, e * m + mb * bm, block) for e, rows in enumerate(values)
+                for mb in range(_ceil(min(max(rows, 0), m), bm)) for block in range(inter // 128)}
+        assert set(got) == want, f"{what}: coverage"
