@@ -23,7 +23,8 @@ import moe_fp8.gemm as G
 from moe_fp8.gemm import reference as ref
 from moe_fp8.gemm.layout import build_m_indices, ceil_div, empty_act_scales, segment_offsets
 
-from kernel_checks import EmulatedKernel, compile_harness, launch_code, poisoned_fp8, varied_rows
+from kernel_checks import (EmulatedKernel, compile_harness, kQuantPrelude, launch_code, poisoned_fp8,
+                           varied_rows)
 
 FP8 = torch.float8_e4m3fn
 
@@ -40,141 +41,7 @@ def sb():
 
 # ----------------------------------------------------------------------------- CPU emulation
 
-kHarness = r'''
-#include <algorithm>
-#include <array>
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <memory>
-#include <string>
-#include <thread>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-#define MOE_FP8_EMULATE 1
-struct uint4 { unsigned x, y, z, w; };
-struct uint2 { unsigned x, y; };
-struct float2 { float x, y; };
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
-inline float2 make_float2(float x, float y) { return {x, y}; }
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local Dim3 threadIdx, blockIdx;
-Dim3 gridDim, blockDim;
-
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static  // CTAs run one at a time: a static is one CTA's shared memory
-#define __align__(n) __attribute__((aligned(n)))
-using std::max;
-using std::min;
-
-struct __nv_bfloat16 { unsigned short x; };
-typedef unsigned char __nv_fp8_storage_t;
-enum __nv_saturation_t { __NV_NOSAT, __NV_SATFINITE };
-enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
-
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
-inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
-inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
-inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
-inline float __frcp_rn(float a) { volatile float r = 1.0f / a; return r; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-template <typename T> inline T __ldg(const T* p) { return *p; }
-inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
-  unsigned char bytes[8];
-  std::memcpy(bytes, &x, 4);
-  std::memcpy(bytes + 4, &y, 4);
-  unsigned r = 0;
-  for (int i = 0; i < 4; ++i) r |= unsigned(bytes[(s >> (4 * i)) & 7]) << (8 * i);
-  return r;
-}
-
-// e4m3fn, round to nearest even, saturating to +-448, NaN -> 0x7F
-inline unsigned char to_e4m3(float x) {
-  if (std::isnan(x)) return 0x7F;
-  const unsigned char sign = std::signbit(x) ? 0x80 : 0;
-  const double a = std::fabs(double(x));
-  unsigned code;
-  if (a >= 448.0) {
-    code = 0x7E;
-  } else if (a < std::ldexp(1.0, -6)) {
-    code = unsigned(std::nearbyint(a * 512.0));  // subnormal steps of 2^-9 (8 -> min normal)
-  } else {
-    int e;
-    const double m = std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
-    double q = std::nearbyint((m * 2.0 - 1.0) * 8.0);
-    int exponent = e - 1 + 7;
-    if (q == 8.0) { q = 0.0; ++exponent; }
-    code = unsigned(exponent) << 3 | unsigned(q);
-    if (code > 0x7E) code = 0x7E;
-  }
-  return static_cast<unsigned char>(sign | code);
-}
-inline unsigned short __nv_cvt_float2_to_fp8x2(float2 v, __nv_saturation_t, __nv_fp8_interpretation_t) {
-  return static_cast<unsigned short>(to_e4m3(v.x) | (unsigned(to_e4m3(v.y)) << 8));
-}
-
-struct Cta {
-  std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps, halves;
-  std::vector<std::array<unsigned, 32>> scratch;
-};
-static Cta* gCta = nullptr;
-
-inline void __syncthreads() { gCta->all->arrive_and_wait(); }
-inline std::barrier<>& barrier_of(unsigned mask) {
-  const unsigned warp = threadIdx.x / 32;
-  if (mask == 0xFFFFFFFFu) return *gCta->warps[warp];
-  if (mask == 0x0000FFFFu) return *gCta->halves[2 * warp];
-  if (mask == 0xFFFF0000u) return *gCta->halves[2 * warp + 1];
-  std::abort();  // the kernels here use no other masks
-}
-inline float __shfl_xor_sync(unsigned mask, float value, int offset) {
-  auto& s = gCta->scratch[threadIdx.x / 32];
-  const unsigned lane = threadIdx.x % 32;
-  auto& bar = barrier_of(mask);
-  s[lane] = __float_as_uint(value);
-  bar.arrive_and_wait();
-  const float result = __uint_as_float(s[lane ^ offset]);
-  bar.arrive_and_wait();
-  return result;
-}
-// referenced by quant.cuh's other kernels (never instantiated here)
-inline int __shfl_up_sync(unsigned, int, int) { std::abort(); }
-inline bool __any_sync(unsigned, bool) { std::abort(); }
-
-namespace moe_fp8 {
-namespace quant {
-inline float max_nan(float a, float b) {
-  if (std::isnan(a)) return a;
-  if (std::isnan(b)) return b;
-  return a > b ? a : b;
-}
-inline uint4 ld_stream(const void* p) { uint4 r; std::memcpy(&r, p, 16); return r; }
-inline float rcp_approx(float d) { volatile float r = 1.0f / d; return r; }  // within 1 ulp
-inline void cp_async16(uint4* dst, const void* src) { std::memcpy(dst, src, 16); }
-inline void cp_async_commit() {}
-inline float fp8_to_float(unsigned byte) {  // e4m3fn -> fp32, exact
-  const unsigned sign = (byte & 0x80u) << 24, exponent = (byte >> 3) & 0xFu, mantissa = byte & 7u;
-  if (exponent == 0) return __uint_as_float(__float_as_uint(float(mantissa) * 0x1p-9f) | sign);
-  if (exponent == 15 && mantissa == 7) return __uint_as_float(0x7FC00000u | sign);
-  return __uint_as_float(sign | ((exponent + 120) << 23) | (mantissa << 20));
-}
-inline float2 fp8x2_to_float2(unsigned short pair) {
-  return {fp8_to_float(pair & 0xFFu), fp8_to_float(pair >> 8)};
-}
-template <int kPending> inline void cp_async_wait() {}
-}  // namespace quant
-}  // namespace moe_fp8
-
+kHarness = kQuantPrelude + r'''
 #include "silu_backward.cuh"
 
 ''' + launch_code([
