@@ -289,6 +289,73 @@ def test_permute_masked_bit_exact(backend, per_pair, monkeypatch):
             assert bool((maps[:, experts] == -1).all()), f"trash row maps {what}"
 
 
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_masked_dispatch_small_equals_index_then_permute(backend, with_weights, monkeypatch):
+    """MOE_FP8_SMALL_DISPATCH=1: one launch (every CTA ranks the <= 256 pairs itself) writes what
+    the global-id masked index kernel and the masked permute write: every index field, the rows
+    and scales outside the trash bucket, and the row maps whole (poisoned here); overflowing
+    experts (m_max below the count), other ranks' experts and tokens past the valid count
+    included. Beyond 256 pairs, or with the switch off, the two steps run."""
+    monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "1")
+    gen = torch.Generator().manual_seed(5 + with_weights)
+    cases = [  # (tokens, top_k, experts_global, offset, local, hidden, m_max)
+        (1, 8, 64, 16, 16, 128, 1), (9, 8, 256, 224, 32, 384, 9), (32, 8, 64, 0, 64, 256, 2),
+        (37, 4, 32, 0, 32, 128, 37), (64, 4, 16, 8, 8, 256, 64)]
+    for tokens, top_k, experts_global, offset, local, hidden, m_max in cases:
+        ids = torch.stack([torch.randperm(experts_global, generator=gen)[:top_k]
+                           for _ in range(tokens)]).to(backend)
+        weights = torch.rand(tokens, top_k, generator=gen).to(backend) if with_weights else None
+        xq, xs = quantized_tokens(tokens, hidden, backend, seed=tokens)
+        for valid in (0, 1, tokens, tokens + 3):
+            num_valid = torch.tensor(valid, dtype=torch.int64, device=backend)
+            what = f"T={tokens} k={top_k} E={experts_global} offset={offset} m_max={m_max} valid={valid}"
+            bufs = L.MaskedBuffers.allocate(local, m_max, hidden, backend)
+            bufs.a.view(torch.uint8).copy_(torch.randint(0, 256, bufs.a.shape, dtype=torch.uint8))
+            bufs.sa.fill_(float("nan"))
+            mine = L.MaskedBuffers(bufs.a.clone(), bufs.sa.clone())
+            with fused():
+                index = L.masked_index_from_global(ids, offset, local, m_max, weights, num_valid)
+                rows = PM.permute_masked(xq, xs, index, top_k, bufs.a, bufs.sa)
+                monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", "1")
+                small = PM.dispatch_masked_small(xq, xs, ids, weights, offset, local, m_max,
+                                                 num_valid, mine.a, mine.sa)
+                monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", "0")
+            assert small is not None, what
+            got, got_token, got_slot = small
+            for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow",
+                         "slot_row", "slot_weight"):
+                if getattr(index, name) is None:
+                    assert getattr(got, name) is None, f"{name} {what}"
+                else:
+                    assert_same(getattr(got, name), getattr(index, name), f"{name} {what}")
+            assert_same(mine.a[:local], bufs.a[:local], f"a {what}")
+            assert_same(mine.sa[:local], bufs.sa[:local], f"sa {what}")
+            assert_same(got_token, rows[0], f"row_token {what}")
+            assert_same(got_slot, rows[1], f"row_slot {what}")
+        # the row maps written whole: poisoned ones come back as the two steps' (-1 past
+        # masked_m and in the trash bucket)
+        maps = torch.full((2, local + 1, m_max), 12345, dtype=torch.int64, device=backend)
+        with fused():
+            inputs = L.masked_index_kernel_inputs(ids, local, weights, num_valid)
+        kernels().masked_dispatch_small(inputs[0], local, m_max, inputs[1], offset, top_k, inputs[2],
+                                        xq, xs, mine.a, mine.sa, maps[0], maps[1])
+        assert_same(maps[0, :local], rows[0], f"poisoned row_token {what}")
+        assert_same(maps[1, :local], rows[1], f"poisoned row_slot {what}")
+        assert bool((maps[:, local] == -1).all()), f"trash row maps {what}"
+    # beyond kSmallPairs pairs, or switched off: None (the caller takes the two steps)
+    ids = torch.stack([torch.randperm(64, generator=gen)[:8] for _ in range(33)]).to(backend)
+    xq, xs = quantized_tokens(33, 128, backend, seed=1)
+    bufs = L.MaskedBuffers.allocate(64, 33, 128, backend)
+    with fused():
+        monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", "1")
+        assert PM.dispatch_masked_small(xq, xs, ids, None, 0, 64, 33, None, bufs.a, bufs.sa) is None
+        assert PM.dispatch_masked_small(xq, xs, ids[:32], None, 0, 64, 33, None, bufs.a,
+                                        bufs.sa) is not None
+        monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", "0")
+        assert PM.dispatch_masked_small(xq, xs, ids[:32], None, 0, 64, 33, None, bufs.a,
+                                        bufs.sa) is None
+
+
 # ----------------------------------------------------------------------------- combine
 
 def check_near_torch(actual, torch_path, what, terms=None):
@@ -461,15 +528,18 @@ def decode_layer(device):
     return MoE(cfg, device=device, seed=0), 16
 
 
+@pytest.mark.parametrize("small", ["0", "1"])
 @torch.no_grad()
-def test_decode_runner_fused_vs_torch(backend):
+def test_decode_runner_fused_vs_torch(backend, small, monkeypatch):
     """Regression (H200 integration run, 2026-11-25): profile_layer reported calc_diff 0.999
     between the fused and the torch decode graphs because it fed the two runners different
     random inputs (unseeded torch.randn per mode). Both runners here get the SAME input, in an
     order that reuses the static buffers across batch sizes (full, smaller, 1, full again), and
     must agree to bf16 rounding; on the GPU the fused one is the captured graph (built with the
     variable set, replayed with it unset: the graph alone decides), on the emulation it steps
-    eagerly with the variable set."""
+    eagerly with the variable set. MOE_FP8_SMALL_DISPATCH=1: the fused runner's index and
+    permute are one kernel."""
+    monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", small)
     moe, max_tokens = decode_layer(backend)
     torch_run = moe.decode_runner(max_tokens)
     with fused():
@@ -503,13 +573,16 @@ def _launch_signature(launch):
     return instance, grid, block, smem, shape
 
 
+@pytest.mark.parametrize("small", ["0", "1"])
 @torch.no_grad()
-def test_decode_step_launches_do_not_depend_on_the_batch(backend, monkeypatch):
+def test_decode_step_launches_do_not_depend_on_the_batch(backend, small, monkeypatch):
     """What a CUDA graph replays: the launches of the capture step, with the capture's grids,
     scalars and pointers. The runner's fused step must therefore launch the same kernels with
     the same grids and scalars whatever the live batch n (num_valid_tokens is a device scalar),
     write the layout into the runner's static buffers and the result into its static ``out``.
-    Steps with n = max, 3, 1 (eager) are recorded and compared launch by launch."""
+    Steps with n = max, 3, 1 (eager) are recorded and compared launch by launch;
+    MOE_FP8_SMALL_DISPATCH=1 makes the index and the permute one launch."""
+    monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", small)
     moe, max_tokens = decode_layer(backend)
     runner = moe.decode_runner(max_tokens, use_graph=False)
     module, make = kernels(), kernels()._kernel
@@ -522,15 +595,17 @@ def test_decode_step_launches_do_not_depend_on_the_batch(backend, monkeypatch):
             steps.append([])
             runner(torch.randn(n, moe.cfg.hidden_size, generator=gen).bfloat16().to(backend))
     names = [launch[0] for launch in steps[0]]
-    assert names == [module.masked_index_source().instance, module.permute_source(True).instance,
-                     module.combine_source(True).instance], names
+    dispatch = [module.masked_dispatch_small_source().instance] if small == "1" else \
+        [module.masked_index_source().instance, module.permute_source(True).instance]
+    assert names == dispatch + [module.combine_source(True).instance], names
     for n, step in zip((3, 1), steps[1:]):
         assert [_launch_signature(l) for l in step] == [_launch_signature(l) for l in steps[0]], \
             f"a launch of the n={n} step differs from the n={max_tokens} step's"
+    a_arg = 17 if small == "1" else 4  # a_buf's position; sa_buf follows it
     for step in steps:
-        _, permute, combine = step
-        assert permute[4][4].data_ptr() == runner.buffers.a.data_ptr()  # a_buf
-        assert permute[4][5].data_ptr() == runner.buffers.sa.data_ptr()  # sa_buf
+        permute, combine = step[-2], step[-1]
+        assert permute[4][a_arg].data_ptr() == runner.buffers.a.data_ptr()  # a_buf
+        assert permute[4][a_arg + 1].data_ptr() == runner.buffers.sa.data_ptr()  # sa_buf
         assert combine[4][0].data_ptr() == runner.workspace.y.data_ptr()  # y_rows
         assert combine[4][4].data_ptr() == runner.out.data_ptr()  # out: the static buffer
 

@@ -289,6 +289,21 @@ def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_exp
     (``MOE_FP8_FUSED_DECODE_INDEX=1``). None where that kernel does not
     apply (switch off, not on sm_90, limits, ``num_valid_tokens`` not None or an int64 device
     scalar): the caller then takes the two steps."""
+    inputs = masked_index_kernel_inputs(topk_idx, num_experts_local, topk_weights, num_valid_tokens)
+    if inputs is None:
+        return None
+    ids, weights, valid = inputs
+    fields = _permute_kernels().masked_index(ids, num_experts_local, m_max, weights,
+                                             id_offset=expert_offset, top_k=topk_idx.shape[1],
+                                             num_valid=valid)
+    return MaskedIndex(*fields)
+
+
+def masked_index_kernel_inputs(topk_idx: torch.Tensor, num_experts_local: int,
+                               topk_weights: Optional[torch.Tensor], num_valid_tokens):
+    """The global-id masked index kernel's ``(ids [P], weights [P] or None, num_valid 0-d or
+    None)`` where ``MOE_FP8_FUSED_DECODE_INDEX`` is on and that kernel applies, else None
+    (``masked_index_from_global``; the small-dispatch kernel of layers.permute takes the same)."""
     if not switch_on(kFusedDecodeIndexEnv, kFusedDecodeIndexDefault):
         return None
     pairs = topk_idx.reshape(-1)
@@ -301,11 +316,7 @@ def masked_index_from_global(topk_idx: torch.Tensor, expert_offset: int, num_exp
     ids = _index_kernel_ids(pairs, num_experts_local)
     if ids is None:
         return None
-    weights = _kernel_weights(topk_weights, pairs)
-    fields = _permute_kernels().masked_index(
-        ids, num_experts_local, m_max, weights, id_offset=expert_offset, top_k=topk_idx.shape[1],
-        num_valid=valid.reshape(()) if valid is not None else None)
-    return MaskedIndex(*fields)
+    return ids, _kernel_weights(topk_weights, pairs), valid.reshape(()) if valid is not None else None
 
 
 def upper_bound_rows(num_pairs: int, num_experts_local: int) -> int:

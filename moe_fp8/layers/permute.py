@@ -29,7 +29,8 @@ import torch
 
 from .. import gemm as G
 from ..gemm.layout import empty_act_scales
-from .layouts import CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled
+from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
+                      masked_index_kernel_inputs)
 from .switches import switch_on
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
@@ -38,6 +39,13 @@ kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 
 # a GPU run has timed it.
 kPermutePerPairEnv = "MOE_FP8_PERMUTE_PER_PAIR"
 kPermutePerPairDefault = False
+# The decode dispatch of at most 256 pairs (32 tokens at top-8) as one kernel: the masked index and
+# the permute, every CTA ranking the pairs itself (masked_dispatch_small_kernel). Aim: one launch
+# and its round trips fewer on the router branch between the route kernel and the routed gate-up
+# GEMM (index ~4 us + permute ~8 us at one token, H100 2026-12-05). Off until a GPU run has
+# timed it.
+kSmallDispatchEnv = "MOE_FP8_SMALL_DISPATCH"
+kSmallDispatchDefault = False
 
 
 def _kernels():
@@ -124,6 +132,31 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
     row_slot = torch.full_like(row_token, -1)
     row_slot.index_put_(where, torch.arange(num_pairs, device=xq.device) % top_k)
     return row_token[:-1], row_slot[:-1]
+
+
+def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Tensor,
+                          topk_weights: Optional[torch.Tensor], expert_offset: int,
+                          num_experts_local: int, m_max: int, num_valid_tokens,
+                          a_buf: torch.Tensor, sa_buf: torch.Tensor):
+    """``masked_index_from_global`` then ``permute_masked`` in one kernel launch where
+    ``MOE_FP8_SMALL_DISPATCH=1``, both would run their kernels, and the step has at most
+    ``kSmallPairs`` pairs: ``(MaskedIndex, row_token, row_slot)``, the same values; else None
+    (the caller takes the two steps)."""
+    if not switch_on(kSmallDispatchEnv, kSmallDispatchDefault):
+        return None
+    kernels = _kernels()
+    inputs = masked_index_kernel_inputs(topk_idx, num_experts_local, topk_weights, num_valid_tokens)
+    if inputs is None or inputs[0].numel() > kernels.kSmallPairs:
+        return None
+    if not (kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and kernels.aligned16(a_buf)
+            and sa_buf.dim() == 3 and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
+        return None
+    ids, weights, valid = inputs
+    rows = torch.empty((2, num_experts_local + 1, m_max), dtype=torch.int64, device=xq.device)
+    fields = kernels.masked_dispatch_small(ids, num_experts_local, m_max, weights, expert_offset,
+                                           topk_idx.shape[1], valid, xq, xs, a_buf, sa_buf,
+                                           rows[0], rows[1])
+    return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 
 def combine_index_contiguous(index: ContiguousIndex, topk_weights: torch.Tensor) -> CombineIndex:

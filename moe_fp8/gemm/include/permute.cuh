@@ -472,6 +472,109 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
   }
 }
 
+// ---- masked dispatch of a few pairs (decode): the index and the permute in one kernel ---------
+
+// A decode step of a few tokens ran masked_index_kernel (one CTA) and then permute_rows_kernel
+// <true> on the router branch, the critical one at one token: two launches and their dependent
+// round trips between the route kernel and the routed gate-up GEMM (index to permute end ~12 us
+// at one token, H100 2026-12-05). Here every CTA ranks all numPairs <= kSmallPairs pairs itself
+// in shared memory (a pair's rank = the earlier pairs of its expert: masked_index_kernel's stable
+// order), then its warps copy one pair each, as permute_rows_kernel<true> does; CTA 0 writes the
+// index outputs. Every output is the two kernels' value, bit for bit. Grid ceil(P / 8), >= 1.
+constexpr int kSmallPairs = kPermuteThreads;  // one thread per pair while ranking
+
+__global__ void __launch_bounds__(kPermuteThreads) masked_dispatch_small_kernel(
+    // masked_index_kernel's inputs and outputs
+    const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
+    long long idOffset, int topK, const long long* __restrict__ gNumValid,
+    int* __restrict__ gMaskedM, long long* __restrict__ gPairExpert,
+    long long* __restrict__ gPairRank, bool* __restrict__ gPairKept,
+    long long* __restrict__ gNumOverflow, const float* __restrict__ gWeights,
+    long long* __restrict__ gSlotRow, float* __restrict__ gSlotWeight,
+    // permute_rows_kernel<true>'s (its rowsPerBatch = maxRows, trashBatch = numExperts)
+    const uint4* __restrict__ gX, const float* __restrict__ gXs, uint4* __restrict__ gA,
+    float* __restrict__ gSa, long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
+    int vectorsPerRow, long long xRowVectors, int groups, long long xsToken, long long xsGroup,
+    long long saBatch, long long saRow, long long saGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  static_assert(kSmallPairs == kPermuteThreads && kMaxExperts <= kPermuteThreads,
+                "one thread per pair and per expert");
+  __shared__ int sExpert[kSmallPairs];  // local expert of pair p, -1: skipped
+  __shared__ int sRank[kSmallPairs];
+  __shared__ int sRows[kMaxExperts];    // masked_m
+  __shared__ int sOverflow;
+  __shared__ long long sScaleSrc[kRowsPerCta];  // -1: no row
+  __shared__ long long sScaleDst[kRowsPerCta];
+  long long validPairs = numPairs;
+  if (gNumValid != nullptr)
+    validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
+  const GlobalIds ids{gIds, idOffset, numExperts, validPairs};
+  const int p = threadIdx.x;
+  const int expert = p < numPairs ? ids(p) : -1;
+  sExpert[p] = expert;
+  if (p == 0) sOverflow = 0;
+  __syncthreads();
+  // the threads of a warp read the same entry per step (a broadcast): at most P steps each
+  int rank = 0;
+  if (expert >= 0)
+    for (int q = 0; q < p; ++q) rank += sExpert[q] == expert;
+  const bool kept = expert >= 0 && rank < maxRows;
+  sRank[p] = kept ? rank : -1;
+  if (p < numExperts) {
+    int count = 0;
+    for (int q = 0; q < numPairs; ++q) count += sExpert[q] == p;
+    sRows[p] = min(count, maxRows);
+    if (count > maxRows) atomicAdd(&sOverflow, count - maxRows);
+  }
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    if (p < numExperts) gMaskedM[p] = sRows[p];
+    if (p < numPairs) {
+      gPairExpert[p] = kept ? expert : numExperts;
+      gPairRank[p] = kept ? rank : 0;
+      gPairKept[p] = kept;
+      if (gSlotRow != nullptr) {
+        gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
+        gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
+      }
+    }
+    if (p == 0) *gNumOverflow = sOverflow;
+  }
+  // the row maps: -1 past masked_m and in the trash bucket, over the grid
+  const int numRows = (numExperts + 1) * maxRows;
+  for (int r = blockIdx.x * kPermuteThreads + threadIdx.x; r < numRows;
+       r += gridDim.x * kPermuteThreads) {
+    const int e = r / maxRows;
+    if (e == numExperts || r - e * maxRows >= sRows[e]) {
+      gRowToken[r] = -1;
+      gRowSlot[r] = -1;
+    }
+  }
+  // one pair per warp
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int item = blockIdx.x * kRowsPerCta + warp;
+  const int row = item < numPairs ? sRank[item] : -1;
+  if (row >= 0) {
+    const long long batch = sExpert[item], token = item / topK;
+    const long long dstRow = batch * maxRows + row;
+    copy_row(gX + token * xRowVectors, gA + dstRow * vectorsPerRow, vectorsPerRow);
+    if (lane == 0) {
+      gRowToken[dstRow] = token;
+      gRowSlot[dstRow] = item - token * topK;
+      sScaleSrc[warp] = token * xsToken;
+      sScaleDst[warp] = batch * saBatch + row * saRow;
+    }
+  } else if (lane == 0) {
+    sScaleSrc[warp] = -1;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRowsPerCta * groups; i += kPermuteThreads) {
+    const int r = i % kRowsPerCta, g = i / kRowsPerCta;
+    const long long src = sScaleSrc[r];
+    if (src >= 0) gSa[sScaleDst[r] + g * saGroup] = __ldg(gXs + src + g * xsGroup);
+  }
+}
+
 // ---- combine: weighted sum of each token's k expert rows ---------------------------------------
 
 __device__ __forceinline__ float bf16_bits_to_float(unsigned short bits) {

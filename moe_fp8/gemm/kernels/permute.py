@@ -53,6 +53,7 @@ kCountThreads = 256
 kRankThreads = 512
 kPermuteThreads = 256
 kRowsPerCta = kPermuteThreads // 32
+kSmallPairs = kPermuteThreads  # masked_dispatch_small_kernel: pairs of one call at most
 kCombineThreads = 128
 kVectorBytes = 16
 kBf16PerVector = 8
@@ -90,15 +91,21 @@ def permute_source(masked: bool, per_pair: bool = False) -> KernelSource:
 
 
 @functools.lru_cache(maxsize=None)
+def masked_dispatch_small_source() -> KernelSource:
+    return KernelSource(kHeader, "moe_fp8::permute::masked_dispatch_small_kernel")
+
+
+@functools.lru_cache(maxsize=None)
 def combine_source(has_add: bool) -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::permute::combine_kernel<{_bool(has_add)}>")
 
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (9 kernels)."""
+    """Every variant the layer can launch (10 kernels)."""
     return [count_source(), scan_source(), rank_source(), masked_index_source(),
             permute_source(False), permute_source(True), permute_source(True, per_pair=True),
+            masked_dispatch_small_source(),
             combine_source(False),
             combine_source(True)]
 
@@ -221,6 +228,33 @@ def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_tok
         i32(top_k), i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes),
         i32(xs.shape[1]), i32(m_max), i32(a_buf.shape[0] - 1),  # the last bucket is the trash
         i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa_buf)])
+
+
+def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
+                          a_buf, sa_buf, row_token, row_slot):
+    """``masked_index`` (global ids, ``id_offset``, ``top_k``, ``num_valid`` as there) followed by
+    ``permute_masked`` in one launch, for ``0 < P <= kSmallPairs`` pairs (every CTA ranks them all
+    itself). Arguments as those two take them; returns ``masked_index``'s tuple."""
+    device, num_pairs = ids.device, ids.numel()
+    assert 0 < num_pairs <= kSmallPairs
+    masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
+    rows = 3 if weights is not None else 2
+    pair_meta = torch.empty(rows * num_pairs + 1, dtype=torch.int64, device=device)
+    pair_expert, pair_rank = pair_meta[:num_pairs], pair_meta[num_pairs:2 * num_pairs]
+    num_overflow = pair_meta[rows * num_pairs]  # a 0-d view
+    pair_kept = torch.empty(num_pairs, dtype=torch.bool, device=device)
+    slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if weights is not None else None
+    slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) \
+        if weights is not None else None
+    hidden = a_buf.shape[2]
+    _kernel(masked_dispatch_small_source(), ids).launch(_ceil_div(num_pairs, kRowsPerCta),
+                                                        kPermuteThreads, 0, [
+        ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
+        masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights, slot_row, slot_weight,
+        xq, xs, a_buf, sa_buf, row_token, row_slot, i32(hidden // kVectorBytes),
+        i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)), i64(xs.stride(1)),
+        *_scale_strides(sa_buf)])
+    return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
 
 
 # ----------------------------------------------------------------------------- combine

@@ -22,8 +22,8 @@ from ...gemm.layout import kSegmentAlign
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index,
                        masked_index_from_global, upper_bound_rows)
-from ..permute import (combine_index_contiguous, combine_index_masked, permute_contiguous,
-                       permute_masked, unpermute_combine)
+from ..permute import (combine_index_contiguous, combine_index_masked, dispatch_masked_small,
+                       permute_contiguous, permute_masked, unpermute_combine)
 from ..router import fused_router_switch_on
 from .base import Dispatcher
 
@@ -102,13 +102,18 @@ class LocalDispatcher(Dispatcher):
         # NOTE: the masked index kernel writing the combine index too (4 fewer kernels per decode
         # graph) is new since the last GPU run: it rides on the router kernels' switch until then
         weights = topk_weights if fused_router_switch_on() else None
-        index = masked_index_from_global(topk_idx, self.expert_offset, self.num_experts_local,
-                                         m_max, weights, num_valid_tokens)
-        if index is None:
-            local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local,
-                                         num_valid_tokens)
-            index = masked_index(local_ids, self.num_experts_local, m_max, weights)
-        row_token, row_slot = permute_masked(xq, xs, index, self.top_k, out.a, out.sa)
+        small = dispatch_masked_small(xq, xs, topk_idx, weights, self.expert_offset,
+                                      self.num_experts_local, m_max, num_valid_tokens, out.a, out.sa)
+        if small is not None:
+            index, row_token, row_slot = small
+        else:
+            index = masked_index_from_global(topk_idx, self.expert_offset, self.num_experts_local,
+                                             m_max, weights, num_valid_tokens)
+            if index is None:
+                local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local,
+                                             num_valid_tokens)
+                index = masked_index(local_ids, self.num_experts_local, m_max, weights)
+            row_token, row_slot = permute_masked(xq, xs, index, self.top_k, out.a, out.sa)
         experts = self.num_experts_local
         layout = MaskedLayout(out.a[:experts], out.sa[:experts], index.masked_m,
                               self.expected_m(xq.shape[0]), row_token, row_slot, index.num_overflow)
