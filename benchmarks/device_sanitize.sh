@@ -5,7 +5,8 @@
 #      the driver needs (warm JIT cache for the runs below) and checks each call against its
 #      reference (families: quant_token quant_block silu_contiguous silu_masked train_block_t
 #      train_token_t train_requant silu_backward router permute_index
-#      permute_rows permute_combine ep_send gemm_dense (incl. split K) gemm_contiguous gemm_offsets gemm_masked gemm_kgrouped; the
+#      permute_rows (incl. the small dispatch) permute_combine ep_send gemm_dense (incl. split K) gemm_contiguous gemm_offsets
+#      gemm_masked gemm_swiglu (the fused SwiGLU GEMM) gemm_kgrouped; the
 #      permute family is the layer's fused path vs its torch path).
 #   1. side by side on the one GPU: memcheck, racecheck and synccheck of the same driver, plus
 #      memcheck of `--once guards` (out-of-contract masked_m / m_indices / offsets with the debug

@@ -5,6 +5,8 @@ Ops (each gets ``--count`` random cases, default 500):
     gemm_dense       a [M, K] x b [N, K]                          calc_diff vs unquantised + FP8 reference
     gemm_contiguous  a [M_sum, K] x b [E, N, K], m_indices        (empty experts, 128-boundary counts)
     gemm_masked      a [E, M_max, K] x b [E, N, K], masked_m      (masked_m 0 and = M_max)
+    gemm_swiglu      masked gate-up GEMM + SiLU-and-mul quant vs unquantised (< 1e-2); the fused
+                     SwiGLU GEMM vs that pair                                      bit-exact
     gemm_kgrouped    out[e] += a[:, seg_e] . b[:, seg_e]^T (fp32)  (empty segments)
     quant_token      per-token-group quant, 2-D / 3-D, bf16 / fp32, pow2 or not   bit-exact
     quant_block      per-block quant, any N, 2-D / 3-D, bf16 / fp32, pow2 or not  bit-exact
@@ -71,7 +73,7 @@ FP8 = torch.float8_e4m3fn
 kOps = ("quant_token", "quant_block", "silu_contiguous", "silu_masked",
         "train_block_t", "train_token_t", "train_requant", "silu_backward",
         "router", "permute_index", "permute_rows", "permute_combine", "ep_send", "gemm_dense",
-        "gemm_contiguous", "gemm_offsets", "gemm_masked", "gemm_kgrouped")
+        "gemm_contiguous", "gemm_offsets", "gemm_masked", "gemm_swiglu", "gemm_kgrouped")
 kPoolSize = 5  # (N, K) pairs per op and run: bounds the number of kernels to compile
 kTail = 4096  # poisoned elements after every GEMM output
 
@@ -274,6 +276,46 @@ def run_gemm_masked(c: dict, ctx: Context, stats: dict) -> None:
     G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=reference, backend="reference")
     want = torch.bmm(x, w.transpose(1, 2))
     check_gemm_rows(out[valid], buf, experts * m_max * n, reference[valid], want[valid], what, stats)
+
+
+def run_gemm_swiglu(c: dict, ctx: Context, stats: dict) -> None:
+    """The decode gate-up pair, masked GEMM then masked SiLU-and-mul + quantisation, against the
+    unquantised math; on the GPU also the fused SwiGLU GEMM (include/fused_swiglu.cuh), which
+    must write the pair's bytes and scales exactly and leave rows >= masked_m alone."""
+    masked, m_max, inter, k = c["masked_m"], c["m_max"], c["inter"], c["k"]
+    expected_m, pow2, experts = c["expected_m"], c["pow2"], len(masked)
+    gen = ctx.gen(c["seed"])
+    x = act_data((experts, m_max, k), gen, device=ctx.device).bfloat16().float()
+    w = weight_data((experts, 2 * inter, k), gen, device=ctx.device).bfloat16().float()
+    a, b = quant_act(x), quant_weight(w)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=ctx.device)
+    what = f"swiglu masked_m={masked} m_max={m_max} I={inter} k={k} expected_m={expected_m} pow2={pow2}"
+    h = torch.full((experts, m_max, 2 * inter), float("nan"), dtype=torch.bfloat16, device=ctx.device)
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, expected_m, out=h, backend=ctx.backend)
+    want_q = torch.full((experts, m_max, inter), 0x5A, dtype=torch.uint8, device=ctx.device)
+    want_s = empty_act_scales(m_max, inter // 128, experts, device=ctx.device)
+    want_s.fill_(-7.0)
+    G.silu_and_mul_quant_fp8(h, masked_m=masked_m, pow2_scale=pow2, expected_m=expected_m,
+                             out=(want_q.view(FP8), want_s), backend=ctx.backend)
+    valid = ref.masked_row_mask(m_max, masked_m)
+    if bool(valid.any()):
+        gate, up = torch.bmm(x, w.transpose(1, 2)).chunk(2, dim=-1)
+        got = ref.dequant_rows(want_q.view(FP8)[valid], want_s[valid])
+        diff = G.calc_diff(got, (torch.nn.functional.silu(gate) * up)[valid])
+        stats["unq"] = max(stats.get("unq", 0.0), diff)
+        # the act's own e4m3 rounding dominates: 1.6-3.3e-3 on the CPU references (60 cases,
+        # 2026-12-05) against ~1 for a wrong row, block or scale
+        expect(diff < 1e-2, f"{what}: calc_diff vs unquantised {diff:.2e}")
+    if ctx.backend != "kernel":
+        return
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import to_mn_major
+    got_q = torch.full_like(want_q, 0x5A)
+    got_s = torch.full_like(want_s, -7.0)
+    K.m_grouped_masked_swiglu(a[0], to_mn_major(a[1]), b[0], b[1], masked_m, expected_m,
+                              got_q.view(FP8), got_s, pow2=pow2)
+    same_bits(got_q, want_q, f"{what}: fused act bytes")
+    same_bits(got_s, want_s, f"{what}: fused act scales")
 
 
 def run_gemm_kgrouped(c: dict, ctx: Context, stats: dict) -> None:
@@ -509,6 +551,31 @@ def run_permute_rows(c: dict, ctx: Context, stats: dict) -> None:
     same_bits(bufs[1].sa[:experts], bufs[0].sa[:experts], f"{what}: sa")
     same_bits(actual[0], expected[0], f"{what}: row_token")
     same_bits(actual[1], expected[1], f"{what}: row_slot")
+    if ctx.backend != "kernel" or ids.numel() > 256:
+        return
+    # the decode step's index + permute in one launch (MOE_FP8_SMALL_DISPATCH; local ids pass
+    # as global ids at offset 0, the sentinel E_loc skips): the same index, bytes and row maps
+    small_buf = L.MaskedBuffers.allocate(experts, m_max, c["hidden"], ctx.device)
+    small_buf.a.view(torch.uint8).copy_(poison)
+    old = os.environ.get("MOE_FP8_SMALL_DISPATCH")
+    os.environ["MOE_FP8_SMALL_DISPATCH"] = "1"
+    try:
+        with permute_switch(True):
+            small = PM.dispatch_masked_small(xq, xs, ids, None, 0, experts, m_max, None,
+                                             small_buf.a, small_buf.sa)
+    finally:
+        if old is None:
+            os.environ.pop("MOE_FP8_SMALL_DISPATCH", None)
+        else:
+            os.environ["MOE_FP8_SMALL_DISPATCH"] = old
+    expect(small is not None, f"{what}: the small dispatch did not run")
+    got, token, slot = small
+    for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow"):
+        same_bits(getattr(got, name), getattr(index, name), f"{what}: small dispatch {name}")
+    same_bits(small_buf.a[:experts], bufs[0].a[:experts], f"{what}: small dispatch a")
+    same_bits(small_buf.sa[:experts], bufs[0].sa[:experts], f"{what}: small dispatch sa")
+    same_bits(token, expected[0], f"{what}: small dispatch row_token")
+    same_bits(slot, expected[1], f"{what}: small dispatch row_slot")
 
 
 def run_permute_combine(c: dict, ctx: Context, stats: dict) -> None:
@@ -730,7 +797,8 @@ def run_silu_backward(c: dict, ctx: Context, stats: dict) -> None:
 
 kRunners: Dict[str, Callable] = {
     "gemm_dense": run_gemm_dense, "gemm_contiguous": run_gemm_contiguous,
-    "gemm_masked": run_gemm_masked, "gemm_kgrouped": run_gemm_kgrouped,
+    "gemm_masked": run_gemm_masked, "gemm_swiglu": run_gemm_swiglu,
+    "gemm_kgrouped": run_gemm_kgrouped,
     "quant_token": run_quant_token, "quant_block": run_quant_block,
     "silu_contiguous": run_silu, "silu_masked": run_silu,
     "permute_index": run_permute_index, "permute_rows": run_permute_rows,
@@ -831,6 +899,12 @@ class Sampler:
             c["expected_m"] = rng.randint(1, c["m_max"])
             c["a_rows"] = rng.choice((0, 0, 0, 0, 16, 32))  # A rows by need (case_config)
             c["a_mc"] = not c["a_rows"] and rng.random() < 0.3
+        elif op == "gemm_swiglu":
+            c["inter"], c["k"] = rng.choice((128, 256, 512)), rng.choice((128, 256, 512, 1024))
+            c["m_max"] = self.rows(256)
+            c["masked_m"] = self.masked_m(rng.randint(1, 8), c["m_max"])
+            c["expected_m"] = rng.randint(1, c["m_max"])
+            c["pow2"] = rng.random() < 0.5
         elif op == "gemm_kgrouped":
             c["n"] = rng.choice(self.n_pool)
             c["m"] = self.rows(1024)
@@ -1070,7 +1144,8 @@ def once_cases() -> Dict[str, List[dict]]:
                           dict(tokens=777, top_k=6, experts=32, skip=0.1, cold=0.3, m_max=5, upper=True, seed=25)],
         "permute_rows": [dict(tokens=37, top_k=8, experts=32, skip=0.1, cold=0.3, hidden=384, layout="contiguous", m_max=37, seed=26),
                          dict(tokens=1, top_k=4, experts=4, skip=0.0, hidden=7168, layout="contiguous", m_max=1, seed=27),
-                         dict(tokens=129, top_k=8, experts=16, skip=0.2, hidden=256, layout="masked", m_max=40, seed=28)],
+                         dict(tokens=129, top_k=8, experts=16, skip=0.2, hidden=256, layout="masked", m_max=40, seed=28),
+                         dict(tokens=9, top_k=8, experts=32, skip=0.2, hidden=7168, layout="masked", m_max=3, seed=48)],
         "permute_combine": [dict(tokens=129, top_k=8, experts=16, skip=0.1, hidden=512, layout="contiguous", add=True, m_max=129, seed=29),
                             dict(tokens=33, top_k=8, experts=32, skip=0.2, hidden=7168, layout="masked", add=True, m_max=33, seed=30),
                             dict(tokens=50, top_k=1, experts=4, skip=0.0, hidden=256, layout="masked", add=False, m_max=10, seed=31)],
@@ -1091,6 +1166,8 @@ def once_cases() -> Dict[str, List[dict]]:
                           dict(shape=[333, 384], dtype=f32, pow2=True, padding=True, seed=40)],
         "train_requant": [dict(shape=[130, 256], dtype=f32, pow2=False, padding=True, seed=41)],
         "silu_backward": [dict(rows=1, inter=128, pow2=False, seed=42), dict(rows=333, inter=256, pow2=True, seed=43)],
+        "gemm_swiglu": [dict(masked_m=[0, 1, 17, 64], m_max=64, inter=256, k=512, expected_m=1, pow2=False, seed=49),
+                        dict(masked_m=[129, 0, 200], m_max=200, inter=512, k=256, expected_m=64, pow2=True, seed=50)],
         "gemm_masked": [dict(masked_m=[0, 37, 1, 20], m_max=37, n=272, k=256, expected_m=8, seed=19),
                         dict(masked_m=[256, 0, 100], m_max=256, n=2048, k=512, expected_m=200, seed=20),
                         dict(masked_m=[0, 37, 1, 20], m_max=37, n=2048, k=256, expected_m=8, a_mc=True, seed=44),
