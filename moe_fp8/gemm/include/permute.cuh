@@ -483,7 +483,10 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
 // index outputs. Every output is the two kernels' value, bit for bit. Grid ceil(P / 8), >= 1.
 constexpr int kSmallPairs = kPermuteThreads;  // one thread per pair while ranking
 
-__global__ void __launch_bounds__(kPermuteThreads) masked_dispatch_small_kernel(
+// (a template, kThreads = kPermuteThreads: a header's non-template __global__ would be emitted in
+// every JIT translation unit that includes it)
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
     // masked_index_kernel's inputs and outputs
     const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
     long long idOffset, int topK, const long long* __restrict__ gNumValid,
@@ -497,8 +500,8 @@ __global__ void __launch_bounds__(kPermuteThreads) masked_dispatch_small_kernel(
     int vectorsPerRow, long long xRowVectors, int groups, long long xsToken, long long xsGroup,
     long long saBatch, long long saRow, long long saGroup) {
   pdl::begin();  // before any global access (pdl.cuh)
-  static_assert(kSmallPairs == kPermuteThreads && kMaxExperts <= kPermuteThreads,
-                "one thread per pair and per expert");
+  static_assert(kThreads == kPermuteThreads && kSmallPairs == kThreads && kMaxExperts <= kThreads,
+                "one thread per pair and per expert, one warp per copied pair");
   __shared__ int sExpert[kSmallPairs];  // local expert of pair p, -1: skipped
   __shared__ int sRank[kSmallPairs];
   __shared__ int sRows[kMaxExperts];    // masked_m

@@ -92,7 +92,7 @@ def permute_source(masked: bool, per_pair: bool = False) -> KernelSource:
 
 @functools.lru_cache(maxsize=None)
 def masked_dispatch_small_source() -> KernelSource:
-    return KernelSource(kHeader, "moe_fp8::permute::masked_dispatch_small_kernel")
+    return KernelSource(kHeader, f"moe_fp8::permute::masked_dispatch_small_kernel<{kPermuteThreads}>")
 
 
 @functools.lru_cache(maxsize=None)
