@@ -356,6 +356,23 @@ def test_masked_dispatch_small_equals_index_then_permute(backend, with_weights, 
                                         bufs.sa) is None
 
 
+def test_stage_rows_copies_and_counts(backend):
+    """The decode runner's input staging (MOE_FP8_STAGE_KERNEL): rows [0, n) copied bit for bit,
+    the rest of the static buffer untouched, the count set; grids of one CTA and of several."""
+    gen = torch.Generator().manual_seed(3)
+    for rows, hidden, n in ((4, 128, 1), (9, 384, 9), (300, 256, 257)):
+        src = torch.randint(-2 ** 15, 2 ** 15, (n, hidden), dtype=torch.int16, generator=gen)
+        src = src.view(torch.bfloat16).to(backend)
+        dst = torch.randint(-2 ** 15, 2 ** 15, (rows if rows > n else n + 3, hidden),
+                            dtype=torch.int16, generator=gen).view(torch.bfloat16).to(backend)
+        before = dst.clone()
+        count = torch.tensor(-5, dtype=torch.int64, device=backend)
+        kernels().stage_rows(src, dst, count)
+        assert_same(dst[:n], src, f"rows {n, hidden}")
+        assert_same(dst[n:], before[n:], f"rows past n {n, hidden}")
+        assert int(count) == n
+
+
 # ----------------------------------------------------------------------------- combine
 
 def check_near_torch(actual, torch_path, what, terms=None):
@@ -537,9 +554,10 @@ def test_decode_runner_fused_vs_torch(backend, small, monkeypatch):
     order that reuses the static buffers across batch sizes (full, smaller, 1, full again), and
     must agree to bf16 rounding; on the GPU the fused one is the captured graph (built with the
     variable set, replayed with it unset: the graph alone decides), on the emulation it steps
-    eagerly with the variable set. MOE_FP8_SMALL_DISPATCH=1: the fused runner's index and
-    permute are one kernel."""
+    eagerly with the variable set. ``small`` = 1: MOE_FP8_SMALL_DISPATCH (the fused runner's
+    index and permute in one kernel) and MOE_FP8_STAGE_KERNEL (its input staged by one kernel)."""
     monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", small)
+    monkeypatch.setenv("MOE_FP8_STAGE_KERNEL", small)
     moe, max_tokens = decode_layer(backend)
     torch_run = moe.decode_runner(max_tokens)
     with fused():

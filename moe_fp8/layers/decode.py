@@ -16,6 +16,7 @@ import torch
 from ..gemm.jit.env import pdl_scope
 from ..gemm.validate import debug_mode
 from .experts import MaskedWorkspace
+from . import layouts
 from .layouts import MaskedBuffers
 from .switches import switch_on
 
@@ -27,6 +28,11 @@ kWarmupSteps = 2  # eager steps on a side stream before capture (JIT compile, al
 # (H100, 2026-12-05, session 8). MOE_FP8_DECODE_PDL=0 leaves the decode graph to MOE_FP8_PDL.
 kDecodePdlEnv = "MOE_FP8_DECODE_PDL"
 kDecodePdlDefault = True
+# The batch staged into the static input (rows copied, num_valid set) by one kernel instead of a
+# copy and a fill: one stream operation fewer before each replay (permute.cuh stage_rows_kernel).
+# Off until a GPU run has timed it (built in session 11 with no GPU lent).
+kStageKernelEnv = "MOE_FP8_STAGE_KERNEL"
+kStageKernelDefault = False
 
 
 class DecodeRunner:
@@ -72,6 +78,19 @@ class DecodeRunner:
                 self._step()
         return graph
 
+    def _stage(self, x: torch.Tensor) -> bool:
+        """x's rows into the static input and n into num_valid with one kernel, where the switch
+        is on and the kernel applies (same dtype, contiguous, 16-byte aligned); else False."""
+        if x.shape[0] == 0 or not switch_on(kStageKernelEnv, kStageKernelDefault) or \
+                not layouts.fused_enabled(self.x):
+            return False
+        from ..gemm.kernels import permute as kernels
+        if not (x.dtype == self.x.dtype and x.is_contiguous() and kernels.aligned16(x, self.x)
+                and x.shape[1] * x.element_size() % kernels.kVectorBytes == 0):
+            return False
+        kernels.stage_rows(x, self.x, self.num_valid)
+        return True
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [n, H]`` (n <= max_tokens) -> ``[n, H]``: a view of the static output buffer,
         overwritten by the next call (clone it to keep it)."""
@@ -86,8 +105,9 @@ class DecodeRunner:
                              "build a larger one with MoE.decode_runner(max_tokens)")
         if x.device != self.x.device:
             raise ValueError(f"x is on {x.device} but the runner's buffers are on {self.x.device}")
-        self.x[:n].copy_(x)
-        self.num_valid.fill_(n)
+        if not self._stage(x):
+            self.x[:n].copy_(x)
+            self.num_valid.fill_(n)
         if self.graph is not None:
             self.graph.replay()
         else:

@@ -661,5 +661,20 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(
   gOut[token * vectorsPerRow + v] = rOut;
 }
 
+// ---- decode runner input: the batch's rows into the static buffer, and its count -------------
+
+// DecodeRunner's two stream operations before its graph (x[:n].copy_(batch) and
+// num_valid.fill_(n)) as one launch: gDst[0 .. numVectors) = gSrc[..], *gCount = count.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) stage_rows_kernel(
+    const uint4* __restrict__ gSrc, uint4* __restrict__ gDst, long long numVectors,
+    long long* __restrict__ gCount, long long count) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  if (blockIdx.x == 0 && threadIdx.x == 0) *gCount = count;
+  for (long long v = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; v < numVectors;
+       v += static_cast<long long>(gridDim.x) * kThreads)
+    gDst[v] = ld_stream(gSrc + v);
+}
+
 }  // namespace permute
 }  // namespace moe_fp8

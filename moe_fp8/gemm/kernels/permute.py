@@ -54,6 +54,8 @@ kRankThreads = 512
 kPermuteThreads = 256
 kRowsPerCta = kPermuteThreads // 32
 kSmallPairs = kPermuteThreads  # masked_dispatch_small_kernel: pairs of one call at most
+kStageThreads = 256  # stage_rows_kernel
+kStageMaxCtas = 132  # a grid-stride loop beyond one CTA per SM of an H100
 kCombineThreads = 128
 kVectorBytes = 16
 kBf16PerVector = 8
@@ -96,16 +98,21 @@ def masked_dispatch_small_source() -> KernelSource:
 
 
 @functools.lru_cache(maxsize=None)
+def stage_source() -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::permute::stage_rows_kernel<{kStageThreads}>")
+
+
+@functools.lru_cache(maxsize=None)
 def combine_source(has_add: bool) -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::permute::combine_kernel<{_bool(has_add)}>")
 
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (10 kernels)."""
+    """Every variant the layer can launch (11 kernels)."""
     return [count_source(), scan_source(), rank_source(), masked_index_source(),
             permute_source(False), permute_source(True), permute_source(True, per_pair=True),
-            masked_dispatch_small_source(),
+            masked_dispatch_small_source(), stage_source(),
             combine_source(False),
             combine_source(True)]
 
@@ -255,6 +262,16 @@ def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, nu
         i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)), i64(xs.stride(1)),
         *_scale_strides(sa_buf)])
     return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
+
+
+def stage_rows(src: torch.Tensor, dst: torch.Tensor, count: torch.Tensor) -> None:
+    """``dst[:n].copy_(src); count.fill_(n)`` in one launch: ``src`` / ``dst`` the same dtype,
+    contiguous, 16-byte aligned, ``n = src.shape[0] <= dst.shape[0]`` rows of 16-byte multiples;
+    ``count`` an int64 device scalar."""
+    vectors = src.numel() * src.element_size() // kVectorBytes
+    grid = max(1, min(_ceil_div(vectors, kStageThreads), kStageMaxCtas))
+    _kernel(stage_source(), dst).launch(grid, kStageThreads, 0, [
+        src, dst, i64(vectors), count, i64(src.shape[0])])
 
 
 # ----------------------------------------------------------------------------- combine
