@@ -2,6 +2,7 @@
 # Environment switches A/B'd in one device call: for each switch of SWITCHES, the layer's decode
 # rows (bench_layer --decode-only, the full 1-256 list and the big-runner row) with it 0, then 1;
 # GROUPED_SWITCHES also get the masked grouped rows (bench_grouped --only masked) 0, then 1.
+# An entry "A+B" of SWITCHES A/B's the set: A=0 B=0, then A=1 B=1.
 # TESTS: a pytest -k over the GEMM, permute and layer GPU tests, run first with every switch of
 # SWITCHES set to 1 (empty: no tests). Prints the tables; logs under $OUT/switch_ab.
 #   cd .snap && SWITCHES="MOE_FP8_PERMUTE_PER_PAIR MOE_FP8_GATE_KERNEL" \
@@ -10,7 +11,9 @@
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}/switch_ab"; mkdir -p "$FINAL"
-all_on=(); for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do all_on+=("$s=1"); done
+# An entry A+B+C of SWITCHES is one set: all of its switches 0, then all 1.
+assign() { local out=() name; IFS=+ read -ra names <<< "$1"; for name in "${names[@]}"; do out+=("$name=$2"); done; echo "${out[@]}"; }
+all_on=(); for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do all_on+=($(assign "$s" 1)); done
 if [ -n "${TESTS:-}" ]; then
   env "${all_on[@]}" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_gemm_gpu.py tests/test_permute_gpu.py tests/test_layer_gpu.py -k "$TESTS" \
@@ -22,7 +25,7 @@ table() { grep -aE "^\|" "$1" | grep -v "^|--" | grep -vE "^\| (case|tokens) " |
 for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do
   for v in 0 1; do
     mkdir -p "$FINAL/$s-$v"
-    OUT="$FINAL/$s-$v" timeout 150 env "$s=$v" python3 benchmarks/bench_layer.py --decode-only \
+    OUT="$FINAL/$s-$v" timeout 150 env $(assign "$s" "$v") python3 benchmarks/bench_layer.py --decode-only \
       --repeats 5 > "$FINAL/$s-$v/layer.log" 2>&1
     echo "== $s=$v layer decode rc=$?"; table "$FINAL/$s-$v/layer.log" 10
   done
