@@ -360,6 +360,21 @@ __device__ __forceinline__ void copy_row(const uint4* __restrict__ gSrc, uint4* 
   }
 }
 
+// After each warp of the CTA has set its row's scale source and destination (source -1: no
+// row): the CTA's kRowsPerCta rows of scales, group-major (see permute_rows_kernel).
+__device__ __forceinline__ void copy_scales_group_major(const long long* sScaleSrc,
+                                                        const long long* sScaleDst, int groups,
+                                                        const float* __restrict__ gXs,
+                                                        long long xsGroup, float* __restrict__ gSa,
+                                                        long long saGroup) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRowsPerCta * groups; i += kPermuteThreads) {
+    const int r = i % kRowsPerCta, g = i / kRowsPerCta;
+    const long long src = sScaleSrc[r];
+    if (src >= 0) gSa[sScaleDst[r] + g * saGroup] = __ldg(gXs + src + g * xsGroup);
+  }
+}
+
 // Contiguous (kMasked = false): item i is destination row i of a [numItems = M_sum, H]; its
 //   source token is row_pair[i] / topK (padding rows, row_pair = -1, copy token 0 so that every
 //   row the GEMM reads is finite); row_token/row_slot [M_sum] get token/slot or -1.
@@ -464,12 +479,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
   } else if (lane == 0) {
     sScaleSrc[warp] = -1;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kRowsPerCta * groups; i += kPermuteThreads) {
-    const int r = i % kRowsPerCta, g = i / kRowsPerCta;
-    const long long src = sScaleSrc[r];
-    if (src >= 0) gSa[sScaleDst[r] + g * saGroup] = __ldg(gXs + src + g * xsGroup);
-  }
+  copy_scales_group_major(sScaleSrc, sScaleDst, groups, gXs, xsGroup, gSa, saGroup);
 }
 
 // ---- masked dispatch of a few pairs (decode): the index and the permute in one kernel ---------
@@ -570,12 +580,7 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
   } else if (lane == 0) {
     sScaleSrc[warp] = -1;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kRowsPerCta * groups; i += kPermuteThreads) {
-    const int r = i % kRowsPerCta, g = i / kRowsPerCta;
-    const long long src = sScaleSrc[r];
-    if (src >= 0) gSa[sScaleDst[r] + g * saGroup] = __ldg(gXs + src + g * xsGroup);
-  }
+  copy_scales_group_major(sScaleSrc, sScaleDst, groups, gXs, xsGroup, gSa, saGroup);
 }
 
 // ---- combine: weighted sum of each token's k expert rows ---------------------------------------

@@ -186,25 +186,32 @@ def contiguous_index(ids: torch.Tensor, num_experts: int, num_rows: Optional[int
     return m_indices, row_pair, pair_row, pair_kept, tokens_per_expert, num_rows
 
 
+def _masked_index_outputs(num_pairs: int, num_experts: int, with_weights: bool, device):
+    """The masked index's outputs, allocated: (masked_m, pair_expert, pair_rank, pair_kept,
+    num_overflow, slot_row, slot_weight); the int64 fields share one buffer."""
+    masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
+    rows = 3 if with_weights else 2
+    pair_meta = torch.empty(rows * num_pairs + 1, dtype=torch.int64, device=device)
+    pair_expert, pair_rank = pair_meta[:num_pairs], pair_meta[num_pairs:2 * num_pairs]
+    num_overflow = pair_meta[rows * num_pairs]  # a 0-d view
+    pair_kept = torch.empty(num_pairs, dtype=torch.bool, device=device)
+    slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if with_weights else None
+    slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) if with_weights else None
+    return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
+
+
 def masked_index(ids: torch.Tensor, num_experts: int, m_max: int,
                  weights: Optional[torch.Tensor] = None, *, id_offset: int = 0, top_k: int = 1,
                  num_valid: Optional[torch.Tensor] = None):
     """See the module docstring. ``ids`` int64 ``[P]`` (P may be 0)."""
     device, num_pairs = ids.device, ids.numel()
-    masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
-    rows = 3 if weights is not None else 2
-    pair_meta = torch.empty(rows * num_pairs + 1, dtype=torch.int64, device=device)
-    pair_expert, pair_rank = pair_meta[:num_pairs], pair_meta[num_pairs:2 * num_pairs]
-    num_overflow = pair_meta[rows * num_pairs]  # a 0-d view
-    pair_kept = torch.empty(num_pairs, dtype=torch.bool, device=device)
-    slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if weights is not None else None
-    slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) \
-        if weights is not None else None
+    fields = _masked_index_outputs(num_pairs, num_experts, weights is not None, device)
+    masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight = fields
     _kernel(masked_index_source(), ids).launch(1, kRankThreads, 0, [
         ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
         masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights,
         slot_row, slot_weight])
-    return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
+    return fields
 
 
 # ----------------------------------------------------------------------------- permute
@@ -244,15 +251,8 @@ def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, nu
     itself). Arguments as those two take them; returns ``masked_index``'s tuple."""
     device, num_pairs = ids.device, ids.numel()
     assert 0 < num_pairs <= kSmallPairs
-    masked_m = torch.empty(num_experts, dtype=torch.int32, device=device)
-    rows = 3 if weights is not None else 2
-    pair_meta = torch.empty(rows * num_pairs + 1, dtype=torch.int64, device=device)
-    pair_expert, pair_rank = pair_meta[:num_pairs], pair_meta[num_pairs:2 * num_pairs]
-    num_overflow = pair_meta[rows * num_pairs]  # a 0-d view
-    pair_kept = torch.empty(num_pairs, dtype=torch.bool, device=device)
-    slot_row = pair_meta[2 * num_pairs:3 * num_pairs] if weights is not None else None
-    slot_weight = torch.empty(num_pairs, dtype=torch.float32, device=device) \
-        if weights is not None else None
+    fields = _masked_index_outputs(num_pairs, num_experts, weights is not None, device)
+    masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight = fields
     hidden = a_buf.shape[2]
     _kernel(masked_dispatch_small_source(), ids).launch(_ceil_div(num_pairs, kRowsPerCta),
                                                         kPermuteThreads, 0, [
@@ -261,7 +261,7 @@ def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, nu
         xq, xs, a_buf, sa_buf, row_token, row_slot, i32(hidden // kVectorBytes),
         i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)), i64(xs.stride(1)),
         *_scale_strides(sa_buf)])
-    return masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight
+    return fields
 
 
 def stage_rows(src: torch.Tensor, dst: torch.Tensor, count: torch.Tensor) -> None:
