@@ -489,8 +489,9 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
 // round trips between the route kernel and the routed gate-up GEMM (index to permute end ~12 us
 // at one token, H100 2026-12-05). Here every CTA ranks all numPairs <= kSmallPairs pairs itself
 // in shared memory (a pair's rank = the earlier pairs of its expert: masked_index_kernel's stable
-// order), then its warps copy one pair each, as permute_rows_kernel<true> does; CTA 0 writes the
-// index outputs. Every output is the two kernels' value, bit for bit. Grid ceil(P / 8), >= 1.
+// order), then its warps copy one pair each (row and scales as permute_rows_kernel<true> places
+// them, with fewer round trips); CTA 0 writes the index outputs. Every output is the two kernels'
+// value, bit for bit. Grid ceil(P / 8), >= 1.
 constexpr int kSmallPairs = kPermuteThreads;  // one thread per pair while ranking
 
 // (a template, kThreads = kPermuteThreads: a header's non-template __global__ would be emitted in
@@ -516,14 +517,15 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
   __shared__ int sRank[kSmallPairs];
   __shared__ int sRows[kMaxExperts];    // masked_m
   __shared__ int sOverflow;
-  __shared__ long long sScaleSrc[kRowsPerCta];  // -1: no row
-  __shared__ long long sScaleDst[kRowsPerCta];
   long long validPairs = numPairs;
   if (gNumValid != nullptr)
     validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
   const GlobalIds ids{gIds, idOffset, numExperts, validPairs};
   const int p = threadIdx.x;
   const int expert = p < numPairs ? ids(p) : -1;
+  // CTA 0's combine weights, requested with the ids (one round trip before the copies)
+  const bool writesIndex = blockIdx.x == 0 && p < numPairs;
+  const float weight = writesIndex && gSlotRow != nullptr ? __ldg(gWeights + p) : 0.0f;
   sExpert[p] = expert;
   if (p == 0) sOverflow = 0;
   __syncthreads();
@@ -542,13 +544,13 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
   __syncthreads();
   if (blockIdx.x == 0) {
     if (p < numExperts) gMaskedM[p] = sRows[p];
-    if (p < numPairs) {
+    if (writesIndex) {
       gPairExpert[p] = kept ? expert : numExperts;
       gPairRank[p] = kept ? rank : 0;
       gPairKept[p] = kept;
       if (gSlotRow != nullptr) {
         gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
-        gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
+        gSlotWeight[p] = kept ? weight : 0.0f;
       }
     }
     if (p == 0) *gNumOverflow = sOverflow;
@@ -563,24 +565,36 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
       gRowSlot[r] = -1;
     }
   }
-  // one pair per warp
+  // One pair per warp: its scales (lanes g and g + 32) requested with the row's first batch, not
+  // after a CTA barrier as in permute_rows_kernel. NOTE: ptxas interleaves a batch's loads and
+  // stores (each store then waits for its load) whether the stores are plain or volatile asm and
+  // the loads predicated or clamped (SASS, 2026-12-05); xq was just written by the x
+  // quantisation, so these are L2 round trips.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int item = blockIdx.x * kRowsPerCta + warp;
   const int row = item < numPairs ? sRank[item] : -1;
-  if (row >= 0) {
-    const long long batch = sExpert[item], token = item / topK;
-    const long long dstRow = batch * maxRows + row;
-    copy_row(gX + token * xRowVectors, gA + dstRow * vectorsPerRow, vectorsPerRow);
-    if (lane == 0) {
-      gRowToken[dstRow] = token;
-      gRowSlot[dstRow] = item - token * topK;
-      sScaleSrc[warp] = token * xsToken;
-      sScaleDst[warp] = batch * saBatch + row * saRow;
-    }
-  } else if (lane == 0) {
-    sScaleSrc[warp] = -1;
+  if (row < 0) return;  // whole warps; no barrier below
+  const long long batch = sExpert[item], token = item / topK;
+  const long long dstRow = batch * maxRows + row;
+  const float* xsToken0 = gXs + token * xsToken;
+  float* saRow0 = gSa + batch * saBatch + row * saRow;
+  float rScale[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int g = lane + 32 * i;
+    rScale[i] = g < groups ? __ldg(xsToken0 + g * xsGroup) : 0.0f;
   }
-  copy_scales_group_major(sScaleSrc, sScaleDst, groups, gXs, xsGroup, gSa, saGroup);
+  copy_row(gX + token * xRowVectors, gA + dstRow * vectorsPerRow, vectorsPerRow);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int g = lane + 32 * i;
+    if (g < groups) saRow0[g * saGroup] = rScale[i];
+  }
+  for (int g = lane + 64; g < groups; g += 32) saRow0[g * saGroup] = __ldg(xsToken0 + g * xsGroup);
+  if (lane == 0) {
+    gRowToken[dstRow] = token;
+    gRowSlot[dstRow] = item - token * topK;
+  }
 }
 
 // ---- combine: weighted sum of each token's k expert rows ---------------------------------------
