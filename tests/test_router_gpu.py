@@ -301,6 +301,43 @@ def test_gate_logits_kernel(backend, weight_dtype):
     assert kernels().gate_logits(empty, torch.ones(4, 512, device=backend)).shape == (0, 4)
 
 
+def gate_logits_in_kernel_order(x: torch.Tensor, w: torch.Tensor, threads: int = 256) -> torch.Tensor:
+    """router.cuh's gate kernel sum order in fp32 with separate roundings (the g++ emulation's
+    arithmetic, -ffp-contract=off): thread i adds its 8-value chunks c = 8 (i + 256 j) in order,
+    value by value; a butterfly over the warp (xor 16, 8, 4, 2, 1); the 8 warps' sums in order."""
+    tokens, hidden = x.shape
+    xf, wf = x.float(), w.float()
+    chunks = hidden // 8
+    per_thread = -(-chunks // threads)
+    acc = torch.zeros(tokens, w.shape[0], threads)
+    for j in range(per_thread):
+        for i in range(8):
+            cols = torch.arange(threads) * 8 + j * threads * 8 + i
+            ok = cols < hidden
+            prod = xf[:, None, cols.clamp(max=hidden - 1)] * wf[None, :, cols.clamp(max=hidden - 1)]
+            acc = torch.where(ok, acc + prod, acc)
+    lanes = acc.view(tokens, w.shape[0], threads // 32, 32)
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., torch.arange(32) ^ offset]
+    total = torch.zeros(tokens, w.shape[0])
+    for warp in range(threads // 32):
+        total = total + lanes[..., warp, 0]
+    return total
+
+
+def test_gate_logits_kernel_sum_order_emulated(monkeypatch, router_emulator):
+    """The documented order, bit for bit, on both code paths of the kernel: weight chunks held in
+    registers (H <= 8192) and the chunk loop (beyond); tokens 1, 3 and a partial second tile."""
+    monkeypatch.setattr(kernels(), "_kernel", lambda src, like: EmulatedKernel(router_emulator, src))
+    gen = torch.Generator().manual_seed(5)
+    for tokens, hidden, experts in ((1, 2056, 3), (3, 4096, 2), (18, 264, 2), (2, 8200, 2)):
+        x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+        w = (torch.randn(experts, hidden, generator=gen) * 0.02).bfloat16()
+        got = kernels().gate_logits(x, w)
+        want = gate_logits_in_kernel_order(x, w)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (tokens, hidden, experts)
+
+
 def test_gate_logits_kernel_limits():
     x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(4, 64)
     assert kernels().supports_gate_logits(x, w)

@@ -52,7 +52,9 @@ kBf16GateDefault = True
 
 # The gate GEMM of a few tokens (decode) as one router.cuh kernel instead of cuBLAS (a split-K GEMM
 # and its reduction: 24 us at one token, H100 2026-12-05). Off: the decode graph at one token
-# measured 194 -> 190 and 183 -> 181 us with it (H100, 2026-12-05), within noise.
+# measured 194 -> 190 and 183 -> 181 us with it (H100, 2026-12-05), within noise, and 173 -> 176
+# with the router's own SMs (session 10). Its loads were then found serialised (one weight chunk
+# per round trip, SASS) and restructured in session 11 (same bits), not yet timed.
 kGateKernelEnv = "MOE_FP8_GATE_KERNEL"
 kGateKernelDefault = False
 kGateKernelMaxTokens = 64  # beyond: cuBLAS (the kernel re-reads x per expert from L2)

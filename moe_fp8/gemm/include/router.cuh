@@ -208,6 +208,7 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
 
 constexpr int kGateThreads = 256;
 constexpr int kGateTokens = 16;  // tokens per CTA: accumulators per thread
+constexpr int kGateHeldChunks = 4;  // 8-value weight chunks a thread holds: H <= 8192 at once
 
 // gX bf16 [T, H] (row stride xStride), gW [E, H] contiguous (bf16 or fp32), H % 8 == 0, rows
 // 16-byte aligned -> gLogits fp32 [T, E]. CTA (e, tile): thread i sums the 8-value chunks i,
@@ -227,16 +228,58 @@ __global__ void __launch_bounds__(kGateThreads) gate_logits_kernel(
   for (int t = 0; t < kGateTokens; ++t) acc[t] = 0.0f;
   const W* wRow = gW + static_cast<long long>(e) * hidden;
   const __nv_bfloat16* xTile = gX + static_cast<long long>(t0) * xStride;
-  for (int c = threadIdx.x * 8; c < hidden; c += kGateThreads * 8) {
-    float w[8];
-    load8(wRow + c, w);
+  if (hidden <= kGateHeldChunks * 8 * kGateThreads) {
+    // The thread's whole share of the weight row requested at once (one DRAM round trip), then
+    // each token's matching x chunks together (L2 hits, one round trip per token; loading two
+    // tokens ahead, ptxas sank the second one's loads into the products again). The loop below
+    // waits for every load before the next: 4 weight round trips plus one x round trip per chunk
+    // and token for H = 7168 (SASS, 2026-12-05). Each acc[t] takes the same products in the same
+    // order as there: the same bits.
+    float w[kGateHeldChunks][8];
+#pragma unroll
+    for (int j = 0; j < kGateHeldChunks; ++j) {
+      const int c = (threadIdx.x + j * kGateThreads) * 8;
+      if (c < hidden) {
+        load8(wRow + c, w[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) w[j][i] = 0.0f;
+      }
+    }
 #pragma unroll
     for (int t = 0; t < kGateTokens; ++t) {
-      if (t >= tokens) break;
-      float x[8];
-      load8(xTile + t * xStride + c, x);
+      if (t >= tokens) break;  // CTA-uniform
+      // the token's chunks requested together (addresses clamped into the row: no predicates),
+      // then their products
+      const __nv_bfloat16* xRow = xTile + t * xStride;
+      float x[kGateHeldChunks][8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[t] += x[i] * w[i];
+      for (int j = 0; j < kGateHeldChunks; ++j) {
+        const int c = (threadIdx.x + j * kGateThreads) * 8;
+        load8(xRow + (c < hidden ? c : 0), x[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < kGateHeldChunks; ++j) {
+        // computed for every chunk and kept for those inside the row: a use under a branch let
+        // the compiler sink each load into its branch, one round trip per chunk again
+        float sum = acc[t];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum += x[j][i] * w[j][i];
+        acc[t] = (threadIdx.x + j * kGateThreads) * 8 < hidden ? sum : acc[t];
+      }
+    }
+  } else {
+    for (int c = threadIdx.x * 8; c < hidden; c += kGateThreads * 8) {
+      float w[8];
+      load8(wRow + c, w);
+#pragma unroll
+      for (int t = 0; t < kGateTokens; ++t) {
+        if (t >= tokens) break;
+        float x[8];
+        load8(xTile + t * xStride + c, x);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[t] += x[i] * w[i];
+      }
     }
   }
 #pragma unroll
