@@ -304,19 +304,29 @@ def masked_index_kernel_inputs(topk_idx: torch.Tensor, num_experts_local: int,
     """The global-id masked index kernel's ``(ids [P], weights [P] or None, num_valid 0-d or
     None)`` where ``MOE_FP8_FUSED_DECODE_INDEX`` is on and that kernel applies, else None
     (``masked_index_from_global``; the small-dispatch kernel of layers.permute takes the same)."""
-    if not switch_on(kFusedDecodeIndexEnv, kFusedDecodeIndexDefault):
-        return None
     pairs = topk_idx.reshape(-1)
-    if pairs.numel() == 0 or topk_idx.dim() != 2:
-        return None
-    valid = num_valid_tokens
-    if valid is not None and not (isinstance(valid, torch.Tensor) and valid.dtype == torch.int64
-                                  and valid.numel() == 1 and valid.device == pairs.device):
+    valid = global_index_valid_count(num_valid_tokens, pairs.device)
+    if valid is False or pairs.numel() == 0 or topk_idx.dim() != 2:
         return None
     ids = _index_kernel_ids(pairs, num_experts_local)
     if ids is None:
         return None
-    return ids, _kernel_weights(topk_weights, pairs), valid.reshape(()) if valid is not None else None
+    return ids, _kernel_weights(topk_weights, pairs), valid
+
+
+def global_index_valid_count(num_valid_tokens, device):
+    """The global-id index kernels' valid-count argument (None, or the int64 device scalar as a
+    0-d tensor), or False where they do not run (``MOE_FP8_FUSED_DECODE_INDEX`` off, or a count
+    that is not an int64 scalar on ``device``)."""
+    if not switch_on(kFusedDecodeIndexEnv, kFusedDecodeIndexDefault):
+        return False
+    valid = num_valid_tokens
+    if valid is None:
+        return None
+    if not (isinstance(valid, torch.Tensor) and valid.dtype == torch.int64 and valid.numel() == 1
+            and valid.device == device):
+        return False
+    return valid.reshape(())
 
 
 def upper_bound_rows(num_pairs: int, num_experts_local: int) -> int:

@@ -259,9 +259,8 @@ class MoE(nn.Module):
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
-        routing = self.gate(x2)
-        layout, handle = self.dispatcher.dispatch_masked(
-            (xq, xs), routing.topk_idx, routing.topk_weights, max_tokens_per_expert=m_max,
+        layout, handle = self.dispatcher.dispatch_masked_routed(
+            (xq, xs), self.gate, self.gate.logits(x2), max_tokens_per_expert=m_max,
             num_valid_tokens=num_valid_tokens, out=buffers)
         if value_checks_enabled(layout.num_overflow) and int(layout.num_overflow):
             raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "

@@ -30,7 +30,7 @@ import torch
 from .. import gemm as G
 from ..gemm.layout import empty_act_scales
 from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
-                      masked_index_kernel_inputs)
+                      global_index_valid_count, masked_index_kernel_inputs)
 from .switches import switch_on
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
@@ -46,6 +46,11 @@ kPermutePerPairDefault = False
 # timed it.
 kSmallDispatchEnv = "MOE_FP8_SMALL_DISPATCH"
 kSmallDispatchDefault = False
+# The same with the expert selection folded in (route_dispatch.cuh: every CTA routes the few
+# tokens itself from the gate's logits): the route kernel's launch and its top-k ids' round trip
+# fewer as well. Off until a GPU run has timed it.
+kRouteDispatchEnv = "MOE_FP8_ROUTE_DISPATCH"
+kRouteDispatchDefault = False
 
 
 def _kernels():
@@ -157,6 +162,39 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
                                            topk_idx.shape[1], valid, xq, xs, a_buf, sa_buf,
                                            rows[0], rows[1])
     return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
+
+
+def route_dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, router, logits: torch.Tensor,
+                                expert_offset: int, num_experts_local: int, m_max: int,
+                                num_valid_tokens, a_buf: torch.Tensor, sa_buf: torch.Tensor):
+    """``router.select(logits)`` then ``dispatch_masked_small`` in one kernel launch where
+    ``MOE_FP8_ROUTE_DISPATCH=1``, the route kernel would take the logits itself
+    (``MOE_FP8_FUSED_ROUTER``, ``MOE_FP8_ROUTE_SIGMOID``, its limits) and the small dispatch
+    applies: ``(topk_weights, MaskedIndex, row_token, row_slot)``, the same values; else None."""
+    from ..gemm.kernels import route_dispatch
+    from . import router as R
+    if not switch_on(kRouteDispatchEnv, kRouteDispatchDefault) or \
+            not switch_on(R.kRouteSigmoidEnv, R.kRouteSigmoidDefault) or \
+            not R.fused_router_enabled(logits) or not fused_enabled(xq) or logits.requires_grad:
+        return None
+    cfg = router.cfg
+    bias = router.e_score_correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
+    if not route_dispatch.supports(logits, bias, cfg.n_group, cfg.topk_group, cfg.top_k):
+        return None
+    kernels = _kernels()
+    # the small dispatch's own conditions (dispatch_masked_small)
+    valid = global_index_valid_count(num_valid_tokens, logits.device)
+    if valid is False or not 1 <= num_experts_local <= kernels.kMaxExperts or \
+            not (kernels.supports_permute(xq, xs) and a_buf.is_contiguous()
+                 and kernels.aligned16(a_buf) and sa_buf.dim() == 3
+                 and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
+        return None
+    rows = torch.empty((2, num_experts_local + 1, m_max), dtype=torch.int64, device=xq.device)
+    _, topk_weights, fields = route_dispatch.route_dispatch_small(
+        logits, bias, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.group_mask_fill == "neg_inf",
+        cfg.norm_topk_prob, cfg.routed_scaling_factor, num_experts_local, m_max, expert_offset,
+        valid, xq, xs, a_buf, sa_buf, rows[0], rows[1])
+    return topk_weights, MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 
 def combine_index_contiguous(index: ContiguousIndex, topk_weights: torch.Tensor) -> CombineIndex:

@@ -237,12 +237,20 @@ class Router(nn.Module):
         self._weight_bf16 = None  # .to() / .cuda(): a stale device or dtype; refresh again
         return super()._apply(fn, *args, **kwargs)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` (any float dtype) -> the gate's fp32 logits ``[T, E]`` (``gate_logits``)."""
+        if x.dim() != 2 or x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"x must be [T, {self.cfg.hidden_size}] (hidden_size), got {tuple(x.shape)}")
+        return gate_logits(x, self.weight, self._bf16_gate())
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits [T, E]`` -> ``(topk_idx, topk_weights)`` (``route`` with this gate's bias)."""
+        return route(logits, self.e_score_correction_bias, self.cfg)
+
     def forward(self, x: torch.Tensor, *, counts_out: Optional[torch.Tensor] = None) -> Routing:
         """``x [T, H]`` (any float dtype) -> Routing; ``counts_out`` int64 ``[E]`` (optional)
         gets this batch's tokens-per-expert counts (see ``route``)."""
-        if x.dim() != 2 or x.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"x must be [T, {self.cfg.hidden_size}] (hidden_size), got {tuple(x.shape)}")
-        logits = gate_logits(x, self.weight, self._bf16_gate())  # [T, E] fp32
+        logits = self.logits(x)  # [T, E] fp32
         topk_idx, topk_weights = route(logits, self.e_score_correction_bias, self.cfg,
                                        counts_out=counts_out)
         return Routing(topk_idx, topk_weights, logits)

@@ -494,38 +494,38 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
 // value, bit for bit. Grid ceil(P / 8), >= 1.
 constexpr int kSmallPairs = kPermuteThreads;  // one thread per pair while ranking
 
-// (a template, kThreads = kPermuteThreads: a header's non-template __global__ would be emitted in
-// every JIT translation unit that includes it)
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
-    // masked_index_kernel's inputs and outputs
-    const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
-    long long idOffset, int topK, const long long* __restrict__ gNumValid,
-    int* __restrict__ gMaskedM, long long* __restrict__ gPairExpert,
-    long long* __restrict__ gPairRank, bool* __restrict__ gPairKept,
-    long long* __restrict__ gNumOverflow, const float* __restrict__ gWeights,
-    long long* __restrict__ gSlotRow, float* __restrict__ gSlotWeight,
-    // permute_rows_kernel<true>'s (its rowsPerBatch = maxRows, trashBatch = numExperts)
-    const uint4* __restrict__ gX, const float* __restrict__ gXs, uint4* __restrict__ gA,
-    float* __restrict__ gSa, long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
-    int vectorsPerRow, long long xRowVectors, int groups, long long xsToken, long long xsGroup,
-    long long saBatch, long long saRow, long long saGroup) {
-  pdl::begin();  // before any global access (pdl.cuh)
-  static_assert(kThreads == kPermuteThreads && kSmallPairs == kThreads && kMaxExperts <= kThreads,
+// The outputs and copy arguments of one small dispatch (masked_index_kernel's outputs,
+// permute_rows_kernel<true>'s arguments with rowsPerBatch = maxRows, trashBatch = numExperts).
+struct SmallDispatch {
+  int numPairs, numExperts, maxRows, topK;
+  int* gMaskedM;
+  long long *gPairExpert, *gPairRank;
+  bool* gPairKept;
+  long long *gNumOverflow, *gSlotRow;  // gSlotRow null: no combine index
+  float* gSlotWeight;
+  const uint4* gX;
+  const float* gXs;
+  uint4* gA;
+  float* gSa;
+  long long *gRowToken, *gRowSlot;
+  int vectorsPerRow;
+  long long xRowVectors;
+  int groups;
+  long long xsToken, xsGroup, saBatch, saRow, saGroup;
+};
+
+// The dispatch once thread p knows its pair's local expert (-1: skipped) and, in CTA 0 with a
+// combine index, its weight. Every thread of the CTA calls it (one thread per pair).
+__device__ __forceinline__ void masked_dispatch_small_body(const SmallDispatch& d, int expert,
+                                                           float weight) {
+  static_assert(kSmallPairs == kPermuteThreads && kMaxExperts <= kPermuteThreads,
                 "one thread per pair and per expert, one warp per copied pair");
   __shared__ int sExpert[kSmallPairs];  // local expert of pair p, -1: skipped
   __shared__ int sRank[kSmallPairs];
   __shared__ int sRows[kMaxExperts];    // masked_m
   __shared__ int sOverflow;
-  long long validPairs = numPairs;
-  if (gNumValid != nullptr)
-    validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
-  const GlobalIds ids{gIds, idOffset, numExperts, validPairs};
-  const int p = threadIdx.x;
-  const int expert = p < numPairs ? ids(p) : -1;
-  // CTA 0's combine weights, requested with the ids (one round trip before the copies)
-  const bool writesIndex = blockIdx.x == 0 && p < numPairs;
-  const float weight = writesIndex && gSlotRow != nullptr ? __ldg(gWeights + p) : 0.0f;
+  const int p = threadIdx.x, numPairs = d.numPairs, numExperts = d.numExperts;
+  const int maxRows = d.maxRows;
   sExpert[p] = expert;
   if (p == 0) sOverflow = 0;
   __syncthreads();
@@ -543,17 +543,17 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
   }
   __syncthreads();
   if (blockIdx.x == 0) {
-    if (p < numExperts) gMaskedM[p] = sRows[p];
-    if (writesIndex) {
-      gPairExpert[p] = kept ? expert : numExperts;
-      gPairRank[p] = kept ? rank : 0;
-      gPairKept[p] = kept;
-      if (gSlotRow != nullptr) {
-        gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
-        gSlotWeight[p] = kept ? weight : 0.0f;
+    if (p < numExperts) d.gMaskedM[p] = sRows[p];
+    if (p < numPairs) {
+      d.gPairExpert[p] = kept ? expert : numExperts;
+      d.gPairRank[p] = kept ? rank : 0;
+      d.gPairKept[p] = kept;
+      if (d.gSlotRow != nullptr) {
+        d.gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
+        d.gSlotWeight[p] = kept ? weight : 0.0f;
       }
     }
-    if (p == 0) *gNumOverflow = sOverflow;
+    if (p == 0) *d.gNumOverflow = sOverflow;
   }
   // the row maps: -1 past masked_m and in the trash bucket, over the grid
   const int numRows = (numExperts + 1) * maxRows;
@@ -561,8 +561,8 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
        r += gridDim.x * kPermuteThreads) {
     const int e = r / maxRows;
     if (e == numExperts || r - e * maxRows >= sRows[e]) {
-      gRowToken[r] = -1;
-      gRowSlot[r] = -1;
+      d.gRowToken[r] = -1;
+      d.gRowSlot[r] = -1;
     }
   }
   // One pair per warp: its scales (lanes g and g + 32) requested with the row's first batch, not
@@ -574,27 +574,62 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
   const int item = blockIdx.x * kRowsPerCta + warp;
   const int row = item < numPairs ? sRank[item] : -1;
   if (row < 0) return;  // whole warps; no barrier below
-  const long long batch = sExpert[item], token = item / topK;
+  const long long batch = sExpert[item], token = item / d.topK;
   const long long dstRow = batch * maxRows + row;
-  const float* xsToken0 = gXs + token * xsToken;
-  float* saRow0 = gSa + batch * saBatch + row * saRow;
+  const float* xsToken0 = d.gXs + token * d.xsToken;
+  float* saRow0 = d.gSa + batch * d.saBatch + row * d.saRow;
   float rScale[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int g = lane + 32 * i;
-    rScale[i] = g < groups ? __ldg(xsToken0 + g * xsGroup) : 0.0f;
+    rScale[i] = g < d.groups ? __ldg(xsToken0 + g * d.xsGroup) : 0.0f;
   }
-  copy_row(gX + token * xRowVectors, gA + dstRow * vectorsPerRow, vectorsPerRow);
+  copy_row(d.gX + token * d.xRowVectors, d.gA + dstRow * d.vectorsPerRow, d.vectorsPerRow);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int g = lane + 32 * i;
-    if (g < groups) saRow0[g * saGroup] = rScale[i];
+    if (g < d.groups) saRow0[g * d.saGroup] = rScale[i];
   }
-  for (int g = lane + 64; g < groups; g += 32) saRow0[g * saGroup] = __ldg(xsToken0 + g * xsGroup);
+  for (int g = lane + 64; g < d.groups; g += 32)
+    saRow0[g * d.saGroup] = __ldg(xsToken0 + g * d.xsGroup);
   if (lane == 0) {
-    gRowToken[dstRow] = token;
-    gRowSlot[dstRow] = item - token * topK;
+    d.gRowToken[dstRow] = token;
+    d.gRowSlot[dstRow] = item - token * d.topK;
   }
+}
+
+// (a template, kThreads = kPermuteThreads: a header's non-template __global__ would be emitted in
+// every JIT translation unit that includes it)
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
+    // masked_index_kernel's inputs and outputs
+    const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
+    long long idOffset, int topK, const long long* __restrict__ gNumValid,
+    int* __restrict__ gMaskedM, long long* __restrict__ gPairExpert,
+    long long* __restrict__ gPairRank, bool* __restrict__ gPairKept,
+    long long* __restrict__ gNumOverflow, const float* __restrict__ gWeights,
+    long long* __restrict__ gSlotRow, float* __restrict__ gSlotWeight,
+    // permute_rows_kernel<true>'s (its rowsPerBatch = maxRows, trashBatch = numExperts)
+    const uint4* __restrict__ gX, const float* __restrict__ gXs, uint4* __restrict__ gA,
+    float* __restrict__ gSa, long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
+    int vectorsPerRow, long long xRowVectors, int groups, long long xsToken, long long xsGroup,
+    long long saBatch, long long saRow, long long saGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  static_assert(kThreads == kPermuteThreads, "one thread per pair");
+  long long validPairs = numPairs;
+  if (gNumValid != nullptr)
+    validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
+  const GlobalIds ids{gIds, idOffset, numExperts, validPairs};
+  const int p = threadIdx.x;
+  const int expert = p < numPairs ? ids(p) : -1;
+  // CTA 0's combine weights, requested with the ids (one round trip before the copies)
+  const float weight =
+      blockIdx.x == 0 && p < numPairs && gSlotRow != nullptr ? __ldg(gWeights + p) : 0.0f;
+  const SmallDispatch d{numPairs, numExperts, maxRows, topK, gMaskedM, gPairExpert, gPairRank,
+                        gPairKept, gNumOverflow, gSlotRow, gSlotWeight, gX, gXs, gA, gSa,
+                        gRowToken, gRowSlot, vectorsPerRow, xRowVectors, groups, xsToken,
+                        xsGroup, saBatch, saRow, saGroup};
+  masked_dispatch_small_body(d, expert, weight);
 }
 
 // ---- combine: weighted sum of each token's k expert rows ---------------------------------------

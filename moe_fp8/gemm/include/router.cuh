@@ -89,31 +89,26 @@ __device__ __forceinline__ float sigmoid_like_torch(float logit) {
   return 1.0f / (1.0f + expf(-logit));
 }
 
-// gScores fp32 [T, E] (row stride scoreStride), gBias fp32 [E]; gTopkIdx int64 [T, K],
-// gTopkWeights fp32 [T, K]; gCounts int64 [E] or null (accumulated, the caller zeroes it).
-// kPerLane: experts per lane, ceil(E / 32) up to a power of two (the host picks the smallest).
-// kFromLogits: gScores holds the logits and the kernel takes their sigmoid itself (one kernel
-// fewer on the decode graph's router branch, where each costs a few microseconds of latency).
-template <int kThreads, int kPerLane = kMaxPerLane, bool kFromLogits = false>
-__global__ void __launch_bounds__(kThreads) route_kernel(
-    const float* __restrict__ gScores, const float* __restrict__ gBias, int numTokens,
-    long long scoreStride, int numExperts, int numGroups, int topkGroup, int topK, int fillNegInf,
-    int normalize, float scaling, long long* __restrict__ gTopkIdx,
-    float* __restrict__ gTopkWeights, unsigned long long* __restrict__ gCounts) {
-  pdl::begin();  // before any global access (pdl.cuh)
-  constexpr int kWarps = kThreads / 32;
-  __shared__ float sChoice[kWarps][kMaxExperts];  // c = s + b of this warp's token
-  __shared__ float sScore[kWarps][kMaxExperts];   // s of this warp's token
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int token = blockIdx.x * kWarps + warp;
-  if (token >= numTokens) return;  // whole warps leave; no CTA barrier below
-  const float* gRow = gScores + token * scoreStride;
+// One warp selects one token's experts: gRow = the token's scores (or logits, kFromLogits: their
+// sigmoid taken here), gBias [E]; sChoice / sScore: this warp's E floats of shared memory each.
+// Lane j < topK returns slot j's expert (idx) and unbiased score (weight); every lane returns the
+// sum of the k scores in slot order.
+struct RouteParams {
+  int numExperts, numGroups, topkGroup, topK, fillNegInf;
+};
 
+template <int kPerLane, bool kFromLogits>
+__device__ __forceinline__ void route_token(const float* __restrict__ gRow,
+                                            const float* __restrict__ gBias, const RouteParams& rp,
+                                            float* sChoice, float* sScore, long long& myIdx,
+                                            float& myWeight, float& sum) {
+  const int lane = threadIdx.x % 32;
+  const int numExperts = rp.numExperts, numGroups = rp.numGroups;
   // (1) scores and biased choices into shared memory: experts lane, lane + 32, ...
   for (int e = lane; e < numExperts; e += 32) {
     const float s = kFromLogits ? sigmoid_like_torch(__ldg(gRow + e)) : __ldg(gRow + e);
-    sScore[warp][e] = s;
-    sChoice[warp][e] = s + __ldg(gBias + e);
+    sScore[e] = s;
+    sChoice[e] = s + __ldg(gBias + e);
   }
   __syncwarp();
 
@@ -121,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
   const int perGroup = numExperts / numGroups;
   Packed group = 0;
   if (lane < numGroups) {
-    const float* sGroup = &sChoice[warp][lane * perGroup];
+    const float* sGroup = &sChoice[lane * perGroup];
     float first = sGroup[0], second = sGroup[1];
     if (ranks_above(second, first)) {
       const float t = first;
@@ -142,27 +137,28 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
 
   // (3) the topk_group best groups -> keptGroups bit mask (same on every lane)
   unsigned keptGroups = 0u;
-  for (int round = 0; round < topkGroup; ++round) {
+  for (int round = 0; round < rp.topkGroup; ++round) {
     const int best = packed_id(warp_best(group));
     keptGroups |= 1u << best;
     if (lane == best) group = 0;
   }
 
   // (4) this lane's experts (lane + 32 i), dropped groups filled
-  const float fill = fillNegInf ? __int_as_float(static_cast<int>(0xFF800000u)) : 0.0f;  // -inf / 0
+  const float fill = rp.fillNegInf ? __int_as_float(static_cast<int>(0xFF800000u)) : 0.0f;  // -inf / 0
   float value[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
     const int e = lane + 32 * i;
     value[i] = 0.0f;
-    if (e < numExperts) value[i] = (keptGroups >> (e / perGroup)) & 1u ? sChoice[warp][e] : fill;
+    if (e < numExperts) value[i] = (keptGroups >> (e / perGroup)) & 1u ? sChoice[e] : fill;
   }
   unsigned taken = 0u;  // bit i: expert lane + 32 i already selected
 
   // (5) top_k rounds of a warp argmax; lane j keeps slot j; every lane sums the weights in order
-  long long myIdx = 0;
-  float myWeight = 0.0f, sum = 0.0f;
-  for (int slot = 0; slot < topK; ++slot) {
+  myIdx = 0;
+  myWeight = 0.0f;
+  sum = 0.0f;
+  for (int slot = 0; slot < rp.topK; ++slot) {
     Packed mine = 0;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
@@ -172,18 +168,48 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
     }
     const int best = packed_id(warp_best(mine));
     if (lane == best % 32) taken |= 1u << (best / 32);
-    const float w = sScore[warp][best];
+    const float w = sScore[best];
     sum = sum + w;
     if (lane == slot) {
       myIdx = best;
       myWeight = w;
     }
   }
+}
+
+// A slot's routing weight: w / (sum + 1e-20) (normalize) times the scaling factor.
+__device__ __forceinline__ float route_weight(float w, float sum, int normalize, float scaling) {
+  if (normalize) w = w / (sum + 1e-20f);
+  return w * scaling;
+}
+
+// gScores fp32 [T, E] (row stride scoreStride), gBias fp32 [E]; gTopkIdx int64 [T, K],
+// gTopkWeights fp32 [T, K]; gCounts int64 [E] or null (accumulated, the caller zeroes it).
+// kPerLane: experts per lane, ceil(E / 32) up to a power of two (the host picks the smallest).
+// kFromLogits: gScores holds the logits and the kernel takes their sigmoid itself (one kernel
+// fewer on the decode graph's router branch, where each costs a few microseconds of latency).
+template <int kThreads, int kPerLane = kMaxPerLane, bool kFromLogits = false>
+__global__ void __launch_bounds__(kThreads) route_kernel(
+    const float* __restrict__ gScores, const float* __restrict__ gBias, int numTokens,
+    long long scoreStride, int numExperts, int numGroups, int topkGroup, int topK, int fillNegInf,
+    int normalize, float scaling, long long* __restrict__ gTopkIdx,
+    float* __restrict__ gTopkWeights, unsigned long long* __restrict__ gCounts) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  constexpr int kWarps = kThreads / 32;
+  __shared__ float sChoice[kWarps][kMaxExperts];  // c = s + b of this warp's token
+  __shared__ float sScore[kWarps][kMaxExperts];   // s of this warp's token
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int token = blockIdx.x * kWarps + warp;
+  if (token >= numTokens) return;  // whole warps leave; no CTA barrier below
+  const RouteParams rp{numExperts, numGroups, topkGroup, topK, fillNegInf};
+  long long myIdx;
+  float myWeight, sum;
+  route_token<kPerLane, kFromLogits>(gScores + token * scoreStride, gBias, rp, sChoice[warp],
+                                     sScore[warp], myIdx, myWeight, sum);
   if (lane < topK) {
-    float w = myWeight;
-    if (normalize) w = w / (sum + 1e-20f);
     gTopkIdx[static_cast<long long>(token) * topK + lane] = myIdx;
-    gTopkWeights[static_cast<long long>(token) * topK + lane] = w * scaling;
+    gTopkWeights[static_cast<long long>(token) * topK + lane] =
+        route_weight(myWeight, sum, normalize, scaling);
     if (gCounts != nullptr) atomicAdd(gCounts + myIdx, 1ull);
   }
 }

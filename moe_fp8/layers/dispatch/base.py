@@ -25,6 +25,8 @@ Two paths, each a (dispatch, combine) pair that shares an opaque ``handle``:
   the pair can be captured in a CUDA graph. ``num_valid_tokens`` (int or device int tensor [])
   marks rows of a static ``x_local`` beyond the live batch: their pairs are skipped.
   ``out`` (MaskedBuffers) receives the layout in place (static buffers of a graph).
+  ``dispatch_masked_routed(x_local, router, logits, ...)`` is the same from the gate's logits
+  (a backend may fold the expert selection into its dispatch kernels).
 
 Contract shared by all backends:
 
@@ -123,6 +125,17 @@ class Dispatcher(abc.ABC):
                         *, max_tokens_per_expert: int, num_valid_tokens=None,
                         out=None) -> Tuple[MaskedLayout, Any]:
         """Tokens -> masked layout ``[E_loc, M_max, H]`` (+ handle). CUDA-graph safe."""
+
+    def dispatch_masked_routed(self, x_local: TokensIn, router, logits: torch.Tensor, *,
+                               max_tokens_per_expert: int, num_valid_tokens=None,
+                               out=None) -> Tuple[MaskedLayout, Any]:
+        """``dispatch_masked`` of ``router.select(logits)`` (``router``: the layer's
+        ``moe_fp8.layers.router.Router``). A backend may fold the selection into its dispatch
+        (the local one does for a few tokens: ``MOE_FP8_ROUTE_DISPATCH``); the result is the same."""
+        topk_idx, topk_weights = router.select(logits)
+        return self.dispatch_masked(x_local, topk_idx, topk_weights,
+                                    max_tokens_per_expert=max_tokens_per_expert,
+                                    num_valid_tokens=num_valid_tokens, out=out)
 
     @abc.abstractmethod
     def combine_masked(self, y_rows: torch.Tensor, handle: Any, *, add: Optional[torch.Tensor] = None,

@@ -23,7 +23,8 @@ from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayo
                        contiguous_index, local_expert_ids, masked_index,
                        masked_index_from_global, upper_bound_rows)
 from ..permute import (combine_index_contiguous, combine_index_masked, dispatch_masked_small,
-                       permute_contiguous, permute_masked, unpermute_combine)
+                       permute_contiguous, permute_masked, route_dispatch_masked_small,
+                       unpermute_combine)
 from ..router import fused_router_switch_on
 from .base import Dispatcher
 
@@ -93,12 +94,7 @@ class LocalDispatcher(Dispatcher):
                         num_valid_tokens=None, out: Optional[MaskedBuffers] = None):
         xq, xs = self.tokens_in(x_local)
         self.check_routing(xq.shape[0], topk_idx, topk_weights)
-        m_max = self.check_max_tokens_per_expert(max_tokens_per_expert)
-        if out is None:
-            out = MaskedBuffers.allocate(self.num_experts_local, m_max, self.hidden_size, xq.device)
-        elif tuple(out.a.shape) != (self.num_experts_local + 1, m_max, self.hidden_size):
-            raise ValueError(f"out.a must be [E_loc + 1, M_max, H] = "
-                             f"{[self.num_experts_local + 1, m_max, self.hidden_size]}, got {tuple(out.a.shape)}")
+        m_max, out = self._masked_buffers(xq, max_tokens_per_expert, out)
         # NOTE: the masked index kernel writing the combine index too (4 fewer kernels per decode
         # graph) is new since the last GPU run: it rides on the router kernels' switch until then
         weights = topk_weights if fused_router_switch_on() else None
@@ -114,10 +110,43 @@ class LocalDispatcher(Dispatcher):
                                              num_valid_tokens)
                 index = masked_index(local_ids, self.num_experts_local, m_max, weights)
             row_token, row_slot = permute_masked(xq, xs, index, self.top_k, out.a, out.sa)
+        return self._masked_result(xq.shape[0], index, row_token, row_slot, out, topk_weights,
+                                   m_max, num_valid_tokens)
+
+    def dispatch_masked_routed(self, x_local, router, logits, *, max_tokens_per_expert: int,
+                               num_valid_tokens=None, out: Optional[MaskedBuffers] = None):
+        """With ``MOE_FP8_ROUTE_DISPATCH=1`` and at most 256 (token, slot) pairs, the expert
+        selection, the masked index and the permute are one kernel (``route_dispatch.cuh``);
+        otherwise (and with the same values) ``router.select`` then ``dispatch_masked``."""
+        xq, xs = self.tokens_in(x_local)
+        m_max, out = self._masked_buffers(xq, max_tokens_per_expert, out)
+        fused = route_dispatch_masked_small(xq, xs, router, logits, self.expert_offset,
+                                            self.num_experts_local, m_max, num_valid_tokens,
+                                            out.a, out.sa)
+        if fused is None:
+            return super().dispatch_masked_routed((xq, xs), router, logits,
+                                                  max_tokens_per_expert=m_max,
+                                                  num_valid_tokens=num_valid_tokens, out=out)
+        topk_weights, index, row_token, row_slot = fused
+        return self._masked_result(xq.shape[0], index, row_token, row_slot, out, topk_weights,
+                                   m_max, num_valid_tokens)
+
+    def _masked_buffers(self, xq, max_tokens_per_expert, out):
+        """-> (M_max, the layout's buffers: ``out`` checked, or new ones)."""
+        m_max = self.check_max_tokens_per_expert(max_tokens_per_expert)
+        if out is None:
+            out = MaskedBuffers.allocate(self.num_experts_local, m_max, self.hidden_size, xq.device)
+        elif tuple(out.a.shape) != (self.num_experts_local + 1, m_max, self.hidden_size):
+            raise ValueError(f"out.a must be [E_loc + 1, M_max, H] = "
+                             f"{[self.num_experts_local + 1, m_max, self.hidden_size]}, got {tuple(out.a.shape)}")
+        return m_max, out
+
+    def _masked_result(self, num_tokens, index, row_token, row_slot, out, topk_weights, m_max,
+                       num_valid_tokens):
         experts = self.num_experts_local
         layout = MaskedLayout(out.a[:experts], out.sa[:experts], index.masked_m,
-                              self.expected_m(xq.shape[0]), row_token, row_slot, index.num_overflow)
-        handle = LocalHandle(combine_index_masked(index, topk_weights, m_max), xq.shape[0],
+                              self.expected_m(num_tokens), row_token, row_slot, index.num_overflow)
+        handle = LocalHandle(combine_index_masked(index, topk_weights, m_max), num_tokens,
                              (self.num_experts_local, m_max, self.hidden_size),
                              num_valid=num_valid_tokens if isinstance(num_valid_tokens, torch.Tensor)
                              else None)
