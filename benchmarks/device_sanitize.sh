@@ -49,6 +49,11 @@ step guards 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck python
 # pinned few-SM configs too, where CTAs reuse the tile-scale and epilogue buffers (session 7)
 step reuse 180 $SAN --tool racecheck python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_gemm_gpu.py -k "p7 or zero_padding or num_sms" &
+# the decode-step kernels behind switches (session 11: small dispatch, route dispatch, stage):
+# memcheck of their GPU tests
+step decode 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck python3 -m pytest -q \
+  -p no:cacheprovider -m gpu tests/test_route_dispatch.py tests/test_permute_gpu.py \
+  -k "route_dispatch or small or stage" &
 wait
 
 python3 - "$RAW" "$FINAL/findings.md" <<'PY' > "$RAW/report.txt"
@@ -72,9 +77,10 @@ baseline = read("baseline.rc", "?")
 if baseline != "0":
     status = 1
     notes.append(f"baseline (no sanitizer) rc={baseline}: a reference check failed or the driver crashed")
-for tool in ("memcheck", "racecheck", "synccheck", "guards", "reuse"):
+for tool in ("memcheck", "racecheck", "synccheck", "guards", "reuse", "decode"):
     text, rc = read(f"{tool}.log"), read(f"{tool}.rc", "?")
-    start = "gemm_tile_reuse" if tool == "reuse" else "outside"  # pytest prints no FAMILY lines
+    # pytest prints no FAMILY lines
+    start = {"reuse": "gemm_tile_reuse", "decode": "decode_switches"}.get(tool, "outside")
     counts, family, examples = {}, start, []
     for line in text.splitlines():
         m = re.match(r"FAMILY (\S+) (begin|end)", line)
@@ -94,7 +100,8 @@ for tool in ("memcheck", "racecheck", "synccheck", "guards", "reuse"):
     found = sum(counts.values())
     if rc != "0" or found or sum(totals):
         status = max(status, 1)
-    names = {"guards": ["guards"], "reuse": ["gemm_tile_reuse"]}.get(tool, families)
+    names = {"guards": ["guards"], "reuse": ["gemm_tile_reuse"],
+             "decode": ["decode_switches"]}.get(tool, families)
     for name in names + (["outside"] if counts.get("outside") else []):
         full.append(f"| {tool} | {name} | {counts.get(name, 0)} |")
     where = ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
