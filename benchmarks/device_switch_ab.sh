@@ -3,7 +3,8 @@
 # rows (bench_layer --decode-only, the full 1-256 list and the big-runner row) with it 0, then 1;
 # GROUPED_SWITCHES also get the masked grouped rows (bench_grouped --only masked) 0, then 1.
 # An entry "A+B" of SWITCHES A/B's the set: A=0 B=0, then A=1 B=1.
-# TESTS: a pytest -k over the GEMM, permute and layer GPU tests, run first with every switch of
+# TESTS: a pytest -k over the GEMM, permute, layer, route-dispatch and router GPU tests, run
+# first with every switch of
 # SWITCHES set to 1 (empty: no tests). Prints the tables; logs under $OUT/switch_ab.
 #   cd .snap && SWITCHES="MOE_FP8_PERMUTE_PER_PAIR MOE_FP8_GATE_KERNEL" \
 #     GROUPED_SWITCHES="MOE_FP8_MASKED_ROW_CHUNKS" TESTS="masked or decode or permute" \
@@ -16,7 +17,8 @@ assign() { local out=() name; IFS=+ read -ra names <<< "$1"; for name in "${name
 all_on=(); for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do all_on+=($(assign "$s" 1)); done
 if [ -n "${TESTS:-}" ]; then
   env "${all_on[@]}" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_gemm_gpu.py tests/test_permute_gpu.py tests/test_layer_gpu.py -k "$TESTS" \
+    tests/test_gemm_gpu.py tests/test_permute_gpu.py tests/test_layer_gpu.py \
+    tests/test_route_dispatch.py tests/test_router_gpu.py -k "$TESTS" \
     > "$FINAL/tests.log" 2>&1
   echo "tests (all switches on) rc=$? $(tail -n 1 "$FINAL/tests.log" | cut -c1-100)"
   grep -aE "^FAILED" "$FINAL/tests.log" | head -n 8
