@@ -4,7 +4,8 @@
 # GROUPED_SWITCHES also get the masked grouped rows (bench_grouped --only masked) 0, then 1.
 # An entry "A+B" of SWITCHES A/B's the set: A=0 B=0, then A=1 B=1.
 # TESTS: a pytest -k over the GEMM, permute, layer, route-dispatch and router GPU tests, run
-# first with every switch of SWITCHES set to 1 (empty: no tests). Prints the tables; logs under $OUT/switch_ab.
+# first with every switch of SWITCHES set to 1 (empty: no tests). Prints the tables; logs under
+# $OUT/switch_ab.
 #   cd .snap && SWITCHES="MOE_FP8_PERMUTE_PER_PAIR MOE_FP8_GATE_KERNEL" \
 #     GROUPED_SWITCHES="MOE_FP8_MASKED_ROW_CHUNKS" TESTS="masked or decode or permute" \
 #     bash benchmarks/device_switch_ab.sh
