@@ -185,7 +185,7 @@ def expert_bytes(moe: MoE) -> tuple:
 
 
 @torch.no_grad()
-def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs):
+def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True):
     rows = []
     cfg = moe.cfg
     per_expert, shared = expert_bytes(moe)
@@ -199,12 +199,13 @@ def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs):
         us = bench(lambda: run(x), repeats=repeats, warmup=3)
         row = {"tokens": n, "experts_touched": touched, "graph_us": us, "floor_us": floor_us,
                "vs_floor": us / floor_us, "diff_vs_prefill": G.calc_diff(y, moe(x))}
+        row["bf16_eager_us"] = float("nan")
         try:
-            _, _, ends, row_token, combine = peer_routing(moe, x)
-            row["bf16_eager_us"] = bench(lambda: bf16_layer(x, pw, ends, row_token, combine),
-                                         repeats=repeats, warmup=2)
+            if peers:
+                _, _, ends, row_token, combine = peer_routing(moe, x)
+                row["bf16_eager_us"] = bench(lambda: bf16_layer(x, pw, ends, row_token, combine),
+                                             repeats=repeats, warmup=2)
         except Exception as error:  # noqa: BLE001
-            row["bf16_eager_us"] = float("nan")
             print(f"bf16 decode peer failed at n={n}: {error!r}"[:300])
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -250,6 +251,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-only", action="store_true", help="skip the prefill rows (decode A/B calls)")
     parser.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
+    parser.add_argument("--decode-tokens", default=None,
+                        help="comma-separated decode batch sizes (default: the full 1-256 list)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="decode rows without the bf16 peer (switch A/B calls: ours only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_layer.py needs a CUDA GPU")
@@ -266,6 +271,8 @@ def main() -> None:
     if args.decode_only:
         prefill_tokens = ()
     decode_tokens = (1, 32, 128) if args.quick else kDecodeTokens
+    if args.decode_tokens:
+        decode_tokens = tuple(int(n) for n in args.decode_tokens.split(","))
     if args.prefill_only:
         decode_tokens = ()
 
@@ -275,7 +282,8 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - still run decode and print what we have
         traceback.print_exc()
     try:
-        decode = decode_rows(moe, pw, decode_tokens, max(args.repeats, 20), bandwidth)
+        decode = decode_rows(moe, pw, decode_tokens, max(args.repeats, 20), bandwidth,
+                             peers=not args.no_peers)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
 

@@ -2,7 +2,8 @@
 # Environment switches A/B'd in one device call: for each switch of SWITCHES, the layer's decode
 # rows (bench_layer --decode-only, the full 1-256 list and the big-runner row) with it 0, then 1;
 # GROUPED_SWITCHES also get the masked grouped rows (bench_grouped --only masked) 0, then 1.
-# An entry "A+B" of SWITCHES A/B's the set: A=0 B=0, then A=1 B=1.
+# An entry "A+B" of SWITCHES A/B's the set: A=0 B=0, then A=1 B=1. DECODE_TOKENS (e.g. 1,8,32):
+# only those decode rows (and the big-runner row); the bf16 peer is not timed in these calls.
 # TESTS: a pytest -k over the GEMM, permute, layer, route-dispatch and router GPU tests, run
 # first with every switch of SWITCHES set to 1 (empty: no tests). Prints the tables; logs under
 # $OUT/switch_ab.
@@ -27,8 +28,9 @@ table() { grep -aE "^\|" "$1" | grep -v "^|--" | grep -vE "^\| (case|tokens) " |
 for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do
   for v in 0 1; do
     mkdir -p "$FINAL/$s-$v"
-    OUT="$FINAL/$s-$v" timeout 150 env $(assign "$s" "$v") python3 benchmarks/bench_layer.py --decode-only \
-      --repeats 5 > "$FINAL/$s-$v/layer.log" 2>&1
+    OUT="$FINAL/$s-$v" timeout 150 env $(assign "$s" "$v") python3 benchmarks/bench_layer.py \
+      --decode-only --repeats 5 --no-peers ${DECODE_TOKENS:+--decode-tokens "$DECODE_TOKENS"} \
+      > "$FINAL/$s-$v/layer.log" 2>&1
     echo "== $s=$v layer decode rc=$?"; table "$FINAL/$s-$v/layer.log" 10
   done
 done
