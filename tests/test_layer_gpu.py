@@ -179,6 +179,17 @@ def test_decode_fused_swiglu_keeps_bits(moe, monkeypatch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_FUSED_SWIGLU", (32, 7, 1, 32), 895)
 
 
+@pytest.mark.parametrize("switch", ["MOE_FP8_SMALL_DISPATCH", "MOE_FP8_ROUTE_DISPATCH",
+                                    "MOE_FP8_STAGE_KERNEL", "MOE_FP8_DECODE_GATE_FIRST"])
+@torch.no_grad()
+def test_decode_session11_switches_keep_bits(moe, monkeypatch, switch):
+    """The decode-step switches built in session 11 (index + permute in one kernel, with the
+    expert selection folded in, the runner's input staged by one kernel, the gate GEMM beside the
+    token quantisation) move or merge launches only: the same outputs, also below the runner's
+    size."""
+    assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 905)
+
+
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):
