@@ -31,6 +31,45 @@ def pdl_capable(source: KernelSource) -> bool:
     return not Path(source.header).is_absolute()
 
 
+def pack_args(instance: str, sizes, args):
+    """Kernel arguments -> ``(void* array, the values it points to)`` for cuLaunchKernelEx. Count
+    and byte size of each argument are checked against ``sizes`` (the kernel's parameter sizes
+    from its cubin; None: no check): a mismatch is a TypeError, not a misread parameter."""
+    import torch
+
+    if sizes is not None and len(args) != len(sizes):
+        raise TypeError(f"{instance} takes {len(sizes)} parameters (bytes {sizes}), got "
+                        f"{len(args)} arguments")
+
+    def bad_size(index: int, arg, size: int):
+        raise TypeError(f"kernel argument {index} of {instance} is {type(arg).__name__} ({size} "
+                        f"bytes) but the parameter has {sizes[index]} bytes (parameter sizes {sizes})")
+
+    pointers = (ctypes.c_void_p * max(len(args), 1))()
+    keep_alive = []
+    for index, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            value = ctypes.c_uint64(arg.data_ptr())
+        elif arg is None:
+            value = ctypes.c_uint64(0)
+        elif isinstance(arg, (_kScalarTypes, ctypes.Structure)):
+            value = arg
+        elif hasattr(arg, "address"):  # jit.TensorMap
+            if sizes is not None and sizes[index] != driver.kTensorMapBytes:
+                bad_size(index, arg, driver.kTensorMapBytes)
+            pointers[index] = arg.address
+            continue
+        else:
+            raise TypeError(f"kernel argument {index} of {instance}: {type(arg).__name__} is not a "
+                            "Tensor, TensorMap or typed scalar (wrap Python numbers: jit.i32(v), "
+                            "jit.f32(v), ...)")
+        if sizes is not None and sizes[index] != ctypes.sizeof(value):
+            bad_size(index, arg, ctypes.sizeof(value))
+        keep_alive.append(value)
+        pointers[index] = ctypes.addressof(value)
+    return pointers, keep_alive
+
+
 class Kernel:
     """A loaded kernel. ``launch`` is safe inside ``torch.cuda.graph`` capture."""
 
@@ -68,11 +107,6 @@ class Kernel:
             cached = self._attrs[key] = (array, len(attributes))
         return cached
 
-    def _bad_size(self, index: int, arg, size: int):
-        raise TypeError(f"kernel argument {index} of {self.compiled.source.instance} is "
-                        f"{type(arg).__name__} ({size} bytes) but the parameter has "
-                        f"{self.param_sizes[index]} bytes (parameter sizes {self.param_sizes})")
-
     def launch(self, grid, block, smem_bytes: int, args, cluster=(1, 1, 1)) -> None:
         """Launch on ``torch.cuda.current_stream()``.
 
@@ -88,32 +122,7 @@ class Kernel:
             driver.set_function_attribute(self._function, driver.kFuncAttrMaxDynamicSmem,
                                           smem_bytes)
             self._smem_limit = smem_bytes
-        sizes = self.param_sizes
-        if sizes is not None and len(args) != len(sizes):
-            raise TypeError(f"{self.compiled.source.instance} takes {len(sizes)} parameters "
-                            f"(bytes {sizes}), got {len(args)} arguments")
-        pointers = (ctypes.c_void_p * max(len(args), 1))()
-        keep_alive = []
-        for index, arg in enumerate(args):
-            if isinstance(arg, torch.Tensor):
-                value = ctypes.c_uint64(arg.data_ptr())
-            elif arg is None:
-                value = ctypes.c_uint64(0)
-            elif isinstance(arg, (_kScalarTypes, ctypes.Structure)):
-                value = arg
-            elif hasattr(arg, "address"):  # jit.TensorMap
-                if sizes is not None and sizes[index] != driver.kTensorMapBytes:
-                    self._bad_size(index, arg, driver.kTensorMapBytes)
-                pointers[index] = arg.address
-                continue
-            else:
-                raise TypeError(f"kernel argument {index} of {self.compiled.source.instance}: "
-                                f"{type(arg).__name__} is not a Tensor, TensorMap or typed scalar "
-                                "(wrap Python numbers: jit.i32(v), jit.f32(v), ...)")
-            if sizes is not None and sizes[index] != ctypes.sizeof(value):
-                self._bad_size(index, arg, ctypes.sizeof(value))
-            keep_alive.append(value)
-            pointers[index] = ctypes.addressof(value)
+        pointers, keep_alive = pack_args(self.compiled.source.instance, self.param_sizes, args)
         stream = torch.cuda.current_stream(self.device_index).cuda_stream
         config = driver.LaunchConfig(*grid, *block, smem_bytes, stream)
         attributes, count = self.launch_attributes(cluster, env.pdl())

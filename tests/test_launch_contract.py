@@ -1,0 +1,130 @@
+"""The GEMM host launchers' argument lists against their kernels' parameters, on the CPU.
+
+Each host function of ``moe_fp8.gemm.kernels.fp8_gemm`` / ``wgrad`` is called with CPU tensors of
+valid shapes; the kernel it asks for is compiled for sm_90a here (NVRTC / nvcc, no GPU), and its
+launch goes through ``jit.runtime.pack_args`` against the parameter sizes read from that cubin,
+as a real launch does: the argument count, each scalar's width and each TMA descriptor's 128
+bytes must match. TMA descriptors are stand-ins (encoding them needs the driver) and nothing runs.
+A GPU run would fail the same way at its first launch; this finds it without one (e.g. the fused
+SwiGLU GEMM, built without a GPU lent).
+"""
+import ctypes
+
+import pytest
+import torch
+
+from moe_fp8.gemm import heuristics as H
+from moe_fp8.gemm import jit
+from moe_fp8.gemm.jit import elf
+from moe_fp8.gemm.jit.runtime import pack_args
+from moe_fp8.gemm.layout import empty_act_scales
+
+FP8 = torch.float8_e4m3fn
+
+
+class StandInMap:
+    """A TensorMap's launch interface: 128 bytes at ``address``."""
+
+    def __init__(self):
+        self.raw = (ctypes.c_uint8 * 128)()
+        self.address = ctypes.addressof(self.raw)
+
+
+class ContractKernel:
+    """jit.Kernel's launch checks on a cubin compiled here, without a driver."""
+
+    def __init__(self, src, log):
+        try:
+            compiled = jit.compile_kernel(src)
+        except jit.CompilerUnavailable as error:
+            pytest.skip(f"no CUDA compiler: {error}")
+        self.instance = src.instance
+        self.param_sizes = elf.kernel_param_sizes(compiled.cubin, compiled.symbol)
+        assert self.param_sizes is not None, f"{src.instance}: no parameter sizes in the cubin"
+        self.log = log
+
+    def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
+        pack_args(self.instance, self.param_sizes, args)  # raises TypeError on a mismatch
+        self.log.append((self.instance, grid, block, smem_bytes, cluster))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from moe_fp8.gemm.kernels import fp8_gemm, wgrad
+    log = []
+    monkeypatch.setattr(wgrad, "_kernels", {})
+    monkeypatch.setattr(jit, "get_kernel", lambda src, device=None: ContractKernel(src, log))
+    monkeypatch.setattr(jit, "make_tma_2d", lambda *a, **k: StandInMap())
+    monkeypatch.setattr(jit, "make_tma_3d", lambda *a, **k: StandInMap())
+    monkeypatch.setattr(H, "num_sms", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(fp8_gemm, "max_active_clusters", lambda *a: 66)
+    monkeypatch.setattr(fp8_gemm, "_kernels", {})
+    monkeypatch.setattr(fp8_gemm, "_tma_cache", fp8_gemm._tma_cache.__class__())
+    return log
+
+
+def fp8(*shape):
+    return torch.zeros(shape, dtype=FP8)
+
+
+def test_dense_and_grouped_launches(launches):
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import build_m_indices
+    m, n, k, experts = 256, 1024, 512, 4
+    K.fp8_gemm_nt(fp8(m, k), empty_act_scales(m, k // 128), fp8(n, k),
+                  torch.ones(n // 128, k // 128), torch.empty(m, n, dtype=torch.bfloat16))
+    K.fp8_gemm_nt(fp8(1, 7168), empty_act_scales(1, 56), fp8(2112, 7168),  # split K at M = 1
+                  torch.ones(17, 56), torch.empty(1, 2112, dtype=torch.bfloat16))
+    m_indices = build_m_indices([128, 0, 256, 128])
+    rows = m_indices.shape[0]
+    K.m_grouped_contiguous(fp8(rows, k), empty_act_scales(rows, k // 128), fp8(experts, n, k),
+                           torch.ones(experts, n // 128, k // 128), m_indices,
+                           torch.empty(rows, n, dtype=torch.bfloat16))
+    m_max = 64
+    masked_m = torch.tensor([1, 0, 64, 17], dtype=torch.int32)
+    for expected_m in (1, 64):
+        K.m_grouped_masked(fp8(experts, m_max, k), empty_act_scales(m_max, k // 128, experts),
+                           fp8(experts, n, k), torch.ones(experts, n // 128, k // 128), masked_m,
+                           expected_m, torch.empty(experts, m_max, n, dtype=torch.bfloat16))
+    names = [entry[0] for entry in launches]
+    assert any("split_k_reduce" in name for name in names), names
+    assert len(launches) >= 5
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fused_swiglu_launch(launches, pow2):
+    """The fused SwiGLU GEMM (fused_swiglu.cuh, session 10): act fp8 [E, M_max, I] and its
+    MN-major scales, decode (expected_m 1) and 64-row tiles."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    experts, m_max, inter, k = 4, 64, 512, 1024
+    masked_m = torch.tensor([1, 0, 64, 17], dtype=torch.int32)
+    for expected_m in (1, 64):
+        K.m_grouped_masked_swiglu(fp8(experts, m_max, k), empty_act_scales(m_max, k // 128, experts),
+                                  fp8(experts, 2 * inter, k),
+                                  torch.ones(experts, 2 * inter // 128, k // 128), masked_m,
+                                  expected_m, fp8(experts, m_max, inter),
+                                  empty_act_scales(m_max, inter // 128, experts), pow2=pow2)
+    assert [entry[0] for entry in launches] and all("fused_swiglu_gemm_kernel" in entry[0]
+                                                    for entry in launches)
+
+
+def test_wgrad_launch(launches):
+    from moe_fp8.gemm.kernels import wgrad
+    m, n, tokens, experts = 256, 512, 512, 3
+    offsets = torch.tensor([0, 128, 128, 512], dtype=torch.int32)
+    for accumulate in (True, False):
+        wgrad.k_grouped_tn(fp8(m, tokens), empty_act_scales(m, tokens // 128),
+                           fp8(n, tokens), empty_act_scales(n, tokens // 128), offsets,
+                           torch.zeros(experts, m, n), accumulate=accumulate)
+    assert len(launches) == 2 and all("k_grouped_wgrad_kernel" in entry[0] for entry in launches)
+
+
+def test_contract_catches_a_wrong_argument(launches):
+    """The check itself: a missing argument and a scalar of the wrong width are TypeErrors."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    kernel = ContractKernel(K.reduce_source(2), launches)
+    with pytest.raises(TypeError, match="takes"):
+        kernel.launch(1, 128, 0, [torch.zeros(4), torch.zeros(4)])
+    with pytest.raises(TypeError, match="bytes"):
+        kernel.launch(1, 128, 0, [torch.zeros(4), torch.zeros(4), jit.i32(4)])
