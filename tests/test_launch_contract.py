@@ -4,7 +4,7 @@ Each host function of ``moe_fp8.gemm.kernels.fp8_gemm`` / ``wgrad`` is called wi
 valid shapes; the kernel it asks for is compiled for sm_90a here (NVRTC / nvcc, no GPU), and its
 launch goes through ``jit.runtime.pack_args`` against the parameter sizes read from that cubin,
 as a real launch does: the argument count, each scalar's width and each TMA descriptor's 128
-bytes must match. TMA descriptors are stand-ins (encoding them needs the driver) and nothing runs.
+bytes must match, and the CTA's shared memory must fit sm_90's 227 KB. TMA descriptors are stand-ins (encoding them needs the driver) and nothing runs.
 A GPU run would fail the same way at its first launch; this finds it without one (e.g. the fused
 SwiGLU GEMM, built without a GPU lent).
 """
@@ -20,6 +20,7 @@ from moe_fp8.gemm.jit.runtime import pack_args
 from moe_fp8.gemm.layout import empty_act_scales
 
 FP8 = torch.float8_e4m3fn
+kSmemPerBlock = 227 * 1024  # sm_90's opt-in maximum of dynamic + static shared memory per CTA
 
 
 class StandInMap:
@@ -39,12 +40,17 @@ class ContractKernel:
         except jit.CompilerUnavailable as error:
             pytest.skip(f"no CUDA compiler: {error}")
         self.instance = src.instance
+        self.static_smem = compiled.report.static_smem
         self.param_sizes = elf.kernel_param_sizes(compiled.cubin, compiled.symbol)
         assert self.param_sizes is not None, f"{src.instance}: no parameter sizes in the cubin"
         self.log = log
 
     def launch(self, grid, block, smem_bytes, args, cluster=(1, 1, 1)):
         pack_args(self.instance, self.param_sizes, args)  # raises TypeError on a mismatch
+        # a CTA's shared memory within the H100's opt-in limit (227 KB), threads within 1024
+        assert smem_bytes + self.static_smem <= kSmemPerBlock, (self.instance, smem_bytes)
+        threads = block[0] if isinstance(block, tuple) else block
+        assert 0 < threads <= 1024, (self.instance, block)
         self.log.append((self.instance, grid, block, smem_bytes, cluster))
 
 
@@ -65,7 +71,7 @@ def launches(monkeypatch):
 
 
 def fp8(*shape):
-    return torch.zeros(shape, dtype=FP8)
+    return torch.empty(shape, dtype=FP8)  # never read: only shapes, strides and addresses matter
 
 
 def test_dense_and_grouped_launches(launches):
@@ -93,16 +99,18 @@ def test_dense_and_grouped_launches(launches):
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-def test_fused_swiglu_launch(launches, pow2):
+@pytest.mark.parametrize("shape", [(4, 64, 512, 1024), (32, 1, 2048, 7168), (32, 256, 2048, 7168)],
+                         ids=["small", "dsv3-1-token", "dsv3-256-tokens"])
+def test_fused_swiglu_launch(launches, pow2, shape):
     """The fused SwiGLU GEMM (fused_swiglu.cuh, session 10): act fp8 [E, M_max, I] and its
-    MN-major scales, decode (expected_m 1) and 64-row tiles."""
+    MN-major scales, decode (expected_m 1) and M_max-row tiles, DeepSeek-V3's gate-up shape."""
     from moe_fp8.gemm.kernels import fp8_gemm as K
-    experts, m_max, inter, k = 4, 64, 512, 1024
-    masked_m = torch.tensor([1, 0, 64, 17], dtype=torch.int32)
-    for expected_m in (1, 64):
+    experts, m_max, inter, k = shape
+    masked_m = torch.randint(0, m_max + 1, (experts,), dtype=torch.int32)
+    for expected_m in (1, m_max):
         K.m_grouped_masked_swiglu(fp8(experts, m_max, k), empty_act_scales(m_max, k // 128, experts),
                                   fp8(experts, 2 * inter, k),
-                                  torch.ones(experts, 2 * inter // 128, k // 128), masked_m,
+                                  torch.empty(experts, 2 * inter // 128, k // 128), masked_m,
                                   expected_m, fp8(experts, m_max, inter),
                                   empty_act_scales(m_max, inter // 128, experts), pow2=pow2)
     assert [entry[0] for entry in launches] and all("fused_swiglu_gemm_kernel" in entry[0]
