@@ -4,7 +4,9 @@
 //   * permute: gather quantised token rows (fp8, 16-byte vectors) and their 1x128 scales into the
 //     contiguous layout (scales written MN-major, sector-complete) or scatter them into the
 //     masked buffers;
-//   * combine: y[t] = add[t] + sum_j bf16(w[t, j]) * y_rows[row[t, j]] in fp32, one rounding.
+//   * combine: y[t] = add[t] + sum_j bf16(w[t, j]) * y_rows[row[t, j]] in fp32, one rounding;
+//   * decode helpers: the masked index and permute of a few pairs in one kernel (every CTA
+//     ranks them itself), and a decode runner's input rows + count staged in one kernel.
 //
 // Vocabulary (moe_fp8/layers/layouts.py): a *pair* p = t * k + j is one (token, top-k slot); its
 // local expert id is ids[p] in [0, E) or anything else for "skip" (E is the layer's sentinel).

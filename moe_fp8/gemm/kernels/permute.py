@@ -28,6 +28,10 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   -1 at or past masked_m and in the trash bucket), masked_m int32 ``[E]`` (the index's); pairs in
   the trash bucket E are not copied. ``per_pair``: one CTA per pair (fewer
   dependent round trips for a decode step's few rows), the same results.
+* ``masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
+  a_buf, sa_buf, row_token, row_slot)``: ``masked_index`` (global ids) then ``permute_masked`` in
+  one launch for ``0 < P <= kSmallPairs``; returns ``masked_index``'s tuple.
+* ``stage_rows(src, dst, count)``: ``dst[:n].copy_(src); count.fill_(n)`` in one launch.
 * ``combine(y_rows, slot_row, slot_weight, add, out, num_valid=None)``: y_rows bf16 ``[R, H]``,
   slot_row int64 ``[T, k]``, slot_weight fp32 ``[T, k]``, add bf16 ``[T, H]`` or None, out bf16
   ``[T, H]``; all contiguous. ``out = bf16(sum_j bf16(w_j) * y[row_j] + add)`` in fp32, slots in
