@@ -13,11 +13,10 @@
 namespace moe_fp8 {
 namespace route_dispatch {
 
-constexpr int kThreads = permute::kPermuteThreads;
-constexpr int kWarps = kThreads / 32;
-
-template <int kThreads_, int kPerLane>
-__global__ void __launch_bounds__(kThreads_) route_dispatch_small_kernel(
+// kThreads = permute::kPermuteThreads (one thread per pair in the dispatch); kPerLane as
+// route_kernel's (ceil(E / 32) up to a power of two).
+template <int kThreads, int kPerLane>
+__global__ void __launch_bounds__(kThreads) route_dispatch_small_kernel(
     // route_kernel's (logits; no counts)
     const float* __restrict__ gLogits, const float* __restrict__ gBias, int numTokens,
     long long logitStride, int numExpertsGlobal, int numGroups, int topkGroup, int topK,
@@ -33,7 +32,8 @@ __global__ void __launch_bounds__(kThreads_) route_dispatch_small_kernel(
     long long* __restrict__ gRowSlot, int vectorsPerRow, long long xRowVectors, int groups,
     long long xsToken, long long xsGroup, long long saBatch, long long saRow, long long saGroup) {
   pdl::begin();  // before any global access (pdl.cuh)
-  static_assert(kThreads_ == kThreads, "one thread per pair in the dispatch");
+  static_assert(kThreads == permute::kPermuteThreads, "one thread per pair in the dispatch");
+  constexpr int kWarps = kThreads / 32;
   __shared__ float sChoice[kWarps][router::kMaxExperts];
   __shared__ float sScore[kWarps][router::kMaxExperts];
   __shared__ long long sIdx[permute::kSmallPairs];
