@@ -152,19 +152,25 @@ def test_route_dispatch_limits_and_switch(backend, monkeypatch):
 @torch.no_grad()
 def test_decode_layer_with_route_dispatch(backend, monkeypatch):
     """The layer's decode step with MOE_FP8_ROUTE_DISPATCH on and off: the same output bits (the
-    dispatcher hands the same layout and combine index to the same GEMMs and combine)."""
-    if backend != "cuda":
-        pytest.skip("the layer's GEMMs need the GPU (the dispatch alone is emulated above)")
-    moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
+    dispatcher hands the same layout and combine index to the same GEMMs and combine), also for
+    batches below the runner's size. Emulated: a small layer, its GEMMs the CPU references, its
+    router, index, permute and combine the emulated kernels; on the GPU: DeepSeek-V3 widths and
+    the captured graphs."""
+    cfg = MoEConfig.deepseek_v3(num_experts=32) if backend == "cuda" else \
+        MoEConfig.tiny(num_experts=32, top_k=8, n_group=8, topk_group=4)
+    moe = MoE(cfg, device=backend, seed=0)
+    gen = torch.Generator().manual_seed(4)
     for n in (1, 7, 32):
         runners = []
         for on in ("0", "1"):
             monkeypatch.setenv("MOE_FP8_ROUTE_DISPATCH", on)
             runners.append(moe.decode_runner(n))
-        monkeypatch.setenv("MOE_FP8_ROUTE_DISPATCH", "0")
-        x = torch.randn(n, moe.cfg.hidden_size, device="cuda").bfloat16()
         for m in (n, 1):
-            off, on = runners[0](x[:m]).clone(), runners[1](x[:m]).clone()
+            x = torch.randn(m, cfg.hidden_size, generator=gen).bfloat16().to(backend)
+            monkeypatch.setenv("MOE_FP8_ROUTE_DISPATCH", "0")  # eager runners read it per step
+            off = runners[0](x).clone()
+            monkeypatch.setenv("MOE_FP8_ROUTE_DISPATCH", "1")
+            on = runners[1](x).clone()
             assert torch.equal(off.view(torch.int16), on.view(torch.int16)), (n, m)
 
 
