@@ -180,13 +180,12 @@ def test_decode_fused_swiglu_keeps_bits(moe, monkeypatch):
 
 
 @pytest.mark.parametrize("switch", ["MOE_FP8_SMALL_DISPATCH", "MOE_FP8_ROUTE_DISPATCH",
-                                    "MOE_FP8_STAGE_KERNEL", "MOE_FP8_DECODE_GATE_FIRST"])
+                                    "MOE_FP8_STAGE_KERNEL"])
 @torch.no_grad()
 def test_decode_session11_switches_keep_bits(moe, monkeypatch, switch):
     """The decode-step switches built in session 11 (index + permute in one kernel, with the
-    expert selection folded in, the runner's input staged by one kernel, the gate GEMM beside the
-    token quantisation) move or merge launches only: the same outputs, also below the runner's
-    size."""
+    expert selection folded in, the runner's input staged by one kernel) merge launches only: the
+    same outputs, also below the runner's size."""
     assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 905)
 
 

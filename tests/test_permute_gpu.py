@@ -603,9 +603,10 @@ def test_decode_step_launches_do_not_depend_on_the_batch(backend, small, monkeyp
     Steps with n = max, 3, 1 (eager) are recorded and compared launch by launch;
     MOE_FP8_SMALL_DISPATCH=1 makes the index and the permute one launch (a runner of at most 32
     tokens: 256 pairs). The runner's input staging (MOE_FP8_STAGE_KERNEL) is a launch before the
-    graph, with n as its argument by design: pinned off here."""
+    graph, with n as its argument by design: pinned off here, as is the route dispatch."""
     monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", small)
     monkeypatch.setenv("MOE_FP8_STAGE_KERNEL", "0")
+    monkeypatch.setenv("MOE_FP8_ROUTE_DISPATCH", "0")  # its kernel is route_dispatch.cuh's
     moe, max_tokens = decode_layer(backend)
     if small == "1":
         max_tokens = min(max_tokens, 32)
@@ -702,8 +703,9 @@ def test_layer_default_runs_fused_and_zero_runs_torch(backend, monkeypatch):
     y_default = moe(x)
     moe.forward_masked(x)
     names = {launch[0] for launch in log}
+    # the masked step of 9 tokens: the small dispatch (default, <= 256 pairs) for index + permute
     assert {module.rank_source().instance, module.permute_source(False).instance,
-            module.masked_index_source().instance, module.permute_source(True).instance} <= names
+            module.masked_dispatch_small_source().instance} <= names
     assert any("combine_kernel" in n for n in names), names
     log.clear()
     monkeypatch.setenv(kEnv, "0")

@@ -30,9 +30,9 @@ kDecodePdlEnv = "MOE_FP8_DECODE_PDL"
 kDecodePdlDefault = True
 # The batch staged into the static input (rows copied, num_valid set) by one kernel instead of a
 # copy and a fill: one stream operation fewer before each replay (permute.cuh stage_rows_kernel).
-# Off until a GPU run has timed it (built in session 11 with no GPU lent).
+# On: measured together with the small dispatch (layers/permute.py), H100 2026-12-05, session 11.
 kStageKernelEnv = "MOE_FP8_STAGE_KERNEL"
-kStageKernelDefault = False
+kStageKernelDefault = True
 
 
 class DecodeRunner:

@@ -11,6 +11,7 @@ scales (``weight_scale_inv`` in DeepSeek's checkpoints); gate and up are fused i
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,15 +23,17 @@ from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales, to_mn_major
 from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
-from .switches import switch_on
 
 FP8 = torch.float8_e4m3fn
 kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek-V3)
-# 1: the masked (decode) path runs its gate-up GEMM with SiLU-and-mul + quantisation in the
-# epilogue (include/fused_swiglu.cuh): one kernel and no h round trip instead of two, the same
-# act bytes. Off until measured on a GPU.
+# The masked (decode) path's gate-up GEMM with SiLU-and-mul + quantisation in its epilogue
+# (include/fused_swiglu.cuh): one kernel and no h round trip instead of two, the same act bytes.
+# H100, 2026-12-05 (session 11, two rounds): decode 32 / 64 / 128 / 256 tokens 520 -> 514 / 530
+# -> 524 / 550 -> 538-539 / 589 -> 578-580 us and a 256-token runner at one token 188 -> 182-184,
+# but 2 tokens 267 -> 270-271 and 1-16 tokens within -4..+2: so by default only from one expected
+# row per expert on (32 tokens of top-8 over 256 experts); MOE_FP8_FUSED_SWIGLU=1 always, 0 never.
 kFusedSwiGluEnv = "MOE_FP8_FUSED_SWIGLU"
-kFusedSwiGluDefault = False
+kFusedSwiGluMinRows = 1.0
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -145,10 +148,14 @@ class RoutedExperts(nn.Module):
                                               layout.expected_m, out=workspace.y)
 
     def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:
-        """``MOE_FP8_FUSED_SWIGLU=1``: gate-up GEMM + SiLU-and-mul + quantisation in one kernel
-        into ``workspace.act``, where the masked GEMM runs as a kernel and 2I % 256 == 0; False
-        (nothing done) otherwise."""
-        if not switch_on(kFusedSwiGluEnv, kFusedSwiGluDefault) or (2 * self.inter) % 256:
+        """Gate-up GEMM + SiLU-and-mul + quantisation in one kernel into ``workspace.act`` where
+        ``MOE_FP8_FUSED_SWIGLU`` allows it (unset: from ``kFusedSwiGluMinRows`` expected rows per
+        expert on; ``1`` always; ``0`` never), the masked GEMM runs as a kernel and 2I % 256 == 0;
+        False (nothing done) otherwise."""
+        setting = os.environ.get(kFusedSwiGluEnv, "").strip()
+        if setting == "0" or (2 * self.inter) % 256:
+            return False
+        if not setting and (layout.expected_rows or layout.expected_m) < kFusedSwiGluMinRows:
             return False
         from ..gemm.backend import pick
         if pick("auto", layout.a.device, "fp8_gemm", "m_grouped_masked") is None:

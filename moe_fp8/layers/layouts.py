@@ -109,6 +109,9 @@ class MaskedLayout:
     row_token: torch.Tensor  # int64 [E_loc, M_max]: source token of each row, -1 unused rows
     row_slot: torch.Tensor  # int64 [E_loc, M_max]: source top-k slot of each row, -1 unused rows
     num_overflow: torch.Tensor  # int64 [] on the device: pairs dropped because an expert had > M_max
+    # host float: the mean rows per local expert of a batch this size, unrounded (0.0: unknown;
+    # expected_m is its ceiling); kernels choose by it where a whole row matters (fused SwiGLU)
+    expected_rows: float = 0.0
 
     def __post_init__(self) -> None:
         _expect("a", self.a, FP8, 3)

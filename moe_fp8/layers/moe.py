@@ -39,12 +39,6 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
 kDecodeRouterSmsDefault = 32
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
-# The decode step's gate GEMM (bf16 x) started beside the token quantisation instead of after it:
-# the quantisation moves to the shared experts' side stream and the main stream's dispatch waits
-# for it, so the router branch (the critical one at one token) no longer starts behind it. Off
-# until a GPU run has timed it (built in session 11 with no GPU lent).
-kDecodeGateFirstEnv = "MOE_FP8_DECODE_GATE_FIRST"
-kDecodeGateFirstDefault = False
 
 
 class MoE(nn.Module):
@@ -210,28 +204,6 @@ class MoE(nn.Module):
             xs.record_stream(side)
         return shared, side
 
-    def _quantize_beside_gate(self, x2: torch.Tensor):
-        """``MOE_FP8_DECODE_GATE_FIRST``: the side stream quantises the tokens and runs the shared
-        experts, the main stream computes the gate logits meanwhile and then waits for the
-        quantisation only -> ``(xq, xs, shared, side, logits)`` as the default order gives them."""
-        main = torch.cuda.current_stream(x2.device)
-        side = kSharedStreams.get(x2.device)
-        if side is None:
-            side = kSharedStreams[x2.device] = torch.cuda.Stream(device=x2.device)
-        side.wait_stream(main)
-        quantized = torch.cuda.Event()
-        with torch.cuda.stream(side):
-            xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-            quantized.record(side)
-            shared = self.shared_experts(xq, xs, self._decode_shared_sms(xq))
-        logits = self.gate.logits(x2)
-        main.wait_event(quantized)
-        if not torch.cuda.is_current_stream_capturing():  # a graph's pool outlives its replays
-            x2.record_stream(side)
-            xq.record_stream(main)
-            xs.record_stream(main)
-        return xq, xs, shared, side, logits
-
     @staticmethod
     def _decode_shared_sms(xq: torch.Tensor) -> Optional[int]:
         """The SM budget of the shared experts in the masked (decode) step, None for all."""
@@ -285,14 +257,10 @@ class MoE(nn.Module):
         x2 = self._tokens(x)
         self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
-        if self._overlap_shared(x2) and switch_on(kDecodeGateFirstEnv, kDecodeGateFirstDefault):
-            xq, xs, shared, side, logits = self._quantize_beside_gate(x2)
-        else:
-            xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-            shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
-            logits = self.gate.logits(x2)
+        xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
         layout, handle = self.dispatcher.dispatch_masked_routed(
-            (xq, xs), self.gate, logits, max_tokens_per_expert=m_max,
+            (xq, xs), self.gate, self.gate.logits(x2), max_tokens_per_expert=m_max,
             num_valid_tokens=num_valid_tokens, out=buffers)
         if value_checks_enabled(layout.num_overflow) and int(layout.num_overflow):
             raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "

@@ -40,15 +40,16 @@ kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 
 kPermutePerPairEnv = "MOE_FP8_PERMUTE_PER_PAIR"
 kPermutePerPairDefault = False
 # The decode dispatch of at most 256 pairs (32 tokens at top-8) as one kernel: the masked index and
-# the permute, every CTA ranking the pairs itself (masked_dispatch_small_kernel). Aim: one launch
-# and its round trips fewer on the router branch between the route kernel and the routed gate-up
-# GEMM (index ~4 us + permute ~8 us at one token, H100 2026-12-05). Off until a GPU run has
-# timed it.
+# the permute, every CTA ranking the pairs itself (masked_dispatch_small_kernel): one launch and
+# its round trips fewer on the router branch between the route kernel and the routed gate-up GEMM.
+# On: with the runner's stage kernel, H100 2026-12-05 (session 11, two rounds), decode 1 / 2 / 4
+# tokens 169-172 -> 165 / 267 -> 264 / 377 -> 374 us, no row slower.
 kSmallDispatchEnv = "MOE_FP8_SMALL_DISPATCH"
-kSmallDispatchDefault = False
+kSmallDispatchDefault = True
 # The same with the expert selection folded in (route_dispatch.cuh: every CTA routes the few
 # tokens itself from the gate's logits): the route kernel's launch and its top-k ids' round trip
-# fewer as well. Off until a GPU run has timed it.
+# fewer as well. Off: H100 2026-12-05 (session 11, against the route kernel + index + permute),
+# 1 token 168 -> 168 us, 32 tokens 519 -> 527 (every CTA routes all 32 tokens).
 kRouteDispatchEnv = "MOE_FP8_ROUTE_DISPATCH"
 kRouteDispatchDefault = False
 

@@ -147,6 +147,11 @@ class Dispatcher(abc.ABC):
         tokens (a token picks an expert at most once). EP backends multiply by the group size."""
         return max_tokens_local
 
+    def expected_rows(self, num_tokens_local: int) -> float:
+        """Mean rows per local expert for a batch this size (every rank sends that many tokens in
+        the EP backends, which override this), unrounded."""
+        return num_tokens_local * self.top_k / self.num_experts_global
+
     def expected_m(self, num_tokens_local: int) -> int:
         """The masked GEMM's tile hint: mean rows per local expert for a batch this size."""
         pairs = num_tokens_local * self.top_k * self.num_experts_local // self.num_experts_global

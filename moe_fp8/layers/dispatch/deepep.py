@@ -195,6 +195,9 @@ class DeepEPDispatcher(Dispatcher):
                              f"max_tokens_per_rank={self.max_tokens_per_rank}")
         return self.ep_size * self.max_tokens_per_rank
 
+    def expected_rows(self, num_tokens_local: int) -> float:
+        return self.ep_size * num_tokens_local * self.top_k / self.num_experts_global
+
     def expected_m(self, num_tokens_local: int) -> int:
         rows = self.ep_size * num_tokens_local * self.top_k
         return max(1, -(-rows // self.num_experts_global))

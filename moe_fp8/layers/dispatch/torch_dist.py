@@ -291,6 +291,9 @@ class TorchDistDispatcher(Dispatcher):
         """One row per (source rank, token) at most: ``R * T`` rows can never overflow."""
         return self.ep_size * max_tokens_local
 
+    def expected_rows(self, num_tokens_local: int) -> float:
+        return self.ep_size * num_tokens_local * self.top_k / self.num_experts_global
+
     def expected_m(self, num_tokens_local: int) -> int:
         """Mean rows per local expert: ``R * T * k / E`` (every rank sends T tokens)."""
         rows = self.ep_size * num_tokens_local * self.top_k
@@ -518,7 +521,8 @@ class TorchDistDispatcher(Dispatcher):
                              recv_weights if fused_router_switch_on() else None)
         row_token, row_slot = permute_masked(recv_x, recv_s, index, top_k, out.a, out.sa)
         layout = MaskedLayout(out.a[:experts_local], out.sa[:experts_local], index.masked_m,
-                              self.expected_m(tokens), row_token, row_slot, index.num_overflow)
+                              self.expected_m(tokens), row_token, row_slot, index.num_overflow,
+                              self.expected_rows(tokens))
         handle = MaskedHandle(combine_index_masked(index, recv_weights, m_max),
                               self._source_sum_index(tokens, device), m_max)
         return layout, handle
