@@ -59,6 +59,19 @@ def _kernels():
     return kernels
 
 
+def _masked_buffers_fit(xq: torch.Tensor, xs: torch.Tensor, a_buf: torch.Tensor,
+                        sa_buf: torch.Tensor) -> bool:
+    """The masked permute kernels take these tokens and layout buffers."""
+    kernels = _kernels()
+    return (kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and kernels.aligned16(a_buf)
+            and sa_buf.dim() == 3)
+
+
+def _row_maps(a_buf: torch.Tensor) -> torch.Tensor:
+    """int64 ``[2, E_loc + 1, M_max]`` row_token / row_slot, written whole by the kernels."""
+    return torch.empty((2, *a_buf.shape[:2]), dtype=torch.int64, device=a_buf.device)
+
+
 def quantize_tokens(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [T, H]`` bf16 -> ``(fp8 [T, H], fp32 [T, H/128] MN-major)``: 1x128 per-token scales."""
     return G.per_token_group_quant_fp8(x, 128, pow2_scale=pow2_scale)
@@ -116,14 +129,11 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
     if fused_enabled(xq):
         kernels = _kernels()
         pair_meta = (index.pair_expert, index.pair_rank)
-        if kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and \
-                kernels.aligned16(a_buf) and sa_buf.dim() == 3 and \
+        if _masked_buffers_fit(xq, xs, a_buf, sa_buf) and \
                 all(t.dtype == torch.int64 and t.is_contiguous() for t in pair_meta) and \
                 index.masked_m.dtype == torch.int32 and index.masked_m.is_contiguous() and \
                 index.masked_m.numel() == a_buf.shape[0] - 1:
-            experts_plus_trash, m_max = a_buf.shape[:2]
-            # written whole by the kernel (-1 past masked_m and in the trash bucket)
-            rows = torch.empty((2, experts_plus_trash, m_max), dtype=torch.int64, device=xq.device)
+            rows = _row_maps(a_buf)  # -1 past masked_m and in the trash bucket: by the kernel
             kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1],
                                    index.masked_m,
                                    per_pair=switch_on(kPermutePerPairEnv, kPermutePerPairDefault))
@@ -154,11 +164,11 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
     inputs = masked_index_kernel_inputs(topk_idx, num_experts_local, topk_weights, num_valid_tokens)
     if inputs is None or inputs[0].numel() > kernels.kSmallPairs:
         return None
-    if not (kernels.supports_permute(xq, xs) and a_buf.is_contiguous() and kernels.aligned16(a_buf)
-            and sa_buf.dim() == 3 and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
+    if not (_masked_buffers_fit(xq, xs, a_buf, sa_buf)
+            and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
         return None
     ids, weights, valid = inputs
-    rows = torch.empty((2, num_experts_local + 1, m_max), dtype=torch.int64, device=xq.device)
+    rows = _row_maps(a_buf)
     fields = kernels.masked_dispatch_small(ids, num_experts_local, m_max, weights, expert_offset,
                                            topk_idx.shape[1], valid, xq, xs, a_buf, sa_buf,
                                            rows[0], rows[1])
@@ -186,11 +196,10 @@ def route_dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, router, logi
     # the small dispatch's own conditions (dispatch_masked_small)
     valid = global_index_valid_count(num_valid_tokens, logits.device)
     if valid is False or not 1 <= num_experts_local <= kernels.kMaxExperts or \
-            not (kernels.supports_permute(xq, xs) and a_buf.is_contiguous()
-                 and kernels.aligned16(a_buf) and sa_buf.dim() == 3
+            not (_masked_buffers_fit(xq, xs, a_buf, sa_buf)
                  and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
         return None
-    rows = torch.empty((2, num_experts_local + 1, m_max), dtype=torch.int64, device=xq.device)
+    rows = _row_maps(a_buf)
     _, topk_weights, fields = route_dispatch.route_dispatch_small(
         logits, bias, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.group_mask_fill == "neg_inf",
         cfg.norm_topk_prob, cfg.routed_scaling_factor, num_experts_local, m_max, expert_offset,

@@ -248,6 +248,14 @@ def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_tok
         i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa_buf)])
 
 
+def small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot) -> list:
+    """The copy half of the small-dispatch kernels' arguments (permute.cuh ``SmallDispatch``, from
+    ``gX`` on), as ``masked_dispatch_small`` and route_dispatch.py pass them."""
+    return [xq, xs, a_buf, sa_buf, row_token, row_slot, i32(a_buf.shape[2] // kVectorBytes),
+            i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)),
+            i64(xs.stride(1)), *_scale_strides(sa_buf)]
+
+
 def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
                           a_buf, sa_buf, row_token, row_slot):
     """``masked_index`` (global ids, ``id_offset``, ``top_k``, ``num_valid`` as there) followed by
@@ -257,14 +265,11 @@ def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, nu
     assert 0 < num_pairs <= kSmallPairs
     fields = _masked_index_outputs(num_pairs, num_experts, weights is not None, device)
     masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight = fields
-    hidden = a_buf.shape[2]
     _kernel(masked_dispatch_small_source(), ids).launch(_ceil_div(num_pairs, kRowsPerCta),
                                                         kPermuteThreads, 0, [
         ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
         masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights, slot_row, slot_weight,
-        xq, xs, a_buf, sa_buf, row_token, row_slot, i32(hidden // kVectorBytes),
-        i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)), i64(xs.stride(1)),
-        *_scale_strides(sa_buf)])
+        *small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot)])
     return fields
 
 

@@ -64,7 +64,6 @@ def route_dispatch_small(logits, bias, num_groups, topk_group, top_k, fill_neg_i
         i32(topk_group), i32(top_k), i32(int(bool(fill_neg_inf))), i32(int(bool(normalize))),
         f32(float(scaling)), topk_idx, topk_weights,
         i32(num_experts), i32(m_max), i64(id_offset), num_valid, masked_m, pair_expert, pair_rank,
-        pair_kept, num_overflow, slot_row, slot_weight, xq, xs, a_buf, sa_buf, row_token, row_slot,
-        i32(a_buf.shape[2] // permute.kVectorBytes), i64(xq.stride(0) // permute.kVectorBytes),
-        i32(xs.shape[1]), i64(xs.stride(0)), i64(xs.stride(1)), *permute._scale_strides(sa_buf)])
+        pair_kept, num_overflow, slot_row, slot_weight,
+        *permute.small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot)])
     return topk_idx, topk_weights, fields
