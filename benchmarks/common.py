@@ -1,7 +1,12 @@
 """Timing and reporting helpers shared by the benchmarks (GPU only).
 
-`bench` times with CUDA events, flushes the L2 before every repeat (a 256 MiB write), and
-returns the median in microseconds. `write_results` saves a markdown table and a CSV under
+`bench` times with CUDA events, flushes the L2 before every repeat, and returns the median in
+microseconds. The flush (``MOE_FP8_BENCH_FLUSH``, or ``flush_mode``):
+* ``write`` (default): a 256 MiB ``zero_()``, the field's usual flush (triton's do_bench,
+  DeepGEMM's bench_kineto). It leaves the L2 full of the flush's own dirty lines, which the timed
+  region then writes back to DRAM as it evicts them (up to the L2's size, ~50 MB).
+* ``clean``: the same write, then a read of another 256 MiB: the L2 holds clean lines of no use
+  to the timed region, so it pays neither hits nor a writeback that is not its own. `write_results` saves a markdown table and a CSV under
 benchmarks/results/ with the card, date and commit in the header, and prints the table.
 """
 from __future__ import annotations
@@ -18,6 +23,11 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 _flush_buffer = None
+_flush_read_buffer = None
+kFlushModes = ("write", "clean")
+flush_mode = os.environ.get("MOE_FP8_BENCH_FLUSH", "write")
+if flush_mode not in kFlushModes:
+    raise ValueError(f"MOE_FP8_BENCH_FLUSH must be one of {kFlushModes}, got {flush_mode!r}")
 
 
 @contextlib.contextmanager
@@ -36,11 +46,17 @@ def env(**values: str):
                 os.environ[name] = old
 
 
-def flush_l2() -> None:
-    global _flush_buffer
+def flush_l2(mode: str | None = None) -> None:
+    """Evict the L2 (``mode``: ``write`` / ``clean``, default ``flush_mode``; module doc)."""
+    global _flush_buffer, _flush_read_buffer
+    mode = mode or flush_mode
     if _flush_buffer is None:
         _flush_buffer = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     _flush_buffer.zero_()
+    if mode == "clean":
+        if _flush_read_buffer is None:
+            _flush_read_buffer = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
+        _flush_read_buffer.sum()
 
 
 def _device_ms(fn: Callable[[], object], calls: int) -> float:
@@ -99,16 +115,17 @@ def kernel_us(fn: Callable[[], object], *, repeats: int = 30, flush: bool = True
     ``bench``'s CUDA-event time exceeds by the launch gap (~1-3 us: 10-25 % of a 14 us GEMM).
 
     ``fn`` must launch the same number of kernels every call (the calls are told apart by
-    position: one L2 flush kernel, then ``fn``'s kernels).
+    position: one L2 flush kernel, then ``fn``'s kernels); the flush is always ``write`` (one
+    kernel).
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     fn()
-    flush_l2()
+    flush_l2("write")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
-            flush_l2()  # also marks where a call begins (its first kernel)
+            flush_l2("write")  # one kernel: also marks where a call begins
             fn()
         torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
@@ -175,7 +192,7 @@ def write_results(name: str, rows: List[Dict[str, object]], summary: str = "") -
     os.makedirs(RESULTS_DIR, exist_ok=True)
     date = datetime.date.today().isoformat()
     header = (f"# {name}\n\ncard: {card()} · torch {torch.__version__} · date {date} · "
-              f"commit {commit()}\n\n")
+              f"commit {commit()} · L2 flush {flush_mode}\n\n")
     text = header + markdown_table(rows) + ("\n\n" + summary if summary else "") + "\n"
     stem = os.path.join(RESULTS_DIR, f"{name}_{date}")
     with open(stem + ".md", "w") as f:
