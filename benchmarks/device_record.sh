@@ -4,7 +4,8 @@
 #   cd .snap && MOE_FP8_COMMIT=<sha> STEPS="probe layer:write layer:clean" bash benchmarks/device_record.sh
 # STEPS (default "layer:write"): probe (flush_probe.py), layer:<flush> (bench_layer, full list),
 # decode:<flush> (bench_layer --decode-only --no-peers), gemm:<flush> (bench_gemm),
-# grouped:<flush> (bench_grouped; MASKED_CONFIGS pinned beside the decode rows), where <flush> is
+# grouped:<flush> (bench_grouped; MASKED_CONFIGS pinned beside the decode rows), masked:<flush>
+# (its masked table only), where <flush> is
 # the L2 flush mode of benchmarks/common.py (write | clean).
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
@@ -27,6 +28,8 @@ for step in ${STEPS:-layer:write}; do
     decode) run "decode-$flush" "$flush" 160 python3 benchmarks/bench_layer.py --decode-only --no-peers --repeats 20 ;;
     gemm) run "gemm-$flush" "$flush" 200 python3 benchmarks/bench_gemm.py ;;
     grouped) run "grouped-$flush" "$flush" 240 python3 benchmarks/bench_grouped.py \
+               ${MASKED_CONFIGS:+--masked-configs "$MASKED_CONFIGS"} ;;
+    masked) run "masked-$flush" "$flush" 200 python3 benchmarks/bench_grouped.py --only masked \
                ${MASKED_CONFIGS:+--masked-configs "$MASKED_CONFIGS"} ;;
     *) echo "unknown step $step" ;;
   esac
