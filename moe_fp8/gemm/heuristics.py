@@ -56,6 +56,13 @@ kARowChunks = {64: 16, 128: 32}  # A's rows per load by block_m (dense M < block
 # layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
 kWideTilesDefault = True
 kWideMinWaves = 2
+# Decode tiles from the experts a batch is expected to touch (``MOE_FP8_MASKED_ACTIVE_TILES``,
+# off until measured): at one token 8 of 32 local experts hold a row, so the down GEMM's 8 x 56
+# tiles of 64 x 128 make 3.4 waves on 132 SMs while the heuristic counted 32 x 56. Where A comes in
+# row chunks (a tile streams its weights and little else), block_n then minimises the weight bytes
+# of the busiest SM (waves x block_n) over kStreamBlockNs.
+kActiveTilesDefault = False
+kStreamBlockNs = (64, 96, 112, 128)
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -329,7 +336,22 @@ def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool) -> Gemm
     return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
 
 
-def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
+def expected_active_experts(num_experts: int, expected_rows: float) -> int:
+    """Experts expected to hold at least one row when each holds ``expected_rows`` on average
+    (a Poisson count: 1 - e^-mean of them), at least 1."""
+    if expected_rows <= 0:
+        return num_experts
+    return max(1, min(num_experts, math.ceil(num_experts * (1.0 - math.exp(-expected_rows)) - 1e-9)))
+
+
+def _pick_stream_block_n(m_blocks: int, n: int, sms: int) -> int:
+    """The kStreamBlockNs width whose busiest SM streams the fewest weight columns (waves x
+    block_n; a tile's bytes are its B rows), ties to the wider tile."""
+    return min(kStreamBlockNs, key=lambda bn: (_ceil_div(m_blocks * _ceil_div(n, bn), sms) * bn, -bn))
+
+
+def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
+                  expected_rows: float = 0.0) -> GemmConfig:
     """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert).
 
     ``expected_m`` is a mean: a decode batch's experts spread around it (routing is random), and
@@ -343,20 +365,28 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -
     each expert's masked_m (``MOE_FP8_MASKED_ROW_CHUNKS=0``: whole tiles): a decode runner's tiles
     are sized for its spread or capacity, so a smaller batch (a 256-token runner replayed with one
     token: 128-row tiles holding one row) otherwise pulls as many A bytes from L2 as B bytes from
-    DRAM. Full tiles keep one load per slot (chunked, E = 1, M = 1024 ran 2.4x slower)."""
+    DRAM. Full tiles keep one load per slot (chunked, E = 1, M = 1024 ran 2.4x slower).
+
+    ``expected_rows`` (the unrounded mean, 0: unknown) with ``MOE_FP8_MASKED_ACTIVE_TILES=1``:
+    chunked tiles are chosen for the experts expected to be touched (kActiveTilesDefault)."""
+    active = num_experts
+    if expected_rows > 0 and env.masked_active_tiles(kActiveTilesDefault):
+        active = expected_active_experts(num_experts, expected_rows)
     return _masked_config(num_experts, expected_m, n, k, sms,
-                          env.masked_row_chunks(kMaskedRowChunksDefault))
+                          env.masked_row_chunks(kMaskedRowChunksDefault), active)
 
 
 @functools.lru_cache(maxsize=4096)
 def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
-                   row_chunks: bool) -> GemmConfig:
+                   row_chunks: bool, active_experts: int) -> GemmConfig:
     expected_m = max(1, expected_m)
     block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
-    m_blocks = num_experts * _ceil_div(expected_m, block_m)
     chunks = row_chunks and expected_m < block_m
-    config = GemmConfig(block_m, _pick_block_n(m_blocks, n, sms, block_m),
-                        a_row_chunk=kARowChunks[block_m] if chunks else 0)
+    if chunks and active_experts < num_experts:
+        block_n = _pick_stream_block_n(active_experts * _ceil_div(expected_m, block_m), n, sms)
+    else:
+        block_n = _pick_block_n(num_experts * _ceil_div(expected_m, block_m), n, sms, block_m)
+    config = GemmConfig(block_m, block_n, a_row_chunk=kARowChunks[block_m] if chunks else 0)
     return config.resolved(k)
 
 

@@ -140,12 +140,14 @@ class RoutedExperts(nn.Module):
                                                  self.hidden, self.inter, layout.a.device, self.dtype)
         if not self._fused_swiglu(layout, workspace):
             G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
-                                           layout.masked_m, layout.expected_m, out=workspace.h)
+                                           layout.masked_m, layout.expected_m, out=workspace.h,
+                                           config=_masked_config(layout, 2 * self.inter, self.hidden))
             G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m,
                                      pow2_scale=self.pow2_scale, out=workspace.act,
                                      expected_m=layout.expected_m)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
-                                              layout.expected_m, out=workspace.y)
+                                              layout.expected_m, out=workspace.y,
+                                              config=_masked_config(layout, self.hidden, self.inter))
 
     def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:
         """Gate-up GEMM + SiLU-and-mul + quantisation in one kernel into ``workspace.act`` where
@@ -165,6 +167,18 @@ class RoutedExperts(nn.Module):
                                          self.w13_scale, layout.masked_m, layout.expected_m,
                                          workspace.act[0], workspace.act[1], pow2=self.pow2_scale)
         return True
+
+
+def _masked_config(layout: MaskedLayout, n: int, k: int):
+    """The masked GEMM's config from the layout's unrounded mean rows per expert (it tells how
+    many experts a batch touches: heuristics.masked_config, ``MOE_FP8_MASKED_ACTIVE_TILES``), or
+    None (the op's own choice from expected_m) off the GPU, without the mean or while tracing."""
+    if layout.expected_rows <= 0 or not layout.a.is_cuda or torch.compiler.is_compiling():
+        return None
+    experts, m_max = layout.a.shape[:2]
+    device = layout.a.device.index if layout.a.device.index is not None else torch.cuda.current_device()
+    return H.masked_config(experts, min(layout.expected_m, m_max), n, k, H.num_sms(device),
+                           expected_rows=layout.expected_rows)
 
 
 def _budget_config(a: torch.Tensor, w: torch.Tensor, num_sms: Optional[int]):
