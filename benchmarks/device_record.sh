@@ -9,7 +9,7 @@
 # the L2 flush mode of benchmarks/common.py (write | clean).
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
-FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=/tmp/record_raw; mkdir -p "$RAW" "$FINAL"
+FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=${RAW:-/tmp/record_raw}; mkdir -p "$RAW" "$FINAL"
 python3 -m moe_fp8.gemm.precompile > "$RAW/precompile.log" 2>&1 || echo "precompile failed"
 run() {  # run NAME FLUSH TIMEOUT_S CMD...
   local name=$1 flush=$2 limit=$3; shift 3; local t0=$SECONDS
