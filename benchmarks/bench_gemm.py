@@ -128,12 +128,8 @@ def baseline_v2(header_dir, m, n, k, qa, sa, qb, sb, out):
     return lambda: kernel.launch((grid, 1, 1), (384, 1, 1), smem, args)
 
 
-def bench_graph(fn, repeats: int) -> float:
-    """Median device time of ``fn`` captured in a CUDA graph (replays; L2 flushed before each).
-
-    NOTE: timing eager calls measured host launch overhead for the small shapes (a ~50 us floor
-    in the first run): the L2 flush gives the host only ~85 us of slack before the timed region.
-    """
+def graph_replay(fn):
+    """``fn`` warmed up (also on a side stream) and captured in a CUDA graph -> its replay."""
     fn()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -143,7 +139,16 @@ def bench_graph(fn, repeats: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return bench(graph.replay, repeats=repeats)
+    return graph.replay
+
+
+def bench_graph(fn, repeats: int) -> float:
+    """Median device time of ``fn`` captured in a CUDA graph (replays; L2 flushed before each).
+
+    NOTE: timing eager calls measured host launch overhead for the small shapes (a ~50 us floor
+    in the first run): the L2 flush gives the host only ~85 us of slack before the timed region.
+    """
+    return bench(graph_replay(fn), repeats=repeats)
 
 
 def make_inputs(m, n, k, seed=0):

@@ -6,8 +6,10 @@ microseconds. The flush (``MOE_FP8_BENCH_FLUSH``, or ``flush_mode``):
   DeepGEMM's bench_kineto). It leaves the L2 full of the flush's own dirty lines, which the timed
   region then writes back to DRAM as it evicts them (up to the L2's size, ~50 MB).
 * ``clean``: the same write, then a read of another 256 MiB: the L2 holds clean lines of no use
-  to the timed region, so it pays neither hits nor a writeback that is not its own. `write_results` saves a markdown table and a CSV under
-benchmarks/results/ with the card, date and commit in the header, and prints the table.
+  to the timed region, so it pays neither hits nor a writeback that is not its own.
+
+`write_results` saves a markdown table and a CSV under benchmarks/results/ with the card, date,
+commit and flush mode in the header, and prints the table.
 """
 from __future__ import annotations
 

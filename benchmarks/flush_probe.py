@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from bench_gemm import cublas_blockwise, make_inputs  # noqa: E402
+from bench_gemm import cublas_blockwise, graph_replay, make_inputs  # noqa: E402
 from bench_grouped import _act, _rand  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
@@ -33,20 +33,11 @@ def timed(fn, mode, repeats):
     """Median of ``fn`` (a graph replay or a callable) under flush ``mode``."""
     if mode == "none":
         return common.bench(fn, repeats=repeats, flush=False)
-    common.flush_mode = mode
+    saved, common.flush_mode = common.flush_mode, mode
     try:
         return common.bench(fn, repeats=repeats)
     finally:
-        common.flush_mode = "write"
-
-
-def graph_of(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        common.flush_mode = saved
 
 
 def cases():
@@ -62,22 +53,22 @@ def cases():
         d = torch.empty(32, 128, n, dtype=torch.bfloat16, device="cuda")
         cfg = masked_config(32, 1, n, k, sms)
         out.append((f"masked 8 of 32 x1, N {n} K {k}", 8 * n * k,
-                    graph_of(lambda qa=qa, sa=sa, qb=qb, sb=sb, m=masked_m, d=d, c=cfg:
+                    graph_replay(lambda qa=qa, sa=sa, qb=qb, sb=sb, m=masked_m, d=d, c=cfg:
                              K.m_grouped_masked(qa, sa, qb, sb, m, 1, d, c))))
     for m, n, k in ((64, 7168, 2048), (64, 7168, 16384), (128, 4096, 7168)):
         qa, sa, qb, sb = make_inputs(m, n, k)
         d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         cfg = dense_config(m, n, k, sms)
         out.append((f"dense {m}x{n}x{k} ours", n * k,
-                    graph_of(lambda qa=qa, sa=sa, qb=qb, sb=sb, d=d, c=cfg:
+                    graph_replay(lambda qa=qa, sa=sa, qb=qb, sb=sb, d=d, c=cfg:
                              K.fp8_gemm_nt(qa, sa, qb, sb, d, c))))
         blockwise = cublas_blockwise()
         if blockwise is not None:
             sa_t = torch.empty(k // 128, m, device="cuda").t().copy_(sa)
             out.append((f"dense {m}x{n}x{k} cuBLAS", n * k,
-                        graph_of(lambda qa=qa, s=sa_t, qb=qb, sb=sb: blockwise(qa, s, qb, sb))))
+                        graph_replay(lambda qa=qa, s=sa_t, qb=qb, sb=sb: blockwise(qa, s, qb, sb))))
     src = torch.randn(32 << 20, device="cuda")  # 128 MB read, 4 B written
-    out.append(("read 128 MB (sum)", src.numel() * 4, graph_of(lambda: src.sum())))
+    out.append(("read 128 MB (sum)", src.numel() * 4, graph_replay(lambda: src.sum())))
     return out
 
 
