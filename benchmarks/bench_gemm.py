@@ -129,7 +129,8 @@ def baseline_v2(header_dir, m, n, k, qa, sa, qb, sb, out):
 
 
 def graph_replay(fn):
-    """``fn`` warmed up (also on a side stream) and captured in a CUDA graph -> its replay."""
+    """``fn`` warmed up (also on a side stream) and captured in a CUDA graph -> a callable that
+    replays it (and keeps ``fn``, with what it closes over, alive)."""
     fn()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -139,7 +140,13 @@ def graph_replay(fn):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+
+    def replay(graph=graph, fn=fn):
+        # NOTE: holds fn, so the tensors it closes over outlive the graph that reads them: a later
+        # capture's empty_cache() would otherwise hand their freed blocks back to the driver
+        # (flush_probe built all graphs first and faulted on the first replay)
+        graph.replay()
+    return replay
 
 
 def bench_graph(fn, repeats: int) -> float:
