@@ -46,6 +46,7 @@
 #include "promote.cuh"
 #include "ptx.cuh"
 #include "scheduler.cuh"
+#include "tile_trace.cuh"
 
 namespace moe_fp8 {
 
@@ -185,6 +186,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       Tile tile;
       int stage = 0;
       u32 phase = 0;
+      MOE_FP8_TRACE(int trace_tile = 0;)
       while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
@@ -195,6 +197,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
             Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
         for (int kb = 0; kb < num_kb; ++kb) {
           ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
+          MOE_FP8_TRACE(if (kb == 0) trace::record(trace_tile, 6, trace::now());)
           // The full A and B tiles are expected even when half of one comes from the peer's
           // multicast.
           ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
@@ -233,6 +236,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                              tile.sa_k + kb);
           if (++stage == kStages) stage = 0, phase ^= 1;
         }
+        MOE_FP8_TRACE(trace::record(trace_tile++, 7, trace::now());)
       }
     } else if (!kColumnScales && warp == 1) {
       // NOTE: staging these in the math warpgroups (v2) exposed one global-load round trip per
@@ -299,7 +303,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     const float* s_sb_tile = s_tile_sb;
     int first_cols = kBlockN;
     bool idle = false;  // kSkipIdle: this warpgroup's rows of the tile are all past rows_valid
+    MOE_FP8_TRACE(int trace_begun = 0, trace_done = 0;)  // tiles begun / written by this CTA
     auto begin_tile = [&](const Tile& t) {
+      MOE_FP8_TRACE(if (threadIdx.x == 0) {
+        trace::record_tile(trace_begun, t);
+        trace::record(trace_begun++, 2, trace::now());
+      })
       s_sb_tile = s_tile_sb + sb_buf * 2 * kTileKBlocks;
       if constexpr (kSkipIdle) idle = t.rows_valid <= warpgroup * 64;
       if constexpr (!kColumnScales) ptx::mbar_wait(&sb_full[sb_buf], sb_phase);
@@ -315,6 +324,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4) +
                                                     half * (kPartN * 128 >> 4));
       if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
+      MOE_FP8_TRACE(if (threadIdx.x == 0 && kb == 0 && half == 0)
+                        trace::record(trace_begun - 1, 3, trace::now());)
       ptx::fence_regs(p);
       ptx::wgmma_fence();
       if (!kSkipIdle || !idle) {
@@ -446,6 +457,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // where the next group first touches the partials (inside a divergent path: C7518, every
       // wgmma serialised).
       ptx::wgmma_wait<0>();
+      MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done, 4, trace::now());)
       if constexpr (!kColumnScales) {
         ptx::mbar_arrive(&sb_empty[sb_buf]);  // every thread: see the scale warp's NOTE
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
@@ -458,6 +470,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         }
       }
       P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
+      MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done++, 5, trace::now());)
       tile = next_tile;
     }
     if (tid == 0) ptx::tma_store_wait_all();

@@ -49,6 +49,9 @@ _kSignatures = {
     "cuModuleLoadData": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p],
     "cuModuleGetFunction": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_char_p],
     "cuFuncSetAttribute": [ctypes.c_void_p, ctypes.c_int, ctypes.c_int],
+    "cuModuleGetGlobal_v2": [ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_size_t),
+                             ctypes.c_void_p, ctypes.c_char_p],
+    "cuMemcpyHtoD_v2": [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t],
     "cuLaunchKernelEx": [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p],
     "cuTensorMapEncodeTiled": [ctypes.POINTER(TensorMapStorage), ctypes.c_int, ctypes.c_uint32,
@@ -114,6 +117,22 @@ def load_function(cubin: bytes, symbol: str) -> tuple[int, int]:
     check(driver.cuModuleGetFunction(ctypes.byref(function), module, symbol.encode()),
           f"cuModuleGetFunction({symbol})")
     return module.value, function.value
+
+
+def module_global(module: int, name: str) -> tuple[int, int]:
+    """``(device address, bytes)`` of the ``__device__`` variable ``name`` (extern "C") of a module."""
+    address, size = ctypes.c_uint64(), ctypes.c_size_t()
+    check(lib().cuModuleGetGlobal_v2(ctypes.byref(address), ctypes.byref(size), module,
+                                     name.encode()), f"cuModuleGetGlobal({name})")
+    return address.value, size.value
+
+
+def write_global(module: int, name: str, value: ctypes._SimpleCData) -> None:
+    """Set the module's ``__device__`` variable ``name`` to ``value`` (synchronous copy)."""
+    address, size = module_global(module, name)
+    if size != ctypes.sizeof(value):
+        raise ValueError(f"{name} has {size} bytes, the value {ctypes.sizeof(value)}")
+    check(lib().cuMemcpyHtoD_v2(address, ctypes.byref(value), size), f"cuMemcpyHtoD({name})")
 
 
 def set_function_attribute(function: int, attribute: int, value: int) -> None:

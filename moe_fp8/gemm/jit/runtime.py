@@ -88,6 +88,10 @@ class Kernel:
     def __repr__(self) -> str:
         return f"Kernel({self.compiled.source.instance}, device={self.device_index})"
 
+    def set_global(self, name: str, value) -> None:
+        """Set the module's ``extern "C" __device__`` variable ``name`` (a ctypes value)."""
+        driver.write_global(self._module, name, value)
+
     def launch_attributes(self, cluster: tuple, pdl: bool):
         """``(array, count)`` of the launch attributes: the cluster shape when it is not 1x1x1,
         programmatic stream serialisation when ``pdl`` (``MOE_FP8_PDL``) and the kernel is capable."""

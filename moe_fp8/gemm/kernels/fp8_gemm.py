@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +32,11 @@ kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1,
 kLayoutContiguousZeroPad = 5  # the m_indices form, padding rows written as zeros
 
 
+# Experiments only: macros added to every GEMM instance built from here on (part of the source,
+# so of both caches), e.g. (("MOE_FP8_TILE_TRACE", 32),) for include/tile_trace.cuh.
+extra_defines: Tuple = ()
+
+
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
@@ -41,14 +46,14 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
         return jit.KernelSource(
             kSplitKHeader,
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
-            f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>")
+            f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>", extra_defines)
     # optional trailing parameters only when set: older instances keep their names
     tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk else (
         f", {c.cluster_n}" if c.cluster_n != 1 else "")
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
-        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}{tail}>")
+        f"{layout}, {int(c.double_buffer)}, {c.cluster_m}{tail}>", extra_defines)
 
 
 # NOTE: the launch path is per call Python; these caches keep it to dictionary lookups plus one
@@ -68,7 +73,7 @@ def _cached_kernel(key: tuple, source, device: int):
 
 
 def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
-    return _cached_kernel((n, k, config, layout, device),
+    return _cached_kernel((n, k, config, layout, device, extra_defines),
                           lambda: kernel_source(n, k, config, layout), device)
 
 
@@ -316,7 +321,7 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool) -> "jit.Kern
     return jit.KernelSource(
         kSwiGluHeader,
         f"moe_fp8::fused_swiglu_gemm_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
-        f"{c.a_row_chunk}, {'true' if pow2 else 'false'}>")
+        f"{c.a_row_chunk}, {'true' if pow2 else 'false'}>", extra_defines)
 
 
 def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -336,7 +341,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
         raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
-    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev), lambda: swiglu_source(n, k, c, pow2),
+    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines), lambda: swiglu_source(n, k, c, pow2),
                             dev)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
