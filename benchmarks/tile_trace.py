@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_grouped import _act, _rand  # noqa: E402
+from bench_gemm import make_inputs  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
-from moe_fp8.gemm.heuristics import masked_config, num_sms  # noqa: E402
+from moe_fp8.gemm.heuristics import dense_config, masked_config, num_sms  # noqa: E402
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
 
 kFields = 8
@@ -47,6 +48,14 @@ def masked_case(experts, active, rows, n, k, gen):
     cfg = masked_config(experts, rows, n, k, num_sms(torch.cuda.current_device()))
     run = lambda: K.m_grouped_masked(qa, sa, qb, sb, masked_m, rows, d, cfg)  # noqa: E731
     return cfg, active * n * k, run
+
+
+def dense_case(m, n, k):
+    """A dense GEMM ``m x n x k``: (config, bytes of B, run)."""
+    qa, sa, qb, sb = make_inputs(m, n, k)
+    d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    cfg = dense_config(m, n, k, num_sms(torch.cuda.current_device()))
+    return cfg, n * k, lambda: K.fp8_gemm_nt(qa, sa, qb, sb, d, cfg)
 
 
 def analyse(rec: torch.Tensor, block_n: int, k: int) -> dict:
@@ -123,6 +132,10 @@ def main():
         cfg, nbytes, run = masked_case(experts, active, m_rows, n, k, gen)
         rows.append(trace_case(label, cfg, nbytes, run, n, k, K.kLayoutMasked, args.repeats,
                                args.tiles))
+    for m, n, k in ((64, 7168, 2048), (128, 4096, 7168)):
+        cfg, nbytes, run = dense_case(m, n, k)
+        rows.append(trace_case(f"dense {m}x{n}x{k}", cfg, nbytes, run, n, k, K.kLayoutDense,
+                               args.repeats, args.tiles))
     common.write_results("tile_trace", rows, "per-tile %globaltimer stamps (include/tile_trace.cuh)"
                          ", medians over repeats; write flush before each")
 
