@@ -232,3 +232,32 @@ def test_masked_active_tiles(monkeypatch):
     # full tiles (no chunks) keep the compute-weighted choice
     assert H.masked_config(4, 256, 4096, 7168, 132, expected_rows=256.0) == \
         H.masked_config(4, 256, 4096, 7168, 132)
+
+
+def test_early_b_config_and_instances():
+    """GemmConfig.early_b (B before the PDL wait, gemm_core.cuh kEarlyB): its own instance name,
+    no cluster or split K, refused by the kernels that cannot honour it; the decode down GEMM's
+    early instances compile for sm_90a without local memory or a serialised wgmma pipeline."""
+    import dataclasses
+
+    from moe_fp8.gemm.kernels import wgrad
+    from moe_fp8.gemm.precompile import precompile
+    for bad in ({"cluster_n": 2}, {"cluster_m": 2}, {"split_k": 2}):
+        with pytest.raises(ValueError, match="early_b needs no cluster"):
+            H.GemmConfig(**{"block_m": 128, "block_n": 128, "early_b": True, **bad})
+    plain = H.masked_config(32, 1, 7168, 2048, 132).resolved(2048)
+    early = dataclasses.replace(plain, early_b=True)
+    name = K.kernel_source(7168, 2048, early, K.kLayoutMasked).instance
+    assert name == K.kernel_source(7168, 2048, plain, K.kLayoutMasked).instance[:-1] + ", true>"
+    full_tiles = H.GemmConfig(128, 128, early_b=True).resolved(2048)
+    assert K.kernel_source(7168, 2048, full_tiles, K.kLayoutMasked).instance.endswith(
+        ", 1, 1, 1, 0, true>")
+    with pytest.raises(ValueError, match="early B"):
+        K.swiglu_source(4096, 7168, H.GemmConfig(64, 256, early_b=True).resolved(7168), False)
+    with pytest.raises(ValueError, match="early_b"):
+        wgrad.kernel_source(2048, H.GemmConfig(128, 128, early_b=True).resolved(0, wgrad=True))
+    sources = [K.kernel_source(7168, 2048, dataclasses.replace(
+        H.masked_config(32, m, 7168, 2048, 132), early_b=True).resolved(2048), K.kLayoutMasked)
+        for m in (1, 48, 128)]
+    sources.append(K.kernel_source(7168, 2048, full_tiles, K.kLayoutDense))
+    assert len(precompile(sources, verbose=False)) == len(sources)

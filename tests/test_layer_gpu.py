@@ -206,6 +206,17 @@ def test_decode_active_tiles_keep_bits(moe, monkeypatch, max_tokens):
                                     (max_tokens, 1), 960 + max_tokens, max_tokens=max_tokens)
 
 
+@pytest.mark.parametrize("max_tokens", [1, 32, 256])
+@torch.no_grad()
+def test_decode_early_weights_keep_bits(moe, monkeypatch, max_tokens):
+    """MOE_FP8_EARLY_WEIGHTS=1: the down GEMM reads masked_m and loads its first weight slots
+    before its PDL wait (the decode graph captures with PDL): the same tiles and sums, so the
+    same bits — also when masked_m changes between replays (batches below the runner's size)."""
+    sizes = sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True) + [max_tokens]
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_EARLY_WEIGHTS", tuple(sizes),
+                                    990 + max_tokens, max_tokens=max_tokens)
+
+
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

@@ -107,6 +107,12 @@ class GemmConfig:
              slices in order into the bf16 output (include/split_k.cuh). For small M, where a
              tile per SM otherwise means narrow tiles re-reading all of A. Dense layout, no
              cluster, block_n a multiple of 32, (K / 128) % S == 0.
+    early_b: the kernel reads the tile order (masked_m) and loads the weights (B) of its first
+             ring slots before it waits for the previous kernel of the stream (programmatic
+             dependent launch; without it nothing changes): the weights stream while that kernel
+             finishes. Only where the immediately preceding kernel writes neither B nor the
+             layout — the decode step's down GEMM (`MOE_FP8_EARLY_WEIGHTS`). NT layouts, no
+             cluster, no split K.
     """
     block_m: int = 128
     block_n: int = 128
@@ -118,6 +124,7 @@ class GemmConfig:
     cluster_n: int = 1
     a_row_chunk: int = 0
     split_k: int = 1
+    early_b: bool = False
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -135,6 +142,8 @@ class GemmConfig:
         if self.cluster_m > 1 and self.cluster_n > 1:
             raise ValueError("GemmConfig: multicast of B (cluster_m) and of A (cluster_n) are "
                              "exclusive (clusters of 2 CTAs)")
+        if self.early_b and (self.cluster_m > 1 or self.cluster_n > 1 or self.split_k > 1):
+            raise ValueError("GemmConfig.early_b needs no cluster and no split K")
         if self.a_row_chunk not in (0, 8, 16, 32) or self.a_row_chunk > self.block_m:
             raise ValueError(f"GemmConfig.a_row_chunk must be 0, 8, 16 or 32 (<= block_m), got "
                              f"{self.a_row_chunk}")

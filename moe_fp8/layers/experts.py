@@ -34,6 +34,11 @@ kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek
 # row per expert on (32 tokens of top-8 over 256 experts); MOE_FP8_FUSED_SWIGLU=1 always, 0 never.
 kFusedSwiGluEnv = "MOE_FP8_FUSED_SWIGLU"
 kFusedSwiGluMinRows = 1.0
+# The down GEMM of the masked path loads the weights of its first ring slots before it waits for
+# the kernel before it (GemmConfig.early_b; with PDL, the decode graph's, they stream while the
+# SiLU / fused gate-up finishes). Safe here: that kernel writes only the act, never w2 or masked_m
+# (the dispatch's, two kernels back). Off until measured (session 13).
+kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -145,9 +150,11 @@ class RoutedExperts(nn.Module):
             G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m,
                                      pow2_scale=self.pow2_scale, out=workspace.act,
                                      expected_m=layout.expected_m)
+        down = _masked_config(layout, self.hidden, self.inter)
+        if down is not None and os.environ.get(kEarlyWeightsEnv, "0").strip() not in ("", "0"):
+            down = dataclasses.replace(down, early_b=True)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
-                                              layout.expected_m, out=workspace.y,
-                                              config=_masked_config(layout, self.hidden, self.inter))
+                                              layout.expected_m, out=workspace.y, config=down)
 
     def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:
         """Gate-up GEMM + SiLU-and-mul + quantisation in one kernel into ``workspace.act`` where

@@ -31,7 +31,7 @@ __host__ __device__ constexpr bool fits_two_scale_blocks(int block_n) {
 }
 
 template <int kN, int kK, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kLayout,
-          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_>
+          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_>
 struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
@@ -50,13 +50,16 @@ struct NtPolicy {
   // block_m) carry the branch, so full-tile instances keep their measured SASS.
   static constexpr bool kSkipIdleWarpgroup = kLayout == kLayoutMasked && kARowChunk > 0;
   static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
+  static constexpr bool kEarlyB = kEarlyB_;  // B before the PDL wait (gemm_core.cuh)
+  static_assert(!kEarlyB || (kClusterM == 1 && kClusterN == 1), "early B: no cluster");
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;
 };
 
 template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
-          int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1, int kARowChunk = 0>
+          int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1, int kARowChunk = 0,
+          bool kEarlyB = false>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                     const __grid_constant__ ptx::TmaDesc tma_b,
@@ -67,7 +70,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
                 "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
   using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
-                          kClusterM, kClusterN, kARowChunk>;
+                          kClusterM, kClusterN, kARowChunk, kEarlyB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_d};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }

@@ -95,6 +95,7 @@ struct SwiGluPolicy {
   static constexpr int kDoubleBuffer = 1;  // 256-wide tiles run single-buffered (gemm_core.cuh)
   static constexpr bool kSkipIdleWarpgroup = kARowChunk > 0;
   static constexpr int kUpRowOffset = kN / 2;
+  static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
   using Scheduler = TileScheduler<kLayoutMasked, kN, kK, kBlockM, 256, kGroupN, 1, 1, 1, false,
                                   true>;
   using Epilogue = EpilogueSwiGlu<kN, kPow2>;

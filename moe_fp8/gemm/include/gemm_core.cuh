@@ -27,6 +27,13 @@
 //   kSkipIdleWarpgroup          a math warpgroup whose 64 rows all lie past the tile's valid rows
 //                               issues no wgmma for that tile (it still waits and releases each
 //                               slot; its rows are never written)
+//   kEarlyB                     the producer reads the tile order (masked_m) and issues the B
+//                               loads of the first kStages slots BEFORE waiting for the previous
+//                               kernel of the stream (PDL, pdl.cuh): the weights stream while that
+//                               kernel finishes. Host contract: neither B nor the layout is written
+//                               by the immediately preceding kernel (the decode step's down GEMM:
+//                               weights, and masked_m from the dispatch two kernels back). No
+//                               cluster.
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -175,7 +182,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // Everything above touched only parameters and shared memory: with PDL it overlapped the
   // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
   // producer loads) the previous kernel's writes must be visible.
-  pdl::begin();
+  if constexpr (!P::kEarlyB) {
+    pdl::begin();
+  } else if (warpgroup != kNumMathWG || threadIdx.x / 32 % 4 != 0) {
+    pdl::begin();  // all but the producer's warp 0, whose elected thread waits after its B loads
+  }
 
   if (warpgroup == kNumMathWG) {
     // ------------------------------------------------------------------ producer warpgroup
@@ -187,20 +198,46 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       int stage = 0;
       u32 phase = 0;
       MOE_FP8_TRACE(int trace_tile = 0;)
+      // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
+      constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
+      int early_b = 0;  // kEarlyB: slots [0, early_b) already expect their bytes and hold B
+      if constexpr (P::kEarlyB) {
+        // The first kStages slots (the same tile sequence as `scheduler`, walked by a copy):
+        // expect each slot's bytes and load its B now; A and sa follow after the wait.
+        Scheduler first(params, rank);
+        Tile t;
+        MOE_FP8_TRACE(int trace_first = 0;)
+        while (early_b < kStages && first.next(t)) {
+          MOE_FP8_TRACE(trace::record(trace_first++, 6, trace::now());)
+          const int chunks = kARowChunk == 0 ? 1 :
+              min(kBlockM / kChunkRows, (t.rows_valid + kChunkRows - 1) / kChunkRows);
+          const u32 tx = kARowChunk == 0 ? Layout::kStageTxBytes :
+              Layout::kStageTxBytes - Layout::kABytes + chunks * kARowChunk * 128;
+          const int n_kb = kFixedK ? kTileKBlocks : t.num_k_blocks;
+          for (int kb = 0; kb < n_kb && early_b < kStages; ++kb, ++early_b) {
+            ptx::mbar_arrive_expect_tx(&full[early_b], tx);
+            ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
+                             (t.k_block0 + kb) * 128, t.b_row);
+          }
+        }
+        pdl::begin();
+      }
       while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
-        // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
-        constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
         const int a_chunks = kARowChunk == 0 ? 1 :
             min(kBlockM / kChunkRows, (tile.rows_valid + kChunkRows - 1) / kChunkRows);
         const u32 stage_tx = kARowChunk == 0 ? Layout::kStageTxBytes :
             Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
         for (int kb = 0; kb < num_kb; ++kb) {
-          ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
-          MOE_FP8_TRACE(if (kb == 0) trace::record(trace_tile, 6, trace::now());)
-          // The full A and B tiles are expected even when half of one comes from the peer's
-          // multicast.
-          ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
+          // kEarlyB: the first kStages slots were claimed (and their B loaded) before the wait
+          const bool b_loaded = P::kEarlyB && early_b > 0;
+          if (!b_loaded) {
+            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp
+            MOE_FP8_TRACE(if (kb == 0) trace::record(trace_tile, 6, trace::now());)
+            // The full A and B tiles are expected even when half of one comes from the peer's
+            // multicast.
+            ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
+          }
           const int k = (tile.k_block0 + kb) * 128;
           // NOTE: A and B spelled out alike on purpose: a shared helper (tried 2026-12-05)
           // reordered ptxas's schedule of the math warps' FFMAs in every GEMM instance, and the
@@ -217,7 +254,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                        tma_a, &full[stage], k, tile.m_row + rank * kHalfRows,
                                        (1 << kClusterN) - 1);
           }
-          if constexpr (P::kUpRowOffset > 0) {  // two 128-row boxes: the gate and the up block
+          if (b_loaded) {
+            --early_b;
+          } else if constexpr (P::kUpRowOffset > 0) {  // two 128-row boxes: the gate and the up block
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes + 128 * 128, tma_b, &full[stage], k,
                              tile.b_row + P::kUpRowOffset);

@@ -40,6 +40,7 @@ struct SplitKPolicy {
   static constexpr bool kEmptyTiles = false;
   static constexpr bool kSkipIdleWarpgroup = false;
   static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
+  static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
   static constexpr int kDoubleBuffer = kDoubleBufferOpt;
   using Scheduler = TileScheduler<kLayoutDense, kN, kK, kBlockM, kBlockN, kGroupN, 1, 1, kSplitK>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, /*kAdd=*/false>;

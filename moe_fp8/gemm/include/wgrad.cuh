@@ -37,6 +37,7 @@ struct KGroupedPolicy {
   static constexpr bool kEmptyTiles = !kAccumulate;
   static constexpr bool kSkipIdleWarpgroup = false;
   static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
+  static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
   using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;

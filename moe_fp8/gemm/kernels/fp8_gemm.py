@@ -48,8 +48,9 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
             f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>", extra_defines)
     # optional trailing parameters only when set: older instances keep their names
-    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk else (
+    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk or c.early_b else (
         f", {c.cluster_n}" if c.cluster_n != 1 else "")
+    tail += ", true" if c.early_b else ""
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
@@ -315,9 +316,9 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
 def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool) -> "jit.KernelSource":
     """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)."""
     c = config
-    if c.block_n != 256 or c.cluster_size != 1 or c.split_k != 1 or n % 256:
-        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without a cluster or split K "
-                         f"and 2I % 256 == 0, got {c} with 2I = {n}")
+    if c.block_n != 256 or c.cluster_size != 1 or c.split_k != 1 or n % 256 or c.early_b:
+        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without a cluster, split K "
+                         f"or early B and 2I % 256 == 0, got {c} with 2I = {n}")
     return jit.KernelSource(
         kSwiGluHeader,
         f"moe_fp8::fused_swiglu_gemm_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "

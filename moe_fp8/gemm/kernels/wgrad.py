@@ -28,6 +28,9 @@ kHeader = "wgrad.cuh"
 def kernel_source(n: int, config: H.GemmConfig, accumulate: bool = True) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
+    if c.early_b:
+        raise ValueError("GemmConfig.early_b is for the NT GEMMs (its B is written by the step "
+                         "before a weight gradient)")
     tail = "" if accumulate else ", false"  # the accumulating instances keep their names
     return jit.KernelSource(
         kHeader,
