@@ -4,9 +4,11 @@
 microseconds. The flush (``MOE_FP8_BENCH_FLUSH``, or ``flush_mode``):
 * ``write`` (default): a 256 MiB ``zero_()``, the field's usual flush (triton's do_bench,
   DeepGEMM's bench_kineto). It leaves the L2 full of the flush's own dirty lines, which the timed
-  region then writes back to DRAM as it evicts them (up to the L2's size, ~50 MB).
+  region then writes back to DRAM as it evicts them: measured ~8.5 us on a 128 MB read and 5-6
+  us on each bandwidth-bound GEMM or decode step (flush_probe.py, H200 2026-12-06).
 * ``clean``: the same write, then a read of another 256 MiB: the L2 holds clean lines of no use
-  to the timed region, so it pays neither hits nor a writeback that is not its own.
+  to the timed region, so it pays neither hits nor a writeback that is not its own (measured
+  equal to no flush on inputs larger than the L2). bench_layer's decode rows default to it.
 
 `write_results` saves a markdown table and a CSV under benchmarks/results/ with the card, date,
 commit and flush mode in the header, and prints the table.
