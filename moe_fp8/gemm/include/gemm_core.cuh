@@ -202,9 +202,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
       int early_b = 0;  // kEarlyB: slots [0, early_b) already expect their bytes and hold B
       if constexpr (P::kEarlyB) {
-        // The first kStages slots (the same tile sequence as `scheduler`, walked by a copy):
-        // expect each slot's bytes and load its B now; A and sa follow after the wait.
-        Scheduler first(params, rank);
+        // The first kStages slots (the same tile sequence as `scheduler`, walked by a copy that
+        // reads masked_m through L2): expect each slot's bytes and load its B now; A and sa
+        // follow after the wait.
+        typename Scheduler::Coherent first(params, rank);
         Tile t;
         MOE_FP8_TRACE(int trace_first = 0;)
         while (early_b < kStages && first.next(t)) {

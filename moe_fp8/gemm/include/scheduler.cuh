@@ -96,9 +96,16 @@ enum class TileStatus { kDone, kSkip, kReady };
 // kPairedHalves (masked, kBlockN = 256, fused SwiGLU): tile t of an expert pairs B's gate block t
 // (rows 128 t) with its up block t (rows kN / 2 + 128 t) as the tile's two 128-column halves;
 // n0 = 128 t is the tile's first column of the kN / 2 wide product.
+// kCoherentCounts: masked_m read through L2 (ld.global.cg) instead of the read-only L1 path,
+// for a reader that runs before its PDL wait (gemm_core.cuh kEarlyB): the counts were written
+// kernels before, so L2 holds them, but this SM's L1 may still hold an older replay's.
 template <int kLayout, int kN, int kK, int kBlockM, int kBlockN, int kGroupN, int kClusterM = 1,
-          int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false, bool kPairedHalves = false>
+          int kClusterN = 1, int kSplitK = 1, bool kEmptyTiles = false, bool kPairedHalves = false,
+          bool kCoherentCounts = false>
 struct TileScheduler {
+  // The same tile sequence, its counts read through L2.
+  using Coherent = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM, kClusterN,
+                                 kSplitK, kEmptyTiles, kPairedHalves, true>;
   static_assert(!kPairedHalves || (kLayout == kLayoutMasked && kBlockN == 256 && kN % 256 == 0 &&
                                    kClusterM * kClusterN == 1),
                 "paired halves: masked layout, 256-wide tiles, N / 2 in 128-column blocks");
@@ -159,7 +166,8 @@ struct TileScheduler {
   }
 
   __device__ __forceinline__ int masked_rows(int e) const {
-    return min(max(__ldg(params.g_layout + e), 0), params.m);  // clamp untrusted device counts
+    const int count = kCoherentCounts ? __ldcg(params.g_layout + e) : __ldg(params.g_layout + e);
+    return min(max(count, 0), params.m);  // clamp untrusted device counts
   }
 
   __device__ TileStatus get(int idx, Tile& t) {
