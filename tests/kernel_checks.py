@@ -78,6 +78,7 @@ inline unsigned __ballot_sync(unsigned, bool predicate) {
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
@@ -168,6 +169,7 @@ inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
 inline float __frcp_rn(float a) { volatile float r = 1.0f / a; return r; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   unsigned char bytes[8];
   std::memcpy(bytes, &x, 4);

@@ -55,6 +55,7 @@ static Dim3 blockIdx, gridDim;
 #define __host__
 #define __forceinline__ inline
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
 '''
 
 kEntry = r'''
