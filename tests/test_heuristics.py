@@ -252,6 +252,8 @@ def test_early_b_config_and_instances():
     full_tiles = H.GemmConfig(128, 128, early_b=True).resolved(2048)
     assert K.kernel_source(7168, 2048, full_tiles, K.kLayoutMasked).instance.endswith(
         ", 1, 1, 1, 0, true>")
+    with pytest.raises(ValueError, match="masked or dense layout"):
+        K.kernel_source(7168, 2048, early, K.kLayoutContiguous)
     with pytest.raises(ValueError, match="early B"):
         K.swiglu_source(4096, 7168, H.GemmConfig(64, 256, early_b=True).resolved(7168), False)
     with pytest.raises(ValueError, match="early_b"):

@@ -51,7 +51,11 @@ struct NtPolicy {
   static constexpr bool kSkipIdleWarpgroup = kLayout == kLayoutMasked && kARowChunk > 0;
   static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
   static constexpr bool kEarlyB = kEarlyB_;  // B before the PDL wait (gemm_core.cuh)
-  static_assert(!kEarlyB || (kClusterM == 1 && kClusterN == 1), "early B: no cluster");
+  // early B reads the layout before the PDL wait: only the masked counts have an L2 read
+  // (scheduler.cuh kCoherentCounts); the dense layout reads none
+  static_assert(!kEarlyB || (kClusterM == 1 && kClusterN == 1 &&
+                             (kLayout == kLayoutMasked || kLayout == kLayoutDense)),
+                "early B: masked or dense layout, no cluster");
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
   using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;

@@ -47,6 +47,9 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
             kSplitKHeader,
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
             f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>", extra_defines)
+    if c.early_b and layout not in (kLayoutMasked, kLayoutDense):
+        raise ValueError("GemmConfig.early_b needs the masked or dense layout (it reads the layout "
+                         "before the kernel's PDL wait)")
     # optional trailing parameters only when set: older instances keep their names
     tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk or c.early_b else (
         f", {c.cluster_n}" if c.cluster_n != 1 else "")
