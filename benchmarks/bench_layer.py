@@ -176,7 +176,7 @@ def prefill_rows(moe, pw, token_counts, repeats):
                 row[f"{name}_us"] = row[f"speedup_vs_{name}"] = row[f"diff_vs_{name}"] = float("nan")
                 print(f"peer {name} failed at T={tokens}: {error!r}"[:300])
         rows.append(row)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        common.print_row(row, 4)
         x = y_ours = y_peer = None  # free before the next size
         torch.cuda.empty_cache()
     return rows
@@ -213,7 +213,7 @@ def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True):
         except Exception as error:  # noqa: BLE001
             print(f"bf16 decode peer failed at n={n}: {error!r}"[:300])
         rows.append(row)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        common.print_row(row, 4)
         del run
         torch.cuda.empty_cache()
     if not token_counts:

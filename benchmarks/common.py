@@ -63,6 +63,12 @@ def flush_l2(mode: str | None = None) -> None:
         _flush_read_buffer.sum()
 
 
+def print_row(row: Dict[str, object], digits: int = 2) -> None:
+    """One result row as a dict line, floats rounded: a cut device call's log still has it."""
+    print({k: (round(v, digits) if isinstance(v, float) else v) for k, v in row.items()},
+          flush=True)
+
+
 def _device_ms(fn: Callable[[], object], calls: int) -> float:
     """Device time of ``calls`` back-to-back calls of ``fn`` (CUDA events), in milliseconds."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -85,7 +85,7 @@ def main():
             for label in ("plain", "early_b"):
                 row[f"{label}_{rnd}_us"] = common.bench(graphs[(fused, label)], repeats=args.repeats)
         rows.append(row)
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        common.print_row(row)
     common.write_results("early_b_pair", rows, "one-token routed experts (8 of 32 x 1 row), graphs "
                          "captured with PDL; the down GEMM plain vs early_b, interleaved rounds")
 

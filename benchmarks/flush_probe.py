@@ -105,7 +105,7 @@ def main():
                 if nbytes:
                     row[f"{mode}_{rnd}_GBs"] = nbytes / us / 1e3
         rows.append(row)
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        common.print_row(row)
     common.write_results("flush_probe", rows, "modes: write = 256 MiB zero_() (the usual flush), "
                          "clean = that write then a 256 MiB read, none = no flush; two rounds each")
 

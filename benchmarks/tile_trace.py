@@ -111,7 +111,7 @@ def trace_case(label, cfg, nbytes, run, n, k, layout, repeats, tiles_per_cta):
     row.update({key: statistics.median(r[key] for r in runs) for key in keys})
     row["GB/s"] = nbytes / row["span_us"] / 1e3
     middle = sorted(runs, key=lambda r: r["span_us"])[len(runs) // 2]
-    print({key: (round(v, 2) if isinstance(v, float) else v) for key, v in row.items()}, flush=True)
+    common.print_row(row)
     print(f"  streaming SMs per us ({label}): {middle['streaming_per_us']}", flush=True)
     return row
 
