@@ -286,14 +286,13 @@ def main() -> None:
         prefill = prefill_rows(moe, pw, prefill_tokens, args.repeats)
     except Exception:  # noqa: BLE001 - still run decode and print what we have
         traceback.print_exc()
-    prefill_flush, decode_flush = common.flush_mode, os.environ.get("MOE_FP8_BENCH_FLUSH") or "clean"
-    common.flush_mode = decode_flush  # see the module docstring
+    decode_flush = os.environ.get("MOE_FP8_BENCH_FLUSH") or "clean"  # see the module docstring
     try:
-        decode = decode_rows(moe, pw, decode_tokens, max(args.repeats, 20), bandwidth,
-                             peers=not args.no_peers)
+        with common.flush_as(decode_flush):
+            decode = decode_rows(moe, pw, decode_tokens, max(args.repeats, 20), bandwidth,
+                                 peers=not args.no_peers)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    common.flush_mode = prefill_flush
 
     summary = [f"backends: {backends}", f"copy bandwidth: {bandwidth:.0f} GB/s", f"targets: {kTargets}"]
     if prefill:
@@ -306,9 +305,8 @@ def main() -> None:
     if prefill:
         write_results("layer_prefill", prefill, "\n\n".join(summary))
     if decode:
-        common.flush_mode = decode_flush  # the decode table's header names its flush
-        write_results("layer_decode", decode, "\n\n".join(summary))
-        common.flush_mode = prefill_flush
+        with common.flush_as(decode_flush):  # the decode table's header names its flush
+            write_results("layer_decode", decode, "\n\n".join(summary))
     # the tables last, for the log's tail
     for title, rows in (("prefill", prefill), ("decode", decode)):
         if rows:

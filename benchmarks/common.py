@@ -50,6 +50,17 @@ def env(**values: str):
                 os.environ[name] = old
 
 
+@contextlib.contextmanager
+def flush_as(mode: str):
+    """``flush_mode`` is ``mode`` inside the block: for the timings and the result headers."""
+    global flush_mode
+    saved, flush_mode = flush_mode, mode
+    try:
+        yield
+    finally:
+        flush_mode = saved
+
+
 def flush_l2(mode: str | None = None) -> None:
     """Evict the L2 (``mode``: ``write`` / ``clean``, default ``flush_mode``; module doc)."""
     global _flush_buffer, _flush_read_buffer

@@ -34,11 +34,8 @@ def timed(fn, mode, repeats):
     """Median of ``fn`` (a graph replay or a callable) under flush ``mode``."""
     if mode == "none":
         return common.bench(fn, repeats=repeats, flush=False)
-    saved, common.flush_mode = common.flush_mode, mode
-    try:
+    with common.flush_as(mode):
         return common.bench(fn, repeats=repeats)
-    finally:
-        common.flush_mode = saved
 
 
 def cases():

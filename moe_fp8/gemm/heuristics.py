@@ -111,8 +111,8 @@ class GemmConfig:
              ring slots before it waits for the previous kernel of the stream (programmatic
              dependent launch; without it nothing changes): the weights stream while that kernel
              finishes. Only where the immediately preceding kernel writes neither B nor the
-             layout — the decode step's down GEMM (`MOE_FP8_EARLY_WEIGHTS`). NT layouts, no
-             cluster, no split K.
+             layout — the decode step's down GEMM (`MOE_FP8_EARLY_WEIGHTS`). Masked or dense
+             layout, no cluster, no split K.
     """
     block_m: int = 128
     block_n: int = 128

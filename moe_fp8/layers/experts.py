@@ -23,6 +23,7 @@ from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales, to_mn_major
 from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
+from .switches import switch_on
 
 FP8 = torch.float8_e4m3fn
 kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek-V3)
@@ -39,6 +40,7 @@ kFusedSwiGluMinRows = 1.0
 # SiLU / fused gate-up finishes). Safe here: that kernel writes only the act, never w2 or masked_m
 # (the dispatch's, two kernels back). Off until measured (session 13).
 kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
+kEarlyWeightsDefault = False
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -151,7 +153,7 @@ class RoutedExperts(nn.Module):
                                      pow2_scale=self.pow2_scale, out=workspace.act,
                                      expected_m=layout.expected_m)
         down = _masked_config(layout, self.hidden, self.inter)
-        if down is not None and os.environ.get(kEarlyWeightsEnv, "0").strip() not in ("", "0"):
+        if down is not None and switch_on(kEarlyWeightsEnv, kEarlyWeightsDefault):
             down = dataclasses.replace(down, early_b=True)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)

@@ -200,6 +200,15 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       MOE_FP8_TRACE(int trace_tile = 0;)
       // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
       constexpr int kChunkRows = kARowChunk > 0 ? kARowChunk : 1;
+      auto a_chunks_of = [](const Tile& t) {
+        return kARowChunk == 0 ? 1 :
+            min(kBlockM / kChunkRows, (t.rows_valid + kChunkRows - 1) / kChunkRows);
+      };
+      // bytes a slot of tile t expects: its A chunks, B and the scales
+      auto stage_tx_of = [](int a_chunks) -> u32 {
+        return kARowChunk == 0 ? Layout::kStageTxBytes :
+            Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
+      };
       int early_b = 0;  // kEarlyB: slots [0, early_b) already expect their bytes and hold B
       if constexpr (P::kEarlyB) {
         // The first kStages slots (the same tile sequence as `scheduler`, walked by a copy that
@@ -210,10 +219,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         MOE_FP8_TRACE(int trace_first = 0;)
         while (early_b < kStages && first.next(t)) {
           MOE_FP8_TRACE(trace::record(trace_first++, 6, trace::now());)
-          const int chunks = kARowChunk == 0 ? 1 :
-              min(kBlockM / kChunkRows, (t.rows_valid + kChunkRows - 1) / kChunkRows);
-          const u32 tx = kARowChunk == 0 ? Layout::kStageTxBytes :
-              Layout::kStageTxBytes - Layout::kABytes + chunks * kARowChunk * 128;
+          const u32 tx = stage_tx_of(a_chunks_of(t));
           const int n_kb = kFixedK ? kTileKBlocks : t.num_k_blocks;
           for (int kb = 0; kb < n_kb && early_b < kStages; ++kb, ++early_b) {
             ptx::mbar_arrive_expect_tx(&full[early_b], tx);
@@ -225,10 +231,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       }
       while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
-        const int a_chunks = kARowChunk == 0 ? 1 :
-            min(kBlockM / kChunkRows, (tile.rows_valid + kChunkRows - 1) / kChunkRows);
-        const u32 stage_tx = kARowChunk == 0 ? Layout::kStageTxBytes :
-            Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
+        const int a_chunks = a_chunks_of(tile);
+        const u32 stage_tx = stage_tx_of(a_chunks);
         for (int kb = 0; kb < num_kb; ++kb) {
           // kEarlyB: the first kStages slots were claimed (and their B loaded) before the wait
           const bool b_loaded = P::kEarlyB && early_b > 0;

@@ -345,8 +345,8 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
         raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
-    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines), lambda: swiglu_source(n, k, c, pow2),
-                            dev)
+    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines),
+                            lambda: swiglu_source(n, k, c, pow2), dev)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
