@@ -30,17 +30,23 @@ kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek
 # The masked (decode) path's gate-up GEMM with SiLU-and-mul + quantisation in its epilogue
 # (include/fused_swiglu.cuh): one kernel and no h round trip instead of two, the same act bytes.
 # H100, 2026-12-05 (session 11, two rounds): decode 32 / 64 / 128 / 256 tokens 520 -> 514 / 530
-# -> 524 / 550 -> 538-539 / 589 -> 578-580 us and a 256-token runner at one token 188 -> 182-184,
-# but 2 tokens 267 -> 270-271 and 1-16 tokens within -4..+2: so by default only from one expected
-# row per expert on (32 tokens of top-8 over 256 experts); MOE_FP8_FUSED_SWIGLU=1 always, 0 never.
+# -> 524 / 550 -> 538-539 / 589 -> 578-580 us, but 2 tokens 267 -> 270-271 and 1-16 tokens within
+# -4..+2 with the down GEMM's weights loaded after its PDL wait. With them loaded before it (early
+# weights, below) the fused kernel's longer tail is hidden: 2 / 4 / 8 / 16 tokens 261 -> 259 /
+# 374 -> 372 / 502 -> 500 / 508 -> 505 us, 1 token 160 -> 159-161 (H100, clean flush, two rounds,
+# 2026-12-06, session 14). So: from one expected row per expert on without early weights, always
+# with them; MOE_FP8_FUSED_SWIGLU=1 always, 0 never.
 kFusedSwiGluEnv = "MOE_FP8_FUSED_SWIGLU"
 kFusedSwiGluMinRows = 1.0
+kFusedSwiGluMinRowsEarlyWeights = 0.0
 # The down GEMM of the masked path loads the weights of its first ring slots before it waits for
 # the kernel before it (GemmConfig.early_b; with PDL, the decode graph's, they stream while the
 # SiLU / fused gate-up finishes). Safe here: that kernel writes only the act, never w2 or masked_m
-# (the dispatch's, two kernels back). Off until measured (session 13).
+# (the dispatch's, two kernels back). H100, clean flush, 2026-12-06 (session 14): the one-token
+# GEMM chain under PDL 146 -> 145 us (gate-up, SiLU, down) and 143 -> 140 us (fused SwiGLU, down),
+# bits equal; decode 1 / 32 / 256 tokens 160 -> 159 / 516 -> 512 / 583 -> 582 us.
 kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
-kEarlyWeightsDefault = False
+kEarlyWeightsDefault = True
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -153,20 +159,21 @@ class RoutedExperts(nn.Module):
                                      pow2_scale=self.pow2_scale, out=workspace.act,
                                      expected_m=layout.expected_m)
         down = _masked_config(layout, self.hidden, self.inter)
-        if down is not None and switch_on(kEarlyWeightsEnv, kEarlyWeightsDefault):
+        if down is not None and _early_weights():
             down = dataclasses.replace(down, early_b=True)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 
     def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:
         """Gate-up GEMM + SiLU-and-mul + quantisation in one kernel into ``workspace.act`` where
-        ``MOE_FP8_FUSED_SWIGLU`` allows it (unset: from ``kFusedSwiGluMinRows`` expected rows per
-        expert on; ``1`` always; ``0`` never), the masked GEMM runs as a kernel and 2I % 256 == 0;
-        False (nothing done) otherwise."""
+        ``MOE_FP8_FUSED_SWIGLU`` allows it (unset: always with early weights, else from
+        ``kFusedSwiGluMinRows`` expected rows per expert on; ``1`` always; ``0`` never), the masked
+        GEMM runs as a kernel and 2I % 256 == 0; False (nothing done) otherwise."""
         setting = os.environ.get(kFusedSwiGluEnv, "").strip()
         if setting == "0" or (2 * self.inter) % 256:
             return False
-        if not setting and (layout.expected_rows or layout.expected_m) < kFusedSwiGluMinRows:
+        min_rows = kFusedSwiGluMinRowsEarlyWeights if _early_weights() else kFusedSwiGluMinRows
+        if not setting and (layout.expected_rows or layout.expected_m) < min_rows:
             return False
         from ..gemm.backend import pick
         if pick("auto", layout.a.device, "fp8_gemm", "m_grouped_masked") is None:
@@ -176,6 +183,10 @@ class RoutedExperts(nn.Module):
                                          self.w13_scale, layout.masked_m, layout.expected_m,
                                          workspace.act[0], workspace.act[1], pow2=self.pow2_scale)
         return True
+
+
+def _early_weights() -> bool:
+    return switch_on(kEarlyWeightsEnv, kEarlyWeightsDefault)
 
 
 def _masked_config(layout: MaskedLayout, n: int, k: int):
