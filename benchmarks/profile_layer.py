@@ -3,8 +3,8 @@
 DeepSeek-V3 shapes on one GPU holding 32 experts (H 7168, I 2048, top-8, 1 shared expert), the
 same layer as bench_layer.py. For each path (``torch``: MOE_FP8_FUSED_PERMUTE=0,
 MOE_FP8_FUSED_ROUTER=0, MOE_FP8_OVERLAP_SHARED=0; ``fused``: all three on; ``--mode all`` adds
-``permute``: only the fused permute, today's default, and ``nosync``: fused with the layout sized
-by an upper bound of M_sum, so the prefill reads nothing back) it prints:
+``permute``: only the fused permute, and ``nosync``: fused with the layout sized by an upper
+bound of M_sum, so the prefill reads nothing back: the layer's defaults) it prints:
 
 * the layer's clean time (CUDA events, median, L2 flushed, no profiler, no instrumentation);
 * a phase table from one instrumented forward: each phase (router, quantise, index, permute,
@@ -51,8 +51,8 @@ from moe_fp8.layers import MoE, MoEConfig  # noqa: E402
 kEnv = "MOE_FP8_FUSED_PERMUTE"
 kRouterEnv = "MOE_FP8_FUSED_ROUTER"
 kOverlapEnv = "MOE_FP8_OVERLAP_SHARED"
-# mode -> (fused permute, fused router, shared experts on a side stream); "permute" is the
-# default (router kernels and the overlap stay off until measured), "fused" everything on
+# mode -> (fused permute, fused router, shared experts on a side stream); "fused" everything
+# on, "nosync" the layer's defaults (all three on, and the layout sized by the upper bound)
 kModes = {"torch": (False, False, False), "permute": (True, False, False),
           "fused": (True, True, True), "nosync": (True, True, True)}
 # "nosync": fused + the layout sized by an upper bound of M_sum (LocalDispatcher's
