@@ -483,6 +483,42 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
         assert torch.equal(got_s.view(torch.int32), want_s.view(torch.int32)), f"{what}: scales differ"
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("config", [None, GemmConfig(128, 256, num_sms=7)], ids=str)
+def test_contiguous_swiglu_is_gemm_then_silu(config, pow2):
+    """The fused SwiGLU gate-up GEMM on the contiguous layout (m_indices) writes exactly the bytes
+    and scales of the contiguous GEMM followed by the SiLU-and-mul quantisation on every expert
+    row; padding rows (whole padding segments of empty experts, and the tails of partial ones)
+    keep their poison in both outputs. A few rows reach the SiLU's special ranges."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    counts, inter, k = [0, 1, 127, 128, 129, 300, 0, 45], 512, 1024
+    num_experts = len(counts)
+    m_indices = build_m_indices(counts, device="cuda")
+    m_sum = m_indices.numel()
+    gen = _cuda_gen(97 + pow2)
+    x = _rows((m_sum, k), gen)
+    x[130] *= 400.0  # |h| of hundreds: silu's exp(-g) overflows for g < -88.7
+    w = _weights((num_experts, 2 * inter, k), gen)
+    a, b = _quant_act(x), _quant_weight(w)
+    h = _poisoned((m_sum, 2 * inter))
+    G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=h, backend="kernel")
+    want_q, want_s = G.silu_and_mul_quant_fp8(h, pow2_scale=pow2, backend="kernel")
+    got_q = torch.full((m_sum, inter), 0x5A, dtype=torch.uint8, device="cuda")
+    got_s = empty_act_scales(m_sum, inter // 128, device="cuda")
+    got_s.fill_(-7.0)
+    K.m_grouped_contiguous_swiglu(a[0], a[1], b[0], b[1], m_indices,
+                                  got_q.view(torch.float8_e4m3fn), got_s, pow2=pow2,
+                                  config=None if config is None else config.resolved(k))
+    torch.cuda.synchronize()
+    what = f"contiguous swiglu {config} pow2={pow2}"
+    rows = m_indices >= 0
+    assert torch.equal(got_q[rows], want_q.view(torch.uint8)[rows]), f"{what}: act bytes differ"
+    assert torch.equal(got_s[rows].view(torch.int32), want_s[rows].view(torch.int32)), \
+        f"{what}: scales differ"
+    assert (got_q[~rows] == 0x5A).all() and (got_s[~rows] == -7.0).all(), \
+        f"{what}: padding rows written"
+
+
 def test_a_row_chunk_needs_masked_or_dense_layout():
     gen = _cuda_gen(3)
     a, b = _quant_act(_rows((128, 256), gen)), _quant_weight(_weights((1, 128, 256), gen))

@@ -117,6 +117,28 @@ def test_fused_swiglu_launch(launches, pow2, shape):
                                                     for entry in launches)
 
 
+@pytest.mark.parametrize("shape", [(4, 512, 1024), (32, 2048, 7168)], ids=["small", "dsv3"])
+def test_contiguous_swiglu_launch(launches, shape):
+    """The fused SwiGLU GEMM on the contiguous layout (m_indices, session 14): act fp8 [M_sum, I]
+    and its 2-D MN-major scales; the layout's kernel instance, not the masked one."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import build_m_indices
+    experts, inter, k = shape
+    m_indices = build_m_indices([5, 0, 300] + [128] * (experts - 3))
+    rows = m_indices.shape[0]
+    K.m_grouped_contiguous_swiglu(fp8(rows, k), empty_act_scales(rows, k // 128),
+                                  fp8(experts, 2 * inter, k),
+                                  torch.empty(experts, 2 * inter // 128, k // 128), m_indices,
+                                  fp8(rows, inter), empty_act_scales(rows, inter // 128))
+    names = [entry[0] for entry in launches]
+    assert names and all("fused_swiglu_gemm_kernel" in n and n.endswith(", 1>") for n in names), names
+    with pytest.raises(ValueError, match="MN-major"):
+        K.m_grouped_contiguous_swiglu(fp8(rows, k), empty_act_scales(rows, k // 128),
+                                      fp8(experts, 2 * inter, k),
+                                      torch.empty(experts, 2 * inter // 128, k // 128), m_indices,
+                                      fp8(rows, inter), torch.empty(rows, inter // 128))
+
+
 def test_wgrad_launch(launches):
     from moe_fp8.gemm.kernels import wgrad
     m, n, tokens, experts = 256, 512, 512, 3

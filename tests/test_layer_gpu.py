@@ -244,3 +244,23 @@ def test_upper_bound_rows_is_exact(moe, tokens):
     finally:
         moe.dispatcher.contiguous_rows = saved
     assert torch.isfinite(got).all() and calc_diff(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [1, 333, 4096])
+@torch.no_grad()
+def test_prefill_swiglu_keeps_bits(moe, tokens, monkeypatch):
+    """MOE_FP8_PREFILL_SWIGLU=1: the prefill's gate-up GEMM with SiLU-and-mul + quantisation in
+    its epilogue writes the act bytes of the GEMM + SiLU pair, so the layer's output keeps its
+    bits (both row-count modes of the layout: exact, and the upper bound's extra padding)."""
+    x = rand_x(tokens, moe.cfg.hidden_size, 960 + tokens)
+    saved = moe.dispatcher.contiguous_rows
+    try:
+        for rows in ("exact", "upper_bound"):
+            moe.dispatcher.contiguous_rows = rows
+            monkeypatch.setenv("MOE_FP8_PREFILL_SWIGLU", "0")
+            expected = moe(x)
+            monkeypatch.setenv("MOE_FP8_PREFILL_SWIGLU", "1")
+            got = moe(x)
+            assert torch.equal(got, expected), f"prefill swiglu T={tokens} rows={rows}"
+    finally:
+        moe.dispatcher.contiguous_rows = saved

@@ -407,6 +407,13 @@ def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms:
 
 
 @functools.lru_cache(maxsize=4096)
+def contiguous_swiglu_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
+    """Config of the fused SwiGLU gate-up GEMM on the contiguous layout: 128 x 256 tiles (a gate
+    and an up block each), as the contiguous GEMM runs the prefill's gate-up (no multicast)."""
+    return GemmConfig(128, 256).resolved(k)
+
+
+@functools.lru_cache(maxsize=4096)
 def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
     return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k)
 

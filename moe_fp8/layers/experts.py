@@ -47,6 +47,12 @@ kFusedSwiGluMinRowsEarlyWeights = 0.0
 # bits equal; decode 1 / 32 / 256 tokens 160 -> 159 / 516 -> 512 / 583 -> 582 us.
 kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
 kEarlyWeightsDefault = True
+# The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
+# epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
+# again (at 8192 tokens x top-8: 537 MB each way and the ~250 us SiLU kernel, H100 profile
+# 2026-12-06), the same act bytes. Off until measured on a GPU (session 14).
+kPrefillSwiGluEnv = "MOE_FP8_PREFILL_SWIGLU"
+kPrefillSwiGluDefault = False
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -134,6 +140,9 @@ class RoutedExperts(nn.Module):
 
     def forward_contiguous(self, layout: ContiguousLayout) -> torch.Tensor:
         """-> ``y_rows [M_sum, H]`` bf16; padding rows are not written (arbitrary values)."""
+        act = self._prefill_swiglu(layout)
+        if act is not None:
+            return G.m_grouped_fp8_gemm_nt_contiguous(act, (self.w2, self.w2_scale), layout.m_indices)
         rows = layout.num_rows
         # NOTE: GEMM1 skips padding rows, so they hold garbage that the SiLU-mul op quantises too;
         # harmless (GEMM rows are independent and GEMM2 skips them again) except that the debug
@@ -163,6 +172,26 @@ class RoutedExperts(nn.Module):
             down = dataclasses.replace(down, early_b=True)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
+
+    def _prefill_swiglu(self, layout: ContiguousLayout):
+        """``act = (fp8 [M_sum, I], MN-major scales)`` from the fused SwiGLU gate-up GEMM where
+        ``MOE_FP8_PREFILL_SWIGLU`` allows it (the contiguous GEMM runs as a kernel, 2I % 256 ==
+        0, not in the debug mode: its finiteness checks would read the padding rows, which the
+        kernel leaves unwritten), else None (nothing done)."""
+        if (not switch_on(kPrefillSwiGluEnv, kPrefillSwiGluDefault) or (2 * self.inter) % 256
+                or debug_mode() or torch.compiler.is_compiling()):
+            return None
+        from ..gemm.backend import pick
+        if pick("auto", layout.a.device, "fp8_gemm", "m_grouped_contiguous") is None:
+            return None
+        from ..gemm.kernels import fp8_gemm
+        rows = layout.num_rows
+        q = torch.empty(rows, self.inter, dtype=FP8, device=layout.a.device)
+        s = empty_act_scales(rows, self.inter // 128, device=layout.a.device)
+        fp8_gemm.m_grouped_contiguous_swiglu(layout.a, to_mn_major(layout.sa), self.w13,
+                                             self.w13_scale, layout.m_indices, q, s,
+                                             pow2=self.pow2_scale)
+        return q, s
 
     def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:
         """Gate-up GEMM + SiLU-and-mul + quantisation in one kernel into ``workspace.act`` where

@@ -1,14 +1,19 @@
-// The masked gate-up GEMM with SiLU-and-mul and the 1x128 FP8 quantisation in its epilogue (the
-// decode step's experts): act[e, m, :] = quant(silu(h_gate) * h_up) with h = bf16(A[e] . W13[e]^T),
-// the bytes and scales that the masked gate-up GEMM followed by silu_and_mul_quant_kernel write
-// (the same bf16 rounding of h, the same per-value SiLU, amax, scale and e4m3 conversion), minus
-// the kernel launch between them and h's round trip through memory.
+// The grouped gate-up GEMM with SiLU-and-mul and the 1x128 FP8 quantisation in its epilogue:
+// act[r, :] = quant(silu(h_gate) * h_up) with h = bf16(A[r] . W13[e(r)]^T), the bytes and scales
+// that the gate-up GEMM followed by the SiLU-and-mul kernel write (the same bf16 rounding of h,
+// the same per-value SiLU, amax, scale and e4m3 conversion), minus the kernel launch between them
+// and h's round trip through memory (prefill: 2I bf16 per routed row written and read again).
+// Layouts: masked (the decode step; rows r = e * M_max + m, m < masked_m[e]) or contiguous with
+// m_indices (the prefill; padding rows, -1, are neither computed (whole padding tiles) nor
+// written, as the GEMM leaves them).
 //
 // W13 [E, 2I, K] keeps its layout (gate rows [0, I), up rows [I, 2I)): a 256-wide tile t pairs
 // gate block t with up block t as its two 128-column halves (TileScheduler kPairedHalves,
 // gemm_core kUpRowOffset), so a math thread's accumulators of half 0 and half 1 at the same
 // index are the gate and the up value of one output element. Output: act fp8 [E, M_max, I] (rows
-// < masked_m only) and its scales act_s[e, m, t] at e * ds_batch + t * ds_group + m (MN-major).
+// < masked_m only) and its scales act_s[e, m, t] at e * ds_batch + t * ds_group + m (MN-major);
+// contiguous: act fp8 [M_sum, I] and act_s[r, t] at t * ds_group + r (params.m = M_sum, so the
+// epilogue's expert coordinate is 0).
 #pragma once
 
 #include "fp8_gemm.cuh"
@@ -16,7 +21,7 @@
 
 namespace moe_fp8 {
 
-template <int kN, bool kPow2>
+template <int kN, bool kPow2, int kLayout>
 struct EpilogueSwiGlu {
   static constexpr int kInter = kN / 2;
   // the bf16 epilogue's staging size: the host sizes shared memory for it (heuristics.smem_bytes)
@@ -32,7 +37,7 @@ struct EpilogueSwiGlu {
     const int warp = tid / 32, lane = tid % 32;
     const int rows = tile.rows_valid - warpgroup * 64;  // this warpgroup's rows to write
     if (rows <= 0) return;                              // warpgroup-uniform
-    const int expert = tile.m_row / params.m;           // masked: m_row = e * M_max + m
+    const int expert = tile.m_row / params.m;  // masked: m_row = e * M_max + m; contiguous: 0
     const int m0 = tile.m_row - expert * params.m + warpgroup * 64;
     const long row0 = static_cast<long>(tile.m_row) + warpgroup * 64;
     unsigned char* g_act = static_cast<unsigned char*>(params.g_d);  // fp8 bytes
@@ -66,6 +71,9 @@ struct EpilogueSwiGlu {
       amax = quant::max_nan(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
       const float scale = quant::scale_from_amax<kPow2>(amax);
       if (r >= rows) continue;
+      // contiguous: padding rows (m_indices -1, only ever ending a segment) are not written
+      if constexpr (kLayout == kLayoutContiguous)
+        if (__ldg(params.g_layout + row0 + r) < 0) continue;
       // two fp8 bytes per 8-column group j: byte column 8 j + 2 (lane % 4), all offsets even
       unsigned short* dst = reinterpret_cast<unsigned short*>(
           g_act + (row0 + r) * kInter + tile.n0 + 2 * (lane % 4));
@@ -84,8 +92,12 @@ struct EpilogueSwiGlu {
   }
 };
 
-template <int kN, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kPow2>
+template <int kN, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kPow2,
+          int kLayout>
 struct SwiGluPolicy {
+  static_assert(kLayout == kLayoutMasked || (kLayout == kLayoutContiguous && kARowChunk_ == 0 &&
+                                             kBlockM_ == 128),
+                "masked, or contiguous with m_indices (128-row tiles, whole tiles of A)");
   static constexpr int kBlockM = kBlockM_, kBlockN = 256, kStages = kStages_;
   static constexpr int kClusterM = 1, kClusterN = 1;
   static constexpr int kARowChunk = kARowChunk_;
@@ -96,24 +108,25 @@ struct SwiGluPolicy {
   static constexpr bool kSkipIdleWarpgroup = kARowChunk > 0;
   static constexpr int kUpRowOffset = kN / 2;
   static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
-  using Scheduler = TileScheduler<kLayoutMasked, kN, kK, kBlockM, 256, kGroupN, 1, 1, 1, false,
-                                  true>;
-  using Epilogue = EpilogueSwiGlu<kN, kPow2>;
+  using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, 256, kGroupN, 1, 1, 1, false, true>;
+  using Epilogue = EpilogueSwiGlu<kN, kPow2, kLayout>;
 };
 
-// kN = 2I (W13's rows per expert), K = H. tma_a / tma_sa / tma_b as for the masked GEMM (B in
-// 128-row boxes); tma_d: any valid descriptor (prefetched, not used).
-template <int kN, int kK, int kBlockM, int kStages, int kGroupN, int kARowChunk, bool kPow2>
+// kN = 2I (W13's rows per expert), K = H. tma_a / tma_sa / tma_b as for the masked or contiguous
+// GEMM (B in 128-row boxes); tma_d: any valid descriptor (prefetched, not used). m: M_max
+// (masked) or M_sum (contiguous); g_layout: masked_m [E] or m_indices [M_sum].
+template <int kN, int kK, int kBlockM, int kStages, int kGroupN, int kARowChunk, bool kPow2,
+          int kLayout = kLayoutMasked>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fused_swiglu_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                              const __grid_constant__ ptx::TmaDesc tma_b,
                              const __grid_constant__ ptx::TmaDesc tma_sa,
                              const __grid_constant__ ptx::TmaDesc tma_d, int m, int num_experts,
-                             const int* g_masked_m, const float* g_sb, void* g_act,
+                             const int* g_layout, const float* g_sb, void* g_act,
                              float* g_act_scale, long long scale_batch, long long scale_group) {
   static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
-  using Policy = SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kPow2>;
-  const GemmParams params{m, num_experts, g_masked_m, g_sb, g_act, g_act_scale, scale_batch,
+  using Policy = SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kPow2, kLayout>;
+  const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
                           scale_group};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }

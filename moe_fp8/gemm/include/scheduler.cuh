@@ -93,9 +93,9 @@ enum class TileStatus { kDone, kSkip, kReady };
 // kEmptyTiles: work without K blocks still yields its tiles, with num_k_blocks = 0, so that the
 // epilogue writes their zeros (else they are skipped): an expert without tokens (k-grouped,
 // overwriting D), an all-padding row block (kLayoutContiguousZeroPad).
-// kPairedHalves (masked, kBlockN = 256, fused SwiGLU): tile t of an expert pairs B's gate block t
-// (rows 128 t) with its up block t (rows kN / 2 + 128 t) as the tile's two 128-column halves;
-// n0 = 128 t is the tile's first column of the kN / 2 wide product.
+// kPairedHalves (masked or contiguous with m_indices, kBlockN = 256, fused SwiGLU): tile t of an
+// expert pairs B's gate block t (rows 128 t) with its up block t (rows kN / 2 + 128 t) as the
+// tile's two 128-column halves; n0 = 128 t is the tile's first column of the kN / 2 wide product.
 // kCoherentCounts: masked_m read through L2 (ld.global.cg) instead of the read-only L1 path,
 // for a reader that runs before its PDL wait (gemm_core.cuh kEarlyB): the counts were written
 // kernels before, so L2 holds them, but this SM's L1 may still hold an older replay's.
@@ -106,9 +106,10 @@ struct TileScheduler {
   // The same tile sequence, its counts read through L2.
   using Coherent = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM, kClusterN,
                                  kSplitK, kEmptyTiles, kPairedHalves, true>;
-  static_assert(!kPairedHalves || (kLayout == kLayoutMasked && kBlockN == 256 && kN % 256 == 0 &&
-                                   kClusterM * kClusterN == 1),
-                "paired halves: masked layout, 256-wide tiles, N / 2 in 128-column blocks");
+  static_assert(!kPairedHalves || ((kLayout == kLayoutMasked || kLayout == kLayoutContiguous) &&
+                                   kBlockN == 256 && kN % 256 == 0 && kClusterM * kClusterN == 1),
+                "paired halves: masked or m_indices layout, 256-wide tiles, N / 2 in 128-column "
+                "blocks");
   static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
                 "multicast pairs need both row blocks to use the same B");
   static constexpr int kClusterSize = kClusterM * kClusterN;

@@ -316,16 +316,26 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     return out
 
 
-def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool) -> "jit.KernelSource":
-    """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)."""
+def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
+                  layout: int = kLayoutMasked) -> "jit.KernelSource":
+    """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)
+    on the masked or the contiguous (m_indices) layout."""
     c = config
     if c.block_n != 256 or c.cluster_size != 1 or c.split_k != 1 or n % 256 or c.early_b:
         raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without a cluster, split K "
                          f"or early B and 2I % 256 == 0, got {c} with 2I = {n}")
+    if layout not in (kLayoutMasked, kLayoutContiguous):
+        raise ValueError(f"the fused SwiGLU GEMM runs on the masked or the contiguous (m_indices) "
+                         f"layout, got layout {layout}")
+    if layout == kLayoutContiguous and (c.block_m != 128 or c.a_row_chunk):
+        raise ValueError(f"the contiguous fused SwiGLU GEMM needs 128-row tiles of whole A loads, "
+                         f"got {c}")
+    # the masked instances keep the name (and cache key) they were measured under
+    tail = "" if layout == kLayoutMasked else f", {layout}"
     return jit.KernelSource(
         kSwiGluHeader,
         f"moe_fp8::fused_swiglu_gemm_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
-        f"{c.a_row_chunk}, {'true' if pow2 else 'false'}>", extra_defines)
+        f"{c.a_row_chunk}, {'true' if pow2 else 'false'}{tail}>", extra_defines)
 
 
 def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -359,6 +369,39 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
                    jit.i64(act_s.stride(0)), jit.i64(act_s.stride(2))])
 
 
+def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
+                                sb: torch.Tensor, m_indices: torch.Tensor, act: torch.Tensor,
+                                act_s: torch.Tensor, pow2: bool = False,
+                                config: Optional[H.GemmConfig] = None) -> None:
+    """``act, act_s = silu_and_mul_quant(m_grouped_contiguous(a, b, m_indices))`` in one kernel
+    (the same bytes on every row of a tile that is not padding): ``a`` fp8 ``[M_sum, K]`` +
+    MN-major ``sa``, ``b`` W13 fp8 ``[E, 2I, K]`` (gate rows, then up rows) + ``sb``
+    ``[E, 2I/128, K/128]``, ``m_indices`` int32 ``[M_sum]`` (constant per 128-row segment, -1 on
+    padding); ``act`` fp8 ``[M_sum, I]`` contiguous and ``act_s`` ``[M_sum, I/128]`` MN-major
+    (``layout.empty_act_scales``). Padding rows (-1) of both are left untouched. Checked
+    tensors only (the caller validates)."""
+    m_sum, k = a.shape
+    num_experts, n, _ = b.shape
+    if m_sum == 0:
+        return
+    if act_s.dim() != 2 or act_s.stride(0) != 1 or not act.is_contiguous():
+        raise ValueError("act must be contiguous and act_s a 2-D MN-major view "
+                         "(layout.empty_act_scales)")
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    c = config or H.contiguous_swiglu_config(m_sum, n, k, H.num_sms(dev))
+    kernel = _cached_kernel(("swiglu", kLayoutContiguous, n, k, c, pow2, dev, extra_defines),
+                            lambda: swiglu_source(n, k, c, pow2, kLayoutContiguous), dev)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
+    tiles = H._ceil_div(m_sum, c.block_m) * (n // 256)
+    grid = persistent_grid(kernel, c, tiles, smem, dev)
+    tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a), _sa_view(sa), m_sum,
+                                         _k_major(b).view(num_experts * n, k), c, 128)
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
+                  [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_sum), jit.i32(num_experts),
+                   m_indices.contiguous(), sb.contiguous(), act, act_s, jit.i64(0),
+                   jit.i64(act_s.stride(1))])
+
+
 # ----------------------------------------------------------------------------- bundled variants
 
 kH100Sms = 132
@@ -382,6 +425,9 @@ def bundled_sources() -> List["jit.KernelSource"]:
             for layout in (kLayoutContiguous, kLayoutContiguousOffsets, kLayoutContiguousZeroPad):
                 sources.append(kernel_source(n, k, H.contiguous_config(m_sum, n, k, kH100Sms),
                                              layout))
+            if n == 4096:  # the prefill's gate-up with SiLU-and-mul (MOE_FP8_PREFILL_SWIGLU)
+                sources.append(swiglu_source(n, k, H.contiguous_swiglu_config(
+                    m_sum, n, k, kH100Sms), pow2=False, layout=kLayoutContiguous))
         for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
             config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
             sources.append(kernel_source(n, k, config, kLayoutMasked))
