@@ -49,8 +49,10 @@ kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
 kEarlyWeightsDefault = True
 # The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
 # epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
-# again (at 8192 tokens x top-8: 537 MB each way and the ~250 us SiLU kernel, H100 profile
-# 2026-12-06), the same act bytes. Off until measured on a GPU (session 14).
+# again (at 8192 tokens x top-8: 537 MB each way and a ~440 us SiLU kernel), the same act bytes
+# (GPU tests). Alone it is 6-11 % faster than GEMM + SiLU at 4096-16384 tokens, but in the layer
+# (H100 at its 700 W power cap, 3-8 % spread) 4096 tokens gained 3-5 %, 8192 / 32768 were even and
+# 16384 lost 2-4 % in every setting (results/prefill_ab_h100_2026-12-06_s14.md): off.
 kPrefillSwiGluEnv = "MOE_FP8_PREFILL_SWIGLU"
 kPrefillSwiGluDefault = False
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
