@@ -6,7 +6,7 @@ Ops (each gets ``--count`` random cases, default 500):
     gemm_contiguous  a [M_sum, K] x b [E, N, K], m_indices        (empty experts, 128-boundary counts)
     gemm_masked      a [E, M_max, K] x b [E, N, K], masked_m      (masked_m 0 and = M_max)
     gemm_swiglu      masked gate-up GEMM + SiLU-and-mul quant vs unquantised (< 1e-2); the fused
-                     SwiGLU GEMM vs that pair                                      bit-exact
+                     SwiGLU GEMM (masked, and contiguous on the same rows) vs that pair  bit-exact
     gemm_kgrouped    out[e] += a[:, seg_e] . b[:, seg_e]^T (fp32)  (empty segments)
     quant_token      per-token-group quant, 2-D / 3-D, bf16 / fp32, pow2 or not   bit-exact
     quant_block      per-block quant, any N, 2-D / 3-D, bf16 / fp32, pow2 or not  bit-exact
@@ -316,6 +316,25 @@ def run_gemm_swiglu(c: dict, ctx: Context, stats: dict) -> None:
                               got_q.view(FP8), got_s, pow2=pow2)
     same_bits(got_q, want_q, f"{what}: fused act bytes")
     same_bits(got_s, want_s, f"{what}: fused act scales")
+    # The same expert rows in the contiguous layout (the prefill's fused SwiGLU, session 14):
+    # its act must equal the masked pair's on every expert row; padding rows keep their poison.
+    m_indices = build_m_indices(masked, device=ctx.device)
+    rows = m_indices >= 0
+    m_sum = m_indices.numel()
+    a_rows = torch.zeros(m_sum, k, dtype=FP8, device=ctx.device)
+    sa_rows = empty_act_scales(m_sum, k // 128, device=ctx.device)
+    sa_rows.fill_(1.0)
+    a_rows.view(torch.uint8)[rows] = a[0].view(torch.uint8)[valid]  # no index_put for fp8
+    sa_rows[rows] = a[1][valid]
+    flat_q = torch.full((m_sum, inter), 0x5A, dtype=torch.uint8, device=ctx.device)
+    flat_s = empty_act_scales(m_sum, inter // 128, device=ctx.device)
+    flat_s.fill_(-7.0)
+    K.m_grouped_contiguous_swiglu(a_rows, sa_rows, b[0], b[1], m_indices, flat_q.view(FP8), flat_s,
+                                  pow2=pow2)
+    same_bits(flat_q[rows], want_q[valid], f"{what}: contiguous fused act bytes")
+    same_bits(flat_s[rows], want_s[valid], f"{what}: contiguous fused act scales")
+    expect(bool((flat_q[~rows] == 0x5A).all()) and bool((flat_s[~rows] == -7.0).all()),
+           f"{what}: contiguous fused wrote padding rows")
 
 
 def run_gemm_kgrouped(c: dict, ctx: Context, stats: dict) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from moe_fp8.gemm.jit import env
+from moe_fp8.gemm.kernels import quant as quant_kernels
 from moe_fp8.gemm.jit.runtime import i32, i64
 from moe_fp8.gemm.layout import empty_act_scales
 
@@ -26,8 +27,8 @@ from kernel_checks import EmulatedKernel, compile_harness, kQuantPrelude, launch
 kInter = 512  # I: four 128-column blocks t per expert
 kBlockM = 128  # two math warpgroups
 # the one-shot masked SiLU kernel (the stream kernel's 8-lane shuffles are beyond the harness)
-kSiluInstances = [f"moe_fp8::quant::silu_and_mul_quant_oneshot_kernel<128, {p}, true>"
-                  for p in ("false", "true")]
+kSiluInstances = [quant_kernels.silu_oneshot_source(128, p, masked).instance
+                  for p in (False, True) for masked in (True, False)]
 
 
 def _header(name: str, *drop: str) -> str:
@@ -82,7 +83,26 @@ void swiglu_epilogue_probe(const float* acc, int m_row, int n0, int rows_valid, 
                                                  threadIdx.x / 128, threadIdx.x % 128, 0);
 }
 '''
+    contiguous_probe = r'''
+// The same for the contiguous layout (session 14): params.m = M_sum, g_layout = m_indices.
+template <int kN, bool kPow2>
+void swiglu_epilogue_contiguous_probe(const float* acc, int m_row, int n0, int rows_valid,
+                                      int m_sum, int num_experts, const int* m_indices, void* act,
+                                      float* act_s, long long s_group) {
+  float r_acc[128];
+  for (int i = 0; i < 128; ++i) r_acc[i] = acc[threadIdx.x * 128 + i];
+  moe_fp8::Tile tile{};
+  tile.m_row = m_row;
+  tile.n0 = n0;
+  tile.rows_valid = rows_valid;
+  const moe_fp8::GemmParams params{m_sum, num_experts, m_indices, nullptr, act, act_s, 0, s_group};
+  moe_fp8::EpilogueSwiGlu<kN, kPow2, moe_fp8::kLayoutContiguous>::write_tile(
+      r_acc, nullptr, nullptr, tile, params, threadIdx.x / 128, threadIdx.x % 128, 0);
+}
+'''
+    probe += contiguous_probe
     probes = [f"swiglu_epilogue_probe<{2 * kInter}, {p}>" for p in ("false", "true")]
+    probes += [f"swiglu_epilogue_contiguous_probe<{2 * kInter}, {p}>" for p in ("false", "true")]
     return (kQuantPrelude + stubs + _header("scheduler.cuh", '#include "ptx.cuh"') + epilogue_stubs
             + _header("fused_swiglu.cuh", '#include "fp8_gemm.cuh"', '#include "quant.cuh"')
             + probe + launch_code(probes + kSiluInstances))
@@ -167,3 +187,48 @@ def test_swiglu_epilogue_writes_what_gemm_then_silu_writes(emulator, monkeypatch
     for e, rows in enumerate(counts):
         assert (got_q[e, rows:] == 0x5A).all() and (got_s[e, rows:] == -7.0).all()
         assert not (got_s[e, :rows] == -7.0).any()
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_contiguous_swiglu_epilogue_writes_what_gemm_then_silu_writes(emulator, monkeypatch, pow2):
+    """The contiguous layout's epilogue (the prefill's fused SwiGLU): the bytes and scales of the
+    SiLU-and-mul kernel on every expert row, and nothing on the padding rows (m_indices -1) of the
+    tiles the scheduler gives it (all-padding segments it never gives)."""
+    from moe_fp8.gemm.kernels import quant
+    from moe_fp8.gemm.layout import build_m_indices
+    counts = [0, 1, 9, 64, 65, 128, 200]
+    m_indices = build_m_indices(counts)
+    m_sum, experts = m_indices.numel(), len(counts)
+    d = _products([1], m_sum, seed=11 + pow2)[0]
+    d[256:265] = d[0:9].clone()  # _products' special rows (3-8) inside expert 3's rows (256-319)
+    d[m_indices < 0] = float("nan")  # padding rows: garbage the epilogue must not write
+    got_q = torch.full((m_sum, kInter), 0x5A, dtype=torch.uint8)
+    got_s = empty_act_scales(m_sum, kInter // 128)
+    got_s.fill_(-7.0)
+    assert got_s.stride(0) == 1  # MN-major
+    probe = EmulatedKernel(emulator, types.SimpleNamespace(
+        instance=f"swiglu_epilogue_contiguous_probe<{2 * kInter}, {str(pow2).lower()}>"))
+    for m0 in range(0, m_sum, kBlockM):
+        if int(m_indices[m0]) < 0:
+            continue  # the scheduler skips padding tiles
+        block = d[m0:m0 + kBlockM]
+        for t in range(kInter // 128):
+            tile = torch.cat([block[:, 128 * t:128 * t + 128],
+                              block[:, kInter + 128 * t:kInter + 128 * t + 128]], dim=1)
+            probe.launch(1, kBlockM // 64 * 128, 0,
+                         [_fragments(tile), i32(m0), i32(128 * t), i32(m_sum - m0), i32(m_sum),
+                          i32(experts), m_indices, got_q, got_s, i64(got_s.stride(1))])
+
+    monkeypatch.setattr(quant, "get_kernel", lambda src, *a: EmulatedKernel(emulator, src))
+    want_q = torch.full_like(got_q, 0x5A)
+    want_s = empty_act_scales(m_sum, kInter // 128)
+    want_s.fill_(-7.0)
+    quant.silu_and_mul_quant(d.to(torch.bfloat16), want_q.view(torch.float8_e4m3fn), want_s, None,
+                             128, pow2, variant="oneshot")
+    rows = m_indices >= 0
+    what = f"contiguous pow2={pow2}"
+    diff = got_q[rows] != want_q[rows]
+    assert not diff.any(), f"{what}: {int(diff.sum())} bytes differ"
+    bits = got_s[rows].view(torch.int32) != want_s[rows].view(torch.int32)
+    assert not bits.any(), f"{what}: scales differ at {bits.nonzero()[:4].tolist()}"
+    assert (got_q[~rows] == 0x5A).all() and (got_s[~rows] == -7.0).all(), f"{what}: padding written"

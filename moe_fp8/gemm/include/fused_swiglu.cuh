@@ -21,7 +21,7 @@
 
 namespace moe_fp8 {
 
-template <int kN, bool kPow2, int kLayout>
+template <int kN, bool kPow2, int kLayout = kLayoutMasked>
 struct EpilogueSwiGlu {
   static constexpr int kInter = kN / 2;
   // the bf16 epilogue's staging size: the host sizes shared memory for it (heuristics.smem_bytes)
