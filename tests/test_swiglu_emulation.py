@@ -25,6 +25,11 @@ from moe_fp8.gemm.layout import empty_act_scales
 from kernel_checks import EmulatedKernel, compile_harness, kQuantPrelude, launch_code
 
 kInter = 512  # I: four 128-column blocks t per expert
+kMasked, kContiguous = "moe_fp8::kLayoutMasked", "moe_fp8::kLayoutContiguous"
+
+
+def _probe(pow2: bool, layout: str) -> str:
+    return f"swiglu_epilogue_probe<{2 * kInter}, {str(pow2).lower()}, {layout}>"
 kBlockM = 128  # two math warpgroups
 # the one-shot masked SiLU kernel (the stream kernel's 8-lane shuffles are beyond the harness)
 kSiluInstances = [quant_kernels.silu_oneshot_source(128, p, masked).instance
@@ -66,43 +71,23 @@ template <typename Policy, typename... Args> void gemm_body(Args&&...) {}
 '''
     probe = r'''
 // One tile's epilogue: kBlockM / 64 warpgroups of 128 threads; thread x's 128 accumulators at
-// acc[x * 128 ..].
-template <int kN, bool kPow2>
-void swiglu_epilogue_probe(const float* acc, int m_row, int n0, int rows_valid, int m_max,
-                           int num_experts, void* act, float* act_s, long long s_batch,
-                           long long s_group) {
+// acc[x * 128 ..]. m: M_max (masked) or M_sum (contiguous); layout: m_indices (contiguous) or null.
+template <int kN, bool kPow2, int kLayout>
+void swiglu_epilogue_probe(const float* acc, int m_row, int n0, int rows_valid, int m,
+                           int num_experts, const int* layout, void* act, float* act_s,
+                           long long s_batch, long long s_group) {
   float r_acc[128];
   for (int i = 0; i < 128; ++i) r_acc[i] = acc[threadIdx.x * 128 + i];
   moe_fp8::Tile tile{};
   tile.m_row = m_row;
   tile.n0 = n0;
   tile.rows_valid = rows_valid;
-  const moe_fp8::GemmParams params{m_max, num_experts, nullptr, nullptr, act, act_s, s_batch,
-                                   s_group};
-  moe_fp8::EpilogueSwiGlu<kN, kPow2>::write_tile(r_acc, nullptr, nullptr, tile, params,
-                                                 threadIdx.x / 128, threadIdx.x % 128, 0);
+  const moe_fp8::GemmParams params{m, num_experts, layout, nullptr, act, act_s, s_batch, s_group};
+  moe_fp8::EpilogueSwiGlu<kN, kPow2, kLayout>::write_tile(r_acc, nullptr, nullptr, tile, params,
+                                                          threadIdx.x / 128, threadIdx.x % 128, 0);
 }
 '''
-    contiguous_probe = r'''
-// The same for the contiguous layout (session 14): params.m = M_sum, g_layout = m_indices.
-template <int kN, bool kPow2>
-void swiglu_epilogue_contiguous_probe(const float* acc, int m_row, int n0, int rows_valid,
-                                      int m_sum, int num_experts, const int* m_indices, void* act,
-                                      float* act_s, long long s_group) {
-  float r_acc[128];
-  for (int i = 0; i < 128; ++i) r_acc[i] = acc[threadIdx.x * 128 + i];
-  moe_fp8::Tile tile{};
-  tile.m_row = m_row;
-  tile.n0 = n0;
-  tile.rows_valid = rows_valid;
-  const moe_fp8::GemmParams params{m_sum, num_experts, m_indices, nullptr, act, act_s, 0, s_group};
-  moe_fp8::EpilogueSwiGlu<kN, kPow2, moe_fp8::kLayoutContiguous>::write_tile(
-      r_acc, nullptr, nullptr, tile, params, threadIdx.x / 128, threadIdx.x % 128, 0);
-}
-'''
-    probe += contiguous_probe
-    probes = [f"swiglu_epilogue_probe<{2 * kInter}, {p}>" for p in ("false", "true")]
-    probes += [f"swiglu_epilogue_contiguous_probe<{2 * kInter}, {p}>" for p in ("false", "true")]
+    probes = [_probe(p, layout) for p in (False, True) for layout in (kMasked, kContiguous)]
     return (kQuantPrelude + stubs + _header("scheduler.cuh", '#include "ptx.cuh"') + epilogue_stubs
             + _header("fused_swiglu.cuh", '#include "fp8_gemm.cuh"', '#include "quant.cuh"')
             + probe + launch_code(probes + kSiluInstances))
@@ -154,8 +139,7 @@ def test_swiglu_epilogue_writes_what_gemm_then_silu_writes(emulator, monkeypatch
     got_q = torch.full((experts, m_max, kInter), 0x5A, dtype=torch.uint8)
     got_s = empty_act_scales(m_max, kInter // 128, experts)
     got_s.fill_(-7.0)
-    probe = EmulatedKernel(emulator, types.SimpleNamespace(
-        instance=f"swiglu_epilogue_probe<{2 * kInter}, {str(pow2).lower()}>"))
+    probe = EmulatedKernel(emulator, types.SimpleNamespace(instance=_probe(pow2, kMasked)))
     s_batch, s_group = got_s.stride(0), got_s.stride(2)
     assert got_s.stride(1) == 1  # MN-major: the down GEMM's A scales
     for e, rows in enumerate(counts):
@@ -169,7 +153,8 @@ def test_swiglu_epilogue_writes_what_gemm_then_silu_writes(emulator, monkeypatch
                                   block[:, kInter + 128 * t:kInter + 128 * t + 128]], dim=1)
                 probe.launch(1, kBlockM // 64 * 128, 0,
                              [_fragments(tile), i32(e * m_max + m0), i32(128 * t), i32(rows - m0),
-                              i32(m_max), i32(experts), got_q, got_s, i64(s_batch), i64(s_group)])
+                              i32(m_max), i32(experts), None, got_q, got_s, i64(s_batch),
+                              i64(s_group)])
 
     # the unfused pair: the masked GEMM's bf16 store, then each masked SiLU kernel
     h = d.to(torch.bfloat16)
@@ -206,8 +191,7 @@ def test_contiguous_swiglu_epilogue_writes_what_gemm_then_silu_writes(emulator, 
     got_s = empty_act_scales(m_sum, kInter // 128)
     got_s.fill_(-7.0)
     assert got_s.stride(0) == 1  # MN-major
-    probe = EmulatedKernel(emulator, types.SimpleNamespace(
-        instance=f"swiglu_epilogue_contiguous_probe<{2 * kInter}, {str(pow2).lower()}>"))
+    probe = EmulatedKernel(emulator, types.SimpleNamespace(instance=_probe(pow2, kContiguous)))
     for m0 in range(0, m_sum, kBlockM):
         if int(m_indices[m0]) < 0:
             continue  # the scheduler skips padding tiles
@@ -217,7 +201,7 @@ def test_contiguous_swiglu_epilogue_writes_what_gemm_then_silu_writes(emulator, 
                               block[:, kInter + 128 * t:kInter + 128 * t + 128]], dim=1)
             probe.launch(1, kBlockM // 64 * 128, 0,
                          [_fragments(tile), i32(m0), i32(128 * t), i32(m_sum - m0), i32(m_sum),
-                          i32(experts), m_indices, got_q, got_s, i64(got_s.stride(1))])
+                          i32(experts), m_indices, got_q, got_s, i64(0), i64(got_s.stride(1))])
 
     monkeypatch.setattr(quant, "get_kernel", lambda src, *a: EmulatedKernel(emulator, src))
     want_q = torch.full_like(got_q, 0x5A)
