@@ -1,0 +1,127 @@
+"""Work per clock and per watt: ours vs cuBLAS blockwise on compute-bound FP8 GEMMs (GPU only).
+
+The H100s lent here run these GEMMs at their 700 W software power cap (SM clock median 1.35-1.5
+GHz of 1.98, session 14), and one card measured our contiguous GEMM 17 % below another with the
+same SASS while cuBLAS moved 3 %. Is ours slower per clock, or does it draw the cap at a lower
+clock? For each case and kernel: back-to-back calls for ``--seconds`` (no L2 flush: the steady
+state a long prefill sees) while nvidia-smi samples every 50 ms; prints the time per call,
+TFLOPS, the median SM clock and power over the loop, TFLOPS per GHz (work per clock) and TFLOPS
+per 100 W, the share of samples under the power cap. Interleaved: ours, cuBLAS, ours, cuBLAS.
+
+    python benchmarks/power_probe.py [--seconds 3] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from bench_gemm import cublas_blockwise  # noqa: E402
+from bench_grouped import _act, _rand  # noqa: E402
+
+from moe_fp8.gemm import reference as ref  # noqa: E402
+from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
+from moe_fp8.gemm.layout import build_m_indices, segment_offsets  # noqa: E402
+
+kPowerCap = "0x0000000000000004"  # clocks_event_reasons: software power cap
+
+
+def sample_loop(fn, seconds: float) -> dict:
+    """``fn`` back to back for ``seconds`` under nvidia-smi sampling -> time per call (us), SM
+    clock and power medians, the share of samples at the power cap."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(1, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
+        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",
+                                "--format=csv,noheader,nounits", "-lms", "50"],
+                               stdout=open(log.name, "w"), stderr=subprocess.DEVNULL)
+        try:
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+        finally:
+            smi.terminate()
+            smi.wait()
+        rows = [line.split(",") for line in open(log.name) if line.count(",") >= 2]
+    clocks = [float(r[0]) for r in rows if r[0].strip().replace(".", "").isdigit()]
+    power = [float(r[1]) for r in rows if r[1].strip().replace(".", "").isdigit()]
+    capped = sum(r[2].strip() == kPowerCap for r in rows)
+    return {"us": start.elapsed_time(end) * 1e3 / calls, "calls": calls,
+            "sm_mhz": statistics.median(clocks) if clocks else float("nan"),
+            "watts": statistics.median(power) if power else float("nan"),
+            "capped": capped / max(len(rows), 1)}
+
+
+def cases():
+    """(label, flops, ours, cuBLAS or None): the contiguous record shapes (cuBLAS one call per
+    expert, as bench_grouped's peer) and two dense M = 4096 shapes."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    blockwise = cublas_blockwise()
+    for experts, rows, n, k in ((4, 8192, 4096, 7168), (4, 8192, 7168, 2048)):
+        counts = [rows] * experts
+        m_indices = build_m_indices(counts, device="cuda")
+        m_sum = m_indices.numel()
+        qa, sa = _act(_rand((m_sum, k), gen))
+        qb, sb = ref.per_block_quant(_rand((experts, n, k), gen))
+        out = torch.empty(m_sum, n, dtype=torch.bfloat16, device="cuda")
+        starts = segment_offsets(counts)[:-1].tolist()
+        slices = [(qa[s:s + rows], torch.empty(k // 128, rows, device="cuda").t().copy_(sa[s:s + rows]),
+                   qb[e], sb[e]) for e, s in enumerate(starts)]
+        yield (f"contiguous {experts}x{rows} N{n} K{k}", 2 * m_sum * n * k,
+               lambda qa=qa, sa=sa, qb=qb, sb=sb, m=m_indices, o=out:
+                   K.m_grouped_contiguous(qa, sa, qb, sb, m, o),
+               None if blockwise is None else (lambda sl=slices: [blockwise(*a) for a in sl]))
+    for m, n, k in ((4096, 7168, 16384), (4096, 4096, 7168)):
+        qa, sa = _act(_rand((m, k), gen))
+        qb, sb = ref.per_block_quant(_rand((n, k), gen))
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        sa_cublas = torch.empty(k // 128, m, device="cuda").t().copy_(sa)
+        yield (f"dense {m}x{n}x{k}", 2 * m * n * k,
+               lambda qa=qa, sa=sa, qb=qb, sb=sb, o=out: K.fp8_gemm_nt(qa, sa, qb, sb, o),
+               None if blockwise is None else
+               (lambda qa=qa, s=sa_cublas, qb=qb, sb=sb: blockwise(qa, s, qb, sb)))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    rows = []
+    for label, flops, ours, peer in cases():
+        for rnd in range(1, args.rounds + 1):
+            for name, fn in (("ours", ours), ("cuBLAS", peer)):
+                if fn is None:
+                    continue
+                s = sample_loop(fn, args.seconds)
+                tflops = flops / s["us"] / 1e6
+                row = {"case": label, "kernel": name, "round": rnd, "us": s["us"], "TFLOPS": tflops,
+                       "sm_MHz": s["sm_mhz"], "W": s["watts"], "capped": s["capped"],
+                       "TFLOPS_per_GHz": tflops / (s["sm_mhz"] / 1e3),
+                       "TFLOPS_per_100W": tflops / (s["watts"] / 100.0)}
+                rows.append(row)
+                common.print_row(row)
+    common.write_results("power_probe", rows, "back-to-back calls (no flush) under nvidia-smi "
+                         "sampling every 50 ms; medians of the SM clock and power over each loop; "
+                         "capped: share of samples with the software power cap active")
+
+
+if __name__ == "__main__":
+    main()
