@@ -13,8 +13,16 @@
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}/switch_ab"; mkdir -p "$FINAL"
-# An entry A+B+C of SWITCHES is one set: all of its switches 0, then all 1.
-assign() { local out=() name; IFS=+ read -ra names <<< "$1"; for name in "${names[@]}"; do out+=("$name=$2"); done; echo "${out[@]}"; }
+# An entry A+B+C of SWITCHES is one set: all of its switches 0, then all 1. NAME:V sets V
+# instead of 1 (a count, e.g. MOE_FP8_DECODE_PREFETCH:4).
+assign() {
+  local out=() name value; IFS=+ read -ra names <<< "$1"
+  for name in "${names[@]}"; do
+    value=$2; [ "$2" = 1 ] && [ "${name#*:}" != "$name" ] && value=${name#*:}
+    out+=("${name%%:*}=$value")
+  done
+  echo "${out[@]}"
+}
 all_on=(); for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do all_on+=($(assign "$s" 1)); done
 if [ -n "${TESTS:-}" ]; then
   env "${all_on[@]}" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
@@ -36,7 +44,7 @@ for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do
 done
 for s in ${GROUPED_SWITCHES:-}; do
   for v in 0 1; do
-    OUT="$FINAL/$s-$v" timeout 120 env "$s=$v" python3 benchmarks/bench_grouped.py --only masked \
+    OUT="$FINAL/$s-$v" timeout 120 env $(assign "$s" "$v") python3 benchmarks/bench_grouped.py --only masked \
       --repeats 10 > "$FINAL/$s-$v/grouped.log" 2>&1
     echo "== $s=$v grouped masked rc=$?"; table "$FINAL/$s-$v/grouped.log" 16
   done
