@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .. import gemm as G
 from ..gemm.jit.env import pdl_scope
 from ..gemm.validate import debug_mode
 from .experts import MaskedWorkspace
@@ -33,6 +34,12 @@ kDecodePdlDefault = True
 # On: measured together with the small dispatch (layers/permute.py), H100 2026-12-05, session 11.
 kStageKernelEnv = "MOE_FP8_STAGE_KERNEL"
 kStageKernelDefault = True
+# The staging kernel also quantises the batch (1x128) into static fp8 buffers, and the graph
+# skips its x-quant kernel (quant.cuh stage_quant_kernel; the same bytes): one kernel fewer at the
+# head of the step (the x-quant ran 1.3 / 4.1 us at 1 / 256 tokens, first on the critical path,
+# H100 timelines 2026-12-06). Off until measured (built in session 14, not run on a GPU).
+kStageQuantEnv = "MOE_FP8_STAGE_QUANT"
+kStageQuantDefault = False
 
 
 class DecodeRunner:
@@ -56,12 +63,18 @@ class DecodeRunner:
                                                   cfg.hidden_size, cfg.moe_intermediate_size,
                                                   device, moe.dtype)
         self.out = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
+        # MOE_FP8_STAGE_QUANT: x's fp8 copy kept beside it, written by the staging kernel
+        self.x_fp8 = None
+        if (self.use_graph and switch_on(kStageQuantEnv, kStageQuantDefault)
+                and moe.dtype == torch.bfloat16 and layouts.fused_enabled(self.x)):
+            self.x_fp8 = G.per_token_group_quant_fp8(self.x, 128, pow2_scale=cfg.pow2_scale)
         self.graph = self._capture() if self.use_graph else None
 
     @torch.no_grad()
     def _step(self) -> None:
         self.moe.forward_masked(self.x, max_tokens_per_expert=self.m_max, num_valid_tokens=self.num_valid,
-                                buffers=self.buffers, workspace=self.workspace, out=self.out)
+                                buffers=self.buffers, workspace=self.workspace, out=self.out,
+                                x_fp8=self.x_fp8)
 
     def _capture(self) -> "torch.cuda.CUDAGraph":
         self.num_valid.fill_(self.max_tokens)
@@ -79,8 +92,9 @@ class DecodeRunner:
         return graph
 
     def _stage(self, x: torch.Tensor) -> bool:
-        """x's rows into the static input and n into num_valid with one kernel, where the switch
-        is on and the kernel applies (same dtype, contiguous, 16-byte aligned); else False."""
+        """x's rows into the static input and n into num_valid with one kernel (with
+        ``x_fp8``: also their fp8 copy), where the switch is on and the kernel applies (same
+        dtype, contiguous, 16-byte aligned); else False."""
         if x.shape[0] == 0 or not switch_on(kStageKernelEnv, kStageKernelDefault) or \
                 not layouts.fused_enabled(self.x):
             return False
@@ -88,7 +102,12 @@ class DecodeRunner:
         if not (x.dtype == self.x.dtype and x.is_contiguous() and kernels.aligned16(x, self.x)
                 and x.shape[1] * x.element_size() % kernels.kVectorBytes == 0):
             return False
-        kernels.stage_rows(x, self.x, self.num_valid)
+        if self.x_fp8 is not None:
+            from ..gemm.kernels import quant
+            quant.stage_quant(x, self.x, *self.x_fp8, self.num_valid,
+                              pow2_scale=self.moe.cfg.pow2_scale)
+        else:
+            kernels.stage_rows(x, self.x, self.num_valid)
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +127,9 @@ class DecodeRunner:
         if not self._stage(x):
             self.x[:n].copy_(x)
             self.num_valid.fill_(n)
+            if self.x_fp8 is not None:  # the graph reads the fp8 copy: refresh it
+                G.per_token_group_quant_fp8(self.x, 128, pow2_scale=self.moe.cfg.pow2_scale,
+                                            out=self.x_fp8)
         if self.graph is not None:
             self.graph.replay()
         else:

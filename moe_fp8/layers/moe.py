@@ -252,14 +252,20 @@ class MoE(nn.Module):
     def forward_masked(self, x: torch.Tensor, *, max_tokens_per_expert: Optional[int] = None,
                        num_valid_tokens=None, buffers: Optional[MaskedBuffers] = None,
                        workspace: Optional[MaskedWorkspace] = None,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       out: Optional[torch.Tensor] = None,
+                       x_fp8: Optional[tuple] = None) -> torch.Tensor:
         """``x [T, H]`` -> ``[T, H]`` through the masked layout (the decode step). With the static
-        arguments (what ``decode_runner`` passes) it neither syncs nor allocates by value."""
+        arguments (what ``decode_runner`` passes) it neither syncs nor allocates by value.
+        ``x_fp8``: x already quantised 1x128 (fp8 ``[T, H]``, fp32 ``[T, H/128]``), used instead
+        of quantising it here (the runner's staging kernel writes it, MOE_FP8_STAGE_QUANT)."""
         x2 = self._tokens(x)
         self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
         prefetch = self._start_prefetch(x2)  # graph branch (MOE_FP8_DECODE_PREFETCH)
-        xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        if x_fp8 is None:
+            xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        else:
+            xq, xs = self._check_x_fp8(x2, x_fp8)
         shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
         layout, handle = self.dispatcher.dispatch_masked_routed(
             (xq, xs), self.gate, self.gate.logits(x2), max_tokens_per_expert=m_max,
@@ -272,6 +278,21 @@ class MoE(nn.Module):
         y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
         shared = self._join_shared(shared, side)
         return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)
+
+    def _check_x_fp8(self, x2: torch.Tensor, x_fp8) -> tuple:
+        """``x_fp8 = (fp8 [T, H], fp32 [T, H/128])``: x2 already quantised 1x128 (the decode
+        runner's staged copy, MOE_FP8_STAGE_QUANT); its shapes and dtypes checked."""
+        if not isinstance(x_fp8, (tuple, list)) or len(x_fp8) != 2:
+            raise TypeError(f"x_fp8 must be a pair (fp8 values, fp32 scales), got {type(x_fp8).__name__}")
+        q, s = x_fp8
+        groups = x2.shape[1] // 128
+        if (not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn
+                or tuple(q.shape) != tuple(x2.shape)):
+            raise ValueError(f"x_fp8[0] must be float8_e4m3fn of x's shape {tuple(x2.shape)}")
+        if (not isinstance(s, torch.Tensor) or s.dtype != torch.float32
+                or tuple(s.shape) != (x2.shape[0], groups)):
+            raise ValueError(f"x_fp8[1] must be float32 of shape {(x2.shape[0], groups)}")
+        return q, s
 
     def _start_prefetch(self, x2: torch.Tensor):
         """The decode step's L2 prefetch of the gate-up weights on a side stream (in a graph

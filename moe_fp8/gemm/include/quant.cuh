@@ -674,6 +674,52 @@ __global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot
   }
 }
 
+// The decode runner's input staging and x-quant in one launch, before its graph replays: the
+// batch's rows x [n, K] bf16 into the static input gStaged (the router reads it), their 1x128 FP8
+// values and scales into the static gQ / gS (MN-major [n, K / kGroupSize] through sRow / sGroup)
+// and n into *gCount; the graph then runs no x-quant of its own (MoE.forward_masked x_fp8). Per
+// unit of kGroupSize values the one-shot kernel's math above: the same bytes as quantising the
+// staged rows.
+template <int kGroupSize, bool kPow2>
+__global__ void __launch_bounds__(kOneShotThreads) stage_quant_kernel(
+    const __nv_bfloat16* __restrict__ gX, __nv_bfloat16* __restrict__ gStaged,
+    __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS, long long numUnits,
+    int groupsPerRow, long long sRow, long long sGroup, long long* __restrict__ gCount,
+    long long count) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  using T = __nv_bfloat16;
+  constexpr int kLanes = lanes_per_group<kGroupSize>();
+  constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *gCount = count;
+  const int lane = threadIdx.x % kLanes;
+  const long long firstUnit = static_cast<long long>(blockIdx.x) * kUnitsPerPass * kOneShotUnroll +
+                              threadIdx.x / kLanes;
+  uint4 rRaw[kOneShotUnroll][Raw<T>::kVectors];
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    const long long unit = firstUnit + p * kUnitsPerPass;
+    load_values(gX + unit * kGroupSize + lane * kValuesPerThread, unit < numUnits, rRaw[p]);
+  }
+#pragma unroll
+  for (int p = 0; p < kOneShotUnroll; ++p) {
+    const long long unit = firstUnit + p * kUnitsPerPass;
+    float rV[16];
+    Raw<T>::to_float(rRaw[p], rV);
+    const float amax = group_amax<kLanes>(rV, 0xFFFFFFFFu);  // every lane shuffles
+    const float scale = scale_from_amax<kPow2>(amax);
+    if (unit >= numUnits) continue;
+    const long long offset = unit * kGroupSize + lane * kValuesPerThread;
+#pragma unroll
+    for (int i = 0; i < Raw<T>::kVectors; ++i)
+      reinterpret_cast<uint4*>(gStaged + offset)[i] = rRaw[p][i];
+    *reinterpret_cast<uint4*>(gQ + offset) = quantize16(rV, scale);
+    if (lane == 0) {
+      const long long row = unit / groupsPerRow;
+      gS[row * sRow + (unit - row * groupsPerRow) * sGroup] = scale;
+    }
+  }
+}
+
 // h [rows, 2I] bf16 (gate | up) -> q [rows, I] + scales; v1's SiLU kernel. kMasked: units of
 // rows m >= masked_m[e] (clamped to [0, M_max]) are skipped; the grid still covers all E * M_max
 // rows (graph-capturable), and a warp whose units are all masked out leaves after reading
