@@ -71,3 +71,5 @@ def test_x_fp8_is_checked():
             moe.forward_masked(x, x_fp8=(q, s[:, :1]))
         with pytest.raises(TypeError, match="x_fp8"):
             moe.forward_masked(x, x_fp8=q)
+        with pytest.raises(ValueError, match="device"):
+            moe.forward_masked(x, x_fp8=(q.to("meta"), s))

@@ -292,6 +292,8 @@ class MoE(nn.Module):
         if (not isinstance(s, torch.Tensor) or s.dtype != torch.float32
                 or tuple(s.shape) != (x2.shape[0], groups)):
             raise ValueError(f"x_fp8[1] must be float32 of shape {(x2.shape[0], groups)}")
+        if q.device != x2.device or s.device != x2.device:
+            raise ValueError(f"x_fp8 must be on x's device {x2.device}, got {q.device} / {s.device}")
         return q, s
 
     def _start_prefetch(self, x2: torch.Tensor):
