@@ -19,8 +19,8 @@ tar -czf "$OUT/switch_ab.tgz" -C "$OUT" switch_ab && rm -rf "$OUT/switch_ab"
 OUT="$OUT" timeout 150 python3 benchmarks/power_probe.py --seconds 2 > "$OUT/power_probe.log" 2>&1
 echo "== power_probe rc=$?"; grep -a "^{" "$OUT/power_probe.log" | cut -c1-260
 mkdir -p "$OUT/contiguous"
-OUT="$OUT/contiguous" CLOCKS_CSV="$OUT/contiguous/clocks.csv" timeout 150 \
+CLOCKS_CSV="$OUT/contiguous/clocks.csv" OUT="$OUT/contiguous" timeout 150 \
   bash benchmarks/with_clocks.sh python3 benchmarks/bench_grouped.py --only contiguous \
-  --contiguous-configs 128x128c1d1,128x192c1d1,128x256c1d1s4,128x160c1d1 \
+  --contiguous-configs 128x128c1d1,128x192c1d1,128x256s4c1d1,128x160c1d1 \
   > "$OUT/contiguous/log" 2>&1
 echo "== contiguous rc=$?"; grep -aE "^\| record|clocks:" "$OUT/contiguous/log" | cut -c1-260

@@ -8,7 +8,14 @@ state a long prefill sees) while nvidia-smi samples every 50 ms; prints the time
 TFLOPS, the median SM clock and power over the loop, TFLOPS per GHz (work per clock) and TFLOPS
 per 100 W, the share of samples under the power cap. Interleaved: ours, cuBLAS, ours, cuBLAS.
 
-    python benchmarks/power_probe.py [--seconds 3] [--rounds 2]
+    python benchmarks/power_probe.py [--seconds 3] [--rounds 2] [--configs 128x256c1d1,128x256c2d1]
+        [--cases dense,contiguous]
+
+``--configs``: ours also under each pinned config (gemm_ab syntax; a config a case rejects is
+skipped). Session 15's question: does B multicast (c2: two row blocks share one load of the
+weight tile, a third fewer L2-to-SM bytes per MMA at 128 x 256) buy TFLOPS at the power cap?
+The dense 32768 x 4096 x 7168 case is the contiguous 4 x 8192 case's work with one weight tensor,
+where the dense kernel can pair row blocks.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_gemm import cublas_blockwise  # noqa: E402
 from bench_grouped import _act, _rand  # noqa: E402
+from gemm_ab import parse_config  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
@@ -69,12 +77,15 @@ def sample_loop(fn, seconds: float) -> dict:
             "capped": capped / max(len(rows), 1)}
 
 
-def cases():
-    """(label, flops, ours, cuBLAS or None): the contiguous record shapes (cuBLAS one call per
-    expert, as bench_grouped's peer) and two dense M = 4096 shapes."""
+def cases(kinds):
+    """(label, flops, ours(config), cuBLAS or None): the contiguous record shapes (cuBLAS one call
+    per expert, as bench_grouped's peer) and dense shapes (M = 4096, and the contiguous 4 x 8192
+    x 4096 x 7168 work as one dense GEMM). ``ours(None)`` runs the shipped heuristic."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     blockwise = cublas_blockwise()
     for experts, rows, n, k in ((4, 8192, 4096, 7168), (4, 8192, 7168, 2048)):
+        if "contiguous" not in kinds:
+            break
         counts = [rows] * experts
         m_indices = build_m_indices(counts, device="cuda")
         m_sum = m_indices.numel()
@@ -85,16 +96,18 @@ def cases():
         slices = [(qa[s:s + rows], torch.empty(k // 128, rows, device="cuda").t().copy_(sa[s:s + rows]),
                    qb[e], sb[e]) for e, s in enumerate(starts)]
         yield (f"contiguous {experts}x{rows} N{n} K{k}", 2 * m_sum * n * k,
-               lambda qa=qa, sa=sa, qb=qb, sb=sb, m=m_indices, o=out:
-                   K.m_grouped_contiguous(qa, sa, qb, sb, m, o),
+               lambda config, qa=qa, sa=sa, qb=qb, sb=sb, m=m_indices, o=out:
+                   K.m_grouped_contiguous(qa, sa, qb, sb, m, o, config),
                None if blockwise is None else (lambda sl=slices: [blockwise(*a) for a in sl]))
-    for m, n, k in ((4096, 7168, 16384), (4096, 4096, 7168)):
+    for m, n, k in ((32768, 4096, 7168), (4096, 7168, 16384), (4096, 4096, 7168)):
+        if "dense" not in kinds:
+            break
         qa, sa = _act(_rand((m, k), gen))
         qb, sb = ref.per_block_quant(_rand((n, k), gen))
         out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         sa_cublas = torch.empty(k // 128, m, device="cuda").t().copy_(sa)
         yield (f"dense {m}x{n}x{k}", 2 * m * n * k,
-               lambda qa=qa, sa=sa, qb=qb, sb=sb, o=out: K.fp8_gemm_nt(qa, sa, qb, sb, o),
+               lambda config, qa=qa, sa=sa, qb=qb, sb=sb, o=out: K.fp8_gemm_nt(qa, sa, qb, sb, o, config),
                None if blockwise is None else
                (lambda qa=qa, s=sa_cublas, qb=qb, sb=sb: blockwise(qa, s, qb, sb)))
 
@@ -103,11 +116,23 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--configs", default="", help="comma-separated pinned configs for ours")
+    parser.add_argument("--cases", default="contiguous,dense")
     args = parser.parse_args()
+    pinned = [(text, parse_config(text)) for text in args.configs.split(",") if text]
     rows = []
-    for label, flops, ours, peer in cases():
+    for label, flops, ours, peer in cases(args.cases.split(",")):
+        kernels = [("ours", lambda ours=ours: ours(None))]
+        for text, config in pinned:
+            try:
+                ours(config)
+            except ValueError as error:  # e.g. B multicast on the contiguous layout
+                print(f"{label} {text}: {error}"[:200])
+                continue
+            kernels.append((f"ours {text}", lambda ours=ours, config=config: ours(config)))
+        kernels.append(("cuBLAS", peer))
         for rnd in range(1, args.rounds + 1):
-            for name, fn in (("ours", ours), ("cuBLAS", peer)):
+            for name, fn in kernels:
                 if fn is None:
                     continue
                 s = sample_loop(fn, args.seconds)
