@@ -236,13 +236,14 @@ def test_a_multicast_needs_paired_column_blocks():
         G.fp8_gemm_nt(a, b, backend="kernel", config=GemmConfig(64, 16, cluster_n=2))  # 3 blocks
 
 
-def test_multicast_needs_dense_layout():
+def test_b_multicast_not_on_the_masked_layout():
     gen = _cuda_gen(1)
-    a, b = _quant_act(_rows((256, 256), gen)), _quant_weight(_weights((2, 128, 256), gen))
-    m_indices = build_m_indices([128, 128], device="cuda")
+    a = _quant_act(_rows((2, 128, 256), gen))
+    b = _quant_weight(_weights((2, 128, 256), gen))
+    masked_m = torch.tensor([128, 5], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="cluster_m"):
-        G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, backend="kernel",
-                                           config=GemmConfig(128, 128, cluster_m=2))
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 64, backend="kernel",
+                                       config=GemmConfig(128, 128, cluster_m=2))
 
 
 def test_block_n_set_is_covered():
@@ -317,6 +318,65 @@ def test_contiguous_zero_padding(config):
         rows = m_indices == e
         want[rows] = x[rows].float() @ w[e].float().t()
     _check(out[valid], want[valid], reference[valid], f"contiguous zero padding {config}")
+
+
+def _nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, NaN (poison) included."""
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("config", [GemmConfig(128, 256, cluster_m=2),
+                                    GemmConfig(128, 128, cluster_m=2, num_sms=4),
+                                    GemmConfig(128, 256, cluster_m=2, num_sms=4),
+                                    GemmConfig(128, 144, cluster_m=2, group_n=2)],
+                         ids=lambda c: f"{c.block_m}x{c.block_n}p{c.num_sms}g{c.group_n}")
+def test_contiguous_b_multicast_pairs(config):
+    """B multicast on the contiguous layouts (scheduler.cuh kSplitPairs): the same bits as the
+    same tiles without a cluster, for the m_indices form (padding skipped or zeroed) and the
+    offsets form, where the pairs of row blocks share an expert, split across two experts, or
+    hold a padding or past-the-end half (odd block counts, empty experts, trailing padding); a few
+    SMs make every CTA walk many tiles through those cases."""
+    import dataclasses
+
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import segment_offsets
+    single = dataclasses.replace(config, cluster_m=1)
+    n, k = 1024 + 128, 1536
+    cases = [([0, 130, 5, 0, 257, 64], 0), ([0, 130, 5, 0, 257, 64], 384), ([128] * 3, 128),
+             ([1], 0), ([300, 0, 0, 1, 250], 256), ([512, 512], 0)]
+    for counts, trailing in cases:
+        gen = _cuda_gen(sum(counts) + trailing)
+        m_indices = build_m_indices(counts, device="cuda")
+        m_indices = torch.cat([m_indices, torch.full((trailing,), -1, dtype=torch.int32,
+                                                     device="cuda")])
+        offsets = segment_offsets(counts).cuda()
+        m_sum = m_indices.shape[0]
+        x, w = _rows((m_sum, k), gen), _weights((len(counts), n, k), gen)
+        (qa, sa), (qb, sb) = _quant_act(x), _quant_weight(w)
+        what = f"{config} counts={counts} trailing={trailing}"
+        for form in ("skip", "zero", "offsets"):
+            got, want = _poisoned((m_sum, n)), _poisoned((m_sum, n))
+            for out, c in ((got, config), (want, single)):
+                if form == "offsets":
+                    K.m_grouped_contiguous_offsets(qa, sa, qb, sb, offsets, out, c)
+                else:
+                    K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, c,
+                                           zero_padding=form == "zero")
+            torch.cuda.synchronize()
+            assert _nan_equal(got, want), f"{what} {form}: differs from the unclustered tiles"
+            valid = m_indices >= 0
+            if form == "skip":
+                assert torch.isnan(got[~valid]).all(), f"{what}: padding rows were written"
+                clustered = got
+            if form == "zero":
+                assert (got[~valid] == 0).all(), f"{what}: padding rows not zero"
+        reference = G.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (qb, sb), m_indices,
+                                                       backend="reference")
+        exact = torch.zeros(m_sum, n, device="cuda")
+        for e in range(len(counts)):
+            rows = m_indices == e
+            exact[rows] = x[rows].float() @ w[e].float().t()
+        _check(clustered[valid], exact[valid], reference[valid], what)
 
 
 @pytest.mark.parametrize("g,m,n,k", GROUPED_CONTIGUOUS_TARGET_SHAPES)

@@ -234,6 +234,18 @@ def test_masked_active_tiles(monkeypatch):
         H.masked_config(4, 256, 4096, 7168, 132)
 
 
+def test_contiguous_multicast_switch(monkeypatch):
+    """MOE_FP8_CONTIGUOUS_MULTICAST: the contiguous layout's 128 x 256 tiles take B multicast
+    (a 2-CTA cluster); narrower tiles and the switch off keep none."""
+    monkeypatch.setenv("MOE_FP8_WIDE_TILES", "1")
+    monkeypatch.setenv("MOE_FP8_CONTIGUOUS_MULTICAST", "1")
+    c = H.contiguous_config(32768, 4096, 7168, 132)
+    assert (c.block_m, c.block_n, c.cluster_m, c.cluster_n) == (128, 256, 2, 1)
+    assert H.contiguous_config(1024, 2112, 7168, 132).cluster_m == 1  # short: narrow tiles
+    monkeypatch.setenv("MOE_FP8_CONTIGUOUS_MULTICAST", "0")
+    assert H.contiguous_config(32768, 4096, 7168, 132).cluster_m == 1
+
+
 def test_early_b_config_and_instances():
     """GemmConfig.early_b (B before the PDL wait, gemm_core.cuh kEarlyB): its own instance name,
     no cluster or split K, refused by the kernels that cannot honour it; the decode down GEMM's

@@ -9,7 +9,9 @@ result on the device would come from —
 * multicast pairs: the two CTAs of a 2-CTA cluster see the same number of tiles, in lockstep,
   sharing B (cluster_m: vertically adjacent row blocks) or A (cluster_n: horizontally adjacent
   column blocks of the same rows and expert) — a pair that diverged would deadlock on the
-  cluster's barriers.
+  cluster's barriers. Contiguous B pairs: both halves share B exactly when they name one expert
+  (else each loads its own); a padding half takes its peer's expert and writes nothing (zero
+  padding: its zeros).
 """
 import ctypes
 import random
@@ -29,6 +31,10 @@ kInstances = [
     ("dense_128x80", 0, 2128, 1536, 128, 80, 5, 1, 1),
     ("contig_n2_128x32", 1, 1024, 384, 128, 32, 16, 1, 2),
     ("contig_128x128", 1, 1024, 384, 128, 128, 16, 1, 1),
+    ("contig_m2_128x256", 1, 1024, 384, 128, 256, 16, 2, 1),
+    ("contig_m2_128x144", 1, 1024, 384, 128, 144, 2, 2, 1),
+    ("offsets_m2_128x128", 4, 1024, 384, 128, 128, 16, 2, 1),
+    ("zeropad_m2_128x256", 5, 1024, 384, 128, 256, 16, 2, 1),
     ("offsets_n2_64x64", 4, 1024, 384, 64, 64, 16, 1, 2),
     ("zeropad_128x256", 5, 1024, 384, 128, 256, 16, 1, 1),
     ("zeropad_n2_64x64", 5, 1024, 384, 64, 64, 16, 1, 2),
@@ -43,7 +49,8 @@ kSplitInstances = [("split7_64x128", 2112, 7168, 64, 128, 7), ("split4_128x96", 
 # fused SwiGLU (masked, kPairedHalves): (name, N = 2I, K, block_m, group_n)
 kPairedInstances = [("paired_64x256", 1024, 512, 64, 16), ("paired_128x256", 4096, 256, 128, 4)]
 kFields = ("cta", "m_row", "sa_m", "sa_k", "k_block0", "num_k_blocks", "n0", "b_row", "sb_row",
-           "rows_valid", "expert")
+           "rows_valid", "expert", "b_shared")
+kNumFields = len(kFields)
 
 kPrelude = r'''
 #include <algorithm>
@@ -71,10 +78,10 @@ extern "C" int walk_@NAME@(int m, int num_experts, const int* layout, int grid, 
     Tile t;
     while (scheduler.next(t)) {
       if (count >= cap) return -1;
-      int* r = out + 11 * count++;
+      int* r = out + 12 * count++;
       r[0] = cta; r[1] = t.m_row; r[2] = t.sa_m; r[3] = t.sa_k; r[4] = t.k_block0;
       r[5] = t.num_k_blocks; r[6] = t.n0; r[7] = t.b_row; r[8] = t.sb_row; r[9] = t.rows_valid;
-      r[10] = t.expert;
+      r[10] = t.expert; r[11] = t.b_shared;
     }
   }
   return count;
@@ -118,12 +125,12 @@ def lib(tmp_path_factory):
 
 def _walk(lib, name, m, num_experts, layout_values, grid):
     cap = 200000
-    out = (ctypes.c_int * (11 * cap))()
+    out = (ctypes.c_int * (kNumFields * cap))()
     layout = (ctypes.c_int * max(1, len(layout_values)))(*layout_values)
     fn = getattr(lib, f"walk_{name}")
     count = fn(m, num_experts, layout, grid, out, cap)
     assert count >= 0, "more tiles than the harness holds"
-    return [dict(zip(kFields, out[11 * i:11 * i + 11])) for i in range(count)]
+    return [dict(zip(kFields, out[kNumFields * i:kNumFields * (i + 1)])) for i in range(count)]
 
 
 def _ceil(a, b):
@@ -194,6 +201,16 @@ def _expected(layout, n, bm, bn, m, experts, values):
     return want
 
 
+def _block_expert_valid(layout, values, experts, m, row):
+    """Whether the contiguous row block at ``row`` holds an expert's rows (not padding, not past M
+    or, offsets form, past offsets[E])."""
+    if row >= m:
+        return False
+    if layout == 4:
+        return row < values[-1]
+    return 0 <= values[row] < experts
+
+
 def _tile_key(layout, t, n):
     """(expert, m_row, n0): the grouped NT layouts name the expert by B's row block."""
     expert = t["expert"] if layout in (0, 3) else t["b_row"] // n
@@ -212,11 +229,18 @@ def test_scheduler_covers_each_tile_once_and_pairs_stay_in_lockstep(lib, instanc
         what = f"{name} trial {trial}: m={m} experts={experts} grid={grid} layout={values[:16]}"
         real = [t for t in tiles if t["rows_valid"] > 0]
         got = [_tile_key(layout, t, n) for t in real]
+        if layout == 5:  # a padding row block is named by expert 0 (a pair's: by its peer's)
+            got = [(0 if not 0 <= values[row] < experts else e, row, n0) for e, row, n0 in got]
         assert len(got) == len(set(got)), f"{what}: a tile computed twice"
         assert set(got) == _expected(layout, n, bm, bn, m, experts, values), f"{what}: coverage"
         if layout == 5:  # zero padding: all-padding row blocks run with no K block, others with all
-            for t in real:
+            for t in real:  # (a pair's padding half runs its peer's K blocks, on its B)
                 padding = not 0 <= values[t["m_row"]] < experts
+                if padding and cm == 2 and t["num_k_blocks"]:
+                    peer = t["m_row"] ^ bm  # the other row block of the pair
+                    assert peer < m and 0 <= values[peer] < experts, f"{what}: {t}"
+                    assert t["b_row"] // n == values[peer], f"{what}: {t}"
+                    continue
                 assert t["num_k_blocks"] == (0 if padding else k // 128), f"{what}: {t}"
         if layout == 2:  # masked: the rows a tile may write stay inside its expert's masked_m
             for t in real:
@@ -237,9 +261,16 @@ def test_scheduler_covers_each_tile_once_and_pairs_stay_in_lockstep(lib, instanc
                     assert ta["m_row"] == tb["m_row"] and ta["rows_valid"] == tb["rows_valid"], what
                     assert tb["n0"] == ta["n0"] + bn and (ta["n0"] // bn) % 2 == 0, what
                     assert tb["b_row"] - ta["b_row"] == bn, what
-                else:  # B shared: same columns, adjacent row blocks
+                elif layout == 0 or layout == 3:  # B shared: same columns, adjacent row blocks
                     assert ta["n0"] == tb["n0"] and ta["b_row"] == tb["b_row"], what
                     assert tb["m_row"] == ta["m_row"] + bm, what
+                else:  # contiguous: B shared where both row blocks read one expert's B
+                    assert ta["n0"] == tb["n0"] and tb["m_row"] == ta["m_row"] + bm, what
+                    assert ta["b_shared"] == tb["b_shared"], f"{what}: {ta} {tb}"
+                    assert ta["b_shared"] == (ta["b_row"] == tb["b_row"]), f"{what}: {ta} {tb}"
+                    for t in (ta, tb):  # a padding half writes nothing (zero padding: zeros)
+                        if not _block_expert_valid(layout, values, experts, m, t["m_row"]):
+                            assert layout == 5 or t["rows_valid"] <= 0, f"{what}: {t}"
 
 
 @pytest.mark.parametrize("instance", kSplitInstances, ids=[i[0] for i in kSplitInstances])

@@ -55,6 +55,10 @@ kARowChunks = {64: 16, 128: 32}  # A's rows per load by block_m (dense M < block
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
 # layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
 kWideTilesDefault = True
+# The contiguous layout's 128 x 256 tiles with B multicast (MOE_FP8_CONTIGUOUS_MULTICAST). At the
+# 700 W power cap of the lent H100s the dense kernel's B multicast bought 2-5 % over none
+# (power_probe, session 15); off until the contiguous form is measured on a GPU.
+kContiguousMulticastDefault = False
 kWideMinWaves = 2
 # Decode tiles from the experts a batch is expected to touch (``MOE_FP8_MASKED_ACTIVE_TILES``,
 # off until measured): at one token 8 of 32 local experts hold a row, so the down GEMM's 8 x 56
@@ -335,14 +339,20 @@ def split_k_config(m: int, n: int, k: int, sms: int, block_n: int = 128):
 
 def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the contiguous grouped layout (segments of 128 rows; block_m 128 always fits)."""
-    return _contiguous_config(m_sum, n, k, sms, env.wide_tiles(kWideTilesDefault))
+    return _contiguous_config(m_sum, n, k, sms, env.wide_tiles(kWideTilesDefault),
+                              env.contiguous_multicast(kContiguousMulticastDefault))
 
 
 @functools.lru_cache(maxsize=4096)
-def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool) -> GemmConfig:
-    # 128 x 256 without multicast (B multicast would pair row blocks of different experts; A
-    # multicast measured 0.92-1.01x of none at 32 experts, H100, 2026-12-05)
-    return _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
+def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool,
+                       multicast: bool = False) -> GemmConfig:
+    # 128 x 256 tiles, with ``multicast`` B shared by the two row blocks of a 2-CTA cluster where
+    # both belong to one expert (scheduler.cuh kSplitPairs). A multicast measured 0.92-1.01x of
+    # none at 32 experts (H100, 2026-12-05).
+    config = _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
+    if multicast and config.block_n == 256:
+        config = dataclasses.replace(config, cluster_m=2)
+    return config
 
 
 def expected_active_experts(num_experts: int, expected_rows: float) -> int:

@@ -9,10 +9,10 @@
 // K fixed at compile time, weight scales per 128 x 128 block, bf16 epilogue.
 //
 // Constraints: K % 128 == 0; N % 16 == 0; kBlockN a multiple of 16 such that a tile's columns
-// touch at most two 128-column scale blocks; kBlockM in {64, 128}; kClusterM 2 only for the
-// dense layout (B multicast between two vertically adjacent tiles); kClusterN 2 (A multicast
-// between two horizontally adjacent tiles) for any layout whose column blocks pair up exactly;
-// not both.
+// touch at most two 128-column scale blocks; kBlockM in {64, 128}; kClusterM 2 for the dense
+// and contiguous layouts (B multicast between two vertically adjacent tiles); kClusterN 2 (A
+// multicast between two horizontally adjacent tiles) for any layout whose column blocks pair up
+// exactly; not both.
 #pragma once
 
 #include "epilogue.cuh"

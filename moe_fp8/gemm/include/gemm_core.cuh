@@ -5,6 +5,8 @@
 //   kBlockM, kBlockN, kStages   tile and shared-memory ring depth
 //   kClusterM                   1, or 2: a 2-CTA cluster of vertically adjacent tiles in which
 //                               each CTA loads half of the shared B tile and multicasts it
+//                               (contiguous: only where both tiles use one expert's B;
+//                               scheduler.cuh kSplitPairs)
 //   kClusterN                   1, or 2: the same for horizontally adjacent tiles sharing A (small
 //                               M: every CTA otherwise re-reads all of A from L2); not both
 //   kARowChunk                  0, or the rows of one A load (masked or dense layout): a tile loads
@@ -232,7 +234,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         const int a_chunks = a_chunks_of(tile);
-        const u32 stage_tx = stage_tx_of(a_chunks);
+        // kSplitPairs: a padding half of a contiguous pair loads only its B half for the peer
+        const bool load_a = !Scheduler::kSplitPairs || tile.rows_valid > 0;
+        const u32 stage_tx = load_a ? stage_tx_of(a_chunks) : u32(Layout::kBBytes);
         for (int kb = 0; kb < num_kb; ++kb) {
           // kEarlyB: the first kStages slots were claimed (and their B loaded) before the wait
           const bool b_loaded = P::kEarlyB && early_b > 0;
@@ -247,7 +251,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           // NOTE: A and B spelled out alike on purpose: a shared helper (tried 2026-12-05)
           // reordered ptxas's schedule of the math warps' FFMAs in every GEMM instance, and the
           // measured v4c SASS is kept bit for bit until a GPU run can time such a change.
-          if constexpr (kARowChunk > 0) {
+          if (!load_a) {
+          } else if constexpr (kARowChunk > 0) {
             for (int c = 0; c < a_chunks; ++c)
               ptx::tma_load_2d(s_a + stage * Layout::kABytes + c * kARowChunk * 128, tma_a,
                                &full[stage], k, tile.m_row + c * kARowChunk);
@@ -267,14 +272,20 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                              tile.b_row + P::kUpRowOffset);
           } else if constexpr (kClusterM == 1) {
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
-          } else {
+          } else if (!Scheduler::kSplitPairs || tile.b_shared) {
             constexpr int kHalfRows = kBlockN / kClusterM;
             ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * kHalfRows * 128,
                                        tma_b, &full[stage], k, tile.b_row + rank * kHalfRows,
                                        (1 << kClusterM) - 1);
+          } else {  // the pair's row blocks belong to different experts: both halves, locally
+            constexpr int kHalfRows = kBlockN / kClusterM;
+            for (int h = 0; h < kClusterM; ++h)
+              ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kHalfRows * 128, tma_b,
+                               &full[stage], k, tile.b_row + h * kHalfRows);
           }
-          ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
-                           tile.sa_k + kb);
+          if (load_a)
+            ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
+                             tile.sa_k + kb);
           if constexpr (kColumnScales)
             ptx::tma_load_2d(s_sb + stage * kBlockN, tma_sb, &full[stage], tile.n0,
                              tile.sa_k + kb);

@@ -17,10 +17,14 @@
 // Activation scales are viewed as 2-D [outer = (E*)K/128, inner = M (or M_max)] (MN-major),
 // weight scales as [E*ceil(N/128), K/128]; k-grouped: both scales [T/128, M] and [T/128, N].
 //
-// Clusters of kClusterM CTAs (dense, k-grouped) take kClusterM vertically adjacent tiles that
-// share one column block, so B can be multicast: a linear index names a tile pair, the CTA's
-// rank in the cluster picks the row block. A pair past the last row block computes on zero-filled
-// operands and writes nothing (rows_valid <= 0), so both CTAs always see the same tile count.
+// Clusters of kClusterM CTAs (dense, k-grouped, contiguous) take kClusterM vertically adjacent
+// tiles that share one column block, so B can be multicast: a linear index names a tile pair, the
+// CTA's rank in the cluster picks the row block. A pair past the last row block computes on
+// zero-filled operands and writes nothing (rows_valid <= 0), so both CTAs always see the same
+// tile count. Contiguous pairs (kSplitPairs): two row blocks of different experts each load
+// their own whole B (b_shared = false); a padding half (or one past M) takes its peer's expert
+// and loads its B half for it, but no A (rows_valid = 0: nothing written; zero padding keeps its
+// rows, written as zeros); a pair of two padding blocks is skipped (zero padding: no K block).
 // Clusters of kClusterN CTAs (NT layouts) take horizontally adjacent tiles that share one row
 // block, so A can be multicast: the rank picks the column block. The column blocks must pair up
 // exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
@@ -70,6 +74,7 @@ struct Tile {
   int sb_rows_end;  // one past the last sb row of this expert (guards the straddling block)
   int rows_valid;   // rows of the tile that may be written, counted from m_row
   int expert;       // k-grouped: D's expert coordinate
+  bool b_shared = true;  // kSplitPairs: both row blocks of the pair read this B (multicast)
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -110,8 +115,12 @@ struct TileScheduler {
                                    kBlockN == 256 && kN % 256 == 0 && kClusterM * kClusterN == 1),
                 "paired halves: masked or m_indices layout, 256-wide tiles, N / 2 in 128-column "
                 "blocks");
-  static_assert(kClusterM == 1 || kLayout == kLayoutDense || kLayout == kLayoutKGrouped,
-                "multicast pairs need both row blocks to use the same B");
+  static_assert(kClusterM == 1 || kLayout != kLayoutMasked,
+                "B-multicast pairs: dense, k-grouped or contiguous layouts");
+  // Contiguous B-multicast pairs: the two row blocks may belong to different experts (each then
+  // loads its whole B) or one may be padding (it loads its B half for the peer, no A).
+  static constexpr bool kSplitPairs =
+      kClusterM > 1 && kLayout != kLayoutDense && kLayout != kLayoutKGrouped;
   static constexpr int kClusterSize = kClusterM * kClusterN;
   static constexpr int kNumNBlocks = ceil_div(kN, kBlockN);
   static_assert(kClusterN == 1 || (kLayout != kLayoutKGrouped && kNumNBlocks % kClusterN == 0),
@@ -164,6 +173,19 @@ struct TileScheduler {
       if (__ldg(offsets + mid) <= row) lo = mid; else hi = mid - 1;
     }
     return lo;
+  }
+
+  // Contiguous forms: the expert of row block mb, or -1 (padding, or past M: a pair's second
+  // half).
+  __device__ __forceinline__ int expert_of_block(int mb) const {
+    const int row = mb * kBlockM;
+    if (row >= params.m) return -1;
+    if constexpr (kLayout == kLayoutContiguousOffsets) {
+      return expert_of_row(row);
+    } else {
+      const int e = __ldg(params.g_layout + row);
+      return e < 0 || e >= params.num_experts ? -1 : e;
+    }
   }
 
   __device__ __forceinline__ int masked_rows(int e) const {
@@ -230,24 +252,36 @@ struct TileScheduler {
       const int mb = pmb * kClusterM + rank_m;
       const int nb = nu * kClusterN + rank_n;
       int e = 0;
-      if constexpr (is_m_indices_layout(kLayout)) {
-        // m_indices is constant within every 128-row segment (kBlockM divides 128): one read
-        // classifies the whole tile; padding tiles issue no loads, no MMA and (skipping) no
-        // stores, or (zero padding) store their zeros.
-        e = __ldg(params.g_layout + mb * kBlockM);
-        if (e < 0 || e >= params.num_experts) {
+      bool phantom = false;  // kSplitPairs: a padding half that only loads B for its peer
+      if constexpr (kLayout != kLayoutDense) {
+        // m_indices is constant within every 128-row segment's leading block of kBlockM rows
+        // (kBlockM divides 128; -1 only ever ends a segment): one read classifies the whole
+        // tile; padding tiles issue no loads, no MMA and (skipping) no stores, or (zero padding)
+        // store their zeros.
+        if constexpr (kSplitPairs) {
+          e = expert_of_block(mb);
+          const int e_peer = expert_of_block(mb ^ 1);
+          if (e < 0 && e_peer >= 0) {
+            e = e_peer;
+            phantom = true;
+          }
+          t.b_shared = e_peer < 0 || e_peer == e;
+        } else if constexpr (is_m_indices_layout(kLayout)) {
+          e = __ldg(params.g_layout + mb * kBlockM);
+        } else {
+          e = expert_of_row(mb * kBlockM);
+        }
+        if (e < 0 || (is_m_indices_layout(kLayout) && e >= params.num_experts)) {
           if constexpr (!kEmptyTiles) return TileStatus::kSkip;
           t.num_k_blocks = 0;
           e = 0;  // any expert's coordinates: nothing is loaded
         }
-      } else if constexpr (kLayout == kLayoutContiguousOffsets) {
-        e = expert_of_row(mb * kBlockM);
-        if (e < 0) return TileStatus::kSkip;
       }
       t.m_row = mb * kBlockM;
       t.sa_m = t.m_row;
       if constexpr (kSplitK == 1) t.sa_k = 0;
       t.rows_valid = params.m - t.m_row;  // TMA clips the tail; <= 0 for a pair's phantom half
+      if (kLayout != kLayoutContiguousZeroPad && phantom) t.rows_valid = 0;
       fill_n(t, nb, e);
       return TileStatus::kReady;
     }

@@ -89,6 +89,12 @@ def wide_tiles(default: bool) -> bool:
     return _switch("MOE_FP8_WIDE_TILES", default)
 
 
+def contiguous_multicast(default: bool) -> bool:
+    """``MOE_FP8_CONTIGUOUS_MULTICAST``: ``1`` gives the contiguous layout's 128 x 256 tiles B
+    multicast over 2-CTA clusters (heuristics.contiguous_config), ``0`` none; unset: ``default``."""
+    return _switch("MOE_FP8_CONTIGUOUS_MULTICAST", default)
+
+
 def masked_row_chunks(default: bool) -> bool:
     """``MOE_FP8_MASKED_ROW_CHUNKS``: ``1`` lets the masked GEMM load A only in the 16 / 32-row
     chunks below each expert's masked_m (heuristics.masked_config), ``0`` whole tiles; unset:
