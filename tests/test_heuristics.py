@@ -136,13 +136,14 @@ def test_dense_small_m_loads_a_rows_by_need():
 
 
 def test_wide_tiles_switch(monkeypatch):
-    """MOE_FP8_WIDE_TILES=1: 128 x 256 tiles for large M (dense: B multicast; contiguous: no
-    multicast); short problems and small M keep their tiles."""
+    """MOE_FP8_WIDE_TILES=1: 128 x 256 tiles for large M (dense and contiguous: B multicast);
+    short problems and small M keep their tiles."""
     monkeypatch.setenv("MOE_FP8_WIDE_TILES", "1")
+    monkeypatch.delenv("MOE_FP8_CONTIGUOUS_MULTICAST", raising=False)
     c = H.dense_config(4096, 4096, 7168, 132)
     assert (c.block_m, c.block_n, c.cluster_m, c.cluster_n) == (128, 256, 2, 1)
     c = H.contiguous_config(6144, 7168, 2048, 132)
-    assert (c.block_n, c.cluster_m, c.cluster_n) == (256, 1, 1)
+    assert (c.block_n, c.cluster_m, c.cluster_n) == (256, 2, 1)
     for m, n, k in ((128, 4096, 7168), (64, 32768, 512), (1024, 2112, 7168)):
         assert H.dense_config(m, n, k, 132).block_n != 256, (m, n, k)
     monkeypatch.setenv("MOE_FP8_WIDE_TILES", "0")

@@ -55,10 +55,12 @@ kARowChunks = {64: 16, 128: 32}  # A's rows per load by block_m (dense M < block
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
 # layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
 kWideTilesDefault = True
-# The contiguous layout's 128 x 256 tiles with B multicast (MOE_FP8_CONTIGUOUS_MULTICAST). At the
-# 700 W power cap of the lent H100s the dense kernel's B multicast bought 2-5 % over none
-# (power_probe, session 15); off until the contiguous form is measured on a GPU.
-kContiguousMulticastDefault = False
+# The contiguous layout's 128 x 256 tiles with B multicast (MOE_FP8_CONTIGUOUS_MULTICAST): a
+# third fewer L2-to-SM bytes per MMA. At the 700 W power cap of the lent H100s (steady state,
+# power_probe, H100 2026-12-06): record shapes 4 x 8192 K = 7168 / 2048 1074-1082 -> 1119-1122 /
+# 1014-1016 -> 1062-1081 TFLOPS (cuBLAS 1094-1096 / 1011-1013); layer prefill over 5 rounds
+# 4096 / 8192 / 16384 / 32768 tokens +0.7 / -2.2 / -2.4 / -2.9 %.
+kContiguousMulticastDefault = True
 kWideMinWaves = 2
 # Decode tiles from the experts a batch is expected to touch (``MOE_FP8_MASKED_ACTIVE_TILES``,
 # off until measured): at one token 8 of 32 local experts hold a row, so the down GEMM's 8 x 56
@@ -347,8 +349,8 @@ def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
 def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool,
                        multicast: bool = False) -> GemmConfig:
     # 128 x 256 tiles, with ``multicast`` B shared by the two row blocks of a 2-CTA cluster where
-    # both belong to one expert (scheduler.cuh kSplitPairs). A multicast measured 0.92-1.01x of
-    # none at 32 experts (H100, 2026-12-05).
+    # both belong to one expert (scheduler.cuh kSplitPairs; kContiguousMulticastDefault). A
+    # multicast measured 0.92-1.01x of none at 32 experts (H100, 2026-12-05).
     config = _config(m_sum, lambda bm: _ceil_div(m_sum, bm), n, k, sms, wide)
     if multicast and config.block_n == 256:
         config = dataclasses.replace(config, cluster_m=2)

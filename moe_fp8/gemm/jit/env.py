@@ -91,7 +91,8 @@ def wide_tiles(default: bool) -> bool:
 
 def contiguous_multicast(default: bool) -> bool:
     """``MOE_FP8_CONTIGUOUS_MULTICAST``: ``1`` gives the contiguous layout's 128 x 256 tiles B
-    multicast over 2-CTA clusters (heuristics.contiguous_config), ``0`` none; unset: ``default``."""
+    multicast over 2-CTA clusters (heuristics.contiguous_config; on by default), ``0`` none;
+    unset: ``default``."""
     return _switch("MOE_FP8_CONTIGUOUS_MULTICAST", default)
 
 
