@@ -543,17 +543,25 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
         assert torch.equal(got_s.view(torch.int32), want_s.view(torch.int32)), f"{what}: scales differ"
 
 
+@pytest.mark.parametrize("trailing", [0, 128])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("config", [None, GemmConfig(128, 256, num_sms=7)], ids=str)
-def test_contiguous_swiglu_is_gemm_then_silu(config, pow2):
+@pytest.mark.parametrize("config", [None, GemmConfig(128, 256, num_sms=7),
+                                    GemmConfig(128, 256, cluster_m=2),
+                                    GemmConfig(128, 256, cluster_m=2, num_sms=4)],
+                         ids=lambda c: "auto" if c is None else f"c{c.cluster_m}p{c.num_sms}")
+def test_contiguous_swiglu_is_gemm_then_silu(config, pow2, trailing):
     """The fused SwiGLU gate-up GEMM on the contiguous layout (m_indices) writes exactly the bytes
     and scales of the contiguous GEMM followed by the SiLU-and-mul quantisation on every expert
-    row; padding rows (whole padding segments of empty experts, and the tails of partial ones)
-    keep their poison in both outputs. A few rows reach the SiLU's special ranges."""
+    row; padding rows (whole padding segments of empty experts, the tails of partial ones, a
+    trailing padding block) keep their poison in both outputs. A few rows reach the SiLU's
+    special ranges. With B multicast (cluster_m = 2) the 9 or 10 row blocks pair up across
+    experts, within one, with a padding block and past the end."""
     from moe_fp8.gemm.kernels import fp8_gemm as K
     counts, inter, k = [0, 1, 127, 128, 129, 300, 0, 45], 512, 1024
     num_experts = len(counts)
     m_indices = build_m_indices(counts, device="cuda")
+    m_indices = torch.cat([m_indices, torch.full((trailing,), -1, dtype=torch.int32,
+                                                 device="cuda")])
     m_sum = m_indices.numel()
     gen = _cuda_gen(97 + pow2)
     x = _rows((m_sum, k), gen)
@@ -570,7 +578,7 @@ def test_contiguous_swiglu_is_gemm_then_silu(config, pow2):
                                   got_q.view(torch.float8_e4m3fn), got_s, pow2=pow2,
                                   config=None if config is None else config.resolved(k))
     torch.cuda.synchronize()
-    what = f"contiguous swiglu {config} pow2={pow2}"
+    what = f"contiguous swiglu {config} pow2={pow2} trailing={trailing}"
     rows = m_indices >= 0
     assert torch.equal(got_q[rows], want_q.view(torch.uint8)[rows]), f"{what}: act bytes differ"
     assert torch.equal(got_s[rows].view(torch.int32), want_s[rows].view(torch.int32)), \

@@ -120,7 +120,8 @@ def test_fused_swiglu_launch(launches, pow2, shape):
 @pytest.mark.parametrize("shape", [(4, 512, 1024), (32, 2048, 7168)], ids=["small", "dsv3"])
 def test_contiguous_swiglu_launch(launches, shape):
     """The fused SwiGLU GEMM on the contiguous layout (m_indices, session 14): act fp8 [M_sum, I]
-    and its 2-D MN-major scales; the layout's kernel instance, not the masked one."""
+    and its 2-D MN-major scales; the layout's kernel instance, not the masked one, with B
+    multicast by default (launched as 2-CTA clusters, an even grid)."""
     from moe_fp8.gemm.kernels import fp8_gemm as K
     from moe_fp8.gemm.layout import build_m_indices
     experts, inter, k = shape
@@ -131,7 +132,8 @@ def test_contiguous_swiglu_launch(launches, shape):
                                   torch.empty(experts, 2 * inter // 128, k // 128), m_indices,
                                   fp8(rows, inter), empty_act_scales(rows, inter // 128))
     names = [entry[0] for entry in launches]
-    assert names and all("fused_swiglu_gemm_kernel" in n and n.endswith(", 1>") for n in names), names
+    assert names and all("fused_swiglu_gemm_kernel" in n and n.endswith(", 1, 2>") for n in names), names
+    assert all(entry[4] == (2, 1, 1) and entry[1][0] % 2 == 0 for entry in launches), launches
     with pytest.raises(ValueError, match="MN-major"):
         K.m_grouped_contiguous_swiglu(fp8(rows, k), empty_act_scales(rows, k // 128),
                                       fp8(experts, 2 * inter, k),

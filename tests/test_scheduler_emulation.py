@@ -48,6 +48,8 @@ kSplitInstances = [("split7_64x128", 2112, 7168, 64, 128, 7), ("split4_128x96", 
                    ("split2_64x256", 4096, 256, 64, 256, 2)]
 # fused SwiGLU (masked, kPairedHalves): (name, N = 2I, K, block_m, group_n)
 kPairedInstances = [("paired_64x256", 1024, 512, 64, 16), ("paired_128x256", 4096, 256, 128, 4)]
+# fused SwiGLU on the m_indices layout with B-multicast pairs: (name, N = 2I, K, group_n)
+kPairedContiguousInstances = [("paired_contig_m2", 1024, 384, 16), ("paired_contig_m2_g2", 2048, 256, 2)]
 kFields = ("cta", "m_row", "sa_m", "sa_k", "k_block0", "num_k_blocks", "n0", "b_row", "sb_row",
            "rows_valid", "expert", "b_shared")
 kNumFields = len(kFields)
@@ -110,6 +112,13 @@ def lib(tmp_path_factory):
         entry = kEntry
         for key, value in (("NAME", name), ("LAYOUT", 2), ("N", n), ("K", k), ("BM", bm),
                            ("BN", 256), ("GN", gn), ("CM", 1), ("CN", 1), ("SK", 1),
+                           ("ET", "false"), ("PH", "true")):
+            entry = entry.replace(f"@{key}@", str(value))
+        source += entry
+    for name, n, k, gn in kPairedContiguousInstances:
+        entry = kEntry
+        for key, value in (("NAME", name), ("LAYOUT", 1), ("N", n), ("K", k), ("BM", 128),
+                           ("BN", 256), ("GN", gn), ("CM", 2), ("CN", 1), ("SK", 1),
                            ("ET", "false"), ("PH", "true")):
             entry = entry.replace(f"@{key}@", str(value))
         source += entry
@@ -322,3 +331,43 @@ def test_paired_halves_scheduler_pairs_gate_and_up_blocks(lib, instance):
         want = {(e, e * m + mb * bm, block) for e, rows in enumerate(values)
                 for mb in range(_ceil(min(max(rows, 0), m), bm)) for block in range(inter // 128)}
         assert set(got) == want, f"{what}: coverage"
+
+
+@pytest.mark.parametrize("instance", kPairedContiguousInstances,
+                         ids=[i[0] for i in kPairedContiguousInstances])
+def test_paired_halves_multicast_pairs_on_the_contiguous_layout(lib, instance):
+    """The contiguous fused SwiGLU with B multicast: every (row block of an expert, column block
+    t) once, B at gate block t of that expert; the two CTAs of a cluster walk the same sequence,
+    adjacent row blocks of one column block, sharing B exactly where both name one expert; a
+    padding half writes nothing."""
+    name, n, k, gn = instance
+    inter, bm = n // 2, 128
+    rng = random.Random(zlib.crc32(name.encode()))
+    for trial in range(40):
+        m, experts, values = _problem(1, rng)
+        grid = 2 * rng.choice((1, 2, 3, 7, 66))
+        tiles = _walk(lib, name, m, experts, values, grid)
+        what = f"{name} trial {trial}: m={m} experts={experts} grid={grid} m_indices={values[:16]}"
+        got = []
+        for t in tiles:
+            e, block = t["b_row"] // n, t["n0"] // 128
+            assert t["n0"] % 128 == 0 and t["n0"] < inter, f"{what}: {t}"
+            assert t["b_row"] == e * n + t["n0"] and t["sb_row"] == e * (n // 128) + block, what
+            if t["rows_valid"] > 0:
+                assert values[t["m_row"]] == e, f"{what}: {t}"
+                got.append((e, t["m_row"], block))
+            else:
+                assert not _block_expert_valid(1, values, experts, m, t["m_row"]), f"{what}: {t}"
+        assert len(got) == len(set(got)), f"{what}: a tile computed twice"
+        want = {(values[mb * bm], mb * bm, block) for mb in range(_ceil(m, bm))
+                if 0 <= values[mb * bm] < experts for block in range(inter // 128)}
+        assert set(got) == want, f"{what}: coverage"
+        by_cta = {}
+        for t in tiles:
+            by_cta.setdefault(t["cta"], []).append(t)
+        for first in range(0, grid, 2):
+            a, b = by_cta.get(first, []), by_cta.get(first + 1, [])
+            assert len(a) == len(b), f"{what}: cluster {first // 2} CTAs see {len(a)} / {len(b)}"
+            for ta, tb in zip(a, b):
+                assert ta["n0"] == tb["n0"] and tb["m_row"] == ta["m_row"] + bm, what
+                assert ta["b_shared"] == tb["b_shared"] == (ta["b_row"] == tb["b_row"]), what

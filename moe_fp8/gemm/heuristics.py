@@ -421,8 +421,10 @@ def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms:
 @functools.lru_cache(maxsize=4096)
 def contiguous_swiglu_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config of the fused SwiGLU gate-up GEMM on the contiguous layout: 128 x 256 tiles (a gate
-    and an up block each), as the contiguous GEMM runs the prefill's gate-up (no multicast)."""
-    return GemmConfig(128, 256).resolved(k)
+    and an up block each), as the contiguous GEMM runs the prefill's gate-up, with its B
+    multicast (``MOE_FP8_CONTIGUOUS_MULTICAST``: a pair of row blocks shares the two boxes)."""
+    multicast = env.contiguous_multicast(kContiguousMulticastDefault)
+    return GemmConfig(128, 256, cluster_m=2 if multicast else 1).resolved(k)
 
 
 @functools.lru_cache(maxsize=4096)

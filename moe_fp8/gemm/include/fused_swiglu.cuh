@@ -93,13 +93,15 @@ struct EpilogueSwiGlu {
 };
 
 template <int kN, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kPow2,
-          int kLayout>
+          int kLayout, int kClusterM_>
 struct SwiGluPolicy {
   static_assert(kLayout == kLayoutMasked || (kLayout == kLayoutContiguous && kARowChunk_ == 0 &&
                                              kBlockM_ == 128),
                 "masked, or contiguous with m_indices (128-row tiles, whole tiles of A)");
+  static_assert(kClusterM_ == 1 || (kClusterM_ == 2 && kLayout == kLayoutContiguous),
+                "B multicast (a gate and an up box per pair of row blocks): contiguous only");
   static constexpr int kBlockM = kBlockM_, kBlockN = 256, kStages = kStages_;
-  static constexpr int kClusterM = 1, kClusterN = 1;
+  static constexpr int kClusterM = kClusterM_, kClusterN = 1;
   static constexpr int kARowChunk = kARowChunk_;
   static constexpr int kTileKBlocks = kK / 128;
   static constexpr bool kColumnScales = false;
@@ -108,15 +110,17 @@ struct SwiGluPolicy {
   static constexpr bool kSkipIdleWarpgroup = kARowChunk > 0;
   static constexpr int kUpRowOffset = kN / 2;
   static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
-  using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, 256, kGroupN, 1, 1, 1, false, true>;
+  using Scheduler =
+      TileScheduler<kLayout, kN, kK, kBlockM, 256, kGroupN, kClusterM, 1, 1, false, true>;
   using Epilogue = EpilogueSwiGlu<kN, kPow2, kLayout>;
 };
 
 // kN = 2I (W13's rows per expert), K = H. tma_a / tma_sa / tma_b as for the masked or contiguous
 // GEMM (B in 128-row boxes); tma_d: any valid descriptor (prefetched, not used). m: M_max
-// (masked) or M_sum (contiguous); g_layout: masked_m [E] or m_indices [M_sum].
+// (masked) or M_sum (contiguous); g_layout: masked_m [E] or m_indices [M_sum]. kClusterM = 2
+// (contiguous): two row blocks of one expert share the gate and up boxes (B multicast).
 template <int kN, int kK, int kBlockM, int kStages, int kGroupN, int kARowChunk, bool kPow2,
-          int kLayout = kLayoutMasked>
+          int kLayout = kLayoutMasked, int kClusterM = 1>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fused_swiglu_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                              const __grid_constant__ ptx::TmaDesc tma_b,
@@ -125,7 +129,8 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
                              const int* g_layout, const float* g_sb, void* g_act,
                              float* g_act_scale, long long scale_batch, long long scale_group) {
   static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
-  using Policy = SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kPow2, kLayout>;
+  using Policy =
+      SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kPow2, kLayout, kClusterM>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
                           scale_group};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);

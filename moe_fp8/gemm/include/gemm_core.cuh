@@ -267,9 +267,15 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           if (b_loaded) {
             --early_b;
           } else if constexpr (P::kUpRowOffset > 0) {  // two 128-row boxes: the gate and the up block
-            ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
-            ptx::tma_load_2d(s_b + stage * Layout::kBBytes + 128 * 128, tma_b, &full[stage], k,
-                             tile.b_row + P::kUpRowOffset);
+            if (kClusterM == 1 || !tile.b_shared) {
+              ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
+              ptx::tma_load_2d(s_b + stage * Layout::kBBytes + 128 * 128, tma_b, &full[stage], k,
+                               tile.b_row + P::kUpRowOffset);
+            } else {  // B multicast: CTA 0 brings the gate box to both, CTA 1 the up box
+              ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * 128 * 128, tma_b,
+                                         &full[stage], k, tile.b_row + rank * P::kUpRowOffset,
+                                         (1 << kClusterM) - 1);
+            }
           } else if constexpr (kClusterM == 1) {
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
           } else if (!Scheduler::kSplitPairs || tile.b_shared) {

@@ -112,9 +112,10 @@ struct TileScheduler {
   using Coherent = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM, kClusterN,
                                  kSplitK, kEmptyTiles, kPairedHalves, true>;
   static_assert(!kPairedHalves || ((kLayout == kLayoutMasked || kLayout == kLayoutContiguous) &&
-                                   kBlockN == 256 && kN % 256 == 0 && kClusterM * kClusterN == 1),
+                                   kBlockN == 256 && kN % 256 == 0 && kClusterN == 1 &&
+                                   (kClusterM == 1 || kLayout == kLayoutContiguous)),
                 "paired halves: masked or m_indices layout, 256-wide tiles, N / 2 in 128-column "
-                "blocks");
+                "blocks; B multicast pairs of row blocks on the m_indices layout only");
   static_assert(kClusterM == 1 || kLayout != kLayoutMasked,
                 "B-multicast pairs: dense, k-grouped or contiguous layouts");
   // Contiguous B-multicast pairs: the two row blocks may belong to different experts (each then

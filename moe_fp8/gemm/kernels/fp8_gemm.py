@@ -323,8 +323,8 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
     """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)
     on the masked or the contiguous (m_indices) layout."""
     c = config
-    if c.block_n != 256 or c.cluster_size != 1 or c.split_k != 1 or n % 256 or c.early_b:
-        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without a cluster, split K "
+    if c.block_n != 256 or c.cluster_n != 1 or c.split_k != 1 or n % 256 or c.early_b:
+        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast, split K "
                          f"or early B and 2I % 256 == 0, got {c} with 2I = {n}")
     if layout not in (kLayoutMasked, kLayoutContiguous):
         raise ValueError(f"the fused SwiGLU GEMM runs on the masked or the contiguous (m_indices) "
@@ -332,8 +332,11 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
     if layout == kLayoutContiguous and (c.block_m != 128 or c.a_row_chunk):
         raise ValueError(f"the contiguous fused SwiGLU GEMM needs 128-row tiles of whole A loads, "
                          f"got {c}")
+    if layout == kLayoutMasked and c.cluster_m != 1:
+        raise ValueError(f"the masked fused SwiGLU GEMM takes no cluster, got {c}")
     # the masked instances keep the name (and cache key) they were measured under
     tail = "" if layout == kLayoutMasked else f", {layout}"
+    tail += f", {c.cluster_m}" if c.cluster_m != 1 else ""
     return jit.KernelSource(
         kSwiGluHeader,
         f"moe_fp8::fused_swiglu_gemm_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
@@ -401,7 +404,7 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
                   [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_sum), jit.i32(num_experts),
                    m_indices.contiguous(), sb.contiguous(), act, act_s, jit.i64(0),
-                   jit.i64(act_s.stride(1))])
+                   jit.i64(act_s.stride(1))], cluster=(c.cluster_size, 1, 1))
 
 
 def prefetch_source() -> "jit.KernelSource":
