@@ -50,11 +50,12 @@ kEarlyWeightsDefault = True
 # The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
 # epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
 # again (at 8192 tokens x top-8: 537 MB each way and a ~440 us SiLU kernel), the same act bytes
-# (GPU tests). Alone it is 6-11 % faster than GEMM + SiLU at 4096-16384 tokens, but in the layer
-# (H100 at its 700 W power cap, 3-8 % spread) 4096 tokens gained 3-5 %, 8192 / 32768 were even and
-# 16384 lost 2-4 % in every setting (results/prefill_ab_h100_2026-12-06_s14.md): off.
+# (GPU tests). Session 14 (no multicast): alone 6-11 % faster than GEMM + SiLU, in the layer 4096
+# tokens -3..-5 %, 8192 / 32768 even, 16384 +2..4 %. Session 15, both GEMMs with B multicast (H100
+# at its 700 W power cap, results/prefill_swiglu_ab_h100_2026-12-06_s15.md): alone 0.87-0.94x;
+# layer 4096 / 8192 / 16384 / 32768 tokens -5..-6 / -2.0 / -1.2 (10 rounds) / -1.4 %: on.
 kPrefillSwiGluEnv = "MOE_FP8_PREFILL_SWIGLU"
-kPrefillSwiGluDefault = False
+kPrefillSwiGluDefault = True
 # The decode graph's gate-up weights prefetched into L2 on a graph branch of their own while the
 # router branch runs (include/l2_prefetch.cuh): MOE_FP8_DECODE_PREFETCH = K blocks per B tile of the
 # fused SwiGLU GEMM's first wave (unset / 0: off), from kDecodePrefetchMinRows expected rows per
