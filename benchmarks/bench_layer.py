@@ -10,7 +10,8 @@ Prefill (contiguous layout), T = 4096 .. 32768 tokens (x 8 routed rows each):
   Peers get the same 128-row-padded segments (their offsets = our segment ends) and the same
   combine, so only the expert math differs; their router is not timed (routing precomputed),
   ours is: ``ours`` is the whole layer.
-* ``gemm_share`` = time of our 4 GEMMs alone (grouped 1+2, shared 1+2) on the same layout / layer time.
+* ``gemm_share`` = time of our 4 GEMMs alone (grouped 1+2, shared 1+2) on the same layout / layer time
+  (grouped 1 is the fused SwiGLU GEMM where the layer runs it: ``MOE_FP8_PREFILL_SWIGLU``).
 * TFLOPS count real rows only: 6·H·I per (token, expert) incl. the shared expert.
 
 Decode (masked layout, ``decode_runner(max_tokens=n)`` replayed as one CUDA graph), n = 1 .. 256:
@@ -124,7 +125,9 @@ def fp8_row_layer(x, pw: PeerWeights, ends, row_token, combine):
 # ----------------------------------------------------------------------------- ours, GEMMs only
 
 def gemm_only(moe: MoE, x: torch.Tensor):
-    """A closure running just our 4 GEMMs on a prebuilt layout (inputs precomputed)."""
+    """A closure running just our 4 GEMMs on a prebuilt layout (inputs precomputed): the GEMM
+    kernels the layer runs, so the routed gate-up is the fused SwiGLU GEMM (its SiLU epilogue
+    included) where ``MOE_FP8_PREFILL_SWIGLU`` has the layer use it."""
     routing = moe.gate(x)
     xq, xs = quantize_tokens(x)
     layout, _ = moe.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx, routing.topk_weights)
@@ -137,9 +140,14 @@ def gemm_only(moe: MoE, x: torch.Tensor):
     act_s = G.silu_and_mul_quant_fp8(hs)
     ys = torch.empty(x.shape[0], ex.hidden, dtype=torch.bfloat16, device=x.device)
 
+    fused = ex._prefill_swiglu(layout) is not None  # the layer's own choice (one call here)
+
     def run():
-        G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (ex.w13, ex.w13_scale),
-                                           layout.m_indices, out=h)
+        if fused:
+            ex._prefill_swiglu(layout)
+        else:
+            G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (ex.w13, ex.w13_scale),
+                                               layout.m_indices, out=h)
         G.m_grouped_fp8_gemm_nt_contiguous(act, (ex.w2, ex.w2_scale), layout.m_indices, out=y)
         G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale), out=hs)
         G.fp8_gemm_nt(act_s, (sh.w2, sh.w2_scale), out=ys)
