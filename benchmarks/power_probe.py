@@ -77,7 +77,10 @@ def sample_loop(fn, seconds: float) -> dict:
             "capped": capped / max(len(rows), 1)}
 
 
-def cases(kinds):
+kDenseShapes = ((32768, 4096, 7168), (4096, 7168, 16384), (4096, 4096, 7168))
+
+
+def cases(kinds, dense_shapes=kDenseShapes):
     """(label, flops, ours(config), cuBLAS or None): the contiguous record shapes (cuBLAS one call
     per expert, as bench_grouped's peer) and dense shapes (M = 4096, and the contiguous 4 x 8192
     x 4096 x 7168 work as one dense GEMM). ``ours(None)`` runs the shipped heuristic."""
@@ -99,7 +102,7 @@ def cases(kinds):
                lambda config, qa=qa, sa=sa, qb=qb, sb=sb, m=m_indices, o=out:
                    K.m_grouped_contiguous(qa, sa, qb, sb, m, o, config),
                None if blockwise is None else (lambda sl=slices: [blockwise(*a) for a in sl]))
-    for m, n, k in ((32768, 4096, 7168), (4096, 7168, 16384), (4096, 4096, 7168)):
+    for m, n, k in dense_shapes:
         if "dense" not in kinds:
             break
         qa, sa = _act(_rand((m, k), gen))
@@ -118,10 +121,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--configs", default="", help="comma-separated pinned configs for ours")
     parser.add_argument("--cases", default="contiguous,dense")
+    parser.add_argument("--dense-shapes", default="", help="M,N,K;M,N,K (default: kDenseShapes)")
     args = parser.parse_args()
+    dense_shapes = (tuple(tuple(int(v) for v in shape.split(",")) for shape in
+                          args.dense_shapes.split(";")) if args.dense_shapes else kDenseShapes)
     pinned = [(text, parse_config(text)) for text in args.configs.split(",") if text]
     rows = []
-    for label, flops, ours, peer in cases(args.cases.split(",")):
+    for label, flops, ours, peer in cases(args.cases.split(","), dense_shapes):
         kernels = [("ours", lambda ours=ours: ours(None))]
         for text, config in pinned:
             try:
