@@ -41,6 +41,10 @@ kMinStages = 2
 kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
 kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
 kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
+# 192-wide tiles under two math warpgroups: M = 4096, N = 2112, K = 7168 takes 3 waves of them
+# instead of 5 of 128 x 128 (the last 12 % full): 137 -> 120 us (L2-flushed graph replays),
+# 917-921 -> 1040 TFLOPS at steady state, cuBLAS 984 (H100 at its power cap, 2026-12-06, session 15)
+kWidth192Penalty = 1.1
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
@@ -253,7 +257,8 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int, wide: bool = Fa
     Every wave of tiles costs as much as its slowest tile; a tile costs its MMA work
     (block_m * block_n) plus its operand loads ((block_m + block_n) * K, weighted by
     kLoadWeight, i.e. a 128 x 128 tile is counted half load-bound), so narrow tiles win only
-    where they fill otherwise idle SMs. Widths that do not divide 128 pay kOddWidthPenalty:
+    where they fill otherwise idle SMs. Widths that do not divide 128 pay kOddWidthPenalty
+    (192 under 128-row tiles: kWidth192Penalty, measured in session 15):
     measured on H100 (2026-11-25, M = 4096, N = 4096, K = 7168) 112/144/160/192 ran 1.2-1.4x
     slower per unit of work than 128 (two weight scales per K block, no double buffering
     above 128, fewer stages). 256 (two aligned 128-column halves) is a candidate only with
@@ -269,7 +274,9 @@ def _pick_block_n(m_blocks: int, n: int, sms: int, block_m: int, wide: bool = Fa
         tiles = m_blocks * _ceil_div(n, block_n)
         waves = _ceil_div(tiles, sms)
         cost = waves * (block_m * block_n + kLoadWeight * (block_m + block_n))
-        if 128 % block_n and block_n != 256:
+        if block_n == 192 and block_m == 128:
+            cost *= kWidth192Penalty
+        elif 128 % block_n and block_n != 256:
             cost *= kOddWidthPenalty
         key = (cost, -block_n)
         if best_key is None or key < best_key:
