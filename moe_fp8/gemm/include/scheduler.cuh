@@ -24,9 +24,9 @@
 // tile count. Contiguous pairs (kSplitPairs): two row blocks of different experts each load
 // their own whole B (b_shared = false); a padding half (or one past M) takes its peer's expert
 // and loads its B half for it, but no A (rows_valid = 0: nothing written; zero padding keeps its
-// rows, written as zeros); its MMAs still run, on stale A, to keep the pair in lockstep (at most
-// the one pair that ends the valid rows); a pair of two padding blocks is skipped (zero padding:
-// no K block).
+// rows, written as zeros); its MMAs still run, on stale A, to keep the pair in lockstep (in the
+// layer's layouts only the pair that ends the valid rows); a pair of two padding blocks is
+// skipped (zero padding: no K block).
 // Clusters of kClusterN CTAs (NT layouts) take horizontally adjacent tiles that share one row
 // block, so A can be multicast: the rank picks the column block. The column blocks must pair up
 // exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
