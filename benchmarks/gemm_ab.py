@@ -50,12 +50,14 @@ def parse_config(text: str) -> GemmConfig:
 
 @contextlib.contextmanager
 def kernels_from(folder: str):
-    """Route the dense launcher's kernel lookups to the headers in ``folder`` while active."""
-    header = os.path.join(os.path.abspath(folder), "fp8_gemm.cuh")
+    """Route the dense launcher's kernel lookups to the headers in ``folder`` while active (each
+    instance from its own header there: fp8_gemm.cuh, or split_k.cuh for split-K configs)."""
+    root = os.path.abspath(folder)
     original = K._get_kernel
 
     def get(n, k, config, layout, device):
-        src = jit.KernelSource(header, K.kernel_source(n, k, config, layout).instance)
+        source = K.kernel_source(n, k, config, layout)
+        src = jit.KernelSource(os.path.join(root, source.header), source.instance, source.defines)
         return jit.get_kernel(src, device)
 
     K._get_kernel = get
