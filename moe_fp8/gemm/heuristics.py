@@ -354,7 +354,7 @@ def contiguous_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
 
 @functools.lru_cache(maxsize=4096)
 def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool,
-                       multicast: bool = False) -> GemmConfig:
+                       multicast: bool) -> GemmConfig:
     # 128 x 256 tiles, with ``multicast`` B shared by the two row blocks of a 2-CTA cluster where
     # both belong to one expert (scheduler.cuh kSplitPairs; kContiguousMulticastDefault). A
     # multicast measured 0.92-1.01x of none at 32 experts (H100, 2026-12-05).
@@ -425,12 +425,15 @@ def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms:
     return _swiglu_tiles(masked_config(num_experts, expected_m, n, k, sms), k)
 
 
-@functools.lru_cache(maxsize=4096)
 def contiguous_swiglu_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config of the fused SwiGLU gate-up GEMM on the contiguous layout: 128 x 256 tiles (a gate
     and an up block each), as the contiguous GEMM runs the prefill's gate-up, with its B
     multicast (``MOE_FP8_CONTIGUOUS_MULTICAST``: a pair of row blocks shares the two boxes)."""
-    multicast = env.contiguous_multicast(kContiguousMulticastDefault)
+    return _contiguous_swiglu_config(k, env.contiguous_multicast(kContiguousMulticastDefault))
+
+
+@functools.lru_cache(maxsize=4096)
+def _contiguous_swiglu_config(k: int, multicast: bool) -> GemmConfig:
     return GemmConfig(128, 256, cluster_m=2 if multicast else 1).resolved(k)
 
 

@@ -42,6 +42,15 @@ kSharedStreams: dict = {}  # device -> the side stream the shared experts use (p
 kPrefetchStreams: dict = {}  # device -> the branch of the decode step's weight prefetch
 
 
+def _side_stream(streams: dict, device: torch.device) -> "torch.cuda.Stream":
+    """The stream ``streams`` keeps for ``device`` (one per device, shared by layers), made on
+    first use."""
+    side = streams.get(device)
+    if side is None:
+        side = streams[device] = torch.cuda.Stream(device=device)
+    return side
+
+
 class MoE(nn.Module):
     """One MoE layer. ``ep_group=None``: this device holds all ``cfg.num_experts`` experts.
 
@@ -193,10 +202,7 @@ class MoE(nn.Module):
         if not self._overlap_shared(xq):
             return self.shared_experts(xq, xs, num_sms), None
         main = torch.cuda.current_stream(xq.device)
-        streams = kSharedStreams  # device -> side stream (one per device, shared by layers)
-        side = streams.get(xq.device)
-        if side is None:
-            side = streams[xq.device] = torch.cuda.Stream(device=xq.device)
+        side = _side_stream(kSharedStreams, xq.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             shared = self.shared_experts(xq, xs, num_sms)
@@ -305,9 +311,7 @@ class MoE(nn.Module):
                 self.dispatcher.expected_rows(x2.shape[0])):
             return None
         main = torch.cuda.current_stream(x2.device)
-        side = kPrefetchStreams.get(x2.device)
-        if side is None:
-            side = kPrefetchStreams[x2.device] = torch.cuda.Stream(device=x2.device)
+        side = _side_stream(kPrefetchStreams, x2.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             self.experts.prefetch_gate_up()

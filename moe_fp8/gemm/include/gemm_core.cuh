@@ -266,28 +266,23 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           }
           if (b_loaded) {
             --early_b;
-          } else if constexpr (P::kUpRowOffset > 0) {  // two 128-row boxes: the gate and the up block
-            if (kClusterM == 1 || !tile.b_shared) {
-              ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
-              ptx::tma_load_2d(s_b + stage * Layout::kBBytes + 128 * 128, tma_b, &full[stage], k,
-                               tile.b_row + P::kUpRowOffset);
-            } else {  // B multicast: CTA 0 brings the gate box to both, CTA 1 the up box
-              ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * 128 * 128, tma_b,
-                                         &full[stage], k, tile.b_row + rank * P::kUpRowOffset,
-                                         (1 << kClusterM) - 1);
-            }
-          } else if constexpr (kClusterM == 1) {
+          } else if constexpr (kClusterM == 1 && P::kUpRowOffset == 0) {
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
-          } else if (!Scheduler::kSplitPairs || tile.b_shared) {
-            constexpr int kHalfRows = kBlockN / kClusterM;
-            ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * kHalfRows * 128,
-                                       tma_b, &full[stage], k, tile.b_row + rank * kHalfRows,
-                                       (1 << kClusterM) - 1);
-          } else {  // the pair's row blocks belong to different experts: both halves, locally
-            constexpr int kHalfRows = kBlockN / kClusterM;
-            for (int h = 0; h < kClusterM; ++h)
-              ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kHalfRows * 128, tma_b,
-                               &full[stage], k, tile.b_row + h * kHalfRows);
+          } else {
+            // Two boxes of kBlockN / 2 rows, kBoxStride rows apart in B: the halves of a
+            // multicast pair's tile, or (paired halves) the gate and the up block. Shared by the
+            // pair: box `rank` from each CTA, multicast to both; else both boxes, locally.
+            constexpr int kBoxRows = kBlockN / 2;
+            constexpr int kBoxStride = P::kUpRowOffset > 0 ? P::kUpRowOffset : kBoxRows;
+            if (kClusterM > 1 && (!Scheduler::kSplitPairs || tile.b_shared)) {
+              ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * kBoxRows * 128,
+                                         tma_b, &full[stage], k, tile.b_row + rank * kBoxStride,
+                                         (1 << kClusterM) - 1);
+            } else {
+              for (int h = 0; h < 2; ++h)
+                ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
+                                 &full[stage], k, tile.b_row + h * kBoxStride);
+            }
           }
           if (load_a)
             ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
