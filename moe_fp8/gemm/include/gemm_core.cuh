@@ -91,6 +91,21 @@ struct CoreSmem {
                 "128B-swizzle atoms are 1024 bytes (also for each multicast half of A or B)");
 };
 
+#ifdef MOE_FP8_BLOCKED_B
+// Experiment (benchmarks/blocked_b_pair.py): B stored K-block-major, [E][K / 128][N][128] bytes,
+// so that each box of a tile's B (its rows at one K block) is one contiguous run of memory
+// instead of rows 128 bytes long at a stride of K. Its descriptor is 3-D (128, N, E * K / 128).
+// The loads land in shared memory exactly as the 2-D ones do (the 128B swizzle is a function of
+// the shared address). No multicast.
+template <class Scheduler>
+__device__ __forceinline__ void load_blocked_b(void* s_dst, const ptx::TmaDesc* tma_b, u64* bar,
+                                               int k, int b_row) {
+  constexpr int kN = Scheduler::kRowsPerExpert, kKBlocks = Scheduler::kNumKBlocks;
+  const int expert = b_row / kN;
+  ptx::tma_load_3d(s_dst, tma_b, bar, 0, b_row - expert * kN, expert * kKBlocks + k / 128);
+}
+#endif
+
 template <class P>
 __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::TmaDesc* tma_b,
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
@@ -132,6 +147,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                     kARowChunk % 8 == 0),
                 "A chunks: whole 1024-byte swizzle atoms (8 rows), no cluster");
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
+#ifdef MOE_FP8_BLOCKED_B
+  static_assert(kClusterM == 1 && !kColumnScales, "blocked B (experiment): no B multicast, NT");
+#endif
   // Every tile runs kTileKBlocks K blocks, or (kEmptyTiles: some have none) its own count.
   constexpr bool kFixedK = kTileKBlocks > 0 && !P::kEmptyTiles;
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
@@ -225,8 +243,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           const int n_kb = kFixedK ? kTileKBlocks : t.num_k_blocks;
           for (int kb = 0; kb < n_kb && early_b < kStages; ++kb, ++early_b) {
             ptx::mbar_arrive_expect_tx(&full[early_b], tx);
+#ifdef MOE_FP8_BLOCKED_B
+            load_blocked_b<Scheduler>(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
+                                      (t.k_block0 + kb) * 128, t.b_row);
+#else
             ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
                              (t.k_block0 + kb) * 128, t.b_row);
+#endif
           }
         }
         pdl::begin();
@@ -267,7 +290,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           if (b_loaded) {
             --early_b;
           } else if constexpr (kClusterM == 1 && P::kUpRowOffset == 0) {
+#ifdef MOE_FP8_BLOCKED_B
+            load_blocked_b<Scheduler>(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k,
+                                      tile.b_row);
+#else
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
+#endif
           } else {
             // Two boxes of kBlockN / 2 rows, kBoxStride rows apart in B: the halves of a
             // multicast pair's tile, or (paired halves) the gate and the up block. Shared by the
@@ -280,8 +308,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                          (1 << kClusterM) - 1);
             } else {
               for (int h = 0; h < 2; ++h)
+#ifdef MOE_FP8_BLOCKED_B
+                load_blocked_b<Scheduler>(s_b + stage * Layout::kBBytes + h * kBoxRows * 128,
+                                          tma_b, &full[stage], k, tile.b_row + h * kBoxStride);
+#else
                 ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
                                  &full[stage], k, tile.b_row + h * kBoxStride);
+#endif
             }
           }
           if (load_a)
