@@ -504,6 +504,35 @@ def test_masked_a_rows_by_need(config):
                         config, seed=config.block_n + config.a_row_chunk, what="masked A by need")
 
 
+@pytest.mark.parametrize("config", [GemmConfig(64, 128, swap_ab=True),
+                                    GemmConfig(128, 128, a_row_chunk=16, swap_ab=True),
+                                    GemmConfig(128, 128, a_row_chunk=32, swap_ab=True, early_b=True,
+                                               num_sms=5),
+                                    GemmConfig(64, 128, a_row_chunk=8, swap_ab=True, num_sms=3)],
+                         ids=str)
+def test_masked_swap_ab(config):
+    """Swap AB (weights on the wgmma M side, tokens on N rounded up to 16 per tile): every
+    rounding step (1, 15-17, 31-33, 48, 63-65, 80, 97, 112, a full 64 / 128-row tile) and
+    experts past one token tile (129, 200: W read per token tile), empty experts; rows >=
+    masked_m untouched; few-SM grids walk many tiles per CTA (the epilogue buffer's reuse)."""
+    _masked_pinned_case([0, 1, 15, 16, 17, 31, 33, 48, 63, 64, 65, 80, 97, 112, 128, 129, 200],
+                        200, 1024, 1024, (1, 64), config,
+                        seed=config.block_m + config.a_row_chunk, what="masked swap AB")
+
+
+def test_masked_swap_ab_decode_shape_bits():
+    """At the decode step's shapes (32 experts x 48-80 rows, down and gate-up) swap AB computes
+    the unswapped kernel's products in another wgmma orientation: the outputs agree to the FP8
+    reference's tolerance, and the bits are reported (not required) equal."""
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.randint(48, 81, (32,), generator=gen).tolist()
+    counts[:3] = [0, 1, 128]
+    for n, k in ((7168, 2048), (4096, 7168)):
+        _masked_pinned_case(counts, 128, n, k, (64,), GemmConfig(128, 128, a_row_chunk=16,
+                                                                   swap_ab=True),
+                            seed=n, what=f"masked swap AB n={n} k={k}")
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
                                     GemmConfig(128, 256, a_row_chunk=32, num_sms=3)], ids=str)

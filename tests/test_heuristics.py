@@ -276,3 +276,30 @@ def test_early_b_config_and_instances():
         for m in (1, 48, 128)]
     sources.append(K.kernel_source(7168, 2048, full_tiles, K.kLayoutDense))
     assert len(precompile(sources, verbose=False)) == len(sources)
+
+
+def test_swap_ab_config_and_instances(tmp_path, monkeypatch):
+    """GemmConfig.swap_ab (tokens on the wgmma N side, include/swap_ab.cuh): 128-wide weight
+    tiles, no cluster or split K, the masked layout only, two math warpgroups whatever block_m;
+    its instances compile for sm_90a without local memory or a serialised wgmma pipeline."""
+    for bad in ({"block_n": 64}, {"cluster_m": 2}, {"split_k": 2}):
+        with pytest.raises(ValueError, match="swap_ab needs"):
+            H.GemmConfig(**{"block_m": 128, "block_n": 128, "swap_ab": True, **bad})
+    config = H.GemmConfig(64, 128, a_row_chunk=16, swap_ab=True).resolved(2048)
+    assert config.num_threads == 384
+    assert H.smem_bytes(64, 128, config.stages, 2048) <= H.kMaxSmemBytes
+    name = K.kernel_source(7168, 2048, config, K.kLayoutMasked).instance
+    assert name == f"moe_fp8::fp8_gemm_swap_ab_kernel<7168, 2048, 64, {config.stages}, 16, 16, false>"
+    for layout in (K.kLayoutDense, K.kLayoutContiguous):
+        with pytest.raises(ValueError, match="masked layout"):
+            K.kernel_source(7168, 2048, config, layout)
+    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
+    for n, k, block_m in ((7168, 2048, 128), (4096, 7168, 64)):
+        source = K.kernel_source(n, k, H.GemmConfig(block_m, 128, a_row_chunk=16, swap_ab=True,
+                                                    early_b=True).resolved(k), K.kLayoutMasked)
+        try:
+            report = jit.compile_kernel(source).report
+        except jit.CompilerUnavailable as error:  # no CUDA toolkit on this machine
+            pytest.skip(str(error))
+        assert report.spill_stores == 0 and report.stack_bytes == 0, report
+        assert not report.wgmma_serialized, report

@@ -123,6 +123,10 @@ class GemmConfig:
              finishes. Only where the immediately preceding kernel writes neither B nor the
              layout — the decode step's down GEMM (`MOE_FP8_EARLY_WEIGHTS`). Masked or dense
              layout, no cluster, no split K.
+    swap_ab: (masked layout) the tile's block_m tokens are the wgmma N side, rounded up to 16
+             per tile at run time, and its 128 weight rows the M side (include/swap_ab.cuh): a
+             tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128, no cluster,
+             no split K; always two math warpgroups.
     """
     block_m: int = 128
     block_n: int = 128
@@ -135,6 +139,7 @@ class GemmConfig:
     a_row_chunk: int = 0
     split_k: int = 1
     early_b: bool = False
+    swap_ab: bool = False
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -159,6 +164,9 @@ class GemmConfig:
                              f"{self.a_row_chunk}")
         if self.a_row_chunk and self.cluster_size > 1:
             raise ValueError("GemmConfig.a_row_chunk needs cluster_m = cluster_n = 1")
+        if self.swap_ab and (self.block_n != 128 or self.cluster_size > 1 or self.split_k > 1):
+            raise ValueError(f"GemmConfig.swap_ab needs block_n = 128, no cluster and no split K, "
+                             f"got {self}")
         if not 1 <= self.split_k <= kMaxSplitK:
             raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
         if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
@@ -171,7 +179,7 @@ class GemmConfig:
 
     @property
     def num_threads(self) -> int:
-        return (self.block_m // 64 + 1) * 128
+        return ((self.block_n if self.swap_ab else self.block_m) // 64 + 1) * 128
 
     def resolved(self, k: int, wgrad: bool = False) -> "GemmConfig":
         """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for

@@ -79,4 +79,37 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }
 
+// Swap AB (masked layout, decode; swap_ab.cuh): tiles of kBlockM tokens (rows of A and D, at
+// most; the wgmma N side, rounded up to 16 per tile) x 128 weight rows (columns of D; the wgmma M
+// side, 64 per math warpgroup). A in row chunks of kARowChunk rows (0: whole tiles) below
+// masked_m; rows >= masked_m of D untouched. kEarlyB as for fp8_gemm_kernel. Two math
+// warpgroups and the producer: 384 threads whatever kBlockM.
+template <int kN_, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kEarlyB_>
+struct SwapAbPolicy {
+  static constexpr int kN = kN_;
+  static constexpr int kBlockM = kBlockM_, kBlockN = 128, kStages = kStages_;
+  static constexpr int kClusterM = 1, kClusterN = 1;
+  static constexpr int kARowChunk = kARowChunk_;
+  static constexpr int kTileKBlocks = kK / 128;
+  static constexpr bool kColumnScales = false, kEmptyTiles = false, kSkipIdleWarpgroup = false;
+  static constexpr int kDoubleBuffer = 0, kUpRowOffset = 0;
+  static constexpr bool kEarlyB = kEarlyB_;
+  static constexpr bool kSwapAB = true;
+  using Scheduler = TileScheduler<kLayoutMasked, kN, kK, kBlockM, 128, kGroupN>;
+  using Epilogue = SwapAbEpilogue<kBlockM>;
+};
+
+template <int kN, int kK, int kBlockM, int kStages, int kGroupN, int kARowChunk, bool kEarlyB>
+__global__ void __launch_bounds__(384, 1)
+    fp8_gemm_swap_ab_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
+                            const __grid_constant__ ptx::TmaDesc tma_b,
+                            const __grid_constant__ ptx::TmaDesc tma_sa, int m, int num_experts,
+                            const int* g_masked_m, const float* g_sb, void* g_d) {
+  static_assert(kK % 128 == 0 && kN % 128 == 0, "K % 128 and N % 128 must be 0");
+  using Policy = SwapAbPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kEarlyB>;
+  const GemmParams params{m, num_experts, g_masked_m, g_sb, g_d};
+  // no output descriptor (the epilogue stores through registers); tma_a stands in for it
+  gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_a, params);
+}
+
 }  // namespace moe_fp8

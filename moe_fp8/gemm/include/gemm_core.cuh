@@ -36,6 +36,9 @@
 //                               by the immediately preceding kernel (the decode step's down GEMM:
 //                               weights, and masked_m from the dispatch two kernels back). No
 //                               cluster.
+//   kSwapAB                     (optional, masked layout) the tile's 128 B rows are the wgmma M
+//                               side and its rows of A the N side, rounded to 16 at run time
+//                               (swap_ab.cuh: decode tiles of a few dozen rows per expert)
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -55,6 +58,7 @@
 #include "promote.cuh"
 #include "ptx.cuh"
 #include "scheduler.cuh"
+#include "swap_ab.cuh"
 #include "tile_trace.cuh"
 
 namespace moe_fp8 {
@@ -69,6 +73,19 @@ struct RegisterSplit {
   static constexpr int kMath = kWide ? 232 : 224;
 };
 
+// Policies with kSwapAB (masked layout, swap_ab.cuh) put the tile's B rows on the math
+// warpgroups' wgmma M side: kBlockN / 64 math warpgroups instead of kBlockM / 64.
+template <class P>
+__host__ __device__ constexpr auto swap_ab_of(int) -> decltype(bool(P::kSwapAB)) {
+  return P::kSwapAB;
+}
+template <class P>
+__host__ __device__ constexpr bool swap_ab_of(long) { return false; }
+template <class P>
+__host__ __device__ constexpr int math_warpgroups() {
+  return (swap_ab_of<P>(0) ? P::kBlockN : P::kBlockM) / 64;
+}
+
 // Byte offsets of the dynamic shared-memory regions (the host mirrors this in heuristics.py).
 template <class P>
 struct CoreSmem {
@@ -80,7 +97,7 @@ struct CoreSmem {
   static constexpr int kA = 0;                                   // [kStages][kBlockM][128] e4m3
   static constexpr int kB = kA + P::kStages * kABytes;           // [kStages][kBlockN][128] e4m3
   static constexpr int kD = kB + P::kStages * kBBytes;           // [kNumMathWG][Epilogue::kBytes]
-  static constexpr int kSa = kD + P::kBlockM / 64 * P::Epilogue::kBytes;  // [kStages][kBlockM]
+  static constexpr int kSa = kD + math_warpgroups<P>() * P::Epilogue::kBytes;  // [kStages][kBlockM]
   static constexpr int kSb = kSa + P::kStages * kSaBytes;        // [kStages][kBlockN] fp32
   static constexpr int kTileSb = kSb + P::kStages * kSbBytes;    // [2][2][kTileKBlocks] fp32
   static constexpr int kBar = (kTileSb + 2 * kTileSbFloats * 4 + 7) / 8 * 8;
@@ -90,21 +107,6 @@ struct CoreSmem {
   static_assert(kABytes / P::kClusterN % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
                 "128B-swizzle atoms are 1024 bytes (also for each multicast half of A or B)");
 };
-
-#ifdef MOE_FP8_BLOCKED_B
-// Experiment (benchmarks/blocked_b_pair.py): B stored K-block-major, [E][K / 128][N][128] bytes,
-// so that each box of a tile's B (its rows at one K block) is one contiguous run of memory
-// instead of rows 128 bytes long at a stride of K. Its descriptor is 3-D (128, N, E * K / 128).
-// The loads land in shared memory exactly as the 2-D ones do (the 128B swizzle is a function of
-// the shared address). No multicast.
-template <class Scheduler>
-__device__ __forceinline__ void load_blocked_b(void* s_dst, const ptx::TmaDesc* tma_b, u64* bar,
-                                               int k, int b_row) {
-  constexpr int kN = Scheduler::kRowsPerExpert, kKBlocks = Scheduler::kNumKBlocks;
-  const int expert = b_row / kN;
-  ptx::tma_load_3d(s_dst, tma_b, bar, 0, b_row - expert * kN, expert * kKBlocks + k / 128);
-}
-#endif
 
 template <class P>
 __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::TmaDesc* tma_b,
@@ -122,7 +124,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr int kPartN = kBlockN / kHalves;  // columns per wgmma group
   using Mma = ptx::WgmmaFp8<kPartN>;
   using Scheduler = typename P::Scheduler;
-  constexpr int kNumMathWG = kBlockM / 64;
+  constexpr int kNumMathWG = math_warpgroups<P>();
+  constexpr bool kSwapAB = swap_ab_of<P>(0);
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   constexpr int kPart = kPartN / 2;  // partial-product registers per thread
   // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
@@ -147,9 +150,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                     kARowChunk % 8 == 0),
                 "A chunks: whole 1024-byte swizzle atoms (8 rows), no cluster");
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
-#ifdef MOE_FP8_BLOCKED_B
-  static_assert(kClusterM == 1 && !kColumnScales, "blocked B (experiment): no B multicast, NT");
-#endif
   // Every tile runs kTileKBlocks K blocks, or (kEmptyTiles: some have none) its own count.
   constexpr bool kFixedK = kTileKBlocks > 0 && !P::kEmptyTiles;
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
@@ -243,13 +243,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           const int n_kb = kFixedK ? kTileKBlocks : t.num_k_blocks;
           for (int kb = 0; kb < n_kb && early_b < kStages; ++kb, ++early_b) {
             ptx::mbar_arrive_expect_tx(&full[early_b], tx);
-#ifdef MOE_FP8_BLOCKED_B
-            load_blocked_b<Scheduler>(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
-                                      (t.k_block0 + kb) * 128, t.b_row);
-#else
             ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
                              (t.k_block0 + kb) * 128, t.b_row);
-#endif
           }
         }
         pdl::begin();
@@ -290,12 +285,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           if (b_loaded) {
             --early_b;
           } else if constexpr (kClusterM == 1 && P::kUpRowOffset == 0) {
-#ifdef MOE_FP8_BLOCKED_B
-            load_blocked_b<Scheduler>(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k,
-                                      tile.b_row);
-#else
             ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
-#endif
           } else {
             // Two boxes of kBlockN / 2 rows, kBoxStride rows apart in B: the halves of a
             // multicast pair's tile, or (paired halves) the gate and the up block. Shared by the
@@ -308,13 +298,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                          (1 << kClusterM) - 1);
             } else {
               for (int h = 0; h < 2; ++h)
-#ifdef MOE_FP8_BLOCKED_B
-                load_blocked_b<Scheduler>(s_b + stage * Layout::kBBytes + h * kBoxRows * 128,
-                                          tma_b, &full[stage], k, tile.b_row + h * kBoxStride);
-#else
                 ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
                                  &full[stage], k, tile.b_row + h * kBoxStride);
-#endif
             }
           }
           if (load_a)
@@ -363,6 +348,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       __syncwarp();
       ptx::cluster_sync();
     }
+  } else if constexpr (kSwapAB) {
+    // ------------------------------------------------------------------ math warpgroups, swap AB
+    ptx::setmaxnreg_inc<Regs::kMath>();
+    swap_ab_math<P>(s_a, s_b, s_sa, s_tile_sb, full, empty, sb_full, sb_empty, smem + Layout::kD,
+                    params, warpgroup, tid);
   } else {
     // ------------------------------------------------------------------ math warpgroups
     // NOTE: with one math warpgroup the launch bound already grants 255 registers.

@@ -416,5 +416,13 @@ __device__ __forceinline__ void stmatrix_x4(u32 s_addr, u32 r0, u32 r1, u32 r2, 
                : "memory");
 }
 
+// The same with each 8x8 matrix transposed on its way: lane l still addresses row l % 8 of
+// matrix l / 8, which receives column l % 8 of the matrix as the registers hold it.
+__device__ __forceinline__ void stmatrix_x4_trans(u32 s_addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               ::"r"(s_addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
 }  // namespace ptx
 }  // namespace moe_fp8

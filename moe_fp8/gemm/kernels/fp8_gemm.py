@@ -49,6 +49,13 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
             kSplitKHeader,
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
             f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>", extra_defines)
+    if c.swap_ab:
+        if layout != kLayoutMasked:
+            raise ValueError("GemmConfig.swap_ab needs the masked layout")
+        return jit.KernelSource(
+            kHeader,
+            f"moe_fp8::fp8_gemm_swap_ab_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
+            f"{c.a_row_chunk}, {'true' if c.early_b else 'false'}>", extra_defines)
     if c.early_b and layout not in (kLayoutMasked, kLayoutDense):
         raise ValueError("GemmConfig.early_b needs the masked or dense layout (it reads the layout "
                          "before the kernel's PDL wait)")
@@ -170,29 +177,12 @@ def _m_pad(m: int) -> int:
     return (max(m, 1) + 3) // 4 * 4
 
 
-def blocked_b_experiment() -> bool:
-    """Whether ``extra_defines`` builds the GEMMs for K-block-major weights (MOE_FP8_BLOCKED_B,
-    benchmarks/blocked_b_pair.py): B's memory then holds ``[E, K/128, N, 128]``."""
-    return any(name == "MOE_FP8_BLOCKED_B" for name, _ in extra_defines)
-
-
-def _b_tma(b2: torch.Tensor, box_rows: int, n: int):
-    """B's descriptor: ``[E*N, K]`` in 128-byte x ``box_rows`` boxes, or (the blocked-B
-    experiment) the same boxes of K-block-major memory, a 3-D map (128, N, E*K/128)."""
-    if not blocked_b_experiment():
-        return _tma(b2, 128, box_rows, 128)
-    blocks = b2.numel() // (n * 128)
-    key = ("blocked_b", b2.data_ptr(), tuple(b2.shape), box_rows, n)
-    return _memo_tma(key, lambda: jit.make_tma_3d(b2, 128, box_rows, 1, 128,
-                                                  dims=(128, n, blocks), strides=(128, n * 128)))
-
-
 def _operand_tmas(a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
-                  c: H.GemmConfig, b_box_rows: int, n: int) -> tuple:
+                  c: H.GemmConfig, b_box_rows: int) -> tuple:
     """The descriptors of A (box: a chunk of rows (a_row_chunk), a cluster CTA's share, or the
-    whole tile), B (``b_box_rows`` rows per box; ``n`` rows per expert) and A's scales."""
+    whole tile), B (``b_box_rows`` rows per box) and A's scales."""
     tma_a = _tma(a2, 128, c.a_row_chunk or c.block_m // c.cluster_n, 128)
-    tma_b = _b_tma(b2, b_box_rows, n)
+    tma_b = _tma(b2, 128, b_box_rows, 128)
     tma_sa = _tma(sa2, c.block_m, 1, 0, sa_rows, sa2.shape[0],
                   sa2.stride(0) if sa2.shape[0] > 1 else _m_pad(sa_rows))
     return tma_a, tma_b, tma_sa
@@ -218,9 +208,16 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
-    tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m, n)
+    tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m)
     if c.split_k > 1:
         _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb, d2, m, n, c, grid, smem, device)
+        return
+    if c.swap_ab:  # the epilogue stores 16-byte pieces itself (swap_ab.cuh): no D descriptor
+        if d2.data_ptr() % 16 or n % 128:
+            raise ValueError(f"GemmConfig.swap_ab needs out 16-byte aligned and N % 128 == 0, got "
+                             f"address {d2.data_ptr():#x}, N = {n}")
+        kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
+                      [tma_a, tma_b, tma_sa, jit.i32(m), jit.i32(num_experts), layout_arg, sb, d2])
         return
     # Output: one 16-column x 64-row box per math warpgroup and chunk, 32-byte swizzle
     # (epilogue.cuh explains the layout).
@@ -384,8 +381,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a).view(num_experts * m_max, k), _sa_view(sa),
-                                         m_max, _k_major(b).view(num_experts * n, k), c, 128,
-                                         n)
+                                         m_max, _k_major(b).view(num_experts * n, k), c, 128)
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
                   [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
                    masked_m.contiguous(), sb.contiguous(), act, act_s,
@@ -418,7 +414,7 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
     tiles = H._ceil_div(m_sum, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a), _sa_view(sa), m_sum,
-                                         _k_major(b).view(num_experts * n, k), c, 128, n)
+                                         _k_major(b).view(num_experts * n, k), c, 128)
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
                   [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_sum), jit.i32(num_experts),
                    m_indices.contiguous(), sb.contiguous(), act, act_s, jit.i64(0),
