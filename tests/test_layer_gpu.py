@@ -217,6 +217,17 @@ def test_decode_early_weights_keep_bits(moe, monkeypatch, max_tokens):
                                     990 + max_tokens, max_tokens=max_tokens)
 
 
+@pytest.mark.parametrize("max_tokens", [1, 32, 256])
+@torch.no_grad()
+def test_decode_swap_ab_down_keeps_bits(moe, monkeypatch, max_tokens):
+    """MOE_FP8_SWAP_AB_DOWN=1: the down GEMM with tokens on the wgmma N side (GemmConfig.swap_ab)
+    forms each output from the same K-block products and promotions: the same bits, also when
+    masked_m changes between replays."""
+    sizes = sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True) + [max_tokens]
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_SWAP_AB_DOWN", tuple(sizes),
+                                    1010 + max_tokens, max_tokens=max_tokens)
+
+
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

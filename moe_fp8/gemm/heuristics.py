@@ -202,6 +202,14 @@ class GemmConfig:
             config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k))
 
 
+def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
+    """A masked ``config`` as its swap-AB twin (``GemmConfig.swap_ab``): the same token tile
+    (block_m), row chunks, grid and early weights, 128 weight rows per tile, stages for ``k``."""
+    return GemmConfig(config.block_m, 128, group_n=config.group_n, num_sms=config.num_sms,
+                      a_row_chunk=config.a_row_chunk, early_b=config.early_b,
+                      swap_ab=True).resolved(k)
+
+
 def pairs_columns(config: GemmConfig, n: int) -> bool:
     """Whether ``config``'s column blocks of an N-wide output pair up exactly, as an A-multicast
     cluster (``cluster_n = 2``) needs: ceil(N / block_n) even (scheduler.cuh)."""

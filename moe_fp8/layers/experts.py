@@ -47,6 +47,12 @@ kFusedSwiGluMinRowsEarlyWeights = 0.0
 # bits equal; decode 1 / 32 / 256 tokens 160 -> 159 / 516 -> 512 / 583 -> 582 us.
 kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
 kEarlyWeightsDefault = True
+# The decode step's down GEMM with the tokens on the wgmma N side, rounded up to 16 per tile, and
+# the weights on M (GemmConfig.swap_ab, include/swap_ab.cuh): the same bits. H100, 2026-12-06
+# (benchmarks/swap_ab_pair.py, the fused gate-up -> down chain under PDL, 3 rounds): 1 / 64 / 128
+# tokens 131.3 -> 128.7 / 483.2 -> 480.8 / 491.6 -> 489.9 us, 256 tokens 508.1 -> 509.5.
+kSwapAbDownEnv = "MOE_FP8_SWAP_AB_DOWN"
+kSwapAbDownDefault = False
 # The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
 # epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
 # again (at 8192 tokens x top-8: 537 MB each way and a ~440 us SiLU kernel), the same act bytes
@@ -182,6 +188,8 @@ class RoutedExperts(nn.Module):
         down = _masked_config(layout, self.hidden, self.inter)
         if down is not None and _early_weights():
             down = dataclasses.replace(down, early_b=True)
+        if down is not None and switch_on(kSwapAbDownEnv, kSwapAbDownDefault):
+            down = H.as_swap_ab(down, self.inter)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 
