@@ -2,13 +2,13 @@
 
 A build is a set of GEMM compile-time macros (``fp8_gemm.extra_defines``, part of each instance's
 cache key, so both builds' kernels coexist) and environment switches, applied while its decode
-runners are captured. Default A/B: ``MOE_FP8_MASKED_B_EVICT_FIRST`` 0 vs 1 (the masked GEMMs'
-weight loads with an L2 evict_first policy, gemm_core.cuh). The layer is bench_layer's (32 experts,
+runners are captured (session 16: an L2 evict_first policy on the masked weight loads as a build
+macro; ``MOE_FP8_SWAP_AB_DOWN`` as a switch). The layer is bench_layer's (32 experts,
 DeepSeek-V3 shapes); each token count gets one runner per build, timed under the clean flush;
 the outputs of the two builds must be bitwise equal. Prints one dict per row.
 
     python benchmarks/decode_build_ab.py [--tokens 1,32,128,256] [--rounds 3]
-        [--a-defines MOE_FP8_MASKED_B_EVICT_FIRST=0] [--b-defines ""] [--a-env ""] [--b-env ""]
+        [--a-defines NAME=V,...] [--b-defines ...] [--a-env NAME=V,...] [--b-env ...]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--tokens", default="1,32,128,256")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--a-defines", default="MOE_FP8_MASKED_B_EVICT_FIRST=0")
+    parser.add_argument("--a-defines", default="")
     parser.add_argument("--b-defines", default="")
     parser.add_argument("--a-env", default="")
     parser.add_argument("--b-env", default="")

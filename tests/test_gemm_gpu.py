@@ -509,7 +509,7 @@ def test_masked_a_rows_by_need(config):
                                     GemmConfig(128, 128, a_row_chunk=32, swap_ab=True, early_b=True,
                                                num_sms=5),
                                     GemmConfig(64, 128, a_row_chunk=8, swap_ab=True, num_sms=3)],
-                         ids=str)
+                         ids=["m64", "m128_r16", "m128_r32_early_sm5", "m64_r8_sm3"])
 def test_masked_swap_ab(config):
     """Swap AB (weights on the wgmma M side, tokens on N rounded up to 16 per tile): every
     rounding step (1, 15-17, 31-33, 48, 63-65, 80, 97, 112, a full 64 / 128-row tile) and

@@ -53,12 +53,6 @@
 //                     trusted across K blocks), then on CUDA cores acc += partial * sa * sb.
 #pragma once
 
-// MOE_FP8_MASKED_B_EVICT_FIRST (default 1): the masked layout's weight loads carry an L2
-// evict_first policy (see kEvictFirstB); 0 builds them without it (benchmarks/evict_first_pair.py).
-#ifndef MOE_FP8_MASKED_B_EVICT_FIRST
-#define MOE_FP8_MASKED_B_EVICT_FIRST 1
-#endif
-
 #include "epilogue.cuh"
 #include "pdl.cuh"
 #include "promote.cuh"
@@ -132,11 +126,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   using Scheduler = typename P::Scheduler;
   constexpr int kNumMathWG = math_warpgroups<P>();
   constexpr bool kSwapAB = swap_ab_of<P>(0);
-  // Masked layout (decode): every weight byte is read once per step (a second token tile of an
-  // expert aside), so its lines go first when L2 needs room, and what the step reads back soon
-  // stays: the GEMMs' outputs (the combine re-read y from DRAM at 256 tokens: 29 MB, 13 us after
-  // the down GEMM, H100 2026-12-06), act, the permuted tokens.
-  constexpr bool kEvictFirstB = MOE_FP8_MASKED_B_EVICT_FIRST && Scheduler::kMasked;
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   constexpr int kPart = kPartN / 2;  // partial-product registers per thread
   // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
@@ -254,12 +243,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           const int n_kb = kFixedK ? kTileKBlocks : t.num_k_blocks;
           for (int kb = 0; kb < n_kb && early_b < kStages; ++kb, ++early_b) {
             ptx::mbar_arrive_expect_tx(&full[early_b], tx);
-            if constexpr (kEvictFirstB)
-              ptx::tma_load_2d_hint(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
-                                    (t.k_block0 + kb) * 128, t.b_row, ptx::l2_evict_first_policy());
-            else
-              ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
-                               (t.k_block0 + kb) * 128, t.b_row);
+            ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
+                             (t.k_block0 + kb) * 128, t.b_row);
           }
         }
         pdl::begin();
@@ -300,11 +285,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           if (b_loaded) {
             --early_b;
           } else if constexpr (kClusterM == 1 && P::kUpRowOffset == 0) {
-            if constexpr (kEvictFirstB)
-              ptx::tma_load_2d_hint(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k,
-                                    tile.b_row, ptx::l2_evict_first_policy());
-            else
-              ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
+            ptx::tma_load_2d(s_b + stage * Layout::kBBytes, tma_b, &full[stage], k, tile.b_row);
           } else {
             // Two boxes of kBlockN / 2 rows, kBoxStride rows apart in B: the halves of a
             // multicast pair's tile, or (paired halves) the gate and the up block. Shared by the
@@ -316,15 +297,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                          tma_b, &full[stage], k, tile.b_row + rank * kBoxStride,
                                          (1 << kClusterM) - 1);
             } else {
-              for (int h = 0; h < 2; ++h) {
-                if constexpr (kEvictFirstB)
-                  ptx::tma_load_2d_hint(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
-                                        &full[stage], k, tile.b_row + h * kBoxStride,
-                                        ptx::l2_evict_first_policy());
-                else
-                  ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
-                                   &full[stage], k, tile.b_row + h * kBoxStride);
-              }
+              for (int h = 0; h < 2; ++h)
+                ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
+                                 &full[stage], k, tile.b_row + h * kBoxStride);
             }
           }
           if (load_a)

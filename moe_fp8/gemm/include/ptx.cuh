@@ -137,24 +137,6 @@ __device__ __forceinline__ void tma_load_2d(void* s_dst, const TmaDesc* desc, u6
       : "memory");
 }
 
-// An L2 cache policy whose lines are the first to be evicted (createpolicy; a 64-bit handle for
-// the .L2::cache_hint forms below).
-__device__ __forceinline__ u64 l2_evict_first_policy() {
-  u64 policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// tma_load_2d with an L2 cache policy for the lines it brings in.
-__device__ __forceinline__ void tma_load_2d_hint(void* s_dst, const TmaDesc* desc, u64* bar, int c0,
-                                                 int c1, u64 policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".L2::cache_hint [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_addr(s_dst)),
-      "l"(reinterpret_cast<u64>(desc)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(policy)
-      : "memory");
-}
-
 // A 2-D box of the tensor brought into L2 only (no shared memory, no barrier), its lines marked
 // evict_last so that the streams around it do not push them out before their reader comes.
 __device__ __forceinline__ void tma_prefetch_2d_evict_last(const TmaDesc* desc, int c0, int c1) {
