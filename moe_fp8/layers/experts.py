@@ -48,14 +48,15 @@ kFusedSwiGluMinRowsEarlyWeights = 0.0
 kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
 kEarlyWeightsDefault = True
 # The decode step's down GEMM with the tokens on the wgmma N side, rounded up to 16 per tile, and
-# the weights on M (GemmConfig.swap_ab, include/swap_ab.cuh): the same bits. Unset: where the
-# masked heuristic picks 64-row token tiles (up to ~32 rows per expert: 128 tokens over 32
-# experts); 1 always; 0 never. H100, 2026-12-06, decode runners, clean flush, 3 interleaved rounds
-# (results/decode_build_ab_swap_ab_down_h100_2026-12-06_s16.md): 1 / 32 / 128 / 256 tokens
-# +0.4 / -3.4 / -2.2 / +5.0 us; the GEMM chain alone (swap_ab_pair) -2.6 / -2.4 (64) / -1.7 /
-# +1.4. At 256 tokens (128-row tiles) it loses: not taken there.
+# the weights on M (GemmConfig.swap_ab, include/swap_ab.cuh): the same bits. Off (`1` turns it
+# on): no gain measured. H100, 2026-12-06, decode runners, clean flush, 3 interleaved rounds:
+# with 64-row token tiles (up to 128 tokens) 1 / 8 / 32 / 64 / 128 tokens +1.4 / -1.2 / -1.1 /
+# -1.8 / -0.1 us against off, the spread of two equal builds at 256 tokens 1.9 us
+# (results/decode_build_ab_swap_ab_default_h100_2026-12-06_s16.md); at 256 tokens (128-row
+# tiles) +5 us in an earlier build. The 256-token down GEMM streams at the same 2.7 TB/s with
+# half its MMA rows (benchmarks/swap_ab_pair.py): it is not MMA-bound.
 kSwapAbDownEnv = "MOE_FP8_SWAP_AB_DOWN"
-kSwapAbDownMaxBlockM = 64
+kSwapAbDownDefault = False
 # The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
 # epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
 # again (at 8192 tokens x top-8: 537 MB each way and a ~440 us SiLU kernel), the same act bytes
@@ -191,7 +192,7 @@ class RoutedExperts(nn.Module):
         down = _masked_config(layout, self.hidden, self.inter)
         if down is not None and _early_weights():
             down = dataclasses.replace(down, early_b=True)
-        if down is not None and _swap_ab_down(down):
+        if down is not None and _swap_ab_down():
             down = H.as_swap_ab(down, self.inter)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
@@ -260,12 +261,9 @@ def _early_weights() -> bool:
     return switch_on(kEarlyWeightsEnv, kEarlyWeightsDefault)
 
 
-def _swap_ab_down(config) -> bool:
+def _swap_ab_down() -> bool:
     """Whether the decode down GEMM runs as its swap-AB twin (``MOE_FP8_SWAP_AB_DOWN``)."""
-    setting = os.environ.get(kSwapAbDownEnv, "").strip()
-    if setting in ("0", "1"):
-        return setting == "1"
-    return config.block_m <= kSwapAbDownMaxBlockM
+    return switch_on(kSwapAbDownEnv, kSwapAbDownDefault)
 
 
 def _masked_config(layout: MaskedLayout, n: int, k: int):
