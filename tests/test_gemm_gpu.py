@@ -572,6 +572,52 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
         assert torch.equal(got_s.view(torch.int32), want_s.view(torch.int32)), f"{what}: scales differ"
 
 
+@pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
+                                    GemmConfig(128, 256, num_sms=3)], ids=str)
+def test_masked_swiglu_gather_is_permuted(config):
+    """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER) reading row m of expert e from
+    x[row_token[e, m]] writes the bytes and scales the fused GEMM writes from the permuted rows;
+    its own A buffer is garbage (never read); rows >= masked_m keep their poison; every row-count
+    boundary of a lane's share (1, 31-33, 64, 65, 96-97, 128, 129, 200), tokens used by several
+    experts, few-SM grids."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import to_mn_major
+    counts, m_max, inter, k, tokens = [0, 1, 31, 32, 33, 64, 65, 97, 128, 129, 200], 200, 512, 1024, 300
+    num_experts = len(counts)
+    gen = _cuda_gen(93)
+    xt = _rows((tokens, k), gen)
+    xq, xs = ref.per_token_group_quant(xt)
+    row_token = torch.full((num_experts + 1, m_max), -1, dtype=torch.int64, device="cuda")
+    for e, c in enumerate(counts):
+        row_token[e, :c] = torch.randint(0, tokens, (c,), device="cuda", generator=gen)
+    rows = row_token[:num_experts].clamp(min=0)
+    a = xq.view(torch.uint8)[rows].view(xq.dtype)  # [E, M_max, K]: the permuted rows
+    sa = empty_act_scales(m_max, k // 128, num_experts, device="cuda")
+    sa.copy_(xs[rows])
+    w = _weights((num_experts, 2 * inter, k), gen)
+    b = _quant_weight(w)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    garbage = torch.randint(0, 256, a.shape, dtype=torch.uint8, device="cuda",
+                            generator=gen).view(a.dtype)
+    for expected_m in (1, 64):
+        out = {}
+        for name, a_buf, gather in (("permuted", a, None),
+                                    ("gather", garbage, (xq, row_token[:num_experts]))):
+            q = torch.full((num_experts, m_max, inter), 0x5A, dtype=torch.uint8, device="cuda")
+            s_ = empty_act_scales(m_max, inter // 128, num_experts, device="cuda")
+            s_.fill_(-7.0)
+            K.m_grouped_masked_swiglu(a_buf, to_mn_major(sa), b[0], b[1], masked_m, expected_m,
+                                      q.view(torch.float8_e4m3fn), s_, config=None if config is None
+                                      else config.resolved(k), gather=gather)
+            out[name] = (q, s_)
+        torch.cuda.synchronize()
+        what = f"gather {config} expected_m={expected_m}"
+        assert torch.equal(out["gather"][0], out["permuted"][0]), f"{what}: act bytes differ"
+        assert torch.equal(out["gather"][1].view(torch.int32), out["permuted"][1].view(torch.int32)), \
+            f"{what}: scales differ"
+        assert bool((out["gather"][0][0] == 0x5A).all()), f"{what}: an empty expert was written"
+
+
 @pytest.mark.parametrize("trailing", [0, 128])
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("config", [None, GemmConfig(128, 256, num_sms=7),

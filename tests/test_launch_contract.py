@@ -117,6 +117,29 @@ def test_fused_swiglu_launch(launches, pow2, shape):
                                                     for entry in launches)
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 512, 1024), (32, 128, 2048, 7168)], ids=["small", "dsv3"])
+def test_fused_swiglu_gather_launch(launches, shape):
+    """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER): A's rows from the token matrix
+    x [T, K] at row_token [E + 1, M_max] (the dispatch's, trash bucket included); its own
+    instance with the row map as the last parameter; bad gather operands raise ValueError."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    experts, m_max, inter, k = shape
+    masked_m = torch.randint(0, m_max + 1, (experts,), dtype=torch.int32)
+    row_token = torch.zeros(experts + 1, m_max, dtype=torch.int64)
+    x = fp8(300, k)
+    args = (fp8(experts, m_max, k), empty_act_scales(m_max, k // 128, experts),
+            fp8(experts, 2 * inter, k), torch.empty(experts, 2 * inter // 128, k // 128), masked_m)
+    outs = (fp8(experts, m_max, inter), empty_act_scales(m_max, inter // 128, experts))
+    for expected_m in (1, m_max):
+        K.m_grouped_masked_swiglu(*args, expected_m, *outs, gather=(x, row_token[:experts]))
+    assert [entry[0] for entry in launches] and all("fused_swiglu_gather_kernel" in entry[0]
+                                                    for entry in launches)
+    for bad in ((fp8(300, k + 128), row_token), (x, row_token[:, :-1]), (x, row_token.int()),
+                (x, row_token[: experts - 1]), (x, row_token.t().contiguous().t())):
+        with pytest.raises(ValueError, match="gather needs"):
+            K.m_grouped_masked_swiglu(*args, m_max, *outs, gather=bad)
+
+
 @pytest.mark.parametrize("shape", [(4, 512, 1024), (32, 2048, 7168)], ids=["small", "dsv3"])
 def test_contiguous_swiglu_launch(launches, shape):
     """The fused SwiGLU GEMM on the contiguous layout (m_indices, session 14): act fp8 [M_sum, I]

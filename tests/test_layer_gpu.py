@@ -228,6 +228,17 @@ def test_decode_swap_ab_down_keeps_bits(moe, monkeypatch, max_tokens):
                                     1010 + max_tokens, max_tokens=max_tokens)
 
 
+@pytest.mark.parametrize("max_tokens", [1, 32, 256])
+@torch.no_grad()
+def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
+    """MOE_FP8_DECODE_GATHER=1: the dispatch copies no row and the fused gate-up reads each row
+    from the unpermuted tokens: the same products, so the same bits — also when masked_m changes
+    between replays (the small dispatch at 1 / 32 tokens, index + permute at 256)."""
+    sizes = sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True) + [max_tokens]
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_GATHER", tuple(sizes),
+                                    1030 + max_tokens, max_tokens=max_tokens)
+
+
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

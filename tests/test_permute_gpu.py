@@ -356,6 +356,73 @@ def test_masked_dispatch_small_equals_index_then_permute(backend, with_weights, 
                                         bufs.sa) is None
 
 
+@pytest.mark.parametrize("path", ["small", "permute", "torch"])
+def test_masked_dispatch_without_rows(backend, path, monkeypatch):
+    """copy_rows=False (MOE_FP8_DECODE_GATHER: the gate-up gathers the rows itself): the small
+    dispatch, the permute kernel and the torch path write the scales and row maps they write with
+    the rows, and leave every row of a_buf as it was."""
+    monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "1")
+    gen = torch.Generator().manual_seed(17)
+    tokens, top_k, experts, hidden, m_max = 9, 8, 32, 256, 5
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k]
+                       for _ in range(tokens)]).to(backend)
+    xq, xs = quantized_tokens(tokens, hidden, backend, seed=3)
+    num_valid = torch.tensor(7, dtype=torch.int64, device=backend)
+    results = {}
+    for copy_rows in (True, False):
+        bufs = L.MaskedBuffers.allocate(experts, m_max, hidden, backend)
+        bufs.a.view(torch.uint8).copy_(torch.randint(0, 256, bufs.a.shape, dtype=torch.uint8,
+                                                     generator=torch.Generator().manual_seed(1)))
+        bufs.sa.fill_(float("nan"))
+        before = bufs.a.clone()
+        with (torch_path() if path == "torch" else fused()):
+            monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", "1" if path == "small" else "0")
+            got = PM.dispatch_masked_small(xq, xs, ids, None, 0, experts, m_max, num_valid,
+                                           bufs.a, bufs.sa, copy_rows=copy_rows)
+            if path == "small":
+                assert got is not None
+                rows = got[1:]
+            else:
+                assert got is None
+                index = L.masked_index_from_global(ids, 0, experts, m_max, None, num_valid)
+                if index is None:
+                    local = L.local_expert_ids(ids, 0, experts, num_valid)
+                    index = L.masked_index(local, experts, m_max, None)
+                rows = PM.permute_masked(xq, xs, index, top_k, bufs.a, bufs.sa,
+                                         copy_rows=copy_rows)
+        results[copy_rows] = (bufs, before, rows)
+    (with_rows, _, rows_copied), (without, before, rows_left) = results[True], results[False]
+    assert_same(without.a, before, f"{path}: a_buf rows left as they were")
+    assert not torch.equal(with_rows.a[:experts], before[:experts]), "the copying run copied"
+    assert_same(without.sa[:experts], with_rows.sa[:experts], f"{path}: scales")
+    assert_same(rows_left[0], rows_copied[0], f"{path}: row_token")
+    assert_same(rows_left[1], rows_copied[1], f"{path}: row_slot")
+
+
+def test_materialize_rows_fills_what_a_gather_left():
+    """The unfused gate-up's fallback for a gathering dispatch (experts._materialize_rows): rows
+    below masked_m become x_fp8[row_token], the rows past it keep their bytes."""
+    from moe_fp8.layers.experts import _materialize_rows
+    gen = torch.Generator().manual_seed(2)
+    experts, m_max, hidden, tokens = 4, 6, 256, 10
+    x = torch.randint(0, 256, (tokens, hidden), dtype=torch.uint8, generator=gen)
+    row_token = torch.full((experts, m_max), -1, dtype=torch.int64)
+    counts = [0, 3, 6, 1]
+    for e, c in enumerate(counts):
+        row_token[e, :c] = torch.randint(0, tokens, (c,), generator=gen)
+    a = torch.randint(0, 256, (experts, m_max, hidden), dtype=torch.uint8, generator=gen)
+    before = a.clone()
+    layout = L.MaskedLayout(a.view(torch.float8_e4m3fn), torch.zeros(experts, m_max, 2),
+                            torch.tensor(counts, dtype=torch.int32), 3, row_token,
+                            row_token.clone(), torch.zeros((), dtype=torch.int64),
+                            token_source=(x.view(torch.float8_e4m3fn), row_token))
+    _materialize_rows(layout)
+    assert layout.token_source is None
+    for e, c in enumerate(counts):
+        assert torch.equal(a[e, :c], x[row_token[e, :c]]), e
+        assert torch.equal(a[e, c:], before[e, c:]), e
+
+
 def test_stage_rows_copies_and_counts(backend):
     """The decode runner's input staging (MOE_FP8_STAGE_KERNEL): rows [0, n) copied bit for bit,
     the rest of the static buffer untouched, the count set; grids of one CTA and of several."""

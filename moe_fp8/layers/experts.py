@@ -183,6 +183,8 @@ class RoutedExperts(nn.Module):
             workspace = MaskedWorkspace.allocate(self.num_experts_local, layout.max_tokens_per_expert,
                                                  self.hidden, self.inter, layout.a.device, self.dtype)
         if not self._fused_swiglu(layout, workspace):
+            if layout.token_source is not None:  # rows left unpermuted for a gather: copy them
+                _materialize_rows(layout)
             G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
                                            layout.masked_m, layout.expected_m, out=workspace.h,
                                            config=_masked_config(layout, 2 * self.inter, self.hidden))
@@ -253,8 +255,19 @@ class RoutedExperts(nn.Module):
         from ..gemm.kernels import fp8_gemm
         fp8_gemm.m_grouped_masked_swiglu(layout.a, to_mn_major(layout.sa), self.w13,
                                          self.w13_scale, layout.masked_m, layout.expected_m,
-                                         workspace.act[0], workspace.act[1], pow2=self.pow2_scale)
+                                         workspace.act[0], workspace.act[1], pow2=self.pow2_scale,
+                                         gather=layout.token_source)
         return True
+
+
+def _materialize_rows(layout: MaskedLayout) -> None:
+    """Write the rows a gathering dispatch left out (``layout.token_source``) into ``layout.a``:
+    x_fp8[row_token] below masked_m, the rows past it unchanged. Graph-safe (no host sync)."""
+    x, row_token = layout.token_source
+    rows = x.view(torch.uint8).index_select(0, row_token.clamp(min=0).flatten())
+    a = layout.a.view(torch.uint8)
+    a.copy_(torch.where((row_token >= 0).unsqueeze(-1), rows.view(a.shape), a))
+    layout.token_source = None
 
 
 def _early_weights() -> bool:

@@ -112,6 +112,9 @@ class MaskedLayout:
     # host float: the mean rows per local expert of a batch this size, unrounded (0.0: unknown;
     # expected_m is its ceiling); kernels choose by it where a whole row matters (fused SwiGLU)
     expected_rows: float = 0.0
+    # (x_fp8 [T, H], row_token) when the dispatch left the rows in ``a`` unwritten
+    # (MOE_FP8_DECODE_GATHER): row m of expert e is x_fp8[row_token[e, m]]; ``sa`` is written
+    token_source: Optional[tuple] = None
 
     def __post_init__(self) -> None:
         _expect("a", self.a, FP8, 3)

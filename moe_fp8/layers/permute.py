@@ -52,6 +52,13 @@ kSmallDispatchDefault = True
 # 1 token 168 -> 168 us, 32 tokens 519 -> 527 (every CTA routes all 32 tokens).
 kRouteDispatchEnv = "MOE_FP8_ROUTE_DISPATCH"
 kRouteDispatchDefault = False
+# The decode dispatch writes the masked layout's scales and row maps but copies no fp8 row; the
+# routed gate-up (the fused SwiGLU GEMM) reads each row from the unpermuted tokens itself, one TMA
+# per row (fused_swiglu_gather_kernel; gemm_core.cuh kGatherA). At 256 tokens the permute wrote
+# 14.7 MB on the router branch (13 us before the gate-up, H100 2026-12-06). Off: built in session
+# 16 after its device budget, not run on a GPU.
+kDecodeGatherEnv = "MOE_FP8_DECODE_GATHER"
+kDecodeGatherDefault = False
 
 
 def _kernels():
@@ -118,12 +125,13 @@ def permute_rows(xq: torch.Tensor, xs: torch.Tensor, row_pair: torch.Tensor, top
 
 
 def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k: int,
-                   a_buf: torch.Tensor, sa_buf: torch.Tensor):
+                   a_buf: torch.Tensor, sa_buf: torch.Tensor, copy_rows: bool = True):
     """Scatter quantised tokens into masked buffers ``a_buf [E_loc + 1, M_max, H]`` /
     ``sa_buf [E_loc + 1, M_max, H/128]`` (last expert = trash for skipped pairs).
 
     Returns ``row_token``/``row_slot`` int64 ``[E_loc, M_max]`` (-1 on unused rows). No host sync.
-    Fused (module docstring): one kernel, same values outside the trash bucket.
+    Fused (module docstring): one kernel, same values outside the trash bucket. ``copy_rows=False``:
+    ``a_buf`` is left as it was (the scales and row maps are written).
     """
     num_pairs = index.pair_expert.numel()
     if fused_enabled(xq):
@@ -136,11 +144,13 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
             rows = _row_maps(a_buf)  # -1 past masked_m and in the trash bucket: by the kernel
             kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1],
                                    index.masked_m,
-                                   per_pair=switch_on(kPermutePerPairEnv, kPermutePerPairDefault))
+                                   per_pair=switch_on(kPermutePerPairEnv, kPermutePerPairDefault),
+                                   copy_rows=copy_rows)
             return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]
     where = (index.pair_expert, index.pair_rank)
-    a_buf.view(torch.uint8).index_put_(where, xq.view(torch.uint8)[pair_token])
+    if copy_rows:
+        a_buf.view(torch.uint8).index_put_(where, xq.view(torch.uint8)[pair_token])
     sa_buf.index_put_(where, xs[pair_token])
     experts_plus_trash, m_max = a_buf.shape[:2]
     row_token = torch.full((experts_plus_trash, m_max), -1, dtype=torch.int64, device=xq.device)
@@ -153,7 +163,7 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
 def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Tensor,
                           topk_weights: Optional[torch.Tensor], expert_offset: int,
                           num_experts_local: int, m_max: int, num_valid_tokens,
-                          a_buf: torch.Tensor, sa_buf: torch.Tensor):
+                          a_buf: torch.Tensor, sa_buf: torch.Tensor, copy_rows: bool = True):
     """``masked_index_from_global`` then ``permute_masked`` in one kernel launch where
     ``MOE_FP8_SMALL_DISPATCH=1``, both would run their kernels, and the step has at most
     ``kSmallPairs`` pairs: ``(MaskedIndex, row_token, row_slot)``, the same values; else None
@@ -171,8 +181,17 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
     rows = _row_maps(a_buf)
     fields = kernels.masked_dispatch_small(ids, num_experts_local, m_max, weights, expert_offset,
                                            topk_idx.shape[1], valid, xq, xs, a_buf, sa_buf,
-                                           rows[0], rows[1])
+                                           rows[0], rows[1], copy_rows=copy_rows)
     return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
+
+
+def decode_gather_wanted(xq: torch.Tensor) -> bool:
+    """Whether the local dispatch leaves the rows unpermuted for the gate-up to gather
+    (``MOE_FP8_DECODE_GATHER``): fused kernels on this device, not the debug mode (its checks
+    read the layout's rows), not while tracing."""
+    from ..gemm.validate import debug_mode
+    return (switch_on(kDecodeGatherEnv, kDecodeGatherDefault) and fused_enabled(xq)
+            and not debug_mode() and not torch.compiler.is_compiling())
 
 
 def route_dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, router, logits: torch.Tensor,

@@ -81,6 +81,14 @@ __host__ __device__ constexpr auto swap_ab_of(int) -> decltype(bool(P::kSwapAB))
 }
 template <class P>
 __host__ __device__ constexpr bool swap_ab_of(long) { return false; }
+// Policies with kGatherA (masked layout, fused_swiglu.cuh's gather kernel): A's rows are read
+// from the unpermuted token matrix, one TMA per row (see the producer).
+template <class P>
+__host__ __device__ constexpr auto gather_a_of(int) -> decltype(bool(P::kGatherA)) {
+  return P::kGatherA;
+}
+template <class P>
+__host__ __device__ constexpr bool gather_a_of(long) { return false; }
 template <class P>
 __host__ __device__ constexpr int math_warpgroups() {
   return (swap_ab_of<P>(0) ? P::kBlockN : P::kBlockM) / 64;
@@ -111,7 +119,8 @@ struct CoreSmem {
 template <class P>
 __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::TmaDesc* tma_b,
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
-                                          const ptx::TmaDesc* tma_d, const GemmParams& params) {
+                                          const ptx::TmaDesc* tma_d, const GemmParams& params,
+                                          const long long* g_row_token = nullptr) {
   constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
   constexpr int kClusterM = P::kClusterM, kClusterN = P::kClusterN;
   constexpr int kClusterSize = kClusterM * kClusterN, kTileKBlocks = P::kTileKBlocks;
@@ -126,6 +135,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   using Scheduler = typename P::Scheduler;
   constexpr int kNumMathWG = math_warpgroups<P>();
   constexpr bool kSwapAB = swap_ab_of<P>(0);
+  constexpr bool kGatherA = gather_a_of<P>(0);
+
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   constexpr int kPart = kPartN / 2;  // partial-product registers per thread
   // Whether a tile's columns may cross a 128-column scale block (then 2 sb values per K block).
@@ -152,6 +163,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
   // Every tile runs kTileKBlocks K blocks, or (kEmptyTiles: some have none) its own count.
   constexpr bool kFixedK = kTileKBlocks > 0 && !P::kEmptyTiles;
+  static_assert(!kGatherA || (Scheduler::kMasked && kClusterSize == 1 && P::kUpRowOffset > 0 &&
+                              kARowChunk == 0 && !P::kEarlyB && kFixedK && kBlockM % 32 == 0),
+                "gather: the masked fused SwiGLU GEMM; no cluster, row chunks or early B");
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
   using Regs = RegisterSplit<kHalves == 2>;
@@ -212,7 +226,56 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // ------------------------------------------------------------------ producer warpgroup
     if constexpr (kNumMathWG == 2) ptx::setmaxnreg_dec<Regs::kProducer>();
     const int warp = tid / 32, lane = tid % 32;
-    if (warp == 0 && ptx::elect_one()) {
+    if (kGatherA && warp == 0) {
+      // Gather (decode): the tile's rows come from the unpermuted token matrix (tma_a: one-row
+      // boxes of 128 bytes), token g_row_token[m_row + r] (the dispatch's row_token over the
+      // [E * M_max] rows, -1 past masked_m) into row r of the slot: a one-row box
+      // lands where that row of a whole-tile box would (the 128B swizzle follows the shared
+      // address; benchmarks/experiments/tma_row_gather, H100 2026-12-06). The whole warp issues
+      // them, lane l rows l, l + 32, ...; lane 0 the weights (gate and up boxes) and the scales,
+      // which the dispatch still writes in the masked layout. Rows past rows_valid keep stale
+      // data, as with row chunks: their outputs are never written.
+      if constexpr (kGatherA) {
+        constexpr int kRowsPerLane = kBlockM / 32;
+        Scheduler scheduler(params, rank);
+        Tile tile;
+        int stage = 0;
+        u32 phase = 0;
+        while (scheduler.next(tile)) {
+          int token[kRowsPerLane];
+#pragma unroll
+          for (int i = 0; i < kRowsPerLane; ++i) {
+            const int r = lane + 32 * i;
+            token[i] = r < tile.rows_valid
+                           ? static_cast<int>(__ldg(g_row_token + tile.m_row + r)) : 0;
+          }
+          const u32 stage_tx = static_cast<u32>(min(tile.rows_valid, kBlockM) * 128 +
+                                                Layout::kBBytes + Layout::kSaBytes);
+          for (int kb = 0; kb < kTileKBlocks; ++kb) {
+            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
+            const int k = (tile.k_block0 + kb) * 128;
+            if (lane == 0) ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < kRowsPerLane; ++i) {
+              const int r = lane + 32 * i;
+              if (r < tile.rows_valid)
+                ptx::tma_load_2d(s_a + stage * Layout::kABytes + r * 128, tma_a, &full[stage], k,
+                                 token[i]);
+            }
+            if (lane == 0) {
+              constexpr int kBoxRows = kBlockN / 2;
+              for (int h = 0; h < 2; ++h)
+                ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
+                                 &full[stage], k, tile.b_row + h * P::kUpRowOffset);
+              ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
+                               tile.sa_k + kb);
+            }
+            if (++stage == kStages) stage = 0, phase ^= 1;
+          }
+        }
+      }
+    } else if (warp == 0 && ptx::elect_one()) {
       Scheduler scheduler(params, rank);
       Tile tile;
       int stage = 0;

@@ -138,6 +138,7 @@ struct TileScheduler {
                 "split K: dense layout, no cluster, K blocks divisible by the splits");
   static constexpr int kSplitKBlocks = kNumKBlocks / kSplitK;  // K blocks per split
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
+  static constexpr bool kMasked = kLayout == kLayoutMasked;
 
   const GemmParams& params;
   const int rank_m;  // the row block inside a B-multicast pair (kClusterM > 1), else 0

@@ -333,9 +333,10 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
 
 
 def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
-                  layout: int = kLayoutMasked) -> "jit.KernelSource":
+                  layout: int = kLayoutMasked, gather: bool = False) -> "jit.KernelSource":
     """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)
-    on the masked or the contiguous (m_indices) layout."""
+    on the masked or the contiguous (m_indices) layout; ``gather`` (masked): A's rows read from
+    the unpermuted token matrix (``fused_swiglu_gather_kernel``; the config's row chunks unused)."""
     c = config
     if c.block_n != 256 or c.cluster_n != 1 or c.split_k != 1 or n % 256 or c.early_b:
         raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast, split K "
@@ -348,6 +349,13 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
                          f"got {c}")
     if layout == kLayoutMasked and c.cluster_m != 1:
         raise ValueError(f"the masked fused SwiGLU GEMM takes no cluster, got {c}")
+    if gather:
+        if layout != kLayoutMasked:
+            raise ValueError("the gathering fused SwiGLU GEMM runs on the masked layout")
+        return jit.KernelSource(
+            kSwiGluHeader,
+            f"moe_fp8::fused_swiglu_gather_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
+            f"{'true' if pow2 else 'false'}>", extra_defines)
     # the masked instances keep the name (and cache key) they were measured under
     tail = "" if layout == kLayoutMasked else f", {layout}"
     tail += f", {c.cluster_m}" if c.cluster_m != 1 else ""
@@ -360,12 +368,18 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
 def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                             masked_m: torch.Tensor, expected_m: int, act: torch.Tensor,
                             act_s: torch.Tensor, pow2: bool = False,
-                            config: Optional[H.GemmConfig] = None) -> None:
+                            config: Optional[H.GemmConfig] = None,
+                            gather: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """``act, act_s = silu_and_mul_quant(m_grouped_masked(a, b))`` in one kernel (the same bytes):
     ``a`` fp8 ``[E, M_max, K]`` + MN-major ``sa``, ``b`` W13 fp8 ``[E, 2I, K]`` (gate rows, then
     up rows) + ``sb`` ``[E, 2I/128, K/128]``; ``act`` fp8 ``[E, M_max, I]`` contiguous and
     ``act_s`` ``[E, M_max, I/128]`` MN-major (``layout.empty_act_scales``): rows >= masked_m[e]
-    untouched. Checked tensors only (the caller validates)."""
+    untouched. Checked tensors only (the caller validates).
+
+    ``gather = (x, row_token)``: ``a``'s rows are not read (only its shape); row m of expert e is
+    ``x[row_token[e, m]]`` instead, ``x`` fp8 ``[T, K]`` (the unpermuted tokens, unit stride along
+    K), ``row_token`` int64 ``[>= E, M_max]`` with contiguous rows (the dispatch's; read below
+    masked_m only). ``sa`` stays the masked layout's scales."""
     num_experts, m_max, k = a.shape
     n = b.shape[1]
     if num_experts == 0 or m_max == 0:
@@ -374,18 +388,31 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
         raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
-    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines),
-                            lambda: swiglu_source(n, k, c, pow2), dev)
+    if gather is not None:
+        x, row_token = gather
+        if (x.dim() != 2 or x.shape[1] != k or x.dtype != a.dtype or x.stride(1) != 1
+                or row_token.dtype != torch.int64 or row_token.dim() != 2
+                or row_token.shape[0] < num_experts or row_token.shape[1] != m_max
+                or row_token.stride(1) != 1 or row_token.stride(0) != m_max):
+            raise ValueError(f"gather needs x [T, K = {k}] {a.dtype} with unit stride along K and "
+                             f"row_token int64 [>= {num_experts}, {m_max}] with contiguous rows, "
+                             f"got x {tuple(x.shape)} {x.dtype} and row_token "
+                             f"{tuple(row_token.shape)} {row_token.dtype} {row_token.stride()}")
+    kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines, gather is not None),
+                            lambda: swiglu_source(n, k, c, pow2, gather=gather is not None), dev)
     smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a).view(num_experts * m_max, k), _sa_view(sa),
                                          m_max, _k_major(b).view(num_experts * n, k), c, 128)
-    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
-                  [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
-                   masked_m.contiguous(), sb.contiguous(), act, act_s,
-                   jit.i64(act_s.stride(0)), jit.i64(act_s.stride(2))])
+    args = [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
+            masked_m.contiguous(), sb.contiguous(), act, act_s, jit.i64(act_s.stride(0)),
+            jit.i64(act_s.stride(2))]
+    if gather is not None:  # A: one-row boxes over the token matrix (gemm_core.cuh kGatherA)
+        args[0] = args[3] = _tma(gather[0], 128, 1, 128)
+        args.append(gather[1])
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args)
 
 
 def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,

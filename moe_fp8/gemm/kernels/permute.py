@@ -236,28 +236,34 @@ def permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_token, row_slot) -> N
 
 
 def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token,
-                   row_slot, masked_m, per_pair: bool = False) -> None:
+                   row_slot, masked_m, per_pair: bool = False, copy_rows: bool = True) -> None:
+    """``copy_rows=False``: the scales and row maps only, no fp8 row (the decode gate-up then
+    gathers the rows from ``xq`` itself: ``fp8_gemm.m_grouped_masked_swiglu(gather=...)``)."""
     num_pairs = pair_expert.numel()
     m_max, hidden = a_buf.shape[1], a_buf.shape[2]
     # per_pair: one CTA per pair, else a warp per pair, 8 per CTA; at least one CTA (the row maps)
     grid = max(1, num_pairs if per_pair else _ceil_div(num_pairs, kRowsPerCta))
     _kernel(permute_source(True, per_pair), xq).launch(grid, kPermuteThreads, 0, [
         xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, masked_m, i32(num_pairs),
-        i32(top_k), i32(hidden // kVectorBytes), i64(xq.stride(0) // kVectorBytes),
+        i32(top_k), i32(hidden // kVectorBytes if copy_rows else 0),
+        i64(xq.stride(0) // kVectorBytes),
         i32(xs.shape[1]), i32(m_max), i32(a_buf.shape[0] - 1),  # the last bucket is the trash
         i64(xs.stride(0)), i64(xs.stride(1)), *_scale_strides(sa_buf)])
 
 
-def small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot) -> list:
+def small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot,
+                             copy_rows: bool = True) -> list:
     """The copy half of the small-dispatch kernels' arguments (permute.cuh ``SmallDispatch``, from
-    ``gX`` on), as ``masked_dispatch_small`` and route_dispatch.py pass them."""
-    return [xq, xs, a_buf, sa_buf, row_token, row_slot, i32(a_buf.shape[2] // kVectorBytes),
+    ``gX`` on), as ``masked_dispatch_small`` and route_dispatch.py pass them (``copy_rows=False``:
+    no fp8 row is copied, as ``permute_masked`` takes it)."""
+    return [xq, xs, a_buf, sa_buf, row_token, row_slot,
+            i32(a_buf.shape[2] // kVectorBytes if copy_rows else 0),
             i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)),
             i64(xs.stride(1)), *_scale_strides(sa_buf)]
 
 
 def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
-                          a_buf, sa_buf, row_token, row_slot):
+                          a_buf, sa_buf, row_token, row_slot, copy_rows: bool = True):
     """``masked_index`` (global ids, ``id_offset``, ``top_k``, ``num_valid`` as there) followed by
     ``permute_masked`` in one launch, for ``0 < P <= kSmallPairs`` pairs (every CTA ranks them all
     itself). Arguments as those two take them; returns ``masked_index``'s tuple."""
@@ -269,7 +275,7 @@ def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, nu
                                                         kPermuteThreads, 0, [
         ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
         masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights, slot_row, slot_weight,
-        *small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot)])
+        *small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot, copy_rows)])
     return fields
 
 

@@ -22,9 +22,9 @@ from ...gemm.layout import kSegmentAlign
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index,
                        masked_index_from_global, upper_bound_rows)
-from ..permute import (combine_index_contiguous, combine_index_masked, dispatch_masked_small,
-                       permute_contiguous, permute_masked, route_dispatch_masked_small,
-                       unpermute_combine)
+from ..permute import (combine_index_contiguous, combine_index_masked, decode_gather_wanted,
+                       dispatch_masked_small, permute_contiguous, permute_masked,
+                       route_dispatch_masked_small, unpermute_combine)
 from ..router import fused_router_switch_on
 from .base import Dispatcher
 
@@ -98,8 +98,11 @@ class LocalDispatcher(Dispatcher):
         # NOTE: the masked index kernel writing the combine index too (4 fewer kernels per decode
         # graph) is new since the last GPU run: it rides on the router kernels' switch until then
         weights = topk_weights if fused_router_switch_on() else None
+        # MOE_FP8_DECODE_GATHER: no fp8 row copied; the layout names the rows' tokens instead
+        gather = decode_gather_wanted(xq)
         small = dispatch_masked_small(xq, xs, topk_idx, weights, self.expert_offset,
-                                      self.num_experts_local, m_max, num_valid_tokens, out.a, out.sa)
+                                      self.num_experts_local, m_max, num_valid_tokens, out.a, out.sa,
+                                      copy_rows=not gather)
         if small is not None:
             index, row_token, row_slot = small
         else:
@@ -109,9 +112,13 @@ class LocalDispatcher(Dispatcher):
                 local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local,
                                              num_valid_tokens)
                 index = masked_index(local_ids, self.num_experts_local, m_max, weights)
-            row_token, row_slot = permute_masked(xq, xs, index, self.top_k, out.a, out.sa)
-        return self._masked_result(xq.shape[0], index, row_token, row_slot, out, topk_weights,
-                                   m_max, num_valid_tokens)
+            row_token, row_slot = permute_masked(xq, xs, index, self.top_k, out.a, out.sa,
+                                                 copy_rows=not gather)
+        layout, handle = self._masked_result(xq.shape[0], index, row_token, row_slot, out,
+                                             topk_weights, m_max, num_valid_tokens)
+        if gather:
+            layout.token_source = (xq, row_token)
+        return layout, handle
 
     def dispatch_masked_routed(self, x_local, router, logits, *, max_tokens_per_expert: int,
                                num_valid_tokens=None, out: Optional[MaskedBuffers] = None):
