@@ -504,8 +504,10 @@ def bundled_sources() -> List["jit.KernelSource"]:
             config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
             sources.append(kernel_source(n, k, config, kLayoutMasked))
             if num_experts == 32 and n == 4096:  # the decode step's gate-up (MOE_FP8_FUSED_SWIGLU)
-                sources.append(swiglu_source(n, k, H.masked_swiglu_config(
-                    num_experts, expected_m, n, k, kH100Sms), pow2=False))
+                swiglu = H.masked_swiglu_config(num_experts, expected_m, n, k, kH100Sms)
+                sources.append(swiglu_source(n, k, swiglu, pow2=False))
+                # ... reading the tokens unpermuted (MOE_FP8_DECODE_GATHER)
+                sources.append(swiglu_source(n, k, swiglu, pow2=False, gather=True))
     sources.append(prefetch_source())
     return list(dict.fromkeys(sources))  # unique, in order
 

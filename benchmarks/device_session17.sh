@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The next session's first GPU call (~5 min): MOE_FP8_DECODE_GATHER, built in session 16 after its
+# device time ran out (NOTES "Where the next session starts", end of session 16).
+#   MOE_FP8_COMMIT=<sha> bash benchmarks/device_session17.sh
+#   1. GPU tests: the gathering fused SwiGLU GEMM against the permuted one (bytes and scales), the
+#      dispatch without rows (CUDA), the decode runner's bits with the switch 0 / 1;
+#   2. compute-sanitizer memcheck and racecheck of the gather GEMM test (one few-SM config);
+#   3. decode_build_ab.py: the defaults (A) vs MOE_FP8_DECODE_GATHER=1 (B), 1-256 tokens, 3 rounds;
+#   4. profile_layer's 256-token decode timeline with the switch on.
+# Everything under $OUT/s17.tgz; a short summary on stdout.
+set -uo pipefail
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
+FINAL=${OUT:-/tmp/moe_fp8_out}; RAW=/tmp/s17; mkdir -p "$FINAL" "$RAW"
+nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
+python3 -m moe_fp8.gemm.precompile > "$RAW/precompile.log" 2>&1 || echo "precompile failed"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.py \
+  tests/test_layer_gpu.py tests/test_permute_gpu.py -k "gather or without_rows" > "$RAW/tests.log" 2>&1
+echo "tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
+grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
+for tool in memcheck racecheck; do
+  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
+    -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu_gather_is_permuted and num_sms=3" \
+    > "$RAW/sanitize_$tool.log" 2>&1
+  echo "$tool rc=$? $(grep -aE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$RAW/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')"
+done
+OUT="$RAW" timeout 200 python3 benchmarks/decode_build_ab.py --tokens 1,8,32,128,256 \
+  --b-env MOE_FP8_DECODE_GATHER=1 > "$RAW/gather_ab.log" 2>&1
+echo "defaults (A) vs MOE_FP8_DECODE_GATHER=1 (B) rc=$?"; grep -a "^{" "$RAW/gather_ab.log" | cut -c1-300
+MOE_FP8_DECODE_GATHER=1 OUT="$RAW" timeout 120 python3 benchmarks/profile_layer.py --tokens \
+  --decode 256 --mode nosync > "$RAW/profile_decode256.log" 2>&1
+echo "== profile decode 256 (gather) rc=$?"
+grep -aE "^\| " "$RAW/profile_decode256.log" | sed -n '/start_us/,/phase/p' | cut -c1-110 | head -n 16
+tar czf "$FINAL/s17.tgz" -C "$RAW" . 2>/dev/null
