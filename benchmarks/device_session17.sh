@@ -19,7 +19,7 @@ echo "tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
 grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu_gather_is_permuted and num_sms=3" \
+    -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu_gather_is_permuted and m128_sm3" \
     > "$RAW/sanitize_$tool.log" 2>&1
   echo "$tool rc=$? $(grep -aE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$RAW/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')"
 done

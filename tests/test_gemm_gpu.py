@@ -573,7 +573,8 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
 
 
 @pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
-                                    GemmConfig(128, 256, num_sms=3)], ids=str)
+                                    GemmConfig(128, 256, num_sms=3)],
+                         ids=["auto", "m64_sm5", "m128_sm3"])
 def test_masked_swiglu_gather_is_permuted(config):
     """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER) reading row m of expert e from
     x[row_token[e, m]] writes the bytes and scales the fused GEMM writes from the permuted rows;
