@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The next session's first GPU call (~5 min): MOE_FP8_DECODE_GATHER, built in session 16 after its
-# device time ran out (NOTES "Where the next session starts", end of session 16).
+# The next session's first GPU call (~6 min): MOE_FP8_DECODE_GATHER and MOE_FP8_MEDIUM_DISPATCH,
+# built in session 16 after its device time ran out (NOTES "Where the next session starts").
 #   MOE_FP8_COMMIT=<sha> bash benchmarks/device_session17.sh
 #   1. GPU tests: the gathering fused SwiGLU GEMM against the permuted one (bytes and scales), the
-#      dispatch without rows (CUDA), the decode runner's bits with the switch 0 / 1;
+#      dispatch without rows and the medium dispatch (CUDA), the decode runner's bits with each
+#      switch 0 / 1;
 #   2. compute-sanitizer memcheck and racecheck of the gather GEMM test (one few-SM config);
-#   3. decode_build_ab.py: the defaults (A) vs MOE_FP8_DECODE_GATHER=1 (B), 1-256 tokens, 3 rounds;
+#   3. decode_build_ab.py: the defaults (A) vs MOE_FP8_DECODE_GATHER=1 (B), 1-256 tokens, and vs
+#      MOE_FP8_MEDIUM_DISPATCH=1 at 64-256 tokens, 3 rounds each;
 #   4. profile_layer's 256-token decode timeline with the switch on.
 # Everything under $OUT/s17.tgz; a short summary on stdout.
 set -uo pipefail
@@ -14,7 +16,8 @@ FINAL=${OUT:-/tmp/moe_fp8_out}; RAW=/tmp/s17; mkdir -p "$FINAL" "$RAW"
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 python3 -m moe_fp8.gemm.precompile > "$RAW/precompile.log" 2>&1 || echo "precompile failed"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.py \
-  tests/test_layer_gpu.py tests/test_permute_gpu.py -k "gather or without_rows" > "$RAW/tests.log" 2>&1
+  tests/test_layer_gpu.py tests/test_permute_gpu.py -k "gather or without_rows or medium" \
+  > "$RAW/tests.log" 2>&1
 echo "tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
 grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
 for tool in memcheck racecheck; do
@@ -26,6 +29,11 @@ done
 OUT="$RAW" timeout 200 python3 benchmarks/decode_build_ab.py --tokens 1,8,32,128,256 \
   --b-env MOE_FP8_DECODE_GATHER=1 > "$RAW/gather_ab.log" 2>&1
 echo "defaults (A) vs MOE_FP8_DECODE_GATHER=1 (B) rc=$?"; grep -a "^{" "$RAW/gather_ab.log" | cut -c1-300
+mv "$RAW"/decode_build_ab_*.md "$RAW/gather_ab.md" 2>/dev/null
+OUT="$RAW" timeout 200 python3 benchmarks/decode_build_ab.py --tokens 64,128,256 \
+  --b-env MOE_FP8_MEDIUM_DISPATCH=1 > "$RAW/medium_ab.log" 2>&1
+echo "defaults (A) vs MOE_FP8_MEDIUM_DISPATCH=1 (B) rc=$?"; grep -a "^{" "$RAW/medium_ab.log" | cut -c1-300
+mv "$RAW"/decode_build_ab_*.md "$RAW/medium_ab.md" 2>/dev/null
 MOE_FP8_DECODE_GATHER=1 OUT="$RAW" timeout 120 python3 benchmarks/profile_layer.py --tokens \
   --decode 256 --mode nosync > "$RAW/profile_decode256.log" 2>&1
 echo "== profile decode 256 (gather) rc=$?"

@@ -634,6 +634,104 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_small_kernel(
   masked_dispatch_small_body(d, expert, weight);
 }
 
+// ---- masked dispatch of up to a few thousand pairs (decode, 33-256 tokens at top-8) -------------
+
+// Beyond the small dispatch's 256 pairs the decode step ran masked_index_kernel (one CTA) and then
+// permute_rows_kernel<true>: at 256 tokens the index ended 6 us after the route kernel and the
+// permute 13 us later, both on the router branch (H100 2026-12-06). Here every CTA ranks all
+// pairs with the index kernel's own stable order (count_sub_chunks / scan_sub_chunks /
+// rank_sub_chunk over one chunk of all pairs), CTA 0 writes the index outputs, and each CTA then
+// copies its kMediumPairsPerCta pairs (rows, unless vectorsPerRow is 0, and scales) and its share
+// of the row maps' -1 fill. Every output is the two kernels' value, bit for bit.
+constexpr int kMediumPairsPerCta = 32;  // two pairs per warp of kRankThreads
+constexpr int kMediumPairs = 4096;      // pairs of one call at most (the host's choice)
+
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) masked_dispatch_medium_kernel(
+    // masked_index_kernel's inputs and outputs
+    const long long* __restrict__ gIds, int numPairs, int numExperts, int maxRows,
+    long long idOffset, int topK, const long long* __restrict__ gNumValid,
+    int* __restrict__ gMaskedM, long long* __restrict__ gPairExpert,
+    long long* __restrict__ gPairRank, bool* __restrict__ gPairKept,
+    long long* __restrict__ gNumOverflow, const float* __restrict__ gWeights,
+    long long* __restrict__ gSlotRow, float* __restrict__ gSlotWeight,
+    // permute_rows_kernel<true>'s (its rowsPerBatch = maxRows, trashBatch = numExperts)
+    const uint4* __restrict__ gX, const float* __restrict__ gXs, uint4* __restrict__ gA,
+    float* __restrict__ gSa, long long* __restrict__ gRowToken, long long* __restrict__ gRowSlot,
+    int vectorsPerRow, long long xRowVectors, int groups, long long xsToken, long long xsGroup,
+    long long saBatch, long long saRow, long long saGroup) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  static_assert(kThreads == kRankThreads, "SubChunk assumes kRankThreads");
+  static_assert(kMediumPairsPerCta <= kRankThreads, "the CTA's pairs fit its ranking threads");
+  __shared__ int sCursor[kRankWarps][kMaxExperts];
+  __shared__ int sRows[kMaxExperts];                // masked_m
+  __shared__ int sExpert[kMediumPairsPerCta];       // the CTA's pairs: local expert, -1 skipped
+  __shared__ int sRank[kMediumPairsPerCta];
+  __shared__ int sOverflow;
+  long long validPairs = numPairs;
+  if (gNumValid != nullptr)
+    validPairs = min(static_cast<long long>(numPairs), max(__ldg(gNumValid), 0ll) * topK);
+  const GlobalIds ids{gIds, idOffset, numExperts, validPairs};
+  const bool writesIndex = blockIdx.x == 0;
+  if (threadIdx.x == 0) sOverflow = 0;
+  const SubChunk chunk(0, numPairs);
+  count_sub_chunks(ids, chunk, sCursor);  // its barriers publish sOverflow = 0
+  const int e = threadIdx.x;
+  const int total = scan_sub_chunks(0, numExperts, sCursor);
+  if (e < numExperts) {
+    sRows[e] = min(total, maxRows);
+    if (writesIndex) {
+      gMaskedM[e] = min(total, maxRows);
+      if (total > maxRows) atomicAdd(&sOverflow, total - maxRows);
+    }
+  }
+  const int first = blockIdx.x * kMediumPairsPerCta;
+  rank_sub_chunk(ids, chunk, sCursor, [&](int p, int expert, int rank) {
+    const bool kept = expert >= 0 && rank < maxRows;
+    if (writesIndex) {
+      gPairExpert[p] = kept ? expert : numExperts;
+      gPairRank[p] = kept ? rank : 0;
+      gPairKept[p] = kept;
+      if (gSlotRow != nullptr) {
+        gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
+        gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
+      }
+    }
+    if (p >= first && p < first + kMediumPairsPerCta) {
+      sExpert[p - first] = kept ? expert : -1;
+      sRank[p - first] = rank;
+    }
+  });
+  __syncthreads();  // sExpert / sRank / sRows / sOverflow complete
+  if (writesIndex && threadIdx.x == 0) *gNumOverflow = sOverflow;
+  // the row maps: -1 past masked_m and in the trash bucket, over the grid
+  const int numRows = (numExperts + 1) * maxRows;
+  for (int r = blockIdx.x * kThreads + threadIdx.x; r < numRows; r += gridDim.x * kThreads) {
+    const int expert = r / maxRows;
+    if (expert == numExperts || r - expert * maxRows >= sRows[expert]) {
+      gRowToken[r] = -1;
+      gRowSlot[r] = -1;
+    }
+  }
+  // one warp per pair of the CTA: its scales, its row (vectorsPerRow 0: none), its row maps
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = warp; i < kMediumPairsPerCta; i += kRankWarps) {
+    const int item = first + i;
+    if (item >= numPairs) break;
+    const int expert = sExpert[i];
+    if (expert < 0) continue;  // skipped or dropped: nobody reads the trash bucket
+    const long long token = item / topK, dstRow = static_cast<long long>(expert) * maxRows + sRank[i];
+    const float* xsSrc = gXs + token * xsToken;
+    float* saDst = gSa + expert * saBatch + static_cast<long long>(sRank[i]) * saRow;
+    for (int g = lane; g < groups; g += 32) saDst[g * saGroup] = __ldg(xsSrc + g * xsGroup);
+    copy_row(gX + token * xRowVectors, gA + dstRow * vectorsPerRow, vectorsPerRow);
+    if (lane == 0) {
+      gRowToken[dstRow] = token;
+      gRowSlot[dstRow] = item - token * topK;
+    }
+  }
+}
+
 // ---- combine: weighted sum of each token's k expert rows ---------------------------------------
 
 __device__ __forceinline__ float bf16_bits_to_float(unsigned short bits) {
