@@ -24,7 +24,11 @@ for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
     -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu_gather_is_permuted and m128_sm3" \
     > "$RAW/sanitize_$tool.log" 2>&1
-  echo "$tool rc=$? $(grep -aE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$RAW/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')"
+  echo "$tool gather rc=$? $(grep -aE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$RAW/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')"
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
+    -p no:cacheprovider -m gpu tests/test_permute_gpu.py -k "medium_equals and cuda-False" \
+    > "$RAW/sanitize_medium_$tool.log" 2>&1
+  echo "$tool medium rc=$? $(grep -aE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$RAW/sanitize_medium_$tool.log" | tail -n 2 | tr '\n' ' ')"
 done
 OUT="$RAW" timeout 200 python3 benchmarks/decode_build_ab.py --tokens 1,8,32,128,256 \
   --b-env MOE_FP8_DECODE_GATHER=1 > "$RAW/gather_ab.log" 2>&1
