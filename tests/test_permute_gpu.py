@@ -289,6 +289,22 @@ def test_permute_masked_bit_exact(backend, per_pair, monkeypatch):
             assert bool((maps[:, experts] == -1).all()), f"trash row maps {what}"
 
 
+def assert_same_dispatch(got, want, got_bufs, want_bufs, local, what):
+    """A one-launch dispatch's ``(MaskedIndex, row_token, row_slot)`` and buffers against the
+    index kernel + permute's: every index field, the rows and scales outside the trash bucket."""
+    (got_index, got_token, got_slot), (index, token, slot) = got, want
+    for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow",
+                 "slot_row", "slot_weight"):
+        if getattr(index, name) is None:
+            assert getattr(got_index, name) is None, f"{name} {what}"
+        else:
+            assert_same(getattr(got_index, name), getattr(index, name), f"{name} {what}")
+    assert_same(got_bufs.a[:local], want_bufs.a[:local], f"a {what}")
+    assert_same(got_bufs.sa[:local], want_bufs.sa[:local], f"sa {what}")
+    assert_same(got_token, token, f"row_token {what}")
+    assert_same(got_slot, slot, f"row_slot {what}")
+
+
 @pytest.mark.parametrize("with_weights", [False, True])
 def test_masked_dispatch_small_equals_index_then_permute(backend, with_weights, monkeypatch):
     """MOE_FP8_SMALL_DISPATCH=1: one launch (every CTA ranks the <= 256 pairs itself) writes what
@@ -321,17 +337,7 @@ def test_masked_dispatch_small_equals_index_then_permute(backend, with_weights, 
                                                  num_valid, mine.a, mine.sa)
                 monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", "0")
             assert small is not None, what
-            got, got_token, got_slot = small
-            for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow",
-                         "slot_row", "slot_weight"):
-                if getattr(index, name) is None:
-                    assert getattr(got, name) is None, f"{name} {what}"
-                else:
-                    assert_same(getattr(got, name), getattr(index, name), f"{name} {what}")
-            assert_same(mine.a[:local], bufs.a[:local], f"a {what}")
-            assert_same(mine.sa[:local], bufs.sa[:local], f"sa {what}")
-            assert_same(got_token, rows[0], f"row_token {what}")
-            assert_same(got_slot, rows[1], f"row_slot {what}")
+            assert_same_dispatch(small, (index, *rows), mine, bufs, local, what)
         # the row maps written whole: poisoned ones come back as the two steps' (-1 past
         # masked_m and in the trash bucket)
         maps = torch.full((2, local + 1, m_max), 12345, dtype=torch.int64, device=backend)
@@ -394,17 +400,7 @@ def test_masked_dispatch_medium_equals_index_then_permute(backend, with_weights,
                 rowless = PM.dispatch_masked_small(xq, xs, ids, weights, offset, local, m_max,
                                                    num_valid, bare.a, bare.sa, copy_rows=False)
             assert medium is not None and rowless is not None, what
-            got, got_token, got_slot = medium
-            for name in ("masked_m", "pair_expert", "pair_rank", "pair_kept", "num_overflow",
-                         "slot_row", "slot_weight"):
-                if getattr(index, name) is None:
-                    assert getattr(got, name) is None, f"{name} {what}"
-                else:
-                    assert_same(getattr(got, name), getattr(index, name), f"{name} {what}")
-            assert_same(mine.a[:local], bufs.a[:local], f"a {what}")
-            assert_same(mine.sa[:local], bufs.sa[:local], f"sa {what}")
-            assert_same(got_token, rows[0], f"row_token {what}")
-            assert_same(got_slot, rows[1], f"row_slot {what}")
+            assert_same_dispatch(medium, (index, *rows), mine, bufs, local, what)
             assert_same(bare.sa[:local], bufs.sa[:local], f"sa without rows {what}")
             assert_same(rowless[1], rows[0], f"row_token without rows {what}")
             assert_same(bare.a, before, f"rows left as they were {what}")

@@ -39,6 +39,9 @@
 //   kSwapAB                     (optional, masked layout) the tile's 128 B rows are the wgmma M
 //                               side and its rows of A the N side, rounded to 16 at run time
 //                               (swap_ab.cuh: decode tiles of a few dozen rows per expert)
+//   kGatherA                    (optional, the masked fused SwiGLU GEMM) A's rows come from the
+//                               unpermuted token matrix, one TMA per row at the dispatch's
+//                               row_token (gemm_body's g_row_token; decode, fused_swiglu.cuh)
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
