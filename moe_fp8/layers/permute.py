@@ -29,6 +29,7 @@ import torch
 
 from .. import gemm as G
 from ..gemm.layout import empty_act_scales
+from ..gemm.validate import debug_mode
 from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
                       global_index_valid_count, masked_index_kernel_inputs)
 from .switches import switch_on
@@ -202,7 +203,6 @@ def decode_gather_wanted(xq: torch.Tensor) -> bool:
     """Whether the local dispatch leaves the rows unpermuted for the gate-up to gather
     (``MOE_FP8_DECODE_GATHER``): fused kernels on this device, not the debug mode (its checks
     read the layout's rows), not while tracing."""
-    from ..gemm.validate import debug_mode
     return (switch_on(kDecodeGatherEnv, kDecodeGatherDefault) and fused_enabled(xq)
             and not debug_mode() and not torch.compiler.is_compiling())
 

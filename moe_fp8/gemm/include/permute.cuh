@@ -296,6 +296,41 @@ __global__ void __launch_bounds__(kThreads) contiguous_rank_kernel(
 
 // ---- masked layout index (decode): one CTA, no host sync ---------------------------------------
 
+// The masked index's outputs for pair p of local expert `expert` (-1: skipped) at `rank`: pairs
+// past maxRows and skipped ones go to the trash bucket (expert numExperts, rank 0); with a combine
+// index (gSlotRow), its row e * maxRows + rank and weight (0 for the trash).
+__device__ __forceinline__ void write_masked_pair(int p, int expert, int rank, int numExperts,
+                                                  int maxRows, long long* gPairExpert,
+                                                  long long* gPairRank, bool* gPairKept,
+                                                  const float* gWeights, long long* gSlotRow,
+                                                  float* gSlotWeight) {
+  const bool kept = expert >= 0 && rank < maxRows;
+  gPairExpert[p] = kept ? expert : numExperts;
+  gPairRank[p] = kept ? rank : 0;
+  gPairKept[p] = kept;
+  if (gSlotRow != nullptr) {  // the combine index too (layers.permute.combine_index_masked)
+    gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
+    gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
+  }
+}
+
+// The row maps' -1 entries (rows at or past masked_m = sRows[e], and the trash bucket's), written
+// by every thread of a grid of kThreads-thread CTAs over rows r = its global index, + the grid's
+// threads, ...
+template <int kThreads>
+__device__ __forceinline__ void fill_unused_row_maps(long long* gRowToken, long long* gRowSlot,
+                                                     int numExperts, int maxRows,
+                                                     const int* sRows) {
+  const int numRows = (numExperts + 1) * maxRows;
+  for (int r = blockIdx.x * kThreads + threadIdx.x; r < numRows; r += gridDim.x * kThreads) {
+    const int e = r / maxRows;
+    if (e == numExperts || r - e * maxRows >= sRows[e]) {
+      gRowToken[r] = -1;
+      gRowSlot[r] = -1;
+    }
+  }
+}
+
 // pair_expert / pair_rank / pair_kept of every pair, masked_m = min(count, M_max) per expert and
 // the number of pairs dropped because their expert already had M_max rows. Skipped and dropped
 // pairs go to the trash bucket (expert numExperts, rank 0).
@@ -332,14 +367,8 @@ __global__ void __launch_bounds__(kThreads) masked_index_kernel(
     if (total > maxRows) atomicAdd(&sOverflow, total - maxRows);
   }
   rank_sub_chunk(ids, chunk, sCursor, [&](int p, int expert, int rank) {
-    const bool kept = expert >= 0 && rank < maxRows;
-    gPairExpert[p] = kept ? expert : numExperts;
-    gPairRank[p] = kept ? rank : 0;
-    gPairKept[p] = kept;
-    if (gSlotRow != nullptr) {  // the combine index too (layers.permute.combine_index_masked)
-      gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
-      gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
-    }
+    write_masked_pair(p, expert, rank, numExperts, maxRows, gPairExpert, gPairRank, gPairKept,
+                      gWeights, gSlotRow, gSlotWeight);
   });
   __syncthreads();
   if (threadIdx.x == 0) *gNumOverflow = sOverflow;
@@ -557,16 +586,7 @@ __device__ __forceinline__ void masked_dispatch_small_body(const SmallDispatch& 
     }
     if (p == 0) *d.gNumOverflow = sOverflow;
   }
-  // the row maps: -1 past masked_m and in the trash bucket, over the grid
-  const int numRows = (numExperts + 1) * maxRows;
-  for (int r = blockIdx.x * kPermuteThreads + threadIdx.x; r < numRows;
-       r += gridDim.x * kPermuteThreads) {
-    const int e = r / maxRows;
-    if (e == numExperts || r - e * maxRows >= sRows[e]) {
-      d.gRowToken[r] = -1;
-      d.gRowSlot[r] = -1;
-    }
-  }
+  fill_unused_row_maps<kPermuteThreads>(d.gRowToken, d.gRowSlot, numExperts, maxRows, sRows);
   // One pair per warp: its scales (lanes g and g + 32) requested with the row's first batch, not
   // after a CTA barrier as in permute_rows_kernel. NOTE: ptxas interleaves a batch's loads and
   // stores (each store then waits for its load) whether the stores are plain or volatile asm and
@@ -687,32 +707,17 @@ __global__ void __launch_bounds__(kThreads) masked_dispatch_medium_kernel(
   }
   const int first = blockIdx.x * kMediumPairsPerCta;
   rank_sub_chunk(ids, chunk, sCursor, [&](int p, int expert, int rank) {
-    const bool kept = expert >= 0 && rank < maxRows;
-    if (writesIndex) {
-      gPairExpert[p] = kept ? expert : numExperts;
-      gPairRank[p] = kept ? rank : 0;
-      gPairKept[p] = kept;
-      if (gSlotRow != nullptr) {
-        gSlotRow[p] = kept ? static_cast<long long>(expert) * maxRows + rank : 0;
-        gSlotWeight[p] = kept ? __ldg(gWeights + p) : 0.0f;
-      }
-    }
+    if (writesIndex)
+      write_masked_pair(p, expert, rank, numExperts, maxRows, gPairExpert, gPairRank, gPairKept,
+                        gWeights, gSlotRow, gSlotWeight);
     if (p >= first && p < first + kMediumPairsPerCta) {
-      sExpert[p - first] = kept ? expert : -1;
+      sExpert[p - first] = expert >= 0 && rank < maxRows ? expert : -1;
       sRank[p - first] = rank;
     }
   });
   __syncthreads();  // sExpert / sRank / sRows / sOverflow complete
   if (writesIndex && threadIdx.x == 0) *gNumOverflow = sOverflow;
-  // the row maps: -1 past masked_m and in the trash bucket, over the grid
-  const int numRows = (numExperts + 1) * maxRows;
-  for (int r = blockIdx.x * kThreads + threadIdx.x; r < numRows; r += gridDim.x * kThreads) {
-    const int expert = r / maxRows;
-    if (expert == numExperts || r - expert * maxRows >= sRows[expert]) {
-      gRowToken[r] = -1;
-      gRowSlot[r] = -1;
-    }
-  }
+  fill_unused_row_maps<kThreads>(gRowToken, gRowSlot, numExperts, maxRows, sRows);
   // one warp per pair of the CTA: its scales, its row (vectorsPerRow 0: none), its row maps
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = warp; i < kMediumPairsPerCta; i += kRankWarps) {

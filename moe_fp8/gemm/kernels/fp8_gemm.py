@@ -406,13 +406,13 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a).view(num_experts * m_max, k), _sa_view(sa),
                                          m_max, _k_major(b).view(num_experts * n, k), c, 128)
-    args = [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
-            masked_m.contiguous(), sb.contiguous(), act, act_s, jit.i64(act_s.stride(0)),
-            jit.i64(act_s.stride(2))]
     if gather is not None:  # A: one-row boxes over the token matrix (gemm_core.cuh kGatherA)
-        args[0] = args[3] = _tma(gather[0], 128, 1, 128)
-        args.append(gather[1])
-    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args)
+        tma_a = _tma(gather[0], 128, 1, 128)
+    kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
+                  [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
+                   masked_m.contiguous(), sb.contiguous(), act, act_s,
+                   jit.i64(act_s.stride(0)), jit.i64(act_s.stride(2)),
+                   *([] if gather is None else [gather[1]])])
 
 
 def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,

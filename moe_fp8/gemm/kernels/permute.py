@@ -106,6 +106,7 @@ def masked_dispatch_medium_source() -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::permute::masked_dispatch_medium_kernel<{kRankThreads}>")
 
 
+@functools.lru_cache(maxsize=None)
 def masked_dispatch_small_source() -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::permute::masked_dispatch_small_kernel<{kPermuteThreads}>")
 
