@@ -239,17 +239,6 @@ def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
                                     1030 + max_tokens, max_tokens=max_tokens)
 
 
-@pytest.mark.parametrize("max_tokens", [64, 256])
-@torch.no_grad()
-def test_decode_medium_dispatch_keeps_bits(moe, monkeypatch, max_tokens):
-    """MOE_FP8_MEDIUM_DISPATCH=1: beyond 256 pairs the masked index and the permute are one
-    launch (every CTA ranks all pairs): the same layout, so the same bits — also for replays
-    below the runner's size (the graph's kernel then skips the pairs past the valid count)."""
-    sizes = (max_tokens, max_tokens // 2 + 3, 33, 7, max_tokens)
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_MEDIUM_DISPATCH", sizes,
-                                    1050 + max_tokens, max_tokens=max_tokens)
-
-
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

@@ -362,50 +362,6 @@ def test_masked_dispatch_small_equals_index_then_permute(backend, with_weights, 
                                         bufs.sa) is None
 
 
-@pytest.mark.parametrize("with_weights", [False, True])
-def test_masked_dispatch_medium_equals_index_then_permute(backend, with_weights, monkeypatch):
-    """MOE_FP8_MEDIUM_DISPATCH=1: for 257 .. 4096 pairs one launch (every CTA ranks all pairs with
-    the index kernel's counting sub-chunks, then copies its 32) writes what the global-id masked
-    index kernel and the masked permute write: every index field, the rows and scales outside the
-    trash bucket, the row maps whole (poisoned here); overflowing experts, other ranks' experts,
-    tokens past the valid count; with copy_rows=False the rows are left as they were."""
-    monkeypatch.setenv("MOE_FP8_FUSED_DECODE_INDEX", "1")
-    gen = torch.Generator().manual_seed(23 + with_weights)
-    cases = [  # (tokens, top_k, experts_global, offset, local, hidden, m_max)
-        (40, 8, 64, 16, 32, 128, 12), (33, 8, 32, 0, 32, 256, 33)]
-    if backend == "cuda":
-        cases.append((256, 8, 32, 0, 32, 7168, 128))
-    for tokens, top_k, experts_global, offset, local, hidden, m_max in cases:
-        ids = torch.stack([torch.randperm(experts_global, generator=gen)[:top_k]
-                           for _ in range(tokens)]).to(backend)
-        weights = torch.rand(tokens, top_k, generator=gen).to(backend) if with_weights else None
-        xq, xs = quantized_tokens(tokens, hidden, backend, seed=tokens)
-        for valid in (tokens - 3, tokens):
-            num_valid = torch.tensor(valid, dtype=torch.int64, device=backend)
-            what = f"T={tokens} E={experts_global} offset={offset} m_max={m_max} valid={valid}"
-            bufs = L.MaskedBuffers.allocate(local, m_max, hidden, backend)
-            bufs.a.view(torch.uint8).copy_(torch.randint(0, 256, bufs.a.shape, dtype=torch.uint8))
-            bufs.sa.fill_(float("nan"))
-            mine, bare = (L.MaskedBuffers(bufs.a.clone(), bufs.sa.clone()) for _ in range(2))
-            before = bufs.a.clone()
-            with fused():
-                monkeypatch.setenv("MOE_FP8_MEDIUM_DISPATCH", "0")
-                assert PM.dispatch_masked_small(xq, xs, ids, weights, offset, local, m_max,
-                                                num_valid, mine.a, mine.sa) is None, what
-                index = L.masked_index_from_global(ids, offset, local, m_max, weights, num_valid)
-                rows = PM.permute_masked(xq, xs, index, top_k, bufs.a, bufs.sa)
-                monkeypatch.setenv("MOE_FP8_MEDIUM_DISPATCH", "1")
-                medium = PM.dispatch_masked_small(xq, xs, ids, weights, offset, local, m_max,
-                                                  num_valid, mine.a, mine.sa)
-                rowless = PM.dispatch_masked_small(xq, xs, ids, weights, offset, local, m_max,
-                                                   num_valid, bare.a, bare.sa, copy_rows=False)
-            assert medium is not None and rowless is not None, what
-            assert_same_dispatch(medium, (index, *rows), mine, bufs, local, what)
-            assert_same(bare.sa[:local], bufs.sa[:local], f"sa without rows {what}")
-            assert_same(rowless[1], rows[0], f"row_token without rows {what}")
-            assert_same(bare.a, before, f"rows left as they were {what}")
-
-
 @pytest.mark.parametrize("path", ["small", "permute", "torch"])
 def test_masked_dispatch_without_rows(backend, path, monkeypatch):
     """copy_rows=False (MOE_FP8_DECODE_GATHER: the gate-up gathers the rows itself): the small

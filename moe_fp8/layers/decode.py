@@ -38,7 +38,8 @@ kStageKernelDefault = True
 # The staging kernel also quantises the batch (1x128) into static fp8 buffers, and the graph
 # skips its x-quant kernel (quant.cuh stage_quant_kernel; the same bytes): one kernel fewer at the
 # head of the step (the x-quant ran 1.3 / 4.1 us at 1 / 256 tokens, first on the critical path,
-# H100 timelines 2026-12-06). Off until measured (built in session 14, not run on a GPU).
+# H100 timelines 2026-12-06). Off: slower at small batches (H100, session 15: 1 / 8 tokens
+# 155 / 491 -> 159 / 498 us; the x-quant ran beside the router branch, staging runs before the graph).
 kStageQuantEnv = "MOE_FP8_STAGE_QUANT"
 kStageQuantDefault = False
 

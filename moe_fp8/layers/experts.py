@@ -71,7 +71,8 @@ kPrefillSwiGluDefault = True
 # fused SwiGLU GEMM's first wave (unset / 0: off), from kDecodePrefetchMinRows expected rows per
 # expert on (then nearly every expert holds rows and the first wave's tiles are those guessed).
 # H100 timelines, 2026-12-06: 15-37 us from the x-quant to the gate-up's start with HBM at
-# ~1.6-1.9 of ~3 TB/s. Off until measured (built in session 14, not run on a GPU).
+# ~1.6-1.9 of ~3 TB/s. Off: no gain measured (H100, session 15, 1 / 8 / 32 / 256 tokens within
+# -6..+3 us of off at N = 4, worse at N = 8).
 kDecodePrefetchEnv = "MOE_FP8_DECODE_PREFETCH"
 kDecodePrefetchDefault = 0
 kDecodePrefetchMinRows = 2.0

@@ -56,17 +56,11 @@ kRouteDispatchDefault = False
 # The decode dispatch writes the masked layout's scales and row maps but copies no fp8 row; the
 # routed gate-up (the fused SwiGLU GEMM) reads each row from the unpermuted tokens itself, one TMA
 # per row (fused_swiglu_gather_kernel; gemm_core.cuh kGatherA). At 256 tokens the permute wrote
-# 14.7 MB on the router branch (13 us before the gate-up, H100 2026-12-06). Off: built in session
-# 16 after its device budget, not run on a GPU.
+# 14.7 MB on the router branch (13 us before the gate-up, H100 2026-12-06). Off: a one-row TMA
+# per row and K block costs more than that copy beyond a few rows per expert (H200, session 17:
+# 8 tokens -3.4 us, 128 / 256 tokens +79 / +324 us; the gate-up 339 -> 599 us at 256).
 kDecodeGatherEnv = "MOE_FP8_DECODE_GATHER"
 kDecodeGatherDefault = False
-# The small dispatch's single launch for 257 .. 4096 pairs (33-512 tokens at top-8):
-# masked_dispatch_medium_kernel, every CTA ranking all pairs with the index kernel's counting
-# sub-chunks, then copying its 32 pairs. At 256 tokens the index kernel (one CTA) ended 6 us after
-# the route kernel and the permute 13 us later (H100 2026-12-06). Off: built in session 16 after
-# its device budget, not run on a GPU.
-kMediumDispatchEnv = "MOE_FP8_MEDIUM_DISPATCH"
-kMediumDispatchDefault = False
 
 
 def _kernels():
@@ -172,30 +166,24 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
                           topk_weights: Optional[torch.Tensor], expert_offset: int,
                           num_experts_local: int, m_max: int, num_valid_tokens,
                           a_buf: torch.Tensor, sa_buf: torch.Tensor, copy_rows: bool = True):
-    """``masked_index_from_global`` then ``permute_masked`` in one kernel launch where both would
-    run their kernels and the step has at most ``kSmallPairs`` pairs (``MOE_FP8_SMALL_DISPATCH=1``)
-    or at most ``kMediumPairs`` (``MOE_FP8_MEDIUM_DISPATCH=1``): ``(MaskedIndex, row_token,
-    row_slot)``, the same values; else None (the caller takes the two steps)."""
+    """``masked_index_from_global`` then ``permute_masked`` in one kernel launch where
+    ``MOE_FP8_SMALL_DISPATCH=1``, both would run their kernels, and the step has at most
+    ``kSmallPairs`` pairs: ``(MaskedIndex, row_token, row_slot)``, the same values; else None
+    (the caller takes the two steps)."""
+    if not switch_on(kSmallDispatchEnv, kSmallDispatchDefault):
+        return None
     kernels = _kernels()
     inputs = masked_index_kernel_inputs(topk_idx, num_experts_local, topk_weights, num_valid_tokens)
-    if inputs is None:
-        return None
-    pairs = inputs[0].numel()
-    if pairs <= kernels.kSmallPairs:
-        if not switch_on(kSmallDispatchEnv, kSmallDispatchDefault):
-            return None
-        launch = kernels.masked_dispatch_small
-    elif pairs <= kernels.kMediumPairs and switch_on(kMediumDispatchEnv, kMediumDispatchDefault):
-        launch = kernels.masked_dispatch_medium
-    else:
+    if inputs is None or inputs[0].numel() > kernels.kSmallPairs:
         return None
     if not (_masked_buffers_fit(xq, xs, a_buf, sa_buf)
             and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
         return None
     ids, weights, valid = inputs
     rows = _row_maps(a_buf)
-    fields = launch(ids, num_experts_local, m_max, weights, expert_offset, topk_idx.shape[1],
-                    valid, xq, xs, a_buf, sa_buf, rows[0], rows[1], copy_rows=copy_rows)
+    fields = kernels.masked_dispatch_small(ids, num_experts_local, m_max, weights, expert_offset,
+                                           topk_idx.shape[1], valid, xq, xs, a_buf, sa_buf,
+                                           rows[0], rows[1], copy_rows=copy_rows)
     return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 

@@ -31,9 +31,7 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
 * ``masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
   a_buf, sa_buf, row_token, row_slot)``: ``masked_index`` (global ids) then ``permute_masked`` in
   one launch for ``0 < P <= kSmallPairs``; returns ``masked_index``'s tuple.
-* ``masked_dispatch_medium(...)``: the same for ``0 < P <= kMediumPairs`` (every CTA ranks all
-  pairs with the index kernel's counting sub-chunks, then copies its 32).
-  ``copy_rows=False`` (both, and ``permute_masked``): scales and row maps only, no fp8 row.
+  ``copy_rows=False`` (also ``permute_masked``): scales and row maps only, no fp8 row.
 * ``stage_rows(src, dst, count)``: ``dst[:n].copy_(src); count.fill_(n)`` in one launch.
 * ``combine(y_rows, slot_row, slot_weight, add, out, num_valid=None)``: y_rows bf16 ``[R, H]``,
   slot_row int64 ``[T, k]``, slot_weight fp32 ``[T, k]``, add bf16 ``[T, H]`` or None, out bf16
@@ -61,8 +59,6 @@ kRankThreads = 512
 kPermuteThreads = 256
 kRowsPerCta = kPermuteThreads // 32
 kSmallPairs = kPermuteThreads  # masked_dispatch_small_kernel: pairs of one call at most
-kMediumPairs = 4096  # masked_dispatch_medium_kernel: pairs of one call at most (permute.cuh)
-kMediumPairsPerCta = 32
 kStageThreads = 256  # stage_rows_kernel
 kStageMaxCtas = 132  # a grid-stride loop beyond one CTA per SM of an H100
 kCombineThreads = 128
@@ -102,11 +98,6 @@ def permute_source(masked: bool, per_pair: bool = False) -> KernelSource:
 
 
 @functools.lru_cache(maxsize=None)
-def masked_dispatch_medium_source() -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::permute::masked_dispatch_medium_kernel<{kRankThreads}>")
-
-
-@functools.lru_cache(maxsize=None)
 def masked_dispatch_small_source() -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::permute::masked_dispatch_small_kernel<{kPermuteThreads}>")
 
@@ -123,10 +114,10 @@ def combine_source(has_add: bool) -> KernelSource:
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (12 kernels)."""
+    """Every variant the layer can launch (11 kernels)."""
     return [count_source(), scan_source(), rank_source(), masked_index_source(),
             permute_source(False), permute_source(True), permute_source(True, per_pair=True),
-            masked_dispatch_small_source(), masked_dispatch_medium_source(), stage_source(),
+            masked_dispatch_small_source(), stage_source(),
             combine_source(False),
             combine_source(True)]
 
@@ -270,24 +261,6 @@ def small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot,
             i32(a_buf.shape[2] // kVectorBytes if copy_rows else 0),
             i64(xq.stride(0) // kVectorBytes), i32(xs.shape[1]), i64(xs.stride(0)),
             i64(xs.stride(1)), *_scale_strides(sa_buf)]
-
-
-def masked_dispatch_medium(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
-                           a_buf, sa_buf, row_token, row_slot, copy_rows: bool = True):
-    """``masked_dispatch_small`` for ``0 < P <= kMediumPairs`` pairs: every CTA ranks all pairs
-    (the index kernel's counting sub-chunks) and copies its kMediumPairsPerCta of them; the same
-    arguments and values."""
-    device, num_pairs = ids.device, ids.numel()
-    assert 0 < num_pairs <= kMediumPairs
-    fields = _masked_index_outputs(num_pairs, num_experts, weights is not None, device)
-    masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight = fields
-    _kernel(masked_dispatch_medium_source(), ids).launch(
-        _ceil_div(num_pairs, kMediumPairsPerCta), kRankThreads, 0, [
-            ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k),
-            num_valid, masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights,
-            slot_row, slot_weight,
-            *small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot, copy_rows)])
-    return fields
 
 
 def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
