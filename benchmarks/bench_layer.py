@@ -243,15 +243,22 @@ def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True):
         torch.cuda.empty_cache()
     if not token_counts:
         return rows
-    # one static-size row: a 1-token batch on a 256-token runner (what a server's graph pays)
-    run = moe.decode_runner(max_tokens=max(token_counts))
-    x = torch.randn(1, cfg.hidden_size, device="cuda").bfloat16()
-    us = bench(lambda: run(x), repeats=repeats, warmup=3)
-    touched = int(torch.unique(moe.gate(x).topk_idx).numel())
-    floor_us = (touched * per_expert + shared) / (bandwidth_gbs * 1e3)
-    rows.append({"tokens": f"1 (runner {max(token_counts)})", "experts_touched": touched, "graph_us": us,
-                 "floor_us": floor_us, "vs_floor": us / floor_us, "diff_vs_prefill": float("nan"),
-                 "bf16_eager_us": float("nan")})
+    # batches below a server's runner size (the largest): each replays the runner's graph of the
+    # smallest batch size holding it (decode.py), 3 and 100 tokens on graphs of 4 and 128
+    biggest = max(token_counts)
+    run = moe.decode_runner(max_tokens=biggest)
+    for n in sorted({1, min(3, biggest), min(100, biggest)}):
+        x = torch.randn(n, cfg.hidden_size, generator=torch.Generator(device="cuda").manual_seed(n),
+                        device="cuda").bfloat16()
+        us = bench(lambda: run(x), repeats=repeats, warmup=3)
+        touched = int(torch.unique(moe.gate(x).topk_idx).numel())
+        floor_us = (touched * per_expert + shared) / (bandwidth_gbs * 1e3)
+        row = {"tokens": f"{n} (runner {biggest}, graph {run.batch_size_for(n)})",
+               "experts_touched": touched, "graph_us": us, "floor_us": floor_us,
+               "vs_floor": us / floor_us, "diff_vs_prefill": G.calc_diff(run(x), moe(x)),
+               "bf16_eager_us": float("nan")}
+        rows.append(row)
+        common.print_row(row, 4)
     return rows
 
 

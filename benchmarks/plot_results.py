@@ -1,9 +1,11 @@
 """PNG plots of the committed benchmark tables: ours beside the peers and the target, per shape.
 
     python benchmarks/plot_results.py [--date 2026-11-25]     # needs matplotlib (not a dependency)
+    python benchmarks/plot_results.py --stems layer_decode=layer_decode_h100_2026-12-06_s17
 
-Reads `benchmarks/results/<table>_<date>.csv` (the CSVs the benchmarks write) and writes
-`benchmarks/results/<table>_<date>.png`. The card is in the matching `.md` header.
+Reads `benchmarks/results/<table>_<date>.csv` (the CSVs the benchmarks write; or the named stems,
+each plotted as its table kind) and writes the `.png` beside it. The card is in the matching `.md`
+header.
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ kTables = {
     "layer_prefill": (lambda r: f"{r['tokens']} tokens",
                       {"ours": "ours_us", "bf16 layer (torch._grouped_mm)": "bf16_us",
                        "row-wise FP8 layer": "fp8_row_us"}, "µs per layer (lower is better)"),
+    "layer_decode": (lambda r: f"{r['tokens']} tokens",
+                     {"ours (graph replay)": "graph_us", "weight-streaming floor": "floor_us",
+                      "target: 1.2 x floor": lambda r: 1.2 * number(r["floor_us"])},
+                     "µs per decode step (lower is better)"),
 }
 
 
@@ -56,24 +62,27 @@ def card(stem: str) -> str:
     return "unknown card"
 
 
-def plot(table: str, date: str) -> str | None:
-    stem = os.path.join(RESULTS_DIR, f"{table}_{date}")
+def plot(table: str, name: str) -> str | None:
+    """``name``: the results file's stem (``<table>_<date>`` by default)."""
+    stem = os.path.join(RESULTS_DIR, name)
     if not os.path.exists(stem + ".csv"):
         return None
     label, series, ylabel = kTables[table]
     with open(stem + ".csv") as f:
-        rows = [r for r in csv.DictReader(f) if all(c in r for c in series.values())]
+        rows = [r for r in csv.DictReader(f)
+                if all(callable(c) or c in r for c in series.values())]
     if not rows:
         return None
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(min(13.0, max(6.0, 0.25 * len(rows) * len(series))), 5.5))
     for i, (legend, column) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [number(r[column]) for r in rows], width, label=legend)
+        ax.bar(xs, [column(r) if callable(column) else number(r[column]) for r in rows], width,
+               label=legend)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([label(r) for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{table} — {card(stem)}, {date}")
+    ax.set_title(f"{name} — {card(stem)}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
@@ -84,10 +93,15 @@ def plot(table: str, date: str) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--date", default="2026-11-25")
+    parser.add_argument("--stems", default="", help="TABLE=STEM,...: plot these files instead")
     args = parser.parse_args()
-    for table in kTables:
-        path = plot(table, args.date)
-        print(f"{table}: {path or 'no results for that date'}")
+    if args.stems:
+        pairs = [item.split("=", 1) for item in args.stems.split(",") if item]
+    else:
+        pairs = [(table, f"{table}_{args.date}") for table in kTables]
+    for table, name in pairs:
+        path = plot(table, name)
+        print(f"{table}: {path or 'no results for ' + name}")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,33 @@ def test_decode_runner_on_cpu(gen):
         moe.decode_runner(0)
 
 
+def test_decode_runner_batch_sizes(gen):
+    """One graph per batch size (powers of two and max_tokens by default); a batch runs the
+    smallest that holds it; bad sizes raise naming the argument. On the CPU the eager step runs
+    on the same first rows, with the same outputs as the layer."""
+    from moe_fp8.layers.decode import default_batch_sizes
+    assert default_batch_sizes(1) == (1,)
+    assert default_batch_sizes(5) == (1, 2, 4, 5)
+    assert default_batch_sizes(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    moe = MoE(MoEConfig.tiny(), seed=8)
+    run = moe.decode_runner(max_tokens=24)
+    assert run.batch_sizes == (1, 2, 4, 8, 16, 24)
+    assert [run.batch_size_for(n) for n in (1, 3, 8, 9, 17, 24)] == [1, 4, 8, 16, 24, 24]
+    pinned = moe.decode_runner(max_tokens=24, batch_sizes=[6, 6, 2])
+    assert pinned.batch_sizes == (2, 6, 24)
+    for n in (24, 3, 7, 1):
+        x = torch.randn(n, moe.cfg.hidden_size, generator=gen).bfloat16()
+        with torch.no_grad():
+            expected = moe(x)
+        torch.testing.assert_close(run(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(pinned(x), expected, rtol=0, atol=0)
+    for bad in ([0], [25], [True], [2.0]):
+        with pytest.raises(ValueError, match="batch_sizes"):
+            moe.decode_runner(max_tokens=24, batch_sizes=bad)
+    with pytest.raises(TypeError, match="batch_sizes"):
+        moe.decode_runner(max_tokens=24, batch_sizes=4)
+
+
 def test_layout_metadata(gen):
     cfg = MoEConfig.tiny()
     d = LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k)

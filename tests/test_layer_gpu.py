@@ -144,6 +144,23 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_OVERLAP_SHARED", (32, 5, 1, 32), 800)
 
 
+@torch.no_grad()
+def test_decode_batch_size_graphs_match_runners_of_that_size(moe):
+    """A runner's batch of n replays the graph of the smallest batch size holding n (tiles,
+    dispatch and every row-wise kernel sized for it, on the first rows of the full-size buffers):
+    the same bits as a runner built for that size, and close to the one-graph runner."""
+    run = moe.decode_runner(max_tokens=64)
+    single = moe.decode_runner(max_tokens=64, batch_sizes=[64])
+    assert run.batch_sizes == (1, 2, 4, 8, 16, 32, 64) and single.batch_sizes == (64,)
+    exact = {b: moe.decode_runner(max_tokens=b) for b in (1, 4, 64)}
+    for i, (n, b) in enumerate([(1, 1), (3, 4), (64, 64), (4, 4), (1, 1)]):
+        assert run.batch_size_for(n) == b
+        x = rand_x(n, moe.cfg.hidden_size, 1200 + i)
+        y = run(x).clone()
+        assert torch.equal(y, exact[b](x).clone()), f"n={n}: graph {b} vs a {b}-token runner"
+        assert calc_diff(y, single(x).clone()) < kKernelVsReference, f"n={n} vs one graph"
+
+
 def assert_decode_switch_keeps_bits(moe, monkeypatch, switch, sizes, seed, on_value="1",
                                     max_tokens=32):
     """Decode runners captured with ``switch`` 0 and ``on_value`` replay batches of ``sizes``

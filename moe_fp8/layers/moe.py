@@ -317,11 +317,13 @@ class MoE(nn.Module):
             self.experts.prefetch_gate_up()
         return side
 
-    def decode_runner(self, max_tokens: int, *, use_graph: Optional[bool] = None):
+    def decode_runner(self, max_tokens: int, *, use_graph: Optional[bool] = None,
+                      batch_sizes=None):
         """A callable ``run(x [n, H]) -> [n, H]`` for any ``n <= max_tokens``: one CUDA-graph
-        replay on a GPU (eager on CPU). See ``moe_fp8.layers.decode.DecodeRunner``."""
+        replay on a GPU (eager on CPU), the graph of the smallest of ``batch_sizes`` (default:
+        powers of two, and ``max_tokens``) that holds n. See ``moe_fp8.layers.decode.DecodeRunner``."""
         from .decode import DecodeRunner
-        return DecodeRunner(self, max_tokens, use_graph=use_graph)
+        return DecodeRunner(self, max_tokens, use_graph=use_graph, batch_sizes=batch_sizes)
 
     def extra_repr(self) -> str:
         c = self.cfg
