@@ -138,8 +138,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--masked-configs", default="",
-                        help="comma-separated pinned configs also timed on the decode rows, "
-                             "e.g. 64x256c1d0 (gemm_ab.py's syntax)")
+                        help="comma-separated pinned configs also timed on the masked rows "
+                             "(record shapes and decode), e.g. 64x256c1d0 (gemm_ab.py's syntax)")
     parser.add_argument("--contiguous-configs", default="",
                         help="comma-separated pinned configs also timed on every contiguous row")
     parser.add_argument("--only", choices=("both", "contiguous", "masked"), default="both")
@@ -177,7 +177,8 @@ def masked_table(args, extra):
     bandwidth = copy_bandwidth_gbs()
     mrows = []
     for (g, m_max, n, k), target in kMasked.items():
-        row = masked_row(g, m_max, [m_max] * g, n, k, bandwidth, args.repeats, "record shape")
+        row = masked_row(g, m_max, [m_max] * g, n, k, bandwidth, args.repeats, "record shape",
+                         extra)
         row["target_TFLOPS"] = target
         mrows.append(row)
     for tokens in (1, 8, 32, 64):
