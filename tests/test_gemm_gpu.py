@@ -476,7 +476,8 @@ def test_masked_targets(g, m_max, n, k):
 
 @pytest.mark.parametrize("m_max,expected_m,config", [
     (200, 30, None), (200, 150, None), (77, 8, None), (200, 64, GemmConfig(64, 48)),
-    (200, 64, GemmConfig(128, 144)), (200, 64, GemmConfig(64, 256))], ids=str)
+    (200, 64, GemmConfig(128, 144)), (200, 64, GemmConfig(64, 256)),
+    (200, 150, GemmConfig(128, 256)), (200, 150, GemmConfig(128, 256, num_sms=5))], ids=str)
 def test_masked_uneven(m_max, expected_m, config):
     num_experts = 12
     x, w, a, b = _masked_inputs(num_experts, m_max, 2048, 1024, seed=m_max + expected_m)

@@ -153,9 +153,10 @@ def test_wide_tiles_switch(monkeypatch):
 
 def test_masked_tiles_cover_the_spread_of_a_decode_batch(monkeypatch):
     """masked_config: block_m for the mean rows per expert plus three Poisson standard deviations
-    (mean 64 -> 128-row tiles, mean 32 -> 64), block_n from the mean (E = 1, M = 1024 keeps
-    128 x 128); A in chunks of 16 / 32 rows where the mean is below block_m (by default and with
-    MOE_FP8_MASKED_ROW_CHUNKS=1; never for full tiles), none with 0."""
+    (mean 64 -> 128-row tiles, mean 32 -> 64), block_n from the mean (full 128-row tiles over at
+    least a wave of 128 x 128: 128 x 256, as measured on the record shapes); A in chunks of 16 / 32
+    rows where the mean is below block_m (by default and with MOE_FP8_MASKED_ROW_CHUNKS=1; never
+    for full tiles), none with 0; the decode tiles keep their width either way."""
     for setting in (None, "1"):
         if setting is None:
             monkeypatch.delenv("MOE_FP8_MASKED_ROW_CHUNKS", raising=False)
@@ -164,13 +165,15 @@ def test_masked_tiles_cover_the_spread_of_a_decode_batch(monkeypatch):
         for experts, mean, n, k, tile in ((32, 1, 4096, 7168, (64, 128, 16)),
                                           (32, 32, 7168, 2048, (64, 128, 16)),
                                           (32, 64, 4096, 7168, (128, 128, 32)),
-                                          (4, 256, 4096, 7168, (128, 128, 0)),
-                                          (1, 1024, 4096, 7168, (128, 128, 0))):
+                                          (4, 256, 4096, 7168, (128, 256, 0)),
+                                          (1, 1024, 4096, 7168, (128, 256, 0)),
+                                          (1, 256, 4096, 7168, (128, 64, 0))):
             c = H.masked_config(experts, mean, n, k, 132)
             assert (c.block_m, c.block_n, c.a_row_chunk) == tile, (setting, experts, mean)
     monkeypatch.setenv("MOE_FP8_MASKED_ROW_CHUNKS", "0")
     assert H.masked_config(32, 1, 4096, 7168, 132).a_row_chunk == 0
     assert H.masked_config(32, 64, 4096, 7168, 132).a_row_chunk == 0
+    assert H.masked_config(32, 64, 4096, 7168, 132).block_n == 128
 
 
 def test_a_multicast_drops_row_chunks():

@@ -429,7 +429,13 @@ def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
     if chunks and active_experts < num_experts:
         block_n = _pick_stream_block_n(active_experts * _ceil_div(expected_m, block_m), n, sms)
     else:
-        block_n = _pick_block_n(num_experts * _ceil_div(expected_m, block_m), n, sms, block_m)
+        m_blocks = num_experts * _ceil_div(expected_m, block_m)
+        # Full 128-row tiles (at least a wave of 128 x 128) may take 128 x 256: fewer L2 bytes per
+        # MMA, as on the dense and contiguous layouts (H100 at its power cap, 2026-12-06, record
+        # shapes 1 x 1024 / 2 x 512 / 4 x 256, three interleaved rounds: N = 4096, K = 7168
+        # +2 / +7..11 / +1 %, N = 7168, K = 2048 +4 / +4 / +3 %; results/wide_masked_probe_*).
+        wide = block_m == 128 and expected_m >= block_m and m_blocks * _ceil_div(n, 128) >= sms
+        block_n = _pick_block_n(m_blocks, n, sms, block_m, wide)
     config = GemmConfig(block_m, block_n, a_row_chunk=kARowChunks[block_m] if chunks else 0)
     return config.resolved(k)
 
