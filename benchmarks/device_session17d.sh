@@ -12,9 +12,10 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.
   -k "masked_targets or masked_uneven or masked_graph" > "$RAW/tests.log" 2>&1
 echo "tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
 grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
+NODE="tests/test_gemm_gpu.py::test_masked_uneven[200-150-GemmConfig(block_m=128, block_n=256, stages=0, group_n=16, num_sms=5, double_buffer=True, cluster_m=1, cluster_n=1, a_row_chunk=0, split_k=1, early_b=False, swap_ab=False)]"
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "masked_uneven and num_sms=5" \
+    -p no:cacheprovider -m gpu "$NODE" \
     > "$RAW/sanitize_$tool.log" 2>&1
   echo "$tool rc=$? $(grep -aE "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$RAW/sanitize_$tool.log" | tail -n 2 | tr '\n' ' ')"
 done
