@@ -579,9 +579,9 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
 def test_masked_swiglu_gather_is_permuted(config):
     """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER) reading row m of expert e from
     x[row_token[e, m]] writes the bytes and scales the fused GEMM writes from the permuted rows;
-    its own A buffer is garbage (never read); rows >= masked_m keep their poison; every row-count
-    boundary of a lane's share (1, 31-33, 64, 65, 96-97, 128, 129, 200), tokens used by several
-    experts, few-SM grids."""
+    its own A buffer is garbage (never read); rows >= masked_m keep their poison; row counts on
+    and beside the copying threads' 8-row strides (1, 31-33, 64, 65, 97, 128, 129, 200), tokens
+    used by several experts, few-SM grids."""
     from moe_fp8.gemm.kernels import fp8_gemm as K
     from moe_fp8.gemm.layout import to_mn_major
     counts, m_max, inter, k, tokens = [0, 1, 31, 32, 33, 64, 65, 97, 128, 129, 200], 200, 512, 1024, 300

@@ -121,7 +121,8 @@ def test_fused_swiglu_launch(launches, pow2, shape):
 def test_fused_swiglu_gather_launch(launches, shape):
     """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER): A's rows from the token matrix
     x [T, K] at row_token [E + 1, M_max] (the dispatch's, trash bucket included); its own
-    instance with the row map as the last parameter; bad gather operands raise ValueError."""
+    instance with the row map and x last; bad gather operands (x with strided rows, or
+    broadcast, included) raise ValueError."""
     from moe_fp8.gemm.kernels import fp8_gemm as K
     experts, m_max, inter, k = shape
     masked_m = torch.randint(0, m_max + 1, (experts,), dtype=torch.int32)
@@ -135,7 +136,9 @@ def test_fused_swiglu_gather_launch(launches, shape):
     assert [entry[0] for entry in launches] and all("fused_swiglu_gather_kernel" in entry[0]
                                                     for entry in launches)
     for bad in ((fp8(300, k + 128), row_token), (x, row_token[:, :-1]), (x, row_token.int()),
-                (x, row_token[: experts - 1]), (x, row_token.t().contiguous().t())):
+                (x, row_token[: experts - 1]), (x, row_token.t().contiguous().t()),
+                (fp8(300, 2 * k)[:, :k], row_token),
+                (fp8(1, k).expand((1 << 32) // k + 1, k), row_token)):
         with pytest.raises(ValueError, match="gather needs"):
             K.m_grouped_masked_swiglu(*args, m_max, *outs, gather=bad)
 

@@ -145,23 +145,22 @@ struct SwiGluGatherPolicy
   static constexpr bool kSkipIdleWarpgroup = true;  // as with row chunks: rows_valid <= 64
 };
 
-// As fused_swiglu_gemm_kernel (masked), with tma_a over the token matrix x_fp8 [T, K] in one-row
-// boxes of 128 bytes and g_row_token [E * M_max] (int64, the dispatch's row_token; read for rows
-// below masked_m only) naming the token of each row; tma_sa over the masked layout's scales.
+// As fused_swiglu_gemm_kernel (masked), with A's rows read from the token matrix g_x = x_fp8
+// [T, K] (contiguous rows, 16-byte aligned) at g_row_token [E * M_max] (int64, the dispatch's
+// row_token; read for rows below masked_m only); tma_sa over the masked layout's scales.
 template <int kN, int kK, int kBlockM, int kStages, int kGroupN, bool kPow2>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
-    fused_swiglu_gather_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
-                               const __grid_constant__ ptx::TmaDesc tma_b,
+    fused_swiglu_gather_kernel(const __grid_constant__ ptx::TmaDesc tma_b,
                                const __grid_constant__ ptx::TmaDesc tma_sa,
                                const __grid_constant__ ptx::TmaDesc tma_d, int m, int num_experts,
                                const int* g_layout, const float* g_sb, void* g_act,
                                float* g_act_scale, long long scale_batch, long long scale_group,
-                               const long long* g_row_token) {
+                               const long long* g_row_token, const unsigned char* g_x) {
   static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
   using Policy = SwiGluGatherPolicy<kN, kK, kBlockM, kStages, kGroupN, kPow2>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
                           scale_group};
-  gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params, g_row_token);
+  gemm_body<Policy>(nullptr, &tma_b, &tma_sa, nullptr, &tma_d, params, g_row_token, g_x);
 }
 
 }  // namespace moe_fp8

@@ -40,8 +40,9 @@
 //                               side and its rows of A the N side, rounded to 16 at run time
 //                               (swap_ab.cuh: decode tiles of a few dozen rows per expert)
 //   kGatherA                    (optional, the masked fused SwiGLU GEMM) A's rows come from the
-//                               unpermuted token matrix, one TMA per row at the dispatch's
-//                               row_token (gemm_body's g_row_token; decode, fused_swiglu.cuh)
+//                               unpermuted token matrix (gemm_body's g_gather_x) at the
+//                               dispatch's row_token (g_row_token), copied by producer warps 2-3
+//                               with cp.async (decode, fused_swiglu.cuh)
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -85,7 +86,7 @@ __host__ __device__ constexpr auto swap_ab_of(int) -> decltype(bool(P::kSwapAB))
 template <class P>
 __host__ __device__ constexpr bool swap_ab_of(long) { return false; }
 // Policies with kGatherA (masked layout, fused_swiglu.cuh's gather kernel): A's rows are read
-// from the unpermuted token matrix, one TMA per row (see the producer).
+// from the unpermuted token matrix by two producer warps (see the producer).
 template <class P>
 __host__ __device__ constexpr auto gather_a_of(int) -> decltype(bool(P::kGatherA)) {
   return P::kGatherA;
@@ -123,7 +124,8 @@ template <class P>
 __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::TmaDesc* tma_b,
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
                                           const ptx::TmaDesc* tma_d, const GemmParams& params,
-                                          const long long* g_row_token = nullptr) {
+                                          const long long* g_row_token = nullptr,
+                                          const unsigned char* g_gather_x = nullptr) {
   constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
   constexpr int kClusterM = P::kClusterM, kClusterN = P::kClusterN;
   constexpr int kClusterSize = kClusterM * kClusterN, kTileKBlocks = P::kTileKBlocks;
@@ -166,9 +168,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
   // Every tile runs kTileKBlocks K blocks, or (kEmptyTiles: some have none) its own count.
   constexpr bool kFixedK = kTileKBlocks > 0 && !P::kEmptyTiles;
+  // kStages >= 3: the gather warps hand a slot over one slot late, and a double-buffered math
+  // warpgroup frees slot s only once slot s + 1 is full.
   static_assert(!kGatherA || (Scheduler::kMasked && kClusterSize == 1 && P::kUpRowOffset > 0 &&
-                              kARowChunk == 0 && !P::kEarlyB && kFixedK && kBlockM % 32 == 0),
+                              kARowChunk == 0 && !P::kEarlyB && kFixedK && kBlockM % 32 == 0 &&
+                              !kColumnScales && kStages >= 3),
                 "gather: the masked fused SwiGLU GEMM; no cluster, row chunks or early B");
+  constexpr int kGatherWarps = 2;  // producer warps 2-3 (warp 0: TMA, warp 1: tile scales)
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
   using Regs = RegisterSplit<kHalves == 2>;
@@ -200,13 +206,14 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
 
   if (threadIdx.x == kNumMathWG * 128) {
     if (ptx::dynamic_smem_bytes() < Layout::kTotal) __trap();  // host/device layout mismatch
-    ptx::prefetch_tma_desc(tma_a);
+    if constexpr (!kGatherA) ptx::prefetch_tma_desc(tma_a);
     ptx::prefetch_tma_desc(tma_b);
     ptx::prefetch_tma_desc(tma_sa);
     if constexpr (kColumnScales) ptx::prefetch_tma_desc(tma_sb);
     ptx::prefetch_tma_desc(tma_d);
     for (int s = 0; s < kStages; ++s) {
-      ptx::mbar_init(&full[s], 1);                            // the producer's arrive_expect_tx
+      // the producer's arrive_expect_tx (gather: and one arrive per gather warp)
+      ptx::mbar_init(&full[s], kGatherA ? 1 + kGatherWarps : 1);
       ptx::mbar_init(&empty[s], kClusterSize * kNumMathWG * 4);  // every math warp of the cluster
     }
     for (int b = 0; b < 2; ++b) {
@@ -230,53 +237,75 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     if constexpr (kNumMathWG == 2) ptx::setmaxnreg_dec<Regs::kProducer>();
     const int warp = tid / 32, lane = tid % 32;
     if (kGatherA && warp == 0) {
-      // Gather (decode): the tile's rows come from the unpermuted token matrix (tma_a: one-row
-      // boxes of 128 bytes), token g_row_token[m_row + r] (the dispatch's row_token over the
-      // [E * M_max] rows, -1 past masked_m) into row r of the slot: a one-row box
-      // lands where that row of a whole-tile box would (the 128B swizzle follows the shared
-      // address; benchmarks/experiments/tma_row_gather, H100 2026-12-06). The whole warp issues
-      // them, lane l rows l, l + 32, ...; lane 0 the weights (gate and up boxes) and the scales,
-      // which the dispatch still writes in the masked layout. Rows past rows_valid keep stale
-      // data, as with row chunks: their outputs are never written.
+      // Gather (decode), B side: lane 0 expects each slot's gate and up boxes and A's scales (the
+      // dispatch still writes the scales in the masked layout) and loads them; the rows come from
+      // the gather warps below.
       if constexpr (kGatherA) {
-        constexpr int kRowsPerLane = kBlockM / 32;
-        Scheduler scheduler(params, rank);
-        Tile tile;
-        int stage = 0;
-        u32 phase = 0;
-        while (scheduler.next(tile)) {
-          int token[kRowsPerLane];
-#pragma unroll
-          for (int i = 0; i < kRowsPerLane; ++i) {
-            const int r = lane + 32 * i;
-            token[i] = r < tile.rows_valid
-                           ? static_cast<int>(__ldg(g_row_token + tile.m_row + r)) : 0;
-          }
-          const u32 stage_tx = static_cast<u32>(min(tile.rows_valid, kBlockM) * 128 +
-                                                Layout::kBBytes + Layout::kSaBytes);
-          for (int kb = 0; kb < kTileKBlocks; ++kb) {
-            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
-            const int k = (tile.k_block0 + kb) * 128;
-            if (lane == 0) ptx::mbar_arrive_expect_tx(&full[stage], stage_tx);
-            __syncwarp();
-#pragma unroll
-            for (int i = 0; i < kRowsPerLane; ++i) {
-              const int r = lane + 32 * i;
-              if (r < tile.rows_valid)
-                ptx::tma_load_2d(s_a + stage * Layout::kABytes + r * 128, tma_a, &full[stage], k,
-                                 token[i]);
-            }
-            if (lane == 0) {
+        if (lane == 0) {
+          Scheduler scheduler(params, rank);
+          Tile tile;
+          int stage = 0;
+          u32 phase = 0;
+          while (scheduler.next(tile)) {
+            for (int kb = 0; kb < kTileKBlocks; ++kb) {
+              ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
+              const int k = (tile.k_block0 + kb) * 128;
+              ptx::mbar_arrive_expect_tx(&full[stage], Layout::kBBytes + Layout::kSaBytes);
               constexpr int kBoxRows = kBlockN / 2;
               for (int h = 0; h < 2; ++h)
                 ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,
                                  &full[stage], k, tile.b_row + h * P::kUpRowOffset);
               ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
                                tile.sa_k + kb);
+              if (++stage == kStages) stage = 0, phase ^= 1;
             }
+          }
+        }
+      }
+    } else if (kGatherA && warp >= 4 - kGatherWarps) {
+      // Gather, A side: row r of a slot is the 128 bytes at column k of token g_row_token[m_row +
+      // r] in the token matrix (rows of K bytes), for r below rows_valid (the others keep stale
+      // data: their outputs are never written; masked tiles start at K block 0). One TMA box per
+      // row, issued by one warp, cost the 256-token decode step 324 us (H200, 2026-12-06);
+      // cp.async issues from 64 threads:
+      // thread t copies 16-byte unit u = t % 8 of rows t / 8, t / 8 + 8, ..., into unit u ^ (r % 8)
+      // of the row (the 128B swizzle, a function of the shared address: experiments/
+      // tma_row_gather; r % 8 is the thread's constant). A slot is handed over one slot late
+      // (its copies complete while the next slot's are issued): wait, proxy fence (wgmma reads
+      // through the async proxy), one arrive per warp.
+      if constexpr (kGatherA) {
+        const int t = tid - (4 - kGatherWarps) * 32;
+        const int unit = t % 8, row0 = t / 8;
+        const int dst_unit = (unit ^ (row0 % 8)) * 16;
+        auto hand_over = [&](int slot, bool last) {
+          if (last) ptx::cp_async_wait<0>(); else ptx::cp_async_wait<1>();
+          ptx::fence_proxy_async_smem();
+          __syncwarp();
+          if (lane == 0) ptx::mbar_arrive(&full[slot]);
+        };
+        Scheduler scheduler(params, rank);
+        Tile tile;
+        int stage = 0, previous = -1;
+        u32 phase = 0;
+        while (scheduler.next(tile)) {
+          const int rows = min(tile.rows_valid, kBlockM);
+          const long long* tokens = g_row_token + tile.m_row;
+          // 32-bit offsets into x (the host checks T * K < 2^32): a 64-bit address per row spilled
+          // the 40-register producer of the 128-row instance
+          for (unsigned column = unit * 16; column < kTileKBlocks * 128; column += 128) {
+            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
+            unsigned char* dst = s_a + stage * Layout::kABytes + dst_unit;
+            for (int r = row0; r < rows; r += 8)
+              ptx::cp_async_16(dst + r * 128,
+                               g_gather_x + (static_cast<unsigned>(__ldg(tokens + r)) *
+                                                 (kTileKBlocks * 128u) + column));
+            ptx::cp_async_commit();
+            if (previous >= 0) hand_over(previous, false);
+            previous = stage;
             if (++stage == kStages) stage = 0, phase ^= 1;
           }
         }
+        if (previous >= 0) hand_over(previous, true);
       }
     } else if (warp == 0 && ptx::elect_one()) {
       Scheduler scheduler(params, rank);

@@ -377,9 +377,9 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     untouched. Checked tensors only (the caller validates).
 
     ``gather = (x, row_token)``: ``a``'s rows are not read (only its shape); row m of expert e is
-    ``x[row_token[e, m]]`` instead, ``x`` fp8 ``[T, K]`` (the unpermuted tokens, unit stride along
-    K), ``row_token`` int64 ``[>= E, M_max]`` with contiguous rows (the dispatch's; read below
-    masked_m only). ``sa`` stays the masked layout's scales."""
+    ``x[row_token[e, m]]`` instead, ``x`` fp8 ``[T, K]`` (the unpermuted tokens, contiguous,
+    16-byte aligned), ``row_token`` int64 ``[>= E, M_max]`` with contiguous rows (the dispatch's;
+    read below masked_m only). ``sa`` stays the masked layout's scales."""
     num_experts, m_max, k = a.shape
     n = b.shape[1]
     if num_experts == 0 or m_max == 0:
@@ -390,11 +390,13 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
     if gather is not None:
         x, row_token = gather
-        if (x.dim() != 2 or x.shape[1] != k or x.dtype != a.dtype or x.stride(1) != 1
+        if (x.dim() != 2 or x.shape[1] != k or x.dtype != a.dtype or not x.is_contiguous()
+                or x.data_ptr() % 16 or x.numel() >= 1 << 32  # 32-bit offsets (kGatherA)
                 or row_token.dtype != torch.int64 or row_token.dim() != 2
                 or row_token.shape[0] < num_experts or row_token.shape[1] != m_max
                 or row_token.stride(1) != 1 or row_token.stride(0) != m_max):
-            raise ValueError(f"gather needs x [T, K = {k}] {a.dtype} with unit stride along K and "
+            raise ValueError(f"gather needs x [T, K = {k}] {a.dtype} contiguous, 16-byte aligned, "
+                             f"under 2^32 bytes, and "
                              f"row_token int64 [>= {num_experts}, {m_max}] with contiguous rows, "
                              f"got x {tuple(x.shape)} {x.dtype} and row_token "
                              f"{tuple(row_token.shape)} {row_token.dtype} {row_token.stride()}")
@@ -406,13 +408,14 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a).view(num_experts * m_max, k), _sa_view(sa),
                                          m_max, _k_major(b).view(num_experts * n, k), c, 128)
-    if gather is not None:  # A: one-row boxes over the token matrix (gemm_core.cuh kGatherA)
-        tma_a = _tma(gather[0], 128, 1, 128)
+    # tma_d: unused by the SwiGLU epilogue (it stores act itself); the gather kernel reads A's rows
+    # from x by pointer (gemm_core.cuh kGatherA) and takes no A descriptor
+    operands = [tma_a, tma_b, tma_sa, tma_a] if gather is None else [tma_b, tma_sa, tma_b]
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
-                  [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_max), jit.i32(num_experts),
+                  [*operands, jit.i32(m_max), jit.i32(num_experts),
                    masked_m.contiguous(), sb.contiguous(), act, act_s,
                    jit.i64(act_s.stride(0)), jit.i64(act_s.stride(2)),
-                   *([] if gather is None else [gather[1]])])
+                   *([] if gather is None else [gather[1], gather[0]])])
 
 
 def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
