@@ -23,11 +23,13 @@ Two implementations behind the same functions:
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from .. import gemm as G
+from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales
 from ..gemm.validate import debug_mode
 from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
@@ -54,13 +56,14 @@ kSmallDispatchDefault = True
 kRouteDispatchEnv = "MOE_FP8_ROUTE_DISPATCH"
 kRouteDispatchDefault = False
 # The decode dispatch writes the masked layout's scales and row maps but copies no fp8 row; the
-# routed gate-up (the fused SwiGLU GEMM) reads each row from the unpermuted tokens itself, one TMA
-# per row (fused_swiglu_gather_kernel; gemm_core.cuh kGatherA). At 256 tokens the permute wrote
-# 14.7 MB on the router branch (13 us before the gate-up, H100 2026-12-06). Off: a one-row TMA
-# per row and K block costs more than that copy beyond a few rows per expert (H200, session 17:
-# 8 tokens -3.4 us, 128 / 256 tokens +79 / +324 us; the gate-up 339 -> 599 us at 256).
+# routed gate-up (the fused SwiGLU GEMM) copies each tile's rows from the unpermuted tokens itself
+# (two producer warps, cp.async; gemm_core.cuh kGatherA). Unset: where the gate-up's tiles are 64
+# rows (up to ~44 expected rows per expert: 128 tokens over 32 experts); 1: always; 0: never.
+# H100, 2026-12-06, session 17, 3 interleaved rounds, same bits: 1 / 8 / 32 / 128 tokens -1.0 /
+# -1.0 / -2.5 / -4.9 us, 256 tokens (128-row tiles) +5.4 us. One TMA box per row, the first
+# version, cost the 256-token step 324 us (H200).
 kDecodeGatherEnv = "MOE_FP8_DECODE_GATHER"
-kDecodeGatherDefault = False
+kDecodeGatherMaxBlockM = 64
 
 
 def _kernels():
@@ -187,12 +190,15 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
     return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 
-def decode_gather_wanted(xq: torch.Tensor) -> bool:
+def decode_gather_wanted(xq: torch.Tensor, expected_m: int) -> bool:
     """Whether the local dispatch leaves the rows unpermuted for the gate-up to gather
-    (``MOE_FP8_DECODE_GATHER``): fused kernels on this device, not the debug mode (its checks
+    (``MOE_FP8_DECODE_GATHER``; unset: where ``expected_m`` rows per expert take tiles of at most
+    ``kDecodeGatherMaxBlockM`` rows): fused kernels on this device, not the debug mode (its checks
     read the layout's rows), not while tracing."""
-    return (switch_on(kDecodeGatherEnv, kDecodeGatherDefault) and fused_enabled(xq)
-            and not debug_mode() and not torch.compiler.is_compiling())
+    setting = os.environ.get(kDecodeGatherEnv, "").strip()
+    if setting == "0" or not (setting or H.masked_block_m(expected_m) <= kDecodeGatherMaxBlockM):
+        return False
+    return fused_enabled(xq) and not debug_mode() and not torch.compiler.is_compiling()
 
 
 def route_dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, router, logits: torch.Tensor,
