@@ -522,7 +522,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
 // in shared memory (a pair's rank = the earlier pairs of its expert: masked_index_kernel's stable
 // order), then its warps copy one pair each (row and scales as permute_rows_kernel<true> places
 // them, with fewer round trips); CTA 0 writes the index outputs. Every output is the two kernels'
-// value, bit for bit. Grid ceil(P / 8), >= 1.
+// value, bit for bit. Grid: permute.py small_dispatch_grid (>= ceil(P / 8), more for the -1 fill).
 constexpr int kSmallPairs = kPermuteThreads;  // one thread per pair while ranking
 
 // The outputs and copy arguments of one small dispatch (masked_index_kernel's outputs,

@@ -4,7 +4,8 @@
 // global round trip of the top-k ids between them. Every CTA selects the experts of all T tokens
 // itself (warp w takes tokens w, w + 8, ...; the same per-token code as route_kernel) into shared
 // memory, then runs the small dispatch on them; CTA 0 also writes topk_idx / topk_weights. Every
-// output is the two kernels' value, bit for bit. Grid ceil(T * top_k / 8), >= 1.
+// output is the two kernels' value, bit for bit. Grid: permute.py small_dispatch_grid
+// (>= ceil(T * top_k / 8)).
 #pragma once
 
 #include "permute.cuh"

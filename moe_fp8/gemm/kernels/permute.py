@@ -59,6 +59,7 @@ kRankThreads = 512
 kPermuteThreads = 256
 kRowsPerCta = kPermuteThreads // 32
 kSmallPairs = kPermuteThreads  # masked_dispatch_small_kernel: pairs of one call at most
+kFillRowsPerThread = 4  # small dispatch: row-map rows each thread fills with -1 at most
 kStageThreads = 256  # stage_rows_kernel
 kStageMaxCtas = 132  # a grid-stride loop beyond one CTA per SM of an H100
 kCombineThreads = 128
@@ -263,6 +264,15 @@ def small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot,
             i64(xs.stride(1)), *_scale_strides(sa_buf)]
 
 
+def small_dispatch_grid(num_pairs: int, num_experts: int, m_max: int) -> int:
+    """CTAs of the small-dispatch kernels (permute.cuh masked_dispatch_small_body): one per
+    kRowsPerCta pairs, and enough that each thread writes at most kFillRowsPerThread rows of the
+    -1 fill of the [E + 1, M_max] row maps (a 256-token runner's one-token step left all 8448 rows
+    to its one CTA, on the router branch)."""
+    fill = _ceil_div((num_experts + 1) * m_max, kPermuteThreads * kFillRowsPerThread)
+    return max(_ceil_div(num_pairs, kRowsPerCta), fill)
+
+
 def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
                           a_buf, sa_buf, row_token, row_slot, copy_rows: bool = True):
     """``masked_index`` (global ids, ``id_offset``, ``top_k``, ``num_valid`` as there) followed by
@@ -272,8 +282,8 @@ def masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, nu
     assert 0 < num_pairs <= kSmallPairs
     fields = _masked_index_outputs(num_pairs, num_experts, weights is not None, device)
     masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight = fields
-    _kernel(masked_dispatch_small_source(), ids).launch(_ceil_div(num_pairs, kRowsPerCta),
-                                                        kPermuteThreads, 0, [
+    _kernel(masked_dispatch_small_source(), ids).launch(
+        small_dispatch_grid(num_pairs, num_experts, m_max), kPermuteThreads, 0, [
         ids, i32(num_pairs), i32(num_experts), i32(m_max), i64(id_offset), i32(top_k), num_valid,
         masked_m, pair_expert, pair_rank, pair_kept, num_overflow, weights, slot_row, slot_weight,
         *small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot, copy_rows)])

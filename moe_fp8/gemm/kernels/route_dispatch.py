@@ -59,7 +59,7 @@ def route_dispatch_small(logits, bias, num_groups, topk_group, top_k, fill_neg_i
     fields = permute._masked_index_outputs(num_pairs, num_experts, True, logits.device)
     masked_m, pair_expert, pair_rank, pair_kept, num_overflow, slot_row, slot_weight = fields
     kernel = _kernel(source(router.route_per_lane(experts_global)), logits)
-    kernel.launch(-(-num_pairs // permute.kRowsPerCta), kThreads, 0, [
+    kernel.launch(permute.small_dispatch_grid(num_pairs, num_experts, m_max), kThreads, 0, [
         logits, bias, i32(tokens), i64(logits.stride(0)), i32(experts_global), i32(num_groups),
         i32(topk_group), i32(top_k), i32(int(bool(fill_neg_inf))), i32(int(bool(normalize))),
         f32(float(scaling)), topk_idx, topk_weights,
