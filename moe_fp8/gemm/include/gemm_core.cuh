@@ -175,6 +175,14 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                               !kColumnScales && kStages >= 3),
                 "gather: the masked fused SwiGLU GEMM; no cluster, row chunks or early B");
   constexpr int kGatherWarps = 2;  // producer warps 2-3 (warp 0: TMA, warp 1: tile scales)
+  // EXPERIMENT (off; session 17): each copying thread's arrival issued by the hardware when its
+  // copies land (cp.async.mbarrier.arrive.noinc), no lag, and the proxy fence on the math side
+  // after the full-barrier wait instead of the copying threads'.
+#ifdef MOE_FP8_GATHER_HW_ARRIVE
+  constexpr bool kGatherHwArrive = kGatherA;
+#else
+  constexpr bool kGatherHwArrive = false;
+#endif
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
   using Regs = RegisterSplit<kHalves == 2>;
@@ -213,7 +221,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     ptx::prefetch_tma_desc(tma_d);
     for (int s = 0; s < kStages; ++s) {
       // the producer's arrive_expect_tx (gather: and one arrive per gather warp)
-      ptx::mbar_init(&full[s], kGatherA ? 1 + kGatherWarps : 1);
+      ptx::mbar_init(&full[s], kGatherHwArrive ? 1 + kGatherWarps * 32
+                                                : kGatherA ? 1 + kGatherWarps : 1);
       ptx::mbar_init(&empty[s], kClusterSize * kNumMathWG * 4);  // every math warp of the cluster
     }
     for (int b = 0; b < 2; ++b) {
@@ -299,13 +308,18 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
               ptx::cp_async_16(dst + r * 128,
                                g_gather_x + (static_cast<unsigned>(__ldg(tokens + r)) *
                                                  (kTileKBlocks * 128u) + column));
+            if constexpr (kGatherHwArrive) {
+              ptx::cp_async_mbar_arrive_noinc(&full[stage]);
+              if (++stage == kStages) stage = 0, phase ^= 1;
+              continue;
+            }
             ptx::cp_async_commit();
             if (previous >= 0) hand_over(previous, false);
             previous = stage;
             if (++stage == kStages) stage = 0, phase ^= 1;
           }
         }
-        if (previous >= 0) hand_over(previous, true);
+        if (!kGatherHwArrive && previous >= 0) hand_over(previous, true);
       }
     } else if (warp == 0 && ptx::elect_one()) {
       Scheduler scheduler(params, rank);
@@ -498,6 +512,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4) +
                                                     half * (kPartN * 128 >> 4));
       if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
+      if constexpr (kGatherHwArrive) ptx::fence_proxy_async_smem();  // the copies' rows
       MOE_FP8_TRACE(if (threadIdx.x == 0 && kb == 0 && half == 0)
                         trace::record(trace_begun - 1, 3, trace::now());)
       ptx::fence_regs(p);
