@@ -168,21 +168,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   static_assert(kColumnScales == (kTileKBlocks == 0), "per-tile K extent <=> column scales");
   // Every tile runs kTileKBlocks K blocks, or (kEmptyTiles: some have none) its own count.
   constexpr bool kFixedK = kTileKBlocks > 0 && !P::kEmptyTiles;
-  // kStages >= 3: the gather warps hand a slot over one slot late, and a double-buffered math
-  // warpgroup frees slot s only once slot s + 1 is full.
   static_assert(!kGatherA || (Scheduler::kMasked && kClusterSize == 1 && P::kUpRowOffset > 0 &&
                               kARowChunk == 0 && !P::kEarlyB && kFixedK && kBlockM % 32 == 0 &&
-                              !kColumnScales && kStages >= 3),
+                              !kColumnScales),
                 "gather: the masked fused SwiGLU GEMM; no cluster, row chunks or early B");
   constexpr int kGatherWarps = 2;  // producer warps 2-3 (warp 0: TMA, warp 1: tile scales)
-  // EXPERIMENT (off; session 17): each copying thread's arrival issued by the hardware when its
-  // copies land (cp.async.mbarrier.arrive.noinc), no lag, and the proxy fence on the math side
-  // after the full-barrier wait instead of the copying threads'.
-#ifdef MOE_FP8_GATHER_HW_ARRIVE
-  constexpr bool kGatherHwArrive = kGatherA;
-#else
-  constexpr bool kGatherHwArrive = false;
-#endif
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
   using Regs = RegisterSplit<kHalves == 2>;
@@ -220,9 +210,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     if constexpr (kColumnScales) ptx::prefetch_tma_desc(tma_sb);
     ptx::prefetch_tma_desc(tma_d);
     for (int s = 0; s < kStages; ++s) {
-      // the producer's arrive_expect_tx (gather: and one arrive per gather warp)
-      ptx::mbar_init(&full[s], kGatherHwArrive ? 1 + kGatherWarps * 32
-                                                : kGatherA ? 1 + kGatherWarps : 1);
+      // the producer's arrive_expect_tx (gather: and one per copying thread, cp.async's)
+      ptx::mbar_init(&full[s], kGatherA ? 1 + kGatherWarps * 32 : 1);
       ptx::mbar_init(&empty[s], kClusterSize * kNumMathWG * 4);  // every math warp of the cluster
     }
     for (int b = 0; b < 2; ++b) {
@@ -276,25 +265,20 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // r] in the token matrix (rows of K bytes), for r below rows_valid (the others keep stale
       // data: their outputs are never written; masked tiles start at K block 0). One TMA box per
       // row, issued by one warp, cost the 256-token decode step 324 us (H200, 2026-12-06);
-      // cp.async issues from 64 threads:
-      // thread t copies 16-byte unit u = t % 8 of rows t / 8, t / 8 + 8, ..., into unit u ^ (r % 8)
-      // of the row (the 128B swizzle, a function of the shared address: experiments/
-      // tma_row_gather; r % 8 is the thread's constant). A slot is handed over one slot late
-      // (its copies complete while the next slot's are issued): wait, proxy fence (wgmma reads
-      // through the async proxy), one arrive per warp.
+      // cp.async issues from 64 threads: thread t copies 16-byte unit u = t % 8 of rows t / 8,
+      // t / 8 + 8, ..., into unit u ^ (r % 8) of the row (the 128B swizzle, a function of the
+      // shared address: experiments/tma_row_gather; r % 8 is the thread's constant). Each thread's
+      // arrival on the slot's full barrier is issued by the hardware once its copies have landed
+      // (cp.async.mbarrier.arrive.noinc), so the copies run as far ahead as the ring allows: a
+      // first version that waited for them itself, one slot late, lost 9 us at 256 tokens (H100).
+      // The math side fences the proxies after its wait (wgmma reads through the async proxy).
       if constexpr (kGatherA) {
         const int t = tid - (4 - kGatherWarps) * 32;
         const int unit = t % 8, row0 = t / 8;
         const int dst_unit = (unit ^ (row0 % 8)) * 16;
-        auto hand_over = [&](int slot, bool last) {
-          if (last) ptx::cp_async_wait<0>(); else ptx::cp_async_wait<1>();
-          ptx::fence_proxy_async_smem();
-          __syncwarp();
-          if (lane == 0) ptx::mbar_arrive(&full[slot]);
-        };
         Scheduler scheduler(params, rank);
         Tile tile;
-        int stage = 0, previous = -1;
+        int stage = 0;
         u32 phase = 0;
         while (scheduler.next(tile)) {
           const int rows = min(tile.rows_valid, kBlockM);
@@ -308,18 +292,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
               ptx::cp_async_16(dst + r * 128,
                                g_gather_x + (static_cast<unsigned>(__ldg(tokens + r)) *
                                                  (kTileKBlocks * 128u) + column));
-            if constexpr (kGatherHwArrive) {
-              ptx::cp_async_mbar_arrive_noinc(&full[stage]);
-              if (++stage == kStages) stage = 0, phase ^= 1;
-              continue;
-            }
-            ptx::cp_async_commit();
-            if (previous >= 0) hand_over(previous, false);
-            previous = stage;
+            ptx::cp_async_mbar_arrive_noinc(&full[stage]);
             if (++stage == kStages) stage = 0, phase ^= 1;
           }
         }
-        if (!kGatherHwArrive && previous >= 0) hand_over(previous, true);
       }
     } else if (warp == 0 && ptx::elect_one()) {
       Scheduler scheduler(params, rank);
@@ -512,7 +488,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4) +
                                                     half * (kPartN * 128 >> 4));
       if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
-      if constexpr (kGatherHwArrive) ptx::fence_proxy_async_smem();  // the copies' rows
+      if constexpr (kGatherA) ptx::fence_proxy_async_smem();  // the gather warps' rows of A
       MOE_FP8_TRACE(if (threadIdx.x == 0 && kb == 0 && half == 0)
                         trace::record(trace_begun - 1, 3, trace::now());)
       ptx::fence_regs(p);

@@ -126,26 +126,18 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// 16 bytes global -> shared without registers (cp.async, L2 only: .cg); a generic-proxy write,
-// complete for this thread after cp_async_wait, visible to wgmma after fence_proxy_async_smem.
+// 16 bytes global -> shared without registers (cp.async, L2 only: .cg): a generic-proxy write
+// whose completion the thread observes through cp_async_mbar_arrive_noinc.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)),
                "l"(reinterpret_cast<u64>(src))
                : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 // An arrive on `bar` once every cp.async this thread issued before has completed; .noinc: the
 // barrier's expected count includes this arrival.
 __device__ __forceinline__ void cp_async_mbar_arrive_noinc(u64* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar))
                : "memory");
-}
-// Waits until at most kPending of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // Global -> shared tile load; completes on `bar` (adds the box's bytes to its transaction count).
