@@ -23,13 +23,11 @@ Two implementations behind the same functions:
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .. import gemm as G
-from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales
 from ..gemm.validate import debug_mode
 from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
@@ -57,13 +55,13 @@ kRouteDispatchEnv = "MOE_FP8_ROUTE_DISPATCH"
 kRouteDispatchDefault = False
 # The decode dispatch writes the masked layout's scales and row maps but copies no fp8 row; the
 # routed gate-up (the fused SwiGLU GEMM) copies each tile's rows from the unpermuted tokens itself
-# (two producer warps, cp.async; gemm_core.cuh kGatherA). Unset: where the gate-up's tiles are 64
-# rows (up to ~44 expected rows per expert: 128 tokens over 32 experts); 1: always; 0: never.
-# H100, 2026-12-06, session 17, 3 interleaved rounds, same bits: 1 / 8 / 32 / 128 tokens -1.0 /
-# -1.0 / -2.5 / -4.9 us, 256 tokens (128-row tiles) +5.4 us. One TMA box per row, the first
-# version, cost the 256-token step 324 us (H200).
+# (two producer warps, cp.async; gemm_core.cuh kGatherA). On (unset); 0: off. H100, 2026-12-06,
+# session 17, 3 interleaved rounds, same bits, against 0: 1 / 8 / 32 / 128 tokens -1.0..+1.1 /
+# -1.0..-2.9 / -2.2..-2.9 / -4.9..-10.2 us (four calls), 256 tokens -4.6 (hardware arrivals; a
+# first version that waited for its copies one slot late lost 5.4 there). One TMA box per row,
+# the version before, cost the 256-token step 324 us (H200).
 kDecodeGatherEnv = "MOE_FP8_DECODE_GATHER"
-kDecodeGatherMaxBlockM = 64
+kDecodeGatherDefault = True
 
 
 def _kernels():
@@ -190,15 +188,12 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
     return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 
-def decode_gather_wanted(xq: torch.Tensor, expected_m: int) -> bool:
+def decode_gather_wanted(xq: torch.Tensor) -> bool:
     """Whether the local dispatch leaves the rows unpermuted for the gate-up to gather
-    (``MOE_FP8_DECODE_GATHER``; unset: where ``expected_m`` rows per expert take tiles of at most
-    ``kDecodeGatherMaxBlockM`` rows): fused kernels on this device, not the debug mode (its checks
+    (``MOE_FP8_DECODE_GATHER``): fused kernels on this device, not the debug mode (its checks
     read the layout's rows), not while tracing."""
-    setting = os.environ.get(kDecodeGatherEnv, "").strip()
-    if setting == "0" or not (setting or H.masked_block_m(expected_m) <= kDecodeGatherMaxBlockM):
-        return False
-    return fused_enabled(xq) and not debug_mode() and not torch.compiler.is_compiling()
+    return (switch_on(kDecodeGatherEnv, kDecodeGatherDefault) and fused_enabled(xq)
+            and not debug_mode() and not torch.compiler.is_compiling())
 
 
 def route_dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, router, logits: torch.Tensor,
