@@ -161,6 +161,11 @@ def test_decode_batch_size_graphs_match_runners_of_that_size(moe):
         assert calc_diff(y, single(x).clone()) < kKernelVsReference, f"n={n} vs one graph"
 
 
+def shrinking_sizes(max_tokens: int) -> tuple:
+    """Replays of a runner: full, a quarter, one token, full again (masked_m changing between)."""
+    return tuple(sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True)) + (max_tokens,)
+
+
 def assert_decode_switch_keeps_bits(moe, monkeypatch, switch, sizes, seed, on_value="1",
                                     max_tokens=32):
     """Decode runners captured with ``switch`` 0 and ``on_value`` replay batches of ``sizes``
@@ -229,9 +234,9 @@ def test_decode_early_weights_keep_bits(moe, monkeypatch, max_tokens):
     """MOE_FP8_EARLY_WEIGHTS=1: the down GEMM reads masked_m and loads its first weight slots
     before its PDL wait (the decode graph captures with PDL): the same tiles and sums, so the
     same bits — also when masked_m changes between replays (batches below the runner's size)."""
-    sizes = sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True) + [max_tokens]
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_EARLY_WEIGHTS", tuple(sizes),
-                                    990 + max_tokens, max_tokens=max_tokens)
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_EARLY_WEIGHTS",
+                                    shrinking_sizes(max_tokens), 990 + max_tokens,
+                                    max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 32, 256])
@@ -240,9 +245,9 @@ def test_decode_swap_ab_down_keeps_bits(moe, monkeypatch, max_tokens):
     """MOE_FP8_SWAP_AB_DOWN=1: the down GEMM with tokens on the wgmma N side (GemmConfig.swap_ab)
     forms each output from the same K-block products and promotions: the same bits, also when
     masked_m changes between replays."""
-    sizes = sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True) + [max_tokens]
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_SWAP_AB_DOWN", tuple(sizes),
-                                    1010 + max_tokens, max_tokens=max_tokens)
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_SWAP_AB_DOWN",
+                                    shrinking_sizes(max_tokens), 1010 + max_tokens,
+                                    max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 32, 256])
@@ -251,9 +256,9 @@ def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
     """MOE_FP8_DECODE_GATHER=1: the dispatch copies no row and the fused gate-up reads each row
     from the unpermuted tokens: the same products, so the same bits — also when masked_m changes
     between replays (the small dispatch at 1 / 32 tokens, index + permute at 256)."""
-    sizes = sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True) + [max_tokens]
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_GATHER", tuple(sizes),
-                                    1030 + max_tokens, max_tokens=max_tokens)
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_GATHER",
+                                    shrinking_sizes(max_tokens), 1030 + max_tokens,
+                                    max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("router_sms", ["16", "40"])

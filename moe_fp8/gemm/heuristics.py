@@ -420,18 +420,11 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
                           env.masked_row_chunks(kMaskedRowChunksDefault), active)
 
 
-def masked_block_m(expected_m: int) -> int:
-    """The masked layout's tile rows for ``expected_m`` mean rows per expert: the mean plus
-    ``kMaskedSpread`` standard deviations of a Poisson count (``masked_config``)."""
-    expected_m = max(1, expected_m)
-    return _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
-
-
 @functools.lru_cache(maxsize=4096)
 def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
                    row_chunks: bool, active_experts: int) -> GemmConfig:
     expected_m = max(1, expected_m)
-    block_m = masked_block_m(expected_m)
+    block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
     chunks = row_chunks and expected_m < block_m
     if chunks and active_experts < num_experts:
         block_n = _pick_stream_block_n(active_experts * _ceil_div(expected_m, block_m), n, sms)
