@@ -673,6 +673,125 @@ def test_a_row_chunk_needs_masked_or_dense_layout():
                                            config=GemmConfig(128, 128, a_row_chunk=16))
 
 
+@pytest.mark.parametrize("config", [GemmConfig(64, 128, a_row_chunk=16, split_k=4),
+                                    GemmConfig(64, 128, a_row_chunk=16, split_k=2, early_b=True,
+                                               num_sms=5),
+                                    GemmConfig(64, 48, a_row_chunk=32, split_k=8, num_sms=3),
+                                    GemmConfig(64, 128, split_k=4, double_buffer=False)],
+                         ids=["s4", "s2_early_sm5", "n48_s8_sm3", "s4_whole_a_db0"])
+def test_masked_split_k(config):
+    """Masked split K (include/masked_split.cuh): units claimed at run time, the last split of a
+    tile sums the fp32 partials. Every row count around the 8-row strides and a 64-row tile
+    (1, 7-9, 63-65, 129, 200), empty experts, rows >= masked_m untouched; few-SM grids claim
+    many units per CTA; three launches in a row (the counters and flags reset themselves) give
+    the same bits, and agree with the unsplit kernel to fp32 rounding."""
+    counts = [0, 1, 7, 8, 9, 0, 63, 64, 65, 129, 200, 3]
+    m_max, n, k = 200, 1024, 2048
+    x, w, a, b = _masked_inputs(len(counts), m_max, n, k, seed=config.split_k + config.block_n)
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    rows = ref.masked_row_mask(m_max, masked_m)
+    outs = []
+    for launch in range(3):
+        out = _poisoned((len(counts), m_max, n))
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 8, out=out, backend="kernel",
+                                       config=config)
+        torch.cuda.synchronize()
+        _masked_check(out, x, w, a, b, masked_m, f"masked split {config} launch {launch}")
+        outs.append(out)
+    for launch in (1, 2):
+        assert torch.equal(outs[launch][rows].view(torch.int16), outs[0][rows].view(torch.int16)), \
+            f"masked split {config}: launch {launch} differs from launch 0"
+    plain = _poisoned((len(counts), m_max, n))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 8, out=plain, backend="kernel",
+                                   config=GemmConfig(64, config.block_n,
+                                                     a_row_chunk=config.a_row_chunk))
+    torch.cuda.synchronize()
+    diff = (outs[0][rows].float() - plain[rows].float()).abs().max().item()
+    scale = plain[rows].float().abs().max().item()
+    assert diff <= 1e-2 * scale, f"masked split {config}: {diff} from the unsplit kernel"
+
+
+def test_masked_split_k_rows_bound_and_graph():
+    """The partials sized by ``rows_bound`` (the layer's tokens x top-k): a captured launch
+    replayed with new counts below the bound is right each time."""
+    num_experts, m_max, n, k = 16, 32, 2048, 2048
+    x, w, a, b = _masked_inputs(num_experts, m_max, n, k, seed=21)
+    qa, sa = a
+    config = GemmConfig(64, 128, a_row_chunk=16, split_k=4)
+    masked_m = torch.zeros(num_experts, dtype=torch.int32, device="cuda")
+    masked_m[:4] = 2
+    out = _poisoned((num_experts, m_max, n))
+    G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 1, out=out, backend="kernel", config=config,
+                                   rows_bound=24)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 1, out=out, backend="kernel",
+                                       config=config, rows_bound=24)
+    torch.cuda.current_stream().wait_stream(stream)
+    gen = torch.Generator().manual_seed(5)
+    for replay in range(3):
+        counts = torch.zeros(num_experts, dtype=torch.int32)
+        picked = torch.randperm(num_experts, generator=gen)[:8]
+        counts[picked] = torch.randint(1, 4, (8,), generator=gen, dtype=torch.int32)
+        masked_m.copy_(counts)
+        x_new = _rows((num_experts, m_max, k), _cuda_gen(200 + replay))
+        q_new, s_new = _quant_act(x_new)
+        qa.copy_(q_new)
+        sa.copy_(s_new)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _masked_check(out, x_new, w, a, b, masked_m, f"split graph replay {replay}")
+
+
+def test_masked_swiglu_split_k():
+    """The gathering fused SwiGLU gate-up with split K: its act and scales match the unsplit
+    gather kernel's to one fp8 step (the fp32 sums differ only in order); empty experts and rows
+    >= masked_m keep their poison; few-SM grids."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import to_mn_major
+    counts, m_max, inter, k, tokens = [0, 1, 7, 9, 33, 64, 0, 2], 64, 512, 2048, 100
+    num_experts = len(counts)
+    gen = _cuda_gen(77)
+    xt = _rows((tokens, k), gen)
+    xq, xs = ref.per_token_group_quant(xt)
+    row_token = torch.full((num_experts + 1, m_max), -1, dtype=torch.int64, device="cuda")
+    for e, c in enumerate(counts):
+        row_token[e, :c] = torch.randint(0, tokens, (c,), device="cuda", generator=gen)
+    rows = row_token[:num_experts].clamp(min=0)
+    a = xq.view(torch.uint8)[rows].view(xq.dtype)
+    sa = empty_act_scales(m_max, k // 128, num_experts, device="cuda")
+    sa.copy_(xs[rows])
+    b = _quant_weight(_weights((num_experts, 2 * inter, k), gen))
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    out = {}
+    for name, config in (("plain", GemmConfig(64, 256, a_row_chunk=16)),
+                         ("split", GemmConfig(64, 256, a_row_chunk=16, split_k=4, num_sms=5))):
+        q = torch.full((num_experts, m_max, inter), 0x5A, dtype=torch.uint8, device="cuda")
+        s_ = empty_act_scales(m_max, inter // 128, num_experts, device="cuda")
+        s_.fill_(-7.0)
+        K.m_grouped_masked_swiglu(a, to_mn_major(sa), b[0], b[1], masked_m, 4,
+                                  q.view(torch.float8_e4m3fn), s_,
+                                  config=config.resolved(k, masked=True),
+                                  gather=(xq, row_token[:num_experts]))
+        out[name] = (q, s_)
+    torch.cuda.synchronize()
+    valid = ref.masked_row_mask(m_max, masked_m)
+    for name in out:
+        assert bool((out[name][0][~valid] == 0x5A).all()), f"{name}: rows >= masked_m written"
+        assert bool((out[name][1][~valid] == -7.0).all()), f"{name}: scales >= masked_m written"
+    deq = {name: (q.view(torch.float8_e4m3fn).float()[valid].view(-1, inter // 128, 128)
+                  * s_[valid].unsqueeze(-1)) for name, (q, s_) in out.items()}
+    scale = deq["plain"].abs().max().item()
+    diff = (deq["split"] - deq["plain"]).abs().max().item()
+    assert diff <= 0.13 * scale, f"split vs plain SwiGLU: {diff} of {scale}"  # one fp8 step
+    rel = ((out["split"][1][valid] - out["plain"][1][valid]).abs()
+           / out["plain"][1][valid].abs()).max().item()
+    assert rel < 1e-2, f"split vs plain SwiGLU scales: relative {rel}"  # bf16 h rounding
+
+
 def test_masked_all_empty():
     x, w, a, b = _masked_inputs(4, 64, 256, 256, seed=9)  # noqa: F841
     masked_m = torch.zeros(4, dtype=torch.int32, device="cuda")

@@ -43,7 +43,9 @@
 //                               unpermuted token matrix (gemm_body's g_gather_x) at the
 //                               dispatch's row_token (g_row_token), copied by producer warps 2-3
 //                               with cp.async (decode, fused_swiglu.cuh)
-//   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
+//   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh; a masked Scheduler with split K
+//                               (kDynamicUnits) claims its units at run time and the last split
+//                               of a tile sums the others (masked_split.cuh)
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
 //   producer warp 0   one elected thread issues TMA loads of A, B and the scales into a
@@ -58,6 +60,7 @@
 #pragma once
 
 #include "epilogue.cuh"
+#include "masked_split.cuh"
 #include "pdl.cuh"
 #include "promote.cuh"
 #include "ptx.cuh"
@@ -113,7 +116,11 @@ struct CoreSmem {
   static constexpr int kSb = kSa + P::kStages * kSaBytes;        // [kStages][kBlockN] fp32
   static constexpr int kTileSb = kSb + P::kStages * kSbBytes;    // [2][2][kTileKBlocks] fp32
   static constexpr int kBar = (kTileSb + 2 * kTileSbFloats * 4 + 7) / 8 * 8;
-  static constexpr int kEnd = kBar + (2 * P::kStages + 4) * 8;  // full, empty, tile-scale x 4
+  // full, empty, tile-scale x 4; claimed units (masked split K): full, empty and the indices
+  static constexpr int kUnitBar = kBar + (2 * P::kStages + 4) * 8;
+  static constexpr int kUnitRingSlots = P::Scheduler::kDynamicUnits ? kUnitRing : 0;
+  static constexpr int kUnitIdx = kUnitBar + 2 * kUnitRingSlots * 8;
+  static constexpr int kEnd = kUnitIdx + kUnitRingSlots * 4;
   static constexpr int kTotal = kEnd + 1024;                     // slack to 1024-align the base
   static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes + kSbBytes;
   static_assert(kABytes / P::kClusterN % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
@@ -125,7 +132,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
                                           const ptx::TmaDesc* tma_d, const GemmParams& params,
                                           const long long* g_row_token = nullptr,
-                                          const unsigned char* g_gather_x = nullptr) {
+                                          const unsigned char* g_gather_x = nullptr,
+                                          const SplitArgs split_args = SplitArgs{}) {
   constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
   constexpr int kClusterM = P::kClusterM, kClusterN = P::kClusterN;
   constexpr int kClusterSize = kClusterM * kClusterN, kTileKBlocks = P::kTileKBlocks;
@@ -141,6 +149,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr int kNumMathWG = math_warpgroups<P>();
   constexpr bool kSwapAB = swap_ab_of<P>(0);
   constexpr bool kGatherA = gather_a_of<P>(0);
+  // Units claimed at run time (masked split K, masked_split.cuh): the producer's loading thread
+  // claims, every other warp takes the indices from the unit ring.
+  constexpr bool kDynamic = Scheduler::kDynamicUnits;
+  static_assert(!kDynamic || (!kSwapAB && kClusterSize == 1 && !P::kColumnScales),
+                "claimed units: the masked NT kernels without swap AB");
 
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   constexpr int kPart = kPartN / 2;  // partial-product registers per thread
@@ -195,6 +208,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   u64* empty = full + kStages;
   u64* sb_full = empty + kStages;  // [2] tile scales staged
   u64* sb_empty = sb_full + 2;     // [2] tile scales consumed
+  // kDynamic: the claimed unit indices (masked_split.cuh)
+  const UnitRing ring{reinterpret_cast<int*>(smem + Layout::kUnitIdx),
+                      reinterpret_cast<u64*>(smem + Layout::kUnitBar),
+                      reinterpret_cast<u64*>(smem + Layout::kUnitBar) + kUnitRing};
 
   // NOTE: broadcast from lane 0 so the compiler knows it is warp-uniform: the wgmma
   // descriptors derived from it then stay in uniform registers (no per-issue R2UR moves).
@@ -218,9 +235,37 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       ptx::mbar_init(&sb_full[b], 32);              // every lane of the scale warp
       ptx::mbar_init(&sb_empty[b], kNumMathWG * 128);  // every math thread of this CTA
     }
+    if constexpr (kDynamic) {
+      for (int u = 0; u < kUnitRing; ++u) {
+        ptx::mbar_init(&ring.full[u], 1);  // the claiming thread
+        // every warp that walks the units: math, scale, gather
+        ptx::mbar_init(&ring.empty[u], kNumMathWG * 4 + 1 + (kGatherA ? kGatherWarps : 0));
+      }
+    }
     ptx::fence_barrier_init();
   }
   if constexpr (kClusterSize > 1) ptx::cluster_sync(); else __syncthreads();
+  // This CTA's tile sequence: the scheduler's stride walk, or (kDynamic) units claimed by the
+  // loading thread (claim_next) and taken from the ring by every other warp (take_next); `j`
+  // counts the role's units.
+  auto claim_next = [&](Scheduler& sched, int& j, Tile& t) -> bool {
+    if constexpr (kDynamic) {
+      const int idx = claim_unit(split_args, j);
+      ring.publish(j++, idx);
+      if (sched.at(idx, t)) return true;
+      finish_claims(split_args);
+      return false;
+    } else {
+      return sched.next(t);
+    }
+  };
+  auto take_next = [&](Scheduler& sched, int& j, Tile& t, int lane) -> bool {
+    if constexpr (kDynamic) {
+      return sched.at(ring.take(j++, lane), t);
+    } else {
+      return sched.next(t);
+    }
+  };
   // Everything above touched only parameters and shared memory: with PDL it overlapped the
   // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
   // producer loads) the previous kernel's writes must be visible.
@@ -242,9 +287,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         if (lane == 0) {
           Scheduler scheduler(params, rank);
           Tile tile;
-          int stage = 0;
+          int stage = 0, units = 0;
           u32 phase = 0;
-          while (scheduler.next(tile)) {
+          while (claim_next(scheduler, units, tile)) {
             for (int kb = 0; kb < kTileKBlocks; ++kb) {
               ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
               const int k = (tile.k_block0 + kb) * 128;
@@ -278,20 +323,23 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         const int dst_unit = (unit ^ (row0 % 8)) * 16;
         Scheduler scheduler(params, rank);
         Tile tile;
-        int stage = 0;
+        int stage = 0, units = 0;
         u32 phase = 0;
-        while (scheduler.next(tile)) {
+        while (take_next(scheduler, units, tile, lane)) {
           const int rows = min(tile.rows_valid, kBlockM);
           const long long* tokens = g_row_token + tile.m_row;
+          // the tile's K slice of x's rows (split K: kTileKBlocks of the kNumKBlocks from k_block0)
+          const unsigned column0 = kDynamic ? tile.k_block0 * 128u : 0u;
           // 32-bit offsets into x (the host checks T * K < 2^32): a 64-bit address per row spilled
           // the 40-register producer of the 128-row instance
-          for (unsigned column = unit * 16; column < kTileKBlocks * 128; column += 128) {
+          for (unsigned column = column0 + unit * 16; column < column0 + kTileKBlocks * 128;
+               column += 128) {
             ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
             unsigned char* dst = s_a + stage * Layout::kABytes + dst_unit;
             for (int r = row0; r < rows; r += 8)
               ptx::cp_async_16(dst + r * 128,
                                g_gather_x + (static_cast<unsigned>(__ldg(tokens + r)) *
-                                                 (kTileKBlocks * 128u) + column));
+                                                 (Scheduler::kNumKBlocks * 128u) + column));
             ptx::cp_async_mbar_arrive_noinc(&full[stage]);
             if (++stage == kStages) stage = 0, phase ^= 1;
           }
@@ -300,7 +348,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     } else if (warp == 0 && ptx::elect_one()) {
       Scheduler scheduler(params, rank);
       Tile tile;
-      int stage = 0;
+      int stage = 0, units = 0;
       u32 phase = 0;
       MOE_FP8_TRACE(int trace_tile = 0;)
       // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
@@ -331,10 +379,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
             ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
                              (t.k_block0 + kb) * 128, t.b_row);
           }
+          if constexpr (kDynamic) break;  // later units are claimed: only the first is known
         }
         pdl::begin();
       }
-      while (scheduler.next(tile)) {
+      while (claim_next(scheduler, units, tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         const int a_chunks = a_chunks_of(tile);
         // kSplitPairs: a padding half of a contiguous pair loads only its B half for the peer
@@ -402,9 +451,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // tile with the tensor cores idle (~0.5-1 us, 5-10 % of a K = 2048 tile).
       Scheduler scheduler(params, rank);
       Tile tile;
-      int buf = 0;
+      int buf = 0, units = 0;
       u32 phase = 0;
-      while (scheduler.next(tile)) {
+      while (take_next(scheduler, units, tile, lane)) {
         // NOTE: every lane waits here and every math thread arrives (not lane 0 after a
         // __syncwarp): racecheck reported the scale warp's writes against the math warps' reads
         // of the buffer's previous use wherever a CTA walks more than two tiles (128 x 64 to
@@ -577,7 +626,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // NOTE (lookahead): with double buffering, K block 0 of the next tile is queued on the tensor
     // cores before this tile's epilogue, so the stores overlap MMAs instead of leaving the tensor
     // cores idle between tiles (per-tile overhead, ~10 % of a K = 2048 tile, 2026-12-05).
-    bool have_tile = scheduler.next(tile);
+    int units = 0;
+    bool have_tile = take_next(scheduler, units, tile, lane);
     if (have_tile) {
       begin_tile(tile);
       if constexpr (kDoubleBuffer) {
@@ -626,16 +676,29 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // wgmma serialised).
       ptx::wgmma_wait<0>();
       MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done, 4, trace::now());)
+      // Split K: only the tile's last split writes it, with every split's sum. Here, before the
+      // next tile's lookahead MMA: with a group in flight across its branches ptxas serialised
+      // every wgmma (C7518).
+      bool write_out = true;
+      if constexpr (kDynamic)
+        write_out = split_fixup<Scheduler::kSplits, Scheduler::kWidth, kNumMathWG,
+                                (P::kUpRowOffset > 0)>(r_acc, tile, split_args, warpgroup, tid,
+                                                        bar_id);
       if constexpr (!kColumnScales) {
         ptx::mbar_arrive(&sb_empty[sb_buf]);  // every thread: see the scale warp's NOTE
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
       }
-      have_tile = scheduler.next(next_tile);
+      have_tile = take_next(scheduler, units, next_tile, lane);
       if (have_tile) {
         begin_tile(next_tile);
         if constexpr (kDoubleBuffer) {
           if (!P::kEmptyTiles || next_tile.num_k_blocks > 0) issue(r_p0, r_f0, 0);
         }
+      }
+      // (not a branch around the call: with the lookahead group in flight, ptxas serialised
+      // every wgmma; a tile without valid rows goes through the epilogue writing nothing)
+      if constexpr (kDynamic) {
+        if (!write_out) tile.rows_valid = 0;
       }
       P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
       MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done++, 5, trace::now());)
