@@ -104,6 +104,7 @@ __device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& ti
   // The host sizes the partials for the launch's rows (the layer: its tokens x top-k); counts
   // beyond them would write past the buffer.
   if (row0 + rows > args.partial_rows) __trap();
+  constexpr int kTileCols = 2 * kAcc;  // kBlockN: from column n0 (paired: 2 n0, gate then up)
   const int col0 = (kPaired ? 2 * tile.n0 : tile.n0) + 2 * (lane % 4);
   float* own = args.g_partials + (long(tile.split) * args.partial_rows + row0) * kN + col0;
 #pragma unroll
@@ -111,9 +112,12 @@ __device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& ti
     const int r = r_lo + 8 * h;
     if (r >= rows) continue;
 #pragma unroll
-    for (int j = 0; j < kAcc / 4; ++j)
+    for (int j = 0; j < kAcc / 4; ++j) {
+      // a last column block may end past N (a pair of columns lies wholly on one side)
+      if (kN % kTileCols != 0 && col0 + 8 * j >= kN) continue;
       *reinterpret_cast<float2*>(own + long(r) * kN + 8 * j) =
           make_float2(r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
+    }
   }
   // Release the warpgroup's partials (barrier, then one fence and the count), acquire the
   // others' in the last (the count, then a fence and the barrier).
@@ -137,6 +141,7 @@ __device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& ti
     const float* src = args.g_partials + (row0 + min(r_lo + 8 * h, rows - 1)) * kN + col0;
 #pragma unroll
     for (int j = 0; j < kAcc / 4; ++j) {
+      if (kN % kTileCols != 0 && col0 + 8 * j >= kN) continue;
       float2 sum = __ldcg(reinterpret_cast<const float2*>(src + 8 * j));
 #pragma unroll
       for (int s = 1; s < kSplits; ++s) {
