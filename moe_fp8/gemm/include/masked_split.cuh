@@ -119,18 +119,15 @@ __device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& ti
           make_float2(r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
     }
   }
-  // Release the warpgroup's partials (barrier, then one fence and the count), acquire the
-  // others' in the last (the count, then a fence and the barrier).
+  // Release the warpgroup's partials (barrier, then the count with release semantics), acquire
+  // the others' in the last (the same count's acquire, then the barrier). Separate fences around
+  // a relaxed atomicAdd measured ~3.7 us per unit (fix-up + epilogue, H100 2026-12-06).
   ptx::named_barrier(bar_id, 128);
   bool last = false;
   if (tid == 0) {
     int* flag = args.g_sync + 2 + tile.tile_id * kNumMathWG + warpgroup;
-    __threadfence();
-    last = atomicAdd(flag, 1) == kSplits - 1;
-    if (last) {
-      atomicExch(flag, 0);
-      __threadfence();
-    }
+    last = ptx::atomic_add_acq_rel_gpu(flag, 1) == kSplits - 1;
+    if (last) atomicExch(flag, 0);
   }
   if (!ptx::named_barrier_or(bar_id, 128, last)) return false;
   // Every split's partials from L2, this one's included (in split order: the same sum whichever

@@ -73,6 +73,16 @@ __device__ __forceinline__ bool named_barrier_or(u32 id, u32 count, bool pred) {
   return result != 0;
 }
 
+// atomicAdd with acquire-release semantics at GPU scope (one instruction, no separate fences).
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* address, int value) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "l"(address), "r"(value)
+               : "memory");
+  return old;
+}
+
 // ------------------------------------------------------------------ mbarrier
 
 __device__ __forceinline__ void mbar_init(u64* bar, u32 arrivals) {
