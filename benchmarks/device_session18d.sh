@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 18, call 4 (~6 min): the GEMM and layer GPU test files whole at the session's last
+# Session 18, call 4 (~6 min): the GEMM and layer GPU test files whole; masked split K with
 # commit; masked split K with the one-instruction acq_rel count: tile_trace.py without split, at
 # S = 4 and 2, and decode_build_ab.py S = 2 (A) vs off (B) at 1 / 8 tokens.
 set -uo pipefail

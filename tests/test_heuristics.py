@@ -56,7 +56,7 @@ def test_split_k_validation_and_instance():
 
 def test_masked_split_k_config_and_instances(monkeypatch):
     """Masked split K (include/masked_split.cuh): MOE_FP8_MASKED_SPLIT_K splits the decode tiles
-    (64 rows, A in row chunks) where S divides the K blocks, for both decode GEMMs; the
+    (64 rows, A in row chunks) where S divides the K blocks, of the plain masked GEMM; the
     instances' names, their shared memory (bf16 staging + the unit ring), the refused shapes; the
     decode instances compile for sm_90a without local memory or a serialised wgmma pipeline."""
     from moe_fp8.gemm.precompile import precompile
@@ -64,8 +64,9 @@ def test_masked_split_k_config_and_instances(monkeypatch):
     assert H.masked_config(32, 1, 7168, 2048, 132).split_k == 1
     monkeypatch.setenv("MOE_FP8_MASKED_SPLIT_K", "4")
     down = H.masked_config(32, 1, 7168, 2048, 132)
-    gate_up = H.masked_swiglu_config(32, 1, 4096, 7168, 132)
-    assert (down.block_m, down.split_k, gate_up.block_m, gate_up.split_k) == (64, 4, 64, 4)
+    assert (down.block_m, down.split_k) == (64, 4)
+    assert H.masked_swiglu_config(32, 1, 4096, 7168, 132).split_k == 1  # the fused SwiGLU: never
+    gate_up = H.GemmConfig(64, 256, split_k=4).resolved(7168, masked=True)  # pinned
     assert H.masked_config(2, 512, 4096, 7168, 132).split_k == 1  # full 128-row tiles
     monkeypatch.setenv("MOE_FP8_MASKED_SPLIT_K", "3")  # divides neither 16 nor 56 K blocks
     assert H.masked_config(32, 1, 7168, 2048, 132).split_k == 1
@@ -74,7 +75,8 @@ def test_masked_split_k_config_and_instances(monkeypatch):
         H.masked_config(32, 1, 7168, 2048, 132)
     monkeypatch.delenv("MOE_FP8_MASKED_SPLIT_K")
     assert H.smem_bytes(64, 128, 8, 2048, split_k=4, masked=True) == (
-        H.smem_bytes(64, 128, 8, 2048) - 2 * 2 * (16 - 4) * 4 + H.kUnitRing * 20)
+        H.smem_bytes(64, 128, 8, 2048) - 2 * 2 * (16 - 4) * 4 + H.kUnitRing * 20
+        + H.kFixRing * 16)
     assert down.stages == H.max_stages(64, 128, 2048, split_k=4, masked=True)
     name = K.kernel_source(7168, 2048, down, K.kLayoutMasked).instance
     assert name == (f"moe_fp8::fp8_gemm_masked_split_kernel<7168, 2048, 64, {down.block_n}, "

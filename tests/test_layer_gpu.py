@@ -264,8 +264,8 @@ def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
 @pytest.mark.parametrize("max_tokens", [1, 8, 32])
 @torch.no_grad()
 def test_decode_masked_split_k(moe, monkeypatch, max_tokens):
-    """MOE_FP8_MASKED_SPLIT_K=4: the decode GEMMs' K blocks in four slices claimed at run time
-    (the down GEMM and the gathering gate-up), the partials sized by the batch's tokens x top-k:
+    """MOE_FP8_MASKED_SPLIT_K=4: the down GEMM's K blocks in four slices claimed at run time,
+    summed by the fix-up warp, the partials sized by the batch's tokens x top-k:
     outputs within the kernels' tolerance of the unsplit runner's (the fp32 sums run in another
     order), repeatable bit for bit across replays while masked_m changes between them."""
     from moe_fp8.gemm import heuristics as H

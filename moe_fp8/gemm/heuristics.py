@@ -73,9 +73,10 @@ kWideMinWaves = 2
 # of the busiest SM (waves x block_n) over kStreamBlockNs.
 kActiveTilesDefault = False
 kStreamBlockNs = (64, 96, 112, 128)
-# Decode tiles (64 rows, A in row chunks) with their K blocks in this many slices claimed at run
-# time (``MOE_FP8_MASKED_SPLIT_K``; 0: none), where it divides them: the SMs that stream faster
-# take more of the work (include/masked_split.cuh). Off until measured.
+# Decode tiles (64 rows, A in row chunks) of the plain masked GEMM (the decode down GEMM) with
+# their K blocks in this many slices claimed at run time (``MOE_FP8_MASKED_SPLIT_K``; 0: none),
+# where it divides them: the SMs that stream faster take more of the work
+# (include/masked_split.cuh). Off until measured.
 kMaskedSplitKDefault = 0
 
 
@@ -235,6 +236,9 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 kUnitRing = 8  # masked_split.cuh: claimed unit indices in flight
+kFixRing = 8   # masked_split.cuh: units waiting for the fix-up warp
+# the masked split kernels' extra shared memory: the unit ring (barriers, indices), the fix ring
+kSplitRingBytes = kUnitRing * (2 * 8 + 4) + kFixRing * 2 * 8
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
@@ -250,7 +254,7 @@ def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = Fa
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     if masked_split:
-        end += kUnitRing * (2 * 8 + 4)
+        end += kSplitRingBytes
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
@@ -481,8 +485,9 @@ def _contiguous_swiglu_config(k: int, multicast: bool) -> GemmConfig:
 
 @functools.lru_cache(maxsize=4096)
 def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
-    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk,
-                      split_k=base.split_k).resolved(k, masked=True)
+    # no split K: the fused SwiGLU sums its splits on the math warps (masked_split.cuh
+    # split_fixup), measured slower than not splitting (H100 2026-12-06); pinnable in tests
+    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k, masked=True)
 
 
 @functools.lru_cache(maxsize=4096)

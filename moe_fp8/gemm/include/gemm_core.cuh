@@ -120,7 +120,10 @@ struct CoreSmem {
   static constexpr int kUnitBar = kBar + (2 * P::kStages + 4) * 8;
   static constexpr int kUnitRingSlots = P::Scheduler::kDynamicUnits ? kUnitRing : 0;
   static constexpr int kUnitIdx = kUnitBar + 2 * kUnitRingSlots * 8;
-  static constexpr int kEnd = kUnitIdx + kUnitRingSlots * 4;
+  // units handed to the fix-up warp (masked split K): full, empty
+  static constexpr int kFixRingSlots = P::Scheduler::kDynamicUnits ? kFixRing : 0;
+  static constexpr int kFixBar = kUnitIdx + kUnitRingSlots * 4;
+  static constexpr int kEnd = kFixBar + 2 * kFixRingSlots * 8;
   static constexpr int kTotal = kEnd + 1024;                     // slack to 1024-align the base
   static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes + kSbBytes;
   static_assert(kABytes / P::kClusterN % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
@@ -152,6 +155,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // Units claimed at run time (masked split K, masked_split.cuh): the producer's loading thread
   // claims, every other warp takes the indices from the unit ring.
   constexpr bool kDynamic = Scheduler::kDynamicUnits;
+  // ... and with the bf16 NT epilogue the fix-up runs on producer warp 2 (otherwise idle), so the
+  // math warps only store their partials; the fused SwiGLU sums in the math warps' registers.
+  constexpr bool kHelperFixup = kDynamic && !kGatherA && P::kUpRowOffset == 0;
   static_assert(!kDynamic || (!kSwapAB && kClusterSize == 1 && !P::kColumnScales),
                 "claimed units: the masked NT kernels without swap AB");
 
@@ -212,6 +218,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   const UnitRing ring{reinterpret_cast<int*>(smem + Layout::kUnitIdx),
                       reinterpret_cast<u64*>(smem + Layout::kUnitBar),
                       reinterpret_cast<u64*>(smem + Layout::kUnitBar) + kUnitRing};
+  u64* fix_full = reinterpret_cast<u64*>(smem + Layout::kFixBar);  // kHelperFixup: [kFixRing]
+  u64* fix_empty = fix_full + kFixRing;
 
   // NOTE: broadcast from lane 0 so the compiler knows it is warp-uniform: the wgmma
   // descriptors derived from it then stay in uniform registers (no per-issue R2UR moves).
@@ -238,8 +246,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     if constexpr (kDynamic) {
       for (int u = 0; u < kUnitRing; ++u) {
         ptx::mbar_init(&ring.full[u], 1);  // the claiming thread
-        // every warp that walks the units: math, scale, gather
-        ptx::mbar_init(&ring.empty[u], kNumMathWG * 4 + 1 + (kGatherA ? kGatherWarps : 0));
+        // every warp that walks the units: math, scale, gather, fix-up
+        ptx::mbar_init(&ring.empty[u], kNumMathWG * 4 + 1 + (kGatherA ? kGatherWarps : 0) +
+                                           (kHelperFixup ? 1 : 0));
+      }
+      for (int u = 0; u < kFixRing; ++u) {
+        ptx::mbar_init(&fix_full[u], kNumMathWG * 4);  // every math warp, its partials stored
+        ptx::mbar_init(&fix_empty[u], 1);              // the fix-up warp
       }
     }
     ptx::fence_barrier_init();
@@ -476,6 +489,22 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         ptx::mbar_arrive(&sb_full[buf]);
         if (++buf == 2) buf = 0, phase ^= 1;
       }
+    } else if (kHelperFixup && warp == 2) {
+      // Split K's fix-up (masked_split.cuh finish_split_unit), unit by unit behind the math
+      // warps: count the unit, and where it is its tile's last split, sum and store the tile.
+      if constexpr (kHelperFixup) {
+        Scheduler scheduler(params, rank);
+        Tile tile;
+        int units = 0;
+        while (take_next(scheduler, units, tile, lane)) {
+          const int j = units - 1;
+          ptx::mbar_wait_idle(&fix_full[j % kFixRing], (j / kFixRing) & 1);
+          finish_split_unit<Scheduler::kSplits, Scheduler::kWidth, kBlockN>(tile, split_args,
+                                                                          params.g_d, lane);
+          __syncwarp();
+          if (lane == 0) ptx::mbar_arrive(&fix_empty[j % kFixRing]);
+        }
+      }
     }
     if constexpr (kClusterSize > 1) {
       // A peer may still multicast into this CTA or arrive on its barriers until it is done.
@@ -680,10 +709,19 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // next tile's lookahead MMA: with a group in flight across its branches ptxas serialised
       // every wgmma (C7518).
       bool write_out = true;
-      if constexpr (kDynamic)
+      if constexpr (kHelperFixup) {
+        // this unit's partials, then the unit to the fix-up warp (slot free once it is done
+        // with the unit kFixRing before)
+        const int j = units - 1;
+        ptx::mbar_wait(&fix_empty[j % kFixRing], ((j / kFixRing) & 1) ^ 1);
+        store_partials<Scheduler::kWidth, false>(r_acc, tile, split_args, warpgroup, tid);
+        __syncwarp();
+        if (lane == 0) ptx::mbar_arrive(&fix_full[j % kFixRing]);
+      } else if constexpr (kDynamic) {
         write_out = split_fixup<Scheduler::kSplits, Scheduler::kWidth, kNumMathWG,
                                 (P::kUpRowOffset > 0)>(r_acc, tile, split_args, warpgroup, tid,
                                                         bar_id);
+      }
       if constexpr (!kColumnScales) {
         ptx::mbar_arrive(&sb_empty[sb_buf]);  // every thread: see the scale warp's NOTE
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
@@ -697,10 +735,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       }
       // (not a branch around the call: with the lookahead group in flight, ptxas serialised
       // every wgmma; a tile without valid rows goes through the epilogue writing nothing)
-      if constexpr (kDynamic) {
+      if constexpr (kDynamic && !kHelperFixup) {
         if (!write_out) tile.rows_valid = 0;
       }
-      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
+      if constexpr (!kHelperFixup)  // (the fix-up warp stores split tiles)
+        P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
       MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done++, 5, trace::now());)
       tile = next_tile;
     }

@@ -35,6 +35,7 @@ struct SplitArgs {
 };
 
 constexpr int kUnitRing = 8;  // claimed unit indices in flight between the producer and the rest
+constexpr int kFixRing = 8;   // units whose partials wait for the fix-up warp (kHelperFixup)
 
 // The shared ring of claimed unit indices. Slots are used in order; `j` counts a role's units.
 struct UnitRing {
@@ -85,19 +86,16 @@ struct MaskedSplitPolicy : Base {
   static_assert(Scheduler::kDynamicUnits, "masked split K: the masked layout");
 };
 
-// All 128 threads of a math warpgroup after a unit's mainloop (every wgmma group retired):
-// publish this split's rows of the tile, and if it is the tile's last split, sum all splits in
-// order into r_acc. True: this warpgroup runs the tile's epilogue (false: another split will, or
-// it has no rows). r_acc is the m64nNk32 fragment (epilogue.cuh): register 4 j + 2 h + c holds
-// row lane / 4 + 8 h of the warp's 16-row slab, column 8 j + 2 (lane % 4) + c of the tile;
-// kPaired (fused SwiGLU): the tile's 256 columns are gate block n0 / 128 then its up block, at
-// partial columns 2 n0 + ...
-template <int kSplits, int kN, int kNumMathWG, bool kPaired, int kAcc>
-__device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& tile,
-                                            const SplitArgs& args, int warpgroup, int tid,
-                                            int bar_id) {
+// All 128 threads of a math warpgroup after a unit's mainloop (every wgmma group retired): this
+// split's valid rows of the tile to the partials. False: the warpgroup has no row of the tile.
+// r_acc is the m64nNk32 fragment (epilogue.cuh): register 4 j + 2 h + c holds row lane / 4 + 8 h
+// of the warp's 16-row slab, column 8 j + 2 (lane % 4) + c of the tile; kPaired (fused SwiGLU):
+// the tile's 256 columns are gate block n0 / 128 then its up block, at partial columns 2 n0 + ...
+template <int kN, bool kPaired, int kAcc>
+__device__ __forceinline__ bool store_partials(const float (&r_acc)[kAcc], const Tile& tile,
+                                               const SplitArgs& args, int warpgroup, int tid) {
   const int rows = min(tile.rows_valid - warpgroup * 64, 64);
-  if (rows <= 0) return false;  // warpgroup-uniform: no row of this warpgroup is written
+  if (rows <= 0) return false;  // warpgroup-uniform
   const int warp = tid / 32, lane = tid % 32;
   const int r_lo = warp * 16 + lane / 4;
   const long row0 = tile.ws_row + warpgroup * 64;
@@ -119,9 +117,27 @@ __device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& ti
           make_float2(r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
     }
   }
+  return true;
+}
+
+// The fix-up on the math warpgroup itself (the fused SwiGLU's epilogue needs the sum in its
+// registers): store, count, and if this is the tile's last split, sum all splits in order into
+// r_acc. True: this warpgroup runs the tile's epilogue.
+// NOTE: the count's round trip stalls the warpgroup: ~3.6 us per unit with fix-up and epilogue
+// (tile trace, H100 2026-12-06), more than the tail it removes (kHelperFixup moves it off).
+template <int kSplits, int kN, int kNumMathWG, bool kPaired, int kAcc>
+__device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& tile,
+                                            const SplitArgs& args, int warpgroup, int tid,
+                                            int bar_id) {
+  if (!store_partials<kN, kPaired>(r_acc, tile, args, warpgroup, tid)) return false;
+  const int rows = min(tile.rows_valid - warpgroup * 64, 64);
+  const int warp = tid / 32, lane = tid % 32;
+  const int r_lo = warp * 16 + lane / 4;
+  const long row0 = tile.ws_row + warpgroup * 64;
+  constexpr int kTileCols = 2 * kAcc;
+  const int col0 = (kPaired ? 2 * tile.n0 : tile.n0) + 2 * (lane % 4);
   // Release the warpgroup's partials (barrier, then the count with release semantics), acquire
-  // the others' in the last (the same count's acquire, then the barrier). Separate fences around
-  // a relaxed atomicAdd measured ~3.7 us per unit (fix-up + epilogue, H100 2026-12-06).
+  // the others' in the last (the same count's acquire, then the barrier).
   ptx::named_barrier(bar_id, 128);
   bool last = false;
   if (tid == 0) {
@@ -151,6 +167,44 @@ __device__ __forceinline__ bool split_fixup(float (&r_acc)[kAcc], const Tile& ti
     }
   }
   return true;
+}
+
+// The fix-up warp (kHelperFixup: the bf16 NT epilogue; producer warp 2, otherwise idle), once the
+// math warps have stored a unit's partials (`done` barrier): count the unit on its tile's flag
+// and, if it is the tile's last split, sum the splits' partials in order and store the valid rows
+// as bf16 (g_d [E * M_max, kN], rows m_row + r), 4 columns per lane. The math warps go on to the
+// next unit meanwhile.
+template <int kSplits, int kN, int kBlockN>
+__device__ __forceinline__ void finish_split_unit(const Tile& tile, const SplitArgs& args,
+                                                  void* g_d, int lane) {
+  int last = 0;
+  if (lane == 0) {
+    // release: the math warps' partials (ordered before this by the `done` barrier); acquire:
+    // the other splits' (released by their counts)
+    last = ptx::atomic_add_acq_rel_gpu(args.g_sync + 2 + tile.tile_id, 1) == kSplits - 1;
+    if (last) atomicExch(args.g_sync + 2 + tile.tile_id, 0);
+  }
+  if (!__shfl_sync(0xffffffffu, last, 0)) return;
+  const int rows = min(tile.rows_valid, 64);
+  const long split_stride = long(args.partial_rows) * kN;
+  const float* src = args.g_partials + long(tile.ws_row) * kN + tile.n0;
+  unsigned short* dst = static_cast<unsigned short*>(g_d) + long(tile.m_row) * kN + tile.n0;
+  for (int i = lane; i < rows * (kBlockN / 4); i += 32) {
+    const int r = i / (kBlockN / 4), c = (i - r * (kBlockN / 4)) * 4;
+    if (tile.n0 + c >= kN) continue;  // a last column block past N (4 columns on one side)
+    float4 sum = __ldcg(reinterpret_cast<const float4*>(src + long(r) * kN + c));
+#pragma unroll
+    for (int s = 1; s < kSplits; ++s) {
+      const float4 p = __ldcg(reinterpret_cast<const float4*>(src + s * split_stride +
+                                                              long(r) * kN + c));
+      sum.x += p.x;
+      sum.y += p.y;
+      sum.z += p.z;
+      sum.w += p.w;
+    }
+    *reinterpret_cast<uint2*>(dst + long(r) * kN + c) =
+        make_uint2(ptx::pack_bf16x2(sum.x, sum.y), ptx::pack_bf16x2(sum.z, sum.w));
+  }
 }
 
 }  // namespace moe_fp8
