@@ -246,9 +246,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     if constexpr (kDynamic) {
       for (int u = 0; u < kUnitRing; ++u) {
         ptx::mbar_init(&ring.full[u], 1);  // the claiming thread
-        // every warp that walks the units: math, scale, gather, fix-up
-        ptx::mbar_init(&ring.empty[u], kNumMathWG * 4 + 1 + (kGatherA ? kGatherWarps : 0) +
-                                           (kHelperFixup ? 1 : 0));
+        // every lane of the warps that walk the units: math, scale, gather, fix-up
+        ptx::mbar_init(&ring.empty[u], 32 * (kNumMathWG * 4 + 1 + (kGatherA ? kGatherWarps : 0) +
+                                             (kHelperFixup ? 1 : 0)));
       }
       for (int u = 0; u < kFixRing; ++u) {
         ptx::mbar_init(&fix_full[u], kNumMathWG * 4);  // every math warp, its partials stored
@@ -261,9 +261,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // This CTA's tile sequence: the scheduler's stride walk, or (kDynamic) units claimed by the
   // loading thread (claim_next) and taken from the ring by every other warp (take_next); `j`
   // counts the role's units.
+  int claimed = 0;  // kDynamic: the claiming thread's next unit, claimed one unit ahead
   auto claim_next = [&](Scheduler& sched, int& j, Tile& t) -> bool {
     if constexpr (kDynamic) {
-      const int idx = claim_unit(split_args, j);
+      // the claim's round trip overlaps this unit's loads: its result is read at the next call
+      const int idx = j == 0 ? static_cast<int>(blockIdx.x) : claimed;
+      claimed = claim_unit(split_args, 1);
       ring.publish(j++, idx);
       if (sched.at(idx, t)) return true;
       finish_claims(split_args);

@@ -41,7 +41,7 @@ constexpr int kFixRing = 8;   // units whose partials wait for the fix-up warp (
 struct UnitRing {
   int* s_idx;
   u64* full;   // [kUnitRing], one arrival: the claimer's
-  u64* empty;  // [kUnitRing], one arrival per consuming warp
+  u64* empty;  // [kUnitRing], one arrival per lane of the consuming warps
 
   // The claiming thread: index `idx` as unit j of this CTA.
   __device__ __forceinline__ void publish(int j, int idx) const {
@@ -56,8 +56,8 @@ struct UnitRing {
     const int slot = j % kUnitRing;
     ptx::mbar_wait(&full[slot], (j / kUnitRing) & 1);
     const int idx = s_idx[slot];
-    __syncwarp();
-    if (lane == 0) ptx::mbar_arrive(&empty[slot]);
+    // every lane arrives (not lane 0 after a __syncwarp): the order racecheck can see
+    ptx::mbar_arrive(&empty[slot]);
     return idx;
   }
 };
