@@ -91,7 +91,7 @@ def analyse(rec: torch.Tensor, block_n: int, k: int) -> dict:
 def trace_case(label, cfg, nbytes, run, n, k, layout, repeats, tiles_per_cta):
     run()  # compiles / loads the traced instance
     dev = torch.cuda.current_device()
-    kernel = K._get_kernel(n, k, cfg.resolved(k, masked=layout == K.kLayoutMasked), layout, dev)
+    kernel = K._get_kernel(n, k, cfg.resolved(k), layout, dev)
     ctas = 4 * num_sms(dev)
     buffer = torch.zeros(ctas, tiles_per_cta, kFields, dtype=torch.int64, device="cuda")
     kernel.set_global(kGlobal, ctypes.c_uint64(buffer.data_ptr()))
@@ -107,8 +107,7 @@ def trace_case(label, cfg, nbytes, run, n, k, layout, repeats, tiles_per_cta):
     finally:
         kernel.set_global(kGlobal, ctypes.c_uint64(0))
     keys = [key for key in runs[0] if key != "streaming_per_us"]
-    row = {"case": label, "config": f"{cfg.block_m}x{cfg.block_n}s{cfg.stages}r{cfg.a_row_chunk}"
-                                     + (f"k{cfg.split_k}" if cfg.split_k > 1 else "")}
+    row = {"case": label, "config": f"{cfg.block_m}x{cfg.block_n}s{cfg.stages}r{cfg.a_row_chunk}"}
     row.update({key: statistics.median(r[key] for r in runs) for key in keys})
     row["GB/s"] = nbytes / row["span_us"] / 1e3
     middle = sorted(runs, key=lambda r: r["span_us"])[len(runs) // 2]

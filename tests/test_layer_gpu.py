@@ -261,30 +261,6 @@ def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
                                     max_tokens=max_tokens)
 
 
-@pytest.mark.parametrize("max_tokens", [1, 8, 32])
-@torch.no_grad()
-def test_decode_masked_split_k(moe, monkeypatch, max_tokens):
-    """MOE_FP8_MASKED_SPLIT_K=4: the down GEMM's K blocks in four slices claimed at run time,
-    summed by the fix-up warp, the partials sized by the batch's tokens x top-k:
-    outputs within the kernels' tolerance of the unsplit runner's (the fp32 sums run in another
-    order), repeatable bit for bit across replays while masked_m changes between them."""
-    from moe_fp8.gemm import heuristics as H
-    monkeypatch.setenv("MOE_FP8_MASKED_SPLIT_K", "4")
-    assert H.masked_config(32, 1, 7168, 2048, H.num_sms(0)).split_k == 4
-    split = moe.decode_runner(max_tokens=max_tokens)
-    monkeypatch.setenv("MOE_FP8_MASKED_SPLIT_K", "0")
-    plain = moe.decode_runner(max_tokens=max_tokens)
-    sizes = shrinking_sizes(max_tokens)
-    firsts = {}
-    for i, n in enumerate(sizes):
-        x = rand_x(n, moe.cfg.hidden_size, 1100 + n)
-        y = split(x).clone()
-        assert calc_diff(y, plain(x).clone()) < kKernelVsReference, f"split decode n={n}"
-        if n in firsts:
-            assert torch.equal(y, firsts[n]), f"split decode n={n}: replays differ"
-        firsts[n] = y
-
-
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

@@ -342,17 +342,13 @@ def m_grouped_fp8_gemm_nt_contiguous_offsets(a: Fp8Pair, b: Fp8Pair, offsets: to
 
 def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor, expected_m: int,
                                  out: Optional[torch.Tensor] = None, *,
-                                 backend: str = "auto", config=None,
-                                 rows_bound: Optional[int] = None) -> torch.Tensor:
+                                 backend: str = "auto", config=None) -> torch.Tensor:
     """Grouped GEMM over the masked layout (decode; CUDA-graph safe: no host sync).
 
     ``a = (fp8 [E, M_max, K], fp32 [E, M_max, K/128])``, ``b = (fp8 [E, N, K], fp32
     [E, ceil(N/128), K/128])``, ``masked_m`` int32 ``[E]`` on the device: rows used per expert;
     ``expected_m`` host int, a hint of the typical ``masked_m`` for the tile choice.
     ``out[e, :masked_m[e]] = a[e, :masked_m[e]] . b[e]^T`` bf16 ``[E, M_max, N]``; other rows not written.
-    ``rows_bound`` (host int, optional): at most this many rows in all of ``masked_m``; sizes the
-    split-K partials of decode configs (default E * M_max). Counts beyond it stop the kernel with a
-    device trap.
     """
     qa, sa, qb, sb, device = _gemm_operands(a, b, 3, 3)
     if qa.shape[0] != qb.shape[0]:
@@ -362,10 +358,8 @@ def m_grouped_fp8_gemm_nt_masked(a: Fp8Pair, b: Fp8Pair, masked_m: torch.Tensor,
     check.positive_int("expected_m", expected_m)
     check.masked_m_values(masked_m, qa.shape[1])
     out = _gemm_out(out, (qa.shape[0], qa.shape[1], qb.shape[1]), device)
-    if rows_bound is not None:
-        check.positive_int("rows_bound", rows_bound)
     run("m_grouped_masked", qa, sa, qb, sb, masked_m, expected_m, out, check_backend(backend),
-        config=config, rows_bound=rows_bound)
+        config=config)
     return out
 
 

@@ -22,8 +22,6 @@ from .layout import to_mn_major
 kBackends = ("auto", "kernel", "reference")
 # a GEMM configuration pinned by the caller (tests), read by the GEMM bodies
 _pinned_config: contextvars.ContextVar = contextvars.ContextVar("moe_fp8_gemm_config", default=None)
-# the masked GEMM's bound on its rows in all (split-K partials; m_grouped_fp8_gemm_nt_masked)
-_rows_bound: contextvars.ContextVar = contextvars.ContextVar("moe_fp8_rows_bound", default=None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,8 +227,7 @@ def m_grouped_masked(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: t
                      backend: str) -> None:
     kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_masked")
     if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, sb, masked_m, expected_m, out, config=_pinned_config.get(),
-               rows_bound=_rows_bound.get())
+        kernel(qa, to_mn_major(sa), qb, sb, masked_m, expected_m, out, config=_pinned_config.get())
     else:
         ref.m_grouped_masked(qa, sa, qb, sb, masked_m, out)
 
@@ -275,7 +272,7 @@ def _register():
 _OPS = _register()
 
 
-def run(name: str, *args, config=None, rows_bound=None) -> None:
+def run(name: str, *args, config=None) -> None:
     """Run op ``name``: eagerly the body itself, under torch.compile the registered custom op.
 
     ``config`` pins a GEMM kernel configuration (tests); it travels in a context variable
@@ -289,10 +286,8 @@ def run(name: str, *args, config=None, rows_bound=None) -> None:
     # NOTE: the ops are not differentiable (training composes them in layers/autograd.py);
     # no_grad keeps a requires-grad input from attaching history to the outputs it fills.
     token = _pinned_config.set(config)
-    bound = _rows_bound.set(rows_bound)
     try:
         with torch.no_grad():
             globals()[name](*args)
     finally:
-        _rows_bound.reset(bound)
         _pinned_config.reset(token)

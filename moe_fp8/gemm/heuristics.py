@@ -73,11 +73,6 @@ kWideMinWaves = 2
 # of the busiest SM (waves x block_n) over kStreamBlockNs.
 kActiveTilesDefault = False
 kStreamBlockNs = (64, 96, 112, 128)
-# Decode tiles (64 rows, A in row chunks) of the plain masked GEMM (the decode down GEMM) with
-# their K blocks in this many slices claimed at run time (``MOE_FP8_MASKED_SPLIT_K``; 0: none),
-# where it divides them: the SMs that stream faster take more of the work
-# (include/masked_split.cuh). Off until measured.
-kMaskedSplitKDefault = 0
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -120,12 +115,8 @@ class GemmConfig:
     split_k: 1, or S >= 2: the dense layout computes each output tile S times over slices of
              K / 128 / S K blocks into an fp32 workspace [S, M, N], then a second kernel sums the
              slices in order into the bf16 output (include/split_k.cuh). For small M, where a
-             tile per SM otherwise means narrow tiles re-reading all of A. Dense layout: no
-             cluster, block_n a multiple of 32, no row chunks, no early B; (K / 128) % S == 0.
-             Masked layout (decode): the S slices of a tile are work units that the CTAs claim
-             at run time, and the last slice of each tile sums the others' fp32 partials before
-             the epilogue (include/masked_split.cuh): the SMs that stream faster take more units.
-             block_m 64, no cluster, no swap AB.
+             tile per SM otherwise means narrow tiles re-reading all of A. Dense layout, no
+             cluster, block_n a multiple of 32, (K / 128) % S == 0.
     early_b: the kernel reads the tile order (masked_m) and loads the weights (B) of its first
              ring slots before it waits for the previous kernel of the stream (programmatic
              dependent launch; without it nothing changes): the weights stream while that kernel
@@ -166,8 +157,8 @@ class GemmConfig:
         if self.cluster_m > 1 and self.cluster_n > 1:
             raise ValueError("GemmConfig: multicast of B (cluster_m) and of A (cluster_n) are "
                              "exclusive (clusters of 2 CTAs)")
-        if self.early_b and (self.cluster_m > 1 or self.cluster_n > 1):
-            raise ValueError("GemmConfig.early_b needs no cluster")
+        if self.early_b and (self.cluster_m > 1 or self.cluster_n > 1 or self.split_k > 1):
+            raise ValueError("GemmConfig.early_b needs no cluster and no split K")
         if self.a_row_chunk not in (0, 8, 16, 32) or self.a_row_chunk > self.block_m:
             raise ValueError(f"GemmConfig.a_row_chunk must be 0, 8, 16 or 32 (<= block_m), got "
                              f"{self.a_row_chunk}")
@@ -178,8 +169,9 @@ class GemmConfig:
                              f"got {self}")
         if not 1 <= self.split_k <= kMaxSplitK:
             raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
-        if self.split_k > 1 and self.cluster_size > 1:
-            raise ValueError(f"GemmConfig.split_k > 1 needs cluster_m = cluster_n = 1, got {self}")
+        if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
+            raise ValueError("GemmConfig.split_k > 1 needs cluster_m = cluster_n = 1, "
+                             f"a_row_chunk = 0 and block_n % 32 == 0, got {self}")
 
     @property
     def cluster_size(self) -> int:
@@ -189,12 +181,11 @@ class GemmConfig:
     def num_threads(self) -> int:
         return ((self.block_n if self.swap_ab else self.block_m) // 64 + 1) * 128
 
-    def resolved(self, k: int, wgrad: bool = False, masked: bool = False) -> "GemmConfig":
+    def resolved(self, k: int, wgrad: bool = False) -> "GemmConfig":
         """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for
         the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused), and
         ``double_buffer`` off where the kernel cannot use it (one math warpgroup in a 2-CTA
-        cluster, gemm_core.cuh), so the instance's name says what runs. ``masked``: for the
-        masked layout (its split K keeps the bf16 staging tile)."""
+        cluster, gemm_core.cuh), so the instance's name says what runs."""
         config = self
         if self.block_m == 64 and self.cluster_size > 1 and self.double_buffer:
             config = dataclasses.replace(config, double_buffer=False)
@@ -203,13 +194,12 @@ class GemmConfig:
                              f"(K / 128 = {k // kBlockK})")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k, masked) > kMaxSmemBytes:
+                          config.split_k) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
-            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
-                                      masked))
+            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -235,33 +225,23 @@ def with_a_multicast(config: GemmConfig, n: int):
     return dataclasses.replace(config, cluster_n=2, a_row_chunk=0)
 
 
-kUnitRing = 8  # masked_split.cuh: claimed unit indices in flight
-kFixRing = 8   # masked_split.cuh: units waiting for the fix-up warp
-# the masked split kernels' extra shared memory: the unit ring (barriers, indices), the fix ring
-kSplitRingBytes = kUnitRing * (2 * 8 + 4) + kFixRing * 2 * 8
-
-
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1, masked: bool = False) -> int:
+               split_k: int = 1) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
-    NT kernels: ring of A, B, sa slots; bf16 output tile (dense split K: fp32); weight scales of
-    the tile, double buffered ([2][2][K/128/split_k]); masked split K: the unit ring (barriers
-    and indices). wgrad: ring of A, B, sa, sb slots; fp32 output tile."""
-    masked_split = masked and split_k > 1
+    NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
+    tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
+    output tile."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
-    d_tile = block_m * block_n * (4 if wgrad or (split_k > 1 and not masked) else 2)
+    d_tile = block_m * block_n * (4 if wgrad or split_k > 1 else 2)
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
-    if masked_split:
-        end += kSplitRingBytes
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
-def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
-               masked: bool = False) -> int:
+def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, masked) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -437,13 +417,12 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
     if expected_rows > 0 and env.masked_active_tiles(kActiveTilesDefault):
         active = expected_active_experts(num_experts, expected_rows)
     return _masked_config(num_experts, expected_m, n, k, sms,
-                          env.masked_row_chunks(kMaskedRowChunksDefault), active,
-                          env.masked_split_k(kMaskedSplitKDefault))
+                          env.masked_row_chunks(kMaskedRowChunksDefault), active)
 
 
 @functools.lru_cache(maxsize=4096)
 def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
-                   row_chunks: bool, active_experts: int, split_k: int = 0) -> GemmConfig:
+                   row_chunks: bool, active_experts: int) -> GemmConfig:
     expected_m = max(1, expected_m)
     block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
     chunks = row_chunks and expected_m < block_m
@@ -457,11 +436,8 @@ def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
         # +2 / +7..11 / +1 %, N = 7168, K = 2048 +4 / +4 / +3 %; results/wide_masked_probe_*).
         wide = block_m == 128 and expected_m >= block_m and m_blocks * _ceil_div(n, 128) >= sms
         block_n = _pick_block_n(m_blocks, n, sms, block_m, wide)
-    split = split_k if (split_k > 1 and chunks and block_m == 64 and
-                        (k // kBlockK) % split_k == 0) else 1
-    config = GemmConfig(block_m, block_n, a_row_chunk=kARowChunks[block_m] if chunks else 0,
-                        split_k=split)
-    return config.resolved(k, masked=True)
+    config = GemmConfig(block_m, block_n, a_row_chunk=kARowChunks[block_m] if chunks else 0)
+    return config.resolved(k)
 
 
 def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
@@ -485,9 +461,7 @@ def _contiguous_swiglu_config(k: int, multicast: bool) -> GemmConfig:
 
 @functools.lru_cache(maxsize=4096)
 def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
-    # no split K: the fused SwiGLU sums its splits on the math warps (masked_split.cuh
-    # split_fixup), measured slower than not splitting (H100 2026-12-06); pinnable in tests
-    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k, masked=True)
+    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k)
 
 
 @functools.lru_cache(maxsize=4096)

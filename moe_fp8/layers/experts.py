@@ -198,8 +198,7 @@ class RoutedExperts(nn.Module):
         if down is not None and _swap_ab_down():
             down = H.as_swap_ab(down, self.inter)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
-                                              layout.expected_m, out=workspace.y, config=down,
-                                              rows_bound=layout.max_rows or None)
+                                              layout.expected_m, out=workspace.y, config=down)
 
     def prefetch_wanted(self, expected_rows: float) -> bool:
         """Whether ``prefetch_gate_up`` would launch for a decode step of ``expected_rows`` mean
@@ -258,8 +257,7 @@ class RoutedExperts(nn.Module):
         fp8_gemm.m_grouped_masked_swiglu(layout.a, to_mn_major(layout.sa), self.w13,
                                          self.w13_scale, layout.masked_m, layout.expected_m,
                                          workspace.act[0], workspace.act[1], pow2=self.pow2_scale,
-                                         gather=layout.token_source,
-                                         rows_bound=layout.max_rows or None)
+                                         gather=layout.token_source)
         return True
 
 

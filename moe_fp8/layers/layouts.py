@@ -115,9 +115,6 @@ class MaskedLayout:
     # (x_fp8 [T, H], row_token) when the dispatch left the rows in ``a`` unwritten
     # (MOE_FP8_DECODE_GATHER): row m of expert e is x_fp8[row_token[e, m]]; ``sa`` is written
     token_source: Optional[tuple] = None
-    # host int: the most rows all local experts can hold in one step (0: unknown, E_loc x M_max);
-    # sizes the split-K partials of the decode GEMMs
-    max_rows: int = 0
 
     def __post_init__(self) -> None:
         _expect("a", self.a, FP8, 3)

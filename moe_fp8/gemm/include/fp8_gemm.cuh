@@ -79,30 +79,6 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }
 
-// Masked split K (decode; masked_split.cuh): fp8_gemm_kernel on the masked layout with each
-// tile's K blocks in kSplits slices claimed at run time, the last slice of a tile summing them.
-// g_sync: int [2 + tiles * kBlockM / 64], zeroed once (left zeroed by every launch);
-// g_partials: fp32 [kSplits, partial_rows, kN], partial_rows >= the sum of masked_m.
-template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN,
-          int kDoubleBufferOpt, int kARowChunk, bool kEarlyB, int kSplits>
-__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
-    fp8_gemm_masked_split_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
-                                 const __grid_constant__ ptx::TmaDesc tma_b,
-                                 const __grid_constant__ ptx::TmaDesc tma_sa,
-                                 const __grid_constant__ ptx::TmaDesc tma_d, int m,
-                                 int num_experts, const int* g_masked_m, const float* g_sb,
-                                 void* g_d, int* g_sync, float* g_partials, int partial_rows) {
-  static_assert(kK % 128 == 0 && kN % 16 == 0, "K % 128 and N % 16 must be 0");
-  static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
-                "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
-  using Policy = MaskedSplitPolicy<NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN,
-                                            kLayoutMasked, kDoubleBufferOpt, 1, 1, kARowChunk,
-                                            kEarlyB>, kSplits>;
-  const GemmParams params{m, num_experts, g_masked_m, g_sb, g_d};
-  gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params, nullptr, nullptr,
-                    SplitArgs{g_sync, g_partials, partial_rows});
-}
-
 // Swap AB (masked layout, decode; swap_ab.cuh): tiles of kBlockM tokens (rows of A and D, at
 // most; the wgmma N side, rounded up to 16 per tile) x 128 weight rows (columns of D; the wgmma M
 // side, 64 per math warpgroup). A in row chunks of kARowChunk rows (0: whole tiles) below

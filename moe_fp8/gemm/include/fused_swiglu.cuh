@@ -163,28 +163,4 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   gemm_body<Policy>(nullptr, &tma_b, &tma_sa, nullptr, &tma_d, params, g_row_token, g_x);
 }
 
-// Split K (decode; masked_split.cuh): the gather kernel above with each tile's K blocks in
-// kSplits slices claimed at run time, the last slice of a tile summing them before the SwiGLU
-// epilogue. g_sync: int [2 + tiles * kBlockM / 64], zeroed once; g_partials: fp32 [kSplits,
-// partial_rows, kN], partial_rows >= the sum of masked_m. (The row-chunk twin spilled: 36 bytes,
-// nvcc 13.0; the decode step gathers by default.)
-template <int kN, int kK, int kBlockM, int kStages, int kGroupN, bool kPow2, int kSplits>
-__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
-    fused_swiglu_gather_split_kernel(const __grid_constant__ ptx::TmaDesc tma_b,
-                                     const __grid_constant__ ptx::TmaDesc tma_sa,
-                                     const __grid_constant__ ptx::TmaDesc tma_d, int m,
-                                     int num_experts, const int* g_layout, const float* g_sb,
-                                     void* g_act, float* g_act_scale, long long scale_batch,
-                                     long long scale_group, const long long* g_row_token,
-                                     const unsigned char* g_x, int* g_sync, float* g_partials,
-                                     int partial_rows) {
-  static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
-  using Policy =
-      MaskedSplitPolicy<SwiGluGatherPolicy<kN, kK, kBlockM, kStages, kGroupN, kPow2>, kSplits>;
-  const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
-                          scale_group};
-  gemm_body<Policy>(nullptr, &tma_b, &tma_sa, nullptr, &tma_d, params, g_row_token, g_x,
-                    SplitArgs{g_sync, g_partials, partial_rows});
-}
-
 }  // namespace moe_fp8

@@ -43,9 +43,7 @@
 //                               unpermuted token matrix (gemm_body's g_gather_x) at the
 //                               dispatch's row_token (g_row_token), copied by producer warps 2-3
 //                               with cp.async (decode, fused_swiglu.cuh)
-//   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh; a masked Scheduler with split K
-//                               (kDynamicUnits) claims its units at run time and the last split
-//                               of a tile sums the others (masked_split.cuh)
+//   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
 //   producer warp 0   one elected thread issues TMA loads of A, B and the scales into a
@@ -60,7 +58,6 @@
 #pragma once
 
 #include "epilogue.cuh"
-#include "masked_split.cuh"
 #include "pdl.cuh"
 #include "promote.cuh"
 #include "ptx.cuh"
@@ -116,14 +113,7 @@ struct CoreSmem {
   static constexpr int kSb = kSa + P::kStages * kSaBytes;        // [kStages][kBlockN] fp32
   static constexpr int kTileSb = kSb + P::kStages * kSbBytes;    // [2][2][kTileKBlocks] fp32
   static constexpr int kBar = (kTileSb + 2 * kTileSbFloats * 4 + 7) / 8 * 8;
-  // full, empty, tile-scale x 4; claimed units (masked split K): full, empty and the indices
-  static constexpr int kUnitBar = kBar + (2 * P::kStages + 4) * 8;
-  static constexpr int kUnitRingSlots = P::Scheduler::kDynamicUnits ? kUnitRing : 0;
-  static constexpr int kUnitIdx = kUnitBar + 2 * kUnitRingSlots * 8;
-  // units handed to the fix-up warp (masked split K): full, empty
-  static constexpr int kFixRingSlots = P::Scheduler::kDynamicUnits ? kFixRing : 0;
-  static constexpr int kFixBar = kUnitIdx + kUnitRingSlots * 4;
-  static constexpr int kEnd = kFixBar + 2 * kFixRingSlots * 8;
+  static constexpr int kEnd = kBar + (2 * P::kStages + 4) * 8;  // full, empty, tile-scale x 4
   static constexpr int kTotal = kEnd + 1024;                     // slack to 1024-align the base
   static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes + kSbBytes;
   static_assert(kABytes / P::kClusterN % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
@@ -135,8 +125,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                           const ptx::TmaDesc* tma_sa, const ptx::TmaDesc* tma_sb,
                                           const ptx::TmaDesc* tma_d, const GemmParams& params,
                                           const long long* g_row_token = nullptr,
-                                          const unsigned char* g_gather_x = nullptr,
-                                          const SplitArgs split_args = SplitArgs{}) {
+                                          const unsigned char* g_gather_x = nullptr) {
   constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
   constexpr int kClusterM = P::kClusterM, kClusterN = P::kClusterN;
   constexpr int kClusterSize = kClusterM * kClusterN, kTileKBlocks = P::kTileKBlocks;
@@ -152,14 +141,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr int kNumMathWG = math_warpgroups<P>();
   constexpr bool kSwapAB = swap_ab_of<P>(0);
   constexpr bool kGatherA = gather_a_of<P>(0);
-  // Units claimed at run time (masked split K, masked_split.cuh): the producer's loading thread
-  // claims, every other warp takes the indices from the unit ring.
-  constexpr bool kDynamic = Scheduler::kDynamicUnits;
-  // ... and with the bf16 NT epilogue the fix-up runs on producer warp 2 (otherwise idle), so the
-  // math warps only store their partials; the fused SwiGLU sums in the math warps' registers.
-  constexpr bool kHelperFixup = kDynamic && !kGatherA && P::kUpRowOffset == 0;
-  static_assert(!kDynamic || (!kSwapAB && kClusterSize == 1 && !P::kColumnScales),
-                "claimed units: the masked NT kernels without swap AB");
 
   constexpr int kAcc = kBlockN / 2;  // accumulator registers per thread
   constexpr int kPart = kPartN / 2;  // partial-product registers per thread
@@ -214,12 +195,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   u64* empty = full + kStages;
   u64* sb_full = empty + kStages;  // [2] tile scales staged
   u64* sb_empty = sb_full + 2;     // [2] tile scales consumed
-  // kDynamic: the claimed unit indices (masked_split.cuh)
-  const UnitRing ring{reinterpret_cast<int*>(smem + Layout::kUnitIdx),
-                      reinterpret_cast<u64*>(smem + Layout::kUnitBar),
-                      reinterpret_cast<u64*>(smem + Layout::kUnitBar) + kUnitRing};
-  u64* fix_full = reinterpret_cast<u64*>(smem + Layout::kFixBar);  // kHelperFixup: [kFixRing]
-  u64* fix_empty = fix_full + kFixRing;
 
   // NOTE: broadcast from lane 0 so the compiler knows it is warp-uniform: the wgmma
   // descriptors derived from it then stay in uniform registers (no per-issue R2UR moves).
@@ -243,45 +218,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       ptx::mbar_init(&sb_full[b], 32);              // every lane of the scale warp
       ptx::mbar_init(&sb_empty[b], kNumMathWG * 128);  // every math thread of this CTA
     }
-    if constexpr (kDynamic) {
-      for (int u = 0; u < kUnitRing; ++u) {
-        ptx::mbar_init(&ring.full[u], 1);  // the claiming thread
-        // every lane of the warps that walk the units: math, scale, gather, fix-up
-        ptx::mbar_init(&ring.empty[u], 32 * (kNumMathWG * 4 + 1 + (kGatherA ? kGatherWarps : 0) +
-                                             (kHelperFixup ? 1 : 0)));
-      }
-      for (int u = 0; u < kFixRing; ++u) {
-        ptx::mbar_init(&fix_full[u], kNumMathWG * 4);  // every math warp, its partials stored
-        ptx::mbar_init(&fix_empty[u], 1);              // the fix-up warp
-      }
-    }
     ptx::fence_barrier_init();
   }
   if constexpr (kClusterSize > 1) ptx::cluster_sync(); else __syncthreads();
-  // This CTA's tile sequence: the scheduler's stride walk, or (kDynamic) units claimed by the
-  // loading thread (claim_next) and taken from the ring by every other warp (take_next); `j`
-  // counts the role's units.
-  int claimed = 0;  // kDynamic: the claiming thread's next unit, claimed one unit ahead
-  auto claim_next = [&](Scheduler& sched, int& j, Tile& t) -> bool {
-    if constexpr (kDynamic) {
-      // the claim's round trip overlaps this unit's loads: its result is read at the next call
-      const int idx = j == 0 ? static_cast<int>(blockIdx.x) : claimed;
-      claimed = claim_unit(split_args, 1);
-      ring.publish(j++, idx);
-      if (sched.at(idx, t)) return true;
-      finish_claims(split_args);
-      return false;
-    } else {
-      return sched.next(t);
-    }
-  };
-  auto take_next = [&](Scheduler& sched, int& j, Tile& t, int lane) -> bool {
-    if constexpr (kDynamic) {
-      return sched.at(ring.take(j++, lane), t);
-    } else {
-      return sched.next(t);
-    }
-  };
   // Everything above touched only parameters and shared memory: with PDL it overlapped the
   // previous kernel; from here on (the scheduler reads m_indices / masked_m / offsets, the
   // producer loads) the previous kernel's writes must be visible.
@@ -303,9 +242,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         if (lane == 0) {
           Scheduler scheduler(params, rank);
           Tile tile;
-          int stage = 0, units = 0;
+          int stage = 0;
           u32 phase = 0;
-          while (claim_next(scheduler, units, tile)) {
+          while (scheduler.next(tile)) {
             for (int kb = 0; kb < kTileKBlocks; ++kb) {
               ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
               const int k = (tile.k_block0 + kb) * 128;
@@ -339,23 +278,20 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         const int dst_unit = (unit ^ (row0 % 8)) * 16;
         Scheduler scheduler(params, rank);
         Tile tile;
-        int stage = 0, units = 0;
+        int stage = 0;
         u32 phase = 0;
-        while (take_next(scheduler, units, tile, lane)) {
+        while (scheduler.next(tile)) {
           const int rows = min(tile.rows_valid, kBlockM);
           const long long* tokens = g_row_token + tile.m_row;
-          // the tile's K slice of x's rows (split K: kTileKBlocks of the kNumKBlocks from k_block0)
-          const unsigned column0 = kDynamic ? tile.k_block0 * 128u : 0u;
           // 32-bit offsets into x (the host checks T * K < 2^32): a 64-bit address per row spilled
           // the 40-register producer of the 128-row instance
-          for (unsigned column = column0 + unit * 16; column < column0 + kTileKBlocks * 128;
-               column += 128) {
+          for (unsigned column = unit * 16; column < kTileKBlocks * 128; column += 128) {
             ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
             unsigned char* dst = s_a + stage * Layout::kABytes + dst_unit;
             for (int r = row0; r < rows; r += 8)
               ptx::cp_async_16(dst + r * 128,
                                g_gather_x + (static_cast<unsigned>(__ldg(tokens + r)) *
-                                                 (Scheduler::kNumKBlocks * 128u) + column));
+                                                 (kTileKBlocks * 128u) + column));
             ptx::cp_async_mbar_arrive_noinc(&full[stage]);
             if (++stage == kStages) stage = 0, phase ^= 1;
           }
@@ -364,7 +300,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     } else if (warp == 0 && ptx::elect_one()) {
       Scheduler scheduler(params, rank);
       Tile tile;
-      int stage = 0, units = 0;
+      int stage = 0;
       u32 phase = 0;
       MOE_FP8_TRACE(int trace_tile = 0;)
       // A chunks holding valid rows (kARowChunk > 0; masked and dense tiles have rows_valid >= 1)
@@ -395,11 +331,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
             ptx::tma_load_2d(s_b + early_b * Layout::kBBytes, tma_b, &full[early_b],
                              (t.k_block0 + kb) * 128, t.b_row);
           }
-          if constexpr (kDynamic) break;  // later units are claimed: only the first is known
         }
         pdl::begin();
       }
-      while (claim_next(scheduler, units, tile)) {
+      while (scheduler.next(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         const int a_chunks = a_chunks_of(tile);
         // kSplitPairs: a padding half of a contiguous pair loads only its B half for the peer
@@ -467,9 +402,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // tile with the tensor cores idle (~0.5-1 us, 5-10 % of a K = 2048 tile).
       Scheduler scheduler(params, rank);
       Tile tile;
-      int buf = 0, units = 0;
+      int buf = 0;
       u32 phase = 0;
-      while (take_next(scheduler, units, tile, lane)) {
+      while (scheduler.next(tile)) {
         // NOTE: every lane waits here and every math thread arrives (not lane 0 after a
         // __syncwarp): racecheck reported the scale warp's writes against the math warps' reads
         // of the buffer's previous use wherever a CTA walks more than two tiles (128 x 64 to
@@ -491,22 +426,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         }
         ptx::mbar_arrive(&sb_full[buf]);
         if (++buf == 2) buf = 0, phase ^= 1;
-      }
-    } else if (kHelperFixup && warp == 2) {
-      // Split K's fix-up (masked_split.cuh finish_split_unit), unit by unit behind the math
-      // warps: count the unit, and where it is its tile's last split, sum and store the tile.
-      if constexpr (kHelperFixup) {
-        Scheduler scheduler(params, rank);
-        Tile tile;
-        int units = 0;
-        while (take_next(scheduler, units, tile, lane)) {
-          const int j = units - 1;
-          ptx::mbar_wait_idle(&fix_full[j % kFixRing], (j / kFixRing) & 1);
-          finish_split_unit<Scheduler::kSplits, Scheduler::kWidth, kBlockN>(tile, split_args,
-                                                                          params.g_d, lane);
-          __syncwarp();
-          if (lane == 0) ptx::mbar_arrive(&fix_empty[j % kFixRing]);
-        }
       }
     }
     if constexpr (kClusterSize > 1) {
@@ -658,8 +577,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // NOTE (lookahead): with double buffering, K block 0 of the next tile is queued on the tensor
     // cores before this tile's epilogue, so the stores overlap MMAs instead of leaving the tensor
     // cores idle between tiles (per-tile overhead, ~10 % of a K = 2048 tile, 2026-12-05).
-    int units = 0;
-    bool have_tile = take_next(scheduler, units, tile, lane);
+    bool have_tile = scheduler.next(tile);
     if (have_tile) {
       begin_tile(tile);
       if constexpr (kDoubleBuffer) {
@@ -708,41 +626,18 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // wgmma serialised).
       ptx::wgmma_wait<0>();
       MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done, 4, trace::now());)
-      // Split K: only the tile's last split writes it, with every split's sum. Here, before the
-      // next tile's lookahead MMA: with a group in flight across its branches ptxas serialised
-      // every wgmma (C7518).
-      bool write_out = true;
-      if constexpr (kHelperFixup) {
-        // this unit's partials, then the unit to the fix-up warp (slot free once it is done
-        // with the unit kFixRing before)
-        const int j = units - 1;
-        ptx::mbar_wait(&fix_empty[j % kFixRing], ((j / kFixRing) & 1) ^ 1);
-        store_partials<Scheduler::kWidth, false>(r_acc, tile, split_args, warpgroup, tid);
-        __syncwarp();
-        if (lane == 0) ptx::mbar_arrive(&fix_full[j % kFixRing]);
-      } else if constexpr (kDynamic) {
-        write_out = split_fixup<Scheduler::kSplits, Scheduler::kWidth, kNumMathWG,
-                                (P::kUpRowOffset > 0)>(r_acc, tile, split_args, warpgroup, tid,
-                                                        bar_id);
-      }
       if constexpr (!kColumnScales) {
         ptx::mbar_arrive(&sb_empty[sb_buf]);  // every thread: see the scale warp's NOTE
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
       }
-      have_tile = take_next(scheduler, units, next_tile, lane);
+      have_tile = scheduler.next(next_tile);
       if (have_tile) {
         begin_tile(next_tile);
         if constexpr (kDoubleBuffer) {
           if (!P::kEmptyTiles || next_tile.num_k_blocks > 0) issue(r_p0, r_f0, 0);
         }
       }
-      // (not a branch around the call: with the lookahead group in flight, ptxas serialised
-      // every wgmma; a tile without valid rows goes through the epilogue writing nothing)
-      if constexpr (kDynamic && !kHelperFixup) {
-        if (!write_out) tile.rows_valid = 0;
-      }
-      if constexpr (!kHelperFixup)  // (the fix-up warp stores split tiles)
-        P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
+      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);
       MOE_FP8_TRACE(if (threadIdx.x == 0) trace::record(trace_done++, 5, trace::now());)
       tile = next_tile;
     }

@@ -59,30 +59,6 @@ __device__ __forceinline__ void named_barrier(u32 id, u32 count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// named_barrier that also ORs `pred` over the `count` threads: every one gets the result.
-__device__ __forceinline__ bool named_barrier_or(u32 id, u32 count, bool pred) {
-  u32 result;
-  asm volatile(
-      "{\n.reg .pred p, q;\n"
-      "setp.ne.u32 p, %1, 0;\n"
-      "bar.red.or.pred q, %2, %3, p;\n"
-      "selp.u32 %0, 1, 0, q;\n}\n"
-      : "=r"(result)
-      : "r"(static_cast<u32>(pred)), "r"(id), "r"(count)
-      : "memory");
-  return result != 0;
-}
-
-// atomicAdd with acquire-release semantics at GPU scope (one instruction, no separate fences).
-__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* address, int value) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
-               : "=r"(old)
-               : "l"(address), "r"(value)
-               : "memory");
-  return old;
-}
-
 // ------------------------------------------------------------------ mbarrier
 
 __device__ __forceinline__ void mbar_init(u64* bar, u32 arrivals) {

@@ -31,14 +31,10 @@
 // block, so A can be multicast: the rank picks the column block. The column blocks must pair up
 // exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
 // the next expert); both CTAs of a pair see the same rows, hence the same expert and skips.
-// Split K (dense, kSplitK > 1): every output tile is computed kSplitK times, once per
+// Split K (dense only, kSplitK > 1): every output tile is computed kSplitK times, once per
 // slice of kK / 128 / kSplitK K blocks; linear index = split * tiles + tile, so the splits of one
 // tile run in different waves' positions of the same grid, and the tile's `expert` field carries
 // the split (the fp32 epilogue writes slice `split` of the [kSplitK, M, N] workspace).
-// Split K (masked, kSplitK > 1: kDynamicUnits): linear index = tile * kSplitK + split, claimed
-// one at a time by the CTAs (masked_split.cuh) instead of walked with a stride, so the splits of
-// a tile run side by side and the last to finish sums them; `split`, `tile_id` (the dense tile
-// index) and `ws_row` (the tile's first row in the compact [sum of masked_m] partials) say where.
 #pragma once
 
 #include "ptx.cuh"
@@ -81,9 +77,6 @@ struct Tile {
   int rows_valid;   // rows of the tile that may be written, counted from m_row
   int expert;       // k-grouped: D's expert coordinate
   bool b_shared = true;  // kSplitPairs: both row blocks of the pair read this B (multicast)
-  int split;        // masked split K: the K slice, the dense tile index, the first partials row
-  int tile_id;
-  int ws_row;
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -140,20 +133,12 @@ struct TileScheduler {
   static constexpr int kNumKBlocks = kK / 128;  // 0 for k-grouped (per expert, at run time)
   static_assert(kEmptyTiles == (kLayout == kLayoutContiguousZeroPad) || kLayout == kLayoutKGrouped,
                 "empty tiles: k-grouped (either way) or the zero-padding layout (always)");
-  static_assert(kSplitK == 1 || ((kLayout == kLayoutDense || kLayout == kLayoutMasked) &&
-                                  kClusterM * kClusterN == 1 && kNumKBlocks % kSplitK == 0),
-                "split K: dense or masked layout, no cluster, K blocks divisible by the splits");
+  static_assert(kSplitK == 1 || (kLayout == kLayoutDense && kClusterM * kClusterN == 1 &&
+                                  kNumKBlocks % kSplitK == 0),
+                "split K: dense layout, no cluster, K blocks divisible by the splits");
   static constexpr int kSplitKBlocks = kNumKBlocks / kSplitK;  // K blocks per split
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
   static constexpr bool kMasked = kLayout == kLayoutMasked;
-  // masked split K: units claimed at run time (masked_split.cuh), not walked with a stride
-  static constexpr bool kDynamicUnits = kMasked && kSplitK > 1;
-  static constexpr int kSplits = kSplitK;
-  static constexpr int kWidth = kN;  // columns of D (fused SwiGLU: 2I, the gate and up rows of B)
-  // The same tile sequence with each tile split into S K slices.
-  template <int S>
-  using WithSplitK = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
-                                   kClusterN, S, kEmptyTiles, kPairedHalves, kCoherentCounts>;
 
   const GemmParams& params;
   const int rank_m;  // the row block inside a B-multicast pair (kClusterM > 1), else 0
@@ -162,7 +147,6 @@ struct TileScheduler {
   // masked layout: the expert holding next_idx and the first linear index of that expert
   int expert = 0;
   int expert_base = 0;
-  int row_base = 0;  // masked split K: rows of the experts before `expert` (sum of masked_m)
 
   __device__ TileScheduler(const GemmParams& p, int cta_rank)
       : params(p), rank_m(kClusterM > 1 ? cta_rank : 0), rank_n(kClusterN > 1 ? cta_rank : 0),
@@ -220,32 +204,21 @@ struct TileScheduler {
     if constexpr (kLayout == kLayoutMasked) {
       // Experts hold ceil(masked_m / kBlockM) * kNumNUnits tiles (or pairs) each, enumerated
       // densely so that empty experts cost nothing and every CTA gets an even share of the work.
-      // Split K: unit idx is K slice idx % kSplitK of tile idx / kSplitK.
-      const int tile_idx = kSplitK > 1 ? idx / kSplitK : idx;
       while (expert < params.num_experts) {
         const int tiles = ceil_div(masked_rows(expert), kBlockM) * kNumNUnits;
-        if (tile_idx < expert_base + tiles) break;
+        if (idx < expert_base + tiles) break;
         expert_base += tiles;
-        if constexpr (kSplitK > 1) row_base += masked_rows(expert);
         ++expert;
       }
       if (expert >= params.num_experts) return TileStatus::kDone;
       const int rows = masked_rows(expert);
       int mb, nu;
-      raster<kNumNUnits, kGroupNUnits>(tile_idx - expert_base, ceil_div(rows, kBlockM), mb, nu);
+      raster<kNumNUnits, kGroupNUnits>(idx - expert_base, ceil_div(rows, kBlockM), mb, nu);
       const int nb = nu * kClusterN + rank_n;
       t.m_row = expert * params.m + mb * kBlockM;
       t.sa_m = mb * kBlockM;
       t.sa_k = expert * kNumKBlocks;
       t.rows_valid = rows - mb * kBlockM;
-      if constexpr (kSplitK > 1) {
-        t.split = idx - tile_idx * kSplitK;
-        t.k_block0 = t.split * kSplitKBlocks;
-        t.num_k_blocks = kSplitKBlocks;
-        t.sa_k += t.k_block0;
-        t.tile_id = tile_idx;
-        t.ws_row = row_base + mb * kBlockM;
-      }
       fill_n(t, nb, expert);
       return TileStatus::kReady;
     } else if constexpr (kLayout == kLayoutKGrouped) {
@@ -316,12 +289,6 @@ struct TileScheduler {
       fill_n(t, nb, e);
       return TileStatus::kReady;
     }
-  }
-
-  // Unit idx of a CTA's claimed sequence (kDynamicUnits; indices increase); false past the last.
-  __device__ __forceinline__ bool at(int idx, Tile& t) {
-    static_assert(kDynamicUnits, "claimed units: masked split K (no skipped tiles)");
-    return get(idx, t) == TileStatus::kReady;
   }
 
   // Next tile of this CTA; false when it has none left.

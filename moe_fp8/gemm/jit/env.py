@@ -110,22 +110,6 @@ def masked_active_tiles(default: bool) -> bool:
     return _switch("MOE_FP8_MASKED_ACTIVE_TILES", default)
 
 
-def masked_split_k(default: int) -> int:
-    """``MOE_FP8_MASKED_SPLIT_K``: ``S >= 2`` splits the K blocks of the masked GEMMs' decode
-    tiles (64 rows, A in row chunks) into S slices claimed at run time (heuristics.masked_config,
-    include/masked_split.cuh), where S divides them; ``0`` or ``1`` never; unset: ``default``."""
-    value = os.environ.get("MOE_FP8_MASKED_SPLIT_K", "").strip()
-    if not value:
-        return default
-    try:
-        split = int(value)
-    except ValueError:
-        raise ValueError(f"MOE_FP8_MASKED_SPLIT_K must be an int, got {value!r}") from None
-    if not 0 <= split <= 16:
-        raise ValueError(f"MOE_FP8_MASKED_SPLIT_K must be in [0, 16], got {split}")
-    return split
-
-
 def masked_silu_variant() -> Optional[str]:
     """``MOE_FP8_MASKED_SILU``: ``oneshot`` or ``stream`` pins the masked SiLU-mul kernel where the
     caller did not (an A/B knob for decode); unset or empty: the ``expected_m`` rule."""

@@ -16,7 +16,6 @@ CUDA graph once its kernel is compiled and loaded (``precompile`` or one eager c
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -43,19 +42,9 @@ extra_defines: Tuple = ()
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
-    if c.split_k > 1 and layout == kLayoutMasked:
-        _check_masked_split(c, k)
-        return jit.KernelSource(
-            kHeader,
-            f"moe_fp8::fp8_gemm_masked_split_kernel<{n}, {k}, {c.block_m}, {c.block_n}, "
-            f"{c.stages}, {c.group_n}, {int(c.double_buffer)}, {c.a_row_chunk}, "
-            f"{'true' if c.early_b else 'false'}, {c.split_k}>", extra_defines)
     if c.split_k > 1:
         if layout != kLayoutDense:
-            raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense or masked layout")
-        if c.a_row_chunk or c.block_n % 32 or c.early_b:
-            raise ValueError(f"the dense split-K GEMM needs no row chunks, block_n % 32 == 0 and "
-                             f"no early B, got {c}")
+            raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
         return jit.KernelSource(
             kSplitKHeader,
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
@@ -78,53 +67,6 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
         f"{layout}, {int(c.double_buffer)}, {c.cluster_m}{tail}>", extra_defines)
-
-
-def _check_masked_split(c: H.GemmConfig, k: int) -> None:
-    if c.block_m != 64 or c.swap_ab or c.cluster_size > 1 or (k // H.kBlockK) % c.split_k:
-        raise ValueError(f"the masked split-K GEMM needs block_m = 64, no swap AB, no cluster and "
-                         f"split_k dividing K / 128 = {k // H.kBlockK}, got {c}")
-
-
-# Masked split K (include/masked_split.cuh): per device, one int32 sync buffer (claim counters and
-# tile flags: zeroed once, every launch leaves it zeroed) and one fp32 partials buffer, shared by
-# every masked split-K launch on the device. Kernels of one stream run one after the other (with
-# PDL too: a kernel touches memory only once its predecessor is complete), so sharing is safe
-# there; two such GEMMs running concurrently on different streams of one device are not.
-# Both only grow; the buffers replaced stay alive (a captured CUDA graph may hold them).
-_split_sync: Dict[int, torch.Tensor] = {}
-_split_partials: Dict[int, torch.Tensor] = {}
-_split_kept: List[torch.Tensor] = []
-
-
-def _split_buffers(device: torch.device, sync_ints: int, partial_floats: int) -> tuple:
-    """(sync, partials) of at least these sizes on ``device``. Allocates on a miss: the first
-    call should come before a graph capture (as the first call compiles the kernel anyway)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sync = _split_sync.get(index)
-    if sync is None or sync.numel() < sync_ints:
-        if sync is not None:
-            _split_kept.append(sync)
-        sync = _split_sync[index] = torch.zeros(max(sync_ints, 1 << 16), dtype=torch.int32,
-                                                device=device)
-    partials = _split_partials.get(index)
-    if partials is None or partials.numel() < partial_floats:
-        if partials is not None:
-            _split_kept.append(partials)
-        partials = _split_partials[index] = torch.empty(max(partial_floats, 1 << 20),
-                                                        dtype=torch.float32, device=device)
-    return sync, partials
-
-
-def _split_args(device: torch.device, c: H.GemmConfig, num_experts: int, m_max: int, n: int,
-                tiles: int, rows_bound: Optional[int]) -> list:
-    """The split kernels' trailing arguments g_sync, g_partials, partial_rows; ``tiles``: the
-    most tiles a launch can have, ``rows_bound``: the most rows in all of masked_m (default
-    E * M_max)."""
-    rows = num_experts * m_max if rows_bound is None else min(rows_bound, num_experts * m_max)
-    rows = max(rows, 1)
-    sync, partials = _split_buffers(device, 2 + tiles * (c.block_m // 64), c.split_k * rows * n)
-    return [sync, partials, jit.i32(rows)]
 
 
 # NOTE: the launch path is per call Python; these caches keep it to dictionary lookups plus one
@@ -248,13 +190,10 @@ def _operand_tmas(a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.T
 
 def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
             sb: torch.Tensor, d2: torch.Tensor, layout_arg: Optional[torch.Tensor], m: int,
-            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int,
-            rows_bound: Optional[int] = None) -> None:
+            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int) -> None:
     """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
-    ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh);
-    ``rows_bound``: masked split K, the most rows in all of masked_m."""
-    masked = layout == kLayoutMasked
-    c = config.resolved(k, masked=masked)
+    ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
+    c = config.resolved(k)
     if c.cluster_m != 1 and layout == kLayoutMasked:
         raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense or a contiguous "
                          "layout (B-multicast pairs of row blocks)")
@@ -266,16 +205,10 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k, masked=masked)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
     tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m)
-    if c.split_k > 1 and masked:
-        split = _split_args(a2.device, c, num_experts, m, n, max_tiles, rows_bound)
-        kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
-                      [tma_a, tma_b, tma_sa, _tma(d2, 16, 64, 32), jit.i32(m),
-                       jit.i32(num_experts), layout_arg, sb, d2, *split])
-        return
     if c.split_k > 1:
         _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb, d2, m, n, c, grid, smem, device)
         return
@@ -380,14 +313,11 @@ def m_grouped_contiguous_offsets(a: torch.Tensor, sa: torch.Tensor, b: torch.Ten
 
 def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                      masked_m: torch.Tensor, expected_m: int, out: torch.Tensor,
-                     config: Optional[H.GemmConfig] = None,
-                     rows_bound: Optional[int] = None) -> torch.Tensor:
+                     config: Optional[H.GemmConfig] = None) -> torch.Tensor:
     """``out[e, :masked_m[e]] = a[e, :masked_m[e]] . b[e]^T``; rows >= masked_m[e] untouched.
 
     ``masked_m`` stays on the device (read by the kernel's scheduler): no host sync, graph-safe.
-    ``expected_m`` (host int) only steers the tile choice. ``rows_bound`` (split-K configs): the
-    most rows in all of masked_m (sizes the partials; default E * M_max; a launch whose counts
-    exceed it stops with a device trap instead of writing past them).
+    ``expected_m`` (host int) only steers the tile choice.
     """
     num_experts, m_max, k = a.shape
     n = b.shape[1]
@@ -398,7 +328,7 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     tiles = num_experts * H._ceil_div(m_max, config.block_m) * H._ceil_div(n, config.block_n)
     _launch(kLayoutMasked, _k_major(a).view(num_experts * m_max, k), _sa_view(sa), m_max,
             _k_major(b).view(num_experts * n, k), sb.contiguous(), out.view(num_experts * m_max, n),
-            masked_m.contiguous(), m_max, num_experts, n, k, config, tiles, rows_bound)
+            masked_m.contiguous(), m_max, num_experts, n, k, config, tiles)
     return out
 
 
@@ -408,19 +338,9 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
     on the masked or the contiguous (m_indices) layout; ``gather`` (masked): A's rows read from
     the unpermuted token matrix (``fused_swiglu_gather_kernel``; the config's row chunks unused)."""
     c = config
-    if c.block_n != 256 or c.cluster_n != 1 or n % 256 or c.early_b:
-        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast or "
-                         f"early B and 2I % 256 == 0, got {c} with 2I = {n}")
-    if c.split_k > 1:
-        if layout != kLayoutMasked:
-            raise ValueError(f"the fused SwiGLU GEMM splits K on the masked layout only, got {c}")
-        _check_masked_split(c, k)
-        if not gather:
-            raise ValueError(f"the fused SwiGLU GEMM splits K when it gathers its rows, got {c}")
-        return jit.KernelSource(
-            kSwiGluHeader,
-            f"moe_fp8::fused_swiglu_gather_split_kernel<{n}, {k}, {c.block_m}, {c.stages}, "
-            f"{c.group_n}, {'true' if pow2 else 'false'}, {c.split_k}>", extra_defines)
+    if c.block_n != 256 or c.cluster_n != 1 or c.split_k != 1 or n % 256 or c.early_b:
+        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast, split K "
+                         f"or early B and 2I % 256 == 0, got {c} with 2I = {n}")
     if layout not in (kLayoutMasked, kLayoutContiguous):
         raise ValueError(f"the fused SwiGLU GEMM runs on the masked or the contiguous (m_indices) "
                          f"layout, got layout {layout}")
@@ -449,8 +369,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
                             masked_m: torch.Tensor, expected_m: int, act: torch.Tensor,
                             act_s: torch.Tensor, pow2: bool = False,
                             config: Optional[H.GemmConfig] = None,
-                            gather: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                            rows_bound: Optional[int] = None) -> None:
+                            gather: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """``act, act_s = silu_and_mul_quant(m_grouped_masked(a, b))`` in one kernel (the same bytes):
     ``a`` fp8 ``[E, M_max, K]`` + MN-major ``sa``, ``b`` W13 fp8 ``[E, 2I, K]`` (gate rows, then
     up rows) + ``sb`` ``[E, 2I/128, K/128]``; ``act`` fp8 ``[E, M_max, I]`` contiguous and
@@ -460,8 +379,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     ``gather = (x, row_token)``: ``a``'s rows are not read (only its shape); row m of expert e is
     ``x[row_token[e, m]]`` instead, ``x`` fp8 ``[T, K]`` (the unpermuted tokens, contiguous,
     16-byte aligned), ``row_token`` int64 ``[>= E, M_max]`` with contiguous rows (the dispatch's;
-    read below masked_m only). ``sa`` stays the masked layout's scales. ``rows_bound``: as for
-    ``m_grouped_masked`` (split-K configs)."""
+    read below masked_m only). ``sa`` stays the masked layout's scales."""
     num_experts, m_max, k = a.shape
     n = b.shape[1]
     if num_experts == 0 or m_max == 0:
@@ -470,8 +388,6 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
         raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     c = config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
-    if config is None and gather is None and c.split_k > 1:  # split K only where it gathers
-        c = dataclasses.replace(c, split_k=1, stages=0).resolved(k, masked=True)
     if gather is not None:
         x, row_token = gather
         if (x.dim() != 2 or x.shape[1] != k or x.dtype != a.dtype or not x.is_contiguous()
@@ -486,11 +402,9 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
                              f"{tuple(row_token.shape)} {row_token.dtype} {row_token.stride()}")
     kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines, gather is not None),
                             lambda: swiglu_source(n, k, c, pow2, gather=gather is not None), dev)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k, masked=True)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
-    grid = persistent_grid(kernel, c, tiles * c.split_k, smem, dev)
-    split = [] if c.split_k == 1 else _split_args(a.device, c, num_experts, m_max, n, tiles,
-                                                  rows_bound)
+    grid = persistent_grid(kernel, c, tiles, smem, dev)
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a).view(num_experts * m_max, k), _sa_view(sa),
                                          m_max, _k_major(b).view(num_experts * n, k), c, 128)
@@ -501,7 +415,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
                   [*operands, jit.i32(m_max), jit.i32(num_experts),
                    masked_m.contiguous(), sb.contiguous(), act, act_s,
                    jit.i64(act_s.stride(0)), jit.i64(act_s.stride(2)),
-                   *([] if gather is None else [gather[1], gather[0]]), *split])
+                   *([] if gather is None else [gather[1], gather[0]])])
 
 
 def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,

@@ -153,8 +153,7 @@ class LocalDispatcher(Dispatcher):
         experts = self.num_experts_local
         layout = MaskedLayout(out.a[:experts], out.sa[:experts], index.masked_m,
                               self.expected_m(num_tokens), row_token, row_slot, index.num_overflow,
-                              self.expected_rows(num_tokens),
-                              max_rows=num_tokens * min(self.top_k, experts))
+                              self.expected_rows(num_tokens))
         handle = LocalHandle(combine_index_masked(index, topk_weights, m_max), num_tokens,
                              (self.num_experts_local, m_max, self.hidden_size),
                              num_valid=num_valid_tokens if isinstance(num_valid_tokens, torch.Tensor)
