@@ -35,6 +35,8 @@ kCases = [("record shape, 4 experts", 7168, 2048, [4096] * 4),
           ("32 experts ~512 tok (uneven, 3 empty)", 4096, 7168, None)]
 kSweep = [GemmConfig(128, 128, cluster_m=c, double_buffer=d)
           for c, d in ((1, 1), (1, 2), (2, 1), (2, 2), (2, 0))]
+# wider tiles: fewer L2 bytes per FLOP (single-buffered: 96 accumulators + 96 partials)
+kSweep += [GemmConfig(128, n, cluster_m=c) for n, c in ((192, 2), (192, 1), (160, 2))]
 
 
 def _quant_tokens(x: torch.Tensor):
