@@ -111,7 +111,8 @@ kPinned = [GemmConfig(128, 128, cluster_m=1), GemmConfig(128, 128, cluster_m=2),
            GemmConfig(64, 128), GemmConfig(128, 64, cluster_m=2),
            GemmConfig(128, 128, double_buffer=False, stages=2),
            GemmConfig(128, 96, num_sms=5, group_n=2), GemmConfig(128, 128, double_buffer=2),
-           GemmConfig(128, 128, cluster_m=2, double_buffer=2)]
+           GemmConfig(128, 128, cluster_m=2, double_buffer=2),
+           GemmConfig(128, 192, cluster_m=2), GemmConfig(128, 192, num_sms=3)]
 
 
 @pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}"

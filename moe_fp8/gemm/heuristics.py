@@ -19,8 +19,8 @@ Choice rule (measured where noted in benchmarks/NOTES.md):
   K <= ``kMulticastMaxK``. Measured on H100 (2026-11-25, M = 4096, same run): +7 % at K = 512,
   -3 to +0 % (noise) at K >= 1536, where L2 traffic is not what limits the kernel.
 
-The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 128 tiles and the stages that
-fit beside its fp32 staging tile.
+The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 192 tiles on wide outputs (else
+128 x 128) and the stages that fit beside its fp32 staging tile.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ kWidth192Penalty = 1.1
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
+kWgradWideBlockN = 192    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
@@ -469,7 +470,12 @@ def wgrad_config(m: int, n: int, sms: int) -> GemmConfig:
     """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32).
 
     Multicast on from two row blocks: on H100 (2026-11-25) 757-768 vs 685-781 TFLOPS without,
-    i.e. within the run's spread; it halves B's L2 reads, so it stays."""
+    i.e. within the run's spread; it halves B's L2 reads, so it stays. 192-wide tiles where the
+    output has at least four of them (single-buffered, 3 stages): fewer L2 bytes per FLOP, which
+    is what TFLOPS follow at the power cap; H100 2026-12-06, 5 interleaved rounds
+    (experiments/wgrad_width_probe.py): 7168 x 2048 x 4 / 8 experts of 4096 tokens 635 -> 595 /
+    1258 -> 1212 us, 4096 x 7168 x 4 experts 1269 -> 1202 us (128 x 160: no gain)."""
     block_m = _block_m(m)
     cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
-    return GemmConfig(block_m, 128, cluster_m=cluster_m).resolved(0, wgrad=True)
+    block_n = kWgradWideBlockN if block_m == 128 and n >= 4 * kWgradWideBlockN else 128
+    return GemmConfig(block_m, block_n, cluster_m=cluster_m).resolved(0, wgrad=True)
