@@ -4,7 +4,7 @@ per FLOP, but it reads fewer L2 bytes per FLOP (each A row block serves more col
 what TFLOPS follow at the H100's power cap. 128 x 192 / 160 fit single-buffered (96 accumulators
 + 96 partials); 128 x 256 does not (128 + 128 registers).
 
-    python benchmarks/experiments/wgrad_width_probe.py [--rounds 5]
+    python benchmarks/experiments/wgrad_width_probe.py [--rounds 5] [--configs 128x192s2c2d1,...]
 
 Prints, per case of bench_wgrad.py's record rows, each config's median over interleaved rounds
 (L2 flushed, graph replays, `accumulate=True`) and the round values.
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import common  # noqa: E402
 from bench_gemm import bench_graph  # noqa: E402
 from bench_wgrad import _quant_tokens  # noqa: E402
+from gemm_ab import parse_config  # noqa: E402
 
 from moe_fp8.gemm.heuristics import GemmConfig, num_sms, wgrad_config  # noqa: E402
 from moe_fp8.gemm.kernels import wgrad as W  # noqa: E402
@@ -34,7 +35,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--configs", default="", help="instead of the width set: pinned configs "
+                        "in gemm_ab.py's syntax, e.g. 128x192s2c2d1")
     args = parser.parse_args()
+    pinned = ({text: parse_config(text) for text in args.configs.split(",") if text}
+              if args.configs else kConfigs)
     rows = []
     for label, m, n, experts in kCases:
         tokens = 4096 * experts
@@ -43,7 +48,7 @@ def main():
         (qb, sb) = _quant_tokens(torch.randn(n, tokens, device="cuda", generator=gen).bfloat16())
         offsets = torch.arange(0, tokens + 1, 4096, dtype=torch.int32, device="cuda")
         out = torch.zeros(experts, m, n, device="cuda")
-        configs = {"default": wgrad_config(m, n, num_sms(0)), **kConfigs}
+        configs = {"default": wgrad_config(m, n, num_sms(0)), **pinned}
         resolved = {name: c.resolved(0, wgrad=True) for name, c in configs.items()}
         times = {name: [] for name in resolved}
         for _ in range(args.rounds):
