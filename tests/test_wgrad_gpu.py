@@ -112,23 +112,18 @@ kPinned = [GemmConfig(128, 128, cluster_m=1), GemmConfig(128, 128, cluster_m=2),
            GemmConfig(128, 128, double_buffer=False, stages=2),
            GemmConfig(128, 96, num_sms=5, group_n=2), GemmConfig(128, 128, double_buffer=2),
            GemmConfig(128, 128, cluster_m=2, double_buffer=2),
-           GemmConfig(128, 192, cluster_m=2), GemmConfig(128, 192, num_sms=3),
-           # the fp32 staging tile as a ring of 32-column buffers (reused within and across tiles)
-           GemmConfig(128, 192, cluster_m=2, epilogue_chunks=3),
-           GemmConfig(128, 128, epilogue_chunks=2, num_sms=3)]
+           GemmConfig(128, 192, cluster_m=2), GemmConfig(128, 192, num_sms=3)]
 
 
 @pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}"
-                         f"c{c.cluster_m}d{int(c.double_buffer)}r{c.epilogue_chunks}p{c.num_sms}")
+                         f"c{c.cluster_m}d{int(c.double_buffer)}p{c.num_sms}")
 def test_wgrad_pinned_configs(config):
     # M = 333: three row blocks, so a multicast pair has a phantom half
     _case(333, 800, [256, 0, 640, 128], seed=config.block_n + config.cluster_m, config=config)
 
 
-@pytest.mark.parametrize("config", [None] + kPinned[:6] + kPinned[-2:],
-                         ids=lambda c: "auto" if c is None else
-                         f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}d{int(c.double_buffer)}"
-                         f"r{c.epilogue_chunks}p{c.num_sms}")
+@pytest.mark.parametrize("config", [None] + kPinned[:6], ids=lambda c: "auto" if c is None else
+                         f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}d{int(c.double_buffer)}")
 def test_wgrad_overwrites(config):
     """accumulate=False: every expert's block written, zeros for the experts without tokens
     (first, middle, last), whatever was there (NaN) before."""

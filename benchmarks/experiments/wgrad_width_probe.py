@@ -29,11 +29,6 @@ kCases = [("record shape, 4 experts", 7168, 2048, 4), ("record shape, 8 experts"
           ("GEMM1 weight, 4 experts", 4096, 7168, 4)]
 kConfigs = {"128x192 c1": GemmConfig(128, 192), "128x192 c2": GemmConfig(128, 192, cluster_m=2),
             "128x160 c2": GemmConfig(128, 160, cluster_m=2)}
-# (--ring) the fp32 staging tile as a ring of 32-column buffers, for one more mainloop stage
-kRingConfigs = {"128x192 c2 ring 3": GemmConfig(128, 192, cluster_m=2, epilogue_chunks=3),
-                "128x192 c2 ring 2": GemmConfig(128, 192, cluster_m=2, epilogue_chunks=2),
-                "128x128 c2 ring 2": GemmConfig(128, 128, cluster_m=2, epilogue_chunks=2),
-                "128x128 c2": GemmConfig(128, 128, cluster_m=2)}
 
 
 def main():
@@ -42,10 +37,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--configs", default="", help="instead of the width set: pinned configs "
                         "in gemm_ab.py's syntax, e.g. 128x192s2c2d1")
-    parser.add_argument("--ring", action="store_true", help="the staging-ring set instead")
     args = parser.parse_args()
     pinned = ({text: parse_config(text) for text in args.configs.split(",") if text}
-              if args.configs else kRingConfigs if args.ring else kConfigs)
+              if args.configs else kConfigs)
     rows = []
     for label, m, n, experts in kCases:
         tokens = 4096 * experts

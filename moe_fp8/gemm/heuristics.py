@@ -128,9 +128,6 @@ class GemmConfig:
              per tile at run time, and its 128 weight rows the M side (include/swap_ab.cuh): a
              tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128, no cluster,
              no split K; always two math warpgroups.
-    epilogue_chunks: (k-grouped weight gradients) 0, or the fp32 staging buffers of 32 columns
-             per math warpgroup, reused in turn by the epilogue (epilogue.cuh EpilogueAddF32), so
-             the staging tile leaves room for more ring stages; must divide block_n / 32.
     """
     block_m: int = 128
     block_n: int = 128
@@ -144,7 +141,6 @@ class GemmConfig:
     split_k: int = 1
     early_b: bool = False
     swap_ab: bool = False
-    epilogue_chunks: int = 0
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -172,12 +168,6 @@ class GemmConfig:
         if self.swap_ab and (self.block_n != 128 or self.cluster_size > 1 or self.split_k > 1):
             raise ValueError(f"GemmConfig.swap_ab needs block_n = 128, no cluster and no split K, "
                              f"got {self}")
-        if self.epilogue_chunks and (self.epilogue_chunks < 0 or self.block_n % 32 or
-                                     (self.block_n // 32) % self.epilogue_chunks or
-                                     self.epilogue_chunks >= self.block_n // 32):
-            raise ValueError(f"GemmConfig.epilogue_chunks must be 0 or divide block_n / 32 "
-                             f"(fewer than all), got {self.epilogue_chunks} at block_n "
-                             f"{self.block_n}")
         if not 1 <= self.split_k <= kMaxSplitK:
             raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
         if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
@@ -205,13 +195,12 @@ class GemmConfig:
                              f"(K / 128 = {k // kBlockK})")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k, config.epilogue_chunks) > kMaxSmemBytes:
+                          config.split_k) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
-            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
-                                      config.epilogue_chunks))
+            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -238,26 +227,22 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1, epilogue_chunks: int = 0) -> int:
+               split_k: int = 1) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
     NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
     tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
-    output tile, or ``epilogue_chunks`` 32-column buffers of it."""
+    output tile."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
     d_tile = block_m * block_n * (4 if wgrad or split_k > 1 else 2)
-    if wgrad and epilogue_chunks:
-        d_tile = block_m * 32 * epilogue_chunks * 4
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
-def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
-               epilogue_chunks: int = 0) -> int:
+def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k,
-                      epilogue_chunks) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")

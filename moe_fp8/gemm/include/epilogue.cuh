@@ -122,73 +122,18 @@ struct Epilogue {
 // minimum (unswizzled 512-byte rows would put all 8 rows in the same banks: 8-way conflicts).
 // One TMA reduce-add per chunk adds it into D at L2, so tiles of one expert that share outputs
 // need no ordering and D is read and written once per tile, asynchronously.
-// kRingChunks > 0: only that many chunk buffers per warpgroup, reused in turn (each chunk its own
-// bulk group; a buffer is rewritten once the store that read it has), so the fp32 staging tile
-// leaves room for another ring stage of the mainloop.
-template <int kN, int kBlockN, bool kAdd = true, int kRingChunks = 0>
+template <int kN, int kBlockN, bool kAdd = true>
 struct EpilogueAddF32 {
   static constexpr int kChunks = kBlockN / 32;
   static constexpr int kChunkBytes = 64 * 128;
-  static constexpr int kBuffers = kRingChunks > 0 ? kRingChunks : kChunks;
-  static constexpr int kBytes = kBuffers * kChunkBytes;  // per warpgroup
+  static constexpr int kBytes = kChunks * kChunkBytes;  // per warpgroup
   static_assert(kBlockN % 32 == 0, "128-byte chunks of 32 fp32 columns");
-  // (a ring dividing the chunks: chunk c's buffer was last read kRingChunks groups back)
-  static_assert(kRingChunks == 0 || (kRingChunks < kChunks && kChunks % kRingChunks == 0),
-                "a ring smaller than the tile, dividing its chunks");
-
-  // Thread's values of chunk c (8-column groups j = 4 c .. 4 c + 3) into the buffer at s_buf.
-  __device__ __forceinline__ static void chunk_to_smem(const float (&r_acc)[kBlockN / 2],
-                                                       u32 s_buf, int c, int warp, int lane) {
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) {
-      const int j = 4 * c + jj;
-      const int byte = jj * 32 + (lane % 4) * 8;  // inside the chunk's 128-byte row
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = warp * 16 + h * 8 + lane / 4;
-        const u32 addr = s_buf + row * 128 + (((byte >> 4) ^ (row % 8)) << 4) + (byte & 15);
-        ptx::st_shared_v2(addr, r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
-      }
-    }
-  }
-
-  __device__ __forceinline__ static void store_chunk(const ptx::TmaDesc* tma_d, const void* s_buf,
-                                                     const Tile& tile, int c, int warpgroup) {
-    if (tile.n0 + c * 32 >= kN) return;
-    if constexpr (kAdd)
-      ptx::tma_reduce_add_3d(tma_d, s_buf, tile.n0 + c * 32, tile.m_row + warpgroup * 64,
-                             tile.expert);
-    else
-      ptx::tma_store_3d(tma_d, s_buf, tile.n0 + c * 32, tile.m_row + warpgroup * 64, tile.expert);
-  }
 
   __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
                                                     unsigned char* s_d, const ptx::TmaDesc* tma_d,
                                                     const Tile& tile, const GemmParams& params,
                                                     int warpgroup, int tid, int bar_id) {
     const int warp = tid / 32, lane = tid % 32;
-    if constexpr (kRingChunks > 0) {
-      // A warpgroup without valid rows (a multicast pair's phantom half) writes nothing and
-      // commits no group: the buffers' last readers stay the latest groups, as the wait counts.
-      if (tile.rows_valid <= warpgroup * 64) return;  // warpgroup-uniform
-      const u32 s_base = ptx::smem_addr(s_d);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const int buf = c % kRingChunks;
-        // the group that last read this buffer is kRingChunks groups back (this tile's or the
-        // previous one's)
-        if (tid == 0) ptx::tma_store_wait_read<kRingChunks - 1>();
-        ptx::named_barrier(bar_id, 128);
-        chunk_to_smem(r_acc, s_base + buf * kChunkBytes, c, warp, lane);
-        ptx::fence_proxy_async_smem();
-        ptx::named_barrier(bar_id, 128);
-        if (tid == 0) {
-          store_chunk(tma_d, s_d + buf * kChunkBytes, tile, c, warpgroup);
-          ptx::tma_store_commit();
-        }
-      }
-      return;
-    }
     if (tid == 0) ptx::tma_store_wait_read<0>();
     ptx::named_barrier(bar_id, 128);
     const u32 s_base = ptx::smem_addr(s_d);

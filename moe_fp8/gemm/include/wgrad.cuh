@@ -27,7 +27,7 @@
 namespace moe_fp8 {
 
 template <int kN, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kDoubleBufferOpt,
-          int kClusterM_, bool kAccumulate, int kRingChunks>
+          int kClusterM_, bool kAccumulate>
 struct KGroupedPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = 1, kARowChunk = 0;
@@ -40,13 +40,11 @@ struct KGroupedPolicy {
   static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
-  using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate, kRingChunks>;
+  using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;
 };
 
-// kRingChunks: 0, or the fp32 staging buffers (32 columns each) per math warpgroup, reused in
-// turn (epilogue.cuh), so another mainloop stage fits in shared memory.
 template <int kN, int kBlockM, int kBlockN, int kStages, int kGroupN, int kDoubleBufferOpt = 1,
-          int kClusterM = 1, bool kAccumulate = true, int kRingChunks = 0>
+          int kClusterM = 1, bool kAccumulate = true>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     k_grouped_wgrad_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                            const __grid_constant__ ptx::TmaDesc tma_b,
@@ -57,7 +55,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kN % 4 == 0 && kBlockN % 32 == 0 && kBlockN <= 256,
                 "16-byte rows of D, 32-column chunks of the epilogue");
   using Policy = KGroupedPolicy<kN, kBlockM, kBlockN, kStages, kGroupN, kDoubleBufferOpt,
-                                kClusterM, kAccumulate, kRingChunks>;
+                                kClusterM, kAccumulate>;
   const GemmParams params{m, num_experts, g_offsets, nullptr, nullptr};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, &tma_sb, &tma_d, params);
 }

@@ -31,9 +31,7 @@ def kernel_source(n: int, config: H.GemmConfig, accumulate: bool = True) -> "jit
     if c.early_b:
         raise ValueError("GemmConfig.early_b is for the NT GEMMs (its B is written by the step "
                          "before a weight gradient)")
-    # the accumulating instances without a staging ring keep their names
-    tail = "" if accumulate and not c.epilogue_chunks else f", {'true' if accumulate else 'false'}"
-    tail += f", {c.epilogue_chunks}" if c.epilogue_chunks else ""
+    tail = "" if accumulate else ", false"  # the accumulating instances keep their names
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::k_grouped_wgrad_kernel<{n}, {c.block_m}, {c.block_n}, {c.stages}, "
@@ -77,8 +75,7 @@ def k_grouped_tn(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.T
     if kernel is None:
         kernel = _kernels[key] = jit.get_kernel(kernel_source(n, c, accumulate), device)
     tiles = num_experts * H._ceil_div(m, c.block_m) * H._ceil_div(n, c.block_n)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, 0, wgrad=True,
-                        epilogue_chunks=c.epilogue_chunks)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, 0, wgrad=True)
     grid = persistent_grid(kernel, c, tiles, smem, device)
     a, b = _k_major(a), _k_major(b)
     tma_a = _tma(a, 128, c.block_m, 128)
