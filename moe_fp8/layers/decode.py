@@ -123,18 +123,19 @@ class DecodeRunner:
 
     def _capture(self) -> dict:
         graphs, pool = {}, torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()  # the warm-up steps' stream
+        # unset: MOE_FP8_PDL decides, as for every other launch
+        pdl = True if switch_on(kDecodePdlEnv, kDecodePdlDefault) else None
         # largest first: the pool's blocks are sized by the largest step
         for b in reversed(self.batch_sizes):
             self.num_valid.fill_(b)
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(kWarmupSteps):
                     self._step(b)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # unset: MOE_FP8_PDL decides, as for every other launch
-            with pdl_scope(True if switch_on(kDecodePdlEnv, kDecodePdlDefault) else None):
+            with pdl_scope(pdl):
                 with torch.cuda.graph(graph, pool=pool):
                     self._step(b)
             graphs[b] = graph
