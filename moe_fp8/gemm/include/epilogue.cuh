@@ -27,9 +27,6 @@ struct Epilogue {
   static constexpr int kChunks = kBlockN / 16;      // 16-column chunks
   static constexpr int kChunkBytes = kRows * 32;    // one chunk of 64 rows x 32 bytes
   static constexpr int kBytes = kChunks * kChunkBytes;  // per warpgroup
-  // Runs beside a queued wgmma group of a 256-wide tile within the register budget
-  // (gemm_core.cuh kWideLookahead)
-  static constexpr bool kWideLookahead = true;
   static_assert(kBlockN % 16 == 0, "stmatrix x4 writes 16 columns at a time");
 
   __device__ __forceinline__ static u32 swizzled(int chunk, int row, int half) {

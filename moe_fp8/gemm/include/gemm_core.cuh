@@ -93,14 +93,6 @@ __host__ __device__ constexpr auto gather_a_of(int) -> decltype(bool(P::kGatherA
 }
 template <class P>
 __host__ __device__ constexpr bool gather_a_of(long) { return false; }
-// Epilogues that fit beside a queued wgmma group of a 256-wide tile (kWideLookahead below): the
-// bf16 one (epilogue.cuh).
-template <class E>
-__host__ __device__ constexpr auto wide_lookahead_of(int) -> decltype(bool(E::kWideLookahead)) {
-  return E::kWideLookahead;
-}
-template <class E>
-__host__ __device__ constexpr bool wide_lookahead_of(long) { return false; }
 template <class P>
 __host__ __device__ constexpr int math_warpgroups() {
   return (swap_ab_of<P>(0) ? P::kBlockN : P::kBlockM) / 64;
@@ -165,12 +157,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // gave v2 by inserting a wait). Measured equal to full overlap within noise (H100, M = 4096,
   // 2026-11-25), kept as a pinnable variant.
   constexpr bool kHalfOverlap = P::kDoubleBuffer == 2;
-  // A 256-wide tile has no second partial set to double-buffer with, but its one set is free at
-  // the end of a tile: the next tile's first half-group is queued there before the epilogue
-  // (both warpgroups finish a tile together, so the tensor cores otherwise idle through it).
-  // kDoubleBuffer == 0 pins the old order.
-  constexpr bool kWideLookahead =
-      kHalves == 2 && P::kDoubleBuffer != 0 && wide_lookahead_of<typename P::Epilogue>(0);
   constexpr bool kSkipIdle = P::kSkipIdleWarpgroup && kNumMathWG == 2;
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
   static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2) &&
@@ -594,7 +580,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     bool have_tile = scheduler.next(tile);
     if (have_tile) {
       begin_tile(tile);
-      if constexpr (kDoubleBuffer || kWideLookahead) {
+      if constexpr (kDoubleBuffer) {
         if (!P::kEmptyTiles || tile.num_k_blocks > 0) issue(r_p0, r_f0, 0);
       }
     }
@@ -629,9 +615,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         for (int kb = 0; kb < num_kb; ++kb) {
 #pragma unroll
           for (int half = 0; half < kHalves; ++half) {
-            // kWideLookahead: K block 0's first half is already queued (before the loop, or by
-            // the previous tile's lookahead)
-            if (!kWideLookahead || kb > 0 || half > 0) issue(r_p0, r_f0, kb, half);
+            issue(r_p0, r_f0, kb, half);
             ptx::wgmma_wait<0>();
             retire(r_p0, r_f0, half);
           }
@@ -649,7 +633,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       have_tile = scheduler.next(next_tile);
       if (have_tile) {
         begin_tile(next_tile);
-        if constexpr (kDoubleBuffer || kWideLookahead) {
+        if constexpr (kDoubleBuffer) {
           if (!P::kEmptyTiles || next_tile.num_k_blocks > 0) issue(r_p0, r_f0, 0);
         }
       }
