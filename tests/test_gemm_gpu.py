@@ -33,9 +33,7 @@ kPinned = [GemmConfig(64, 16), GemmConfig(64, 48, stages=3), GemmConfig(64, 112)
                                                                   double_buffer=False),
            GemmConfig(128, 128, double_buffer=2), GemmConfig(64, 80, double_buffer=2),
            GemmConfig(128, 256), GemmConfig(64, 256, group_n=2),
-           GemmConfig(128, 256, cluster_m=2), GemmConfig(128, 256, cluster_m=2, num_sms=7),
-           GemmConfig(128, 256, direct_store=True), GemmConfig(128, 128, direct_store=True),
-           GemmConfig(128, 256, cluster_m=2, num_sms=7, direct_store=True)]
+           GemmConfig(128, 256, cluster_m=2), GemmConfig(128, 256, cluster_m=2, num_sms=7)]
 
 
 def _cuda_gen(seed: int) -> torch.Generator:
@@ -121,7 +119,7 @@ def test_dense_odd_shapes(m, n, k):
 def _config_id(c: GemmConfig) -> str:
     return (f"{c.block_m}x{c.block_n}s{c.stages}g{c.group_n}p{c.num_sms}d{int(c.double_buffer)}"
             f"c{c.cluster_m}" + (f"n{c.cluster_n}" if c.cluster_n != 1 else "")
-            + (f"r{c.a_row_chunk}" if c.a_row_chunk else "") + ("w" if c.direct_store else ""))
+            + (f"r{c.a_row_chunk}" if c.a_row_chunk else ""))
 
 
 @pytest.mark.parametrize("config", kPinned, ids=_config_id)
@@ -261,64 +259,6 @@ def test_dense_repeatable():
         assert torch.equal(G.fp8_gemm_nt(a, b, backend="kernel"), first)
 
 
-@pytest.mark.parametrize("config", [GemmConfig(128, 256, num_sms=3, direct_store=True),
-                                    GemmConfig(128, 256, cluster_m=2, num_sms=4, direct_store=True),
-                                    GemmConfig(128, 128, num_sms=3, direct_store=True),
-                                    GemmConfig(128, 256, a_row_chunk=32, num_sms=3,
-                                               direct_store=True)],
-                         ids=_config_id)
-def test_direct_store_same_bits(config):
-    """direct_store (the tile leaves from registers, its staging bytes go to the ring): the same
-    bits as the staged epilogue, and the same rows untouched, on every NT layout, with few SMs so
-    each CTA walks many tiles (dense: M and N not multiples of the tile; contiguous: padding rows
-    skipped or zeroed, empty experts, trailing padding; masked: partial and empty experts)."""
-    import dataclasses
-    staged = dataclasses.replace(config, direct_store=False)
-    gen = _cuda_gen(29)
-    k = 1536
-    if config.a_row_chunk == 0:
-        m, n = 333 + 128 * 4, 4 * 256 + 128 + 16
-        x, w = _rows((m, k), gen), _weights((n, k), gen)
-        a, b = _quant_act(x), _quant_weight(w)
-        outs = [_poisoned((m + 1, n)) for _ in range(2)]  # one poisoned row past M
-        for out, c in zip(outs, (config, staged)):
-            G.fp8_gemm_nt(a, b, out=out[:m], backend="kernel", config=c)
-        torch.cuda.synchronize()
-        assert torch.isnan(outs[0][m:]).all(), f"dense {config}: wrote past M"
-        assert _nan_equal(outs[0], outs[1]), f"dense {config}: bits differ from the staged tile"
-        _check(outs[0][:m], x.float() @ w.float().t(), G.fp8_gemm_nt(a, b, backend="reference"),
-               f"dense {config}")
-        counts = [0, 130, 5, 0, 257, 64, 1]
-        m_indices = build_m_indices(counts, device="cuda")
-        m_indices = torch.cat([m_indices, torch.full((256,), -1, dtype=torch.int32,
-                                                     device="cuda")])
-        xs, ws = _rows((m_indices.shape[0], k), gen), _weights((len(counts), n, k), gen)
-        a, b = _quant_act(xs), _quant_weight(ws)
-        for zero_padding in (False, True):
-            outs = [_poisoned((m_indices.shape[0], n)) for _ in range(2)]
-            for out, c in zip(outs, (config, staged)):
-                G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out, backend="kernel",
-                                                   config=c, zero_padding=zero_padding)
-            torch.cuda.synchronize()
-            what = f"contiguous zero_padding={zero_padding} {config}"
-            assert _nan_equal(outs[0], outs[1]), f"{what}: bits differ from the staged tile"
-            valid = m_indices >= 0
-            if zero_padding:
-                assert (outs[0][~valid] == 0).all(), f"{what}: padding rows not zero"
-            else:
-                assert torch.isnan(outs[0][~valid]).all(), f"{what}: padding rows written"
-    else:
-        counts = [0, 200, 1, 64, 65, 0, 129, 33]
-        x, w, a, b = _masked_inputs(len(counts), 200, 1024, k, seed=31)
-        masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
-        outs = [_poisoned((len(counts), 200, 1024)) for _ in range(2)]
-        for out, c in zip(outs, (config, staged)):
-            G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 64, out=out, backend="kernel", config=c)
-        torch.cuda.synchronize()
-        assert _nan_equal(outs[0], outs[1]), f"masked {config}: bits differ from the staged tile"
-        _masked_check(outs[0], x, w, a, b, masked_m, f"masked {config}")
-
-
 # ----------------------------------------------------------------------------- contiguous
 
 def _contiguous_case(counts, n, k, seed, config=None):
@@ -345,8 +285,7 @@ def _contiguous_case(counts, n, k, seed, config=None):
                                     GemmConfig(64, 112), GemmConfig(128, 128, cluster_n=2),
                                     GemmConfig(128, 128, num_sms=4), GemmConfig(128, 256, num_sms=4),
                                     GemmConfig(128, 128, cluster_n=2, num_sms=4),
-                                    GemmConfig(128, 64, double_buffer=False, num_sms=3),
-                                    GemmConfig(128, 256, num_sms=4, direct_store=True)],
+                                    GemmConfig(128, 64, double_buffer=False, num_sms=3)],
                          ids=str)
 def test_contiguous_zero_padding(config):
     """zero_padding=True: every row is written — the valid rows as without it (bit for bit),
@@ -389,9 +328,8 @@ def _nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("config", [GemmConfig(128, 256, cluster_m=2),
                                     GemmConfig(128, 128, cluster_m=2, num_sms=4),
                                     GemmConfig(128, 256, cluster_m=2, num_sms=4),
-                                    GemmConfig(128, 144, cluster_m=2, group_n=2),
-                                    GemmConfig(128, 256, cluster_m=2, num_sms=4, direct_store=True)],
-                         ids=_config_id)
+                                    GemmConfig(128, 144, cluster_m=2, group_n=2)],
+                         ids=lambda c: f"{c.block_m}x{c.block_n}p{c.num_sms}g{c.group_n}")
 def test_contiguous_b_multicast_pairs(config):
     """B multicast on the contiguous layouts (scheduler.cuh kSplitPairs): the same bits as the
     same tiles without a cluster, for the m_indices form (padding skipped or zeroed) and the
@@ -463,8 +401,7 @@ def test_contiguous_pinned(config):
 
 @pytest.mark.parametrize("counts,config", [
     ([300, 0, 128, 1, 0, 257], None), ([0, 0, 5], None), ([130, 0, 77], GemmConfig(64, 112)),
-    ([512] * 4, GemmConfig(128, 160)), ([300, 0, 128, 1, 0, 257], GemmConfig(128, 256)),
-    ([300, 0, 128, 1, 0, 257], GemmConfig(128, 256, num_sms=5, direct_store=True))], ids=str)
+    ([512] * 4, GemmConfig(128, 160)), ([300, 0, 128, 1, 0, 257], GemmConfig(128, 256))], ids=str)
 def test_contiguous_offsets_form(counts, config):
     # The offsets form computes every row of each aligned segment (the padding rows too) and
     # nothing past offsets[E]; on the segments' real rows it equals the m_indices form bit for bit.
@@ -540,8 +477,7 @@ def test_masked_targets(g, m_max, n, k):
 @pytest.mark.parametrize("m_max,expected_m,config", [
     (200, 30, None), (200, 150, None), (77, 8, None), (200, 64, GemmConfig(64, 48)),
     (200, 64, GemmConfig(128, 144)), (200, 64, GemmConfig(64, 256)),
-    (200, 150, GemmConfig(128, 256)), (200, 150, GemmConfig(128, 256, num_sms=5)),
-    (200, 150, GemmConfig(128, 256, num_sms=5, direct_store=True))], ids=str)
+    (200, 150, GemmConfig(128, 256)), (200, 150, GemmConfig(128, 256, num_sms=5))], ids=str)
 def test_masked_uneven(m_max, expected_m, config):
     num_experts = 12
     x, w, a, b = _masked_inputs(num_experts, m_max, 2048, 1024, seed=m_max + expected_m)

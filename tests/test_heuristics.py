@@ -306,34 +306,3 @@ def test_swap_ab_config_and_instances(tmp_path, monkeypatch):
             pytest.skip(str(error))
         assert report.spill_stores == 0 and report.stack_bytes == 0, report
         assert not report.wgmma_serialized, report
-
-
-def test_direct_store_config_and_instances(tmp_path, monkeypatch):
-    """GemmConfig.direct_store (the bf16 tile leaves from registers, include/epilogue.cuh
-    EpilogueDirect): the staging tile's bytes go to the ring (128 x 256: 4 stages instead of 3),
-    no split K or swap AB, not the fused SwiGLU or the k-grouped kernel; its instances compile for
-    sm_90a without local memory or a serialised wgmma pipeline."""
-    for bad in ({"split_k": 2, "block_n": 128}, {"swap_ab": True, "block_n": 128}):
-        with pytest.raises(ValueError, match="direct_store needs"):
-            H.GemmConfig(**{"block_m": 128, "block_n": 256, "direct_store": True, **bad})
-    for k in (2048, 7168, 16384):
-        assert H.GemmConfig(128, 256).resolved(k).stages == 3
-        assert H.GemmConfig(128, 256, direct_store=True).resolved(k).stages == 4
-    assert (H.smem_bytes(128, 256, 3, 7168) - H.smem_bytes(128, 256, 3, 7168, direct_store=True)
-            == 128 * 256 * 2)
-    config = H.GemmConfig(128, 256, cluster_m=2, direct_store=True).resolved(2048)
-    name = K.kernel_source(7168, 2048, config, K.kLayoutDense).instance
-    assert name == "moe_fp8::fp8_gemm_kernel<7168, 2048, 128, 256, 4, 16, 0, 1, 2, 1, 0, false, true>"
-    with pytest.raises(ValueError, match="direct stores"):
-        K.swiglu_source(4096, 7168, H.GemmConfig(128, 256, direct_store=True).resolved(7168), False)
-    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
-    for layout, c in ((K.kLayoutDense, config),
-                      (K.kLayoutMasked, H.GemmConfig(128, 256, a_row_chunk=32, direct_store=True)),
-                      (K.kLayoutContiguousZeroPad, H.GemmConfig(128, 256, direct_store=True))):
-        source = K.kernel_source(7168, 2048, c.resolved(2048), layout)
-        try:
-            report = jit.compile_kernel(source).report
-        except jit.CompilerUnavailable as error:  # no CUDA toolkit on this machine
-            pytest.skip(str(error))
-        assert report.spill_stores == 0 and report.stack_bytes == 0, report
-        assert not report.wgmma_serialized, report

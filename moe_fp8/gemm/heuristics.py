@@ -124,11 +124,6 @@ class GemmConfig:
              finishes. Only where the immediately preceding kernel writes neither B nor the
              layout — the decode step's down GEMM (`MOE_FP8_EARLY_WEIGHTS`). Masked or dense
              layout, no cluster, no split K.
-    direct_store: the bf16 tile leaves from the math warps' registers with 4-byte global stores
-             instead of through a shared staging tile and TMA stores (include/epilogue.cuh
-             EpilogueDirect), so the staging tile's block_m x block_n x 2 bytes can hold ring
-             stages (128 x 256: 4 stages instead of 3). NT layouts with a bf16 output; no split
-             K, no swap AB.
     swap_ab: (masked layout) the tile's block_m tokens are the wgmma N side, rounded up to 16
              per tile at run time, and its 128 weight rows the M side (include/swap_ab.cuh): a
              tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128, no cluster,
@@ -146,7 +141,6 @@ class GemmConfig:
     split_k: int = 1
     early_b: bool = False
     swap_ab: bool = False
-    direct_store: bool = False
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -174,8 +168,6 @@ class GemmConfig:
         if self.swap_ab and (self.block_n != 128 or self.cluster_size > 1 or self.split_k > 1):
             raise ValueError(f"GemmConfig.swap_ab needs block_n = 128, no cluster and no split K, "
                              f"got {self}")
-        if self.direct_store and (self.split_k > 1 or self.swap_ab):
-            raise ValueError(f"GemmConfig.direct_store needs no split K and no swap AB, got {self}")
         if not 1 <= self.split_k <= kMaxSplitK:
             raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
         if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
@@ -203,13 +195,12 @@ class GemmConfig:
                              f"(K / 128 = {k // kBlockK})")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k, config.direct_store) > kMaxSmemBytes:
+                          config.split_k) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
-            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
-                                      config.direct_store))
+            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -236,23 +227,22 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1, direct_store: bool = False) -> int:
+               split_k: int = 1) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
-    NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32; direct_store: none);
-    weight scales of the tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa,
-    sb slots; fp32 output tile."""
+    NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
+    tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
+    output tile."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
-    d_tile = 0 if direct_store else block_m * block_n * (4 if wgrad or split_k > 1 else 2)
+    d_tile = block_m * block_n * (4 if wgrad or split_k > 1 else 2)
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
-def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
-               direct_store: bool = False) -> int:
+def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, direct_store) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")

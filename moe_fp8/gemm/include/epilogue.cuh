@@ -1,6 +1,5 @@
 // Epilogues of the FP8 GEMM family (one per output kind, chosen by the kernel's policy):
 //   Epilogue        fp32 accumulators -> bf16 -> shared memory -> TMA store (or predicated rows)
-//   EpilogueDirect  fp32 accumulators -> bf16 -> global stores from registers (no staging tile)
 //   EpilogueAddF32  fp32 accumulators -> shared memory -> TMA reduce-add into fp32 D (D += tile),
 //                   or (kAdd = false, split K) a TMA store into D's slice `tile.expert`
 // Both are called by all 128 threads of a math warpgroup with its 64-row share of the tile and
@@ -112,47 +111,6 @@ struct Epilogue {
       predicated_store(reinterpret_cast<const char*>(s_d), static_cast<unsigned short*>(params.g_d),
                        is_m_indices_layout(kLayout) ? params.g_layout : nullptr, tile.n0, row0,
                        min(rows, 64), tid);
-    }
-  }
-};
-
-// Direct bf16 epilogue: each thread rounds its accumulator pairs to bf16 and stores them to
-// global memory itself (4 bytes per row and 8-column group; a quad of lanes covers 16 contiguous
-// bytes of a row), so no shared staging tile exists and its bytes can hold one more ring stage
-// (a 128 x 256 tile's 64 KB: 4 stages instead of 3). Rows are written as the staged epilogue
-// writes them: below rows_valid, and on the m_indices layouts only rows with m_indices >= 0
-// (zero padding: the others as zeros).
-template <int kN, int kBlockN, int kLayout>
-struct EpilogueDirect {
-  static constexpr int kBytes = 0;
-  static_assert(kBlockN % 16 == 0 && kN % 8 == 0, "whole 8-column groups inside N");
-
-  __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
-                                                    unsigned char*, const ptx::TmaDesc*,
-                                                    const Tile& tile, const GemmParams& params,
-                                                    int warpgroup, int tid, int) {
-    const int warp = tid / 32, lane = tid % 32;
-    const int rows = tile.rows_valid - warpgroup * 64;  // of this warpgroup, from its first
-    const int r = warp * 16 + lane / 4;                 // the thread's rows r and r + 8
-    const long row0 = tile.m_row + warpgroup * 64 + r;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (r + 8 * h >= rows) continue;
-      const long row = row0 + 8 * h;
-      bool zero = false;
-      if constexpr (is_m_indices_layout(kLayout)) {
-        if (__ldg(params.g_layout + row) < 0) {
-          if constexpr (kLayout != kLayoutContiguousZeroPad) continue;
-          zero = true;
-        }
-      }
-      u32* dst = reinterpret_cast<u32*>(static_cast<unsigned short*>(params.g_d) + row * kN +
-                                        tile.n0 + 2 * (lane % 4));
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        if (kN % kBlockN != 0 && tile.n0 + 8 * j >= kN) break;
-        dst[4 * j] = zero ? 0u : ptx::pack_bf16x2(r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
-      }
     }
   }
 };

@@ -30,14 +30,8 @@ __host__ __device__ constexpr bool fits_two_scale_blocks(int block_n) {
   return true;
 }
 
-template <bool kFirst, class A, class B>
-struct Select { using Type = A; };
-template <class A, class B>
-struct Select<false, A, B> { using Type = B; };
-
 template <int kN, int kK, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kLayout,
-          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_,
-          bool kDirectStore>
+          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_>
 struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
@@ -64,14 +58,12 @@ struct NtPolicy {
                 "early B: masked or dense layout, no cluster");
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
-  // kDirectStore: the tile leaves from registers (EpilogueDirect), its staging bytes go to the ring
-  using Epilogue = typename Select<kDirectStore, EpilogueDirect<kN, kBlockN, kLayout>,
-                                   moe_fp8::Epilogue<kN, kBlockN, kLayout>>::Type;
+  using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;
 };
 
 template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
           int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1, int kARowChunk = 0,
-          bool kEarlyB = false, bool kDirectStore = false>
+          bool kEarlyB = false>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                     const __grid_constant__ ptx::TmaDesc tma_b,
@@ -82,7 +74,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
                 "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
   using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
-                          kClusterM, kClusterN, kARowChunk, kEarlyB, kDirectStore>;
+                          kClusterM, kClusterN, kARowChunk, kEarlyB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_d};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }

@@ -42,9 +42,6 @@ extra_defines: Tuple = ()
 def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
     """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
     c = config
-    if c.direct_store and layout not in (kLayoutDense, kLayoutContiguous, kLayoutMasked,
-                                         kLayoutContiguousOffsets, kLayoutContiguousZeroPad):
-        raise ValueError(f"GemmConfig.direct_store needs an NT layout, got layout {layout}")
     if c.split_k > 1:
         if layout != kLayoutDense:
             raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
@@ -63,10 +60,9 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
         raise ValueError("GemmConfig.early_b needs the masked or dense layout (it reads the layout "
                          "before the kernel's PDL wait)")
     # optional trailing parameters only when set: older instances keep their names
-    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk or c.early_b or c.direct_store \
-        else (f", {c.cluster_n}" if c.cluster_n != 1 else "")
-    tail += ", true" if c.early_b else (", false" if c.direct_store else "")
-    tail += ", true" if c.direct_store else ""
+    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk or c.early_b else (
+        f", {c.cluster_n}" if c.cluster_n != 1 else "")
+    tail += ", true" if c.early_b else ""
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
@@ -209,8 +205,7 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k,
-                        direct_store=c.direct_store)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
     tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m)
@@ -343,10 +338,9 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
     on the masked or the contiguous (m_indices) layout; ``gather`` (masked): A's rows read from
     the unpermuted token matrix (``fused_swiglu_gather_kernel``; the config's row chunks unused)."""
     c = config
-    if (c.block_n != 256 or c.cluster_n != 1 or c.split_k != 1 or n % 256 or c.early_b
-            or c.direct_store):
-        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast, split K, "
-                         f"early B or direct stores and 2I % 256 == 0, got {c} with 2I = {n}")
+    if c.block_n != 256 or c.cluster_n != 1 or c.split_k != 1 or n % 256 or c.early_b:
+        raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast, split K "
+                         f"or early B and 2I % 256 == 0, got {c} with 2I = {n}")
     if layout not in (kLayoutMasked, kLayoutContiguous):
         raise ValueError(f"the fused SwiGLU GEMM runs on the masked or the contiguous (m_indices) "
                          f"layout, got layout {layout}")

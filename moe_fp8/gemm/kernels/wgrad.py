@@ -70,9 +70,6 @@ def k_grouped_tn(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.T
     if c.cluster_n != 1:
         raise ValueError("GemmConfig.cluster_n must be 1 for the k-grouped kernel (A multicast "
                          "is for the NT layouts)")
-    if c.direct_store:
-        raise ValueError("GemmConfig.direct_store is for the NT layouts' bf16 output; the "
-                         "k-grouped kernel adds fp32 tiles through TMA")
     key = (n, c, accumulate, device)
     kernel = _kernels.get(key)
     if kernel is None:
