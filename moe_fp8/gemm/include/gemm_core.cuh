@@ -491,7 +491,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       // NOTE: for a 256-wide tile this also runs before the second half, which waits on nothing;
       // the measured gather instances keep it (moving it under the wait changes their SASS and
       // has not been timed)
+#ifdef MOE_FP8_EXP_GATHER_FENCE_ONCE  // experiment (session 19): the fence after the wait only
+      if (kGatherA && half == 0) ptx::fence_proxy_async_smem();
+#else
       if constexpr (kGatherA) ptx::fence_proxy_async_smem();  // the gather warps' rows of A
+#endif
       MOE_FP8_TRACE(if (threadIdx.x == 0 && kb == 0 && half == 0)
                         trace::record(trace_begun - 1, 3, trace::now());)
       ptx::fence_regs(p);
