@@ -487,15 +487,13 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       const u32 desc_a = desc_a0 + static_cast<u32>(stage_in * (Layout::kABytes >> 4));
       const u32 desc_b = desc_b0 + static_cast<u32>(stage_in * (Layout::kBBytes >> 4) +
                                                     half * (kPartN * 128 >> 4));
-      if (half == 0) ptx::mbar_wait(&full[stage_in], phase_in);
-      // NOTE: for a 256-wide tile this also runs before the second half, which waits on nothing;
-      // the measured gather instances keep it (moving it under the wait changes their SASS and
-      // has not been timed)
-#ifdef MOE_FP8_EXP_GATHER_FENCE_ONCE  // experiment (session 19): the fence after the wait only
-      if (kGatherA && half == 0) ptx::fence_proxy_async_smem();
-#else
-      if constexpr (kGatherA) ptx::fence_proxy_async_smem();  // the gather warps' rows of A
-#endif
+      if (half == 0) {
+        ptx::mbar_wait(&full[stage_in], phase_in);
+        // the gather warps' rows of A (cp.async, generic proxy) before wgmma reads them; a 256-wide
+        // tile's second half reads the same slot (fencing there too: the same time, H100
+        // 2026-12-06, decode 1-256 tokens within +-1.7 us)
+        if constexpr (kGatherA) ptx::fence_proxy_async_smem();
+      }
       MOE_FP8_TRACE(if (threadIdx.x == 0 && kb == 0 && half == 0)
                         trace::record(trace_begun - 1, 3, trace::now());)
       ptx::fence_regs(p);
