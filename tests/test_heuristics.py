@@ -215,29 +215,6 @@ def test_fused_swiglu_instances():
         K.swiglu_source(4096 + 128, 7168, c, pow2=False)  # I = 2112: not whole 128-blocks pairs
 
 
-def test_masked_active_tiles(monkeypatch):
-    """MOE_FP8_MASKED_ACTIVE_TILES=1 with the unrounded mean: decode tiles for the experts a batch
-    is expected to touch (Poisson: 1 - e^-mean of them), block_n the fewest weight columns on the
-    busiest SM (one token of top-8 over 32 experts: 8 touched, the down GEMM's 8 x 64 tiles of
-    112 make 3.9 waves against 8 x 56 of 128 in 3.4); off, or without the mean, unchanged."""
-    assert [H.expected_active_experts(32, r) for r in (0.0, 0.25, 0.5, 1.0, 64.0)] == [32, 8, 13, 21, 32]
-    monkeypatch.delenv("MOE_FP8_MASKED_ACTIVE_TILES", raising=False)
-    base = H.masked_config(32, 1, 7168, 2048, 132)
-    assert H.masked_config(32, 1, 7168, 2048, 132, expected_rows=0.25) == base
-    monkeypatch.setenv("MOE_FP8_MASKED_ACTIVE_TILES", "1")
-    assert H.masked_config(32, 1, 7168, 2048, 132) == base  # no mean: all experts
-    c = H.masked_config(32, 1, 7168, 2048, 132, expected_rows=0.25)
-    assert (c.block_m, c.block_n, c.a_row_chunk) == (64, 112, 16)
-    for rows, n in ((0.25, 4096), (0.5, 7168), (2.0, 4096), (8.0, 7168)):
-        waves = lambda bn: -(-H.expected_active_experts(32, rows) * -(-n // bn) // 132) * bn  # noqa: E731
-        picked = H.masked_config(32, max(1, int(rows + 0.999)), n, 7168 if n == 4096 else 2048,
-                                 132, expected_rows=rows).block_n
-        assert waves(picked) == min(waves(bn) for bn in H.kStreamBlockNs), (rows, n, picked)
-    # full tiles (no chunks) keep the compute-weighted choice
-    assert H.masked_config(4, 256, 4096, 7168, 132, expected_rows=256.0) == \
-        H.masked_config(4, 256, 4096, 7168, 132)
-
-
 def test_contiguous_multicast_switch(monkeypatch):
     """MOE_FP8_CONTIGUOUS_MULTICAST: the contiguous layout's 128 x 256 tiles take B multicast
     (a 2-CTA cluster); narrower tiles and the switch off keep none."""

@@ -212,22 +212,6 @@ def test_decode_session11_switches_keep_bits(moe, monkeypatch, switch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 905)
 
 
-@pytest.mark.parametrize("max_tokens", [1, 2, 4])
-@torch.no_grad()
-def test_decode_active_tiles_keep_bits(moe, monkeypatch, max_tokens):
-    """MOE_FP8_MASKED_ACTIVE_TILES=1: the masked GEMMs' tiles chosen for the experts a small batch
-    touches (112-wide at one token for the down GEMM: tiles straddling two weight-scale blocks):
-    each output element sums the same K blocks in the same order, so the same bits."""
-    from moe_fp8.gemm import heuristics as H
-    monkeypatch.setenv("MOE_FP8_MASKED_ACTIVE_TILES", "1")
-    rows = max_tokens * moe.cfg.top_k / moe.cfg.num_experts
-    picked = [H.masked_config(32, 1, n, k, H.num_sms(0), expected_rows=rows).block_n
-              for n, k in ((4096, 7168), (7168, 2048))]
-    assert picked != [128, 128], picked  # the switch changes a tile at these sizes
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_MASKED_ACTIVE_TILES",
-                                    (max_tokens, 1), 960 + max_tokens, max_tokens=max_tokens)
-
-
 @pytest.mark.parametrize("max_tokens", [1, 32, 256])
 @torch.no_grad()
 def test_decode_early_weights_keep_bits(moe, monkeypatch, max_tokens):

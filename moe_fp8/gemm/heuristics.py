@@ -67,13 +67,6 @@ kWideTilesDefault = True
 # 4096 / 8192 / 16384 / 32768 tokens +0.7 / -2.2 / -2.4 / -2.9 %.
 kContiguousMulticastDefault = True
 kWideMinWaves = 2
-# Decode tiles from the experts a batch is expected to touch (``MOE_FP8_MASKED_ACTIVE_TILES``,
-# off until measured): at one token 8 of 32 local experts hold a row, so the down GEMM's 8 x 56
-# tiles of 64 x 128 make 3.4 waves on 132 SMs while the heuristic counted 32 x 56. Where A comes in
-# row chunks (a tile streams its weights and little else), block_n then minimises the weight bytes
-# of the busiest SM (waves x block_n) over kStreamBlockNs.
-kActiveTilesDefault = False
-kStreamBlockNs = (64, 96, 112, 128)
 
 
 def _fits_two_scale_blocks(block_n: int) -> bool:
@@ -381,22 +374,7 @@ def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool,
     return config
 
 
-def expected_active_experts(num_experts: int, expected_rows: float) -> int:
-    """Experts expected to hold at least one row when each holds ``expected_rows`` on average
-    (a Poisson count: 1 - e^-mean of them), at least 1."""
-    if expected_rows <= 0:
-        return num_experts
-    return max(1, min(num_experts, math.ceil(num_experts * (1.0 - math.exp(-expected_rows)) - 1e-9)))
-
-
-def _pick_stream_block_n(m_blocks: int, n: int, sms: int) -> int:
-    """The kStreamBlockNs width whose busiest SM streams the fewest weight columns (waves x
-    block_n; a tile's bytes are its B rows), ties to the wider tile."""
-    return min(kStreamBlockNs, key=lambda bn: (_ceil_div(m_blocks * _ceil_div(n, bn), sms) * bn, -bn))
-
-
-def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
-                  expected_rows: float = 0.0) -> GemmConfig:
+def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert).
 
     ``expected_m`` is a mean: a decode batch's experts spread around it (routing is random), and
@@ -412,31 +390,26 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
     token: 128-row tiles holding one row) otherwise pulls as many A bytes from L2 as B bytes from
     DRAM. Full tiles keep one load per slot (chunked, E = 1, M = 1024 ran 2.4x slower).
 
-    ``expected_rows`` (the unrounded mean, 0: unknown) with ``MOE_FP8_MASKED_ACTIVE_TILES=1``:
-    chunked tiles are chosen for the experts expected to be touched (kActiveTilesDefault)."""
-    active = num_experts
-    if expected_rows > 0 and env.masked_active_tiles(kActiveTilesDefault):
-        active = expected_active_experts(num_experts, expected_rows)
+    Decode tiles sized for the experts a batch is expected to touch instead of all of them (8 of
+    32 at one token) measured no gain (H100, session 13: 1 / 2 / 4 tokens 160 / 260 / 372 ->
+    160 / 270 / 373 us; removed in session 19)."""
     return _masked_config(num_experts, expected_m, n, k, sms,
-                          env.masked_row_chunks(kMaskedRowChunksDefault), active)
+                          env.masked_row_chunks(kMaskedRowChunksDefault))
 
 
 @functools.lru_cache(maxsize=4096)
 def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
-                   row_chunks: bool, active_experts: int) -> GemmConfig:
+                   row_chunks: bool) -> GemmConfig:
     expected_m = max(1, expected_m)
     block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
     chunks = row_chunks and expected_m < block_m
-    if chunks and active_experts < num_experts:
-        block_n = _pick_stream_block_n(active_experts * _ceil_div(expected_m, block_m), n, sms)
-    else:
-        m_blocks = num_experts * _ceil_div(expected_m, block_m)
-        # Full 128-row tiles (at least a wave of 128 x 128) may take 128 x 256: fewer L2 bytes per
-        # MMA, as on the dense and contiguous layouts (H100 at its power cap, 2026-12-06, record
-        # shapes 1 x 1024 / 2 x 512 / 4 x 256, three interleaved rounds: N = 4096, K = 7168
-        # +2 / +7..11 / +1 %, N = 7168, K = 2048 +4 / +4 / +3 %; results/wide_masked_probe_*).
-        wide = block_m == 128 and expected_m >= block_m and m_blocks * _ceil_div(n, 128) >= sms
-        block_n = _pick_block_n(m_blocks, n, sms, block_m, wide)
+    m_blocks = num_experts * _ceil_div(expected_m, block_m)
+    # Full 128-row tiles (at least a wave of 128 x 128) may take 128 x 256: fewer L2 bytes per
+    # MMA, as on the dense and contiguous layouts (H100 at its power cap, 2026-12-06, record
+    # shapes 1 x 1024 / 2 x 512 / 4 x 256, three interleaved rounds: N = 4096, K = 7168
+    # +2 / +7..11 / +1 %, N = 7168, K = 2048 +4 / +4 / +3 %; results/wide_masked_probe_*).
+    wide = block_m == 128 and expected_m >= block_m and m_blocks * _ceil_div(n, 128) >= sms
+    block_n = _pick_block_n(m_blocks, n, sms, block_m, wide)
     config = GemmConfig(block_m, block_n, a_row_chunk=kARowChunks[block_m] if chunks else 0)
     return config.resolved(k)
 

@@ -281,15 +281,14 @@ def _swap_ab_down() -> bool:
 
 
 def _masked_config(layout: MaskedLayout, n: int, k: int):
-    """The masked GEMM's config from the layout's unrounded mean rows per expert (it tells how
-    many experts a batch touches: heuristics.masked_config, ``MOE_FP8_MASKED_ACTIVE_TILES``), or
-    None (the op's own choice from expected_m) off the GPU, without the mean or while tracing."""
+    """The masked GEMM's config for the layout's expected rows per expert (heuristics.masked_config:
+    the op's own choice, made here so the caller can adjust it, e.g. early weights), or None (the
+    op chooses) off the GPU, for layouts without a decode mean or while tracing."""
     if layout.expected_rows <= 0 or not layout.a.is_cuda or torch.compiler.is_compiling():
         return None
     experts, m_max = layout.a.shape[:2]
     device = layout.a.device.index if layout.a.device.index is not None else torch.cuda.current_device()
-    return H.masked_config(experts, min(layout.expected_m, m_max), n, k, H.num_sms(device),
-                           expected_rows=layout.expected_rows)
+    return H.masked_config(experts, min(layout.expected_m, m_max), n, k, H.num_sms(device))
 
 
 def _budget_config(a: torch.Tensor, w: torch.Tensor, num_sms: Optional[int]):

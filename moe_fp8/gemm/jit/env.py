@@ -103,13 +103,6 @@ def masked_row_chunks(default: bool) -> bool:
     return _switch("MOE_FP8_MASKED_ROW_CHUNKS", default)
 
 
-def masked_active_tiles(default: bool) -> bool:
-    """``MOE_FP8_MASKED_ACTIVE_TILES``: ``1`` lets the masked GEMM's decode tiles be chosen for
-    the experts a batch is expected to touch (heuristics.masked_config, given expected_rows),
-    ``0`` for all of them; unset: ``default``."""
-    return _switch("MOE_FP8_MASKED_ACTIVE_TILES", default)
-
-
 def masked_silu_variant() -> Optional[str]:
     """``MOE_FP8_MASKED_SILU``: ``oneshot`` or ``stream`` pins the masked SiLU-mul kernel where the
     caller did not (an A/B knob for decode); unset or empty: the ``expected_m`` rule."""
