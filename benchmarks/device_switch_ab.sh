@@ -14,7 +14,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}/switch_ab"; mkdir -p "$FINAL"
 # An entry A+B+C of SWITCHES is one set: all of its switches 0, then all 1. NAME:V sets V
-# instead of 1 (a count, e.g. MOE_FP8_DECODE_PREFETCH:4).
+# instead of 1 (a count, e.g. MOE_FP8_DECODE_ROUTER_SMS:48).
 assign() {
   local out=() name value; IFS=+ read -ra names <<< "$1"
   for name in "${names[@]}"; do

@@ -167,21 +167,6 @@ def test_contiguous_swiglu_launch(launches, shape):
                                       fp8(rows, inter), torch.empty(rows, inter // 128))
 
 
-def test_decode_prefetch_launch(launches):
-    """The decode step's L2 prefetch of the gate-up weights (l2_prefetch.cuh, session 14): its
-    argument list against the cubin, the grid covering every (K block, tile, half) once, and the
-    counts clamped to W13's experts and K blocks."""
-    from moe_fp8.gemm.kernels import fp8_gemm as K
-    K.prefetch_swiglu_weights(fp8(32, 4096, 7168), 132, 4)
-    K.prefetch_swiglu_weights(fp8(2, 512, 256), 132, 8)  # 4 tiles, 2 K blocks at most
-    K.prefetch_swiglu_weights(fp8(2, 512, 256), 132, 0)  # nothing to do: no launch
-    assert [entry[0] for entry in launches] == ["moe_fp8::prefetch_paired_b_kernel"] * 2
-    (_, grid0, block0, smem0, _), (_, grid1, _, _, _) = launches
-    assert grid0[0] * block0[0] >= 2 * 132 * 4 and smem0 == 0 and grid1[0] == 1
-    with pytest.raises(ValueError, match="2I % 256"):
-        K.prefetch_swiglu_weights(fp8(2, 384, 256), 132, 4)
-
-
 def test_wgrad_launch(launches):
     from moe_fp8.gemm.kernels import wgrad
     m, n, tokens, experts = 256, 512, 512, 3

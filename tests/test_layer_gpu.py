@@ -294,17 +294,6 @@ def test_prefill_swiglu_keeps_bits(moe, tokens, monkeypatch):
         moe.dispatcher.contiguous_rows = saved
 
 
-@pytest.mark.parametrize("max_tokens", [8, 256])
-@torch.no_grad()
-def test_decode_prefetch_keeps_bits(moe, monkeypatch, max_tokens):
-    """MOE_FP8_DECODE_PREFETCH=4: the gate-up weights' first K blocks prefetched into L2 on a graph
-    branch of their own; a prefetch changes no value, so every replay keeps its bits (and the
-    graph with the extra branch captures and replays)."""
-    sizes = (max_tokens, 7, 1, max_tokens)
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_PREFETCH", sizes,
-                                    990 + max_tokens, on_value="4", max_tokens=max_tokens)
-
-
 @pytest.mark.parametrize("max_tokens", [1, 32, 256])
 @torch.no_grad()
 def test_decode_stage_quant_keeps_bits(moe, monkeypatch, max_tokens):

@@ -23,7 +23,7 @@ from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales, to_mn_major
 from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
-from .switches import int_setting, switch_on
+from .switches import switch_on
 
 FP8 = torch.float8_e4m3fn
 kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek-V3)
@@ -66,16 +66,6 @@ kSwapAbDownDefault = False
 # layer 4096 / 8192 / 16384 / 32768 tokens -5..-6 / -2.0 / -1.2 (10 rounds) / -1.4 %: on.
 kPrefillSwiGluEnv = "MOE_FP8_PREFILL_SWIGLU"
 kPrefillSwiGluDefault = True
-# The decode graph's gate-up weights prefetched into L2 on a graph branch of their own while the
-# router branch runs (include/l2_prefetch.cuh): MOE_FP8_DECODE_PREFETCH = K blocks per B tile of the
-# fused SwiGLU GEMM's first wave (unset / 0: off), from kDecodePrefetchMinRows expected rows per
-# expert on (then nearly every expert holds rows and the first wave's tiles are those guessed).
-# H100 timelines, 2026-12-06: 15-37 us from the x-quant to the gate-up's start with HBM at
-# ~1.6-1.9 of ~3 TB/s. Off: no gain measured (H100, session 15, 1 / 8 / 32 / 256 tokens within
-# -6..+3 us of off at N = 4, worse at N = 8).
-kDecodePrefetchEnv = "MOE_FP8_DECODE_PREFETCH"
-kDecodePrefetchDefault = 0
-kDecodePrefetchMinRows = 2.0
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -199,25 +189,6 @@ class RoutedExperts(nn.Module):
             down = H.as_swap_ab(down, self.inter)
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
-
-    def prefetch_wanted(self, expected_rows: float) -> bool:
-        """Whether ``prefetch_gate_up`` would launch for a decode step of ``expected_rows`` mean
-        rows per local expert (``MOE_FP8_DECODE_PREFETCH``, the fused SwiGLU's tile shape, a
-        GEMM kernel on this device)."""
-        if (not int_setting(kDecodePrefetchEnv, kDecodePrefetchDefault) or not self.w13.is_cuda
-                or expected_rows < kDecodePrefetchMinRows or (2 * self.inter) % 256
-                or torch.compiler.is_compiling()):
-            return False
-        from ..gemm.backend import pick
-        return pick("auto", self.w13.device, "fp8_gemm", "m_grouped_masked") is not None
-
-    def prefetch_gate_up(self) -> None:
-        """Launch the L2 prefetch of the gate-up GEMM's first-wave weights (``prefetch_wanted``
-        first; on the caller's stream, which should be a branch beside the router's)."""
-        from ..gemm.kernels import fp8_gemm
-        device = self.w13.device.index if self.w13.device.index is not None else torch.cuda.current_device()
-        fp8_gemm.prefetch_swiglu_weights(self.w13, H.num_sms(device),
-                                         int_setting(kDecodePrefetchEnv, kDecodePrefetchDefault))
 
     def _prefill_swiglu(self, layout: ContiguousLayout):
         """``act = (fp8 [M_sum, I], MN-major scales)`` from the fused SwiGLU gate-up GEMM where

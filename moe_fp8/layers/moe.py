@@ -39,7 +39,6 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
 kDecodeRouterSmsDefault = 32
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
-kPrefetchStreams: dict = {}  # device -> the branch of the decode step's weight prefetch
 
 
 def _side_stream(streams: dict, device: torch.device) -> "torch.cuda.Stream":
@@ -267,7 +266,6 @@ class MoE(nn.Module):
         x2 = self._tokens(x)
         self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
-        prefetch = self._start_prefetch(x2)  # graph branch (MOE_FP8_DECODE_PREFETCH)
         if x_fp8 is None:
             xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         else:
@@ -279,8 +277,6 @@ class MoE(nn.Module):
         if value_checks_enabled(layout.num_overflow) and int(layout.num_overflow):
             raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "
                              f"max_tokens_per_expert={m_max}: raise it (T tokens need at most T)")
-        if prefetch is not None:
-            torch.cuda.current_stream(x2.device).wait_stream(prefetch)
         y_rows = self.experts.forward_masked(layout, workspace)  # [E_loc, M_max, H]
         shared = self._join_shared(shared, side)
         return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)
@@ -301,21 +297,6 @@ class MoE(nn.Module):
         if q.device != x2.device or s.device != x2.device:
             raise ValueError(f"x_fp8 must be on x's device {x2.device}, got {q.device} / {s.device}")
         return q, s
-
-    def _start_prefetch(self, x2: torch.Tensor):
-        """The decode step's L2 prefetch of the gate-up weights on a side stream (in a graph
-        capture: a branch beside the router's), or None where ``RoutedExperts.prefetch_wanted``
-        says no. It reads only weights, so it forks before anything and joins before the experts
-        (the join only closes the branch: a prefetch changes no value)."""
-        if not x2.is_cuda or not self.experts.prefetch_wanted(
-                self.dispatcher.expected_rows(x2.shape[0])):
-            return None
-        main = torch.cuda.current_stream(x2.device)
-        side = _side_stream(kPrefetchStreams, x2.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            self.experts.prefetch_gate_up()
-        return side
 
     def decode_runner(self, max_tokens: int, *, use_graph: Optional[bool] = None,
                       batch_sizes=None):

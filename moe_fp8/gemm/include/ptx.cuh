@@ -151,17 +151,6 @@ __device__ __forceinline__ void tma_load_2d(void* s_dst, const TmaDesc* desc, u6
       : "memory");
 }
 
-// A 2-D box of the tensor brought into L2 only (no shared memory, no barrier), its lines marked
-// evict_last so that the streams around it do not push them out before their reader comes.
-__device__ __forceinline__ void tma_prefetch_2d_evict_last(const TmaDesc* desc, int c0, int c1) {
-  asm volatile(
-      "{\n.reg .b64 policy;\n"
-      "createpolicy.fractional.L2::evict_last.b64 policy, 1.0;\n"
-      "cp.async.bulk.prefetch.tensor.2d.L2.global.tile.L2::cache_hint [%0, {%1, %2}], policy;\n}\n"
-      ::"l"(reinterpret_cast<u64>(desc)), "r"(c0), "r"(c1)
-      : "memory");
-}
-
 __device__ __forceinline__ void tma_load_3d(void* s_dst, const TmaDesc* desc, u64* bar, int c0,
                                             int c1, int c2) {
   asm volatile(

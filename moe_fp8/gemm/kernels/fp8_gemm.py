@@ -28,8 +28,6 @@ from ..jit import driver
 kHeader = "fp8_gemm.cuh"
 kSplitKHeader = "split_k.cuh"
 kSwiGluHeader = "fused_swiglu.cuh"
-kPrefetchHeader = "l2_prefetch.cuh"
-kPrefetchThreads = 128  # l2_prefetch.cuh kPrefetchThreads
 kLayoutDense, kLayoutContiguous, kLayoutMasked, kLayoutContiguousOffsets = 0, 1, 2, 4
 kLayoutContiguousZeroPad = 5  # the m_indices form, padding rows written as zeros
 
@@ -451,32 +449,6 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
                    jit.i64(act_s.stride(1))], cluster=(c.cluster_size, 1, 1))
 
 
-def prefetch_source() -> "jit.KernelSource":
-    return jit.KernelSource(kPrefetchHeader, "moe_fp8::prefetch_paired_b_kernel")
-
-
-def prefetch_swiglu_weights(b: torch.Tensor, num_tiles: int, k_blocks: int) -> None:
-    """Bring the first ``k_blocks`` K blocks of the fused SwiGLU GEMM's first ``num_tiles`` B
-    tiles (W13 fp8 ``[E, 2I, K]``, one row block per expert assumed) into L2
-    (``include/l2_prefetch.cuh``). Changes no value; launches only (graph-capturable)."""
-    num_experts, n, k = b.shape
-    if n % 256 or k % 128:
-        raise ValueError(f"W13 must have 2I % 256 == 0 and K % 128 == 0, got {tuple(b.shape)}")
-    tiles_per_expert = n // 256
-    num_tiles = min(num_tiles, num_experts * tiles_per_expert)
-    k_blocks = min(k_blocks, k // 128)
-    if num_tiles <= 0 or k_blocks <= 0:
-        return
-    dev = b.device.index if b.device.index is not None else torch.cuda.current_device()
-    kernel = _cached_kernel(("prefetch", dev), prefetch_source, dev)
-    tma_b = _tma(_k_major(b).view(num_experts * n, k), 128, 128, 128)  # the SwiGLU GEMM's boxes
-    items = 2 * num_tiles * k_blocks
-    grid = max(1, min(H._ceil_div(items, kPrefetchThreads), H.num_sms(dev)))
-    kernel.launch((grid, 1, 1), (kPrefetchThreads, 1, 1), 0,
-                  [tma_b, jit.i32(num_tiles), jit.i32(tiles_per_expert), jit.i32(n),
-                   jit.i32(k_blocks)])
-
-
 # ----------------------------------------------------------------------------- bundled variants
 
 kH100Sms = 132
@@ -511,7 +483,6 @@ def bundled_sources() -> List["jit.KernelSource"]:
                 sources.append(swiglu_source(n, k, swiglu, pow2=False))
                 # ... reading the tokens unpermuted (MOE_FP8_DECODE_GATHER)
                 sources.append(swiglu_source(n, k, swiglu, pow2=False, gather=True))
-    sources.append(prefetch_source())
     return list(dict.fromkeys(sources))  # unique, in order
 
 
