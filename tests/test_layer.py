@@ -254,3 +254,22 @@ def test_bad_inputs():
         d.dispatch_contiguous(torch.randn(3, 256), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="expert_offset"):
         LocalDispatcher(16, 256, 4, num_experts_local=8, expert_offset=9)
+
+
+def test_forward_masked_takes_x_fp8():
+    """MoE.forward_masked(x, x_fp8=(q, s)): x already quantised 1x128 is used as it stands (the
+    same output as quantising x inside), and its shapes, dtypes and device are checked."""
+    from moe_fp8 import gemm as G
+    moe = MoE(MoEConfig.tiny(), seed=3)
+    x = torch.randn(5, moe.cfg.hidden_size).bfloat16()
+    with torch.no_grad():
+        q, s = G.per_token_group_quant_fp8(x, 128, pow2_scale=moe.cfg.pow2_scale)
+        assert torch.equal(moe.forward_masked(x, x_fp8=(q, s)), moe.forward_masked(x))
+        with pytest.raises(ValueError, match="x_fp8\\[0\\]"):
+            moe.forward_masked(x, x_fp8=(q[:4], s))
+        with pytest.raises(ValueError, match="x_fp8\\[1\\]"):
+            moe.forward_masked(x, x_fp8=(q, s[:, :1]))
+        with pytest.raises(TypeError, match="x_fp8"):
+            moe.forward_masked(x, x_fp8=q)
+        with pytest.raises(ValueError, match="device"):
+            moe.forward_masked(x, x_fp8=(q.to("meta"), s))

@@ -292,22 +292,3 @@ def test_prefill_swiglu_keeps_bits(moe, tokens, monkeypatch):
             assert torch.equal(got, expected), f"prefill swiglu T={tokens} rows={rows}"
     finally:
         moe.dispatcher.contiguous_rows = saved
-
-
-@pytest.mark.parametrize("max_tokens", [1, 32, 256])
-@torch.no_grad()
-def test_decode_stage_quant_keeps_bits(moe, monkeypatch, max_tokens):
-    """MOE_FP8_STAGE_QUANT=1: the runner's staging kernel also writes x's fp8 copy and the graph
-    runs no x-quant of its own: the same bits, for contiguous batches (the kernel) and a strided
-    one (the copy + quantise fallback), batches below the runner's size included."""
-    hidden = moe.cfg.hidden_size
-    monkeypatch.setenv("MOE_FP8_STAGE_QUANT", "0")
-    off = moe.decode_runner(max_tokens=max_tokens)
-    monkeypatch.setenv("MOE_FP8_STAGE_QUANT", "1")
-    on = moe.decode_runner(max_tokens=max_tokens)
-    assert on.x_fp8 is not None and off.x_fp8 is None
-    for i, n in enumerate((max_tokens, max(1, max_tokens // 3), 1, max_tokens)):
-        x = rand_x(n, hidden, 1010 + i)
-        assert torch.equal(on(x).clone(), off(x).clone()), f"stage quant n={n}"
-        strided = torch.cat([x, x], dim=1)[:, :hidden]  # not contiguous: the fallback path
-        assert torch.equal(on(strided).clone(), off(x).clone()), f"stage quant fallback n={n}"

@@ -3,8 +3,7 @@ bucket, replayed per batch.
 
 Capacity: ``M_max = dispatcher.max_tokens_per_expert(max_tokens)`` rows per expert; one token
 picks an expert at most once, so no expert can receive more than ``max_tokens`` rows from one
-rank: nothing overflows. Static state: the input ``x [max_tokens, H]`` (with
-``MOE_FP8_STAGE_QUANT`` also its 1x128 fp8 copy ``x_fp8``), ``num_valid`` (a device scalar;
+rank: nothing overflows. Static state: the input ``x [max_tokens, H]``, ``num_valid`` (a device scalar;
 tokens beyond it are routed to the skip sentinel), the layout buffers, the experts' workspace and
 the output ``[max_tokens, H]``. A replay launches kernels only: no host sync,
 no allocation, no compilation (kernels are compiled by the warm-up before the capture).
@@ -24,7 +23,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import gemm as G
 from ..gemm.jit.env import pdl_scope
 from ..gemm.validate import debug_mode
 from .experts import MaskedWorkspace
@@ -45,13 +43,6 @@ kDecodePdlDefault = True
 # On: measured together with the small dispatch (layers/permute.py), H100 2026-12-05, session 11.
 kStageKernelEnv = "MOE_FP8_STAGE_KERNEL"
 kStageKernelDefault = True
-# The staging kernel also quantises the batch (1x128) into static fp8 buffers, and the graph
-# skips its x-quant kernel (quant.cuh stage_quant_kernel; the same bytes): one kernel fewer at the
-# head of the step (the x-quant ran 1.3 / 4.1 us at 1 / 256 tokens, first on the critical path,
-# H100 timelines 2026-12-06). Off: slower at small batches (H100, session 15: 1 / 8 tokens
-# 155 / 491 -> 159 / 498 us; the x-quant ran beside the router branch, staging runs before the graph).
-kStageQuantEnv = "MOE_FP8_STAGE_QUANT"
-kStageQuantDefault = False
 
 
 def default_batch_sizes(max_tokens: int) -> tuple:
@@ -94,17 +85,11 @@ class DecodeRunner:
                                                   cfg.hidden_size, cfg.moe_intermediate_size,
                                                   device, moe.dtype)
         self.out = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
-        # MOE_FP8_STAGE_QUANT: x's fp8 copy kept beside it, written by the staging kernel
-        self.x_fp8 = None
-        if (self.use_graph and switch_on(kStageQuantEnv, kStageQuantDefault)
-                and moe.dtype == torch.bfloat16 and layouts.fused_enabled(self.x)):
-            self.x_fp8 = G.per_token_group_quant_fp8(self.x, 128, pow2_scale=cfg.pow2_scale)
         if batch_sizes is None:
             batch_sizes = default_batch_sizes(max_tokens)
         self.batch_sizes = _checked_batch_sizes(batch_sizes, max_tokens)
-        # one size where a smaller graph cannot run on the first rows: the fp8 copy's scales are
-        # laid out for max_tokens rows, and every EP rank must replay the same exchange
-        if self.x_fp8 is not None or moe._expert_parallel:
+        # one size: every EP rank must replay the same exchange
+        if moe._expert_parallel:
             self.batch_sizes = (max_tokens,)
         self.graphs = self._capture() if self.use_graph else {}
         self.graph = self.graphs.get(max_tokens)  # the full-size graph
@@ -119,7 +104,7 @@ class DecodeRunner:
         b = batch or self.max_tokens
         self.moe.forward_masked(self.x[:b], max_tokens_per_expert=self.m_max,
                                 num_valid_tokens=self.num_valid, buffers=self.buffers,
-                                workspace=self.workspace, out=self.out[:b], x_fp8=self.x_fp8)
+                                workspace=self.workspace, out=self.out[:b])
 
     def _capture(self) -> dict:
         graphs, pool = {}, torch.cuda.graph_pool_handle()
@@ -142,9 +127,8 @@ class DecodeRunner:
         return graphs
 
     def _stage(self, x: torch.Tensor) -> bool:
-        """x's rows into the static input and n into num_valid with one kernel (with
-        ``x_fp8``: also their fp8 copy), where the switch is on and the kernel applies (same
-        dtype, contiguous, 16-byte aligned); else False."""
+        """x's rows into the static input and n into num_valid with one kernel where the switch is
+        on and the kernel applies (same dtype, contiguous, 16-byte aligned); else False."""
         if x.shape[0] == 0 or not switch_on(kStageKernelEnv, kStageKernelDefault) or \
                 not layouts.fused_enabled(self.x):
             return False
@@ -152,12 +136,7 @@ class DecodeRunner:
         if not (x.dtype == self.x.dtype and x.is_contiguous() and kernels.aligned16(x, self.x)
                 and x.shape[1] * x.element_size() % kernels.kVectorBytes == 0):
             return False
-        if self.x_fp8 is not None:
-            from ..gemm.kernels import quant
-            quant.stage_quant(x, self.x, *self.x_fp8, self.num_valid,
-                              pow2_scale=self.moe.cfg.pow2_scale)
-        else:
-            kernels.stage_rows(x, self.x, self.num_valid)
+        kernels.stage_rows(x, self.x, self.num_valid)
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +156,6 @@ class DecodeRunner:
         if not self._stage(x):
             self.x[:n].copy_(x)
             self.num_valid.fill_(n)
-            if self.x_fp8 is not None:  # the graph reads the fp8 copy: refresh it
-                G.per_token_group_quant_fp8(self.x, 128, pow2_scale=self.moe.cfg.pow2_scale,
-                                            out=self.x_fp8)
         b = self.batch_size_for(n) if n else self.batch_sizes[0]
         if self.graph is not None:
             self.graphs[b].replay()

@@ -262,7 +262,7 @@ class MoE(nn.Module):
         """``x [T, H]`` -> ``[T, H]`` through the masked layout (the decode step). With the static
         arguments (what ``decode_runner`` passes) it neither syncs nor allocates by value.
         ``x_fp8``: x already quantised 1x128 (fp8 ``[T, H]``, fp32 ``[T, H/128]``), used instead
-        of quantising it here (the runner's staging kernel writes it, MOE_FP8_STAGE_QUANT)."""
+        of quantising it here."""
         x2 = self._tokens(x)
         self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
@@ -282,8 +282,8 @@ class MoE(nn.Module):
         return self.dispatcher.combine_masked(y_rows, handle, add=shared, out=out)
 
     def _check_x_fp8(self, x2: torch.Tensor, x_fp8) -> tuple:
-        """``x_fp8 = (fp8 [T, H], fp32 [T, H/128])``: x2 already quantised 1x128 (the decode
-        runner's staged copy, MOE_FP8_STAGE_QUANT); its shapes and dtypes checked."""
+        """``x_fp8 = (fp8 [T, H], fp32 [T, H/128])``: x2 already quantised 1x128; its shapes and
+        dtypes checked."""
         if not isinstance(x_fp8, (tuple, list)) or len(x_fp8) != 2:
             raise TypeError(f"x_fp8 must be a pair (fp8 values, fp32 scales), got {type(x_fp8).__name__}")
         q, s = x_fp8

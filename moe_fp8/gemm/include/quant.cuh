@@ -642,13 +642,12 @@ struct UnitLayout {
 };
 
 // The one-shot per-token body: each group of kLanes lanes quantises kOneShotUnroll units of
-// kGroupSize values; kStage also copies each unit's raw values to gStaged (stage_quant_kernel).
-template <typename T, int kGroupSize, bool kPow2, bool kStage>
+// kGroupSize values.
+template <typename T, int kGroupSize, bool kPow2>
 __device__ __forceinline__ void quantize_units_oneshot(const T* __restrict__ gX,
                                                        __nv_fp8_storage_t* __restrict__ gQ,
                                                        float* __restrict__ gS, long long numUnits,
-                                                       const UnitLayout& layout,
-                                                       T* __restrict__ gStaged) {
+                                                       const UnitLayout& layout) {
   constexpr int kLanes = lanes_per_group<kGroupSize>();
   constexpr int kUnitsPerPass = kOneShotThreads / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -670,11 +669,6 @@ __device__ __forceinline__ void quantize_units_oneshot(const T* __restrict__ gX,
     const float scale = scale_from_amax<kPow2>(amax);
     if (unit >= numUnits) continue;
     const long long offset = unit * kGroupSize + lane * kValuesPerThread;
-    if constexpr (kStage) {
-#pragma unroll
-      for (int i = 0; i < Raw<T>::kVectors; ++i)
-        reinterpret_cast<uint4*>(gStaged + offset)[i] = rRaw[p][i];
-    }
     *reinterpret_cast<uint4*>(gQ + offset) = quantize16(rV, scale);
     if (lane == 0) gS[layout.scale_offset(unit)] = scale;
   }
@@ -687,27 +681,7 @@ __global__ void __launch_bounds__(kOneShotThreads) per_token_group_quant_oneshot
     long long sGroup) {
   pdl::begin();  // before any global access (pdl.cuh)
   const UnitLayout layout{rowsPerBatch, groupsPerRow, sBatch, sRow, sGroup};
-  quantize_units_oneshot<T, kGroupSize, kPow2, false>(gX, gQ, gS, numUnits, layout, nullptr);
-}
-
-// The decode runner's input staging and x-quant in one launch, before its graph replays: the
-// batch's rows x [n, K] bf16 into the static input gStaged (the router reads it), their 1x128 FP8
-// values and scales into the static gQ / gS (MN-major [n, K / kGroupSize] through sRow / sGroup)
-// and n into *gCount; the graph then runs no x-quant of its own (MoE.forward_masked x_fp8). The
-// one-shot kernel's body: the same bytes as quantising the staged rows.
-template <int kGroupSize, bool kPow2>
-__global__ void __launch_bounds__(kOneShotThreads) stage_quant_kernel(
-    const __nv_bfloat16* __restrict__ gX, __nv_bfloat16* __restrict__ gStaged,
-    __nv_fp8_storage_t* __restrict__ gQ, float* __restrict__ gS, long long numUnits,
-    int groupsPerRow, long long sRow, long long sGroup, long long* __restrict__ gCount,
-    long long count) {
-  pdl::begin();  // before any global access (pdl.cuh)
-  if (blockIdx.x == 0 && threadIdx.x == 0) *gCount = count;
-  // one batch of all the rows (scale_offset divides by rowsPerBatch only for units < numUnits)
-  const UnitLayout layout{static_cast<int>(max(numUnits / groupsPerRow, 1ll)), groupsPerRow, 0,
-                          sRow, sGroup};
-  quantize_units_oneshot<__nv_bfloat16, kGroupSize, kPow2, true>(gX, gQ, gS, numUnits, layout,
-                                                                 gStaged);
+  quantize_units_oneshot<T, kGroupSize, kPow2>(gX, gQ, gS, numUnits, layout);
 }
 
 // h [rows, 2I] bf16 (gate | up) -> q [rows, I] + scales; v1's SiLU kernel. kMasked: units of

@@ -145,18 +145,6 @@ def silu_oneshot_source(group_size: int, pow2_scale: bool, masked: bool = False)
                                  f"{group_size}, {_bool(pow2_scale)}{masked_arg}>")
 
 
-@functools.lru_cache(maxsize=None)
-def stage_quant_source(group_size: int, pow2_scale: bool) -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::quant::stage_quant_kernel<{group_size}, "
-                                 f"{_bool(pow2_scale)}>")
-
-
-@register_bundled
-def bundled_stage_sources() -> list[KernelSource]:
-    """The decode runner's staging + x-quant (MOE_FP8_STAGE_QUANT), both scale kinds."""
-    return [stage_quant_source(128, pow2) for pow2 in (False, True)]
-
-
 @register_bundled
 def bundled_oneshot_sources() -> list[KernelSource]:
     """The one-shot kernels the public ops dispatch for large inputs (group 128, both scale
@@ -223,21 +211,6 @@ def per_token_group_quant(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     units = x.numel() // group_size
     kernel.launch(_oneshot_grid(units, group_size), kOneShotThreads, 0,
                   [x, q, s, i64(units), *_unit_layout(s, x.shape[-2], k // group_size)])
-
-
-def stage_quant(x: torch.Tensor, staged: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                count: torch.Tensor, pow2_scale: bool = False) -> None:
-    """``staged[:n] = x; q[:n], s[:n] = per_token_group_quant(x); count.fill_(n)`` in one launch
-    (``include/quant.cuh`` stage_quant_kernel): ``x [n, K]`` bf16 contiguous, ``staged`` /
-    ``q`` ``[>= n, K]`` contiguous (bf16 / fp8), ``s`` MN-major ``[>= n, K/128]``, ``count`` an
-    int64 device scalar; 16-byte aligned rows. The caller checks shapes and dtypes."""
-    n, k = x.shape
-    _check_aligned(x=x, staged=staged, q=q)
-    units = n * k // 128
-    kernel = get_kernel(stage_quant_source(128, bool(pow2_scale)))
-    kernel.launch(max(1, _oneshot_grid(units, 128)), kOneShotThreads, 0,
-                  [x, staged, q, s, i64(units), i32(k // 128), i64(s.stride(-2)),
-                   i64(s.stride(-1)), count, i64(n)])
 
 
 def per_block_quant(w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
