@@ -7,7 +7,7 @@
 # TESTS: a pytest -k over the GEMM, permute, layer, route-dispatch and router GPU tests, run
 # first with every switch of SWITCHES set to 1 (empty: no tests). Prints the tables; logs under
 # $OUT/switch_ab.
-#   cd .snap && SWITCHES="MOE_FP8_PERMUTE_PER_PAIR MOE_FP8_GATE_KERNEL" \
+#   cd .snap && SWITCHES="MOE_FP8_SMALL_DISPATCH MOE_FP8_FUSED_SWIGLU" \
 #     GROUPED_SWITCHES="MOE_FP8_MASKED_ROW_CHUNKS" TESTS="masked or decode or permute" \
 #     bash benchmarks/device_switch_ab.sh
 set -uo pipefail

@@ -347,7 +347,6 @@ kPermuteInstances = [
     "moe_fp8::permute::count_experts_kernel<256>", "moe_fp8::permute::scan_experts_kernel<256>",
     "moe_fp8::permute::contiguous_rank_kernel<512>", "moe_fp8::permute::masked_index_kernel<512>",
     "moe_fp8::permute::permute_rows_kernel<false>", "moe_fp8::permute::permute_rows_kernel<true>",
-    "moe_fp8::permute::permute_rows_kernel<true, true>",
     "moe_fp8::permute::masked_dispatch_small_kernel<256>",
     "moe_fp8::permute::stage_rows_kernel<256>",
     "moe_fp8::permute::combine_kernel<false>", "moe_fp8::permute::combine_kernel<true>",

@@ -254,11 +254,8 @@ def test_permute_contiguous_strided_inputs(backend):
         assert_same(a, e, name)
 
 
-@pytest.mark.parametrize("per_pair", ["0", "1"])
-def test_permute_masked_bit_exact(backend, per_pair, monkeypatch):
-    """The fused masked permute (a warp per pair, or MOE_FP8_PERMUTE_PER_PAIR=1: a CTA per pair)
-    writes the torch path's bytes outside the trash bucket."""
-    monkeypatch.setenv("MOE_FP8_PERMUTE_PER_PAIR", per_pair)
+def test_permute_masked_bit_exact(backend):
+    """The fused masked permute writes the torch path's bytes outside the trash bucket."""
     for case, (tokens, hidden, top_k, experts) in enumerate(permute_cases(backend)[:4]):
         for m_max in (2, tokens):
             ids = routing_ids(tokens, top_k, experts, backend, seed=300 + case)
@@ -283,7 +280,7 @@ def test_permute_masked_bit_exact(backend, per_pair, monkeypatch):
             with fused():
                 PM._kernels().permute_masked(xq, xs, index.pair_expert, index.pair_rank, top_k,
                                              actual_bufs.a, actual_bufs.sa, maps[0], maps[1],
-                                             index.masked_m, per_pair=per_pair == "1")
+                                             index.masked_m)
             assert_same(maps[0, :experts], expected[0], f"poisoned row_token {what}")
             assert_same(maps[1, :experts], expected[1], f"poisoned row_slot {what}")
             assert bool((maps[:, experts] == -1).all()), f"trash row maps {what}"

@@ -35,11 +35,6 @@ from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
 from .switches import switch_on
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
-# The masked permute with one CTA per pair (2 dependent round trips instead of ~4 per CTA: the
-# decode step's 8 rows at one token took ~8 us on the router branch, H100 2026-12-05). Off until
-# a GPU run has timed it.
-kPermutePerPairEnv = "MOE_FP8_PERMUTE_PER_PAIR"
-kPermutePerPairDefault = False
 # The decode dispatch of at most 256 pairs (32 tokens at top-8) as one kernel: the masked index and
 # the permute, every CTA ranking the pairs itself (masked_dispatch_small_kernel): one launch and
 # its round trips fewer on the router branch between the route kernel and the routed gate-up GEMM.
@@ -146,9 +141,7 @@ def permute_masked(xq: torch.Tensor, xs: torch.Tensor, index: MaskedIndex, top_k
                 index.masked_m.numel() == a_buf.shape[0] - 1:
             rows = _row_maps(a_buf)  # -1 past masked_m and in the trash bucket: by the kernel
             kernels.permute_masked(xq, xs, *pair_meta, top_k, a_buf, sa_buf, rows[0], rows[1],
-                                   index.masked_m,
-                                   per_pair=switch_on(kPermutePerPairEnv, kPermutePerPairDefault),
-                                   copy_rows=copy_rows)
+                                   index.masked_m, copy_rows=copy_rows)
             return rows[0, :-1], rows[1, :-1]
     pair_token = torch.arange(num_pairs, device=xq.device) // top_k  # [P]
     where = (index.pair_expert, index.pair_rank)

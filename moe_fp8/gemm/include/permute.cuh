@@ -420,12 +420,10 @@ __device__ __forceinline__ void copy_scales_group_major(const long long* sScaleS
 // Scales: s[e, m, g] lives at gSa[e * saBatch + m * saRow + g * saGroup]; the CTA's 8 items are
 //   written group-major, so in the contiguous (MN-major) layout each group's 8 scales are one
 //   aligned 32-byte sector (M_sum % 8 == 0) instead of 8 partial ones.
-// kPerPair (masked only, decode): one CTA per pair instead of a warp: the pair's index entries
-// are read once, then its row and its scales move together over the CTA's threads. The warp per
-// row pays four dependent round trips per CTA (index, two batches of the row, the scales after a
-// barrier), which a decode step's few rows pay in full on the router branch (8 rows: ~8 us, H100
-// 2026-12-05). The same results; grid = numItems.
-template <bool kMasked, bool kPerPair = false>
+// A CTA per pair instead of a warp (fewer dependent round trips for a decode step's few rows)
+// measured no gain (H100, session 10: 175 -> 174 us at one token, 607 -> 614 at 256); removed in
+// session 19.
+template <bool kMasked>
 __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
     const uint4* __restrict__ gX,        // [T, H / 16] fp8 rows as 16-byte vectors, row stride
                                          // xRowVectors (a packed receive buffer has > H / 16)
@@ -439,7 +437,6 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
     int rowsPerBatch, int trashBatch, long long xsToken, long long xsGroup, long long saBatch,
     long long saRow, long long saGroup) {
   pdl::begin();  // before any global access (pdl.cuh)
-  static_assert(kMasked || !kPerPair, "a CTA per pair: masked layout only");
   if constexpr (kMasked) {
     const int numRows = (trashBatch + 1) * rowsPerBatch;
     for (int r = blockIdx.x * kPermuteThreads + threadIdx.x; r < numRows;
@@ -451,25 +448,6 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
         gRowSlot[r] = -1;
       }
     }
-  }
-  if constexpr (kPerPair) {
-    const int item = blockIdx.x;
-    if (item >= numItems) return;
-    const long long batch = __ldg(gIndex0 + item), row = __ldg(gIndex1 + item);
-    if (batch == trashBatch) return;  // a skipped pair: nobody reads the trash bucket
-    const long long token = item / topK;
-    const long long dstRow = batch * rowsPerBatch + row;
-    const uint4* src = gX + token * xRowVectors;
-    uint4* dst = gA + dstRow * vectorsPerRow;
-#pragma unroll 2
-    for (int v = threadIdx.x; v < vectorsPerRow; v += kPermuteThreads) dst[v] = ld_stream(src + v);
-    for (int g = threadIdx.x; g < groups; g += kPermuteThreads)
-      gSa[batch * saBatch + row * saRow + g * saGroup] = __ldg(gXs + token * xsToken + g * xsGroup);
-    if (threadIdx.x == 0) {
-      gRowToken[dstRow] = token;
-      gRowSlot[dstRow] = item - token * topK;
-    }
-    return;
   }
   __shared__ long long sScaleSrc[kRowsPerCta];  // -1: item past numItems
   __shared__ long long sScaleDst[kRowsPerCta];

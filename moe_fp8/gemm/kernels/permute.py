@@ -23,11 +23,10 @@ validate; these functions take checked tensors and pre-allocated outputs and onl
   sa ``[M_sum, H/128]`` any strides (MN-major gives sector-complete scale writes),
   row_token/row_slot int64 ``[M_sum]``.
 * ``permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token, row_slot,
-  masked_m, per_pair=False)``: a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max,
+  masked_m)``: a_buf ``[E + 1, M_max, H]`` contiguous, sa_buf ``[E + 1, M_max,
   H/128]`` any strides, row_token/row_slot int64 ``[E + 1, M_max]`` contiguous (written whole:
   -1 at or past masked_m and in the trash bucket), masked_m int32 ``[E]`` (the index's); pairs in
-  the trash bucket E are not copied. ``per_pair``: one CTA per pair (fewer
-  dependent round trips for a decode step's few rows), the same results.
+  the trash bucket E are not copied.
 * ``masked_dispatch_small(ids, num_experts, m_max, weights, id_offset, top_k, num_valid, xq, xs,
   a_buf, sa_buf, row_token, row_slot)``: ``masked_index`` (global ids) then ``permute_masked`` in
   one launch for ``0 < P <= kSmallPairs``; returns ``masked_index``'s tuple.
@@ -92,10 +91,9 @@ def masked_index_source() -> KernelSource:
 
 
 @functools.lru_cache(maxsize=None)
-def permute_source(masked: bool, per_pair: bool = False) -> KernelSource:
-    """A warp per row, or (``per_pair``, masked only) a CTA per pair."""
-    args = _bool(masked) + (", true" if per_pair else "")
-    return KernelSource(kHeader, f"moe_fp8::permute::permute_rows_kernel<{args}>")
+def permute_source(masked: bool) -> KernelSource:
+    """A warp per row."""
+    return KernelSource(kHeader, f"moe_fp8::permute::permute_rows_kernel<{_bool(masked)}>")
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,9 +113,9 @@ def combine_source(has_add: bool) -> KernelSource:
 
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (11 kernels)."""
+    """Every variant the layer can launch (10 kernels)."""
     return [count_source(), scan_source(), rank_source(), masked_index_source(),
-            permute_source(False), permute_source(True), permute_source(True, per_pair=True),
+            permute_source(False), permute_source(True),
             masked_dispatch_small_source(), stage_source(),
             combine_source(False),
             combine_source(True)]
@@ -238,14 +236,14 @@ def permute_contiguous(xq, xs, row_pair, top_k, a, sa, row_token, row_slot) -> N
 
 
 def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_token,
-                   row_slot, masked_m, per_pair: bool = False, copy_rows: bool = True) -> None:
+                   row_slot, masked_m, copy_rows: bool = True) -> None:
     """``copy_rows=False``: the scales and row maps only, no fp8 row (the decode gate-up then
     gathers the rows from ``xq`` itself: ``fp8_gemm.m_grouped_masked_swiglu(gather=...)``)."""
     num_pairs = pair_expert.numel()
     m_max, hidden = a_buf.shape[1], a_buf.shape[2]
-    # per_pair: one CTA per pair, else a warp per pair, 8 per CTA; at least one CTA (the row maps)
-    grid = max(1, num_pairs if per_pair else _ceil_div(num_pairs, kRowsPerCta))
-    _kernel(permute_source(True, per_pair), xq).launch(grid, kPermuteThreads, 0, [
+    # a warp per pair, 8 per CTA; at least one CTA (the row maps)
+    grid = max(1, _ceil_div(num_pairs, kRowsPerCta))
+    _kernel(permute_source(True), xq).launch(grid, kPermuteThreads, 0, [
         xq, xs, pair_expert, pair_rank, a_buf, sa_buf, row_token, row_slot, masked_m, i32(num_pairs),
         i32(top_k), i32(hidden // kVectorBytes if copy_rows else 0),
         i64(xq.stride(0) // kVectorBytes),
