@@ -23,9 +23,7 @@ from kernel_checks import EmulatedKernel, assert_bundled_compile_clean, build_em
 kEnv = "MOE_FP8_FUSED_ROUTER"
 kInstances = [*(f"moe_fp8::router::route_kernel<256, {p}>" for p in (1, 2, 4, 8)),
               *(f"moe_fp8::router::route_kernel<256, {p}, true>" for p in (1, 2, 4, 8)),
-              "moe_fp8::router::local_ids_kernel<256>",
-              "moe_fp8::router::gate_logits_kernel<__nv_bfloat16>",
-              "moe_fp8::router::gate_logits_kernel<float>"]
+              "moe_fp8::router::local_ids_kernel<256>"]
 
 
 def kernels():
@@ -271,106 +269,6 @@ def test_local_ids_match_torch(backend):
             assert torch.equal(actual, expected), (tokens, top_k, offset, local, valid)
 
 
-# ----------------------------------------------------------------------------- gate logits
-
-def check_gate_logits(x, w):
-    """The kernel against a float64 product: within fp32 summation error of sum |x w|; every
-    element written (the output is fresh torch.empty); the same bits on a second call."""
-    logits = kernels().gate_logits(x, w)
-    exact = x.double() @ w.double().t()
-    bound = 1e-5 * (x.double().abs() @ w.double().abs().t()) + 1e-30
-    assert logits.shape == (x.shape[0], w.shape[0]) and logits.dtype == torch.float32
-    assert ((logits.double() - exact).abs() <= bound).all(), (x.shape, w.shape, w.dtype)
-    assert torch.equal(kernels().gate_logits(x, w), logits)  # deterministic
-
-
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
-def test_gate_logits_kernel(backend, weight_dtype):
-    gen = torch.Generator().manual_seed(12)
-    cases = ((1, 7168, 32), (16, 7168, 256), (17, 7168, 32), (64, 2048, 48)) if backend == "cuda" \
-        else ((1, 512, 16), (19, 264, 3))  # 19 tokens: a second, partial tile of 16
-    for tokens, hidden, experts in cases:
-        x = torch.randn(tokens, hidden, generator=gen).bfloat16().to(backend)
-        w = (torch.randn(experts, hidden, generator=gen) * 0.02).to(weight_dtype).to(backend)
-        check_gate_logits(x, w)
-        # rows of a wider tensor (row stride > H), as a slice hands them over
-        wide = torch.randn(tokens, hidden + 64, generator=gen).bfloat16().to(backend)
-        assert kernels().supports_gate_logits(wide[:, :hidden], w)
-        check_gate_logits(wide[:, :hidden], w)
-    empty = torch.empty(0, 512, dtype=torch.bfloat16, device=backend)
-    assert kernels().gate_logits(empty, torch.ones(4, 512, device=backend)).shape == (0, 4)
-
-
-def gate_logits_in_kernel_order(x: torch.Tensor, w: torch.Tensor, threads: int = 256) -> torch.Tensor:
-    """router.cuh's gate kernel sum order in fp32 with separate roundings (the g++ emulation's
-    arithmetic, -ffp-contract=off): thread i adds its 8-value chunks c = 8 (i + 256 j) in order,
-    value by value; a butterfly over the warp (xor 16, 8, 4, 2, 1); the 8 warps' sums in order."""
-    tokens, hidden = x.shape
-    xf, wf = x.float(), w.float()
-    chunks = hidden // 8
-    per_thread = -(-chunks // threads)
-    acc = torch.zeros(tokens, w.shape[0], threads)
-    for j in range(per_thread):
-        for i in range(8):
-            cols = torch.arange(threads) * 8 + j * threads * 8 + i
-            ok = cols < hidden
-            prod = xf[:, None, cols.clamp(max=hidden - 1)] * wf[None, :, cols.clamp(max=hidden - 1)]
-            acc = torch.where(ok, acc + prod, acc)
-    lanes = acc.view(tokens, w.shape[0], threads // 32, 32)
-    for offset in (16, 8, 4, 2, 1):
-        lanes = lanes + lanes[..., torch.arange(32) ^ offset]
-    total = torch.zeros(tokens, w.shape[0])
-    for warp in range(threads // 32):
-        total = total + lanes[..., warp, 0]
-    return total
-
-
-def test_gate_logits_kernel_sum_order_emulated(monkeypatch, router_emulator):
-    """The documented order, bit for bit, on both code paths of the kernel: weight chunks held in
-    registers (H <= 8192) and the chunk loop (beyond); tokens 1, 3 and a partial second tile."""
-    monkeypatch.setattr(kernels(), "_kernel", lambda src, like: EmulatedKernel(router_emulator, src))
-    gen = torch.Generator().manual_seed(5)
-    for tokens, hidden, experts in ((1, 2056, 3), (3, 4096, 2), (18, 264, 2), (2, 8200, 2)):
-        x = torch.randn(tokens, hidden, generator=gen).bfloat16()
-        w = (torch.randn(experts, hidden, generator=gen) * 0.02).bfloat16()
-        got = kernels().gate_logits(x, w)
-        want = gate_logits_in_kernel_order(x, w)
-        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (tokens, hidden, experts)
-
-
-def test_gate_logits_kernel_limits():
-    x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(4, 64)
-    assert kernels().supports_gate_logits(x, w)
-    assert not kernels().supports_gate_logits(x.float(), w)  # x must be bf16
-    assert not kernels().supports_gate_logits(x, w.half())  # weight bf16 or fp32
-    assert not kernels().supports_gate_logits(torch.zeros(2, 60, dtype=torch.bfloat16), torch.zeros(4, 60))
-    assert not kernels().supports_gate_logits(x, torch.zeros(64, 4).t())  # weight not contiguous
-    assert not kernels().supports_gate_logits(x[:, 1:9], torch.zeros(4, 8))  # misaligned rows
-
-
-@pytest.mark.gpu
-@torch.no_grad()
-def test_gate_kernel_switch_routes_small_batches():
-    """MOE_FP8_GATE_KERNEL=1: gate_logits takes the kernel up to kGateKernelMaxTokens tokens (on
-    the bf16 copy where there is one), cuBLAS beyond; off: cuBLAS everywhere."""
-    moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
-    router = moe.gate
-    gate16 = router._bf16_gate()
-    gen = torch.Generator(device="cuda").manual_seed(13)
-    for tokens in (1, R.kGateKernelMaxTokens, R.kGateKernelMaxTokens + 1):
-        x = torch.randn(tokens, moe.cfg.hidden_size, generator=gen, device="cuda").bfloat16()
-        with env_switch(R.kGateKernelEnv, "0"):
-            off = R.gate_logits(x, router.weight, gate16)
-        with env_switch(R.kGateKernelEnv, "1"):
-            on = R.gate_logits(x, router.weight, gate16)
-        if tokens <= R.kGateKernelMaxTokens:
-            want = kernels().gate_logits(x, gate16 if gate16 is not None else router.weight)
-            assert torch.equal(on, want)
-        else:
-            assert torch.equal(on, off)
-        assert calc_diff(on, off) < 1e-9
-
-
 # ----------------------------------------------------------------------------- the layer
 
 @torch.no_grad()
@@ -399,12 +297,11 @@ def test_layer_fused_router_vs_torch(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", [kEnv, R.kGateKernelEnv])
+@pytest.mark.parametrize("switch", [kEnv])
 @torch.no_grad()
 def test_decode_graph_with_router_kernels(switch):
-    """The decode runner captured with the router kernels (selection; the gate kernel) replays
-    new batches like the runner without them (the same routing: with the gate kernel the
-    logits differ only in their fp32 sum order)."""
+    """The decode runner captured with the router kernels replays new batches like the runner
+    without them (the same routing)."""
     moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
     with env_switch(switch, "0"):
         plain = moe.decode_runner(max_tokens=32)

@@ -50,14 +50,6 @@ kFusedRouterEnv = "MOE_FP8_FUSED_ROUTER"
 kBf16GateEnv = "MOE_FP8_BF16_GATE"
 kBf16GateDefault = True
 
-# The gate GEMM of a few tokens (decode) as one router.cuh kernel instead of cuBLAS (a split-K GEMM
-# and its reduction: 24 us at one token, H100 2026-12-05). Off: the decode graph at one token
-# measured 194 -> 190 and 183 -> 181 us with it (H100, 2026-12-05), within noise, and 173 -> 176
-# with the router's own SMs (session 10). Its loads were then found serialised (one weight chunk
-# per round trip, SASS) and restructured in session 11 (same bits), not yet timed.
-kGateKernelEnv = "MOE_FP8_GATE_KERNEL"
-kGateKernelDefault = False
-kGateKernelMaxTokens = 64  # beyond: cuBLAS (the kernel re-reads x per expert from L2)
 
 kFusedRouterDefault = True  # verified and measured on an H100, 2026-12-05 (NOTES "First GPU run of session 4")
 
@@ -162,14 +154,8 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor,
     product is exact in fp32), summed in another order, without the fp32 copy of x and the fp32
     SIMT GEMM (~0.16 ms at 4096 tokens x 32 experts on an H100, 8x that at 256 experts).
 
-    At most ``kGateKernelMaxTokens`` bf16 tokens on an sm_90 GPU with ``MOE_FP8_GATE_KERNEL=1``
-    and no gradient wanted: router.cuh's gate kernel (the same fp32 products, another fixed sum
-    order) on the bf16 copy where there is one, else on the fp32 weight."""
-    if x.shape[0] <= kGateKernelMaxTokens and kernels_enabled(x, kGateKernelEnv, kGateKernelDefault) \
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        gate = weight_bf16 if weight_bf16 is not None else weight
-        if kernels().supports_gate_logits(x, gate):
-            return kernels().gate_logits(x, gate)
+    A gate kernel of our own for decode batches (a CTA per expert) was slower than cuBLAS's
+    split-K GEMM and reduction in every measurement (H100, sessions 7-11); removed in session 19."""
     if (weight_bf16 is not None and x.is_cuda and x.dtype == torch.bfloat16 and _mm_out_dtype[0]
             and weight_bf16.device == x.device):
         try:

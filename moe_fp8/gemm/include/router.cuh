@@ -11,10 +11,6 @@
 //     gather, sum, div, mul, ...). Same selection as torch: every comparison is exact; the one
 //     documented difference is the order of the k slots (torch's unsorted topk order is its
 //     own) and hence the order of the k-term sum of the weights (at most an ulp or two).
-//   * gate_logits_kernel: the gate GEMM for a few tokens (decode), logits fp32 [T, E] = x [T, H]
-//     (bf16) . W [E, H]^T (bf16 values, or fp32), fp32 products and sums. cuBLAS took 24 us for
-//     one token x 32 experts (a split-K GEMM + its reduction kernel; H100, 2026-12-05) for 0.5 MB
-//     of weights; one CTA per (expert, 16 tokens) reads its weight row once.
 //   * local_ids_kernel: global expert ids [T, k] -> local ids of one rank's experts, the skip
 //     sentinel E_loc for others and for tokens at or beyond num_valid (a device scalar in the
 //     decode graph): replaces the 6-9 torch ops of layouts.local_expert_ids.
@@ -211,116 +207,6 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
     gTopkWeights[static_cast<long long>(token) * topK + lane] =
         route_weight(myWeight, sum, normalize, scaling);
     if (gCounts != nullptr) atomicAdd(gCounts + myIdx, 1ull);
-  }
-}
-
-// Eight consecutive values of a bf16 or fp32 row as floats (16-byte aligned; exact conversions).
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[2 * i] = __uint_as_float(words[i] << 16);
-    v[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
-  }
-}
-__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
-  const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint4 b = __ldg(reinterpret_cast<const uint4*>(p + 4));
-  const unsigned words[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = __uint_as_float(words[i]);
-}
-
-constexpr int kGateThreads = 256;
-constexpr int kGateTokens = 16;  // tokens per CTA: accumulators per thread
-constexpr int kGateHeldChunks = 4;  // 8-value weight chunks a thread holds: H <= 8192 at once
-
-// gX bf16 [T, H] (row stride xStride), gW [E, H] contiguous (bf16 or fp32), H % 8 == 0, rows
-// 16-byte aligned -> gLogits fp32 [T, E]. CTA (e, tile): thread i sums the 8-value chunks i,
-// i + 256, ... of weight row e against each token of the tile; then a fixed-order warp and CTA
-// reduction (deterministic: the same bits every call).
-template <typename W>
-__global__ void __launch_bounds__(kGateThreads) gate_logits_kernel(
-    const __nv_bfloat16* __restrict__ gX, const W* __restrict__ gW, int numTokens, int hidden,
-    long long xStride, int numExperts, float* __restrict__ gLogits) {
-  pdl::begin();  // before any global access (pdl.cuh)
-  __shared__ float sPartial[kGateThreads / 32][kGateTokens];
-  const int e = blockIdx.x, t0 = blockIdx.y * kGateTokens;
-  const int tokens = min(kGateTokens, numTokens - t0);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float acc[kGateTokens];
-#pragma unroll
-  for (int t = 0; t < kGateTokens; ++t) acc[t] = 0.0f;
-  const W* wRow = gW + static_cast<long long>(e) * hidden;
-  const __nv_bfloat16* xTile = gX + static_cast<long long>(t0) * xStride;
-  if (hidden <= kGateHeldChunks * 8 * kGateThreads) {
-    // The thread's whole share of the weight row requested at once (one DRAM round trip), then
-    // each token's matching x chunks together (L2 hits, one round trip per token; loading two
-    // tokens ahead, ptxas sank the second one's loads into the products again). The loop below
-    // waits for every load before the next: 4 weight round trips plus one x round trip per chunk
-    // and token for H = 7168 (SASS, 2026-12-05). Each acc[t] takes the same products in the same
-    // order as there: the same bits.
-    float w[kGateHeldChunks][8];
-#pragma unroll
-    for (int j = 0; j < kGateHeldChunks; ++j) {
-      const int c = (threadIdx.x + j * kGateThreads) * 8;
-      if (c < hidden) {
-        load8(wRow + c, w[j]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) w[j][i] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kGateTokens; ++t) {
-      if (t >= tokens) break;  // CTA-uniform
-      // the token's chunks requested together (addresses clamped into the row: no predicates),
-      // then their products
-      const __nv_bfloat16* xRow = xTile + t * xStride;
-      float x[kGateHeldChunks][8];
-#pragma unroll
-      for (int j = 0; j < kGateHeldChunks; ++j) {
-        const int c = (threadIdx.x + j * kGateThreads) * 8;
-        load8(xRow + (c < hidden ? c : 0), x[j]);
-      }
-#pragma unroll
-      for (int j = 0; j < kGateHeldChunks; ++j) {
-        // computed for every chunk and kept for those inside the row: a use under a branch let
-        // the compiler sink each load into its branch, one round trip per chunk again
-        float sum = acc[t];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) sum += x[j][i] * w[j][i];
-        acc[t] = (threadIdx.x + j * kGateThreads) * 8 < hidden ? sum : acc[t];
-      }
-    }
-  } else {
-    for (int c = threadIdx.x * 8; c < hidden; c += kGateThreads * 8) {
-      float w[8];
-      load8(wRow + c, w);
-#pragma unroll
-      for (int t = 0; t < kGateTokens; ++t) {
-        if (t >= tokens) break;
-        float x[8];
-        load8(xTile + t * xStride + c, x);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[t] += x[i] * w[i];
-      }
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kGateTokens; ++t) {
-    float v = acc[t];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-    if (lane == 0) sPartial[warp][t] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x < tokens) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kGateThreads / 32; ++w) sum += sPartial[w][threadIdx.x];
-    gLogits[static_cast<long long>(t0 + threadIdx.x) * numExperts + e] = sum;
   }
 }
 

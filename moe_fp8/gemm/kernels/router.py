@@ -10,8 +10,6 @@ decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, limi
   stride), bias fp32 ``[E]`` contiguous -> ``(topk_idx int64 [T, k], topk_weights fp32
   [T, k])``, slots in descending order of the biased score; ``counts`` int64 ``[E]``
   contiguous: += 1 per selected (token, expert) (the caller zeroes it).
-* ``gate_logits(x, weight)``: x bf16 ``[T, H]`` (unit column stride), weight bf16 or fp32 ``[E, H]``
-  contiguous, H % 8 == 0 -> fp32 logits ``[T, E]`` (``supports_gate_logits``).
 * ``local_ids(topk_idx, offset, num_local, num_valid)``: topk_idx int64 ``[T, k]`` contiguous;
   ``num_valid`` None, a host int or an int64 device scalar -> int64 ``[T, k]``.
 
@@ -34,9 +32,6 @@ kRouteWarps = kRouteThreads // 32
 kLocalIdsThreads = 256
 kMaxTopK = 32
 kMaxGroups = 32
-kGateThreads = 256
-kGateTokens = 16  # tokens per CTA
-_kGateWeightTypes = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 
 
 kPerLaneChoices = (1, 2, 4, 8)  # route_kernel's kPerLane instances (experts per lane)
@@ -59,18 +54,11 @@ def local_ids_source() -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::router::local_ids_kernel<{kLocalIdsThreads}>")
 
 
-@functools.lru_cache(maxsize=None)
-def gate_logits_source(weight_dtype: torch.dtype) -> KernelSource:
-    return KernelSource(kHeader, f"moe_fp8::router::gate_logits_kernel<"
-                                 f"{_kGateWeightTypes[weight_dtype]}>")
-
-
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (11 kernels)."""
+    """Every variant the layer can launch (9 kernels)."""
     return [*(route_source(p) for p in kPerLaneChoices),
-            *(route_source(p, True) for p in kPerLaneChoices), local_ids_source(),
-            *(gate_logits_source(t) for t in _kGateWeightTypes)]
+            *(route_source(p, True) for p in kPerLaneChoices), local_ids_source()]
 
 
 def _kernel(src: KernelSource, like: torch.Tensor):
@@ -97,20 +85,6 @@ def supports_route(scores: torch.Tensor, bias: torch.Tensor, num_groups: int, to
             and (tokens == 0 or scores.stride(0) >= experts))
 
 
-def supports_gate_logits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """bf16 x ``[T, H]`` with unit column stride and 16-byte aligned rows; weight bf16 or fp32
-    ``[E, H]`` contiguous and aligned; H % 8 == 0; same device."""
-    if x.dim() != 2 or weight.dim() != 2 or x.dtype != torch.bfloat16:
-        return False
-    if weight.dtype not in _kGateWeightTypes or x.device != weight.device:
-        return False
-    tokens, hidden = x.shape
-    return (weight.shape[1] == hidden and hidden % 8 == 0 and weight.is_contiguous()
-            and 1 <= weight.shape[0] < 2 ** 31 and x.stride(1) == 1
-            and (tokens <= 1 or x.stride(0) % 8 == 0) and x.data_ptr() % 16 == 0
-            and weight.data_ptr() % 16 == 0 and tokens < 2 ** 31)
-
-
 def supports_local_ids(topk_idx: torch.Tensor) -> bool:
     return topk_idx.dtype == torch.int64 and topk_idx.dim() == 2 and topk_idx.is_contiguous() \
         and topk_idx.shape[1] >= 1
@@ -132,19 +106,6 @@ def route(scores, bias, num_groups, topk_group, top_k, fill_neg_inf, normalize, 
         i32(topk_group), i32(top_k), i32(int(bool(fill_neg_inf))), i32(int(bool(normalize))),
         f32(float(scaling)), topk_idx, topk_weights, counts])
     return topk_idx, topk_weights
-
-
-def gate_logits(x, weight):
-    """See the module docstring."""
-    tokens, hidden = x.shape
-    experts = weight.shape[0]
-    logits = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
-    if tokens == 0:
-        return logits
-    _kernel(gate_logits_source(weight.dtype), x).launch(
-        (experts, _ceil_div(tokens, kGateTokens), 1), kGateThreads, 0,
-        [x, weight, i32(tokens), i32(hidden), i64(x.stride(0)), i32(experts), logits])
-    return logits
 
 
 def local_ids(topk_idx, offset, num_local, num_valid=None):
