@@ -49,12 +49,12 @@ step guards 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck python
 # pinned few-SM configs too, where CTAs reuse the tile-scale and epilogue buffers (session 7)
 step reuse 180 $SAN --tool racecheck python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_gemm_gpu.py -k "p7 or zero_padding or num_sms" &
-# the decode-step kernels of session 11 (small dispatch, route dispatch, stage): memcheck of their
+# the decode-step kernels of session 11 (small dispatch, stage): memcheck of their
 # GPU tests, with torch's caching allocator (its tests capture decode graphs, and a capture may
 # not cudaMalloc: PYTORCH_NO_CUDA_MEMORY_CACHING=1 failed them, H200 2026-12-05)
 step decode 180 $SAN --tool memcheck python3 -m pytest -q \
-  -p no:cacheprovider -m gpu tests/test_route_dispatch.py tests/test_permute_gpu.py \
-  -k "route_dispatch or small or stage" &
+  -p no:cacheprovider -m gpu tests/test_permute_gpu.py tests/test_layer_gpu.py \
+  -k "small or stage or gather" &
 wait
 
 python3 - "$RAW" "$FINAL/findings.md" <<'PY' > "$RAW/report.txt"

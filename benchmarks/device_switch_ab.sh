@@ -27,7 +27,7 @@ all_on=(); for s in ${SWITCHES:-} ${GROUPED_SWITCHES:-}; do all_on+=($(assign "$
 if [ -n "${TESTS:-}" ]; then
   env "${all_on[@]}" timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_gemm_gpu.py tests/test_permute_gpu.py tests/test_layer_gpu.py \
-    tests/test_route_dispatch.py tests/test_router_gpu.py -k "$TESTS" \
+    tests/test_router_gpu.py -k "$TESTS" \
     > "$FINAL/tests.log" 2>&1
   echo "tests (all switches on) rc=$? $(tail -n 1 "$FINAL/tests.log" | cut -c1-100)"
   grep -aE "^FAILED" "$FINAL/tests.log" | head -n 8

@@ -202,13 +202,12 @@ def test_decode_fused_swiglu_keeps_bits(moe, monkeypatch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_FUSED_SWIGLU", (32, 7, 1, 32), 895)
 
 
-@pytest.mark.parametrize("switch", ["MOE_FP8_SMALL_DISPATCH", "MOE_FP8_ROUTE_DISPATCH",
-                                    "MOE_FP8_STAGE_KERNEL"])
+@pytest.mark.parametrize("switch", ["MOE_FP8_SMALL_DISPATCH", "MOE_FP8_STAGE_KERNEL"])
 @torch.no_grad()
 def test_decode_session11_switches_keep_bits(moe, monkeypatch, switch):
-    """The decode-step switches built in session 11 (index + permute in one kernel, with the
-    expert selection folded in, the runner's input staged by one kernel) merge launches only: the
-    same outputs, also below the runner's size."""
+    """The decode-step switches built in session 11 (index + permute in one kernel, the runner's
+    input staged by one kernel) merge launches only: the same outputs, also below the runner's
+    size."""
     assert_decode_switch_keeps_bits(moe, monkeypatch, switch, (32, 7, 1, 32), 905)
 
 

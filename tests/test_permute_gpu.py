@@ -673,12 +673,11 @@ def test_decode_step_launches_do_not_depend_on_the_batch(backend, small, monkeyp
     Steps with n = max, 3, 1 (eager) are recorded and compared launch by launch;
     MOE_FP8_SMALL_DISPATCH=1 makes the index and the permute one launch (a runner of at most 32
     tokens: 256 pairs). The runner's input staging (MOE_FP8_STAGE_KERNEL) is a launch before the
-    graph, with n as its argument by design: pinned off here, as is the route dispatch. The
+    graph, with n as its argument by design: pinned off here. The
     runner keeps one batch size (max_tokens): each of its per-size graphs replays smaller batches
     the same way."""
     monkeypatch.setenv("MOE_FP8_SMALL_DISPATCH", small)
     monkeypatch.setenv("MOE_FP8_STAGE_KERNEL", "0")
-    monkeypatch.setenv("MOE_FP8_ROUTE_DISPATCH", "0")  # its kernel is route_dispatch.cuh's
     moe, max_tokens = decode_layer(backend)
     if small == "1":
         max_tokens = min(max_tokens, 32)

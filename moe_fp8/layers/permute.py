@@ -31,7 +31,7 @@ from .. import gemm as G
 from ..gemm.layout import empty_act_scales
 from ..gemm.validate import debug_mode
 from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
-                      global_index_valid_count, masked_index_kernel_inputs)
+                      masked_index_kernel_inputs)
 from .switches import switch_on
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
@@ -42,12 +42,6 @@ kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 
 # tokens 169-172 -> 165 / 267 -> 264 / 377 -> 374 us, no row slower.
 kSmallDispatchEnv = "MOE_FP8_SMALL_DISPATCH"
 kSmallDispatchDefault = True
-# The same with the expert selection folded in (route_dispatch.cuh: every CTA routes the few
-# tokens itself from the gate's logits): the route kernel's launch and its top-k ids' round trip
-# fewer as well. Off: H100 2026-12-05 (session 11, against the route kernel + index + permute),
-# 1 token 168 -> 168 us, 32 tokens 519 -> 527 (every CTA routes all 32 tokens).
-kRouteDispatchEnv = "MOE_FP8_ROUTE_DISPATCH"
-kRouteDispatchDefault = False
 # The decode dispatch writes the masked layout's scales and row maps but copies no fp8 row; the
 # routed gate-up (the fused SwiGLU GEMM) copies each tile's rows from the unpermuted tokens itself
 # (two producer warps, cp.async; gemm_core.cuh kGatherA). On (unset); 0: off. H100, 2026-12-06,
@@ -187,38 +181,6 @@ def decode_gather_wanted(xq: torch.Tensor) -> bool:
     read the layout's rows), not while tracing."""
     return (switch_on(kDecodeGatherEnv, kDecodeGatherDefault) and fused_enabled(xq)
             and not debug_mode() and not torch.compiler.is_compiling())
-
-
-def route_dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, router, logits: torch.Tensor,
-                                expert_offset: int, num_experts_local: int, m_max: int,
-                                num_valid_tokens, a_buf: torch.Tensor, sa_buf: torch.Tensor):
-    """``router.select(logits)`` then ``dispatch_masked_small`` in one kernel launch where
-    ``MOE_FP8_ROUTE_DISPATCH=1``, the route kernel would take the logits itself
-    (``MOE_FP8_FUSED_ROUTER``, ``MOE_FP8_ROUTE_SIGMOID``, its limits) and the small dispatch
-    applies: ``(topk_weights, MaskedIndex, row_token, row_slot)``, the same values; else None."""
-    from ..gemm.kernels import route_dispatch
-    from . import router as R
-    if not switch_on(kRouteDispatchEnv, kRouteDispatchDefault) or \
-            not switch_on(R.kRouteSigmoidEnv, R.kRouteSigmoidDefault) or \
-            not R.fused_router_enabled(logits) or not fused_enabled(xq) or logits.requires_grad:
-        return None
-    cfg = router.cfg
-    bias = router.e_score_correction_bias.to(device=logits.device, dtype=torch.float32).contiguous()
-    if not route_dispatch.supports(logits, bias, cfg.n_group, cfg.topk_group, cfg.top_k):
-        return None
-    kernels = _kernels()
-    # the small dispatch's own conditions (dispatch_masked_small)
-    valid = global_index_valid_count(num_valid_tokens, logits.device)
-    if valid is False or not 1 <= num_experts_local <= kernels.kMaxExperts or \
-            not (_masked_buffers_fit(xq, xs, a_buf, sa_buf)
-                 and tuple(a_buf.shape[:2]) == (num_experts_local + 1, m_max)):
-        return None
-    rows = _row_maps(a_buf)
-    _, topk_weights, fields = route_dispatch.route_dispatch_small(
-        logits, bias, cfg.n_group, cfg.topk_group, cfg.top_k, cfg.group_mask_fill == "neg_inf",
-        cfg.norm_topk_prob, cfg.routed_scaling_factor, num_experts_local, m_max, expert_offset,
-        valid, xq, xs, a_buf, sa_buf, rows[0], rows[1])
-    return topk_weights, MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 
 def combine_index_contiguous(index: ContiguousIndex, topk_weights: torch.Tensor) -> CombineIndex:

@@ -254,7 +254,7 @@ def permute_masked(xq, xs, pair_expert, pair_rank, top_k, a_buf, sa_buf, row_tok
 def small_dispatch_copy_args(xq, xs, a_buf, sa_buf, row_token, row_slot,
                              copy_rows: bool = True) -> list:
     """The copy half of the small-dispatch kernels' arguments (permute.cuh ``SmallDispatch``, from
-    ``gX`` on), as ``masked_dispatch_small`` and route_dispatch.py pass them (``copy_rows=False``:
+    ``gX`` on), as ``masked_dispatch_small`` passes them (``copy_rows=False``:
     no fp8 row is copied, as ``permute_masked`` takes it)."""
     return [xq, xs, a_buf, sa_buf, row_token, row_slot,
             i32(a_buf.shape[2] // kVectorBytes if copy_rows else 0),

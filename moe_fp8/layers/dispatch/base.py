@@ -130,8 +130,8 @@ class Dispatcher(abc.ABC):
                                max_tokens_per_expert: int, num_valid_tokens=None,
                                out=None) -> Tuple[MaskedLayout, Any]:
         """``dispatch_masked`` of ``router.select(logits)`` (``router``: the layer's
-        ``moe_fp8.layers.router.Router``). A backend may fold the selection into its dispatch
-        (the local one does for a few tokens: ``MOE_FP8_ROUTE_DISPATCH``); the result is the same."""
+        ``moe_fp8.layers.router.Router``). A backend may fold the selection into its dispatch;
+        the result must be the same."""
         topk_idx, topk_weights = router.select(logits)
         return self.dispatch_masked(x_local, topk_idx, topk_weights,
                                     max_tokens_per_expert=max_tokens_per_expert,

@@ -24,7 +24,7 @@ from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayo
                        masked_index_from_global, upper_bound_rows)
 from ..permute import (combine_index_contiguous, combine_index_masked, decode_gather_wanted,
                        dispatch_masked_small, permute_contiguous, permute_masked,
-                       route_dispatch_masked_small, unpermute_combine)
+                       unpermute_combine)
 from ..router import fused_router_switch_on
 from .base import Dispatcher
 
@@ -119,24 +119,6 @@ class LocalDispatcher(Dispatcher):
         if gather:
             layout.token_source = (xq, row_token)
         return layout, handle
-
-    def dispatch_masked_routed(self, x_local, router, logits, *, max_tokens_per_expert: int,
-                               num_valid_tokens=None, out: Optional[MaskedBuffers] = None):
-        """With ``MOE_FP8_ROUTE_DISPATCH=1`` and at most 256 (token, slot) pairs, the expert
-        selection, the masked index and the permute are one kernel (``route_dispatch.cuh``);
-        otherwise (and with the same values) ``router.select`` then ``dispatch_masked``."""
-        xq, xs = self.tokens_in(x_local)
-        m_max, out = self._masked_buffers(xq, max_tokens_per_expert, out)
-        fused = route_dispatch_masked_small(xq, xs, router, logits, self.expert_offset,
-                                            self.num_experts_local, m_max, num_valid_tokens,
-                                            out.a, out.sa)
-        if fused is None:
-            return super().dispatch_masked_routed((xq, xs), router, logits,
-                                                  max_tokens_per_expert=m_max,
-                                                  num_valid_tokens=num_valid_tokens, out=out)
-        topk_weights, index, row_token, row_slot = fused
-        return self._masked_result(xq.shape[0], index, row_token, row_slot, out, topk_weights,
-                                   m_max, num_valid_tokens)
 
     def _masked_buffers(self, xq, max_tokens_per_expert, out):
         """-> (M_max, the layout's buffers: ``out`` checked, or new ones)."""
