@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_gemm import bench_graph, make_inputs  # noqa: E402
+from bench_grouped import _act, _rand  # noqa: E402
 from common import card  # noqa: E402
 from gemm_ab import parse_config  # noqa: E402
 
@@ -28,7 +29,7 @@ from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.heuristics import (contiguous_config, dense_config, masked_config,  # noqa: E402
                                      num_sms)
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
-from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
+from moe_fp8.gemm.layout import build_m_indices  # noqa: E402
 
 kDefaultCases = ("dense:4096,7168,2048", "dense:4096,4096,7168", "contiguous:4x8192,7168,2048",
                  "contiguous:8x4096,4096,7168", "masked:2x512,4096,7168")
@@ -36,14 +37,8 @@ kDefaultCases = ("dense:4096,7168,2048", "dense:4096,4096,7168", "contiguous:4x8
 
 def _grouped_inputs(rows: int, experts: int, n: int, k: int, masked: bool):
     gen = torch.Generator(device="cuda").manual_seed(rows + n + k)
-    shape = (experts, rows, k) if masked else (experts * rows, k)
-    x = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
-    w = torch.randn(experts, n, k, device="cuda", generator=gen).to(torch.bfloat16)
-    qa, s = ref.per_token_group_quant(x)
-    sa = empty_act_scales(rows if masked else experts * rows, k // 128,
-                          experts if masked else None, device="cuda")
-    sa.copy_(s)
-    qb, sb = ref.per_block_quant(w)
+    qa, sa = _act(_rand((experts, rows, k) if masked else (experts * rows, k), gen))
+    qb, sb = ref.per_block_quant(_rand((experts, n, k), gen))
     return qa, sa, qb, sb
 
 

@@ -3,9 +3,9 @@ bucket, replayed per batch.
 
 Capacity: ``M_max = dispatcher.max_tokens_per_expert(max_tokens)`` rows per expert; one token
 picks an expert at most once, so no expert can receive more than ``max_tokens`` rows from one
-rank: nothing overflows. Static state: the input ``x [max_tokens, H]``, ``num_valid`` (a device scalar;
-tokens beyond it are routed to the skip sentinel), the layout buffers, the experts' workspace and
-the output ``[max_tokens, H]``. A replay launches kernels only: no host sync,
+rank: nothing overflows. Static state: the input ``x [max_tokens, H]``, ``num_valid`` (a device
+scalar; tokens beyond it are routed to the skip sentinel), the layout buffers, the experts'
+workspace and the output ``[max_tokens, H]``. A replay launches kernels only: no host sync,
 no allocation, no compilation (kernels are compiled by the warm-up before the capture).
 
 Batch sizes: one graph per size of ``batch_sizes`` (default: the powers of two below

@@ -50,7 +50,6 @@ kFusedRouterEnv = "MOE_FP8_FUSED_ROUTER"
 kBf16GateEnv = "MOE_FP8_BF16_GATE"
 kBf16GateDefault = True
 
-
 kFusedRouterDefault = True  # verified and measured on an H100, 2026-12-05 (NOTES "First GPU run of session 4")
 
 # The route kernel takes the sigmoid of the logits itself (torch's formula, the same bits) instead
