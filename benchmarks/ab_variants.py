@@ -6,7 +6,7 @@
   the time left is loads + MMA + issue; the difference to the real kernel is what promotion costs.
 * ``noload``: after the first kStages slots the producer stops issuing TMA and only arrives on
   the full barrier, so the MMAs re-read stale shared memory: the time left is MMA + promotion +
-  issue with no L2/HBM traffic (cluster_m = 1 configs only).
+  issue with no L2/HBM traffic (dense, cluster_m = 1 configs only).
 * ``noepi``: no epilogue (the output is never written; the accumulators stay live): what
   the per-tile store costs.
 * ``nofence``: without the wgmma fence that follows each group's commit.
@@ -19,11 +19,18 @@ import sys
 
 kInclude = pathlib.Path(__file__).resolve().parent.parent / "moe_fp8" / "gemm" / "include"
 
-kPromotion = """            r_acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
-            r_acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
-            r_acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
-            r_acc[4 * j + 3] += p[4 * j + 3] * scale_hi;"""
-kNoPromotion = """            if (j == 0) r_acc[0] += p[0] * scale_lo + p[kAcc - 1] * scale_hi;"""
+# The two promotion loops: a 256-wide tile's halves (acc = r_acc + half * kPart) and the
+# single-block tiles (r_acc, factors s00 / s10).
+kPromotionWide = """          acc[4 * j + 0] += p[4 * j + 0] * scale_lo;
+          acc[4 * j + 1] += p[4 * j + 1] * scale_lo;
+          acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
+          acc[4 * j + 3] += p[4 * j + 3] * scale_hi;"""
+kNoPromotionWide = """          if (j == 0) acc[0] += p[0] * scale_lo + p[kPart - 1] * scale_hi;"""
+kPromotion = """          r_acc[4 * j + 0] += p[4 * j + 0] * s00;
+          r_acc[4 * j + 1] += p[4 * j + 1] * s00;
+          r_acc[4 * j + 2] += p[4 * j + 2] * s10;
+          r_acc[4 * j + 3] += p[4 * j + 3] * s10;"""
+kNoPromotion = """          if (j == 0) r_acc[0] += p[0] * s00 + p[kAcc - 1] * s10;"""
 
 kEpilogue = "      P::Epilogue::write_tile(r_acc, s_d_wg, tma_d, tile, params, warpgroup, tid, bar_id);"
 kFence = """// keeps the commit ahead of them (ablation `nofence` in benchmarks/ab_variants.py).
@@ -35,8 +42,15 @@ kKeepAccumulatorsLive = """      float live = 0.f;
       for (int i = 0; i < kAcc; ++i) live += r_acc[i];
       if (live == 1.2345e-37f) s_d_wg[tid] = 1;"""
 
-kLoadStart = "          ptx::mbar_arrive_expect_tx(&full[stage], Layout::kStageTxBytes);"
-kLoadEnd = "          if (++stage == kStages) stage = 0, phase ^= 1;"
+# The main producer's wait for a free slot (the dense / grouped loop, not the scale warp's).
+kSlotWait = "ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp"
+kSlotWaitNoLoad = """            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
+            if (ablate_slots >= kStages) {  // ablation noload: the slot keeps stale data
+              ptx::mbar_arrive(&full[stage]);
+              if (++stage == kStages) stage = 0, phase ^= 1;
+              continue;
+            }
+            ++ablate_slots;"""
 
 
 def patch(text: str, old: str, new: str) -> str:
@@ -49,14 +63,13 @@ def patch(text: str, old: str, new: str) -> str:
 
 def main(out: pathlib.Path) -> None:
     core = (kInclude / "gemm_core.cuh").read_text()
-    variants = {"nopromo": patch(core, kPromotion, kNoPromotion)}
-    begin, end = core.index(kLoadStart), core.index(kLoadEnd)
-    loads = core[begin:end]
-    variants["noload"] = core[:begin] + (
-        "          if (ablate_slots < kStages) {\n" + loads + "          ++ablate_slots;\n"
-        "          } else {\n            ptx::mbar_arrive(&full[stage]);\n          }\n") + core[end:]
-    variants["noload"] = patch(variants["noload"], "      int stage = 0;\n      u32 phase = 0;\n",
-                               "      int stage = 0, ablate_slots = 0;\n      u32 phase = 0;\n")
+    variants = {"nopromo": patch(patch(core, kPromotion, kNoPromotion), kPromotionWide,
+                                 kNoPromotionWide)}
+    variants["noload"] = patch(core, kSlotWait, kSlotWaitNoLoad)
+    variants["noload"] = patch(variants["noload"], "      int stage = 0;\n      u32 phase = 0;\n"
+                               "      MOE_FP8_TRACE(int trace_tile = 0;)",
+                               "      int stage = 0, ablate_slots = 0;\n      u32 phase = 0;\n"
+                               "      MOE_FP8_TRACE(int trace_tile = 0;)")
     variants["noepi"] = patch(core, kEpilogue, kKeepAccumulatorsLive)
     variants["nofence"] = patch(core, kFence, "      // ablated: no fence after the commit")
     for name, text in variants.items():

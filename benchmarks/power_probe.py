@@ -11,6 +11,11 @@ per 100 W, the share of samples under the power cap. Interleaved: ours, cuBLAS, 
     python benchmarks/power_probe.py [--seconds 3] [--rounds 2] [--configs 128x256c1d1,128x256c2d1]
         [--cases dense,contiguous]
 
+``--variant name=folder`` (repeatable): ours also built from that copy of the include tree
+(gemm_ab syntax; e.g. benchmarks/ab_variants.py's ablations), under each pinned config (the
+shipped config where none is pinned; ``noload`` needs a cluster_m = 1 config). An
+ablation's TFLOPS at the cap bounds what removing that part's energy could buy.
+
 ``--configs``: ours also under each pinned config (gemm_ab syntax; a config a case rejects is
 skipped). Session 15's question: does B multicast (c2: two row blocks share one load of the
 weight tile, a third fewer L2-to-SM bytes per MMA at 128 x 256) buy TFLOPS at the power cap?
@@ -33,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from bench_gemm import cublas_blockwise  # noqa: E402
 from bench_grouped import _act, _rand  # noqa: E402
-from gemm_ab import parse_config  # noqa: E402
+from gemm_ab import kernels_from, parse_config  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
@@ -115,6 +120,11 @@ def cases(kinds, dense_shapes=kDenseShapes):
                (lambda qa=qa, s=sa_cublas, qb=qb, sb=sb: blockwise(qa, s, qb, sb)))
 
 
+def _in(folder, ours, config):
+    with kernels_from(folder):
+        ours(config)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -122,6 +132,7 @@ def main():
     parser.add_argument("--configs", default="", help="comma-separated pinned configs for ours")
     parser.add_argument("--cases", default="contiguous,dense")
     parser.add_argument("--dense-shapes", default="", help="M,N,K;M,N,K (default: kDenseShapes)")
+    parser.add_argument("--variant", action="append", default=[], help="name=include folder")
     args = parser.parse_args()
     dense_shapes = (tuple(tuple(int(v) for v in shape.split(",")) for shape in
                           args.dense_shapes.split(";")) if args.dense_shapes else kDenseShapes)
@@ -129,13 +140,19 @@ def main():
     rows = []
     for label, flops, ours, peer in cases(args.cases.split(","), dense_shapes):
         kernels = [("ours", lambda ours=ours: ours(None))]
-        for text, config in pinned:
-            try:
-                ours(config)
-            except ValueError as error:  # e.g. B multicast on the contiguous layout
-                print(f"{label} {text}: {error}"[:200])
-                continue
-            kernels.append((f"ours {text}", lambda ours=ours, config=config: ours(config)))
+        variants = [(None, None)] + [tuple(v.split("=", 1)) for v in args.variant]
+        for vname, folder in variants:
+            # a variant runs under the pinned configs only (the shipped one where none is pinned)
+            for text, config in pinned if vname is None or pinned else [("", None)]:
+                name = " ".join(x for x in ("ours", vname, text) if x)
+                fn = (lambda ours=ours, config=config: ours(config)) if folder is None else \
+                    (lambda ours=ours, config=config, folder=folder: _in(folder, ours, config))
+                try:
+                    fn()
+                except ValueError as error:  # e.g. B multicast on the contiguous layout
+                    print(f"{label} {name}: {error}"[:200])
+                    continue
+                kernels.append((name, fn))
         kernels.append(("cuBLAS", peer))
         for rnd in range(1, args.rounds + 1):
             for name, fn in kernels:
