@@ -449,16 +449,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
     float r_acc[kAcc], r_p0[kPart], r_p1[kDoubleBuffer ? kPart : 1];
     float r_f0[4], r_f1[4];  // promotion factors of the K blocks in r_p0 / r_p1 (see issue)
-#ifdef MOE_FP8_EXP_WIDE_A_REGS
-    // Experiment: a 256-wide tile's halves take A from registers, loaded once per K block with
-    // ldmatrix (shared-memory reads of A 32 -> 16 KB per K block), not twice by the wgmma.
-    constexpr bool kARegs = kHalves == 2 && !kSwapAB;
-#else
-    constexpr bool kARegs = false;
-#endif
-    u32 r_a[kARegs ? 4 : 1][4];  // A fragments of the K block's four k32 steps
-    // ldmatrix row of this lane (matrix lane / 8: rows +8 for odd, bytes +16 for lane >= 16)
-    const u32 a_lane_row = warpgroup * 64 + warp * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
 
     // NOTE: descriptors of slot 0, advanced by whole slots (the start-address field is addr >> 4
     // and every slot ends below 256 KB, so the add never carries out of it). Rebuilding them from
@@ -503,15 +493,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         // tile's second half reads the same slot (fencing there too: the same time, H100
         // 2026-12-06, decode 1-256 tokens within +-1.7 us)
         if constexpr (kGatherA) ptx::fence_proxy_async_smem();
-        if constexpr (kARegs) {
-          if (!kSkipIdle || !idle) {
-            // 128B swizzle: 16-byte chunk c of row r sits at chunk c ^ (r % 8), r % 8 = lane % 8
-            const u32 row = ptx::smem_addr(s_a + stage_in * Layout::kABytes) + a_lane_row * 128;
-#pragma unroll
-            for (int k = 0; k < 4; ++k)
-              ptx::ldmatrix_x4(row + (((2 * k + (lane >> 4)) ^ (lane & 7)) << 4), r_a[k]);
-          }
-        }
       }
       MOE_FP8_TRACE(if (threadIdx.x == 0 && kb == 0 && half == 0)
                         trace::record(trace_begun - 1, 3, trace::now());)
@@ -519,12 +500,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       ptx::wgmma_fence();
       if (!kSkipIdle || !idle) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          if constexpr (kARegs)
-            ptx::WgmmaFp8RegA128::mma(r_a[k], desc_b + k * ptx::kDescKStep, p, k > 0);
-          else
-            Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
-        }
+        for (int k = 0; k < 4; ++k)
+          Mma::mma(desc_a + k * ptx::kDescKStep, desc_b + k * ptx::kDescKStep, p, k > 0);
       }
       ptx::wgmma_commit();
       // NOTE: without a fence after the commit ptxas moved the last (committing) wgmma of the

@@ -399,40 +399,10 @@ MOE_WG_CASE(256,
             MOE_WG_D(48), MOE_WG_D(56), MOE_WG_D(64), MOE_WG_D(72), MOE_WG_D(80), MOE_WG_D(88),
             MOE_WG_D(96), MOE_WG_D(104), MOE_WG_D(112), MOE_WG_D(120))
 
-
-// The same for kN = 128 with A from registers (experiment MOE_FP8_EXP_WIDE_A_REGS, gemm_core.cuh):
-// the warp's 16-row slab of A[64 x 32] as four .b32 (4 e4m3 each), as ldmatrix_x4 returns them.
-struct WgmmaFp8RegA128 {
-  __device__ __forceinline__ static void mma(const u32 (&a)[4], u32 desc_b_lo, float (&d)[64],
-                                             u32 accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %69, 0;\n"
-        "cvt.u64.u32 db, %68;\nor.b64 db, db, %70;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {" MOE_WG_R0 ", " MOE_WG_R1 ", "
-        MOE_WG_R2 ", " MOE_WG_R3 ", " MOE_WG_R4 ", " MOE_WG_R5 ", " MOE_WG_R6 ", " MOE_WG_R7
-        "}, {%64, %65, %66, %67}, db, p, 1, 1;\n}\n"
-        : MOE_WG_D(0), MOE_WG_D(8), MOE_WG_D(16), MOE_WG_D(24), MOE_WG_D(32), MOE_WG_D(40),
-          MOE_WG_D(48), MOE_WG_D(56)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc_b_lo), "r"(accumulate),
-          "n"(kDescK128Sw128Hi64));
-  }
-};
-
 #undef MOE_WG_CASE
 #undef MOE_WG_D
 
 // ------------------------------------------------------------------ epilogue helpers
-
-// Four 8x8 b16 matrices from shared memory to registers (the inverse of stmatrix_x4): lane l
-// supplies the address of row l % 8 of matrix l / 8; register i of every lane receives its two
-// elements (4 bytes) of matrix i.
-__device__ __forceinline__ void ldmatrix_x4(u32 s_addr, u32 (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s_addr)
-               : "memory");
-}
-
 
 // Two fp32 -> one bf16x2 register, round to nearest even; `lo` lands at the lower address.
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
