@@ -15,9 +15,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemm import bench_graph, cublas_blockwise  # noqa: E402
+from bench_gemm import bench_graph, cublas_blockwise, graph_replay  # noqa: E402
 from gemm_ab import parse_config  # noqa: E402
-from common import copy_bandwidth_gbs, geomean, write_results  # noqa: E402
+from common import bench_interleaved, copy_bandwidth_gbs, geomean, write_results  # noqa: E402
 
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.heuristics import contiguous_config, masked_config, num_sms  # noqa: E402
@@ -56,15 +56,16 @@ def contiguous_rows(counts, n, k, repeats, label, extra_configs=()):
     out = torch.empty(m_sum, n, dtype=torch.bfloat16, device="cuda")
     config = contiguous_config(m_sum, n, k, num_sms(torch.cuda.current_device()))
     flops = 2 * sum(counts) * n * k
-    ours = bench_graph(lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, config),
-                       repeats)
+    run_ours = graph_replay(
+        lambda: K.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, config))
     # The offsets form of the same op ([E+1] segment starts instead of m_indices [M_sum]).
     offs = segment_offsets(counts).cuda()
-    ours_offsets = bench_graph(
-        lambda: K.m_grouped_contiguous_offsets(qa, sa, qb, sb, offs, out, config), repeats)
+    run_offsets = graph_replay(
+        lambda: K.m_grouped_contiguous_offsets(qa, sa, qb, sb, offs, out, config))
+    nan = float("nan")  # the timed columns, filled after the interleaved timing below
     row = {"case": label, "E": num_experts, "M_sum": m_sum, "N": n, "K": k,
-           "config": f"{config.block_m}x{config.block_n}", "us": ours,
-           "TFLOPS": flops / ours / 1e6, "offsets_form_us": ours_offsets}
+           "config": f"{config.block_m}x{config.block_n}", "us": nan, "TFLOPS": nan,
+           "offsets_form_us": nan}
     for text in extra_configs:  # pinned alternatives, same inputs (--contiguous-configs)
         pinned = parse_config(text)
         try:
@@ -94,15 +95,20 @@ def contiguous_rows(counts, n, k, repeats, label, extra_configs=()):
             out_dtype=torch.bfloat16)
     if hasattr(torch, "_grouped_mm"):
         peers["grouped_mm_bf16"] = lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=ends)
-    best = 0.0
+    runnable = {}
     for name, fn in peers.items():
+        row[f"{name}_TFLOPS"] = nan
         try:
-            us = bench_graph(fn, repeats)
-            row[f"{name}_TFLOPS"] = flops / us / 1e6
-            best = max(best, flops / us / 1e6)
+            runnable[name] = graph_replay(fn)
         except Exception as error:
-            row[f"{name}_TFLOPS"] = float("nan")
             print(f"peer {name} failed: {error!r}"[:200])
+    # ours, its offsets form and the peers timed in turns (common.bench_interleaved's NOTE)
+    timed = bench_interleaved([run_ours, run_offsets] + list(runnable.values()), repeats=repeats)
+    ours = timed[0]
+    row.update({"us": ours, "TFLOPS": flops / ours / 1e6, "offsets_form_us": timed[1]})
+    for name, us in zip(runnable, timed[2:]):
+        row[f"{name}_TFLOPS"] = flops / us / 1e6
+    best = max((flops / us / 1e6 for us in timed[2:]), default=0.0)
     row["vs_best_peer"] = row["TFLOPS"] / best if best else float("nan")
     return row
 

@@ -1,7 +1,8 @@
 """Timing and reporting helpers shared by the benchmarks (GPU only).
 
 `bench` times with CUDA events, flushes the L2 before every repeat, and returns the median in
-microseconds. The flush (``MOE_FP8_BENCH_FLUSH``, or ``flush_mode``):
+microseconds; `bench_interleaved` does the same for several kernels in turns (ours beside its
+peers: one power and thermal history for all). The flush (``MOE_FP8_BENCH_FLUSH``, or ``flush_mode``):
 * ``write`` (default): a 256 MiB ``zero_()``, the field's usual flush (triton's do_bench,
   DeepGEMM's bench_kineto). It leaves the L2 full of the flush's own dirty lines, which the timed
   region then writes back to DRAM as it evicts them: measured ~8.5 us on a 128 MB read and 5-6
@@ -94,6 +95,14 @@ def _device_ms(fn: Callable[[], object], calls: int) -> float:
 _card_awake = [False]
 
 
+def _wake_card() -> None:
+    """The first call of a process first runs ~300 ms of L2 flushes (see ``bench``)."""
+    if not _card_awake[0]:
+        _device_ms(flush_l2, 1)
+        _device_ms(flush_l2, max(1, int(300.0 / max(_device_ms(flush_l2, 4) / 4, 1e-3))))
+        _card_awake[0] = True
+
+
 def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush: bool = True,
           busy_ms: float = 40.0) -> float:
     """Median device time of ``fn()`` in microseconds (L2 flushed before each repeat).
@@ -105,10 +114,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush
     2026-12-05). Not removed by this: bench_quant's first row (per-token M = 128) read 64 us in
     one process with the wake-up and 6.1 us first and last in another (H100, 2026-12-05).
     """
-    if not _card_awake[0]:
-        _device_ms(flush_l2, 1)
-        _device_ms(flush_l2, max(1, int(300.0 / max(_device_ms(flush_l2, 4) / 4, 1e-3))))
-        _card_awake[0] = True
+    _wake_card()
     for _ in range(warmup):
         fn()
     busy, calls = 0.0, 1
@@ -127,6 +133,35 @@ def bench(fn: Callable[[], object], *, warmup: int = 5, repeats: int = 30, flush
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def bench_interleaved(fns: Sequence[Callable[[], object]], *, warmup: int = 5, repeats: int = 30,
+                      busy_ms: float = 40.0) -> List[float]:
+    """Median device time of each of ``fns`` in microseconds, timed in turns (L2 flushed before
+    every call): repeat i times fns[0], fns[1], ... one after the other, so each kernel sees the
+    same power and thermal history.
+
+    NOTE: timed one after the other (``bench`` per kernel), a compute-bound peer timed after
+    ours ran on a card our runs had pushed into its 700 W cap: at 4096 x 7168 x 16384 cuBLAS
+    read 868 us there against 745 us in a burst after idling and 832-844 us sustained, while
+    ours read 741 / 714 / 807-810 (H100, session 20, experiments/burst_probe.py).
+    """
+    _wake_card()
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    for fn in fns:  # each keeps the card busy for busy_ms / len(fns), in turn
+        _device_ms(fn, max(1, int(busy_ms / len(fns) / max(_device_ms(fn, 1), 1e-3))))
+    events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(repeats)] for _ in fns]
+    for i in range(repeats):
+        for fn, evs in zip(fns, events):
+            flush_l2()
+            evs[i][0].record()
+            fn()
+            evs[i][1].record()
+    torch.cuda.synchronize()
+    return [statistics.median(s.elapsed_time(e) for s, e in evs) * 1e3 for evs in events]
 
 
 def kernel_us(fn: Callable[[], object], *, repeats: int = 30, flush: bool = True) -> float:
