@@ -17,8 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gemm import bench_graph  # noqa: E402
-from common import geomean, kernel_us, write_results  # noqa: E402
+from bench_gemm import bench_graph, graph_replay  # noqa: E402
+from common import bench_interleaved, geomean, kernel_us, write_results  # noqa: E402
 
 import moe_fp8.gemm as G  # noqa: E402
 from moe_fp8.gemm import reference as ref  # noqa: E402
@@ -65,27 +65,19 @@ def case_rows(label, m, n, counts, repeats, sweep):
     out = torch.zeros(num_experts, m, n, device="cuda")
     flops = 2 * m * n * tokens
     config = wgrad_config(m, n, num_sms(torch.cuda.current_device())).resolved(0, wgrad=True)
-    ours = bench_graph(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out), repeats)
     check = torch.zeros_like(out)
     W.k_grouped_tn(qa, sa, qb, sb, offsets, check)
     want = torch.zeros_like(out)
     G.k_grouped_fp8_gemm_tn_contiguous((qa, sa), (qb, sb), offsets, want, backend="reference")
-    row = {"case": label, "E": num_experts, "M": m, "N": n, "tokens": tokens,
-           "config": f"{config.block_m}x{config.block_n}s{config.stages}c{config.cluster_m}",
-           "us": ours, "TFLOPS": flops / ours / 1e6, "diff_vs_ref": G.calc_diff(check, want)}
-    try:  # the kernel alone (profiler): the convention of the published record (DeepGEMM PR #95)
-        row["TFLOPS_kernel"] = flops / kernel_us(
-            lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out), repeats=repeats) / 1e6
-    except RuntimeError as error:
-        print(f"kernel_us ({label}): {error}")
-        row["TFLOPS_kernel"] = float("nan")
     # accumulate=False (out = the product, zeros for experts without tokens): no read of out
     fresh = torch.full_like(out, float("nan"))
     W.k_grouped_tn(qa, sa, qb, sb, offsets, fresh, accumulate=False)
-    us_store = bench_graph(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=False),
-                           repeats)
-    row.update({"overwrite_us": us_store, "overwrite_TFLOPS": flops / us_store / 1e6,
-                "overwrite_diff_vs_ref": G.calc_diff(fresh, want)})
+    nan = float("nan")  # the timed columns, filled after the interleaved timing below
+    row = {"case": label, "E": num_experts, "M": m, "N": n, "tokens": tokens,
+           "config": f"{config.block_m}x{config.block_n}s{config.stages}c{config.cluster_m}",
+           "us": nan, "TFLOPS": nan, "diff_vs_ref": G.calc_diff(check, want), "TFLOPS_kernel": nan,
+           "overwrite_us": nan, "overwrite_TFLOPS": nan,
+           "overwrite_diff_vs_ref": G.calc_diff(fresh, want)}
     starts = offsets[:-1].tolist()
     segments = [(e, s, c) for e, (s, c) in enumerate(zip(starts, counts)) if c > 0]
     peers = {}
@@ -110,15 +102,29 @@ def case_rows(label, m, n, counts, repeats, sweep):
         for e, s, c in segments:
             torch.mm(x_a[:, s:s + c], x_b[:, s:s + c].t())
     peers["cuBLAS_bf16_per_expert"] = bf16_per_expert
-    best = 0.0
+    runnable = {}
     for name, fn in peers.items():
+        row[f"{name}_TFLOPS"] = nan
         try:
-            us = bench_graph(fn, repeats)
-            row[f"{name}_TFLOPS"] = flops / us / 1e6
-            best = max(best, flops / us / 1e6)
+            runnable[name] = graph_replay(fn)
         except Exception as error:  # peer unsupported on this build: keep our numbers
-            row[f"{name}_TFLOPS"] = float("nan")
             print(f"peer {name} failed: {error!r}"[:300])
+    # ours (accumulating, overwriting) and the peers timed in turns (common.bench_interleaved)
+    timed = bench_interleaved(
+        [graph_replay(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out)),
+         graph_replay(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=False))]
+        + list(runnable.values()), repeats=repeats)
+    ours, us_store = timed[:2]
+    row.update({"us": ours, "TFLOPS": flops / ours / 1e6,
+                "overwrite_us": us_store, "overwrite_TFLOPS": flops / us_store / 1e6})
+    try:  # the kernel alone (profiler): the convention of the published record (DeepGEMM PR #95)
+        row["TFLOPS_kernel"] = flops / kernel_us(
+            lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out), repeats=repeats) / 1e6
+    except RuntimeError as error:
+        print(f"kernel_us ({label}): {error}")
+    for name, us in zip(runnable, timed[2:]):
+        row[f"{name}_TFLOPS"] = flops / us / 1e6
+    best = max((flops / us / 1e6 for us in timed[2:]), default=0.0)
     row["vs_best_peer"] = row["TFLOPS"] / best if best else float("nan")
     row["target_TFLOPS"] = kTarget
     sweep_rows = []
