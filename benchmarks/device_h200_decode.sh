@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The next session's first GPU call (~5 min; meant for an H200, fine on an H100): session 17's
+# The first GPU call when an H200 comes (~5 min; fine on an H100 too): session 17's
 # decode defaults (per-size graphs, the cp.async gather, the small dispatch's fill grid) and the
 # wide masked tiles on the card they were never measured on.
-#   MOE_FP8_COMMIT=<sha> bash benchmarks/device_session20.sh
+#   MOE_FP8_COMMIT=<sha> bash benchmarks/device_h200_decode.sh
 #   1. GPU tests: the gather, the per-size graphs, masked 128 x 256;
 #   2. decode_build_ab.py: the defaults (A) vs MOE_FP8_DECODE_GATHER=0 (B), 1 / 8 / 128 / 256 tokens;
 #   3. the decode record (clean flush) with the 256-token runner's 1 / 3 / 100-token rows;
