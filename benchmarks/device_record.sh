@@ -5,8 +5,8 @@
 # STEPS (default "layer:write"): probe (flush_probe.py), layer:<flush> (bench_layer, full list),
 # decode:<flush> (bench_layer --decode-only --no-peers), gemm:<flush> (bench_gemm),
 # grouped:<flush> (bench_grouped; MASKED_CONFIGS pinned beside the decode rows), masked:<flush>
-# (its masked table only), where <flush> is the L2 flush mode of benchmarks/common.py
-# (write | clean).
+# / contiguous:<flush> (one of its tables), wgrad:<flush> (bench_wgrad), where <flush> is the L2
+# flush mode of benchmarks/common.py (write | clean).
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}"; RAW=${RAW:-/tmp/record_raw}; mkdir -p "$RAW" "$FINAL"
@@ -31,6 +31,9 @@ for step in ${STEPS:-layer:write}; do
                ${MASKED_CONFIGS:+--masked-configs "$MASKED_CONFIGS"} ;;
     masked) run "masked-$flush" "$flush" 200 python3 benchmarks/bench_grouped.py --only masked \
                ${MASKED_CONFIGS:+--masked-configs "$MASKED_CONFIGS"} ;;
+    contiguous) run "contiguous-$flush" "$flush" 200 python3 benchmarks/bench_grouped.py \
+               --only contiguous ;;
+    wgrad) run "wgrad-$flush" "$flush" 200 python3 benchmarks/bench_wgrad.py ;;
     *) echo "unknown step $step" ;;
   esac
 done
