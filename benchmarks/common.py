@@ -22,6 +22,7 @@ import datetime
 import os
 import statistics
 import subprocess
+import tempfile
 from typing import Callable, Dict, List, Sequence
 
 import torch
@@ -73,6 +74,31 @@ def flush_l2(mode: str | None = None) -> None:
         if _flush_read_buffer is None:
             _flush_read_buffer = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
         _flush_read_buffer.sum()
+
+
+@contextlib.contextmanager
+def smi_samples(fields: str, interval_ms: int):
+    """nvidia-smi samples of ``fields`` (its --query-gpu list) every ``interval_ms`` while the
+    block runs; the list it yields is filled on exit, one list of stripped values per sample.
+    The block synchronizes the device itself before it ends."""
+    samples: List[List[str]] = []
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
+        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
+                                "-lms", str(interval_ms)],
+                               stdout=open(log.name, "w"), stderr=subprocess.DEVNULL)
+        try:
+            yield samples
+        finally:
+            smi.terminate()
+            smi.wait()
+            samples.extend([v.strip() for v in line.split(",")] for line in open(log.name)
+                           if line.strip())
+
+
+def numbers(samples: List[List[str]], column: int) -> List[float]:
+    """Column ``column`` of ``smi_samples`` rows, the numeric entries only."""
+    return [float(r[column]) for r in samples
+            if len(r) > column and r[column].replace(".", "").isdigit()]
 
 
 def print_row(row: Dict[str, object], digits: int = 2) -> None:

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
 import torch
 
@@ -59,23 +57,14 @@ def sample_loop(fn, seconds: float) -> dict:
     end.record()
     torch.cuda.synchronize()
     calls = max(1, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
-    with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
-        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active",
-                                "--format=csv,noheader,nounits", "-lms", "50"],
-                               stdout=open(log.name, "w"), stderr=subprocess.DEVNULL)
-        try:
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-        finally:
-            smi.terminate()
-            smi.wait()
-        rows = [line.split(",") for line in open(log.name) if line.count(",") >= 2]
-    clocks = [float(r[0]) for r in rows if r[0].strip().replace(".", "").isdigit()]
-    power = [float(r[1]) for r in rows if r[1].strip().replace(".", "").isdigit()]
-    capped = sum(r[2].strip() == kPowerCap for r in rows)
+    with common.smi_samples("clocks.sm,power.draw,clocks_event_reasons.active", 50) as rows:
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    clocks, power = common.numbers(rows, 0), common.numbers(rows, 1)
+    capped = sum(len(r) > 2 and r[2] == kPowerCap for r in rows)
     return {"us": start.elapsed_time(end) * 1e3 / calls, "calls": calls,
             "sm_mhz": statistics.median(clocks) if clocks else float("nan"),
             "watts": statistics.median(power) if power else float("nan"),

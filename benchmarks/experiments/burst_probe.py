@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -33,25 +31,18 @@ from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
 kShapes = ((4096, 7168, 16384), (4096, 4096, 7168), (4096, 24576, 1536), (4096, 7168, 2048))
 
 
-def timed_calls(fn, calls: int, flush: torch.Tensor):
-    """``calls`` calls, each after a flush, each timed alone -> (us per call, SM MHz samples)."""
+def timed_calls(fn, calls: int):
+    """``calls`` calls, each after an L2 flush, each timed alone -> (us per call, SM MHz samples)."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(calls)]
-    with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
-        smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
-                                "-lms", "20"], stdout=open(log.name, "w"), stderr=subprocess.DEVNULL)
-        try:
-            for start, end in events:
-                flush.zero_()
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
-        finally:
-            smi.terminate()
-            smi.wait()
-        clocks = [float(v) for v in open(log.name).read().split() if v.replace(".", "").isdigit()]
-    return [s.elapsed_time(e) * 1e3 for s, e in events], clocks
+    with common.smi_samples("clocks.sm", 20) as rows:
+        for start, end in events:
+            common.flush_l2("write")
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in events], common.numbers(rows, 0)
 
 
 def main():
@@ -61,7 +52,6 @@ def main():
     parser.add_argument("--sustain", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     blockwise = cublas_blockwise()
     rows = []
     for m, n, k in kShapes:
@@ -77,8 +67,8 @@ def main():
         for rnd in range(1, args.rounds + 1):
             for name, fn in kernels:
                 time.sleep(args.idle)
-                burst, burst_mhz = timed_calls(fn, args.burst, flush)
-                tail, tail_mhz = timed_calls(fn, args.sustain, flush)
+                burst, burst_mhz = timed_calls(fn, args.burst)
+                tail, tail_mhz = timed_calls(fn, args.sustain)
                 first = statistics.median(burst[:10])
                 row = {"shape": f"{m}x{n}x{k}", "kernel": name, "round": rnd,
                        "first10_us": first, "first10_TFLOPS": flops / first / 1e6,
