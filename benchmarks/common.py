@@ -83,8 +83,8 @@ def smi_samples(fields: str, interval_ms: int):
     The block synchronizes the device itself before it ends."""
     samples: List[List[str]] = []
     with tempfile.NamedTemporaryFile("r", suffix=".csv") as log:
-        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits",
-                                "-lms", str(interval_ms)],
+        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}",
+                                "--format=csv,noheader,nounits", "-lms", str(interval_ms)],
                                stdout=open(log.name, "w"), stderr=subprocess.DEVNULL)
         try:
             yield samples

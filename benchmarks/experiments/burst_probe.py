@@ -32,7 +32,8 @@ kShapes = ((4096, 7168, 16384), (4096, 4096, 7168), (4096, 24576, 1536), (4096, 
 
 
 def timed_calls(fn, calls: int):
-    """``calls`` calls, each after an L2 flush, each timed alone -> (us per call, SM MHz samples)."""
+    """``calls`` calls, each after an L2 flush, each timed alone -> (us per call, SM MHz
+    samples)."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(calls)]
     with common.smi_samples("clocks.sm", 20) as rows:
@@ -77,7 +78,8 @@ def main():
                        "burst_MHz": statistics.median(burst_mhz) if burst_mhz else float("nan"),
                        "sustained_us": statistics.median(tail[-30:]),
                        "sustained_TFLOPS": flops / statistics.median(tail[-30:]) / 1e6,
-                       "sustained_MHz": statistics.median(tail_mhz[-10:]) if tail_mhz else float("nan")}
+                       "sustained_MHz": (statistics.median(tail_mhz[-10:]) if tail_mhz
+                                         else float("nan"))}
                 rows.append(row)
                 common.print_row(row)
     common.write_results("burst_probe", rows, f"each call after a 256 MiB flush, timed alone; "
