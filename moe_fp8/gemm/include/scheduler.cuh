@@ -28,7 +28,8 @@
 // layer's layouts only the pair that ends the valid rows); a pair of two padding blocks is
 // skipped (zero padding: no K block).
 // Clusters of kClusterN CTAs (NT layouts) take horizontally adjacent tiles that share one row
-// block, so A can be multicast: the rank picks the column block. The column blocks must pair up
+// block, so A can be multicast: the rank picks the column block. Dense 2 x 2 clusters do both:
+// rank = rank_m + kClusterM * rank_n, two row blocks by two column blocks. The column blocks must pair up
 // exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
 // the next expert); both CTAs of a pair see the same rows, hence the same expert and skips.
 // Split K (dense only, kSplitK > 1): every output tile is computed kSplitK times, once per
@@ -125,6 +126,8 @@ struct TileScheduler {
   static constexpr bool kSplitPairs =
       kClusterM > 1 && kLayout != kLayoutDense && kLayout != kLayoutKGrouped;
   static constexpr int kClusterSize = kClusterM * kClusterN;
+  static_assert(kClusterSize <= 2 || kLayout == kLayoutDense,
+                "2 x 2 clusters (A and B both multicast): the dense layout");
   static constexpr int kNumNBlocks = ceil_div(kN, kBlockN);
   static_assert(kClusterN == 1 || (kLayout != kLayoutKGrouped && kNumNBlocks % kClusterN == 0),
                 "A-multicast pairs: NT layouts whose column blocks pair up exactly");
@@ -149,7 +152,7 @@ struct TileScheduler {
   int expert_base = 0;
 
   __device__ TileScheduler(const GemmParams& p, int cta_rank)
-      : params(p), rank_m(kClusterM > 1 ? cta_rank : 0), rank_n(kClusterN > 1 ? cta_rank : 0),
+      : params(p), rank_m(cta_rank % kClusterM), rank_n(cta_rank / kClusterM),
         next_idx(blockIdx.x / kClusterSize) {}
 
   __device__ __forceinline__ void fill_n(Tile& t, int nb, int e) const {
