@@ -204,7 +204,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   const int rank = kClusterSize > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
   // rank = rank_m + kClusterM * rank_n: the row block inside a B-sharing pair and the column
   // block inside an A-sharing pair (scheduler.cuh)
-  const int rank_m = rank % kClusterM, rank_n = rank / kClusterM;
+  // (spelled so that the 2-CTA clusters keep the other index a compile-time 0)
+  const int rank_m = kClusterM == 1 ? 0 : (kClusterN == 1 ? rank : rank % kClusterM);
+  const int rank_n = kClusterN == 1 ? 0 : (kClusterM == 1 ? rank : rank / kClusterM);
 
   if (threadIdx.x == kNumMathWG * 128) {
     if (ptx::dynamic_smem_bytes() < Layout::kTotal) __trap();  // host/device layout mismatch

@@ -152,7 +152,9 @@ struct TileScheduler {
   int expert_base = 0;
 
   __device__ TileScheduler(const GemmParams& p, int cta_rank)
-      : params(p), rank_m(cta_rank % kClusterM), rank_n(cta_rank / kClusterM),
+      : params(p),
+        rank_m(kClusterM == 1 ? 0 : (kClusterN == 1 ? cta_rank : cta_rank % kClusterM)),
+        rank_n(kClusterN == 1 ? 0 : (kClusterM == 1 ? cta_rank : cta_rank / kClusterM)),
         next_idx(blockIdx.x / kClusterSize) {}
 
   __device__ __forceinline__ void fill_n(Tile& t, int nb, int e) const {
