@@ -9,6 +9,8 @@ Per shape (contiguous layout, H = 7168, I = 2048), same process, L2 flushed befo
                  (transpose_quant.cuh, silu_backward.cuh), not yet the default on a GPU;
 * ``fp8+quant``  the weight cache rebuilt every call (one micro-batch per step), composed /
                  ``fp8+quant fused`` with the fused 128x128 quantisation + transpose;
+* ``fp8 fused, bf16 masters``  ``fp8 fused`` with bf16 master weights: the weight-gradient GEMMs
+                 write bf16 gradients themselves (no fp32 buffer, no conversion pass);
 * ``bf16``       experts_forward_torch with torch._grouped_mm and autograd, bf16 weights.
 
 TFLOPS count the real rows only: forward 6·M·H·I (GEMM1 2·M·2I·H, GEMM2 2·M·H·I), backward 2x
@@ -113,7 +115,7 @@ def layer_rows(label, counts, repeats):
     m_indices, x, dy, w13, w2 = problem(counts, seed=len(counts))
     w13_bf16 = torch.nn.Parameter(w13.detach().to(torch.bfloat16))
     w2_bf16 = torch.nn.Parameter(w2.detach().to(torch.bfloat16))
-    cache = Fp8WeightCache()
+    cache, cache_bf16 = Fp8WeightCache(), Fp8WeightCache()
     params = (x, w13, w2, w13_bf16, w2_bf16)
 
     def clear():
@@ -130,6 +132,14 @@ def layer_rows(label, counts, repeats):
             cache.clear()
         experts_forward_fp8(x, m_indices, w13, w2, cache).backward(dy)
 
+    def fp8_bf16_masters_fwd():
+        with torch.no_grad():
+            experts_forward_fp8(x, m_indices, w13_bf16, w2_bf16, cache_bf16)
+
+    def fp8_bf16_masters_step():
+        clear()
+        experts_forward_fp8(x, m_indices, w13_bf16, w2_bf16, cache_bf16).backward(dy)
+
     def bf16_fwd():
         with torch.no_grad():
             experts_forward_torch(x, m_indices, w13_bf16, w2_bf16, grouped_mm=True)
@@ -144,6 +154,8 @@ def layer_rows(label, counts, repeats):
                 ("fp8+quant", fused_train("0", fp8_fwd), fused_train("0", lambda: fp8_step(True))),
                 ("fp8+quant fused", fused_train("1", fp8_fwd),
                  fused_train("1", lambda: fp8_step(True))),
+                ("fp8 fused, bf16 masters", fused_train("1", fp8_bf16_masters_fwd),
+                 fused_train("1", fp8_bf16_masters_step)),
                 ("bf16", bf16_fwd, bf16_step)]
     results = []
     for name, fwd, step in variants:

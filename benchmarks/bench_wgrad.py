@@ -1,7 +1,10 @@
 """k-grouped FP8 weight-gradient GEMM: ours vs peers in the same process.
 
 ``out[e] += dY_e^T X_e`` over each expert's tokens, both operands FP8 with 1x128 scales along
-tokens, fp32 out; ``overwrite_*`` columns: ``accumulate=False`` (``out[e] =``, no read of out). Peers, on the same tokens: cuBLAS blockwise FP8 (1x128 x 1x128, one call per
+tokens, fp32 out; ``overwrite_*`` columns: ``accumulate=False`` (``out[e] =``, no read of out);
+``bf16_out_*``: bf16 out (overwritten; bf16 master weights), beside ``via_fp32_us`` (the fp32
+overwrite then ``.to(bf16)``: what a bf16 gradient cost before). Peers, on the same tokens:
+cuBLAS blockwise FP8 (1x128 x 1x128, one call per
 expert, where this torch build supports it), torch._grouped_mm in bf16 (k-grouped 2-D x 2-D with
 offsets), and cuBLAS bf16 one call per expert. Median of CUDA-graph replays, L2 flushed before
 each. TFLOPS = 2 * M * N * tokens. Target (TARGETS / issue 7): >= 1100 TFLOPS at 4096 tokens x
@@ -72,12 +75,21 @@ def case_rows(label, m, n, counts, repeats, sweep):
     # accumulate=False (out = the product, zeros for experts without tokens): no read of out
     fresh = torch.full_like(out, float("nan"))
     W.k_grouped_tn(qa, sa, qb, sb, offsets, fresh, accumulate=False)
+    half = torch.full_like(out, float("nan"), dtype=torch.bfloat16)
+    W.k_grouped_tn(qa, sa, qb, sb, offsets, half, accumulate=False)
+    half_diff = G.calc_diff(half.float(), want)
+    half_config = wgrad_config(m, n, num_sms(torch.cuda.current_device()), 2)
     nan = float("nan")  # the timed columns, filled after the interleaved timing below
     row = {"case": label, "E": num_experts, "M": m, "N": n, "tokens": tokens,
            "config": f"{config.block_m}x{config.block_n}s{config.stages}c{config.cluster_m}",
            "us": nan, "TFLOPS": nan, "diff_vs_ref": G.calc_diff(check, want), "TFLOPS_kernel": nan,
            "overwrite_us": nan, "overwrite_TFLOPS": nan,
-           "overwrite_diff_vs_ref": G.calc_diff(fresh, want)}
+           "overwrite_diff_vs_ref": G.calc_diff(fresh, want),
+           "bf16_out_config": f"{half_config.block_m}x{half_config.block_n}s{half_config.stages}"
+                              f"c{half_config.cluster_m}",
+           "bf16_out_us": nan, "bf16_out_TFLOPS": nan, "bf16_out_diff_vs_ref": half_diff,
+           "via_fp32_us": nan}
+    del fresh
     starts = offsets[:-1].tolist()
     segments = [(e, s, c) for e, (s, c) in enumerate(zip(starts, counts)) if c > 0]
     peers = {}
@@ -110,22 +122,35 @@ def case_rows(label, m, n, counts, repeats, sweep):
         except Exception as error:  # peer unsupported on this build: keep our numbers
             print(f"peer {name} failed: {error!r}"[:300])
     # ours (accumulating, overwriting) and the peers timed in turns (common.bench_interleaved)
+    def via_fp32():
+        W.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=False)
+        half.copy_(out)
+
     timed = bench_interleaved(
         [graph_replay(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out)),
-         graph_replay(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=False))]
+         graph_replay(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out, accumulate=False)),
+         graph_replay(lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, half, accumulate=False)),
+         graph_replay(via_fp32)]
         + list(runnable.values()), repeats=repeats)
-    ours, us_store = timed[:2]
+    ours, us_store, us_half, us_via = timed[:4]
+    timed = timed[4:]
     row.update({"us": ours, "TFLOPS": flops / ours / 1e6,
-                "overwrite_us": us_store, "overwrite_TFLOPS": flops / us_store / 1e6})
+                "overwrite_us": us_store, "overwrite_TFLOPS": flops / us_store / 1e6,
+                "bf16_out_us": us_half, "bf16_out_TFLOPS": flops / us_half / 1e6,
+                "via_fp32_us": us_via})
     try:  # the kernel alone (profiler): the convention of the published record (DeepGEMM PR #95)
         row["TFLOPS_kernel"] = flops / kernel_us(
             lambda: W.k_grouped_tn(qa, sa, qb, sb, offsets, out), repeats=repeats) / 1e6
     except RuntimeError as error:
         print(f"kernel_us ({label}): {error}")
-    for name, us in zip(runnable, timed[2:]):
+    for name, us in zip(runnable, timed):
         row[f"{name}_TFLOPS"] = flops / us / 1e6
-    best = max((flops / us / 1e6 for us in timed[2:]), default=0.0)
+    best = max((flops / us / 1e6 for us in timed), default=0.0)
     row["vs_best_peer"] = row["TFLOPS"] / best if best else float("nan")
+    # bf16 out against the bf16 peers (their output is bf16 too)
+    best_bf16 = max((flops / us / 1e6 for name, us in zip(runnable, timed) if "bf16" in name),
+                    default=0.0)
+    row["bf16_out_vs_bf16_peers"] = row["bf16_out_TFLOPS"] / best_bf16 if best_bf16 else nan
     row["target_TFLOPS"] = kTarget
     sweep_rows = []
     for pinned in (kSweep if sweep else []):

@@ -430,6 +430,29 @@ def test_wgrad_overwrite_switch_gives_the_same_gradients(monkeypatch, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_masters_take_the_gemms_bf16_gradients(monkeypatch, device):
+    """bf16 master weights: the weight-gradient GEMM writes bf16 itself (overwrite, the default)
+    and gives bit for bit what the fp32 accumulate path rounds to bf16 afterwards; empty experts'
+    gradients exactly zero."""
+    x, m_indices, w13, w2, dy = _switch_problem(device, [0, 40, 0, 200, 0], seed=7)
+    w13 = w13.detach().to(torch.bfloat16).requires_grad_()
+    w2 = w2.detach().to(torch.bfloat16).requires_grad_()
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(kWgradOverwriteEnv, flag)
+        for t in (x, w13, w2):
+            t.grad = None
+        experts_forward_fp8(x, m_indices, w13, w2, Fp8WeightCache()).backward(dy)
+        grads[flag] = (w13.grad.clone(), w2.grad.clone())
+    for got, want in zip(grads["1"], grads["0"]):
+        assert got.dtype == torch.bfloat16 and bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for e in range(w13.shape[0]):
+        if int((m_indices == e).sum()) == 0:
+            assert bool((grads["1"][0][e] == 0).all()) and bool((grads["1"][1][e] == 0).all())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_zero_pad_switch_gives_the_same_step(monkeypatch, device):
     """MOE_FP8_ZERO_PAD_GEMM=1 (the grouped GEMMs write their padding rows as zeros into
     torch.empty) against the default (torch.zeros, padding rows skipped): the same output and

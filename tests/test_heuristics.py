@@ -285,3 +285,27 @@ def test_swap_ab_config_and_instances(tmp_path, monkeypatch):
             pytest.skip(str(error))
         assert report.spill_stores == 0 and report.stack_bytes == 0, report
         assert not report.wgmma_serialized, report
+
+
+def test_wgrad_bf16_out_config_and_instances(tmp_path, monkeypatch):
+    """The bf16-output weight-gradient instances: their own names, a fourth ring stage at 128 x 192
+    (the bf16 staging tile is half the fp32 one), never accumulating; they compile for sm_90a
+    without local memory or a serialised wgmma pipeline."""
+    from moe_fp8.gemm.kernels import wgrad
+    fp32, bf16 = H.wgrad_config(7168, 2048, 132), H.wgrad_config(7168, 2048, 132, 2)
+    assert (fp32.block_n, fp32.stages, bf16.block_n, bf16.stages) == (192, 3, 192, 4)
+    assert H.smem_bytes(128, 192, 4, 0, wgrad=True, wgrad_d_bytes=2) <= H.kMaxSmemBytes
+    name = wgrad.kernel_source(2048, bf16, False, True).instance
+    assert name.endswith(", false, true>") and name != wgrad.kernel_source(2048, bf16, False).instance
+    with pytest.raises(ValueError, match="never accumulated"):
+        wgrad.kernel_source(2048, bf16, True, True)
+    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
+    for m, n in wgrad.kWgradShapes:
+        try:
+            compiled = jit.compile_kernel(wgrad.kernel_source(n, H.wgrad_config(m, n, 132, 2),
+                                                              False, True))
+        except jit.CompilerUnavailable as error:
+            pytest.skip(str(error))
+        report = compiled.report
+        assert report.spill_stores == 0 and report.spill_loads == 0 and report.stack_bytes == 0, report
+        assert not report.wgmma_serialized, report

@@ -171,11 +171,13 @@ def test_wgrad_launch(launches):
     from moe_fp8.gemm.kernels import wgrad
     m, n, tokens, experts = 256, 512, 512, 3
     offsets = torch.tensor([0, 128, 128, 512], dtype=torch.int32)
-    for accumulate in (True, False):
+    for accumulate, dtype in ((True, torch.float32), (False, torch.float32),
+                              (False, torch.bfloat16)):
         wgrad.k_grouped_tn(fp8(m, tokens), empty_act_scales(m, tokens // 128),
                            fp8(n, tokens), empty_act_scales(n, tokens // 128), offsets,
-                           torch.zeros(experts, m, n), accumulate=accumulate)
-    assert len(launches) == 2 and all("k_grouped_wgrad_kernel" in entry[0] for entry in launches)
+                           torch.zeros(experts, m, n, dtype=dtype), accumulate=accumulate)
+    assert len(launches) == 3 and all("k_grouped_wgrad_kernel" in entry[0] for entry in launches)
+    assert launches[2][0].endswith(", false, true>"), launches[2][0]
 
 
 def test_contract_catches_a_wrong_argument(launches):

@@ -7,7 +7,8 @@ output starts from random values (it accumulates), and each test checks
 * agreement with the FP8 reference (same block-by-block scale math) to rounding,
 * experts without tokens keep their values bit for bit (nothing is added to them, not even 0);
 with ``accumulate=False`` the output starts as NaN, every element must be written, and experts
-without tokens become zeros.
+without tokens become zeros; likewise for a bf16 output (overwritten only), within one bf16
+rounding of the reference.
 """
 from __future__ import annotations
 
@@ -133,6 +134,68 @@ def test_wgrad_overwrites(config):
 
 def test_wgrad_overwrites_deepseek_shape():
     _case(4096, 7168, [1024, 0, 2048, 128], seed=19, accumulate=False)
+
+
+def _case_bf16(m, n, counts, seed, config=None):
+    """bf16 out (overwritten): starts as NaN, every element written, zeros for the experts
+    without tokens; each expert within bf16 rounding of the fp32 FP8 reference and calc_diff
+    < 1e-3 against the unquantised product."""
+    gen = _gen(seed)
+    tokens = sum(counts)
+    x_a, x_b = _token_major(m, tokens, gen), _token_major(n, tokens, gen)
+    a, b = _quant(x_a), _quant(x_b)
+    offsets = _offsets(counts)
+    out = torch.full((len(counts), m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    if config is None:
+        G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, out, accumulate=False, backend="kernel")
+    else:
+        W.k_grouped_tn(a[0], to_mn_major(a[1]), b[0], to_mn_major(b[1]), offsets, out, config,
+                       accumulate=False)
+    torch.cuda.synchronize()
+    reference = torch.empty(len(counts), m, n, device="cuda")
+    G.k_grouped_fp8_gemm_tn_contiguous(a, b, offsets, reference, accumulate=False,
+                                       backend="reference")
+    what = f"wgrad bf16 m={m} n={n} counts={counts[:6]} {config}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite or unwritten (NaN) outputs"
+    t0 = 0
+    for e, count in enumerate(counts):
+        got = out[e].float()
+        if count == 0:
+            assert bool((got == 0).all()), f"{what}: expert {e} has no tokens but is not zero"
+            continue
+        want = x_a[:, t0:t0 + count].float() @ x_b[:, t0:t0 + count].float().t()
+        diff = G.calc_diff(got, want)
+        assert diff < (1e-3 if got.numel() >= 65536 else 1.5e-3), \
+            f"{what}: expert {e}: calc_diff vs unquantised = {diff:.2e}"
+        # one bf16 rounding (2^-9 relative) of a sum that may differ from the reference's by the
+        # tensor cores' K-block accumulation (see _case)
+        err = (got - reference[e]).abs()
+        tol = 2 ** -8 * reference[e].abs() + 2e-3 * reference[e].abs().amax(dim=-1, keepdim=True)
+        assert (err <= tol).all(), f"{what}: expert {e}: max |out - ref| {err.max():.3e}"
+        t0 += count
+
+
+def test_wgrad_bf16_out_deepseek_shapes():
+    _case_bf16(7168, 2048, [2048, 0, 1024, 128], seed=21)
+    _case_bf16(4096, 7168, [1024, 0, 384], seed=22)
+
+
+@pytest.mark.parametrize("config", [None, GemmConfig(128, 128, cluster_m=2),
+                                    GemmConfig(128, 192, cluster_m=2, stages=3),
+                                    GemmConfig(64, 128), GemmConfig(128, 96, num_sms=5, group_n=2)],
+                         ids=lambda c: "auto" if c is None else
+                         f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}p{c.num_sms}")
+def test_wgrad_bf16_out(config):
+    # M = 333: a multicast pair's phantom half; N = 808: a partial last column block, N % 8 == 0
+    _case_bf16(333, 808, [0, 256, 0, 640, 128, 0], seed=23, config=config)
+
+
+def test_wgrad_bf16_out_rejects_accumulate():
+    gen = _gen(6)
+    a, b = _quant(_token_major(128, 256, gen)), _quant(_token_major(128, 256, gen))
+    out = torch.empty(1, 128, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="accumulate=False"):
+        G.k_grouped_fp8_gemm_tn_contiguous(a, b, _offsets([256]), out, backend="kernel")
 
 
 def test_wgrad_accumulates_and_skips_empty_experts():

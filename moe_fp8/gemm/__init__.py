@@ -373,7 +373,8 @@ def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tens
     ``a = (dY^T fp8 [N, T], fp32 [N, T/128])`` and ``b = (X^T fp8 [K, T], fp32 [K, T/128])``: both
     token-contiguous with 1x128 scales along tokens; ``offsets`` int32 ``[E + 1]``: expert e owns
     tokens ``offsets[e]:offsets[e+1]`` (multiples of 128). ``out`` fp32 ``[E, N, K]``:
-    ``out[e] += a[:, seg_e] . b[:, seg_e]^T``.
+    ``out[e] += a[:, seg_e] . b[:, seg_e]^T``; or bf16 ``[E, N, K]`` with ``accumulate=False``
+    (bf16 master weights: the fp32 sum rounded once, no fp32 buffer or conversion pass; K % 8 == 0).
     """
     qa, sa = check.fp8_pair("a", a, dims=(2,))
     qb, sb = check.fp8_pair("b", b, dims=(2,))
@@ -389,10 +390,16 @@ def k_grouped_fp8_gemm_tn_contiguous(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tens
     if offsets.shape[0] < 2:
         raise ValueError(f"offsets must hold E + 1 >= 2 entries, got shape {tuple(offsets.shape)}")
     num_experts = offsets.shape[0] - 1
-    check.output("out", out, (num_experts, qa.shape[0], qb.shape[0]), torch.float32, device)
+    check.tensor("out", out, dtypes=(torch.float32, torch.bfloat16), dims=(3,))
+    check.output("out", out, (num_experts, qa.shape[0], qb.shape[0]), out.dtype, device)
     check.offsets_values(offsets, tokens)
     if not isinstance(accumulate, bool):
         raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+    if out.dtype == torch.bfloat16:
+        if accumulate:
+            raise ValueError("out is bf16: a bf16 weight gradient is overwritten "
+                             "(accumulate=False); accumulate into an fp32 out instead")
+        check.multiple_of("K (b[0].shape[0], bf16 out's rows)", qb.shape[0], 8)
     run("k_grouped_tn", qa, sa, qb, sb, offsets, out, check_backend(backend), accumulate)
     return out
 

@@ -173,9 +173,10 @@ class GemmConfig:
     def num_threads(self) -> int:
         return ((self.block_n if self.swap_ab else self.block_m) // 64 + 1) * 128
 
-    def resolved(self, k: int, wgrad: bool = False) -> "GemmConfig":
+    def resolved(self, k: int, wgrad: bool = False, wgrad_d_bytes: int = 4) -> "GemmConfig":
         """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for
-        the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused), and
+        the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused; D of
+        ``wgrad_d_bytes`` per element: fp32 4, bf16 2), and
         ``double_buffer`` off where the kernel cannot use it (one math warpgroup in a 2-CTA
         cluster, gemm_core.cuh), so the instance's name says what runs."""
         config = self
@@ -186,12 +187,13 @@ class GemmConfig:
                              f"(K / 128 = {k // kBlockK})")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k) > kMaxSmemBytes:
+                          config.split_k, wgrad_d_bytes) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
-            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k))
+            config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
+                                      wgrad_d_bytes))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -218,22 +220,23 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1) -> int:
+               split_k: int = 1, wgrad_d_bytes: int = 4) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
     NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
     tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
-    output tile."""
+    output tile (bf16 with ``wgrad_d_bytes = 2``)."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
-    d_tile = block_m * block_n * (4 if wgrad or split_k > 1 else 2)
+    d_tile = block_m * block_n * (wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2)
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
-def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1) -> int:
+def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
+               wgrad_d_bytes: int = 4) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, wgrad_d_bytes) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -437,8 +440,9 @@ def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
 
 
 @functools.lru_cache(maxsize=4096)
-def wgrad_config(m: int, n: int, sms: int) -> GemmConfig:
-    """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32).
+def wgrad_config(m: int, n: int, sms: int, d_bytes: int = 4) -> GemmConfig:
+    """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32, or bf16 with
+    ``d_bytes = 2``: its smaller staging tile leaves room for a fourth ring stage at 128 x 192).
 
     Multicast on from two row blocks: on H100 (2026-11-25) 757-768 vs 685-781 TFLOPS without,
     i.e. within the run's spread; it halves B's L2 reads, so it stays. 192-wide tiles where the
@@ -449,4 +453,5 @@ def wgrad_config(m: int, n: int, sms: int) -> GemmConfig:
     block_m = _block_m(m)
     cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
     block_n = kWgradWideBlockN if block_m == 128 and n >= 4 * kWgradWideBlockN else 128
-    return GemmConfig(block_m, block_n, cluster_m=cluster_m).resolved(0, wgrad=True)
+    return GemmConfig(block_m, block_n, cluster_m=cluster_m).resolved(0, wgrad=True,
+                                                                      wgrad_d_bytes=d_bytes)

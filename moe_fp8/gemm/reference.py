@@ -217,7 +217,7 @@ def m_grouped_masked(a, sa, b, sb, masked_m: torch.Tensor, out: torch.Tensor) ->
 def k_grouped_tn(a, sa, b, sb, offsets: torch.Tensor, out: torch.Tensor, *,
                  accumulate: bool = True) -> torch.Tensor:
     """Weight gradients: ``out[e] += a[:, seg_e] . b[:, seg_e]^T`` (fp32); ``accumulate=False``:
-    ``out[e] = ...`` (zeros for an expert without tokens).
+    ``out[e] = ...`` (zeros for an expert without tokens; bf16 ``out``: only this form).
 
     ``a [N, T]`` (dY transposed) and ``b [K, T]`` (X transposed), both with 1x128 scales along
     tokens (``[N, T/128]``, ``[K, T/128]``); ``offsets [E + 1]`` token offsets, multiples of 128.
@@ -229,7 +229,11 @@ def k_grouped_tn(a, sa, b, sb, offsets: torch.Tensor, out: torch.Tensor, *,
         t0, t1 = bounds[e], bounds[e + 1]
         if t1 > t0:
             g0, g1 = t0 // kScaleBlock, t1 // kScaleBlock
-            out[e] += blockscaled_mm(a[:, t0:t1], sa[:, g0:g1], b[:, t0:t1], sb[:, g0:g1])
+            product = blockscaled_mm(a[:, t0:t1], sa[:, g0:g1], b[:, t0:t1], sb[:, g0:g1])
+            if out.dtype == torch.float32:
+                out[e] += product
+            else:  # bf16, overwriting: the fp32 sum rounded once
+                out[e] = product
     return out
 
 

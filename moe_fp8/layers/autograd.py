@@ -271,14 +271,20 @@ class _Fp8Math:
         return G.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices, out=out,
                                                   zero_padding=zero_padding)
 
-    def wgrad(self, a_t, b_t, offsets: torch.Tensor, num_experts: int) -> torch.Tensor:
-        """``out[e] = a[seg_e]^T . b[seg_e]``: fp32 ``[E, N, K]`` from the along-token operands
-        ``a_t = cols(a [T, N])`` and ``b_t = cols(b [T, K])`` (padding rows already zero)."""
+    def wgrad(self, a_t, b_t, offsets: torch.Tensor, num_experts: int,
+              dtype: torch.dtype) -> torch.Tensor:
+        """``out[e] = a[seg_e]^T . b[seg_e]``: ``[E, N, K]`` of the master weight's ``dtype`` from
+        the along-token operands ``a_t = cols(a [T, N])`` and ``b_t = cols(b [T, K])`` (padding
+        rows already zero). bf16 masters take the GEMM's bf16 output (the fp32 sum rounded once:
+        no fp32 buffer, no conversion pass); others its fp32 output, converted."""
         # overwrite: every expert's block is written (zeros where it has no tokens), no zeroing
         overwrite = switch_on(kWgradOverwriteEnv, kWgradOverwriteDefault)
+        bf16 = overwrite and dtype == torch.bfloat16 and b_t[0].shape[0] % 8 == 0
         out = (torch.empty if overwrite else torch.zeros)(
-            num_experts, a_t[0].shape[0], b_t[0].shape[0], dtype=torch.float32, device=a_t[0].device)
-        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out, accumulate=not overwrite)
+            num_experts, a_t[0].shape[0], b_t[0].shape[0],
+            dtype=torch.bfloat16 if bf16 else torch.float32, device=a_t[0].device)
+        return G.k_grouped_fp8_gemm_tn_contiguous(a_t, b_t, offsets, out,
+                                                  accumulate=not overwrite).to(dtype)
 
 
 class _Fp8ComposedMath(_Fp8Math):
@@ -333,13 +339,13 @@ class _ExactMath:
                 out[rows] = a[rows] @ b[e].t()
         return out
 
-    def wgrad(self, a_rows, b_rows, offsets, num_experts):
+    def wgrad(self, a_rows, b_rows, offsets, num_experts, dtype):
         out = a_rows.new_zeros(num_experts, a_rows.shape[1], b_rows.shape[1])
         bounds = offsets.tolist()
         for e in range(num_experts):
             t0, t1 = bounds[e], bounds[e + 1]
             out[e] = a_rows[t0:t1].t() @ b_rows[t0:t1]
-        return out
+        return out.to(dtype)
 
 
 # ----------------------------------------------------------------------------- autograd.Function
@@ -392,14 +398,14 @@ class _ExpertsFunction(torch.autograd.Function):
         dh_rows, dh_cols, act_cols = math.silu_mul_backward(d_act, h)
         if need_w2:
             dy_cols = math.cols(dy, m_indices)  # dY^T along tokens, padding rows zero
-            dw2 = math.wgrad(dy_cols, act_cols, offsets, num_experts).to(ctx.w2_dtype)  # [E, H, I]
+            dw2 = math.wgrad(dy_cols, act_cols, offsets, num_experts, ctx.w2_dtype)  # [E, H, I]
         if need_x:
             dx = math.grouped(dh_rows, "w13_t", m_indices).to(ctx.x_dtype)  # [M_sum, H]
         if need_w13:
             # x' along tokens: the saved operand dequantised, padding rows zero (keeps the
             # along-token scales tight), transposed and re-quantised in one pass
             x_cols = math.cols_from_rows(x_op, m_indices)
-            dw13 = math.wgrad(dh_cols, x_cols, offsets, num_experts).to(ctx.w13_dtype)  # [E, 2I, H]
+            dw13 = math.wgrad(dh_cols, x_cols, offsets, num_experts, ctx.w13_dtype)  # [E, 2I, H]
         return dx, None, dw13, dw2, None, None, None, None, None
 
 

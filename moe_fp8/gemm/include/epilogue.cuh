@@ -2,6 +2,9 @@
 //   Epilogue        fp32 accumulators -> bf16 -> shared memory -> TMA store (or predicated rows)
 //   EpilogueAddF32  fp32 accumulators -> shared memory -> TMA reduce-add into fp32 D (D += tile),
 //                   or (kAdd = false, split K) a TMA store into D's slice `tile.expert`
+//   EpilogueSliceBf16  fp32 accumulators -> bf16 -> shared memory (Epilogue's layout) -> TMA store
+//                   into bf16 D's slice `tile.expert` (k-grouped weight gradients for bf16
+//                   master weights: half the bytes of fp32 and no conversion pass after)
 // Both are called by all 128 threads of a math warpgroup with its 64-row share of the tile and
 // keep at most one bulk group in flight per warpgroup (waited for before the buffer is rewritten).
 //
@@ -159,6 +162,36 @@ struct EpilogueAddF32 {
                                  tile.m_row + warpgroup * 64, tile.expert);
         else
           ptx::tma_store_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
+                            tile.m_row + warpgroup * 64, tile.expert);
+      }
+      ptx::tma_store_commit();
+    }
+  }
+};
+
+// bf16 store into slice tile.expert of a 3-D D [E, M, N] (k-grouped, overwriting): staged as
+// the bf16 Epilogue stages (16-column chunks of 64 rows, 32-byte swizzle), one 16 x 64 x 1 TMA box
+// per chunk, clipped at D's M and N.
+template <int kN, int kBlockN>
+struct EpilogueSliceBf16 {
+  using Staging = Epilogue<kN, kBlockN, kLayoutDense>;
+  static constexpr int kBytes = Staging::kBytes;  // per warpgroup
+
+  __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
+                                                    unsigned char* s_d, const ptx::TmaDesc* tma_d,
+                                                    const Tile& tile, const GemmParams& params,
+                                                    int warpgroup, int tid, int bar_id) {
+    const int warp = tid / 32, lane = tid % 32;
+    if (tid == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier(bar_id, 128);
+    Staging::to_smem(r_acc, ptx::smem_addr(s_d), warp, lane);
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier(bar_id, 128);
+    if (tid == 0 && tile.rows_valid > warpgroup * 64) {
+#pragma unroll
+      for (int c = 0; c < Staging::kChunks; ++c) {
+        if (tile.n0 + c * 16 < kN)
+          ptx::tma_store_3d(tma_d, s_d + c * Staging::kChunkBytes, tile.n0 + c * 16,
                             tile.m_row + warpgroup * 64, tile.expert);
       }
       ptx::tma_store_commit();

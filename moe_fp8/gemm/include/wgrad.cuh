@@ -7,7 +7,8 @@
 //   offsets [E + 1] int32 on the device: expert e owns tokens [offsets[e], offsets[e+1]),
 //   every boundary a multiple of 128; D [E, M, N] fp32, accumulated in place (kAccumulate), or
 //   overwritten: D[e] = the sum, zeros for an expert without tokens (no zeroing pass before, no
-//   read of D: half the epilogue's traffic).
+//   read of D: half the epilogue's traffic); or (kBf16Out, overwriting) D bf16, rounded once
+//   from the fp32 sum (bf16 master weights: no fp32 buffer and no conversion pass after).
 //
 // Policy against the NT kernels: the K extent of a tile is its expert's token range (read by the
 // scheduler from offsets, no host sync); B's scale varies per output column, so each ring stage
@@ -15,7 +16,7 @@
 // epilogue adds the tile into D with TMA reduce-add (experts without tokens are not touched), or
 // stores it with a TMA store (their tiles run with no K block and store zeros).
 //
-// Constraints: T % 128 == 0 (every segment too); N % 4 == 0 (16-byte rows of D);
+// Constraints: T % 128 == 0 (every segment too); N % 4 == 0 (16-byte rows of D; bf16 D: N % 8);
 // kBlockN % 32 == 0.
 #pragma once
 
@@ -26,9 +27,20 @@
 
 namespace moe_fp8 {
 
+// D's epilogue: fp32 (reduce-add or store), or bf16 (store)
+template <int kN, int kBlockN, bool kAccumulate, bool kBf16Out>
+struct WgradEpilogue {
+  using Type = EpilogueAddF32<kN, kBlockN, kAccumulate>;
+};
+template <int kN, int kBlockN>
+struct WgradEpilogue<kN, kBlockN, false, true> {
+  using Type = EpilogueSliceBf16<kN, kBlockN>;
+};
+
 template <int kN, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kDoubleBufferOpt,
-          int kClusterM_, bool kAccumulate>
+          int kClusterM_, bool kAccumulate, bool kBf16Out>
 struct KGroupedPolicy {
+  static_assert(!(kAccumulate && kBf16Out), "bf16 D is overwritten, never accumulated");
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = 1, kARowChunk = 0;
   static constexpr int kTileKBlocks = 0;
@@ -40,11 +52,11 @@ struct KGroupedPolicy {
   static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
   using Scheduler = TileScheduler<kLayoutKGrouped, kN, 0, kBlockM, kBlockN, kGroupN, kClusterM, 1,
                                   1, kEmptyTiles>;
-  using Epilogue = EpilogueAddF32<kN, kBlockN, kAccumulate>;
+  using Epilogue = typename WgradEpilogue<kN, kBlockN, kAccumulate, kBf16Out>::Type;
 };
 
 template <int kN, int kBlockM, int kBlockN, int kStages, int kGroupN, int kDoubleBufferOpt = 1,
-          int kClusterM = 1, bool kAccumulate = true>
+          int kClusterM = 1, bool kAccumulate = true, bool kBf16Out = false>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     k_grouped_wgrad_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                            const __grid_constant__ ptx::TmaDesc tma_b,
@@ -54,8 +66,9 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
                            const int* g_offsets) {
   static_assert(kN % 4 == 0 && kBlockN % 32 == 0 && kBlockN <= 256,
                 "16-byte rows of D, 32-column chunks of the epilogue");
+  static_assert(!kBf16Out || kN % 8 == 0, "16-byte rows of bf16 D");
   using Policy = KGroupedPolicy<kN, kBlockM, kBlockN, kStages, kGroupN, kDoubleBufferOpt,
-                                kClusterM, kAccumulate>;
+                                kClusterM, kAccumulate, kBf16Out>;
   const GemmParams params{m, num_experts, g_offsets, nullptr, nullptr};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, &tma_sb, &tma_d, params);
 }
