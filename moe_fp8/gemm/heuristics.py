@@ -93,7 +93,8 @@ class GemmConfig:
              register sets; the kernel uses it where they fit, block_n <= 128). True/1: for
              every K block; 2: for every other one; False/0: never.
     cluster_m: 1, or 2: two vertically adjacent tiles per 2-CTA cluster share B, each CTA loads
-             half of it and multicasts it (dense layout and k-grouped only).
+             half of it and multicasts it (dense, contiguous, masked and k-grouped layouts;
+             not the masked fused SwiGLU GEMM).
     cluster_n: 1, or 2: two horizontally adjacent tiles per 2-CTA cluster share A, each CTA
              loads half of it and multicasts it (NT layouts whose column blocks pair up exactly,
              ceil(N / block_n) even). For small M, where every CTA otherwise reads all of A
