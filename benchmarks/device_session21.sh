@@ -6,8 +6,9 @@
 #   MOE_FP8_COMMIT=<sha> bash benchmarks/device_session21.sh
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
-FINAL=${OUT:-/tmp/moe_fp8_out}; RAW=/tmp/s21; mkdir -p "$FINAL" "$RAW"
+FINAL=${OUT:-/tmp/moe_fp8_out}; RAW=$FINAL/s21; mkdir -p "$RAW"  # logs come back even on a timeout
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
+timeout 60 python3 -m moe_fp8.gemm.precompile > "$RAW/precompile.log" 2>&1; echo "precompile rc=$?"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgrad_gpu.py \
   tests/test_gemm_gpu.py -k "wgrad or split or masked_b_multicast or masked_uneven" \
   > "$RAW/tests.log" 2>&1
@@ -30,4 +31,3 @@ timeout 40 python3 benchmarks/gemm_ab.py --variant old=.variants/old \
 echo "gemm_ab (split K) rc=$?"; grep -aE "^\| [0-9]" "$RAW/gemm_ab_split.log" | cut -c1-120
 timeout 80 python3 benchmarks/experiments/wide_masked_probe.py > "$RAW/probe.log" 2>&1
 echo "masked probe rc=$?"; grep -aE "^\| [0-9]" "$RAW/probe.log" | cut -c1-110
-tar czf "$FINAL/s21.tgz" -C "$RAW" . 2>/dev/null
