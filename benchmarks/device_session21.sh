@@ -17,12 +17,12 @@ timeout 70 compute-sanitizer --tool racecheck --kernel-name kns=moe_fp8 --print-
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgrad_gpu.py::test_wgrad_overwrites \
   tests/test_wgrad_gpu.py::test_wgrad_bf16_out > "$RAW/san_racecheck.log" 2>&1
 echo "racecheck rc=$? $(grep -aE "RACECHECK SUMMARY" "$RAW/san_racecheck.log" | tail -n 1)"
+timeout 120 python3 benchmarks/experiments/wgrad_ab.py --variant old=.variants/old \
+  --variant new=moe_fp8/gemm/include --rounds 3 > "$RAW/wgrad_ab.log" 2>&1
+echo "wgrad_ab rc=$?"; grep -aE "^\| [r3]" "$RAW/wgrad_ab.log" | cut -c1-120
 timeout 50 compute-sanitizer --tool memcheck --kernel-name kns=moe_fp8 --print-limit 20 \
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gemm_gpu.py::test_masked_b_multicast \
   > "$RAW/san_memcheck.log" 2>&1
 echo "memcheck rc=$? $(grep -aE "ERROR SUMMARY" "$RAW/san_memcheck.log" | tail -n 1)"
-timeout 120 python3 benchmarks/experiments/wgrad_ab.py --variant old=.variants/old \
-  --variant new=moe_fp8/gemm/include --rounds 3 > "$RAW/wgrad_ab.log" 2>&1
-echo "wgrad_ab rc=$?"; grep -aE "^\| [r3]" "$RAW/wgrad_ab.log" | cut -c1-120
 timeout 80 python3 benchmarks/experiments/wide_masked_probe.py > "$RAW/probe.log" 2>&1
 echo "masked probe rc=$?"; grep -aE "^\| [0-9]" "$RAW/probe.log" | cut -c1-110
