@@ -93,13 +93,11 @@ class GemmConfig:
              register sets; the kernel uses it where they fit, block_n <= 128). True/1: for
              every K block; 2: for every other one; False/0: never.
     cluster_m: 1, or 2: two vertically adjacent tiles per 2-CTA cluster share B, each CTA loads
-             half of it and multicasts it (dense, contiguous, masked and k-grouped layouts;
-             not the masked fused SwiGLU GEMM).
+             half of it and multicasts it (dense layout and k-grouped only).
     cluster_n: 1, or 2: two horizontally adjacent tiles per 2-CTA cluster share A, each CTA
              loads half of it and multicasts it (NT layouts whose column blocks pair up exactly,
-             ceil(N / block_n) even). For small M, where every CTA otherwise reads all of A
-             from L2 for a narrow column block. Both 2 (dense layout only): a 2 x 2 cluster
-             of two row blocks by two column blocks, A and B both multicast. Clusters with
+             ceil(N / block_n) even; not with cluster_m = 2). For small M, where every CTA
+             otherwise reads all of A from L2 for a narrow column block. Clusters with
              block_m = 64 run single-buffered (the kernel drops double_buffer: ptxas serialised
              the double-buffered wgmma loop there, gemm_core.cuh).
     a_row_chunk: 0, or 8 / 16 / 32: A is loaded in chunks of this many rows, only the chunks
@@ -150,6 +148,11 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.cluster_m must be 1 or 2, got {self.cluster_m}")
         if self.cluster_n not in (1, 2):
             raise ValueError(f"GemmConfig.cluster_n must be 1 or 2, got {self.cluster_n}")
+        if self.cluster_m > 1 and self.cluster_n > 1:
+            # 2 x 2 clusters (both multicast, dense) measured -3..-14 % on H100 (session 21:
+            # only 30 clusters of 4 resident; results/cluster2x2_h100_2026-12-06_s21.md)
+            raise ValueError("GemmConfig: multicast of B (cluster_m) and of A (cluster_n) are "
+                             "exclusive (clusters of 2 CTAs)")
         if self.early_b and (self.cluster_m > 1 or self.cluster_n > 1 or self.split_k > 1):
             raise ValueError("GemmConfig.early_b needs no cluster and no split K")
         if self.a_row_chunk not in (0, 8, 16, 32) or self.a_row_chunk > self.block_m:

@@ -5,9 +5,8 @@
 //   EpilogueSliceBf16  fp32 accumulators -> bf16 -> shared memory (Epilogue's layout) -> TMA store
 //                   into bf16 D's slice `tile.expert` (k-grouped weight gradients for bf16
 //                   master weights: half the bytes of fp32 and no conversion pass after)
-// All are called by all 128 threads of a math warpgroup with its 64-row share of the tile.
-// Epilogue keeps at most one bulk group in flight per warpgroup (waited for before the buffer is
-// rewritten); the other two one per 32-column step (see the NOTE above EpilogueAddF32).
+// Both are called by all 128 threads of a math warpgroup with its 64-row share of the tile and
+// keep at most one bulk group in flight per warpgroup (waited for before the buffer is rewritten).
 //
 // Epilogue (bf16):
 // Each math warpgroup owns 64 rows of the tile and stages them in its own shared buffer
@@ -119,13 +118,6 @@ struct Epilogue {
   }
 };
 
-// NOTE: stores of a tile leave in steps of 32 columns, one bulk group per step (empty where the step
-// stores nothing: PTX makes an empty group of a commit without stores), so before rewriting step
-// c of the staging buffer a warpgroup waits only until its previous tile's step c has been read:
-// at most kSteps - 1 later groups may still be pending. The staging of a tile then overlaps the
-// draining of the previous one (one wait for the whole buffer serialised them: k-grouped rows of
-// a few K blocks, fp32 out, are bound by that drain).
-//
 // fp32 accumulate epilogue (k-grouped weight gradients): D[e][rows, cols] += tile.
 // Each warpgroup stages its 64 rows as kBlockN / 32 chunks of [64 rows][32 fp32] = 128-byte rows
 // in the TMA 128-byte swizzle (16-byte unit u of row r at u ^ (r % 8)); a warp's 8-byte stores
@@ -145,83 +137,64 @@ struct EpilogueAddF32 {
                                                     const Tile& tile, const GemmParams& params,
                                                     int warpgroup, int tid, int bar_id) {
     const int warp = tid / 32, lane = tid % 32;
+    if (tid == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier(bar_id, 128);
     const u32 s_base = ptx::smem_addr(s_d);
-    const bool store = tile.rows_valid > warpgroup * 64;
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      if (tid == 0) ptx::tma_store_wait_read<kChunks - 1>();  // the previous tile's chunk c
-      ptx::named_barrier(bar_id, 128);
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      const int byte = (j % 4) * 32 + (lane % 4) * 8;  // inside the chunk's 128-byte row
 #pragma unroll
-      for (int j = 4 * c; j < 4 * c + 4; ++j) {
-        const int byte = (j % 4) * 32 + (lane % 4) * 8;  // inside the chunk's 128-byte row
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = warp * 16 + h * 8 + lane / 4;
-          const u32 addr = s_base + c * kChunkBytes + row * 128 +
-                           (((byte >> 4) ^ (row % 8)) << 4) + (byte & 15);
-          ptx::st_shared_v2(addr, r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
-        }
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp * 16 + h * 8 + lane / 4;
+        const u32 addr = s_base + (j / 4) * kChunkBytes + row * 128 +
+                         (((byte >> 4) ^ (row % 8)) << 4) + (byte & 15);
+        ptx::st_shared_v2(addr, r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
       }
-      ptx::fence_proxy_async_smem();
-      ptx::named_barrier(bar_id, 128);
-      if (tid == 0) {
-        if (store && tile.n0 + c * 32 < kN) {
-          if constexpr (kAdd)
-            ptx::tma_reduce_add_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
-                                   tile.m_row + warpgroup * 64, tile.expert);
-          else
-            ptx::tma_store_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
-                              tile.m_row + warpgroup * 64, tile.expert);
-        }
-        ptx::tma_store_commit();  // one group per chunk, empty or not
+    }
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier(bar_id, 128);
+    if (tid == 0 && tile.rows_valid > warpgroup * 64) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        if (tile.n0 + c * 32 >= kN) continue;
+        if constexpr (kAdd)
+          ptx::tma_reduce_add_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
+                                 tile.m_row + warpgroup * 64, tile.expert);
+        else
+          ptx::tma_store_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
+                            tile.m_row + warpgroup * 64, tile.expert);
       }
+      ptx::tma_store_commit();
     }
   }
 };
 
 // bf16 store into slice tile.expert of a 3-D D [E, M, N] (k-grouped, overwriting): staged as
 // the bf16 Epilogue stages (16-column chunks of 64 rows, 32-byte swizzle), one 16 x 64 x 1 TMA box
-// per chunk, clipped at D's M and N; two chunks (32 columns) per step and bulk group.
+// per chunk, clipped at D's M and N.
 template <int kN, int kBlockN>
 struct EpilogueSliceBf16 {
   using Staging = Epilogue<kN, kBlockN, kLayoutDense>;
   static constexpr int kBytes = Staging::kBytes;  // per warpgroup
-  static constexpr int kSteps = kBlockN / 32;
-  static_assert(kBlockN % 32 == 0, "steps of two 16-column chunks");
 
   __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
                                                     unsigned char* s_d, const ptx::TmaDesc* tma_d,
                                                     const Tile& tile, const GemmParams& params,
                                                     int warpgroup, int tid, int bar_id) {
     const int warp = tid / 32, lane = tid % 32;
-    const u32 s_base = ptx::smem_addr(s_d);
-    const bool store = tile.rows_valid > warpgroup * 64;
-    // stmatrix x4 of rows (lane & 7) + 8 (mat & 1), column half mat >> 1 (Epilogue::to_smem)
-    const int mat = lane >> 3;
-    const int row = warp * 16 + (mat & 1) * 8 + (lane & 7);
-    const int half = mat >> 1;
+    if (tid == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier(bar_id, 128);
+    Staging::to_smem(r_acc, ptx::smem_addr(s_d), warp, lane);
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier(bar_id, 128);
+    if (tid == 0 && tile.rows_valid > warpgroup * 64) {
 #pragma unroll
-    for (int step = 0; step < kSteps; ++step) {
-      if (tid == 0) ptx::tma_store_wait_read<kSteps - 1>();  // the previous tile's step
-      ptx::named_barrier(bar_id, 128);
-#pragma unroll
-      for (int c = 2 * step; c < 2 * step + 2; ++c) {
-        const float* r = r_acc + c * 8;
-        ptx::stmatrix_x4(s_base + Staging::swizzled(c, row, half), ptx::pack_bf16x2(r[0], r[1]),
-                         ptx::pack_bf16x2(r[2], r[3]), ptx::pack_bf16x2(r[4], r[5]),
-                         ptx::pack_bf16x2(r[6], r[7]));
+      for (int c = 0; c < Staging::kChunks; ++c) {
+        if (tile.n0 + c * 16 < kN)
+          ptx::tma_store_3d(tma_d, s_d + c * Staging::kChunkBytes, tile.n0 + c * 16,
+                            tile.m_row + warpgroup * 64, tile.expert);
       }
-      ptx::fence_proxy_async_smem();
-      ptx::named_barrier(bar_id, 128);
-      if (tid == 0) {
-#pragma unroll
-        for (int c = 2 * step; c < 2 * step + 2; ++c) {
-          if (store && tile.n0 + c * 16 < kN)
-            ptx::tma_store_3d(tma_d, s_d + c * Staging::kChunkBytes, tile.n0 + c * 16,
-                              tile.m_row + warpgroup * 64, tile.expert);
-        }
-        ptx::tma_store_commit();  // one group per step, empty or not
-      }
+      ptx::tma_store_commit();
     }
   }
 };

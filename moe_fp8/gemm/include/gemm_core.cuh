@@ -159,9 +159,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   constexpr bool kHalfOverlap = P::kDoubleBuffer == 2;
   constexpr bool kSkipIdle = P::kSkipIdleWarpgroup && kNumMathWG == 2;
   static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
-  static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2),
-                "clusters of 1 or 2 CTAs sharing A or B, or (dense, scheduler.cuh) 2 x 2 sharing "
-                "both");
+  static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2) &&
+                    kClusterSize <= 2, "clusters of 1 or 2 CTAs, sharing A or B");
   constexpr int kARowChunk = P::kARowChunk;
   static_assert(kARowChunk == 0 || (kClusterSize == 1 && kBlockM % kARowChunk == 0 &&
                                     kARowChunk % 8 == 0),
@@ -202,11 +201,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   const int warpgroup = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
   const int tid = threadIdx.x % 128;  // thread index inside the warpgroup
   const int rank = kClusterSize > 1 ? static_cast<int>(ptx::cluster_ctarank()) : 0;
-  // rank = rank_m + kClusterM * rank_n: the row block inside a B-sharing pair and the column
-  // block inside an A-sharing pair (scheduler.cuh)
-  // (spelled so that the 2-CTA clusters keep the other index a compile-time 0)
-  const int rank_m = kClusterM == 1 ? 0 : (kClusterN == 1 ? rank : rank % kClusterM);
-  const int rank_n = kClusterN == 1 ? 0 : (kClusterM == 1 ? rank : rank / kClusterM);
 
   if (threadIdx.x == kNumMathWG * 128) {
     if (ptx::dynamic_smem_bytes() < Layout::kTotal) __trap();  // host/device layout mismatch
@@ -368,12 +362,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           } else if constexpr (kClusterN == 1) {
             ptx::tma_load_2d(s_a + stage * Layout::kABytes, tma_a, &full[stage], k, tile.m_row);
           } else {
-            // half rank_n of the rows, to every CTA of the same row block (rank_m + kClusterM n)
             constexpr int kHalfRows = kBlockM / kClusterN;
-            constexpr u32 kColumnMask = kClusterM == 1 ? 0b11 : 0b101;
-            ptx::tma_load_2d_multicast(s_a + stage * Layout::kABytes + rank_n * kHalfRows * 128,
-                                       tma_a, &full[stage], k, tile.m_row + rank_n * kHalfRows,
-                                       kColumnMask << rank_m);
+            ptx::tma_load_2d_multicast(s_a + stage * Layout::kABytes + rank * kHalfRows * 128,
+                                       tma_a, &full[stage], k, tile.m_row + rank * kHalfRows,
+                                       (1 << kClusterN) - 1);
           }
           if (b_loaded) {
             --early_b;
@@ -386,10 +378,9 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
             constexpr int kBoxRows = kBlockN / 2;
             constexpr int kBoxStride = P::kUpRowOffset > 0 ? P::kUpRowOffset : kBoxRows;
             if (kClusterM > 1 && (!Scheduler::kSplitPairs || tile.b_shared)) {
-              // box rank_m, to both row blocks of the same column block (ranks 2 rank_n + m)
-              ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank_m * kBoxRows * 128,
-                                         tma_b, &full[stage], k, tile.b_row + rank_m * kBoxStride,
-                                         0b11u << (kClusterM * rank_n));
+              ptx::tma_load_2d_multicast(s_b + stage * Layout::kBBytes + rank * kBoxRows * 128,
+                                         tma_b, &full[stage], k, tile.b_row + rank * kBoxStride,
+                                         (1 << kClusterM) - 1);
             } else {
               for (int h = 0; h < 2; ++h)
                 ptx::tma_load_2d(s_b + stage * Layout::kBBytes + h * kBoxRows * 128, tma_b,

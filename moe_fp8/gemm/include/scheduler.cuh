@@ -17,22 +17,20 @@
 // Activation scales are viewed as 2-D [outer = (E*)K/128, inner = M (or M_max)] (MN-major),
 // weight scales as [E*ceil(N/128), K/128]; k-grouped: both scales [T/128, M] and [T/128, N].
 //
-// Clusters of kClusterM CTAs (dense, k-grouped, contiguous, masked) take kClusterM vertically
-// adjacent tiles that share one column block, so B can be multicast: a linear index names a tile
-// pair, the CTA's rank in the cluster picks the row block. A pair past the last row block computes
-// on zero-filled operands and writes nothing (rows_valid <= 0), so both CTAs always see the same
-// tile count. Contiguous pairs (kSplitPairs): two row blocks of different experts each load their
-// own whole B (b_shared = false); a padding half (or one past M) takes its peer's expert and loads
-// its B half for it, but no A (rows_valid = 0: nothing written; zero padding keeps its rows,
-// written as zeros); its MMAs still run, on stale A, to keep the pair in lockstep (in the layer's
-// layouts only the pair that ends the valid rows); a pair of two padding blocks is skipped (zero
-// padding: no K block).
+// Clusters of kClusterM CTAs (dense, k-grouped, contiguous) take kClusterM vertically adjacent
+// tiles that share one column block, so B can be multicast: a linear index names a tile pair, the
+// CTA's rank in the cluster picks the row block. A pair past the last row block computes on
+// zero-filled operands and writes nothing (rows_valid <= 0), so both CTAs always see the same
+// tile count. Contiguous pairs (kSplitPairs): two row blocks of different experts each load
+// their own whole B (b_shared = false); a padding half (or one past M) takes its peer's expert
+// and loads its B half for it, but no A (rows_valid = 0: nothing written; zero padding keeps its
+// rows, written as zeros); its MMAs still run, on stale A, to keep the pair in lockstep (in the
+// layer's layouts only the pair that ends the valid rows); a pair of two padding blocks is
+// skipped (zero padding: no K block).
 // Clusters of kClusterN CTAs (NT layouts) take horizontally adjacent tiles that share one row
 // block, so A can be multicast: the rank picks the column block. The column blocks must pair up
 // exactly (kNumNBlocks % kClusterN == 0: no phantom column block, whose B rows would belong to
 // the next expert); both CTAs of a pair see the same rows, hence the same expert and skips.
-// Dense 2 x 2 clusters do both: rank = rank_m + kClusterM * rank_n, two row blocks by two column
-// blocks.
 // Split K (dense only, kSplitK > 1): every output tile is computed kSplitK times, once per
 // slice of kK / 128 / kSplitK K blocks; linear index = split * tiles + tile, so the splits of one
 // tile run in different waves' positions of the same grid, and the tile's `expert` field carries
@@ -120,16 +118,13 @@ struct TileScheduler {
                                    (kClusterM == 1 || kLayout == kLayoutContiguous)),
                 "paired halves: masked or m_indices layout, 256-wide tiles, N / 2 in 128-column "
                 "blocks; B multicast pairs of row blocks on the m_indices layout only");
-  static_assert(kClusterM == 1 || kLayout != kLayoutMasked || kClusterN == 1,
-                "masked B-multicast pairs: clusters of 2");
+  static_assert(kClusterM == 1 || kLayout != kLayoutMasked,
+                "B-multicast pairs: dense, k-grouped or contiguous layouts");
   // Contiguous B-multicast pairs: the two row blocks may belong to different experts (each then
-  // loads its whole B) or one may be padding (it loads its B half for the peer, no A). Masked
-  // pairs: one expert's row blocks; a phantom second half loads its B half, no A.
+  // loads its whole B) or one may be padding (it loads its B half for the peer, no A).
   static constexpr bool kSplitPairs =
       kClusterM > 1 && kLayout != kLayoutDense && kLayout != kLayoutKGrouped;
   static constexpr int kClusterSize = kClusterM * kClusterN;
-  static_assert(kClusterSize <= 2 || kLayout == kLayoutDense,
-                "2 x 2 clusters (A and B both multicast): the dense layout");
   static constexpr int kNumNBlocks = ceil_div(kN, kBlockN);
   static_assert(kClusterN == 1 || (kLayout != kLayoutKGrouped && kNumNBlocks % kClusterN == 0),
                 "A-multicast pairs: NT layouts whose column blocks pair up exactly");
@@ -154,9 +149,7 @@ struct TileScheduler {
   int expert_base = 0;
 
   __device__ TileScheduler(const GemmParams& p, int cta_rank)
-      : params(p),
-        rank_m(kClusterM == 1 ? 0 : (kClusterN == 1 ? cta_rank : cta_rank % kClusterM)),
-        rank_n(kClusterN == 1 ? 0 : (kClusterM == 1 ? cta_rank : cta_rank / kClusterM)),
+      : params(p), rank_m(kClusterM > 1 ? cta_rank : 0), rank_n(kClusterN > 1 ? cta_rank : 0),
         next_idx(blockIdx.x / kClusterSize) {}
 
   __device__ __forceinline__ void fill_n(Tile& t, int nb, int e) const {
@@ -211,20 +204,16 @@ struct TileScheduler {
     if constexpr (kLayout == kLayoutMasked) {
       // Experts hold ceil(masked_m / kBlockM) * kNumNUnits tiles (or pairs) each, enumerated
       // densely so that empty experts cost nothing and every CTA gets an even share of the work.
-      // B-multicast pairs (kClusterM = 2) take two row blocks of one expert; the second of an odd
-      // count is a phantom (rows_valid <= 0: it loads B's half for its peer, writes nothing).
       while (expert < params.num_experts) {
-        const int tiles = ceil_div(ceil_div(masked_rows(expert), kBlockM), kClusterM) * kNumNUnits;
+        const int tiles = ceil_div(masked_rows(expert), kBlockM) * kNumNUnits;
         if (idx < expert_base + tiles) break;
         expert_base += tiles;
         ++expert;
       }
       if (expert >= params.num_experts) return TileStatus::kDone;
       const int rows = masked_rows(expert);
-      int pmb, nu;
-      raster<kNumNUnits, kGroupNUnits>(idx - expert_base,
-                                       ceil_div(ceil_div(rows, kBlockM), kClusterM), pmb, nu);
-      const int mb = pmb * kClusterM + rank_m;
+      int mb, nu;
+      raster<kNumNUnits, kGroupNUnits>(idx - expert_base, ceil_div(rows, kBlockM), mb, nu);
       const int nb = nu * kClusterN + rank_n;
       t.m_row = expert * params.m + mb * kBlockM;
       t.sa_m = mb * kBlockM;

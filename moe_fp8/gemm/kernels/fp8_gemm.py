@@ -192,9 +192,9 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
     ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
     c = config.resolved(k)
-    if c.cluster_size > 2 and layout != kLayoutDense:
-        raise ValueError(f"GemmConfig.cluster_m = cluster_n = 2 (A and B multicast) needs the "
-                         f"dense layout, got layout {layout}")
+    if c.cluster_m != 1 and layout == kLayoutMasked:
+        raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense or a contiguous "
+                         "layout (B-multicast pairs of row blocks)")
     if c.a_row_chunk and layout not in (kLayoutMasked, kLayoutDense):
         raise ValueError(f"GemmConfig.a_row_chunk = {c.a_row_chunk} needs the masked or dense "
                          "layout (it loads the rows below masked_m or M)")
