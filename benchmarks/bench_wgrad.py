@@ -56,14 +56,21 @@ def _uneven(seed: int):
     return counts.tolist()
 
 
-def case_rows(label, m, n, counts, repeats, sweep):
+def wgrad_problem(m: int, n: int, counts):
+    """bf16 dY^T [m, T] and X^T [n, T] (random, seeded by the shape), their FP8 operands (1x128
+    along tokens) and the offsets of ``counts`` tokens per expert."""
     gen = torch.Generator(device="cuda").manual_seed(m + n)
     tokens = sum(counts)
     x_a = torch.randn(m, tokens, device="cuda", generator=gen).to(torch.bfloat16)
     x_b = torch.randn(n, tokens, device="cuda", generator=gen).to(torch.bfloat16)
-    (qa, sa), (qb, sb) = _quant_tokens(x_a), _quant_tokens(x_b)
     offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32,
                            device="cuda")
+    return x_a, x_b, _quant_tokens(x_a), _quant_tokens(x_b), offsets
+
+
+def case_rows(label, m, n, counts, repeats, sweep):
+    tokens = sum(counts)
+    x_a, x_b, (qa, sa), (qb, sb), offsets = wgrad_problem(m, n, counts)
     num_experts = len(counts)
     out = torch.zeros(num_experts, m, n, device="cuda")
     flops = 2 * m * n * tokens

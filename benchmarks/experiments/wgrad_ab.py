@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_gemm import bench_graph  # noqa: E402
-from bench_wgrad import _quant_tokens, _uneven  # noqa: E402
+from bench_wgrad import _uneven, wgrad_problem  # noqa: E402
 from common import card  # noqa: E402
 
 import moe_fp8.gemm as G  # noqa: E402
@@ -63,12 +63,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for index, (label, m, n, counts) in enumerate(kCases):
         counts = counts or _uneven(index)
-        gen = torch.Generator(device="cuda").manual_seed(m + n)
         tokens = sum(counts)
-        (qa, sa), (qb, sb) = (_quant_tokens(torch.randn(rows, tokens, device="cuda", generator=gen)
-                                            .to(torch.bfloat16)) for rows in (m, n))
-        offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32,
-                               device="cuda")
+        _, _, (qa, sa), (qb, sb), offsets = wgrad_problem(m, n, counts)
         for mode, dtype, accumulate in kModes:
             outs, graphs, times = {}, {}, {name: [] for name, _ in variants}
             for name, folder in variants:

@@ -12,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_wgrad import _quant_tokens, _uneven  # noqa: E402
+from bench_wgrad import _uneven, wgrad_problem  # noqa: E402
 
 from moe_fp8.gemm.kernels import wgrad as W  # noqa: E402
 
@@ -22,12 +22,8 @@ def main():
     parser.add_argument("--mode", default="fp32=", choices=("fp32=", "fp32+=", "bf16"))
     args = parser.parse_args()
     m, n, counts = 7168, 2048, _uneven(3)
-    gen = torch.Generator(device="cuda").manual_seed(m + n)
     tokens = sum(counts)
-    (qa, sa), (qb, sb) = (_quant_tokens(torch.randn(rows, tokens, device="cuda", generator=gen)
-                                        .to(torch.bfloat16)) for rows in (m, n))
-    offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32,
-                           device="cuda")
+    _, _, (qa, sa), (qb, sb), offsets = wgrad_problem(m, n, counts)
     dtype = torch.bfloat16 if args.mode == "bf16" else torch.float32
     out = torch.zeros(len(counts), m, n, device="cuda", dtype=dtype)
     for _ in range(2):

@@ -85,18 +85,23 @@ struct Epilogue {
     }
   }
 
+  // The warpgroup's 64 rows into s_d, visible to TMA stores (all 128 threads). The previous
+  // tile's TMA store must have finished reading s_d before it is rewritten.
+  __device__ __forceinline__ static void stage(const float (&r_acc)[kBlockN / 2],
+                                               unsigned char* s_d, int tid, int bar_id) {
+    if (tid == 0) ptx::tma_store_wait_read<0>();
+    ptx::named_barrier(bar_id, 128);
+    to_smem(r_acc, ptx::smem_addr(s_d), tid / 32, tid % 32);
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier(bar_id, 128);
+  }
+
   // The whole epilogue of one warpgroup: rows [64 * warpgroup, +64) of the tile.
   __device__ __forceinline__ static void write_tile(const float (&r_acc)[kBlockN / 2],
                                                     unsigned char* s_d, const ptx::TmaDesc* tma_d,
                                                     const Tile& tile, const GemmParams& params,
                                                     int warpgroup, int tid, int bar_id) {
-    const int warp = tid / 32, lane = tid % 32;
-    // The previous tile's TMA store must have finished reading s_d before it is rewritten.
-    if (tid == 0) ptx::tma_store_wait_read<0>();
-    ptx::named_barrier(bar_id, 128);
-    to_smem(r_acc, ptx::smem_addr(s_d), warp, lane);
-    ptx::fence_proxy_async_smem();
-    ptx::named_barrier(bar_id, 128);
+    stage(r_acc, s_d, tid, bar_id);
     const int rows = tile.rows_valid - warpgroup * 64;  // rows of this warpgroup to write
     const int row0 = tile.m_row + warpgroup * 64;
     if (rows <= 0) return;
@@ -181,12 +186,7 @@ struct EpilogueSliceBf16 {
                                                     unsigned char* s_d, const ptx::TmaDesc* tma_d,
                                                     const Tile& tile, const GemmParams& params,
                                                     int warpgroup, int tid, int bar_id) {
-    const int warp = tid / 32, lane = tid % 32;
-    if (tid == 0) ptx::tma_store_wait_read<0>();
-    ptx::named_barrier(bar_id, 128);
-    Staging::to_smem(r_acc, ptx::smem_addr(s_d), warp, lane);
-    ptx::fence_proxy_async_smem();
-    ptx::named_barrier(bar_id, 128);
+    Staging::stage(r_acc, s_d, tid, bar_id);
     if (tid == 0 && tile.rows_valid > warpgroup * 64) {
 #pragma unroll
       for (int c = 0; c < Staging::kChunks; ++c) {
