@@ -68,13 +68,17 @@ def wgrad_problem(m: int, n: int, counts):
     return x_a, x_b, _quant_tokens(x_a), _quant_tokens(x_b), offsets
 
 
+def _config_label(c) -> str:
+    return f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}"
+
+
 def case_rows(label, m, n, counts, repeats, sweep):
     tokens = sum(counts)
     x_a, x_b, (qa, sa), (qb, sb), offsets = wgrad_problem(m, n, counts)
     num_experts = len(counts)
     out = torch.zeros(num_experts, m, n, device="cuda")
     flops = 2 * m * n * tokens
-    config = wgrad_config(m, n, num_sms(torch.cuda.current_device())).resolved(0, wgrad=True)
+    config = wgrad_config(m, n, num_sms(torch.cuda.current_device()))
     check = torch.zeros_like(out)
     W.k_grouped_tn(qa, sa, qb, sb, offsets, check)
     want = torch.zeros_like(out)
@@ -88,12 +92,11 @@ def case_rows(label, m, n, counts, repeats, sweep):
     half_config = wgrad_config(m, n, num_sms(torch.cuda.current_device()), 2)
     nan = float("nan")  # the timed columns, filled after the interleaved timing below
     row = {"case": label, "E": num_experts, "M": m, "N": n, "tokens": tokens,
-           "config": f"{config.block_m}x{config.block_n}s{config.stages}c{config.cluster_m}",
+           "config": _config_label(config),
            "us": nan, "TFLOPS": nan, "diff_vs_ref": G.calc_diff(check, want), "TFLOPS_kernel": nan,
            "overwrite_us": nan, "overwrite_TFLOPS": nan,
            "overwrite_diff_vs_ref": G.calc_diff(fresh, want),
-           "bf16_out_config": f"{half_config.block_m}x{half_config.block_n}s{half_config.stages}"
-                              f"c{half_config.cluster_m}",
+           "bf16_out_config": _config_label(half_config),
            "bf16_out_us": nan, "bf16_out_TFLOPS": nan, "bf16_out_diff_vs_ref": half_diff,
            "via_fp32_us": nan}
     del fresh

@@ -279,7 +279,7 @@ class _Fp8Math:
         no fp32 buffer, no conversion pass); others its fp32 output, converted."""
         # overwrite: every expert's block is written (zeros where it has no tokens), no zeroing
         overwrite = switch_on(kWgradOverwriteEnv, kWgradOverwriteDefault)
-        bf16 = overwrite and dtype == torch.bfloat16 and b_t[0].shape[0] % 8 == 0
+        bf16 = overwrite and dtype == torch.bfloat16  # (K = H or I: 128-aligned, _validate)
         out = (torch.empty if overwrite else torch.zeros)(
             num_experts, a_t[0].shape[0], b_t[0].shape[0],
             dtype=torch.bfloat16 if bf16 else torch.float32, device=a_t[0].device)
