@@ -12,6 +12,13 @@ for mode in fp32= bf16; do
     python3 benchmarks/experiments/wgrad_uneven_once.py --mode $mode > "$RAW/ncu_$mode.log" 2>&1
   echo "== ncu $mode rc=$?"; grep -aE "^ +[a-z_]+__|tokens" "$RAW/ncu_$mode.log" | sed 's/  */ /g'
 done
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgrad_gpu.py -k bf16 \
+  > "$RAW/tests.log" 2>&1
+echo "== tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
+grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
+timeout 200 python3 benchmarks/experiments/wgrad_width_probe.py --bf16 --uneven --rounds 3 \
+  --configs 128x256c2d1,128x256c1d1 > "$RAW/width.log" 2>&1
+echo "== width rc=$?"; grep -aE "^\| (record|GEMM1|32)" "$RAW/width.log" | cut -c1-200
 case "$gpu" in *H200*)
   MOE_FP8_BENCH_FLUSH=clean timeout 200 python3 benchmarks/bench_layer.py --decode-only \
     --no-peers --repeats 20 > "$RAW/decode.log" 2>&1

@@ -182,7 +182,9 @@ def test_wgrad_bf16_out_deepseek_shapes():
 
 @pytest.mark.parametrize("config", [None, GemmConfig(128, 128, cluster_m=2),
                                     GemmConfig(128, 192, cluster_m=2, stages=3),
-                                    GemmConfig(64, 128), GemmConfig(128, 96, num_sms=5, group_n=2)],
+                                    GemmConfig(64, 128), GemmConfig(128, 96, num_sms=5, group_n=2),
+                                    GemmConfig(128, 256, cluster_m=2),
+                                    GemmConfig(128, 256, num_sms=3)],
                          ids=lambda c: "auto" if c is None else
                          f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}p{c.num_sms}")
 def test_wgrad_bf16_out(config):

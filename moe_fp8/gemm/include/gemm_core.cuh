@@ -133,8 +133,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   using Layout = CoreSmem<P>;
   // A 256-wide tile is computed as two 128-column halves, one after the other, into one
   // 64-register partial set (128 accumulators + 64 partials fit where 2 x 128 would spill); each
-  // half lies in one 128-column scale block.
-  constexpr int kHalves = (kBlockN == 256 && !P::kColumnScales) ? 2 : 1;
+  // half lies in one 128-column scale block (column scales: its own 128 of the slot's kBlockN).
+  constexpr int kHalves = kBlockN == 256 ? 2 : 1;
   constexpr int kPartN = kBlockN / kHalves;  // columns per wgmma group
   using Mma = ptx::WgmmaFp8<kPartN>;
   using Scheduler = typename P::Scheduler;
@@ -532,7 +532,23 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
     auto retire = [&](float(&p)[kPart], const float(&f)[4], int half = 0) {
       ptx::fence_regs(p);
-      if constexpr (kHalves == 2) {
+      if constexpr (kHalves == 2 && kColumnScales) {
+        // Half h: columns [128 h, 128 h + 128) of the slot's column scales; the slot is handed
+        // back once the second half has read them.
+        const float* s_sa_stage = s_sa + stage_out * kBlockM;
+        const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
+        const float* s_sb_stage = s_sb + stage_out * kBlockN + half * kPartN + 2 * (lane % 4);
+        float* acc = r_acc + half * kPart;
+#pragma unroll
+        for (int j = 0; j < kPartN / 8; ++j) {
+          const float2 sb = *reinterpret_cast<const float2*>(s_sb_stage + 8 * j);
+          acc[4 * j + 0] += p[4 * j + 0] * (sa_lo * sb.x);
+          acc[4 * j + 1] += p[4 * j + 1] * (sa_lo * sb.y);
+          acc[4 * j + 2] += p[4 * j + 2] * (sa_hi * sb.x);
+          acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);
+        }
+        if (half == kHalves - 1) release();
+      } else if constexpr (kHalves == 2) {
         // Half h covers columns [128 h, 128 h + 128): scale block n0/128 + h (n0 % 256 == 0).
         if (half == kHalves - 1) release();
         const float scale_lo = half == 0 ? f[0] : f[2], scale_hi = half == 0 ? f[1] : f[3];
