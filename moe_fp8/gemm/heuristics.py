@@ -38,6 +38,7 @@ kMaxStages = 16         # a pinned GemmConfig(stages=) may ask for up to this ma
 kDefaultMaxStages = 10  # what the heuristics give (the most that fit, up to this); deeper rings
                         # for the narrow small-M tiles are pinnable, not yet measured
 kMinStages = 2
+kRingStagingMaxStages = 3  # with_ring_staging: rings this shallow take the staging tile's room
 kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
 kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
 kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
@@ -427,10 +428,11 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
 
 def with_ring_staging(config: GemmConfig, k: int, max_tiles: int, sms: int) -> GemmConfig:
     """``config`` with ``ring_staging`` and the deeper ring it allows, where ``max_tiles`` fit
-    one wave on ``sms`` SMs (one tile per CTA) and the staging tile held the ring below the
-    stages it could have; else ``config``."""
+    one wave on ``sms`` SMs (one tile per CTA) and the staging tile holds the ring at
+    ``kRingStagingMaxStages`` stages or fewer (where a stage more is worth most: 128 x 256, 2 -> 3
+    stages 64 -> 53 us at 1 x 1024 x 4096 x 7168, H100 2026-12-06); else ``config``."""
     if (config.ring_staging or config.cluster_size > 1 or config.split_k > 1 or config.swap_ab
-            or max_tiles > (config.num_sms or sms)):
+            or config.stages > kRingStagingMaxStages or max_tiles > (config.num_sms or sms)):
         return config
     deeper = max_stages(config.block_m, config.block_n, k, ring_staging=True)
     if deeper <= config.stages or deeper * 64 < config.block_n:

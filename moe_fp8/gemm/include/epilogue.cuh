@@ -32,9 +32,8 @@ struct Epilogue {
   static constexpr int kChunkBytes = kRows * 32;    // one chunk of 64 rows x 32 bytes
   static constexpr int kBytes = kChunks * kChunkBytes;  // per warpgroup
   static_assert(kBlockN % 16 == 0, "stmatrix x4 writes 16 columns at a time");
-  static_assert(kRunChunks == 0 || (kChunks % kRunChunks == 0 &&
-                                    kRunStride >= kRunChunks * kChunkBytes),
-                "runs of whole chunks that do not overlap");
+  static_assert(kRunChunks == 0 || kRunStride >= kRunChunks * kChunkBytes,
+                "runs of chunks that do not overlap");
 
   // byte offset of a chunk inside the warpgroup's staging area
   __device__ __forceinline__ static constexpr int chunk_offset(int chunk) {
