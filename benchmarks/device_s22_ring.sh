@@ -11,7 +11,7 @@ echo "== tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
 grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "masked_ring_staging and 128-256" \
+    -p no:cacheprovider -m gpu tests/test_gemm_gpu.py -k "masked_ring_staging and 128x256" \
     > "$RAW/san_$tool.log" 2>&1
   echo "== $tool rc=$? $(grep -a "ERROR SUMMARY" "$RAW/san_$tool.log" | tail -n 1)"
 done

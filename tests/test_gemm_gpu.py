@@ -498,7 +498,7 @@ def test_masked_uneven(m_max, expected_m, config):
                                     GemmConfig(128, 128, stages=2, ring_staging=True),
                                     GemmConfig(64, 256, stages=4, ring_staging=True),
                                     GemmConfig(128, 144, ring_staging=True, a_row_chunk=32)],
-                         ids=str)
+                         ids=["128x256", "128x128s2", "64x256s4", "128x144r32"])
 def test_masked_ring_staging(config):
     """Ring staging (the output staged in the A slots, one tile per CTA): rows >= masked_m
     untouched (partial slabs take the predicated path through the same chunk addresses), and
