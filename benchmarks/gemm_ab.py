@@ -31,22 +31,21 @@ from moe_fp8.gemm.heuristics import GemmConfig, dense_config, num_sms  # noqa: E
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
 
 kDefaultShapes = ((4096, 4096, 7168), (4096, 7168, 2048), (4096, 24576, 1536), (4096, 2112, 7168))
-kConfig = re.compile(
-    r"(\d+)x(\d+)(?:s(\d+))?c(\d)d(\d)(?:a(\d))?(?:r(\d+))?(?:g(\d+))?(?:n(\d+))?(w)?")
+kConfig = re.compile(r"(\d+)x(\d+)(?:s(\d+))?c(\d)d(\d)(?:a(\d))?(?:r(\d+))?(?:g(\d+))?(?:n(\d+))?")
 
 
 def parse_config(text: str) -> GemmConfig:
     """``128x128c1d1`` = block 128 x 128, cluster 1 (B multicast: c2), double buffer 1;
     optional s<stages>, a<cluster_n> (A multicast: a2), r<a_row_chunk> (masked: A rows by need,
-    r16), g<group_n>, n<num_sms>, a trailing w (ring_staging); ``auto`` = the shipped heuristic."""
+    r16), g<group_n>, n<num_sms>; ``auto`` = the shipped heuristic."""
     m = kConfig.fullmatch(text)
     if m is None:
         raise ValueError(f"--config {text!r}: expected e.g. 128x128c1d1, 64x128c1d1a2 or "
                          "128x144s4c2d0g8n128")
-    bm, bn, st, c, d, a, r, g, n, w = m.groups()
+    bm, bn, st, c, d, a, r, g, n = m.groups()
     return GemmConfig(int(bm), int(bn), stages=int(st or 0), cluster_m=int(c), double_buffer=int(d),
                       cluster_n=int(a or 1), a_row_chunk=int(r or 0), group_n=int(g or 16),
-                      num_sms=int(n or 0), ring_staging=w is not None)
+                      num_sms=int(n or 0))
 
 
 @contextlib.contextmanager

@@ -9,8 +9,6 @@ poisons the output with NaN first, and checks
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -492,44 +490,6 @@ def test_masked_uneven(m_max, expected_m, config):
                                    config=config)
     torch.cuda.synchronize()
     _masked_check(out, x, w, a, b, masked_m, f"masked m_max={m_max} {config}")
-
-
-@pytest.mark.parametrize("config", [GemmConfig(128, 256, ring_staging=True),
-                                    GemmConfig(128, 128, stages=2, ring_staging=True),
-                                    GemmConfig(64, 256, stages=4, ring_staging=True),
-                                    GemmConfig(128, 144, ring_staging=True, a_row_chunk=32)],
-                         ids=["128x256", "128x128s2", "64x256s4", "128x144r32"])
-def test_masked_ring_staging(config):
-    """Ring staging (the output staged in the A slots, one tile per CTA): rows >= masked_m
-    untouched (partial slabs take the predicated path through the same chunk addresses), and
-    the same bits as the config with its own staging tile."""
-    counts = [0, 1, 64, 65, 200, 137]
-    x, w, a, b = _masked_inputs(len(counts), 200, 1024, 1024, seed=config.block_n)
-    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
-    outs = []
-    for c in (config, dataclasses.replace(config, ring_staging=False, stages=0)):
-        out = _poisoned((len(counts), 200, 1024))
-        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 128, out=out, backend="kernel", config=c)
-        torch.cuda.synchronize()
-        _masked_check(out, x, w, a, b, masked_m, f"masked ring staging {c}")
-        outs.append(out)
-    assert torch.equal(outs[0].nan_to_num(0.5), outs[1].nan_to_num(0.5)), \
-        f"{config}: ring staging changed the bits"
-
-
-def test_dense_ring_staging():
-    # 1000 x 2048 x 7168 on 128 x 256 tiles: 64 tiles, one wave, the last row block partial
-    _dense_case(1000, 2048, 7168, seed=5, config=GemmConfig(128, 256, ring_staging=True))
-
-
-def test_ring_staging_rejects_more_tiles_than_ctas():
-    x, w, a, b = _masked_inputs(4, 256, 1024, 1024, seed=3)
-    masked_m = torch.full((4,), 256, dtype=torch.int32, device="cuda")
-    out = torch.empty(4, 256, 1024, device="cuda", dtype=torch.bfloat16)
-    config = GemmConfig(128, 256, ring_staging=True, num_sms=8)  # 32 tiles on 8 CTAs
-    with pytest.raises(ValueError, match="ring_staging"):
-        G.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 256, out=out, backend="kernel",
-                                       config=config)
 
 
 @pytest.mark.parametrize("config", [GemmConfig(64, 128, a_row_chunk=16), GemmConfig(64, 48, a_row_chunk=32),

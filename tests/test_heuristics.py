@@ -308,22 +308,3 @@ def test_wgrad_bf16_out_config_and_instances(tmp_path, monkeypatch):
         report = compiled.report
         assert report.spill_stores == report.spill_loads == report.stack_bytes == 0, report
         assert not report.wgmma_serialized, report
-
-
-def test_ring_staging_config():
-    # one wave of 128 x 256 tiles: the staging tile's 64 KB become a fourth stage
-    c = H.masked_config(1, 1024, 4096, 7168, 132, m_max=1024)
-    assert (c.block_m, c.block_n, c.stages, c.ring_staging) == (128, 256, 4, True)
-    assert H.smem_bytes(128, 256, 4, 7168, ring_staging=True) <= H.kMaxSmemBytes
-    assert H.smem_bytes(128, 256, 4, 7168) > H.kMaxSmemBytes
-    # more tiles than SMs (N = 7168: 224 tiles), or no m_max: the staging tile of its own
-    assert not H.masked_config(1, 1024, 7168, 2048, 132, m_max=1024).ring_staging
-    assert not H.masked_config(1, 1024, 4096, 7168, 132).ring_staging
-    # decode tiles whose ring is not held by the staging tile: unchanged
-    small = H.masked_config(32, 1, 4096, 7168, 132)
-    assert H.with_ring_staging(small, 7168, 32, 132) == small
-    for bad in (dict(cluster_m=2), dict(split_k=2), dict(stages=3)):
-        with pytest.raises(ValueError, match="ring_staging"):
-            H.GemmConfig(128, 256, ring_staging=True, **bad)
-    with pytest.raises(ValueError, match="ring_staging"):
-        H.GemmConfig(128, 192, ring_staging=True).resolved(0, wgrad=True)

@@ -98,20 +98,6 @@ def test_dense_and_grouped_launches(launches):
     assert len(launches) >= 5
 
 
-def test_masked_ring_staging_launch(launches):
-    """The masked record shape 1 x 1024 x 4096 x 7168 (one wave of 128 x 256 tiles): the
-    heuristic stages the output in the ring (4 stages), its instance and shared memory fit."""
-    from moe_fp8.gemm.kernels import fp8_gemm as K
-    experts, m_max, n, k = 1, 1024, 4096, 7168
-    K.m_grouped_masked(fp8(experts, m_max, k), empty_act_scales(m_max, k // 128, experts),
-                       fp8(experts, n, k), torch.ones(experts, n // 128, k // 128),
-                       torch.tensor([m_max], dtype=torch.int32), m_max,
-                       torch.empty(experts, m_max, n, dtype=torch.bfloat16))
-    (instance, grid, _, smem, _), = launches
-    assert instance.endswith(", 4, 16, 2, 1, 1, 1, 0, false, true>"), instance
-    assert grid[0] == 128 and smem == H.smem_bytes(128, 256, 4, k, ring_staging=True)
-
-
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("shape", [(4, 64, 512, 1024), (32, 1, 2048, 7168), (32, 256, 2048, 7168)],
                          ids=["small", "dsv3-1-token", "dsv3-256-tokens"])

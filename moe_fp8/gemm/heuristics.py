@@ -38,7 +38,6 @@ kMaxStages = 16         # a pinned GemmConfig(stages=) may ask for up to this ma
 kDefaultMaxStages = 10  # what the heuristics give (the most that fit, up to this); deeper rings
                         # for the narrow small-M tiles are pinnable, not yet measured
 kMinStages = 2
-kRingStagingMaxStages = 3  # with_ring_staging: rings this shallow take the staging tile's room
 kDefaultGroupN = 16     # n blocks per rasterisation band (scheduler.cuh)
 kLoadWeight = 64        # cost of a tile's operand row relative to one MMA column (see _pick_block_n)
 kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
@@ -118,11 +117,6 @@ class GemmConfig:
              finishes. Only where the immediately preceding kernel writes neither B nor the
              layout — the decode step's down GEMM (`MOE_FP8_EARLY_WEIGHTS`). Masked or dense
              layout, no cluster, no split K.
-    ring_staging: each CTA runs at most one tile (the launch checks the tile count against the
-             grid), so its epilogue stages the output in the ring's A slots (each math
-             warpgroup in the rows it alone reads) instead of a buffer of its own: 128 x 256
-             gets 4 stages instead of 3. Needs stages >= block_n / 64, no cluster, no split K,
-             no swap AB; NT layouts.
     swap_ab: (masked layout) the tile's block_m tokens are the wgmma N side, rounded up to 16
              per tile at run time, and its 128 weight rows the M side (include/swap_ab.cuh): a
              tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128, no cluster,
@@ -140,7 +134,6 @@ class GemmConfig:
     split_k: int = 1
     early_b: bool = False
     swap_ab: bool = False
-    ring_staging: bool = False
 
     def __post_init__(self):
         if self.block_m not in kBlockMs:
@@ -170,10 +163,6 @@ class GemmConfig:
         if self.swap_ab and (self.block_n != 128 or self.cluster_size > 1 or self.split_k > 1):
             raise ValueError(f"GemmConfig.swap_ab needs block_n = 128, no cluster and no split K, "
                              f"got {self}")
-        if self.ring_staging and (self.cluster_size > 1 or self.split_k > 1 or self.swap_ab or
-                                  (self.stages and self.stages * 64 < self.block_n)):
-            raise ValueError(f"GemmConfig.ring_staging needs no cluster, no split K, no swap AB "
-                             f"and stages >= block_n / 64, got {self}")
         if not 1 <= self.split_k <= kMaxSplitK:
             raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
         if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
@@ -200,17 +189,15 @@ class GemmConfig:
         if config.split_k > 1 and (k // kBlockK) % config.split_k:
             raise ValueError(f"GemmConfig.split_k = {config.split_k} must divide the K blocks "
                              f"(K / 128 = {k // kBlockK})")
-        if config.ring_staging and wgrad:
-            raise ValueError("GemmConfig.ring_staging is for the NT kernels")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k, wgrad_d_bytes, config.ring_staging) > kMaxSmemBytes:
+                          config.split_k, wgrad_d_bytes) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
             config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
-                                      wgrad_d_bytes, config.ring_staging))
+                                      wgrad_d_bytes))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -237,26 +224,23 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1, wgrad_d_bytes: int = 4, ring_staging: bool = False) -> int:
+               split_k: int = 1, wgrad_d_bytes: int = 4) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
-    NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32; ``ring_staging``: none,
-    it is staged in the A slots); weight scales of the tile, double buffered
-    ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32 output tile (bf16 with
-    ``wgrad_d_bytes = 2``)."""
+    NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
+    tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
+    output tile (bf16 with ``wgrad_d_bytes = 2``)."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
-    d_tile = 0 if ring_staging else \
-        block_m * block_n * (wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2)
+    d_tile = block_m * block_n * (wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2)
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
 def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
-               wgrad_d_bytes: int = 4, ring_staging: bool = False) -> int:
+               wgrad_d_bytes: int = 4) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, wgrad_d_bytes,
-                      ring_staging) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, wgrad_d_bytes) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -395,8 +379,7 @@ def _contiguous_config(m_sum: int, n: int, k: int, sms: int, wide: bool,
     return config
 
 
-def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
-                  m_max: int = 0) -> GemmConfig:
+def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config for the masked layout from the host-side hint ``expected_m`` (rows per expert).
 
     ``expected_m`` is a mean: a decode batch's experts spread around it (routing is random), and
@@ -414,30 +397,9 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
 
     Decode tiles sized for the experts a batch is expected to touch instead of all of them (8 of
     32 at one token) measured no gain (H100, session 13: 1 / 2 / 4 tokens 160 / 260 / 372 ->
-    160 / 270 / 373 us; removed in session 19).
-
-    ``m_max`` (rows per expert of the layout; 0: unknown): where every tile of the layout fits
-    one wave, the output is staged in the ring (``with_ring_staging``)."""
-    config = _masked_config(num_experts, expected_m, n, k, sms,
-                            env.masked_row_chunks(kMaskedRowChunksDefault))
-    if m_max:
-        tiles = num_experts * _ceil_div(m_max, config.block_m) * _ceil_div(n, config.block_n)
-        config = with_ring_staging(config, k, tiles, sms)
-    return config
-
-
-def with_ring_staging(config: GemmConfig, k: int, max_tiles: int, sms: int) -> GemmConfig:
-    """``config`` with ``ring_staging`` and the deeper ring it allows, where ``max_tiles`` fit
-    one wave on ``sms`` SMs (one tile per CTA) and the staging tile holds the ring at
-    ``kRingStagingMaxStages`` stages or fewer (where a stage more is worth most: 128 x 256, 2 -> 3
-    stages 64 -> 53 us at 1 x 1024 x 4096 x 7168, H100 2026-12-06); else ``config``."""
-    if (config.ring_staging or config.cluster_size > 1 or config.split_k > 1 or config.swap_ab
-            or config.stages > kRingStagingMaxStages or max_tiles > (config.num_sms or sms)):
-        return config
-    deeper = max_stages(config.block_m, config.block_n, k, ring_staging=True)
-    if deeper <= config.stages or deeper * 64 < config.block_n:
-        return config
-    return dataclasses.replace(config, stages=deeper, ring_staging=True)
+    160 / 270 / 373 us; removed in session 19)."""
+    return _masked_config(num_experts, expected_m, n, k, sms,
+                          env.masked_row_chunks(kMaskedRowChunksDefault))
 
 
 @functools.lru_cache(maxsize=4096)

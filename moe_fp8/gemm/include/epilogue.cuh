@@ -16,8 +16,7 @@
 // would need 64-column chunks, which non-power-of-two block widths such as 112 do not split
 // into). Full tiles leave through TMA stores of 16 x 64 boxes (clipped at the tensor's M and N);
 // tiles cut by masked_m leave through predicated 16-byte stores so rows >= masked_m are never
-// written. With kRunChunks > 0 the chunks lie in runs of kRunChunks, kRunStride bytes apart (the
-// staging tile spread over the warpgroup's rows of the ring's A slots: GemmConfig.ring_staging).
+// written.
 #pragma once
 
 #include "ptx.cuh"
@@ -25,24 +24,16 @@
 
 namespace moe_fp8 {
 
-template <int kN, int kBlockN, int kLayout, int kRunChunks = 0, int kRunStride = 0>
+template <int kN, int kBlockN, int kLayout>
 struct Epilogue {
   static constexpr int kRows = 64;                  // rows per math warpgroup
   static constexpr int kChunks = kBlockN / 16;      // 16-column chunks
   static constexpr int kChunkBytes = kRows * 32;    // one chunk of 64 rows x 32 bytes
   static constexpr int kBytes = kChunks * kChunkBytes;  // per warpgroup
   static_assert(kBlockN % 16 == 0, "stmatrix x4 writes 16 columns at a time");
-  static_assert(kRunChunks == 0 || kRunStride >= kRunChunks * kChunkBytes,
-                "runs of chunks that do not overlap");
-
-  // byte offset of a chunk inside the warpgroup's staging area
-  __device__ __forceinline__ static constexpr int chunk_offset(int chunk) {
-    return kRunChunks == 0 ? chunk * kChunkBytes
-                           : chunk / kRunChunks * kRunStride + chunk % kRunChunks * kChunkBytes;
-  }
 
   __device__ __forceinline__ static u32 swizzled(int chunk, int row, int half) {
-    return chunk_offset(chunk) + row * 32 + ((half ^ ((row >> 2) & 1)) << 4);
+    return chunk * kChunkBytes + row * 32 + ((half ^ ((row >> 2) & 1)) << 4);
   }
 
   // r_acc is the m64nNk32 accumulator fragment: for 8-column group j, registers 4j, 4j+1 hold
@@ -68,7 +59,7 @@ struct Epilogue {
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       if (n0 + c * 16 < kN)
-        ptx::tma_store_2d(tma_d, static_cast<const char*>(s_d) + chunk_offset(c), n0 + c * 16,
+        ptx::tma_store_2d(tma_d, static_cast<const char*>(s_d) + c * kChunkBytes, n0 + c * 16,
                           row0);
     }
     ptx::tma_store_commit();

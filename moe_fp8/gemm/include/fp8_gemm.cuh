@@ -31,8 +31,7 @@ __host__ __device__ constexpr bool fits_two_scale_blocks(int block_n) {
 }
 
 template <int kN, int kK, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kLayout,
-          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_,
-          bool kRingStaging_>
+          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_>
 struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
@@ -59,22 +58,12 @@ struct NtPolicy {
                 "early B: masked or dense layout, no cluster");
   using Scheduler = TileScheduler<kLayout, kN, kK, kBlockM, kBlockN, kGroupN, kClusterM,
                                   kClusterN, 1, kEmptyTiles>;
-  // Ring staging (one tile per CTA, the host checks): each math warpgroup stages its 64 output
-  // rows in its own 64 rows of the ring's A slots, 8 KB a slot (4 chunks of 64 rows x 32 bytes),
-  // free once its last wgmma has retired; the staging tile's 64 KB then go to a fourth stage of
-  // 128 x 256 tiles. No cluster: no peer writes into the slots.
-  static constexpr bool kRingStaging = kRingStaging_;
-  static constexpr int kSlotRowsBytes = 64 * 128;  // one warpgroup's rows of an A slot
-  static_assert(!kRingStaging || (kClusterM == 1 && kClusterN == 1 &&
-                                  kStages * kSlotRowsBytes >= kBlockN * 128),
-                "ring staging: no cluster, the A slots' rows hold the warpgroup's staging tile");
-  using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout, kRingStaging ? kSlotRowsBytes / 2048 : 0,
-                                     kRingStaging ? kBlockM * 128 : 0>;
+  using Epilogue = moe_fp8::Epilogue<kN, kBlockN, kLayout>;
 };
 
 template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
           int kDoubleBufferOpt = 1, int kClusterM = 1, int kClusterN = 1, int kARowChunk = 0,
-          bool kEarlyB = false, bool kRingStaging = false>
+          bool kEarlyB = false>
 __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
     fp8_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                     const __grid_constant__ ptx::TmaDesc tma_b,
@@ -85,7 +74,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
                 "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
   using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
-                          kClusterM, kClusterN, kARowChunk, kEarlyB, kRingStaging>;
+                          kClusterM, kClusterN, kARowChunk, kEarlyB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_d};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }

@@ -93,14 +93,6 @@ __host__ __device__ constexpr auto gather_a_of(int) -> decltype(bool(P::kGatherA
 }
 template <class P>
 __host__ __device__ constexpr bool gather_a_of(long) { return false; }
-// Policies with kRingStaging (NtPolicy): the epilogue stages in the ring's A slots, one tile per
-// CTA.
-template <class P>
-__host__ __device__ constexpr auto ring_staging_of(int) -> decltype(bool(P::kRingStaging)) {
-  return P::kRingStaging;
-}
-template <class P>
-__host__ __device__ constexpr bool ring_staging_of(long) { return false; }
 template <class P>
 __host__ __device__ constexpr int math_warpgroups() {
   return (swap_ab_of<P>(0) ? P::kBlockN : P::kBlockM) / 64;
@@ -117,8 +109,7 @@ struct CoreSmem {
   static constexpr int kA = 0;                                   // [kStages][kBlockM][128] e4m3
   static constexpr int kB = kA + P::kStages * kABytes;           // [kStages][kBlockN][128] e4m3
   static constexpr int kD = kB + P::kStages * kBBytes;           // [kNumMathWG][Epilogue::kBytes]
-  static constexpr int kDBytes = ring_staging_of<P>(0) ? 0 : P::Epilogue::kBytes;  // in the ring
-  static constexpr int kSa = kD + math_warpgroups<P>() * kDBytes;  // [kStages][kBlockM]
+  static constexpr int kSa = kD + math_warpgroups<P>() * P::Epilogue::kBytes;  // [kStages][kBlockM]
   static constexpr int kSb = kSa + P::kStages * kSaBytes;        // [kStages][kBlockN] fp32
   static constexpr int kTileSb = kSb + P::kStages * kSbBytes;    // [2][2][kTileKBlocks] fp32
   static constexpr int kBar = (kTileSb + 2 * kTileSbFloats * 4 + 7) / 8 * 8;
@@ -453,9 +444,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     if constexpr (kNumMathWG == 2) ptx::setmaxnreg_inc<Regs::kMath>();
     const int warp = tid / 32, lane = tid % 32;
     const int bar_id = 1 + warpgroup;  // named barrier private to this warpgroup
-    constexpr bool kRingStaging = ring_staging_of<P>(0);
-    unsigned char* s_d_wg = kRingStaging ? s_a + warpgroup * 64 * 128
-                                         : smem + Layout::kD + warpgroup * P::Epilogue::kBytes;
+    unsigned char* s_d_wg = smem + Layout::kD + warpgroup * P::Epilogue::kBytes;
     // Rows of this thread inside the tile: lane/4 and lane/4 + 8 of the warp's 16-row slab.
     const int row_lo = warpgroup * 64 + warp * 16 + lane / 4;
     float r_acc[kAcc], r_p0[kPart], r_p1[kDoubleBuffer ? kPart : 1];
@@ -660,9 +649,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
       }
       have_tile = scheduler.next(next_tile);
-      // NOTE: with ring staging a second tile here would have its slots filled while this one
-      // stages in them; the launch checks that the grid covers the tiles (fp8_gemm.py _launch).
-      // A __trap() guard here made ptxas spill (H100 instance 128 x 256, 4 stages, 2026-12-06).
       if (have_tile) {
         begin_tile(next_tile);
         if constexpr (kDoubleBuffer) {

@@ -58,11 +58,9 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
         raise ValueError("GemmConfig.early_b needs the masked or dense layout (it reads the layout "
                          "before the kernel's PDL wait)")
     # optional trailing parameters only when set: older instances keep their names
-    long_tail = c.a_row_chunk or c.early_b or c.ring_staging
-    tail = f", {c.cluster_n}, {c.a_row_chunk}" if long_tail else (
+    tail = f", {c.cluster_n}, {c.a_row_chunk}" if c.a_row_chunk or c.early_b else (
         f", {c.cluster_n}" if c.cluster_n != 1 else "")
-    tail += (", true" if c.early_b else ", false") if c.early_b or c.ring_staging else ""
-    tail += ", true" if c.ring_staging else ""
+    tail += ", true" if c.early_b else ""
     return jit.KernelSource(
         kHeader,
         f"moe_fp8::fp8_gemm_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, {c.group_n}, "
@@ -205,13 +203,9 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
     kernel = _get_kernel(n, k, c, layout, device)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k,
-                        ring_staging=c.ring_staging)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
-    if c.ring_staging and max_tiles > grid:
-        raise ValueError(f"GemmConfig.ring_staging needs one tile per CTA: {max_tiles} tiles, "
-                         f"a grid of {grid} CTAs")
     tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m)
     if c.split_k > 1:
         _launch_split_k(kernel, tma_a, tma_b, tma_sa, sb, d2, m, n, c, grid, smem, device)
@@ -328,8 +322,7 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     if num_experts == 0 or m_max == 0:
         return out
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    config = config or H.masked_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev),
-                                       m_max)
+    config = config or H.masked_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev))
     tiles = num_experts * H._ceil_div(m_max, config.block_m) * H._ceil_div(n, config.block_n)
     _launch(kLayoutMasked, _k_major(a).view(num_experts * m_max, k), _sa_view(sa), m_max,
             _k_major(b).view(num_experts * n, k), sb.contiguous(), out.view(num_experts * m_max, n),
