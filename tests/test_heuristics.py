@@ -286,13 +286,15 @@ def test_swap_ab_config_and_instances(tmp_path, monkeypatch):
 
 
 def test_wgrad_bf16_out_config_and_instances(tmp_path, monkeypatch):
-    """The bf16-output weight-gradient instances: their own names, a fourth ring stage at 128 x 192
-    (the bf16 staging tile is half the fp32 one), never accumulating; they compile for sm_90a
-    without local memory or a serialised wgmma pipeline."""
+    """The bf16-output weight-gradient instances: their own names, 128 x 256 tiles at 3 stages
+    (the bf16 staging tile is half the fp32 one, which leaves fp32 at 128 x 192), never
+    accumulating; they compile for sm_90a without local memory or a serialised wgmma pipeline."""
     from moe_fp8.gemm.kernels import wgrad
     fp32, bf16 = H.wgrad_config(7168, 2048, 132), H.wgrad_config(7168, 2048, 132, 2)
-    assert (fp32.block_n, fp32.stages, bf16.block_n, bf16.stages) == (192, 3, 192, 4)
-    assert H.smem_bytes(128, 192, 4, 0, wgrad=True, wgrad_d_bytes=2) <= H.kMaxSmemBytes
+    assert (fp32.block_n, fp32.stages, bf16.block_n, bf16.stages) == (192, 3, 256, 3)
+    assert H.smem_bytes(128, 256, 3, 0, wgrad=True, wgrad_d_bytes=2) <= H.kMaxSmemBytes
+    with pytest.raises(ValueError, match="shared memory"):
+        H.GemmConfig(128, 256).resolved(0, wgrad=True)  # fp32: not even 2 stages fit
     name = wgrad.kernel_source(2048, bf16, False, True).instance
     assert name.endswith(", false, true>")
     assert name != wgrad.kernel_source(2048, bf16, False).instance

@@ -19,8 +19,8 @@ Choice rule (measured where noted in benchmarks/NOTES.md):
   K <= ``kMulticastMaxK``. Measured on H100 (2026-11-25, M = 4096, same run): +7 % at K = 512,
   -3 to +0 % (noise) at K >= 1536, where L2 traffic is not what limits the kernel.
 
-The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 192 tiles on wide outputs (else
-128 x 128) and the stages that fit beside its fp32 staging tile.
+The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 192 tiles on wide outputs (bf16
+output: 128 x 256; else 128 x 128) and the stages that fit beside its staging tile.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B mult
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kWgradWideBlockN = 192    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
+kWgradWideBlockNBf16 = 256  # ... and with bf16 output (its staging tile leaves room for 3 stages)
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
@@ -453,9 +454,15 @@ def wgrad_config(m: int, n: int, sms: int, d_bytes: int = 4) -> GemmConfig:
     output has at least four of them (single-buffered, 3 stages): fewer L2 bytes per FLOP, which
     is what TFLOPS follow at the power cap; H100 2026-12-06, 5 interleaved rounds
     (experiments/wgrad_width_probe.py): 7168 x 2048 x 4 / 8 experts of 4096 tokens 635 -> 595 /
-    1258 -> 1212 us, 4096 x 7168 x 4 experts 1269 -> 1202 us (128 x 160: no gain)."""
+    1258 -> 1212 us, 4096 x 7168 x 4 experts 1269 -> 1202 us (128 x 160: no gain).
+
+    bf16 output on outputs at least four 256-wide tiles wide: 128 x 256 (two 128-column halves,
+    3 stages beside its 64 KB staging tile); H100 2026-12-06, 3 interleaved rounds against
+    128 x 192 at 4 stages: the record rows -1 / -1 / +1 %, 32 experts with uneven tokens
+    604 -> 571 us (7168 x 2048) and 1165 -> 1144 us (4096 x 7168)."""
     block_m = _block_m(m)
     cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
-    block_n = kWgradWideBlockN if block_m == 128 and n >= 4 * kWgradWideBlockN else 128
+    wide = kWgradWideBlockNBf16 if d_bytes == 2 else kWgradWideBlockN
+    block_n = wide if block_m == 128 and n >= 4 * wide else 128
     return GemmConfig(block_m, block_n, cluster_m=cluster_m).resolved(0, wgrad=True,
                                                                       wgrad_d_bytes=d_bytes)

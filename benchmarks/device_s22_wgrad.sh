@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Session 22, call 3: bf16 weight gradients on 128 x 256 tiles as the default: GPU tests, 5
+# interleaved rounds against 128 x 192 at 4 stages, bench_wgrad and bench_train.
+set -uo pipefail
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
+RAW=${OUT:-/tmp/s22}; mkdir -p "$RAW"
+nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_wgrad_gpu.py \
+  tests/test_layer_train.py > "$RAW/tests.log" 2>&1
+echo "== tests rc=$? $(tail -n 1 "$RAW/tests.log" | cut -c1-120)"
+grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
+timeout 200 python3 benchmarks/experiments/wgrad_width_probe.py --bf16 --uneven --rounds 5 \
+  --configs 128x192s4c2d1 > "$RAW/width.log" 2>&1
+echo "== width rc=$?"; grep -aE "^\| (record|GEMM1|32)" "$RAW/width.log" | cut -c1-200
+timeout 150 python3 benchmarks/bench_wgrad.py > "$RAW/wgrad.log" 2>&1
+echo "== wgrad rc=$?"; grep -aE "^\| " "$RAW/wgrad.log" | cut -c1-220
+timeout 170 python3 benchmarks/bench_train.py --quick --no-profile > "$RAW/train.log" 2>&1
+echo "== train rc=$?"; grep -aE "^\| " "$RAW/train.log" | cut -c1-220
