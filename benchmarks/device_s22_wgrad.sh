@@ -14,5 +14,5 @@ timeout 200 python3 benchmarks/experiments/wgrad_width_probe.py --bf16 --uneven 
 echo "== width rc=$?"; grep -aE "^\| (record|GEMM1|32)" "$RAW/width.log" | cut -c1-200
 timeout 150 python3 benchmarks/bench_wgrad.py > "$RAW/wgrad.log" 2>&1
 echo "== wgrad rc=$?"; grep -aE "^\| " "$RAW/wgrad.log" | cut -c1-220
-timeout 170 python3 benchmarks/bench_train.py --quick --no-profile > "$RAW/train.log" 2>&1
+timeout 220 python3 benchmarks/bench_train.py --repeats 5 --no-profile > "$RAW/train.log" 2>&1
 echo "== train rc=$?"; grep -aE "^\| " "$RAW/train.log" | cut -c1-220
