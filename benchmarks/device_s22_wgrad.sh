@@ -17,6 +17,9 @@ grep -aE "^FAILED|Error" "$RAW/tests.log" | head -n 10 | cut -c1-250
 timeout 200 python3 benchmarks/experiments/wgrad_width_probe.py --bf16 --uneven --rounds 5 \
   --configs 128x192s4c2d1 > "$RAW/width.log" 2>&1
 echo "== width rc=$?"; grep -aE "^\| (record|GEMM1|32)" "$RAW/width.log" | cut -c1-200
+timeout 150 python3 benchmarks/experiments/wgrad_ab.py --variant base=moe_fp8/gemm/include \
+  --variant evict_first=.variants/evict_first --rounds 3 > "$RAW/ab.log" 2>&1
+echo "== evict_first A/B rc=$?"; grep -aE "^\| " "$RAW/ab.log" | cut -c1-200
 timeout 150 python3 benchmarks/bench_wgrad.py > "$RAW/wgrad.log" 2>&1
 echo "== wgrad rc=$?"; grep -aE "^\| " "$RAW/wgrad.log" | cut -c1-220
 case "$gpu" in *H200*) exit 0 ;; esac
