@@ -203,6 +203,23 @@ __device__ __forceinline__ void tma_store_3d(const TmaDesc* desc, const void* s_
                : "memory");
 }
 
+// An L2 cache policy under which the lines an access brings in are evicted first.
+__device__ __forceinline__ u64 l2_evict_first_policy() {
+  u64 policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// tma_store_3d whose lines leave L2 first (`policy`: l2_evict_first_policy): an output written
+// once and not read again, so the lines the kernel still reads stay.
+__device__ __forceinline__ void tma_store_3d_hint(const TmaDesc* desc, const void* s_src, int c0,
+                                                  int c1, int c2, u64 policy) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group.L2::cache_hint"
+               " [%0, {%2, %3, %4}], [%1], %5;\n" ::"l"(reinterpret_cast<u64>(desc)),
+               "r"(smem_addr(s_src)), "r"(c0), "r"(c1), "r"(c2), "l"(policy)
+               : "memory");
+}
+
 // Shared -> global element-wise fp32 add (performed at L2, atomic per element), tracked by bulk
 // groups like a store: out[e, rows, cols] += tile. Clipped at the tensor's bounds.
 __device__ __forceinline__ void tma_reduce_add_3d(const TmaDesc* desc, const void* s_src, int c0,

@@ -27,10 +27,10 @@
 
 namespace moe_fp8 {
 
-// D's epilogue: fp32 (reduce-add or store), or bf16 (store)
+// D's epilogue: fp32 (reduce-add, or a store whose lines leave L2 first), or bf16 (store)
 template <int kN, int kBlockN, bool kAccumulate, bool kBf16Out>
 struct WgradEpilogue {
-  using Type = EpilogueAddF32<kN, kBlockN, kAccumulate>;
+  using Type = EpilogueAddF32<kN, kBlockN, kAccumulate, !kAccumulate>;
 };
 template <int kN, int kBlockN>
 struct WgradEpilogue<kN, kBlockN, false, true> {
