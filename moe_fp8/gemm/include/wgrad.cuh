@@ -14,7 +14,8 @@
 // scheduler from offsets, no host sync); B's scale varies per output column, so each ring stage
 // also carries kBlockN column scales and the promotion multiplies by sa[row] * sb[col]; the
 // epilogue adds the tile into D with TMA reduce-add (experts without tokens are not touched), or
-// stores it with a TMA store (their tiles run with no K block and store zeros).
+// stores it with a TMA store (their tiles run with no K block and store zeros; fp32 D's lines
+// are marked to leave L2 first, so the operands stay there).
 //
 // Constraints: T % 128 == 0 (every segment too); N % 4 == 0 (16-byte rows of D; bf16 D: N % 8);
 // kBlockN % 32 == 0.
