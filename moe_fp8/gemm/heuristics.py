@@ -447,7 +447,7 @@ def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
 @functools.lru_cache(maxsize=4096)
 def wgrad_config(m: int, n: int, sms: int, d_bytes: int = 4) -> GemmConfig:
     """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32, or bf16 with
-    ``d_bytes = 2``: its smaller staging tile leaves room for a fourth ring stage at 128 x 192).
+    ``d_bytes = 2``: its smaller staging tile leaves room for 128 x 256 tiles at 3 stages).
 
     Multicast on from two row blocks: on H100 (2026-11-25) 757-768 vs 685-781 TFLOPS without,
     i.e. within the run's spread; it halves B's L2 reads, so it stays. 192-wide tiles where the
@@ -457,9 +457,10 @@ def wgrad_config(m: int, n: int, sms: int, d_bytes: int = 4) -> GemmConfig:
     1258 -> 1212 us, 4096 x 7168 x 4 experts 1269 -> 1202 us (128 x 160: no gain).
 
     bf16 output on outputs at least four 256-wide tiles wide: 128 x 256 (two 128-column halves,
-    3 stages beside its 64 KB staging tile); H100 2026-12-06, 3 interleaved rounds against
-    128 x 192 at 4 stages: the record rows -1 / -1 / +1 %, 32 experts with uneven tokens
-    604 -> 571 us (7168 x 2048) and 1165 -> 1144 us (4096 x 7168)."""
+    3 stages beside its 64 KB staging tile); H100 2026-12-06, 4 interleaved rounds against
+    128 x 192 at 4 stages: the record rows 550 / 1101 / 1084 -> 542 / 1084 / 1078 us, 32 experts
+    with uneven tokens 599 -> 571 us (7168 x 2048) and 1210 -> 1148 us (4096 x 7168)
+    (results/wgrad_width_probe_bf16_default_h100_2026-12-06_s22.md)."""
     block_m = _block_m(m)
     cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
     wide = kWgradWideBlockNBf16 if d_bytes == 2 else kWgradWideBlockN
