@@ -532,9 +532,10 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     // promote, acc += p * sa[row] * sb[col], one FFMA per element on CUDA cores.
     auto retire = [&](float(&p)[kPart], const float(&f)[4], int half = 0) {
       ptx::fence_regs(p);
-      if constexpr (kHalves == 2 && kColumnScales) {
-        // Half h: columns [128 h, 128 h + 128) of the slot's column scales; the slot is handed
-        // back once the second half has read them.
+      if constexpr (kColumnScales) {
+        // Columns [kPartN h, kPartN h + kPartN) of the slot's column scales (h: the half of a
+        // 256-wide tile, else 0), a thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load
+        // of sb per j. The slot is handed back once the last half has read them.
         const float* s_sa_stage = s_sa + stage_out * kBlockM;
         const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
         const float* s_sb_stage = s_sb + stage_out * kBlockN + half * kPartN + 2 * (lane % 4);
@@ -560,20 +561,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
           acc[4 * j + 2] += p[4 * j + 2] * scale_hi;
           acc[4 * j + 3] += p[4 * j + 3] * scale_hi;
         }
-      } else if constexpr (kColumnScales) {
-        const float* s_sa_stage = s_sa + stage_out * kBlockM;
-        const float sa_lo = s_sa_stage[row_lo], sa_hi = s_sa_stage[row_lo + 8];
-        // Thread's columns 8j + 2 (lane % 4) + {0, 1}: one 8-byte load of sb per j.
-        const float* s_sb_stage = s_sb + stage_out * kBlockN + 2 * (lane % 4);
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j) {
-          const float2 sb = *reinterpret_cast<const float2*>(s_sb_stage + 8 * j);
-          r_acc[4 * j + 0] += p[4 * j + 0] * (sa_lo * sb.x);
-          r_acc[4 * j + 1] += p[4 * j + 1] * (sa_lo * sb.y);
-          r_acc[4 * j + 2] += p[4 * j + 2] * (sa_hi * sb.x);
-          r_acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);
-        }
-        release();
       } else if constexpr (kMayStraddle) {
         release();
         promote_straddling<kBlockN / 8, gcd_int(kBlockN, 128) / 8>(first_cols / 8, r_acc, p, f);
