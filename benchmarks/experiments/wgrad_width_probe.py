@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import common  # noqa: E402
 from bench_gemm import bench_graph  # noqa: E402
-from bench_wgrad import _quant_tokens, _uneven  # noqa: E402
+from bench_wgrad import _uneven, wgrad_problem  # noqa: E402
 from gemm_ab import parse_config  # noqa: E402
 
 from moe_fp8.gemm.heuristics import GemmConfig, num_sms, wgrad_config  # noqa: E402
@@ -54,11 +54,7 @@ def main():
     rows = []
     for label, m, n, counts in cases:
         tokens = sum(counts)
-        gen = torch.Generator(device="cuda").manual_seed(m + n)
-        (qa, sa) = _quant_tokens(torch.randn(m, tokens, device="cuda", generator=gen).bfloat16())
-        (qb, sb) = _quant_tokens(torch.randn(n, tokens, device="cuda", generator=gen).bfloat16())
-        offsets = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32,
-                               device="cuda")
+        _, _, (qa, sa), (qb, sb), offsets = wgrad_problem(m, n, counts)
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         out = torch.zeros(len(counts), m, n, device="cuda", dtype=dtype)
         configs = {"default": wgrad_config(m, n, num_sms(0), d_bytes), **pinned}
