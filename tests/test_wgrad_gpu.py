@@ -113,7 +113,9 @@ kPinned = [GemmConfig(128, 128, cluster_m=1), GemmConfig(128, 128, cluster_m=2),
            GemmConfig(128, 128, double_buffer=False, stages=2),
            GemmConfig(128, 96, num_sms=5, group_n=2), GemmConfig(128, 128, double_buffer=2),
            GemmConfig(128, 128, cluster_m=2, double_buffer=2),
-           GemmConfig(128, 192, cluster_m=2), GemmConfig(128, 192, num_sms=3)]
+           GemmConfig(128, 192, cluster_m=2), GemmConfig(128, 192, num_sms=3),
+           # fp32 staged in two 128-column passes (EpilogueAddF32); N = 800 ends mid-pass
+           GemmConfig(128, 256, cluster_m=2), GemmConfig(128, 256, num_sms=3)]
 
 
 @pytest.mark.parametrize("config", kPinned, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.stages}"
@@ -123,7 +125,7 @@ def test_wgrad_pinned_configs(config):
     _case(333, 800, [256, 0, 640, 128], seed=config.block_n + config.cluster_m, config=config)
 
 
-@pytest.mark.parametrize("config", [None] + kPinned[:6], ids=lambda c: "auto" if c is None else
+@pytest.mark.parametrize("config", [None] + kPinned[:6] + kPinned[-2:], ids=lambda c: "auto" if c is None else
                          f"{c.block_m}x{c.block_n}s{c.stages}c{c.cluster_m}d{int(c.double_buffer)}")
 def test_wgrad_overwrites(config):
     """accumulate=False: every expert's block written, zeros for the experts without tokens

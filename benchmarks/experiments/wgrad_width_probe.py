@@ -3,15 +3,15 @@ multiplies per element (per-row and per-column scales), so a wider tile does not
 per FLOP, but it reads fewer L2 bytes per FLOP (each A row block serves more columns), which is
 what TFLOPS follow at the H100's power cap. 128 x 192 / 160 fit single-buffered (96 accumulators
 + 96 partials); 128 x 256 runs as two 128-column halves into one partial set (128 + 64 registers),
-and its staging tile leaves room for 3 stages only with bf16 output.
+and 3 stages fit beside its staging tile (fp32: staged 128 columns at a time).
 
     python benchmarks/experiments/wgrad_width_probe.py [--rounds 5] [--configs 128x192s2c2d1,...]
-        [--bf16] [--uneven]
+        [--bf16 | --overwrite] [--uneven]
 
 Prints, per case of bench_wgrad.py's record rows (``--uneven``: also its 32-expert rows), each
 config's median over interleaved rounds (L2 flushed, graph replays; fp32 `accumulate=True`, or
-``--bf16``: bf16 D overwritten) and the round values; every config's D is compared with the
-default config's (``max_abs_diff``).
+``--bf16``: bf16 D overwritten; ``--overwrite``: fp32 D overwritten) and the round values;
+every config's D is compared with the default config's (``max_abs_diff``).
 """
 import argparse
 import os
@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--configs", default="", help="instead of the width set: pinned configs "
                         "in gemm_ab.py's syntax, e.g. 128x192s2c2d1")
     parser.add_argument("--bf16", action="store_true", help="bf16 D, overwritten")
+    parser.add_argument("--overwrite", action="store_true", help="fp32 D, overwritten")
     parser.add_argument("--uneven", action="store_true", help="also the 32-expert uneven rows")
     args = parser.parse_args()
     d_bytes = 2 if args.bf16 else 4
@@ -61,7 +62,7 @@ def main():
         resolved = {name: c.resolved(0, wgrad=True, wgrad_d_bytes=d_bytes)
                     for name, c in configs.items()}
         times = {name: [] for name in resolved}
-        accumulate = not args.bf16
+        accumulate = not (args.bf16 or args.overwrite)
         diffs = {}
         for name, c in resolved.items():
             d = torch.full_like(out, float("nan"))
@@ -85,9 +86,10 @@ def main():
             rows.append(row)
             common.print_row(row)
         torch.cuda.empty_cache()
+    d_mode = ("bf16 overwritten" if args.bf16 else "fp32 overwritten" if args.overwrite
+              else "fp32 accumulated")
     common.write_results("wgrad_width_probe", rows, f"{args.rounds} interleaved rounds of "
-                         f"{args.repeats} L2-flushed graph replays, medians; D "
-                         f"{'bf16 overwritten' if args.bf16 else 'fp32 accumulated'}")
+                         f"{args.repeats} L2-flushed graph replays, medians; D {d_mode}")
 
 
 if __name__ == "__main__":

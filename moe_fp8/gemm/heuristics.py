@@ -230,9 +230,12 @@ def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = Fa
 
     NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
     tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
-    output tile (bf16 with ``wgrad_d_bytes = 2``)."""
+    output tile (bf16 with ``wgrad_d_bytes = 2``). fp32 tiles 256 wide are staged 128 columns
+    at a time (EpilogueAddF32)."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
-    d_tile = block_m * block_n * (wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2)
+    d_bytes = wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2
+    staged_n = block_n // 2 if d_bytes == 4 and block_n == 256 else block_n  # fp32: two passes
+    d_tile = block_m * staged_n * d_bytes
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base

@@ -134,10 +134,14 @@ struct Epilogue {
 // with uneven tokens write 1.9-3.8 GB of D, which otherwise evicted the operands, read 2.7x from
 // DRAM; H100 2026-12-06, 3 interleaved rounds: 941 -> 895 us at 7168 x 2048 and 1790 -> 1669 us
 // at 4096 x 7168; the record rows and the reduce-add within the spread).
+// A 256-wide tile is staged and sent in two passes of 128 columns through one 32 KB buffer per
+// warpgroup (the second waits for TMA to have read the first): its whole fp32 tile (128 KB) would
+// leave room for one ring stage, the halves leave room for three.
 template <int kN, int kBlockN, bool kAdd = true, bool kEvictFirst = false>
 struct EpilogueAddF32 {
   static_assert(!(kAdd && kEvictFirst), "the hint is for stores");
-  static constexpr int kChunks = kBlockN / 32;
+  static constexpr int kPasses = kBlockN == 256 ? 2 : 1;
+  static constexpr int kChunks = kBlockN / 32 / kPasses;  // staged per pass
   static constexpr int kChunkBytes = 64 * 128;
   static constexpr int kBytes = kChunks * kChunkBytes;  // per warpgroup
   static_assert(kBlockN % 32 == 0, "128-byte chunks of 32 fp32 columns");
@@ -147,39 +151,44 @@ struct EpilogueAddF32 {
                                                     const Tile& tile, const GemmParams& params,
                                                     int warpgroup, int tid, int bar_id) {
     const int warp = tid / 32, lane = tid % 32;
-    if (tid == 0) ptx::tma_store_wait_read<0>();
-    ptx::named_barrier(bar_id, 128);
     const u32 s_base = ptx::smem_addr(s_d);
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      const int byte = (j % 4) * 32 + (lane % 4) * 8;  // inside the chunk's 128-byte row
+    for (int pass = 0; pass < kPasses; ++pass) {
+      if (tid == 0) ptx::tma_store_wait_read<0>();
+      ptx::named_barrier(bar_id, 128);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = warp * 16 + h * 8 + lane / 4;
-        const u32 addr = s_base + (j / 4) * kChunkBytes + row * 128 +
-                         (((byte >> 4) ^ (row % 8)) << 4) + (byte & 15);
-        ptx::st_shared_v2(addr, r_acc[4 * j + 2 * h], r_acc[4 * j + 2 * h + 1]);
-      }
-    }
-    ptx::fence_proxy_async_smem();
-    ptx::named_barrier(bar_id, 128);
-    if (tid == 0 && tile.rows_valid > warpgroup * 64) {
-      u64 policy = 0;
-      if constexpr (kEvictFirst) policy = ptx::l2_evict_first_policy();
+      for (int j = 0; j < kChunks * 4; ++j) {  // 8-column groups of this pass
+        const int byte = (j % 4) * 32 + (lane % 4) * 8;  // inside the chunk's 128-byte row
+        const float* r = r_acc + 4 * (pass * kChunks * 4 + j);
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        if (tile.n0 + c * 32 >= kN) continue;
-        if constexpr (kAdd)
-          ptx::tma_reduce_add_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
-                                 tile.m_row + warpgroup * 64, tile.expert);
-        else if constexpr (kEvictFirst)
-          ptx::tma_store_3d_hint(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
-                                 tile.m_row + warpgroup * 64, tile.expert, policy);
-        else
-          ptx::tma_store_3d(tma_d, s_d + c * kChunkBytes, tile.n0 + c * 32,
-                            tile.m_row + warpgroup * 64, tile.expert);
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp * 16 + h * 8 + lane / 4;
+          const u32 addr = s_base + (j / 4) * kChunkBytes + row * 128 +
+                           (((byte >> 4) ^ (row % 8)) << 4) + (byte & 15);
+          ptx::st_shared_v2(addr, r[2 * h], r[2 * h + 1]);
+        }
       }
-      ptx::tma_store_commit();
+      ptx::fence_proxy_async_smem();
+      ptx::named_barrier(bar_id, 128);
+      if (tid == 0 && tile.rows_valid > warpgroup * 64) {
+        u64 policy = 0;
+        if constexpr (kEvictFirst) policy = ptx::l2_evict_first_policy();
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          const int n0 = tile.n0 + (pass * kChunks + c) * 32;
+          if (n0 >= kN) continue;
+          if constexpr (kAdd)
+            ptx::tma_reduce_add_3d(tma_d, s_d + c * kChunkBytes, n0, tile.m_row + warpgroup * 64,
+                                   tile.expert);
+          else if constexpr (kEvictFirst)
+            ptx::tma_store_3d_hint(tma_d, s_d + c * kChunkBytes, n0, tile.m_row + warpgroup * 64,
+                                   tile.expert, policy);
+          else
+            ptx::tma_store_3d(tma_d, s_d + c * kChunkBytes, n0, tile.m_row + warpgroup * 64,
+                              tile.expert);
+        }
+        ptx::tma_store_commit();
+      }
     }
   }
 };
