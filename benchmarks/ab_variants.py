@@ -10,6 +10,12 @@
 * ``noepi``: no epilogue (the output is never written; the accumulators stay live): what
   the per-tile store costs.
 * ``nofence``: without the wgmma fence that follows each group's commit.
+* ``colonefma`` / ``colnopromo`` (k-grouped weight gradients, ``experiments/wgrad_ab.py``): the
+  column-scale promotion without its per-element FMUL (sa * sb; one FFMA by sb alone), or
+  without any promotion: what the second scale and the whole promotion cost there.
+* ``ordered``: the single-buffered loop's warpgroups take turns issuing (named barriers 3 / 4),
+  so one's group runs while the other promotes (dense: measured wrong in session 6; the weight
+  gradient's promotion is twice as long).
 Each patch asserts that the text it replaces is still there.
 """
 import pathlib
@@ -42,6 +48,37 @@ kKeepAccumulatorsLive = """      float live = 0.f;
       for (int i = 0; i < kAcc; ++i) live += r_acc[i];
       if (live == 1.2345e-37f) s_d_wg[tid] = 1;"""
 
+# The column-scale promotion (weight gradients).
+kColumnPromotion = """          acc[4 * j + 0] += p[4 * j + 0] * (sa_lo * sb.x);
+          acc[4 * j + 1] += p[4 * j + 1] * (sa_lo * sb.y);
+          acc[4 * j + 2] += p[4 * j + 2] * (sa_hi * sb.x);
+          acc[4 * j + 3] += p[4 * j + 3] * (sa_hi * sb.y);"""
+kColumnOneFma = """          acc[4 * j + 0] += p[4 * j + 0] * sb.x;
+          acc[4 * j + 1] += p[4 * j + 1] * sb.y;
+          acc[4 * j + 2] += p[4 * j + 2] * sb.x;
+          acc[4 * j + 3] += p[4 * j + 3] * sb.y;"""
+kColumnNoPromotion = """          if (j == 0) acc[0] += p[0] * (sa_lo * sb.x) + p[kPart - 1] * (sa_hi * sb.y);"""
+
+# The single-buffered K loop, and the same with turns (WG1 pre-arrives so that WG0 goes first;
+# WG0 takes WG1's last arrival after the loop).
+kSingleLoop = """            issue(r_p0, r_f0, kb, half);
+            ptx::wgmma_wait<0>();
+            retire(r_p0, r_f0, half);"""
+kSingleLoopOrdered = """            if constexpr (kTurns)
+              asm volatile("bar.sync %0, 256;" ::"r"(3 + warpgroup) : "memory");
+            issue(r_p0, r_f0, kb, half);
+            if constexpr (kTurns)
+              asm volatile("bar.arrive %0, 256;" ::"r"(4 - warpgroup) : "memory");
+            ptx::wgmma_wait<0>();
+            retire(r_p0, r_f0, half);"""
+kLoopStart = "    bool have_tile = scheduler.next(tile);"
+kLoopStartOrdered = """    constexpr bool kTurns = math_warpgroups<P>() == 2;
+    if (kTurns && warpgroup == 1) asm volatile("bar.arrive 3, 256;" ::: "memory");
+    bool have_tile = scheduler.next(tile);"""
+kLoopEnd = "    if (tid == 0) ptx::tma_store_wait_all();"
+kLoopEndOrdered = """    if (kTurns && warpgroup == 0) asm volatile("bar.sync 3, 256;" ::: "memory");
+    if (tid == 0) ptx::tma_store_wait_all();"""
+
 # The main producer's wait for a free slot (the dense / grouped loop, not the scale warp's).
 kSlotWait = "ptx::mbar_wait_idle(&empty[stage], phase ^ 1);  // slot released by every math warp"
 kSlotWaitNoLoad = """            ptx::mbar_wait_idle(&empty[stage], phase ^ 1);
@@ -72,6 +109,11 @@ def main(out: pathlib.Path) -> None:
                                "      MOE_FP8_TRACE(int trace_tile = 0;)")
     variants["noepi"] = patch(core, kEpilogue, kKeepAccumulatorsLive)
     variants["nofence"] = patch(core, kFence, "      // ablated: no fence after the commit")
+    variants["colonefma"] = patch(core, kColumnPromotion, kColumnOneFma)
+    variants["colnopromo"] = patch(core, kColumnPromotion, kColumnNoPromotion)
+    ordered = patch(core, kSingleLoop, kSingleLoopOrdered)
+    ordered = patch(ordered, kLoopStart, kLoopStartOrdered)
+    variants["ordered"] = patch(ordered, kLoopEnd, kLoopEndOrdered)
     for name, text in variants.items():
         folder = out / name
         if folder.exists():
