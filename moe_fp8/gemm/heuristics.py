@@ -48,7 +48,7 @@ kWidth192Penalty = 1.1
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
-kWgradWideBlockN = 192    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
+kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs (fp32 D)
 kWgradWideBlockNBf16 = 256  # ... and with bf16 output (its staging tile leaves room for 3 stages)
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
