@@ -285,26 +285,25 @@ def test_swap_ab_config_and_instances(tmp_path, monkeypatch):
         assert not report.wgmma_serialized, report
 
 
-def test_wgrad_bf16_out_config_and_instances(tmp_path, monkeypatch):
-    """The bf16-output weight-gradient instances: their own names, 128 x 256 tiles at 3 stages
-    (the bf16 staging tile is half the fp32 one, which leaves fp32 at 128 x 192), never
-    accumulating; they compile for sm_90a without local memory or a serialised wgmma pipeline."""
+def test_wgrad_wide_configs_and_instances(tmp_path, monkeypatch):
+    """fp32 and bf16 weight gradients on 128 x 256 tiles at 3 stages (fp32 staged 128 columns at
+    a time: the same 64 KB as the whole bf16 tile); the bf16 instances have their own names and
+    never accumulate; all compile for sm_90a without local memory or a serialised wgmma
+    pipeline."""
     from moe_fp8.gemm.kernels import wgrad
     fp32, bf16 = H.wgrad_config(7168, 2048, 132), H.wgrad_config(7168, 2048, 132, 2)
-    assert (fp32.block_n, fp32.stages, bf16.block_n, bf16.stages) == (192, 3, 256, 3)
-    assert H.smem_bytes(128, 256, 3, 0, wgrad=True, wgrad_d_bytes=2) <= H.kMaxSmemBytes
-    with pytest.raises(ValueError, match="shared memory"):
-        H.GemmConfig(128, 256).resolved(0, wgrad=True)  # fp32: not even 2 stages fit
+    assert (fp32.block_n, fp32.stages, bf16.block_n, bf16.stages) == (256, 3, 256, 3)
+    assert (H.smem_bytes(128, 256, 3, 0, wgrad=True)
+            == H.smem_bytes(128, 256, 3, 0, wgrad=True, wgrad_d_bytes=2) <= H.kMaxSmemBytes)
     name = wgrad.kernel_source(2048, bf16, False, True).instance
     assert name.endswith(", false, true>")
     assert name != wgrad.kernel_source(2048, bf16, False).instance
     with pytest.raises(ValueError, match="never accumulated"):
         wgrad.kernel_source(2048, bf16, True, True)
     monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
-    for m, n in wgrad.kWgradShapes:
+    for source in wgrad.bundled_sources():
         try:
-            compiled = jit.compile_kernel(wgrad.kernel_source(n, H.wgrad_config(m, n, 132, 2),
-                                                              False, True))
+            compiled = jit.compile_kernel(source)
         except jit.CompilerUnavailable as error:
             pytest.skip(str(error))
         report = compiled.report

@@ -19,8 +19,8 @@ Choice rule (measured where noted in benchmarks/NOTES.md):
   K <= ``kMulticastMaxK``. Measured on H100 (2026-11-25, M = 4096, same run): +7 % at K = 512,
   -3 to +0 % (noise) at K >= 1536, where L2 traffic is not what limits the kernel.
 
-The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 192 tiles on wide outputs (bf16
-output: 128 x 256; else 128 x 128) and the stages that fit beside its staging tile.
+The k-grouped weight-gradient kernel (``wgrad_config``) uses 128 x 256 tiles on wide outputs (else
+128 x 128) and the stages that fit beside its staging tile.
 """
 from __future__ import annotations
 
@@ -48,8 +48,7 @@ kWidth192Penalty = 1.1
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
-kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs (fp32 D)
-kWgradWideBlockNBf16 = 256  # ... and with bf16 output (its staging tile leaves room for 3 stages)
+kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
@@ -450,7 +449,7 @@ def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
 @functools.lru_cache(maxsize=4096)
 def wgrad_config(m: int, n: int, sms: int, d_bytes: int = 4) -> GemmConfig:
     """Config of the k-grouped weight-gradient kernel for ``D [E, m, n]`` (fp32, or bf16 with
-    ``d_bytes = 2``: its smaller staging tile leaves room for 128 x 256 tiles at 3 stages).
+    ``d_bytes = 2``).
 
     Multicast on from two row blocks: on H100 (2026-11-25) 757-768 vs 685-781 TFLOPS without,
     i.e. within the run's spread; it halves B's L2 reads, so it stays. 192-wide tiles where the
@@ -459,14 +458,17 @@ def wgrad_config(m: int, n: int, sms: int, d_bytes: int = 4) -> GemmConfig:
     (experiments/wgrad_width_probe.py): 7168 x 2048 x 4 / 8 experts of 4096 tokens 635 -> 595 /
     1258 -> 1212 us, 4096 x 7168 x 4 experts 1269 -> 1202 us (128 x 160: no gain).
 
-    bf16 output on outputs at least four 256-wide tiles wide: 128 x 256 (two 128-column halves,
-    3 stages beside its 64 KB staging tile); H100 2026-12-06, 4 interleaved rounds against
-    128 x 192 at 4 stages: the record rows 550 / 1101 / 1084 -> 542 / 1084 / 1078 us, 32 experts
-    with uneven tokens 599 -> 571 us (7168 x 2048) and 1210 -> 1148 us (4096 x 7168)
-    (results/wgrad_width_probe_bf16_default_h100_2026-12-06_s22.md)."""
+    Outputs at least four 256-wide tiles wide: 128 x 256 (two 128-column halves, 3 stages).
+    bf16 (64 KB staging tile); H100 2026-12-06, 4 interleaved rounds against 128 x 192 at 4
+    stages: the record rows 550 / 1101 / 1084 -> 542 / 1084 / 1078 us, 32 experts with uneven
+    tokens 599 -> 571 us (7168 x 2048) and 1210 -> 1148 us (4096 x 7168)
+    (results/wgrad_width_probe_bf16_default_h100_2026-12-06_s22.md). fp32 (staged 128 columns
+    at a time, 32 KB per warpgroup); H100 2026-12-06, 3 + 6 interleaved rounds against 128 x 192:
+    the uneven rows -1.4 to -3.3 % in every run (accumulate 1414 -> 1386 / 2857 -> 2818 us,
+    overwrite 854 -> 831 / 1757 -> 1698 us), the record rows within their ~10 % spread
+    (results/wgrad_width_probe_fp32_h100_2026-12-06_s23.md)."""
     block_m = _block_m(m)
     cluster_m = 2 if block_m == 128 and _ceil_div(m, 128) >= kMulticastMinMBlocks else 1
-    wide = kWgradWideBlockNBf16 if d_bytes == 2 else kWgradWideBlockN
-    block_n = wide if block_m == 128 and n >= 4 * wide else 128
+    block_n = kWgradWideBlockN if block_m == 128 and n >= 4 * kWgradWideBlockN else 128
     return GemmConfig(block_m, block_n, cluster_m=cluster_m).resolved(0, wgrad=True,
                                                                       wgrad_d_bytes=d_bytes)
