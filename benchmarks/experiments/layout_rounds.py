@@ -8,9 +8,7 @@ first config's.
          --case masked:1x1024,4096,7168] [--rounds 5] [--repeats 10]
 
 A case is LAYOUT:SHAPE,N,K with SHAPE = M (dense) or GxM (G experts of M rows each; contiguous:
-segments, masked: M_max = masked_m). Config syntax as gemm_ab.py's; `auto` = the heuristic;
-a suffix `+NAME=V` builds that config's kernel with the preprocessor define NAME=V (experiment
-switches in the include tree, e.g. `auto+MOE_FP8_B_PREFETCH=4`). The
+segments, masked: M_max = masked_m). Config syntax as gemm_ab.py's; `auto` = the heuristic. The
 contiguous layout takes the multicast pairs only where the config asks (c2). Prints a markdown
 table: median us over rounds, TFLOPS, the round values, and whether the bits equal the first's.
 """
@@ -42,24 +40,6 @@ def _grouped_inputs(rows: int, experts: int, n: int, k: int, masked: bool):
     qa, sa = _act(_rand((experts, rows, k) if masked else (experts * rows, k), gen))
     qb, sb = ref.per_block_quant(_rand((experts, n, k), gen))
     return qa, sa, qb, sb
-
-
-def _with_defines(make):
-    """``make`` for config texts with an optional ``+NAME=V`` suffix: the kernel is looked up (and
-    built) with K.extra_defines set to it, also when a graph captures the call."""
-    def wrapped(config_text):
-        base, *extra = config_text.split("+")
-        defines = tuple((name, int(value)) for name, value in (e.split("=") for e in extra))
-        fn, out = make(base)
-
-        def run():
-            saved, K.extra_defines = K.extra_defines, defines
-            try:
-                return fn()
-            finally:
-                K.extra_defines = saved
-        return run, out
-    return wrapped
 
 
 def case_runner(text: str, sms: int):
@@ -117,7 +97,6 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for text in args.case or kDefaultCases:
         label, flops, make = case_runner(text, sms)
-        make = _with_defines(make)
         runs = {c: make(c) for c in configs}
         for fn, _ in runs.values():
             fn()

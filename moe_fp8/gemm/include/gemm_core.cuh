@@ -65,11 +65,6 @@
 #include "swap_ab.cuh"
 #include "tile_trace.cuh"
 
-// Experiment switch (jit defines): L2 prefetch distance of B in K blocks; 0 = off (shipped).
-#ifndef MOE_FP8_B_PREFETCH
-#define MOE_FP8_B_PREFETCH 0
-#endif
-
 namespace moe_fp8 {
 
 // Register split between the producer and the two math warpgroups (128 * p + 256 * m = 384 * 168,
@@ -392,21 +387,6 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                  &full[stage], k, tile.b_row + h * kBoxStride);
             }
           }
-#if MOE_FP8_B_PREFETCH > 0
-          // Experiment (off: 0): B's K block kb + MOE_FP8_B_PREFETCH of this tile into L2 now, so
-          // the ring's later load finds it there (this CTA's boxes of the tile's B rows).
-          if (kb + MOE_FP8_B_PREFETCH < num_kb) {
-            const int k_ahead = k + MOE_FP8_B_PREFETCH * 128;
-            if constexpr (kClusterM == 1 && P::kUpRowOffset == 0) {
-              ptx::tma_prefetch_l2_2d(tma_b, k_ahead, tile.b_row);
-            } else {
-              constexpr int kBoxStride = P::kUpRowOffset > 0 ? P::kUpRowOffset : kBlockN / 2;
-              for (int h = 0; h < 2; ++h)
-                if (kClusterM == 1 || h == rank || (Scheduler::kSplitPairs && !tile.b_shared))
-                  ptx::tma_prefetch_l2_2d(tma_b, k_ahead, tile.b_row + h * kBoxStride);
-            }
-          }
-#endif
           if (load_a)
             ptx::tma_load_2d(s_sa + stage * kBlockM, tma_sa, &full[stage], tile.sa_m,
                              tile.sa_k + kb);

@@ -151,14 +151,6 @@ __device__ __forceinline__ void tma_load_2d(void* s_dst, const TmaDesc* desc, u6
       : "memory");
 }
 
-// A tensor tile into L2 only (no shared memory, no barrier): a hint, dropped under pressure.
-__device__ __forceinline__ void tma_prefetch_l2_2d(const TmaDesc* desc, int c0, int c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
-                   reinterpret_cast<u64>(desc)),
-               "r"(c0), "r"(c1)
-               : "memory");
-}
-
 __device__ __forceinline__ void tma_load_3d(void* s_dst, const TmaDesc* desc, u64* bar, int c0,
                                             int c1, int c2) {
   asm volatile(
