@@ -181,10 +181,13 @@ class GemmConfig:
         """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for
         the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused; D of
         ``wgrad_d_bytes`` per element: fp32 4, bf16 2), and
-        ``double_buffer`` off where the kernel cannot use it (one math warpgroup in a 2-CTA
-        cluster, gemm_core.cuh), so the instance's name says what runs."""
+        ``double_buffer`` off where the kernel cannot use it (tiles wider than 128 columns:
+        the second partial set does not fit beside their accumulators; one math warpgroup in a
+        2-CTA cluster; gemm_core.cuh), so the instance's name says what runs and two names never
+        build the same code."""
         config = self
-        if self.block_m == 64 and self.cluster_size > 1 and self.double_buffer:
+        if self.double_buffer and (self.block_n > 128 or
+                                   self.block_m == 64 and self.cluster_size > 1):
             config = dataclasses.replace(config, double_buffer=False)
         if config.split_k > 1 and (k // kBlockK) % config.split_k:
             raise ValueError(f"GemmConfig.split_k = {config.split_k} must divide the K blocks "
