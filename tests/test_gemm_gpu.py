@@ -536,7 +536,10 @@ def test_masked_swap_ab_decode_shape_bits():
 
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
-                                    GemmConfig(128, 256, a_row_chunk=32, num_sms=3)], ids=str)
+                                    GemmConfig(128, 256, a_row_chunk=32, num_sms=3),
+                                    # the rings that fit without an output tile at K = 7168
+                                    GemmConfig(64, 256, stages=5, num_sms=5),
+                                    GemmConfig(128, 256, stages=4, a_row_chunk=32)], ids=str)
 def test_masked_swiglu_is_gemm_then_silu(config, pow2):
     """The fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) writes exactly the bytes and scales
     of the masked GEMM followed by the masked SiLU-and-mul quantisation; rows >= masked_m of both
@@ -566,7 +569,7 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
         got_s.fill_(-7.0)
         K.m_grouped_masked_swiglu(a[0], to_mn_major(a[1]), b[0], b[1], masked_m, expected_m,
                                   got_q.view(torch.float8_e4m3fn), got_s, pow2=pow2, config=
-                                  None if config is None else config.resolved(k))
+                                  None if config is None else config.resolved(k, swiglu=True))
         torch.cuda.synchronize()
         what = f"swiglu {config} pow2={pow2} expected_m={expected_m}"
         assert torch.equal(got_q, want_q), f"{what}: act bytes differ"
@@ -574,8 +577,9 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
 
 
 @pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
-                                    GemmConfig(128, 256, num_sms=3)],
-                         ids=["auto", "m64_sm5", "m128_sm3"])
+                                    GemmConfig(128, 256, num_sms=3),
+                                    GemmConfig(128, 256, stages=4, num_sms=7)],
+                         ids=["auto", "m64_sm5", "m128_sm3", "m128_s4_sm7"])
 def test_masked_swiglu_gather_is_permuted(config):
     """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER) reading row m of expert e from
     x[row_token[e, m]] writes the bytes and scales the fused GEMM writes from the permuted rows;
@@ -610,7 +614,7 @@ def test_masked_swiglu_gather_is_permuted(config):
             s_.fill_(-7.0)
             K.m_grouped_masked_swiglu(a_buf, to_mn_major(sa), b[0], b[1], masked_m, expected_m,
                                       q.view(torch.float8_e4m3fn), s_, config=None if config is None
-                                      else config.resolved(k), gather=gather)
+                                      else config.resolved(k, swiglu=True), gather=gather)
             out[name] = (q, s_)
         torch.cuda.synchronize()
         what = f"gather {config} expected_m={expected_m}"
@@ -624,8 +628,10 @@ def test_masked_swiglu_gather_is_permuted(config):
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("config", [None, GemmConfig(128, 256, num_sms=7),
                                     GemmConfig(128, 256, cluster_m=2),
-                                    GemmConfig(128, 256, cluster_m=2, num_sms=4)],
-                         ids=lambda c: "auto" if c is None else f"c{c.cluster_m}p{c.num_sms}")
+                                    GemmConfig(128, 256, cluster_m=2, num_sms=4),
+                                    GemmConfig(128, 256, stages=4, cluster_m=2)],
+                         ids=lambda c: "auto" if c is None else
+                         f"c{c.cluster_m}p{c.num_sms}s{c.stages}")
 def test_contiguous_swiglu_is_gemm_then_silu(config, pow2, trailing):
     """The fused SwiGLU gate-up GEMM on the contiguous layout (m_indices) writes exactly the bytes
     and scales of the contiguous GEMM followed by the SiLU-and-mul quantisation on every expert
@@ -653,7 +659,7 @@ def test_contiguous_swiglu_is_gemm_then_silu(config, pow2, trailing):
     got_s.fill_(-7.0)
     K.m_grouped_contiguous_swiglu(a[0], a[1], b[0], b[1], m_indices,
                                   got_q.view(torch.float8_e4m3fn), got_s, pow2=pow2,
-                                  config=None if config is None else config.resolved(k))
+                                  config=None if config is None else config.resolved(k, swiglu=True))
     torch.cuda.synchronize()
     what = f"contiguous swiglu {config} pow2={pow2} trailing={trailing}"
     rows = m_indices >= 0

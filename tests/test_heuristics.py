@@ -309,3 +309,39 @@ def test_wgrad_wide_configs_and_instances(tmp_path, monkeypatch):
         report = compiled.report
         assert report.spill_stores == report.spill_loads == report.stack_bytes == 0, report
         assert not report.wgmma_serialized, report
+
+
+def test_swiglu_ring_without_output_tile(tmp_path, monkeypatch):
+    """The fused SwiGLU GEMMs reserve no output tile (their epilogue writes from registers):
+    MOE_FP8_SWIGLU_DEEP_RING=1 gives them the ring that then fits (DeepSeek-V3's gate-up, K = 7168:
+    4 stages at 128 rows, 5 at 64), off keeps the depth they had beside the unused bf16 tile
+    (3 / 4); the deep instances compile for sm_90a without local memory or a serialised wgmma
+    pipeline."""
+    n, k = 4096, 7168
+    depths = {}
+    for deep in ("0", "1"):
+        monkeypatch.setenv("MOE_FP8_SWIGLU_DEEP_RING", deep)
+        depths[deep] = (H.masked_swiglu_config(32, 64, n, k, 132),
+                        H.masked_swiglu_config(32, 1, n, k, 132),
+                        H.contiguous_swiglu_config(8192, n, k, 132))
+    assert [(c.block_m, c.stages) for c in depths["0"]] == [(128, 3), (64, 4), (128, 3)]
+    assert [(c.block_m, c.stages) for c in depths["1"]] == [(128, 4), (64, 5), (128, 4)]
+    for c in depths["1"]:
+        assert H.smem_bytes(c.block_m, 256, c.stages, k, swiglu=True) <= H.kMaxSmemBytes
+        assert H.smem_bytes(c.block_m, 256, c.stages + 1, k, swiglu=True) > H.kMaxSmemBytes
+        with pytest.raises(ValueError, match="shared memory"):
+            c.resolved(k)  # beside a bf16 output tile this ring does not fit
+        assert c.resolved(k, swiglu=True) == c
+    masked128, masked64, contiguous = depths["1"]
+    sources = [K.swiglu_source(n, k, masked128, False), K.swiglu_source(n, k, masked64, False),
+               K.swiglu_source(n, k, masked128, False, gather=True),
+               K.swiglu_source(n, k, contiguous, False, K.kLayoutContiguous)]
+    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
+    for source in sources:
+        try:
+            compiled = jit.compile_kernel(source)
+        except jit.CompilerUnavailable as error:
+            pytest.skip(str(error))
+        report = compiled.report
+        assert report.spill_stores == report.spill_loads == report.stack_bytes == 0, report
+        assert not report.wgmma_serialized, report

@@ -49,6 +49,9 @@ kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B mult
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
+# fused SwiGLU GEMMs: the ring depth that fits without an output tile (MOE_FP8_SWIGLU_DEEP_RING;
+# built in session 23, not yet measured on a GPU: off)
+kSwigluDeepRingDefault = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
@@ -177,10 +180,12 @@ class GemmConfig:
     def num_threads(self) -> int:
         return ((self.block_n if self.swap_ab else self.block_m) // 64 + 1) * 128
 
-    def resolved(self, k: int, wgrad: bool = False, wgrad_d_bytes: int = 4) -> "GemmConfig":
-        """This config with ``stages`` filled in for reduction size ``k`` (NT kernels), or for
-        the k-grouped weight-gradient kernel (``wgrad``: reduction per tile, ``k`` unused; D of
-        ``wgrad_d_bytes`` per element: fp32 4, bf16 2), and
+    def resolved(self, k: int, wgrad: bool = False, wgrad_d_bytes: int = 4,
+                 swiglu: bool = False) -> "GemmConfig":
+        """This config with ``stages`` filled in for reduction size ``k`` (NT kernels; ``swiglu``:
+        the fused SwiGLU GEMM, no output tile), or for the k-grouped weight-gradient kernel
+        (``wgrad``: reduction per tile, ``k`` unused; D of ``wgrad_d_bytes`` per element: fp32 4,
+        bf16 2), and
         ``double_buffer`` off where the kernel cannot use it (tiles wider than 128 columns:
         the second partial set does not fit beside their accumulators; one math warpgroup in a
         2-CTA cluster; gemm_core.cuh), so the instance's name says what runs and two names never
@@ -194,13 +199,13 @@ class GemmConfig:
                              f"(K / 128 = {k // kBlockK})")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k, wgrad_d_bytes) > kMaxSmemBytes:
+                          config.split_k, wgrad_d_bytes, swiglu) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
             config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
-                                      wgrad_d_bytes))
+                                      wgrad_d_bytes, swiglu))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -227,26 +232,28 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1, wgrad_d_bytes: int = 4) -> int:
+               split_k: int = 1, wgrad_d_bytes: int = 4, swiglu: bool = False) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
     NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
     tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
     output tile (bf16 with ``wgrad_d_bytes = 2``). fp32 tiles 256 wide are staged 128 columns
-    at a time (EpilogueAddF32)."""
+    at a time (EpilogueAddF32). ``swiglu``: the fused SwiGLU GEMM, whose epilogue writes from
+    registers (no output tile)."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
     d_bytes = wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2
     staged_n = block_n // 2 if d_bytes == 4 and block_n == 256 else block_n  # fp32: two passes
-    d_tile = block_m * staged_n * d_bytes
+    d_tile = 0 if swiglu else block_m * staged_n * d_bytes
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
 def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
-               wgrad_d_bytes: int = 4) -> int:
+               wgrad_d_bytes: int = 4, swiglu: bool = False) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
-        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, wgrad_d_bytes) <= kMaxSmemBytes:
+        if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, wgrad_d_bytes,
+                      swiglu) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -429,24 +436,35 @@ def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms:
     """Config of the fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) over ``n = 2I`` weight
     rows: the masked layout's block_m and A chunks for ``expected_m``, 256-wide tiles (a gate and
     an up block each)."""
-    return _swiglu_tiles(masked_config(num_experts, expected_m, n, k, sms), k)
+    return _swiglu_tiles(masked_config(num_experts, expected_m, n, k, sms), k,
+                         env.swiglu_deep_ring(kSwigluDeepRingDefault))
 
 
 def contiguous_swiglu_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config of the fused SwiGLU gate-up GEMM on the contiguous layout: 128 x 256 tiles (a gate
     and an up block each), as the contiguous GEMM runs the prefill's gate-up, with its B
     multicast (``MOE_FP8_CONTIGUOUS_MULTICAST``: a pair of row blocks shares the two boxes)."""
-    return _contiguous_swiglu_config(k, env.contiguous_multicast(kContiguousMulticastDefault))
+    return _contiguous_swiglu_config(k, env.contiguous_multicast(kContiguousMulticastDefault),
+                                     env.swiglu_deep_ring(kSwigluDeepRingDefault))
+
+
+def _swiglu_stages(block_m: int, k: int, deep_ring: bool) -> int:
+    """The fused SwiGLU's ring depth: as many stages as fit without an output tile (its epilogue
+    writes from registers), or (``deep_ring`` off) as many as fit beside the bf16 staging tile
+    these kernels reserved until session 23 (the measured default until the deeper ring is)."""
+    return max_stages(block_m, 256, k, swiglu=deep_ring)
 
 
 @functools.lru_cache(maxsize=4096)
-def _contiguous_swiglu_config(k: int, multicast: bool) -> GemmConfig:
-    return GemmConfig(128, 256, cluster_m=2 if multicast else 1).resolved(k)
+def _contiguous_swiglu_config(k: int, multicast: bool, deep_ring: bool) -> GemmConfig:
+    return GemmConfig(128, 256, stages=_swiglu_stages(128, k, deep_ring), double_buffer=False,
+                      cluster_m=2 if multicast else 1)
 
 
 @functools.lru_cache(maxsize=4096)
-def _swiglu_tiles(base: GemmConfig, k: int) -> GemmConfig:
-    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k)
+def _swiglu_tiles(base: GemmConfig, k: int, deep_ring: bool) -> GemmConfig:
+    return GemmConfig(base.block_m, 256, stages=_swiglu_stages(base.block_m, k, deep_ring),
+                      double_buffer=False, a_row_chunk=base.a_row_chunk)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -24,8 +24,8 @@ namespace moe_fp8 {
 template <int kN, bool kPow2, int kLayout = kLayoutMasked>
 struct EpilogueSwiGlu {
   static constexpr int kInter = kN / 2;
-  // the bf16 epilogue's staging size: the host sizes shared memory for it (heuristics.smem_bytes)
-  static constexpr int kBytes = Epilogue<kN, 256, kLayoutMasked>::kBytes;
+  // no staging tile: act and its scales leave from registers (heuristics.smem_bytes(swiglu=True))
+  static constexpr int kBytes = 0;
 
   // All 128 threads of a math warpgroup: rows [64 w, 64 w + 64) of the tile. A thread holds rows
   // warp * 16 + lane / 4 (+ 8) and, per 8-column group j of each half, columns 8 j + 2 (lane % 4)

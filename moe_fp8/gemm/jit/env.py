@@ -96,6 +96,14 @@ def contiguous_multicast(default: bool) -> bool:
     return _switch("MOE_FP8_CONTIGUOUS_MULTICAST", default)
 
 
+def swiglu_deep_ring(default: bool) -> bool:
+    """``MOE_FP8_SWIGLU_DEEP_RING``: ``1`` gives the fused SwiGLU GEMMs the ring depth that fits
+    without an output tile (their epilogue writes from registers: 4 stages at 128 rows, 5 at 64,
+    K = 7168), ``0`` the depth they had beside an unused bf16 staging tile (3 / 4); unset:
+    ``default``."""
+    return _switch("MOE_FP8_SWIGLU_DEEP_RING", default)
+
+
 def masked_row_chunks(default: bool) -> bool:
     """``MOE_FP8_MASKED_ROW_CHUNKS``: ``1`` lets the masked GEMM load A only in the 16 / 32-row
     chunks below each expert's masked_m (heuristics.masked_config), ``0`` whole tiles; unset:

@@ -400,7 +400,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
                              f"{tuple(row_token.shape)} {row_token.dtype} {row_token.stride()}")
     kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines, gather is not None),
                             lambda: swiglu_source(n, k, c, pow2, gather=gather is not None), dev)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, swiglu=True)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
@@ -438,7 +438,7 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
     c = config or H.contiguous_swiglu_config(m_sum, n, k, H.num_sms(dev))
     kernel = _cached_kernel(("swiglu", kLayoutContiguous, n, k, c, pow2, dev, extra_defines),
                             lambda: swiglu_source(n, k, c, pow2, kLayoutContiguous), dev)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, swiglu=True)
     tiles = H._ceil_div(m_sum, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a), _sa_view(sa), m_sum,
