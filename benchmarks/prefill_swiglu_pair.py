@@ -3,8 +3,10 @@ GEMM (GPU only; seconds).
 
 DeepSeek-V3's gate-up (2I = 4096, H = 7168) over 32 experts, ``tokens x 8`` routed rows spread at
 random over them (the contiguous layout, m_indices). Per row: the GEMM alone (h written), the
-SiLU-and-mul + quantisation alone, the two in sequence, and the fused kernel; interleaved rounds,
-medians, L2 flushed. The act bytes and scales of the two paths must be equal on every expert row.
+SiLU-and-mul + quantisation alone, the two in sequence, the fused kernel, and the fused kernel on
+the ring that fits without an output tile (``deep``: MOE_FP8_SWIGLU_DEEP_RING's config);
+interleaved rounds, medians, L2 flushed. The act bytes and scales of the paths must be equal on
+every expert row.
 Tells what ``MOE_FP8_PREFILL_SWIGLU`` saves without the layer's other kernels around it.
 
     python benchmarks/prefill_swiglu_pair.py [--tokens 4096 8192 16384] [--rounds 2]
@@ -12,6 +14,7 @@ Tells what ``MOE_FP8_PREFILL_SWIGLU`` saves without the layer's other kernels ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -23,6 +26,7 @@ import common  # noqa: E402
 from bench_grouped import _act, _rand  # noqa: E402
 
 from moe_fp8 import gemm as G  # noqa: E402
+from moe_fp8.gemm import heuristics as H  # noqa: E402
 from moe_fp8.gemm import reference as ref  # noqa: E402
 from moe_fp8.gemm.kernels import fp8_gemm as K  # noqa: E402
 from moe_fp8.gemm.layout import build_m_indices, empty_act_scales  # noqa: E402
@@ -49,8 +53,12 @@ def main():
         h = torch.empty(m_sum, 2 * kInter, dtype=torch.bfloat16, device="cuda")
         act = torch.empty(m_sum, kInter, dtype=torch.float8_e4m3fn, device="cuda")
         act_s = empty_act_scales(m_sum, kInter // 128, device="cuda")
-        fused_q = torch.empty_like(act)
+        fused_q, deep_q = torch.empty_like(act), torch.empty_like(act)
         fused_s = empty_act_scales(m_sum, kInter // 128, device="cuda")
+        deep_s = empty_act_scales(m_sum, kInter // 128, device="cuda")
+        shipped = H.contiguous_swiglu_config(m_sum, 2 * kInter, kHidden, H.num_sms(0))
+        deep_config = dataclasses.replace(
+            shipped, stages=H.max_stages(shipped.block_m, 256, kHidden, swiglu=True))
 
         def gemm():
             K.m_grouped_contiguous(qa, sa, w13, s13, m_indices, h)
@@ -65,29 +73,38 @@ def main():
         def fused():
             K.m_grouped_contiguous_swiglu(qa, sa, w13, s13, m_indices, fused_q, fused_s)
 
+        def deep():
+            K.m_grouped_contiguous_swiglu(qa, sa, w13, s13, m_indices, deep_q, deep_s,
+                                          config=deep_config)
+
         pair()
         fused()
+        deep()
         torch.cuda.synchronize()
         valid = m_indices >= 0
-        same = (torch.equal(act.view(torch.uint8)[valid], fused_q.view(torch.uint8)[valid]) and
-                torch.equal(act_s[valid].view(torch.int32), fused_s[valid].view(torch.int32)))
-        row = {"tokens": tokens, "rows": m_sum, "same_bytes": same}
+        same = all(torch.equal(act.view(torch.uint8)[valid], q.view(torch.uint8)[valid]) and
+                   torch.equal(act_s[valid].view(torch.int32), s_[valid].view(torch.int32))
+                   for q, s_ in ((fused_q, fused_s), (deep_q, deep_s)))
+        row = {"tokens": tokens, "rows": m_sum, "same_bytes": same,
+               "deep_stages": f"{shipped.stages} -> {deep_config.stages}"}
+        names = ("gemm", "silu", "pair", "fused", "deep")
         for rnd in range(1, args.rounds + 1):
-            for name, fn in (("gemm", gemm), ("silu", silu), ("pair", pair), ("fused", fused)):
+            for name, fn in zip(names, (gemm, silu, pair, fused, deep)):
                 row[f"{name}_{rnd}_us"] = common.bench(fn, repeats=args.repeats)
-        pair_us = min(row[f"pair_{r}_us"] for r in range(1, args.rounds + 1))
-        fused_us = min(row[f"fused_{r}_us"] for r in range(1, args.rounds + 1))
-        row["fused_vs_pair"] = fused_us / pair_us
+        best = {name: min(row[f"{name}_{r}_us"] for r in range(1, args.rounds + 1))
+                for name in names}
+        row["fused_vs_pair"] = best["fused"] / best["pair"]
+        row["deep_vs_fused"] = best["deep"] / best["fused"]
         rows.append(row)
         common.print_row(row)
         if not same:
-            raise SystemExit(f"T={tokens}: the fused SwiGLU GEMM's act differs from GEMM + SiLU")
-        qa = sa = h = act = act_s = fused_q = fused_s = None  # free before the next size
+            raise SystemExit(f"T={tokens}: a fused SwiGLU GEMM's act differs from GEMM + SiLU")
+        qa = sa = h = act = act_s = fused_q = fused_s = deep_q = deep_s = None  # free them
         torch.cuda.empty_cache()
     common.write_results("prefill_swiglu_pair", rows, "gate-up (2I 4096, H 7168) over 32 experts, "
                          "tokens x 8 rows at random; the contiguous GEMM, the SiLU-and-mul kernel, "
-                         "both, and the fused SwiGLU GEMM; interleaved rounds; fused_vs_pair: best "
-                         "round of each")
+                         "both, the fused SwiGLU GEMM and its deep ring; interleaved rounds; "
+                         "fused_vs_pair, deep_vs_fused: best round of each")
 
 
 if __name__ == "__main__":
