@@ -448,23 +448,18 @@ def contiguous_swiglu_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig
                                      env.swiglu_deep_ring(kSwigluDeepRingDefault))
 
 
-def _swiglu_stages(block_m: int, k: int, deep_ring: bool) -> int:
-    """The fused SwiGLU's ring depth: as many stages as fit without an output tile (its epilogue
-    writes from registers), or (``deep_ring`` off) as many as fit beside the bf16 staging tile
-    these kernels reserved until session 23 (the measured default until the deeper ring is)."""
-    return max_stages(block_m, 256, k, swiglu=deep_ring)
-
-
+# The fused SwiGLU's ring depth: ``deep_ring`` sizes it without an output tile (its epilogue
+# writes from registers); off, as many stages as fit beside the bf16 staging tile these kernels
+# reserved until session 23 (the measured default until the deeper ring is).
 @functools.lru_cache(maxsize=4096)
 def _contiguous_swiglu_config(k: int, multicast: bool, deep_ring: bool) -> GemmConfig:
-    return GemmConfig(128, 256, stages=_swiglu_stages(128, k, deep_ring), double_buffer=False,
-                      cluster_m=2 if multicast else 1)
+    return GemmConfig(128, 256, cluster_m=2 if multicast else 1).resolved(k, swiglu=deep_ring)
 
 
 @functools.lru_cache(maxsize=4096)
 def _swiglu_tiles(base: GemmConfig, k: int, deep_ring: bool) -> GemmConfig:
-    return GemmConfig(base.block_m, 256, stages=_swiglu_stages(base.block_m, k, deep_ring),
-                      double_buffer=False, a_row_chunk=base.a_row_chunk)
+    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k,
+                                                                                swiglu=deep_ring)
 
 
 @functools.lru_cache(maxsize=4096)
