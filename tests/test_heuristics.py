@@ -176,6 +176,22 @@ def test_masked_tiles_cover_the_spread_of_a_decode_batch(monkeypatch):
     assert H.masked_config(32, 64, 4096, 7168, 132).block_n == 128
 
 
+def test_masked_spread_knob(monkeypatch):
+    """MOE_FP8_MASKED_SPREAD replaces the three standard deviations block_m must hold: 0 sizes a
+    256-token decode's tiles (mean 64 rows per expert) for the mean, 64 rows, whole tiles, and
+    their fused SwiGLU twin with them; bad values raise naming the variable."""
+    monkeypatch.setenv("MOE_FP8_MASKED_SPREAD", "0")
+    c = H.masked_config(32, 64, 7168, 2048, 132)
+    assert (c.block_m, c.block_n, c.a_row_chunk) == (64, 128, 0)
+    assert H.masked_swiglu_config(32, 64, 4096, 7168, 132).block_m == 64
+    monkeypatch.setenv("MOE_FP8_MASKED_SPREAD", "3")
+    assert H.masked_config(32, 64, 7168, 2048, 132).block_m == 128
+    for bad in ("-1", "wide", "nan"):
+        monkeypatch.setenv("MOE_FP8_MASKED_SPREAD", bad)
+        with pytest.raises(ValueError, match="MOE_FP8_MASKED_SPREAD"):
+            H.masked_config(32, 64, 7168, 2048, 132)
+
+
 def test_a_multicast_drops_row_chunks():
     """with_a_multicast (benchmarks, the fuzz driver's a_mc cases) on a decode config with A row
     chunks: whole-tile multicast halves, no chunks (the two are exclusive)."""

@@ -412,14 +412,15 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -
     32 at one token) measured no gain (H100, session 13: 1 / 2 / 4 tokens 160 / 260 / 372 ->
     160 / 270 / 373 us; removed in session 19)."""
     return _masked_config(num_experts, expected_m, n, k, sms,
-                          env.masked_row_chunks(kMaskedRowChunksDefault))
+                          env.masked_row_chunks(kMaskedRowChunksDefault),
+                          env.masked_spread(kMaskedSpread))
 
 
 @functools.lru_cache(maxsize=4096)
 def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
-                   row_chunks: bool) -> GemmConfig:
+                   row_chunks: bool, spread: float) -> GemmConfig:
     expected_m = max(1, expected_m)
-    block_m = _block_m(expected_m + int(math.ceil(kMaskedSpread * math.sqrt(expected_m))))
+    block_m = _block_m(expected_m + int(math.ceil(spread * math.sqrt(expected_m))))
     chunks = row_chunks and expected_m < block_m
     m_blocks = num_experts * _ceil_div(expected_m, block_m)
     # Full 128-row tiles (at least a wave of 128 x 128) may take 128 x 256: fewer L2 bytes per

@@ -111,6 +111,22 @@ def masked_row_chunks(default: bool) -> bool:
     return _switch("MOE_FP8_MASKED_ROW_CHUNKS", default)
 
 
+def masked_spread(default: float) -> float:
+    """``MOE_FP8_MASKED_SPREAD``: the standard deviations above an expert's mean row count that
+    the masked layout's block_m must hold (heuristics.masked_config; an A/B knob: 0 sizes the
+    tiles for the mean); unset: ``default``. A negative or non-numeric value raises."""
+    value = os.environ.get("MOE_FP8_MASKED_SPREAD", "").strip()
+    if not value:
+        return default
+    try:
+        spread = float(value)
+    except ValueError:
+        raise ValueError(f"MOE_FP8_MASKED_SPREAD must be a number, got {value!r}") from None
+    if not spread >= 0:
+        raise ValueError(f"MOE_FP8_MASKED_SPREAD must be >= 0, got {value!r}")
+    return spread
+
+
 def masked_silu_variant() -> Optional[str]:
     """``MOE_FP8_MASKED_SILU``: ``oneshot`` or ``stream`` pins the masked SiLU-mul kernel where the
     caller did not (an A/B knob for decode); unset or empty: the ``expected_m`` rule."""
