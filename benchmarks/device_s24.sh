@@ -9,7 +9,7 @@ step() {  # step NAME LIMIT CMD...: log to $L/NAME.log, print its table rows
   local name=$1 limit=$2; shift 2; local t0=$SECONDS
   timeout --kill-after=5 "$limit" "$@" > "$L/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $((SECONDS - t0))s"
-  grep -aE "^\||passed|failed|error" "$L/$name.log" | grep -v "^|--" | cut -c1-200 | tail -n "${ROWS:-14}"
+  grep -aE "^\\||^\{|passed|failed|rror" "$L/$name.log" | grep -v "^|--" | cut -c1-200 | tail -n "${ROWS:-14}"
 }
 for s in ${STEPS:-pre tests deep spread swapab probe prefill wgrad}; do
   case $s in
