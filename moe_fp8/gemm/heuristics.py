@@ -49,8 +49,10 @@ kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B mult
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
-# fused SwiGLU GEMMs: the ring depth that fits without an output tile (MOE_FP8_SWIGLU_DEEP_RING;
-# built in session 23, not yet measured on a GPU: off)
+# fused SwiGLU GEMMs: the ring depth that fits without an output tile (MOE_FP8_SWIGLU_DEEP_RING).
+# Off: H100, 2026-12-06 (session 24), decode 8 / 128 / 256 tokens +3.3 / +1.6 / +2.0 us over 5
+# interleaved rounds, prefill gate-up 0.98-1.02x (results/decode_switches_ab_h100_*_s24.md);
+# the H200, whose decode GEMMs stream at ~80 % of its copy rate, not yet measured.
 kSwigluDeepRingDefault = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
