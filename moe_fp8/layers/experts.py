@@ -48,15 +48,17 @@ kFusedSwiGluMinRowsEarlyWeights = 0.0
 kEarlyWeightsEnv = "MOE_FP8_EARLY_WEIGHTS"
 kEarlyWeightsDefault = True
 # The decode step's down GEMM with the tokens on the wgmma N side, rounded up to 16 per tile, and
-# the weights on M (GemmConfig.swap_ab, include/swap_ab.cuh): the same bits. Off (`1` turns it
-# on): no gain measured. H100, 2026-12-06, decode runners, clean flush, 3 interleaved rounds:
+# the weights on M (GemmConfig.swap_ab, include/swap_ab.cuh): the same bits. On (`0` turns it
+# off): H100, 2026-12-06, session 24, two machines, 3 and 5 interleaved rounds: 256 tokens -3.3 /
+# -3.1 us (7 of 8 rounds lower), 1 / 128 tokens -0.2 / -0.1 (results/
+# decode_switches_ab_h100_2026-12-06_s24.md). Session 16, 3 interleaved rounds:
 # with 64-row token tiles (up to 128 tokens) 1 / 8 / 32 / 64 / 128 tokens +1.4 / -1.2 / -1.1 /
 # -1.8 / -0.1 us against off, the spread of two equal builds at 256 tokens 1.9 us
 # (results/decode_build_ab_swap_ab_default_h100_2026-12-06_s16.md); at 256 tokens (128-row
 # tiles) +5 us in an earlier build. The 256-token down GEMM streams at the same 2.7 TB/s with
 # half its MMA rows (benchmarks/swap_ab_pair.py): it is not MMA-bound.
 kSwapAbDownEnv = "MOE_FP8_SWAP_AB_DOWN"
-kSwapAbDownDefault = False
+kSwapAbDownDefault = True
 # The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
 # epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
 # again (at 8192 tokens x top-8: 537 MB each way and a ~440 us SiLU kernel), the same act bytes
