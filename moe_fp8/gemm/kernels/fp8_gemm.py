@@ -16,6 +16,7 @@ CUDA graph once its kernel is compiled and loaded (``precompile`` or one eager c
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -478,6 +479,11 @@ def bundled_sources() -> List["jit.KernelSource"]:
         for num_experts, expected_m in ((1, 1024), (2, 512), (4, 256), (32, 8), (32, 64)):
             config = H.masked_config(num_experts, expected_m, n, k, kH100Sms)
             sources.append(kernel_source(n, k, config, kLayoutMasked))
+            if num_experts == 32 and n == 7168:  # the decode step's down GEMM as the layer runs
+                # it by default: weights before the PDL wait, tokens on the wgmma N side
+                # (layers/experts.py: MOE_FP8_EARLY_WEIGHTS, MOE_FP8_SWAP_AB_DOWN)
+                down = H.as_swap_ab(dataclasses.replace(config, early_b=True), k)
+                sources.append(kernel_source(n, k, down, kLayoutMasked))
             if num_experts == 32 and n == 4096:  # the decode step's gate-up (MOE_FP8_FUSED_SWIGLU)
                 swiglu = H.masked_swiglu_config(num_experts, expected_m, n, k, kH100Sms)
                 sources.append(swiglu_source(n, k, swiglu, pow2=False))
