@@ -14,7 +14,6 @@ Tells what ``MOE_FP8_PREFILL_SWIGLU`` saves without the layer's other kernels ar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -57,8 +56,8 @@ def main():
         fused_s = empty_act_scales(m_sum, kInter // 128, device="cuda")
         deep_s = empty_act_scales(m_sum, kInter // 128, device="cuda")
         shipped = H.contiguous_swiglu_config(m_sum, 2 * kInter, kHidden, H.num_sms(0))
-        deep_config = dataclasses.replace(
-            shipped, stages=H.max_stages(shipped.block_m, 256, kHidden, swiglu=True))
+        with common.env(MOE_FP8_SWIGLU_DEEP_RING="1"):
+            deep_config = H.contiguous_swiglu_config(m_sum, 2 * kInter, kHidden, H.num_sms(0))
 
         def gemm():
             K.m_grouped_contiguous(qa, sa, w13, s13, m_indices, h)

@@ -91,6 +91,17 @@ def test_default_heuristics_do_not_pick_a_multicast_yet():
         assert H.dense_config(m, n, k, K.kH100Sms).cluster_n == 1
 
 
+def _assert_compiles_clean(source):
+    """``source`` compiles for sm_90a without local memory or a serialised wgmma pipeline
+    (skips where no CUDA toolkit is installed)."""
+    try:
+        report = jit.compile_kernel(source).report
+    except jit.CompilerUnavailable as error:
+        pytest.skip(str(error))
+    assert report.spill_stores == report.spill_loads == report.stack_bytes == 0, report
+    assert not report.wgmma_serialized, report
+
+
 @pytest.mark.parametrize("n,k,config,layout", [
     (2112, 7168, H.GemmConfig(64, 16, cluster_n=2), K.kLayoutDense),
     (4096, 7168, H.GemmConfig(128, 32, cluster_n=2), K.kLayoutDense),
@@ -104,13 +115,7 @@ def test_default_heuristics_do_not_pick_a_multicast_yet():
 ], ids=str)
 def test_multicast_instances_compile_clean(n, k, config, layout, tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
-    try:
-        compiled = jit.compile_kernel(K.kernel_source(n, k, config.resolved(k), layout))
-    except jit.CompilerUnavailable as error:  # no CUDA toolkit on this machine
-        pytest.skip(str(error))
-    report = compiled.report
-    assert report.spill_stores == 0 and report.spill_loads == 0 and report.stack_bytes == 0, report
-    assert not report.wgmma_serialized, report
+    _assert_compiles_clean(K.kernel_source(n, k, config.resolved(k), layout))
 
 
 def test_stage_limits():
@@ -299,17 +304,6 @@ def test_swap_ab_config_and_instances(tmp_path, monkeypatch):
             pytest.skip(str(error))
         assert report.spill_stores == 0 and report.stack_bytes == 0, report
         assert not report.wgmma_serialized, report
-
-
-def _assert_compiles_clean(source):
-    """``source`` compiles for sm_90a without local memory or a serialised wgmma pipeline
-    (skips where no CUDA toolkit is installed)."""
-    try:
-        report = jit.compile_kernel(source).report
-    except jit.CompilerUnavailable as error:
-        pytest.skip(str(error))
-    assert report.spill_stores == report.spill_loads == report.stack_bytes == 0, report
-    assert not report.wgmma_serialized, report
 
 
 def test_wgrad_wide_configs_and_instances(tmp_path, monkeypatch):
