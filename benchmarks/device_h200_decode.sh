@@ -7,6 +7,8 @@
 #   spread      defaults vs MOE_FP8_MASKED_SPREAD=0 (64-row tiles at 256 tokens)
 #   spreaddeep  both of the above against the deep ring alone
 #   swapab      defaults (swap-AB down on since session 24) vs MOE_FP8_SWAP_AB_DOWN=0
+#   swappair    swap_ab_pair: the unfused gate-up and the down GEMM, 128-row tiles vs swap AB
+#               (at 256 tokens: do the 128-row MMAs bound the H200's decode GEMMs?)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
 #   decode      the decode record (clean flush) with the 256-token runner's replays
 # Logs and result files in $OUT/logs.tgz.
@@ -23,13 +25,14 @@ step() {  # step NAME LIMIT CMD...: log to $L/NAME.log (result files under $L/NA
   tar -czf "$FINAL/logs.tgz" -C "$L" .
 }
 ab() { python3 benchmarks/decode_build_ab.py "$@"; }
-for s in ${STEPS:-deep spread spreaddeep swapab probe decode}; do
+for s in ${STEPS:-deep spread spreaddeep swapab swappair probe decode}; do
   case $s in
     deep) step deep 200 ab --tokens 1,8,128,256 --b-env MOE_FP8_SWIGLU_DEEP_RING=1 ;;
     spread) step spread 150 ab --tokens 128,256 --b-env MOE_FP8_MASKED_SPREAD=0 ;;
     spreaddeep) step spreaddeep 150 ab --tokens 256 --a-env MOE_FP8_SWIGLU_DEEP_RING=1 \
                   --b-env MOE_FP8_MASKED_SPREAD=0,MOE_FP8_SWIGLU_DEEP_RING=1 ;;
     swapab) step swapab 150 ab --tokens 1,128,256 --b-env MOE_FP8_SWAP_AB_DOWN=0 ;;
+    swappair) step swappair 240 python3 benchmarks/swap_ab_pair.py --rounds 3 ;;
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
              --case masked:32x64,7168,2048 --case masked:32x80,7168,2048 --rounds 3 ;;

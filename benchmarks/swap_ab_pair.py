@@ -4,6 +4,8 @@ The routed experts of a decode step over 32 experts, each row count drawn around
 (256 tokens x top-8: 48-80 rows, 128: 24-40, 64: 10-22, 1 token: 8 experts x 1 row):
 
 * the down GEMM alone (N 7168, K 2048): the heuristic's config vs swap AB (token tile 64 or 128);
+* the gate-up GEMM alone, unfused (N 4096, K 7168, bf16 out): the same pair (whether the 256-token
+  gate-up's 128-row MMAs bound it, the question a fused swap-AB SwiGLU would answer);
 * the chain the layer runs, gate-up with SiLU -> down, as a graph with PDL (early weights on the
   down GEMM): today's fused SwiGLU -> down vs fused SwiGLU -> swap-AB down vs swap-AB gate-up ->
   SiLU kernel -> swap-AB down.
@@ -67,6 +69,7 @@ def main():
     x, xs = _act(_rand((kExperts, kMaxRows, kHidden), gen))
     h_in, h_in_s = _act(_rand((kExperts, kMaxRows, kInter), gen))
     h = torch.zeros(kExperts, kMaxRows, 2 * kInter, dtype=torch.bfloat16, device="cuda")
+    h_plain, h_swap = torch.zeros_like(h), torch.zeros_like(h)
     act = torch.zeros(kExperts, kMaxRows, kInter, dtype=torch.float8_e4m3fn, device="cuda")
     act_s = empty_act_scales(kMaxRows, kInter // 128, kExperts, device="cuda")
     ys = {name: torch.zeros(kExperts, kMaxRows, kHidden, dtype=torch.bfloat16, device="cuda")
@@ -95,7 +98,14 @@ def main():
                     K.m_grouped_masked(act, act_s, w2, s2, masked_m, expected_m, y, down_cfg)
                 return step
 
+            gate_up_plain = H.masked_config(kExperts, expected_m, 2 * kInter, kHidden, sms)
+
+            def gate_up(cfg, out):
+                return lambda: K.m_grouped_masked(x, xs, w13, s13, masked_m, expected_m, out, cfg)
+
             cases = {
+                "gate-up plain": gate_up(gate_up_plain, h_plain),
+                "gate-up swap": gate_up(_swap(rows_max), h_swap),
                 "down plain": down(down_plain, ys["plain"]),
                 "down swap": down(_swap(rows_max), ys["swap"]),
                 "chain fused->down": chain(False, down_early, ys["chain_plain"]),
@@ -110,12 +120,15 @@ def main():
                     graphs[name] = graph_replay(fn)
             torch.cuda.synchronize()
             valid = ref.masked_row_mask(kMaxRows, masked_m)
-            checks = {}
+            checks = {"gate_up_swap_diff": G.calc_diff(h_swap[valid], h_plain[valid]),
+                      "gate_up_swap_same_bits": torch.equal(h_swap[valid], h_plain[valid])}
             for a, b in (("plain", "swap"), ("chain_plain", "chain_swap_down"),
                          ("chain_plain", "chain_swap_all")):
                 checks[f"{b}_diff"] = G.calc_diff(ys[b][valid], ys[a][valid])
                 checks[f"{b}_same_bits"] = torch.equal(ys[b][valid], ys[a][valid])
             row = {"batch": batch, "rows": f"{int(masked_m.min())}-{rows_max}",
+                   "gate_up_config": f"{gate_up_plain.block_m}x{gate_up_plain.block_n}"
+                                     f"s{gate_up_plain.stages}r{gate_up_plain.a_row_chunk}",
                    "plain_config": f"{down_plain.block_m}x{down_plain.block_n}"
                                    f"r{down_plain.a_row_chunk}", **checks}
             times = {name: [] for name in cases}
