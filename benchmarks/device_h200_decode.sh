@@ -2,13 +2,16 @@
 # The first GPU call when an H200 comes (~2 min; runs on an H100 too): the decode switches built
 # for the H200's 256-token row (1.41x its floor, session 23), measured so far on H100s only.
 #   MOE_FP8_COMMIT=<sha> [STEPS="..."] bash benchmarks/device_h200_decode.sh
-# Steps (default all, in this order), each under a time limit, its rows printed as it ends:
+# Steps (default: all but spreaddeep and probe, swap-AB first), each under a time limit, its rows
+# printed as it ends:
 #   deep        decode_build_ab: defaults vs MOE_FP8_SWIGLU_DEEP_RING=1 (4 / 5 stages), 1-256 tokens
 #   spread      defaults vs MOE_FP8_MASKED_SPREAD=0 (64-row tiles at 256 tokens)
 #   spreaddeep  both of the above against the deep ring alone
 #   swapab      defaults (swap-AB down on since session 24) vs MOE_FP8_SWAP_AB_DOWN=0
 #   swappair    swap_ab_pair: the unfused gate-up and the down GEMM, 128-row tiles vs swap AB
 #               (at 256 tokens: do the 128-row MMAs bound the H200's decode GEMMs?)
+#   swaptest    GPU tests of the swap-AB fused SwiGLU (kernel bytes, gather, layer bits)
+#   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
 #   decode      the decode record (clean flush) with the 256-token runner's replays
 # Logs and result files in $OUT/logs.tgz.
@@ -21,11 +24,12 @@ step() {  # step NAME LIMIT CMD...: log to $L/NAME.log (result files under $L/NA
   local name=$1 limit=$2; shift 2; mkdir -p "$L/$name"
   OUT="$L/$name" timeout --kill-after=5 "$limit" "$@" > "$L/$name.log" 2>&1
   echo "== $name rc=$?"
-  grep -aE "^\||^\{" "$L/$name.log" | grep -v "^|--" | cut -c1-200 | tail -n 14
+  grep -aE "^\||^\{| passed| failed|^FAILED|Error" "$L/$name.log" | grep -v "^|--" |
+    cut -c1-200 | tail -n 14
   tar -czf "$FINAL/logs.tgz" -C "$L" .
 }
 ab() { python3 benchmarks/decode_build_ab.py "$@"; }
-for s in ${STEPS:-deep spread spreaddeep swapab swappair probe decode}; do
+for s in ${STEPS:-swappair swaptest swapglu deep spread swapab decode}; do
   case $s in
     deep) step deep 200 ab --tokens 1,8,128,256 --b-env MOE_FP8_SWIGLU_DEEP_RING=1 ;;
     spread) step spread 150 ab --tokens 128,256 --b-env MOE_FP8_MASKED_SPREAD=0 ;;
@@ -33,6 +37,9 @@ for s in ${STEPS:-deep spread spreaddeep swapab swappair probe decode}; do
                   --b-env MOE_FP8_MASKED_SPREAD=0,MOE_FP8_SWIGLU_DEEP_RING=1 ;;
     swapab) step swapab 150 ab --tokens 1,128,256 --b-env MOE_FP8_SWAP_AB_DOWN=0 ;;
     swappair) step swappair 240 python3 benchmarks/swap_ab_pair.py --rounds 3 ;;
+    swaptest) step swaptest 200 python3 -m pytest -q -x -m gpu tests/test_gemm_gpu.py \
+                tests/test_layer_gpu.py -k "swap_ab_swiglu or (swiglu and swap)" ;;
+    swapglu) step swapglu 200 ab --tokens 1,8,128,256 --b-env MOE_FP8_SWAP_AB_SWIGLU=1 ;;
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
              --case masked:32x64,7168,2048 --case masked:32x80,7168,2048 --rounds 3 ;;

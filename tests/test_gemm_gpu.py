@@ -539,15 +539,21 @@ def test_masked_swap_ab_decode_shape_bits():
                                     GemmConfig(128, 256, a_row_chunk=32, num_sms=3),
                                     # the rings that fit without an output tile at K = 7168
                                     GemmConfig(64, 256, stages=5, num_sms=5),
-                                    GemmConfig(128, 256, stages=4, a_row_chunk=32)], ids=str)
+                                    GemmConfig(128, 256, stages=4, a_row_chunk=32),
+                                    # swap AB: tokens on the wgmma N side, every 16-row rounding
+                                    GemmConfig(128, 256, swap_ab=True),
+                                    GemmConfig(128, 256, a_row_chunk=32, swap_ab=True, num_sms=3),
+                                    GemmConfig(64, 256, a_row_chunk=16, swap_ab=True, num_sms=5)],
+                         ids=str)
 def test_masked_swiglu_is_gemm_then_silu(config, pow2):
     """The fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) writes exactly the bytes and scales
     of the masked GEMM followed by the masked SiLU-and-mul quantisation; rows >= masked_m of both
     outputs keep their poison. Some rows are scaled up so that gate values reach the SiLU's
-    special ranges (exp overflow, d >= 2^126)."""
+    special ranges (exp overflow, d >= 2^126). Row counts at every 16-row step of a swap-AB tile
+    (1, 17, 33, 48, 64, 65, 97, 112, 128) and past one tile (129, 200)."""
     from moe_fp8.gemm.kernels import fp8_gemm as K
     from moe_fp8.gemm.layout import to_mn_major
-    counts, m_max, inter, k = [0, 1, 17, 64, 65, 129, 200], 200, 512, 1024
+    counts, m_max, inter, k = [0, 1, 17, 33, 48, 64, 65, 97, 112, 128, 129, 200], 200, 512, 1024
     num_experts = len(counts)
     gen = _cuda_gen(91 + pow2)
     x = _rows((num_experts, m_max, k), gen)
@@ -578,8 +584,11 @@ def test_masked_swiglu_is_gemm_then_silu(config, pow2):
 
 @pytest.mark.parametrize("config", [None, GemmConfig(64, 256, num_sms=5),
                                     GemmConfig(128, 256, num_sms=3),
-                                    GemmConfig(128, 256, stages=4, num_sms=7)],
-                         ids=["auto", "m64_sm5", "m128_sm3", "m128_s4_sm7"])
+                                    GemmConfig(128, 256, stages=4, num_sms=7),
+                                    GemmConfig(128, 256, swap_ab=True, num_sms=3),
+                                    GemmConfig(64, 256, swap_ab=True)],
+                         ids=["auto", "m64_sm5", "m128_sm3", "m128_s4_sm7", "swap_m128_sm3",
+                              "swap_m64"])
 def test_masked_swiglu_gather_is_permuted(config):
     """The gathering fused SwiGLU GEMM (MOE_FP8_DECODE_GATHER) reading row m of expert e from
     x[row_token[e, m]] writes the bytes and scales the fused GEMM writes from the permuted rows;

@@ -354,3 +354,37 @@ def test_swiglu_ring_without_output_tile(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
     for source in sources:
         _assert_compiles_clean(source)
+
+
+def test_swap_ab_swiglu_config(tmp_path, monkeypatch):
+    """MOE_FP8_SWAP_AB_SWIGLU=1 gives the decode gate-up its swap-AB twin: the same token tile and
+    row chunks, 384 threads whatever block_m, the ring that fits beside the 20 bytes per row of
+    amax exchange (4 stages at 128 rows, 5 at 64); instance names end in `true` (the others keep
+    theirs); the swap-AB instances (gather and row chunks) compile for sm_90a without local memory
+    or a serialised wgmma pipeline; the contiguous layout and a plain swap-AB GEMM 256 wide are
+    rejected."""
+    n, k = 4096, 7168
+    monkeypatch.setenv("MOE_FP8_SWAP_AB_SWIGLU", "1")
+    swapped = [H.masked_swiglu_config(32, em, n, k, 132) for em in (64, 1)]
+    monkeypatch.setenv("MOE_FP8_SWAP_AB_SWIGLU", "0")
+    plain = [H.masked_swiglu_config(32, em, n, k, 132) for em in (64, 1)]
+    for s, p in zip(swapped, plain):
+        assert s.swap_ab and not p.swap_ab
+        assert (s.block_m, s.block_n, s.a_row_chunk) == (p.block_m, p.block_n, p.a_row_chunk)
+        assert s.num_threads == 384
+        assert H.smem_bytes(s.block_m, 256, s.stages, k, swiglu=True, swap_ab=True) <= H.kMaxSmemBytes
+        assert (H.smem_bytes(s.block_m, 256, s.stages + 1, k, swiglu=True, swap_ab=True)
+                > H.kMaxSmemBytes)
+    assert [(c.block_m, c.stages) for c in swapped] == [(128, 4), (64, 5)]
+    assert K.swiglu_source(n, k, swapped[0], False).instance.endswith(", 2, 1, true>")
+    assert K.swiglu_source(n, k, swapped[0], False, gather=True).instance.endswith(", false, true>")
+    assert K.swiglu_source(n, k, plain[0], False, gather=True).instance.endswith(", false>")
+    with pytest.raises(ValueError, match="masked layout"):
+        K.swiglu_source(n, k, H.GemmConfig(128, 256, swap_ab=True).resolved(k, swiglu=True), False,
+                        K.kLayoutContiguous)
+    with pytest.raises(ValueError, match="block_n = 128"):
+        K.kernel_source(n, k, H.GemmConfig(128, 256, swap_ab=True).resolved(k), K.kLayoutMasked)
+    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
+    for config in swapped:
+        for gather in (False, True):
+            _assert_compiles_clean(K.swiglu_source(n, k, config, False, gather=gather))

@@ -235,6 +235,17 @@ def test_decode_swap_ab_down_keeps_bits(moe, monkeypatch, max_tokens):
 
 @pytest.mark.parametrize("max_tokens", [1, 32, 256])
 @torch.no_grad()
+def test_decode_swap_ab_swiglu_keeps_bits(moe, monkeypatch, max_tokens):
+    """MOE_FP8_SWAP_AB_SWIGLU=1: the fused gate-up with tokens on the wgmma N side forms h from the
+    same K-block products and promotions, and act from the same per-value SiLU, amax and scale:
+    the same bits, also when masked_m changes between replays."""
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_SWAP_AB_SWIGLU",
+                                    shrinking_sizes(max_tokens), 1050 + max_tokens,
+                                    max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 32, 256])
+@torch.no_grad()
 def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
     """MOE_FP8_DECODE_GATHER=1: the dispatch copies no row and the fused gate-up reads each row
     from the unpermuted tokens: the same products, so the same bits — also when masked_m changes

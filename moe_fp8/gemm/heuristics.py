@@ -54,6 +54,11 @@ kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width 
 # interleaved rounds, prefill gate-up 0.98-1.02x (results/decode_switches_ab_h100_*_s24.md);
 # the H200, whose decode GEMMs stream at ~80 % of its copy rate, not yet measured.
 kSwigluDeepRingDefault = False
+# The decode step's fused SwiGLU gate-up GEMM as its swap-AB twin (MOE_FP8_SWAP_AB_SWIGLU; tokens on
+# the wgmma N side rounded up to 16, fused_swiglu.cuh): at 256 tokens an expert's 49-80 rows run
+# MMAs for 128 rows in 128-row tiles. Built for the H200, whose 256-token gate-up streams at
+# ~3.5 TB/s of its ~4.3 (session 23); not yet run on a GPU: off.
+kSwapAbSwigluDefault = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
@@ -124,8 +129,9 @@ class GemmConfig:
              layout, no cluster, no split K.
     swap_ab: (masked layout) the tile's block_m tokens are the wgmma N side, rounded up to 16
              per tile at run time, and its 128 weight rows the M side (include/swap_ab.cuh): a
-             tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128, no cluster,
-             no split K; always two math warpgroups.
+             tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128 (256: the
+             fused SwiGLU GEMM's gate and up blocks, fused_swiglu.cuh), no cluster, no split K;
+             always two math warpgroups.
     """
     block_m: int = 128
     block_n: int = 128
@@ -165,9 +171,10 @@ class GemmConfig:
                              f"{self.a_row_chunk}")
         if self.a_row_chunk and self.cluster_size > 1:
             raise ValueError("GemmConfig.a_row_chunk needs cluster_m = cluster_n = 1")
-        if self.swap_ab and (self.block_n != 128 or self.cluster_size > 1 or self.split_k > 1):
-            raise ValueError(f"GemmConfig.swap_ab needs block_n = 128, no cluster and no split K, "
-                             f"got {self}")
+        if self.swap_ab and (self.block_n not in (128, 256) or self.cluster_size > 1
+                             or self.split_k > 1):
+            raise ValueError(f"GemmConfig.swap_ab needs block_n = 128 (256: the fused SwiGLU GEMM), "
+                             f"no cluster and no split K, got {self}")
         if not 1 <= self.split_k <= kMaxSplitK:
             raise ValueError(f"GemmConfig.split_k must be in [1, {kMaxSplitK}], got {self.split_k}")
         if self.split_k > 1 and (self.cluster_size > 1 or self.a_row_chunk or self.block_n % 32):
@@ -180,7 +187,7 @@ class GemmConfig:
 
     @property
     def num_threads(self) -> int:
-        return ((self.block_n if self.swap_ab else self.block_m) // 64 + 1) * 128
+        return (2 if self.swap_ab else self.block_m // 64) * 128 + 128
 
     def resolved(self, k: int, wgrad: bool = False, wgrad_d_bytes: int = 4,
                  swiglu: bool = False) -> "GemmConfig":
@@ -201,13 +208,13 @@ class GemmConfig:
                              f"(K / 128 = {k // kBlockK})")
         if config.stages:
             if smem_bytes(config.block_m, config.block_n, config.stages, k, wgrad,
-                          config.split_k, wgrad_d_bytes, swiglu) > kMaxSmemBytes:
+                          config.split_k, wgrad_d_bytes, swiglu, config.swap_ab) > kMaxSmemBytes:
                 raise ValueError(f"{config} needs more than {kMaxSmemBytes} bytes of shared memory "
                                  f"at K = {k}")
             return config
         return dataclasses.replace(
             config, stages=max_stages(config.block_m, config.block_n, k, wgrad, config.split_k,
-                                      wgrad_d_bytes, swiglu))
+                                      wgrad_d_bytes, swiglu, config.swap_ab))
 
 
 def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
@@ -234,28 +241,30 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
-               split_k: int = 1, wgrad_d_bytes: int = 4, swiglu: bool = False) -> int:
+               split_k: int = 1, wgrad_d_bytes: int = 4, swiglu: bool = False,
+               swap_ab: bool = False) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
     NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
     tile, double buffered ([2][2][K/128/split_k]). wgrad: ring of A, B, sa, sb slots; fp32
     output tile (bf16 with ``wgrad_d_bytes = 2``). fp32 tiles 256 wide are staged 128 columns
     at a time (EpilogueAddF32). ``swiglu``: the fused SwiGLU GEMM, whose epilogue writes from
-    registers (no output tile)."""
+    registers (no output tile); with ``swap_ab``, 20 bytes per row of both math warpgroups for
+    the per-token amax and scales (SwapAbSwiGluSmem)."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
     d_bytes = wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2
     staged_n = block_n // 2 if d_bytes == 4 and block_n == 256 else block_n  # fp32: two passes
-    d_tile = 0 if swiglu else block_m * staged_n * d_bytes
+    d_tile = (2 * 5 * 4 * block_m if swap_ab else 0) if swiglu else block_m * staged_n * d_bytes
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 
 def max_stages(block_m: int, block_n: int, k: int, wgrad: bool = False, split_k: int = 1,
-               wgrad_d_bytes: int = 4, swiglu: bool = False) -> int:
+               wgrad_d_bytes: int = 4, swiglu: bool = False, swap_ab: bool = False) -> int:
     for stages in range(kDefaultMaxStages, kMinStages - 1, -1):
         if smem_bytes(block_m, block_n, stages, k, wgrad, split_k, wgrad_d_bytes,
-                      swiglu) <= kMaxSmemBytes:
+                      swiglu, swap_ab) <= kMaxSmemBytes:
             return stages
     raise ValueError(f"block {block_m}x{block_n} does not fit shared memory even with "
                      f"{kMinStages} stages at K = {k}")
@@ -438,9 +447,11 @@ def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
 def masked_swiglu_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -> GemmConfig:
     """Config of the fused SwiGLU gate-up GEMM (include/fused_swiglu.cuh) over ``n = 2I`` weight
     rows: the masked layout's block_m and A chunks for ``expected_m``, 256-wide tiles (a gate and
-    an up block each)."""
+    an up block each); with ``MOE_FP8_SWAP_AB_SWIGLU`` their swap-AB form (tokens on the wgmma N
+    side, the ring that fits beside the amax exchange)."""
     return _swiglu_tiles(masked_config(num_experts, expected_m, n, k, sms), k,
-                         env.swiglu_deep_ring(kSwigluDeepRingDefault))
+                         env.swiglu_deep_ring(kSwigluDeepRingDefault),
+                         env.swap_ab_swiglu(kSwapAbSwigluDefault))
 
 
 def contiguous_swiglu_config(m_sum: int, n: int, k: int, sms: int) -> GemmConfig:
@@ -460,9 +471,9 @@ def _contiguous_swiglu_config(k: int, multicast: bool, deep_ring: bool) -> GemmC
 
 
 @functools.lru_cache(maxsize=4096)
-def _swiglu_tiles(base: GemmConfig, k: int, deep_ring: bool) -> GemmConfig:
-    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk).resolved(k,
-                                                                                swiglu=deep_ring)
+def _swiglu_tiles(base: GemmConfig, k: int, deep_ring: bool, swap_ab: bool = False) -> GemmConfig:
+    return GemmConfig(base.block_m, 256, a_row_chunk=base.a_row_chunk,
+                      swap_ab=swap_ab).resolved(k, swiglu=deep_ring or swap_ab)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -95,6 +95,7 @@ struct SwapAbPolicy {
   static constexpr int kDoubleBuffer = 0, kUpRowOffset = 0;
   static constexpr bool kEarlyB = kEarlyB_;
   static constexpr bool kSwapAB = true;
+  using SwapAbTile = SwapAbGemmTile;
   using Scheduler = TileScheduler<kLayoutMasked, kN, kK, kBlockM, 128, kGroupN>;
   using Epilogue = SwapAbEpilogue<kBlockM>;
 };

@@ -92,14 +92,129 @@ struct EpilogueSwiGlu {
   }
 };
 
-template <int kN, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kPow2,
-          int kLayout, int kClusterM_>
+// Swap AB (masked layout, decode; GemmConfig.swap_ab, swap_ab.cuh): the tile's 128 gate rows and
+// 128 up rows (the slot's two B boxes) are the wgmma M side and its tokens the N side, rounded up
+// to 16 per tile, so an expert's 65-80 rows run MMAs for 80 rows, not for 128. Math warpgroup w
+// takes channels [64 w, 64 w + 64) of the tile: per K block its gate rows, then its up rows, into
+// one partial set (gate, up and partials: 1.5 kT registers, 192 at kT = 128). A token's 128
+// channels (one quantisation group) then lie in both warpgroups: each warp reduces its 16 channels
+// per token by shuffles and the 8 warps meet in shared memory (SwapAbSwiGluSmem). The values are
+// EpilogueSwiGlu's: the same bf16 rounding of h, SiLU, amax, scale and e4m3 conversion per value.
+template <int kBlockM>
+struct SwapAbSwiGluSmem {
+  // per warpgroup: its 4 warps' amax per token; warpgroup 0's fifth row: the tokens' scales
+  static constexpr int kBytes = 5 * kBlockM * 4;
+  static constexpr int kBarrier = 3;  // both math warpgroups (1 and 2: each one's own)
+};
+
+template <bool kPow2>
+struct SwapAbSwiGluTile {
+  template <class P, int kT>
+  __device__ __forceinline__ static void run(SwapAbContext& c, const Tile& tile,
+                                             const float* s_sw) {
+    constexpr int kStages = P::kStages, kBlockM = P::kBlockM, kKBlocks = P::kTileKBlocks;
+    constexpr int kInter = P::kN / 2;
+    // descriptor units: a slot of B (gate box, then up box), of A; the up box's offset
+    constexpr u32 kWSlot = 256 * 128 >> 4, kXSlot = kBlockM * 128 >> 4, kUpBox = 128 * 128 >> 4;
+    using Smem = SwapAbSwiGluSmem<kBlockM>;
+    float gate[kT / 2], up[kT / 2], p[kT / 2];
+#pragma unroll
+    for (int i = 0; i < kT / 2; ++i) gate[i] = 0.f, up[i] = 0.f;
+    for (int kb = 0; kb < kKBlocks; ++kb) {
+      const u32 desc_w = c.desc_w0 + static_cast<u32>(c.stage) * kWSlot;
+      const u32 desc_x = c.desc_x0 + static_cast<u32>(c.stage) * kXSlot;
+      ptx::mbar_wait(&c.full[c.stage], c.phase);
+      if constexpr (gather_a_of<P>(0)) ptx::fence_proxy_async_smem();  // cp.async rows (gemm_core)
+      const float* sx = c.s_sx + c.stage * kBlockM + 2 * (c.lane % 4);
+      swap_ab_mma<kT>(desc_w, desc_x, p);
+      swap_ab_promote<kT>(gate, p, sx, s_sw[kb]);
+      swap_ab_mma<kT>(desc_w + kUpBox, desc_x, p);
+      swap_ab_promote<kT>(up, p, sx, s_sw[kKBlocks + kb]);
+      swap_ab_release(c, kStages);
+    }
+
+    // y = silu(h_gate) * h_up with h = bf16(acc), in place of gate. Thread values: channel
+    // 16 warp + lane / 4 (+ 8 at + 2) of this warpgroup's 64, token 8 j + 2 (lane % 4) + {0, 1}.
+#pragma unroll
+    for (int i = 0; i < kT / 2; i += 2) {
+      const u32 g = ptx::pack_bf16x2(gate[i], gate[i + 1]), u = ptx::pack_bf16x2(up[i], up[i + 1]);
+      gate[i] = quant::silu_mul_special(__uint_as_float(g << 16), __uint_as_float(u << 16));
+      gate[i + 1] = quant::silu_mul_special(__uint_as_float(g & 0xFFFF0000u),
+                                            __uint_as_float(u & 0xFFFF0000u));
+    }
+    float* s_all = reinterpret_cast<float*>(c.s_d - c.warpgroup * Smem::kBytes);
+    float* s_scale = s_all + 4 * kBlockM;
+    // Every thread of both warpgroups has read the previous tile's scales (after barrier B).
+#pragma unroll
+    for (int j = 0; j < kT / 8; ++j) {
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        float a = quant::max_nan(fabsf(gate[4 * j + cc]), fabsf(gate[4 * j + 2 + cc]));
+        a = quant::max_nan(a, __shfl_xor_sync(0xFFFFFFFFu, a, 4));
+        a = quant::max_nan(a, __shfl_xor_sync(0xFFFFFFFFu, a, 8));
+        a = quant::max_nan(a, __shfl_xor_sync(0xFFFFFFFFu, a, 16));
+        if (c.lane < 4) s_all[(5 * c.warpgroup + c.warp) * kBlockM + 8 * j + 2 * c.lane + cc] = a;
+      }
+    }
+    ptx::named_barrier(Smem::kBarrier, 256);  // A: the 8 warps' amax per token written
+    const GemmParams& params = *c.params;
+    const int rows = min(tile.rows_valid, kT);
+    const int expert = tile.m_row / params.m;
+    const int t = 128 * c.warpgroup + c.tid;
+    if (t < kT) {
+      float amax = 0.0f;  // max.NaN: any order, the same result
+#pragma unroll
+      for (int w = 0; w < 8; ++w) amax = quant::max_nan(amax, s_all[(w + w / 4) * kBlockM + t]);
+      const float scale = quant::scale_from_amax<kPow2>(amax);
+      s_scale[t] = scale;
+      if (t < rows)
+        params.g_ds[expert * params.ds_batch + (tile.n0 / 128) * params.ds_group +
+                    (tile.m_row - expert * params.m) + t] = scale;
+    }
+    ptx::named_barrier(Smem::kBarrier, 256);  // B: the tokens' scales written
+    // fp8 bytes of channels c and c + 8 of each token, stored one by one (a few dozen per thread
+    // per tile of ~56 K blocks)
+    unsigned char* g_act = static_cast<unsigned char*>(params.g_d) +
+                           static_cast<long>(tile.m_row) * kInter + tile.n0 + 64 * c.warpgroup +
+                           16 * c.warp + c.lane / 4;
+#pragma unroll
+    for (int j = 0; j < kT / 8; ++j) {
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+        const int token = 8 * j + 2 * (c.lane % 4) + cc;
+        if (token >= rows) continue;
+        const float scale = s_scale[token];
+        const unsigned pair = __nv_cvt_float2_to_fp8x2(
+            make_float2(quant::quotient(gate[4 * j + cc], scale),
+                        quant::quotient(gate[4 * j + 2 + cc], scale)),
+            __NV_SATFINITE, __NV_E4M3);
+        unsigned char* dst = g_act + static_cast<long>(token) * kInter;
+        dst[0] = static_cast<unsigned char>(pair & 0xFFu);
+        dst[8] = static_cast<unsigned char>(pair >> 8);
+      }
+    }
+  }
+};
+
+template <bool kCond, class A, class B>
+struct SelectType {
+  using type = A;
+};
+template <class A, class B>
+struct SelectType<false, A, B> {
+  using type = B;
+};
+
+template <int kN_, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kPow2,
+          int kLayout, int kClusterM_, bool kSwap = false>
 struct SwiGluPolicy {
+  static constexpr int kN = kN_;  // W13's rows per expert, 2I
   static_assert(kLayout == kLayoutMasked || (kLayout == kLayoutContiguous && kARowChunk_ == 0 &&
                                              kBlockM_ == 128),
                 "masked, or contiguous with m_indices (128-row tiles, whole tiles of A)");
   static_assert(kClusterM_ == 1 || (kClusterM_ == 2 && kLayout == kLayoutContiguous),
                 "B multicast (a gate and an up box per pair of row blocks): contiguous only");
+  static_assert(!kSwap || (kLayout == kLayoutMasked && kClusterM_ == 1), "swap AB: masked layout");
   static constexpr int kBlockM = kBlockM_, kBlockN = 256, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = 1;
   static constexpr int kARowChunk = kARowChunk_;
@@ -110,18 +225,22 @@ struct SwiGluPolicy {
   static constexpr bool kSkipIdleWarpgroup = kARowChunk > 0;
   static constexpr int kUpRowOffset = kN / 2;
   static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
+  static constexpr bool kSwapAB = kSwap;
+  using SwapAbTile = SwapAbSwiGluTile<kPow2>;
   using Scheduler =
       TileScheduler<kLayout, kN, kK, kBlockM, 256, kGroupN, kClusterM, 1, 1, false, true>;
-  using Epilogue = EpilogueSwiGlu<kN, kPow2, kLayout>;
+  using Epilogue = typename SelectType<kSwap, SwapAbSwiGluSmem<kBlockM>,
+                                       EpilogueSwiGlu<kN, kPow2, kLayout>>::type;
 };
 
 // kN = 2I (W13's rows per expert), K = H. tma_a / tma_sa / tma_b as for the masked or contiguous
 // GEMM (B in 128-row boxes); tma_d: any valid descriptor (prefetched, not used). m: M_max
 // (masked) or M_sum (contiguous); g_layout: masked_m [E] or m_indices [M_sum]. kClusterM = 2
-// (contiguous): two row blocks of one expert share the gate and up boxes (B multicast).
+// (contiguous): two row blocks of one expert share the gate and up boxes (B multicast). kSwapAB
+// (masked): the swap-AB tiles above (384 threads whatever kBlockM).
 template <int kN, int kK, int kBlockM, int kStages, int kGroupN, int kARowChunk, bool kPow2,
-          int kLayout = kLayoutMasked, int kClusterM = 1>
-__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
+          int kLayout = kLayoutMasked, int kClusterM = 1, bool kSwapAB = false>
+__global__ void __launch_bounds__((kSwapAB ? 2 : kBlockM / 64) * 128 + 128, 1)
     fused_swiglu_gemm_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
                              const __grid_constant__ ptx::TmaDesc tma_b,
                              const __grid_constant__ ptx::TmaDesc tma_sa,
@@ -129,8 +248,8 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
                              const int* g_layout, const float* g_sb, void* g_act,
                              float* g_act_scale, long long scale_batch, long long scale_group) {
   static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
-  using Policy =
-      SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kPow2, kLayout, kClusterM>;
+  using Policy = SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, kARowChunk, kPow2, kLayout,
+                              kClusterM, kSwapAB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
                           scale_group};
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
@@ -138,18 +257,19 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
 
 // Gather (masked layout, decode): the policy above with A's rows read from the unpermuted token
 // matrix (gemm_core.cuh kGatherA), so the dispatch copies no rows, only their scales.
-template <int kN, int kK, int kBlockM, int kStages, int kGroupN, bool kPow2>
+template <int kN, int kK, int kBlockM, int kStages, int kGroupN, bool kPow2, bool kSwap>
 struct SwiGluGatherPolicy
-    : SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, 0, kPow2, kLayoutMasked, 1> {
+    : SwiGluPolicy<kN, kK, kBlockM, kStages, kGroupN, 0, kPow2, kLayoutMasked, 1, kSwap> {
   static constexpr bool kGatherA = true;
   static constexpr bool kSkipIdleWarpgroup = true;  // as with row chunks: rows_valid <= 64
 };
 
 // As fused_swiglu_gemm_kernel (masked), with A's rows read from the token matrix g_x = x_fp8
 // [T, K] (contiguous rows, 16-byte aligned) at g_row_token [E * M_max] (int64, the dispatch's
-// row_token; read for rows below masked_m only); tma_sa over the masked layout's scales.
-template <int kN, int kK, int kBlockM, int kStages, int kGroupN, bool kPow2>
-__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
+// row_token; read for rows below masked_m only); tma_sa over the masked layout's scales. kSwapAB:
+// the swap-AB tiles.
+template <int kN, int kK, int kBlockM, int kStages, int kGroupN, bool kPow2, bool kSwapAB = false>
+__global__ void __launch_bounds__((kSwapAB ? 2 : kBlockM / 64) * 128 + 128, 1)
     fused_swiglu_gather_kernel(const __grid_constant__ ptx::TmaDesc tma_b,
                                const __grid_constant__ ptx::TmaDesc tma_sa,
                                const __grid_constant__ ptx::TmaDesc tma_d, int m, int num_experts,
@@ -157,7 +277,7 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
                                float* g_act_scale, long long scale_batch, long long scale_group,
                                const long long* g_row_token, const unsigned char* g_x) {
   static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
-  using Policy = SwiGluGatherPolicy<kN, kK, kBlockM, kStages, kGroupN, kPow2>;
+  using Policy = SwiGluGatherPolicy<kN, kK, kBlockM, kStages, kGroupN, kPow2, kSwapAB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
                           scale_group};
   gemm_body<Policy>(nullptr, &tma_b, &tma_sa, nullptr, &tma_d, params, g_row_token, g_x);

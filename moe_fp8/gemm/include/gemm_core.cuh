@@ -36,9 +36,10 @@
 //                               by the immediately preceding kernel (the decode step's down GEMM:
 //                               weights, and masked_m from the dispatch two kernels back). No
 //                               cluster.
-//   kSwapAB                     (optional, masked layout) the tile's 128 B rows are the wgmma M
-//                               side and its rows of A the N side, rounded to 16 at run time
-//                               (swap_ab.cuh: decode tiles of a few dozen rows per expert)
+//   kSwapAB                     (optional, masked layout) the tile's 128 B rows (fused SwiGLU: 256,
+//                               a gate and an up block) are the wgmma M side and its rows of A
+//                               the N side, rounded to 16 at run time (swap_ab.cuh: decode tiles
+//                               of a few dozen rows per expert); P::SwapAbTile runs a tile
 //   kGatherA                    (optional, the masked fused SwiGLU GEMM) A's rows come from the
 //                               unpermuted token matrix (gemm_body's g_gather_x) at the
 //                               dispatch's row_token (g_row_token), copied by producer warps 2-3
@@ -78,7 +79,8 @@ struct RegisterSplit {
 };
 
 // Policies with kSwapAB (masked layout, swap_ab.cuh) put the tile's B rows on the math
-// warpgroups' wgmma M side: kBlockN / 64 math warpgroups instead of kBlockM / 64.
+// warpgroups' wgmma M side: two math warpgroups whatever kBlockM (64 weight rows each; the fused
+// SwiGLU's 64 gate and 64 up rows each).
 template <class P>
 __host__ __device__ constexpr auto swap_ab_of(int) -> decltype(bool(P::kSwapAB)) {
   return P::kSwapAB;
@@ -95,7 +97,7 @@ template <class P>
 __host__ __device__ constexpr bool gather_a_of(long) { return false; }
 template <class P>
 __host__ __device__ constexpr int math_warpgroups() {
-  return (swap_ab_of<P>(0) ? P::kBlockN : P::kBlockM) / 64;
+  return swap_ab_of<P>(0) ? 2 : P::kBlockM / 64;
 }
 
 // Byte offsets of the dynamic shared-memory regions (the host mirrors this in heuristics.py).

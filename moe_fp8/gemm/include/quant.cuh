@@ -166,6 +166,12 @@ __device__ __forceinline__ uint4 pack_fp8x16(const float (&rQ)[16]) {
   return out;
 }
 
+// inf/NaN scale (inf/NaN inputs): x / inf = x * 0 (+-0 for finite x, NaN for +-inf) and
+// x / NaN = x * NaN = NaN, exactly; no division (and no slow-path call) is needed
+__device__ __forceinline__ float nonfinite_scale_factor(float scale) {
+  return scale == __int_as_float(0x7F800000) ? 0.0f : scale;
+}
+
 // q = satfinite_e4m3(v / scale) for 16 values, packed into one 16-byte vector.
 __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) {
   float rQ[16];
@@ -174,13 +180,16 @@ __device__ __forceinline__ uint4 quantize16(const float (&rV)[16], float scale) 
 #pragma unroll
     for (int i = 0; i < 16; ++i) rQ[i] = divisor.divide(rV[i]);
   } else {
-    // inf/NaN scale (inf/NaN inputs): x / inf = x * 0 (+-0 for finite x, NaN for +-inf) and
-    // x / NaN = x * NaN = NaN, exactly; no division (and no slow-path call) is needed
-    const float factor = scale == __int_as_float(0x7F800000) ? 0.0f : scale;
+    const float factor = nonfinite_scale_factor(scale);
 #pragma unroll
     for (int i = 0; i < 16; ++i) rQ[i] = __fmul_rn(rV[i], factor);
   }
   return pack_fp8x16(rQ);
+}
+
+// quantize16's v / scale for one value (before the e4m3 conversion).
+__device__ __forceinline__ float quotient(float v, float scale) {
+  return scale <= kFloatMax ? Divisor(scale).divide(v) : __fmul_rn(v, nonfinite_scale_factor(scale));
 }
 
 // The lanes of this thread's group (kLanes aligned lanes of one warp). Shuffles name only them:
@@ -444,6 +453,19 @@ __device__ __forceinline__ void silu_mul16_special_values(const uint4 (&rGate)[2
     if (g == __int_as_float(0x7F800000)) silu = g;
     rY[i] = __fmul_rn(silu, rY[i]);
   }
+}
+
+// The same for one value, silu(g) * u (g, u: bf16 values widened): the swap-AB fused SwiGLU's
+// form (fused_swiglu.cuh). NOTE: the loop above is kept as it was measured: written as a call of
+// this function it compiled to the same instructions in another register order in the one-shot
+// SiLU kernels (SASS, 2026-12-06).
+__device__ __forceinline__ float silu_mul_special(float g, float u) {
+  const float d = 1.0f + expf(-g);
+  const float rescale = d >= 0x1p126f ? 0x1p-8f : 1.0f;
+  float silu = Divisor(__fmul_rn(d, rescale)).divide(__fmul_rn(g, rescale));
+  if (!(d <= kFloatMax)) silu = __fmul_rn(g, 0.0f);
+  if (g == __int_as_float(0x7F800000)) silu = g;
+  return __fmul_rn(silu, u);
 }
 
 // The SiLU kernels' form: it reloads its inputs (L2 hits): keeping the raw registers alive for it

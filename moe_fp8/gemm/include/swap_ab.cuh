@@ -43,21 +43,59 @@ struct SwapAbContext {
   u32 desc_w0, desc_x0;      // wgmma descriptors of slot 0: this warpgroup's 64 weight rows, tokens
   const float* s_sx;         // [kStages][kBlockM] token scales
   u64 *full, *empty;
-  unsigned char* s_d;        // this warpgroup's SwapAbEpilogue buffer
+  unsigned char* s_d;        // this warpgroup's share of the epilogue's shared memory
   unsigned short* g_d;       // bf16 D [E * M_max, N]
+  const GemmParams* params;
   int warpgroup, tid, warp, lane, bar_id;
   int stage;
   u32 phase;
 };
 
-// One tile with kT token columns (kT >= the tile's valid rows): the K loop, then the epilogue.
+// One K block of this warpgroup's 64 weight rows x kT tokens into fresh registers p: four
+// m64nTk32 wgmma, retired before returning.
+template <int kT>
+__device__ __forceinline__ void swap_ab_mma(u32 desc_w, u32 desc_x, float (&p)[kT / 2]) {
+  ptx::fence_regs(p);
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    ptx::WgmmaFp8<kT>::mma(desc_w + k * ptx::kDescKStep, desc_x + k * ptx::kDescKStep, p, k > 0);
+  ptx::wgmma_commit();
+  ptx::wgmma_wait<0>();
+  ptx::fence_regs(p);
+}
+
+// acc[i, t] += p[i, t] * (sw * sx[t]). The thread's token columns are 8 j + 2 (lane % 4) + {0, 1}
+// (sx: the slot's token scales from column 2 (lane % 4)): one 8-byte scale load per j.
+template <int kT>
+__device__ __forceinline__ void swap_ab_promote(float (&acc)[kT / 2], const float (&p)[kT / 2],
+                                                const float* sx, float sw) {
+#pragma unroll
+  for (int j = 0; j < kT / 8; ++j) {
+    const float2 s = *reinterpret_cast<const float2*>(sx + 8 * j);
+    const float f0 = s.x * sw, f1 = s.y * sw;
+    acc[4 * j + 0] += p[4 * j + 0] * f0;
+    acc[4 * j + 1] += p[4 * j + 1] * f1;
+    acc[4 * j + 2] += p[4 * j + 2] * f0;
+    acc[4 * j + 3] += p[4 * j + 3] * f1;
+  }
+}
+
+// Hands the slot the warpgroup has finished reading back to the producer.
+__device__ __forceinline__ void swap_ab_release(SwapAbContext& c, int stages) {
+  __syncwarp();  // every lane has read its scales before the slot is handed back
+  if (c.lane == 0) ptx::mbar_arrive(&c.empty[c.stage]);
+  if (++c.stage == stages) c.stage = 0, c.phase ^= 1;
+}
+
+// One tile of the bf16 GEMM with kT token columns (kT >= the tile's valid rows): the K loop,
+// then the transposed epilogue.
 template <class P, int kT>
 __device__ __forceinline__ void swap_ab_tile(SwapAbContext& c, const Tile& tile,
                                              const float* s_sw) {
   constexpr int kStages = P::kStages, kBlockM = P::kBlockM;
   constexpr int kKBlocks = P::kTileKBlocks, kN = P::kN;
   constexpr u32 kWSlot = P::kBlockN * 128 >> 4, kXSlot = kBlockM * 128 >> 4;  // descriptor units
-  using Mma = ptx::WgmmaFp8<kT>;
   using Out = SwapAbEpilogue<kBlockM>;
   float acc[kT / 2], p[kT / 2];
 #pragma unroll
@@ -66,29 +104,11 @@ __device__ __forceinline__ void swap_ab_tile(SwapAbContext& c, const Tile& tile,
     const u32 desc_w = c.desc_w0 + static_cast<u32>(c.stage) * kWSlot;
     const u32 desc_x = c.desc_x0 + static_cast<u32>(c.stage) * kXSlot;
     ptx::mbar_wait(&c.full[c.stage], c.phase);
-    ptx::fence_regs(p);
-    ptx::wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      Mma::mma(desc_w + k * ptx::kDescKStep, desc_x + k * ptx::kDescKStep, p, k > 0);
-    ptx::wgmma_commit();
-    ptx::wgmma_wait<0>();
-    ptx::fence_regs(p);
-    // The thread's token columns are 8 j + 2 (lane % 4) + {0, 1}: one 8-byte scale load per j.
+    swap_ab_mma<kT>(desc_w, desc_x, p);
     const float sw = s_sw[kb];
     const float* sx = c.s_sx + c.stage * kBlockM + 2 * (c.lane % 4);
-#pragma unroll
-    for (int j = 0; j < kT / 8; ++j) {
-      const float2 s = *reinterpret_cast<const float2*>(sx + 8 * j);
-      const float f0 = s.x * sw, f1 = s.y * sw;
-      acc[4 * j + 0] += p[4 * j + 0] * f0;
-      acc[4 * j + 1] += p[4 * j + 1] * f1;
-      acc[4 * j + 2] += p[4 * j + 2] * f0;
-      acc[4 * j + 3] += p[4 * j + 3] * f1;
-    }
-    __syncwarp();  // every lane has read its scales before the slot is handed back
-    if (c.lane == 0) ptx::mbar_arrive(&c.empty[c.stage]);
-    if (++c.stage == kStages) c.stage = 0, c.phase ^= 1;
+    swap_ab_promote<kT>(acc, p, sx, sw);
+    swap_ab_release(c, kStages);
   }
 
   // Epilogue. Every thread of the warpgroup has finished reading the previous tile's buffer.
@@ -116,6 +136,16 @@ __device__ __forceinline__ void swap_ab_tile(SwapAbContext& c, const Tile& tile,
   }
 }
 
+// The tile body of the bf16 GEMM's policy (SwapAbPolicy::SwapAbTile; the fused SwiGLU GEMM has
+// its own, fused_swiglu.cuh).
+struct SwapAbGemmTile {
+  template <class P, int kT>
+  __device__ __forceinline__ static void run(SwapAbContext& c, const Tile& tile,
+                                             const float* s_sw) {
+    swap_ab_tile<P, kT>(c, tile, s_sw);
+  }
+};
+
 // The tile's token count rounded up to 16 picks the instance: kT, kT + 16, ... kBlockM.
 template <class P, int kT = 16>
 __device__ __forceinline__ void swap_ab_dispatch(SwapAbContext& c, const Tile& tile,
@@ -126,7 +156,7 @@ __device__ __forceinline__ void swap_ab_dispatch(SwapAbContext& c, const Tile& t
       return;
     }
   }
-  swap_ab_tile<P, kT>(c, tile, s_sw);
+  P::SwapAbTile::template run<P, kT>(c, tile, s_sw);
 }
 
 // The math warpgroups' whole part (gemm_body's math branch for kSwapAB policies).
@@ -136,9 +166,11 @@ __device__ __forceinline__ void swap_ab_math(unsigned char* s_a, unsigned char* 
                                              u64* empty, u64* sb_full, u64* sb_empty,
                                              unsigned char* s_d, const GemmParams& params,
                                              int warpgroup, int tid) {
-  static_assert(P::kBlockN == 128 && P::kClusterM * P::kClusterN == 1 && P::kTileKBlocks > 0 &&
+  static_assert((P::kBlockN == 128 || (P::kBlockN == 256 && P::kUpRowOffset > 0)) &&
+                    P::kClusterM * P::kClusterN == 1 && P::kTileKBlocks > 0 &&
                     P::kBlockM % 16 == 0 && P::kN % 128 == 0,
-                "swap AB: 128 weight rows (one scale block) per tile, no cluster, fixed K");
+                "swap AB: 128 weight rows (one scale block) per tile, or a SwiGLU tile's 128 gate "
+                "and 128 up rows; no cluster, fixed K");
   SwapAbContext c;
   c.desc_w0 = ptx::desc_k128_sw128_lo(s_b + warpgroup * 64 * 128);
   c.desc_x0 = ptx::desc_k128_sw128_lo(s_a);
@@ -146,6 +178,7 @@ __device__ __forceinline__ void swap_ab_math(unsigned char* s_a, unsigned char* 
   c.full = full, c.empty = empty;
   c.s_d = s_d + warpgroup * SwapAbEpilogue<P::kBlockM>::kBytes;
   c.g_d = static_cast<unsigned short*>(params.g_d);
+  c.params = &params;
   c.warpgroup = warpgroup, c.tid = tid, c.warp = tid / 32, c.lane = tid % 32;
   c.bar_id = 1 + warpgroup;
   c.stage = 0, c.phase = 0;

@@ -104,6 +104,12 @@ def swiglu_deep_ring(default: bool) -> bool:
     return _switch("MOE_FP8_SWIGLU_DEEP_RING", default)
 
 
+def swap_ab_swiglu(default: bool) -> bool:
+    """``MOE_FP8_SWAP_AB_SWIGLU``: ``1`` runs the masked fused SwiGLU GEMM as its swap-AB twin
+    (tokens on the wgmma N side; heuristics.kSwapAbSwigluDefault), ``0`` never."""
+    return _switch("MOE_FP8_SWAP_AB_SWIGLU", default)
+
+
 def masked_row_chunks(default: bool) -> bool:
     """``MOE_FP8_MASKED_ROW_CHUNKS``: ``1`` lets the masked GEMM load A only in the 16 / 32-row
     chunks below each expert's masked_m (heuristics.masked_config), ``0`` whole tiles; unset:

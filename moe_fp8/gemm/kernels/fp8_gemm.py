@@ -49,8 +49,9 @@ def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.Ker
             f"moe_fp8::fp8_gemm_split_k_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
             f"{c.group_n}, {int(c.double_buffer)}, {c.split_k}>", extra_defines)
     if c.swap_ab:
-        if layout != kLayoutMasked:
-            raise ValueError("GemmConfig.swap_ab needs the masked layout")
+        if layout != kLayoutMasked or c.block_n != 128:
+            raise ValueError(f"GemmConfig.swap_ab needs the masked layout and block_n = 128 (256: "
+                             f"the fused SwiGLU GEMM), got layout {layout} and {c}")
         return jit.KernelSource(
             kHeader,
             f"moe_fp8::fp8_gemm_swap_ab_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
@@ -348,16 +349,20 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
                          f"got {c}")
     if layout == kLayoutMasked and c.cluster_m != 1:
         raise ValueError(f"the masked fused SwiGLU GEMM takes no cluster, got {c}")
+    if c.swap_ab and layout != kLayoutMasked:
+        raise ValueError(f"the swap-AB fused SwiGLU GEMM runs on the masked layout, got {c}")
+    swap = ", true" if c.swap_ab else ""  # trailing: the other instances keep their names
     if gather:
         if layout != kLayoutMasked:
             raise ValueError("the gathering fused SwiGLU GEMM runs on the masked layout")
         return jit.KernelSource(
             kSwiGluHeader,
             f"moe_fp8::fused_swiglu_gather_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
-            f"{'true' if pow2 else 'false'}>", extra_defines)
+            f"{'true' if pow2 else 'false'}{swap}>", extra_defines)
     # the masked instances keep the name (and cache key) they were measured under
-    tail = "" if layout == kLayoutMasked else f", {layout}"
-    tail += f", {c.cluster_m}" if c.cluster_m != 1 else ""
+    tail = "" if layout == kLayoutMasked and not swap else f", {layout}"
+    tail += f", {c.cluster_m}" if c.cluster_m != 1 or swap else ""
+    tail += swap
     return jit.KernelSource(
         kSwiGluHeader,
         f"moe_fp8::fused_swiglu_gemm_kernel<{n}, {k}, {c.block_m}, {c.stages}, {c.group_n}, "
@@ -401,7 +406,7 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
                              f"{tuple(row_token.shape)} {row_token.dtype} {row_token.stride()}")
     kernel = _cached_kernel(("swiglu", n, k, c, pow2, dev, extra_defines, gather is not None),
                             lambda: swiglu_source(n, k, c, pow2, gather=gather is not None), dev)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, swiglu=True)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, swiglu=True, swap_ab=c.swap_ab)
     tiles = num_experts * H._ceil_div(m_max, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     # B in 128-row boxes: a tile's gate and up halves are I rows apart
