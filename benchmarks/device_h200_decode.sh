@@ -28,18 +28,18 @@ step() {  # step NAME LIMIT CMD...: log to $L/NAME.log (result files under $L/NA
     cut -c1-200 | tail -n 14
   tar -czf "$FINAL/logs.tgz" -C "$L" .
 }
-ab() { python3 benchmarks/decode_build_ab.py "$@"; }
+ab="python3 benchmarks/decode_build_ab.py"  # a command, not a function: `timeout` runs it
 for s in ${STEPS:-swappair swaptest swapglu deep spread swapab decode}; do
   case $s in
-    deep) step deep 200 ab --tokens 1,8,128,256 --b-env MOE_FP8_SWIGLU_DEEP_RING=1 ;;
-    spread) step spread 150 ab --tokens 128,256 --b-env MOE_FP8_MASKED_SPREAD=0 ;;
-    spreaddeep) step spreaddeep 150 ab --tokens 256 --a-env MOE_FP8_SWIGLU_DEEP_RING=1 \
+    deep) step deep 200 $ab --tokens 1,8,128,256 --b-env MOE_FP8_SWIGLU_DEEP_RING=1 ;;
+    spread) step spread 150 $ab --tokens 128,256 --b-env MOE_FP8_MASKED_SPREAD=0 ;;
+    spreaddeep) step spreaddeep 150 $ab --tokens 256 --a-env MOE_FP8_SWIGLU_DEEP_RING=1 \
                   --b-env MOE_FP8_MASKED_SPREAD=0,MOE_FP8_SWIGLU_DEEP_RING=1 ;;
-    swapab) step swapab 150 ab --tokens 1,128,256 --b-env MOE_FP8_SWAP_AB_DOWN=0 ;;
+    swapab) step swapab 150 $ab --tokens 1,128,256 --b-env MOE_FP8_SWAP_AB_DOWN=0 ;;
     swappair) step swappair 240 python3 benchmarks/swap_ab_pair.py --rounds 3 ;;
     swaptest) step swaptest 200 python3 -m pytest -q -x -m gpu tests/test_gemm_gpu.py \
                 tests/test_layer_gpu.py -k "swap_ab_swiglu or (swiglu and swap)" ;;
-    swapglu) step swapglu 200 ab --tokens 1,8,128,256 --b-env MOE_FP8_SWAP_AB_SWIGLU=1 ;;
+    swapglu) step swapglu 200 $ab --tokens 1,8,128,256 --b-env MOE_FP8_SWAP_AB_SWIGLU=1 ;;
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
              --case masked:32x64,7168,2048 --case masked:32x80,7168,2048 --rounds 3 ;;

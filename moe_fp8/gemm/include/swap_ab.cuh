@@ -176,7 +176,7 @@ __device__ __forceinline__ void swap_ab_math(unsigned char* s_a, unsigned char* 
   c.desc_x0 = ptx::desc_k128_sw128_lo(s_a);
   c.s_sx = s_sa;
   c.full = full, c.empty = empty;
-  c.s_d = s_d + warpgroup * SwapAbEpilogue<P::kBlockM>::kBytes;
+  c.s_d = s_d + warpgroup * P::Epilogue::kBytes;
   c.g_d = static_cast<unsigned short*>(params.g_d);
   c.params = &params;
   c.warpgroup = warpgroup, c.tid = tid, c.warp = tid / 32, c.lane = tid % 32;
