@@ -117,7 +117,10 @@ struct SwapAbSwiGluTile {
     // descriptor units: a slot of B (gate box, then up box), of A; the up box's offset
     constexpr u32 kWSlot = 256 * 128 >> 4, kXSlot = kBlockM * 128 >> 4, kUpBox = 128 * 128 >> 4;
     using Smem = SwapAbSwiGluSmem<kBlockM>;
-    float gate[kT / 2], up[kT / 2], p[kT / 2];
+    // Up to 80 tokens the up block's MMAs go to the tensor cores before the gate block is promoted
+    // (a second partial set: 2 kT registers); wider tiles run gate then up through one set.
+    constexpr bool kTwoSets = kT <= 80;
+    float gate[kT / 2], up[kT / 2], p[kT / 2], q[kTwoSets ? kT / 2 : 1];
 #pragma unroll
     for (int i = 0; i < kT / 2; ++i) gate[i] = 0.f, up[i] = 0.f;
     for (int kb = 0; kb < kKBlocks; ++kb) {
@@ -126,10 +129,32 @@ struct SwapAbSwiGluTile {
       ptx::mbar_wait(&c.full[c.stage], c.phase);
       if constexpr (gather_a_of<P>(0)) ptx::fence_proxy_async_smem();  // cp.async rows (gemm_core)
       const float* sx = c.s_sx + c.stage * kBlockM + 2 * (c.lane % 4);
-      swap_ab_mma<kT>(desc_w, desc_x, p);
-      swap_ab_promote<kT>(gate, p, sx, s_sw[kb]);
-      swap_ab_mma<kT>(desc_w + kUpBox, desc_x, p);
-      swap_ab_promote<kT>(up, p, sx, s_sw[kKBlocks + kb]);
+      if constexpr (kTwoSets) {
+        ptx::fence_regs(p);
+        ptx::fence_regs(q);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          ptx::WgmmaFp8<kT>::mma(desc_w + k * ptx::kDescKStep, desc_x + k * ptx::kDescKStep, p,
+                                 k > 0);
+        ptx::wgmma_commit();
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          ptx::WgmmaFp8<kT>::mma(desc_w + kUpBox + k * ptx::kDescKStep,
+                                 desc_x + k * ptx::kDescKStep, q, k > 0);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<1>();
+        ptx::fence_regs(p);
+        swap_ab_promote<kT>(gate, p, sx, s_sw[kb]);
+        ptx::wgmma_wait<0>();
+        ptx::fence_regs(q);
+        swap_ab_promote<kT>(up, q, sx, s_sw[kKBlocks + kb]);
+      } else {
+        swap_ab_mma<kT>(desc_w, desc_x, p);
+        swap_ab_promote<kT>(gate, p, sx, s_sw[kb]);
+        swap_ab_mma<kT>(desc_w + kUpBox, desc_x, p);
+        swap_ab_promote<kT>(up, p, sx, s_sw[kKBlocks + kb]);
+      }
       swap_ab_release(c, kStages);
     }
 
