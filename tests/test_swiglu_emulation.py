@@ -67,6 +67,8 @@ inline unsigned pack_bf16x2(float lo, float hi) { return bf16_bits(lo) | bf16_bi
 namespace moe_fp8 {
 template <int, int, int> struct Epilogue { static constexpr int kBytes = 0; };
 template <typename Policy, typename... Args> void gemm_body(Args&&...) {}
+template <int> struct SwapAbSwiGluSmem { static constexpr int kBytes = 0; };
+template <bool> struct SwapAbSwiGluTile {};
 }  // namespace moe_fp8
 '''
     probe = r'''
@@ -89,7 +91,8 @@ void swiglu_epilogue_probe(const float* acc, int m_row, int n0, int rows_valid, 
 '''
     probes = [_probe(p, layout) for p in (False, True) for layout in (kMasked, kContiguous)]
     return (kQuantPrelude + stubs + _header("scheduler.cuh", '#include "ptx.cuh"') + epilogue_stubs
-            + _header("fused_swiglu.cuh", '#include "fp8_gemm.cuh"', '#include "quant.cuh"')
+            + _header("fused_swiglu.cuh", '#include "fp8_gemm.cuh"', '#include "quant.cuh"',
+                      '#include "swap_ab_swiglu.cuh"')
             + probe + launch_code(probes + kSiluInstances))
 
 
