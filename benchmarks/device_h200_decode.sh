@@ -29,7 +29,7 @@ step() {  # step NAME LIMIT CMD...: log to $L/NAME.log (result files under $L/NA
   tar -czf "$FINAL/logs.tgz" -C "$L" .
 }
 ab="python3 benchmarks/decode_build_ab.py"  # a command, not a function: `timeout` runs it
-for s in ${STEPS:-swappair swaptest swapglu deep spread swapab decode}; do
+for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
   case $s in
     deep) step deep 200 $ab --tokens 1,8,128,256 --b-env MOE_FP8_SWIGLU_DEEP_RING=1 ;;
     spread) step spread 150 $ab --tokens 128,256 --b-env MOE_FP8_MASKED_SPREAD=0 ;;
