@@ -55,9 +55,11 @@ kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width 
 # the H200, whose decode GEMMs stream at ~80 % of its copy rate, not yet measured.
 kSwigluDeepRingDefault = False
 # The decode step's fused SwiGLU gate-up GEMM as its swap-AB twin (MOE_FP8_SWAP_AB_SWIGLU; tokens on
-# the wgmma N side rounded up to 16, fused_swiglu.cuh): at 256 tokens an expert's 49-80 rows run
+# the wgmma N side rounded up to 16, swap_ab_swiglu.cuh): at 256 tokens an expert's 49-80 rows run
 # MMAs for 128 rows in 128-row tiles. Built for the H200, whose 256-token gate-up streams at
-# ~3.5 TB/s of its ~4.3 (session 23); not yet run on a GPU: off.
+# ~3.5 TB/s of its ~4.3 (session 23). Off: H100, 2026-12-06 (session 25, one partial set), decode
+# 1 / 8 / 128 / 256 tokens -1.0 / -1.3 / +4.5 / +8.5 us
+# (results/decode_build_ab_swap_ab_swiglu_h100_2026-12-06_s25.md); the H200 not yet measured.
 kSwapAbSwigluDefault = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
@@ -130,7 +132,7 @@ class GemmConfig:
     swap_ab: (masked layout) the tile's block_m tokens are the wgmma N side, rounded up to 16
              per tile at run time, and its 128 weight rows the M side (include/swap_ab.cuh): a
              tile of 65-80 rows then runs MMAs for 80 rows, not for 128. block_n 128 (256: the
-             fused SwiGLU GEMM's gate and up blocks, fused_swiglu.cuh), no cluster, no split K;
+             fused SwiGLU GEMM's gate and up blocks, swap_ab_swiglu.cuh), no cluster, no split K;
              always two math warpgroups.
     """
     block_m: int = 128

@@ -456,7 +456,7 @@ __device__ __forceinline__ void silu_mul16_special_values(const uint4 (&rGate)[2
 }
 
 // The same for one value, silu(g) * u (g, u: bf16 values widened): the swap-AB fused SwiGLU's
-// form (fused_swiglu.cuh). NOTE: the loop above is kept as it was measured: written as a call of
+// form (swap_ab_swiglu.cuh). NOTE: the loop above is kept as it was measured: written as a call of
 // this function it compiled to the same instructions in another register order in the one-shot
 // SiLU kernels (SASS, 2026-12-06).
 __device__ __forceinline__ float silu_mul_special(float g, float u) {

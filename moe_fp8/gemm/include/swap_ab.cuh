@@ -52,15 +52,21 @@ struct SwapAbContext {
 };
 
 // One K block of this warpgroup's 64 weight rows x kT tokens into fresh registers p: four
-// m64nTk32 wgmma, retired before returning.
+// m64nTk32 wgmma, committed as one group (not waited for).
 template <int kT>
-__device__ __forceinline__ void swap_ab_mma(u32 desc_w, u32 desc_x, float (&p)[kT / 2]) {
+__device__ __forceinline__ void swap_ab_issue(u32 desc_w, u32 desc_x, float (&p)[kT / 2]) {
   ptx::fence_regs(p);
   ptx::wgmma_fence();
 #pragma unroll
   for (int k = 0; k < 4; ++k)
     ptx::WgmmaFp8<kT>::mma(desc_w + k * ptx::kDescKStep, desc_x + k * ptx::kDescKStep, p, k > 0);
   ptx::wgmma_commit();
+}
+
+// The same, retired before returning.
+template <int kT>
+__device__ __forceinline__ void swap_ab_mma(u32 desc_w, u32 desc_x, float (&p)[kT / 2]) {
+  swap_ab_issue<kT>(desc_w, desc_x, p);
   ptx::wgmma_wait<0>();
   ptx::fence_regs(p);
 }
@@ -137,7 +143,7 @@ __device__ __forceinline__ void swap_ab_tile(SwapAbContext& c, const Tile& tile,
 }
 
 // The tile body of the bf16 GEMM's policy (SwapAbPolicy::SwapAbTile; the fused SwiGLU GEMM has
-// its own, fused_swiglu.cuh).
+// its own, swap_ab_swiglu.cuh).
 struct SwapAbGemmTile {
   template <class P, int kT>
   __device__ __forceinline__ static void run(SwapAbContext& c, const Tile& tile,

@@ -47,19 +47,8 @@ struct SwapAbSwiGluTile {
       if constexpr (gather_a_of<P>(0)) ptx::fence_proxy_async_smem();  // cp.async rows (gemm_core)
       const float* sx = c.s_sx + c.stage * kBlockM + 2 * (c.lane % 4);
       if constexpr (kTwoSets) {
-        ptx::fence_regs(p);
-        ptx::fence_regs(q);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          ptx::WgmmaFp8<kT>::mma(desc_w + k * ptx::kDescKStep, desc_x + k * ptx::kDescKStep, p,
-                                 k > 0);
-        ptx::wgmma_commit();
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          ptx::WgmmaFp8<kT>::mma(desc_w + kUpBox + k * ptx::kDescKStep,
-                                 desc_x + k * ptx::kDescKStep, q, k > 0);
-        ptx::wgmma_commit();
+        swap_ab_issue<kT>(desc_w, desc_x, p);
+        swap_ab_issue<kT>(desc_w + kUpBox, desc_x, q);
         ptx::wgmma_wait<1>();
         ptx::fence_regs(p);
         swap_ab_promote<kT>(gate, p, sx, s_sw[kb]);
