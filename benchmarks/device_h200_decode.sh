@@ -14,6 +14,7 @@
 #   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
 #   decode      the decode record (clean flush) with the 256-token runner's replays
+#   timeline    profile_layer: the decode graph's kernels and replay timeline at 1 and 256 tokens
 #   ncu         ncu_decode.sh: full profiles of the decode GEMMs at 128 and 256 tokens (is the
 #               256-token gate-up MMA-bound, ring-bound or DRAM-bound?); NCU_ENVS="VAR=1" adds a run
 # Logs and result files in $OUT/logs.tgz.
@@ -45,6 +46,9 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
              --case masked:32x64,7168,2048 --case masked:32x80,7168,2048 --rounds 3 ;;
+    timeline) step timeline1 120 python3 benchmarks/profile_layer.py --tokens --decode 1 --mode fused
+              step timeline256 120 python3 benchmarks/profile_layer.py --tokens --decode 256 \
+                --mode fused ;;
     ncu) OUT="$L/ncu" timeout 300 bash benchmarks/ncu_decode.sh 128 256 > "$L/ncu.log" 2>&1
          [ -n "${NCU_ENVS:-}" ] && OUT="$L/ncu" ENVS="$NCU_ENVS" timeout 200 \
            bash benchmarks/ncu_decode.sh 256 >> "$L/ncu.log" 2>&1
