@@ -11,6 +11,7 @@
 #   swappair    swap_ab_pair: the unfused gate-up and the down GEMM, 128-row tiles vs swap AB
 #               (at 256 tokens: do the 128-row MMAs bound the H200's decode GEMMs?)
 #   swaptest    GPU tests of the swap-AB fused SwiGLU (kernel bytes, gather, layer bits)
+#   sanitize    compute-sanitizer memcheck and racecheck of the swap-AB SwiGLU's GEMM tests
 #   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
 #   decode      the decode record (clean flush) with the 256-token runner's replays
@@ -42,6 +43,12 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
     swappair) step swappair 240 python3 benchmarks/swap_ab_pair.py --rounds 3 ;;
     swaptest) step swaptest 200 python3 -m pytest -q -x -m gpu tests/test_gemm_gpu.py \
                 tests/test_layer_gpu.py -k "swap_ab_swiglu or (swiglu and swap)" ;;
+    sanitize) for tool in memcheck racecheck; do
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "san_$tool" 200 compute-sanitizer \
+                  --tool "$tool" --kernel-name kns=moe_fp8 --report-api-errors no --print-limit 20 \
+                  python3 -m pytest -q -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu and swap"
+                grep -aE "ERROR SUMMARY|RACECHECK SUMMARY" "$L/san_$tool.log" | tail -n 2
+              done ;;
     swapglu) step swapglu 200 $ab --tokens 1,8,128,256 --b-env MOE_FP8_SWAP_AB_SWIGLU=1 ;;
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
