@@ -32,6 +32,5 @@ for n in "$@"; do
   ncu -i "/tmp/$tag.ncu-rep" --page details > "$OUTDIR/$tag.details.txt" 2>&1
   ncu -i "/tmp/$tag.ncu-rep" --page raw --csv > "$OUTDIR/$tag.raw.csv" 2>&1
   echo "== $tag"
-  grep -aE "^  [a-z_:]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Warp Cycles Per Issued|Stall|L2 Hit Rate" \
-    "$OUTDIR/$tag.details.txt" | grep -v "^ *-" | cut -c1-160 | head -n 60
+  python3 benchmarks/ncu_table.py "$OUTDIR/$tag.raw.csv"
 done
