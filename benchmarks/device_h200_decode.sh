@@ -12,6 +12,8 @@
 #               (at 256 tokens: do the 128-row MMAs bound the H200's decode GEMMs?)
 #   swaptest    GPU tests of the swap-AB fused SwiGLU (kernel bytes, gather, layer bits)
 #   sanitize    compute-sanitizer memcheck and racecheck of the swap-AB SwiGLU's GEMM tests
+#   swap96      GPU tests of the swap-AB down GEMM's 96-token tiles, then defaults vs
+#               MOE_FP8_SWAP_AB_96=1 (7 ring stages instead of 5 at 256 tokens)
 #   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
 #   decode      the decode record (clean flush) with the 256-token runner's replays
@@ -49,6 +51,9 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
                   python3 -m pytest -q -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu and swap"
                 grep -aE "ERROR SUMMARY|RACECHECK SUMMARY" "$L/san_$tool.log" | tail -n 2
               done ;;
+    swap96) step swap96test 200 python3 -m pytest -q -x -m gpu tests/test_gemm_gpu.py \
+              tests/test_layer_gpu.py -k "m96 or swap_ab_96"
+            step swap96 200 $ab --tokens 128,256 --b-env MOE_FP8_SWAP_AB_96=1 ;;
     swapglu) step swapglu 200 $ab --tokens 1,8,128,256 --b-env MOE_FP8_SWAP_AB_SWIGLU=1 ;;
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \

@@ -509,11 +509,16 @@ def test_masked_a_rows_by_need(config):
                                     GemmConfig(128, 128, a_row_chunk=16, swap_ab=True),
                                     GemmConfig(128, 128, a_row_chunk=32, swap_ab=True, early_b=True,
                                                num_sms=5),
-                                    GemmConfig(64, 128, a_row_chunk=8, swap_ab=True, num_sms=3)],
-                         ids=["m64", "m128_r16", "m128_r32_early_sm5", "m64_r8_sm3"])
+                                    GemmConfig(64, 128, a_row_chunk=8, swap_ab=True, num_sms=3),
+                                    # 96-token tiles (MOE_FP8_SWAP_AB_96): 97 / 129 / 200 rows
+                                    # take a second or third token tile
+                                    GemmConfig(96, 128, a_row_chunk=32, swap_ab=True, early_b=True),
+                                    GemmConfig(96, 128, swap_ab=True, num_sms=3)],
+                         ids=["m64", "m128_r16", "m128_r32_early_sm5", "m64_r8_sm3",
+                              "m96_r32_early", "m96_sm3"])
 def test_masked_swap_ab(config):
     """Swap AB (weights on the wgmma M side, tokens on N rounded up to 16 per tile): every
-    rounding step (1, 15-17, 31-33, 48, 63-65, 80, 97, 112, a full 64 / 128-row tile) and
+    rounding step (1, 15-17, 31-33, 48, 63-65, 80, 97, 112, a full 64 / 96 / 128-row tile) and
     experts past one token tile (129, 200: W read per token tile), empty experts; rows >=
     masked_m untouched; few-SM grids walk many tiles per CTA (the epilogue buffer's reuse)."""
     _masked_pinned_case([0, 1, 15, 16, 17, 31, 33, 48, 63, 64, 65, 80, 97, 112, 128, 129, 200],

@@ -1,6 +1,8 @@
 """The GEMM configuration rules (moe_fp8.gemm.heuristics) and the instances they name, on the CPU:
 validation, the persistent grid, instance names, and that the multicast variants compile for
 sm_90a without local memory or a serialised wgmma pipeline."""
+import dataclasses
+
 import pytest
 
 from moe_fp8.gemm import heuristics as H
@@ -388,3 +390,28 @@ def test_swap_ab_swiglu_config(tmp_path, monkeypatch):
     for config in swapped:
         for gather in (False, True):
             _assert_compiles_clean(K.swiglu_source(n, k, config, False, gather=gather))
+
+
+def test_swap_ab_96_token_tiles(tmp_path, monkeypatch):
+    """MOE_FP8_SWAP_AB_96=1 gives the swap-AB down GEMM (DeepSeek-V3's, N = 7168, K = 2048)
+    96-token tiles where the masked spread fits 96 rows (256 tokens over 32 experts: 64 rows
+    each): 7 ring stages instead of 5, the same row chunks and early weights; tiles sized for
+    more (or fewer) rows and the switch off keep the masked config's block_m; 96 is a swap-AB
+    size only; the instance (row chunks, early weights) compiles for sm_90a without local memory
+    or a serialised wgmma pipeline."""
+    n, k = 7168, 2048
+    base = dataclasses.replace(H.masked_config(32, 64, n, k, 132), early_b=True)
+    monkeypatch.setenv("MOE_FP8_SWAP_AB_96", "0")
+    assert (H.as_swap_ab(base, k, 64).block_m, H.as_swap_ab(base, k, 64).stages) == (128, 5)
+    monkeypatch.setenv("MOE_FP8_SWAP_AB_96", "1")
+    c = H.as_swap_ab(base, k, 64)
+    assert (c.block_m, c.stages, c.a_row_chunk, c.early_b, c.swap_ab) == (96, 7, 32, True, True)
+    assert H.smem_bytes(96, 128, 7, k) <= H.kMaxSmemBytes < H.smem_bytes(96, 128, 8, k)
+    assert H.as_swap_ab(base, k).block_m == 128  # no expected rows: the config's own tile
+    assert H.as_swap_ab(base, k, 100).block_m == 128  # 100 + 30 rows do not fit 96
+    small = H.masked_config(32, 8, n, k, 132)
+    assert H.as_swap_ab(small, k, 8).block_m == 64
+    with pytest.raises(ValueError, match="block_m"):
+        H.GemmConfig(96, 128)
+    monkeypatch.setenv("MOE_FP8_CACHE_DIR", str(tmp_path))
+    _assert_compiles_clean(K.kernel_source(n, k, c, K.kLayoutMasked))

@@ -233,6 +233,15 @@ def test_decode_swap_ab_down_keeps_bits(moe, monkeypatch, max_tokens):
                                     max_tokens=max_tokens)
 
 
+@torch.no_grad()
+def test_decode_swap_ab_96_keeps_bits(moe, monkeypatch):
+    """MOE_FP8_SWAP_AB_96=1: the swap-AB down GEMM on 96-token tiles (the 256-token graph of a
+    256-token runner: 64 rows per expert) sums the same K-block products in the same order: the
+    same bits, also when masked_m changes between replays."""
+    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_SWAP_AB_96", shrinking_sizes(256),
+                                    1326, max_tokens=256)
+
+
 @pytest.mark.parametrize("max_tokens", [1, 32, 256])
 @torch.no_grad()
 def test_decode_swap_ab_swiglu_keeps_bits(moe, monkeypatch, max_tokens):

@@ -61,13 +61,21 @@ kSwigluDeepRingDefault = False
 # 1 / 8 / 128 / 256 tokens -1.0 / -1.3 / +4.5 / +8.5 us
 # (results/decode_build_ab_swap_ab_swiglu_h100_2026-12-06_s25.md); the H200 not yet measured.
 kSwapAbSwigluDefault = False
+# The swap-AB down GEMM's token tile at 96 rows where the masked spread fits it (tokens are the
+# wgmma N side: any multiple of 16; MOE_FP8_SWAP_AB_96). At 256 tokens over 32 experts (64 +- 8
+# rows each) a 96-token tile fits 7 ring stages at K = 2048 instead of 5 at 128: 112 KB of
+# weights in flight per SM instead of 80. Why: the H200's 256-token down GEMM streams at 3.2 TB/s
+# of its ~4.25 and its 128-token one (64-row tiles, 8 stages) faster (session 23); on the H100
+# the 256-token gate-up runs at 85 % of the DRAM peak with the tensor pipe 28 % busy (ncu,
+# session 26): the decode GEMMs wait on bytes in flight, not on MMAs. Off until measured.
+kSwapAb96Default = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
 # 2026-12-05 (session 10): decode 8 / 64 / 128 tokens 518 -> 513 / 548 -> 541 / 567 -> 562 us,
 # masked 32 x 1 gate-up 321 -> 313 us; chunks on full tiles (E = 1, M = 1024) read 59 -> 139 us
 # once (not understood), so full tiles keep one load per slot.
 kMaskedRowChunksDefault = True
-kARowChunks = {64: 16, 128: 32}  # A's rows per load by block_m (dense M < block_m, masked decode)
+kARowChunks = {64: 16, 96: 32, 128: 32}  # A's rows per load by block_m (dense M < block_m, masked decode)
 # 128 x 256 tiles for large M (``MOE_FP8_WIDE_TILES``): considered from kWideMinWaves waves of
 # 128 x 128 tiles on; the dense layout multicasts B across a 2-CTA cluster. On: H100, 2026-12-05,
 # layer prefill 4096 / 16384 tokens 3820 -> 3509 / 14539 -> 12975 us (results/*wide_h100*).
@@ -90,13 +98,14 @@ def _fits_two_scale_blocks(block_n: int) -> bool:
 # halves one after the other (128 accumulators + one 64-register partial set; 2 x 128 spills).
 kBlockNs: Tuple[int, ...] = tuple(n for n in range(16, 193, 16) if _fits_two_scale_blocks(n)) + (256,)
 kBlockMs: Tuple[int, ...] = (64, 128)
+kSwapAbBlockMs: Tuple[int, ...] = (64, 96, 128)  # swap AB: tokens on the wgmma N side
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     """Compile-time shape of one kernel instance plus its grid.
 
-    block_m: rows per tile (64: one math warpgroup, 128: two).
+    block_m: rows per tile (64: one math warpgroup, 128: two; swap AB also 96).
     block_n: columns per tile (an entry of ``kBlockNs``).
     stages:  shared-memory ring depth (A, B and sa slots), 0 = as many as fit.
     group_n: n blocks per rasterisation band of the persistent scheduler.
@@ -149,8 +158,9 @@ class GemmConfig:
     swap_ab: bool = False
 
     def __post_init__(self):
-        if self.block_m not in kBlockMs:
-            raise ValueError(f"GemmConfig.block_m must be one of {kBlockMs}, got {self.block_m}")
+        if self.block_m not in (kSwapAbBlockMs if self.swap_ab else kBlockMs):
+            raise ValueError(f"GemmConfig.block_m must be one of {kBlockMs} ({kSwapAbBlockMs} "
+                             f"with swap_ab), got {self.block_m}")
         if self.block_n not in kBlockNs:
             raise ValueError(f"GemmConfig.block_n must be one of {kBlockNs}, got {self.block_n}")
         if self.stages != 0 and not kMinStages <= self.stages <= kMaxStages:
@@ -219,10 +229,16 @@ class GemmConfig:
                                       wgrad_d_bytes, swiglu, config.swap_ab))
 
 
-def as_swap_ab(config: GemmConfig, k: int) -> GemmConfig:
+def as_swap_ab(config: GemmConfig, k: int, expected_m: int = 0) -> GemmConfig:
     """A masked ``config`` as its swap-AB twin (``GemmConfig.swap_ab``): the same token tile
-    (block_m), row chunks, grid and early weights, 128 weight rows per tile, stages for ``k``."""
-    return GemmConfig(config.block_m, 128, group_n=config.group_n, num_sms=config.num_sms,
+    (block_m), row chunks, grid and early weights, 128 weight rows per tile, stages for ``k``.
+    With ``expected_m`` (the masked layout's mean rows per expert) and ``MOE_FP8_SWAP_AB_96``, a
+    128-token tile whose spread fits 96 rows becomes a 96-token one (kSwapAb96Default)."""
+    block_m = config.block_m
+    if (block_m == 128 and expected_m > 0 and env.swap_ab_96(kSwapAb96Default)
+            and _spread_rows(expected_m, env.masked_spread(kMaskedSpread)) <= 96):
+        block_m = 96
+    return GemmConfig(block_m, 128, group_n=config.group_n, num_sms=config.num_sms,
                       a_row_chunk=config.a_row_chunk, early_b=config.early_b,
                       swap_ab=True).resolved(k)
 
@@ -331,6 +347,13 @@ def _wide_ok(block_m: int, m_blocks: int, n: int, sms: int) -> bool:
     return block_m == 128 and m_blocks * _ceil_div(n, 128) >= kWideMinWaves * sms
 
 
+def _spread_rows(expected_m: int, spread: float) -> int:
+    """Rows a masked tile must hold: the mean plus ``spread`` standard deviations of a Poisson
+    count (masked_config)."""
+    expected_m = max(1, expected_m)
+    return expected_m + int(math.ceil(spread * math.sqrt(expected_m)))
+
+
 def _block_m(rows: int) -> int:
     """One math warpgroup (64 rows) when the rows fit in it, else two."""
     return 64 if rows <= 64 else 128
@@ -433,7 +456,7 @@ def masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int) -
 def _masked_config(num_experts: int, expected_m: int, n: int, k: int, sms: int,
                    row_chunks: bool, spread: float) -> GemmConfig:
     expected_m = max(1, expected_m)
-    block_m = _block_m(expected_m + int(math.ceil(spread * math.sqrt(expected_m))))
+    block_m = _block_m(_spread_rows(expected_m, spread))
     chunks = row_chunks and expected_m < block_m
     m_blocks = num_experts * _ceil_div(expected_m, block_m)
     # Full 128-row tiles (at least a wave of 128 x 128) may take 128 x 256: fewer L2 bytes per

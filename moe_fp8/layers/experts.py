@@ -188,7 +188,8 @@ class RoutedExperts(nn.Module):
         if down is not None and _early_weights():
             down = dataclasses.replace(down, early_b=True)
         if down is not None and _swap_ab_down():
-            down = H.as_swap_ab(down, self.inter)
+            down = H.as_swap_ab(down, self.inter,
+                                min(layout.expected_m, layout.max_tokens_per_expert))
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 

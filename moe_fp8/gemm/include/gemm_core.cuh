@@ -160,7 +160,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   // 2026-11-25), kept as a pinnable variant.
   constexpr bool kHalfOverlap = P::kDoubleBuffer == 2;
   constexpr bool kSkipIdle = P::kSkipIdleWarpgroup && kNumMathWG == 2;
-  static_assert(kBlockM == 64 || kBlockM == 128, "one or two math warpgroups");
+  static_assert(kBlockM == 64 || kBlockM == 128 || (kSwapAB && kBlockM == 96),
+                "one or two math warpgroups (swap AB: 64, 96 or 128 tokens on the wgmma N side)");
   static_assert((kClusterM == 1 || kClusterM == 2) && (kClusterN == 1 || kClusterN == 2) &&
                     kClusterSize <= 2, "clusters of 1 or 2 CTAs, sharing A or B");
   constexpr int kARowChunk = P::kARowChunk;

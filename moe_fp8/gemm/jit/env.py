@@ -110,6 +110,13 @@ def swap_ab_swiglu(default: bool) -> bool:
     return _switch("MOE_FP8_SWAP_AB_SWIGLU", default)
 
 
+def swap_ab_96(default: bool) -> bool:
+    """``MOE_FP8_SWAP_AB_96``: ``1`` gives the swap-AB down GEMM 96-token tiles where the masked
+    layout's spread fits them (heuristics.as_swap_ab; heuristics.kSwapAb96Default), ``0`` the
+    masked config's 64 / 128; unset: ``default``."""
+    return _switch("MOE_FP8_SWAP_AB_96", default)
+
+
 def masked_row_chunks(default: bool) -> bool:
     """``MOE_FP8_MASKED_ROW_CHUNKS``: ``1`` lets the masked GEMM load A only in the 16 / 32-row
     chunks below each expert's masked_m (heuristics.masked_config), ``0`` whole tiles; unset:
