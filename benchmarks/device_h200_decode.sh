@@ -11,7 +11,8 @@
 #   swappair    swap_ab_pair: the unfused gate-up and the down GEMM, 128-row tiles vs swap AB
 #               (at 256 tokens: do the 128-row MMAs bound the H200's decode GEMMs?)
 #   swaptest    GPU tests of the swap-AB fused SwiGLU (kernel bytes, gather, layer bits)
-#   sanitize    compute-sanitizer memcheck and racecheck of the swap-AB SwiGLU's GEMM tests
+#   sanitize    compute-sanitizer memcheck and racecheck of GEMM tests (SAN_K: their pytest -k;
+#               default the swap-AB SwiGLU's)
 #   swap96      GPU tests of the swap-AB down GEMM's 96-token tiles, then defaults vs
 #               MOE_FP8_SWAP_AB_96=1 (7 ring stages instead of 5 at 256 tokens)
 #   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
@@ -48,7 +49,7 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
     sanitize) for tool in memcheck racecheck; do
                 PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "san_$tool" 200 compute-sanitizer \
                   --tool "$tool" --kernel-name kns=moe_fp8 --report-api-errors no --print-limit 20 \
-                  python3 -m pytest -q -m gpu tests/test_gemm_gpu.py -k "test_masked_swiglu and swap"
+                  python3 -m pytest -q -m gpu tests/test_gemm_gpu.py -k "${SAN_K:-test_masked_swiglu and swap}"
                 grep -aE "ERROR SUMMARY|RACECHECK SUMMARY" "$L/san_$tool.log" | tail -n 2
               done ;;
     swap96) step swap96test 200 python3 -m pytest -q -x -m gpu tests/test_gemm_gpu.py \
