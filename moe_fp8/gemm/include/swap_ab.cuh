@@ -2,9 +2,10 @@
 //
 // A decode batch puts a few dozen rows on each expert; a masked tile's rows are the wgmma M side,
 // 64 per math warpgroup, so an expert with 65-80 rows runs two warpgroups' MMAs for ~1.2
-// warpgroups of rows. On a power-capped H100 those tiles are MMA-bound (256 tokens x top-8 over 32
-// experts: routed gate-up 2.84 TB/s, down 2.66 TB/s against a 3.0 TB/s copy, 2026-12-06). Here the
-// roles swap: the tile's 128 weight rows (the output columns) are the wgmma M side, 64 per math
+// warpgroups of rows. (Measured since: the H100's 256-token gate-up waits on the weight stream,
+// not on those MMAs: 85 % of the DRAM peak, tensor pipe 28 % busy; ncu, 2026-12-07. Swap AB's
+// other use: its token tiles are any multiple of 16 rows, so a 96-row tile leaves room for a
+// deeper ring.) Here the roles swap: the tile's 128 weight rows (the output columns) are the wgmma M side, 64 per math
 // warpgroup, and its tokens (the output rows) are the wgmma N side, rounded up to 16 at run time:
 //
 //   D^T[n0 + 64 w + i, t] = sum over K blocks kb of sw[kb] * sx[t, kb] * (B[n0 + 64 w + i, kb] . A[t, kb])
