@@ -57,9 +57,9 @@ kSwigluDeepRingDefault = False
 # The decode step's fused SwiGLU gate-up GEMM as its swap-AB twin (MOE_FP8_SWAP_AB_SWIGLU; tokens on
 # the wgmma N side rounded up to 16, swap_ab_swiglu.cuh): at 256 tokens an expert's 49-80 rows run
 # MMAs for 128 rows in 128-row tiles. Built for the H200, whose 256-token gate-up streams at
-# ~3.5 TB/s of its ~4.3 (session 23). Off: H100, 2026-12-06 (session 25, one partial set), decode
-# 1 / 8 / 128 / 256 tokens -1.0 / -1.3 / +4.5 / +8.5 us
-# (results/decode_build_ab_swap_ab_swiglu_h100_2026-12-06_s25.md); the H200 not yet measured.
+# ~3.5 TB/s of its ~4.3 (session 23). Off: H100, decode 1 / 8 / 128 / 256 tokens, one partial
+# set (session 25) -1.0 / -1.3 / +4.5 / +8.5 us, two (session 26) -0.6 / -2.6 / +7.8 / +4.7 us
+# (results/decode_build_ab_swap_ab_swiglu_*_h100_*); the H200 not yet measured.
 kSwapAbSwigluDefault = False
 # The swap-AB down GEMM's token tile at 96 rows where the masked spread fits it (tokens are the
 # wgmma N side: any multiple of 16; MOE_FP8_SWAP_AB_96). At 256 tokens over 32 experts (64 +- 8
