@@ -67,7 +67,8 @@ kSwapAbSwigluDefault = False
 # weights in flight per SM instead of 80. Why: the H200's 256-token down GEMM streams at 3.2 TB/s
 # of its ~4.25 and its 128-token one (64-row tiles, 8 stages) faster (session 23); on the H100
 # the 256-token gate-up runs at 85 % of the DRAM peak with the tensor pipe 28 % busy (ncu,
-# session 26): the decode GEMMs wait on bytes in flight, not on MMAs. Off until measured.
+# session 26): the reading is that the decode GEMMs wait on bytes in flight, not on MMAs.
+# Off until measured.
 kSwapAb96Default = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,

@@ -5,8 +5,9 @@
 // warpgroups of rows. (Measured since: the H100's 256-token gate-up waits on the weight stream,
 // not on those MMAs: 85 % of the DRAM peak, tensor pipe 28 % busy; ncu, 2026-12-07. Swap AB's
 // other use: its token tiles are any multiple of 16 rows, so a 96-row tile leaves room for a
-// deeper ring.) Here the roles swap: the tile's 128 weight rows (the output columns) are the wgmma M side, 64 per math
-// warpgroup, and its tokens (the output rows) are the wgmma N side, rounded up to 16 at run time:
+// deeper ring.) Here the roles swap: the tile's 128 weight rows (the output columns) are the
+// wgmma M side, 64 per math warpgroup, and its tokens (the output rows) are the wgmma N side,
+// rounded up to 16 at run time:
 //
 //   D^T[n0 + 64 w + i, t] = sum over K blocks kb of sw[kb] * sx[t, kb] * (B[n0 + 64 w + i, kb] . A[t, kb])
 //
