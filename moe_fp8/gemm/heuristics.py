@@ -68,7 +68,8 @@ kSwapAbSwigluDefault = False
 # of its ~4.25 and its 128-token one (64-row tiles, 8 stages) faster (session 23); on the H100
 # the 256-token gate-up runs at 85 % of the DRAM peak with the tensor pipe 28 % busy (ncu,
 # session 26): the reading is that the decode GEMMs wait on bytes in flight, not on MMAs.
-# Off until measured.
+# Off: H100, session 26, 256 tokens -0.9 us (3 interleaved rounds; the down GEMM at 84 % of the
+# DRAM peak with either ring, ncu); the H200 not yet measured.
 kSwapAb96Default = False
 kMaskedSpread = 3.0  # masked_config: standard deviations of an expert's rows above the mean
 # masked_config: A in row chunks below masked_m where the mean leaves tiles partly empty. H100,
