@@ -188,8 +188,7 @@ class RoutedExperts(nn.Module):
         if down is not None and _early_weights():
             down = dataclasses.replace(down, early_b=True)
         if down is not None and _swap_ab_down():
-            down = H.as_swap_ab(down, self.inter,
-                                min(layout.expected_m, layout.max_tokens_per_expert))
+            down = H.as_swap_ab(down, self.inter, _expected_m(layout))
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 
@@ -260,9 +259,14 @@ def _masked_config(layout: MaskedLayout, n: int, k: int):
     op chooses) off the GPU, for layouts without a decode mean or while tracing."""
     if layout.expected_rows <= 0 or not layout.a.is_cuda or torch.compiler.is_compiling():
         return None
-    experts, m_max = layout.a.shape[:2]
     device = layout.a.device.index if layout.a.device.index is not None else torch.cuda.current_device()
-    return H.masked_config(experts, min(layout.expected_m, m_max), n, k, H.num_sms(device))
+    return H.masked_config(layout.a.shape[0], _expected_m(layout), n, k, H.num_sms(device))
+
+
+def _expected_m(layout: MaskedLayout) -> int:
+    """The rows per expert the masked GEMM configs are sized for: the layout's mean, at most its
+    capacity."""
+    return min(layout.expected_m, layout.max_tokens_per_expert)
 
 
 def _budget_config(a: torch.Tensor, w: torch.Tensor, num_sms: Optional[int]):
