@@ -18,6 +18,8 @@
 #   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
 #   decode      the decode record (clean flush) with the 256-token runner's replays
+#   decodeenv   the same with DECODE_ENVS="VAR=1,VAR=1" set (a candidate default's record;
+#               default: the deep ring and the 96-token swap-AB tiles)
 #   timeline    profile_layer: the decode graph's kernels and replay timeline at 1 and 256 tokens
 #   ncu         ncu_decode.sh: full profiles of the decode GEMMs at 128 and 256 tokens (is the
 #               256-token gate-up MMA-bound, ring-bound or DRAM-bound?); NCU_ENVS="VAR=1" adds a run
@@ -68,6 +70,10 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
          echo "== ncu"; head -c 6000 "$L/ncu.log"; tar -czf "$FINAL/logs.tgz" -C "$L" . ;;
     decode) MOE_FP8_BENCH_FLUSH=clean step decode 200 python3 benchmarks/bench_layer.py \
               --decode-only --no-peers --repeats 20 ;;
+    decodeenv) (E=${DECODE_ENVS:-MOE_FP8_SWIGLU_DEEP_RING=1,MOE_FP8_SWAP_AB_96=1}; export ${E//,/ }
+                echo "== decodeenv with $E"
+                MOE_FP8_BENCH_FLUSH=clean step decodeenv 200 python3 benchmarks/bench_layer.py \
+                  --decode-only --no-peers --repeats 20) ;;
     *) echo "unknown step $s" ;;
   esac
 done
