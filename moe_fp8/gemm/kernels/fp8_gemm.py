@@ -486,8 +486,9 @@ def bundled_sources() -> List["jit.KernelSource"]:
             sources.append(kernel_source(n, k, config, kLayoutMasked))
             if num_experts == 32 and n == 7168:  # the decode step's down GEMM as the layer runs
                 # it by default: weights before the PDL wait, tokens on the wgmma N side
-                # (layers/experts.py: MOE_FP8_EARLY_WEIGHTS, MOE_FP8_SWAP_AB_DOWN)
-                down = H.as_swap_ab(dataclasses.replace(config, early_b=True), k)
+                # (layers/experts.py: MOE_FP8_EARLY_WEIGHTS, MOE_FP8_SWAP_AB_DOWN; the expected
+                # rows too, so MOE_FP8_SWAP_AB_96 picks the same token tile here as there)
+                down = H.as_swap_ab(dataclasses.replace(config, early_b=True), k, expected_m)
                 sources.append(kernel_source(n, k, down, kLayoutMasked))
             if num_experts == 32 and n == 4096:  # the decode step's gate-up (MOE_FP8_FUSED_SWIGLU)
                 swiglu = H.masked_swiglu_config(num_experts, expected_m, n, k, kH100Sms)
