@@ -139,11 +139,11 @@ def main():
                     common.print_row(row)
                 del runs
                 torch.cuda.empty_cache()
-    common.write_results("ring_depth_probe", rows, (
-        "32 experts, rows per expert drawn uniformly in the batch's range; weight bytes = every "
-        "expert's N x K fp8; sms = the persistent grid's cap; vs_first = the first config's "
-        "time / this one's within its (gemm, batch, sms) group (> 1: faster); clean L2 flush, "
-        f"median of {args.rounds} interleaved rounds of {args.repeats} graph replays"))
+        common.write_results("ring_depth_probe", rows, (
+            "32 experts, rows per expert drawn uniformly in the batch's range; weight bytes = "
+            "every expert's N x K fp8; sms = the persistent grid's cap; vs_first = the first "
+            "config's time / this one's within its (gemm, batch, sms) group (> 1: faster); clean "
+            f"L2 flush, median of {args.rounds} interleaved rounds of {args.repeats} graph replays"))
 
 
 if __name__ == "__main__":
