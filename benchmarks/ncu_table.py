@@ -1,6 +1,6 @@
 """A compact markdown table of ncu raw-page CSVs (``ncu -i X.ncu-rep --page raw --csv``): one
-column per profiled kernel, the rows that say whether a streaming GEMM waits on DRAM, on its MMAs
-or on itself.
+column per profiled kernel, the rows that say whether a streaming GEMM waits on DRAM, on the L2
+(its fills and the SMs' reads of the same slices), on its MMAs or on itself.
 
     python3 benchmarks/ncu_table.py A.raw.csv [B.raw.csv ...]
 """
@@ -12,6 +12,11 @@ KEYS = [
     ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", "DRAM throughput, % of peak"),
     ("dram__bytes_read.sum.per_second", "DRAM read rate"),
     ("dram__bytes_read.sum", "DRAM read"),
+    ("lts__throughput.avg.pct_of_peak_sustained_elapsed", "L2 throughput, % of peak"),
+    ("lts__t_bytes.sum.per_second", "L2 bytes rate (fills, hits, writes)"),
+    ("lts__t_sectors_op_read.sum", "L2 read sectors"),
+    ("sm__cycles_elapsed.avg.per_second", "SM clock"),
+    ("dram__cycles_elapsed.avg.per_second", "DRAM clock"),
     ("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed", "tensor pipe active, SM average"),
     ("sm__pipe_tensor_cycles_active.max.pct_of_peak_sustained_elapsed", "tensor pipe active, busiest SM"),
     ("sm__ops_path_tensor_src_fp8_sparsity_off.sum", "FP8 tensor ops"),
