@@ -21,6 +21,7 @@
 #   decodeenv   the same with DECODE_ENVS="VAR=1,VAR=1" set (a candidate default's record;
 #               default: the deep ring and the 96-token swap-AB tiles)
 #   timeline    profile_layer: the decode graph's kernels and replay timeline at 1 and 256 tokens
+#               (TIMELINE_TOKENS="1 128 256": other counts)
 #   ncu         ncu_decode.sh: full profiles of the decode GEMMs at 128 and 256 tokens (is the
 #               256-token gate-up MMA-bound, ring-bound or DRAM-bound?); NCU_ENVS="VAR=1" adds a run
 # Logs and result files in $OUT/logs.tgz.
@@ -61,9 +62,10 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
              --case masked:32x64,7168,2048 --case masked:32x80,7168,2048 --rounds 3 ;;
-    timeline) step timeline1 120 python3 benchmarks/profile_layer.py --tokens --decode 1 --mode fused
-              step timeline256 120 python3 benchmarks/profile_layer.py --tokens --decode 256 \
-                --mode fused ;;
+    timeline) for n in ${TIMELINE_TOKENS:-1 256}; do
+                step "timeline$n" 120 python3 benchmarks/profile_layer.py --tokens --decode "$n" \
+                  --mode fused
+              done ;;
     ncu) OUT="$L/ncu" timeout 300 bash benchmarks/ncu_decode.sh 128 256 > "$L/ncu.log" 2>&1
          [ -n "${NCU_ENVS:-}" ] && OUT="$L/ncu" ENVS="$NCU_ENVS" timeout 200 \
            bash benchmarks/ncu_decode.sh 256 >> "$L/ncu.log" 2>&1
