@@ -20,7 +20,8 @@ shared expert) / the measured device copy bandwidth. The decode rows are timed u
 L2 flush unless ``MOE_FP8_BENCH_FLUSH`` says otherwise: the usual ``write`` flush leaves ~35 MB
 of dirty lines whose writeback adds 5-6 us to every replay (flush_probe.py, H200 2026-12-06),
 which a pure stream (the floor) does not pay. The prefill rows keep ``write``, like the peers'
-published figures.
+published figures. Beside it, ``read_floor_us``: the same bytes at the card's read-only stream rate
+(``common.read_bandwidth_gbs``), which on the H200 is well below its copy rate.
 
     python benchmarks/bench_layer.py [--quick] [--decode-only | --prefill-only] [--repeats N]
 
@@ -215,7 +216,9 @@ def expert_bytes(moe: MoE) -> tuple:
 
 
 @torch.no_grad()
-def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True):
+def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True, read_gbs=None):
+    """``read_gbs`` (the card's read-only stream rate) adds a second floor beside the copy-rate one
+    the targets use: what a read-only weight stream can reach."""
     rows = []
     cfg = moe.cfg
     per_expert, shared = expert_bytes(moe)
@@ -228,7 +231,8 @@ def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True):
         floor_us = (touched * per_expert + shared) / (bandwidth_gbs * 1e3)
         us = bench(lambda: run(x), repeats=repeats, warmup=3)
         row = {"tokens": n, "experts_touched": touched, "graph_us": us, "floor_us": floor_us,
-               "vs_floor": us / floor_us, "diff_vs_prefill": G.calc_diff(y, moe(x))}
+               "vs_floor": us / floor_us, **_read_floor(us, floor_us, bandwidth_gbs, read_gbs),
+               "diff_vs_prefill": G.calc_diff(y, moe(x))}
         row["bf16_eager_us"] = float("nan")
         try:
             if peers:
@@ -255,11 +259,20 @@ def decode_rows(moe, pw, token_counts, repeats, bandwidth_gbs, peers=True):
         floor_us = (touched * per_expert + shared) / (bandwidth_gbs * 1e3)
         row = {"tokens": f"{n} (runner {biggest}, graph {run.batch_size_for(n)})",
                "experts_touched": touched, "graph_us": us, "floor_us": floor_us,
-               "vs_floor": us / floor_us, "diff_vs_prefill": G.calc_diff(run(x), moe(x)),
+               "vs_floor": us / floor_us, **_read_floor(us, floor_us, bandwidth_gbs, read_gbs),
+               "diff_vs_prefill": G.calc_diff(run(x), moe(x)),
                "bf16_eager_us": float("nan")}
         rows.append(row)
         common.print_row(row, 4)
     return rows
+
+
+def _read_floor(us: float, floor_us: float, copy_gbs: float, read_gbs) -> dict:
+    """The floor at the read-only rate and the time against it (no columns without one)."""
+    if not read_gbs:
+        return {}
+    read_floor_us = floor_us * copy_gbs / read_gbs
+    return {"read_floor_us": read_floor_us, "vs_read_floor": us / read_floor_us}
 
 
 def backend_report() -> str:
@@ -305,7 +318,8 @@ def main() -> None:
     moe = MoE(cfg, device="cuda", seed=0)
     pw = PeerWeights(moe)
     bandwidth = copy_bandwidth_gbs()
-    print(f"copy bandwidth {bandwidth:.0f} GB/s", flush=True)
+    read_gbs = common.read_bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.0f} GB/s, read-only {read_gbs:.0f} GB/s", flush=True)
     prefill_tokens = (4096, 16384) if args.quick else kPrefillTokens
     if args.decode_only:
         prefill_tokens = ()
@@ -324,11 +338,13 @@ def main() -> None:
     try:
         with common.flush_as(decode_flush):
             decode = decode_rows(moe, pw, decode_tokens, max(args.repeats, 20), bandwidth,
-                                 peers=not args.no_peers)
+                                 peers=not args.no_peers, read_gbs=read_gbs)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
 
-    summary = [f"backends: {backends}", f"copy bandwidth: {bandwidth:.0f} GB/s", f"targets: {kTargets}"]
+    summary = [f"backends: {backends}", f"copy bandwidth: {bandwidth:.0f} GB/s (floor_us); read-only "
+               f"stream {read_gbs:.0f} GB/s (read_floor_us: torch.sum of 2 GiB fp32)",
+               f"targets: {kTargets}"]
     if prefill:
         summary.append("prefill geomean speed-up vs bf16 _grouped_mm: "
                        f"{geomean([r['speedup_vs_bf16'] for r in prefill]):.2f}x, vs row-wise FP8: "

@@ -235,6 +235,16 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * src.numel() / (us * 1e-6) / 1e9
 
 
+def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Read-only stream rate in GB/s: ``nbytes`` of fp32 summed to one value (torch's reduction;
+    nothing written back). A decode step's weights are a read-only stream; on the H200 its
+    copy rate (reads plus writes) overstates what reads alone reach (NOTES, session 28)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    us = bench(lambda: torch.sum(src, out=out), flush=False)
+    return nbytes / (us * 1e-6) / 1e9
+
+
 def card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
