@@ -241,7 +241,7 @@ def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     copy rate (reads plus writes) overstates what reads alone reach (NOTES, session 28)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
     out = torch.empty((), dtype=torch.float32, device="cuda")
-    us = bench(lambda: torch.sum(src, out=out), flush=False)
+    us = bench(lambda: torch.sum(src, dim=0, out=out), flush=False)
     return nbytes / (us * 1e-6) / 1e9
 
 
