@@ -21,7 +21,7 @@ L2 flush unless ``MOE_FP8_BENCH_FLUSH`` says otherwise: the usual ``write`` flus
 of dirty lines whose writeback adds 5-6 us to every replay (flush_probe.py, H200 2026-12-06),
 which a pure stream (the floor) does not pay. The prefill rows keep ``write``, like the peers'
 published figures. Beside it, ``read_floor_us``: the same bytes at the card's read-only stream rate
-(``common.read_bandwidth_gbs``), which on the H200 is well below its copy rate.
+(``common.read_bandwidth_gbs``; the H100 reads at its copy rate, the H200 is not yet measured).
 
     python benchmarks/bench_layer.py [--quick] [--decode-only | --prefill-only] [--repeats N]
 

@@ -237,8 +237,9 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Read-only stream rate in GB/s: ``nbytes`` of fp32 summed to one value (torch's reduction;
-    nothing written back). A decode step's weights are a read-only stream; on the H200 its
-    copy rate (reads plus writes) overstates what reads alone reach (NOTES, session 28)."""
+    nothing written back). A decode step's weights are a read-only stream, while the copy rate
+    counts reads plus writes; whether the two differ on the H200 is not yet measured (NOTES,
+    session 28; on the H100 2 GiB read 3.16 TB/s against a 3.03 TB/s copy)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
     out = torch.empty((), dtype=torch.float32, device="cuda")
     us = bench(lambda: torch.sum(src, dim=0, out=out), flush=False)

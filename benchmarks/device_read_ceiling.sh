@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Is the decode step's floor (weight bytes / copy rate) reachable by a read-only stream on this
-# card? (~2 min; NOTES, session 28: the H200 summed 128 MB at 3.45 TB/s against a 4.2-4.4 TB/s
-# copy, and ncu put the H100's decode GEMMs at 87-92 % of the L2's peak beside 86-90 % of DRAM's.)
+# card? (~2 min; NOTES, session 28: ncu put the H100's decode GEMMs at 87-92 % of the L2's peak
+# beside 86-90 % of DRAM's, so an H200's L2 may stop a read-only stream short of its copy rate.)
 #   MOE_FP8_COMMIT=<sha> [NCU_TOKENS="1 256"] bash benchmarks/device_read_ceiling.sh
 # Prints: copy and read-only rates at several sizes; the masked GEMMs streaming weights for one
 # row per expert (the purest weight stream the layer runs); the decode record with both floors;

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import common  # noqa: E402
 from bench_gemm import graph_replay  # noqa: E402
 from bench_grouped import _act, _rand  # noqa: E402
+from swap_ab_pair import _counts, kBatches  # noqa: E402  (the decode batches' row draws)
 
 from moe_fp8.gemm import heuristics as H  # noqa: E402
 from moe_fp8.gemm import reference as ref  # noqa: E402
@@ -40,8 +41,6 @@ from moe_fp8.gemm.layout import empty_act_scales  # noqa: E402
 from moe_fp8.gemm.precompile import precompile  # noqa: E402
 
 kExperts, kMaxRows, kHidden, kInter, kTokens = 32, 128, 7168, 2048, 256
-# batch -> (rows per expert low..high, expected_m): as swap_ab_pair.py draws them
-kBatches = {"256 tokens": ((48, 80), 64), "128 tokens": ((24, 40), 32)}
 # (gemm, batch) -> configs, the first today's default
 kConfigs = {
     ("gate-up", "256 tokens"): [(128, s) for s in (3, 2, 4)],
@@ -92,10 +91,8 @@ def main():
     rows = []
     with common.flush_as("clean"):
         for (gemm, batch), configs in kConfigs.items():
-            (low, high), expected_m = kBatches[batch]
-            cpu = torch.Generator().manual_seed(expected_m)
-            masked_m = torch.randint(low, high + 1, (kExperts,), generator=cpu,
-                                     dtype=torch.int32).cuda()
+            spec, expected_m = kBatches[batch]
+            masked_m = _counts(spec, seed=expected_m)
             valid = ref.masked_row_mask(kMaxRows, masked_m)
             n, k = (2 * kInter, kHidden) if gemm == "gate-up" else (kHidden, kInter)
             weight_bytes = kExperts * n * k
@@ -122,8 +119,8 @@ def main():
                 for _ in range(args.rounds):
                     for key, (replay, _, _) in runs.items():
                         times[key].append(common.bench(replay, repeats=args.repeats))
-                first = next(iter(runs.values()))[1]
-                first_us = statistics.median(times[next(iter(runs))])
+                first_key = next(iter(runs))
+                first, first_us = runs[first_key][1], statistics.median(times[first_key])
                 for (block_m, stages), (_, result, c) in runs.items():
                     us = statistics.median(times[(block_m, stages)])
                     same = torch.equal(result[valid].view(torch.uint8), first[valid].view(torch.uint8))
@@ -140,7 +137,7 @@ def main():
                 del runs
                 torch.cuda.empty_cache()
         common.write_results("ring_depth_probe", rows, (
-            "32 experts, rows per expert drawn uniformly in the batch's range; weight bytes = "
+            "32 experts, rows per expert drawn uniformly in the batch's range (swap_ab_pair.py's draws); weight bytes = "
             "every expert's N x K fp8; sms = the persistent grid's cap; vs_first = the first "
             "config's time / this one's within its (gemm, batch, sms) group (> 1: faster); clean "
             f"L2 flush, median of {args.rounds} interleaved rounds of {args.repeats} graph replays"))
