@@ -17,6 +17,8 @@
 #               MOE_FP8_SWAP_AB_96=1 (7 ring stages instead of 5 at 256 tokens)
 #   swapglu     defaults vs MOE_FP8_SWAP_AB_SWIGLU=1 (the fused gate-up as its swap-AB twin)
 #   probe       layout_rounds: the masked down GEMM's tiles on 32 experts x 64 / 80 rows
+#   l2tiles     layout_rounds: the masked down GEMM at 32 / 64 / 128 rows per expert on 256 / 128 /
+#               64-wide tiles (do wider weight tiles per A row gain where the L2 carries more?)
 #   decode      the decode record (clean flush) with the 256-token runner's replays
 #   decodeenv   the same with DECODE_ENVS="VAR=1,VAR=1" set (a candidate default's record;
 #               default: the deep ring and the 96-token swap-AB tiles)
@@ -62,6 +64,9 @@ for s in ${STEPS:-swaptest swapglu deep swappair swapab decode spread}; do
     probe) step probe 150 python3 benchmarks/experiments/layout_rounds.py \
              --configs auto,64x128s8c1d1r16,128x128s5c1d1r32,128x256s3c1d0r32 \
              --case masked:32x64,7168,2048 --case masked:32x80,7168,2048 --rounds 3 ;;
+    l2tiles) step l2tiles 200 python3 benchmarks/experiments/layout_rounds.py \
+               --configs 128x256c1d0r32,128x128c1d1r32,128x64c1d1r32 --case masked:32x32,7168,2048 \
+               --case masked:32x64,7168,2048 --case masked:32x128,7168,2048 --rounds 3 ;;
     timeline) for n in ${TIMELINE_TOKENS:-1 256}; do
                 step "timeline$n" 120 python3 benchmarks/profile_layer.py --tokens --decode "$n" \
                   --mode fused
