@@ -1,6 +1,7 @@
 """Expert parallelism on 2 GPUs over NCCL: prefill, and the decode step captured in ONE CUDA graph.
 
-Two ways to run (both need 2 Hopper GPUs; ``NCCL_NVLS_ENABLE=0`` is forced before the group starts):
+Two ways to run (both need 2 Hopper GPUs, or one with ``MOE_FP8_EP_GPU_WORLD=1``;
+``NCCL_NVLS_ENABLE=0`` is forced before the group starts):
 
     python -m pytest -q -rA tests/test_ep_gpu.py             # spawns the 2 ranks itself
     python -m torch.distributed.run --nproc-per-node 2 tests/test_ep_gpu.py
@@ -33,7 +34,10 @@ from test_ep import (assert_bf16_close, build_pair, check_case, fake_experts_con
                      fake_experts_masked, init_group, oracle, random_routing, run_cases,
                      run_spawned, shard_rows, tiny_cfg)
 
-kWorld = 2
+# MOE_FP8_EP_GPU_WORLD=1: the same cases on one GPU, one NCCL rank (the NCCL collectives, the graph
+# capture with them and the EP layer's kernels, where no 2-GPU machine is lent; nothing crosses
+# a link, so it proves no transfer between cards)
+kWorld = int(os.environ.get("MOE_FP8_EP_GPU_WORLD", "2"))
 kGpuJobTimeoutS = 420  # includes JIT compilation of the kernels the layers need (cache cold)
 kOnCpu = os.environ.get("MOE_FP8_EP_GPU_TEST_ON_CPU", "0") not in ("", "0")
 pytestmark = [] if kOnCpu else pytest.mark.gpu
@@ -252,7 +256,7 @@ def _gpu_job():
     return run_spawned(_gpu_worker, kWorld, timeout_s=kGpuJobTimeoutS)
 
 
-@pytest.mark.skipif(not (kOnCpu or two_hoppers()), reason="needs 2 Hopper GPUs")
+@pytest.mark.skipif(not (kOnCpu or two_hoppers()), reason=f"needs {kWorld} Hopper GPUs")
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_ep_nccl(case):
     job = _gpu_job()
