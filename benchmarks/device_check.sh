@@ -49,7 +49,10 @@ step test-kernels 150 $PYTEST -m gpu tests/test_quant_gpu.py tests/test_train_qu
   tests/test_permute_gpu.py tests/test_router_gpu.py
 step test-layer 150 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_autograd.py \
   tests/test_errors_layer.py tests/test_nan_policy.py tests/test_jit.py
-[ "$num_gpus" -ge 2 ] && step test-ep 70 $PYTEST tests/test_ep_gpu.py
+if [ "$num_gpus" -ge 2 ]; then step test-ep 70 $PYTEST tests/test_ep_gpu.py
+# one GPU: the same cases as one NCCL rank (11 s on an H100, session 29): the EP code paths and
+# their graph capture, no transfer between cards
+else step test-ep-1rank 70 env MOE_FP8_EP_GPU_WORLD=1 $PYTEST tests/test_ep_gpu.py; fi
 # programmatic dependent launch: the graph-captured and eager layer paths with the attribute on
 step test-pdl 90 env MOE_FP8_PDL=1 $PYTEST -m gpu tests/test_layer_gpu.py tests/test_permute_gpu.py \
   tests/test_quant_gpu.py
