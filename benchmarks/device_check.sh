@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the whole package: precompile, the GPU tests (the least-proven first), the
 # demo, then the layer / permute / training / EP benchmarks. Run it on nvidia-h100-x2 so the EP
-# steps run across GPUs (on one GPU the EP test runs as one NCCL rank, the EP benchmark skips), from a snapshot of HEAD (the device gets the working tree):
+# steps run across GPUs (on one GPU the EP test runs as one NCCL rank, the EP benchmark skips),
+# from a snapshot of HEAD (the device gets the working tree):
 #   git archive HEAD | tar -x -C .snap   # .snap/ is ignored; carry it, then in the call:
 #   cd .snap && MOE_FP8_COMMIT=<sha> bash benchmarks/device_check.sh [full]
 # `full` adds the GEMM/wgrad tables, the fuzzer and compute-sanitizer.

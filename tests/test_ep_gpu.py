@@ -44,7 +44,7 @@ pytestmark = [] if kOnCpu else pytest.mark.gpu
 kDiffBound = 1e-4  # calc_diff EP vs one GPU; a lost/doubled expert contribution gives >= 1e-2
 
 
-def two_hoppers() -> bool:
+def enough_hoppers() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= kWorld and \
         all(torch.cuda.get_device_capability(i) == (9, 0) for i in range(kWorld))
 
@@ -256,7 +256,7 @@ def _gpu_job():
     return run_spawned(_gpu_worker, kWorld, timeout_s=kGpuJobTimeoutS)
 
 
-@pytest.mark.skipif(not (kOnCpu or two_hoppers()), reason=f"needs {kWorld} Hopper GPUs")
+@pytest.mark.skipif(not (kOnCpu or enough_hoppers()), reason=f"needs {kWorld} Hopper GPUs")
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_ep_nccl(case):
     job = _gpu_job()
