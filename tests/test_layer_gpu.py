@@ -144,23 +144,6 @@ def test_shared_experts_overlap_is_exact(moe, monkeypatch):
     assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_OVERLAP_SHARED", (32, 5, 1, 32), 800)
 
 
-@pytest.mark.parametrize("max_tokens", [32, 256])
-@torch.no_grad()
-def test_decode_fork_gate_keeps_bits(moe, monkeypatch, max_tokens):
-    """MOE_FP8_DECODE_FORK_GATE=1: the x-quant moves to the shared experts' branch and the router
-    branch's gate GEMM runs beside it; the same kernels on the same inputs, so the same bits, in
-    the graph (batches below the runner's size too) and eagerly (the tensors cross the streams)."""
-    assert_decode_switch_keeps_bits(moe, monkeypatch, "MOE_FP8_DECODE_FORK_GATE",
-                                    shrinking_sizes(max_tokens), 915, max_tokens=max_tokens)
-    xs = [rand_x(t, moe.cfg.hidden_size, 930 + t) for t in (1, 77)]
-    monkeypatch.setenv("MOE_FP8_DECODE_FORK_GATE", "0")
-    expected = [moe.forward_masked(x) for x in xs]
-    monkeypatch.setenv("MOE_FP8_DECODE_FORK_GATE", "1")
-    for _ in range(2):
-        for x, e in zip(xs, expected):
-            assert torch.equal(moe.forward_masked(x), e)
-
-
 @torch.no_grad()
 def test_decode_batch_size_graphs_match_runners_of_that_size(moe):
     """A runner's batch of n replays the graph of the smallest batch size holding n (tiles,

@@ -38,13 +38,6 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
 # 577 -> 564-565 us, a 128-token runner at one token 191 -> 182; 48 and 64 no better, 16 half.
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
 kDecodeRouterSmsDefault = 32
-# The decode step's x-quant on the shared experts' branch of the graph, so that the router
-# branch's gate GEMM (which reads x itself, in bf16) starts beside the quant instead of after it:
-# the quant took the first ~4-5 us of the router branch's serial chain at 256 tokens (H100,
-# session 29 timeline). The router branch waits for the quant only before its dispatch kernels
-# (they read the fp8 rows), by when the gate GEMM has run. Off until measured on a GPU.
-kDecodeForkGateEnv = "MOE_FP8_DECODE_FORK_GATE"
-kDecodeForkGateDefault = False
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 
 
@@ -187,8 +180,8 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _overlap_shared(self, xq: torch.Tensor) -> bool:
-        """Run the shared experts on a side stream? With ``MOE_FP8_OVERLAP_SHARED`` on (the
-        default), for CUDA inference outside ``torch.compile``. Inside a
+        """Run the shared experts on a side stream? With ``MOE_FP8_OVERLAP_SHARED=1`` (off by
+        default until measured on a GPU), for CUDA inference outside ``torch.compile``. Inside a
         CUDA-graph capture (the decode runner) the fork and join become two parallel branches
         of the graph."""
         return (self.shared_experts is not None and xq.is_cuda and not torch.is_grad_enabled()
@@ -216,25 +209,6 @@ class MoE(nn.Module):
             xq.record_stream(side)
             xs.record_stream(side)
         return shared, side
-
-    def _start_shared_quantizing(self, x2: torch.Tensor, num_sms: Optional[int]):
-        """The decode fork (``MOE_FP8_DECODE_FORK_GATE``): x's 1x128 quant, then the shared
-        experts, on the side stream -> ``(xq, xs, shared, side, quantized)``: ``quantized`` is
-        recorded after the quant; the caller makes its stream wait for it once the gate GEMM is
-        enqueued (its dispatch reads xq)."""
-        main = torch.cuda.current_stream(x2.device)
-        side = _side_stream(kSharedStreams, x2.device)
-        side.wait_stream(main)
-        quantized = torch.cuda.Event()
-        with torch.cuda.stream(side):
-            xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-            quantized.record(side)
-            shared = self.shared_experts(xq, xs, num_sms)
-        if not torch.cuda.is_current_stream_capturing():  # eager: the tensors cross the streams
-            x2.record_stream(side)
-            xq.record_stream(main)
-            xs.record_stream(main)
-        return xq, xs, shared, side, quantized
 
     @staticmethod
     def _decode_shared_sms(xq: torch.Tensor) -> Optional[int]:
@@ -292,21 +266,13 @@ class MoE(nn.Module):
         x2 = self._tokens(x)
         self._check_differentiable(x2)
         m_max = max_tokens_per_expert or self.dispatcher.max_tokens_per_expert(x2.shape[0])
-        if x_fp8 is None and self._overlap_shared(x2) and \
-                switch_on(kDecodeForkGateEnv, kDecodeForkGateDefault):
-            xq, xs, shared, side, quantized = self._start_shared_quantizing(
-                x2, self._decode_shared_sms(x2))
-            logits = self.gate.logits(x2)  # beside the quant
-            torch.cuda.current_stream(x2.device).wait_event(quantized)
+        if x_fp8 is None:
+            xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
         else:
-            if x_fp8 is None:
-                xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-            else:
-                xq, xs = self._check_x_fp8(x2, x_fp8)
-            shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
-            logits = self.gate.logits(x2)
+            xq, xs = self._check_x_fp8(x2, x_fp8)
+        shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))  # graph branch
         layout, handle = self.dispatcher.dispatch_masked_routed(
-            (xq, xs), self.gate, logits, max_tokens_per_expert=m_max,
+            (xq, xs), self.gate, self.gate.logits(x2), max_tokens_per_expert=m_max,
             num_valid_tokens=num_valid_tokens, out=buffers)
         if value_checks_enabled(layout.num_overflow) and int(layout.num_overflow):
             raise ValueError(f"{int(layout.num_overflow)} (token, expert) pairs exceed "
