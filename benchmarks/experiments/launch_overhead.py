@@ -1,6 +1,6 @@
 """Host cost of the JIT's launch path and of the eager ops built on it.
 
-    python benchmarks/experiments/launch_overhead.py [--cpu] [--calls N] [--profile]
+    python benchmarks/experiments/launch_overhead.py [--cpu] [--calls N] [--layer-tokens 256,4096] [--profile]
 
 Session 29 (ep_host_profile.py) found the expert-parallel prefill host-bound: 20-75 us of host
 time per JIT launch. This times, per call:
@@ -8,7 +8,7 @@ time per JIT launch. This times, per call:
   Python of packing 18 arguments and building the launch config);
 * on a GPU, ``Kernel.launch`` of the per-token quant kernel with its arguments made once, the
   quant op, the dense GEMM op (M 128, N 7168, K 2048: five TMA maps), the masked grouped GEMM op
-  and the eager one-GPU layer (``MoE.forward``, 32 experts, 4096 tokens).
+  and the eager one-GPU layer (``MoE.forward``, 32 experts, ``--layer-tokens``, default 4096).
 ``host us``: wall time of issuing ``--calls`` calls back to back, per call (the device queue never
 fills at these counts); ``device us``: the same calls' CUDA-event span, per call. An op whose host
 figure exceeds its device figure keeps the GPU waiting when issued alone.
@@ -81,7 +81,7 @@ def stub_launch_row() -> dict:
     return {"op": "Kernel.launch, stub driver (18 args)", "host us": host_us(launch, 20000)}
 
 
-def gpu_rows(calls: int, profile: bool) -> list:
+def gpu_rows(calls: int, profile: bool, layer_tokens) -> list:
     from moe_fp8 import gemm
     from moe_fp8.gemm.kernels import quant
     from moe_fp8.layers import MoE, MoEConfig
@@ -113,9 +113,10 @@ def gpu_rows(calls: int, profile: bool) -> list:
     row("m_grouped masked op, 32 x 64 x 4096 x 7168",
         lambda: gemm.m_grouped_fp8_gemm_nt_masked(am, wm, masked_m, 16), n=max(calls // 4, 5))
     moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device=device)
-    tokens = torch.randn(4096, 7168, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
-        row("MoE.forward eager, 32 experts, 4096 tokens", lambda: moe(tokens), n=10)
+        for count in layer_tokens:
+            tokens = torch.randn(count, 7168, device=device, dtype=torch.bfloat16)
+            row(f"MoE.forward eager, 32 experts, {count} tokens", lambda: moe(tokens), n=10)
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -133,12 +134,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="the stubbed launch row only")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--layer-tokens", default="4096",
+                        help="comma-separated token counts of the eager layer rows")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile of the eager layer's host time by function")
     args = parser.parse_args()
     print(f"moe_fp8 from {os.path.dirname(os.path.dirname(os.path.abspath(moe_fp8.__file__)))}; torch {torch.__version__}"
           + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    rows = [] if args.cpu or not torch.cuda.is_available() else gpu_rows(args.calls, args.profile)
+    rows = []
+    if not args.cpu and torch.cuda.is_available():
+        layer_tokens = [int(t) for t in args.layer_tokens.split(",")]
+        rows = gpu_rows(args.calls, args.profile, layer_tokens)
     rows.append(stub_launch_row())  # last: it stubs the driver for the rest of the process
     print("| op | host us | device us |\n|---|---|---|")
     for r in rows:

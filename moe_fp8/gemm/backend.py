@@ -39,10 +39,11 @@ def _warn_unsupported_dtype(name: str, dtype: torch.dtype) -> None:
     warnings.warn(f"moe_fp8: the {name} kernel takes no {dtype} input; using the reference")
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_fn(family: str, name: str, dtype: Optional[torch.dtype], forced: bool):
     """The kernel host function ``moe_fp8.gemm.kernels.<family>.<name>`` for an input of
     ``dtype``, or None (absent, or not instantiated for that dtype: the module's
-    ``kSupportedInputs`` says which)."""
+    ``kSupportedInputs`` says which). Memoised: it runs on every op call."""
     try:
         module = importlib.import_module(f"moe_fp8.gemm.kernels.{family}")
     except ImportError as error:
@@ -270,6 +271,7 @@ def _register():
 
 
 _OPS = _register()
+_BODIES = {name: globals()[name] for name in _MUTATED}
 
 
 def run(name: str, *args, config=None) -> None:
@@ -285,9 +287,15 @@ def run(name: str, *args, config=None) -> None:
         return
     # NOTE: the ops are not differentiable (training composes them in layers/autograd.py);
     # no_grad keeps a requires-grad input from attaching history to the outputs it fills.
-    token = _pinned_config.set(config)
+    # (both only where needed: this runs on every op call, and each costs a few us of host time)
+    token = _pinned_config.set(config) if config is not None or _pinned_config.get() is not None \
+        else None
     try:
-        with torch.no_grad():
-            globals()[name](*args)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                _BODIES[name](*args)
+        else:
+            _BODIES[name](*args)
     finally:
-        _pinned_config.reset(token)
+        if token is not None:
+            _pinned_config.reset(token)
