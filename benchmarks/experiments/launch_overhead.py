@@ -113,6 +113,12 @@ def gpu_rows(calls: int, profile: bool, layer_tokens) -> list:
     row("m_grouped masked op, 32 x 64 x 4096 x 7168",
         lambda: gemm.m_grouped_fp8_gemm_nt_masked(am, wm, masked_m, 16), n=max(calls // 4, 5))
     moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device=device)
+    # the gate GEMM of the layer's router (torch, not ours): its host cost beside ours
+    gate_x = torch.randn(4096, 7168, device=device, dtype=torch.bfloat16)
+    gate_w = torch.randn(32, 7168, device=device, dtype=torch.bfloat16)
+    row("torch.mm bf16 -> fp32 (out_dtype), 4096 x 32 x 7168",
+        lambda: torch.mm(gate_x, gate_w.t(), out_dtype=torch.float32))
+    row("torch.mm bf16 -> bf16, 4096 x 32 x 7168", lambda: torch.mm(gate_x, gate_w.t()))
     with torch.no_grad():
         for count in layer_tokens:
             tokens = torch.randn(count, 7168, device=device, dtype=torch.bfloat16)
