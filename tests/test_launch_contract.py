@@ -196,20 +196,22 @@ def test_pack_args_points_at_each_value():
     class Pair(ctypes.Structure):
         _fields_ = [("a", ctypes.c_int32), ("b", ctypes.c_int32)]
 
-    t, pair, tmap = torch.empty(4), Pair(1, -2), StandInMap()
-    args = [t, None, jit.i32(-7), jit.i64(1 << 40), jit.f32(0.5), jit.u32(3), jit.u64(2 ** 63),
+    t, t2, pair, tmap = torch.empty(4), torch.empty(8), Pair(1, -2), StandInMap()
+    args = [t, t2, None, jit.i32(-7), jit.i64(1 << 40), jit.f32(0.5), jit.u32(3), jit.u64(2 ** 63),
             pair, tmap]
-    pointers, keep_alive = pack_args("k", [8, 8, 4, 8, 4, 4, 8, 8, 128], args)
+    sizes = [8, 8, 8, 4, 8, 4, 4, 8, 8, 128]
+    pointers, keep_alive = pack_args("k", sizes, args)
     assert ctypes.c_uint64.from_address(pointers[0]).value == t.data_ptr()
-    assert ctypes.c_uint64.from_address(pointers[1]).value == 0
-    assert ctypes.c_int32.from_address(pointers[2]).value == -7
-    assert ctypes.c_int64.from_address(pointers[3]).value == 1 << 40
-    assert ctypes.c_float.from_address(pointers[4]).value == 0.5
-    assert ctypes.c_uint32.from_address(pointers[5]).value == 3
-    assert ctypes.c_uint64.from_address(pointers[6]).value == 2 ** 63
-    assert Pair.from_address(pointers[7]).b == -2
-    assert pointers[8] == tmap.address
-    with pytest.raises(TypeError, match="argument 4 of k is c_float"):
-        pack_args("k", [8, 8, 4, 8, 8, 4, 8, 8, 128], args)
+    assert ctypes.c_uint64.from_address(pointers[1]).value == t2.data_ptr()
+    assert ctypes.c_uint64.from_address(pointers[2]).value == 0
+    assert ctypes.c_int32.from_address(pointers[3]).value == -7
+    assert ctypes.c_int64.from_address(pointers[4]).value == 1 << 40
+    assert ctypes.c_float.from_address(pointers[5]).value == 0.5
+    assert ctypes.c_uint32.from_address(pointers[6]).value == 3
+    assert ctypes.c_uint64.from_address(pointers[7]).value == 2 ** 63
+    assert Pair.from_address(pointers[8]).b == -2
+    assert pointers[9] == tmap.address
+    with pytest.raises(TypeError, match="argument 5 of k is c_float"):
+        pack_args("k", sizes[:5] + [8] + sizes[6:], args)
     with pytest.raises(TypeError, match="typed scalar"):
         pack_args("k", None, [t, 3])
