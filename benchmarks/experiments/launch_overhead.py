@@ -13,6 +13,9 @@ time per JIT launch. This times, per call:
 fills at these counts); ``device us``: the same calls' CUDA-event span, per call. An op whose host
 figure exceeds its device figure keeps the GPU waiting when issued alone.
 Run it once per tree to compare (``PYTHONPATH=<old tree>``): it imports moe_fp8 from the path.
+NOTE: the device machine's host CPU changed speed by ~30 % from one process to the next (session
+30): the two ``torch.mm`` rows (torch's own launches, the same code in every tree) are the
+control. Interleave several runs per tree and compare runs whose control rows agree.
 """
 import argparse
 import cProfile
