@@ -305,6 +305,9 @@ def main() -> None:
     parser.add_argument("--prefill-only", action="store_true", help="skip the decode rows")
     parser.add_argument("--decode-tokens", default=None,
                         help="comma-separated decode batch sizes (default: the full 1-256 list)")
+    parser.add_argument("--prefill-tokens", default=None,
+                        help="comma-separated prefill token counts (default: 4096-32768; below "
+                             "~2048 the eager layer is host-bound on the device machine)")
     parser.add_argument("--no-peers", action="store_true",
                         help="decode rows without the bf16 peer (switch A/B calls: ours only)")
     args = parser.parse_args()
@@ -321,6 +324,8 @@ def main() -> None:
     read_gbs = common.read_bandwidth_gbs()
     print(f"copy bandwidth {bandwidth:.0f} GB/s, read-only {read_gbs:.0f} GB/s", flush=True)
     prefill_tokens = (4096, 16384) if args.quick else kPrefillTokens
+    if args.prefill_tokens:
+        prefill_tokens = tuple(int(n) for n in args.prefill_tokens.split(","))
     if args.decode_only:
         prefill_tokens = ()
     decode_tokens = (1, 32, 128) if args.quick else kDecodeTokens

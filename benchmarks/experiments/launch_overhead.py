@@ -84,6 +84,56 @@ def stub_launch_row() -> dict:
     return {"op": "Kernel.launch, stub driver (18 args)", "host us": host_us(launch, 20000)}
 
 
+def stage_rows(moe, layer_tokens, forwards: int = 20) -> None:
+    """Host us per eager forward in each stage of ``MoE.forward`` (wall clock around the stage's
+    call, no profiler): where the host-bound layer spends its time. Prints one table."""
+    import moe_fp8.layers.moe as moe_module
+    spent = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    patches = [(moe_module, "quantize_tokens"), (moe, "_start_shared"), (moe.gate, "forward"),
+               (moe.dispatcher, "dispatch_contiguous"), (moe, "_routed_rows"),
+               (moe, "_join_shared"), (moe.dispatcher, "combine_contiguous")]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name in patches]
+    for owner, name in patches:
+        label = "gate" if owner is moe.gate else name
+        setattr(owner, name, timed(label, getattr(owner, name)))
+    try:
+        labels = ["gate" if owner is moe.gate else name for owner, name in patches]
+        print("| tokens | " + " | ".join(labels) + " | rest | forward |")
+        print("|---" * (len(patches) + 3) + "|")
+        for count in layer_tokens:
+            device = next(moe.parameters()).device
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            tokens = torch.randn(count, moe.cfg.hidden_size, device=device, dtype=torch.bfloat16)
+            moe(tokens)
+            sync()
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(forwards):
+                moe(tokens)
+            total = time.perf_counter() - start
+            sync()
+            per = {label: spent.get(label, 0.0) / forwards * 1e6 for label in labels}
+            rest = total / forwards * 1e6 - sum(per.values())
+            print(f"| {count} | " + " | ".join(f"{per[label]:.0f}" for label in labels)
+                  + f" | {rest:.0f} | {total / forwards * 1e6:.0f} |")
+    finally:
+        for owner, name, original in saved:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
 def gpu_rows(calls: int, profile: bool, layer_tokens) -> list:
     from moe_fp8 import gemm
     from moe_fp8.gemm.kernels import quant
@@ -126,6 +176,7 @@ def gpu_rows(calls: int, profile: bool, layer_tokens) -> list:
         for count in layer_tokens:
             tokens = torch.randn(count, 7168, device=device, dtype=torch.bfloat16)
             row(f"MoE.forward eager, 32 experts, {count} tokens", lambda: moe(tokens), n=10)
+        stage_rows(moe, layer_tokens)
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
