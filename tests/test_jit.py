@@ -349,3 +349,21 @@ def test_launch_overhead_and_warm_start(header, capsys):
         print(f"\n[jit] host cost of one launch: {host_us:.1f} us; warm-cache get_kernel in a "
               f"fresh process: {warm * 1e3:.1f} ms")
     assert host_us < 50 and warm < 0.5
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "1", " on ", "x=y"])
+def test_env_lookup_reads_what_os_environ_reads(monkeypatch, value):
+    """jit.env.lookup (the switches' fast read) sees every value os.environ.get does: unset,
+    empty, set through os.environ (monkeypatch), and deleted again."""
+    from moe_fp8.gemm.jit.env import lookup
+    name = "MOE_FP8_TEST_LOOKUP"
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+    assert lookup(name) == os.environ.get(name)
+    assert lookup(name, "fallback") == os.environ.get(name, "fallback")
+    monkeypatch.setenv(name, "changed")
+    assert lookup(name) == "changed"
+    monkeypatch.delenv(name)
+    assert lookup(name) is None and lookup(name, "d") == "d"

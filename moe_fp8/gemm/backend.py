@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import importlib
-import os
 import warnings
 from typing import Optional
 
 import torch
 
 from . import reference as ref
+from .jit.env import lookup
 from .layout import to_mn_major
 
 kBackends = ("auto", "kernel", "reference")
@@ -62,7 +62,7 @@ def check_backend(backend: str) -> str:
     if backend not in kBackends:
         raise ValueError(f"backend must be one of {kBackends}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("MOE_FP8_BACKEND", "auto") or "auto"
+        backend = lookup("MOE_FP8_BACKEND", "auto") or "auto"
         if backend not in kBackends:
             raise ValueError(f"MOE_FP8_BACKEND must be one of {kBackends}, got {backend!r}")
     return backend
@@ -84,7 +84,7 @@ def pick(backend: str, device: torch.device, family: str, name: str,
         if fn is None:
             raise NotImplementedError(f"no kernel for {family}.{name} in this build")
         return fn
-    if on_hopper and family in kUnverifiedFamilies and os.environ.get(kUnverifiedEnv) != "1":
+    if on_hopper and family in kUnverifiedFamilies and lookup(kUnverifiedEnv) != "1":
         return None  # auto: the reference until the kernel has run on a GPU (see below)
     return _kernel_fn(family, name, dtype, forced=False) if on_hopper else None
 

@@ -6,11 +6,11 @@ device-to-host copy; they always run on CPU tensors, and on GPU tensors only in 
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
+from .jit.env import lookup
 from .layout import ceil_div, kScaleBlock
 
 FP8 = torch.float8_e4m3fn
@@ -18,7 +18,7 @@ kFloatInputs = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def debug_mode() -> bool:
-    return os.environ.get("MOE_FP8_CHECKS", "0") not in ("", "0")
+    return lookup("MOE_FP8_CHECKS", "0") not in ("", "0")
 
 
 def value_checks_enabled(*tensors: torch.Tensor) -> bool:

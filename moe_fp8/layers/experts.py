@@ -11,7 +11,6 @@ scales (``weight_scale_inv`` in DeepSeek's checkpoints); gate and up are fused i
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +21,7 @@ from .. import gemm as G
 from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales, to_mn_major
 from ..gemm.validate import debug_mode
+from ..gemm.jit.env import lookup
 from .layouts import ContiguousLayout, MaskedLayout
 from .switches import switch_on
 
@@ -217,7 +217,7 @@ class RoutedExperts(nn.Module):
         ``MOE_FP8_FUSED_SWIGLU`` allows it (unset: always with early weights, else from
         ``kFusedSwiGluMinRows`` expected rows per expert on; ``1`` always; ``0`` never), the masked
         GEMM runs as a kernel and 2I % 256 == 0; False (nothing done) otherwise."""
-        setting = os.environ.get(kFusedSwiGluEnv, "").strip()
+        setting = lookup(kFusedSwiGluEnv, "").strip()
         if setting == "0" or (2 * self.inter) % 256:
             return False
         min_rows = kFusedSwiGluMinRowsEarlyWeights if _early_weights() else kFusedSwiGluMinRows

@@ -8,9 +8,10 @@ inside ``torch.compile`` tracing (they are launched by pointer, which fake tenso
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from ..gemm.jit.env import lookup
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,13 +21,13 @@ def _is_sm90(device_index: int) -> bool:
 
 def switch_on(env_name: str, default: bool) -> bool:
     """The environment switch alone: ``0`` off, any other value on, unset ``default``."""
-    value = os.environ.get(env_name)
+    value = lookup(env_name)
     return default if value is None else value.strip() != "0"
 
 
 def int_setting(env_name: str, default: int) -> int:
     """A non-negative integer from the environment (unset: ``default``); anything else raises."""
-    value = os.environ.get(env_name)
+    value = lookup(env_name)
     if value is None or not value.strip():
         return default
     if not value.strip().isdigit():

@@ -66,7 +66,6 @@ CPU proxy of ``benchmarks/bench_ep.py --cpu``.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -75,6 +74,7 @@ import torch.distributed as dist
 
 from ...gemm.layout import kSegmentAlign
 from ...gemm.validate import debug_mode
+from ...gemm.jit.env import lookup
 from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout, contiguous_index,
                        masked_index)
 from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
@@ -569,7 +569,7 @@ def make_dispatcher(cfg, ep_group=None, backend: str = "auto", **kwargs) -> Disp
     if backend not in kBackends:
         raise ValueError(f"backend must be one of {kBackends}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("MOE_FP8_EP_BACKEND", "torch") or "torch"
+        backend = lookup("MOE_FP8_EP_BACKEND", "torch") or "torch"
         if backend not in kBackends[1:]:
             raise ValueError(f"MOE_FP8_EP_BACKEND must be 'torch' or 'deepep', got {backend!r}")
     if ep_group is None:
