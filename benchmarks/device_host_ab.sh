@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Host time of the eager layer at small batches, and an A/B of two trees' launch paths (~6 min).
+#   mkdir -p .ab/base && git archive <base sha> moe_fp8 | tar -x -C .ab/base   # untracked, travels
+#   MOE_FP8_COMMIT=<sha> [STEPS="layer ab"] [RUNS=3] bash benchmarks/device_host_ab.sh
+# Steps:
+#   layer  bench_layer: the eager prefill at 256-4096 tokens beside the bf16 and row-wise FP8
+#          layers, and the graph runner (masked layout) at 256-2048 tokens: where the eager layer
+#          is host-bound, which is faster
+#   ab     experiments/launch_overhead.py (ops, eager layer at 128 / 512 tokens, host us per
+#          stage), the base tree (.ab/base) and this one in RUNS interleaved pairs of processes;
+#          its control row (torch.mm) says which runs saw the same host speed
+set -uo pipefail
+export PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
+OUTDIR=${OUT:-/tmp/host_ab}; mkdir -p "$OUTDIR"
+here=$PWD
+steps=" ${STEPS:-layer ab} "
+nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
+PYTHONPATH=$here timeout 200 python3 -m moe_fp8.gemm.precompile > "$OUTDIR/precompile.log" 2>&1 \
+  || echo "precompile rc=$?"
+if [[ "$steps" == *" layer "* ]]; then
+  PYTHONPATH=$here timeout 240 python3 benchmarks/bench_layer.py --prefill-tokens "${PREFILL_TOKENS:-256,512,1024,2048,4096}" \
+    --decode-tokens "${RUNNER_TOKENS:-256,512,1024,2048}" --rounds 3 --repeats 10 > "$OUTDIR/layer.log" 2>&1
+  grep -aE "^\||geomean|Error" "$OUTDIR/layer.log" | cut -c1-240
+  cp benchmarks/results/layer_*"$(date +%F)"* "$OUTDIR/" 2>/dev/null
+fi
+if [[ "$steps" == *" ab "* ]] && [ -d .ab/base/moe_fp8 ]; then
+  for run in $(seq "${RUNS:-3}"); do
+    for tree in base head; do
+      root=$here; [ $tree = base ] && root=$here/.ab/base
+      PYTHONPATH=$root timeout 100 python3 benchmarks/experiments/launch_overhead.py --calls 100 \
+        --layer-tokens "${LAYER_TOKENS:-128,512}" > "$OUTDIR/ab_${tree}_$run.log" 2>&1
+      echo "== run $run $tree"; grep -aE "^\| [0-9]|^\| (Kernel|per_token|fp8_gemm|m_grouped|torch.mm bf16 -> bf16|MoE)" "$OUTDIR/ab_${tree}_$run.log"
+    done
+  done
+fi
