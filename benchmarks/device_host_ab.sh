@@ -29,7 +29,7 @@ if [[ "$steps" == *" ab "* ]] && [ -d .ab/base/moe_fp8 ]; then
       root=$here; [ $tree = base ] && root=$here/.ab/base
       PYTHONPATH=$root timeout 100 python3 benchmarks/experiments/launch_overhead.py --calls 100 \
         --layer-tokens "${LAYER_TOKENS:-128,512}" > "$OUTDIR/ab_${tree}_$run.log" 2>&1
-      echo "== run $run $tree"; grep -aE "^\| [0-9]|^\| (Kernel|per_token|fp8_gemm|m_grouped|torch.mm bf16 -> bf16|MoE)" "$OUTDIR/ab_${tree}_$run.log"
+      echo "== run $run $tree"; grep -aE "^moe_fp8 from|^\| [0-9]|^\| (Kernel|per_token|fp8_gemm|m_grouped|torch.mm bf16 -> bf16|MoE)" "$OUTDIR/ab_${tree}_$run.log"
     done
   done
 fi
