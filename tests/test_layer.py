@@ -188,6 +188,31 @@ def test_decode_runner_batch_sizes(gen):
         moe.decode_runner(max_tokens=24, batch_sizes=4)
 
 
+def test_decode_runners_share_buffers_across_layers(gen):
+    """Two layers (different weights) whose runners hold one set of step buffers: called in
+    turns, each gives what its own unshared runner gives; the second allocates none of them.
+    Mismatched shapes raise naming the argument."""
+    cfg = MoEConfig.tiny()
+    first, second = MoE(cfg, seed=8), MoE(cfg, seed=9)
+    run_a = first.decode_runner(max_tokens=16)
+    run_b = second.decode_runner(max_tokens=16, share_buffers_with=run_a)
+    alone_a, alone_b = first.decode_runner(max_tokens=16), second.decode_runner(max_tokens=16)
+    assert run_b.buffers is run_a.buffers and run_b.workspace is run_a.workspace
+    assert alone_b.buffers.a.data_ptr() != run_a.buffers.a.data_ptr()
+    assert run_a.buffer_bytes == alone_a.buffer_bytes > 0
+    for n in (16, 3, 9, 1):  # a model's order: layer a, then layer b on a's output
+        x = torch.randn(n, cfg.hidden_size, generator=gen).bfloat16()
+        y_a = run_a(x).clone()
+        torch.testing.assert_close(y_a, alone_a(x), rtol=0, atol=0)
+        torch.testing.assert_close(run_b(y_a), alone_b(y_a), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="share_buffers_with"):
+        second.decode_runner(max_tokens=8, share_buffers_with=run_a)  # M_max 8 != 16
+    with pytest.raises(ValueError, match="share_buffers_with"):
+        MoE(MoEConfig.tiny(num_experts=8), seed=1).decode_runner(16, share_buffers_with=run_a)
+    with pytest.raises(TypeError, match="share_buffers_with"):
+        second.decode_runner(max_tokens=16, share_buffers_with=first)
+
+
 def test_layout_metadata(gen):
     cfg = MoEConfig.tiny()
     d = LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k)

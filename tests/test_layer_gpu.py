@@ -161,6 +161,32 @@ def test_decode_batch_size_graphs_match_runners_of_that_size(moe):
         assert calc_diff(y, single(x).clone()) < kKernelVsReference, f"n={n} vs one graph"
 
 
+@torch.no_grad()
+def test_decode_runners_of_two_layers_share_buffers(moe):
+    """Two DeepSeek-V3-shaped layers whose graph runners hold one set of step buffers, replayed
+    in a model's order (layer b on layer a's output): the bits of unshared runners, and the
+    second runner allocates the buffers' bytes less."""
+    other = MoE(moe.cfg, device="cuda", seed=1)
+    alone_a, alone_b = moe.decode_runner(max_tokens=32), other.decode_runner(max_tokens=32)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    run_a = moe.decode_runner(max_tokens=32)
+    torch.cuda.synchronize()
+    middle = torch.cuda.memory_allocated()
+    run_b = other.decode_runner(max_tokens=32, share_buffers_with=run_a)
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    assert run_b.workspace is run_a.workspace and run_b.graph is not None
+    assert after - middle < middle - before - 0.9 * run_a.buffer_bytes, \
+        (middle - before, after - middle, run_a.buffer_bytes)
+    for i, n in enumerate([32, 1, 7, 32, 3]):
+        x = rand_x(n, moe.cfg.hidden_size, 1300 + i)
+        y_a = run_a(x).clone()
+        y_b = run_b(y_a).clone()
+        assert torch.equal(y_a, alone_a(x).clone()), f"n={n}: layer a"
+        assert torch.equal(y_b, alone_b(y_a).clone()), f"n={n}: layer b"
+
+
 def shrinking_sizes(max_tokens: int) -> tuple:
     """Replays of a runner: full, a quarter, one token, full again (masked_m changing between)."""
     return tuple(sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True)) + (max_tokens,)

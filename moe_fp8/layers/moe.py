@@ -299,12 +299,15 @@ class MoE(nn.Module):
         return q, s
 
     def decode_runner(self, max_tokens: int, *, use_graph: Optional[bool] = None,
-                      batch_sizes=None):
+                      batch_sizes=None, share_buffers_with=None):
         """A callable ``run(x [n, H]) -> [n, H]`` for any ``n <= max_tokens``: one CUDA-graph
         replay on a GPU (eager on CPU), the graph of the smallest of ``batch_sizes`` (default:
-        powers of two, and ``max_tokens``) that holds n. See ``moe_fp8.layers.decode.DecodeRunner``."""
+        powers of two, and ``max_tokens``) that holds n. ``share_buffers_with``: another layer's
+        runner of the same shapes, whose step buffers this one reuses (a model's layers run one
+        at a time). See ``moe_fp8.layers.decode.DecodeRunner``."""
         from .decode import DecodeRunner
-        return DecodeRunner(self, max_tokens, use_graph=use_graph, batch_sizes=batch_sizes)
+        return DecodeRunner(self, max_tokens, use_graph=use_graph, batch_sizes=batch_sizes,
+                            share_buffers_with=share_buffers_with)
 
     def extra_repr(self) -> str:
         c = self.cfg
