@@ -3,6 +3,7 @@
 #   mkdir -p .ab/base && git archive <base sha> moe_fp8 | tar -x -C .ab/base   # untracked, travels
 #   MOE_FP8_COMMIT=<sha> [STEPS="layer ab"] [RUNS=3] bash benchmarks/device_host_ab.sh
 # Steps:
+#   tests  the GPU tests of this session's changes (TESTS_K: their pytest -k)
 #   layer  bench_layer: the eager prefill at 256-4096 tokens beside the bf16 and row-wise FP8
 #          layers, and the graph runner (masked layout) at 256-2048 tokens: where the eager layer
 #          is host-bound, which is faster
@@ -13,10 +14,15 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/host_ab}; mkdir -p "$OUTDIR"
 here=$PWD
-steps=" ${STEPS:-layer ab} "
+steps=" ${STEPS:-tests layer ab} "
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 PYTHONPATH=$here timeout 200 python3 -m moe_fp8.gemm.precompile > "$OUTDIR/precompile.log" 2>&1 \
   || echo "precompile rc=$?"
+if [[ "$steps" == *" tests "* ]]; then
+  PYTHONPATH=$here timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_layer_gpu.py \
+    -k "${TESTS_K:-share_buffers or graph_decode_replays or batch_size_graphs}" > "$OUTDIR/tests.log" 2>&1
+  tail -n 3 "$OUTDIR/tests.log"
+fi
 if [[ "$steps" == *" layer "* ]]; then
   PYTHONPATH=$here timeout 240 python3 benchmarks/bench_layer.py --prefill-tokens "${PREFILL_TOKENS:-256,512,1024,2048,4096}" \
     --decode-tokens "${RUNNER_TOKENS:-256,512,1024,2048}" --rounds 3 --repeats 10 > "$OUTDIR/layer.log" 2>&1
