@@ -18,9 +18,9 @@ run one at a time on the same buffers, so they share one memory pool. An expert-
 keeps one graph (every rank must replay the same exchange shapes).
 
 Sharing across layers: the layout buffers and the experts' workspace (``E_loc x M_max`` rows of
-the input in fp8, the gate-up, the SiLU output and the down output: ~264 MB per layer at
-DeepSeek-V3 widths, 32 experts, 256 tokens; ~1 GB at EP = 8 with 128 tokens per rank, where
-``M_max = 8 x 128``) live only within one step. A model's layers run one after another, so their
+the input in fp8, the SiLU output and the down output: ~197 MB per layer at DeepSeek-V3 widths,
+32 experts, 256 tokens, ~264 MB where the unfused gate-up's output is needed too; four times
+that at EP = 8 with 128 tokens per rank, where ``M_max = 8 x 128``) live only within one step. A model's layers run one after another, so their
 runners can hold one set: ``layer_b.decode_runner(n, share_buffers_with=runner_a)``. What each
 runner keeps to itself: its input and output rows, its graphs and their memory pool. Runners
 that share must not run concurrently (two streams at once).
@@ -76,9 +76,9 @@ def _shareable(runner, experts: int, m_max: int, hidden: int, inter: int, device
     allocate (same shapes, dtype, device); a TypeError / ValueError naming the argument else."""
     if not isinstance(runner, DecodeRunner):
         raise TypeError(f"share_buffers_with must be a DecodeRunner, got {type(runner).__name__}")
-    want = {"buffers.a": (experts + 1, m_max, hidden), "workspace.h": (experts, m_max, 2 * inter),
+    want = {"buffers.a": (experts + 1, m_max, hidden), "workspace.act": (experts, m_max, inter),
             "workspace.y": (experts, m_max, hidden)}
-    have = {"buffers.a": runner.buffers.a, "workspace.h": runner.workspace.h,
+    have = {"buffers.a": runner.buffers.a, "workspace.act": runner.workspace.act[0],
             "workspace.y": runner.workspace.y}
     for name, shape in want.items():
         if tuple(have[name].shape) != shape:
@@ -132,7 +132,7 @@ class DecodeRunner:
         ``share_buffers_with`` lets several runners hold once)."""
         tensors = (self.buffers.a, self.buffers.sa, self.workspace.h, *self.workspace.act,
                    self.workspace.y)
-        return sum(t.untyped_storage().nbytes() for t in tensors)
+        return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
     def batch_size_for(self, n: int) -> int:
         """The smallest captured batch size that holds ``n`` tokens."""

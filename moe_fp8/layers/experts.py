@@ -91,17 +91,27 @@ def quantize_stack(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Ten
 @dataclass
 class MaskedWorkspace:
     """Intermediates of the masked path, allocated once (zeros: unused rows stay finite)."""
-    h: torch.Tensor  # bf16 [E_loc, M_max, 2I]: GEMM1 output
     act: tuple  # (fp8 [E_loc, M_max, I], fp32 [E_loc, M_max, I/128] MN-major): SiLU-mul output
     y: torch.Tensor  # bf16 [E_loc, M_max, H]: GEMM2 output
+    # bf16 [E_loc, M_max, 2I]: the unfused GEMM1's output, made at its first use (``gate_up``).
+    # NOTE: the fused SwiGLU GEMM, the GPU default, never needs it: 67 MB at 32 experts x 256 rows
+    h: Optional[torch.Tensor] = None
 
     @classmethod
     def allocate(cls, experts: int, m_max: int, hidden: int, inter: int, device, dtype=torch.bfloat16):
         act_s = empty_act_scales(m_max, inter // 128, experts, device=device)
         act_s.fill_(1.0)
-        return cls(torch.zeros(experts, m_max, 2 * inter, dtype=dtype, device=device),
-                   (torch.zeros(experts, m_max, inter, dtype=FP8, device=device), act_s),
+        return cls((torch.zeros(experts, m_max, inter, dtype=FP8, device=device), act_s),
                    torch.zeros(experts, m_max, hidden, dtype=dtype, device=device))
+
+    def gate_up(self) -> torch.Tensor:
+        """``h``, allocated (zeros) at the first call. A decode runner's first call is an eager
+        warm-up step before any capture, so the tensor never comes from a graph's pool."""
+        if self.h is None:
+            experts, m_max, _ = self.y.shape
+            self.h = torch.zeros(experts, m_max, 2 * self.act[0].shape[-1], dtype=self.y.dtype,
+                                 device=self.y.device)
+        return self.h
 
 
 class RoutedExperts(nn.Module):
@@ -178,10 +188,11 @@ class RoutedExperts(nn.Module):
         if not self._fused_swiglu(layout, workspace):
             if layout.token_source is not None:  # rows left unpermuted for a gather: copy them
                 _materialize_rows(layout)
+            h = workspace.gate_up()
             G.m_grouped_fp8_gemm_nt_masked((layout.a, layout.sa), (self.w13, self.w13_scale),
-                                           layout.masked_m, layout.expected_m, out=workspace.h,
+                                           layout.masked_m, layout.expected_m, out=h,
                                            config=_masked_config(layout, 2 * self.inter, self.hidden))
-            G.silu_and_mul_quant_fp8(workspace.h, masked_m=layout.masked_m,
+            G.silu_and_mul_quant_fp8(h, masked_m=layout.masked_m,
                                      pow2_scale=self.pow2_scale, out=workspace.act,
                                      expected_m=layout.expected_m)
         down = _masked_config(layout, self.hidden, self.inter)
