@@ -197,9 +197,10 @@ def test_pack_args_points_at_each_value():
         _fields_ = [("a", ctypes.c_int32), ("b", ctypes.c_int32)]
 
     t, t2, pair, tmap = torch.empty(4), torch.empty(8), Pair(1, -2), StandInMap()
+    real_map = jit.TensorMap((1,), (1,), (1,), 0, None)  # its 128 bytes on the host, unencoded
     args = [t, t2, None, jit.i32(-7), jit.i64(1 << 40), jit.f32(0.5), jit.u32(3), jit.u64(2 ** 63),
-            pair, tmap]
-    sizes = [8, 8, 8, 4, 8, 4, 4, 8, 8, 128]
+            pair, tmap, real_map, torch.nn.Parameter(t2)]
+    sizes = [8, 8, 8, 4, 8, 4, 4, 8, 8, 128, 128, 8]
     pointers, keep_alive = pack_args("k", sizes, args)
     assert ctypes.c_uint64.from_address(pointers[0]).value == t.data_ptr()
     assert ctypes.c_uint64.from_address(pointers[1]).value == t2.data_ptr()
@@ -211,6 +212,8 @@ def test_pack_args_points_at_each_value():
     assert ctypes.c_uint64.from_address(pointers[7]).value == 2 ** 63
     assert Pair.from_address(pointers[8]).b == -2
     assert pointers[9] == tmap.address
+    assert pointers[10] == real_map.address
+    assert ctypes.c_uint64.from_address(pointers[11]).value == t2.data_ptr()  # a Tensor subclass
     with pytest.raises(TypeError, match="argument 5 of k is c_float"):
         pack_args("k", sizes[:5] + [8] + sizes[6:], args)
     with pytest.raises(TypeError, match="typed scalar"):

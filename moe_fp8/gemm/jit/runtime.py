@@ -5,9 +5,12 @@ import ctypes
 import threading
 from pathlib import Path
 
+from torch import Tensor as _Tensor
+
 from . import driver, elf, env
 from .compile import CompiledKernel, compile_kernel
 from .source import KernelSource
+from .tma import TensorMap
 
 # Typed scalar kernel arguments: jit.i32(7), jit.f32(0.5), ... (plain ctypes values).
 i32, u32, i64, u64, f32 = (ctypes.c_int32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64,
@@ -39,6 +42,15 @@ def pdl_capable(source: KernelSource) -> bool:
 
 
 _kScalarBytes = {t: ctypes.sizeof(t) for t in _kScalarTypes}
+_kPointerArrays = {}  # argument count -> the ctypes array types of pack_args (made once)
+
+
+def _arrays(count: int):
+    arrays = _kPointerArrays.get(count)
+    if arrays is None:
+        arrays = _kPointerArrays[count] = (ctypes.c_uint64 * max(count, 1),
+                                           ctypes.c_void_p * max(count, 1))
+    return arrays
 
 
 def pack_args(instance: str, sizes, args):
@@ -50,40 +62,43 @@ def pack_args(instance: str, sizes, args):
     pointers go into one 8-byte slot each of ``slots``, typed scalars and structs are pointed at
     where they are (the caller's objects outlive the launch, which copies the parameters). With
     the launch's other changes: 29-32 -> 19-22 us of host time per launch on the device machine
-    (experiments/launch_overhead.py, session 30).
+    (experiments/launch_overhead.py, session 30). The exact types (torch.Tensor, TensorMap) are
+    tested first, before the isinstance chain: a GEMM launch passes four tensor maps.
     """
-    import torch
-
     count = len(args)
     if sizes is not None and count != len(sizes):
         raise TypeError(f"{instance} takes {len(sizes)} parameters (bytes {sizes}), got "
                         f"{count} arguments")
-    slots = (ctypes.c_uint64 * max(count, 1))()
-    pointers = (ctypes.c_void_p * max(count, 1))()
+    slot_array, pointer_array = _arrays(count)
+    slots, pointers = slot_array(), pointer_array()
     base = ctypes.addressof(slots)
     for index, arg in enumerate(args):
-        size = _kScalarBytes.get(type(arg))
+        kind = type(arg)
+        size = _kScalarBytes.get(kind)
         if size is not None:
             pointers[index] = ctypes.addressof(arg)
-        elif isinstance(arg, torch.Tensor):
+        elif kind is _Tensor or isinstance(arg, _Tensor):
             slots[index] = arg.data_ptr()
             pointers[index] = base + 8 * index
             size = 8
+        elif kind is TensorMap:
+            pointers[index] = arg.address
+            size = driver.kTensorMapBytes
         elif arg is None:
             pointers[index] = base + 8 * index  # the slot holds 0
             size = 8
         elif isinstance(arg, (_kScalarTypes, ctypes.Structure)):  # a struct, or a subclass
             pointers[index] = ctypes.addressof(arg)
             size = ctypes.sizeof(arg)
-        elif hasattr(arg, "address"):  # jit.TensorMap
+        elif hasattr(arg, "address"):  # a stand-in with a tensor map's interface (tests)
             pointers[index] = arg.address
             size = driver.kTensorMapBytes
         else:
-            raise TypeError(f"kernel argument {index} of {instance}: {type(arg).__name__} is not a "
+            raise TypeError(f"kernel argument {index} of {instance}: {kind.__name__} is not a "
                             "Tensor, TensorMap or typed scalar (wrap Python numbers: jit.i32(v), "
                             "jit.f32(v), ...)")
         if sizes is not None and sizes[index] != size:
-            raise TypeError(f"kernel argument {index} of {instance} is {type(arg).__name__} "
+            raise TypeError(f"kernel argument {index} of {instance} is {kind.__name__} "
                             f"({size} bytes) but the parameter has {sizes[index]} bytes "
                             f"(parameter sizes {sizes})")
     return pointers, (slots, args)
