@@ -4,6 +4,7 @@
 #   MOE_FP8_COMMIT=<sha> [STEPS="layer ab"] [RUNS=3] bash benchmarks/device_host_ab.sh
 # Steps:
 #   tests  the GPU tests of this session's changes (TESTS_K: their pytest -k)
+#   (in this order: tests, ab, layer)
 #   layer  bench_layer: the eager prefill at 256-4096 tokens beside the bf16 and row-wise FP8
 #          layers, and the graph runner (masked layout) at 256-2048 tokens: where the eager layer
 #          is host-bound, which is faster
@@ -23,12 +24,6 @@ if [[ "$steps" == *" tests "* ]]; then
     -k "${TESTS_K:-share_buffers or graph_decode_replays or batch_size_graphs}" > "$OUTDIR/tests.log" 2>&1
   tail -n 3 "$OUTDIR/tests.log"
 fi
-if [[ "$steps" == *" layer "* ]]; then
-  PYTHONPATH=$here timeout 240 python3 benchmarks/bench_layer.py --prefill-tokens "${PREFILL_TOKENS:-256,512,1024,2048,4096}" \
-    --decode-tokens "${RUNNER_TOKENS:-256,512,1024,2048}" --rounds 3 --repeats 10 > "$OUTDIR/layer.log" 2>&1
-  grep -aE "^\||geomean|Error" "$OUTDIR/layer.log" | cut -c1-240
-  cp benchmarks/results/layer_*"$(date +%F)"* "$OUTDIR/" 2>/dev/null
-fi
 if [[ "$steps" == *" ab "* ]] && [ -d .ab/base/moe_fp8 ]; then
   for run in $(seq "${RUNS:-3}"); do
     for tree in base head; do
@@ -38,4 +33,10 @@ if [[ "$steps" == *" ab "* ]] && [ -d .ab/base/moe_fp8 ]; then
       echo "== run $run $tree"; grep -aE "^moe_fp8 from|^\| [0-9]|^\| (Kernel|per_token|fp8_gemm|m_grouped|torch.mm bf16 -> bf16|MoE)" "$OUTDIR/ab_${tree}_$run.log"
     done
   done
+fi
+if [[ "$steps" == *" layer "* ]]; then
+  PYTHONPATH=$here timeout 240 python3 benchmarks/bench_layer.py --prefill-tokens "${PREFILL_TOKENS:-256,512,1024,2048,4096}" \
+    --decode-tokens "${RUNNER_TOKENS:-256,512,1024,2048}" --rounds 3 --repeats 10 > "$OUTDIR/layer.log" 2>&1
+  grep -aE "^\||geomean|Error" "$OUTDIR/layer.log" | cut -c1-240
+  cp benchmarks/results/layer_*"$(date +%F)"* "$OUTDIR/" 2>/dev/null
 fi
