@@ -10,7 +10,8 @@
 #          is host-bound, which is faster
 #   ab     experiments/launch_overhead.py (ops, eager layer at 128 / 512 tokens, host us per
 #          stage), the base tree (.ab/base) and this one in RUNS interleaved pairs of processes;
-#          its control row (torch.mm) says which runs saw the same host speed
+#          its control row (torch.mm) says which runs saw the same host speed; PIN="taskset -c 3"
+#          keeps each process on one core
 set -uo pipefail
 export PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/host_ab}; mkdir -p "$OUTDIR"
@@ -28,7 +29,7 @@ if [[ "$steps" == *" ab "* ]] && [ -d .ab/base/moe_fp8 ]; then
   for run in $(seq "${RUNS:-3}"); do
     for tree in base head; do
       root=$here; [ $tree = base ] && root=$here/.ab/base
-      PYTHONPATH=$root timeout 100 python3 benchmarks/experiments/launch_overhead.py --calls 100 \
+      PYTHONPATH=$root timeout 100 ${PIN:-} python3 benchmarks/experiments/launch_overhead.py --calls 100 \
         --layer-tokens "${LAYER_TOKENS:-128,512}" > "$OUTDIR/ab_${tree}_$run.log" 2>&1
       echo "== run $run $tree"; grep -aE "^moe_fp8 from|^\| [0-9]|^\| (Kernel|per_token|fp8_gemm|m_grouped|torch.mm bf16 -> bf16|MoE)" "$OUTDIR/ab_${tree}_$run.log"
     done
