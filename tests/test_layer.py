@@ -213,6 +213,45 @@ def test_decode_runners_share_buffers_across_layers(gen):
         second.decode_runner(max_tokens=16, share_buffers_with=first)
 
 
+def test_attached_graph_runners_take_small_inference_batches(gen):
+    """attach_graph_runners: every layer of a model replays its runner (one set of buffers) for
+    inference batches it holds, with the runner's outputs, copied out of its static buffer; larger
+    batches, batches with grad and other dtypes take the eager path. (On the CPU both paths give
+    the same bits, so the runner's device count tells which one ran.)"""
+    from moe_fp8.layers import attach_graph_runners
+    cfg = MoEConfig.tiny()
+    model = torch.nn.Sequential(MoE(cfg, seed=8), MoE(cfg, seed=9))
+    eager = torch.nn.Sequential(MoE(cfg, seed=8), MoE(cfg, seed=9))
+    runners = attach_graph_runners(model, 16)
+    assert len(runners) == 2 and runners[1].buffers is runners[0].buffers
+    with torch.no_grad():
+        for n in (16, 3, 1):
+            x = torch.randn(n, cfg.hidden_size, generator=gen).bfloat16()
+            y = model(x)
+            assert [int(r.num_valid) for r in runners] == [n, n]
+            torch.testing.assert_close(y, eager(x), rtol=0, atol=0)
+            assert y.data_ptr() != runners[1].out.data_ptr()  # a copy, not the static buffer
+        kept = y.clone()
+        model(torch.randn(5, cfg.hidden_size, generator=gen).bfloat16())
+        assert torch.equal(y, kept)  # the next call does not overwrite a returned output
+        big = torch.randn(2, 9, cfg.hidden_size, generator=gen).bfloat16()  # 18 tokens > 16
+        torch.testing.assert_close(model(big), eager(big), rtol=0, atol=0)
+        assert [int(r.num_valid) for r in runners] == [5, 5]  # eager: the runners untouched
+        model(torch.randn(4, cfg.hidden_size, generator=gen))  # fp32 x: eager
+        assert [int(r.num_valid) for r in runners] == [5, 5]
+    x = torch.randn(4, cfg.hidden_size, generator=gen).bfloat16()
+    assert model(x).requires_grad  # grad on: eager, differentiable through the router
+    assert [int(r.num_valid) for r in runners] == [5, 5]
+    model[0].attach_graph_runner(None)
+    with torch.no_grad():
+        model(x)
+    assert [int(r.num_valid) for r in runners] == [5, 4]
+    with pytest.raises(ValueError, match="this layer's decode runners"):
+        model[0].attach_graph_runner(runners[1])
+    with pytest.raises(TypeError, match="DecodeRunner"):
+        model[0].attach_graph_runner(model[1])
+
+
 def test_layout_metadata(gen):
     cfg = MoEConfig.tiny()
     d = LocalDispatcher(cfg.num_experts, cfg.hidden_size, cfg.top_k)

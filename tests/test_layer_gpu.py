@@ -187,6 +187,32 @@ def test_decode_runners_of_two_layers_share_buffers(moe):
         assert torch.equal(y_b, alone_b(y_a).clone()), f"n={n}: layer b"
 
 
+@torch.no_grad()
+def test_attached_graph_runners_replay_small_batches(moe):
+    """Two DeepSeek-V3-shaped layers with attached graph runners (one set of buffers): small
+    inference batches replay the graphs (the runners' counts say so) without a host sync, close to
+    the eager contiguous path; a batch past max_tokens runs eagerly with the eager path's bits."""
+    from moe_fp8.layers import attach_graph_runners
+    model = torch.nn.Sequential(MoE(moe.cfg, device="cuda", seed=2), MoE(moe.cfg, device="cuda", seed=3))
+    eager = torch.nn.Sequential(MoE(moe.cfg, device="cuda", seed=2), MoE(moe.cfg, device="cuda", seed=3))
+    runners = attach_graph_runners(model, 64)
+    assert all(r.graph is not None for r in runners) and runners[1].workspace is runners[0].workspace
+    for i, n in enumerate([1, 64, 7]):
+        x = rand_x(n, moe.cfg.hidden_size, 1400 + i)
+        expected = eager(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # a host sync inside the replayed forward raises
+        try:
+            y = model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert [int(r.num_valid) for r in runners] == [n, n]
+        assert calc_diff(y, expected) < kKernelVsReference, f"n={n}"
+    x = rand_x(65, moe.cfg.hidden_size, 1450)
+    assert torch.equal(model(x), eager(x))  # past max_tokens: the eager path
+    assert [int(r.num_valid) for r in runners] == [7, 7]
+
+
 def shrinking_sizes(max_tokens: int) -> tuple:
     """Replays of a runner: full, a quarter, one token, full again (masked_m changing between)."""
     return tuple(sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True)) + (max_tokens,)

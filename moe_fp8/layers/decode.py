@@ -202,3 +202,29 @@ class DecodeRunner:
         else:
             self._step(b)
         return self.out[:n]
+
+
+def attach_graph_runners(model, max_tokens: int, **runner_kwargs) -> list:
+    """A graph runner of ``max_tokens`` for every one-GPU ``MoE`` in ``model`` (its modules, the
+    module itself included), attached so that ``forward`` replays it for small inference batches
+    (``MoE.attach_graph_runner``), the runners of layers with the same shapes sharing one set of
+    step buffers. E.g. after ``replace_hf_moe(model)`` and moving the model to its GPU, a
+    transformers ``generate`` loop (one eager forward per step) replays graphs. Returns the
+    runners, in module order."""
+    from .moe import MoE
+    runners = []
+    for module in model.modules():
+        if not isinstance(module, MoE) or module._expert_parallel:
+            continue
+        runner = None
+        for other in runners:
+            try:
+                runner = module.decode_runner(max_tokens, share_buffers_with=other, **runner_kwargs)
+                break
+            except ValueError:  # other shapes: try the next set, else allocate one
+                continue
+        if runner is None:
+            runner = module.decode_runner(max_tokens, **runner_kwargs)
+        module.attach_graph_runner(runner)
+        runners.append(runner)
+    return runners
