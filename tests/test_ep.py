@@ -187,6 +187,11 @@ def case_layer_decode(rank, world, group):
     ref, ep = build_pair(cfg, group)
     runner = ep.decode_runner(8)
     assert runner.m_max == world * 8  # capacity: one row per (source rank, token)
+    # forward cannot replay it: every rank would have to take the same path
+    from moe_fp8.layers import attach_graph_runners
+    with pytest.raises(ValueError, match="expert-parallel"):
+        ep.attach_graph_runner(runner)
+    assert attach_graph_runners(ep, 8) == []
     gen = torch.Generator().manual_seed(3)
     for counts in (per_rank([8, 1, 5, 3], world), per_rank([2, 8, 0, 7], world)):
         x_all = torch.randn(sum(counts), cfg.hidden_size, generator=gen).bfloat16()
