@@ -11,4 +11,5 @@ from .decode import attach_graph_runners
 from .moe import MoE
 from .router import Router, Routing, route, tokens_per_expert
 
-__all__ = ["MoEConfig", "MoE", "replace_hf_moe", "attach_graph_runners", "Router", "Routing", "route", "tokens_per_expert"]
+__all__ = ["MoEConfig", "MoE", "replace_hf_moe", "attach_graph_runners", "Router", "Routing",
+           "route", "tokens_per_expert"]

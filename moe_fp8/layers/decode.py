@@ -20,10 +20,11 @@ keeps one graph (every rank must replay the same exchange shapes).
 Sharing across layers: the layout buffers and the experts' workspace (``E_loc x M_max`` rows of
 the input in fp8, the SiLU output and the down output: ~197 MB per layer at DeepSeek-V3 widths,
 32 experts, 256 tokens, ~264 MB where the unfused gate-up's output is needed too; four times
-that at EP = 8 with 128 tokens per rank, where ``M_max = 8 x 128``) live only within one step. A model's layers run one after another, so their
-runners can hold one set: ``layer_b.decode_runner(n, share_buffers_with=runner_a)``. What each
-runner keeps to itself: its input and output rows, its graphs and their memory pool. Runners
-that share must not run concurrently (two streams at once).
+that at EP = 8 with 128 tokens per rank, where ``M_max = 8 x 128``) live only within one step.
+A model's layers run one after another, so their runners can hold one set:
+``layer_b.decode_runner(n, share_buffers_with=runner_a)``. What each runner keeps to itself: its
+input and output rows, its graphs and their memory pool. Runners that share must not run
+concurrently (two streams at once).
 """
 from __future__ import annotations
 
@@ -212,19 +213,17 @@ def attach_graph_runners(model, max_tokens: int, **runner_kwargs) -> list:
     transformers ``generate`` loop (one eager forward per step) replays graphs. Returns the
     runners, in module order."""
     from .moe import MoE
-    runners = []
+    runners, first_of_shape = [], {}
     for module in model.modules():
         if not isinstance(module, MoE) or module._expert_parallel:
             continue
-        runner = None
-        for other in runners:
-            try:
-                runner = module.decode_runner(max_tokens, share_buffers_with=other, **runner_kwargs)
-                break
-            except ValueError:  # other shapes: try the next set, else allocate one
-                continue
-        if runner is None:
-            runner = module.decode_runner(max_tokens, **runner_kwargs)
+        cfg = module.cfg
+        # what _shareable compares: layers alike in these hold one set of buffers
+        shape = (module.num_experts_local, module.dispatcher.max_tokens_per_expert(max_tokens),
+                 cfg.hidden_size, cfg.moe_intermediate_size, module.dtype, module.device)
+        runner = module.decode_runner(max_tokens, share_buffers_with=first_of_shape.get(shape),
+                                      **runner_kwargs)
+        first_of_shape.setdefault(shape, runner)
         module.attach_graph_runner(runner)
         runners.append(runner)
     return runners

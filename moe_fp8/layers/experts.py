@@ -20,8 +20,8 @@ from torch import nn
 from .. import gemm as G
 from ..gemm import heuristics as H
 from ..gemm.layout import empty_act_scales, to_mn_major
-from ..gemm.validate import debug_mode
 from ..gemm.jit.env import lookup
+from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
 from .switches import switch_on
 

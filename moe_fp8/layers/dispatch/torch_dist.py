@@ -73,8 +73,8 @@ import torch
 import torch.distributed as dist
 
 from ...gemm.layout import kSegmentAlign
-from ...gemm.validate import debug_mode
 from ...gemm.jit.env import lookup
+from ...gemm.validate import debug_mode
 from ..layouts import (FP8, CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout, contiguous_index,
                        masked_index)
 from ..permute import combine_index_masked, permute_masked, permute_rows, unpermute_combine
