@@ -10,7 +10,7 @@ for builds that sum in another order, e.g. MOE_FP8_MASKED_SPLIT_K). Prints one d
 
     python benchmarks/decode_build_ab.py [--tokens 1,32,128,256] [--rounds 3]
         [--a-defines NAME=V,...] [--b-defines ...] [--a-env NAME=V,...] [--b-env ...]
-        [--max-diff D]
+        [--max-diff D] [--eager]
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def main():
     parser.add_argument("--a-env", default="")
     parser.add_argument("--b-env", default="")
     parser.add_argument("--max-diff", type=float, default=0.0)
+    parser.add_argument("--eager", action="store_true",
+                        help="also time the eager forward (contiguous layout) in the same rounds")
     args = parser.parse_args()
     builds = {"A": (_pairs(args.a_defines), _pairs(args.a_env)),
               "B": (_pairs(args.b_defines), _pairs(args.b_env))}
@@ -71,6 +73,9 @@ def main():
                    "same_bits": torch.equal(outs["A"], outs["B"]),
                    "diff": calc_diff(outs["A"], outs["B"])}
             times = {name: [] for name in builds}
+            if args.eager:
+                runs["eager"] = moe
+                times["eager"] = []
             for _ in range(args.rounds):
                 for name, run in runs.items():
                     times[name].append(common.bench(lambda: run(x), repeats=args.repeats, warmup=3))
