@@ -2,7 +2,7 @@
 # The graph runner (masked layout) at prefill-sized batches: which decode-tuned switch costs it
 # time there (session 31: 1.08-1.29x the eager contiguous layer at 1024-2048 tokens). For each
 # switch of SWITCHES, decode_build_ab.py at TOKENS with the default (A) against the switch at 0
-# (B), the eager layer timed in the same rounds; first (PROFILE=1) profile_layer.py's kernel
+# (B; an entry NAME=V sets V instead), the eager layer timed in the same rounds; first (PROFILE=1) profile_layer.py's kernel
 # tables for the eager forward and a replay at PROFILE_TOKENS. Logs under $OUT/runner_sizes.
 #   [TOKENS=512,1024,2048] [SWITCHES="MOE_FP8_SWAP_AB_DOWN ..."] bash benchmarks/device_runner_sizes.sh
 set -uo pipefail
@@ -16,9 +16,10 @@ if [ "${PROFILE:-1}" = 1 ]; then
   echo "profile rc=$?"
 fi
 for s in $SWITCHES; do
+  b=$s; [ "${s#*=}" = "$s" ] && b="$s=0"
   timeout 120 python3 benchmarks/decode_build_ab.py --tokens "$TOKENS" --rounds 3 --repeats 10 \
-    --b-env "$s=0" --max-diff 1e-3 --eager > "$FINAL/$s.log" 2>&1
-  echo "$s=0 rc=$?"
+    --b-env "$b" --max-diff 1e-3 --eager > "$FINAL/$s.log" 2>&1
+  echo "B: $b rc=$?"
   grep -a "tokens" "$FINAL/$s.log" | python3 -c '
 import ast, sys
 for line in sys.stdin:
@@ -27,6 +28,6 @@ for line in sys.stdin:
     except (ValueError, SyntaxError):
         continue
     r.setdefault("eager_us", float("nan"))
-    print("  %(tokens)5d tokens: default %(A_us)8.1f  off %(B_us)8.1f  eager %(eager_us)8.1f  "
+    print("  %(tokens)5d tokens: default %(A_us)8.1f  B %(B_us)8.1f  eager %(eager_us)8.1f  "
           "B-A %(B_minus_A_us)+7.1f us  diff %(diff).1e  (%(A_rounds)s | %(B_rounds)s)" % r)'
 done

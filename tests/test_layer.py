@@ -146,6 +146,24 @@ def test_switches_fall_back_off_the_gpu(gen, monkeypatch):
         assert torch.equal(moe.forward_masked(x), base_masked) and torch.equal(moe(x), base)
 
 
+def test_decode_switches_by_expected_rows(monkeypatch):
+    """MOE_FP8_DECODE_GATHER / MOE_FP8_SWAP_AB_DOWN unset: on up to their row limits (decode
+    batches), off above (a graph runner at prefill sizes); 1 always, 0 never."""
+    from moe_fp8.layers import experts, permute
+    from moe_fp8.layers.switches import switch_up_to_rows
+    for env, limit in (("MOE_FP8_DECODE_GATHER", permute.kDecodeGatherMaxRows),
+                       ("MOE_FP8_SWAP_AB_DOWN", experts.kSwapAbDownMaxRows)):
+        monkeypatch.delenv(env, raising=False)
+        assert switch_up_to_rows(env, limit, limit) and switch_up_to_rows(env, 0.25, limit)
+        assert not switch_up_to_rows(env, limit + 1, limit)
+        monkeypatch.setenv(env, "1")
+        assert switch_up_to_rows(env, 100 * limit, limit)
+        monkeypatch.setenv(env, "0")
+        assert not switch_up_to_rows(env, 0.25, limit)
+    monkeypatch.delenv("MOE_FP8_SWAP_AB_DOWN")
+    assert experts._swap_ab_down(64.0) and not experts._swap_ab_down(128.0)
+
+
 def test_decode_runner_on_cpu(gen):
     moe = MoE(MoEConfig.tiny(), seed=8)
     run = moe.decode_runner(max_tokens=16)

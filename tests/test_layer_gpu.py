@@ -316,6 +316,26 @@ def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
                                     max_tokens=max_tokens)
 
 
+@torch.no_grad()
+def test_decode_gather_by_expected_rows(moe, monkeypatch):
+    """MOE_FP8_DECODE_GATHER unset: the masked dispatch leaves the rows for the gate-up to gather
+    up to kDecodeGatherMaxRows expected rows per expert (256 tokens of 32 experts at top-8: 64),
+    and copies them above (512 tokens: 128); both graph runners match the eager path."""
+    from moe_fp8.layers import permute
+    monkeypatch.delenv("MOE_FP8_DECODE_GATHER", raising=False)
+    for n, gathers in ((256, True), (512, False)):
+        rows = moe.dispatcher.expected_rows(n)
+        assert (rows <= permute.kDecodeGatherMaxRows) is gathers
+        x = rand_x(n, moe.cfg.hidden_size, 1480 + n)
+        xq, xs = permute.quantize_tokens(x, moe.cfg.pow2_scale)
+        route = moe.gate(x)
+        layout, _ = moe.dispatcher.dispatch_masked((xq, xs), route.topk_idx, route.topk_weights,
+                                                   max_tokens_per_expert=n)
+        assert (layout.token_source is not None) is gathers, f"n={n}"
+        y = moe.decode_runner(max_tokens=n)(x).clone()
+        assert calc_diff(y, moe(x)) < kKernelVsReference, f"n={n}"
+
+
 @pytest.mark.parametrize("router_sms", ["16", "40"])
 @torch.no_grad()
 def test_decode_shared_experts_on_fewer_sms_keep_bits(moe, monkeypatch, router_sms):

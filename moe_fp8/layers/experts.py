@@ -23,7 +23,7 @@ from ..gemm.layout import empty_act_scales, to_mn_major
 from ..gemm.jit.env import lookup
 from ..gemm.validate import debug_mode
 from .layouts import ContiguousLayout, MaskedLayout
-from .switches import switch_on
+from .switches import switch_on, switch_up_to_rows
 
 FP8 = torch.float8_e4m3fn
 kInitStd = 0.02  # random-init std (transformers' initializer_range for DeepSeek-V3)
@@ -56,9 +56,12 @@ kEarlyWeightsDefault = True
 # -1.8 / -0.1 us against off, the spread of two equal builds at 256 tokens 1.9 us
 # (results/decode_build_ab_swap_ab_default_h100_2026-12-06_s16.md); at 256 tokens (128-row
 # tiles) +5 us in an earlier build. The 256-token down GEMM streams at the same 2.7 TB/s with
-# half its MMA rows (benchmarks/swap_ab_pair.py): it is not MMA-bound.
+# half its MMA rows (benchmarks/swap_ab_pair.py): it is not MMA-bound. Unset: on up to
+# kSwapAbDownMaxRows expected rows per expert (`1` always): a graph runner at prefill sizes runs
+# the plain (wide) tiles faster (H100, 2026-12-07, session 32, 3 interleaved rounds, same bits,
+# runners at 512 / 1024 / 2048 tokens, 128 / 256 / 512 rows per expert: off -7 / -79 / -53 us).
 kSwapAbDownEnv = "MOE_FP8_SWAP_AB_DOWN"
-kSwapAbDownDefault = True
+kSwapAbDownMaxRows = 64.0
 # The prefill's (contiguous layout's) gate-up GEMM with SiLU-and-mul + quantisation in its
 # epilogue, the fused SwiGLU kernel on m_indices tiles: no h [M_sum, 2I] bf16 written and read
 # again (at 8192 tokens x top-8: 537 MB each way and a ~440 us SiLU kernel), the same act bytes
@@ -198,7 +201,7 @@ class RoutedExperts(nn.Module):
         down = _masked_config(layout, self.hidden, self.inter)
         if down is not None and _early_weights():
             down = dataclasses.replace(down, early_b=True)
-        if down is not None and _swap_ab_down():
+        if down is not None and _swap_ab_down(layout.expected_rows):
             down = H.as_swap_ab(down, self.inter, _expected_m(layout))
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
@@ -259,9 +262,10 @@ def _early_weights() -> bool:
     return switch_on(kEarlyWeightsEnv, kEarlyWeightsDefault)
 
 
-def _swap_ab_down() -> bool:
-    """Whether the decode down GEMM runs as its swap-AB twin (``MOE_FP8_SWAP_AB_DOWN``)."""
-    return switch_on(kSwapAbDownEnv, kSwapAbDownDefault)
+def _swap_ab_down(expected_rows: float) -> bool:
+    """Whether the decode down GEMM runs as its swap-AB twin (``MOE_FP8_SWAP_AB_DOWN``; unset: up
+    to kSwapAbDownMaxRows ``expected_rows`` per expert)."""
+    return switch_up_to_rows(kSwapAbDownEnv, expected_rows, kSwapAbDownMaxRows)
 
 
 def _masked_config(layout: MaskedLayout, n: int, k: int):

@@ -32,7 +32,7 @@ from ..gemm.layout import empty_act_scales
 from ..gemm.validate import debug_mode
 from .layouts import (CombineIndex, ContiguousIndex, MaskedIndex, fused_enabled,
                       masked_index_kernel_inputs)
-from .switches import switch_on
+from .switches import switch_on, switch_up_to_rows
 
 kCombineChunkElems = 1 << 26  # tokens per combine step: n * k * H <= this (128 MiB of bf16 rows)
 # The decode dispatch of at most 256 pairs (32 tokens at top-8) as one kernel: the masked index and
@@ -48,9 +48,13 @@ kSmallDispatchDefault = True
 # session 17, 3 interleaved rounds, same bits, against 0: 1 / 8 / 32 / 128 tokens -1.0..+1.1 /
 # -1.0..-2.9 / -2.2..-2.9 / -4.9..-10.2 us (four calls), 256 tokens -4.6 (hardware arrivals; a
 # first version that waited for its copies one slot late lost 5.4 there). One TMA box per row,
-# the version before, cost the 256-token step 324 us (H200).
+# the version before, cost the 256-token step 324 us (H200). Unset: on up to
+# kDecodeGatherMaxRows expected rows per expert (`1` always): a graph runner at prefill sizes
+# re-gathers each row once per column tile, slower than TMA boxes of the permuted rows (H100,
+# 2026-12-07, session 32, 3 interleaved rounds, same bits, runners at 512 / 1024 / 2048 tokens,
+# i.e. 128 / 256 / 512 rows per expert: off -126 / -216 / -414 us of 890 / 1450 / 2570).
 kDecodeGatherEnv = "MOE_FP8_DECODE_GATHER"
-kDecodeGatherDefault = True
+kDecodeGatherMaxRows = 64.0
 
 
 def _kernels():
@@ -175,12 +179,13 @@ def dispatch_masked_small(xq: torch.Tensor, xs: torch.Tensor, topk_idx: torch.Te
     return MaskedIndex(*fields), rows[0, :-1], rows[1, :-1]
 
 
-def decode_gather_wanted(xq: torch.Tensor) -> bool:
+def decode_gather_wanted(xq: torch.Tensor, expected_rows: float) -> bool:
     """Whether the local dispatch leaves the rows unpermuted for the gate-up to gather
-    (``MOE_FP8_DECODE_GATHER``): fused kernels on this device, not the debug mode (its checks
-    read the layout's rows), not while tracing."""
-    return (switch_on(kDecodeGatherEnv, kDecodeGatherDefault) and fused_enabled(xq)
-            and not debug_mode() and not torch.compiler.is_compiling())
+    (``MOE_FP8_DECODE_GATHER``; unset: up to kDecodeGatherMaxRows ``expected_rows`` per expert):
+    fused kernels on this device, not the debug mode (its checks read the layout's rows), not
+    while tracing."""
+    return (switch_up_to_rows(kDecodeGatherEnv, expected_rows, kDecodeGatherMaxRows)
+            and fused_enabled(xq) and not debug_mode() and not torch.compiler.is_compiling())
 
 
 def combine_index_contiguous(index: ContiguousIndex, topk_weights: torch.Tensor) -> CombineIndex:

@@ -99,7 +99,7 @@ class LocalDispatcher(Dispatcher):
         # graph) is new since the last GPU run: it rides on the router kernels' switch until then
         weights = topk_weights if fused_router_switch_on() else None
         # MOE_FP8_DECODE_GATHER: no fp8 row copied; the layout names the rows' tokens instead
-        gather = decode_gather_wanted(xq)
+        gather = decode_gather_wanted(xq, self.expected_rows(xq.shape[0]))
         small = dispatch_masked_small(xq, xs, topk_idx, weights, self.expert_offset,
                                       self.num_experts_local, m_max, num_valid_tokens, out.a, out.sa,
                                       copy_rows=not gather)
