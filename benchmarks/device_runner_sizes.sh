@@ -2,8 +2,9 @@
 # The graph runner (masked layout) at prefill-sized batches: which decode-tuned switch costs it
 # time there (session 31: 1.08-1.29x the eager contiguous layer at 1024-2048 tokens). For each
 # switch of SWITCHES, decode_build_ab.py at TOKENS with the default (A) against the switch at 0
-# (B; an entry NAME=V sets V instead, NAME=V,OTHER=W both), the eager layer timed in the same rounds; first (PROFILE=1) profile_layer.py's kernel
-# tables for the eager forward and a replay at PROFILE_TOKENS. Logs under $OUT/runner_sizes.
+# (B; an entry NAME=V sets V instead, NAME=V,OTHER=W both), the eager layer timed in the same
+# rounds; first (PROFILE=1) profile_layer.py's kernel tables for the eager forward and a replay
+# at PROFILE_TOKENS. Logs under $OUT/runner_sizes.
 #   [TOKENS=512,1024,2048] [SWITCHES="MOE_FP8_SWAP_AB_DOWN ..."] bash benchmarks/device_runner_sizes.sh
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
