@@ -33,20 +33,23 @@ def main() -> None:
         raise SystemExit("attached_runner.py needs a CUDA GPU")
     cfg = MoEConfig.deepseek_v3(num_experts=32)
     model = torch.nn.Sequential(*(MoE(cfg, device="cuda", seed=s) for s in (0, 1)))
+    runners = attach_graph_runners(model, args.max_tokens)
+
+    def attach(on: bool) -> None:
+        for layer, runner in zip(model, runners):
+            layer.attach_graph_runner(runner if on else None)
+
     rows = []
     with torch.no_grad():
         for n in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(n, cfg.hidden_size, device="cuda").bfloat16()
+            attach(False)
             eager_y = model(x).clone()
             times = {"eager": [], "attached": []}
             for _ in range(args.rounds):
-                for layer in model:
-                    layer.attach_graph_runner(None)
+                attach(False)
                 times["eager"].append(bench(lambda: model(x), repeats=10, warmup=2))
-                if not hasattr(model, "runners"):
-                    model.runners = attach_graph_runners(model, args.max_tokens)
-                for layer, runner in zip(model, model.runners):
-                    layer.attach_graph_runner(runner)
+                attach(True)
                 times["attached"].append(bench(lambda: model(x), repeats=10, warmup=2))
             graph_y = model(x)
             eager_us, graph_us = (statistics.median(times[k]) for k in ("eager", "attached"))

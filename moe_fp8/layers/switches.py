@@ -28,8 +28,7 @@ def switch_on(env_name: str, default: bool) -> bool:
 def switch_up_to_rows(env_name: str, rows: float, max_rows: float) -> bool:
     """A switch for decode-sized work: ``0`` off, any other value on, unset on where ``rows``
     (a batch's expected rows per expert) is at most ``max_rows``."""
-    value = lookup(env_name)
-    return rows <= max_rows if value is None else value.strip() != "0"
+    return switch_on(env_name, rows <= max_rows)
 
 
 def int_setting(env_name: str, default: int) -> int:
