@@ -206,6 +206,57 @@ def test_decode_runner_batch_sizes(gen):
         moe.decode_runner(max_tokens=24, batch_sizes=4)
 
 
+def test_runner_takes_the_contiguous_layout_past_decode_sizes(gen, monkeypatch):
+    """Buckets of more than kRunnerMaskedMaxRows expected rows per expert run the contiguous
+    layout (sized by its upper bound, tokens past the batch routed nowhere), and the masked
+    buffers hold only the largest masked bucket; the outputs equal the eager layer's, also for
+    a batch smaller than the rows a previous batch left in the static input.
+    MOE_FP8_RUNNER_MASKED=1 / 0: every bucket masked / contiguous."""
+    from moe_fp8.layers.decode import kRunnerMaskedMaxRows, masked_batch_sizes
+    monkeypatch.delenv("MOE_FP8_RUNNER_MASKED", raising=False)
+    moe = MoE(MoEConfig.tiny(), seed=8)  # 16 experts, top-4: T / 4 rows per expert
+    largest = int(kRunnerMaskedMaxRows) * 4
+    run = moe.decode_runner(max_tokens=2 * largest, batch_sizes=[1, 7, largest])
+    assert run.masked_sizes == (1, 7, largest) and run.m_max == largest
+    assert run.buffers.a.shape[1] == largest
+    for n in (2 * largest, 5, largest + 1, 1):
+        x = torch.randn(n, moe.cfg.hidden_size, generator=gen).bfloat16()
+        with torch.no_grad():
+            expected = moe(x)
+        torch.testing.assert_close(run(x), expected, rtol=0, atol=0)
+    monkeypatch.setenv("MOE_FP8_RUNNER_MASKED", "0")
+    assert masked_batch_sizes(moe, (1, 8)) == ()
+    every = moe.decode_runner(max_tokens=12)
+    assert every.masked_sizes == () and every.m_max == 0 and every.buffers is None
+    assert every.buffer_bytes == 0
+    for n in (12, 3, 8):
+        x = torch.randn(n, moe.cfg.hidden_size, generator=gen).bfloat16()
+        with torch.no_grad():
+            expected = moe(x)
+        torch.testing.assert_close(every(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="share_buffers_with"):
+        MoE(MoEConfig.tiny(), seed=9).decode_runner(12, share_buffers_with=run)
+    monkeypatch.setenv("MOE_FP8_RUNNER_MASKED", "1")
+    assert masked_batch_sizes(moe, (1, 10 * largest)) == (1, 10 * largest)
+
+
+def test_forward_contiguous_static_checks_its_arguments():
+    moe = MoE(MoEConfig.tiny(), seed=8)
+    x = torch.randn(4, moe.cfg.hidden_size).bfloat16()
+    valid = torch.tensor(3)
+    with pytest.raises(ValueError, match="num_valid_tokens"):
+        moe.forward_contiguous_static(x, num_valid_tokens=3)
+    with pytest.raises(ValueError, match="num_valid_tokens"):
+        moe.forward_contiguous_static(x, num_valid_tokens=torch.tensor(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out must be"):
+        moe.forward_contiguous_static(x, num_valid_tokens=valid, out=torch.empty(3, moe.cfg.hidden_size))
+    out = torch.full_like(x, float("nan"))
+    y = moe.forward_contiguous_static(x, num_valid_tokens=valid, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(out[:3], moe(x[:3]), rtol=0, atol=0)
+
+
 def test_decode_runners_share_buffers_across_layers(gen):
     """Two layers (different weights) whose runners hold one set of step buffers: called in
     turns, each gives what its own unshared runner gives; the second allocates none of them.

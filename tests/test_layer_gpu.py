@@ -213,6 +213,46 @@ def test_attached_graph_runners_replay_small_batches(moe):
     assert [int(r.num_valid) for r in runners] == [7, 7]
 
 
+@torch.no_grad()
+def test_runner_contiguous_buckets_replay_prefill_sizes(moe, monkeypatch):
+    """A runner of 512 tokens on 32 experts: the 512-token bucket (128 rows per expert) is the
+    contiguous layout captured (sized by its upper bound, tokens past the batch routed nowhere),
+    the masked buffers hold 256 rows per expert. Replays of several sizes without a host sync
+    (output poisoned first): each contiguous replay gives the bits of the same step run eagerly
+    on the bucket's rows, and every replay is close to the eager layer. With
+    MOE_FP8_RUNNER_MASKED=0 a one-token bucket runs contiguous too."""
+    monkeypatch.delenv("MOE_FP8_RUNNER_MASKED", raising=False)
+    run = moe.decode_runner(max_tokens=512)
+    assert run.masked_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256) and run.m_max == 256
+    assert run.graph is not None and run.buffers.a.shape[1] == 256
+    valid = torch.zeros((), dtype=torch.int64, device="cuda")
+    for i, n in enumerate([512, 300, 7, 512, 257]):
+        x = rand_x(n, moe.cfg.hidden_size, 1500 + i)
+        expected = moe(x)
+        b = run.batch_size_for(n)
+        if b not in run.masked_sizes:  # the same step eagerly, on the bucket's rows
+            rows = torch.cat([x, run.x[n:b]])  # the static rows past the batch, as the graph sees them
+            valid.fill_(n)
+            static = moe.forward_contiguous_static(rows, num_valid_tokens=valid)[:n].clone()
+        run.out.fill_(float("nan"))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # a host sync inside the replay raises
+        try:
+            y = run(x).clone()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(y).all(), f"n={n}"
+        assert calc_diff(y, expected) < kKernelVsReference, f"n={n}"
+        if b not in run.masked_sizes:
+            assert torch.equal(y, static), f"n={n}: replay vs the eager static step"
+    monkeypatch.setenv("MOE_FP8_RUNNER_MASKED", "0")
+    every = moe.decode_runner(max_tokens=4)
+    assert every.masked_sizes == () and every.buffers is None and every.graph is not None
+    for i, n in enumerate([4, 1, 3]):
+        x = rand_x(n, moe.cfg.hidden_size, 1550 + i)
+        assert calc_diff(every(x).clone(), moe(x)) < kKernelVsReference, f"n={n}"
+
+
 def shrinking_sizes(max_tokens: int) -> tuple:
     """Replays of a runner: full, a quarter, one token, full again (masked_m changing between)."""
     return tuple(sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True)) + (max_tokens,)

@@ -1,9 +1,9 @@
-"""``DecodeRunner``: the masked-layout decode step captured in CUDA graphs, one per batch size
-bucket, replayed per batch.
+"""``DecodeRunner``: the layer's step captured in CUDA graphs, one per batch size bucket, replayed
+per batch: the masked layout for decode-sized buckets, the contiguous layout past them.
 
-Capacity: ``M_max = dispatcher.max_tokens_per_expert(max_tokens)`` rows per expert; one token
-picks an expert at most once, so no expert can receive more than ``max_tokens`` rows from one
-rank: nothing overflows. Static state: the input ``x [max_tokens, H]``, ``num_valid`` (a device
+Capacity: ``M_max = dispatcher.max_tokens_per_expert(b)`` rows per expert for the largest
+masked bucket b; one token picks an expert at most once, so no expert can receive more than b
+rows from one rank: nothing overflows. Static state: the input ``x [max_tokens, H]``, ``num_valid`` (a device
 scalar; tokens beyond it are routed to the skip sentinel), the layout buffers, the experts'
 workspace and the output ``[max_tokens, H]``. A replay launches kernels only: no host sync,
 no allocation, no compilation (kernels are compiled by the warm-up before the capture).
@@ -16,6 +16,13 @@ quantisation, gate, shared experts and combine over 256 rows and the routed GEMM
 for 64 rows per expert: 178 us against 156 for a one-token graph (H100, 2026-12-06). The graphs
 run one at a time on the same buffers, so they share one memory pool. An expert-parallel layer
 keeps one graph (every rank must replay the same exchange shapes).
+
+Layouts: a bucket of at most ``kRunnerMaskedMaxRows`` expected rows per local expert (256 tokens
+on 32 experts at top-8) takes the masked layout; a larger one the prefill's contiguous layout
+(``MoE.forward_contiguous_static``: sized by its upper bound, no sync; its intermediates live in
+the graphs' pool), so ``M_max`` covers only the largest masked bucket. A runner of 2048 tokens on
+32 experts then holds masked buffers for 256 tokens instead of 2048 (E_loc x M_max rows of the
+input, the SiLU output and the down output: ~1.6 GB at M_max = 2048).
 
 Sharing across layers: the layout buffers and the experts' workspace (``E_loc x M_max`` rows of
 the input in fp8, the SiLU output and the down output: ~197 MB per layer at DeepSeek-V3 widths,
@@ -37,7 +44,7 @@ from ..gemm.validate import debug_mode
 from .experts import MaskedWorkspace
 from . import layouts
 from .layouts import MaskedBuffers
-from .switches import switch_on
+from .switches import switch_on, switch_up_to_rows
 
 kWarmupSteps = 2  # eager steps on a side stream before capture (JIT compile, allocator warm-up)
 # The decode graph captured with programmatic dependent launch (each kernel's prologue overlaps
@@ -52,6 +59,15 @@ kDecodePdlDefault = True
 # On: measured together with the small dispatch (layers/permute.py), H100 2026-12-05, session 11.
 kStageKernelEnv = "MOE_FP8_STAGE_KERNEL"
 kStageKernelDefault = True
+# Which layout a batch size's step takes. The masked layout is the decode step's (its GEMMs and
+# dispatch tuned for a few rows per expert; buffers of E_loc x M_max rows, M_max = the batch for a
+# local layer). Past 64 expected rows per expert the runner captures the eager prefill's contiguous
+# layout instead (layout sized by its upper bound, no sync): its B-multicast 128 x 256 GEMMs, and
+# T k + E_loc x 127 rows instead of E_loc x T. Session 32's profile at 1024 tokens (H100): the eager
+# contiguous kernels busy ~1071 us, the masked runner 1426 us (1235 without the row gather).
+# MOE_FP8_RUNNER_MASKED: 1 every size masked (the runner before session 33), 0 none.
+kRunnerMaskedEnv = "MOE_FP8_RUNNER_MASKED"
+kRunnerMaskedMaxRows = 64.0
 
 
 def default_batch_sizes(max_tokens: int) -> tuple:
@@ -72,11 +88,39 @@ def _checked_batch_sizes(batch_sizes, max_tokens: int) -> tuple:
     return tuple(sorted(set(sizes) | {max_tokens}))
 
 
+def masked_batch_sizes(moe, batch_sizes: Sequence[int]) -> tuple:
+    """The sizes of ``batch_sizes`` whose step takes the masked layout (``kRunnerMaskedEnv``):
+    all of them for an expert-parallel layer (its exchange is the masked one), else those of at
+    most ``kRunnerMaskedMaxRows`` expected rows per local expert."""
+    if moe._expert_parallel:
+        return tuple(batch_sizes)
+    expected = moe.dispatcher.expected_rows
+    return tuple(b for b in batch_sizes
+                 if switch_up_to_rows(kRunnerMaskedEnv, expected(b), kRunnerMaskedMaxRows))
+
+
+def plan_batch_sizes(moe, max_tokens: int, batch_sizes) -> tuple:
+    """-> ``(batch sizes, the masked ones among them, M_max)`` of a runner: ``M_max`` rows per
+    expert hold the largest masked step (0: no masked step, no layout buffers)."""
+    sizes = _checked_batch_sizes(default_batch_sizes(max_tokens) if batch_sizes is None
+                                 else batch_sizes, max_tokens)
+    if moe._expert_parallel:  # one size: every EP rank must replay the same exchange
+        sizes = (max_tokens,)
+    masked = masked_batch_sizes(moe, sizes)
+    m_max = moe.dispatcher.max_tokens_per_expert(max(masked)) if masked else 0
+    return sizes, masked, m_max
+
+
 def _shareable(runner, experts: int, m_max: int, hidden: int, inter: int, device, dtype):
     """``runner``'s layout buffers and workspace, checked to be the ones this runner would
     allocate (same shapes, dtype, device); a TypeError / ValueError naming the argument else."""
     if not isinstance(runner, DecodeRunner):
         raise TypeError(f"share_buffers_with must be a DecodeRunner, got {type(runner).__name__}")
+    if runner.m_max != m_max:
+        raise ValueError(f"share_buffers_with: its masked steps hold {runner.m_max} rows per "
+                         f"expert, this runner's {m_max} (same batch sizes and layouts needed)")
+    if m_max == 0:
+        return None, None
     want = {"buffers.a": (experts + 1, m_max, hidden), "workspace.act": (experts, m_max, inter),
             "workspace.y": (experts, m_max, hidden)}
     have = {"buffers.a": runner.buffers.a, "workspace.act": runner.workspace.act[0],
@@ -104,26 +148,23 @@ class DecodeRunner:
         if self.use_graph and debug_mode():
             raise RuntimeError("MOE_FP8_CHECKS=1 reads tensors back to the host, which a CUDA graph "
                                "cannot capture; unset it to build a decode runner")
-        self.m_max = dispatcher.max_tokens_per_expert(max_tokens)
+        self.batch_sizes, self.masked_sizes, self.m_max = plan_batch_sizes(moe, max_tokens,
+                                                                           batch_sizes)
         self.x = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
         self.num_valid = torch.zeros((), dtype=torch.int64, device=device)
-        if share_buffers_with is None:
+        if share_buffers_with is not None:
+            self.buffers, self.workspace = _shareable(
+                share_buffers_with, dispatcher.num_experts_local, self.m_max, cfg.hidden_size,
+                cfg.moe_intermediate_size, device, moe.dtype)
+        elif self.m_max:
             self.buffers = MaskedBuffers.allocate(dispatcher.num_experts_local, self.m_max,
                                                   cfg.hidden_size, device)
             self.workspace = MaskedWorkspace.allocate(dispatcher.num_experts_local, self.m_max,
                                                       cfg.hidden_size, cfg.moe_intermediate_size,
                                                       device, moe.dtype)
-        else:
-            self.buffers, self.workspace = _shareable(
-                share_buffers_with, dispatcher.num_experts_local, self.m_max, cfg.hidden_size,
-                cfg.moe_intermediate_size, device, moe.dtype)
+        else:  # every step contiguous: its buffers live in the graphs' pool
+            self.buffers = self.workspace = None
         self.out = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
-        if batch_sizes is None:
-            batch_sizes = default_batch_sizes(max_tokens)
-        self.batch_sizes = _checked_batch_sizes(batch_sizes, max_tokens)
-        # one size: every EP rank must replay the same exchange
-        if moe._expert_parallel:
-            self.batch_sizes = (max_tokens,)
         self.graphs = self._capture() if self.use_graph else {}
         self.graph = self.graphs.get(max_tokens)  # the full-size graph
 
@@ -131,6 +172,8 @@ class DecodeRunner:
     def buffer_bytes(self) -> int:
         """Bytes of the masked layout's buffers and the experts' workspace (what
         ``share_buffers_with`` lets several runners hold once)."""
+        if self.buffers is None:
+            return 0
         tensors = (self.buffers.a, self.buffers.sa, self.workspace.h, *self.workspace.act,
                    self.workspace.y)
         return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
@@ -143,9 +186,13 @@ class DecodeRunner:
     def _step(self, batch: Optional[int] = None) -> None:
         """One step over the first ``batch`` rows of the static buffers (default: all)."""
         b = batch or self.max_tokens
-        self.moe.forward_masked(self.x[:b], max_tokens_per_expert=self.m_max,
-                                num_valid_tokens=self.num_valid, buffers=self.buffers,
-                                workspace=self.workspace, out=self.out[:b])
+        if b in self.masked_sizes:
+            self.moe.forward_masked(self.x[:b], max_tokens_per_expert=self.m_max,
+                                    num_valid_tokens=self.num_valid, buffers=self.buffers,
+                                    workspace=self.workspace, out=self.out[:b])
+        else:
+            self.moe.forward_contiguous_static(self.x[:b], num_valid_tokens=self.num_valid,
+                                               out=self.out[:b])
 
     def _capture(self) -> dict:
         graphs, pool = {}, torch.cuda.graph_pool_handle()
@@ -219,8 +266,9 @@ def attach_graph_runners(model, max_tokens: int, **runner_kwargs) -> list:
             continue
         cfg = module.cfg
         # what _shareable compares: layers alike in these hold one set of buffers
-        shape = (module.num_experts_local, module.dispatcher.max_tokens_per_expert(max_tokens),
-                 cfg.hidden_size, cfg.moe_intermediate_size, module.dtype, module.device)
+        m_max = plan_batch_sizes(module, max_tokens, runner_kwargs.get("batch_sizes"))[2]
+        shape = (module.num_experts_local, m_max, cfg.hidden_size, cfg.moe_intermediate_size,
+                 module.dtype, module.device)
         runner = module.decode_runner(max_tokens, share_buffers_with=first_of_shape.get(shape),
                                       **runner_kwargs)
         first_of_shape.setdefault(shape, runner)

@@ -286,6 +286,35 @@ class MoE(nn.Module):
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)
 
+    @torch.no_grad()
+    def forward_contiguous_static(self, x: torch.Tensor, *, num_valid_tokens: torch.Tensor,
+                                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x [T, H]`` -> ``[T, H]`` through the contiguous layout with every shape fixed by T:
+        the layout sized by its upper bound (``T k + E_loc x 127`` rows, padding the GEMMs skip),
+        so nothing syncs and the step can be captured in a CUDA graph (the graph runner's
+        prefill-sized batches). Tokens at or past ``num_valid_tokens`` (an int64 device scalar)
+        are routed nowhere and their output rows are left as they were. Inference only: the
+        experts' FP8 buffers are read (as the masked path does), ``last_tokens_per_expert`` is
+        not filled. One-GPU layers only (an expert-parallel layer's layout size is the
+        exchange's)."""
+        x2 = self._tokens(x)
+        if self._expert_parallel:
+            raise ValueError("forward_contiguous_static needs a one-GPU layer (LocalDispatcher)")
+        if not (isinstance(num_valid_tokens, torch.Tensor) and num_valid_tokens.dim() == 0
+                and num_valid_tokens.dtype == torch.int64 and num_valid_tokens.device == x2.device):
+            raise ValueError(f"num_valid_tokens must be an int64 scalar tensor on {x2.device}")
+        if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != self.dtype
+                                or tuple(out.shape) != tuple(x2.shape) or out.device != x2.device):
+            raise ValueError(f"out must be {self.dtype} {tuple(x2.shape)} on {x2.device}")
+        xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
+        shared, side = self._start_shared(xq, xs)
+        routing = self.gate(x2)
+        layout, handle = self.dispatcher.dispatch_contiguous(
+            (xq, xs), routing.topk_idx, routing.topk_weights, num_valid_tokens=num_valid_tokens)
+        y_rows = self.experts.forward_contiguous(layout)  # [rows bound, H]
+        shared = self._join_shared(shared, side)
+        return self.dispatcher.combine_contiguous(y_rows, handle, add=shared, out=out)
+
     def forward_masked(self, x: torch.Tensor, *, max_tokens_per_expert: Optional[int] = None,
                        num_valid_tokens=None, buffers: Optional[MaskedBuffers] = None,
                        workspace: Optional[MaskedWorkspace] = None,

@@ -8,8 +8,9 @@ Host syncs: ``dispatch_contiguous`` reads ``M_sum`` back once (the layout's size
 routing) with ``contiguous_rows="exact"``; ``"upper_bound"`` sizes the layout for any routing (no
 sync; the extra rows are padding the GEMMs skip); ``"auto"`` (default) takes the bound when its
 worst-case padding (E_loc x 127 rows) is at most a quarter of the pairs — measured on an H100
-(2026-12-05, 32 experts, 4096 tokens): 4539 -> 4113 us per prefill layer. The masked pair never
-syncs.
+(2026-12-05, 32 experts, 4096 tokens): 4539 -> 4113 us per prefill layer. With
+``num_valid_tokens`` (the graph runner's prefill-sized steps) the bound is taken always. The masked
+pair never syncs.
 """
 from __future__ import annotations
 
@@ -66,12 +67,18 @@ class LocalDispatcher(Dispatcher):
         self.contiguous_rows = contiguous_rows
 
     # ------------------------------------------------------------------ contiguous
-    def dispatch_contiguous(self, x_local, topk_idx, topk_weights):
+    def dispatch_contiguous(self, x_local, topk_idx, topk_weights, *, num_valid_tokens=None):
+        """``num_valid_tokens`` (an int64 device scalar, the graph runner's prefill-sized steps):
+        every shape is fixed by T instead — the layout sized by its upper bound whatever
+        ``contiguous_rows`` says, so nothing syncs and the step can be captured — and the tokens
+        at or past it are routed nowhere (no rows; the combine leaves their output rows as they
+        were)."""
         xq, xs = self.tokens_in(x_local)
         self.check_routing(xq.shape[0], topk_idx, topk_weights)
-        local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local)
+        local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local,
+                                     num_valid_tokens)
         rows = None
-        bound = self.contiguous_rows == "upper_bound" or (
+        bound = num_valid_tokens is not None or self.contiguous_rows == "upper_bound" or (
             self.contiguous_rows == "auto" and xq.is_cuda
             and self.num_experts_local * (kSegmentAlign - 1) * 4 <= local_ids.numel())
         if bound:
@@ -82,12 +89,15 @@ class LocalDispatcher(Dispatcher):
                                   index.tokens_per_expert, index.num_rows)
         handle = LocalHandle(combine_index_contiguous(index, topk_weights), xq.shape[0],
                              (index.num_rows, self.hidden_size),
-                             index.pair_kept.view(topk_weights.shape))
+                             index.pair_kept.view(topk_weights.shape),
+                             num_valid=num_valid_tokens if isinstance(num_valid_tokens, torch.Tensor)
+                             else None)
         return layout, handle
 
-    def combine_contiguous(self, y_rows, handle: LocalHandle, *, add=None):
+    def combine_contiguous(self, y_rows, handle: LocalHandle, *, add=None, out=None):
         handle.check(y_rows)
-        return unpermute_combine(y_rows, handle.combine, add=add)
+        return unpermute_combine(y_rows, handle.combine, add=add, out=out,
+                                 num_valid=handle.num_valid)
 
     # ------------------------------------------------------------------ masked
     def dispatch_masked(self, x_local, topk_idx, topk_weights, *, max_tokens_per_expert: int,
