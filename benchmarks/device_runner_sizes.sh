@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The graph runner (masked layout) at prefill-sized batches: which decode-tuned switch costs it
-# time there (session 31: 1.08-1.29x the eager contiguous layer at 1024-2048 tokens). For each
+# The graph runner at prefill-sized batches: which layout and which decode-tuned switch costs it
+# time there (session 31: the masked runner 1.08-1.29x the eager contiguous layer at 1024-2048
+# tokens; session 33: buckets past 64 rows per expert capture the contiguous layout, and
+# MOE_FP8_RUNNER_MASKED=1 brings the masked one back). For each
 # switch of SWITCHES, decode_build_ab.py at TOKENS with the default (A) against the switch at 0
 # (B; an entry NAME=V sets V instead, NAME=V,OTHER=W both), the eager layer timed in the same
 # rounds; first (PROFILE=1) profile_layer.py's kernel tables for the eager forward and a replay
@@ -10,7 +12,7 @@ set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 FINAL="${OUT:-/tmp/moe_fp8_out}/runner_sizes"; mkdir -p "$FINAL"
 TOKENS=${TOKENS:-512,1024,2048}
-SWITCHES=${SWITCHES:-MOE_FP8_SWAP_AB_DOWN MOE_FP8_DECODE_GATHER MOE_FP8_DECODE_ROUTER_SMS MOE_FP8_FUSED_SWIGLU MOE_FP8_EARLY_WEIGHTS}
+SWITCHES=${SWITCHES:-MOE_FP8_RUNNER_MASKED=1 MOE_FP8_RUNNER_MASKED=1,MOE_FP8_DECODE_GATHER=1,MOE_FP8_SWAP_AB_DOWN=1}
 if [ "${PROFILE:-1}" = 1 ]; then
   timeout 150 python3 benchmarks/profile_layer.py --tokens "${PROFILE_TOKENS:-1024}" \
     --decode "${PROFILE_TOKENS:-1024}" --mode fused --top 14 > "$FINAL/profile.log" 2>&1
