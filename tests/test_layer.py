@@ -234,6 +234,7 @@ def test_runner_takes_the_contiguous_layout_past_decode_sizes(gen, monkeypatch):
         with torch.no_grad():
             expected = moe(x)
         torch.testing.assert_close(every(x), expected, rtol=0, atol=0)
+    assert every(torch.empty(0, moe.cfg.hidden_size).bfloat16()).shape == (0, moe.cfg.hidden_size)
     with pytest.raises(ValueError, match="share_buffers_with"):
         MoE(MoEConfig.tiny(), seed=9).decode_runner(12, share_buffers_with=run)
     monkeypatch.setenv("MOE_FP8_RUNNER_MASKED", "1")
