@@ -253,6 +253,33 @@ def test_runner_contiguous_buckets_replay_prefill_sizes(moe, monkeypatch):
         assert calc_diff(every(x).clone(), moe(x)) < kKernelVsReference, f"n={n}"
 
 
+@torch.no_grad()
+def test_runners_sharing_buffers_share_the_graph_pool(moe, monkeypatch):
+    """A second layer's runner of 512 tokens (a contiguous bucket, whose intermediates live in
+    the graphs' pool) built with share_buffers_with captures into the first runner's pool: the
+    memory it reserves is a small part of what the first one took, and both replay the bits of
+    unshared runners."""
+    monkeypatch.delenv("MOE_FP8_RUNNER_MASKED", raising=False)
+    other = MoE(moe.cfg, device="cuda", seed=1)
+    alone_a, alone_b = moe.decode_runner(max_tokens=512), other.decode_runner(max_tokens=512)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    run_a = moe.decode_runner(max_tokens=512)
+    torch.cuda.synchronize()
+    middle = torch.cuda.memory_reserved()
+    run_b = other.decode_runner(max_tokens=512, share_buffers_with=run_a)
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_reserved()
+    assert run_b.pool == run_a.pool and run_b.buffers is run_a.buffers
+    assert after - middle < 0.25 * (middle - before), (middle - before, after - middle)
+    for i, n in enumerate([512, 100, 300]):
+        x = rand_x(n, moe.cfg.hidden_size, 1600 + i)
+        y_a = run_a(x).clone()
+        y_b = run_b(y_a).clone()
+        assert torch.equal(y_a, alone_a(x).clone()), f"n={n}: layer a"
+        assert torch.equal(y_b, alone_b(y_a).clone()), f"n={n}: layer b"
+
+
 def shrinking_sizes(max_tokens: int) -> tuple:
     """Replays of a runner: full, a quarter, one token, full again (masked_m changing between)."""
     return tuple(sorted({max_tokens, max(1, max_tokens // 4), 1}, reverse=True)) + (max_tokens,)

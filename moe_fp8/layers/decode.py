@@ -29,9 +29,10 @@ the input in fp8, the SiLU output and the down output: ~197 MB per layer at Deep
 32 experts, 256 tokens, ~264 MB where the unfused gate-up's output is needed too; four times
 that at EP = 8 with 128 tokens per rank, where ``M_max = 8 x 128``) live only within one step.
 A model's layers run one after another, so their runners can hold one set:
-``layer_b.decode_runner(n, share_buffers_with=runner_a)``. What each runner keeps to itself: its
-input and output rows, its graphs and their memory pool. Runners that share must not run
-concurrently (two streams at once).
+``layer_b.decode_runner(n, share_buffers_with=runner_a)``, which also captures b's graphs in a's
+memory pool (the intermediates a step allocates: each graph's are dead when its capture ends, so
+later captures reuse them). What each runner keeps to itself: its input and output rows and its
+graphs. Runners that share must not run concurrently (two streams at once).
 """
 from __future__ import annotations
 
@@ -165,6 +166,13 @@ class DecodeRunner:
         else:  # every step contiguous: its buffers live in the graphs' pool
             self.buffers = self.workspace = None
         self.out = torch.zeros(max_tokens, cfg.hidden_size, dtype=moe.dtype, device=device)
+        # the graphs' memory pool, shared with share_buffers_with's graphs: their steps never
+        # overlap, and a contiguous bucket's intermediates (~0.5 GB at 2048 tokens) would
+        # otherwise be held once per layer
+        self.pool = None
+        if self.use_graph:
+            shared_pool = getattr(share_buffers_with, "pool", None)
+            self.pool = shared_pool if shared_pool is not None else torch.cuda.graph_pool_handle()
         self.graphs = self._capture() if self.use_graph else {}
         self.graph = self.graphs.get(max_tokens)  # the full-size graph
 
@@ -195,7 +203,7 @@ class DecodeRunner:
                                                out=self.out[:b])
 
     def _capture(self) -> dict:
-        graphs, pool = {}, torch.cuda.graph_pool_handle()
+        graphs, pool = {}, self.pool
         side = torch.cuda.Stream()  # the warm-up steps' stream
         # unset: MOE_FP8_PDL decides, as for every other launch
         pdl = True if switch_on(kDecodePdlEnv, kDecodePdlDefault) else None
