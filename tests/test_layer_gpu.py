@@ -387,9 +387,11 @@ def test_decode_gather_keeps_bits(moe, monkeypatch, max_tokens):
 def test_decode_gather_by_expected_rows(moe, monkeypatch):
     """MOE_FP8_DECODE_GATHER unset: the masked dispatch leaves the rows for the gate-up to gather
     up to kDecodeGatherMaxRows expected rows per expert (256 tokens of 32 experts at top-8: 64),
-    and copies them above (512 tokens: 128); both graph runners match the eager path."""
+    and copies them above (512 tokens: 128); both graph runners (masked at every size) match the
+    eager path."""
     from moe_fp8.layers import permute
     monkeypatch.delenv("MOE_FP8_DECODE_GATHER", raising=False)
+    monkeypatch.setenv("MOE_FP8_RUNNER_MASKED", "1")
     for n, gathers in ((256, True), (512, False)):
         rows = moe.dispatcher.expected_rows(n)
         assert (rows <= permute.kDecodeGatherMaxRows) is gathers
