@@ -215,18 +215,18 @@ def test_attached_graph_runners_replay_small_batches(moe):
 
 @torch.no_grad()
 def test_runner_contiguous_buckets_replay_prefill_sizes(moe, monkeypatch):
-    """A runner of 512 tokens on 32 experts: the 512-token bucket (128 rows per expert) is the
+    """A runner of 1024 tokens on 32 experts: the 1024-token bucket (256 rows per expert) is the
     contiguous layout captured (sized by its upper bound, tokens past the batch routed nowhere),
-    the masked buffers hold 256 rows per expert. Replays of several sizes without a host sync
+    the masked buffers hold 512 rows per expert. Replays of several sizes without a host sync
     (output poisoned first): each contiguous replay gives the bits of the same step run eagerly
     on the bucket's rows, and every replay is close to the eager layer. With
     MOE_FP8_RUNNER_MASKED=0 a one-token bucket runs contiguous too."""
     monkeypatch.delenv("MOE_FP8_RUNNER_MASKED", raising=False)
-    run = moe.decode_runner(max_tokens=512)
-    assert run.masked_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256) and run.m_max == 256
-    assert run.graph is not None and run.buffers.a.shape[1] == 256
+    run = moe.decode_runner(max_tokens=1024)
+    assert run.masked_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) and run.m_max == 512
+    assert run.graph is not None and run.buffers.a.shape[1] == 512
     valid = torch.zeros((), dtype=torch.int64, device="cuda")
-    for i, n in enumerate([512, 300, 7, 512, 257]):
+    for i, n in enumerate([1024, 600, 7, 1024, 513]):
         x = rand_x(n, moe.cfg.hidden_size, 1500 + i)
         expected = moe(x)
         b = run.batch_size_for(n)
@@ -255,24 +255,24 @@ def test_runner_contiguous_buckets_replay_prefill_sizes(moe, monkeypatch):
 
 @torch.no_grad()
 def test_runners_sharing_buffers_share_the_graph_pool(moe, monkeypatch):
-    """A second layer's runner of 512 tokens (a contiguous bucket, whose intermediates live in
+    """A second layer's runner of 1024 tokens (a contiguous bucket, whose intermediates live in
     the graphs' pool) built with share_buffers_with captures into the first runner's pool: the
     memory it reserves is a small part of what the first one took, and both replay the bits of
     unshared runners."""
     monkeypatch.delenv("MOE_FP8_RUNNER_MASKED", raising=False)
     other = MoE(moe.cfg, device="cuda", seed=1)
-    alone_a, alone_b = moe.decode_runner(max_tokens=512), other.decode_runner(max_tokens=512)
+    alone_a, alone_b = moe.decode_runner(max_tokens=1024), other.decode_runner(max_tokens=1024)
     torch.cuda.synchronize()
     before = torch.cuda.memory_reserved()
-    run_a = moe.decode_runner(max_tokens=512)
+    run_a = moe.decode_runner(max_tokens=1024)
     torch.cuda.synchronize()
     middle = torch.cuda.memory_reserved()
-    run_b = other.decode_runner(max_tokens=512, share_buffers_with=run_a)
+    run_b = other.decode_runner(max_tokens=1024, share_buffers_with=run_a)
     torch.cuda.synchronize()
     after = torch.cuda.memory_reserved()
     assert run_b.pool == run_a.pool and run_b.buffers is run_a.buffers
     assert after - middle < 0.25 * (middle - before), (middle - before, after - middle)
-    for i, n in enumerate([512, 100, 300]):
+    for i, n in enumerate([1024, 100, 700]):
         x = rand_x(n, moe.cfg.hidden_size, 1600 + i)
         y_a = run_a(x).clone()
         y_b = run_b(y_a).clone()

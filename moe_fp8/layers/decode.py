@@ -17,12 +17,12 @@ for 64 rows per expert: 178 us against 156 for a one-token graph (H100, 2026-12-
 run one at a time on the same buffers, so they share one memory pool. An expert-parallel layer
 keeps one graph (every rank must replay the same exchange shapes).
 
-Layouts: a bucket of at most ``kRunnerMaskedMaxRows`` expected rows per local expert (256 tokens
+Layouts: a bucket of at most ``kRunnerMaskedMaxRows`` expected rows per local expert (512 tokens
 on 32 experts at top-8) takes the masked layout; a larger one the prefill's contiguous layout
 (``MoE.forward_contiguous_static``: sized by its upper bound, no sync; its intermediates live in
 the graphs' pool), so ``M_max`` covers only the largest masked bucket. A runner of 2048 tokens on
-32 experts then holds masked buffers for 256 tokens instead of 2048 (E_loc x M_max rows of the
-input, the SiLU output and the down output: ~1.6 GB at M_max = 2048).
+32 experts then holds masked buffers for 512 tokens instead of 2048 (E_loc x M_max rows of the
+input, the SiLU output and the down output: ~0.4 GB at M_max = 512, ~1.6 GB at 2048).
 
 Sharing across layers: the layout buffers and the experts' workspace (``E_loc x M_max`` rows of
 the input in fp8, the SiLU output and the down output: ~197 MB per layer at DeepSeek-V3 widths,
@@ -62,13 +62,14 @@ kStageKernelEnv = "MOE_FP8_STAGE_KERNEL"
 kStageKernelDefault = True
 # Which layout a batch size's step takes. The masked layout is the decode step's (its GEMMs and
 # dispatch tuned for a few rows per expert; buffers of E_loc x M_max rows, M_max = the batch for a
-# local layer). Past 64 expected rows per expert the runner captures the eager prefill's contiguous
-# layout instead (layout sized by its upper bound, no sync): its B-multicast 128 x 256 GEMMs, and
-# T k + E_loc x 127 rows instead of E_loc x T. Session 32's profile at 1024 tokens (H100): the eager
-# contiguous kernels busy ~1071 us, the masked runner 1426 us (1235 without the row gather).
+# local layer). Past 128 expected rows per expert the runner captures the eager prefill's
+# contiguous layout instead (sized by its upper bound, no sync): T k + E_loc x 127 rows instead of
+# E_loc x T. H100, session 33 (32 experts, 3 interleaved rounds, contiguous minus masked):
+# +40 / +60 us at 384 / 512 tokens (96 / 128 rows), -9 / -2 us at 1024 / 2048 (within the
+# rounds' spread), where the masked buffers would be 0.8 / 1.6 GB.
 # MOE_FP8_RUNNER_MASKED: 1 every size masked (the runner before session 33), 0 none.
 kRunnerMaskedEnv = "MOE_FP8_RUNNER_MASKED"
-kRunnerMaskedMaxRows = 64.0
+kRunnerMaskedMaxRows = 128.0
 
 
 def default_batch_sizes(max_tokens: int) -> tuple:

@@ -307,7 +307,10 @@ class MoE(nn.Module):
                                 or tuple(out.shape) != tuple(x2.shape) or out.device != x2.device):
             raise ValueError(f"out must be {self.dtype} {tuple(x2.shape)} on {x2.device}")
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-        shared, side = self._start_shared(xq, xs)
+        # as in the decode step, SMs left to the router branch: in a graph the shared gate-up
+        # otherwise takes every SM and the routed chain waits (session 33, H100, 1024 tokens:
+        # the fused SwiGLU started 177 us after the x-quant)
+        shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))
         routing = self.gate(x2)
         layout, handle = self.dispatcher.dispatch_contiguous(
             (xq, xs), routing.topk_idx, routing.topk_weights, num_valid_tokens=num_valid_tokens)

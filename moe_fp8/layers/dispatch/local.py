@@ -6,11 +6,13 @@ how the benchmark measures "one GPU holding 32 of 256 experts".
 
 Host syncs: ``dispatch_contiguous`` reads ``M_sum`` back once (the layout's size depends on the
 routing) with ``contiguous_rows="exact"``; ``"upper_bound"`` sizes the layout for any routing (no
-sync; the extra rows are padding the GEMMs skip); ``"auto"`` (default) takes the bound when its
-worst-case padding (E_loc x 127 rows) is at most a quarter of the pairs — measured on an H100
-(2026-12-05, 32 experts, 4096 tokens): 4539 -> 4113 us per prefill layer. With
-``num_valid_tokens`` (the graph runner's prefill-sized steps) the bound is taken always. The masked
-pair never syncs.
+sync; the extra rows, up to E_loc x 127, are padding the GEMMs skip); ``"auto"`` (default) takes
+the bound on a GPU and the exact size on the CPU (the references' cost follows the rows). The bound
+measured faster at every size on an H100, with the same bits: 4539 -> 4113 us per prefill layer
+at 4096 tokens (2026-12-05); 256 / 512 / 1024 / 2048 / 4096 tokens -66 / -33 / -198 / -162 / -108 us
+(session 33, ``experiments/contiguous_rows_ab.py``; until then the sizes below ~2032 tokens on 32
+experts synced). With ``num_valid_tokens`` (the graph runner's prefill-sized steps) the bound is
+taken always. The masked pair never syncs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from typing import Optional
 
 import torch
 
-from ...gemm.layout import kSegmentAlign
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index,
                        masked_index_from_global, upper_bound_rows)
@@ -79,8 +80,7 @@ class LocalDispatcher(Dispatcher):
                                      num_valid_tokens)
         rows = None
         bound = num_valid_tokens is not None or self.contiguous_rows == "upper_bound" or (
-            self.contiguous_rows == "auto" and xq.is_cuda
-            and self.num_experts_local * (kSegmentAlign - 1) * 4 <= local_ids.numel())
+            self.contiguous_rows == "auto" and xq.is_cuda)
         if bound:
             rows = upper_bound_rows(local_ids.numel(), self.num_experts_local)
         index = contiguous_index(local_ids, self.num_experts_local, rows)
