@@ -217,7 +217,10 @@ class DecodeRunner:
                     self._step(b)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with pdl_scope(pdl):
+            # contiguous buckets: no PDL unless MOE_FP8_PDL asks. Under PDL the shared experts'
+            # SiLU kernel was resident beside their gate-up GEMM, on the SMs left to the router
+            # branch, whose split-K reduce then waited 57 us (session 33, H100, 1024 tokens)
+            with pdl_scope(pdl if b in self.masked_sizes else None):
                 with torch.cuda.graph(graph, pool=pool):
                     self._step(b)
             graphs[b] = graph
