@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (~6-8 min) for session 33's graph-runner change, built without a GPU: buckets
-# past 64 expected rows per expert capture the contiguous layout (MOE_FP8_RUNNER_MASKED).
+# One device call (~2 min on an H100, session 33) for the graph runner's layouts: buckets past
+# kRunnerMaskedMaxRows expected rows per expert capture the contiguous layout (MOE_FP8_RUNNER_MASKED).
 #   MOE_FP8_COMMIT=<sha> [STEPS="tests sizes attached rows ceiling"] bash benchmarks/device_runner_layouts.sh
 # Steps, in order, each under a time cap inside one budget (DEVICE_BUDGET_S, default 560 s):
 #   tests     the layer's GPU tests (the contiguous buckets' replay test, session 32's
