@@ -27,6 +27,12 @@ from .switches import int_setting, switch_on
 
 kOverlapSharedEnv = "MOE_FP8_OVERLAP_SHARED"  # 1: the shared experts run on a side stream
 kOverlapSharedDefault = True  # verified and measured with the router kernels, H100 2026-12-05
+# 1: the contiguous step's routed experts wait for the shared experts (the side stream then
+# overlaps only the router branch and the dispatch). In a graph replay of 1024 tokens the shared
+# down GEMM (100 SMs) still ran when the persistent fused SwiGLU started, which then took 631 us
+# against 527 eagerly (H100, session 33). Off until measured.
+kSharedBeforeRoutedEnv = "MOE_FP8_SHARED_BEFORE_ROUTED"
+kSharedBeforeRoutedDefault = False
 kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-alls carry no "
                  "autograd graph, so gradients would be silently missing): run it under "
                  "torch.no_grad() or torch.inference_mode(); FP8 training runs on a one-GPU layer "
@@ -220,6 +226,13 @@ class MoE(nn.Module):
         return max(1, H.num_sms(xq.device.index if xq.device.index is not None
                                            else torch.cuda.current_device()) - reserve)
 
+    def _join_shared_early(self, shared: Optional[torch.Tensor], side):
+        """``(shared, side)`` joined now where ``MOE_FP8_SHARED_BEFORE_ROUTED`` asks (then
+        ``side`` is None and the later join is a no-op), else unchanged."""
+        if side is None or not switch_on(kSharedBeforeRoutedEnv, kSharedBeforeRoutedDefault):
+            return shared, side
+        return self._join_shared(shared, side), None
+
     @staticmethod
     def _join_shared(shared: Optional[torch.Tensor], side) -> Optional[torch.Tensor]:
         if side is not None:
@@ -281,6 +294,7 @@ class MoE(nn.Module):
         routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
         layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
                                                              routing.topk_weights)
+        shared, side = self._join_shared_early(shared, side)
         y_rows = self._routed_rows(x2, layout, handle)  # [M_sum, H]
         shared = self._join_shared(shared, side)
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
@@ -314,6 +328,7 @@ class MoE(nn.Module):
         routing = self.gate(x2)
         layout, handle = self.dispatcher.dispatch_contiguous(
             (xq, xs), routing.topk_idx, routing.topk_weights, num_valid_tokens=num_valid_tokens)
+        shared, side = self._join_shared_early(shared, side)
         y_rows = self.experts.forward_contiguous(layout)  # [rows bound, H]
         shared = self._join_shared(shared, side)
         return self.dispatcher.combine_contiguous(y_rows, handle, add=shared, out=out)
