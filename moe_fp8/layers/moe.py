@@ -30,7 +30,9 @@ kOverlapSharedDefault = True  # verified and measured with the router kernels, H
 # 1: the contiguous step's routed experts wait for the shared experts (the side stream then
 # overlaps only the router branch and the dispatch). In a graph replay of 1024 tokens the shared
 # down GEMM (100 SMs) still ran when the persistent fused SwiGLU started, which then took 631 us
-# against 527 eagerly (H100, session 33). Off until measured.
+# against 527 eagerly (H100, session 33). Measured with it on (session 33, H100, same bits): that
+# SwiGLU 545 us but starting 38 us later; the runner at 768 / 1024 / 2048 tokens -0.5 / -7 / -46 us
+# (the last within the rounds' spread), the eager layer at 1024-8192 tokens +-5 us: left off.
 kSharedBeforeRoutedEnv = "MOE_FP8_SHARED_BEFORE_ROUTED"
 kSharedBeforeRoutedDefault = False
 kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-alls carry no "
