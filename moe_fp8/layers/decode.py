@@ -65,8 +65,8 @@ kStageKernelDefault = True
 # local layer). Past 128 expected rows per expert the runner captures the eager prefill's
 # contiguous layout instead (sized by its upper bound, no sync): T k + E_loc x 127 rows instead of
 # E_loc x T. H100, session 33 (32 experts, 3 interleaved rounds, contiguous minus masked):
-# +40 / +60 us at 384 / 512 tokens (96 / 128 rows), -9 / -2 us at 1024 / 2048 (within the
-# rounds' spread), where the masked buffers would be 0.8 / 1.6 GB.
+# +40 / +60 us at 384 / 512 tokens (96 / 128 rows); captured without PDL (below) -35 / +20 / -96 us
+# at 768 / 1024 / 2048, where the masked buffers would be 0.6 / 0.8 / 1.6 GB.
 # MOE_FP8_RUNNER_MASKED: 1 every size masked (the runner before session 33), 0 none.
 kRunnerMaskedEnv = "MOE_FP8_RUNNER_MASKED"
 kRunnerMaskedMaxRows = 128.0
