@@ -237,6 +237,33 @@ def test_permute_contiguous_bit_exact(backend):
             assert_same(a_, e, f"poisoned {name} {tokens, hidden, top_k, experts}")
 
 
+def test_permute_contiguous_leaves_unread_padding_blocks(backend):
+    """A layout sized by its upper bound ends in 128-row blocks with no kept row: the kernel
+    writes their row maps (-1) and leaves their rows and scales as they were; every block with
+    a kept row matches the torch path bit for bit."""
+    for tokens, hidden, top_k, experts in ((37, 256, 4, 6), (3, 128, 2, 8)):
+        ids = routing_ids(tokens, top_k, experts, backend, seed=tokens)
+        xq, xs = quantized_tokens(tokens, hidden, backend, seed=tokens)
+        index = L.contiguous_index(ids, experts, L.upper_bound_rows(ids.numel(), experts))
+        rows = index.num_rows
+        block_kept = (index.row_pair.view(-1, 128)[:, 0] >= 0)  # [rows / 128]
+        assert not bool(block_kept.all()), "the case must end in unread padding blocks"
+        read = block_kept.repeat_interleave(128)  # [rows]
+        expected = PM.permute_contiguous(xq, xs, index, top_k)
+        poison_a = torch.randint(0, 256, (rows, hidden), dtype=torch.uint8, device=backend)
+        a = poison_a.clone().view(FP8)
+        sa = torch.full((hidden // 128, rows), float("nan"), device=backend).t()
+        meta = torch.full((2, rows), 77, dtype=torch.int64, device=backend)
+        kernels().permute_contiguous(xq, xs, index.row_pair, top_k, a, sa, meta[0], meta[1])
+        case = (tokens, hidden, top_k, experts)
+        assert_same(a[read], expected[0][read], f"a {case}")
+        assert_same(sa[read], expected[1][read], f"sa {case}")
+        assert_same(meta[0], expected[2], f"row_token {case}")
+        assert_same(meta[1], expected[3], f"row_slot {case}")
+        assert torch.equal(a.view(torch.uint8)[~read], poison_a[~read]), f"unread rows written {case}"
+        assert bool(sa[~read].isnan().all()), f"unread scales written {case}"
+
+
 def test_permute_contiguous_strided_inputs(backend):
     """Row-major scales (not MN-major) and fp8 rows inside a wider packed buffer."""
     tokens, hidden, top_k, experts = 33, 256, 4, 8

@@ -85,7 +85,10 @@ def permute_contiguous(xq: torch.Tensor, xs: torch.Tensor, index: ContiguousInde
 
     Padding rows copy token 0 (finite values; the GEMM does not read them for output).
     Also returns ``row_token``/``row_slot`` int64 ``[M_sum]`` (-1 on padding rows).
-    Fused (module docstring): one kernel, same values.
+    Fused (module docstring): one kernel, same values, except that the rows and scales of a
+    128-row block with no kept row (the tail of a layout sized by its upper bound) are left
+    unwritten: no GEMM loads such a block, and the along-token quantisations read padding rows as
+    zero.
     """
     return permute_rows(xq, xs, index.row_pair, top_k)
 

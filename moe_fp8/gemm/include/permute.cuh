@@ -408,7 +408,11 @@ __device__ __forceinline__ void copy_scales_group_major(const long long* sScaleS
 
 // Contiguous (kMasked = false): item i is destination row i of a [numItems = M_sum, H]; its
 //   source token is row_pair[i] / topK (padding rows, row_pair = -1, copy token 0 so that every
-//   row the GEMM reads is finite); row_token/row_slot [M_sum] get token/slot or -1.
+//   row the GEMM reads is finite); row_token/row_slot [M_sum] get token/slot or -1. The padding
+//   rows of a 128-row block without a kept row (segments start aligned with their kept rows, so
+//   the block's first row tells) are not copied: the grouped GEMMs load no such block, and the
+//   layout's upper bound leaves up to E_loc x 127 of them (a graph bucket replayed with half its
+//   tokens: ~70 MB at 2048 tokens).
 // Masked (kMasked = true): item i is pair i; it goes to (e, m) = (pair_expert[i], pair_rank[i])
 //   of a_buf [E + 1, M_max, H] (row e * M_max + m); row_token/row_slot [E + 1, M_max] get i / k,
 //   i % k there and -1 on every other row; pairs in the trash bucket E = trashBatch (skipped
@@ -456,6 +460,7 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
   if (item < numItems) {
     long long token, slot, batch, row;  // row: within the batch (masked) or of a (contiguous)
     long long tokenOut;
+    bool unreadRow = false;  // contiguous: a padding row of a block with no kept row
     if constexpr (kMasked) {
       token = item / topK;
       slot = item - token * topK;
@@ -469,9 +474,16 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_rows_kernel(
       tokenOut = pair >= 0 ? token : -1;
       batch = 0;
       row = item;
+      unreadRow = pair < 0 && __ldg(gIndex0 + (item & ~(kSegmentAlign - 1))) < 0;
     }
     const long long dstRow = batch * rowsPerBatch + row;
-    if (batch == trashBatch) {
+    if (unreadRow) {
+      if (lane == 0) {
+        gRowToken[dstRow] = -1;
+        gRowSlot[dstRow] = -1;
+        sScaleSrc[warp] = -1;
+      }
+    } else if (batch == trashBatch) {
       // A skipped pair (a token past the valid count, another rank's expert, an overflow): no
       // one reads the trash bucket, so nothing is copied (a runner of 128 tokens replayed with
       // one otherwise copied 1016 rows there: 16 us, H100 2026-12-05).

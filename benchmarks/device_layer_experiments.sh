@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call (~3 min on an H100) for session 34's layer questions:
+#   tests    test_permute_gpu.py (the unread padding blocks) and test_layer_gpu.py
+#   fold     experiments/shared_fold_ab.py: the shared expert as one more routed expert, eager
+#            prefill 2048-16384 tokens and the graph runner's contiguous buckets 1024 / 2048
+#   buckets  experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
+#            buckets 768 / 1536, replayed at 640-1700 tokens
+#   MOE_FP8_COMMIT=<sha> [STEPS="tests fold buckets"] bash benchmarks/device_layer_experiments.sh
+set -uo pipefail
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
+OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
+STEPS=" ${STEPS:-tests fold buckets} "
+budget=${DEVICE_BUDGET_S:-560}
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+cap() { local l=$((budget - SECONDS)); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+step() {  # step NAME LIMIT CMD...: log to $OUTDIR/NAME.log, one status line, then its table
+  local name=$1 limit; limit=$(cap "$2"); shift 2; local t0=$SECONDS
+  if [ "$limit" -lt 15 ]; then echo "$name skipped (budget)"; return; fi
+  timeout --kill-after=5 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s: $(grep -aE 'passed|failed|rror' "$OUTDIR/$name.log" | tail -n 1 | cut -c1-120)"
+  grep -aE "^(FAILED|ERROR)" "$OUTDIR/$name.log" | cut -c1-220 | head -n 12
+  grep -aE "^\||; " "$OUTDIR/$name.log" | grep -v "^|--" | cut -c1-230 | tail -n 14
+}
+nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
+step precompile 150 python3 -m moe_fp8.gemm.precompile
+want tests && step tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_permute_gpu.py \
+  tests/test_layer_gpu.py
+want fold && step fold 200 python3 benchmarks/experiments/shared_fold_ab.py --tokens 2048,4096,8192,16384 \
+  --graph-tokens 1024,2048
+want buckets && step buckets 150 python3 benchmarks/experiments/runner_buckets_ab.py
+echo "done t=${SECONDS}s"
