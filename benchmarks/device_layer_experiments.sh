@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One device call (~3 min on an H100) for session 34's layer questions:
-#   tests    test_permute_gpu.py (the unread padding blocks) and test_layer_gpu.py
-#   fold     experiments/shared_fold_ab.py: the shared expert as one more routed expert, eager
-#            prefill 2048-16384 tokens and the graph runner's contiguous buckets 1024 / 2048
-#   buckets  experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
-#            buckets 768 / 1536, replayed at 640-1700 tokens
-#   MOE_FP8_COMMIT=<sha> [STEPS="tests fold buckets"] bash benchmarks/device_layer_experiments.sh
+# One device call (~5 min on an H100) for session 34's layer changes:
+#   tests       test_shared_fold.py, test_permute_gpu.py (the unread padding blocks), test_layer_gpu.py
+#   foldeager   experiments/eager_switch_ab.py: the eager layer with the shared expert folded into
+#               the routed GEMMs (default, A) against the side path (MOE_FP8_FOLD_SHARED=0, B)
+#   foldrunner  device_runner_sizes.sh: the graph runner, the same A/B at 768 / 1024 / 2048 tokens,
+#               the eager layer in the same rounds; first a profile of the 1024-token replay
+#   buckets     experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
+#               buckets 768 / 1536, replayed at 640-1700 tokens
+#   MOE_FP8_COMMIT=<sha> [STEPS="..."] bash benchmarks/device_layer_experiments.sh
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
-STEPS=" ${STEPS:-tests fold buckets} "
+STEPS=" ${STEPS:-tests foldeager foldrunner buckets} "
 budget=${DEVICE_BUDGET_S:-560}
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 cap() { local l=$((budget - SECONDS)); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
@@ -23,9 +25,13 @@ step() {  # step NAME LIMIT CMD...: log to $OUTDIR/NAME.log, one status line, th
 }
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 step precompile 150 python3 -m moe_fp8.gemm.precompile
-want tests && step tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_permute_gpu.py \
-  tests/test_layer_gpu.py
-want fold && step fold 200 python3 benchmarks/experiments/shared_fold_ab.py --tokens 2048,4096,8192,16384 \
-  --graph-tokens 1024,2048
-want buckets && step buckets 150 python3 benchmarks/experiments/runner_buckets_ab.py
+want tests && step tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_shared_fold.py \
+  tests/test_permute_gpu.py tests/test_layer_gpu.py
+want foldeager && step foldeager 150 python3 benchmarks/experiments/eager_switch_ab.py \
+  --env MOE_FP8_FOLD_SHARED=0 --tokens 1024,2048,4096,8192,16384
+if want foldrunner; then
+  OUT="$OUTDIR" SWITCHES=MOE_FP8_FOLD_SHARED TOKENS=768,1024,2048 PROFILE_TOKENS=1024 \
+    timeout "$(cap 200)" bash benchmarks/device_runner_sizes.sh
+fi
+want buckets && step buckets 120 python3 benchmarks/experiments/runner_buckets_ab.py
 echo "done t=${SECONDS}s"

@@ -166,21 +166,24 @@ class RoutedExperts(nn.Module):
         from ..gemm.reference import dequant_blocks
         return dequant_blocks(self.w13, self.w13_scale), dequant_blocks(self.w2, self.w2_scale)
 
-    def forward_contiguous(self, layout: ContiguousLayout) -> torch.Tensor:
-        """-> ``y_rows [M_sum, H]`` bf16; padding rows are not written (arbitrary values)."""
-        act = self._prefill_swiglu(layout)
+    def forward_contiguous(self, layout: ContiguousLayout, weights=None) -> torch.Tensor:
+        """-> ``y_rows [M_sum, H]`` bf16; padding rows are not written (arbitrary values).
+        ``weights``: ``(w13, w13_scale, w2, w2_scale)`` to use instead of the buffers (the stack
+        with the shared expert folded in, ``MoE.folded_weights``)."""
+        w13, w13_scale, w2, w2_scale = weights or (self.w13, self.w13_scale, self.w2, self.w2_scale)
+        act = self._prefill_swiglu(layout, w13, w13_scale)
         if act is not None:
-            return G.m_grouped_fp8_gemm_nt_contiguous(act, (self.w2, self.w2_scale), layout.m_indices)
+            return G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices)
         rows = layout.num_rows
         # NOTE: GEMM1 skips padding rows, so they hold garbage that the SiLU-mul op quantises too;
         # harmless (GEMM rows are independent and GEMM2 skips them again) except that the debug
         # mode's finiteness check would reject it: zero them only then (a memset of M_sum x 2I).
         alloc = torch.zeros if debug_mode() else torch.empty
         h = alloc(rows, 2 * self.inter, dtype=self.dtype, device=layout.a.device)
-        G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (self.w13, self.w13_scale),
+        G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (w13, w13_scale),
                                            layout.m_indices, out=h)
         act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)
-        return G.m_grouped_fp8_gemm_nt_contiguous(act, (self.w2, self.w2_scale), layout.m_indices)
+        return G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices)
 
     def forward_masked(self, layout: MaskedLayout,
                        workspace: Optional[MaskedWorkspace] = None) -> torch.Tensor:
@@ -206,7 +209,8 @@ class RoutedExperts(nn.Module):
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 
-    def _prefill_swiglu(self, layout: ContiguousLayout):
+    def _prefill_swiglu(self, layout: ContiguousLayout, w13: Optional[torch.Tensor] = None,
+                        w13_scale: Optional[torch.Tensor] = None):
         """``act = (fp8 [M_sum, I], MN-major scales)`` from the fused SwiGLU gate-up GEMM where
         ``MOE_FP8_PREFILL_SWIGLU`` allows it (the contiguous GEMM runs as a kernel, 2I % 256 ==
         0, not in the debug mode: its finiteness checks would read the padding rows, which the
@@ -218,11 +222,13 @@ class RoutedExperts(nn.Module):
         if pick("auto", layout.a.device, "fp8_gemm", "m_grouped_contiguous") is None:
             return None
         from ..gemm.kernels import fp8_gemm
+        if w13 is None:
+            w13, w13_scale = self.w13, self.w13_scale
         rows = layout.num_rows
         q = torch.empty(rows, self.inter, dtype=FP8, device=layout.a.device)
         s = empty_act_scales(rows, self.inter // 128, device=layout.a.device)
-        fp8_gemm.m_grouped_contiguous_swiglu(layout.a, to_mn_major(layout.sa), self.w13,
-                                             self.w13_scale, layout.m_indices, q, s,
+        fp8_gemm.m_grouped_contiguous_swiglu(layout.a, to_mn_major(layout.sa), w13, w13_scale,
+                                             layout.m_indices, q, s,
                                              pow2=self.pow2_scale)
         return q, s
 

@@ -165,6 +165,21 @@ def local_expert_ids(topk_idx: torch.Tensor, expert_offset: int, num_experts_loc
     return local.masked_fill(skip, num_experts_local)
 
 
+def with_shared_expert(local_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts_local: int,
+                       num_valid_tokens: torch.Tensor | int | None = None):
+    """Local ids ``[T, k]`` (skip sentinel ``E_loc``) and weights ``[T, k]`` -> ``[T, k + 1]`` of
+    each: the shared expert folded in as local expert ``E_loc`` (every token routed to it at
+    weight 1, tokens at or past ``num_valid_tokens`` skipped), the skip sentinel now ``E_loc + 1``."""
+    tokens = local_ids.shape[0]
+    shared = local_ids.new_full((tokens, 1), num_experts_local)
+    if num_valid_tokens is not None:
+        token = torch.arange(tokens, device=local_ids.device).unsqueeze(1)
+        shared = shared.masked_fill(token >= num_valid_tokens, num_experts_local + 1)
+    routed = local_ids.masked_fill(local_ids == num_experts_local, num_experts_local + 1)
+    weights = torch.cat([topk_weights.float(), topk_weights.new_ones(tokens, 1, dtype=torch.float32)], 1)
+    return torch.cat([routed, shared], 1), weights
+
+
 def _sorted_pairs(expert_of_pair: torch.Tensor, buckets: int):
     """Stable sort of the pairs by expert -> (order, sorted expert, rank within expert, counts)."""
     sorted_expert, order = torch.sort(expert_of_pair, stable=True)  # [P], [P]

@@ -47,6 +47,15 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
 kDecodeRouterSmsDefault = 32
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
+# 1: the contiguous steps (eager prefill, the graph runner's prefill-sized buckets) run the shared
+# expert as local expert E_loc of the routed grouped GEMMs (its weights stored after the routed
+# ones, every token routed to it at weight 1) instead of dense GEMMs on a side stream; unset: on
+# the GPU (measured: benchmarks/NOTES.md, session 34); 0: never. Needs a one-GPU layer whose shared
+# width equals the routed one (DeepSeek-V3: 1 x 2048) and inference (the FP8 training path keeps
+# the shared experts apart).
+kFoldSharedEnv = "MOE_FP8_FOLD_SHARED"
+kFoldSharedDefault = True
+kFoldedBuffers = ("w13", "w13_scale", "w2", "w2_scale")
 
 
 def _side_stream(streams: dict, device: torch.device) -> "torch.cuda.Stream":
@@ -86,6 +95,7 @@ class MoE(nn.Module):
                              torch.zeros(cfg.num_experts, dtype=torch.int64, device=device),
                              persistent=False)
         self._graph_runner = None  # attach_graph_runner
+        self._tie_shared_weights()
         if seed is not None:
             self.random_init(seed)
 
@@ -102,6 +112,65 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.random_init(generator)
         self.gate.refresh_bf16_gate_if_enabled()
+
+    def _shared_foldable(self) -> bool:
+        """A one-GPU layer whose shared expert has the routed experts' width and storage kind."""
+        sh, ex = self.shared_experts, self.experts
+        return (sh is not None and isinstance(self.dispatcher, LocalDispatcher)
+                and sh.inter == ex.inter and sh.hidden == ex.hidden
+                and all(getattr(sh, n).dtype == getattr(ex, n).dtype
+                        and getattr(sh, n).device == getattr(ex, n).device for n in kFoldedBuffers))
+
+    @torch.no_grad()
+    def _tie_shared_weights(self) -> None:
+        """Store the shared expert's FP8 weights and scales as slice E_loc of ``[E_loc + 1, ...]``
+        tensors whose first E_loc slices are the routed experts' buffers (both modules keep their
+        buffer names and shapes: views; loads copy into them in place), so that ``folded_weights``
+        can hand the grouped GEMMs one stack without a copy. Made at construction and again
+        after ``.to()`` / ``.cuda()`` (which move each buffer alone)."""
+        if not self._shared_foldable():
+            return
+        ex, sh, e = self.experts, self.shared_experts, self.num_experts_local
+        for name in kFoldedBuffers:
+            routed, shared = getattr(ex, name), getattr(sh, name)
+            stack = torch.empty((e + 1,) + tuple(routed.shape[1:]), dtype=routed.dtype,
+                                device=routed.device)
+            stack[:e].copy_(routed)
+            stack[e].copy_(shared)
+            setattr(ex, name, stack[:e])
+            setattr(sh, name, stack[e])
+
+    def folded_weights(self) -> Optional[tuple]:
+        """``(w13, w13_scale, w2, w2_scale)`` of ``E_loc + 1`` experts, the last the shared one:
+        views of the tied storage (``_tie_shared_weights``), or None where they are not tied."""
+        if self.shared_experts is None or torch.compiler.is_compiling():
+            return None
+        ex, sh, e = self.experts, self.shared_experts, self.num_experts_local
+        stacks = []
+        for name in kFoldedBuffers:
+            routed, shared = getattr(ex, name), getattr(sh, name)
+            if (not routed.is_contiguous() or shared.shape != routed.shape[1:]
+                    or routed.untyped_storage().data_ptr() != shared.untyped_storage().data_ptr()
+                    or shared.storage_offset() != routed.storage_offset() + e * routed.stride(0)):
+                return None
+            stacks.append(routed.as_strided((e + 1,) + tuple(routed.shape[1:]), routed.stride(),
+                                            routed.storage_offset()))
+        return tuple(stacks)
+
+    def _apply(self, fn, *args, **kwargs):
+        tied = self.folded_weights() is not None
+        result = super()._apply(fn, *args, **kwargs)
+        if tied and self.folded_weights() is None:  # moved buffer by buffer: tie them again
+            self._tie_shared_weights()
+        return result
+
+    def _fold_shared(self, xq: torch.Tensor) -> Optional[tuple]:
+        """The folded weights where this contiguous step runs the shared expert as a routed one
+        (``MOE_FP8_FOLD_SHARED``; not with FP8 training: its routed experts use master weights),
+        else None."""
+        if self.fp8_training or not switch_on(kFoldSharedEnv, kFoldSharedDefault and xq.is_cuda):
+            return None
+        return self.folded_weights()
 
     @property
     def num_experts_local(self) -> int:
@@ -292,12 +361,14 @@ class MoE(nn.Module):
             return runner(x2).clone().view(x.shape)
         self._check_differentiable(x2)
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-        shared, side = self._start_shared(xq, xs)  # side stream on the GPU (overlaps)
+        folded = self._fold_shared(xq)
+        shared, side = (None, None) if folded else self._start_shared(xq, xs)  # side stream
         routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
-        layout, handle = self.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx,
-                                                             routing.topk_weights)
+        layout, handle = self.dispatcher.dispatch_contiguous(
+            (xq, xs), routing.topk_idx, routing.topk_weights, shared_expert=folded is not None)
         shared, side = self._join_shared_early(shared, side)
-        y_rows = self._routed_rows(x2, layout, handle)  # [M_sum, H]
+        y_rows = (self.experts.forward_contiguous(layout, folded) if folded
+                  else self._routed_rows(x2, layout, handle))  # [M_sum, H]
         shared = self._join_shared(shared, side)
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)
@@ -323,15 +394,19 @@ class MoE(nn.Module):
                                 or tuple(out.shape) != tuple(x2.shape) or out.device != x2.device):
             raise ValueError(f"out must be {self.dtype} {tuple(x2.shape)} on {x2.device}")
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-        # as in the decode step, SMs left to the router branch: in a graph the shared gate-up
-        # otherwise takes every SM and the routed chain waits (session 33, H100, 1024 tokens:
-        # the fused SwiGLU started 177 us after the x-quant)
-        shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))
+        folded = self._fold_shared(xq)
+        shared, side = None, None
+        if not folded:
+            # as in the decode step, SMs left to the router branch: in a graph the shared gate-up
+            # otherwise takes every SM and the routed chain waits (session 33, H100, 1024 tokens:
+            # the fused SwiGLU started 177 us after the x-quant)
+            shared, side = self._start_shared(xq, xs, self._decode_shared_sms(xq))
         routing = self.gate(x2)
         layout, handle = self.dispatcher.dispatch_contiguous(
-            (xq, xs), routing.topk_idx, routing.topk_weights, num_valid_tokens=num_valid_tokens)
+            (xq, xs), routing.topk_idx, routing.topk_weights, num_valid_tokens=num_valid_tokens,
+            shared_expert=folded is not None)
         shared, side = self._join_shared_early(shared, side)
-        y_rows = self.experts.forward_contiguous(layout)  # [rows bound, H]
+        y_rows = self.experts.forward_contiguous(layout, folded)  # [rows bound, H]
         shared = self._join_shared(shared, side)
         return self.dispatcher.combine_contiguous(y_rows, handle, add=shared, out=out)
 

@@ -23,7 +23,7 @@ import torch
 
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index,
-                       masked_index_from_global, upper_bound_rows)
+                       masked_index_from_global, upper_bound_rows, with_shared_expert)
 from ..permute import (combine_index_contiguous, combine_index_masked, decode_gather_wanted,
                        dispatch_masked_small, permute_contiguous, permute_masked,
                        unpermute_combine)
@@ -68,23 +68,30 @@ class LocalDispatcher(Dispatcher):
         self.contiguous_rows = contiguous_rows
 
     # ------------------------------------------------------------------ contiguous
-    def dispatch_contiguous(self, x_local, topk_idx, topk_weights, *, num_valid_tokens=None):
+    def dispatch_contiguous(self, x_local, topk_idx, topk_weights, *, num_valid_tokens=None,
+                            shared_expert: bool = False):
         """``num_valid_tokens`` (an int64 device scalar, the graph runner's prefill-sized steps):
         every shape is fixed by T instead — the layout sized by its upper bound whatever
         ``contiguous_rows`` says, so nothing syncs and the step can be captured — and the tokens
         at or past it are routed nowhere (no rows; the combine leaves their output rows as they
-        were)."""
+        were). ``shared_expert``: every token also goes to local expert ``E_loc`` at weight 1 (the
+        shared expert stacked after the routed ones, ``MoE``'s fold): the layout has ``E_loc + 1``
+        experts and the combine sums ``k + 1`` rows per token."""
         xq, xs = self.tokens_in(x_local)
         self.check_routing(xq.shape[0], topk_idx, topk_weights)
-        local_ids = local_expert_ids(topk_idx, self.expert_offset, self.num_experts_local,
-                                     num_valid_tokens)
+        experts, top_k = self.num_experts_local, self.top_k
+        local_ids = local_expert_ids(topk_idx, self.expert_offset, experts, num_valid_tokens)
+        if shared_expert:
+            local_ids, topk_weights = with_shared_expert(local_ids, topk_weights, experts,
+                                                         num_valid_tokens)
+            experts, top_k = experts + 1, top_k + 1
         rows = None
         bound = num_valid_tokens is not None or self.contiguous_rows == "upper_bound" or (
             self.contiguous_rows == "auto" and xq.is_cuda)
         if bound:
-            rows = upper_bound_rows(local_ids.numel(), self.num_experts_local)
-        index = contiguous_index(local_ids, self.num_experts_local, rows)
-        a, sa, row_token, row_slot = permute_contiguous(xq, xs, index, self.top_k)
+            rows = upper_bound_rows(local_ids.numel(), experts)
+        index = contiguous_index(local_ids, experts, rows)
+        a, sa, row_token, row_slot = permute_contiguous(xq, xs, index, top_k)
         layout = ContiguousLayout(a, sa, index.m_indices, row_token, row_slot,
                                   index.tokens_per_expert, index.num_rows)
         handle = LocalHandle(combine_index_contiguous(index, topk_weights), xq.shape[0],
