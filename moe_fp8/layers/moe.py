@@ -364,8 +364,9 @@ class MoE(nn.Module):
         folded = self._fold_shared(xq)
         shared, side = (None, None) if folded else self._start_shared(xq, xs)  # side stream
         routing = self.gate(x2, counts_out=self.last_tokens_per_expert)
+        fold = {"shared_expert": True} if folded else {}  # only a LocalDispatcher folds
         layout, handle = self.dispatcher.dispatch_contiguous(
-            (xq, xs), routing.topk_idx, routing.topk_weights, shared_expert=folded is not None)
+            (xq, xs), routing.topk_idx, routing.topk_weights, **fold)
         shared, side = self._join_shared_early(shared, side)
         y_rows = (self.experts.forward_contiguous(layout, folded) if folded
                   else self._routed_rows(x2, layout, handle))  # [M_sum, H]
@@ -404,7 +405,7 @@ class MoE(nn.Module):
         routing = self.gate(x2)
         layout, handle = self.dispatcher.dispatch_contiguous(
             (xq, xs), routing.topk_idx, routing.topk_weights, num_valid_tokens=num_valid_tokens,
-            shared_expert=folded is not None)
+            shared_expert=folded is not None)  # a LocalDispatcher (checked above)
         shared, side = self._join_shared_early(shared, side)
         y_rows = self.experts.forward_contiguous(layout, folded)  # [rows bound, H]
         shared = self._join_shared(shared, side)
