@@ -6,6 +6,10 @@
 
 ``forward`` runs the contiguous layout (prefill, any batch); ``decode_runner(max_tokens)`` the
 masked layout in one CUDA graph (decode). Both give the same result to bf16 rounding.
+
+On one GPU the contiguous steps fold the shared expert into the routed GEMMs instead
+(``MOE_FP8_FOLD_SHARED``): its weights are stored as local expert E_loc after the routed ones
+(``folded_weights``), every token is routed to it at weight 1, and the combine sums k + 1 rows.
 """
 from __future__ import annotations
 
