@@ -23,7 +23,8 @@ from kernel_checks import EmulatedKernel, assert_bundled_compile_clean, build_em
 kEnv = "MOE_FP8_FUSED_ROUTER"
 kInstances = [*(f"moe_fp8::router::route_kernel<256, {p}>" for p in (1, 2, 4, 8)),
               *(f"moe_fp8::router::route_kernel<256, {p}, true>" for p in (1, 2, 4, 8)),
-              "moe_fp8::router::local_ids_kernel<256>"]
+              "moe_fp8::router::local_ids_kernel<256>",
+              "moe_fp8::router::local_ids_shared_kernel<256>"]
 
 
 def kernels():
@@ -267,6 +268,24 @@ def test_local_ids_match_torch(backend):
             with fused():
                 actual = L.local_expert_ids(idx, offset, local, num_valid)
             assert torch.equal(actual, expected), (tokens, top_k, offset, local, valid)
+
+
+def test_local_ids_with_shared_match_torch(backend):
+    """The shared expert's slot (MoE's fold): ids and weights equal to the torch path."""
+    gen = torch.Generator().manual_seed(5)
+    for tokens, top_k, experts_global, offset, local in ((1, 8, 256, 0, 256), (37, 8, 256, 32, 32),
+                                                         (129, 4, 16, 12, 4), (0, 8, 32, 0, 32)):
+        idx = torch.stack([torch.randperm(experts_global, generator=gen)[:top_k]
+                           for _ in range(tokens)]) if tokens else torch.empty(0, top_k, dtype=torch.int64)
+        weights = torch.rand(tokens, top_k, generator=gen)
+        idx, weights = idx.to(backend), weights.to(backend)
+        for valid in (None, 0, tokens // 2, tokens + 3, "tensor"):
+            num_valid = torch.tensor(max(tokens - 2, 0), device=backend) if valid == "tensor" else valid
+            expected = L.local_expert_ids_with_shared(idx, weights, offset, local, num_valid)
+            with fused():
+                actual = L.local_expert_ids_with_shared(idx, weights, offset, local, num_valid)
+            for a, e in zip(actual, expected):
+                assert a.dtype == e.dtype and torch.equal(a, e), (tokens, top_k, offset, local, valid)
 
 
 # ----------------------------------------------------------------------------- the layer

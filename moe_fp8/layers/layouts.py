@@ -165,6 +165,23 @@ def local_expert_ids(topk_idx: torch.Tensor, expert_offset: int, num_experts_loc
     return local.masked_fill(skip, num_experts_local)
 
 
+def local_expert_ids_with_shared(topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                                 expert_offset: int, num_experts_local: int,
+                                 num_valid_tokens: torch.Tensor | int | None = None):
+    """``local_expert_ids`` then ``with_shared_expert``: -> (ids int64 ``[T, k + 1]``, weights
+    fp32 ``[T, k + 1]``). With the router kernels: one kernel (local_ids_shared_kernel)."""
+    if topk_idx.numel() and _router.fused_router_enabled(topk_idx):
+        kernels = _router.kernels()
+        device_valid = isinstance(num_valid_tokens, torch.Tensor)
+        if kernels.supports_local_ids_shared(topk_idx, topk_weights) and (not device_valid or (
+                num_valid_tokens.dtype == torch.int64 and num_valid_tokens.numel() == 1
+                and num_valid_tokens.device == topk_idx.device)):
+            return kernels.local_ids_shared(topk_idx, topk_weights, expert_offset,
+                                            num_experts_local, num_valid_tokens)
+    local = local_expert_ids(topk_idx, expert_offset, num_experts_local, num_valid_tokens)
+    return with_shared_expert(local, topk_weights, num_experts_local, num_valid_tokens)
+
+
 def with_shared_expert(local_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts_local: int,
                        num_valid_tokens: torch.Tensor | int | None = None):
     """Local ids ``[T, k]`` (skip sentinel ``E_loc``) and weights ``[T, k]`` -> ``[T, k + 1]`` of

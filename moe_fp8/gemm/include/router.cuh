@@ -14,6 +14,8 @@
 //   * local_ids_kernel: global expert ids [T, k] -> local ids of one rank's experts, the skip
 //     sentinel E_loc for others and for tokens at or beyond num_valid (a device scalar in the
 //     decode graph): replaces the 6-9 torch ops of layouts.local_expert_ids.
+//   * local_ids_shared_kernel: the same with the shared expert as one more local expert (a
+//     (k + 1)-th slot at weight 1), ids and combine weights [T, k + 1].
 //
 // Ordering: NaN sorts above everything (as torch.topk does), then +inf ... -inf.
 // Limits (the host falls back to torch beyond them): E <= 32 * kMaxPerLane, 1 <= G <= 32,
@@ -226,6 +228,40 @@ __global__ void __launch_bounds__(kThreads) local_ids_kernel(
   const long long local = __ldg(gIdx + p) - offset;
   const bool skip = local < 0 || local >= numLocal || (limited && p / topK >= valid);
   gLocal[p] = skip ? numLocal : local;
+}
+
+// The same with the shared expert folded in as local expert numLocal (MoE's fold): gIdx [T, K]
+// global ids and gWeights fp32 [T, K] -> gLocal int64 [T, K + 1] and gLocalWeights fp32 [T, K + 1].
+// Slot j < K: local_ids_kernel's id with the skip sentinel numLocal + 1, its weight copied; slot
+// K: numLocal at weight 1 (numLocal + 1 for a token at or past the valid count). One thread per
+// output slot; replaces local_ids_kernel and the 5-7 torch ops of layouts.with_shared_expert.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) local_ids_shared_kernel(
+    const long long* __restrict__ gIdx, const float* __restrict__ gWeights, long long numTokens,
+    int topK, long long offset, int numLocal, const long long* __restrict__ gNumValid,
+    long long numValidHost, long long* __restrict__ gLocal, float* __restrict__ gLocalWeights) {
+  pdl::begin();  // before any global access (pdl.cuh)
+  const long long p = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
+  const int width = topK + 1;
+  if (p >= numTokens * width) return;
+  const long long token = p / width;
+  const int slot = static_cast<int>(p - token * width);
+  const bool limited = gNumValid != nullptr || numValidHost >= 0;
+  const long long valid = gNumValid != nullptr ? __ldg(gNumValid) : numValidHost;
+  const bool past = limited && token >= valid;
+  long long local;
+  float weight;
+  if (slot == topK) {
+    local = past ? numLocal + 1 : numLocal;
+    weight = 1.0f;
+  } else {
+    const long long q = token * topK + slot;
+    local = __ldg(gIdx + q) - offset;
+    if (local < 0 || local >= numLocal || past) local = numLocal + 1;
+    weight = __ldg(gWeights + q);
+  }
+  gLocal[p] = local;
+  gLocalWeights[p] = weight;
 }
 
 }  // namespace router

@@ -12,6 +12,10 @@ decide when these run (tensors on an sm_90 GPU, ``MOE_FP8_FUSED_ROUTER=1``, limi
   contiguous: += 1 per selected (token, expert) (the caller zeroes it).
 * ``local_ids(topk_idx, offset, num_local, num_valid)``: topk_idx int64 ``[T, k]`` contiguous;
   ``num_valid`` None, a host int or an int64 device scalar -> int64 ``[T, k]``.
+* ``local_ids_shared(topk_idx, topk_weights, offset, num_local, num_valid)``: the same plus
+  topk_weights fp32 ``[T, k]`` contiguous -> ``(int64 [T, k + 1], fp32 [T, k + 1])``: the shared
+  expert as local expert ``num_local`` in the last slot (weight 1), skip sentinel ``num_local + 1``
+  (``moe_fp8.layers.layouts.with_shared_expert``'s values).
 
 Every launch is graph-capturable; grids depend only on T, k (host ints).
 """
@@ -54,11 +58,16 @@ def local_ids_source() -> KernelSource:
     return KernelSource(kHeader, f"moe_fp8::router::local_ids_kernel<{kLocalIdsThreads}>")
 
 
+def local_ids_shared_source() -> KernelSource:
+    return KernelSource(kHeader, f"moe_fp8::router::local_ids_shared_kernel<{kLocalIdsThreads}>")
+
+
 @register_bundled
 def bundled_sources() -> list[KernelSource]:
-    """Every variant the layer can launch (9 kernels)."""
+    """Every variant the layer can launch (10 kernels)."""
     return [*(route_source(p) for p in kPerLaneChoices),
-            *(route_source(p, True) for p in kPerLaneChoices), local_ids_source()]
+            *(route_source(p, True) for p in kPerLaneChoices), local_ids_source(),
+            local_ids_shared_source()]
 
 
 def _kernel(src: KernelSource, like: torch.Tensor):
@@ -88,6 +97,11 @@ def supports_route(scores: torch.Tensor, bias: torch.Tensor, num_groups: int, to
 def supports_local_ids(topk_idx: torch.Tensor) -> bool:
     return topk_idx.dtype == torch.int64 and topk_idx.dim() == 2 and topk_idx.is_contiguous() \
         and topk_idx.shape[1] >= 1
+
+
+def supports_local_ids_shared(topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> bool:
+    return supports_local_ids(topk_idx) and topk_weights.dtype == torch.float32 \
+        and topk_weights.shape == topk_idx.shape and topk_weights.is_contiguous()
 
 
 # ----------------------------------------------------------------------------- launches
@@ -121,3 +135,19 @@ def local_ids(topk_idx, offset, num_local, num_valid=None):
         topk_idx, i64(pairs), i32(topk_idx.shape[1]), i64(offset), i32(num_local), device_valid,
         i64(host_valid), out])
     return out
+
+
+def local_ids_shared(topk_idx, topk_weights, offset, num_local, num_valid=None):
+    """See the module docstring."""
+    tokens, top_k = topk_idx.shape
+    ids = torch.empty(tokens, top_k + 1, dtype=torch.int64, device=topk_idx.device)
+    weights = torch.empty(tokens, top_k + 1, dtype=torch.float32, device=topk_idx.device)
+    if tokens == 0:
+        return ids, weights
+    device_valid = num_valid if isinstance(num_valid, torch.Tensor) else None
+    host_valid = -1 if num_valid is None or device_valid is not None else max(0, int(num_valid))
+    _kernel(local_ids_shared_source(), topk_idx).launch(
+        _ceil_div(ids.numel(), kLocalIdsThreads), kLocalIdsThreads, 0, [
+            topk_idx, topk_weights, i64(tokens), i32(top_k), i64(offset), i32(num_local),
+            device_valid, i64(host_valid), ids, weights])
+    return ids, weights

@@ -23,7 +23,8 @@ import torch
 
 from ..layouts import (CombineIndex, ContiguousLayout, MaskedBuffers, MaskedLayout,
                        contiguous_index, local_expert_ids, masked_index,
-                       masked_index_from_global, upper_bound_rows, with_shared_expert)
+                       masked_index_from_global, upper_bound_rows,
+                       local_expert_ids_with_shared)
 from ..permute import (combine_index_contiguous, combine_index_masked, decode_gather_wanted,
                        dispatch_masked_small, permute_contiguous, permute_masked,
                        unpermute_combine)
@@ -80,11 +81,12 @@ class LocalDispatcher(Dispatcher):
         xq, xs = self.tokens_in(x_local)
         self.check_routing(xq.shape[0], topk_idx, topk_weights)
         experts, top_k = self.num_experts_local, self.top_k
-        local_ids = local_expert_ids(topk_idx, self.expert_offset, experts, num_valid_tokens)
         if shared_expert:
-            local_ids, topk_weights = with_shared_expert(local_ids, topk_weights, experts,
-                                                         num_valid_tokens)
+            local_ids, topk_weights = local_expert_ids_with_shared(
+                topk_idx, topk_weights, self.expert_offset, experts, num_valid_tokens)
             experts, top_k = experts + 1, top_k + 1
+        else:
+            local_ids = local_expert_ids(topk_idx, self.expert_offset, experts, num_valid_tokens)
         rows = None
         bound = num_valid_tokens is not None or self.contiguous_rows == "upper_bound" or (
             self.contiguous_rows == "auto" and xq.is_cuda)
