@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (~5 min on an H100) for session 34's layer changes:
-#   tests       test_shared_fold.py, test_permute_gpu.py (the unread padding blocks), test_layer_gpu.py
+#   tests       test_shared_fold.py, test_permute_gpu.py (the unread padding blocks),
+#               test_router_gpu.py (the fold's ids kernel), test_layer_gpu.py
 #   foldeager   experiments/eager_switch_ab.py: the eager layer with the shared expert folded into
 #               the routed GEMMs (default, A) against the side path (MOE_FP8_FOLD_SHARED=0, B)
 #   foldrunner  device_runner_sizes.sh: the graph runner, the same A/B at 768 / 1024 / 2048 tokens,
@@ -26,7 +27,7 @@ step() {  # step NAME LIMIT CMD...: log to $OUTDIR/NAME.log, one status line, th
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 step precompile 150 python3 -m moe_fp8.gemm.precompile
 want tests && step tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_shared_fold.py \
-  tests/test_permute_gpu.py tests/test_layer_gpu.py
+  tests/test_permute_gpu.py tests/test_router_gpu.py tests/test_layer_gpu.py
 want foldeager && step foldeager 150 python3 benchmarks/experiments/eager_switch_ab.py \
   --env MOE_FP8_FOLD_SHARED=0 --tokens 1024,2048,4096,8192,16384
 if want foldrunner; then
