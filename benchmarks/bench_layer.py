@@ -10,7 +10,8 @@ Prefill (contiguous layout), T = 4096 .. 32768 tokens (x 8 routed rows each):
   Peers get the same 128-row-padded segments (their offsets = our segment ends) and the same
   combine, so only the expert math differs; their router is not timed (routing precomputed),
   ours is: ``ours`` is the whole layer.
-* ``gemm_share`` = time of our 4 GEMMs alone (grouped 1+2, shared 1+2) on the same layout / layer time
+* ``gemm_share`` = time of our GEMMs alone (grouped 1+2, shared 1+2 or folded into the grouped
+  ones) on the same layout / layer time
   (grouped 1 is the fused SwiGLU GEMM where the layer runs it: ``MOE_FP8_PREFILL_SWIGLU``).
 * TFLOPS count real rows only: 6·H·I per (token, expert) incl. the shared expert.
 
@@ -130,32 +131,40 @@ def fp8_row_layer(x, pw: PeerWeights, ends, row_token, combine):
 # ----------------------------------------------------------------------------- ours, GEMMs only
 
 def gemm_only(moe: MoE, x: torch.Tensor):
-    """A closure running just our 4 GEMMs on a prebuilt layout (inputs precomputed): the GEMM
+    """A closure running just our GEMMs on a prebuilt layout (inputs precomputed): the GEMM
     kernels the layer runs, so the routed gate-up is the fused SwiGLU GEMM (its SiLU epilogue
-    included) where ``MOE_FP8_PREFILL_SWIGLU`` has the layer use it."""
+    included) where ``MOE_FP8_PREFILL_SWIGLU`` has the layer use it, and the shared expert rides
+    in the routed GEMMs where the layer folds it (``MOE_FP8_FOLD_SHARED``: 2 GEMMs, else 4)."""
     routing = moe.gate(x)
     xq, xs = quantize_tokens(x)
-    layout, _ = moe.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx, routing.topk_weights)
+    folded = moe._fold_shared(xq)  # the layer's own choice
+    fold = {"shared_expert": True} if folded else {}
+    layout, _ = moe.dispatcher.dispatch_contiguous((xq, xs), routing.topk_idx, routing.topk_weights,
+                                                   **fold)
     ex, sh = moe.experts, moe.shared_experts
+    w13, w13_scale, w2, w2_scale = folded or (ex.w13, ex.w13_scale, ex.w2, ex.w2_scale)
     h = torch.zeros(layout.num_rows, 2 * ex.inter, dtype=torch.bfloat16, device=x.device)
     act = G.silu_and_mul_quant_fp8(G.m_grouped_fp8_gemm_nt_contiguous(
-        (layout.a, layout.sa), (ex.w13, ex.w13_scale), layout.m_indices))
+        (layout.a, layout.sa), (w13, w13_scale), layout.m_indices))
     y = torch.empty(layout.num_rows, ex.hidden, dtype=torch.bfloat16, device=x.device)
-    hs = G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale))
-    act_s = G.silu_and_mul_quant_fp8(hs)
-    ys = torch.empty(x.shape[0], ex.hidden, dtype=torch.bfloat16, device=x.device)
+    dense_shared = sh is not None and not folded
+    if dense_shared:
+        hs = G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale))
+        act_s = G.silu_and_mul_quant_fp8(hs)
+        ys = torch.empty(x.shape[0], ex.hidden, dtype=torch.bfloat16, device=x.device)
 
-    fused = ex._prefill_swiglu(layout) is not None  # the layer's own choice (one call here)
+    fused = ex._prefill_swiglu(layout, w13, w13_scale) is not None  # the layer's own choice
 
     def run():
         if fused:
-            ex._prefill_swiglu(layout)
+            ex._prefill_swiglu(layout, w13, w13_scale)
         else:
-            G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (ex.w13, ex.w13_scale),
+            G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (w13, w13_scale),
                                                layout.m_indices, out=h)
-        G.m_grouped_fp8_gemm_nt_contiguous(act, (ex.w2, ex.w2_scale), layout.m_indices, out=y)
-        G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale), out=hs)
-        G.fp8_gemm_nt(act_s, (sh.w2, sh.w2_scale), out=ys)
+        G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices, out=y)
+        if dense_shared:
+            G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale), out=hs)
+            G.fp8_gemm_nt(act_s, (sh.w2, sh.w2_scale), out=ys)
     return run
 
 
