@@ -8,11 +8,12 @@
 #               the eager layer in the same rounds; first a profile of the 1024-token replay
 #   buckets     experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
 #               buckets 768 / 1536, replayed at 640-1700 tokens
-#   MOE_FP8_COMMIT=<sha> [STEPS="..."] bash benchmarks/device_layer_experiments.sh
+#   MOE_FP8_COMMIT=<sha> [STEPS="tests foldeager foldrunner buckets"] [PROFILE=1] bash benchmarks/device_layer_experiments.sh
+# (default: all but buckets; PROFILE=1: foldrunner profiles the 1024-token replay first)
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
-STEPS=" ${STEPS:-tests foldeager foldrunner buckets} "
+STEPS=" ${STEPS:-tests foldeager foldrunner} "
 budget=${DEVICE_BUDGET_S:-560}
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 cap() { local l=$((budget - SECONDS)); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
@@ -31,7 +32,7 @@ want tests && step tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tes
 want foldeager && step foldeager 150 python3 benchmarks/experiments/eager_switch_ab.py \
   --env MOE_FP8_FOLD_SHARED=0 --tokens 1024,2048,4096,8192,16384
 if want foldrunner; then
-  OUT="$OUTDIR" SWITCHES=MOE_FP8_FOLD_SHARED TOKENS=768,1024,2048 PROFILE_TOKENS=1024 \
+  OUT="$OUTDIR" SWITCHES=MOE_FP8_FOLD_SHARED TOKENS=768,1024,2048 PROFILE=${PROFILE:-0} PROFILE_TOKENS=1024 \
     timeout "$(cap 200)" bash benchmarks/device_runner_sizes.sh
 fi
 want buckets && step buckets 120 python3 benchmarks/experiments/runner_buckets_ab.py
