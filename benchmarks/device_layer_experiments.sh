@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call (~5 min on an H100) for session 34's layer changes:
-#   tests       test_shared_fold.py, test_permute_gpu.py (the unread padding blocks),
+#   tests       (MOE_FP8_FOLD_SHARED=1) test_shared_fold.py, test_permute_gpu.py (the unread padding blocks),
 #               test_router_gpu.py (the fold's ids kernel), test_layer_gpu.py
-#   foldeager   experiments/eager_switch_ab.py: the eager layer with the shared expert folded into
-#               the routed GEMMs (default, A) against the side path (MOE_FP8_FOLD_SHARED=0, B)
+#   foldeager   experiments/eager_switch_ab.py: the eager layer, the side path (default, A) against
+#               the shared expert folded into the routed GEMMs (MOE_FP8_FOLD_SHARED=1, B)
 #   foldrunner  device_runner_sizes.sh: the graph runner, the same A/B at 768 / 1024 / 2048 tokens,
 #               the eager layer in the same rounds; first a profile of the 1024-token replay
 #   buckets     experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
@@ -27,12 +27,13 @@ step() {  # step NAME LIMIT CMD...: log to $OUTDIR/NAME.log, one status line, th
 }
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 step precompile 150 python3 -m moe_fp8.gemm.precompile
-want tests && step tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_shared_fold.py \
-  tests/test_permute_gpu.py tests/test_router_gpu.py tests/test_layer_gpu.py
+# the layer's GPU tests with the fold on (its own test pins the switch itself)
+want tests && step tests 200 env MOE_FP8_FOLD_SHARED=1 python3 -m pytest -q -p no:cacheprovider -m gpu \
+  tests/test_shared_fold.py tests/test_permute_gpu.py tests/test_router_gpu.py tests/test_layer_gpu.py
 want foldeager && step foldeager 150 python3 benchmarks/experiments/eager_switch_ab.py \
-  --env MOE_FP8_FOLD_SHARED=0 --tokens 1024,2048,4096,8192,16384
+  --env MOE_FP8_FOLD_SHARED=1 --tokens 1024,2048,4096,8192,16384
 if want foldrunner; then
-  OUT="$OUTDIR" SWITCHES=MOE_FP8_FOLD_SHARED TOKENS=768,1024,2048 PROFILE=${PROFILE:-0} PROFILE_TOKENS=1024 \
+  OUT="$OUTDIR" SWITCHES=MOE_FP8_FOLD_SHARED=1 TOKENS=768,1024,2048 PROFILE=${PROFILE:-0} PROFILE_TOKENS=1024 \
     timeout "$(cap 200)" bash benchmarks/device_runner_sizes.sh
 fi
 want buckets && step buckets 120 python3 benchmarks/experiments/runner_buckets_ab.py

@@ -103,7 +103,7 @@ def test_fold_skips_other_layers_and_training(gen, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 129, 2048])
 def test_fold_matches_the_side_path_gpu(monkeypatch, tokens):
-    """DeepSeek-V3 widths on the kernels: the fold (default on the GPU) against the side path,
+    """DeepSeek-V3 widths on the kernels: the fold against the side path,
     eager and as the graph runner's static step (poisoned output past the count stays)."""
     moe = MoE(MoEConfig.deepseek_v3(num_experts=32), device="cuda", seed=0)
     assert moe.folded_weights() is not None

@@ -53,12 +53,12 @@ kDecodeRouterSmsDefault = 32
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
 # 1: the contiguous steps (eager prefill, the graph runner's prefill-sized buckets) run the shared
 # expert as local expert E_loc of the routed grouped GEMMs (its weights stored after the routed
-# ones, every token routed to it at weight 1) instead of dense GEMMs on a side stream; unset: on
-# the GPU (measured: benchmarks/NOTES.md, session 34); 0: never. Needs a one-GPU layer whose shared
-# width equals the routed one (DeepSeek-V3: 1 x 2048) and inference (the FP8 training path keeps
-# the shared experts apart).
+# ones, every token routed to it at weight 1) instead of dense GEMMs on a side stream; unset: the
+# default below, on the GPU only; 0: never. Needs a one-GPU layer whose shared width equals the
+# routed one (DeepSeek-V3: 1 x 2048) and inference (the FP8 training path keeps the shared experts
+# apart). Off until a GPU run has measured it (built in session 34).
 kFoldSharedEnv = "MOE_FP8_FOLD_SHARED"
-kFoldSharedDefault = True
+kFoldSharedDefault = False
 kFoldedBuffers = ("w13", "w13_scale", "w2", "w2_scale")
 
 
