@@ -5,12 +5,13 @@
 #   foldeager   experiments/eager_switch_ab.py: the eager layer, the side path (default, A) against
 #               the shared expert folded into the routed GEMMs (MOE_FP8_FOLD_SHARED=1, B)
 #   foldrunner  device_runner_sizes.sh: the graph runner, the same A/B at 768 / 1024 / 2048 tokens,
-#               the eager layer in the same rounds; first a profile of the 1024-token replay
+#               the eager layer in the same rounds (PROFILE=1: first a profile of the 1024-token replay)
 #   buckets     experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
 #               buckets 768 / 1536, replayed at 640-1700 tokens
 #   layertests  test_layer_gpu.py with MOE_FP8_FOLD_SHARED=1
-#   MOE_FP8_COMMIT=<sha> [STEPS="tests foldeager foldrunner buckets"] [PROFILE=1] bash benchmarks/device_layer_experiments.sh
-# (default: all but buckets; PROFILE=1: foldrunner profiles the 1024-token replay first)
+#   MOE_FP8_COMMIT=<sha> [STEPS="tests foldeager foldrunner buckets layertests"] [PROFILE=1] \
+#     bash benchmarks/device_layer_experiments.sh
+# (default: all but buckets)
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
