@@ -59,6 +59,25 @@ def test_fold_needs_a_one_gpu_layer_of_equal_widths():
     assert MoE(MoEConfig.tiny(n_shared_experts=2), seed=1).folded_weights() is None  # 2 x I wide
 
 
+def test_fold_default_is_small_eager_batches_on_the_gpu(monkeypatch):
+    """Unset: the eager forward on a GPU below kFoldSharedMaxTokens tokens (measured faster there,
+    slower from 2048 tokens and mixed in graphs); 1 everywhere; 0 never."""
+    from types import SimpleNamespace
+    from moe_fp8.layers.moe import kFoldSharedMaxTokens
+    moe = MoE(MoEConfig.tiny(), seed=2)
+    small_gpu = SimpleNamespace(is_cuda=True, shape=(kFoldSharedMaxTokens - 1, 256))
+    large_gpu = SimpleNamespace(is_cuda=True, shape=(kFoldSharedMaxTokens, 256))
+    small_cpu = SimpleNamespace(is_cuda=False, shape=(8, 256))
+    monkeypatch.delenv(kEnv, raising=False)
+    assert moe._fold_shared(small_gpu) is not None
+    assert moe._fold_shared(small_gpu, eager=False) is None
+    assert moe._fold_shared(large_gpu) is None and moe._fold_shared(small_cpu) is None
+    monkeypatch.setenv(kEnv, "1")
+    assert moe._fold_shared(large_gpu, eager=False) is not None and moe._fold_shared(small_cpu) is not None
+    monkeypatch.setenv(kEnv, "0")
+    assert moe._fold_shared(small_gpu) is None
+
+
 def test_with_shared_expert_column():
     ids = torch.tensor([[0, 3], [3, 1], [2, 0]])  # E_loc 3: 3 is the skip sentinel
     weights = torch.tensor([[0.5, 0.25], [1.0, 2.0], [0.1, 0.2]])

@@ -7,7 +7,7 @@
 ``forward`` runs the contiguous layout (prefill, any batch); ``decode_runner(max_tokens)`` the
 masked layout in one CUDA graph (decode). Both give the same result to bf16 rounding.
 
-On one GPU the contiguous steps fold the shared expert into the routed GEMMs instead
+On one GPU, small eager batches fold the shared expert into the routed GEMMs instead
 (``MOE_FP8_FOLD_SHARED``): its weights are stored as local expert E_loc after the routed ones
 (``folded_weights``), every token is routed to it at weight 1, and the combine sums k + 1 rows.
 """
@@ -51,14 +51,18 @@ kNoEpBackward = ("an expert-parallel MoE layer has no backward yet (its all-to-a
 kDecodeRouterSmsEnv = "MOE_FP8_DECODE_ROUTER_SMS"
 kDecodeRouterSmsDefault = 32
 kSharedStreams: dict = {}  # device -> the side stream the shared experts use (prefill and decode)
-# 1: the contiguous steps (eager prefill, the graph runner's prefill-sized buckets) run the shared
-# expert as local expert E_loc of the routed grouped GEMMs (its weights stored after the routed
-# ones, every token routed to it at weight 1) instead of dense GEMMs on a side stream; unset: the
-# default below, on the GPU only; 0: never. Needs a one-GPU layer whose shared width equals the
-# routed one (DeepSeek-V3: 1 x 2048) and inference (the FP8 training path keeps the shared experts
-# apart). Off until a GPU run has measured it (built in session 34).
+# The shared expert as local expert E_loc of the routed grouped GEMMs (its weights stored after the
+# routed ones, every token routed to it at weight 1) instead of dense GEMMs on a side stream
+# (MOE_FP8_FOLD_SHARED: 1 in every contiguous step, 0 never; unset: the eager forward on the GPU
+# below kFoldSharedMaxTokens tokens). Needs a one-GPU layer whose shared width equals the routed one
+# (DeepSeek-V3: 1 x 2048), and inference (the FP8 training path keeps the shared experts apart).
+# Measured (H100, session 34, in turns, bits equal): the eager layer -95 / -31 / -75 / -25 us at
+# 256 / 512 / 1024 / 1536 tokens (host-bound: fewer launches, no stream fork), but +10 / +38 / +68 /
+# +209 us at 2048 / 4096 / 8192 / 16384 (the side stream hides the shared GEMMs behind the router,
+# index and permute kernels, which the fold serialises); the graph runner's contiguous buckets
+# +36 / +29 / -73 us at 768 / 1024 / 2048 (mixed): graphs keep the side branch.
 kFoldSharedEnv = "MOE_FP8_FOLD_SHARED"
-kFoldSharedDefault = False
+kFoldSharedMaxTokens = 2048
 kFoldedBuffers = ("w13", "w13_scale", "w2", "w2_scale")
 
 
@@ -168,11 +172,12 @@ class MoE(nn.Module):
             self._tie_shared_weights()
         return result
 
-    def _fold_shared(self, xq: torch.Tensor) -> Optional[tuple]:
-        """The folded weights where this contiguous step runs the shared expert as a routed one
-        (``MOE_FP8_FOLD_SHARED``; not with FP8 training: its routed experts use master weights),
-        else None."""
-        if self.fp8_training or not switch_on(kFoldSharedEnv, kFoldSharedDefault and xq.is_cuda):
+    def _fold_shared(self, xq: torch.Tensor, eager: bool = True) -> Optional[tuple]:
+        """The folded weights where this contiguous step (``eager``: ``forward``, else the static
+        step of a graph) runs the shared expert as a routed one (``MOE_FP8_FOLD_SHARED``; not with
+        FP8 training: its routed experts use master weights), else None."""
+        default = eager and xq.is_cuda and xq.shape[0] < kFoldSharedMaxTokens
+        if self.fp8_training or not switch_on(kFoldSharedEnv, default):
             return None
         return self.folded_weights()
 
@@ -399,7 +404,7 @@ class MoE(nn.Module):
                                 or tuple(out.shape) != tuple(x2.shape) or out.device != x2.device):
             raise ValueError(f"out must be {self.dtype} {tuple(x2.shape)} on {x2.device}")
         xq, xs = quantize_tokens(x2, self.cfg.pow2_scale)
-        folded = self._fold_shared(xq)
+        folded = self._fold_shared(xq, eager=False)
         shared, side = None, None
         if not folded:
             # as in the decode step, SMs left to the router branch: in a graph the shared gate-up
