@@ -255,37 +255,41 @@ def test_route_empty_and_fallbacks(backend):
 
 # ----------------------------------------------------------------------------- local ids
 
-def test_local_ids_match_torch(backend):
-    gen = torch.Generator().manual_seed(4)
-    for tokens, top_k, experts_global, offset, local in ((1, 8, 256, 0, 256), (37, 8, 256, 32, 32),
-                                                         (129, 4, 16, 12, 4), (0, 8, 32, 0, 32)):
+kLocalIdCases = ((1, 8, 256, 0, 256), (37, 8, 256, 32, 32), (129, 4, 16, 12, 4), (0, 8, 32, 0, 32))
+
+
+def local_id_cases(backend, seed, valids):
+    """-> (case, global ids [T, k], weights [T, k], num_valid) over kLocalIdCases x ``valids``
+    ("tensor": a device scalar T - 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    for case in kLocalIdCases:
+        tokens, top_k, experts_global = case[:3]
         idx = torch.stack([torch.randperm(experts_global, generator=gen)[:top_k]
                            for _ in range(tokens)]) if tokens else torch.empty(0, top_k, dtype=torch.int64)
-        idx = idx.to(backend)
-        for valid in (None, 0, tokens // 2, tokens + 3, -1, "tensor"):
+        weights = torch.rand(tokens, top_k, generator=gen)
+        for valid in valids:
             num_valid = torch.tensor(max(tokens - 2, 0), device=backend) if valid == "tensor" else valid
-            expected = L.local_expert_ids(idx, offset, local, num_valid)
-            with fused():
-                actual = L.local_expert_ids(idx, offset, local, num_valid)
-            assert torch.equal(actual, expected), (tokens, top_k, offset, local, valid)
+            yield (*case, valid), idx.to(backend), weights.to(backend), num_valid
+
+
+def test_local_ids_match_torch(backend):
+    for case, idx, _, num_valid in local_id_cases(backend, 4, (None, 0, 1, 40, -1, "tensor")):
+        offset, local = case[3:5]
+        expected = L.local_expert_ids(idx, offset, local, num_valid)
+        with fused():
+            actual = L.local_expert_ids(idx, offset, local, num_valid)
+        assert torch.equal(actual, expected), case
 
 
 def test_local_ids_with_shared_match_torch(backend):
     """The shared expert's slot (MoE's fold): ids and weights equal to the torch path."""
-    gen = torch.Generator().manual_seed(5)
-    for tokens, top_k, experts_global, offset, local in ((1, 8, 256, 0, 256), (37, 8, 256, 32, 32),
-                                                         (129, 4, 16, 12, 4), (0, 8, 32, 0, 32)):
-        idx = torch.stack([torch.randperm(experts_global, generator=gen)[:top_k]
-                           for _ in range(tokens)]) if tokens else torch.empty(0, top_k, dtype=torch.int64)
-        weights = torch.rand(tokens, top_k, generator=gen)
-        idx, weights = idx.to(backend), weights.to(backend)
-        for valid in (None, 0, tokens // 2, tokens + 3, "tensor"):
-            num_valid = torch.tensor(max(tokens - 2, 0), device=backend) if valid == "tensor" else valid
-            expected = L.local_expert_ids_with_shared(idx, weights, offset, local, num_valid)
-            with fused():
-                actual = L.local_expert_ids_with_shared(idx, weights, offset, local, num_valid)
-            for a, e in zip(actual, expected):
-                assert a.dtype == e.dtype and torch.equal(a, e), (tokens, top_k, offset, local, valid)
+    for case, idx, weights, num_valid in local_id_cases(backend, 5, (None, 0, 1, 40, "tensor")):
+        offset, local = case[3:5]
+        expected = L.local_expert_ids_with_shared(idx, weights, offset, local, num_valid)
+        with fused():
+            actual = L.local_expert_ids_with_shared(idx, weights, offset, local, num_valid)
+        for a, e in zip(actual, expected):
+            assert a.dtype == e.dtype and torch.equal(a, e), case
 
 
 # ----------------------------------------------------------------------------- the layer
