@@ -390,7 +390,8 @@ class MoE(nn.Module):
         the layout sized by its upper bound (``T k + E_loc x 127`` rows, padding the GEMMs skip),
         so nothing syncs and the step can be captured in a CUDA graph (the graph runner's
         prefill-sized batches). Tokens at or past ``num_valid_tokens`` (an int64 device scalar)
-        are routed nowhere and their output rows are left as they were. Inference only: the
+        are routed nowhere; the combine kernel leaves their output rows as they were (the CPU
+        path writes them: nobody reads them). Inference only: the
         experts' FP8 buffers are read (as the masked path does), ``last_tokens_per_expert`` is
         not filled. One-GPU layers only (an expert-parallel layer's layout size is the
         exchange's)."""
