@@ -209,8 +209,7 @@ class RoutedExperts(nn.Module):
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 
-    def _prefill_swiglu(self, layout: ContiguousLayout, w13: Optional[torch.Tensor] = None,
-                        w13_scale: Optional[torch.Tensor] = None):
+    def _prefill_swiglu(self, layout: ContiguousLayout, w13: torch.Tensor, w13_scale: torch.Tensor):
         """``act = (fp8 [M_sum, I], MN-major scales)`` from the fused SwiGLU gate-up GEMM where
         ``MOE_FP8_PREFILL_SWIGLU`` allows it (the contiguous GEMM runs as a kernel, 2I % 256 ==
         0, not in the debug mode: its finiteness checks would read the padding rows, which the
@@ -222,8 +221,6 @@ class RoutedExperts(nn.Module):
         if pick("auto", layout.a.device, "fp8_gemm", "m_grouped_contiguous") is None:
             return None
         from ..gemm.kernels import fp8_gemm
-        if w13 is None:
-            w13, w13_scale = self.w13, self.w13_scale
         rows = layout.num_rows
         q = torch.empty(rows, self.inter, dtype=FP8, device=layout.a.device)
         s = empty_act_scales(rows, self.inter // 128, device=layout.a.device)

@@ -145,6 +145,14 @@ class CombineIndex:
         _expect("slot_weight", self.slot_weight, torch.float32, 2)
 
 
+def _kernel_valid_count(num_valid_tokens, like: torch.Tensor) -> bool:
+    """Whether the local-id kernels take ``num_valid_tokens``: None, a host int, or an int64
+    one-element tensor on ``like``'s device."""
+    return not isinstance(num_valid_tokens, torch.Tensor) or (
+        num_valid_tokens.dtype == torch.int64 and num_valid_tokens.numel() == 1
+        and num_valid_tokens.device == like.device)
+
+
 def local_expert_ids(topk_idx: torch.Tensor, expert_offset: int, num_experts_local: int,
                      num_valid_tokens: torch.Tensor | int | None = None) -> torch.Tensor:
     """Global ids ``[T, k]`` -> local ids, the skip sentinel ``E_loc`` for other ranks' experts
@@ -152,10 +160,7 @@ def local_expert_ids(topk_idx: torch.Tensor, expert_offset: int, num_experts_loc
     With ``MOE_FP8_FUSED_ROUTER=1`` on sm_90: one kernel (``router.cuh``: local_ids_kernel)."""
     if topk_idx.numel() and _router.fused_router_enabled(topk_idx):
         kernels = _router.kernels()
-        device_valid = isinstance(num_valid_tokens, torch.Tensor)
-        if kernels.supports_local_ids(topk_idx) and (not device_valid or (
-                num_valid_tokens.dtype == torch.int64 and num_valid_tokens.numel() == 1
-                and num_valid_tokens.device == topk_idx.device)):
+        if kernels.supports_local_ids(topk_idx) and _kernel_valid_count(num_valid_tokens, topk_idx):
             return kernels.local_ids(topk_idx, expert_offset, num_experts_local, num_valid_tokens)
     local = topk_idx.long() - expert_offset
     skip = (local < 0) | (local >= num_experts_local)
@@ -172,10 +177,8 @@ def local_expert_ids_with_shared(topk_idx: torch.Tensor, topk_weights: torch.Ten
     fp32 ``[T, k + 1]``). With the router kernels: one kernel (local_ids_shared_kernel)."""
     if topk_idx.numel() and _router.fused_router_enabled(topk_idx):
         kernels = _router.kernels()
-        device_valid = isinstance(num_valid_tokens, torch.Tensor)
-        if kernels.supports_local_ids_shared(topk_idx, topk_weights) and (not device_valid or (
-                num_valid_tokens.dtype == torch.int64 and num_valid_tokens.numel() == 1
-                and num_valid_tokens.device == topk_idx.device)):
+        if kernels.supports_local_ids_shared(topk_idx, topk_weights) and \
+                _kernel_valid_count(num_valid_tokens, topk_idx):
             return kernels.local_ids_shared(topk_idx, topk_weights, expert_offset,
                                             num_experts_local, num_valid_tokens)
     local = local_expert_ids(topk_idx, expert_offset, num_experts_local, num_valid_tokens)

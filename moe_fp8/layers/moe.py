@@ -254,10 +254,11 @@ class MoE(nn.Module):
         self.experts.load_fp8(*quantize_stack(self.experts.w13_master, self.cfg.pow2_scale),
                               *quantize_stack(self.experts.w2_master, self.cfg.pow2_scale))
 
-    def _routed_rows(self, x2: torch.Tensor, layout, handle) -> torch.Tensor:
-        """The routed experts over the contiguous layout -> ``y_rows [M_sum, H]``."""
+    def _routed_rows(self, x2: torch.Tensor, layout, handle, folded=None) -> torch.Tensor:
+        """The routed experts over the contiguous layout -> ``y_rows [M_sum, H]``; ``folded``:
+        ``folded_weights()`` where the layout carries the shared expert too (inference only)."""
         if not self.fp8_training:
-            return self.experts.forward_contiguous(layout)
+            return self.experts.forward_contiguous(layout, folded)
         from .autograd import experts_forward_fp8, rows_of_tokens
         # the experts read the fp8 layout; x_rows carries the gradient back to the tokens
         x_rows = rows_of_tokens(x2, handle.combine.slot_row, handle.pair_kept, layout.num_rows)
@@ -377,8 +378,7 @@ class MoE(nn.Module):
         layout, handle = self.dispatcher.dispatch_contiguous(
             (xq, xs), routing.topk_idx, routing.topk_weights, **fold)
         shared, side = self._join_shared_early(shared, side)
-        y_rows = (self.experts.forward_contiguous(layout, folded) if folded
-                  else self._routed_rows(x2, layout, handle))  # [M_sum, H]
+        y_rows = self._routed_rows(x2, layout, handle, folded)  # [M_sum, H]
         shared = self._join_shared(shared, side)
         y = self.dispatcher.combine_contiguous(y_rows, handle, add=shared)  # [T, H]
         return y.view(x.shape).to(x.dtype)
