@@ -9,9 +9,10 @@
 #   buckets     experiments/runner_buckets_ab.py: a runner of 2048 with and without the 1.5x
 #               buckets 768 / 1536, replayed at 640-1700 tokens
 #   layertests  test_layer_gpu.py with MOE_FP8_FOLD_SHARED=1
-#   MOE_FP8_COMMIT=<sha> [STEPS="tests foldeager foldrunner buckets layertests"] [PROFILE=1] \
+#   ep1         test_ep_gpu.py as one NCCL rank (MOE_FP8_EP_GPU_WORLD=1)
+#   MOE_FP8_COMMIT=<sha> [STEPS="tests foldeager foldrunner buckets layertests ep1"] [PROFILE=1] \
 #     bash benchmarks/device_layer_experiments.sh
-# (default: all but buckets)
+# (default: all but buckets and ep1)
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
@@ -41,4 +42,6 @@ fi
 want buckets && step buckets 120 python3 benchmarks/experiments/runner_buckets_ab.py
 want layertests && step layertests 150 env MOE_FP8_FOLD_SHARED=1 python3 -m pytest -q \
   -p no:cacheprovider -m gpu tests/test_layer_gpu.py
+want ep1 && step ep1 120 env MOE_FP8_EP_GPU_WORLD=1 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_ep_gpu.py
 echo "done t=${SECONDS}s"
