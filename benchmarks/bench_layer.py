@@ -153,15 +153,17 @@ def gemm_only(moe: MoE, x: torch.Tensor):
         act_s = G.silu_and_mul_quant_fp8(hs)
         ys = torch.empty(x.shape[0], ex.hidden, dtype=torch.bfloat16, device=x.device)
 
-    fused = ex._prefill_swiglu(layout, w13, w13_scale) is not None  # the layer's own choice
+    counter = ex._tile_counter(layout.a)  # the layer's own choices: dynamic tiles, fused SwiGLU
+    fused = ex._prefill_swiglu(layout, w13, w13_scale, counter) is not None
 
     def run():
         if fused:
-            ex._prefill_swiglu(layout, w13, w13_scale)
+            ex._prefill_swiglu(layout, w13, w13_scale, counter)
         else:
             G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (w13, w13_scale),
-                                               layout.m_indices, out=h)
-        G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices, out=y)
+                                               layout.m_indices, out=h, tile_counter=counter)
+        G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices, out=y,
+                                           tile_counter=counter)
         if dense_shared:
             G.fp8_gemm_nt((xq, xs), (sh.w13, sh.w13_scale), out=hs)
             G.fp8_gemm_nt(act_s, (sh.w2, sh.w2_scale), out=ys)

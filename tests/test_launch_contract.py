@@ -167,6 +167,42 @@ def test_contiguous_swiglu_launch(launches, shape):
                                       fp8(rows, inter), torch.empty(rows, inter // 128))
 
 
+@pytest.mark.parametrize("shape", [(4, 512, 1024), (32, 2048, 7168)], ids=["small", "dsv3"])
+def test_dynamic_tile_launches(launches, shape):
+    """Dynamic tiles (tile_claim.cuh): the contiguous GEMM's three layouts and the contiguous
+    fused SwiGLU GEMM with a tile counter take their dynamic instances (one parameter more, the
+    counter, last; the claim's 48 bytes of shared memory); a bad counter is refused."""
+    from moe_fp8.gemm import new_tile_counter
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import build_m_indices, segment_offsets
+    experts, inter, k = shape
+    n = 2 * inter
+    counts = [5, 0, 300] + [128] * (experts - 3)
+    m_indices = build_m_indices(counts)
+    rows = m_indices.shape[0]
+    counter = new_tile_counter("cpu")
+    a, sa = fp8(rows, k), empty_act_scales(rows, k // 128)
+    b, sb = fp8(experts, n, k), torch.ones(experts, n // 128, k // 128)
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    for zero_padding in (False, True):
+        K.m_grouped_contiguous(a, sa, b, sb, m_indices, out, zero_padding=zero_padding,
+                               tile_counter=counter)
+    K.m_grouped_contiguous_offsets(a, sa, b, sb, segment_offsets(counts), out,
+                                   tile_counter=counter)
+    K.m_grouped_contiguous_swiglu(a, sa, b, sb, m_indices, fp8(rows, inter),
+                                  empty_act_scales(rows, inter // 128), tile_counter=counter)
+    names = [entry[0] for entry in launches]
+    assert len(names) == 4, names
+    assert all("fp8_gemm_dynamic_kernel" in n for n in names[:3]), names
+    assert "fused_swiglu_dynamic_kernel" in names[3], names
+    for bad, error in ((counter.long(), TypeError), (counter[:1], ValueError),
+                       (torch.zeros(2, 2, dtype=torch.int32), ValueError)):
+        with pytest.raises(error, match="tile_counter"):
+            K.m_grouped_contiguous(a, sa, b, sb, m_indices, out, tile_counter=bad)
+    with pytest.raises(ValueError, match="dynamic tiles"):
+        K.kernel_source(n, k, H.GemmConfig(128, 128, stages=4), K.kLayoutMasked, dynamic=True)
+
+
 def test_wgrad_launch(launches):
     from moe_fp8.gemm.kernels import wgrad
     m, n, tokens, experts = 256, 512, 512, 3

@@ -146,6 +146,19 @@ def test_switches_fall_back_off_the_gpu(gen, monkeypatch):
         assert torch.equal(moe.forward_masked(x), base_masked) and torch.equal(moe(x), base)
 
 
+def test_dynamic_tiles_switch_off_the_gpu(gen, monkeypatch):
+    """MOE_FP8_DYNAMIC_TILES=1 on the CPU: no counter handed out (no kernels), the same outputs;
+    the counter is a buffer outside the state dict (checkpoints unchanged)."""
+    moe = MoE(MoEConfig.tiny(), seed=8)
+    x = torch.randn(40, moe.cfg.hidden_size, generator=gen).bfloat16()
+    assert not any("tile_counter" in name for name in moe.state_dict())
+    with torch.no_grad():
+        base = moe(x)
+        monkeypatch.setenv("MOE_FP8_DYNAMIC_TILES", "1")
+        assert moe.experts._tile_counter(x) is None
+        assert torch.equal(moe(x), base)
+
+
 def test_decode_switches_by_expected_rows(monkeypatch):
     """MOE_FP8_DECODE_GATHER / MOE_FP8_SWAP_AB_DOWN unset: on up to their row limits (decode
     batches), off above (a graph runner at prefill sizes); 1 always, 0 never."""

@@ -29,7 +29,7 @@ __all__ = [
     "transpose_token_group_requant_fp8",
     "silu_and_mul_backward_quant_fp8",
     "fp8_gemm_nt", "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked",
-    "k_grouped_fp8_gemm_tn_contiguous", "calc_diff", "precompile",
+    "k_grouped_fp8_gemm_tn_contiguous", "new_tile_counter", "calc_diff", "precompile",
 ]
 
 Fp8Pair = Tuple[torch.Tensor, torch.Tensor]
@@ -289,10 +289,18 @@ def fp8_gemm_nt(a: Fp8Pair, b: Fp8Pair, out: Optional[torch.Tensor] = None, *,
     return out
 
 
+def new_tile_counter(device) -> torch.Tensor:
+    """A claim counter for the contiguous GEMMs' dynamic tiles (``tile_counter=``): int32 ``[2]``
+    zeros on ``device``. Every launch leaves it at zero; launches that may run at the same time
+    (two streams) need one each."""
+    return torch.zeros(2, dtype=torch.int32, device=device)
+
+
 def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Tensor,
                                      out: Optional[torch.Tensor] = None, *,
                                      backend: str = "auto", config=None,
-                                     zero_padding: bool = False) -> torch.Tensor:
+                                     zero_padding: bool = False,
+                                     tile_counter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped GEMM over the contiguous layout (prefill, training).
 
     ``a = (fp8 [M_sum, K], fp32 [M_sum, K/128])``, ``b = (fp8 [E, N, K], fp32 [E, ceil(N/128), K/128])``,
@@ -300,23 +308,32 @@ def m_grouped_fp8_gemm_nt_contiguous(a: Fp8Pair, b: Fp8Pair, m_indices: torch.Te
     belongs to one expert (M_sum % 128 == 0). ``out[r] = a[r] . b[m_indices[r]]^T`` bf16
     ``[M_sum, N]``; padding rows are not written, or with ``zero_padding`` written as zeros (then
     every row is written and ``out`` may come from ``torch.empty``).
+
+    ``tile_counter`` (``new_tile_counter(device)``): the kernel's persistent CTAs claim their
+    tiles at run time from this counter instead of a fixed stride, so CTAs that start late (SMs
+    held by a kernel on another stream) take fewer tiles. Every launch leaves it at zero; launches
+    that may overlap (two streams) need a counter each. The same results either way.
     """
     qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 3)
     check.multiple_of("M_sum (a[0].shape[0])", qa.shape[0], kScaleBlock)
     check.int32_vector("m_indices", m_indices, qa.shape[0])
     check.same_device(**{"a[0]": qa, "m_indices": m_indices})
     check.m_indices_values(m_indices, qb.shape[0])
+    if tile_counter is not None:
+        check.tile_counter(tile_counter, qa.device)
     out = _gemm_out(out, (qa.shape[0], qb.shape[1]), device)
     if qa.shape[0] == 0:
         return out
     run("m_grouped_contiguous", qa, sa, qb, sb, m_indices, out, check_backend(backend),
-        bool(zero_padding), config=config)
+        bool(zero_padding), tile_counter, config=config)
     return out
 
 
 def m_grouped_fp8_gemm_nt_contiguous_offsets(a: Fp8Pair, b: Fp8Pair, offsets: torch.Tensor,
                                              out: Optional[torch.Tensor] = None, *,
-                                             backend: str = "auto", config=None) -> torch.Tensor:
+                                             backend: str = "auto", config=None,
+                                             tile_counter: Optional[torch.Tensor] = None
+                                             ) -> torch.Tensor:
     """The contiguous grouped GEMM with the layout given as segment starts instead of m_indices.
 
     ``offsets`` int32 ``[E + 1]`` on the device: expert e owns rows ``[offsets[e], offsets[e+1])``;
@@ -325,18 +342,20 @@ def m_grouped_fp8_gemm_nt_contiguous_offsets(a: Fp8Pair, b: Fp8Pair, offsets: to
     one that leaves them untouched); rows ``>= offsets[E]`` are not written. The same tiles as the
     m_indices form (its speed against that form is not measured yet: bench_grouped's
     ``offsets_form_us``); use it when the dispatcher already has the cumulative segment sizes (no
-    [M_sum] index to build).
+    [M_sum] index to build). ``tile_counter``: as for ``m_grouped_fp8_gemm_nt_contiguous``.
     """
     qa, sa, qb, sb, device = _gemm_operands(a, b, 2, 3)
     check.multiple_of("M_sum (a[0].shape[0])", qa.shape[0], kScaleBlock)
     check.int32_vector("offsets", offsets, qb.shape[0] + 1)
     check.same_device(**{"a[0]": qa, "offsets": offsets})
     check.segment_starts_values(offsets, qa.shape[0])
+    if tile_counter is not None:
+        check.tile_counter(tile_counter, qa.device)
     out = _gemm_out(out, (qa.shape[0], qb.shape[1]), device)
     if qa.shape[0] == 0:
         return out
     run("m_grouped_contiguous_offsets", qa, sa, qb, sb, offsets, out, check_backend(backend),
-        config=config)
+        tile_counter, config=config)
     return out
 
 

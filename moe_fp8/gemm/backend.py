@@ -204,21 +204,24 @@ def fp8_gemm_nt(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.
 
 def m_grouped_contiguous_offsets(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor,
                                  sb: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
-                                 backend: str) -> None:
+                                 backend: str, tile_counter: Optional[torch.Tensor] = None) -> None:
     kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_contiguous_offsets")
     if kernel is not None:
-        kernel(qa, to_mn_major(sa), qb, sb, offsets, out, config=_pinned_config.get())
+        kernel(qa, to_mn_major(sa), qb, sb, offsets, out, config=_pinned_config.get(),
+               tile_counter=tile_counter)
     else:
         ref.m_grouped_contiguous_offsets(qa, sa, qb, sb, offsets, out)
 
 
 def m_grouped_contiguous(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor,
                          m_indices: torch.Tensor, out: torch.Tensor, backend: str,
-                         zero_padding: bool = False) -> None:
+                         zero_padding: bool = False,
+                         tile_counter: Optional[torch.Tensor] = None) -> None:
+    # tile_counter: the kernel's dynamic tiles (left at zero); the reference ignores it
     kernel = pick(backend, qa.device, "fp8_gemm", "m_grouped_contiguous")
     if kernel is not None:
         kernel(qa, to_mn_major(sa), qb, sb, m_indices, out, config=_pinned_config.get(),
-               zero_padding=zero_padding)
+               zero_padding=zero_padding, tile_counter=tile_counter)
     else:
         ref.m_grouped_contiguous(qa, sa, qb, sb, m_indices, out, zero_padding=zero_padding)
 
@@ -254,8 +257,8 @@ _MUTATED = {
     "transpose_token_group_requant": ("q", "s"),
     "silu_and_mul_backward_quant": ("dh", "dh_s", "dh_t", "dh_t_s", "act_t", "act_t_s"),
     "fp8_gemm_nt": ("out",),
-    "m_grouped_contiguous": ("out",),
-    "m_grouped_contiguous_offsets": ("out",),
+    "m_grouped_contiguous": ("out", "tile_counter"),
+    "m_grouped_contiguous_offsets": ("out", "tile_counter"),
     "m_grouped_masked": ("out",),
     "k_grouped_tn": ("out",),
 }

@@ -47,6 +47,7 @@ kOddWidthPenalty = 1.3  # block_n that does not divide 128 (see _pick_block_n)
 kWidth192Penalty = 1.1
 kMulticastMinMBlocks = 2  # dense: row blocks of 128 from which the 2-CTA B multicast is used
 kMulticastMaxK = 1024     # dense: largest K that uses it (short tiles gain; see module doc)
+kClaimBytes = 48  # dynamic tiles' shared memory (gemm_core.cuh CoreSmem::kClaimBytes)
 kMaxSplitK = 16           # split-K slices (include/split_k.cuh)
 kWgradWideBlockN = 256    # wgrad_config: the weight-gradient GEMM's tile width on wide outputs
 # fused SwiGLU GEMMs: the ring depth that fits without an output tile (MOE_FP8_SWIGLU_DEEP_RING).
@@ -262,7 +263,7 @@ def with_a_multicast(config: GemmConfig, n: int):
 
 def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = False,
                split_k: int = 1, wgrad_d_bytes: int = 4, swiglu: bool = False,
-               swap_ab: bool = False) -> int:
+               swap_ab: bool = False, dynamic_tiles: bool = False) -> int:
     """Dynamic shared memory of one CTA; mirrors CoreSmem in gemm_core.cuh.
 
     NT kernels: ring of A, B, sa slots; bf16 output tile (split K: fp32); weight scales of the
@@ -270,13 +271,15 @@ def smem_bytes(block_m: int, block_n: int, stages: int, k: int, wgrad: bool = Fa
     output tile (bf16 with ``wgrad_d_bytes = 2``). fp32 tiles 256 wide are staged 128 columns
     at a time (EpilogueAddF32). ``swiglu``: the fused SwiGLU GEMM, whose epilogue writes from
     registers (no output tile); with ``swap_ab``, 20 bytes per row of both math warpgroups for
-    the per-token amax and scales (SwapAbSwiGluSmem)."""
+    the per-token amax and scales (SwapAbSwiGluSmem). ``dynamic_tiles``: 48 bytes for the
+    claimed tile indices and the cluster mailbox (tile_claim.cuh)."""
     stage = block_m * kBlockK + block_n * kBlockK + block_m * 4 + (block_n * 4 if wgrad else 0)
     d_bytes = wgrad_d_bytes if wgrad else 4 if split_k > 1 else 2
     staged_n = block_n // 2 if d_bytes == 4 and block_n == 256 else block_n  # fp32: two passes
     d_tile = (2 * 5 * 4 * block_m if swap_ab else 0) if swiglu else block_m * staged_n * d_bytes
     tile_sb = 0 if wgrad else 2 * 2 * (k // kBlockK // split_k) * 4
     end = (stages * stage + d_tile + tile_sb + 7) // 8 * 8 + (2 * stages + 4) * 8
+    end += kClaimBytes if dynamic_tiles else 0
     return end + 1024  # alignment slack for the 1024-byte-aligned base
 
 

@@ -101,6 +101,19 @@ def int32_vector(name: str, t, length: int) -> torch.Tensor:
     return t
 
 
+def tile_counter(t, device: torch.device) -> None:
+    """A dynamic-tile claim counter (``moe_fp8.gemm.new_tile_counter``): int32, at least 2
+    elements, contiguous, on ``device``. Its zeros are the owner's contract (reading them would
+    sync)."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+        raise TypeError(f"tile_counter must be an int32 tensor (new_tile_counter), got "
+                        f"{getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != 1 or t.numel() < 2 or not t.is_contiguous() or t.device != device:
+        raise ValueError(f"tile_counter must be a contiguous int32 vector of at least 2 elements "
+                         f"on {device} (new_tile_counter), got shape {tuple(t.shape)} on "
+                         f"{t.device}")
+
+
 def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")

@@ -71,6 +71,14 @@ kSwapAbDownMaxRows = 64.0
 # layer 4096 / 8192 / 16384 / 32768 tokens -5..-6 / -2.0 / -1.2 (10 rounds) / -1.4 %: on.
 kPrefillSwiGluEnv = "MOE_FP8_PREFILL_SWIGLU"
 kPrefillSwiGluDefault = True
+# The prefill's contiguous GEMMs (the fused SwiGLU gate-up and the down GEMM) with dynamic tiles
+# (include/tile_claim.cuh): each persistent cluster claims its next tile from a counter instead of
+# walking a fixed stride, so CTAs that start late, their SMs still running the shared expert on
+# the side stream, take fewer tiles (the 1024-token graph bucket's fused SwiGLU ran 631 us against
+# 527 eagerly, the shared down GEMM holding 100 SMs at its start: H100, session 33). The same
+# bits. Off until a device run measures it (`1` on).
+kDynamicTilesEnv = "MOE_FP8_DYNAMIC_TILES"
+kDynamicTilesDefault = False
 kQuantChunkElems = 1 << 28  # quantise big expert stacks in chunks of this many weights (bf16 temp)
 
 
@@ -132,6 +140,9 @@ class RoutedExperts(nn.Module):
         self.register_buffer("w2", torch.empty(e, hidden, inter, dtype=FP8, device=device))
         self.register_buffer("w2_scale", torch.ones(e, _blocks(hidden), inter // 128,
                                                     dtype=torch.float32, device=device))
+        # the claim counter of the contiguous GEMMs' dynamic tiles (left at zero by every launch;
+        # the layer's GEMMs run one after another on one stream, so one counter serves them all)
+        self.register_buffer("tile_counter", G.new_tile_counter(device), persistent=False)
 
     @torch.no_grad()
     def random_init(self, generator: Optional[torch.Generator] = None, std: float = kInitStd) -> None:
@@ -171,9 +182,11 @@ class RoutedExperts(nn.Module):
         ``weights``: ``(w13, w13_scale, w2, w2_scale)`` to use instead of the buffers (the stack
         with the shared expert folded in, ``MoE.folded_weights``)."""
         w13, w13_scale, w2, w2_scale = weights or (self.w13, self.w13_scale, self.w2, self.w2_scale)
-        act = self._prefill_swiglu(layout, w13, w13_scale)
+        counter = self._tile_counter(layout.a)
+        act = self._prefill_swiglu(layout, w13, w13_scale, counter)
         if act is not None:
-            return G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices)
+            return G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices,
+                                                      tile_counter=counter)
         rows = layout.num_rows
         # NOTE: GEMM1 skips padding rows, so they hold garbage that the SiLU-mul op quantises too;
         # harmless (GEMM rows are independent and GEMM2 skips them again) except that the debug
@@ -181,9 +194,18 @@ class RoutedExperts(nn.Module):
         alloc = torch.zeros if debug_mode() else torch.empty
         h = alloc(rows, 2 * self.inter, dtype=self.dtype, device=layout.a.device)
         G.m_grouped_fp8_gemm_nt_contiguous((layout.a, layout.sa), (w13, w13_scale),
-                                           layout.m_indices, out=h)
+                                           layout.m_indices, out=h, tile_counter=counter)
         act = G.silu_and_mul_quant_fp8(h, pow2_scale=self.pow2_scale)
-        return G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices)
+        return G.m_grouped_fp8_gemm_nt_contiguous(act, (w2, w2_scale), layout.m_indices,
+                                                  tile_counter=counter)
+
+    def _tile_counter(self, a: torch.Tensor) -> Optional[torch.Tensor]:
+        """The claim counter where ``MOE_FP8_DYNAMIC_TILES`` asks for dynamic tiles and the
+        GEMMs run as kernels (eagerly, on this buffer's device), else None (fixed strides)."""
+        if (not switch_on(kDynamicTilesEnv, kDynamicTilesDefault) or not a.is_cuda
+                or torch.compiler.is_compiling() or self.tile_counter.device != a.device):
+            return None
+        return self.tile_counter
 
     def forward_masked(self, layout: MaskedLayout,
                        workspace: Optional[MaskedWorkspace] = None) -> torch.Tensor:
@@ -209,11 +231,12 @@ class RoutedExperts(nn.Module):
         return G.m_grouped_fp8_gemm_nt_masked(workspace.act, (self.w2, self.w2_scale), layout.masked_m,
                                               layout.expected_m, out=workspace.y, config=down)
 
-    def _prefill_swiglu(self, layout: ContiguousLayout, w13: torch.Tensor, w13_scale: torch.Tensor):
+    def _prefill_swiglu(self, layout: ContiguousLayout, w13: torch.Tensor, w13_scale: torch.Tensor,
+                        tile_counter: Optional[torch.Tensor] = None):
         """``act = (fp8 [M_sum, I], MN-major scales)`` from the fused SwiGLU gate-up GEMM where
         ``MOE_FP8_PREFILL_SWIGLU`` allows it (the contiguous GEMM runs as a kernel, 2I % 256 ==
         0, not in the debug mode: its finiteness checks would read the padding rows, which the
-        kernel leaves unwritten), else None (nothing done)."""
+        kernel leaves unwritten), else None (nothing done). ``tile_counter``: dynamic tiles."""
         if (not switch_on(kPrefillSwiGluEnv, kPrefillSwiGluDefault) or (2 * self.inter) % 256
                 or debug_mode() or torch.compiler.is_compiling()):
             return None
@@ -226,7 +249,7 @@ class RoutedExperts(nn.Module):
         s = empty_act_scales(rows, self.inter // 128, device=layout.a.device)
         fp8_gemm.m_grouped_contiguous_swiglu(layout.a, to_mn_major(layout.sa), w13, w13_scale,
                                              layout.m_indices, q, s,
-                                             pow2=self.pow2_scale)
+                                             pow2=self.pow2_scale, tile_counter=tile_counter)
         return q, s
 
     def _fused_swiglu(self, layout: MaskedLayout, workspace: MaskedWorkspace) -> bool:

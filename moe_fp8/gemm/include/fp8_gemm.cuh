@@ -31,7 +31,8 @@ __host__ __device__ constexpr bool fits_two_scale_blocks(int block_n) {
 }
 
 template <int kN, int kK, int kBlockM_, int kBlockN_, int kStages_, int kGroupN, int kLayout,
-          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_>
+          int kDoubleBufferOpt, int kClusterM_, int kClusterN_, int kARowChunk_, bool kEarlyB_,
+          bool kDynamicTiles_ = false>
 struct NtPolicy {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kClusterM = kClusterM_, kClusterN = kClusterN_;
@@ -51,6 +52,7 @@ struct NtPolicy {
   static constexpr bool kSkipIdleWarpgroup = kLayout == kLayoutMasked && kARowChunk > 0;
   static constexpr int kUpRowOffset = 0;  // no paired halves (fused_swiglu.cuh)
   static constexpr bool kEarlyB = kEarlyB_;  // B before the PDL wait (gemm_core.cuh)
+  static constexpr bool kDynamicTiles = kDynamicTiles_;  // tiles claimed at run time
   // early B reads the layout before the PDL wait: only the masked counts have an L2 read
   // (scheduler.cuh kCoherentCounts); the dense layout reads none
   static_assert(!kEarlyB || (kClusterM == 1 && kClusterN == 1 &&
@@ -76,6 +78,28 @@ __global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
   using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
                           kClusterM, kClusterN, kARowChunk, kEarlyB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_d};
+  gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
+}
+
+// The contiguous layouts (kLayout 1, 4 or 5) with dynamic tiles (tile_claim.cuh): the tiles of
+// fp8_gemm_kernel, claimed at run time from g_tile_counter (int32 [2], zero before the launch and
+// left zero after it; one counter per stream of launches).
+template <int kN, int kK, int kBlockM, int kBlockN, int kStages, int kGroupN, int kLayout,
+          int kDoubleBufferOpt, int kClusterM>
+__global__ void __launch_bounds__((kBlockM / 64 + 1) * 128, 1)
+    fp8_gemm_dynamic_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
+                            const __grid_constant__ ptx::TmaDesc tma_b,
+                            const __grid_constant__ ptx::TmaDesc tma_sa,
+                            const __grid_constant__ ptx::TmaDesc tma_d, int m, int num_experts,
+                            const int* g_layout, const float* g_sb, void* g_d,
+                            int* g_tile_counter) {
+  static_assert(kK % 128 == 0 && kN % 16 == 0, "K % 128 and N % 16 must be 0");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256 && fits_two_scale_blocks(kBlockN),
+                "kBlockN: multiple of 16, <= 256, at most two scale blocks per tile");
+  using Policy = NtPolicy<kN, kK, kBlockM, kBlockN, kStages, kGroupN, kLayout, kDoubleBufferOpt,
+                          kClusterM, 1, 0, false, true>;
+  GemmParams params{m, num_experts, g_layout, g_sb, g_d};
+  params.g_tile_counter = g_tile_counter;
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }
 

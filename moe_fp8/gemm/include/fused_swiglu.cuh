@@ -103,7 +103,7 @@ struct SelectType<false, A, B> {
 };
 
 template <int kN_, int kK, int kBlockM_, int kStages_, int kGroupN, int kARowChunk_, bool kPow2,
-          int kLayout, int kClusterM_, bool kSwap = false>
+          int kLayout, int kClusterM_, bool kSwap = false, bool kDynamic = false>
 struct SwiGluPolicy {
   static constexpr int kN = kN_;  // W13's rows per expert, 2I
   static_assert(kLayout == kLayoutMasked || (kLayout == kLayoutContiguous && kARowChunk_ == 0 &&
@@ -123,6 +123,7 @@ struct SwiGluPolicy {
   static constexpr int kUpRowOffset = kN / 2;
   static constexpr bool kEarlyB = false;  // B before the PDL wait (gemm_core.cuh)
   static constexpr bool kSwapAB = kSwap;
+  static constexpr bool kDynamicTiles = kDynamic;  // tiles claimed at run time (contiguous)
   using SwapAbTile = SwapAbSwiGluTile<kPow2>;
   using Scheduler =
       TileScheduler<kLayout, kN, kK, kBlockM, 256, kGroupN, kClusterM, 1, 1, false, true>;
@@ -149,6 +150,27 @@ __global__ void __launch_bounds__((kSwapAB ? 2 : kBlockM / 64) * 128 + 128, 1)
                               kClusterM, kSwapAB>;
   const GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
                           scale_group};
+  gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
+}
+
+// The contiguous form with dynamic tiles (tile_claim.cuh): fused_swiglu_gemm_kernel's tiles,
+// claimed at run time from g_tile_counter (int32 [2], zero before the launch and left zero after
+// it; one counter per stream of launches).
+template <int kN, int kK, int kStages, int kGroupN, bool kPow2, int kClusterM>
+__global__ void __launch_bounds__(3 * 128, 1)
+    fused_swiglu_dynamic_kernel(const __grid_constant__ ptx::TmaDesc tma_a,
+                                const __grid_constant__ ptx::TmaDesc tma_b,
+                                const __grid_constant__ ptx::TmaDesc tma_sa,
+                                const __grid_constant__ ptx::TmaDesc tma_d, int m,
+                                int num_experts, const int* g_layout, const float* g_sb,
+                                void* g_act, float* g_act_scale, long long scale_batch,
+                                long long scale_group, int* g_tile_counter) {
+  static_assert(kK % 128 == 0 && kN % 256 == 0, "K % 128 == 0 and I % 128 == 0");
+  using Policy = SwiGluPolicy<kN, kK, 128, kStages, kGroupN, 0, kPow2, kLayoutContiguous,
+                              kClusterM, false, true>;
+  GemmParams params{m, num_experts, g_layout, g_sb, g_act, g_act_scale, scale_batch,
+                    scale_group};
+  params.g_tile_counter = g_tile_counter;
   gemm_body<Policy>(&tma_a, &tma_b, &tma_sa, nullptr, &tma_d, params);
 }
 

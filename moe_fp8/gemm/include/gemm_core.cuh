@@ -44,6 +44,9 @@
 //                               unpermuted token matrix (gemm_body's g_gather_x) at the
 //                               dispatch's row_token (g_row_token), copied by producer warps 2-3
 //                               with cp.async (decode, fused_swiglu.cuh)
+//   kDynamicTiles               (optional, contiguous layouts) tiles claimed at run time from
+//                               params.g_tile_counter by the scale warp instead of a fixed
+//                               stride (tile_claim.cuh)
 //   Scheduler, Epilogue         scheduler.cuh / epilogue.cuh
 //
 // Warp roles (kNumMathWG = kBlockM / 64 math warpgroups, then one producer warpgroup):
@@ -64,6 +67,7 @@
 #include "ptx.cuh"
 #include "scheduler.cuh"
 #include "swap_ab.cuh"
+#include "tile_claim.cuh"
 #include "tile_trace.cuh"
 
 namespace moe_fp8 {
@@ -95,6 +99,13 @@ __host__ __device__ constexpr auto gather_a_of(int) -> decltype(bool(P::kGatherA
 }
 template <class P>
 __host__ __device__ constexpr bool gather_a_of(long) { return false; }
+// Policies with kDynamicTiles claim their tiles at run time (tile_claim.cuh).
+template <class P>
+__host__ __device__ constexpr auto dynamic_tiles_of(int) -> decltype(bool(P::kDynamicTiles)) {
+  return P::kDynamicTiles;
+}
+template <class P>
+__host__ __device__ constexpr bool dynamic_tiles_of(long) { return false; }
 template <class P>
 __host__ __device__ constexpr int math_warpgroups() {
   return swap_ab_of<P>(0) ? 2 : P::kBlockM / 64;
@@ -116,7 +127,10 @@ struct CoreSmem {
   static constexpr int kTileSb = kSb + P::kStages * kSbBytes;    // [2][2][kTileKBlocks] fp32
   static constexpr int kBar = (kTileSb + 2 * kTileSbFloats * 4 + 7) / 8 * 8;
   static constexpr int kEnd = kBar + (2 * P::kStages + 4) * 8;  // full, empty, tile-scale x 4
-  static constexpr int kTotal = kEnd + 1024;                     // slack to 1024-align the base
+  // dynamic tiles: mail_full [2], mail_empty [2] (u64), tile index [2], mailbox [2] (int)
+  static constexpr int kClaim = kEnd;
+  static constexpr int kClaimBytes = dynamic_tiles_of<P>(0) ? 48 : 0;
+  static constexpr int kTotal = kClaim + kClaimBytes + 1024;  // slack to 1024-align the base
   static constexpr int kStageTxBytes = kABytes + kBBytes + kSaBytes + kSbBytes;
   static_assert(kABytes / P::kClusterN % 1024 == 0 && kBBytes / P::kClusterM % 1024 == 0,
                 "128B-swizzle atoms are 1024 bytes (also for each multicast half of A or B)");
@@ -176,6 +190,11 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                               !kColumnScales),
                 "gather: the masked fused SwiGLU GEMM; no cluster, row chunks or early B");
   constexpr int kGatherWarps = 2;  // producer warps 2-3 (warp 0: TMA, warp 1: tile scales)
+  constexpr bool kDynamicTiles = dynamic_tiles_of<P>(0);
+  static_assert(!kDynamicTiles || (Scheduler::kClaimable && !kColumnScales && !kGatherA &&
+                                   !kSwapAB && !P::kEarlyB),
+                "dynamic tiles: contiguous layouts, block scales (the scale warp claims), no "
+                "gather, swap AB or early B");
   // NOTE: setmaxnreg only moves registers the CTA was launched with (384 threads x 168); asking
   // for more makes the math warpgroups' setmaxnreg.inc wait forever (seen: a hang at 48 + 232).
   using Regs = RegisterSplit<kHalves == 2>;
@@ -198,6 +217,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
   u64* empty = full + kStages;
   u64* sb_full = empty + kStages;  // [2] tile scales staged
   u64* sb_empty = sb_full + 2;     // [2] tile scales consumed
+  // kDynamicTiles (tile_claim.cuh): the claimed tile index of each tile-scale buffer (-1: none
+  // left), and rank 1's mailbox with its barriers
+  u64* mail_full = reinterpret_cast<u64*>(smem + Layout::kClaim);
+  u64* mail_empty = mail_full + 2;
+  int* s_tile_idx = reinterpret_cast<int*>(mail_empty + 2);
+  int* s_mail = s_tile_idx + 2;
 
   // NOTE: broadcast from lane 0 so the compiler knows it is warp-uniform: the wgmma
   // descriptors derived from it then stay in uniform registers (no per-issue R2UR moves).
@@ -219,7 +244,12 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
     }
     for (int b = 0; b < 2; ++b) {
       ptx::mbar_init(&sb_full[b], 32);              // every lane of the scale warp
-      ptx::mbar_init(&sb_empty[b], kNumMathWG * 128);  // every math thread of this CTA
+      // every math thread of this CTA (dynamic tiles: and the TMA producer, reading the index)
+      ptx::mbar_init(&sb_empty[b], kNumMathWG * 128 + (kDynamicTiles ? 1 : 0));
+      if constexpr (kDynamicTiles) {
+        ptx::mbar_init(&mail_full[b], 1);   // rank 1's expect_tx arrival
+        ptx::mbar_init(&mail_empty[b], 1);  // rank 1's remote arrival (on rank 0)
+      }
     }
     ptx::fence_barrier_init();
   }
@@ -317,6 +347,20 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         return kARowChunk == 0 ? Layout::kStageTxBytes :
             Layout::kStageTxBytes - Layout::kABytes + a_chunks * kARowChunk * 128;
       };
+      // kDynamicTiles: the tiles the scale warp claimed, read beside their scales
+      int feed_buf = 0;
+      u32 feed_phase = 0;
+      auto next_tile = [&](Tile& t) -> bool {
+        if constexpr (kDynamicTiles) {
+          ptx::mbar_wait_idle(&sb_full[feed_buf], feed_phase);
+          const int idx = s_tile_idx[feed_buf];
+          ptx::mbar_arrive(&sb_empty[feed_buf]);
+          if (++feed_buf == 2) feed_buf = 0, feed_phase ^= 1;
+          return idx >= 0 && scheduler.get(idx, t) == TileStatus::kReady;
+        } else {
+          return scheduler.next(t);
+        }
+      };
       int early_b = 0;  // kEarlyB: slots [0, early_b) already expect their bytes and hold B
       if constexpr (P::kEarlyB) {
         // The first kStages slots (the same tile sequence as `scheduler`, walked by a copy that
@@ -337,7 +381,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         }
         pdl::begin();
       }
-      while (scheduler.next(tile)) {
+      while (next_tile(tile)) {
         const int num_kb = kFixedK ? kTileKBlocks : tile.num_k_blocks;
         const int a_chunks = a_chunks_of(tile);
         // kSplitPairs: a padding half of a contiguous pair loads only its B half for the peer
@@ -407,12 +451,35 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       Tile tile;
       int buf = 0;
       u32 phase = 0;
-      while (scheduler.next(tile)) {
+      // kDynamicTiles: claim a tile once a buffer is free (skipping padding pairs); with none
+      // left, publish -1 in that buffer and (rank 0) count the cluster done
+      TileClaim<kClusterSize> claim(params.g_tile_counter, s_mail, mail_full, mail_empty, rank);
+      int claimed = -1;
+      auto next_tile = [&](Tile& t) -> bool {
+        if constexpr (kDynamicTiles) {
+          ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
+          while (true) {
+            claimed = claim.next();
+            const TileStatus status = scheduler.get(claimed, t);
+            if (status == TileStatus::kReady) return true;
+            if (status == TileStatus::kDone) break;
+          }
+          if (lane == 0) {
+            s_tile_idx[buf] = -1;
+            if (rank == 0) claim.finish();
+          }
+          ptx::mbar_arrive(&sb_full[buf]);
+          return false;
+        } else {
+          return scheduler.next(t);
+        }
+      };
+      while (next_tile(tile)) {
         // NOTE: every lane waits here and every math thread arrives (not lane 0 after a
         // __syncwarp): racecheck reported the scale warp's writes against the math warps' reads
         // of the buffer's previous use wherever a CTA walks more than two tiles (128 x 64 to
         // 128 x 256, H100 2026-12-05); per-thread arrive / wait makes the order explicit to it.
-        ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
+        if constexpr (!kDynamicTiles) ptx::mbar_wait_idle(&sb_empty[buf], phase ^ 1);
         // The tile's K blocks of its sb row, then the same K blocks of the next row (a tile
         // straddling two scale blocks). Split K: both are slices of rows kRowStride apart; without
         // it the two runs are contiguous (kRowStride == kTileKBlocks, one run of 2 x kTileKBlocks).
@@ -427,6 +494,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                  ? i : kNextRow * kRowStride + i - kTileKBlocks;
           s_dst[i] = (i < kTileKBlocks || has_next_block) ? __ldg(g_sb + offset) : 0.f;
         }
+        if (kDynamicTiles && lane == 0) s_tile_idx[buf] = claimed;
         ptx::mbar_arrive(&sb_full[buf]);
         if (++buf == 2) buf = 0, phase ^= 1;
       }
@@ -582,10 +650,22 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
       }
     };
 
+    // kDynamicTiles: the tile the scale warp claimed for the current buffer (begin_tile waits
+    // on the same phase again: a completed phase, so at once)
+    auto next_tile_of = [&](Tile& t) -> bool {
+      if constexpr (kDynamicTiles) {
+        ptx::mbar_wait(&sb_full[sb_buf], sb_phase);
+        const int idx = s_tile_idx[sb_buf];
+        return idx >= 0 && scheduler.get(idx, t) == TileStatus::kReady;
+      } else {
+        return scheduler.next(t);
+      }
+    };
+
     // NOTE (lookahead): with double buffering, K block 0 of the next tile is queued on the tensor
     // cores before this tile's epilogue, so the stores overlap MMAs instead of leaving the tensor
     // cores idle between tiles (per-tile overhead, ~10 % of a K = 2048 tile, 2026-12-05).
-    bool have_tile = scheduler.next(tile);
+    bool have_tile = next_tile_of(tile);
     if (have_tile) {
       begin_tile(tile);
       if constexpr (kDoubleBuffer) {
@@ -638,7 +718,7 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
         ptx::mbar_arrive(&sb_empty[sb_buf]);  // every thread: see the scale warp's NOTE
         if (++sb_buf == 2) sb_buf = 0, sb_phase ^= 1;
       }
-      have_tile = scheduler.next(next_tile);
+      have_tile = next_tile_of(next_tile);
       if (have_tile) {
         begin_tile(next_tile);
         if constexpr (kDoubleBuffer) {

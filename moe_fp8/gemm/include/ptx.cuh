@@ -263,6 +263,20 @@ __device__ __forceinline__ void mbar_arrive_cluster(u64* bar, u32 cta) {
       : "memory");
 }
 
+// Store `value` into the int at `p`'s shared-memory offset in CTA `cta` of the cluster; the
+// store completes 4 transaction bytes on the barrier at `bar`'s offset there, whose phase must
+// expect them (mbar_arrive_expect_tx). No cluster-scope fence: the barrier orders the data.
+__device__ __forceinline__ void st_async_cluster(int* p, int value, u64* bar, u32 cta) {
+  asm volatile(
+      "{\n.reg .b32 rp, rb;\n"
+      "mapa.shared::cluster.u32 rp, %0, %2;\n"
+      "mapa.shared::cluster.u32 rb, %1, %2;\n"
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [rp], %3, [rb];\n}\n" ::"r"(
+          smem_addr(p)),
+      "r"(smem_addr(bar)), "r"(cta), "r"(value)
+      : "memory");
+}
+
 // ------------------------------------------------------------------ wgmma (FP8)
 
 // Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes (one 128-channel

@@ -61,6 +61,7 @@ struct GemmParams {
   void* g_d;           // bf16 output, for the predicated (partially masked) store path
   float* g_ds = nullptr;  // fused SwiGLU: the fp8 output's 1x128 scales (fused_swiglu.cuh)
   long long ds_batch = 0, ds_group = 0;  // their strides per expert / per 128-column block
+  int* g_tile_counter = nullptr;  // dynamic tiles: the claim counter [2] (tile_claim.cuh)
 };
 
 // One output tile of kBlockM x kBlockN and where its operands live.
@@ -139,6 +140,11 @@ struct TileScheduler {
   static constexpr int kSplitKBlocks = kNumKBlocks / kSplitK;  // K blocks per split
   static constexpr int kSbRowsPerExpert = ceil_div(kN, 128);
   static constexpr bool kMasked = kLayout == kLayoutMasked;
+  // get() of these layouts depends on the index alone (the masked walk keeps state: it needs
+  // increasing indices), so tiles may be claimed in any order (tile_claim.cuh)
+  static constexpr bool kClaimable = kLayout == kLayoutContiguous ||
+                                     kLayout == kLayoutContiguousZeroPad ||
+                                     kLayout == kLayoutContiguousOffsets;
 
   const GemmParams& params;
   const int rank_m;  // the row block inside a B-multicast pair (kClusterM > 1), else 0

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import heuristics as H
+from .. import validate as check
 from .. import jit
 from ..jit import driver
 
@@ -38,9 +39,24 @@ kLayoutContiguousZeroPad = 5  # the m_indices form, padding rows written as zero
 extra_defines: Tuple = ()
 
 
-def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int) -> "jit.KernelSource":
-    """The JIT source of one instance; ``config`` must be resolved (stages filled in)."""
+kClaimableLayouts = (kLayoutContiguous, kLayoutContiguousOffsets, kLayoutContiguousZeroPad)
+
+
+def kernel_source(n: int, k: int, config: H.GemmConfig, layout: int,
+                  dynamic: bool = False) -> "jit.KernelSource":
+    """The JIT source of one instance; ``config`` must be resolved (stages filled in).
+    ``dynamic``: a contiguous layout's tiles claimed at run time (``fp8_gemm_dynamic_kernel``)."""
     c = config
+    if dynamic:
+        if (layout not in kClaimableLayouts or c.split_k != 1 or c.swap_ab or c.early_b
+                or c.cluster_n != 1 or c.a_row_chunk):
+            raise ValueError(f"dynamic tiles need a contiguous layout and a config without split "
+                             f"K, swap AB, early B, A multicast or row chunks, got layout "
+                             f"{layout} and {c}")
+        return jit.KernelSource(
+            kHeader,
+            f"moe_fp8::fp8_gemm_dynamic_kernel<{n}, {k}, {c.block_m}, {c.block_n}, {c.stages}, "
+            f"{c.group_n}, {layout}, {int(c.double_buffer)}, {c.cluster_m}>", extra_defines)
     if c.split_k > 1:
         if layout != kLayoutDense:
             raise ValueError(f"GemmConfig.split_k = {c.split_k} needs the dense layout")
@@ -85,9 +101,10 @@ def _cached_kernel(key: tuple, source, device: int):
     return kernel
 
 
-def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int):
-    return _cached_kernel((n, k, config, layout, device, extra_defines),
-                          lambda: kernel_source(n, k, config, layout), device)
+def _get_kernel(n: int, k: int, config: H.GemmConfig, layout: int, device: int,
+                dynamic: bool = False):
+    return _cached_kernel((n, k, config, layout, device, extra_defines, dynamic),
+                          lambda: kernel_source(n, k, config, layout, dynamic), device)
 
 
 _active_clusters: Dict[tuple, int] = {}
@@ -190,10 +207,13 @@ def _operand_tmas(a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.T
 
 def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: torch.Tensor,
             sb: torch.Tensor, d2: torch.Tensor, layout_arg: Optional[torch.Tensor], m: int,
-            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int) -> None:
+            num_experts: int, n: int, k: int, config: H.GemmConfig, max_tiles: int,
+            tile_counter: Optional[torch.Tensor] = None) -> None:
     """One launch. ``a2``/``b2``/``d2``: 2-D views ``[rows, K]``/``[E*N, K]``/``[rows, N]``;
-    ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh)."""
+    ``sa2``: ``[outer, sa_rows]`` scale view; ``m``: M, M_sum or M_max (see scheduler.cuh);
+    ``tile_counter``: claim the tiles at run time (contiguous layouts, tile_claim.cuh)."""
     c = config.resolved(k)
+    dynamic = tile_counter is not None
     if c.cluster_m != 1 and layout == kLayoutMasked:
         raise ValueError(f"GemmConfig.cluster_m = {c.cluster_m} needs the dense or a contiguous "
                          "layout (B-multicast pairs of row blocks)")
@@ -204,8 +224,12 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
         raise ValueError(f"GemmConfig.cluster_n = {c.cluster_n} needs the column blocks to pair "
                          f"up: ceil(N / block_n) = {H._ceil_div(n, c.block_n)} is odd (N = {n})")
     device = a2.device.index if a2.device.index is not None else torch.cuda.current_device()
-    kernel = _get_kernel(n, k, c, layout, device)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k)
+    kernel = _get_kernel(n, k, c, layout, device, dynamic)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, split_k=c.split_k,
+                        dynamic_tiles=dynamic)
+    if smem > H.kMaxSmemBytes:
+        raise ValueError(f"{c} needs {smem} bytes of shared memory with dynamic tiles (at most "
+                         f"{H.kMaxSmemBytes}): pin one stage fewer")
     # split K: each output tile is S work units (one per K slice)
     grid = persistent_grid(kernel, c, max_tiles * c.split_k, smem, device)
     tma_a, tma_b, tma_sa = _operand_tmas(a2, sa2, sa_rows, b2, c, c.block_n // c.cluster_m)
@@ -224,6 +248,8 @@ def _launch(layout: int, a2: torch.Tensor, sa2: torch.Tensor, sa_rows: int, b2: 
     tma_d = _tma(d2, 16, 64, 32)
     args: List[object] = [tma_a, tma_b, tma_sa, tma_d, jit.i32(m), jit.i32(num_experts),
                           layout_arg if layout_arg is not None else sb, sb, d2]
+    if dynamic:
+        args.append(tile_counter)
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem, args, cluster=(c.cluster_size, 1, 1))
 
 
@@ -276,8 +302,10 @@ def fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Te
 
 def _contiguous(layout: int, a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
                 sb: torch.Tensor, layout_arg: torch.Tensor, out: torch.Tensor,
-                config: Optional[H.GemmConfig]) -> torch.Tensor:
-    """One launch over the contiguous layout, its rows described by ``layout_arg``."""
+                config: Optional[H.GemmConfig],
+                tile_counter: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One launch over the contiguous layout, its rows described by ``layout_arg``; with
+    ``tile_counter`` (``new_tile_counter``) its tiles are claimed at run time."""
     m_sum, k = a.shape
     num_experts, n, _ = b.shape
     if m_sum == 0:
@@ -285,30 +313,35 @@ def _contiguous(layout: int, a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     config = config or H.contiguous_config(m_sum, n, k, H.num_sms(dev))
     tiles = H._ceil_div(m_sum, config.block_m) * H._ceil_div(n, config.block_n)
+    if tile_counter is not None:
+        check.tile_counter(tile_counter, a.device)
     _launch(layout, _k_major(a), _sa_view(sa), m_sum, _k_major(b).view(num_experts * n, k),
-            sb.contiguous(), out, layout_arg.contiguous(), m_sum, num_experts, n, k, config, tiles)
+            sb.contiguous(), out, layout_arg.contiguous(), m_sum, num_experts, n, k, config, tiles,
+            tile_counter)
     return out
 
 
 def m_grouped_contiguous(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
                          m_indices: torch.Tensor, out: torch.Tensor,
                          config: Optional[H.GemmConfig] = None,
-                         zero_padding: bool = False) -> torch.Tensor:
+                         zero_padding: bool = False,
+                         tile_counter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[r] = a[r] . b[m_indices[r]]^T`` for rows with ``m_indices[r] >= 0``; padding rows
     (-1) are neither computed nor written, or with ``zero_padding`` written as zeros (every row of
-    ``out`` is written: it may come from ``torch.empty``)."""
+    ``out`` is written: it may come from ``torch.empty``). ``tile_counter``: dynamic tiles."""
     layout = kLayoutContiguousZeroPad if zero_padding else kLayoutContiguous
-    return _contiguous(layout, a, sa, b, sb, m_indices, out, config)
+    return _contiguous(layout, a, sa, b, sb, m_indices, out, config, tile_counter)
 
 
 def m_grouped_contiguous_offsets(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
                                  sb: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
-                                 config: Optional[H.GemmConfig] = None) -> torch.Tensor:
+                                 config: Optional[H.GemmConfig] = None,
+                                 tile_counter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[r] = a[r] . b[e]^T`` for ``offsets[e] <= r < offsets[e + 1]`` (``offsets`` [E+1]
     int32 on the device, multiples of 128, nondecreasing, from 0); rows >= offsets[E] are
     neither computed nor written. Every row of a segment is computed and written, padding rows
     inside it included (the ``m_indices`` form leaves those untouched)."""
-    return _contiguous(kLayoutContiguousOffsets, a, sa, b, sb, offsets, out, config)
+    return _contiguous(kLayoutContiguousOffsets, a, sa, b, sb, offsets, out, config, tile_counter)
 
 
 def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -333,10 +366,12 @@ def m_grouped_masked(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
 
 
 def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
-                  layout: int = kLayoutMasked, gather: bool = False) -> "jit.KernelSource":
+                  layout: int = kLayoutMasked, gather: bool = False,
+                  dynamic: bool = False) -> "jit.KernelSource":
     """The fused SwiGLU gate-up GEMM over ``n = 2I`` weight rows (``config``: 256-wide, resolved)
     on the masked or the contiguous (m_indices) layout; ``gather`` (masked): A's rows read from
-    the unpermuted token matrix (``fused_swiglu_gather_kernel``; the config's row chunks unused)."""
+    the unpermuted token matrix (``fused_swiglu_gather_kernel``; the config's row chunks unused);
+    ``dynamic`` (contiguous): tiles claimed at run time (``fused_swiglu_dynamic_kernel``)."""
     c = config
     if c.block_n != 256 or c.cluster_n != 1 or c.split_k != 1 or n % 256 or c.early_b:
         raise ValueError(f"the fused SwiGLU GEMM needs 256-wide tiles without A multicast, split K "
@@ -351,6 +386,13 @@ def swiglu_source(n: int, k: int, config: H.GemmConfig, pow2: bool,
         raise ValueError(f"the masked fused SwiGLU GEMM takes no cluster, got {c}")
     if c.swap_ab and layout != kLayoutMasked:
         raise ValueError(f"the swap-AB fused SwiGLU GEMM runs on the masked layout, got {c}")
+    if dynamic:
+        if layout != kLayoutContiguous or gather:
+            raise ValueError("dynamic tiles: the contiguous fused SwiGLU GEMM only")
+        return jit.KernelSource(
+            kSwiGluHeader,
+            f"moe_fp8::fused_swiglu_dynamic_kernel<{n}, {k}, {c.stages}, {c.group_n}, "
+            f"{'true' if pow2 else 'false'}, {c.cluster_m}>", extra_defines)
     swap = ", true" if c.swap_ab else ""  # trailing: the other instances keep their names
     if gather:
         if layout != kLayoutMasked:
@@ -425,14 +467,16 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
 def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor,
                                 sb: torch.Tensor, m_indices: torch.Tensor, act: torch.Tensor,
                                 act_s: torch.Tensor, pow2: bool = False,
-                                config: Optional[H.GemmConfig] = None) -> None:
+                                config: Optional[H.GemmConfig] = None,
+                                tile_counter: Optional[torch.Tensor] = None) -> None:
     """``act, act_s = silu_and_mul_quant(m_grouped_contiguous(a, b, m_indices))`` in one kernel
     (the same bytes on every row of a tile that is not padding): ``a`` fp8 ``[M_sum, K]`` +
     MN-major ``sa``, ``b`` W13 fp8 ``[E, 2I, K]`` (gate rows, then up rows) + ``sb``
     ``[E, 2I/128, K/128]``, ``m_indices`` int32 ``[M_sum]`` (constant per 128-row segment, -1 on
     padding); ``act`` fp8 ``[M_sum, I]`` contiguous and ``act_s`` ``[M_sum, I/128]`` MN-major
     (``layout.empty_act_scales``). Padding rows (-1) of both are left untouched. Checked
-    tensors only (the caller validates)."""
+    tensors only (the caller validates). ``tile_counter`` (``new_tile_counter``): the tiles are
+    claimed at run time."""
     m_sum, k = a.shape
     num_experts, n, _ = b.shape
     if m_sum == 0:
@@ -442,9 +486,17 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
                          "(layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
     c = config or H.contiguous_swiglu_config(m_sum, n, k, H.num_sms(dev))
-    kernel = _cached_kernel(("swiglu", kLayoutContiguous, n, k, c, pow2, dev, extra_defines),
-                            lambda: swiglu_source(n, k, c, pow2, kLayoutContiguous), dev)
-    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, swiglu=True)
+    dynamic = tile_counter is not None
+    if dynamic:
+        check.tile_counter(tile_counter, a.device)
+    kernel = _cached_kernel(("swiglu", kLayoutContiguous, n, k, c, pow2, dev, extra_defines,
+                             dynamic),
+                            lambda: swiglu_source(n, k, c, pow2, kLayoutContiguous,
+                                                  dynamic=dynamic), dev)
+    smem = H.smem_bytes(c.block_m, c.block_n, c.stages, k, swiglu=True, dynamic_tiles=dynamic)
+    if smem > H.kMaxSmemBytes:
+        raise ValueError(f"{c} needs {smem} bytes of shared memory with dynamic tiles (at most "
+                         f"{H.kMaxSmemBytes}): pin one stage fewer")
     tiles = H._ceil_div(m_sum, c.block_m) * (n // 256)
     grid = persistent_grid(kernel, c, tiles, smem, dev)
     tma_a, tma_b, tma_sa = _operand_tmas(_k_major(a), _sa_view(sa), m_sum,
@@ -452,7 +504,8 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
     kernel.launch((grid, 1, 1), (c.num_threads, 1, 1), smem,
                   [tma_a, tma_b, tma_sa, tma_a, jit.i32(m_sum), jit.i32(num_experts),
                    m_indices.contiguous(), sb.contiguous(), act, act_s, jit.i64(0),
-                   jit.i64(act_s.stride(1))], cluster=(c.cluster_size, 1, 1))
+                   jit.i64(act_s.stride(1)), *([tile_counter] if dynamic else [])],
+                  cluster=(c.cluster_size, 1, 1))
 
 
 # ----------------------------------------------------------------------------- bundled variants
