@@ -167,6 +167,31 @@ def test_contiguous_swiglu_launch(launches, shape):
                                       fp8(rows, inter), torch.empty(rows, inter // 128))
 
 
+def test_swiglu_pinned_config_gets_stages(launches):
+    """A config pinned without stages (GemmConfig's default 0) is resolved by both fused SwiGLU
+    launches, as by the GEMM launches: stages 0 would build a kernel without a ring (session 36:
+    an illegal access on the H100)."""
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    from moe_fp8.gemm.layout import build_m_indices
+    experts, inter, k = 4, 512, 1024
+    m_indices = build_m_indices([5, 0, 300, 128])
+    rows = m_indices.shape[0]
+    b, sb = fp8(experts, 2 * inter, k), torch.empty(experts, 2 * inter // 128, k // 128)
+    K.m_grouped_contiguous_swiglu(fp8(rows, k), empty_act_scales(rows, k // 128), b, sb,
+                                  m_indices, fp8(rows, inter), empty_act_scales(rows, inter // 128),
+                                  config=H.GemmConfig(128, 256, cluster_m=2, num_sms=4))
+    m_max = 64
+    K.m_grouped_masked_swiglu(fp8(experts, m_max, k), empty_act_scales(m_max, k // 128, experts),
+                              b, sb, torch.zeros(experts, dtype=torch.int32), m_max,
+                              fp8(experts, m_max, inter),
+                              empty_act_scales(m_max, inter // 128, experts),
+                              config=H.GemmConfig(64, 256))
+    names = [entry[0] for entry in launches]
+    assert len(names) == 2, names
+    stages = [int(names[0].split("<")[1].split(",")[2]), int(names[1].split("<")[1].split(",")[3])]
+    assert min(stages) >= H.kMinStages, names
+
+
 @pytest.mark.parametrize("shape", [(4, 512, 1024), (32, 2048, 7168)], ids=["small", "dsv3"])
 def test_dynamic_tile_launches(launches, shape):
     """Dynamic tiles (tile_claim.cuh): the contiguous GEMM's three layouts and the contiguous
