@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Dynamic tiles (include/tile_claim.cuh, MOE_FP8_DYNAMIC_TILES) on one GPU, in steps:
 #   smoke    two small cases first (a hang stops the call early)
+#   kernel   experiments/dynamic_tiles_ab.py: the contiguous GEMMs alone and contended, A/B
 #   tests    test_dynamic_tiles_gpu.py: the static kernel's bits, counters back at zero, graphs,
 #            a kernel holding the SMs on another stream; the layer's bits with the switch
-#   kernel   experiments/dynamic_tiles_ab.py: the contiguous GEMMs alone and contended, A/B
 #   eager    experiments/eager_switch_ab.py: the eager layer, switch unset (A) / on (B)
 #   runner   device_runner_sizes.sh: the graph runner's contiguous buckets, the same A/B
 #   san      memcheck / racecheck / synccheck of small dynamic cases (the claim, the mailbox)
@@ -36,9 +36,10 @@ if want smoke; then
     -k "dynamic_matches_static and (128x128c1p3 or 128x256c2p4)"
   grep -q " passed" "$OUTDIR/smoke.log" && ! grep -q "failed" "$OUTDIR/smoke.log" || { echo "smoke failed: stop"; exit 1; }
 fi
+# the A/B before the whole test file: on a cold machine the tests compile ~30 instances
+want kernel && step kernel 180 python3 benchmarks/experiments/dynamic_tiles_ab.py
 want tests && step tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu \
   tests/test_dynamic_tiles_gpu.py
-want kernel && step kernel 180 python3 benchmarks/experiments/dynamic_tiles_ab.py
 want eager && step eager 180 python3 benchmarks/experiments/eager_switch_ab.py \
   --env MOE_FP8_DYNAMIC_TILES=1 --tokens 1024,2048,4096,8192,16384
 if want runner; then
