@@ -367,3 +367,14 @@ def test_env_lookup_reads_what_os_environ_reads(monkeypatch, value):
     assert lookup(name) == "changed"
     monkeypatch.delenv(name)
     assert lookup(name) is None and lookup(name, "d") == "d"
+
+
+@needs_nvcc
+def test_gemm_without_ring_stages_is_a_compile_error(fresh_cache, use_nvcc):
+    """A GEMM instance built from a config whose stages were never resolved (0) stops at compile
+    time instead of launching a kernel without a ring (session 36: an illegal access)."""
+    from moe_fp8.gemm.heuristics import GemmConfig
+    from moe_fp8.gemm.kernels import fp8_gemm as K
+    src = K.kernel_source(1024, 1024, GemmConfig(128, 128, stages=0), K.kLayoutContiguous)
+    with pytest.raises(jit.CompileError, match="ring stages"):
+        jit.compile_kernel(src)

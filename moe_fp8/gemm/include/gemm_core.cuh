@@ -143,6 +143,8 @@ __device__ __forceinline__ void gemm_body(const ptx::TmaDesc* tma_a, const ptx::
                                           const long long* g_row_token = nullptr,
                                           const unsigned char* g_gather_x = nullptr) {
   constexpr int kBlockM = P::kBlockM, kBlockN = P::kBlockN, kStages = P::kStages;
+  // a config whose stages were never resolved (heuristics.GemmConfig.resolved) has 0 here
+  static_assert(kStages >= 2, "at least two ring stages (an unresolved GemmConfig has 0)");
   constexpr int kClusterM = P::kClusterM, kClusterN = P::kClusterN;
   constexpr int kClusterSize = kClusterM * kClusterN, kTileKBlocks = P::kTileKBlocks;
   constexpr bool kColumnScales = P::kColumnScales;
