@@ -10,6 +10,7 @@
 #   layer    test_layer_gpu.py with the switch on
 #   buckets  experiments/runner_buckets_ab.py (session 34's 1.5x graph buckets)
 #   ep1      test_ep_gpu.py as one NCCL rank
+#   ceiling  (an H200 only) device_read_ceiling.sh: copy / read rates, the decode record's rows
 #   MOE_FP8_COMMIT=<sha> [STEPS="smoke tests kernel eager"] [DEVICE_BUDGET_S=560] \
 #     bash benchmarks/device_dynamic_tiles.sh
 set -uo pipefail
@@ -60,4 +61,8 @@ want layer && step layer 150 env MOE_FP8_DYNAMIC_TILES=1 python3 -m pytest -q \
 want buckets && step buckets 120 python3 benchmarks/experiments/runner_buckets_ab.py
 want ep1 && step ep1 120 env MOE_FP8_EP_GPU_WORLD=1 python3 -m pytest -q -p no:cacheprovider \
   tests/test_ep_gpu.py
+# issue 5's H200 decode rows (unmeasured since session 23) when the call lands on an H200
+if want ceiling && nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+  OUT="$OUTDIR/ceiling" timeout "$(cap 200)" bash benchmarks/device_read_ceiling.sh
+fi
 echo "done t=${SECONDS}s"
