@@ -16,18 +16,8 @@
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 MOE_FP8_CACHE_DIR=${MOE_FP8_CACHE_DIR:-/tmp/moe_fp8_cache}
 OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
-STEPS=" ${STEPS:-smoke tests kernel eager} "
-budget=${DEVICE_BUDGET_S:-560}
-want() { [[ "$STEPS" == *" $1 "* ]]; }
-cap() { local l=$((budget - SECONDS)); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
-step() {  # step NAME LIMIT CMD...: log to $OUTDIR/NAME.log, one status line, then its table
-  local name=$1 limit; limit=$(cap "$2"); shift 2; local t0=$SECONDS
-  if [ "$limit" -lt 15 ]; then echo "$name skipped (budget)"; return; fi
-  timeout --kill-after=5 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1; local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s: $(grep -aE 'passed|failed|rror|SUMMARY' "$OUTDIR/$name.log" | tail -n 1 | cut -c1-120)"
-  grep -aE "^(FAILED|ERROR)" "$OUTDIR/$name.log" | cut -c1-220 | head -n 12
-  grep -aE "^\||; " "$OUTDIR/$name.log" | grep -v "^|--" | cut -c1-230 | tail -n 16
-}
+STEPS=${STEPS:-smoke tests kernel eager}
+source benchmarks/device_steps.sh  # want, cap, step
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 SAN="compute-sanitizer --kernel-name kns=moe_fp8 --report-api-errors no --print-limit 20"
 SAN_K="matches_static and (128x256c2p4 or 128x128c1p3)"

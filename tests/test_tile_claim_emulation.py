@@ -22,6 +22,8 @@ import pytest
 
 from moe_fp8.gemm.jit import env
 
+from test_scheduler_emulation import _problem  # contiguous layouts with padding and empties
+
 # (name, layout, N, K, block_m, block_n, group_n, cluster_m): the claimable (contiguous) layouts,
 # m_indices (1), offsets (4), zero padding (5)
 kInstances = [
@@ -236,22 +238,6 @@ def lib(tmp_path_factory):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return ctypes.CDLL(str(library))
-
-
-def _problem(layout, rng):
-    """(m, num_experts, m_indices or offsets) of a contiguous layout with padding and empties."""
-    counts = [rng.choice((0, 0, 1, 5, 127, 128, 129, 300, 700)) for _ in range(rng.randint(1, 9))]
-    segments = [-(-c // 128) * 128 for c in counts]
-    if layout in (1, 5):
-        m_indices = []
-        for e, (c, s) in enumerate(zip(counts, segments)):
-            m_indices += [e] * c + [-1] * (s - c)
-        m_indices += [-1] * 128 * rng.randint(0, 3)  # trailing all-padding row blocks
-        return len(m_indices), len(counts), m_indices
-    offsets = [0]
-    for s in segments:
-        offsets.append(offsets[-1] + s)
-    return offsets[-1] + 128 * rng.randint(0, 1), len(counts), offsets
 
 
 def _records(fn, m, experts, values, grid, *args):
