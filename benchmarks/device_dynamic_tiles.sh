@@ -19,6 +19,11 @@ OUTDIR=${OUT:-/tmp/moe_fp8_out}; mkdir -p "$OUTDIR"
 STEPS=${STEPS:-smoke tests kernel eager}
 source benchmarks/device_steps.sh  # want, cap, step
 nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
+# what the last recorded run compiled, built in parallel up front (jit/manifest.py; rc 1 names the
+# test-only instances that spill); this run records its own list beside its logs
+[ -f benchmarks/jit_manifest.jsonl ] && step precompile 90 python3 -m moe_fp8.gemm.precompile \
+  --manifest benchmarks/jit_manifest.jsonl --workers 16
+export MOE_FP8_JIT_MANIFEST="$OUTDIR/jit_manifest.jsonl"
 SAN="compute-sanitizer --kernel-name kns=moe_fp8 --report-api-errors no --print-limit 20"
 SAN_K="matches_static and (128x256c2p4 or 128x128c1p3)"
 # a hang would cost the whole call: one small case first, under a short limit

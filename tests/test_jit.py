@@ -378,3 +378,42 @@ def test_gemm_without_ring_stages_is_a_compile_error(fresh_cache, use_nvcc):
     src = K.kernel_source(1024, 1024, GemmConfig(128, 128, stages=0), K.kLayoutContiguous)
     with pytest.raises(jit.CompileError, match="ring stages"):
         jit.compile_kernel(src)
+
+
+def test_manifest_records_package_kernels_once_and_reads_back(tmp_path, monkeypatch, header):
+    """MOE_FP8_JIT_MANIFEST: each package kernel once per process, in first-seen order; kernels
+    of headers outside the package are not recorded; a line that is no kernel is an error."""
+    from moe_fp8.gemm.jit import manifest
+    from moe_fp8.gemm.kernels import quant
+    path = tmp_path / "manifest.jsonl"
+    monkeypatch.setenv("MOE_FP8_JIT_MANIFEST", str(path))
+    monkeypatch.setattr(manifest, "_recorded", set())
+    kernels = quant.bundled_sources()[:3]
+    for src in kernels + kernels[:1] + [add_source(header)]:
+        manifest.record(src)
+    assert len(path.read_text().splitlines()) == 3
+    assert manifest.read(path) == kernels
+    path.write_text(path.read_text() + "\n" + path.read_text())  # two processes' records
+    assert manifest.read(path) == kernels
+    (tmp_path / "bad.jsonl").write_text('{"header": "no_such.cuh", "instance": "x<1>"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        manifest.read(tmp_path / "bad.jsonl")
+
+
+@needs_nvcc
+def test_precompile_from_a_manifest(tmp_path, fresh_cache, use_nvcc, monkeypatch, capsys):
+    """``python -m moe_fp8.gemm.precompile --manifest FILE`` builds what a run recorded: after it,
+    the run's own compile_kernel calls are cache hits."""
+    from moe_fp8.gemm import precompile as P
+    from moe_fp8.gemm.jit import manifest
+    from moe_fp8.gemm.kernels import quant
+    path = tmp_path / "manifest.jsonl"
+    monkeypatch.setenv("MOE_FP8_JIT_MANIFEST", str(path))
+    monkeypatch.setattr(manifest, "_recorded", set())
+    kernels = quant.bundled_sources()[:2]
+    for src in kernels:
+        manifest.record(src)
+    monkeypatch.delenv("MOE_FP8_JIT_MANIFEST")
+    assert P.main(["--manifest", str(path), "--workers", "2"]) == 0
+    assert "2/2 kernels ready (0 cached)" in capsys.readouterr().err
+    assert all(jit.compile_kernel(src).cache_hit for src in kernels)

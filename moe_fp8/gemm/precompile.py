@@ -4,7 +4,8 @@
 no GPU is needed. ``python -m moe_fp8.gemm.precompile`` does the same and exits non-zero on any
 compile error, any kernel that uses local memory (register spills or a stack frame), or one whose
 wgmma ptxas serialised (C7514/C7518) — the CI step.
-A second run is all cache hits.
+A second run is all cache hits. ``--manifest FILE`` compiles the kernels a run recorded instead
+(``jit/manifest.py``: what a test suite or benchmark compiled, for a fresh machine).
 """
 from __future__ import annotations
 
@@ -81,9 +82,22 @@ def precompile(configs: Optional[Iterable[KernelSource]] = None, *, verbose: boo
     return results
 
 
-def main() -> int:
+def main(argv: Optional[list] = None) -> int:
+    import argparse
+    from .jit import manifest
+    parser = argparse.ArgumentParser(prog="python -m moe_fp8.gemm.precompile",
+                                     description="Compile kernels ahead of time (no GPU needed).")
+    parser.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                        help="compile the kernels a run recorded (MOE_FP8_JIT_MANIFEST) instead "
+                             "of the bundled variants; repeatable")
+    parser.add_argument("--workers", type=int, default=None, help="parallel compiles (default: "
+                        "up to 8)")
+    args = parser.parse_args(argv)
+    sources = None
+    if args.manifest:
+        sources = list(dict.fromkeys(src for path in args.manifest for src in manifest.read(path)))
     try:
-        precompile()
+        precompile(sources, workers=args.workers)
     except PrecompileError as error:
         print(f"moe_fp8.precompile: {error}", file=sys.stderr)
         return 1

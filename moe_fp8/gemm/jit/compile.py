@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import cache, compilers, elf, env
+from . import cache, compilers, elf, env, manifest
 from .report import ResourceReport, parse_ptxas_log
 from .source import KernelSource, translation_unit
 
@@ -79,6 +79,7 @@ def compile_kernel(src: KernelSource) -> CompiledKernel:
     """
     from .probe import select_path  # NOTE: lazy, so `python -m ...jit.probe` runs cleanly
 
+    manifest.record(src)
     path, identity = select_path()
     key = cache_key(src, path, identity)
     entry = cache.load(key)
