@@ -22,7 +22,8 @@ import pytest
 
 from moe_fp8.gemm.jit import env
 
-from test_scheduler_emulation import _problem  # contiguous layouts with padding and empties
+# the static walk's entry and reader, and contiguous layouts with padding and empties
+from test_scheduler_emulation import _ceil, _problem, _walk, kEntry as kWalkEntry
 
 # (name, layout, N, K, block_m, block_n, group_n, cluster_m): the claimable (contiguous) layouts,
 # m_indices (1), offsets (4), zero padding (5)
@@ -188,28 +189,6 @@ extern "C" int launch_@NAME@(int m, int num_experts, const int* layout, int grid
   return hung ? -2 : overflow ? -1 : count.load();
 }
 '''
-kWalkEntry = r'''
-// The fixed-stride walk of the same grid (scheduler.next): the tiles a static launch computes.
-extern "C" int walk_@NAME@(int m, int num_experts, const int* layout, int grid, int* out, int cap) {
-  using namespace moe_fp8;
-  using S = TileScheduler<@LAYOUT@, @N@, @K@, @BM@, @BN@, @GN@, @CM@, 1, 1, @ET@, false>;
-  const GemmParams params{m, num_experts, layout, nullptr, nullptr};
-  gridDim.x = grid;
-  int count = 0;
-  for (int cta = 0; cta < grid; ++cta) {
-    blockIdx.x = cta;
-    S scheduler(params, cta % @CM@);
-    Tile t;
-    for (int order = 0; scheduler.next(t); ++order) {
-      if (count >= cap) return -1;
-      int* r = out + 7 * count++;
-      r[0] = cta; r[1] = order; r[2] = t.m_row; r[3] = t.n0; r[4] = t.b_row;
-      r[5] = t.rows_valid; r[6] = t.num_k_blocks;
-    }
-  }
-  return count;
-}
-'''
 kFields = ("cta", "order", "m_row", "n0", "b_row", "rows_valid", "num_k_blocks")
 
 
@@ -224,9 +203,9 @@ def lib(tmp_path_factory):
         assert '#include "ptx.cuh"' in text, header  # the stubs above stand in for it
         source += text.replace('#include "ptx.cuh"', "").replace("#pragma once", "")
     for name, layout, n, k, bm, bn, gn, cm in kInstances:
-        entry = kEntry + kWalkEntry
+        entry = kEntry + kWalkEntry  # launch_NAME (claimed) and walk_NAME (fixed stride)
         for key, value in (("NAME", name), ("LAYOUT", layout), ("N", n), ("K", k), ("BM", bm),
-                           ("BN", bn), ("GN", gn), ("CM", cm),
+                           ("BN", bn), ("GN", gn), ("CM", cm), ("CN", 1), ("SK", 1), ("PH", "false"),
                            ("ET", "true" if layout == 5 else "false")):
             entry = entry.replace(f"@{key}@", str(value))
         source += entry
@@ -263,11 +242,11 @@ def test_claimed_tiles_cover_once_pairs_in_step_counter_reset(lib, instance):
     counter = (ctypes.c_int * 2)(0, 0)
     for trial in range(12):
         m, experts, values = _problem(layout, rng)
-        pairs = -(-(-(-m // bm)) // cm) * -(-n // bn)
+        pairs = _ceil(_ceil(m, bm), cm) * _ceil(n, bn)
         # few clusters (many claims each) up to 24 (the first round covers more of the work)
         grid = cm * rng.choice((1, 2, 3, 5, min(pairs, 24)))
         what = f"{name} trial {trial}: m={m} experts={experts} grid={grid} layout={values[:12]}"
-        want = _tile_set(_records(getattr(lib, f"walk_{name}"), m, experts, values, grid), what)
+        want = _tile_set(_walk(lib, name, m, experts, values, grid), what)
         for launch in range(3):  # one counter, three launches: each must find it at zero
             seed = zlib.crc32(f"{what} {launch}".encode())
             tiles = _records(getattr(lib, f"launch_{name}"), m, experts, values, grid, counter,

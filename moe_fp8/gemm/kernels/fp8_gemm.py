@@ -433,8 +433,10 @@ def m_grouped_masked_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, 
     if act_s.stride(1) != 1 or not act.is_contiguous():
         raise ValueError("act must be contiguous and act_s MN-major (layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    c = (config or H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k,
-                                          H.num_sms(dev))).resolved(k, swiglu=True)
+    # a pinned config may leave stages to the heuristics (0 would build a kernel without a ring);
+    # the heuristics' own are resolved already
+    c = (config.resolved(k, swiglu=True) if config is not None else
+         H.masked_swiglu_config(num_experts, min(expected_m, m_max), n, k, H.num_sms(dev)))
     if gather is not None:
         x, row_token = gather
         if (x.dim() != 2 or x.shape[1] != k or x.dtype != a.dtype or not x.is_contiguous()
@@ -486,9 +488,9 @@ def m_grouped_contiguous_swiglu(a: torch.Tensor, sa: torch.Tensor, b: torch.Tens
         raise ValueError("act must be contiguous and act_s a 2-D MN-major view "
                          "(layout.empty_act_scales)")
     dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    # a pinned config may leave stages to the heuristics (0 would build a kernel without a ring)
-    c = (config or H.contiguous_swiglu_config(m_sum, n, k, H.num_sms(dev))).resolved(
-        k, swiglu=True)
+    # a pinned config may leave stages to the heuristics (as in m_grouped_masked_swiglu)
+    c = (config.resolved(k, swiglu=True) if config is not None else
+         H.contiguous_swiglu_config(m_sum, n, k, H.num_sms(dev)))
     dynamic = tile_counter is not None
     if dynamic:
         check.tile_counter(tile_counter, a.device)
